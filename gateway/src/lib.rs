@@ -1,0 +1,1 @@
+//! medmesh-gateway: the HTTP/FHIR gateway for local apps. Work in progress.

@@ -1,0 +1,1 @@
+//! medmesh-node: what a node knows (storage, records, consent, audit). Work in progress.

@@ -1,0 +1,1 @@
+//! medmesh-sync: how nodes talk (libp2p). Work in progress.
