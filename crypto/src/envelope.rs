@@ -1,0 +1,467 @@
+//! Envelopes: one Automerge change sealed under its collection's epoch key
+//! (XChaCha20-Poly1305, random 24-byte nonce) and signed by its author.
+//!
+//! The signature covers the header only, and the envelope id is the
+//! SHA-256 of the signed header, so a node that received a snapshot and
+//! the signed headers instead of ciphertexts still knows every envelope id
+//! and can attribute every change to its author and grant.
+
+use std::fmt;
+
+use chacha20poly1305::aead::{Aead as _, KeyInit, Payload};
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use ciborium::Value;
+use hmac::{Hmac, Mac};
+use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
+
+use crate::canon::{self, Fields};
+use crate::consent::{Collection, GrantId};
+use crate::id::{ActorId, PatientId, Principal, SecretIdentity, Timestamp, verify};
+use crate::keys::{Epoch, EpochKey, KeyId};
+use crate::{Error, Result};
+
+/// Domain tag of an envelope header signature.
+pub const ENVELOPE_TAG: &[u8] = b"medmesh/envelope/v1";
+/// Domain tag that prefixes the AEAD associated data.
+pub const ENVELOPE_AAD_TAG: &[u8] = b"medmesh/envelope-aad/v1";
+/// Largest encoded envelope accepted (one change, e.g. a scanned document).
+pub const MAX_ENVELOPE_BYTES: usize = 8 * 1024 * 1024;
+/// Largest encoded signed header accepted.
+pub const MAX_SIGNED_HEADER_BYTES: usize = 1024;
+const FORMAT_VERSION: u64 = 1;
+const HEADER_FIELDS: usize = 14;
+
+/// SHA-256 of an envelope's signed header.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EnvelopeId(pub [u8; 32]);
+
+impl fmt::Display for EnvelopeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+impl fmt::Debug for EnvelopeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "EnvelopeId({self})")
+    }
+}
+
+/// The signed, cleartext part of an envelope.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct EnvelopeHeader {
+    /// Whose record.
+    pub patient: PatientId,
+    /// Which collection.
+    pub collection: Collection,
+    /// Epoch of the key it is sealed under.
+    pub epoch: Epoch,
+    /// Id of that key.
+    pub key_id: KeyId,
+    /// Who wrote the change and signed the header.
+    pub author: Principal,
+    /// The grant the author wrote under; `None` exactly when the author is the patient.
+    pub grant_id: Option<GrantId>,
+    /// Automerge actor of the change; must belong to the author.
+    pub actor: ActorId,
+    /// Sequence number of the change for its actor (checked against revocation cuts).
+    pub seq: u64,
+    /// HMAC-SHA256 under the epoch key of the Automerge change hash.
+    pub keyed_change_hash: [u8; 32],
+    /// SHA-256 of the ciphertext.
+    pub ciphertext_sha256: [u8; 32],
+    /// When the author sealed it.
+    pub created_at: Timestamp,
+    /// XChaCha20-Poly1305 nonce.
+    pub nonce: [u8; 24],
+}
+
+impl EnvelopeHeader {
+    /// Fields in wire order; `with_ciphertext_hash` false gives the AEAD's
+    /// associated data, which cannot include the hash of its own output.
+    fn to_value(&self, with_ciphertext_hash: bool) -> Value {
+        let mut fields = vec![
+            canon::uint(FORMAT_VERSION),
+            canon::bytes(self.patient.as_bytes()),
+            canon::text(self.collection.as_str()),
+            canon::uint(self.epoch),
+            canon::bytes(&self.key_id.0),
+            canon::uint(self.author.role()),
+            canon::bytes(self.author.key_bytes()),
+            canon::opt_bytes(self.grant_id.as_ref().map(|g| &g.0[..])),
+            canon::bytes(&self.actor.0),
+            canon::uint(self.seq),
+            canon::bytes(&self.keyed_change_hash),
+        ];
+        if with_ciphertext_hash {
+            fields.push(canon::bytes(&self.ciphertext_sha256));
+        }
+        fields.push(canon::uint(self.created_at));
+        fields.push(canon::bytes(&self.nonce));
+        Value::Array(fields)
+    }
+
+    fn from_value(value: Value) -> Result<Self> {
+        let mut f = Fields::versioned("envelope header", value, FORMAT_VERSION, HEADER_FIELDS)?;
+        let patient = PatientId::from_bytes(f.bytes()?)?;
+        let collection = f.text(16)?.parse()?;
+        let epoch = f.uint()?;
+        let key_id = KeyId(f.bytes()?);
+        let role = f.uint()?;
+        let author = Principal::from_role(role, f.bytes()?)?;
+        let grant_id = f.opt_bytes()?.map(GrantId);
+        let actor = ActorId(f.bytes()?);
+        let seq = f.uint()?;
+        let keyed_change_hash = f.bytes()?;
+        let ciphertext_sha256 = f.bytes()?;
+        let created_at = f.uint()?;
+        let nonce = f.bytes()?;
+        let header = Self {
+            patient,
+            collection,
+            epoch,
+            key_id,
+            author,
+            grant_id,
+            actor,
+            seq,
+            keyed_change_hash,
+            ciphertext_sha256,
+            created_at,
+            nonce,
+        };
+        header.check()?;
+        Ok(header)
+    }
+
+    fn check(&self) -> Result<()> {
+        let by_patient = self.author == Principal::Patient(self.patient);
+        if by_patient == self.grant_id.is_some() {
+            return Err(Error::InvalidField {
+                field: "envelope grant id",
+                reason: "present exactly when a practice is the author",
+            });
+        }
+        if matches!(self.author, Principal::Patient(_)) && !by_patient {
+            return Err(Error::InvalidField {
+                field: "envelope author",
+                reason: "a patient may write only their own record",
+            });
+        }
+        if !self.actor.belongs_to(self.author.key_bytes()) {
+            return Err(Error::InvalidField {
+                field: "envelope actor",
+                reason: "does not belong to the author",
+            });
+        }
+        Ok(())
+    }
+
+    fn aad(&self) -> Vec<u8> {
+        canon::tagged(ENVELOPE_AAD_TAG, &canon::encode(&self.to_value(false)))
+    }
+}
+
+/// A verified signed header: what snapshots ship instead of ciphertexts.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct SignedHeader {
+    header: EnvelopeHeader,
+    body: Vec<u8>,
+    signature: [u8; 64],
+    id: EnvelopeId,
+}
+
+impl SignedHeader {
+    fn from_parts(header: EnvelopeHeader, body: Vec<u8>, signature: [u8; 64]) -> Self {
+        let encoded = Self::encode_parts(&body, &signature);
+        let id = EnvelopeId(Sha256::digest(&encoded).into());
+        Self {
+            header,
+            body,
+            signature,
+            id,
+        }
+    }
+
+    fn encode_parts(body: &[u8], signature: &[u8; 64]) -> Vec<u8> {
+        // [body, signature]: body is already canonical CBOR, spliced in as is.
+        let mut out = Vec::with_capacity(body.len() + 68);
+        out.push(0x82);
+        out.extend_from_slice(body);
+        out.extend_from_slice(&[0x58, 64]);
+        out.extend_from_slice(signature);
+        out
+    }
+
+    fn verified(value_body: Value, signature: [u8; 64]) -> Result<Self> {
+        let body = canon::encode(&value_body);
+        let header = EnvelopeHeader::from_value(value_body)?;
+        verify(
+            &header.author.verifying_key()?,
+            ENVELOPE_TAG,
+            &body,
+            &signature,
+            "envelope",
+        )?;
+        Ok(Self::from_parts(header, body, signature))
+    }
+
+    /// Parses and verifies a signed header.
+    ///
+    /// # Errors
+    /// Any decoding error, [`Error::BadSignature`].
+    pub fn decode(bytes: &[u8]) -> Result<Self> {
+        let value = canon::decode("envelope header", bytes, MAX_SIGNED_HEADER_BYTES)?;
+        let mut f = Fields::new("envelope header", value, 2)?;
+        let body = f.value()?;
+        let signature = f.bytes()?;
+        Self::verified(body, signature)
+    }
+
+    /// The canonical `[header, signature]` bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        Self::encode_parts(&self.body, &self.signature)
+    }
+
+    /// The header.
+    pub fn header(&self) -> &EnvelopeHeader {
+        &self.header
+    }
+
+    /// The envelope id.
+    pub fn id(&self) -> EnvelopeId {
+        self.id
+    }
+
+    /// Whether `change_hash` is the change this header signs for; used to
+    /// check changes that arrived inside a snapshot rather than sealed.
+    pub fn matches_change(&self, key: &EpochKey, change_hash: &[u8; 32]) -> bool {
+        key.key_id == self.header.key_id && check_keyed_hash(key, change_hash, &self.header.keyed_change_hash)
+    }
+}
+
+/// HMAC-SHA256 under the epoch key of an Automerge change hash. Keyed so
+/// that headers do not let anyone confirm guesses about small edits.
+pub fn keyed_change_hash(key: &EpochKey, change_hash: &[u8; 32]) -> [u8; 32] {
+    let mut mac = Hmac::<Sha256>::new_from_slice(key.secret()).unwrap_or_else(|_| unreachable_hmac());
+    mac.update(change_hash);
+    mac.finalize().into_bytes().into()
+}
+
+// HMAC accepts keys of any length; this only exists so no `expect` is needed.
+fn unreachable_hmac() -> Hmac<Sha256> {
+    <Hmac<Sha256> as KeyInit>::new(&Default::default())
+}
+
+fn check_keyed_hash(key: &EpochKey, change_hash: &[u8; 32], expected: &[u8; 32]) -> bool {
+    let mut mac = Hmac::<Sha256>::new_from_slice(key.secret()).unwrap_or_else(|_| unreachable_hmac());
+    mac.update(change_hash);
+    mac.verify_slice(expected).is_ok()
+}
+
+/// What the author seals: one Automerge change and its identity.
+#[derive(Clone, Copy, Debug)]
+pub struct Change<'a> {
+    /// The change's bytes.
+    pub bytes: &'a [u8],
+    /// Its Automerge hash.
+    pub hash: [u8; 32],
+    /// Its actor.
+    pub actor: ActorId,
+    /// Its sequence number for that actor.
+    pub seq: u64,
+}
+
+/// A sealed, signed change.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct Envelope {
+    signed: SignedHeader,
+    ciphertext: Vec<u8>,
+}
+
+impl Envelope {
+    /// Seals `change` under `key` and signs the header as `author`.
+    ///
+    /// `grant_id` must be `None` when the author is the patient, and the
+    /// grant the practice writes under otherwise.
+    ///
+    /// # Errors
+    /// [`Error::InvalidField`] for an inconsistent author, grant or actor;
+    /// [`Error::Random`].
+    pub fn seal(
+        key: &EpochKey,
+        author: &SecretIdentity,
+        grant_id: Option<GrantId>,
+        change: Change<'_>,
+        created_at: Timestamp,
+    ) -> Result<Self> {
+        let mut nonce = [0u8; 24];
+        getrandom::fill(&mut nonce).map_err(|_| Error::Random)?;
+        Self::seal_with_nonce(key, author, grant_id, change, created_at, nonce)
+    }
+
+    /// [`Envelope::seal`] with a given nonce, for test vectors. A nonce must
+    /// never be reused under one key: production code calls `seal`.
+    #[doc(hidden)]
+    pub fn seal_with_nonce(
+        key: &EpochKey,
+        author: &SecretIdentity,
+        grant_id: Option<GrantId>,
+        change: Change<'_>,
+        created_at: Timestamp,
+        nonce: [u8; 24],
+    ) -> Result<Self> {
+        let author_principal = if author.patient_id() == key.patient {
+            Principal::Patient(key.patient)
+        } else {
+            Principal::Practice(author.practice_id()?)
+        };
+        let mut header = EnvelopeHeader {
+            patient: key.patient,
+            collection: key.collection,
+            epoch: key.epoch,
+            key_id: key.key_id,
+            author: author_principal,
+            grant_id,
+            actor: change.actor,
+            seq: change.seq,
+            keyed_change_hash: keyed_change_hash(key, &change.hash),
+            ciphertext_sha256: [0; 32],
+            created_at,
+            nonce,
+        };
+        header.check()?;
+        let cipher = XChaCha20Poly1305::new(key.secret().into());
+        let aad = header.aad();
+        let ciphertext = cipher
+            .encrypt(
+                &XNonce::from(nonce),
+                Payload {
+                    msg: change.bytes,
+                    aad: &aad,
+                },
+            )
+            .map_err(|_| Error::Malformed {
+                kind: "envelope",
+                reason: "change too large to seal",
+            })?;
+        header.ciphertext_sha256 = Sha256::digest(&ciphertext).into();
+        let body = canon::encode(&header.to_value(true));
+        let signature = author.sign(ENVELOPE_TAG, &body);
+        Ok(Self {
+            signed: SignedHeader::from_parts(header, body, signature),
+            ciphertext,
+        })
+    }
+
+    /// Parses an envelope, verifies the author's signature and then the
+    /// ciphertext hash. Does not decrypt.
+    ///
+    /// # Errors
+    /// Any decoding error, [`Error::BadSignature`], [`Error::CiphertextHash`].
+    pub fn decode(bytes: &[u8]) -> Result<Self> {
+        let value = canon::decode("envelope", bytes, MAX_ENVELOPE_BYTES)?;
+        let mut f = Fields::new("envelope", value, 3)?;
+        let body = f.value()?;
+        let signature = f.bytes()?;
+        let ciphertext = f.byte_vec(MAX_ENVELOPE_BYTES)?;
+        let signed = SignedHeader::verified(body, signature)?;
+        let hash: [u8; 32] = Sha256::digest(&ciphertext).into();
+        if hash != signed.header.ciphertext_sha256 {
+            return Err(Error::CiphertextHash {
+                envelope: signed.id.to_string(),
+            });
+        }
+        Ok(Self { signed, ciphertext })
+    }
+
+    /// The canonical `[header, signature, ciphertext]` bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.signed.body.len() + self.ciphertext.len() + 80);
+        out.push(0x83);
+        out.extend_from_slice(&self.signed.body);
+        out.extend_from_slice(&[0x58, 64]);
+        out.extend_from_slice(&self.signed.signature);
+        push_bstr_head(&mut out, self.ciphertext.len());
+        out.extend_from_slice(&self.ciphertext);
+        out
+    }
+
+    /// Decrypts with `key`, then checks that `change_hash_of(plaintext)` (the
+    /// Automerge hash of the decoded change, `None` if it does not decode)
+    /// matches the signed keyed change hash.
+    ///
+    /// # Errors
+    /// [`Error::WrongKey`], [`Error::Decrypt`], [`Error::ChangeHash`].
+    pub fn open(
+        &self,
+        key: &EpochKey,
+        change_hash_of: impl FnOnce(&[u8]) -> Option<[u8; 32]>,
+    ) -> Result<Zeroizing<Vec<u8>>> {
+        let h = &self.signed.header;
+        let id = || self.signed.id.to_string();
+        if key.key_id != h.key_id || key.patient != h.patient || key.collection != h.collection || key.epoch != h.epoch
+        {
+            return Err(Error::WrongKey { envelope: id() });
+        }
+        let cipher = XChaCha20Poly1305::new(key.secret().into());
+        let plain = Zeroizing::new(
+            cipher
+                .decrypt(
+                    &XNonce::from(h.nonce),
+                    Payload {
+                        msg: &self.ciphertext,
+                        aad: &h.aad(),
+                    },
+                )
+                .map_err(|_| Error::Decrypt { envelope: id() })?,
+        );
+        let hash = change_hash_of(&plain).ok_or_else(|| Error::ChangeHash { envelope: id() })?;
+        if !check_keyed_hash(key, &hash, &h.keyed_change_hash) {
+            return Err(Error::ChangeHash { envelope: id() });
+        }
+        Ok(plain)
+    }
+
+    /// The header.
+    pub fn header(&self) -> &EnvelopeHeader {
+        &self.signed.header
+    }
+
+    /// The signed header.
+    pub fn signed_header(&self) -> &SignedHeader {
+        &self.signed
+    }
+
+    /// The envelope id.
+    pub fn id(&self) -> EnvelopeId {
+        self.signed.id
+    }
+
+    /// The ciphertext.
+    pub fn ciphertext(&self) -> &[u8] {
+        &self.ciphertext
+    }
+}
+
+/// Writes a canonical CBOR byte-string head (major type 2) for `len`.
+fn push_bstr_head(out: &mut Vec<u8>, len: usize) {
+    let len = len as u64;
+    match len {
+        0..=23 => out.push(0x40 | len as u8),
+        24..=0xff => out.extend_from_slice(&[0x58, len as u8]),
+        0x100..=0xffff => {
+            out.push(0x59);
+            out.extend_from_slice(&(len as u16).to_be_bytes());
+        }
+        0x1_0000..=0xffff_ffff => {
+            out.push(0x5a);
+            out.extend_from_slice(&(len as u32).to_be_bytes());
+        }
+        _ => {
+            out.push(0x5b);
+            out.extend_from_slice(&len.to_be_bytes());
+        }
+    }
+}
