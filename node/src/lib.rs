@@ -1,1 +1,2 @@
 //! medmesh-node: what a node knows (storage, records, consent, audit). Work in progress.
+pub mod records;
