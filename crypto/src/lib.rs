@@ -21,6 +21,7 @@ mod error;
 mod id;
 mod keys;
 mod keystore;
+mod sealed;
 
 pub use consent::{
     Access, Collection, GRANT_TAG, Grant, GrantId, GrantTerms, MAX_GRANT_BYTES, MAX_REVOCATION_BYTES,
@@ -34,3 +35,4 @@ pub use error::{Error, Result};
 pub use id::{ActorId, PatientId, PeerId, PracticeId, Principal, SecretIdentity, Timestamp, now};
 pub use keys::{Epoch, EpochKey, KEYSHARE_TAG, KeyId, KeyShare, KeyShareTerms, MAX_KEYSHARE_BYTES};
 pub use keystore::{KdfParams, Keystore, MAX_KEYSTORE_BYTES, write_atomically};
+pub use sealed::SealedSecret;
