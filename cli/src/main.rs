@@ -1,1 +1,169 @@
-fn main() {}
+//! The `medmesh` binary: the composition root. It runs a practice node
+//! (store, sync, gateway wired together), holds a patient's keys and
+//! consent, imports FHIR, and runs the end-to-end demo.
+//!
+//! It is the only place that uses `anyhow`, prints to stdout, or reads
+//! passphrases; libraries below it return typed errors and never print.
+
+mod home;
+mod output;
+mod patient;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Args, CommandFactory, Parser, Subcommand};
+
+use crate::home::Home;
+use crate::output::Output;
+
+/// medmesh — a peer-to-peer electronic health record.
+#[derive(Debug, Parser)]
+#[command(name = "medmesh", version, about, propagate_version = true)]
+struct Cli {
+    /// Where medmesh keeps this user's node and keystore.
+    #[arg(long, global = true, env = "MEDMESH_HOME", value_name = "DIR")]
+    home: Option<PathBuf>,
+    /// Machine output: one JSON object per result line.
+    #[arg(long, global = true)]
+    json: bool,
+    /// More logging (repeat for more); logs go to stderr and never carry PHI.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// Less logging.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, conflicts_with = "verbose")]
+    quiet: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run and manage this practice's node.
+    #[command(subcommand)]
+    Node(NodeCommand),
+    /// A patient's keys and consent.
+    #[command(subcommand)]
+    Patient(patient::PatientCommand),
+    /// Import FHIR JSON into the running node.
+    #[command(subcommand)]
+    Fhir(FhirCommand),
+    /// The node's tamper-evident audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Start two practices and a patient on loopback and show consent at work.
+    Demo,
+    /// Print a shell completion script.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum NodeCommand {
+    /// Create the node's identity key, gateway token and config (never overwrites).
+    Init,
+    /// Run the node: store, sync and gateway.
+    Run(NodeRunArgs),
+    /// Print the node's PeerId.
+    Id,
+    /// Print the gateway bearer token alone on stdout.
+    Token,
+}
+
+#[derive(Debug, Args)]
+struct NodeRunArgs {
+    /// libp2p listen address (repeatable); port 0 picks a free port.
+    #[arg(long, value_name = "MULTIADDR")]
+    listen: Vec<String>,
+    /// Gateway address.
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:0")]
+    gateway: String,
+    /// A peer to connect to (repeatable).
+    #[arg(long, value_name = "MULTIADDR")]
+    peer: Vec<String>,
+    /// Discover peers on the LAN with mDNS (off by default).
+    #[arg(long)]
+    mdns: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum FhirCommand {
+    /// Post FHIR JSON resources and Bundles to the running node's gateway.
+    Import {
+        /// Files or directories of .json files.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Link the Bundle's Patient to this medmesh patient (did:key).
+        #[arg(long, value_name = "DID")]
+        patient: Option<String>,
+        /// Gateway base URL (default: the running node's).
+        #[arg(long, value_name = "URL")]
+        gateway: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Check the audit hash chain; exit non-zero naming the first broken entry.
+    Verify,
+    /// Print audit entries.
+    Show {
+        /// Only entries about this patient.
+        #[arg(long, value_name = "DID")]
+        patient: Option<String>,
+    },
+}
+
+fn init_tracing(verbose: u8, quiet: u8) {
+    let level = match (verbose, quiet) {
+        (0, 0) => "warn",
+        (1, _) => "info",
+        (2, _) => "debug",
+        (v, _) if v > 2 => "trace",
+        _ => "error",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MEDMESH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+fn not_yet(what: &str) -> Result<()> {
+    anyhow::bail!("`medmesh {what}` is not available in this build yet; see the README for what works today")
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.verbose, cli.quiet);
+    let out = Output::new(cli.json);
+    match run(cli, &out) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            out.error(&err);
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli, out: &Output) -> Result<()> {
+    let home = Home::resolve(cli.home)?;
+    match cli.command {
+        Command::Patient(cmd) => patient::run(cmd, &home, out),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "medmesh", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Node(NodeCommand::Init) => not_yet("node init"),
+        Command::Node(NodeCommand::Run(_)) => not_yet("node run"),
+        Command::Node(NodeCommand::Id) => not_yet("node id"),
+        Command::Node(NodeCommand::Token) => not_yet("node token"),
+        Command::Fhir(FhirCommand::Import { .. }) => not_yet("fhir import"),
+        Command::Audit(_) => not_yet("audit"),
+        Command::Demo => not_yet("demo"),
+    }
+}
