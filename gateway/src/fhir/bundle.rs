@@ -1,0 +1,628 @@
+//! Bundles: building `searchset` and `transaction-response`/`batch-response` Bundles,
+//! and parsing an incoming `transaction`/`batch` Bundle into typed entries.
+
+use std::collections::{HashMap, HashSet};
+
+use serde_json::{Map, Value, json};
+
+use super::outcome::{ApiError, Issue, IssueType};
+use super::primitive;
+use super::validate::validate;
+
+/// `Bundle.entry.search.mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SearchMode {
+    /// The entry matched the search.
+    Match,
+    /// The entry was included (e.g. by `$everything` or `_include`).
+    Include,
+    /// The entry is an `OperationOutcome` about the search (e.g. unknown parameters).
+    Outcome,
+}
+
+impl SearchMode {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Match => "match",
+            Self::Include => "include",
+            Self::Outcome => "outcome",
+        }
+    }
+}
+
+/// Builds a `searchset` Bundle.
+#[derive(Debug, Clone, Default)]
+pub struct Searchset {
+    self_url: String,
+    next_url: Option<String>,
+    previous_url: Option<String>,
+    total: Option<usize>,
+    entries: Vec<Value>,
+}
+
+impl Searchset {
+    /// A searchset whose `self` link is `self_url` (the full request URL).
+    pub fn new(self_url: impl Into<String>) -> Self {
+        Self {
+            self_url: self_url.into(),
+            ..Self::default()
+        }
+    }
+
+    /// Sets `Bundle.total`, the number of matches over all pages.
+    #[must_use]
+    pub fn total(mut self, total: usize) -> Self {
+        self.total = Some(total);
+        self
+    }
+
+    /// Sets the `next` link.
+    #[must_use]
+    pub fn next(mut self, url: impl Into<String>) -> Self {
+        self.next_url = Some(url.into());
+        self
+    }
+
+    /// Sets the `previous` link.
+    #[must_use]
+    pub fn previous(mut self, url: impl Into<String>) -> Self {
+        self.previous_url = Some(url.into());
+        self
+    }
+
+    /// Adds a resource with its absolute `fullUrl` (`{base}/{type}/{id}`).
+    pub fn push(&mut self, full_url: impl Into<String>, resource: Value, mode: SearchMode) {
+        self.entries.push(json!({
+            "fullUrl": full_url.into(),
+            "resource": resource,
+            "search": { "mode": mode.as_str() },
+        }));
+    }
+
+    /// Adds an `OperationOutcome` entry (search mode `outcome`), e.g. warning about
+    /// unknown parameters.
+    pub fn push_outcome(&mut self, outcome: Value) {
+        self.entries.push(json!({
+            "resource": outcome,
+            "search": { "mode": SearchMode::Outcome.as_str() },
+        }));
+    }
+
+    /// The Bundle as FHIR JSON.
+    pub fn build(self) -> Value {
+        let mut bundle = Map::new();
+        bundle.insert("resourceType".into(), "Bundle".into());
+        bundle.insert("type".into(), "searchset".into());
+        if let Some(total) = self.total {
+            bundle.insert("total".into(), total.into());
+        }
+        let mut links = vec![json!({ "relation": "self", "url": self.self_url })];
+        if let Some(next) = self.next_url {
+            links.push(json!({ "relation": "next", "url": next }));
+        }
+        if let Some(previous) = self.previous_url {
+            links.push(json!({ "relation": "previous", "url": previous }));
+        }
+        bundle.insert("link".into(), links.into());
+        if !self.entries.is_empty() {
+            bundle.insert("entry".into(), self.entries.into());
+        }
+        Value::Object(bundle)
+    }
+}
+
+/// Whether a Bundle is processed atomically or entry by entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BundleKind {
+    /// `transaction`: all entries succeed or none.
+    Transaction,
+    /// `batch`: each entry on its own.
+    Batch,
+}
+
+impl BundleKind {
+    fn response_type(self) -> &'static str {
+        match self {
+            Self::Transaction => "transaction-response",
+            Self::Batch => "batch-response",
+        }
+    }
+}
+
+/// The outcome of one entry of a transaction or batch (`Bundle.entry.response`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EntryResponse {
+    /// HTTP status, rendered with its reason phrase (`201 Created`).
+    pub status: u16,
+    /// `Location`, e.g. `Patient/123/_history/abc`.
+    pub location: Option<String>,
+    /// `ETag`, e.g. `W/"abc"`.
+    pub etag: Option<String>,
+    /// `Last-Modified` as a FHIR instant.
+    pub last_modified: Option<String>,
+    /// The resource, when returned (`Prefer: return=representation`, GET entries).
+    pub resource: Option<Value>,
+    /// An `OperationOutcome` for a failed batch entry.
+    pub outcome: Option<Value>,
+}
+
+/// The reason phrase for the statuses the gateway uses.
+pub fn reason_phrase(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        201 => "Created",
+        204 => "No Content",
+        304 => "Not Modified",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        409 => "Conflict",
+        410 => "Gone",
+        412 => "Precondition Failed",
+        413 => "Payload Too Large",
+        415 => "Unsupported Media Type",
+        422 => "Unprocessable Entity",
+        _ => "Internal Server Error",
+    }
+}
+
+/// Builds a `transaction-response` or `batch-response` Bundle, one entry per request
+/// entry, in the request's order.
+pub fn response_bundle(kind: BundleKind, entries: Vec<EntryResponse>) -> Value {
+    let entries: Vec<Value> = entries
+        .into_iter()
+        .map(|e| {
+            let mut response = Map::new();
+            response.insert(
+                "status".into(),
+                format!("{} {}", e.status, reason_phrase(e.status)).into(),
+            );
+            for (key, value) in [
+                ("location", e.location),
+                ("etag", e.etag),
+                ("lastModified", e.last_modified),
+            ] {
+                if let Some(v) = value {
+                    response.insert(key.into(), v.into());
+                }
+            }
+            if let Some(outcome) = e.outcome {
+                response.insert("outcome".into(), outcome);
+            }
+            let mut entry = Map::new();
+            if let Some(resource) = e.resource {
+                entry.insert("resource".into(), resource);
+            }
+            entry.insert("response".into(), Value::Object(response));
+            Value::Object(entry)
+        })
+        .collect();
+    let mut bundle = Map::new();
+    bundle.insert("resourceType".into(), "Bundle".into());
+    bundle.insert("type".into(), kind.response_type().into());
+    if !entries.is_empty() {
+        bundle.insert("entry".into(), entries.into());
+    }
+    Value::Object(bundle)
+}
+
+/// `Bundle.entry.request.method`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Method {
+    /// Read, vread or search.
+    Get,
+    /// Like GET, without a body.
+    Head,
+    /// Create.
+    Post,
+    /// Update (or conditional update).
+    Put,
+    /// Delete (or conditional delete).
+    Delete,
+    /// Patch.
+    Patch,
+}
+
+impl Method {
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "GET" => Self::Get,
+            "HEAD" => Self::Head,
+            "POST" => Self::Post,
+            "PUT" => Self::Put,
+            "DELETE" => Self::Delete,
+            "PATCH" => Self::Patch,
+            _ => return None,
+        })
+    }
+
+    /// The order FHIR processes a transaction in: DELETE, POST, PUT/PATCH, GET/HEAD.
+    pub fn transaction_rank(self) -> u8 {
+        match self {
+            Self::Delete => 0,
+            Self::Post => 1,
+            Self::Put | Self::Patch => 2,
+            Self::Get | Self::Head => 3,
+        }
+    }
+}
+
+/// What `Bundle.entry.request.url` addresses, relative to the FHIR base.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryUrl {
+    /// The resource type (first segment).
+    pub resource_type: String,
+    /// The id, for `Type/id[...]`.
+    pub id: Option<String>,
+    /// The version, for `Type/id/_history/vid`.
+    pub version: Option<String>,
+    /// The query after `?` (search, conditional update/delete), still encoded.
+    pub query: Option<String>,
+}
+
+/// One parsed request entry of a transaction or batch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RequestEntry {
+    /// Position in `Bundle.entry` (0-based).
+    pub index: usize,
+    /// `fullUrl`, e.g. `urn:uuid:…` that other entries reference.
+    pub full_url: Option<String>,
+    /// The HTTP method.
+    pub method: Method,
+    /// The parsed `request.url`.
+    pub url: EntryUrl,
+    /// `request.ifNoneExist` (conditional create query).
+    pub if_none_exist: Option<String>,
+    /// `request.ifMatch` (ETag the update is based on).
+    pub if_match: Option<String>,
+    /// `request.ifNoneMatch`.
+    pub if_none_match: Option<String>,
+    /// `request.ifModifiedSince`.
+    pub if_modified_since: Option<String>,
+    /// The resource (POST, PUT), validated.
+    pub resource: Option<Value>,
+}
+
+/// A batch entry that cannot be processed: its index, status and issues.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryError {
+    /// Position in `Bundle.entry` (0-based).
+    pub index: usize,
+    /// 400 for a malformed request, 422 for an invalid resource.
+    pub status: u16,
+    /// What is wrong, with expressions under `Bundle.entry[index]`.
+    pub issues: Vec<Issue>,
+}
+
+impl EntryError {
+    /// The entry's response: its status and an `OperationOutcome`.
+    pub fn response(&self) -> EntryResponse {
+        EntryResponse {
+            status: self.status,
+            outcome: Some(super::outcome::OperationOutcome::from_issues(self.issues.clone()).to_value()),
+            ..EntryResponse::default()
+        }
+    }
+}
+
+/// A parsed incoming Bundle for `POST /fhir`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RequestBundle {
+    /// A transaction: every entry parsed and valid.
+    Transaction(Vec<RequestEntry>),
+    /// A batch: each entry parsed, or the reason it fails (to answer in its response).
+    Batch(Vec<Result<RequestEntry, EntryError>>),
+}
+
+/// Parses and validates a `transaction` or `batch` Bundle.
+///
+/// Resources of POST and PUT entries are validated with [`validate`]. Issue
+/// expressions point into the Bundle (`Bundle.entry[3].resource.status`) and
+/// diagnostics start with `entry 3:`.
+///
+/// # Errors
+///
+/// 400 ([`ApiError::InvalidRequest`]) if the Bundle is not a transaction or batch or, for
+/// a transaction, any entry's request is malformed; 422 ([`ApiError::Unprocessable`]) if
+/// a transaction's requests are fine but a resource is invalid. A batch fails only as a
+/// whole Bundle; its entries' errors are returned in [`RequestBundle::Batch`].
+pub fn parse_request_bundle(bundle: Value) -> Result<RequestBundle, ApiError> {
+    let Value::Object(mut bundle) = bundle else {
+        return Err(ApiError::MalformedBody("the body must be a JSON object".into()));
+    };
+    let mut issues = Vec::new();
+    if bundle.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
+        issues.push(
+            Issue::error(
+                IssueType::NotSupported,
+                "POST to the base takes a transaction or batch Bundle",
+            )
+            .at("resourceType"),
+        );
+    }
+    let kind = match bundle.get("type").and_then(Value::as_str) {
+        Some("transaction") => Some(BundleKind::Transaction),
+        Some("batch") => Some(BundleKind::Batch),
+        Some(_) => {
+            issues.push(
+                Issue::error(IssueType::NotSupported, "Bundle.type must be transaction or batch").at("Bundle.type"),
+            );
+            None
+        }
+        None => {
+            issues.push(Issue::error(IssueType::Required, "Bundle.type is required").at("Bundle.type"));
+            None
+        }
+    };
+    let entries = match bundle.remove("entry") {
+        None => Vec::new(),
+        Some(Value::Array(entries)) if !entries.is_empty() => entries,
+        Some(_) => {
+            issues
+                .push(Issue::error(IssueType::Structure, "Bundle.entry must be a non-empty array").at("Bundle.entry"));
+            Vec::new()
+        }
+    };
+    let Some(kind) = kind.filter(|_| issues.is_empty()) else {
+        return Err(ApiError::InvalidRequest(issues));
+    };
+    let mut seen_full_urls = HashSet::new();
+    let parsed: Vec<Result<RequestEntry, EntryError>> = entries
+        .into_iter()
+        .enumerate()
+        .map(|(index, entry)| parse_entry(index, entry, &mut seen_full_urls))
+        .collect();
+    match kind {
+        BundleKind::Batch => Ok(RequestBundle::Batch(parsed)),
+        BundleKind::Transaction => {
+            let mut status = 422;
+            let mut ok = Vec::with_capacity(parsed.len());
+            for entry in parsed {
+                match entry {
+                    Ok(e) => ok.push(e),
+                    Err(e) => {
+                        if e.status == 400 {
+                            status = 400;
+                        }
+                        issues.extend(e.issues);
+                    }
+                }
+            }
+            match (issues.is_empty(), status) {
+                (true, _) => Ok(RequestBundle::Transaction(ok)),
+                (false, 400) => Err(ApiError::InvalidRequest(issues)),
+                (false, _) => Err(ApiError::Unprocessable(issues)),
+            }
+        }
+    }
+}
+
+/// Re-roots a resource-level expression (`Observation.status`) under `prefix`.
+fn reroot(expression: &str, prefix: &str) -> String {
+    if expression == "resourceType" {
+        return format!("{prefix}.resourceType");
+    }
+    match expression.split_once('.') {
+        Some((_, rest)) => format!("{prefix}.{rest}"),
+        None => prefix.to_owned(),
+    }
+}
+
+fn parse_entry(index: usize, entry: Value, seen: &mut HashSet<String>) -> Result<RequestEntry, EntryError> {
+    let at = format!("Bundle.entry[{index}]");
+    let mut issues = Vec::new();
+    let mut bad = |code: IssueType, path: &str, text: &str| {
+        issues.push(Issue::error(code, format!("entry {index}: {text}")).at(path));
+    };
+    let Value::Object(mut entry) = entry else {
+        bad(IssueType::Structure, &at, "an entry must be a JSON object");
+        return Err(EntryError {
+            index,
+            status: 400,
+            issues,
+        });
+    };
+    let full_url = match entry.get("fullUrl") {
+        None => None,
+        Some(Value::String(u)) if primitive::is_absolute_uri(u) => {
+            if !seen.insert(u.clone()) {
+                bad(
+                    IssueType::Invalid,
+                    &format!("{at}.fullUrl"),
+                    "fullUrl is used by an earlier entry",
+                );
+            }
+            Some(u.clone())
+        }
+        Some(_) => {
+            bad(
+                IssueType::Value,
+                &format!("{at}.fullUrl"),
+                "fullUrl must be an absolute URL or urn:uuid:/urn:oid:",
+            );
+            None
+        }
+    };
+    let resource = entry.remove("resource");
+    let req_at = format!("{at}.request");
+    let empty = Map::new();
+    let request = match entry.get("request") {
+        Some(Value::Object(r)) => r,
+        Some(_) => {
+            bad(IssueType::Structure, &req_at, "request must be an object");
+            &empty
+        }
+        None => {
+            bad(IssueType::Required, &req_at, "request is required");
+            &empty
+        }
+    };
+    let text = |key: &str| request.get(key).and_then(Value::as_str).map(str::to_owned);
+    let method = match request.get("method").and_then(Value::as_str) {
+        Some(m) => Method::parse(m).or_else(|| {
+            bad(
+                IssueType::CodeInvalid,
+                &format!("{req_at}.method"),
+                "request.method must be GET, HEAD, POST, PUT, DELETE or PATCH",
+            );
+            None
+        }),
+        None if request.is_empty() => None,
+        None => {
+            bad(
+                IssueType::Required,
+                &format!("{req_at}.method"),
+                "request.method is required",
+            );
+            None
+        }
+    };
+    let url = match text("url") {
+        Some(u) => parse_url(&u)
+            .map_err(|why| bad(IssueType::Value, &format!("{req_at}.url"), why))
+            .ok(),
+        None if request.is_empty() => None,
+        None => {
+            bad(IssueType::Required, &format!("{req_at}.url"), "request.url is required");
+            None
+        }
+    };
+    let res_at = format!("{at}.resource");
+    if let (Some(method), Some(url)) = (method, url.as_ref()) {
+        let url_at = format!("{req_at}.url");
+        match method {
+            Method::Patch => bad(IssueType::NotSupported, &req_at, "PATCH is not supported"),
+            Method::Post if url.id.is_some() || url.query.is_some() => {
+                bad(IssueType::Value, &url_at, "POST takes the resource type as url")
+            }
+            Method::Put | Method::Delete if url.id.is_none() && url.query.is_none() => bad(
+                IssueType::Value,
+                &url_at,
+                "PUT and DELETE need Type/id or a conditional Type?query",
+            ),
+            Method::Put | Method::Delete if url.version.is_some() => {
+                bad(IssueType::Value, &url_at, "PUT and DELETE do not take a version")
+            }
+            _ => {}
+        }
+        if matches!(method, Method::Post | Method::Put) {
+            match &resource {
+                None => bad(IssueType::Required, &res_at, "POST and PUT entries need a resource"),
+                Some(r) => {
+                    let rt = r.get("resourceType").and_then(Value::as_str);
+                    if rt.is_some_and(|t| t != url.resource_type) {
+                        bad(
+                            IssueType::Invalid,
+                            &url_at,
+                            "the resource type differs from request.url",
+                        );
+                    }
+                    if method == Method::Put
+                        && url.id.is_some()
+                        && r.get("id").and_then(Value::as_str) != url.id.as_deref()
+                    {
+                        bad(
+                            IssueType::Invalid,
+                            &format!("{res_at}.id"),
+                            "the resource id must equal the id in request.url",
+                        );
+                    }
+                }
+            }
+        }
+    }
+    // Request problems are 400; resource problems alone are 422.
+    let status = if issues.is_empty() { 422 } else { 400 };
+    if let (Some(Method::Post | Method::Put), Some(r)) = (method, &resource)
+        && let Err(found) = validate(r)
+    {
+        issues.extend(found.into_iter().map(|mut issue| {
+            issue.diagnostics = format!("entry {index}: {}", issue.diagnostics);
+            issue.expression = issue.expression.iter().map(|e| reroot(e, &res_at)).collect();
+            issue
+        }));
+    }
+    match (method, url) {
+        (Some(method), Some(url)) if issues.is_empty() => Ok(RequestEntry {
+            index,
+            full_url,
+            method,
+            url,
+            if_none_exist: text("ifNoneExist"),
+            if_match: text("ifMatch"),
+            if_none_match: text("ifNoneMatch"),
+            if_modified_since: text("ifModifiedSince"),
+            resource,
+        }),
+        _ => Err(EntryError { index, status, issues }),
+    }
+}
+
+/// Parses a relative `request.url`: `Type`, `Type/id`, `Type/id/_history/vid`, each
+/// optionally with `?query`. Operations (`$op`) are not supported.
+fn parse_url(url: &str) -> Result<EntryUrl, &'static str> {
+    let (path, query) = match url.split_once('?') {
+        Some((p, q)) => (p, Some(q.to_owned())),
+        None => (url, None),
+    };
+    if path.contains('$') {
+        return Err("operations in a transaction or batch are not supported");
+    }
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let (ty, id, version) = match segments.as_slice() {
+        [ty] => (*ty, None, None),
+        [ty, id] => (*ty, Some(*id), None),
+        [ty, id, "_history", vid] => (*ty, Some(*id), Some(*vid)),
+        _ => return Err("request.url must be Type, Type/id or Type/id/_history/vid, relative to the base"),
+    };
+    if !primitive::is_type_name(ty) {
+        return Err("request.url must start with a resource type");
+    }
+    if id.is_some_and(|i| !primitive::is_id(i)) || version.is_some_and(|v| !primitive::is_id(v)) {
+        return Err("request.url has an invalid id or version");
+    }
+    if query.as_deref() == Some("") {
+        return Err("request.url has an empty query");
+    }
+    Ok(EntryUrl {
+        resource_type: ty.to_owned(),
+        id: id.map(str::to_owned),
+        version: version.map(str::to_owned),
+        query,
+    })
+}
+
+/// The order to process transaction entries in (indexes into `entries`): DELETE, POST,
+/// PUT/PATCH, GET/HEAD, keeping the Bundle order within each.
+pub fn transaction_order(entries: &[RequestEntry]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..entries.len()).collect();
+    order.sort_by_key(|&i| entries.get(i).map(|e| e.method.transaction_rank()));
+    order
+}
+
+/// Replaces every `Reference.reference` in `resource` that is a key of `map` (e.g. a
+/// transaction's `urn:uuid:` fullUrls) by its value (e.g. `Patient/123`). Returns how
+/// many references were rewritten.
+pub fn rewrite_references(resource: &mut Value, map: &HashMap<String, String>) -> usize {
+    match resource {
+        Value::Object(obj) => {
+            let mut n = 0;
+            for (key, value) in obj.iter_mut() {
+                if key == "reference"
+                    && let Value::String(r) = value
+                    && let Some(new) = map.get(r.as_str())
+                {
+                    *r = new.clone();
+                    n += 1;
+                } else {
+                    n += rewrite_references(value, map);
+                }
+            }
+            n
+        }
+        Value::Array(items) => items.iter_mut().map(|v| rewrite_references(v, map)).sum(),
+        _ => 0,
+    }
+}

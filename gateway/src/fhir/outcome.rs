@@ -1,0 +1,368 @@
+//! `OperationOutcome` issues and the gateway's error type ([`ApiError`]).
+//!
+//! Every error the gateway returns is an `OperationOutcome` with an HTTP status. The
+//! diagnostics name element paths, parameters and ids — never resource content (PHI):
+//! a bad value is echoed only when it comes from a code element (e.g. `status`).
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Map, Value, json};
+
+/// The media type of every FHIR JSON response.
+pub const FHIR_JSON: &str = "application/fhir+json";
+
+/// `OperationOutcome.issue.severity` (required binding `issue-severity`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    /// The issue caused the action to fail and no further checking could be done.
+    Fatal,
+    /// The issue is sufficiently important to cause the action to fail.
+    Error,
+    /// The issue is not important enough to cause the action to fail.
+    Warning,
+    /// The issue has no relation to the degree of success of the action.
+    Information,
+}
+
+impl Severity {
+    /// The FHIR code, e.g. `"error"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Fatal => "fatal",
+            Self::Error => "error",
+            Self::Warning => "warning",
+            Self::Information => "information",
+        }
+    }
+}
+
+/// `OperationOutcome.issue.code` (required binding `issue-type`), the subset the gateway uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IssueType {
+    /// `invalid`: content invalid against the specification.
+    Invalid,
+    /// `structure`: a structural issue (wrong JSON type, null, empty object or array,
+    /// two alternatives of a choice element).
+    Structure,
+    /// `required`: a required element is missing.
+    Required,
+    /// `value`: an element value is invalid (syntax of a date, id, reference, ...).
+    Value,
+    /// `code-invalid`: a code is not in the element's required value set.
+    CodeInvalid,
+    /// `not-supported`: the content or request is valid but not supported here.
+    NotSupported,
+    /// `not-found`: the referenced resource or type is not known.
+    NotFound,
+    /// `deleted`: the resource existed but was deleted.
+    Deleted,
+    /// `login`: the client must authenticate.
+    Login,
+    /// `forbidden`: the client is not allowed to do this (e.g. no consent grant).
+    Forbidden,
+    /// `conflict`: a version or content conflict.
+    Conflict,
+    /// `too-long`: the request is too large.
+    TooLong,
+    /// `processing`: processing failed for a reason not covered above.
+    Processing,
+    /// `exception`: an internal error.
+    Exception,
+    /// `informational`: a note, not an error.
+    Informational,
+    /// `duplicate`: an attempt to create a duplicate.
+    Duplicate,
+}
+
+impl IssueType {
+    /// The FHIR code, e.g. `"required"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Invalid => "invalid",
+            Self::Structure => "structure",
+            Self::Required => "required",
+            Self::Value => "value",
+            Self::CodeInvalid => "code-invalid",
+            Self::NotSupported => "not-supported",
+            Self::NotFound => "not-found",
+            Self::Deleted => "deleted",
+            Self::Login => "login",
+            Self::Forbidden => "forbidden",
+            Self::Conflict => "conflict",
+            Self::TooLong => "too-long",
+            Self::Processing => "processing",
+            Self::Exception => "exception",
+            Self::Informational => "informational",
+            Self::Duplicate => "duplicate",
+        }
+    }
+}
+
+/// One `OperationOutcome.issue`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Issue {
+    /// How bad it is.
+    pub severity: Severity,
+    /// What kind of issue it is.
+    pub code: IssueType,
+    /// A human-readable message; names paths and codes, never resource content.
+    pub diagnostics: String,
+    /// FHIRPath expressions of the offending elements, e.g. `Observation.status`.
+    pub expression: Vec<String>,
+}
+
+impl Issue {
+    /// An `error` issue without location.
+    pub fn error(code: IssueType, diagnostics: impl Into<String>) -> Self {
+        Self {
+            severity: Severity::Error,
+            code,
+            diagnostics: diagnostics.into(),
+            expression: Vec::new(),
+        }
+    }
+
+    /// A `warning` issue without location.
+    pub fn warning(code: IssueType, diagnostics: impl Into<String>) -> Self {
+        Self {
+            severity: Severity::Warning,
+            ..Self::error(code, diagnostics)
+        }
+    }
+
+    /// Adds one FHIRPath expression.
+    #[must_use]
+    pub fn at(mut self, expression: impl Into<String>) -> Self {
+        self.expression.push(expression.into());
+        self
+    }
+
+    /// The issue as a JSON object for `OperationOutcome.issue`.
+    pub fn to_json(&self) -> Value {
+        let mut issue = Map::new();
+        issue.insert("severity".into(), self.severity.as_str().into());
+        issue.insert("code".into(), self.code.as_str().into());
+        if !self.diagnostics.is_empty() {
+            issue.insert("diagnostics".into(), self.diagnostics.clone().into());
+        }
+        if !self.expression.is_empty() {
+            issue.insert("expression".into(), self.expression.clone().into());
+        }
+        Value::Object(issue)
+    }
+}
+
+/// Builds an `OperationOutcome` resource.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OperationOutcome {
+    issues: Vec<Issue>,
+}
+
+impl OperationOutcome {
+    /// An outcome with no issues yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// An outcome holding `issues`.
+    pub fn from_issues(issues: impl IntoIterator<Item = Issue>) -> Self {
+        Self {
+            issues: issues.into_iter().collect(),
+        }
+    }
+
+    /// Adds an issue.
+    #[must_use]
+    pub fn issue(mut self, issue: Issue) -> Self {
+        self.issues.push(issue);
+        self
+    }
+
+    /// Adds an issue in place.
+    pub fn push(&mut self, issue: Issue) {
+        self.issues.push(issue);
+    }
+
+    /// The issues so far.
+    pub fn issues(&self) -> &[Issue] {
+        &self.issues
+    }
+
+    /// The `OperationOutcome` as FHIR JSON. FHIR requires at least one issue, so an
+    /// empty outcome gets an `information`/`informational` "all ok" issue.
+    pub fn to_value(&self) -> Value {
+        let issues: Vec<Value> = if self.issues.is_empty() {
+            vec![
+                Issue {
+                    severity: Severity::Information,
+                    code: IssueType::Informational,
+                    diagnostics: "all ok".into(),
+                    expression: Vec::new(),
+                }
+                .to_json(),
+            ]
+        } else {
+            self.issues.iter().map(Issue::to_json).collect()
+        };
+        json!({ "resourceType": "OperationOutcome", "issue": issues })
+    }
+}
+
+/// Every error the FHIR gateway returns, with its HTTP status and `OperationOutcome`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApiError {
+    /// 400: the body is not JSON (or not a JSON object).
+    #[error("malformed request body: {0}")]
+    MalformedBody(String),
+    /// 400: a query parameter or header has an invalid value.
+    #[error("invalid parameter {param}: {reason}")]
+    InvalidParam {
+        /// The parameter or header name, e.g. `_count`.
+        param: String,
+        /// What is wrong, without the value.
+        reason: String,
+    },
+    /// 400: the request is structurally wrong (e.g. a transaction entry); the issues say where.
+    #[error("invalid request ({} issues)", .0.len())]
+    InvalidRequest(Vec<Issue>),
+    /// 401: no or a wrong bearer token.
+    #[error("authentication required")]
+    Unauthorized,
+    /// 403: the caller is authenticated but not allowed (e.g. no consent grant covers it).
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    /// 404: the resource type is not served here.
+    #[error("unsupported resource type {0}")]
+    UnknownType(String),
+    /// 404: no resource of that type and id (or version).
+    #[error("{resource_type}/{id} not found")]
+    NotFound {
+        /// The resource type.
+        resource_type: String,
+        /// The id (with `/_history/{vid}` for a version read).
+        id: String,
+    },
+    /// 410: the resource was deleted.
+    #[error("{resource_type}/{id} was deleted")]
+    Gone {
+        /// The resource type.
+        resource_type: String,
+        /// The id.
+        id: String,
+    },
+    /// 405: the method is not allowed on this path.
+    #[error("method {0} not allowed")]
+    MethodNotAllowed(String),
+    /// 409: a conflict (e.g. the id in the body differs from the URL, or a duplicate).
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// 412: `If-Match` names a version that is no longer current.
+    #[error("version conflict: If-Match {expected} but current is {current}")]
+    PreconditionFailed {
+        /// The version the client based its change on.
+        expected: String,
+        /// The current version.
+        current: String,
+    },
+    /// 413: the body exceeds the limit.
+    #[error("request body larger than {limit_bytes} bytes")]
+    PayloadTooLarge {
+        /// The limit in bytes.
+        limit_bytes: usize,
+    },
+    /// 415: the body is not `application/fhir+json` or `application/json`.
+    #[error("unsupported media type")]
+    UnsupportedMediaType,
+    /// 422: the resource is not valid FHIR R4; the issues say where.
+    #[error("invalid resource ({} issues)", .0.len())]
+    Unprocessable(Vec<Issue>),
+    /// 500: an internal error. The details go to the log, not to the client.
+    #[error("internal error")]
+    Internal,
+}
+
+impl ApiError {
+    /// 400 for a body that `serde_json` could not parse. Keeps only the error category
+    /// and position: `serde_json` data errors can quote values.
+    pub fn malformed_json(err: &serde_json::Error) -> Self {
+        let what = match err.classify() {
+            serde_json::error::Category::Io => "i/o error",
+            serde_json::error::Category::Syntax => "invalid JSON syntax",
+            serde_json::error::Category::Data => "unexpected JSON structure",
+            serde_json::error::Category::Eof => "unexpected end of JSON",
+        };
+        Self::MalformedBody(format!("{what} at line {} column {}", err.line(), err.column()))
+    }
+
+    /// The HTTP status code.
+    pub fn status(&self) -> u16 {
+        match self {
+            Self::MalformedBody(_) | Self::InvalidParam { .. } | Self::InvalidRequest(_) => 400,
+            Self::Unauthorized => 401,
+            Self::Forbidden(_) => 403,
+            Self::UnknownType(_) | Self::NotFound { .. } => 404,
+            Self::MethodNotAllowed(_) => 405,
+            Self::Conflict(_) => 409,
+            Self::Gone { .. } => 410,
+            Self::PreconditionFailed { .. } => 412,
+            Self::PayloadTooLarge { .. } => 413,
+            Self::UnsupportedMediaType => 415,
+            Self::Unprocessable(_) => 422,
+            Self::Internal => 500,
+        }
+    }
+
+    /// The issues that describe this error.
+    pub fn issues(&self) -> Vec<Issue> {
+        let one = |code, text: String| vec![Issue::error(code, text)];
+        match self {
+            Self::InvalidRequest(issues) | Self::Unprocessable(issues) => issues.clone(),
+            Self::InvalidParam { param, .. } => {
+                vec![Issue::error(IssueType::Invalid, self.to_string()).at(param.clone())]
+            }
+            Self::MalformedBody(_) => one(IssueType::Structure, self.to_string()),
+            Self::Unauthorized => one(IssueType::Login, self.to_string()),
+            Self::Forbidden(_) => one(IssueType::Forbidden, self.to_string()),
+            Self::UnknownType(_) | Self::MethodNotAllowed(_) | Self::UnsupportedMediaType => {
+                one(IssueType::NotSupported, self.to_string())
+            }
+            Self::NotFound { .. } => one(IssueType::NotFound, self.to_string()),
+            Self::Gone { .. } => one(IssueType::Deleted, self.to_string()),
+            Self::Conflict(_) | Self::PreconditionFailed { .. } => one(IssueType::Conflict, self.to_string()),
+            Self::PayloadTooLarge { .. } => one(IssueType::TooLong, self.to_string()),
+            Self::Internal => vec![Issue {
+                severity: Severity::Fatal,
+                ..Issue::error(IssueType::Exception, "internal error")
+            }],
+        }
+    }
+
+    /// The `OperationOutcome` body for this error.
+    pub fn outcome(&self) -> Value {
+        OperationOutcome::from_issues(self.issues()).to_value()
+    }
+}
+
+/// Renders `value` as an `application/fhir+json` response with `status`.
+pub fn fhir_response(status: StatusCode, value: &Value) -> Response {
+    let body = value.to_string();
+    (
+        status,
+        [(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON))],
+        body,
+    )
+        .into_response()
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut response = fhir_response(status, &self.outcome());
+        if matches!(self, Self::Unauthorized) {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
