@@ -349,8 +349,13 @@ pub(crate) fn signed_wire(body: Value, signature: &[u8; 64]) -> Vec<u8> {
 
 /// Splits a signed wire object into its body value, the body's canonical
 /// bytes (what the signature covers) and the signature.
-pub(crate) fn split_signed(kind: &'static str, bytes: &[u8], max: usize) -> Result<(Value, Vec<u8>, [u8; 64])> {
-    let value = canon::decode(kind, bytes, max)?;
+pub(crate) fn split_signed(
+    kind: &'static str,
+    bytes: &[u8],
+    max: usize,
+    max_items: usize,
+) -> Result<(Value, Vec<u8>, [u8; 64])> {
+    let value = canon::decode(kind, bytes, max, max_items)?;
     let mut f = Fields::new(kind, value, 2)?;
     let body = f.value()?;
     let signature = f.bytes::<64>()?;
@@ -387,7 +392,7 @@ impl Grant {
     /// # Errors
     /// Any decoding error, [`Error::BadSignature`].
     pub fn decode(bytes: &[u8]) -> Result<Self> {
-        let (body, body_bytes, signature) = split_signed("grant", bytes, MAX_GRANT_BYTES)?;
+        let (body, body_bytes, signature) = split_signed("grant", bytes, MAX_GRANT_BYTES, 64)?;
         let terms = GrantTerms::from_value(body)?;
         verify(
             &terms.patient.verifying_key()?,
@@ -543,7 +548,8 @@ impl Revocation {
     /// # Errors
     /// Any decoding error, [`Error::BadSignature`].
     pub fn decode(bytes: &[u8]) -> Result<Self> {
-        let (body, body_bytes, signature) = split_signed("revocation", bytes, MAX_REVOCATION_BYTES)?;
+        let (body, body_bytes, signature) =
+            split_signed("revocation", bytes, MAX_REVOCATION_BYTES, 8 + 3 * MAX_CUT_ACTORS)?;
         let terms = RevocationTerms::from_value(body)?;
         verify(
             &terms.patient.verifying_key()?,

@@ -158,7 +158,7 @@ impl EnvelopeHeader {
         Ok(())
     }
 
-    fn aad(&self) -> Vec<u8> {
+    pub(crate) fn aad(&self) -> Vec<u8> {
         canon::tagged(ENVELOPE_AAD_TAG, &canon::encode(&self.to_value(false)))
     }
 }
@@ -167,8 +167,9 @@ impl EnvelopeHeader {
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub struct SignedHeader {
     header: EnvelopeHeader,
-    body: Vec<u8>,
-    signature: [u8; 64],
+    /// Canonical CBOR of the header: what the signature covers (after the tag).
+    pub(crate) body: Vec<u8>,
+    pub(crate) signature: [u8; 64],
     id: EnvelopeId,
 }
 
@@ -212,7 +213,7 @@ impl SignedHeader {
     /// # Errors
     /// Any decoding error, [`Error::BadSignature`].
     pub fn decode(bytes: &[u8]) -> Result<Self> {
-        let value = canon::decode("envelope header", bytes, MAX_SIGNED_HEADER_BYTES)?;
+        let value = canon::decode("envelope header", bytes, MAX_SIGNED_HEADER_BYTES, 32)?;
         let mut f = Fields::new("envelope header", value, 2)?;
         let body = f.value()?;
         let signature = f.bytes()?;
@@ -276,7 +277,7 @@ pub struct Change<'a> {
 /// A sealed, signed change.
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub struct Envelope {
-    signed: SignedHeader,
+    pub(crate) signed: SignedHeader,
     ciphertext: Vec<u8>,
 }
 
@@ -361,7 +362,7 @@ impl Envelope {
     /// # Errors
     /// Any decoding error, [`Error::BadSignature`], [`Error::CiphertextHash`].
     pub fn decode(bytes: &[u8]) -> Result<Self> {
-        let value = canon::decode("envelope", bytes, MAX_ENVELOPE_BYTES)?;
+        let value = canon::decode("envelope", bytes, MAX_ENVELOPE_BYTES, 32)?;
         let mut f = Fields::new("envelope", value, 3)?;
         let body = f.value()?;
         let signature = f.bytes()?;

@@ -127,12 +127,19 @@ impl PracticeId {
     /// [`Error::InvalidPublicKey`].
     pub fn from_bytes(bytes: [u8; 32]) -> Result<Self> {
         verifying_key(&bytes)?;
-        let libp2p_key =
-            libp2p_identity::ed25519::PublicKey::try_from_bytes(&bytes).map_err(|_| Error::InvalidPublicKey)?;
-        Ok(Self {
-            key: bytes,
-            peer: PeerId::from_public_key(&libp2p_key.into()),
-        })
+        Self::from_valid_key(bytes)
+    }
+
+    /// From key bytes already known to be a valid ed25519 point. The PeerId
+    /// is built directly (identity multihash of the protobuf-encoded key),
+    /// without decompressing the point a second time.
+    fn from_valid_key(key: [u8; 32]) -> Result<Self> {
+        // multihash(identity = 0x00, 36 bytes) of protobuf { 1: Ed25519 (1), 2: key }.
+        let mut raw = [0u8; 6 + 32];
+        raw[..6].copy_from_slice(&[0x00, 0x24, 0x08, 0x01, 0x12, 0x20]);
+        raw[6..].copy_from_slice(&key);
+        let peer = PeerId::from_bytes(&raw).map_err(|_| Error::InvalidPublicKey)?;
+        Ok(Self { key, peer })
     }
 
     /// The raw public key bytes.
@@ -282,7 +289,8 @@ impl SecretIdentity {
     /// Only if the public key cannot be expressed as a libp2p key, which
     /// does not happen for keys made by ed25519-dalek.
     pub fn practice_id(&self) -> Result<PracticeId> {
-        PracticeId::from_bytes(self.public_bytes())
+        // The public half of a secret key is a valid point by construction.
+        PracticeId::from_valid_key(self.public_bytes())
     }
 
     /// Signs `tag || body`.

@@ -140,7 +140,7 @@ pub struct KeyShare {
 
 /// HPKE info: binds the share to patient, collection, epoch, key id and
 /// recipient, so a share cannot be replayed as another one.
-fn hpke_info(
+pub(crate) fn hpke_info(
     patient: &PatientId,
     collection: Collection,
     epoch: Epoch,
@@ -294,7 +294,7 @@ impl KeyShare {
     /// # Errors
     /// Any decoding error, [`Error::BadSignature`].
     pub fn decode(bytes: &[u8]) -> Result<Self> {
-        let (body, body_bytes, signature) = split_signed("key share", bytes, MAX_KEYSHARE_BYTES)?;
+        let (body, body_bytes, signature) = split_signed("key share", bytes, MAX_KEYSHARE_BYTES, 32)?;
         let terms = KeyShareTerms::from_value(body)?;
         verify(
             &terms.patient.verifying_key()?,

@@ -105,7 +105,10 @@ impl Keystore {
         if path.exists() {
             return Err(Error::KeystoreExists(path.to_owned()));
         }
-        self.save(path, passphrase)
+        let bytes = self.seal(passphrase)?;
+        // The check above is only a fast path: the final step links the new
+        // file into place and fails if a file appeared there meanwhile.
+        write_file(path, &bytes, false)
     }
 
     /// Encrypts and writes the keystore atomically: a temporary file in the
@@ -146,9 +149,16 @@ impl Keystore {
         let mut nonce = [0u8; 24];
         getrandom::fill(&mut salt).map_err(|_| Error::Random)?;
         getrandom::fill(&mut nonce).map_err(|_| Error::Random)?;
+        self.seal_with(passphrase, salt, nonce)
+    }
+
+    /// The file bytes for a given salt and nonce (test vectors; `seal` draws them).
+    pub(crate) fn seal_with(&self, passphrase: &[u8], salt: [u8; 16], nonce: [u8; 24]) -> Result<Vec<u8>> {
         let header = header_value(&self.params, &salt, &nonce);
         let aad = canon::encode(&header);
-        let plain = Zeroizing::new(canon::encode(&self.contents_value()));
+        let mut contents = self.contents_value();
+        let plain = canon::encode_secret(&contents, self.contents_capacity());
+        canon::zeroize_value(&mut contents);
         let key = self.params.derive(passphrase, &salt)?;
         let ciphertext = XChaCha20Poly1305::new((&*key).into())
             .encrypt(&XNonce::from(nonce), Payload { msg: &plain, aad: &aad })
@@ -159,8 +169,8 @@ impl Keystore {
         Ok(canon::encode(&Value::Array(vec![header, canon::bytes(&ciphertext)])))
     }
 
-    fn unseal(bytes: &[u8], passphrase: &[u8]) -> Result<Self> {
-        let value = canon::decode("keystore", bytes, MAX_KEYSTORE_BYTES)?;
+    pub(crate) fn unseal(bytes: &[u8], passphrase: &[u8]) -> Result<Self> {
+        let value = canon::decode("keystore", bytes, MAX_KEYSTORE_BYTES, 16)?;
         let mut f = Fields::new("keystore", value, 2)?;
         let header = f.value()?;
         let ciphertext = f.byte_vec(MAX_KEYSTORE_BYTES)?;
@@ -192,8 +202,15 @@ impl Keystore {
                 )
                 .map_err(|_| Error::KeystoreLocked)?,
         );
-        let contents = canon::decode("keystore contents", &plain, MAX_KEYSTORE_BYTES)?;
+        let contents = canon::decode_secret("keystore contents", &plain, MAX_KEYSTORE_BYTES, 8 * MAX_ITEMS)?;
         Self::from_contents(contents, params)
+    }
+
+    /// An upper bound on the encoded contents, so the buffer never reallocates.
+    fn contents_capacity(&self) -> usize {
+        let blobs: usize = self.grants.iter().map(|g| g.encoded().len() + 9).sum::<usize>()
+            + self.revocations.iter().map(|r| r.encoded().len() + 9).sum::<usize>();
+        64 + 96 * self.keys.len() + blobs
     }
 
     fn contents_value(&self) -> Value {
@@ -219,7 +236,7 @@ impl Keystore {
 
     fn from_contents(value: Value, params: KdfParams) -> Result<Self> {
         let mut f = Fields::new("keystore contents", value, 4)?;
-        let seed = Zeroizing::new(f.bytes::<32>()?);
+        let seed = f.secret_bytes::<32>()?;
         let identity = SecretIdentity::from_seed(&seed);
         let patient = identity.patient_id();
         let keys = f
@@ -230,7 +247,7 @@ impl Keystore {
                 let collection = k.text(16)?.parse()?;
                 let epoch = k.uint()?;
                 let key_id = KeyId(k.bytes()?);
-                let key = Zeroizing::new(k.bytes::<32>()?);
+                let key = k.secret_bytes::<32>()?;
                 Ok(EpochKey::from_parts(patient, collection, epoch, key_id, key))
             })
             .collect::<Result<Vec<_>>>()?;
@@ -278,6 +295,13 @@ fn header_value(params: &KdfParams, salt: &[u8; 16], nonce: &[u8; 24]) -> Value 
 /// # Errors
 /// [`Error::Io`].
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_file(path, bytes, true)
+}
+
+/// Writes a temporary file (mode 0600, fsynced), then renames it over
+/// `path` (`overwrite`) or hard-links it to `path`, which fails if `path`
+/// exists ([`Error::KeystoreExists`]); then fsyncs the directory.
+fn write_file(path: &Path, bytes: &[u8], overwrite: bool) -> Result<()> {
     let io = |p: &Path| {
         let p: PathBuf = p.to_owned();
         move |source| Error::Io { path: p, source }
@@ -304,7 +328,21 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
         let mut file = options.open(&tmp).map_err(io(&tmp))?;
         file.write_all(bytes).map_err(io(&tmp))?;
         file.sync_all().map_err(io(&tmp))?;
-        fs::rename(&tmp, path).map_err(io(path))?;
+        if overwrite {
+            fs::rename(&tmp, path).map_err(io(path))?;
+        } else {
+            fs::hard_link(&tmp, path).map_err(|source| {
+                if source.kind() == std::io::ErrorKind::AlreadyExists {
+                    Error::KeystoreExists(path.to_owned())
+                } else {
+                    Error::Io {
+                        path: path.to_owned(),
+                        source,
+                    }
+                }
+            })?;
+            fs::remove_file(&tmp).map_err(io(&tmp))?;
+        }
         #[cfg(unix)]
         fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
         Ok(())

@@ -22,6 +22,8 @@ mod id;
 mod keys;
 mod keystore;
 mod sealed;
+#[cfg(test)]
+mod vectors;
 
 pub use consent::{
     Access, Collection, GRANT_TAG, Grant, GrantId, GrantTerms, MAX_GRANT_BYTES, MAX_REVOCATION_BYTES,

@@ -138,7 +138,10 @@ mod tests {
         let sealed = SealedSecret::seal(b"seed bytes", b"pass", CHEAP).unwrap();
         assert!(SealedSecret::is_sealed(&sealed));
         assert_eq!(SealedSecret::open(&sealed, b"pass").unwrap().as_slice(), b"seed bytes");
-        assert!(matches!(SealedSecret::open(&sealed, b"wrong"), Err(Error::KeystoreLocked)));
+        assert!(matches!(
+            SealedSecret::open(&sealed, b"wrong"),
+            Err(Error::KeystoreLocked)
+        ));
     }
 
     #[test]
