@@ -133,10 +133,7 @@ pub fn choice_prefix(key: &str) -> Option<&str> {
     (1..bytes.len())
         .rev()
         .filter(|&i| bytes[i].is_ascii_uppercase())
-        .find(|&i| {
-            CHOICE_NAMES.binary_search(&&key[..i]).is_ok()
-                && TYPE_NAMES.binary_search(&&key[i..]).is_ok()
-        })
+        .find(|&i| CHOICE_NAMES.binary_search(&&key[..i]).is_ok() && TYPE_NAMES.binary_search(&&key[i..]).is_ok())
         .map(|i| &key[..i])
 }
 

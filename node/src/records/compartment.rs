@@ -173,8 +173,8 @@ const CONFIDENTIALITY_SYSTEMS: &[&str] = &[
 /// substance use (ETH and its *UD children), psychiatry / behavioural health,
 /// sexual and reproductive health, sexual assault / domestic violence, STD, HIV.
 const SENSITIVE_ACT_CODES: &[&str] = &[
-    "ALCUD", "BH", "COCAUD", "DRGUD", "ETH", "ETHUD", "HIV", "MH", "OPIOIDUD", "PSY", "PSYTHPN",
-    "SDV", "SEX", "STD", "SUD",
+    "ALCUD", "BH", "COCAUD", "DRGUD", "ETH", "ETHUD", "HIV", "MH", "OPIOIDUD", "PSY", "PSYTHPN", "SDV", "SEX", "STD",
+    "SUD",
 ];
 /// v3 Confidentiality codes that send a resource to `sensitive`: restricted, very restricted.
 const SENSITIVE_CONFIDENTIALITY: &[&str] = &["R", "V"];
@@ -327,10 +327,9 @@ pub fn is_sensitive(resource: &Value) -> bool {
     labels.iter().any(|label| {
         let code = label.get("code").and_then(Value::as_str).unwrap_or("");
         let system = label.get("system").and_then(Value::as_str);
-        let act = SENSITIVE_ACT_CODES.contains(&code)
-            && system.is_none_or(|s| ACT_CODE_SYSTEMS.contains(&s));
-        let conf = SENSITIVE_CONFIDENTIALITY.contains(&code)
-            && system.is_none_or(|s| CONFIDENTIALITY_SYSTEMS.contains(&s));
+        let act = SENSITIVE_ACT_CODES.contains(&code) && system.is_none_or(|s| ACT_CODE_SYSTEMS.contains(&s));
+        let conf =
+            SENSITIVE_CONFIDENTIALITY.contains(&code) && system.is_none_or(|s| CONFIDENTIALITY_SYSTEMS.contains(&s));
         act || conf
     })
 }
@@ -342,19 +341,14 @@ pub fn collection_of(resource: &Value) -> Collection {
     if is_sensitive(resource) {
         return Collection::Sensitive;
     }
-    let t = resource
-        .get("resourceType")
-        .and_then(Value::as_str)
-        .unwrap_or("");
+    let t = resource.get("resourceType").and_then(Value::as_str).unwrap_or("");
     collection_of_type(t)
 }
 
 /// The collection for a resource type when no security label applies.
 pub fn collection_of_type(t: &str) -> Collection {
     match t {
-        "MedicationRequest" | "MedicationStatement" | "MedicationDispense" => {
-            Collection::Medications
-        }
+        "MedicationRequest" | "MedicationStatement" | "MedicationDispense" => Collection::Medications,
         "Observation" | "DiagnosticReport" | "Specimen" => Collection::Labs,
         "DocumentReference" | "Binary" => Collection::Documents,
         "Appointment" => Collection::Scheduling,

@@ -9,8 +9,8 @@ use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 use automerge::legacy;
 use automerge::transaction::{CommitOptions, Transactable};
 use automerge::{
-    ActorId, Automerge, AutomergeError, Change, ChangeHash, LoadOptions, ObjId, ObjType,
-    OnPartialLoad, ReadDoc, ScalarValue,
+    ActorId, Automerge, AutomergeError, Change, ChangeHash, LoadOptions, ObjId, ObjType, OnPartialLoad, ReadDoc,
+    ScalarValue,
 };
 use serde_json::{Map, Value};
 
@@ -107,9 +107,8 @@ pub fn split_key(key: &str) -> Result<(&str, &str)> {
 
 fn check_type(t: &str) -> Result<()> {
     let mut chars = t.chars();
-    let ok = chars.next().is_some_and(|c| c.is_ascii_uppercase())
-        && chars.all(|c| c.is_ascii_alphabetic())
-        && t.len() <= 64;
+    let ok =
+        chars.next().is_some_and(|c| c.is_ascii_uppercase()) && chars.all(|c| c.is_ascii_alphabetic()) && t.len() <= 64;
     if ok {
         Ok(())
     } else {
@@ -120,11 +119,8 @@ fn check_type(t: &str) -> Result<()> {
 }
 
 fn check_id(id: &str) -> Result<()> {
-    let ok = !id.is_empty()
-        && id.len() <= 64
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+    let ok =
+        !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
     if ok {
         Ok(())
     } else {
@@ -295,11 +291,14 @@ struct VersionRef {
 }
 
 /// Where an operation of a change lands.
-enum Target {
+enum Target<'a> {
     Root,
     Resources,
     Deleted,
-    Resource(String),
+    /// A resource already known to the index or the batch overlay.
+    Resource(&'a str),
+    /// A resource whose body this same change created (index into `touched`).
+    Local(usize),
     Unknown,
 }
 
@@ -313,23 +312,51 @@ struct Effects {
     time: i64,
     /// Touched keys, with whether the change tombstoned them. Sorted, unique.
     touched: Vec<(String, bool)>,
-    /// Objects the change creates (op counter) and the resource each belongs to.
-    created: Vec<(u64, String)>,
+    /// Objects the change creates (op counter) and the resource each belongs to
+    /// (index into `touched`).
+    created: Vec<(u64, usize)>,
 }
 
-/// Objects and sequence numbers of changes accepted in a batch but not yet applied.
+/// Objects and sequence numbers of changes accepted in a batch but not yet applied
+/// (interned like [`Index`], so checking a large batch allocates little).
 #[derive(Default)]
 struct Overlay {
-    owners: HashMap<(u64, ActorId), String>,
-    max_seq: HashMap<ActorId, u64>,
+    actor_ids: HashMap<ActorId, u32>,
+    keys: Vec<String>,
+    key_ids: HashMap<String, u32>,
+    owners: HashMap<(u64, u32), u32>,
+    max_seq: HashMap<u32, u64>,
 }
 
 impl Overlay {
     fn add(&mut self, e: &Effects) {
-        for (counter, key) in &e.created {
-            self.owners.insert((*counter, e.actor.clone()), key.clone());
+        let next = u32::try_from(self.actor_ids.len()).unwrap_or(u32::MAX);
+        let a = *self.actor_ids.entry(e.actor.clone()).or_insert(next);
+        let ids: Vec<u32> = e
+            .touched
+            .iter()
+            .map(|(k, _)| match self.key_ids.get(k) {
+                Some(&i) => i,
+                None => {
+                    let i = u32::try_from(self.keys.len()).unwrap_or(u32::MAX);
+                    self.keys.push(k.clone());
+                    self.key_ids.insert(k.clone(), i);
+                    i
+                }
+            })
+            .collect();
+        for (counter, t) in &e.created {
+            if let Some(&k) = ids.get(*t) {
+                self.owners.insert((*counter, a), k);
+            }
         }
-        self.max_seq.insert(e.actor.clone(), e.seq);
+        self.max_seq.insert(a, e.seq);
+    }
+
+    fn owner(&self, counter: u64, actor: &ActorId) -> Option<&str> {
+        let a = self.actor_ids.get(actor)?;
+        let k = self.owners.get(&(counter, *a))?;
+        self.keys.get(*k as usize).map(String::as_str)
     }
 }
 
@@ -345,6 +372,18 @@ struct Index {
     key_ids: HashMap<String, u32>,
     owners: HashMap<(u64, u32), u32>,
     history: Vec<Vec<VersionRef>>,
+}
+
+/// Index of `key` in `touched`, adding it (not tombstoned) if absent. A change
+/// normally touches one resource, so a linear search beats hashing.
+fn touch(touched: &mut Vec<(String, bool)>, key: &str) -> usize {
+    match touched.iter().position(|(k, _)| k == key) {
+        Some(i) => i,
+        None => {
+            touched.push((key.to_owned(), false));
+            touched.len() - 1
+        }
+    }
 }
 
 impl Index {
@@ -371,8 +410,8 @@ impl Index {
     }
 
     fn max_seq(&self, actor: &ActorId, overlay: &Overlay) -> u64 {
-        if let Some(&s) = overlay.max_seq.get(actor) {
-            return s;
+        if let Some(s) = overlay.actor_ids.get(actor).and_then(|a| overlay.max_seq.get(a)) {
+            return *s;
         }
         self.actor_ids
             .get(actor)
@@ -381,7 +420,7 @@ impl Index {
             .unwrap_or(0)
     }
 
-    fn owner(&self, id: &legacy::OpId, overlay: &Overlay) -> Target {
+    fn owner<'a>(&'a self, id: &legacy::OpId, overlay: &'a Overlay) -> Target<'a> {
         let actor = id.actor();
         if actor.to_bytes() == GENESIS_ACTOR {
             return match id.counter() {
@@ -396,10 +435,10 @@ impl Index {
             .and_then(|&a| self.owners.get(&(id.counter(), a)))
             .and_then(|&k| self.keys.get(k as usize));
         if let Some(k) = known {
-            return Target::Resource(k.clone());
+            return Target::Resource(k);
         }
-        match overlay.owners.get(&(id.counter(), actor.clone())) {
-            Some(k) => Target::Resource(k.clone()),
+        match overlay.owner(id.counter(), actor) {
+            Some(k) => Target::Resource(k),
             None => Target::Unknown,
         }
     }
@@ -408,33 +447,33 @@ impl Index {
     /// allows: add or replace resource bodies in `resources`, put `true` tombstones in
     /// `deleted`, and edit maps/lists/strings/booleans inside a resource body.
     fn analyse(&self, change: &Change, overlay: &Overlay) -> Result<Effects, &'static str> {
-        let actor = change.actor_id().clone();
+        let actor = change.actor_id();
         if actor.to_bytes() == GENESIS_ACTOR {
             return Err("uses the genesis actor");
         }
-        if change.seq() != self.max_seq(&actor, overlay).saturating_add(1) {
+        if change.seq() != self.max_seq(actor, overlay).saturating_add(1) {
             return Err("reuses or skips an actor sequence number");
         }
-        let expanded = catch_unwind(AssertUnwindSafe(|| change.decode()))
-            .map_err(|_| "operations do not decode")?;
+        let expanded = catch_unwind(AssertUnwindSafe(|| change.decode())).map_err(|_| "operations do not decode")?;
         let start_op = change.start_op().get();
-        let mut touched: HashMap<String, bool> = HashMap::new();
-        let mut created: Vec<(u64, String)> = Vec::new();
-        let mut local: HashMap<u64, String> = HashMap::new();
+        let mut touched: Vec<(String, bool)> = Vec::new();
+        let mut created: Vec<(u64, usize)> = Vec::new();
+        // Objects made by this change → index into `touched`.
+        let mut local: HashMap<u64, usize> = HashMap::new();
         for (i, op) in expanded.operations.iter().enumerate() {
             let counter = start_op.saturating_add(i as u64);
             let target = match &op.obj {
                 legacy::ObjectId::Root => Target::Root,
-                legacy::ObjectId::Id(id) if *id.actor() == actor && local.contains_key(&id.counter()) => {
-                    Target::Resource(local.get(&id.counter()).cloned().unwrap_or_default())
-                }
-                legacy::ObjectId::Id(id) => self.owner(id, overlay),
+                legacy::ObjectId::Id(id) => match local.get(&id.counter()) {
+                    Some(&t) if id.actor() == actor => Target::Local(t),
+                    _ => self.owner(id, overlay),
+                },
             };
             let map_key = match &op.key {
                 legacy::Key::Map(k) => Some(k.as_str()),
                 legacy::Key::Seq(_) => None,
             };
-            match target {
+            let t = match target {
                 Target::Root => return Err("writes the document root"),
                 Target::Unknown => return Err("writes an object outside any resource"),
                 Target::Resources => {
@@ -443,9 +482,10 @@ impl Index {
                     if !matches!(op.action, legacy::OpType::Make(ObjType::Map)) {
                         return Err("removes or replaces a resource body with a non-map");
                     }
-                    touched.entry(key.to_owned()).or_insert(false);
-                    local.insert(counter, key.to_owned());
-                    created.push((counter, key.to_owned()));
+                    let t = touch(&mut touched, key);
+                    local.insert(counter, t);
+                    created.push((counter, t));
+                    continue;
                 }
                 Target::Deleted => {
                     let key = map_key.ok_or("malformed tombstone key")?;
@@ -453,34 +493,45 @@ impl Index {
                     if !matches!(op.action, legacy::OpType::Put(ScalarValue::Boolean(true))) {
                         return Err("writes a tombstone other than true");
                     }
-                    touched.insert(key.to_owned(), true);
-                }
-                Target::Resource(key) => {
-                    match &op.action {
-                        legacy::OpType::Make(ObjType::Map | ObjType::List) => {
-                            local.insert(counter, key.clone());
-                            created.push((counter, key.clone()));
-                        }
-                        legacy::OpType::Put(ScalarValue::Str(s)) => {
-                            value::check_stored_string(s)?;
-                        }
-                        legacy::OpType::Put(ScalarValue::Boolean(_) | ScalarValue::Null)
-                        | legacy::OpType::Delete => {}
-                        _ => return Err("uses an operation the record model does not"),
+                    let t = touch(&mut touched, key);
+                    if let Some(entry) = touched.get_mut(t) {
+                        entry.1 = true;
                     }
-                    touched.entry(key).or_insert(false);
+                    continue;
                 }
+                Target::Resource(key) => touch(&mut touched, key),
+                Target::Local(t) => t,
+            };
+            match &op.action {
+                legacy::OpType::Make(ObjType::Map | ObjType::List) => {
+                    local.insert(counter, t);
+                    created.push((counter, t));
+                }
+                legacy::OpType::Put(ScalarValue::Str(s)) => value::check_stored_string(s)?,
+                legacy::OpType::Put(ScalarValue::Boolean(_) | ScalarValue::Null) | legacy::OpType::Delete => {}
+                _ => return Err("uses an operation the record model does not"),
             }
         }
-        let mut touched: Vec<(String, bool)> = touched.into_iter().collect();
-        touched.sort();
+        // Sort keys for reporting, remapping `created`'s indices.
+        let mut order: Vec<usize> = (0..touched.len()).collect();
+        order.sort_by(|&x, &y| touched.get(x).cmp(&touched.get(y)));
+        let mut new_pos = vec![0usize; touched.len()];
+        for (new, &old) in order.iter().enumerate() {
+            if let Some(p) = new_pos.get_mut(old) {
+                *p = new;
+            }
+        }
+        let sorted: Vec<(String, bool)> = order.iter().filter_map(|&i| touched.get(i).cloned()).collect();
+        for (_, t) in &mut created {
+            *t = new_pos.get(*t).copied().unwrap_or(*t);
+        }
         Ok(Effects {
             hash: change.hash(),
-            actor,
+            actor: actor.clone(),
             seq: change.seq(),
             start_op,
             time: change.timestamp(),
-            touched,
+            touched: sorted,
             created,
         })
     }
@@ -491,9 +542,11 @@ impl Index {
         if let Some(s) = self.max_seq.get_mut(a as usize) {
             *s = e.seq;
         }
-        for (counter, key) in &e.created {
-            let k = self.key_id(key);
-            self.owners.insert((*counter, a), k);
+        let ids: Vec<u32> = e.touched.iter().map(|(k, _)| self.key_id(k)).collect();
+        for (counter, t) in &e.created {
+            if let Some(&k) = ids.get(*t) {
+                self.owners.insert((*counter, a), k);
+            }
         }
         for (key, deleted) in &e.touched {
             let k = self.key_id(key) as usize;
@@ -573,19 +626,14 @@ impl RecordDoc {
     /// [`Error::Panicked`] if Automerge panicked.
     pub fn load(bytes: &[u8]) -> Result<Self> {
         let doc = catch_unwind(AssertUnwindSafe(|| {
-            Automerge::load_with_options(
-                bytes,
-                LoadOptions::new().on_partial_load(OnPartialLoad::Error),
-            )
+            Automerge::load_with_options(bytes, LoadOptions::new().on_partial_load(OnPartialLoad::Error))
         }))
         .map_err(|_| Error::Panicked("loading a snapshot"))?
         .map_err(|_| Error::InvalidSnapshot {
             reason: "does not load",
         })?;
-        let (missing, changes) = catch_unwind(AssertUnwindSafe(|| {
-            (doc.get_missing_deps(&[]), doc.get_changes(&[]))
-        }))
-        .map_err(|_| Error::Panicked("reading a snapshot"))?;
+        let (missing, changes) = catch_unwind(AssertUnwindSafe(|| (doc.get_missing_deps(&[]), doc.get_changes(&[]))))
+            .map_err(|_| Error::Panicked("reading a snapshot"))?;
         if !missing.is_empty() {
             return Err(Error::InvalidSnapshot {
                 reason: "has changes with missing dependencies",
@@ -829,13 +877,7 @@ impl RecordDoc {
     /// # Errors
     /// [`Error::InvalidResource`] (not an object, no `resourceType`, a `null`),
     /// [`Error::InvalidKey`], [`Error::AlreadyExists`] (also for a deleted key).
-    pub fn create(
-        &mut self,
-        actor: &ActorId,
-        time_ms: i64,
-        id: &str,
-        resource: &Value,
-    ) -> Result<Written> {
+    pub fn create(&mut self, actor: &ActorId, time_ms: i64, id: &str, resource: &Value) -> Result<Written> {
         let map = resource.as_object().ok_or(Error::InvalidResource {
             key: id.to_owned(),
             reason: "not a JSON object",
@@ -1154,10 +1196,7 @@ fn assemble(rtype: &str, id: &str, version: &VersionRef, body: Map<String, Value
     out.insert("id".into(), Value::String(id.to_owned()));
     let mut meta = Map::new();
     meta.insert("versionId".into(), Value::String(version_id(&version.hash)));
-    meta.insert(
-        "lastUpdated".into(),
-        Value::String(format_instant(version.time)),
-    );
+    meta.insert("lastUpdated".into(), Value::String(format_instant(version.time)));
     let mut rest = Map::with_capacity(body.len());
     for (k, v) in body {
         match (k.as_str(), v) {

@@ -31,13 +31,10 @@ mod tests;
 use automerge::ActorId;
 use sha2::{Digest, Sha256};
 
-pub use compartment::{
-    Collection, collection_of, is_directory_type, linked_did, patient_references,
-    supported_types,
-};
+pub use compartment::{Collection, collection_of, is_directory_type, linked_did, patient_references, supported_types};
 pub use doc::{
-    AppliedChange, ApplyReport, DecodedChange, RecordDoc, RejectedChange, RenderedResource,
-    Version, Written, genesis_hash, resource_key, split_key,
+    AppliedChange, ApplyReport, DecodedChange, RecordDoc, RejectedChange, RenderedResource, Version, Written,
+    genesis_hash, resource_key, split_key,
 };
 pub use error::{Error, Result};
 pub use search::Query;
@@ -68,6 +65,5 @@ pub fn actor_id(author_pubkey: &[u8; 32], process_nonce: [u8; 8]) -> ActorId {
 /// actor does not belong to the envelope's author).
 pub fn actor_belongs_to(actor: &ActorId, author_pubkey: &[u8; 32]) -> bool {
     let bytes = actor.to_bytes();
-    bytes.len() == ACTOR_AUTHOR_PREFIX_LEN + 8
-        && bytes[..ACTOR_AUTHOR_PREFIX_LEN] == actor_prefix(author_pubkey)
+    bytes.len() == ACTOR_AUTHOR_PREFIX_LEN + 8 && bytes[..ACTOR_AUTHOR_PREFIX_LEN] == actor_prefix(author_pubkey)
 }

@@ -141,9 +141,7 @@ impl Query {
             if IGNORED_PARAMS.contains(&name) {
                 continue;
             }
-            let invalid = || Error::InvalidSearchValue {
-                param: name.to_owned(),
-            };
+            let invalid = || Error::InvalidSearchValue { param: name.to_owned() };
             let values: Vec<&str> = value.split(',').collect();
             if values.iter().any(|v| v.is_empty()) {
                 return Err(invalid());
@@ -158,9 +156,7 @@ impl Query {
                 "patient" | "subject" => Param::Patient(
                     values
                         .iter()
-                        .map(|v| {
-                            patient_of_reference(v).unwrap_or_else(|| format!("Patient/{v}"))
-                        })
+                        .map(|v| patient_of_reference(v).unwrap_or_else(|| format!("Patient/{v}")))
                         .collect(),
                 ),
                 other => return Err(Error::UnsupportedSearchParam(other.to_owned())),
@@ -183,7 +179,9 @@ impl Query {
         if resource.get("resourceType").and_then(Value::as_str) != Some(self.resource_type.as_str()) {
             return false;
         }
-        self.params.iter().all(|p| param_matches(&self.resource_type, p, resource))
+        self.params
+            .iter()
+            .all(|p| param_matches(&self.resource_type, p, resource))
     }
 }
 
@@ -256,9 +254,7 @@ fn param_matches(rtype: &str, p: &Param, r: &Value) -> bool {
                 .map(|p| date_ranges(r, p))
                 .find(|v| !v.is_empty())
                 .unwrap_or_default();
-            ranges
-                .iter()
-                .any(|t| conds.iter().any(|c| date_matches(c, *t)))
+            ranges.iter().any(|t| conds.iter().any(|c| date_matches(c, *t)))
         }
         Param::Code(tokens) => {
             let paths = lookup(CODE_PATHS, rtype).unwrap_or(&["code"]);

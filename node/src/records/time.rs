@@ -116,8 +116,7 @@ pub(crate) fn parse_range(text: &str) -> Option<(i64, i64)> {
     if hms.next().is_some() || h > 23 || min > 59 || sec_ms >= 61_000 {
         return None;
     }
-    let start = days_from_civil(y, m, d) * MS_PER_DAY + h * 3_600_000 + min * 60_000 + sec_ms
-        - offset_ms;
+    let start = days_from_civil(y, m, d) * MS_PER_DAY + h * 3_600_000 + min * 60_000 + sec_ms - offset_ms;
     Some((start, start + width))
 }
 

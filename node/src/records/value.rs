@@ -140,11 +140,7 @@ pub(crate) fn fill_map<T: Transactable>(
 }
 
 /// Fills an empty list with `items`.
-fn fill_list<T: Transactable>(
-    tx: &mut T,
-    obj: &ObjId,
-    items: &[Value],
-) -> Result<(), automerge::AutomergeError> {
+fn fill_list<T: Transactable>(tx: &mut T, obj: &ObjId, items: &[Value]) -> Result<(), automerge::AutomergeError> {
     for (i, v) in items.iter().enumerate() {
         match v {
             Value::Object(map) => {
@@ -216,13 +212,9 @@ fn merge_prop<T: Transactable + ReadDoc>(
     base: Option<&Value>,
     submitted: &Value,
 ) -> Result<(), automerge::AutomergeError> {
-    let current = tx
-        .get(obj, prop.clone())?
-        .map(|(v, id)| (v.to_objtype(), id));
+    let current = tx.get(obj, prop.clone())?.map(|(v, id)| (v.to_objtype(), id));
     match (base, submitted, current) {
-        (Some(Value::Object(b)), Value::Object(s), Some((Some(ObjType::Map), id))) => {
-            merge_map(tx, &id, b, s)
-        }
+        (Some(Value::Object(b)), Value::Object(s), Some((Some(ObjType::Map), id))) => merge_map(tx, &id, b, s),
         (Some(Value::Array(b)), Value::Array(s), Some((Some(ObjType::List), id)))
             if b.len() == s.len() && tx.length(&id) == s.len() =>
         {
@@ -324,7 +316,13 @@ mod tests {
 
     #[test]
     fn numbers_keep_their_text() {
-        for text in ["1.00", "1000000000000000000", "-0.0", "3.14159265358979323846264338327950288", "0"] {
+        for text in [
+            "1.00",
+            "1000000000000000000",
+            "-0.0",
+            "3.14159265358979323846264338327950288",
+            "0",
+        ] {
             let n = Number::from_str(text).unwrap();
             let enc = encode_number(&n);
             assert_eq!(decode_string(&enc).unwrap(), Value::Number(n), "case {text}");
