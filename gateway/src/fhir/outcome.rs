@@ -72,6 +72,16 @@ pub enum IssueType {
     Informational,
     /// `duplicate`: an attempt to create a duplicate.
     Duplicate,
+    /// `timeout`: the request took too long.
+    Timeout,
+    /// `throttled`: too many requests.
+    Throttled,
+    /// `security`: a security problem (authentication or authorization in general).
+    Security,
+    /// `business-rule`: a rule of the server prevents the action.
+    BusinessRule,
+    /// `transient`: a temporary problem; the client may retry.
+    Transient,
 }
 
 impl IssueType {
@@ -94,6 +104,11 @@ impl IssueType {
             Self::Exception => "exception",
             Self::Informational => "informational",
             Self::Duplicate => "duplicate",
+            Self::Timeout => "timeout",
+            Self::Throttled => "throttled",
+            Self::Security => "security",
+            Self::BusinessRule => "business-rule",
+            Self::Transient => "transient",
         }
     }
 }
@@ -364,5 +379,104 @@ impl IntoResponse for ApiError {
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_and_outcomes() {
+        let cases: Vec<(ApiError, u16, &str)> = vec![
+            (ApiError::MalformedBody("x".into()), 400, "structure"),
+            (
+                ApiError::InvalidParam {
+                    param: "_count".into(),
+                    reason: "bad".into(),
+                },
+                400,
+                "invalid",
+            ),
+            (
+                ApiError::InvalidRequest(vec![Issue::error(IssueType::Required, "r")]),
+                400,
+                "required",
+            ),
+            (ApiError::Unauthorized, 401, "login"),
+            (ApiError::Forbidden("no grant covers labs".into()), 403, "forbidden"),
+            (ApiError::UnknownType("Foo".into()), 404, "not-supported"),
+            (
+                ApiError::NotFound {
+                    resource_type: "Patient".into(),
+                    id: "1".into(),
+                },
+                404,
+                "not-found",
+            ),
+            (
+                ApiError::Gone {
+                    resource_type: "Patient".into(),
+                    id: "1".into(),
+                },
+                410,
+                "deleted",
+            ),
+            (ApiError::MethodNotAllowed("PATCH".into()), 405, "not-supported"),
+            (ApiError::Conflict("id differs".into()), 409, "conflict"),
+            (
+                ApiError::PreconditionFailed {
+                    expected: "W/\"1\"".into(),
+                    current: "W/\"2\"".into(),
+                },
+                412,
+                "conflict",
+            ),
+            (ApiError::PayloadTooLarge { limit_bytes: 10 }, 413, "too-long"),
+            (ApiError::UnsupportedMediaType, 415, "not-supported"),
+            (
+                ApiError::Unprocessable(vec![Issue::error(IssueType::Value, "v").at("Patient.id")]),
+                422,
+                "value",
+            ),
+            (ApiError::Internal, 500, "exception"),
+        ];
+        for (err, status, code) in cases {
+            assert_eq!(err.status(), status, "{err}");
+            let o = err.outcome();
+            assert_eq!(o["resourceType"], "OperationOutcome");
+            assert_eq!(o["issue"][0]["code"], code, "{err}");
+            assert!(o["issue"][0]["severity"].is_string());
+        }
+        let o = ApiError::InvalidParam {
+            param: "_count".into(),
+            reason: "bad".into(),
+        }
+        .outcome();
+        assert_eq!(o["issue"][0]["expression"], serde_json::json!(["_count"]));
+        assert_eq!(
+            ApiError::Internal.outcome()["issue"][0]["diagnostics"],
+            "internal error"
+        );
+        assert_eq!(OperationOutcome::new().to_value()["issue"][0]["code"], "informational");
+    }
+
+    #[test]
+    fn malformed_json_does_not_echo_content() {
+        let err = serde_json::from_str::<serde_json::Value>(r#"{"name": "Smith" "x"}"#).unwrap_err();
+        let api = ApiError::malformed_json(&err);
+        assert_eq!(api.status(), 400);
+        assert!(!api.to_string().contains("Smith"), "{api}");
+        assert!(api.to_string().contains("line 1"), "{api}");
+    }
+
+    #[test]
+    fn into_response() {
+        let response = ApiError::Unauthorized.into_response();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(response.headers()[header::CONTENT_TYPE], FHIR_JSON);
+        assert_eq!(response.headers()[header::WWW_AUTHENTICATE], "Bearer");
+        let response = ApiError::Unprocessable(vec![]).into_response();
+        assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
     }
 }
