@@ -1,0 +1,689 @@
+//! The axum application: routes, bearer-token auth, body/time/concurrency
+//! limits, metrics, and the FHIR REST handlers on top of a [`Backend`].
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{MatchedPath, Path, RawQuery, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+
+use crate::auth::Token;
+use crate::backend::{Backend, HistoryEntry, SignedKind};
+use crate::fhir::bundle::{SearchMode, Searchset};
+use crate::fhir::capability::capability_statement;
+use crate::fhir::outcome::{ApiError, Issue, IssueType, OperationOutcome};
+use crate::fhir::search_params::parse_search;
+use crate::fhir::validate::{is_supported_type, validate};
+use crate::metrics::HttpMetrics;
+use medmesh_node::records::RenderedResource;
+
+/// FHIR JSON media type.
+pub const FHIR_JSON: &str = "application/fhir+json; charset=utf-8";
+
+/// Gateway limits and addresses.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Largest request body accepted (413 beyond).
+    pub body_limit: usize,
+    /// Longest a request may take before it is answered 503.
+    pub request_timeout: Duration,
+    /// Requests handled at once; more wait.
+    pub max_concurrency: usize,
+    /// Cap on `_count`.
+    pub max_count: usize,
+    /// The FHIR base URL clients use, e.g. `http://127.0.0.1:8080/fhir`.
+    pub base_url: String,
+}
+
+impl Config {
+    /// Defaults for a gateway reachable at `addr`.
+    pub fn for_addr(addr: SocketAddr) -> Self {
+        Self {
+            body_limit: 8 * 1024 * 1024,
+            request_timeout: Duration::from_secs(30),
+            max_concurrency: 256,
+            max_count: 1000,
+            base_url: format!("http://{addr}/fhir"),
+        }
+    }
+}
+
+struct AppState<B> {
+    backend: Arc<B>,
+    token: Token,
+    config: Config,
+    metrics: HttpMetrics,
+}
+
+type Shared<B> = State<Arc<AppState<B>>>;
+
+/// The whole gateway as an axum `Router`.
+pub fn router<B: Backend>(backend: Arc<B>, token: Token, config: Config) -> Router {
+    let state = Arc::new(AppState {
+        backend,
+        token,
+        metrics: HttpMetrics::new(),
+        config,
+    });
+    let max_concurrency = state.config.max_concurrency;
+    Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics::<B>))
+        .route("/fhir/metadata", get(metadata::<B>))
+        .route("/fhir", post(system_interaction))
+        .route("/fhir/{type}", get(search::<B>).post(create::<B>))
+        .route("/fhir/{type}/{id}", get(read::<B>).put(update::<B>).delete(delete::<B>))
+        .route("/fhir/{type}/{id}/{op}", get(instance_operation::<B>))
+        .route("/fhir/{type}/{id}/_history/{vid}", get(vread::<B>))
+        .route("/api/holdings", get(holdings::<B>))
+        .route("/api/grants", post(submit_grant::<B>))
+        .route("/api/revocations", post(submit_revocation::<B>))
+        .route("/api/keyshares", post(submit_keyshare::<B>))
+        .route("/api/peers", get(peers::<B>))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), timeout::<B>))
+        .layer(middleware::from_fn_with_state(state.clone(), authenticate::<B>))
+        .layer(middleware::from_fn_with_state(state.clone(), record_metrics::<B>))
+        .layer(tower::limit::ConcurrencyLimitLayer::new(max_concurrency))
+        .with_state(state)
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves, then drains.
+///
+/// # Errors
+/// I/O errors from the listener.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router).with_graceful_shutdown(shutdown).await
+}
+
+// ---- middleware -------------------------------------------------------------
+
+const PUBLIC_PATHS: [&str; 2] = ["/health", "/fhir/metadata"];
+
+async fn authenticate<B: Backend>(State(state): Shared<B>, request: Request, next: Next) -> Response {
+    if PUBLIC_PATHS.contains(&request.uri().path()) {
+        return next.run(request).await;
+    }
+    let authorization = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if !state.token.accepts(authorization) {
+        let mut response = ApiError::Unauthorized.into_response();
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return response;
+    }
+    next.run(request).await
+}
+
+async fn timeout<B: Backend>(State(state): Shared<B>, request: Request, next: Next) -> Response {
+    match tokio::time::timeout(state.config.request_timeout, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => {
+            let outcome = OperationOutcome::from_issues([Issue::error(IssueType::Timeout, "request timed out")]);
+            fhir_response(StatusCode::SERVICE_UNAVAILABLE, &outcome.to_value())
+        }
+    }
+}
+
+async fn record_metrics<B: Backend>(State(state): Shared<B>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = request.method().to_string();
+    let response = next.run(request).await;
+    state.metrics.record(
+        &route,
+        &method,
+        response.status().as_u16(),
+        started.elapsed().as_secs_f64(),
+    );
+    response
+}
+
+// ---- helpers ----------------------------------------------------------------
+
+fn fhir_response(status: StatusCode, body: &Value) -> Response {
+    fhir_bytes(status, body.to_string().into_bytes())
+}
+
+fn fhir_bytes(status: StatusCode, bytes: Vec<u8>) -> Response {
+    let mut response = (status, bytes).into_response();
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
+    response
+}
+
+fn resource_response(status: StatusCode, resource: &RenderedResource, base_url: &str, minimal: bool) -> Response {
+    let mut response = if minimal {
+        let mut r = status.into_response();
+        *r.status_mut() = status;
+        r
+    } else {
+        fhir_bytes(status, resource.bytes.clone())
+    };
+    let headers = response.headers_mut();
+    if let Ok(etag) = HeaderValue::from_str(&format!("W/\"{}\"", resource.version_id)) {
+        headers.insert(header::ETAG, etag);
+    }
+    if let Some(date) = http_date(resource.last_updated_ms)
+        && let Ok(value) = HeaderValue::from_str(&date)
+    {
+        headers.insert(header::LAST_MODIFIED, value);
+    }
+    if status == StatusCode::CREATED
+        && let Ok(location) = HeaderValue::from_str(&format!(
+            "{base_url}/{}/{}/_history/{}",
+            resource.resource_type(),
+            resource.id(),
+            resource.version_id
+        ))
+    {
+        headers.insert(header::LOCATION, location);
+    }
+    response
+}
+
+fn http_date(ms: i64) -> Option<String> {
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).ok()?;
+    let format = time::macros::format_description!(
+        "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
+    );
+    t.format(&format).ok()
+}
+
+fn check_type(resource_type: &str) -> Result<(), ApiError> {
+    if is_supported_type(resource_type) {
+        Ok(())
+    } else {
+        Err(ApiError::UnknownType(resource_type.to_owned()))
+    }
+}
+
+/// Reads a JSON body: media type (415), size (413), syntax (400).
+async fn read_json(headers: &HeaderMap, body: Body, limit: usize) -> Result<Value, ApiError> {
+    let media_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase());
+    if !matches!(
+        media_type.as_deref(),
+        Some("application/fhir+json" | "application/json")
+    ) {
+        return Err(ApiError::UnsupportedMediaType);
+    }
+    let bytes = read_body(headers, body, limit).await?;
+    let value: Value = serde_json::from_slice(&bytes).map_err(|e| ApiError::malformed_json(&e))?;
+    if !value.is_object() {
+        return Err(ApiError::MalformedBody("expected a JSON object".to_owned()));
+    }
+    Ok(value)
+}
+
+async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Vec<u8>, ApiError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|len| len > limit) {
+        return Err(ApiError::PayloadTooLarge { limit_bytes: limit });
+    }
+    axum::body::to_bytes(body, limit)
+        .await
+        .map(|b| b.to_vec())
+        .map_err(|_| ApiError::PayloadTooLarge { limit_bytes: limit })
+}
+
+fn prefers_minimal(headers: &HeaderMap) -> bool {
+    prefer(headers, "return").is_some_and(|v| v == "minimal")
+}
+
+fn prefer(headers: &HeaderMap, key: &str) -> Option<String> {
+    headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split([',', ';']))
+        .filter_map(|part| part.trim().split_once('='))
+        .find(|(k, _)| k.trim() == key)
+        .map(|(_, v)| v.trim().trim_matches('"').to_owned())
+}
+
+/// The version named by `If-Match: W/"vid"` (or `"vid"`).
+fn if_match(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(raw) = headers.get(header::IF_MATCH) else {
+        return Ok(None);
+    };
+    let raw = raw.to_str().map_err(|_| ApiError::InvalidParam {
+        param: "If-Match".to_owned(),
+        reason: "not ASCII".to_owned(),
+    })?;
+    let trimmed = raw.trim().trim_start_matches("W/").trim_matches('"');
+    if trimmed.is_empty() {
+        return Err(ApiError::InvalidParam {
+            param: "If-Match".to_owned(),
+            reason: "expected W/\"versionId\"".to_owned(),
+        });
+    }
+    Ok(Some(trimmed.to_owned()))
+}
+
+// ---- handlers ---------------------------------------------------------------
+
+async fn health() -> Response {
+    axum::Json(json!({ "status": "ok" })).into_response()
+}
+
+async fn metrics<B: Backend>(State(state): Shared<B>) -> Response {
+    let mut text = String::new();
+    state.metrics.encode(&mut text);
+    state.backend.write_metrics(&mut text);
+    text.push_str("# EOF\n");
+    let mut response = text.into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    response
+}
+
+async fn metadata<B: Backend>(State(state): Shared<B>) -> Response {
+    fhir_response(
+        StatusCode::OK,
+        &capability_statement(&state.config.base_url, state.config.max_count),
+    )
+}
+
+async fn not_found() -> Response {
+    ApiError::NotFound {
+        resource_type: "route".to_owned(),
+        id: "unknown".to_owned(),
+    }
+    .into_response()
+}
+
+async fn method_not_allowed(method: Method) -> Response {
+    ApiError::MethodNotAllowed(method.to_string()).into_response()
+}
+
+async fn system_interaction() -> Response {
+    let outcome = OperationOutcome::from_issues([Issue::error(
+        IssueType::NotSupported,
+        "transaction and batch Bundles are not supported by this build yet",
+    )]);
+    fhir_response(StatusCode::NOT_IMPLEMENTED, &outcome.to_value())
+}
+
+async fn create<B: Backend>(
+    State(state): Shared<B>,
+    Path(resource_type): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    check_type(&resource_type)?;
+    let resource = read_json(&headers, body, state.config.body_limit).await?;
+    if resource.get("resourceType").and_then(Value::as_str) != Some(resource_type.as_str()) {
+        return Err(ApiError::Unprocessable(vec![
+            Issue::error(IssueType::Invalid, "resourceType does not match the URL")
+                .at(format!("{resource_type}.resourceType")),
+        ]));
+    }
+    validate(&resource).map_err(ApiError::Unprocessable)?;
+    let stored = state.backend.create(resource).await?;
+    Ok(resource_response(
+        StatusCode::CREATED,
+        &stored,
+        &state.config.base_url,
+        prefers_minimal(&headers),
+    ))
+}
+
+async fn read<B: Backend>(
+    State(state): Shared<B>,
+    Path((resource_type, id)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    check_type(&resource_type)?;
+    let stored = state.backend.read(&resource_type, &id).await?;
+    Ok(resource_response(
+        StatusCode::OK,
+        &stored,
+        &state.config.base_url,
+        false,
+    ))
+}
+
+async fn vread<B: Backend>(
+    State(state): Shared<B>,
+    Path((resource_type, id, vid)): Path<(String, String, String)>,
+) -> Result<Response, ApiError> {
+    check_type(&resource_type)?;
+    let stored = state.backend.vread(&resource_type, &id, &vid).await?;
+    Ok(resource_response(
+        StatusCode::OK,
+        &stored,
+        &state.config.base_url,
+        false,
+    ))
+}
+
+async fn update<B: Backend>(
+    State(state): Shared<B>,
+    Path((resource_type, id)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    check_type(&resource_type)?;
+    let explicit = if_match(&headers)?;
+    let resource = read_json(&headers, body, state.config.body_limit).await?;
+    if resource.get("resourceType").and_then(Value::as_str) != Some(resource_type.as_str()) {
+        return Err(ApiError::Unprocessable(vec![
+            Issue::error(IssueType::Invalid, "resourceType does not match the URL")
+                .at(format!("{resource_type}.resourceType")),
+        ]));
+    }
+    if resource.get("id").and_then(Value::as_str) != Some(id.as_str()) {
+        return Err(ApiError::InvalidRequest(vec![
+            Issue::error(IssueType::Invalid, "the body's id must equal the id in the URL")
+                .at(format!("{resource_type}.id")),
+        ]));
+    }
+    validate(&resource).map_err(ApiError::Unprocessable)?;
+    let body_version = resource
+        .pointer("/meta/versionId")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    let require_current = explicit.is_some();
+    let base = explicit.or(body_version);
+    let stored = state
+        .backend
+        .update(&resource_type, &id, resource, base, require_current)
+        .await?;
+    Ok(resource_response(
+        StatusCode::OK,
+        &stored,
+        &state.config.base_url,
+        prefers_minimal(&headers),
+    ))
+}
+
+async fn delete<B: Backend>(
+    State(state): Shared<B>,
+    Path((resource_type, id)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    check_type(&resource_type)?;
+    state.backend.delete(&resource_type, &id).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn instance_operation<B: Backend>(
+    State(state): Shared<B>,
+    Path((resource_type, id, op)): Path<(String, String, String)>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    check_type(&resource_type)?;
+    match op.as_str() {
+        "_history" => history(&state, &resource_type, &id).await,
+        "$everything" if resource_type == "Patient" => everything(&state, &id, query.as_deref().unwrap_or("")).await,
+        _ => Err(ApiError::NotFound {
+            resource_type: resource_type.clone(),
+            id: format!("{id}/{op}"),
+        }),
+    }
+}
+
+async fn history<B: Backend>(state: &AppState<B>, resource_type: &str, id: &str) -> Result<Response, ApiError> {
+    let entries = state.backend.history(resource_type, id).await?;
+    let base = &state.config.base_url;
+    // A history Bundle lists newest first.
+    let entries: Vec<Value> = entries
+        .iter()
+        .rev()
+        .map(|HistoryEntry { version, resource }| {
+            let mut entry = json!({
+                "fullUrl": format!("{base}/{resource_type}/{id}"),
+                "request": {
+                    "method": if version.deleted { "DELETE" } else { "PUT" },
+                    "url": format!("{resource_type}/{id}"),
+                },
+                "response": {
+                    "status": if version.deleted { "204" } else { "200" },
+                    "etag": format!("W/\"{}\"", version.version_id),
+                    "lastModified": version.last_updated,
+                },
+            });
+            if let (Some(resource), Some(obj)) = (resource, entry.as_object_mut()) {
+                obj.insert("resource".to_owned(), resource.json.clone());
+            }
+            entry
+        })
+        .collect();
+    let bundle = json!({
+        "resourceType": "Bundle",
+        "type": "history",
+        "total": entries.len(),
+        "link": [{ "relation": "self", "url": format!("{base}/{resource_type}/{id}/_history") }],
+        "entry": entries,
+    });
+    Ok(fhir_response(StatusCode::OK, &bundle))
+}
+
+/// `_count` and `_offset` of `$everything`.
+fn paging(query: &str, max_count: usize) -> Result<(usize, usize), ApiError> {
+    let mut count = crate::fhir::search_params::DEFAULT_COUNT.min(max_count);
+    let mut offset = 0;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let parse = |param: &str| {
+            value.parse::<usize>().map_err(|_| ApiError::InvalidParam {
+                param: param.to_owned(),
+                reason: "expected a non-negative integer".to_owned(),
+            })
+        };
+        match key {
+            "_count" => count = parse("_count")?.min(max_count),
+            "_offset" => offset = parse("_offset")?,
+            _ => {}
+        }
+    }
+    Ok((count, offset))
+}
+
+async fn everything<B: Backend>(state: &AppState<B>, id: &str, query: &str) -> Result<Response, ApiError> {
+    let (count, offset) = paging(query, state.config.max_count)?;
+    let all = state.backend.everything(id).await?;
+    let base = &state.config.base_url;
+    let link = |offset: usize| format!("{base}/Patient/{id}/$everything?_count={count}&_offset={offset}");
+    let mut bundle = Searchset::new(link(offset)).total(all.len());
+    if offset + count < all.len() {
+        bundle = bundle.next(link(offset + count));
+    }
+    let mut bundle = bundle;
+    for resource in all.iter().skip(offset).take(count) {
+        let mode = if resource.resource_type() == "Patient" && resource.id() == id {
+            SearchMode::Match
+        } else {
+            SearchMode::Include
+        };
+        bundle.push(format!("{base}/{}", resource.key), resource.json.clone(), mode);
+    }
+    Ok(fhir_response(StatusCode::OK, &bundle.build()))
+}
+
+async fn search<B: Backend>(
+    State(state): Shared<B>,
+    Path(resource_type): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let query = query.unwrap_or_default();
+    let base = &state.config.base_url;
+    if resource_type == "Consent" || resource_type == "AuditEvent" {
+        return read_only_search(&state, &resource_type, &query).await;
+    }
+    check_type(&resource_type)?;
+    let request = parse_search(&resource_type, &query, state.config.max_count)?;
+    let strict = prefer(&headers, "handling").is_some_and(|v| v == "strict");
+    if strict && !request.unknown.is_empty() {
+        return Err(ApiError::InvalidParam {
+            param: request.unknown.join(","),
+            reason: "not supported for this type (Prefer: handling=strict)".to_owned(),
+        });
+    }
+    let matches = state.backend.search(&request).await?;
+    let page = |offset: usize| format!("{base}/{resource_type}?{}", request.page_query(offset));
+    let mut bundle = Searchset::new(page(request.offset)).total(matches.len());
+    if request.offset + request.count < matches.len() {
+        bundle = bundle.next(page(request.offset + request.count));
+    }
+    let mut bundle = bundle;
+    for resource in matches.iter().skip(request.offset).take(request.count) {
+        bundle.push(
+            format!("{base}/{}", resource.key),
+            resource.json.clone(),
+            SearchMode::Match,
+        );
+    }
+    if !request.unknown.is_empty() {
+        let outcome = OperationOutcome::from_issues(request.unknown.iter().map(|name| {
+            Issue::warning(
+                IssueType::NotSupported,
+                format!("search parameter {name} is not supported and was ignored"),
+            )
+        }));
+        bundle.push_outcome(outcome.to_value());
+    }
+    Ok(fhir_response(StatusCode::OK, &bundle.build()))
+}
+
+/// `Consent` and `AuditEvent` are views of the node's consent registry and
+/// audit log: searchable by patient (did:key) only.
+async fn read_only_search<B: Backend>(
+    state: &AppState<B>,
+    resource_type: &str,
+    query: &str,
+) -> Result<Response, ApiError> {
+    let patient = query
+        .split('&')
+        .filter_map(|p| p.split_once('='))
+        .find(|(k, _)| *k == "patient")
+        .map(|(_, v)| percent_decode(v))
+        .ok_or_else(|| ApiError::InvalidParam {
+            param: "patient".to_owned(),
+            reason: "required: the patient's did:key".to_owned(),
+        })?;
+    let resources = if resource_type == "Consent" {
+        state.backend.consents(&patient).await?
+    } else {
+        state.backend.audit_events(&patient).await?
+    };
+    let base = &state.config.base_url;
+    let mut bundle = Searchset::new(format!("{base}/{resource_type}?{query}")).total(resources.len());
+    for resource in resources {
+        let id = resource
+            .get("id")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        bundle.push(format!("{base}/{resource_type}/{id}"), resource, SearchMode::Match);
+    }
+    Ok(fhir_response(StatusCode::OK, &bundle.build()))
+}
+
+fn percent_decode(value: &str) -> String {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = bytes
+            .get(i + 1..i + 3)
+            .filter(|_| bytes[i] == b'%')
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (escaped, bytes[i]) {
+            (Some(b), _) => {
+                out.push(b);
+                i += 3;
+            }
+            (None, b'+') => {
+                out.push(b' ');
+                i += 1;
+            }
+            (None, b) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+async fn holdings<B: Backend>(State(state): Shared<B>, RawQuery(query): RawQuery) -> Result<Response, ApiError> {
+    let query = query.unwrap_or_default();
+    let patient = query
+        .split('&')
+        .filter_map(|p| p.split_once('='))
+        .find(|(k, _)| *k == "patient")
+        .map(|(_, v)| percent_decode(v))
+        .ok_or_else(|| ApiError::InvalidParam {
+            param: "patient".to_owned(),
+            reason: "required: the patient's did:key".to_owned(),
+        })?;
+    let value = state.backend.holdings(&patient).await?;
+    Ok(axum::Json(value).into_response())
+}
+
+async fn submit<B: Backend>(
+    state: &AppState<B>,
+    kind: SignedKind,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let bytes = read_body(headers, body, 1024 * 1024).await?;
+    let value = state.backend.submit(kind, bytes).await?;
+    Ok((StatusCode::ACCEPTED, axum::Json(value)).into_response())
+}
+
+async fn submit_grant<B: Backend>(
+    State(state): Shared<B>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    submit(&state, SignedKind::Grant, &headers, body).await
+}
+
+async fn submit_revocation<B: Backend>(
+    State(state): Shared<B>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    submit(&state, SignedKind::Revocation, &headers, body).await
+}
+
+async fn submit_keyshare<B: Backend>(
+    State(state): Shared<B>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    submit(&state, SignedKind::KeyShare, &headers, body).await
+}
+
+async fn peers<B: Backend>(State(state): Shared<B>) -> Response {
+    axum::Json(state.backend.sync_status().await).into_response()
+}
