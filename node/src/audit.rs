@@ -1,0 +1,324 @@
+//! The audit log (DESIGN §8): an append-only, hash-chained record of every
+//! read and write through the node API, every disclosure to a peer, every
+//! grant, revocation, key share and rejection. Entries hold ids and actions
+//! only, never resource content.
+//!
+//! Each entry is a CBOR array `[seq, time, actor kind, actor id, action,
+//! patient|null, [item ids], grant|null, outcome, prev hash, hash]`, where
+//! `hash = SHA-256("medmesh/audit/v1" ‖ CBOR of the first ten fields)` and
+//! `prev hash` is the previous entry's `hash` (32 zero bytes for the first).
+//! [`verify_chain`] recomputes every hash and link and names the first entry
+//! that does not fit. The chain is not anchored outside the store: whoever
+//! can write the disk can rewrite the whole tail consistently or truncate
+//! it; what the chain catches is an edit of one entry in place.
+
+use ciborium::Value;
+use medmesh_crypto::{GrantId, PatientId, Timestamp};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::store::ItemId;
+use crate::{Error, Result};
+
+const AUDIT_TAG: &[u8] = b"medmesh/audit/v1";
+
+/// Who acted.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ActorKind {
+    /// An app of the practice, through the gateway.
+    LocalApp,
+    /// Another practice's node, through sync.
+    Peer,
+    /// The patient, through their CLI.
+    Patient,
+    /// This node itself.
+    Node,
+}
+
+impl ActorKind {
+    fn tag(self) -> u64 {
+        match self {
+            Self::LocalApp => 0,
+            Self::Peer => 1,
+            Self::Patient => 2,
+            Self::Node => 3,
+        }
+    }
+
+    fn from_tag(t: u64) -> Option<Self> {
+        Some(match t {
+            0 => Self::LocalApp,
+            1 => Self::Peer,
+            2 => Self::Patient,
+            3 => Self::Node,
+            _ => return None,
+        })
+    }
+}
+
+/// What was done.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Action {
+    /// Read of a patient's data.
+    Read,
+    /// Local write of a change.
+    Write,
+    /// Items received from a peer or the patient and stored.
+    Receive,
+    /// Items of a patient sent to a peer.
+    Disclose,
+    /// A grant stored.
+    Grant,
+    /// A revocation stored.
+    Revoke,
+    /// A key share stored.
+    KeyShare,
+    /// An item refused permanently.
+    Reject,
+    /// Previously accepted envelopes excluded (beyond a revocation's cut).
+    Exclude,
+    /// A stored item failed verification at rest and was quarantined.
+    Quarantine,
+}
+
+impl Action {
+    /// Lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Read => "read",
+            Self::Write => "write",
+            Self::Receive => "receive",
+            Self::Disclose => "disclose",
+            Self::Grant => "grant",
+            Self::Revoke => "revoke",
+            Self::KeyShare => "key-share",
+            Self::Reject => "reject",
+            Self::Exclude => "exclude",
+            Self::Quarantine => "quarantine",
+        }
+    }
+
+    fn from_str(s: &str) -> Option<Self> {
+        [
+            Self::Read,
+            Self::Write,
+            Self::Receive,
+            Self::Disclose,
+            Self::Grant,
+            Self::Revoke,
+            Self::KeyShare,
+            Self::Reject,
+            Self::Exclude,
+            Self::Quarantine,
+        ]
+        .into_iter()
+        .find(|a| a.as_str() == s)
+    }
+}
+
+/// What to record (the store adds seq, time and the chain hashes).
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct AuditRecord {
+    /// Who acted.
+    pub actor_kind: ActorKind,
+    /// Their id: a PeerId, a did:key, an app/token name, or this node's PeerId.
+    pub actor_id: String,
+    /// What they did.
+    pub action: Action,
+    /// Whose data, if one patient's.
+    pub patient: Option<PatientId>,
+    /// Item ids concerned (envelope ids, item hashes).
+    pub items: Vec<ItemId>,
+    /// The grant concerned, if any.
+    pub grant: Option<GrantId>,
+    /// `ok`, `refused: …`, `rejected: …` — a reason, never content.
+    pub outcome: String,
+}
+
+/// One entry as stored.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize)]
+pub struct AuditEntry {
+    /// Position in the log, from 1.
+    pub seq: u64,
+    /// When it was appended (ms since the Unix epoch).
+    pub time: Timestamp,
+    /// Who acted.
+    pub actor_kind: ActorKind,
+    /// Their id.
+    pub actor_id: String,
+    /// What they did.
+    pub action: Action,
+    /// Whose data (did:key).
+    pub patient: Option<String>,
+    /// Item ids (hex).
+    pub items: Vec<String>,
+    /// Grant id (hex).
+    pub grant: Option<String>,
+    /// Outcome.
+    pub outcome: String,
+    /// Hash of the previous entry (hex).
+    pub prev_hash: String,
+    /// Hash of this entry (hex).
+    pub hash: String,
+}
+
+fn body_values(seq: u64, time: Timestamp, r: &AuditRecord, prev: &[u8; 32]) -> Vec<Value> {
+    vec![
+        Value::Integer(seq.into()),
+        Value::Integer(time.into()),
+        Value::Integer(r.actor_kind.tag().into()),
+        Value::Text(r.actor_id.clone()),
+        Value::Text(r.action.as_str().to_owned()),
+        r.patient.map_or(Value::Null, |p| Value::Bytes(p.as_bytes().to_vec())),
+        Value::Array(r.items.iter().map(|i| Value::Bytes(i.0.to_vec())).collect()),
+        r.grant.map_or(Value::Null, |g| Value::Bytes(g.0.to_vec())),
+        Value::Text(r.outcome.clone()),
+        Value::Bytes(prev.to_vec()),
+    ]
+}
+
+fn hash_body(body: &[Value]) -> [u8; 32] {
+    let encoded = crate::store::encode_value(&Value::Array(body.to_vec()));
+    let mut h = Sha256::new();
+    h.update(AUDIT_TAG);
+    h.update(&encoded);
+    h.finalize().into()
+}
+
+/// Encodes entry `seq` and returns its bytes and hash.
+pub(crate) fn seal(seq: u64, time: Timestamp, record: &AuditRecord, prev: &[u8; 32]) -> (Vec<u8>, [u8; 32]) {
+    let mut values = body_values(seq, time, record, prev);
+    let hash = hash_body(&values);
+    values.push(Value::Bytes(hash.to_vec()));
+    (crate::store::encode_value(&Value::Array(values)), hash)
+}
+
+struct Decoded {
+    entry: AuditEntry,
+    prev: [u8; 32],
+    stored_hash: [u8; 32],
+    computed_hash: [u8; 32],
+}
+
+fn decode(seq_key: u64, bytes: &[u8]) -> Option<Decoded> {
+    let Value::Array(mut values) = ciborium::de::from_reader::<Value, _>(bytes).ok()? else {
+        return None;
+    };
+    if values.len() != 11 {
+        return None;
+    }
+    let stored_hash: [u8; 32] = match values.pop()? {
+        Value::Bytes(b) => b.try_into().ok()?,
+        _ => return None,
+    };
+    let computed_hash = hash_body(&values);
+    let uint = |v: &Value| match v {
+        Value::Integer(i) => u64::try_from(*i).ok(),
+        _ => None,
+    };
+    let text = |v: &Value| match v {
+        Value::Text(t) => Some(t.clone()),
+        _ => None,
+    };
+    let seq = uint(&values[0])?;
+    if seq != seq_key {
+        return None;
+    }
+    let patient = match &values[5] {
+        Value::Null => None,
+        Value::Bytes(b) => Some(PatientId::from_bytes(b.as_slice().try_into().ok()?).ok()?.to_string()),
+        _ => return None,
+    };
+    let items = match &values[6] {
+        Value::Array(a) => a
+            .iter()
+            .map(|v| match v {
+                Value::Bytes(b) => Some(hex::encode(b)),
+                _ => None,
+            })
+            .collect::<Option<Vec<_>>>()?,
+        _ => return None,
+    };
+    let grant = match &values[7] {
+        Value::Null => None,
+        Value::Bytes(b) => Some(hex::encode(b)),
+        _ => return None,
+    };
+    let prev: [u8; 32] = match &values[9] {
+        Value::Bytes(b) => b.as_slice().try_into().ok()?,
+        _ => return None,
+    };
+    Some(Decoded {
+        entry: AuditEntry {
+            seq,
+            time: uint(&values[1])?,
+            actor_kind: ActorKind::from_tag(uint(&values[2])?)?,
+            actor_id: text(&values[3])?,
+            action: Action::from_str(&text(&values[4])?)?,
+            patient,
+            items,
+            grant,
+            outcome: text(&values[8])?,
+            prev_hash: hex::encode(prev),
+            hash: hex::encode(stored_hash),
+        },
+        prev,
+        stored_hash,
+        computed_hash,
+    })
+}
+
+/// The stored hash of the last entry, to continue the chain at open; an
+/// undecodable last entry chains on the hash of its raw bytes (and
+/// [`verify_chain`] reports it).
+pub(crate) fn head_hash(seq: u64, bytes: &[u8]) -> [u8; 32] {
+    decode(seq, bytes).map_or_else(|| Sha256::digest(bytes).into(), |d| d.stored_hash)
+}
+
+/// Decodes entries for display.
+///
+/// # Errors
+/// [`Error::Corrupt`] for an entry that does not decode.
+pub(crate) fn decode_entries(raw: Vec<(u64, Vec<u8>)>) -> Result<Vec<AuditEntry>> {
+    raw.into_iter()
+        .map(|(seq, bytes)| {
+            decode(seq, &bytes).map(|d| d.entry).ok_or_else(|| Error::Corrupt {
+                what: "audit entry",
+                key: seq.to_string(),
+            })
+        })
+        .collect()
+}
+
+/// Where the chain breaks.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, thiserror::Error)]
+#[error("audit chain broken at entry {seq}")]
+pub struct BrokenAt {
+    /// The first entry that does not decode, whose hash does not match its
+    /// content, whose link does not match its predecessor, or that is
+    /// missing from the sequence.
+    pub seq: u64,
+}
+
+/// Checks every entry and link; returns the number of entries.
+///
+/// # Errors
+/// [`BrokenAt`] naming the first bad entry.
+pub fn verify_chain(raw: &[(u64, Vec<u8>)]) -> Result<u64, BrokenAt> {
+    let mut prev = [0u8; 32];
+    let mut expected_seq = 1u64;
+    for (seq, bytes) in raw {
+        if *seq != expected_seq {
+            return Err(BrokenAt { seq: expected_seq });
+        }
+        let d = decode(*seq, bytes).ok_or(BrokenAt { seq: *seq })?;
+        if d.computed_hash != d.stored_hash || d.prev != prev {
+            return Err(BrokenAt { seq: *seq });
+        }
+        prev = d.stored_hash;
+        expected_seq += 1;
+    }
+    Ok(expected_seq - 1)
+}

@@ -1,0 +1,121 @@
+//! Group commit: one thread applies every queued batch, then flushes once
+//! for all of them, then answers each writer. Concurrent writers therefore
+//! share one fsync instead of paying one each.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use tokio::sync::oneshot;
+
+use crate::store::{Batch, Committed, Store};
+use crate::{Error, Result};
+
+struct Job {
+    batch: Batch,
+    durable: bool,
+    reply: oneshot::Sender<Result<Committed>>,
+}
+
+/// Handle to the committer thread.
+pub(crate) struct Committer {
+    tx: Mutex<Option<mpsc::Sender<Job>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    poisoned: Arc<AtomicBool>,
+}
+
+impl Committer {
+    /// Starts the thread; `max_group` batches at most share one flush
+    /// (1 = one flush per batch).
+    pub(crate) fn start(store: Arc<dyn Store>, max_group: usize) -> Result<Self> {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let poisoned = Arc::new(AtomicBool::new(false));
+        let flag = poisoned.clone();
+        let max_group = max_group.max(1);
+        let thread = std::thread::Builder::new()
+            .name("medmesh-committer".into())
+            .spawn(move || run(&*store, &rx, max_group, &flag))
+            .map_err(|e| Error::Storage(format!("cannot start committer: {e}")))?;
+        Ok(Self {
+            tx: Mutex::new(Some(tx)),
+            thread: Mutex::new(Some(thread)),
+            poisoned,
+        })
+    }
+
+    /// Applies `batch` atomically; with `durable`, answers only after a flush.
+    pub(crate) async fn commit(&self, batch: Batch, durable: bool) -> Result<Committed> {
+        if self.poisoned.load(Ordering::Acquire) {
+            return Err(Error::Poisoned);
+        }
+        let (reply, answer) = oneshot::channel();
+        {
+            let tx = self.tx.lock().map_err(|_| Error::CommitterStopped)?;
+            let tx = tx.as_ref().ok_or(Error::CommitterStopped)?;
+            tx.send(Job { batch, durable, reply })
+                .map_err(|_| Error::CommitterStopped)?;
+        }
+        answer.await.map_err(|_| Error::CommitterStopped)?
+    }
+
+    /// Stops accepting work, lets the thread finish what is queued (with a
+    /// final flush) and waits for it.
+    pub(crate) fn stop(&self) {
+        if let Ok(mut tx) = self.tx.lock() {
+            tx.take();
+        }
+        let handle = self.thread.lock().ok().and_then(|mut t| t.take());
+        if let Some(handle) = handle
+            && handle.join().is_err()
+        {
+            tracing::error!("committer thread panicked");
+        }
+    }
+}
+
+impl Drop for Committer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn run(store: &dyn Store, rx: &mpsc::Receiver<Job>, max_group: usize, poisoned: &AtomicBool) {
+    while let Ok(first) = rx.recv() {
+        let mut jobs = vec![first];
+        while jobs.len() < max_group {
+            match rx.try_recv() {
+                Ok(job) => jobs.push(job),
+                Err(_) => break,
+            }
+        }
+        let mut results: Vec<Result<Committed>> = jobs
+            .iter()
+            .map(|job| {
+                if poisoned.load(Ordering::Acquire) {
+                    Err(Error::Poisoned)
+                } else {
+                    store.commit(&job.batch)
+                }
+            })
+            .collect();
+        let needs_flush = jobs.iter().zip(&results).any(|(j, r)| j.durable && r.is_ok());
+        if needs_flush && let Err(e) = store.flush() {
+            poisoned.store(true, Ordering::Release);
+            tracing::error!(cause = %e, "durable flush failed; store poisoned");
+            let message = e.to_string();
+            for (job, result) in jobs.iter().zip(results.iter_mut()) {
+                if job.durable && result.is_ok() {
+                    *result = Err(Error::Storage(format!("flush failed: {message}")));
+                }
+            }
+        }
+        for (job, result) in jobs.into_iter().zip(results) {
+            // A writer that stopped waiting is not an error here.
+            let _ = job.reply.send(result);
+        }
+    }
+    if let Err(e) = store.flush() {
+        tracing::error!(cause = %e, "final flush failed");
+    }
+}

@@ -1,0 +1,97 @@
+//! The one error type of the node's store, consent registry and audit log.
+//!
+//! Variants name the id at fault (envelope id, grant id, patient did,
+//! collection, store seq), never resource content or key bytes.
+
+use std::path::PathBuf;
+
+use medmesh_crypto::{Collection, EnvelopeId, GrantId, PatientId};
+
+/// Everything that can go wrong in the node's storage and consent layer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The storage engine failed (I/O, corruption it detected itself).
+    #[error("store: {0}")]
+    Storage(String),
+    /// A durable flush failed; the store refuses further writes until it is
+    /// reopened, because what is on disk is no longer known.
+    #[error("store is poisoned after a failed flush; reopen it")]
+    Poisoned,
+    /// The committer thread is gone (the node is shutting down).
+    #[error("store committer stopped")]
+    CommitterStopped,
+    /// A stored value does not decode: the disk was altered or damaged.
+    #[error("corrupt {what} in the store at {key}")]
+    Corrupt {
+        /// Which table.
+        what: &'static str,
+        /// The key at fault (hex).
+        key: String,
+    },
+    /// A stored item no longer verifies (bit rot or tampering); it has been
+    /// removed from the store (quarantined) so that a good copy can be
+    /// fetched again from a peer.
+    #[error("stored item {id} fails verification: {source}")]
+    CorruptItem {
+        /// Item id (hex).
+        id: String,
+        /// What the decoder said.
+        source: medmesh_crypto::Error,
+    },
+    /// The node holds no key for the current epoch of this collection.
+    #[error("no key held for the current epoch of {collection} of {patient}")]
+    NoEpochKey {
+        /// Whose record.
+        patient: PatientId,
+        /// Which collection.
+        collection: Collection,
+    },
+    /// No grant in force gives this node read-write access.
+    #[error("no read-write grant in force for {collection} of {patient}")]
+    NoWriteGrant {
+        /// Whose record.
+        patient: PatientId,
+        /// Which collection.
+        collection: Collection,
+    },
+    /// The change's actor was not derived from this node's key.
+    #[error("change actor does not belong to this node")]
+    ForeignActor,
+    /// An item was refused permanently (and recorded as rejected).
+    #[error("{kind} {id} rejected: {reason}")]
+    Rejected {
+        /// Item kind.
+        kind: &'static str,
+        /// Item id or hash of its bytes (hex).
+        id: String,
+        /// Why.
+        reason: String,
+    },
+    /// No such envelope is held readable.
+    #[error("envelope {0} is not held or not readable")]
+    NotReadable(EnvelopeId),
+    /// A grant the caller named is unknown.
+    #[error("unknown grant {0}")]
+    UnknownGrant(GrantId),
+    /// The node key file is sealed and no passphrase was given.
+    #[error("node key at {0} is sealed: set MEDMESH_NODE_PASSPHRASE")]
+    NodeKeySealed(PathBuf),
+    /// File I/O outside the store (the node key file, the data dir).
+    #[error("{path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The audit chain does not verify.
+    #[error(transparent)]
+    AuditBroken(#[from] crate::audit::BrokenAt),
+    /// A crypto operation failed.
+    #[error(transparent)]
+    Crypto(#[from] medmesh_crypto::Error),
+}
+
+/// Result with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,1578 @@
+//! [`Node`]: the handle the record layer, sync and the gateway share. It
+//! owns the store, the consent registry and the committer, and implements
+//! the write path, the ingest path, holdings and the audit API.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::panic::AssertUnwindSafe;
+use std::path::Path;
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use medmesh_crypto::{
+    Access, Change, Collection, Envelope, EnvelopeHeader, EnvelopeId, Epoch, EpochKey, Grant, GrantId, KeyId, KeyShare,
+    PatientId, PeerId, PracticeId, Principal, Revocation, SecretIdentity, now,
+};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::sync::broadcast;
+use zeroize::Zeroizing;
+
+use crate::audit::{self, Action, ActorKind, AuditEntry, AuditRecord};
+use crate::commit::Committer;
+use crate::consent::{Registry, Validity};
+use crate::store::{
+    Batch, Committed, Cursor, EnvelopeEntry, EnvelopeState, InstanceId, ItemId, ItemKind, ItemMeta, Op, PendingItem,
+    PendingReason, Seq, SledStore, Store, StoredItem,
+};
+use crate::{Error, Result};
+
+/// Directory of the sled store inside the data directory.
+pub const STORE_DIR: &str = "store";
+
+/// Tuning of a [`Node`].
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Most batches that share one flush; 1 flushes once per write (for
+    /// benchmarks and comparison only).
+    pub group_commit_max: usize,
+    /// Capacity of the event broadcast; slow subscribers lag beyond it.
+    pub event_capacity: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            group_commit_max: 1024,
+            event_capacity: 4096,
+        }
+    }
+}
+
+/// "Item stored": ids and metadata, never content.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct ItemStored {
+    /// Local seq.
+    pub seq: Seq,
+    /// Kind.
+    pub kind: ItemKind,
+    /// Item id (the envelope id for envelopes).
+    pub id: ItemId,
+    /// Whose record.
+    pub patient: PatientId,
+    /// Collection (envelopes and key shares).
+    pub collection: Option<Collection>,
+}
+
+/// What the node publishes on [`Node::subscribe`].
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub enum Event {
+    /// A new item was stored durably (local write or ingest).
+    Stored(ItemStored),
+    /// Envelopes received from peers (or unlocked by a new key share) that
+    /// the node can now read; fetch them with [`Node::changes_by_ids`].
+    /// Not sent for the node's own writes.
+    Readable {
+        /// Whose record.
+        patient: PatientId,
+        /// Which collection.
+        collection: Collection,
+        /// The envelopes.
+        ids: Vec<EnvelopeId>,
+    },
+    /// Envelopes that were accepted before a revocation arrived whose cut
+    /// excludes them; they are gone from reads and serving. A cached
+    /// document holding them must be rebuilt from [`Node::readable_changes`].
+    Excluded {
+        /// Whose record.
+        patient: PatientId,
+        /// Which collection.
+        collection: Collection,
+        /// The envelopes.
+        ids: Vec<EnvelopeId>,
+    },
+}
+
+/// Who does something through the node API, for the audit log.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct Actor {
+    /// Kind.
+    pub kind: ActorKind,
+    /// Id: PeerId, did:key, app name.
+    pub id: String,
+}
+
+impl Actor {
+    /// A local app, by the name the gateway knows it under.
+    pub fn local_app(name: impl Into<String>) -> Self {
+        Self {
+            kind: ActorKind::LocalApp,
+            id: name.into(),
+        }
+    }
+
+    /// A peer node.
+    pub fn peer(peer: &PeerId) -> Self {
+        Self {
+            kind: ActorKind::Peer,
+            id: peer.to_string(),
+        }
+    }
+
+    /// A patient.
+    pub fn patient(patient: &PatientId) -> Self {
+        Self {
+            kind: ActorKind::Patient,
+            id: patient.to_string(),
+        }
+    }
+}
+
+/// Where ingested items come from.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub enum Source {
+    /// A peer node, through sync.
+    Peer(PeerId),
+    /// The patient, through their CLI (over libp2p or the management API).
+    Patient(PatientId),
+    /// A local app submitting signed blobs through the management API.
+    LocalApp(String),
+}
+
+impl Source {
+    fn actor(&self) -> Actor {
+        match self {
+            Self::Peer(p) => Actor::peer(p),
+            Self::Patient(p) => Actor::patient(p),
+            Self::LocalApp(name) => Actor::local_app(name.clone()),
+        }
+    }
+}
+
+/// One item handed to [`Node::ingest`], tagged by what it claims to be.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct Incoming {
+    /// Claimed kind (decoded as that kind; anything else is rejected).
+    pub kind: ItemKind,
+    /// Signed wire bytes.
+    pub bytes: Vec<u8>,
+}
+
+impl Incoming {
+    /// An item of `kind`.
+    pub fn new(kind: ItemKind, bytes: Vec<u8>) -> Self {
+        Self { kind, bytes }
+    }
+}
+
+/// An item refused for good.
+#[derive(Debug)]
+pub struct RejectedItem {
+    /// Claimed kind.
+    pub kind: ItemKind,
+    /// Item id, or SHA-256 of the bytes when they do not decode (hex).
+    pub id: String,
+    /// Why, typed.
+    pub error: Error,
+}
+
+/// What one [`Node::ingest`] did.
+#[derive(Debug, Default)]
+pub struct IngestReport {
+    /// Items newly stored (all kinds, including envelopes released from the
+    /// pending queue by a grant in this page).
+    pub accepted: usize,
+    /// Of the envelopes stored, those the node could open.
+    pub readable: usize,
+    /// Of the envelopes stored, those kept opaque (no key held).
+    pub opaque: usize,
+    /// Items put in the pending queue.
+    pub pending: usize,
+    /// Items refused for good (each recorded once).
+    pub rejected: Vec<RejectedItem>,
+    /// Items already held, already pending or already rejected.
+    pub duplicates: usize,
+    /// Previously accepted envelopes excluded by a revocation in this page.
+    pub excluded: usize,
+    /// Opaque envelopes made readable by a key share in this page.
+    pub unlocked: usize,
+}
+
+/// How many envelopes the node holds for a patient (`GET /api/holdings`).
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Holdings {
+    /// did:key of the patient.
+    pub patient: String,
+    /// Envelopes held.
+    pub envelopes: u64,
+    /// Of those, readable here.
+    pub readable: u64,
+    /// Of those, opaque here.
+    pub opaque: u64,
+    /// Envelopes per collection name.
+    pub by_collection: BTreeMap<String, u64>,
+}
+
+struct Inner {
+    store: Arc<dyn Store>,
+    identity: SecretIdentity,
+    me: PracticeId,
+    registry: RwLock<Registry>,
+    committer: Committer,
+    events: broadcast::Sender<Event>,
+    ingest_lock: tokio::sync::Mutex<()>,
+}
+
+/// A node's store, consent registry and audit log behind one cheap-`Clone`
+/// handle.
+#[derive(Clone)]
+pub struct Node {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Node({})", self.inner.me)
+    }
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+/// Decodes an Automerge change under `catch_unwind`; its (hash, actor, seq).
+fn parse_change(plain: &[u8]) -> Option<([u8; 32], Vec<u8>, u64)> {
+    std::panic::catch_unwind(AssertUnwindSafe(|| {
+        automerge::Change::try_from(plain)
+            .ok()
+            .map(|c| (c.hash().0, c.actor_id().to_bytes().to_vec(), c.seq()))
+    }))
+    .ok()
+    .flatten()
+}
+
+/// Opens `envelope` with `key`, checking the keyed change hash and that the
+/// change's actor and seq are the header's.
+fn open_checked(envelope: &Envelope, key: &EpochKey) -> Result<Zeroizing<Vec<u8>>> {
+    let mut identity = None;
+    let plain = envelope.open(key, |plain| {
+        let (hash, actor, seq) = parse_change(plain)?;
+        identity = Some((actor, seq));
+        Some(hash)
+    })?;
+    let h = envelope.header();
+    match identity {
+        Some((actor, seq)) if actor.as_slice() == h.actor.0.as_slice() && seq == h.seq => Ok(plain),
+        _ => Err(Error::Rejected {
+            kind: "envelope",
+            id: envelope.id().to_string(),
+            reason: "change actor or seq differ from the signed header".into(),
+        }),
+    }
+}
+
+fn envelope_meta(e: &Envelope) -> ItemMeta {
+    let h = e.header();
+    ItemMeta {
+        kind: ItemKind::Envelope,
+        id: e.id().into(),
+        patient: h.patient,
+        collection: Some(h.collection),
+        grant: h.grant_id,
+        principal: Some(h.author),
+    }
+}
+
+fn envelope_entry(e: &Envelope, state: EnvelopeState) -> EnvelopeEntry {
+    let h = e.header();
+    EnvelopeEntry {
+        id: e.id(),
+        patient: h.patient,
+        collection: h.collection,
+        state,
+        epoch: h.epoch,
+        key_id: h.key_id,
+        grant: h.grant_id,
+        actor: h.actor,
+        change_seq: h.seq,
+        created_at: h.created_at,
+        seq: 0,
+    }
+}
+
+/// Decodes a stored or received item as `kind` (signature first).
+fn decode_item(kind: ItemKind, bytes: &[u8]) -> std::result::Result<Decoded, medmesh_crypto::Error> {
+    Ok(match kind {
+        ItemKind::Envelope => Decoded::Envelope(Box::new(Envelope::decode(bytes)?)),
+        ItemKind::Grant => Decoded::Grant(Grant::decode(bytes)?),
+        ItemKind::Revocation => Decoded::Revocation(Revocation::decode(bytes)?),
+        ItemKind::KeyShare => Decoded::KeyShare(KeyShare::decode(bytes)?),
+    })
+}
+
+enum Decoded {
+    Envelope(Box<Envelope>),
+    Grant(Grant),
+    Revocation(Revocation),
+    KeyShare(KeyShare),
+}
+
+/// Consent items of one page, to apply to the registry after they are stored.
+#[derive(Default)]
+struct ConsentEffects {
+    grants: Vec<Grant>,
+    revocations: Vec<Revocation>,
+    shares: Vec<KeyShare>,
+    keys: Vec<EpochKey>,
+}
+
+/// Work of one ingest's second phase.
+#[derive(Default)]
+struct Phase {
+    batch: Batch,
+    seen: HashSet<[u8; 32]>,
+    metas: HashMap<ItemId, ItemMeta>,
+    received: BTreeMap<PatientId, Vec<ItemId>>,
+    readable: BTreeMap<(PatientId, Collection), Vec<EnvelopeId>>,
+    excluded: BTreeMap<(PatientId, Collection), Vec<EnvelopeId>>,
+}
+
+impl Node {
+    /// Opens the node whose data directory is `dir` (the store lives in
+    /// `dir/store`), rebuilds the consent registry from the stored grants,
+    /// revocations and key shares (re-opening this node's key shares with
+    /// `identity`), and retries the pending queue.
+    ///
+    /// # Errors
+    /// Store errors ([`Error::Storage`] when another process holds the store).
+    pub async fn open(dir: &Path, identity: SecretIdentity, config: Config) -> Result<Self> {
+        let path = dir.join(STORE_DIR);
+        let store = tokio::task::spawn_blocking(move || SledStore::open(&path))
+            .await
+            .map_err(|e| Error::Storage(format!("open task failed: {e}")))??;
+        Self::with_store(Arc::new(store), identity, config).await
+    }
+
+    /// As [`Node::open`] on any [`Store`].
+    ///
+    /// # Errors
+    /// Store errors.
+    pub async fn with_store(store: Arc<dyn Store>, identity: SecretIdentity, config: Config) -> Result<Self> {
+        let me = identity.practice_id()?;
+        let committer = Committer::start(store.clone(), config.group_commit_max)?;
+        let (events, _) = broadcast::channel(config.event_capacity.max(1));
+        let node = Self {
+            inner: Arc::new(Inner {
+                store,
+                identity,
+                me,
+                registry: RwLock::new(Registry::default()),
+                committer,
+                events,
+                ingest_lock: tokio::sync::Mutex::new(()),
+            }),
+        };
+        node.rebuild_registry().await?;
+        node.retry_all_pending().await?;
+        tracing::info!(peer = %me, instance = %node.instance_id(), last_seq = node.last_seq(), "node store open");
+        Ok(node)
+    }
+
+    fn store(&self) -> &dyn Store {
+        &*self.inner.store
+    }
+
+    /// The raw store, for tests and repair tools (bit flips at rest).
+    pub fn raw_store(&self) -> Arc<dyn Store> {
+        self.inner.store.clone()
+    }
+
+    fn registry(&self) -> RwLockReadGuard<'_, Registry> {
+        self.inner
+            .registry
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn registry_mut(&self) -> RwLockWriteGuard<'_, Registry> {
+        self.inner
+            .registry
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// This node as a practice.
+    pub fn practice_id(&self) -> PracticeId {
+        self.inner.me
+    }
+
+    fn node_actor(&self) -> Actor {
+        Actor {
+            kind: ActorKind::Node,
+            id: self.inner.me.to_string(),
+        }
+    }
+
+    /// Subscribes to [`Event`]s.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.inner.events.subscribe()
+    }
+
+    fn publish(&self, event: Event) {
+        // No subscriber is fine.
+        let _ = self.inner.events.send(event);
+    }
+
+    fn publish_stored(&self, committed: &Committed, metas: &HashMap<ItemId, ItemMeta>) {
+        for (id, seq) in &committed.items {
+            if let Some(meta) = metas.get(id) {
+                self.publish(Event::Stored(ItemStored {
+                    seq: *seq,
+                    kind: meta.kind,
+                    id: *id,
+                    patient: meta.patient,
+                    collection: meta.collection,
+                }));
+            }
+        }
+    }
+
+    async fn commit(&self, batch: Batch, durable: bool) -> Result<Committed> {
+        self.inner.committer.commit(batch, durable).await
+    }
+
+    /// Finishes queued writes, flushes and stops the committer. Later
+    /// writes fail with [`Error::CommitterStopped`]; the store closes when
+    /// the last handle is dropped.
+    pub async fn close(&self) {
+        let inner = self.inner.clone();
+        // Joining a thread blocks.
+        let _ = tokio::task::spawn_blocking(move || inner.committer.stop()).await;
+    }
+
+    // ----- write path -------------------------------------------------
+
+    /// Seals `change` for (patient, collection) under the current epoch key
+    /// and this node's read-write grant, stores it, and returns once it is
+    /// durable; then publishes [`Event::Stored`]. The audit entry names this
+    /// node; see [`Node::write_change_by`] to name the app.
+    ///
+    /// # Errors
+    /// [`Error::NoWriteGrant`], [`Error::NoEpochKey`], [`Error::ForeignActor`];
+    /// store errors when the durable append fails (the caller must then
+    /// drop the change from its cached document).
+    pub async fn write_change(
+        &self,
+        patient: PatientId,
+        collection: Collection,
+        change: Change<'_>,
+    ) -> Result<EnvelopeId> {
+        self.write_change_by(self.node_actor(), patient, collection, change)
+            .await
+    }
+
+    /// [`Node::write_change`] on behalf of `actor` (audit).
+    ///
+    /// # Errors
+    /// As [`Node::write_change`].
+    pub async fn write_change_by(
+        &self,
+        actor: Actor,
+        patient: PatientId,
+        collection: Collection,
+        change: Change<'_>,
+    ) -> Result<EnvelopeId> {
+        let time = now();
+        let prepared = self.seal_change(patient, collection, change, time);
+        let envelope = match prepared {
+            Ok(e) => e,
+            Err(e) => {
+                let mut batch = Batch::new();
+                batch.push(Op::Audit(AuditRecord {
+                    actor_kind: actor.kind,
+                    actor_id: actor.id,
+                    action: Action::Write,
+                    patient: Some(patient),
+                    items: Vec::new(),
+                    grant: None,
+                    outcome: format!("refused: {e}"),
+                }));
+                self.commit(batch, false).await?;
+                return Err(e);
+            }
+        };
+        let id = envelope.id();
+        let meta = envelope_meta(&envelope);
+        let mut batch = Batch::new();
+        batch.push(Op::PutItem {
+            meta: meta.clone(),
+            bytes: envelope.encode(),
+            envelope: Some(Box::new(envelope_entry(&envelope, EnvelopeState::Readable))),
+        });
+        batch.push(Op::Audit(AuditRecord {
+            actor_kind: actor.kind,
+            actor_id: actor.id,
+            action: Action::Write,
+            patient: Some(patient),
+            items: vec![id.into()],
+            grant: envelope.header().grant_id,
+            outcome: "ok".into(),
+        }));
+        let committed = self.commit(batch, true).await?;
+        tracing::debug!(envelope = %id, %collection, "change stored");
+        self.publish_stored(&committed, &HashMap::from([(meta.id, meta)]));
+        Ok(id)
+    }
+
+    fn seal_change(
+        &self,
+        patient: PatientId,
+        collection: Collection,
+        change: Change<'_>,
+        time: u64,
+    ) -> Result<Envelope> {
+        let me = self.inner.me;
+        if !change.actor.belongs_to(me.as_bytes()) {
+            return Err(Error::ForeignActor);
+        }
+        let (key, grant) = {
+            let reg = self.registry();
+            let grant = reg
+                .grant_in_force(&patient, collection, &me, Access::ReadWrite, time)
+                .map(Grant::id)
+                .ok_or(Error::NoWriteGrant { patient, collection })?;
+            let key = reg
+                .current_key(&patient, collection)
+                .cloned()
+                .ok_or(Error::NoEpochKey { patient, collection })?;
+            (key, grant)
+        };
+        let envelope = Envelope::seal(&key, &self.inner.identity, Some(grant), change, time)?;
+        // The same rule every other node applies on ingest.
+        match self.registry().envelope_validity(envelope.header()) {
+            Validity::Valid => Ok(envelope),
+            _ => Err(Error::NoWriteGrant { patient, collection }),
+        }
+    }
+
+    // ----- ingest path ------------------------------------------------
+
+    /// Ingests a page of items from a peer or the patient: decode (signature
+    /// first), judge validity on signed data (DESIGN §5), open envelopes
+    /// whose key the node holds, store, and publish [`Event`]s. Grants,
+    /// revocations and key shares of the page are applied before its
+    /// envelopes; they release pending envelopes, exclude envelopes beyond a
+    /// new revocation's cut, and unlock opaque envelopes.
+    ///
+    /// # Errors
+    /// Only store failures; bad items are reported in [`IngestReport::rejected`].
+    pub async fn ingest(&self, items: Vec<Incoming>, source: Source) -> Result<IngestReport> {
+        self.ingest_as(items, source.actor()).await
+    }
+
+    async fn ingest_as(&self, items: Vec<Incoming>, actor: Actor) -> Result<IngestReport> {
+        let _guard = self.inner.ingest_lock.lock().await;
+        let mut report = IngestReport::default();
+        let (consent, envelopes): (Vec<_>, Vec<_>) = items.into_iter().partition(|i| i.kind != ItemKind::Envelope);
+
+        // Phase 1: consent items, stored before anything is judged by them.
+        let mut effects = ConsentEffects::default();
+        let mut phase = Phase::default();
+        for item in consent {
+            self.judge_consent(item, &actor, &mut phase, &mut effects, &mut report)?;
+        }
+        if !phase.batch.is_empty() {
+            let committed = self.commit(std::mem::take(&mut phase.batch), true).await?;
+            self.publish_stored(&committed, &phase.metas);
+        }
+        {
+            let mut reg = self.registry_mut();
+            for g in &effects.grants {
+                reg.add_grant(g.clone());
+            }
+            for r in &effects.revocations {
+                reg.add_revocation(r.clone());
+            }
+            for s in &effects.shares {
+                reg.note_share(s);
+            }
+            for k in &effects.keys {
+                reg.add_key(k.clone());
+            }
+        }
+
+        // Phase 2: envelopes of the page, released pending ones, exclusions, unlocks.
+        let mut phase = Phase::default();
+        for r in &effects.revocations {
+            self.exclude_beyond_cut(r, &actor, &mut phase, &mut report)?;
+        }
+        for k in &effects.keys {
+            self.unlock(k, &mut phase, &mut report)?;
+        }
+        for item in envelopes {
+            self.judge_envelope(&item.bytes, None, &actor, &mut phase, &mut report)?;
+        }
+        let mut released = Vec::new();
+        for g in &effects.grants {
+            released.extend(self.store().pending(Some(PendingReason::MissingGrant(g.id())))?);
+        }
+        for p in released {
+            self.judge_pending(p, &actor, &mut phase, &mut report)?;
+        }
+        self.finish_phase(phase, &actor).await?;
+        tracing::debug!(
+            accepted = report.accepted,
+            pending = report.pending,
+            rejected = report.rejected.len(),
+            duplicates = report.duplicates,
+            "ingested page"
+        );
+        Ok(report)
+    }
+
+    async fn finish_phase(&self, mut phase: Phase, actor: &Actor) -> Result<()> {
+        for (patient, items) in std::mem::take(&mut phase.received) {
+            phase.batch.push(Op::Audit(AuditRecord {
+                actor_kind: actor.kind,
+                actor_id: actor.id.clone(),
+                action: Action::Receive,
+                patient: Some(patient),
+                items,
+                grant: None,
+                outcome: "ok".into(),
+            }));
+        }
+        if phase.batch.is_empty() {
+            return Ok(());
+        }
+        let committed = self.commit(std::mem::take(&mut phase.batch), true).await?;
+        self.publish_stored(&committed, &phase.metas);
+        for ((patient, collection), ids) in phase.excluded {
+            self.publish(Event::Excluded {
+                patient,
+                collection,
+                ids,
+            });
+        }
+        for ((patient, collection), ids) in phase.readable {
+            self.publish(Event::Readable {
+                patient,
+                collection,
+                ids,
+            });
+        }
+        Ok(())
+    }
+
+    /// Records a permanent rejection once, with an audit entry.
+    fn reject(&self, phase: &mut Phase, rejected: &mut Vec<RejectedItem>, refusal: Refusal, actor: &Actor) {
+        let Refusal {
+            kind,
+            key,
+            patient,
+            error,
+        } = refusal;
+        let id = hex::encode(key);
+        tracing::info!(kind = kind.as_str(), item = %id, cause = %error, "item rejected");
+        phase.batch.push(Op::AddRejected {
+            key,
+            reason: error.to_string(),
+        });
+        phase.batch.push(Op::Audit(AuditRecord {
+            actor_kind: actor.kind,
+            actor_id: actor.id.clone(),
+            action: Action::Reject,
+            patient,
+            items: vec![ItemId(key)],
+            grant: None,
+            outcome: format!("rejected: {error}"),
+        }));
+        phase.seen.insert(key);
+        rejected.push(RejectedItem { kind, id, error });
+    }
+
+    fn already_rejected(&self, phase: &Phase, key: &[u8; 32]) -> Result<bool> {
+        Ok(phase.seen.contains(key) || self.store().rejected(key)?.is_some())
+    }
+
+    fn judge_consent(
+        &self,
+        item: Incoming,
+        actor: &Actor,
+        phase: &mut Phase,
+        effects: &mut ConsentEffects,
+        report: &mut IngestReport,
+    ) -> Result<()> {
+        let hash = sha256(&item.bytes);
+        if self.already_rejected(phase, &hash)? {
+            report.duplicates += 1;
+            return Ok(());
+        }
+        let decoded = match decode_item(item.kind, &item.bytes) {
+            Ok(d) => d,
+            Err(medmesh_crypto::Error::UnsupportedVersion { .. }) => {
+                self.queue_pending(phase, report, PendingReason::UnsupportedVersion, hash, item)?;
+                return Ok(());
+            }
+            Err(e) => {
+                self.reject(
+                    phase,
+                    &mut report.rejected,
+                    Refusal {
+                        kind: item.kind,
+                        key: hash,
+                        patient: None,
+                        error: e.into(),
+                    },
+                    actor,
+                );
+                return Ok(());
+            }
+        };
+        let id = ItemId(hash);
+        if self.store().contains(&id)? || !phase.seen.insert(hash) {
+            report.duplicates += 1;
+            return Ok(());
+        }
+        let (meta, action, grant) = match &decoded {
+            Decoded::Grant(g) => (
+                ItemMeta {
+                    kind: ItemKind::Grant,
+                    id,
+                    patient: g.terms().patient,
+                    collection: None,
+                    grant: Some(g.id()),
+                    principal: Some(Principal::Practice(g.terms().grantee)),
+                },
+                Action::Grant,
+                Some(g.id()),
+            ),
+            Decoded::Revocation(r) => (
+                ItemMeta {
+                    kind: ItemKind::Revocation,
+                    id,
+                    patient: r.terms().patient,
+                    collection: None,
+                    grant: Some(r.grant_id()),
+                    principal: None,
+                },
+                Action::Revoke,
+                Some(r.grant_id()),
+            ),
+            Decoded::KeyShare(s) => {
+                let t = s.terms();
+                if t.recipient == Principal::Practice(self.inner.me) {
+                    match s.open(&self.inner.identity) {
+                        Ok(key) => effects.keys.push(key),
+                        Err(e) => {
+                            phase.seen.remove(&hash);
+                            self.reject(
+                                phase,
+                                &mut report.rejected,
+                                Refusal {
+                                    kind: item.kind,
+                                    key: hash,
+                                    patient: Some(t.patient),
+                                    error: e.into(),
+                                },
+                                actor,
+                            );
+                            return Ok(());
+                        }
+                    }
+                }
+                (
+                    ItemMeta {
+                        kind: ItemKind::KeyShare,
+                        id,
+                        patient: t.patient,
+                        collection: Some(t.collection),
+                        grant: None,
+                        principal: Some(t.recipient),
+                    },
+                    Action::KeyShare,
+                    None,
+                )
+            }
+            // Partitioned out before.
+            Decoded::Envelope(_) => return Ok(()),
+        };
+        phase.batch.push(Op::PutItem {
+            meta: meta.clone(),
+            bytes: item.bytes,
+            envelope: None,
+        });
+        phase.batch.push(Op::Audit(AuditRecord {
+            actor_kind: actor.kind,
+            actor_id: actor.id.clone(),
+            action,
+            patient: Some(meta.patient),
+            items: vec![id],
+            grant,
+            outcome: "ok".into(),
+        }));
+        phase.metas.insert(id, meta);
+        match decoded {
+            Decoded::Grant(g) => effects.grants.push(g),
+            Decoded::Revocation(r) => effects.revocations.push(r),
+            Decoded::KeyShare(s) => effects.shares.push(s),
+            Decoded::Envelope(_) => {}
+        }
+        report.accepted += 1;
+        Ok(())
+    }
+
+    fn queue_pending(
+        &self,
+        phase: &mut Phase,
+        report: &mut IngestReport,
+        reason: PendingReason,
+        hash: [u8; 32],
+        item: Incoming,
+    ) -> Result<()> {
+        let already = self.store().pending(Some(reason))?.iter().any(|p| p.hash == hash);
+        if already || !phase.seen.insert(hash) {
+            report.duplicates += 1;
+            return Ok(());
+        }
+        tracing::debug!(kind = item.kind.as_str(), item = %hex::encode(hash), ?reason, "item pending");
+        phase.batch.push(Op::AddPending(PendingItem {
+            reason,
+            hash,
+            kind: item.kind,
+            bytes: item.bytes,
+        }));
+        report.pending += 1;
+        Ok(())
+    }
+
+    fn judge_pending(&self, p: PendingItem, actor: &Actor, phase: &mut Phase, report: &mut IngestReport) -> Result<()> {
+        // Consent items wait only for a newer build; `retry_all_pending` handles them.
+        if p.kind == ItemKind::Envelope {
+            self.judge_envelope(&p.bytes, Some((p.reason, p.hash)), actor, phase, report)?;
+        }
+        Ok(())
+    }
+
+    fn judge_envelope(
+        &self,
+        bytes: &[u8],
+        from_pending: Option<(PendingReason, [u8; 32])>,
+        actor: &Actor,
+        phase: &mut Phase,
+        report: &mut IngestReport,
+    ) -> Result<()> {
+        let hash = sha256(bytes);
+        let dequeue = |phase: &mut Phase| {
+            if let Some((reason, hash)) = from_pending {
+                phase.batch.push(Op::RemovePending { reason, hash });
+            }
+        };
+        if from_pending.is_none() && self.already_rejected(phase, &hash)? {
+            report.duplicates += 1;
+            return Ok(());
+        }
+        let envelope = match Envelope::decode(bytes) {
+            Ok(e) => e,
+            Err(medmesh_crypto::Error::UnsupportedVersion { .. }) => {
+                if from_pending.is_none() {
+                    self.queue_pending(
+                        phase,
+                        report,
+                        PendingReason::UnsupportedVersion,
+                        hash,
+                        Incoming::new(ItemKind::Envelope, bytes.to_vec()),
+                    )?;
+                }
+                return Ok(());
+            }
+            Err(e) => {
+                dequeue(phase);
+                self.reject(
+                    phase,
+                    &mut report.rejected,
+                    Refusal {
+                        kind: ItemKind::Envelope,
+                        key: hash,
+                        patient: None,
+                        error: e.into(),
+                    },
+                    actor,
+                );
+                return Ok(());
+            }
+        };
+        let id = envelope.id();
+        let h = envelope.header();
+        if phase.seen.contains(&id.0) || self.store().contains(&id.into())? || self.store().rejected(&id.0)?.is_some() {
+            dequeue(phase);
+            report.duplicates += 1;
+            return Ok(());
+        }
+        let (validity, key) = {
+            let reg = self.registry();
+            (reg.envelope_validity(h), reg.key(&h.key_id).cloned())
+        };
+        match validity {
+            Validity::MissingGrant(grant) => {
+                let reason = PendingReason::MissingGrant(grant);
+                if from_pending.map(|(r, _)| r) != Some(reason) {
+                    dequeue(phase);
+                    self.queue_pending(
+                        phase,
+                        report,
+                        reason,
+                        hash,
+                        Incoming::new(ItemKind::Envelope, bytes.to_vec()),
+                    )?;
+                }
+            }
+            Validity::Invalid(reason) => {
+                dequeue(phase);
+                let error = Error::Rejected {
+                    kind: "envelope",
+                    id: id.to_string(),
+                    reason: reason.into(),
+                };
+                self.reject(
+                    phase,
+                    &mut report.rejected,
+                    Refusal {
+                        kind: ItemKind::Envelope,
+                        key: id.0,
+                        patient: Some(h.patient),
+                        error,
+                    },
+                    actor,
+                );
+            }
+            Validity::Valid => {
+                let state = match key.as_ref() {
+                    Some(key) => match open_checked(&envelope, key) {
+                        Ok(_plain) => EnvelopeState::Readable,
+                        Err(error) => {
+                            dequeue(phase);
+                            self.reject(
+                                phase,
+                                &mut report.rejected,
+                                Refusal {
+                                    kind: ItemKind::Envelope,
+                                    key: id.0,
+                                    patient: Some(h.patient),
+                                    error,
+                                },
+                                actor,
+                            );
+                            return Ok(());
+                        }
+                    },
+                    None => EnvelopeState::Opaque,
+                };
+                dequeue(phase);
+                let meta = envelope_meta(&envelope);
+                phase.batch.push(Op::PutItem {
+                    meta: meta.clone(),
+                    bytes: bytes.to_vec(),
+                    envelope: Some(Box::new(envelope_entry(&envelope, state))),
+                });
+                phase.seen.insert(id.0);
+                phase.metas.insert(meta.id, meta);
+                phase.received.entry(h.patient).or_default().push(id.into());
+                report.accepted += 1;
+                match state {
+                    EnvelopeState::Readable => {
+                        report.readable += 1;
+                        phase.readable.entry((h.patient, h.collection)).or_default().push(id);
+                    }
+                    EnvelopeState::Opaque => report.opaque += 1,
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Envelopes accepted under `revocation`'s grant before it arrived whose
+    /// change lies beyond its cut: removed from reads and serving, recorded
+    /// as rejected (validity depends on the cut, not on arrival order).
+    fn exclude_beyond_cut(
+        &self,
+        revocation: &Revocation,
+        actor: &Actor,
+        phase: &mut Phase,
+        report: &mut IngestReport,
+    ) -> Result<()> {
+        let patient = revocation.terms().patient;
+        let grant_id = revocation.grant_id();
+        let entries = self.store().envelopes(&patient, None)?;
+        let reg = self.registry();
+        let Some(grant) = reg.grant(&patient, &grant_id) else {
+            return Ok(());
+        };
+        let revocations = reg.revocations_of(&patient, &grant_id);
+        let mut excluded = Vec::new();
+        for e in entries.into_iter().filter(|e| e.grant == Some(grant_id)) {
+            let admitted = revocations
+                .iter()
+                .all(|r| grant.admits_change(e.collection, e.created_at, &e.actor, e.change_seq, Some(r)));
+            if !admitted {
+                excluded.push(e);
+            }
+        }
+        drop(reg);
+        for e in excluded {
+            tracing::info!(envelope = %e.id, grant = %grant_id, "envelope excluded: beyond revocation cut");
+            phase.batch.push(Op::RemoveItem(e.id.into()));
+            phase.batch.push(Op::AddRejected {
+                key: e.id.0,
+                reason: "beyond the cut of a revocation of its grant".into(),
+            });
+            phase.batch.push(Op::Audit(AuditRecord {
+                actor_kind: actor.kind,
+                actor_id: actor.id.clone(),
+                action: Action::Exclude,
+                patient: Some(patient),
+                items: vec![e.id.into()],
+                grant: Some(grant_id),
+                outcome: "excluded: beyond revocation cut".into(),
+            }));
+            phase.seen.insert(e.id.0);
+            phase.excluded.entry((patient, e.collection)).or_default().push(e.id);
+            report.excluded += 1;
+        }
+        Ok(())
+    }
+
+    /// Opens the opaque envelopes a new key unlocks.
+    fn unlock(&self, key: &EpochKey, phase: &mut Phase, report: &mut IngestReport) -> Result<()> {
+        let entries = self.store().envelopes(&key.patient, Some(key.collection))?;
+        for mut e in entries
+            .into_iter()
+            .filter(|e| e.state == EnvelopeState::Opaque && e.key_id == key.key_id)
+        {
+            if phase.seen.contains(&e.id.0) {
+                continue;
+            }
+            let Some(item) = self.store().item(&e.id.into())? else {
+                continue;
+            };
+            let verdict = Envelope::decode(&item.bytes)
+                .map_err(Error::from)
+                .and_then(|env| open_checked(&env, key).map(|_| ()));
+            match verdict {
+                Ok(()) => {
+                    e.state = EnvelopeState::Readable;
+                    phase.readable.entry((e.patient, e.collection)).or_default().push(e.id);
+                    phase.batch.push(Op::PutEnvelopeEntry(Box::new(e)));
+                    report.unlocked += 1;
+                }
+                Err(error) => {
+                    let actor = self.node_actor();
+                    phase.batch.push(Op::RemoveItem(e.id.into()));
+                    self.reject(
+                        phase,
+                        &mut report.rejected,
+                        Refusal {
+                            kind: ItemKind::Envelope,
+                            key: e.id.0,
+                            patient: Some(e.patient),
+                            error,
+                        },
+                        &actor,
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn rebuild_registry(&self) -> Result<()> {
+        let items = self.store().consent_items()?;
+        let mut corrupt = Vec::new();
+        {
+            let mut reg = self.registry_mut();
+            for item in items {
+                match decode_item(item.meta.kind, &item.bytes) {
+                    Ok(Decoded::Grant(g)) => reg.add_grant(g),
+                    Ok(Decoded::Revocation(r)) => {
+                        reg.add_revocation(r);
+                    }
+                    Ok(Decoded::KeyShare(s)) => {
+                        reg.note_share(&s);
+                        if s.terms().recipient == Principal::Practice(self.inner.me) {
+                            match s.open(&self.inner.identity) {
+                                Ok(key) => reg.add_key(key),
+                                Err(e) => {
+                                    tracing::warn!(item = %item.meta.id, cause = %e, "stored key share does not open")
+                                }
+                            }
+                        }
+                    }
+                    Ok(Decoded::Envelope(_)) => {}
+                    Err(e) => corrupt.push((item.meta, e)),
+                }
+            }
+        }
+        for (meta, e) in corrupt {
+            self.quarantine(&meta, e).await?;
+        }
+        Ok(())
+    }
+
+    async fn retry_all_pending(&self) -> Result<()> {
+        let pending = self.store().pending(None)?;
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let actor = self.node_actor();
+        // Consent items of a format this build now reads are ingested anew.
+        let mut readable_now = Vec::new();
+        let mut dequeue = Batch::new();
+        let mut envelopes = Vec::new();
+        for p in pending {
+            if p.kind == ItemKind::Envelope {
+                envelopes.push(p);
+            } else if !matches!(
+                decode_item(p.kind, &p.bytes),
+                Err(medmesh_crypto::Error::UnsupportedVersion { .. })
+            ) {
+                dequeue.push(Op::RemovePending {
+                    reason: p.reason,
+                    hash: p.hash,
+                });
+                readable_now.push(Incoming::new(p.kind, p.bytes));
+            }
+        }
+        if !dequeue.is_empty() {
+            self.commit(dequeue, true).await?;
+        }
+        if !readable_now.is_empty() {
+            self.ingest_as(readable_now, actor.clone()).await?;
+        }
+        let _guard = self.inner.ingest_lock.lock().await;
+        let mut phase = Phase::default();
+        let mut report = IngestReport::default();
+        for p in envelopes {
+            self.judge_pending(p, &actor, &mut phase, &mut report)?;
+        }
+        self.finish_phase(phase, &actor).await
+    }
+
+    /// Removes a stored item that no longer verifies (bit rot, tampering),
+    /// with an audit entry; reconciliation fetches it again from a peer.
+    async fn quarantine(&self, meta: &ItemMeta, error: medmesh_crypto::Error) -> Result<Error> {
+        tracing::error!(item = %meta.id, kind = meta.kind.as_str(), cause = %error, "stored item fails verification; quarantined");
+        let mut batch = Batch::new();
+        // Removed, not recorded as rejected: bit rot is not the author's
+        // fault, and the good copy must be accepted again from a peer.
+        batch.push(Op::RemoveItem(meta.id));
+        batch.push(Op::Audit(AuditRecord {
+            actor_kind: ActorKind::Node,
+            actor_id: self.inner.me.to_string(),
+            action: Action::Quarantine,
+            patient: Some(meta.patient),
+            items: vec![meta.id],
+            grant: None,
+            outcome: format!("quarantined: {error}"),
+        }));
+        self.commit(batch, true).await?;
+        if let (ItemKind::Envelope, Some(collection)) = (meta.kind, meta.collection) {
+            self.publish(Event::Excluded {
+                patient: meta.patient,
+                collection,
+                ids: vec![EnvelopeId(meta.id.0)],
+            });
+        }
+        Ok(Error::CorruptItem {
+            id: meta.id.to_string(),
+            source: error,
+        })
+    }
+
+    /// Decodes a stored item; one that no longer verifies is quarantined
+    /// and reported as [`Error::CorruptItem`].
+    async fn verified(&self, item: &StoredItem) -> Result<Decoded> {
+        match decode_item(item.meta.kind, &item.bytes) {
+            Ok(d) => Ok(d),
+            Err(e) => Err(self.quarantine(&item.meta, e).await?),
+        }
+    }
+
+    // ----- submission API ---------------------------------------------
+
+    /// Grants, revocations and key shares submitted by the patient (CLI or
+    /// management API); they go through [`Node::ingest`].
+    ///
+    /// # Errors
+    /// As [`Node::ingest`].
+    pub async fn submit(&self, patient: PatientId, items: Vec<Incoming>) -> Result<IngestReport> {
+        self.ingest(items, Source::Patient(patient)).await
+    }
+
+    /// Submits one grant.
+    ///
+    /// # Errors
+    /// As [`Node::ingest`].
+    pub async fn submit_grant(&self, patient: PatientId, grant: Vec<u8>) -> Result<IngestReport> {
+        self.submit(patient, vec![Incoming::new(ItemKind::Grant, grant)]).await
+    }
+
+    /// Submits one revocation.
+    ///
+    /// # Errors
+    /// As [`Node::ingest`].
+    pub async fn submit_revocation(&self, patient: PatientId, revocation: Vec<u8>) -> Result<IngestReport> {
+        self.submit(patient, vec![Incoming::new(ItemKind::Revocation, revocation)])
+            .await
+    }
+
+    /// Submits key shares.
+    ///
+    /// # Errors
+    /// As [`Node::ingest`].
+    pub async fn submit_key_shares(&self, patient: PatientId, shares: Vec<Vec<u8>>) -> Result<IngestReport> {
+        let items = shares
+            .into_iter()
+            .map(|s| Incoming::new(ItemKind::KeyShare, s))
+            .collect();
+        self.submit(patient, items).await
+    }
+
+    // ----- reads for the record layer -----------------------------------
+
+    /// Every readable change of a collection, decrypted, in store order
+    /// (a cold load of the document). Corrupt items are quarantined and
+    /// skipped.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub async fn readable_changes(
+        &self,
+        patient: PatientId,
+        collection: Collection,
+    ) -> Result<Vec<Zeroizing<Vec<u8>>>> {
+        let mut entries: Vec<EnvelopeEntry> = self
+            .store()
+            .envelopes(&patient, Some(collection))?
+            .into_iter()
+            .filter(|e| e.state == EnvelopeState::Readable)
+            .collect();
+        entries.sort_by_key(|e| e.seq);
+        let ids: Vec<EnvelopeId> = entries.iter().map(|e| e.id).collect();
+        Ok(self
+            .changes_by_ids(patient, collection, &ids)
+            .await?
+            .into_iter()
+            .map(|(_, c)| c)
+            .collect())
+    }
+
+    /// The decrypted changes of the given envelopes of a collection (those
+    /// held readable; others are skipped).
+    ///
+    /// # Errors
+    /// Store failures.
+    pub async fn changes_by_ids(
+        &self,
+        patient: PatientId,
+        collection: Collection,
+        ids: &[EnvelopeId],
+    ) -> Result<Vec<(EnvelopeId, Zeroizing<Vec<u8>>)>> {
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            let Some(item) = self.store().item(&(*id).into())? else {
+                tracing::debug!(envelope = %id, "not held");
+                continue;
+            };
+            if item.meta.patient != patient || item.meta.collection != Some(collection) {
+                continue;
+            }
+            let envelope = match self.verified(&item).await {
+                Ok(Decoded::Envelope(e)) => e,
+                Ok(_) => continue,
+                Err(e) => {
+                    tracing::warn!(envelope = %id, cause = %e, "skipped");
+                    continue;
+                }
+            };
+            let key = self.registry().key(&envelope.header().key_id).cloned();
+            let Some(key) = key else {
+                continue;
+            };
+            match open_checked(&envelope, &key) {
+                Ok(plain) => out.push((*id, plain)),
+                Err(e) => tracing::warn!(envelope = %id, cause = %e, "stored envelope does not open"),
+            }
+        }
+        Ok(out)
+    }
+
+    // ----- consent registry -------------------------------------------
+
+    /// The grant in force from `patient` to `peer` covering `collection`
+    /// with at least `access`, if any.
+    pub fn grant_in_force(
+        &self,
+        patient: &PatientId,
+        collection: Collection,
+        peer: &PracticeId,
+        access: Access,
+        at: u64,
+    ) -> Option<GrantId> {
+        self.registry()
+            .grant_in_force(patient, collection, peer, access, at)
+            .map(Grant::id)
+    }
+
+    /// DESIGN §5 validity of an envelope header, on signed data only.
+    pub fn grant_valid_for_envelope(&self, header: &EnvelopeHeader) -> Validity {
+        self.registry().envelope_validity(header)
+    }
+
+    /// Whether `peer` may receive the item now: the one consent check sync
+    /// applies at the moment of serving (DESIGN §6, invariant 1).
+    pub fn may_receive(&self, peer: &PeerId, meta: &ItemMeta) -> bool {
+        match PracticeId::from_peer_id(peer) {
+            Ok(p) => self.registry().may_receive(&p, meta, now()),
+            Err(_) => false,
+        }
+    }
+
+    /// Every peer that may receive the item now (nudges after a write).
+    pub fn peers_that_may_receive(&self, meta: &ItemMeta) -> Vec<PracticeId> {
+        self.registry().peers_that_may_receive(meta, now())
+    }
+
+    /// Every grantee of a grant from `patient` (revocation forwarding).
+    pub fn peers_with_grant_from(&self, patient: &PatientId) -> Vec<PracticeId> {
+        self.registry().peers_with_grant_from(patient)
+    }
+
+    /// Grants known from `patient`, newest first.
+    pub fn grants(&self, patient: &PatientId) -> Vec<Grant> {
+        self.registry().grants_of(patient)
+    }
+
+    /// Whether a revocation of the grant is known.
+    pub fn is_revoked(&self, patient: &PatientId, grant: &GrantId) -> bool {
+        self.registry().is_revoked(patient, grant)
+    }
+
+    /// The current epoch of a collection (highest seen in any key share)
+    /// and its key id.
+    pub fn current_epoch(&self, patient: &PatientId, collection: Collection) -> Option<(Epoch, KeyId)> {
+        self.registry().current_epoch(patient, collection)
+    }
+
+    /// The current epoch key, if this node holds it (snapshot sealing).
+    pub fn current_epoch_key(&self, patient: &PatientId, collection: Collection) -> Option<EpochKey> {
+        self.registry().current_key(patient, collection).cloned()
+    }
+
+    // ----- sync support -----------------------------------------------
+
+    /// The store instance id (cursors are (instance id, seq)).
+    pub fn instance_id(&self) -> InstanceId {
+        self.store().instance_id()
+    }
+
+    /// Highest seq given out.
+    pub fn last_seq(&self) -> Seq {
+        self.store().last_seq()
+    }
+
+    /// Items with seq > `after`, at most `limit`, each re-verified; corrupt
+    /// ones are quarantined and left out. Filter them with
+    /// [`Node::may_receive`] before serving.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub async fn items_after(&self, after: Seq, limit: usize) -> Result<Vec<StoredItem>> {
+        let items = self.store().items_after(after, limit)?;
+        let mut out = Vec::with_capacity(items.len());
+        for item in items {
+            if self.verified(&item).await.is_ok() {
+                out.push(item);
+            }
+        }
+        Ok(out)
+    }
+
+    /// One item, re-verified.
+    ///
+    /// # Errors
+    /// [`Error::CorruptItem`] (the item is quarantined), store failures.
+    pub async fn item(&self, id: &ItemId) -> Result<Option<StoredItem>> {
+        let Some(item) = self.store().item(id)? else {
+            return Ok(None);
+        };
+        self.verified(&item).await?;
+        Ok(Some(item))
+    }
+
+    /// A peer's cursor.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub fn cursor(&self, peer: &PeerId) -> Result<Option<Cursor>> {
+        self.store().cursor(&peer.to_bytes())
+    }
+
+    /// Sets a peer's cursor (not flushed at once: a lost cursor only costs
+    /// a re-pull).
+    ///
+    /// # Errors
+    /// Store failures.
+    pub async fn set_cursor(&self, peer: &PeerId, cursor: Cursor) -> Result<()> {
+        let mut batch = Batch::new();
+        batch.push(Op::SetCursor {
+            peer: peer.to_bytes(),
+            cursor,
+        });
+        self.commit(batch, false).await.map(|_| ())
+    }
+
+    /// Index entries of the envelopes held for (patient, collection), or
+    /// all collections: the summaries reconciliation exchanges.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub fn envelopes(&self, patient: &PatientId, collection: Option<Collection>) -> Result<Vec<EnvelopeEntry>> {
+        self.store().envelopes(patient, collection)
+    }
+
+    /// Ids of the envelopes held for (patient, collection).
+    ///
+    /// # Errors
+    /// Store failures.
+    pub fn envelope_ids(&self, patient: &PatientId, collection: Collection) -> Result<Vec<EnvelopeId>> {
+        Ok(self
+            .store()
+            .envelopes(patient, Some(collection))?
+            .into_iter()
+            .map(|e| e.id)
+            .collect())
+    }
+
+    /// Patients with envelopes held here.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub fn patients(&self) -> Result<Vec<PatientId>> {
+        self.store().patients()
+    }
+
+    /// Number of items waiting in the pending queue.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub fn pending_count(&self) -> Result<usize> {
+        Ok(self.store().pending(None)?.len())
+    }
+
+    /// Whether an item id (or hash of undecodable bytes) is recorded rejected.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub fn is_rejected(&self, key: &[u8; 32]) -> Result<bool> {
+        Ok(self.store().rejected(key)?.is_some())
+    }
+
+    /// Number of rejections recorded.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub fn rejected_count(&self) -> Result<u64> {
+        self.store().rejected_count()
+    }
+
+    // ----- holdings and audit -----------------------------------------
+
+    /// What the node holds for `patient`.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub fn holdings(&self, patient: &PatientId) -> Result<Holdings> {
+        let mut h = Holdings {
+            patient: patient.to_string(),
+            envelopes: 0,
+            readable: 0,
+            opaque: 0,
+            by_collection: BTreeMap::new(),
+        };
+        for e in self.store().envelopes(patient, None)? {
+            h.envelopes += 1;
+            match e.state {
+                EnvelopeState::Readable => h.readable += 1,
+                EnvelopeState::Opaque => h.opaque += 1,
+            }
+            *h.by_collection.entry(e.collection.as_str().to_owned()).or_default() += 1;
+        }
+        Ok(h)
+    }
+
+    /// Appends an audit entry (gateway reads, sync disclosures), durably;
+    /// returns its seq.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub async fn audit(&self, record: AuditRecord) -> Result<u64> {
+        let mut batch = Batch::new();
+        batch.push(Op::Audit(record));
+        let committed = self.commit(batch, true).await?;
+        Ok(committed.audit.first().copied().unwrap_or(0))
+    }
+
+    /// Records that `items` of `patient` were sent to `peer` under `grant`.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub async fn record_disclosure(
+        &self,
+        peer: &PeerId,
+        patient: PatientId,
+        items: Vec<ItemId>,
+        grant: Option<GrantId>,
+    ) -> Result<u64> {
+        self.audit(AuditRecord {
+            actor_kind: ActorKind::Peer,
+            actor_id: peer.to_string(),
+            action: Action::Disclose,
+            patient: Some(patient),
+            items,
+            grant,
+            outcome: "ok".into(),
+        })
+        .await
+    }
+
+    /// Checks the audit chain; the number of entries.
+    ///
+    /// # Errors
+    /// [`Error::AuditBroken`] naming the first bad entry; store failures.
+    pub fn audit_verify(&self) -> Result<u64> {
+        let raw = self.store().audit_raw(1)?;
+        audit::verify_chain(&raw).map_err(Error::AuditBroken)
+    }
+
+    /// Audit entries, all or those about one patient.
+    ///
+    /// # Errors
+    /// [`Error::Corrupt`] for an entry that does not decode; store failures.
+    pub fn audit_entries(&self, patient: Option<&PatientId>) -> Result<Vec<AuditEntry>> {
+        let entries = audit::decode_entries(self.store().audit_raw(1)?)?;
+        let did = patient.map(ToString::to_string);
+        Ok(match did {
+            None => entries,
+            Some(did) => entries
+                .into_iter()
+                .filter(|e| e.patient.as_deref() == Some(did.as_str()))
+                .collect(),
+        })
+    }
+}
+
+/// One permanent refusal to record.
+struct Refusal {
+    kind: ItemKind,
+    key: [u8; 32],
+    patient: Option<PatientId>,
+    error: Error,
+}

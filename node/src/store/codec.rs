@@ -1,0 +1,312 @@
+//! Engine-neutral byte layouts of keys and values (CBOR arrays for values),
+//! shared by every [`super::Store`] implementation.
+
+use ciborium::Value;
+use medmesh_crypto::{ActorId, Collection, EnvelopeId, GrantId, KeyId, PatientId, PracticeId, Principal};
+
+use super::{
+    Cursor, EnvelopeEntry, EnvelopeState, InstanceId, ItemId, ItemKind, ItemMeta, PendingItem, PendingReason,
+    Rejection, Seq,
+};
+use crate::{Error, Result};
+
+pub(crate) fn collection_tag(c: Collection) -> u8 {
+    Collection::ALL
+        .iter()
+        .position(|x| *x == c)
+        .map_or(u8::MAX, |i| i as u8)
+}
+
+pub(crate) fn collection_from_tag(tag: u8) -> Option<Collection> {
+    Collection::ALL.get(usize::from(tag)).copied()
+}
+
+fn corrupt(what: &'static str, key: &[u8]) -> Error {
+    Error::Corrupt {
+        what,
+        key: hex::encode(key),
+    }
+}
+
+pub(crate) fn encode(value: &Value) -> Vec<u8> {
+    let mut out = Vec::with_capacity(128);
+    // Writing into a Vec does not fail for the values built here.
+    if ciborium::ser::into_writer(value, &mut out).is_err() {
+        out.clear();
+    }
+    out
+}
+
+fn decode(bytes: &[u8]) -> Option<Vec<Value>> {
+    match ciborium::de::from_reader::<Value, _>(bytes).ok()? {
+        Value::Array(a) => Some(a),
+        _ => None,
+    }
+}
+
+fn bytes(b: &[u8]) -> Value {
+    Value::Bytes(b.to_vec())
+}
+
+fn uint(v: u64) -> Value {
+    Value::Integer(v.into())
+}
+
+fn get_uint(v: &Value) -> Option<u64> {
+    match v {
+        Value::Integer(i) => u64::try_from(*i).ok(),
+        _ => None,
+    }
+}
+
+fn get_bytes<const N: usize>(v: &Value) -> Option<[u8; N]> {
+    match v {
+        Value::Bytes(b) => b.as_slice().try_into().ok(),
+        _ => None,
+    }
+}
+
+fn get_opt_bytes<const N: usize>(v: &Value) -> Option<Option<[u8; N]>> {
+    match v {
+        Value::Null => Some(None),
+        other => get_bytes(other).map(Some),
+    }
+}
+
+fn principal_value(p: &Option<Principal>) -> Value {
+    match p {
+        None => Value::Null,
+        Some(Principal::Patient(x)) => Value::Array(vec![uint(0), bytes(x.as_bytes())]),
+        Some(Principal::Practice(x)) => Value::Array(vec![uint(1), bytes(x.as_bytes())]),
+    }
+}
+
+fn principal_from(v: &Value) -> Option<Option<Principal>> {
+    match v {
+        Value::Null => Some(None),
+        Value::Array(a) if a.len() == 2 => {
+            let key = get_bytes::<32>(&a[1])?;
+            match get_uint(&a[0])? {
+                0 => PatientId::from_bytes(key).ok().map(|p| Some(Principal::Patient(p))),
+                1 => PracticeId::from_bytes(key).ok().map(|p| Some(Principal::Practice(p))),
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}
+
+pub(crate) fn seq_key(seq: Seq) -> [u8; 8] {
+    seq.to_be_bytes()
+}
+
+pub(crate) fn seq_from_key(key: &[u8]) -> Result<Seq> {
+    let b: [u8; 8] = key.try_into().map_err(|_| corrupt("sequence key", key))?;
+    Ok(u64::from_be_bytes(b))
+}
+
+/// items value: kind tag ‖ seq (8, BE) ‖ wire bytes.
+pub(crate) fn item_value(kind: ItemKind, seq: Seq, wire: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(9 + wire.len());
+    v.push(kind.tag());
+    v.extend_from_slice(&seq.to_be_bytes());
+    v.extend_from_slice(wire);
+    v
+}
+
+pub(crate) fn split_item_value<'a>(id: &ItemId, v: &'a [u8]) -> Result<(ItemKind, Seq, &'a [u8])> {
+    if v.len() < 9 {
+        return Err(corrupt("item", &id.0));
+    }
+    let kind = ItemKind::from_tag(v[0]).ok_or_else(|| corrupt("item", &id.0))?;
+    let seq = seq_from_key(&v[1..9])?;
+    Ok((kind, seq, &v[9..]))
+}
+
+pub(crate) fn meta_value(m: &ItemMeta) -> Vec<u8> {
+    encode(&Value::Array(vec![
+        uint(m.kind.tag().into()),
+        bytes(&m.id.0),
+        bytes(m.patient.as_bytes()),
+        m.collection.map_or(Value::Null, |c| uint(collection_tag(c).into())),
+        m.grant.map_or(Value::Null, |g| bytes(&g.0)),
+        principal_value(&m.principal),
+    ]))
+}
+
+pub(crate) fn meta_from(key: &[u8], v: &[u8]) -> Result<ItemMeta> {
+    let parse = || -> Option<ItemMeta> {
+        let a = decode(v)?;
+        if a.len() != 6 {
+            return None;
+        }
+        let kind = ItemKind::from_tag(u8::try_from(get_uint(&a[0])?).ok()?)?;
+        let collection = match &a[3] {
+            Value::Null => None,
+            other => Some(collection_from_tag(u8::try_from(get_uint(other)?).ok()?)?),
+        };
+        Some(ItemMeta {
+            kind,
+            id: ItemId(get_bytes(&a[1])?),
+            patient: PatientId::from_bytes(get_bytes(&a[2])?).ok()?,
+            collection,
+            grant: get_opt_bytes(&a[4])?.map(GrantId),
+            principal: principal_from(&a[5])?,
+        })
+    };
+    parse().ok_or_else(|| corrupt("item metadata", key))
+}
+
+/// envelopes key: patient (32) ‖ collection tag (1) ‖ envelope id (32).
+pub(crate) fn envelope_key(patient: &PatientId, collection: Collection, id: &EnvelopeId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(65);
+    k.extend_from_slice(patient.as_bytes());
+    k.push(collection_tag(collection));
+    k.extend_from_slice(&id.0);
+    k
+}
+
+pub(crate) fn envelope_prefix(patient: &PatientId, collection: Option<Collection>) -> Vec<u8> {
+    let mut k = Vec::with_capacity(33);
+    k.extend_from_slice(patient.as_bytes());
+    if let Some(c) = collection {
+        k.push(collection_tag(c));
+    }
+    k
+}
+
+pub(crate) fn envelope_value(e: &EnvelopeEntry) -> Vec<u8> {
+    encode(&Value::Array(vec![
+        uint(match e.state {
+            EnvelopeState::Opaque => 0,
+            EnvelopeState::Readable => 1,
+        }),
+        uint(e.epoch),
+        bytes(&e.key_id.0),
+        e.grant.map_or(Value::Null, |g| bytes(&g.0)),
+        bytes(&e.actor.0),
+        uint(e.change_seq),
+        uint(e.created_at),
+        uint(e.seq),
+    ]))
+}
+
+pub(crate) fn envelope_from(key: &[u8], v: &[u8]) -> Result<EnvelopeEntry> {
+    let parse = || -> Option<EnvelopeEntry> {
+        if key.len() != 65 {
+            return None;
+        }
+        let patient = PatientId::from_bytes(key[..32].try_into().ok()?).ok()?;
+        let collection = collection_from_tag(key[32])?;
+        let id = EnvelopeId(key[33..].try_into().ok()?);
+        let a = decode(v)?;
+        if a.len() != 8 {
+            return None;
+        }
+        Some(EnvelopeEntry {
+            id,
+            patient,
+            collection,
+            state: match get_uint(&a[0])? {
+                0 => EnvelopeState::Opaque,
+                1 => EnvelopeState::Readable,
+                _ => return None,
+            },
+            epoch: get_uint(&a[1])?,
+            key_id: KeyId(get_bytes(&a[2])?),
+            grant: get_opt_bytes(&a[3])?.map(GrantId),
+            actor: ActorId(get_bytes(&a[4])?),
+            change_seq: get_uint(&a[5])?,
+            created_at: get_uint(&a[6])?,
+            seq: get_uint(&a[7])?,
+        })
+    };
+    parse().ok_or_else(|| corrupt("envelope index entry", key))
+}
+
+/// pending key: reason tag (1) ‖ grant id or zeros (16) ‖ SHA-256 of the bytes (32).
+pub(crate) fn pending_prefix(reason: PendingReason) -> Vec<u8> {
+    let mut k = Vec::with_capacity(49);
+    match reason {
+        PendingReason::MissingGrant(g) => {
+            k.push(0);
+            k.extend_from_slice(&g.0);
+        }
+        PendingReason::UnsupportedVersion => {
+            k.push(1);
+            k.extend_from_slice(&[0; 16]);
+        }
+    }
+    k
+}
+
+pub(crate) fn pending_key(reason: PendingReason, hash: &[u8; 32]) -> Vec<u8> {
+    let mut k = pending_prefix(reason);
+    k.extend_from_slice(hash);
+    k
+}
+
+/// pending value: kind tag ‖ bytes as received.
+pub(crate) fn pending_value(p: &PendingItem) -> Vec<u8> {
+    let mut v = Vec::with_capacity(1 + p.bytes.len());
+    v.push(p.kind.tag());
+    v.extend_from_slice(&p.bytes);
+    v
+}
+
+pub(crate) fn pending_from(key: &[u8], v: &[u8]) -> Result<PendingItem> {
+    let parse = || -> Option<PendingItem> {
+        if key.len() != 49 || v.is_empty() {
+            return None;
+        }
+        let reason = match key[0] {
+            0 => PendingReason::MissingGrant(GrantId(key[1..17].try_into().ok()?)),
+            1 => PendingReason::UnsupportedVersion,
+            _ => return None,
+        };
+        Some(PendingItem {
+            reason,
+            hash: key[17..].try_into().ok()?,
+            kind: ItemKind::from_tag(v[0])?,
+            bytes: v[1..].to_vec(),
+        })
+    };
+    parse().ok_or_else(|| corrupt("pending item", key))
+}
+
+pub(crate) fn rejection_value(r: &Rejection) -> Vec<u8> {
+    encode(&Value::Array(vec![uint(r.time), Value::Text(r.reason.clone())]))
+}
+
+pub(crate) fn rejection_from(key: &[u8], v: &[u8]) -> Result<Rejection> {
+    let parse = || -> Option<Rejection> {
+        let a = decode(v)?;
+        match a.as_slice() {
+            [t, Value::Text(reason)] => Some(Rejection {
+                time: get_uint(t)?,
+                reason: reason.clone(),
+            }),
+            _ => None,
+        }
+    };
+    parse().ok_or_else(|| corrupt("rejection", key))
+}
+
+pub(crate) fn cursor_value(c: &Cursor) -> Vec<u8> {
+    let mut v = Vec::with_capacity(24);
+    v.extend_from_slice(&c.instance.0);
+    v.extend_from_slice(&c.seq.to_be_bytes());
+    v
+}
+
+pub(crate) fn cursor_from(key: &[u8], v: &[u8]) -> Result<Cursor> {
+    if v.len() != 24 {
+        return Err(corrupt("cursor", key));
+    }
+    let mut instance = [0u8; 16];
+    instance.copy_from_slice(&v[..16]);
+    Ok(Cursor {
+        instance: InstanceId(instance),
+        seq: seq_from_key(&v[16..])?,
+    })
+}

@@ -1,0 +1,415 @@
+//! The storage interface: what a node keeps on disk, independent of the
+//! engine. [`SledStore`] implements it on sled 0.34; no sled type appears
+//! outside `store::sled_store`, so a redb or fjall store is a drop-in.
+//!
+//! What is stored (see `docs/storage.md`):
+//! - items by id: envelopes, grants, revocations and key shares, as their
+//!   signed wire bytes, each with the next local sequence number;
+//! - the sequence log (seq → item metadata), for sync's "items after N";
+//! - indexes holding only ids and signed metadata (patient did bytes,
+//!   collection, envelope id, grant id, epoch, actor/seq) — never content;
+//! - the pending queue, the rejected set, per-peer cursors;
+//! - the hash-chained audit log;
+//! - the store instance id (16 random bytes made at creation).
+//!
+//! One [`Batch`] is applied atomically (all its ops or none). Durability is
+//! a separate [`Store::flush`], so a committer can share one flush among
+//! many batches (group commit).
+
+mod codec;
+mod sled_store;
+
+use std::fmt;
+
+use medmesh_crypto::{ActorId, Collection, EnvelopeId, Epoch, GrantId, KeyId, PatientId, Principal, Timestamp};
+
+use crate::Result;
+use crate::audit::AuditRecord;
+
+pub(crate) use codec::encode as encode_value;
+pub use sled_store::SledStore;
+
+/// A local sequence number: every stored item gets the next one. 0 means
+/// "before the first item".
+pub type Seq = u64;
+
+/// An item's id: the envelope id for envelopes, SHA-256 of the signed
+/// bytes for grants, revocations and key shares.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ItemId(pub [u8; 32]);
+
+impl From<EnvelopeId> for ItemId {
+    fn from(id: EnvelopeId) -> Self {
+        Self(id.0)
+    }
+}
+
+impl fmt::Display for ItemId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+impl fmt::Debug for ItemId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ItemId({self})")
+    }
+}
+
+/// Random 16 bytes made when a store is created: a cursor from another
+/// instance (a restored or rebuilt store) is void (DESIGN §6).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct InstanceId(pub [u8; 16]);
+
+impl fmt::Display for InstanceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+impl fmt::Debug for InstanceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "InstanceId({self})")
+    }
+}
+
+/// What a stored item is.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ItemKind {
+    /// A sealed, signed change.
+    Envelope,
+    /// A consent grant.
+    Grant,
+    /// A revocation of a grant.
+    Revocation,
+    /// A collection key wrapped for one recipient.
+    KeyShare,
+}
+
+impl ItemKind {
+    /// Wire/disk tag.
+    pub fn tag(self) -> u8 {
+        match self {
+            Self::Envelope => 1,
+            Self::Grant => 2,
+            Self::Revocation => 3,
+            Self::KeyShare => 4,
+        }
+    }
+
+    /// From a disk tag.
+    pub fn from_tag(tag: u8) -> Option<Self> {
+        match tag {
+            1 => Some(Self::Envelope),
+            2 => Some(Self::Grant),
+            3 => Some(Self::Revocation),
+            4 => Some(Self::KeyShare),
+            _ => None,
+        }
+    }
+
+    /// Lowercase name for logs and audit entries.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Envelope => "envelope",
+            Self::Grant => "grant",
+            Self::Revocation => "revocation",
+            Self::KeyShare => "key share",
+        }
+    }
+}
+
+/// Signed metadata of a stored item, enough to filter by consent without
+/// decoding the item again.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct ItemMeta {
+    /// Kind.
+    pub kind: ItemKind,
+    /// Id.
+    pub id: ItemId,
+    /// Whose record (every item names one patient).
+    pub patient: PatientId,
+    /// Collection (envelopes and key shares).
+    pub collection: Option<Collection>,
+    /// The envelope's grant, the grant's own id, or the revoked grant.
+    pub grant: Option<GrantId>,
+    /// The envelope's author, the grant's grantee or the key share's recipient.
+    pub principal: Option<Principal>,
+}
+
+/// An item as stored: its seq, metadata and signed wire bytes.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct StoredItem {
+    /// Local sequence number.
+    pub seq: Seq,
+    /// Metadata.
+    pub meta: ItemMeta,
+    /// The signed wire bytes.
+    pub bytes: Vec<u8>,
+}
+
+/// A sync cursor: the puller has everything of `instance` up to `seq`.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Cursor {
+    /// The serving store's instance.
+    pub instance: InstanceId,
+    /// Last seq received.
+    pub seq: Seq,
+}
+
+/// Whether the node can read an envelope it holds.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EnvelopeState {
+    /// Valid, but the node holds no key for its epoch: kept and relayed.
+    Opaque,
+    /// Opened and checked with a key the node holds.
+    Readable,
+}
+
+/// Index entry of one held envelope: ids and signed header fields only.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct EnvelopeEntry {
+    /// Envelope id.
+    pub id: EnvelopeId,
+    /// Whose record.
+    pub patient: PatientId,
+    /// Which collection.
+    pub collection: Collection,
+    /// Readable or opaque.
+    pub state: EnvelopeState,
+    /// Epoch of its key.
+    pub epoch: Epoch,
+    /// Id of its key.
+    pub key_id: KeyId,
+    /// The grant it was written under (`None`: written by the patient).
+    pub grant: Option<GrantId>,
+    /// Automerge actor of the change.
+    pub actor: ActorId,
+    /// Sequence of the change for its actor.
+    pub change_seq: u64,
+    /// Signed created-at.
+    pub created_at: Timestamp,
+    /// Local store seq (filled in by the store on insert).
+    pub seq: Seq,
+}
+
+/// Why an item waits.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum PendingReason {
+    /// An envelope whose grant the node does not know yet.
+    MissingGrant(GrantId),
+    /// A format version this build cannot read.
+    UnsupportedVersion,
+}
+
+/// An item in the pending queue, kept as received.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct PendingItem {
+    /// Why it waits.
+    pub reason: PendingReason,
+    /// SHA-256 of the bytes (its key in the queue).
+    pub hash: [u8; 32],
+    /// What it claims to be.
+    pub kind: ItemKind,
+    /// The bytes as received.
+    pub bytes: Vec<u8>,
+}
+
+/// One logical mutation; a [`Batch`] of them is applied atomically.
+#[derive(Clone, Debug)]
+pub enum Op {
+    /// Store an item under the next seq (a no-op if the id is present),
+    /// with its envelope index entry if it is an envelope.
+    PutItem {
+        /// Metadata (kind, id, patient, …).
+        meta: ItemMeta,
+        /// Signed wire bytes.
+        bytes: Vec<u8>,
+        /// Index entry for envelopes (its `seq` is filled in).
+        envelope: Option<Box<EnvelopeEntry>>,
+    },
+    /// Overwrite an envelope's index entry (opaque → readable).
+    PutEnvelopeEntry(Box<EnvelopeEntry>),
+    /// Remove an item with its seq entry and index entries (exclusion,
+    /// quarantine of a corrupt item).
+    RemoveItem(ItemId),
+    /// Queue an item.
+    AddPending(PendingItem),
+    /// Dequeue an item.
+    RemovePending {
+        /// Its reason (part of the key).
+        reason: PendingReason,
+        /// Its hash.
+        hash: [u8; 32],
+    },
+    /// Record a permanent rejection (kept once: the first reason stays).
+    AddRejected {
+        /// Item id, or SHA-256 of undecodable bytes.
+        key: [u8; 32],
+        /// Why (no content).
+        reason: String,
+    },
+    /// Set a peer's cursor.
+    SetCursor {
+        /// The peer (PeerId bytes).
+        peer: Vec<u8>,
+        /// Its cursor.
+        cursor: Cursor,
+    },
+    /// Append an audit entry (seq, time and chain hash are the store's).
+    Audit(AuditRecord),
+}
+
+/// Ops applied all or nothing.
+#[derive(Clone, Debug, Default)]
+pub struct Batch {
+    /// The ops, in order.
+    pub ops: Vec<Op>,
+}
+
+impl Batch {
+    /// An empty batch.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds an op.
+    pub fn push(&mut self, op: Op) {
+        self.ops.push(op);
+    }
+
+    /// Whether there is nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+}
+
+/// What a committed batch got.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Committed {
+    /// Items newly stored, with their seqs (items already present are absent).
+    pub items: Vec<(ItemId, Seq)>,
+    /// Seqs of the audit entries appended.
+    pub audit: Vec<u64>,
+}
+
+/// A rejection as recorded.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct Rejection {
+    /// When it was first recorded.
+    pub time: Timestamp,
+    /// Why.
+    pub reason: String,
+}
+
+/// A node's storage engine. Implementations apply each [`Batch`]
+/// atomically and make it durable on [`Store::flush`]; reads see every
+/// committed batch. All methods may be called from many threads.
+pub trait Store: Send + Sync + 'static {
+    /// The instance id made at creation.
+    fn instance_id(&self) -> InstanceId;
+
+    /// Applies `batch` atomically (not yet durable).
+    ///
+    /// # Errors
+    /// Engine failures; nothing of the batch is applied then.
+    fn commit(&self, batch: &Batch) -> Result<Committed>;
+
+    /// Makes every committed batch durable.
+    ///
+    /// # Errors
+    /// Engine or I/O failures.
+    fn flush(&self) -> Result<()>;
+
+    /// Highest seq given out (0 when empty).
+    fn last_seq(&self) -> Seq;
+
+    /// Whether an item is held.
+    ///
+    /// # Errors
+    /// Engine failures.
+    fn contains(&self, id: &ItemId) -> Result<bool>;
+
+    /// One item.
+    ///
+    /// # Errors
+    /// Engine failures, [`crate::Error::Corrupt`].
+    fn item(&self, id: &ItemId) -> Result<Option<StoredItem>>;
+
+    /// Items with seq > `after`, in seq order, at most `limit`.
+    ///
+    /// # Errors
+    /// Engine failures, [`crate::Error::Corrupt`].
+    fn items_after(&self, after: Seq, limit: usize) -> Result<Vec<StoredItem>>;
+
+    /// Every grant, revocation and key share, in seq order.
+    ///
+    /// # Errors
+    /// Engine failures, [`crate::Error::Corrupt`].
+    fn consent_items(&self) -> Result<Vec<StoredItem>>;
+
+    /// Index entries of held envelopes of `patient` (of one collection, or all).
+    ///
+    /// # Errors
+    /// Engine failures, [`crate::Error::Corrupt`].
+    fn envelopes(&self, patient: &PatientId, collection: Option<Collection>) -> Result<Vec<EnvelopeEntry>>;
+
+    /// Patients with at least one held envelope.
+    ///
+    /// # Errors
+    /// Engine failures, [`crate::Error::Corrupt`].
+    fn patients(&self) -> Result<Vec<PatientId>>;
+
+    /// Pending items, all or those waiting for one reason.
+    ///
+    /// # Errors
+    /// Engine failures, [`crate::Error::Corrupt`].
+    fn pending(&self, reason: Option<PendingReason>) -> Result<Vec<PendingItem>>;
+
+    /// The rejection recorded under `key`, if any.
+    ///
+    /// # Errors
+    /// Engine failures, [`crate::Error::Corrupt`].
+    fn rejected(&self, key: &[u8; 32]) -> Result<Option<Rejection>>;
+
+    /// Number of rejections recorded.
+    ///
+    /// # Errors
+    /// Engine failures.
+    fn rejected_count(&self) -> Result<u64>;
+
+    /// A peer's cursor.
+    ///
+    /// # Errors
+    /// Engine failures, [`crate::Error::Corrupt`].
+    fn cursor(&self, peer: &[u8]) -> Result<Option<Cursor>>;
+
+    /// Raw audit entries (seq, encoded entry) with seq ≥ `from`, in order.
+    ///
+    /// # Errors
+    /// Engine failures.
+    fn audit_raw(&self, from: u64) -> Result<Vec<(u64, Vec<u8>)>>;
+
+    /// The signed wire bytes of an item as they lie on disk, for tests and
+    /// repair tools.
+    ///
+    /// # Errors
+    /// Engine failures.
+    fn raw_item_bytes(&self, id: &ItemId) -> Result<Option<Vec<u8>>>;
+
+    /// Overwrites an item's wire bytes on disk without any check, for
+    /// tests (bit flips at rest) and repair tools only.
+    ///
+    /// # Errors
+    /// Engine failures.
+    fn raw_replace_item_bytes(&self, id: &ItemId, bytes: &[u8]) -> Result<()>;
+
+    /// Overwrites an audit entry's raw bytes without any check, for tests
+    /// of `audit verify`.
+    ///
+    /// # Errors
+    /// Engine failures.
+    fn raw_replace_audit(&self, seq: u64, bytes: &[u8]) -> Result<()>;
+}

@@ -1,0 +1,454 @@
+//! [`Store`] on sled 0.34. Every [`Batch`] is one sled transaction across
+//! the trees below; [`Store::flush`] is `Db::flush` (fsync). No sled type
+//! leaves this module.
+//!
+//! Trees: `meta` (instance id), `items` (id → kind ‖ seq ‖ wire bytes),
+//! `seqlog` (seq → item metadata), `consent` (seq → id of grants,
+//! revocations, key shares), `envelopes` (patient ‖ collection ‖ envelope id
+//! → index entry), `pending`, `rejected`, `cursors`, `audit`.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use medmesh_crypto::{Collection, PatientId, now};
+use sled::Transactional as _;
+use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
+
+use super::codec::{self, seq_key};
+use super::{
+    Batch, Committed, Cursor, EnvelopeEntry, InstanceId, ItemId, ItemKind, Op, PendingItem, PendingReason, Rejection,
+    Seq, Store, StoredItem,
+};
+use crate::audit;
+use crate::{Error, Result};
+
+const INSTANCE_KEY: &[u8] = b"instance-id";
+const LAYOUT_KEY: &[u8] = b"layout-version";
+const LAYOUT_VERSION: &[u8] = b"1";
+
+fn storage(e: sled::Error) -> Error {
+    Error::Storage(e.to_string())
+}
+
+/// Counters the single writer advances after each successful commit.
+struct Heads {
+    next_seq: Seq,
+    next_audit: u64,
+    audit_head: [u8; 32],
+}
+
+/// The sled implementation of [`Store`].
+pub struct SledStore {
+    db: sled::Db,
+    items: sled::Tree,
+    seqlog: sled::Tree,
+    consent: sled::Tree,
+    envelopes: sled::Tree,
+    pending: sled::Tree,
+    rejected: sled::Tree,
+    cursors: sled::Tree,
+    audit: sled::Tree,
+    instance: InstanceId,
+    // Commits are serialised: seqs and the audit chain need one writer.
+    heads: Mutex<Heads>,
+}
+
+impl SledStore {
+    /// Opens (or creates) the store in directory `path`.
+    ///
+    /// # Errors
+    /// [`Error::Storage`] when sled cannot open the directory (another
+    /// process holds it, I/O errors); [`Error::Corrupt`] for a damaged
+    /// instance id.
+    pub fn open(path: &Path) -> Result<Self> {
+        let db = sled::Config::new().path(path).open().map_err(storage)?;
+        let tree = |name: &str| db.open_tree(name).map_err(storage);
+        let meta = tree("meta")?;
+        let instance = match meta.get(INSTANCE_KEY).map_err(storage)? {
+            Some(v) => InstanceId(v.as_ref().try_into().map_err(|_| Error::Corrupt {
+                what: "instance id",
+                key: "meta/instance-id".into(),
+            })?),
+            None => {
+                let mut id = [0u8; 16];
+                getrandom::fill(&mut id).map_err(|_| Error::Crypto(medmesh_crypto::Error::Random))?;
+                meta.insert(LAYOUT_KEY, LAYOUT_VERSION).map_err(storage)?;
+                meta.insert(INSTANCE_KEY, &id[..]).map_err(storage)?;
+                db.flush().map_err(storage)?;
+                InstanceId(id)
+            }
+        };
+        let store = Self {
+            items: tree("items")?,
+            seqlog: tree("seqlog")?,
+            consent: tree("consent")?,
+            envelopes: tree("envelopes")?,
+            pending: tree("pending")?,
+            rejected: tree("rejected")?,
+            cursors: tree("cursors")?,
+            audit: tree("audit")?,
+            db,
+            instance,
+            heads: Mutex::new(Heads {
+                next_seq: 1,
+                next_audit: 1,
+                audit_head: [0; 32],
+            }),
+        };
+        let next_seq = match store.seqlog.last().map_err(storage)? {
+            Some((k, _)) => codec::seq_from_key(&k)? + 1,
+            None => 1,
+        };
+        let (next_audit, audit_head) = match store.audit.last().map_err(storage)? {
+            Some((k, v)) => {
+                let seq = codec::seq_from_key(&k)?;
+                (seq + 1, audit::head_hash(seq, &v))
+            }
+            None => (1, [0; 32]),
+        };
+        if let Ok(mut heads) = store.heads.lock() {
+            *heads = Heads {
+                next_seq,
+                next_audit,
+                audit_head,
+            };
+        }
+        Ok(store)
+    }
+}
+
+type Tx<'a> = &'a TransactionalTree;
+type Abortable<T> = std::result::Result<T, ConflictableTransactionError<Error>>;
+
+fn abort<T>(e: Error) -> Abortable<T> {
+    Err(ConflictableTransactionError::Abort(e))
+}
+
+struct Trees<'a> {
+    items: Tx<'a>,
+    seqlog: Tx<'a>,
+    consent: Tx<'a>,
+    envelopes: Tx<'a>,
+    pending: Tx<'a>,
+    rejected: Tx<'a>,
+    cursors: Tx<'a>,
+    audit: Tx<'a>,
+}
+
+fn apply_op(t: &Trees<'_>, op: &Op, heads: &mut Heads, out: &mut Committed, time: u64) -> Abortable<()> {
+    match op {
+        Op::PutItem { meta, bytes, envelope } => {
+            if t.items.get(meta.id.0)?.is_some() {
+                return Ok(());
+            }
+            let seq = heads.next_seq;
+            t.items.insert(&meta.id.0, codec::item_value(meta.kind, seq, bytes))?;
+            t.seqlog.insert(&seq_key(seq), codec::meta_value(meta))?;
+            if meta.kind != ItemKind::Envelope {
+                t.consent.insert(&seq_key(seq), &meta.id.0)?;
+            }
+            if let Some(entry) = envelope {
+                let mut entry = (**entry).clone();
+                entry.seq = seq;
+                t.envelopes.insert(
+                    codec::envelope_key(&entry.patient, entry.collection, &entry.id),
+                    codec::envelope_value(&entry),
+                )?;
+            }
+            heads.next_seq += 1;
+            out.items.push((meta.id, seq));
+        }
+        Op::PutEnvelopeEntry(entry) => {
+            t.envelopes.insert(
+                codec::envelope_key(&entry.patient, entry.collection, &entry.id),
+                codec::envelope_value(entry),
+            )?;
+        }
+        Op::RemoveItem(id) => {
+            let Some(value) = t.items.get(id.0)? else {
+                return Ok(());
+            };
+            let seq = match codec::split_item_value(id, &value) {
+                Ok((_, seq, _)) => seq,
+                Err(e) => return abort(e),
+            };
+            t.items.remove(&id.0)?;
+            if let Some(meta) = t.seqlog.remove(&seq_key(seq))? {
+                let meta = match codec::meta_from(&seq_key(seq), &meta) {
+                    Ok(m) => m,
+                    Err(e) => return abort(e),
+                };
+                if let (ItemKind::Envelope, Some(c)) = (meta.kind, meta.collection) {
+                    t.envelopes
+                        .remove(codec::envelope_key(&meta.patient, c, &medmesh_crypto::EnvelopeId(id.0)))?;
+                }
+            }
+            t.consent.remove(&seq_key(seq))?;
+        }
+        Op::AddPending(p) => {
+            t.pending
+                .insert(codec::pending_key(p.reason, &p.hash), codec::pending_value(p))?;
+        }
+        Op::RemovePending { reason, hash } => {
+            t.pending.remove(codec::pending_key(*reason, hash))?;
+        }
+        Op::AddRejected { key, reason } => {
+            if t.rejected.get(key)?.is_none() {
+                t.rejected.insert(
+                    &key[..],
+                    codec::rejection_value(&Rejection {
+                        time,
+                        reason: reason.clone(),
+                    }),
+                )?;
+            }
+        }
+        Op::SetCursor { peer, cursor } => {
+            t.cursors.insert(peer.as_slice(), codec::cursor_value(cursor))?;
+        }
+        Op::Audit(record) => {
+            let seq = heads.next_audit;
+            let (bytes, hash) = audit::seal(seq, time, record, &heads.audit_head);
+            t.audit.insert(&seq_key(seq), bytes)?;
+            heads.next_audit += 1;
+            heads.audit_head = hash;
+            out.audit.push(seq);
+        }
+    }
+    Ok(())
+}
+
+impl Store for SledStore {
+    fn instance_id(&self) -> InstanceId {
+        self.instance
+    }
+
+    fn commit(&self, batch: &Batch) -> Result<Committed> {
+        if batch.is_empty() {
+            return Ok(Committed::default());
+        }
+        let mut heads = self
+            .heads
+            .lock()
+            .map_err(|_| Error::Storage("store writer lock poisoned".into()))?;
+        let time = now();
+        let start = Heads {
+            next_seq: heads.next_seq,
+            next_audit: heads.next_audit,
+            audit_head: heads.audit_head,
+        };
+        let result = (
+            &self.items,
+            &self.seqlog,
+            &self.consent,
+            &self.envelopes,
+            &self.pending,
+            &self.rejected,
+            &self.cursors,
+            &self.audit,
+        )
+            .transaction(
+                |(items, seqlog, consent, envelopes, pending, rejected, cursors, audit)| {
+                    let trees = Trees {
+                        items,
+                        seqlog,
+                        consent,
+                        envelopes,
+                        pending,
+                        rejected,
+                        cursors,
+                        audit,
+                    };
+                    // A retried closure starts again from the same heads.
+                    let mut local = Heads {
+                        next_seq: start.next_seq,
+                        next_audit: start.next_audit,
+                        audit_head: start.audit_head,
+                    };
+                    let mut out = Committed::default();
+                    for op in &batch.ops {
+                        apply_op(&trees, op, &mut local, &mut out, time)?;
+                    }
+                    Ok((local, out))
+                },
+            );
+        match result {
+            Ok((local, out)) => {
+                *heads = local;
+                Ok(out)
+            }
+            Err(TransactionError::Abort(e)) => Err(e),
+            Err(TransactionError::Storage(e)) => Err(storage(e)),
+        }
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.db.flush().map(|_| ()).map_err(storage)
+    }
+
+    fn last_seq(&self) -> Seq {
+        self.heads.lock().map_or(0, |h| h.next_seq.saturating_sub(1))
+    }
+
+    fn contains(&self, id: &ItemId) -> Result<bool> {
+        self.items.contains_key(id.0).map_err(storage)
+    }
+
+    fn item(&self, id: &ItemId) -> Result<Option<StoredItem>> {
+        let Some(value) = self.items.get(id.0).map_err(storage)? else {
+            return Ok(None);
+        };
+        let (_, seq, wire) = codec::split_item_value(id, &value)?;
+        let Some(meta) = self.seqlog.get(seq_key(seq)).map_err(storage)? else {
+            return Err(Error::Corrupt {
+                what: "sequence log",
+                key: seq.to_string(),
+            });
+        };
+        Ok(Some(StoredItem {
+            seq,
+            meta: codec::meta_from(&seq_key(seq), &meta)?,
+            bytes: wire.to_vec(),
+        }))
+    }
+
+    fn items_after(&self, after: Seq, limit: usize) -> Result<Vec<StoredItem>> {
+        let mut out = Vec::new();
+        let start = after.saturating_add(1);
+        for entry in self.seqlog.range(seq_key(start)..) {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = entry.map_err(storage)?;
+            let seq = codec::seq_from_key(&k)?;
+            let meta = codec::meta_from(&k, &v)?;
+            let Some(value) = self.items.get(meta.id.0).map_err(storage)? else {
+                continue;
+            };
+            let (_, _, wire) = codec::split_item_value(&meta.id, &value)?;
+            out.push(StoredItem {
+                seq,
+                bytes: wire.to_vec(),
+                meta,
+            });
+        }
+        Ok(out)
+    }
+
+    fn consent_items(&self) -> Result<Vec<StoredItem>> {
+        let mut out = Vec::new();
+        for entry in self.consent.iter() {
+            let (_, v) = entry.map_err(storage)?;
+            let id = ItemId(v.as_ref().try_into().map_err(|_| Error::Corrupt {
+                what: "consent index",
+                key: hex::encode(&v),
+            })?);
+            if let Some(item) = self.item(&id)? {
+                out.push(item);
+            }
+        }
+        Ok(out)
+    }
+
+    fn envelopes(&self, patient: &PatientId, collection: Option<Collection>) -> Result<Vec<EnvelopeEntry>> {
+        self.envelopes
+            .scan_prefix(codec::envelope_prefix(patient, collection))
+            .map(|entry| {
+                let (k, v) = entry.map_err(storage)?;
+                codec::envelope_from(&k, &v)
+            })
+            .collect()
+    }
+
+    fn patients(&self) -> Result<Vec<PatientId>> {
+        let mut out = Vec::new();
+        let mut start: Vec<u8> = Vec::new();
+        loop {
+            let Some(entry) = self.envelopes.range(start.clone()..).next() else {
+                break;
+            };
+            let (k, _) = entry.map_err(storage)?;
+            let key: [u8; 32] = k
+                .get(..32)
+                .and_then(|b| b.try_into().ok())
+                .ok_or_else(|| Error::Corrupt {
+                    what: "envelope index key",
+                    key: hex::encode(&k),
+                })?;
+            out.push(PatientId::from_bytes(key).map_err(|_| Error::Corrupt {
+                what: "envelope index key",
+                key: hex::encode(&k),
+            })?);
+            // Jump past every key of this patient: the next 32-byte prefix.
+            start = key.to_vec();
+            start.push(0xff);
+            start.push(0xff);
+        }
+        Ok(out)
+    }
+
+    fn pending(&self, reason: Option<PendingReason>) -> Result<Vec<PendingItem>> {
+        let prefix = reason.map(codec::pending_prefix).unwrap_or_default();
+        self.pending
+            .scan_prefix(prefix)
+            .map(|entry| {
+                let (k, v) = entry.map_err(storage)?;
+                codec::pending_from(&k, &v)
+            })
+            .collect()
+    }
+
+    fn rejected(&self, key: &[u8; 32]) -> Result<Option<Rejection>> {
+        self.rejected
+            .get(key)
+            .map_err(storage)?
+            .map(|v| codec::rejection_from(key, &v))
+            .transpose()
+    }
+
+    fn rejected_count(&self) -> Result<u64> {
+        Ok(self.rejected.len() as u64)
+    }
+
+    fn cursor(&self, peer: &[u8]) -> Result<Option<Cursor>> {
+        self.cursors
+            .get(peer)
+            .map_err(storage)?
+            .map(|v| codec::cursor_from(peer, &v))
+            .transpose()
+    }
+
+    fn audit_raw(&self, from: u64) -> Result<Vec<(u64, Vec<u8>)>> {
+        self.audit
+            .range(seq_key(from)..)
+            .map(|entry| {
+                let (k, v) = entry.map_err(storage)?;
+                Ok((codec::seq_from_key(&k)?, v.to_vec()))
+            })
+            .collect()
+    }
+
+    fn raw_item_bytes(&self, id: &ItemId) -> Result<Option<Vec<u8>>> {
+        let Some(value) = self.items.get(id.0).map_err(storage)? else {
+            return Ok(None);
+        };
+        let (_, _, wire) = codec::split_item_value(id, &value)?;
+        Ok(Some(wire.to_vec()))
+    }
+
+    fn raw_replace_item_bytes(&self, id: &ItemId, bytes: &[u8]) -> Result<()> {
+        let Some(value) = self.items.get(id.0).map_err(storage)? else {
+            return Ok(());
+        };
+        let (kind, seq, _) = codec::split_item_value(id, &value)?;
+        self.items
+            .insert(id.0, codec::item_value(kind, seq, bytes))
+            .map_err(storage)?;
+        self.flush()
+    }
+
+    fn raw_replace_audit(&self, seq: u64, bytes: &[u8]) -> Result<()> {
+        self.audit.insert(seq_key(seq), bytes).map_err(storage)?;
+        self.flush()
+    }
+}

@@ -1,0 +1,204 @@
+//! Helpers for tests, benchmarks and demos: a patient who signs grants,
+//! revocations and key shares, and real Automerge changes with medmesh
+//! actor ids. Nothing here is used by the node itself.
+
+use std::collections::{BTreeMap, HashMap};
+
+use automerge::transaction::Transactable as _;
+use automerge::{AutoCommit, ROOT};
+use medmesh_crypto::{
+    Access, ActorId, Change, Collection, Epoch, EpochKey, Grant, GrantId, GrantTerms, KeyShare, PatientId, PracticeId,
+    Principal, Revocation, RevocationTerms, SecretIdentity, Timestamp, now,
+};
+
+use crate::node::Incoming;
+use crate::store::ItemKind;
+use crate::{Error, Result};
+
+/// A patient with their collection keys, as the CLI keystore would hold them.
+pub struct TestPatient {
+    /// The patient's key.
+    pub identity: SecretIdentity,
+    keys: HashMap<(Collection, Epoch), EpochKey>,
+}
+
+impl TestPatient {
+    /// A fresh patient.
+    ///
+    /// # Errors
+    /// Randomness failures.
+    pub fn new() -> Result<Self> {
+        Ok(Self {
+            identity: SecretIdentity::generate()?,
+            keys: HashMap::new(),
+        })
+    }
+
+    /// A patient from a fixed seed.
+    pub fn from_seed(seed: &[u8; 32]) -> Self {
+        Self {
+            identity: SecretIdentity::from_seed(seed),
+            keys: HashMap::new(),
+        }
+    }
+
+    /// The patient id.
+    pub fn id(&self) -> PatientId {
+        self.identity.patient_id()
+    }
+
+    /// The key of (collection, epoch), made on first use.
+    ///
+    /// # Errors
+    /// Randomness failures.
+    pub fn key(&mut self, collection: Collection, epoch: Epoch) -> Result<EpochKey> {
+        if let Some(k) = self.keys.get(&(collection, epoch)) {
+            return Ok(k.clone());
+        }
+        let k = EpochKey::generate(self.id(), collection, epoch)?;
+        self.keys.insert((collection, epoch), k.clone());
+        Ok(k)
+    }
+
+    /// Signs a grant to `to` for `collections`, valid from `not_before`.
+    ///
+    /// # Errors
+    /// Signing failures.
+    pub fn grant(
+        &self,
+        to: PracticeId,
+        collections: &[Collection],
+        access: Access,
+        not_before: Timestamp,
+        expires: Option<Timestamp>,
+    ) -> Result<Grant> {
+        let mut collections = collections.to_vec();
+        collections.sort();
+        collections.dedup();
+        Ok(Grant::sign(
+            GrantTerms {
+                id: GrantId::generate()?,
+                patient: self.id(),
+                grantee: to,
+                collections,
+                access,
+                not_before,
+                expires,
+                purpose: "treatment".into(),
+                issued_at: now(),
+                address_hints: Vec::new(),
+            },
+            &self.identity,
+        )?)
+    }
+
+    /// A key share of (collection, epoch) for `to`.
+    ///
+    /// # Errors
+    /// Wrapping failures.
+    pub fn share(&mut self, collection: Collection, epoch: Epoch, to: Principal) -> Result<KeyShare> {
+        let key = self.key(collection, epoch)?;
+        Ok(KeyShare::create(&key, to, &self.identity, now())?)
+    }
+
+    /// Revokes `grant` with `cut` (actor → highest accepted seq).
+    ///
+    /// # Errors
+    /// Signing failures.
+    pub fn revoke(&self, grant: &Grant, cut: BTreeMap<ActorId, u64>) -> Result<Revocation> {
+        Ok(Revocation::sign(
+            RevocationTerms {
+                patient: self.id(),
+                grant_id: grant.id(),
+                issued_at: now(),
+                cut,
+            },
+            &self.identity,
+        )?)
+    }
+
+    /// A read-write grant to `to` for `collection` from now minus a minute,
+    /// plus its epoch-0 key share, ready for [`crate::Node::submit`].
+    ///
+    /// # Errors
+    /// Signing and wrapping failures.
+    pub fn onboard(&mut self, to: PracticeId, collection: Collection) -> Result<(Grant, Vec<Incoming>)> {
+        let grant = self.grant(to, &[collection], Access::ReadWrite, now().saturating_sub(60_000), None)?;
+        let share = self.share(collection, 0, Principal::Practice(to))?;
+        let items = vec![
+            Incoming::new(ItemKind::Grant, grant.encoded().to_vec()),
+            Incoming::new(ItemKind::KeyShare, share.encoded().to_vec()),
+        ];
+        Ok((grant, items))
+    }
+}
+
+/// A change as the record layer hands it to the store.
+#[derive(Clone, Debug)]
+pub struct OwnedChange {
+    /// Raw Automerge change bytes.
+    pub bytes: Vec<u8>,
+    /// Its hash.
+    pub hash: [u8; 32],
+    /// Its actor.
+    pub actor: ActorId,
+    /// Its seq.
+    pub seq: u64,
+}
+
+impl OwnedChange {
+    /// Borrowed as [`Change`] for [`crate::Node::write_change`].
+    pub fn as_change(&self) -> Change<'_> {
+        Change {
+            bytes: &self.bytes,
+            hash: self.hash,
+            actor: self.actor,
+            seq: self.seq,
+        }
+    }
+}
+
+/// Makes real Automerge changes, one per call, for one actor.
+pub struct ChangeMaker {
+    doc: AutoCommit,
+    actor: ActorId,
+}
+
+impl ChangeMaker {
+    /// A maker whose actor belongs to `author` (random process nonce).
+    ///
+    /// # Errors
+    /// Randomness failures.
+    pub fn new(author: &[u8; 32]) -> Result<Self> {
+        let actor = ActorId::generate(author)?;
+        Ok(Self {
+            doc: AutoCommit::new().with_actor(automerge::ActorId::from(&actor.0[..])),
+            actor,
+        })
+    }
+
+    /// The actor id.
+    pub fn actor(&self) -> ActorId {
+        self.actor
+    }
+
+    /// One change that puts `value` under `key` in the root map.
+    ///
+    /// # Errors
+    /// Automerge failures (reported as storage errors; test code only).
+    pub fn put(&mut self, key: &str, value: &str) -> Result<OwnedChange> {
+        self.doc
+            .put(ROOT, key, value)
+            .map_err(|e| Error::Storage(format!("automerge: {e}")))?;
+        let change = self
+            .doc
+            .get_last_local_change()
+            .ok_or_else(|| Error::Storage("automerge made no change".into()))?;
+        Ok(OwnedChange {
+            bytes: change.raw_bytes().to_vec(),
+            hash: change.hash().0,
+            actor: self.actor,
+            seq: change.seq(),
+        })
+    }
+}
