@@ -1,1 +1,235 @@
-//! medmesh-sync: how nodes talk (libp2p). Work in progress.
+//! medmesh-sync: how medmesh nodes talk. A libp2p swarm (TCP and QUIC,
+//! Noise, Yamux, identify, ping, optional mDNS) carrying `/medmesh/sync/1`,
+//! a size-capped CBOR request-response protocol through which a node pulls
+//! "items after my cursor that I may receive" from its peers, nudges them
+//! after a write, reconciles a patient's envelopes after a grant, and pushes
+//! grants, revocations and key shares along the consent flows of DESIGN §5.
+//!
+//! What leaves a node is decided at the moment of serving by one function,
+//! [`may_disclose`]: envelopes of (patient, collection) only under a grant in
+//! force that names the peer and covers the collection; a patient's grants
+//! and revocations to the practices holding a grant from that patient; key
+//! shares only to their recipient; everything of a patient to that patient.
+//! Every disclosure is written to the audit log before it is sent.
+//!
+//! The crate does not store anything: it talks to the node's store through
+//! the [`Backend`] trait (`medmesh_node::Node` implements it through an
+//! adapter; [`memory::MemoryBackend`] serves tests). It never decrypts: it
+//! moves signed, sealed items, and leaves verification and acceptance to the
+//! store. The wire format is specified in `docs/protocol.md`.
+//!
+//! ```text
+//! SyncHandle ──mpsc──▶ actor (owns the Swarm) ──▶ tasks (pull pages, reconcile)
+//!                        │  serves requests via may_disclose + audit
+//!                        ◀── Backend::subscribe() "item stored" events
+//! ```
+
+mod actor;
+mod backend;
+mod config;
+mod error;
+mod filter;
+pub mod memory;
+mod serve;
+pub mod wire;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use libp2p::{Multiaddr, PeerId};
+use medmesh_crypto::{PatientId, SecretIdentity};
+use tokio::sync::{mpsc, oneshot};
+
+pub use backend::{
+    Backend, ConsentView, Cursor, DisclosureRecord, IngestReport, InstanceId, Item, ItemId, ItemKind, ItemMeta,
+    StoredEvent, StoredItem,
+};
+pub use config::Config;
+pub use error::{Error, Result};
+pub use filter::{Denied, Disclosure, Requester, may_disclose};
+pub use serve::SCAN_BUDGET;
+
+/// What one sync run (a pull to the end of a peer's log, or a
+/// reconciliation) did.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct SyncReport {
+    /// Requests answered (pages, summaries, fetches).
+    pub pages: u64,
+    /// Items received.
+    pub received: u64,
+    /// What ingesting them did.
+    pub ingest: IngestReport,
+}
+
+impl SyncReport {
+    /// Adds `other` into `self`.
+    pub fn add(&mut self, other: SyncReport) {
+        self.pages += other.pages;
+        self.received += other.received;
+        self.ingest.add(other.ingest);
+    }
+}
+
+/// Counters since the actor started, for `/metrics` and `status`.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct Status {
+    /// Connected peers.
+    pub peers: usize,
+    /// Items sent (served pages, summaries, fetches and pushes).
+    pub items_sent: u64,
+    /// Items received (pages, fetches, pushes to us).
+    pub items_received: u64,
+    /// Received items the store accepted.
+    pub items_accepted: u64,
+    /// Received items the store rejected.
+    pub items_rejected: u64,
+    /// Received items the store parked as pending.
+    pub items_pending: u64,
+    /// Item bytes sent (signed item encodings; framing not counted).
+    pub bytes_sent: u64,
+    /// Item bytes received.
+    pub bytes_received: u64,
+    /// The longest time since a connected peer was last fully pulled.
+    pub sync_lag: Option<Duration>,
+}
+
+/// A cheap, cloneable handle on one node's sync actor. The actor stops when
+/// [`SyncHandle::shutdown`] is called or when every handle is dropped.
+#[derive(Clone, Debug)]
+pub struct SyncHandle {
+    tx: mpsc::Sender<actor::Command>,
+    local_peer_id: PeerId,
+}
+
+impl SyncHandle {
+    /// Builds the swarm with `identity` (the node's ed25519 key; a patient's
+    /// key for the patient CLI) as its libp2p identity, starts listening on
+    /// `config.listen` (returns once every listener has an address), dials
+    /// the static peers and spawns the actor on the current tokio runtime.
+    ///
+    /// # Errors
+    /// [`Error::Transport`] when a listener cannot start,
+    /// [`Error::MissingPeerId`] for a static peer without `/p2p/`.
+    pub async fn spawn<B: Backend>(config: Config, identity: &SecretIdentity, backend: Arc<B>) -> Result<Self> {
+        let (tx, local_peer_id, _metrics) = actor::spawn(config, identity, backend).await?;
+        Ok(Self { tx, local_peer_id })
+    }
+
+    /// This node's PeerId.
+    pub fn local_peer_id(&self) -> PeerId {
+        self.local_peer_id
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> actor::Command) -> Result<T> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(make(reply)).await.map_err(|_| Error::Stopped)?;
+        rx.await.map_err(|_| Error::Stopped)
+    }
+
+    /// The addresses the node listens on, each ending in `/p2p/<PeerId>`.
+    ///
+    /// # Errors
+    /// [`Error::Stopped`].
+    pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>> {
+        self.ask(actor::Command::ListenAddrs).await
+    }
+
+    /// Dials a full multiaddr (ending in `/p2p/<PeerId>`) and waits until the
+    /// connection is up.
+    ///
+    /// # Errors
+    /// [`Error::MissingPeerId`], [`Error::Dial`], [`Error::Request`] when the
+    /// connection fails, [`Error::Stopped`].
+    pub async fn dial(&self, addr: Multiaddr) -> Result<PeerId> {
+        self.ask(|reply| actor::Command::Dial { addr, reply }).await?
+    }
+
+    /// The peers with an open connection.
+    ///
+    /// # Errors
+    /// [`Error::Stopped`].
+    pub async fn connected_peers(&self) -> Result<Vec<PeerId>> {
+        self.ask(actor::Command::ConnectedPeers).await
+    }
+
+    /// Pulls from `peer` to the end of its log now, and returns what that
+    /// brought. If a pull is already running, waits for a fresh one after it.
+    ///
+    /// # Errors
+    /// Transport failures, a refusal, a response that breaks the protocol,
+    /// storage failures.
+    pub async fn sync_now(&self, peer: PeerId) -> Result<SyncReport> {
+        self.ask(|reply| actor::Command::SyncNow { peer, reply }).await?
+    }
+
+    /// Reconciles `patient` with `peer`: exchanges the envelope-id summary and
+    /// fetches whatever `peer` may send that this node lacks.
+    ///
+    /// # Errors
+    /// As [`SyncHandle::sync_now`].
+    pub async fn reconcile(&self, peer: PeerId, patient: PatientId) -> Result<SyncReport> {
+        self.ask(|reply| actor::Command::Reconcile { peer, patient, reply })
+            .await?
+    }
+
+    /// Pushes signed items to `peer` (the patient CLI submitting a grant and
+    /// key shares, or a node delivering them). `addrs` are full multiaddrs
+    /// the receiver may dial to pass the items on (e.g. the grantee's); a
+    /// node honours them only from the patient who signed a pushed grant.
+    /// Items are not filtered here: only the patient (or a node on their
+    /// behalf, through its own consent flows) should push.
+    ///
+    /// # Errors
+    /// Transport failures, a refusal, [`Error::Wire`] for too many items.
+    pub async fn push(&self, peer: PeerId, items: Vec<Item>, addrs: Vec<Multiaddr>) -> Result<IngestReport> {
+        if items.len() > wire::MAX_ITEMS_PER_MESSAGE || addrs.len() > wire::MAX_PUSH_ADDRS {
+            return Err(Error::Wire {
+                message: "push",
+                reason: "too many items or addresses",
+            });
+        }
+        let request = wire::Request::Push { items, addrs };
+        let response = self
+            .ask(|reply| actor::Command::Request { peer, request, reply })
+            .await??;
+        match response {
+            wire::Response::Pushed {
+                accepted,
+                duplicates,
+                pending,
+                rejected,
+            } => Ok(IngestReport {
+                accepted,
+                duplicates,
+                pending,
+                rejected,
+            }),
+            wire::Response::Refused(code) => Err(Error::Refused {
+                peer,
+                reason: code.as_str(),
+            }),
+            other => Err(Error::UnexpectedResponse {
+                peer,
+                request: "push",
+                answer: other.name(),
+            }),
+        }
+    }
+
+    /// Counters and peer count.
+    ///
+    /// # Errors
+    /// [`Error::Stopped`].
+    pub async fn status(&self) -> Result<Status> {
+        self.ask(actor::Command::Status).await
+    }
+
+    /// Stops the actor (closing listeners and connections) and waits for it.
+    /// Other handles then get [`Error::Stopped`].
+    ///
+    /// # Errors
+    /// [`Error::Stopped`] if it had already stopped.
+    pub async fn shutdown(&self) -> Result<()> {
+        self.ask(actor::Command::Shutdown).await
+    }
+}

@@ -1,0 +1,1022 @@
+//! The sync actor: one task owns the libp2p `Swarm` and every piece of
+//! connection state; [`crate::SyncHandle`] drives it through a bounded
+//! channel of commands that carry their reply senders (STYLE §3). Multi-step
+//! work (pulling pages, reconciling) runs in spawned tasks that talk to the
+//! actor through a weak sender, so the actor ends once every handle is gone.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use libp2p::multiaddr::Protocol;
+use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{Multiaddr, PeerId, Swarm, SwarmBuilder, connection_limits, identify, mdns, noise, ping, tcp, yamux};
+use medmesh_crypto::{Grant, PatientId, Principal, SecretIdentity, now};
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::backend::{Backend, Cursor, IngestReport, Item, ItemKind, StoredEvent};
+use crate::config::Config;
+use crate::filter::{Requester, may_disclose};
+use crate::serve::{self, Served};
+use crate::wire::{Codec, MAX_FETCH_IDS, MAX_PUSH_ADDRS, PROTOCOL, RefusalCode, Request, Response};
+use crate::{Error, Result, Status, SyncReport};
+
+const COMMAND_CAPACITY: usize = 256;
+const LISTEN_SETUP_TIMEOUT: Duration = Duration::from_secs(10);
+const IDENTIFY_PROTOCOL: &str = "/medmesh/id/1";
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    limits: connection_limits::Behaviour,
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+    mdns: Toggle<mdns::tokio::Behaviour>,
+    sync: request_response::Behaviour<Codec>,
+}
+
+/// Counters shared by the actor and its tasks.
+#[derive(Default, Debug)]
+pub(crate) struct Metrics {
+    pub(crate) items_sent: AtomicU64,
+    pub(crate) items_received: AtomicU64,
+    pub(crate) items_accepted: AtomicU64,
+    pub(crate) items_rejected: AtomicU64,
+    pub(crate) items_pending: AtomicU64,
+    pub(crate) bytes_sent: AtomicU64,
+    pub(crate) bytes_received: AtomicU64,
+}
+
+impl Metrics {
+    fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn received(&self, items: &[Item]) {
+        Self::add(&self.items_received, items.len() as u64);
+        Self::add(&self.bytes_received, items.iter().map(|i| i.bytes.len() as u64).sum());
+    }
+
+    fn ingested(&self, report: &IngestReport) {
+        Self::add(&self.items_accepted, report.accepted);
+        Self::add(&self.items_rejected, report.rejected);
+        Self::add(&self.items_pending, report.pending);
+    }
+
+    fn sent(&self, served: Served) {
+        Self::add(&self.items_sent, served.items);
+        Self::add(&self.bytes_sent, served.bytes);
+    }
+}
+
+/// Messages to the actor: from handles (with reply senders) and from its own
+/// tasks.
+pub(crate) enum Command {
+    ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
+    Dial {
+        addr: Multiaddr,
+        reply: oneshot::Sender<Result<PeerId>>,
+    },
+    ConnectedPeers(oneshot::Sender<Vec<PeerId>>),
+    SyncNow {
+        peer: PeerId,
+        reply: oneshot::Sender<Result<SyncReport>>,
+    },
+    Reconcile {
+        peer: PeerId,
+        patient: PatientId,
+        reply: oneshot::Sender<Result<SyncReport>>,
+    },
+    Request {
+        peer: PeerId,
+        request: Request,
+        reply: oneshot::Sender<Result<Response>>,
+    },
+    Status(oneshot::Sender<Status>),
+    Shutdown(oneshot::Sender<()>),
+    Respond {
+        channel: ResponseChannel<Response>,
+        response: Response,
+        served: Served,
+    },
+    PullDone {
+        peer: PeerId,
+        result: Result<SyncReport>,
+    },
+    Pushed {
+        peer: PeerId,
+        addrs: Vec<(PeerId, Multiaddr)>,
+    },
+}
+
+/// What tasks need: the store, a way back to the actor, the counters.
+pub(crate) struct Ctx<B> {
+    backend: Arc<B>,
+    tx: mpsc::WeakSender<Command>,
+    metrics: Arc<Metrics>,
+    page_limit: u32,
+}
+
+impl<B> Clone for Ctx<B> {
+    fn clone(&self) -> Self {
+        Self {
+            backend: self.backend.clone(),
+            tx: self.tx.clone(),
+            metrics: self.metrics.clone(),
+            page_limit: self.page_limit,
+        }
+    }
+}
+
+impl<B: Backend> Ctx<B> {
+    async fn send(&self, command: Command) -> Result<()> {
+        let tx = self.tx.upgrade().ok_or(Error::Stopped)?;
+        tx.send(command).await.map_err(|_| Error::Stopped)
+    }
+
+    async fn request(&self, peer: PeerId, request: Request) -> Result<Response> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Request { peer, request, reply }).await?;
+        rx.await.map_err(|_| Error::Stopped)?
+    }
+
+    async fn blocking<T: Send + 'static>(&self, f: impl FnOnce(&B) -> Result<T> + Send + 'static) -> Result<T> {
+        let backend = self.backend.clone();
+        tokio::task::spawn_blocking(move || f(&backend))
+            .await
+            .map_err(|_| Error::Backend("blocking task failed".into()))?
+    }
+
+    async fn ingest(&self, peer: PeerId, items: Vec<Item>) -> Result<IngestReport> {
+        if items.is_empty() {
+            return Ok(IngestReport::default());
+        }
+        self.metrics.received(&items);
+        let report = self.blocking(move |b| b.ingest(peer, items)).await?;
+        self.metrics.ingested(&report);
+        Ok(report)
+    }
+}
+
+/// Pulls pages from `peer` until its log is exhausted; the cursor is stored
+/// only after the page it covers was ingested.
+async fn pull_task<B: Backend>(ctx: &Ctx<B>, peer: PeerId) -> Result<SyncReport> {
+    let mut report = SyncReport::default();
+    loop {
+        let cursor = ctx.blocking(move |b| b.cursor(&peer)).await?.unwrap_or_default();
+        let limit = ctx.page_limit;
+        let response = ctx.request(peer, Request::Pull { cursor, limit }).await?;
+        let (instance, next, more, items) = match response {
+            Response::Page {
+                instance,
+                next,
+                more,
+                items,
+            } => (instance, next, more, items),
+            Response::Refused(code) => {
+                return Err(Error::Refused {
+                    peer,
+                    reason: code.as_str(),
+                });
+            }
+            other => {
+                return Err(Error::UnexpectedResponse {
+                    peer,
+                    request: "pull",
+                    answer: other.name(),
+                });
+            }
+        };
+        if items.len() > limit as usize {
+            return Err(Error::Wire {
+                message: "page",
+                reason: "more items than the limit asked for",
+            });
+        }
+        let same_instance = instance == cursor.instance;
+        if same_instance && next < cursor.seq {
+            return Err(Error::Wire {
+                message: "page",
+                reason: "cursor went backwards",
+            });
+        }
+        if !same_instance {
+            info!(%peer, %instance, "peer store instance changed; cursor reset");
+        }
+        report.pages += 1;
+        report.received += items.len() as u64;
+        report.ingest.add(ctx.ingest(peer, items).await?);
+        let new = Cursor { instance, seq: next };
+        ctx.blocking(move |b| b.set_cursor(&peer, new)).await?;
+        // Stop on the server's word, or when it makes no progress (a peer
+        // that lies about `more` must not keep us looping).
+        if !more || (same_instance && next == cursor.seq) {
+            return Ok(report);
+        }
+    }
+}
+
+/// Reconciles one patient with `peer`: learns its consent items and the
+/// envelope ids it may send, fetches the missing ones.
+async fn reconcile_task<B: Backend>(ctx: &Ctx<B>, peer: PeerId, patient: PatientId) -> Result<SyncReport> {
+    let mut report = SyncReport::default();
+    let (consent, collections) = match ctx.request(peer, Request::Summary { patient }).await? {
+        Response::Summary { consent, collections } => (consent, collections),
+        Response::Refused(code) => {
+            return Err(Error::Refused {
+                peer,
+                reason: code.as_str(),
+            });
+        }
+        other => {
+            return Err(Error::UnexpectedResponse {
+                peer,
+                request: "summary",
+                answer: other.name(),
+            });
+        }
+    };
+    report.pages += 1;
+    report.received += consent.len() as u64;
+    report.ingest.add(ctx.ingest(peer, consent).await?);
+    let mut missing = Vec::new();
+    for (collection, ids) in collections {
+        let local: HashSet<_> = ctx
+            .blocking(move |b| b.envelope_ids(&patient, collection))
+            .await?
+            .into_iter()
+            .collect();
+        missing.extend(ids.into_iter().filter(|id| !local.contains(id)));
+    }
+    missing.sort();
+    missing.dedup();
+    for chunk in missing.chunks(MAX_FETCH_IDS) {
+        let items = match ctx.request(peer, Request::Fetch { ids: chunk.to_vec() }).await? {
+            Response::Fetched { items } => items,
+            other => {
+                return Err(Error::UnexpectedResponse {
+                    peer,
+                    request: "fetch",
+                    answer: other.name(),
+                });
+            }
+        };
+        if items.len() > chunk.len() {
+            return Err(Error::Wire {
+                message: "fetched",
+                reason: "more envelopes than asked for",
+            });
+        }
+        report.pages += 1;
+        report.received += items.len() as u64;
+        report.ingest.add(ctx.ingest(peer, items).await?);
+    }
+    Ok(report)
+}
+
+struct PullSlot {
+    again: bool,
+    waiters: Vec<oneshot::Sender<Result<SyncReport>>>,
+    report: SyncReport,
+}
+
+enum Outbound {
+    Reply(oneshot::Sender<Result<Response>>),
+    Nudge(PeerId),
+    Forward(PeerId),
+}
+
+pub(crate) struct Actor<B: Backend> {
+    swarm: Swarm<Behaviour>,
+    ctx: Ctx<B>,
+    commands: mpsc::Receiver<Command>,
+    stored: broadcast::Receiver<StoredEvent>,
+    config: Config,
+    me: PeerId,
+    static_peers: Vec<(PeerId, Multiaddr)>,
+    outbound: HashMap<OutboundRequestId, Outbound>,
+    pulls: HashMap<PeerId, PullSlot>,
+    /// Peers with a nudge in flight, and the sequence number of a follow-up
+    /// to send when it returns.
+    nudging: HashMap<PeerId, Option<u64>>,
+    dial_waiters: HashMap<PeerId, Vec<oneshot::Sender<Result<PeerId>>>>,
+    last_synced: HashMap<PeerId, Instant>,
+}
+
+fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
+    match addr.iter().last() {
+        Some(Protocol::P2p(peer)) => Some(peer),
+        _ => None,
+    }
+}
+
+fn transport(e: impl std::fmt::Display) -> Error {
+    Error::Transport(e.to_string())
+}
+
+fn echo_error(e: &Error, peer: PeerId) -> Error {
+    Error::Request {
+        peer,
+        reason: e.to_string(),
+    }
+}
+
+/// Builds the swarm, starts listening, and spawns the actor.
+pub(crate) async fn spawn<B: Backend>(
+    config: Config,
+    identity: &SecretIdentity,
+    backend: Arc<B>,
+) -> Result<(mpsc::Sender<Command>, PeerId, Arc<Metrics>)> {
+    let keypair = identity.to_libp2p()?;
+    let me = keypair.public().to_peer_id();
+    let mut static_peers = Vec::new();
+    for addr in &config.peers {
+        let peer = peer_of(addr).ok_or_else(|| Error::MissingPeerId(addr.clone()))?;
+        static_peers.push((peer, addr.clone()));
+    }
+    let limits = connection_limits::ConnectionLimits::default()
+        .with_max_established(Some(config.max_connections))
+        .with_max_established_per_peer(Some(config.max_connections_per_peer))
+        .with_max_pending_incoming(Some(config.max_pending_connections))
+        .with_max_pending_outgoing(Some(config.max_pending_connections));
+    let rr_config = request_response::Config::default().with_request_timeout(config.request_timeout);
+    let use_mdns = config.mdns;
+    let idle = config.idle_connection_timeout;
+    let mut swarm = SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .map_err(transport)?
+        .with_quic()
+        .with_behaviour(|key| -> Result<Behaviour, Box<dyn std::error::Error + Send + Sync>> {
+            let mdns = if use_mdns {
+                Some(mdns::tokio::Behaviour::new(
+                    mdns::Config::default(),
+                    key.public().to_peer_id(),
+                )?)
+            } else {
+                None
+            };
+            Ok(Behaviour {
+                limits: connection_limits::Behaviour::new(limits),
+                identify: identify::Behaviour::new(identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())),
+                ping: ping::Behaviour::default(),
+                mdns: Toggle::from(mdns),
+                sync: request_response::Behaviour::with_codec(Codec, [(PROTOCOL, ProtocolSupport::Full)], rr_config),
+            })
+        })
+        .map_err(transport)?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
+        .build();
+
+    let mut waiting = HashSet::new();
+    for addr in &config.listen {
+        waiting.insert(swarm.listen_on(addr.clone()).map_err(transport)?);
+    }
+    // Wait until every listener has an address, so `listen_addrs` is
+    // meaningful as soon as `spawn` returns.
+    tokio::time::timeout(LISTEN_SETUP_TIMEOUT, async {
+        while !waiting.is_empty() {
+            match swarm.select_next_some().await {
+                SwarmEvent::NewListenAddr { listener_id, .. } => {
+                    waiting.remove(&listener_id);
+                }
+                SwarmEvent::ListenerError { error, .. } => return Err(transport(error)),
+                SwarmEvent::ListenerClosed { reason: Err(e), .. } => return Err(transport(e)),
+                _ => {}
+            }
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|_| Error::Transport("listeners did not start in time".into()))??;
+
+    for (peer, addr) in &static_peers {
+        swarm.add_peer_address(*peer, addr.clone());
+        if let Err(e) = swarm.dial(addr.clone()) {
+            warn!(%peer, cause = %e, "dialing static peer failed");
+        }
+    }
+
+    let (tx, commands) = mpsc::channel(COMMAND_CAPACITY);
+    let metrics = Arc::new(Metrics::default());
+    let stored = backend.subscribe();
+    let ctx = Ctx {
+        backend,
+        tx: tx.downgrade(),
+        metrics: metrics.clone(),
+        page_limit: config.page_limit.clamp(1, crate::wire::MAX_ITEMS_PER_MESSAGE as u32),
+    };
+    let actor = Actor {
+        swarm,
+        ctx,
+        commands,
+        stored,
+        config,
+        me,
+        static_peers,
+        outbound: HashMap::new(),
+        pulls: HashMap::new(),
+        nudging: HashMap::new(),
+        dial_waiters: HashMap::new(),
+        last_synced: HashMap::new(),
+    };
+    tokio::spawn(actor.run().instrument(info_span!("sync actor", peer = %me)));
+    Ok((tx, me, metrics))
+}
+
+impl<B: Backend> Actor<B> {
+    async fn run(mut self) {
+        let mut tick = tokio::time::interval(self.config.pull_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await; // the first tick fires at once; connections pull on establishment anyway
+        let mut stored_open = true;
+        let shutdown_reply = loop {
+            tokio::select! {
+                command = self.commands.recv() => match command {
+                    None => break None,
+                    Some(Command::Shutdown(reply)) => break Some(reply),
+                    Some(command) => self.on_command(command),
+                },
+                event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                event = self.stored.recv(), if stored_open => match event {
+                    Ok(event) => self.on_stored(&event),
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        warn!(missed = n, "missed item-stored events; nudging every connected peer");
+                        let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+                        for peer in peers {
+                            self.nudge(peer, u64::MAX);
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Closed) => stored_open = false,
+                },
+                _ = tick.tick() => self.on_tick(),
+            }
+        };
+        info!("sync actor stopping");
+        drop(self.swarm);
+        if let Some(reply) = shutdown_reply {
+            let _ = reply.send(());
+        }
+    }
+
+    fn backend(&self) -> &B {
+        &self.ctx.backend
+    }
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::ListenAddrs(reply) => {
+                let me = self.me;
+                let addrs = self
+                    .swarm
+                    .listeners()
+                    .map(|a| a.clone().with_p2p(me).unwrap_or_else(|a| a))
+                    .collect();
+                let _ = reply.send(addrs);
+            }
+            Command::Dial { addr, reply } => {
+                let Some(peer) = peer_of(&addr) else {
+                    let _ = reply.send(Err(Error::MissingPeerId(addr)));
+                    return;
+                };
+                if self.swarm.is_connected(&peer) {
+                    let _ = reply.send(Ok(peer));
+                    return;
+                }
+                self.swarm.add_peer_address(peer, addr.clone());
+                match self.swarm.dial(addr.clone()) {
+                    Ok(()) => self.dial_waiters.entry(peer).or_default().push(reply),
+                    Err(e) => {
+                        let _ = reply.send(Err(Error::Dial {
+                            addr,
+                            reason: e.to_string(),
+                        }));
+                    }
+                }
+            }
+            Command::ConnectedPeers(reply) => {
+                let _ = reply.send(self.swarm.connected_peers().copied().collect());
+            }
+            Command::SyncNow { peer, reply } => self.start_pull(peer, Some(reply)),
+            Command::Reconcile { peer, patient, reply } => {
+                let ctx = self.ctx.clone();
+                tokio::spawn(async move {
+                    let _ = reply.send(reconcile_task(&ctx, peer, patient).await);
+                });
+            }
+            Command::Request { peer, request, reply } => {
+                if let Request::Push { items, .. } = &request {
+                    Metrics::add(&self.ctx.metrics.items_sent, items.len() as u64);
+                    Metrics::add(
+                        &self.ctx.metrics.bytes_sent,
+                        items.iter().map(|i| i.bytes.len() as u64).sum(),
+                    );
+                }
+                let id = self.swarm.behaviour_mut().sync.send_request(&peer, request);
+                self.outbound.insert(id, Outbound::Reply(reply));
+            }
+            Command::Status(reply) => {
+                let m = &self.ctx.metrics;
+                let now = Instant::now();
+                let sync_lag = self
+                    .swarm
+                    .connected_peers()
+                    .filter_map(|p| self.last_synced.get(p))
+                    .map(|t| now.saturating_duration_since(*t))
+                    .max();
+                let _ = reply.send(Status {
+                    peers: self.swarm.connected_peers().count(),
+                    items_sent: m.items_sent.load(Ordering::Relaxed),
+                    items_received: m.items_received.load(Ordering::Relaxed),
+                    items_accepted: m.items_accepted.load(Ordering::Relaxed),
+                    items_rejected: m.items_rejected.load(Ordering::Relaxed),
+                    items_pending: m.items_pending.load(Ordering::Relaxed),
+                    bytes_sent: m.bytes_sent.load(Ordering::Relaxed),
+                    bytes_received: m.bytes_received.load(Ordering::Relaxed),
+                    sync_lag,
+                });
+            }
+            Command::Shutdown(reply) => {
+                // Handled in `run`; kept for exhaustiveness.
+                let _ = reply.send(());
+            }
+            Command::Respond {
+                channel,
+                response,
+                served,
+            } => {
+                if self.swarm.behaviour_mut().sync.send_response(channel, response).is_ok() {
+                    self.ctx.metrics.sent(served);
+                }
+            }
+            Command::PullDone { peer, result } => self.on_pull_done(peer, result),
+            Command::Pushed { peer, addrs } => {
+                for (p, a) in addrs {
+                    self.swarm.add_peer_address(p, a);
+                }
+                self.start_pull(peer, None);
+            }
+        }
+    }
+
+    fn start_pull(&mut self, peer: PeerId, waiter: Option<oneshot::Sender<Result<SyncReport>>>) {
+        if peer == self.me {
+            if let Some(w) = waiter {
+                let _ = w.send(Ok(SyncReport::default()));
+            }
+            return;
+        }
+        if let Some(slot) = self.pulls.get_mut(&peer) {
+            slot.again = true;
+            slot.waiters.extend(waiter);
+            return;
+        }
+        self.pulls.insert(
+            peer,
+            PullSlot {
+                again: false,
+                waiters: waiter.into_iter().collect(),
+                report: SyncReport::default(),
+            },
+        );
+        self.spawn_pull(peer);
+    }
+
+    fn spawn_pull(&self, peer: PeerId) {
+        let ctx = self.ctx.clone();
+        tokio::spawn(async move {
+            let result = pull_task(&ctx, peer).await;
+            let _ = ctx.send(Command::PullDone { peer, result }).await;
+        });
+    }
+
+    fn on_pull_done(&mut self, peer: PeerId, result: Result<SyncReport>) {
+        let Some(slot) = self.pulls.get_mut(&peer) else {
+            return;
+        };
+        if let Ok(r) = &result {
+            slot.report.add(*r);
+            self.last_synced.insert(peer, Instant::now());
+            if slot.again {
+                slot.again = false;
+                self.spawn_pull(peer);
+                return;
+            }
+        }
+        let Some(slot) = self.pulls.remove(&peer) else {
+            return;
+        };
+        match result {
+            Ok(_) => {
+                debug!(%peer, pages = slot.report.pages, received = slot.report.received, "pull done");
+                for w in slot.waiters {
+                    let _ = w.send(Ok(slot.report));
+                }
+            }
+            Err(e) => {
+                warn!(%peer, cause = %e, "pull failed");
+                for w in slot.waiters {
+                    let _ = w.send(Err(echo_error(&e, peer)));
+                }
+            }
+        }
+    }
+
+    fn on_tick(&mut self) {
+        let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+        for peer in peers {
+            self.start_pull(peer, None);
+        }
+        let redial: Vec<Multiaddr> = self
+            .static_peers
+            .iter()
+            .filter(|(p, _)| !self.swarm.is_connected(p))
+            .map(|(_, a)| a.clone())
+            .collect();
+        for addr in redial {
+            if let Err(e) = self.swarm.dial(addr) {
+                debug!(cause = %e, "redialing static peer failed");
+            }
+        }
+    }
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => info!(%address, "listening"),
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                num_established,
+                ..
+            } => {
+                for w in self.dial_waiters.remove(&peer_id).unwrap_or_default() {
+                    let _ = w.send(Ok(peer_id));
+                }
+                if num_established.get() == 1 {
+                    debug!(peer = %peer_id, "connected");
+                    self.last_synced.insert(peer_id, Instant::now());
+                    self.start_pull(peer_id, None);
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established: 0,
+                ..
+            } => {
+                debug!(peer = %peer_id, "disconnected");
+                self.last_synced.remove(&peer_id);
+                self.nudging.remove(&peer_id);
+            }
+            SwarmEvent::OutgoingConnectionError {
+                peer_id: Some(peer),
+                error,
+                ..
+            } if !self.swarm.is_connected(&peer) => {
+                for w in self.dial_waiters.remove(&peer).unwrap_or_default() {
+                    let _ = w.send(Err(Error::Request {
+                        peer,
+                        reason: error.to_string(),
+                    }));
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
+                for addr in info.listen_addrs.into_iter().take(MAX_PUSH_ADDRS) {
+                    self.swarm.add_peer_address(peer_id, addr);
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
+                for (peer, addr) in found {
+                    self.swarm.add_peer_address(peer, addr);
+                    if !self.swarm.is_connected(&peer)
+                        && let Err(e) = self.swarm.dial(peer)
+                    {
+                        debug!(%peer, cause = %e, "dialing mDNS peer failed");
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Sync(event)) => self.on_sync_event(event),
+            _ => {}
+        }
+    }
+
+    fn on_sync_event(&mut self, event: request_response::Event<Request, Response>) {
+        use request_response::{Event, Message};
+        match event {
+            Event::Message {
+                peer,
+                message: Message::Request { request, channel, .. },
+                ..
+            } => self.on_request(peer, request, channel),
+            Event::Message {
+                peer,
+                message: Message::Response { request_id, response },
+                ..
+            } => match self.outbound.remove(&request_id) {
+                Some(Outbound::Reply(reply)) => {
+                    let _ = reply.send(Ok(response));
+                }
+                Some(Outbound::Nudge(p)) => self.nudge_done(p),
+                Some(Outbound::Forward(p)) => debug!(peer = %p, answer = response.name(), "push delivered"),
+                None => debug!(%peer, "response to an unknown request"),
+            },
+            Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => match self.outbound.remove(&request_id) {
+                Some(Outbound::Reply(reply)) => {
+                    let _ = reply.send(Err(Error::Request {
+                        peer,
+                        reason: error.to_string(),
+                    }));
+                }
+                Some(Outbound::Nudge(p)) => {
+                    self.nudging.remove(&p);
+                }
+                Some(Outbound::Forward(p)) => warn!(peer = %p, cause = %error, "push failed"),
+                None => {}
+            },
+            Event::InboundFailure { peer, error, .. } => {
+                // Oversize or malformed frames land here: nothing was decoded,
+                // nothing is answered, the connection lives on.
+                warn!(%peer, cause = %error, "inbound request failed");
+            }
+            Event::ResponseSent { .. } => {}
+        }
+    }
+
+    fn on_request(&mut self, peer: PeerId, request: Request, channel: ResponseChannel<Response>) {
+        let Ok(requester) = Requester::from_peer_id(&peer) else {
+            let _ = self
+                .swarm
+                .behaviour_mut()
+                .sync
+                .send_response(channel, Response::Refused(RefusalCode::BadIdentity));
+            return;
+        };
+        debug!(%peer, request = request.name(), "request");
+        match request {
+            Request::Nudge { instance, seq } => {
+                let _ = self.swarm.behaviour_mut().sync.send_response(channel, Response::Ack);
+                let behind = match self.backend().cursor(&peer) {
+                    Ok(Some(c)) => c.instance != instance || c.seq < seq,
+                    _ => true,
+                };
+                if behind {
+                    self.start_pull(peer, None);
+                }
+            }
+            Request::Pull { cursor, limit } => {
+                self.spawn_serve(channel, move |b| serve::pull(b, requester, cursor, limit, now()));
+            }
+            Request::Summary { patient } => {
+                self.spawn_serve(channel, move |b| serve::summary(b, requester, patient, now()));
+            }
+            Request::Fetch { ids } => {
+                self.spawn_serve(channel, move |b| serve::fetch(b, requester, &ids, now()));
+            }
+            Request::Push { items, addrs } => {
+                let ctx = self.ctx.clone();
+                tokio::spawn(async move {
+                    let adopt = adoptable_addrs(&requester, &items, addrs);
+                    let response = match ctx.ingest(peer, items).await {
+                        Ok(r) => Response::Pushed {
+                            accepted: r.accepted,
+                            duplicates: r.duplicates,
+                            pending: r.pending,
+                            rejected: r.rejected,
+                        },
+                        Err(e) => {
+                            warn!(%peer, cause = %e, "ingesting a push failed");
+                            Response::Refused(RefusalCode::Internal)
+                        }
+                    };
+                    let served = Served::default();
+                    let _ = ctx
+                        .send(Command::Respond {
+                            channel,
+                            response,
+                            served,
+                        })
+                        .await;
+                    let _ = ctx.send(Command::Pushed { peer, addrs: adopt }).await;
+                });
+            }
+        }
+    }
+
+    fn spawn_serve(
+        &self,
+        channel: ResponseChannel<Response>,
+        f: impl FnOnce(&B) -> (Response, Served) + Send + 'static,
+    ) {
+        let ctx = self.ctx.clone();
+        tokio::spawn(async move {
+            let (response, served) = ctx
+                .blocking(move |b| Ok(f(b)))
+                .await
+                .unwrap_or((Response::Refused(RefusalCode::Internal), Served::default()));
+            let _ = ctx
+                .send(Command::Respond {
+                    channel,
+                    response,
+                    served,
+                })
+                .await;
+        });
+    }
+
+    /// Tells `peer` that our log reached `seq`; at most one nudge per peer
+    /// is in flight, later ones are folded into one follow-up.
+    fn nudge(&mut self, peer: PeerId, seq: u64) {
+        if peer == self.me {
+            return;
+        }
+        if let Some(again) = self.nudging.get_mut(&peer) {
+            *again = Some(again.map_or(seq, |s| s.max(seq)));
+            return;
+        }
+        let instance = self.backend().instance_id();
+        let id = self
+            .swarm
+            .behaviour_mut()
+            .sync
+            .send_request(&peer, Request::Nudge { instance, seq });
+        self.nudging.insert(peer, None);
+        self.outbound.insert(id, Outbound::Nudge(peer));
+    }
+
+    fn nudge_done(&mut self, peer: PeerId) {
+        if let Some(Some(seq)) = self.nudging.remove(&peer) {
+            self.nudge(peer, seq);
+        }
+    }
+
+    /// Sends items to `peer` if — and only if — the consent filter lets each
+    /// of them go there; audits what it sends.
+    fn push_filtered(&mut self, peer: PeerId, item: &Item, meta: &crate::backend::ItemMeta) {
+        if peer == self.me {
+            return;
+        }
+        let Ok(requester) = Requester::from_peer_id(&peer) else {
+            return;
+        };
+        let Ok(view) = self.backend().consent(&meta.patient) else {
+            return;
+        };
+        let decision = may_disclose(meta, &requester, &view, now());
+        if !decision.allowed() {
+            debug!(%peer, item = %meta.id, ?decision, "not forwarding");
+            return;
+        }
+        let record = crate::backend::DisclosureRecord {
+            peer,
+            patient: meta.patient,
+            grant: decision.grant(),
+            items: vec![meta.id],
+        };
+        if let Err(e) = self.backend().record_disclosure(&record) {
+            warn!(%peer, cause = %e, "audit failed; not forwarding");
+            return;
+        }
+        self.ctx.metrics.sent(Served {
+            items: 1,
+            bytes: item.bytes.len() as u64,
+        });
+        let request = Request::Push {
+            items: vec![item.clone()],
+            addrs: Vec::new(),
+        };
+        let id = self.swarm.behaviour_mut().sync.send_request(&peer, request);
+        self.outbound.insert(id, Outbound::Forward(peer));
+    }
+
+    /// The consent flows and nudges that follow a stored item.
+    fn on_stored(&mut self, event: &StoredEvent) {
+        let meta = &event.meta;
+        let view = match self.backend().consent(&meta.patient) {
+            Ok(v) => v,
+            Err(e) => {
+                warn!(cause = %e, "consent lookup failed");
+                return;
+            }
+        };
+        let me = self.me;
+        let holders: Vec<PeerId> = view
+            .grants
+            .iter()
+            .map(|g| g.terms().grantee.peer_id())
+            .filter(|p| *p != me && Some(*p) != event.from)
+            .collect();
+        match meta.kind {
+            ItemKind::Envelope => {
+                let t = now();
+                let peers: Vec<PeerId> = self
+                    .swarm
+                    .connected_peers()
+                    .copied()
+                    .filter(|p| Some(*p) != event.from)
+                    .filter(|p| Requester::from_peer_id(p).is_ok_and(|r| may_disclose(meta, &r, &view, t).allowed()))
+                    .collect();
+                for peer in peers {
+                    self.nudge(peer, event.seq);
+                }
+            }
+            ItemKind::Grant => {
+                let Some(item) = self.item_at(event.seq) else { return };
+                let Ok(grant) = Grant::decode(&item.bytes) else { return };
+                let grantee = grant.terms().grantee.peer_id();
+                for hint in &grant.terms().address_hints {
+                    if let Ok(addr) = hint.parse::<Multiaddr>()
+                        && let Some(p) = peer_of(&addr)
+                        && p != me
+                    {
+                        self.swarm.add_peer_address(p, addr);
+                    }
+                }
+                if grantee == me {
+                    // A grant for us: fetch the history written before it from
+                    // every node we know that may hold the patient's data.
+                    let mut targets: HashSet<PeerId> = self.swarm.connected_peers().copied().collect();
+                    targets.extend(
+                        grant
+                            .terms()
+                            .address_hints
+                            .iter()
+                            .filter_map(|h| h.parse::<Multiaddr>().ok())
+                            .filter_map(|a| peer_of(&a)),
+                    );
+                    targets.remove(&me);
+                    // The patient's own CLI serves nothing.
+                    targets.retain(|p| Requester::from_peer_id(p).is_ok_and(|r| !r.is_patient(&meta.patient)));
+                    let patient = meta.patient;
+                    for peer in targets {
+                        let ctx = self.ctx.clone();
+                        tokio::spawn(async move {
+                            match reconcile_task(&ctx, peer, patient).await {
+                                Ok(r) => debug!(%peer, fetched = r.received, "reconciled after grant"),
+                                Err(e) => debug!(%peer, cause = %e, "reconcile after grant failed"),
+                            }
+                        });
+                    }
+                } else if Some(grantee) != event.from {
+                    self.push_filtered(grantee, &item, meta);
+                }
+                for peer in holders.into_iter().filter(|p| *p != grantee) {
+                    self.push_filtered(peer, &item, meta);
+                }
+            }
+            ItemKind::Revocation => {
+                let Some(item) = self.item_at(event.seq) else { return };
+                let mut sent = HashSet::new();
+                for peer in holders {
+                    if sent.insert(peer) {
+                        self.push_filtered(peer, &item, meta);
+                    }
+                }
+            }
+            ItemKind::KeyShare => {
+                if let Some(Principal::Practice(recipient)) = meta.recipient {
+                    let peer = recipient.peer_id();
+                    if peer != me
+                        && Some(peer) != event.from
+                        && let Some(item) = self.item_at(event.seq)
+                    {
+                        self.push_filtered(peer, &item, meta);
+                    }
+                }
+            }
+        }
+    }
+
+    fn item_at(&self, seq: u64) -> Option<Item> {
+        match self.backend().items_after(seq.saturating_sub(1), 1) {
+            Ok(mut items) if items.first().is_some_and(|s| s.seq == seq) => items.pop().map(|s| s.item),
+            _ => None,
+        }
+    }
+}
+
+/// Address suggestions in a push are honoured only from a patient pushing
+/// their own grant (the CLI passing the grantee's address), and only full
+/// `/p2p/` multiaddrs.
+fn adoptable_addrs(requester: &Requester, items: &[Item], addrs: Vec<Multiaddr>) -> Vec<(PeerId, Multiaddr)> {
+    if addrs.is_empty() {
+        return Vec::new();
+    }
+    let from_patient = items.iter().any(|i| {
+        i.kind == ItemKind::Grant && Grant::decode(&i.bytes).is_ok_and(|g| requester.is_patient(&g.terms().patient))
+    });
+    if !from_patient {
+        return Vec::new();
+    }
+    addrs.into_iter().filter_map(|a| peer_of(&a).map(|p| (p, a))).collect()
+}

@@ -1,0 +1,414 @@
+//! What sync needs from a node's store: the [`Backend`] trait and the item
+//! types it speaks in. `medmesh_node::Node` implements it through an adapter;
+//! [`crate::memory::MemoryBackend`] implements it for tests.
+
+use std::fmt;
+
+use libp2p::PeerId;
+use medmesh_crypto::{
+    Collection, Envelope, EnvelopeId, Grant, GrantId, KeyShare, MAX_ENVELOPE_BYTES, MAX_GRANT_BYTES,
+    MAX_KEYSHARE_BYTES, MAX_REVOCATION_BYTES, PatientId, Principal, Revocation,
+};
+use sha2::{Digest, Sha256};
+use tokio::sync::broadcast;
+
+use crate::Result;
+
+/// The random id of one store instance. A restored or rebuilt store gets a
+/// new one, which resets the cursors peers hold on it.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct InstanceId(pub [u8; 16]);
+
+impl fmt::Display for InstanceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+impl fmt::Debug for InstanceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "InstanceId({self})")
+    }
+}
+
+/// How far a puller got in one peer's item log: that store's instance id and
+/// the last local sequence number the peer served (scanned, not only sent).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default)]
+pub struct Cursor {
+    /// The serving store's instance.
+    pub instance: InstanceId,
+    /// Last sequence number covered; the next pull asks for items after it.
+    pub seq: u64,
+}
+
+/// The four kinds of item a node stores and sync moves.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
+pub enum ItemKind {
+    /// A consent grant signed by the patient.
+    Grant,
+    /// A revocation signed by the patient.
+    Revocation,
+    /// A collection key wrapped for one recipient, signed by the patient.
+    KeyShare,
+    /// A sealed, signed change.
+    Envelope,
+}
+
+impl ItemKind {
+    /// Every kind, in wire order.
+    pub const ALL: [ItemKind; 4] = [Self::Grant, Self::Revocation, Self::KeyShare, Self::Envelope];
+
+    /// The wire number: 0 grant, 1 revocation, 2 key share, 3 envelope.
+    pub fn wire(self) -> u64 {
+        match self {
+            Self::Grant => 0,
+            Self::Revocation => 1,
+            Self::KeyShare => 2,
+            Self::Envelope => 3,
+        }
+    }
+
+    /// The kind for a wire number.
+    pub fn from_wire(n: u64) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.wire() == n)
+    }
+
+    /// The largest encoded item of this kind that medmesh-crypto decodes.
+    pub fn max_bytes(self) -> usize {
+        match self {
+            Self::Grant => MAX_GRANT_BYTES,
+            Self::Revocation => MAX_REVOCATION_BYTES,
+            Self::KeyShare => MAX_KEYSHARE_BYTES,
+            Self::Envelope => MAX_ENVELOPE_BYTES,
+        }
+    }
+
+    /// Lowercase name for logs and errors.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Grant => "grant",
+            Self::Revocation => "revocation",
+            Self::KeyShare => "key share",
+            Self::Envelope => "envelope",
+        }
+    }
+}
+
+/// One item as it travels: its kind and its canonical signed bytes.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Item {
+    /// What it is.
+    pub kind: ItemKind,
+    /// The canonical encoding medmesh-crypto decodes (signature included).
+    pub bytes: Vec<u8>,
+}
+
+impl fmt::Debug for Item {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never the bytes: an envelope's header names the patient.
+        write!(f, "Item({}, {} bytes)", self.kind.as_str(), self.bytes.len())
+    }
+}
+
+impl Item {
+    /// A grant as an item.
+    pub fn grant(grant: &Grant) -> Self {
+        Self {
+            kind: ItemKind::Grant,
+            bytes: grant.encoded().to_vec(),
+        }
+    }
+
+    /// A revocation as an item.
+    pub fn revocation(revocation: &Revocation) -> Self {
+        Self {
+            kind: ItemKind::Revocation,
+            bytes: revocation.encoded().to_vec(),
+        }
+    }
+
+    /// A key share as an item.
+    pub fn key_share(share: &KeyShare) -> Self {
+        Self {
+            kind: ItemKind::KeyShare,
+            bytes: share.encoded().to_vec(),
+        }
+    }
+
+    /// An envelope as an item.
+    pub fn envelope(envelope: &Envelope) -> Self {
+        Self {
+            kind: ItemKind::Envelope,
+            bytes: envelope.encode(),
+        }
+    }
+}
+
+/// An item's id: the envelope id for envelopes, SHA-256 of the canonical
+/// signed bytes for grants, revocations and key shares.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ItemId(pub [u8; 32]);
+
+impl ItemId {
+    /// SHA-256 of `bytes`.
+    pub fn digest(bytes: &[u8]) -> Self {
+        Self(Sha256::digest(bytes).into())
+    }
+}
+
+impl From<EnvelopeId> for ItemId {
+    fn from(id: EnvelopeId) -> Self {
+        Self(id.0)
+    }
+}
+
+impl fmt::Display for ItemId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+impl fmt::Debug for ItemId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ItemId({self})")
+    }
+}
+
+/// The signed, cleartext facts about an item that the consent filter and the
+/// consent flows need. Everything here comes from verified signed data.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct ItemMeta {
+    /// What it is.
+    pub kind: ItemKind,
+    /// Its id.
+    pub id: ItemId,
+    /// Whose record it belongs to.
+    pub patient: PatientId,
+    /// The collection (envelopes and key shares).
+    pub collection: Option<Collection>,
+    /// Grants: their own id. Revocations: the revoked grant. Envelopes: the
+    /// grant their author wrote under (`None` when the patient wrote).
+    pub grant: Option<GrantId>,
+    /// Envelopes: the author.
+    pub author: Option<Principal>,
+    /// Key shares: the recipient. Grants: the grantee (as a practice).
+    pub recipient: Option<Principal>,
+}
+
+impl ItemMeta {
+    /// Decodes and verifies `item` with medmesh-crypto and describes it.
+    ///
+    /// # Errors
+    /// [`crate::Error::Crypto`] for anything that does not decode or verify.
+    pub fn describe(item: &Item) -> Result<Self> {
+        Ok(match item.kind {
+            ItemKind::Grant => Self::of_grant(&Grant::decode(&item.bytes)?),
+            ItemKind::Revocation => Self::of_revocation(&Revocation::decode(&item.bytes)?),
+            ItemKind::KeyShare => Self::of_key_share(&KeyShare::decode(&item.bytes)?),
+            ItemKind::Envelope => Self::of_envelope(&Envelope::decode(&item.bytes)?),
+        })
+    }
+
+    /// Describes a verified grant.
+    pub fn of_grant(grant: &Grant) -> Self {
+        let t = grant.terms();
+        Self {
+            kind: ItemKind::Grant,
+            id: ItemId::digest(grant.encoded()),
+            patient: t.patient,
+            collection: None,
+            grant: Some(t.id),
+            author: None,
+            recipient: Some(Principal::Practice(t.grantee)),
+        }
+    }
+
+    /// Describes a verified revocation.
+    pub fn of_revocation(revocation: &Revocation) -> Self {
+        let t = revocation.terms();
+        Self {
+            kind: ItemKind::Revocation,
+            id: ItemId::digest(revocation.encoded()),
+            patient: t.patient,
+            collection: None,
+            grant: Some(t.grant_id),
+            author: None,
+            recipient: None,
+        }
+    }
+
+    /// Describes a verified key share.
+    pub fn of_key_share(share: &KeyShare) -> Self {
+        let t = share.terms();
+        Self {
+            kind: ItemKind::KeyShare,
+            id: ItemId::digest(share.encoded()),
+            patient: t.patient,
+            collection: Some(t.collection),
+            grant: None,
+            author: None,
+            recipient: Some(t.recipient),
+        }
+    }
+
+    /// Describes a verified envelope.
+    pub fn of_envelope(envelope: &Envelope) -> Self {
+        let h = envelope.header();
+        Self {
+            kind: ItemKind::Envelope,
+            id: envelope.id().into(),
+            patient: h.patient,
+            collection: Some(h.collection),
+            grant: h.grant_id,
+            author: Some(h.author),
+            recipient: None,
+        }
+    }
+}
+
+/// An item in the local log, as [`Backend::items_after`] returns it.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct StoredItem {
+    /// Its local sequence number (strictly increasing, starts at 1).
+    pub seq: u64,
+    /// What the filter needs to know.
+    pub meta: ItemMeta,
+    /// The item itself.
+    pub item: Item,
+}
+
+/// "An item was stored": published by the backend for local writes and for
+/// items ingested from peers (never for duplicates).
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct StoredEvent {
+    /// Its local sequence number.
+    pub seq: u64,
+    /// What it is.
+    pub meta: ItemMeta,
+    /// The peer it came from; `None` for a local write (gateway, or a backend
+    /// that does not know).
+    pub from: Option<PeerId>,
+}
+
+/// What ingesting a page of items did.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct IngestReport {
+    /// Stored now.
+    pub accepted: u64,
+    /// Already held; ignored.
+    pub duplicates: u64,
+    /// Waiting for a grant, key share or dependency (retried later).
+    pub pending: u64,
+    /// Permanently rejected (bad signature, malformed, outside the grant).
+    pub rejected: u64,
+}
+
+impl IngestReport {
+    /// Adds `other` into `self`.
+    pub fn add(&mut self, other: IngestReport) {
+        self.accepted += other.accepted;
+        self.duplicates += other.duplicates;
+        self.pending += other.pending;
+        self.rejected += other.rejected;
+    }
+}
+
+/// The consent items a node knows for one patient: verified grants and the
+/// revocations of them.
+#[derive(Clone, Debug, Default)]
+pub struct ConsentView {
+    /// Every grant from this patient the node holds.
+    pub grants: Vec<Grant>,
+    /// Every revocation from this patient the node holds.
+    pub revocations: Vec<Revocation>,
+}
+
+impl ConsentView {
+    /// Whether the node knows a revocation of `grant`.
+    pub fn is_revoked(&self, grant: &Grant) -> bool {
+        self.revocations.iter().any(|r| r.revokes(grant))
+    }
+
+    /// The grant with this id, if known.
+    pub fn grant(&self, id: GrantId) -> Option<&Grant> {
+        self.grants.iter().find(|g| g.id() == id)
+    }
+}
+
+/// One disclosure for the audit log: items of `patient` sent to `peer`,
+/// under `grant` (`None` when the peer is the patient or the recipient of a
+/// key share).
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct DisclosureRecord {
+    /// Who received.
+    pub peer: PeerId,
+    /// Whose items.
+    pub patient: PatientId,
+    /// The grant that allowed it, if one did.
+    pub grant: Option<GrantId>,
+    /// What was sent.
+    pub items: Vec<ItemId>,
+}
+
+/// The operations sync needs from a node's store. Every method is
+/// synchronous and may block briefly (sled); sync calls the slow ones
+/// (`items_after`, `ingest`, `envelopes`) from blocking tasks.
+pub trait Backend: Send + Sync + 'static {
+    /// This store instance's id (see [`InstanceId`]).
+    fn instance_id(&self) -> InstanceId;
+
+    /// Up to `limit` items with a sequence number greater than `after`, in
+    /// sequence order.
+    ///
+    /// # Errors
+    /// Storage failures.
+    fn items_after(&self, after: u64, limit: usize) -> Result<Vec<StoredItem>>;
+
+    /// Verifies and stores items received from `from`. Permanent rejections
+    /// are recorded by the backend (audit) and counted, never returned as an
+    /// error.
+    ///
+    /// # Errors
+    /// Storage failures only.
+    fn ingest(&self, from: PeerId, items: Vec<Item>) -> Result<IngestReport>;
+
+    /// The cursor this node holds on `peer`'s log.
+    ///
+    /// # Errors
+    /// Storage failures.
+    fn cursor(&self, peer: &PeerId) -> Result<Option<Cursor>>;
+
+    /// Stores the cursor on `peer`'s log, durably.
+    ///
+    /// # Errors
+    /// Storage failures.
+    fn set_cursor(&self, peer: &PeerId, cursor: Cursor) -> Result<()>;
+
+    /// The grants and revocations known for `patient`.
+    ///
+    /// # Errors
+    /// Storage failures.
+    fn consent(&self, patient: &PatientId) -> Result<ConsentView>;
+
+    /// The ids of every envelope held for (patient, collection).
+    ///
+    /// # Errors
+    /// Storage failures.
+    fn envelope_ids(&self, patient: &PatientId, collection: Collection) -> Result<Vec<EnvelopeId>>;
+
+    /// The envelopes with these ids that the store holds (unknown ids are
+    /// skipped).
+    ///
+    /// # Errors
+    /// Storage failures.
+    fn envelopes(&self, ids: &[EnvelopeId]) -> Result<Vec<StoredItem>>;
+
+    /// Appends a disclosure to the audit log.
+    ///
+    /// # Errors
+    /// Storage failures; sync then does not send the items.
+    fn record_disclosure(&self, record: &DisclosureRecord) -> Result<()>;
+
+    /// Subscribes to "item stored" events.
+    fn subscribe(&self) -> broadcast::Receiver<StoredEvent>;
+}

@@ -1,0 +1,71 @@
+//! `sync::Config`: how a node's swarm listens, whom it contacts and how often
+//! it pulls.
+
+use std::time::Duration;
+
+use libp2p::Multiaddr;
+
+/// Settings for one node's sync actor.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Addresses to listen on. The default is loopback only (TCP and QUIC on
+    /// ephemeral ports): a practice opens itself to its network on purpose.
+    pub listen: Vec<Multiaddr>,
+    /// Static peers, each a full multiaddr ending in `/p2p/<PeerId>`; dialed
+    /// at start and redialed on every pull tick while disconnected. There is
+    /// no built-in public bootstrap list.
+    pub peers: Vec<Multiaddr>,
+    /// Discover peers on the LAN with mDNS (multicast). Off by default and
+    /// never on in tests or CI.
+    pub mdns: bool,
+    /// How often every connected peer is pulled, to cover missed nudges.
+    pub pull_interval: Duration,
+    /// Items asked for per pull page.
+    pub page_limit: u32,
+    /// Most established connections in total.
+    pub max_connections: u32,
+    /// Most established connections to one peer.
+    pub max_connections_per_peer: u32,
+    /// Most connections being set up at once (incoming plus outgoing).
+    pub max_pending_connections: u32,
+    /// How long a request may wait for its response.
+    pub request_timeout: Duration,
+    /// How long an unused connection stays open.
+    pub idle_connection_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: vec![
+                loopback("/ip4/127.0.0.1/tcp/0"),
+                loopback("/ip4/127.0.0.1/udp/0/quic-v1"),
+            ],
+            peers: Vec::new(),
+            mdns: false,
+            pull_interval: Duration::from_secs(30),
+            page_limit: 256,
+            max_connections: 256,
+            max_connections_per_peer: 2,
+            max_pending_connections: 64,
+            request_timeout: Duration::from_secs(60),
+            idle_connection_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+impl Config {
+    /// Loopback TCP only on an ephemeral port, as tests and demos use.
+    pub fn loopback_tcp() -> Self {
+        Self {
+            listen: vec![loopback("/ip4/127.0.0.1/tcp/0")],
+            ..Self::default()
+        }
+    }
+}
+
+fn loopback(s: &str) -> Multiaddr {
+    // The literals above are valid multiaddrs; an empty address (which the
+    // swarm then fails to listen on, loudly) is the fallback.
+    s.parse().unwrap_or_else(|_| Multiaddr::empty())
+}

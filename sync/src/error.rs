@@ -1,0 +1,77 @@
+//! The one error type of medmesh-sync.
+
+use libp2p::{Multiaddr, PeerId};
+
+/// Everything that can go wrong in medmesh-sync.
+///
+/// Messages name the peer, item or grant at fault; they never carry record
+/// content, key bytes or anything a patient wrote.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A wire message broke the protocol: too large, not CBOR, or a field
+    /// outside its bounds. Nothing in it was used.
+    #[error("invalid {message} message: {reason}")]
+    Wire {
+        /// Which message kind (or "frame" when the kind is unknown).
+        message: &'static str,
+        /// What was wrong, without echoing the input.
+        reason: &'static str,
+    },
+    /// A request to a peer failed in transport (dial, timeout, closed).
+    #[error("request to peer {peer} failed: {reason}")]
+    Request {
+        /// The peer.
+        peer: PeerId,
+        /// Transport-level cause.
+        reason: String,
+    },
+    /// The peer answered with something that does not fit the request.
+    #[error("peer {peer} answered a {request} request with {answer}")]
+    UnexpectedResponse {
+        /// The peer.
+        peer: PeerId,
+        /// The request kind.
+        request: &'static str,
+        /// What came back.
+        answer: &'static str,
+    },
+    /// The peer refused the request.
+    #[error("peer {peer} refused the request: {reason}")]
+    Refused {
+        /// The peer.
+        peer: PeerId,
+        /// The refusal code as text.
+        reason: &'static str,
+    },
+    /// A PeerId that does not inline an ed25519 key (every medmesh
+    /// principal has one).
+    #[error("peer {0} has no ed25519 identity")]
+    NotEd25519(PeerId),
+    /// A multiaddr without the `/p2p/<PeerId>` suffix where one is required.
+    #[error("address {0} does not end in /p2p/<peer id>")]
+    MissingPeerId(Multiaddr),
+    /// Building the swarm or listening failed.
+    #[error("transport setup: {0}")]
+    Transport(String),
+    /// Dialing failed immediately.
+    #[error("dialing {addr} failed: {reason}")]
+    Dial {
+        /// The address.
+        addr: Multiaddr,
+        /// Why.
+        reason: String,
+    },
+    /// The sync actor has stopped (shutdown, or every handle dropped).
+    #[error("the sync actor has stopped")]
+    Stopped,
+    /// The storage backend failed.
+    #[error("backend: {0}")]
+    Backend(String),
+    /// An item failed to decode or verify (medmesh-crypto).
+    #[error(transparent)]
+    Crypto(#[from] medmesh_crypto::Error),
+}
+
+/// Result with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,266 @@
+//! The serving side of `/medmesh/sync/1`: answers pulls, summaries and
+//! fetches through [`may_disclose`], and audits every disclosure before the
+//! answer leaves. Runs on blocking threads (it reads the store).
+
+use std::collections::{BTreeMap, HashMap};
+
+use medmesh_crypto::{Collection, GrantId, PatientId, Timestamp};
+use tracing::{debug, warn};
+
+use crate::backend::{Backend, ConsentView, Cursor, DisclosureRecord, Item, ItemId, ItemKind, StoredItem};
+use crate::filter::{Requester, may_disclose};
+use crate::wire::{MAX_SUMMARY_IDS, PAGE_BYTE_BUDGET, RefusalCode, Response};
+use crate::{Error, Result};
+
+/// Most log entries one pull scans (allowed or not), so a peer that may
+/// receive little does not make the server read its whole log per request.
+pub const SCAN_BUDGET: usize = 4096;
+const SCAN_BATCH: usize = 256;
+
+/// What a served answer disclosed, for metrics.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Served {
+    pub(crate) items: u64,
+    pub(crate) bytes: u64,
+}
+
+/// Caches consent views per patient for one request, and groups the
+/// disclosures for the audit log.
+struct Disclosures<'a, B: Backend> {
+    backend: &'a B,
+    peer: Requester,
+    now: Timestamp,
+    views: HashMap<PatientId, ConsentView>,
+    audit: BTreeMap<(PatientId, Option<GrantId>), Vec<ItemId>>,
+}
+
+impl<'a, B: Backend> Disclosures<'a, B> {
+    fn new(backend: &'a B, peer: Requester, now: Timestamp) -> Self {
+        Self {
+            backend,
+            peer,
+            now,
+            views: HashMap::new(),
+            audit: BTreeMap::new(),
+        }
+    }
+
+    fn view(&mut self, patient: &PatientId) -> Result<&ConsentView> {
+        if !self.views.contains_key(patient) {
+            let view = self.backend.consent(patient)?;
+            self.views.insert(*patient, view);
+        }
+        self.views
+            .get(patient)
+            .ok_or_else(|| Error::Backend("consent view vanished".into()))
+    }
+
+    /// Runs the filter; on yes, notes the disclosure.
+    fn admit(&mut self, stored: &StoredItem) -> Result<bool> {
+        let (peer, now) = (self.peer, self.now);
+        let view = self.view(&stored.meta.patient)?;
+        let decision = may_disclose(&stored.meta, &peer, view, now);
+        if decision.allowed() {
+            self.audit
+                .entry((stored.meta.patient, decision.grant()))
+                .or_default()
+                .push(stored.meta.id);
+            Ok(true)
+        } else {
+            debug!(peer = %peer.peer_id(), item = %stored.meta.id, ?decision, "withheld");
+            Ok(false)
+        }
+    }
+
+    /// Writes the audit entries; only then may the answer be sent.
+    fn record(self) -> Result<()> {
+        for ((patient, grant), items) in self.audit {
+            self.backend.record_disclosure(&DisclosureRecord {
+                peer: self.peer.peer_id(),
+                patient,
+                grant,
+                items,
+            })?;
+        }
+        Ok(())
+    }
+}
+
+fn refuse(err: &Error, peer: &Requester, what: &'static str) -> (Response, Served) {
+    warn!(peer = %peer.peer_id(), cause = %err, "failed to serve {what}");
+    (Response::Refused(RefusalCode::Internal), Served::default())
+}
+
+/// Answers a pull: items after the cursor (from 0 when the cursor names
+/// another instance) that the peer may receive.
+pub(crate) fn pull<B: Backend>(
+    backend: &B,
+    peer: Requester,
+    cursor: Cursor,
+    limit: u32,
+    now: Timestamp,
+) -> (Response, Served) {
+    match pull_inner(backend, peer, cursor, limit, now) {
+        Ok(r) => r,
+        Err(e) => refuse(&e, &peer, "pull"),
+    }
+}
+
+fn pull_inner<B: Backend>(
+    backend: &B,
+    peer: Requester,
+    cursor: Cursor,
+    limit: u32,
+    now: Timestamp,
+) -> Result<(Response, Served)> {
+    let instance = backend.instance_id();
+    let mut pos = if cursor.instance == instance { cursor.seq } else { 0 };
+    let limit = limit as usize;
+    let mut d = Disclosures::new(backend, peer, now);
+    let mut items: Vec<Item> = Vec::new();
+    let mut bytes = 0usize;
+    let mut scanned = 0usize;
+    let mut more = true;
+    'scan: while items.len() < limit && bytes < PAGE_BYTE_BUDGET && scanned < SCAN_BUDGET {
+        let batch = backend.items_after(pos, SCAN_BATCH)?;
+        let end = batch.len() < SCAN_BATCH;
+        for stored in batch {
+            if stored.seq <= pos {
+                return Err(Error::Backend("items_after returned an old sequence number".into()));
+            }
+            if items.len() >= limit || bytes >= PAGE_BYTE_BUDGET || scanned >= SCAN_BUDGET {
+                break 'scan;
+            }
+            scanned += 1;
+            if d.admit(&stored)? {
+                bytes += stored.item.bytes.len();
+                items.push(stored.item);
+            }
+            pos = stored.seq;
+        }
+        if end {
+            more = false;
+            break;
+        }
+    }
+    d.record()?;
+    let served = Served {
+        items: items.len() as u64,
+        bytes: bytes as u64,
+    };
+    Ok((
+        Response::Page {
+            instance,
+            next: pos,
+            more,
+            items,
+        },
+        served,
+    ))
+}
+
+/// Answers a summary: the patient's consent items and, per collection the
+/// peer may receive, the envelope ids held.
+pub(crate) fn summary<B: Backend>(
+    backend: &B,
+    peer: Requester,
+    patient: PatientId,
+    now: Timestamp,
+) -> (Response, Served) {
+    match summary_inner(backend, peer, patient, now) {
+        Ok(r) => r,
+        Err(e) => refuse(&e, &peer, "summary"),
+    }
+}
+
+fn summary_inner<B: Backend>(
+    backend: &B,
+    peer: Requester,
+    patient: PatientId,
+    now: Timestamp,
+) -> Result<(Response, Served)> {
+    let view = backend.consent(&patient)?;
+    let mut d = Disclosures::new(backend, peer, now);
+    let mut consent = Vec::new();
+    let mut bytes = 0usize;
+    let consent_items = view
+        .grants
+        .iter()
+        .map(|g| (crate::backend::ItemMeta::of_grant(g), Item::grant(g)))
+        .chain(
+            view.revocations
+                .iter()
+                .map(|r| (crate::backend::ItemMeta::of_revocation(r), Item::revocation(r))),
+        );
+    for (meta, item) in consent_items {
+        let stored = StoredItem { seq: 0, meta, item };
+        if d.admit(&stored)? {
+            bytes += stored.item.bytes.len();
+            consent.push(stored.item);
+        }
+    }
+    let mut collections = Vec::new();
+    let mut total = 0usize;
+    for collection in Collection::ALL {
+        // Would an envelope of this collection be disclosed? Ask the filter
+        // with a stand-in: the decision depends only on patient and collection.
+        let probe = crate::backend::ItemMeta {
+            kind: ItemKind::Envelope,
+            id: ItemId([0; 32]),
+            patient,
+            collection: Some(collection),
+            grant: None,
+            author: None,
+            recipient: None,
+        };
+        if !may_disclose(&probe, &peer, &view, now).allowed() {
+            continue;
+        }
+        let mut ids = backend.envelope_ids(&patient, collection)?;
+        ids.truncate(MAX_SUMMARY_IDS.saturating_sub(total));
+        total += ids.len();
+        collections.push((collection, ids));
+    }
+    d.record()?;
+    let served = Served {
+        items: consent.len() as u64,
+        bytes: bytes as u64,
+    };
+    Ok((Response::Summary { consent, collections }, served))
+}
+
+/// Answers a fetch: the requested envelopes the peer may receive.
+pub(crate) fn fetch<B: Backend>(
+    backend: &B,
+    peer: Requester,
+    ids: &[medmesh_crypto::EnvelopeId],
+    now: Timestamp,
+) -> (Response, Served) {
+    let inner = || -> Result<(Response, Served)> {
+        let mut d = Disclosures::new(backend, peer, now);
+        let mut items = Vec::new();
+        let mut bytes = 0usize;
+        for stored in backend.envelopes(ids)? {
+            if stored.meta.kind != ItemKind::Envelope {
+                continue;
+            }
+            if bytes >= PAGE_BYTE_BUDGET {
+                break;
+            }
+            if d.admit(&stored)? {
+                bytes += stored.item.bytes.len();
+                items.push(stored.item);
+            }
+        }
+        d.record()?;
+        let served = Served {
+            items: items.len() as u64,
+            bytes: bytes as u64,
+        };
+        Ok((Response::Fetched { items }, served))
+    };
+    match inner() {
+        Ok(r) => r,
+        Err(e) => refuse(&e, &peer, "fetch"),
+    }
+}
