@@ -435,7 +435,9 @@ impl Grant {
     /// Whether a change authored by the grantee under this grant is valid,
     /// judged on signed data alone: its signed created-at inside the window
     /// (with [`NOT_BEFORE_SKEW_MS`] before not-before), and, if the grant
-    /// was revoked, its (actor, seq) inside the revocation's cut.
+    /// was revoked, its (actor, seq) inside the revocation's cut. A
+    /// revocation that does not revoke this grant (other grant id or other
+    /// patient) admits nothing.
     pub fn admits_change(
         &self,
         collection: Collection,
@@ -449,7 +451,7 @@ impl Grant {
             && created_at.saturating_add(NOT_BEFORE_SKEW_MS) >= self.terms.not_before
             && self.terms.expires.is_none_or(|e| created_at < e)
             && actor.belongs_to(self.terms.grantee.as_bytes())
-            && revocation.is_none_or(|r| r.grant_id() == self.id() && r.cut_admits(actor, seq))
+            && revocation.is_none_or(|r| r.revokes(self) && r.cut_admits(actor, seq))
     }
 }
 

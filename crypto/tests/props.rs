@@ -594,6 +594,19 @@ fn admits_change_rules() {
     )
     .unwrap();
     assert!(!g.admits_change(Collection::Labs, NB + 1, &a, 1, Some(&other)));
+    // Nor does one with this grant's id signed by another patient.
+    let foreign = Revocation::sign(
+        RevocationTerms {
+            patient: f.other_patient.patient_id(),
+            grant_id: g.id(),
+            issued_at: NB,
+            cut: [(a, u64::MAX)].into_iter().collect(),
+        },
+        &f.other_patient,
+    )
+    .unwrap();
+    assert!(!foreign.revokes(g));
+    assert!(!g.admits_change(Collection::Labs, NB + 1, &a, 1, Some(&foreign)));
     // Read-only grants admit no change at all.
     let mut t = terms(&f.patient, &f.a);
     t.access = Access::Read;
