@@ -1009,3 +1009,11 @@ proptest! {
         check_converged(&[loaded, RecordDoc::load(&replicas[n - 1].save()).unwrap()]);
     }
 }
+
+#[test]
+fn record_doc_can_be_shared_across_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<RecordDoc>();
+    assert_send_sync::<RenderedResource>();
+    assert_send_sync::<DecodedChange>();
+}
