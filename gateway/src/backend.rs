@@ -108,3 +108,57 @@ pub trait Backend: Send + Sync + 'static {
     /// text format.
     fn write_metrics(&self, out: &mut String);
 }
+
+fn split(key: &str) -> (String, String) {
+    match key.split_once('/') {
+        Some((t, id)) => (t.to_owned(), id.to_owned()),
+        None => (key.to_owned(), String::new()),
+    }
+}
+
+impl From<medmesh_node::records::Error> for ApiError {
+    /// Maps record-model errors to HTTP errors. Anything that is not the
+    /// client's fault is logged (ids only) and answered 500 without details.
+    fn from(err: medmesh_node::records::Error) -> Self {
+        use crate::fhir::outcome::{Issue, IssueType};
+        use medmesh_node::records::Error as E;
+        match err {
+            E::NotFound { key } => {
+                let (resource_type, id) = split(&key);
+                Self::NotFound { resource_type, id }
+            }
+            E::Deleted { key } => {
+                let (resource_type, id) = split(&key);
+                Self::Gone { resource_type, id }
+            }
+            E::VersionNotFound { key, version_id } => {
+                let (resource_type, id) = split(&key);
+                Self::NotFound {
+                    resource_type,
+                    id: format!("{id}/_history/{version_id}"),
+                }
+            }
+            E::AlreadyExists { key } => Self::Conflict(format!("{key} already exists")),
+            E::InvalidResource { key, reason } => Self::Unprocessable(vec![Issue::error(
+                IssueType::Invalid,
+                format!("invalid resource {key}: {reason}"),
+            )]),
+            E::InvalidKey { reason } => Self::InvalidParam {
+                param: "id".to_owned(),
+                reason: reason.to_owned(),
+            },
+            E::UnsupportedSearchParam(param) => Self::InvalidParam {
+                param,
+                reason: "not supported".to_owned(),
+            },
+            E::InvalidSearchValue { param } => Self::InvalidParam {
+                param,
+                reason: "invalid value".to_owned(),
+            },
+            other => {
+                tracing::error!(error = %other, "record model error");
+                Self::Internal
+            }
+        }
+    }
+}

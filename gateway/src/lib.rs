@@ -17,4 +17,4 @@ mod server;
 
 pub use auth::Token;
 pub use backend::{Backend, HistoryEntry, SignedKind};
-pub use server::{Config, FHIR_JSON, router, serve};
+pub use server::{Config, router, serve};

@@ -18,14 +18,11 @@ use crate::auth::Token;
 use crate::backend::{Backend, HistoryEntry, SignedKind};
 use crate::fhir::bundle::{SearchMode, Searchset};
 use crate::fhir::capability::capability_statement;
-use crate::fhir::outcome::{ApiError, Issue, IssueType, OperationOutcome};
+use crate::fhir::outcome::{ApiError, FHIR_JSON, Issue, IssueType, OperationOutcome, fhir_response};
 use crate::fhir::search_params::parse_search;
 use crate::fhir::validate::{is_supported_type, validate};
 use crate::metrics::HttpMetrics;
 use medmesh_node::records::RenderedResource;
-
-/// FHIR JSON media type.
-pub const FHIR_JSON: &str = "application/fhir+json; charset=utf-8";
 
 /// Gateway limits and addresses.
 #[derive(Debug, Clone)]
@@ -158,10 +155,6 @@ async fn record_metrics<B: Backend>(State(state): Shared<B>, request: Request, n
 }
 
 // ---- helpers ----------------------------------------------------------------
-
-fn fhir_response(status: StatusCode, body: &Value) -> Response {
-    fhir_bytes(status, body.to_string().into_bytes())
-}
 
 fn fhir_bytes(status: StatusCode, bytes: Vec<u8>) -> Response {
     let mut response = (status, bytes).into_response();

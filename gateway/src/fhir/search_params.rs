@@ -162,6 +162,12 @@ pub struct SearchRequest {
 }
 
 impl SearchRequest {
+    /// The recognised search parameters as given (decoded), without paging
+    /// ones: what a backend's matcher takes.
+    pub fn params(&self) -> &[(String, String)] {
+        &self.kept
+    }
+
     /// The query string (without `?`) for the page starting at `offset`: the
     /// recognised parameters, then `_count` and `_offset`.
     pub fn page_query(&self, offset: usize) -> String {
