@@ -109,7 +109,6 @@ pub(crate) enum Command {
     },
     Pushed {
         peer: PeerId,
-        addrs: Vec<(PeerId, Multiaddr)>,
     },
 }
 
@@ -558,12 +557,7 @@ impl<B: Backend> Actor<B> {
                 }
             }
             Command::PullDone { peer, result } => self.on_pull_done(peer, result),
-            Command::Pushed { peer, addrs } => {
-                for (p, a) in addrs {
-                    self.swarm.add_peer_address(p, a);
-                }
-                self.start_pull(peer, None);
-            }
+            Command::Pushed { peer } => self.start_pull(peer, None),
         }
     }
 
@@ -784,9 +778,13 @@ impl<B: Backend> Actor<B> {
                 self.spawn_serve(channel, move |b| serve::fetch(b, requester, &ids, now()));
             }
             Request::Push { items, addrs } => {
+                // Before ingesting: the consent flows that the stored items
+                // trigger may need to dial these addresses.
+                for (p, a) in adoptable_addrs(&requester, &items, addrs) {
+                    self.swarm.add_peer_address(p, a);
+                }
                 let ctx = self.ctx.clone();
                 tokio::spawn(async move {
-                    let adopt = adoptable_addrs(&requester, &items, addrs);
                     let response = match ctx.ingest(peer, items).await {
                         Ok(r) => Response::Pushed {
                             accepted: r.accepted,
@@ -807,7 +805,7 @@ impl<B: Backend> Actor<B> {
                             served,
                         })
                         .await;
-                    let _ = ctx.send(Command::Pushed { peer, addrs: adopt }).await;
+                    let _ = ctx.send(Command::Pushed { peer }).await;
                 });
             }
         }

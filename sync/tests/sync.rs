@@ -1,0 +1,690 @@
+//! Integration tests of medmesh-sync: real swarms on `/ip4/127.0.0.1/tcp/0`
+//! with in-memory backends, no mDNS, no sleeps as synchronisation (waits
+//! poll a condition inside a timeout). Covers the consent flows of
+//! DESIGN §5, invariant 1 (nothing leaves without a grant in force),
+//! invariant 6 (nothing new after a revocation), nudges, cursors, restarts
+//! and an adversarial peer speaking the protocol by hand.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
+use libp2p::request_response::{self, ProtocolSupport};
+use libp2p::swarm::SwarmEvent;
+use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, SwarmBuilder, noise, tcp, yamux};
+use medmesh_crypto::{
+    Access, ActorId, Change, Collection, Envelope, EnvelopeId, EpochKey, Grant, GrantId, GrantTerms, KeyShare,
+    PatientId, Principal, Revocation, RevocationTerms, SecretIdentity, now,
+};
+use medmesh_sync::memory::MemoryBackend;
+use medmesh_sync::wire::{self, Request, Response};
+use medmesh_sync::{Backend, Config, Cursor, InstanceId, Item, ItemId, ItemKind, ItemMeta, SyncHandle};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Waits for `cond`, polling the backends, inside a timeout.
+async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+    tokio::time::timeout(WAIT, async {
+        while !cond() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out waiting for: {what}"));
+}
+
+fn config() -> Config {
+    Config {
+        // Only nudges, pushes and explicit syncs move data in these tests.
+        pull_interval: Duration::from_secs(3600),
+        page_limit: 64,
+        ..Config::loopback_tcp()
+    }
+}
+
+struct Node {
+    key: SecretIdentity,
+    store: Arc<MemoryBackend>,
+    sync: SyncHandle,
+    peer: PeerId,
+    addr: Multiaddr,
+}
+
+impl Node {
+    async fn start(key: SecretIdentity, store: Arc<MemoryBackend>) -> Self {
+        let sync = SyncHandle::spawn(config(), &key, store.clone()).await.unwrap();
+        let addr = sync.listen_addrs().await.unwrap().remove(0);
+        Self {
+            peer: sync.local_peer_id(),
+            key,
+            store,
+            sync,
+            addr,
+        }
+    }
+
+    async fn new() -> Self {
+        Self::start(SecretIdentity::generate().unwrap(), Arc::new(MemoryBackend::new())).await
+    }
+
+    fn principal(&self) -> Principal {
+        Principal::Practice(self.key.practice_id().unwrap())
+    }
+
+    async fn connect(&self, other: &Node) {
+        tokio::time::timeout(WAIT, self.sync.dial(other.addr.clone()))
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
+    fn count(&self, p: &Patient, c: Collection) -> usize {
+        self.store.envelope_count(&p.id(), c)
+    }
+
+    fn envelopes(&self, p: &Patient) -> usize {
+        self.store.count(&p.id(), ItemKind::Envelope)
+    }
+}
+
+struct Patient {
+    key: SecretIdentity,
+    keys: HashMap<Collection, EpochKey>,
+    seq: u64,
+}
+
+impl Patient {
+    fn new() -> Self {
+        let key = SecretIdentity::generate().unwrap();
+        let keys = Collection::ALL
+            .into_iter()
+            .map(|c| (c, EpochKey::generate(key.patient_id(), c, 0).unwrap()))
+            .collect();
+        Self { key, keys, seq: 0 }
+    }
+
+    fn id(&self) -> PatientId {
+        self.key.patient_id()
+    }
+
+    /// An envelope the patient writes (a fake change: sync never decrypts).
+    fn envelope(&mut self, c: Collection) -> Item {
+        self.seq += 1;
+        let actor = ActorId::for_author(&self.key.public_bytes(), [1; 8]);
+        let body = format!("change {}", self.seq);
+        let change = Change {
+            bytes: body.as_bytes(),
+            hash: [(self.seq % 251) as u8; 32],
+            actor,
+            seq: self.seq,
+        };
+        Item::envelope(&Envelope::seal(&self.keys[&c], &self.key, None, change, now()).unwrap())
+    }
+
+    fn grant(&self, to: &Node, collections: &[Collection], access: Access, hints: Vec<String>) -> Grant {
+        Grant::sign(
+            GrantTerms {
+                id: GrantId::generate().unwrap(),
+                patient: self.id(),
+                grantee: to.key.practice_id().unwrap(),
+                collections: collections.to_vec(),
+                access,
+                not_before: now() - 60_000,
+                expires: None,
+                purpose: "treatment".into(),
+                issued_at: now(),
+                address_hints: hints,
+            },
+            &self.key,
+        )
+        .unwrap()
+    }
+
+    fn revoke(&self, grant: &Grant) -> Revocation {
+        Revocation::sign(
+            RevocationTerms {
+                patient: self.id(),
+                grant_id: grant.id(),
+                issued_at: now(),
+                cut: Default::default(),
+            },
+            &self.key,
+        )
+        .unwrap()
+    }
+
+    fn shares(&self, to: Principal, collections: &[Collection]) -> Vec<Item> {
+        collections
+            .iter()
+            .map(|c| Item::key_share(&KeyShare::create(&self.keys[c], to, &self.key, now()).unwrap()))
+            .collect()
+    }
+}
+
+/// A's patient: first grant to A (read-write, everything but sensitive),
+/// and a history written at A before anyone else has a grant.
+async fn home_practice(p: &mut Patient) -> (Node, Grant) {
+    let a = Node::new().await;
+    let all = [
+        Collection::Core,
+        Collection::Medications,
+        Collection::Labs,
+        Collection::Documents,
+        Collection::Sensitive,
+    ];
+    let g = p.grant(&a, &all, Access::ReadWrite, vec![a.addr.to_string()]);
+    a.store.write(Item::grant(&g)).unwrap();
+    for s in p.shares(a.principal(), &all) {
+        a.store.write(s).unwrap();
+    }
+    for c in [
+        Collection::Core,
+        Collection::Core,
+        Collection::Core,
+        Collection::Labs,
+        Collection::Labs,
+        Collection::Medications,
+        Collection::Medications,
+        Collection::Sensitive,
+    ] {
+        a.store.write(p.envelope(c)).unwrap();
+    }
+    (a, g)
+}
+
+/// Grants B core+labs at A, as the patient's CLI submitting to A does.
+fn grant_core_labs(p: &Patient, a: &Node, b: &Node) -> Grant {
+    let g = p.grant(
+        b,
+        &[Collection::Core, Collection::Labs],
+        Access::Read,
+        vec![a.addr.to_string()],
+    );
+    a.store.write(Item::grant(&g)).unwrap();
+    for s in p.shares(b.principal(), &[Collection::Core, Collection::Labs]) {
+        a.store.write(s).unwrap();
+    }
+    g
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grant_moves_exactly_the_granted_collections_including_history() {
+    let mut p = Patient::new();
+    let (a, _) = home_practice(&mut p).await;
+    let b = Node::new().await;
+    let c = Node::new().await;
+    b.connect(&a).await;
+    c.connect(&a).await;
+    // Before the grant: B and C pull A's whole log and get nothing of the
+    // patient, so their cursors now lie past the history.
+    let before = b.sync.sync_now(a.peer).await.unwrap();
+    assert_eq!(before.received, 0, "B received items before any grant");
+    assert_eq!(c.sync.sync_now(a.peer).await.unwrap().received, 0);
+    assert!(b.store.items().is_empty());
+
+    let g = grant_core_labs(&p, &a, &b);
+    // A pushes the grant and B's key shares; B reconciles the history.
+    until("B holds core and labs", || {
+        b.count(&p, Collection::Core) == 3 && b.count(&p, Collection::Labs) == 2
+    })
+    .await;
+    // Settle every path (pull and reconcile) and check nothing else came.
+    b.sync.sync_now(a.peer).await.unwrap();
+    b.sync.reconcile(a.peer, p.id()).await.unwrap();
+    assert_eq!(b.envelopes(&p), 5, "B holds exactly 3 core + 2 labs envelopes");
+    assert_eq!(b.count(&p, Collection::Medications), 0);
+    assert_eq!(b.count(&p, Collection::Sensitive), 0);
+    assert_eq!(
+        b.store.count(&p.id(), ItemKind::KeyShare),
+        2,
+        "B holds only its own key shares"
+    );
+    assert_eq!(b.store.pending_count(), 0, "B holds no opaque or waiting items");
+    assert!(b.store.rejected().is_empty());
+
+    // C, without a grant, gets nothing of the patient, by pull or reconcile.
+    c.sync.sync_now(a.peer).await.unwrap();
+    let r = c.sync.reconcile(a.peer, p.id()).await.unwrap();
+    assert_eq!(r.received, 0);
+    assert!(c.store.items().is_empty(), "C holds nothing of the patient");
+
+    // A's audit: every disclosure of envelopes to B names B's grant; none to C.
+    let audit = a.store.disclosures();
+    assert!(audit.iter().all(|d| d.peer != c.peer), "nothing disclosed to C");
+    let to_b: Vec<_> = audit.iter().filter(|d| d.peer == b.peer).collect();
+    assert!(!to_b.is_empty());
+    let envelope_ids: Vec<ItemId> = b
+        .store
+        .items()
+        .iter()
+        .filter(|s| s.meta.kind == ItemKind::Envelope)
+        .map(|s| s.meta.id)
+        .collect();
+    for id in envelope_ids {
+        assert!(
+            to_b.iter().any(|d| d.grant == Some(g.id()) && d.items.contains(&id)),
+            "envelope {id} sent to B without an audit entry under B's grant"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nudge_delivers_a_new_write_and_revocation_stops_everything_new() {
+    let mut p = Patient::new();
+    let (a, _) = home_practice(&mut p).await;
+    let b = Node::new().await;
+    b.connect(&a).await;
+    let g = grant_core_labs(&p, &a, &b);
+    until("B holds the history", || b.envelopes(&p) == 5).await;
+
+    // A new write at A reaches B by nudge alone (the periodic pull is an hour).
+    a.store.write(p.envelope(Collection::Labs)).unwrap();
+    until("B holds the new labs envelope", || b.count(&p, Collection::Labs) == 3).await;
+    // A write in a collection B may not read does not.
+    a.store.write(p.envelope(Collection::Medications)).unwrap();
+
+    // Revocation at A: forwarded to B, and A stops serving B at once.
+    let rev = p.revoke(&g);
+    a.store.write(Item::revocation(&rev)).unwrap();
+    until("B holds the revocation", || {
+        b.store.count(&p.id(), ItemKind::Revocation) == 1
+    })
+    .await;
+    let held = b.envelopes(&p);
+    for _ in 0..3 {
+        a.store.write(p.envelope(Collection::Core)).unwrap();
+    }
+    let pulled = b.sync.sync_now(a.peer).await.unwrap();
+    let reconciled = b.sync.reconcile(a.peer, p.id()).await.unwrap();
+    assert_eq!(pulled.ingest.accepted + reconciled.ingest.accepted, 0);
+    assert_eq!(b.envelopes(&p), held, "B received an envelope after the revocation");
+    assert_eq!(b.count(&p, Collection::Medications), 0);
+    // A's log of what went to B after the revocation: nothing under the grant.
+    let status = b.sync.status().await.unwrap();
+    assert!(status.items_received >= 5);
+    assert_eq!(status.peers, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn patient_cli_grants_via_a_node_which_dials_the_grantee() {
+    let mut p = Patient::new();
+    let (a, _) = home_practice(&mut p).await;
+    let b = Node::new().await; // not connected to anyone
+    // The patient's CLI: a peer whose identity is the patient key.
+    let cli_store = Arc::new(MemoryBackend::new());
+    let cli = SyncHandle::spawn(config(), &p.key, cli_store.clone()).await.unwrap();
+    cli.dial(a.addr.clone()).await.unwrap();
+
+    // `patient grant --node A --to <B's multiaddr>`.
+    let g = p.grant(
+        &b,
+        &[Collection::Core, Collection::Labs],
+        Access::Read,
+        vec![a.addr.to_string()],
+    );
+    let mut items = vec![Item::grant(&g)];
+    items.extend(p.shares(b.principal(), &[Collection::Core, Collection::Labs]));
+    let report = cli.push(a.peer, items, vec![b.addr.clone()]).await.unwrap();
+    assert_eq!(report.accepted, 3);
+    until("B holds core and labs", || b.envelopes(&p) == 5).await;
+    assert!(b.sync.connected_peers().await.unwrap().contains(&a.peer));
+
+    // The patient pulls its own items from A: everything, sensitive included.
+    cli.sync_now(a.peer).await.unwrap();
+    assert_eq!(cli_store.count(&p.id(), ItemKind::Envelope), 8);
+    assert_eq!(cli_store.envelope_count(&p.id(), Collection::Sensitive), 1);
+    assert_eq!(cli_store.count(&p.id(), ItemKind::Grant), 2);
+    cli.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grants_and_revocations_reach_every_holder_and_write_back_converges() {
+    let mut p = Patient::new();
+    let (a, _) = home_practice(&mut p).await;
+    let b = Node::new().await;
+    let c = Node::new().await;
+    b.connect(&a).await;
+    c.connect(&a).await;
+    b.connect(&c).await;
+    // C holds a read-write grant for core; B gets one for core and labs.
+    let gc = p.grant(&c, &[Collection::Core], Access::ReadWrite, vec![a.addr.to_string()]);
+    a.store.write(Item::grant(&gc)).unwrap();
+    until("C holds its grant", || c.store.count(&p.id(), ItemKind::Grant) >= 1).await;
+    let gb = grant_core_labs(&p, &a, &b);
+    // C, a holder, learns of B's grant (forwarded).
+    until("C holds B's grant", || {
+        c.store
+            .items()
+            .iter()
+            .any(|s| s.meta.grant == Some(gb.id()) && s.meta.kind == ItemKind::Grant)
+    })
+    .await;
+    until("C holds core history", || c.count(&p, Collection::Core) == 3).await;
+    assert_eq!(c.count(&p, Collection::Labs), 0, "C may not read labs");
+
+    // Write-back: C writes core under its read-write grant; it reaches A and B.
+    let key = p.keys[&Collection::Core].clone();
+    let actor = ActorId::for_author(&c.key.public_bytes(), [2; 8]);
+    let change = Change {
+        bytes: b"c writes",
+        hash: [42; 32],
+        actor,
+        seq: 1,
+    };
+    let env = Envelope::seal(&key, &c.key, Some(gc.id()), change, now()).unwrap();
+    c.store.write(Item::envelope(&env)).unwrap();
+    let id: ItemId = env.id().into();
+    until("A holds C's write", || a.store.holds(&id)).await;
+    until("B holds C's write", || b.store.holds(&id)).await;
+
+    // Revoking C's grant at A reaches B too (a holder).
+    let rev = p.revoke(&gc);
+    a.store.write(Item::revocation(&rev)).unwrap();
+    until("B holds C's revocation", || {
+        b.store.count(&p.id(), ItemKind::Revocation) == 1
+    })
+    .await;
+    until("C holds its revocation", || {
+        c.store.count(&p.id(), ItemKind::Revocation) == 1
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_resumes_from_the_cursor_and_a_new_instance_resets_it() {
+    let mut p = Patient::new();
+    let (a, _) = home_practice(&mut p).await;
+    let b_key = SecretIdentity::generate().unwrap();
+    let b_store = Arc::new(MemoryBackend::new());
+    let b = Node::start(SecretIdentity::from_seed(&b_key.seed()), b_store.clone()).await;
+    b.connect(&a).await;
+    let _g = grant_core_labs(&p, &a, &b);
+    until("B holds the history", || b.envelopes(&p) == 5).await;
+    b.sync.sync_now(a.peer).await.unwrap();
+    let cursor = b_store.cursor(&a.peer).unwrap().unwrap();
+    b.sync.shutdown().await.unwrap();
+    assert!(b.sync.status().await.is_err(), "stopped actor still answers");
+
+    // B is offline while A writes 300 labs envelopes.
+    for _ in 0..300 {
+        a.store.write(p.envelope(Collection::Labs)).unwrap();
+    }
+    let b2 = Node::start(b_key, b_store.clone()).await;
+    b2.connect(&a).await;
+    let first = b2.sync.sync_now(a.peer).await.unwrap();
+    until("B converged", || b2.count(&p, Collection::Labs) == 302).await;
+    assert!(first.received <= 300, "B re-received history: {first:?}");
+    assert!(b_store.cursor(&a.peer).unwrap().unwrap().seq > cursor.seq);
+    // The second sync moves only the delta: nothing.
+    let second = b2.sync.sync_now(a.peer).await.unwrap();
+    assert_eq!(second.received, 0, "second sync moved {second:?}");
+
+    // A restored from backup (new instance id) resets B's cursor: B scans
+    // from 0, receives only duplicates, stores nothing new.
+    let a_key = SecretIdentity::from_seed(&a.key.seed());
+    a.sync.shutdown().await.unwrap();
+    let restored = Arc::new(a.store.restored_copy(InstanceId([9; 16])));
+    let a2 = Node::start(a_key, restored).await;
+    b2.connect(&a2).await;
+    let again = b2.sync.sync_now(a2.peer).await.unwrap();
+    assert_eq!(again.ingest.accepted, 0);
+    assert_eq!(b_store.cursor(&a2.peer).unwrap().unwrap().instance, InstanceId([9; 16]));
+    assert_eq!(b2.count(&p, Collection::Labs), 302);
+}
+
+// ---- an adversarial client speaking /medmesh/sync/1 by hand ----
+
+#[derive(Clone, Default)]
+struct RawCodec;
+
+impl request_response::Codec for RawCodec {
+    type Protocol = StreamProtocol;
+    type Request = Vec<u8>;
+    type Response = Vec<u8>;
+
+    async fn read_request<T: AsyncRead + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> io::Result<Vec<u8>> {
+        let mut v = Vec::new();
+        io.take(1 << 20).read_to_end(&mut v).await?;
+        Ok(v)
+    }
+
+    async fn read_response<T: AsyncRead + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> io::Result<Vec<u8>> {
+        let mut v = Vec::new();
+        io.take(64 << 20).read_to_end(&mut v).await?;
+        Ok(v)
+    }
+
+    async fn write_request<T: AsyncWrite + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        req: Vec<u8>,
+    ) -> io::Result<()> {
+        io.write_all(&req).await
+    }
+
+    async fn write_response<T: AsyncWrite + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        res: Vec<u8>,
+    ) -> io::Result<()> {
+        io.write_all(&res).await
+    }
+}
+
+struct Adversary {
+    swarm: Swarm<request_response::Behaviour<RawCodec>>,
+}
+
+impl Adversary {
+    async fn connect(key: &SecretIdentity, target: &Node) -> Self {
+        let mut swarm = SwarmBuilder::with_existing_identity(key.to_libp2p().unwrap())
+            .with_tokio()
+            .with_tcp(tcp::Config::default(), noise::Config::new, yamux::Config::default)
+            .unwrap()
+            .with_behaviour(|_| {
+                request_response::Behaviour::with_codec(
+                    RawCodec,
+                    [(StreamProtocol::new("/medmesh/sync/1"), ProtocolSupport::Outbound)],
+                    request_response::Config::default().with_request_timeout(Duration::from_secs(20)),
+                )
+            })
+            .unwrap()
+            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+            .build();
+        swarm.dial(target.addr.clone()).unwrap();
+        tokio::time::timeout(WAIT, async {
+            loop {
+                if let SwarmEvent::ConnectionEstablished { .. } = swarm.select_next_some().await {
+                    return;
+                }
+            }
+        })
+        .await
+        .unwrap();
+        Self { swarm }
+    }
+
+    /// Sends raw bytes; the raw answer, or the failure as text.
+    async fn ask(&mut self, peer: PeerId, frame: Vec<u8>) -> Result<Vec<u8>, String> {
+        let id = self.swarm.behaviour_mut().send_request(&peer, frame);
+        tokio::time::timeout(WAIT, async {
+            loop {
+                match self.swarm.select_next_some().await {
+                    SwarmEvent::Behaviour(request_response::Event::Message {
+                        message: request_response::Message::Response { request_id, response },
+                        ..
+                    }) if request_id == id => {
+                        // A stream the server dropped reads as an empty answer.
+                        return if response.is_empty() {
+                            Err("no answer".into())
+                        } else {
+                            Ok(response)
+                        };
+                    }
+                    SwarmEvent::Behaviour(request_response::Event::OutboundFailure { request_id, error, .. })
+                        if request_id == id =>
+                    {
+                        return Err(error.to_string());
+                    }
+                    _ => {}
+                }
+            }
+        })
+        .await
+        .unwrap()
+    }
+
+    async fn request(&mut self, peer: PeerId, req: &Request) -> Response {
+        Response::decode(&self.ask(peer, req.encode()).await.unwrap()).unwrap()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adversarial_client_gets_nothing_and_the_node_stays_up() {
+    let mut p = Patient::new();
+    let (a, _) = home_practice(&mut p).await;
+    let b = Node::new().await;
+    b.connect(&a).await;
+    let g = grant_core_labs(&p, &a, &b);
+    until("B holds the history", || b.envelopes(&p) == 5).await;
+
+    let mallory_key = SecretIdentity::generate().unwrap();
+    let mut m = Adversary::connect(&mallory_key, &a).await;
+
+    // Oversize frame and garbage: no answer, the node lives on.
+    let oversize = vec![0x80; wire::MAX_REQUEST_BYTES + 10];
+    assert!(m.ask(a.peer, oversize).await.is_err(), "oversize frame was answered");
+    assert!(
+        m.ask(a.peer, vec![0xff, 0xfe, 0x00]).await.is_err(),
+        "garbage was answered"
+    );
+    let mut truncated = Request::Summary { patient: p.id() }.encode();
+    truncated.truncate(10);
+    assert!(m.ask(a.peer, truncated).await.is_err(), "truncated frame was answered");
+
+    // Pull everything from 0, any instance: nothing of the patient.
+    for instance in [InstanceId::default(), a.store.instance_id()] {
+        let page = m
+            .request(
+                a.peer,
+                &Request::Pull {
+                    cursor: Cursor { instance, seq: 0 },
+                    limit: 1024,
+                },
+            )
+            .await;
+        match page {
+            Response::Page { items, .. } => assert!(items.is_empty(), "mallory got {} items", items.len()),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    // Another patient's summary and envelopes by id: nothing.
+    match m.request(a.peer, &Request::Summary { patient: p.id() }).await {
+        Response::Summary { consent, collections } => {
+            assert!(consent.is_empty() && collections.is_empty())
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    let ids: Vec<EnvelopeId> = a
+        .store
+        .items()
+        .iter()
+        .filter(|s| s.meta.kind == ItemKind::Envelope)
+        .map(|s| EnvelopeId(s.meta.id.0))
+        .collect();
+    match m.request(a.peer, &Request::Fetch { ids: ids.clone() }).await {
+        Response::Fetched { items } => assert!(items.is_empty()),
+        other => panic!("unexpected {other:?}"),
+    }
+    // A forged grant naming mallory (signed by mallory, not the patient) is
+    // rejected, and opens nothing.
+    let forged = Grant::sign(
+        GrantTerms {
+            id: GrantId::generate().unwrap(),
+            patient: mallory_key.patient_id(),
+            grantee: mallory_key.practice_id().unwrap(),
+            collections: vec![Collection::Core],
+            access: Access::ReadWrite,
+            not_before: 0,
+            expires: None,
+            purpose: "treatment".into(),
+            issued_at: 0,
+            address_hints: vec![],
+        },
+        &mallory_key,
+    )
+    .unwrap();
+    let mut forged_bytes = forged.encoded().to_vec();
+    // Re-point the grant at the real patient: the signature no longer holds.
+    let pk = mallory_key.patient_id();
+    let pos = forged_bytes.windows(32).position(|w| w == pk.as_bytes()).unwrap();
+    forged_bytes[pos..pos + 32].copy_from_slice(p.id().as_bytes());
+    // Replays and bit flips of real envelopes.
+    let real = a
+        .store
+        .items()
+        .into_iter()
+        .find(|s| s.meta.kind == ItemKind::Envelope)
+        .unwrap();
+    let mut flipped = real.item.bytes.clone();
+    let mid = flipped.len() / 2;
+    flipped[mid] ^= 0x01;
+    let push = Request::Push {
+        items: vec![
+            Item {
+                kind: ItemKind::Grant,
+                bytes: forged_bytes,
+            },
+            Item {
+                kind: ItemKind::Envelope,
+                bytes: flipped,
+            },
+            real.item.clone(),
+        ],
+        addrs: vec![],
+    };
+    match m.request(a.peer, &push).await {
+        Response::Pushed {
+            accepted,
+            duplicates,
+            rejected,
+            ..
+        } => {
+            assert_eq!(accepted, 0);
+            assert_eq!(duplicates, 1, "the replay is a duplicate");
+            assert_eq!(rejected, 2, "forged grant and flipped envelope are rejected");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    // Still nothing for mallory after all that.
+    match m.request(a.peer, &Request::Fetch { ids }).await {
+        Response::Fetched { items } => assert!(items.is_empty()),
+        other => panic!("unexpected {other:?}"),
+    }
+    assert!(
+        a.store
+            .disclosures()
+            .iter()
+            .all(|d| d.peer != mallory_key.practice_id().unwrap().peer_id())
+    );
+
+    // The node is up and still serves B.
+    a.store.write(p.envelope(Collection::Core)).unwrap();
+    until("B holds the new write", || b.count(&p, Collection::Core) == 4).await;
+    let _ = g;
+    let meta = ItemMeta::describe(&real.item).unwrap();
+    assert_eq!(meta.id, real.meta.id);
+}
