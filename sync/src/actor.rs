@@ -19,7 +19,9 @@ use medmesh_crypto::{Grant, PatientId, Principal, SecretIdentity, now};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::backend::{Backend, Cursor, IngestReport, Item, ItemKind, StoredEvent};
+use crate::backend::{
+    Backend, ConsentView, Cursor, DisclosureRecord, IngestReport, Item, ItemKind, ItemMeta, StoredEvent,
+};
 use crate::config::Config;
 use crate::filter::{Requester, may_disclose};
 use crate::serve::{self, Served};
@@ -110,6 +112,18 @@ pub(crate) enum Command {
     Pushed {
         peer: PeerId,
     },
+    Forward {
+        peer: PeerId,
+        item: Item,
+    },
+    Nudge {
+        peer: PeerId,
+        seq: u64,
+    },
+    AddAddress {
+        peer: PeerId,
+        addr: Multiaddr,
+    },
 }
 
 /// What tasks need: the store, a way back to the actor, the counters.
@@ -143,19 +157,12 @@ impl<B: Backend> Ctx<B> {
         rx.await.map_err(|_| Error::Stopped)?
     }
 
-    async fn blocking<T: Send + 'static>(&self, f: impl FnOnce(&B) -> Result<T> + Send + 'static) -> Result<T> {
-        let backend = self.backend.clone();
-        tokio::task::spawn_blocking(move || f(&backend))
-            .await
-            .map_err(|_| Error::Backend("blocking task failed".into()))?
-    }
-
     async fn ingest(&self, peer: PeerId, items: Vec<Item>) -> Result<IngestReport> {
         if items.is_empty() {
             return Ok(IngestReport::default());
         }
         self.metrics.received(&items);
-        let report = self.blocking(move |b| b.ingest(peer, items)).await?;
+        let report = self.backend.ingest(peer, items).await?;
         self.metrics.ingested(&report);
         Ok(report)
     }
@@ -166,7 +173,7 @@ impl<B: Backend> Ctx<B> {
 async fn pull_task<B: Backend>(ctx: &Ctx<B>, peer: PeerId) -> Result<SyncReport> {
     let mut report = SyncReport::default();
     loop {
-        let cursor = ctx.blocking(move |b| b.cursor(&peer)).await?.unwrap_or_default();
+        let cursor = ctx.backend.cursor(&peer)?.unwrap_or_default();
         let limit = ctx.page_limit;
         let response = ctx.request(peer, Request::Pull { cursor, limit }).await?;
         let (instance, next, more, items) = match response {
@@ -210,7 +217,7 @@ async fn pull_task<B: Backend>(ctx: &Ctx<B>, peer: PeerId) -> Result<SyncReport>
         report.received += items.len() as u64;
         report.ingest.add(ctx.ingest(peer, items).await?);
         let new = Cursor { instance, seq: next };
-        ctx.blocking(move |b| b.set_cursor(&peer, new)).await?;
+        ctx.backend.set_cursor(&peer, new).await?;
         // Stop on the server's word, or when it makes no progress (a peer
         // that lies about `more` must not keep us looping).
         if !more || (same_instance && next == cursor.seq) {
@@ -244,11 +251,7 @@ async fn reconcile_task<B: Backend>(ctx: &Ctx<B>, peer: PeerId, patient: Patient
     report.ingest.add(ctx.ingest(peer, consent).await?);
     let mut missing = Vec::new();
     for (collection, ids) in collections {
-        let local: HashSet<_> = ctx
-            .blocking(move |b| b.envelope_ids(&patient, collection))
-            .await?
-            .into_iter()
-            .collect();
+        let local: HashSet<_> = ctx.backend.envelope_ids(&patient, collection)?.into_iter().collect();
         missing.extend(ids.into_iter().filter(|id| !local.contains(id)));
     }
     missing.sort();
@@ -446,7 +449,7 @@ impl<B: Backend> Actor<B> {
                 },
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
                 event = self.stored.recv(), if stored_open => match event {
-                    Ok(event) => self.on_stored(&event),
+                    Ok(event) => self.on_stored(event),
                     Err(broadcast::error::RecvError::Lagged(n)) => {
                         warn!(missed = n, "missed item-stored events; nudging every connected peer");
                         let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
@@ -558,6 +561,9 @@ impl<B: Backend> Actor<B> {
             }
             Command::PullDone { peer, result } => self.on_pull_done(peer, result),
             Command::Pushed { peer } => self.start_pull(peer, None),
+            Command::Forward { peer, item } => self.forward(peer, item),
+            Command::Nudge { peer, seq } => self.nudge(peer, seq),
+            Command::AddAddress { peer, addr } => self.swarm.add_peer_address(peer, addr),
         }
     }
 
@@ -769,13 +775,19 @@ impl<B: Backend> Actor<B> {
                 }
             }
             Request::Pull { cursor, limit } => {
-                self.spawn_serve(channel, move |b| serve::pull(b, requester, cursor, limit, now()));
+                self.spawn_serve(channel, move |b| async move {
+                    serve::pull(&*b, requester, cursor, limit, now()).await
+                });
             }
             Request::Summary { patient } => {
-                self.spawn_serve(channel, move |b| serve::summary(b, requester, patient, now()));
+                self.spawn_serve(channel, move |b| async move {
+                    serve::summary(&*b, requester, patient, now()).await
+                });
             }
             Request::Fetch { ids } => {
-                self.spawn_serve(channel, move |b| serve::fetch(b, requester, &ids, now()));
+                self.spawn_serve(channel, move |b| async move {
+                    serve::fetch(&*b, requester, &ids, now()).await
+                });
             }
             Request::Push { items, addrs } => {
                 // Before ingesting: the consent flows that the stored items
@@ -811,17 +823,14 @@ impl<B: Backend> Actor<B> {
         }
     }
 
-    fn spawn_serve(
-        &self,
-        channel: ResponseChannel<Response>,
-        f: impl FnOnce(&B) -> (Response, Served) + Send + 'static,
-    ) {
+    fn spawn_serve<F, Fut>(&self, channel: ResponseChannel<Response>, f: F)
+    where
+        F: FnOnce(Arc<B>) -> Fut + Send + 'static,
+        Fut: Future<Output = (Response, Served)> + Send + 'static,
+    {
         let ctx = self.ctx.clone();
         tokio::spawn(async move {
-            let (response, served) = ctx
-                .blocking(move |b| Ok(f(b)))
-                .await
-                .unwrap_or((Response::Refused(RefusalCode::Internal), Served::default()));
+            let (response, served) = f(ctx.backend.clone()).await;
             let _ = ctx
                 .send(Command::Respond {
                     channel,
@@ -858,149 +867,161 @@ impl<B: Backend> Actor<B> {
         }
     }
 
-    /// Sends items to `peer` if — and only if — the consent filter lets each
-    /// of them go there; audits what it sends.
-    fn push_filtered(&mut self, peer: PeerId, item: &Item, meta: &crate::backend::ItemMeta) {
-        if peer == self.me {
-            return;
-        }
-        let Ok(requester) = Requester::from_peer_id(&peer) else {
-            return;
-        };
-        let Ok(view) = self.backend().consent(&meta.patient) else {
-            return;
-        };
-        let decision = may_disclose(meta, &requester, &view, now());
-        if !decision.allowed() {
-            debug!(%peer, item = %meta.id, ?decision, "not forwarding");
-            return;
-        }
-        let record = crate::backend::DisclosureRecord {
-            peer,
-            patient: meta.patient,
-            grant: decision.grant(),
-            items: vec![meta.id],
-        };
-        if let Err(e) = self.backend().record_disclosure(&record) {
-            warn!(%peer, cause = %e, "audit failed; not forwarding");
-            return;
-        }
-        self.ctx.metrics.sent(Served {
-            items: 1,
-            bytes: item.bytes.len() as u64,
+    /// Hands a stored item to the consent-flow task (which needs the store's
+    /// async API) with a snapshot of the connected peers.
+    fn on_stored(&mut self, event: StoredEvent) {
+        let connected: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+        let ctx = self.ctx.clone();
+        let me = self.me;
+        tokio::spawn(async move {
+            if let Err(e) = consent_flow(&ctx, me, connected, event).await {
+                warn!(cause = %e, "consent flow failed");
+            }
         });
+    }
+
+    fn forward(&mut self, peer: PeerId, item: Item) {
         let request = Request::Push {
-            items: vec![item.clone()],
+            items: vec![item],
             addrs: Vec::new(),
         };
         let id = self.swarm.behaviour_mut().sync.send_request(&peer, request);
         self.outbound.insert(id, Outbound::Forward(peer));
     }
+}
 
-    /// The consent flows and nudges that follow a stored item.
-    fn on_stored(&mut self, event: &StoredEvent) {
-        let meta = &event.meta;
-        let view = match self.backend().consent(&meta.patient) {
-            Ok(v) => v,
-            Err(e) => {
-                warn!(cause = %e, "consent lookup failed");
-                return;
-            }
-        };
-        let me = self.me;
-        let holders: Vec<PeerId> = view
-            .grants
-            .iter()
-            .map(|g| g.terms().grantee.peer_id())
-            .filter(|p| *p != me && Some(*p) != event.from)
-            .collect();
-        match meta.kind {
-            ItemKind::Envelope => {
-                let t = now();
-                let peers: Vec<PeerId> = self
-                    .swarm
-                    .connected_peers()
-                    .copied()
-                    .filter(|p| Some(*p) != event.from)
-                    .filter(|p| Requester::from_peer_id(p).is_ok_and(|r| may_disclose(meta, &r, &view, t).allowed()))
-                    .collect();
-                for peer in peers {
-                    self.nudge(peer, event.seq);
+async fn item_at<B: Backend>(ctx: &Ctx<B>, seq: u64) -> Result<Option<Item>> {
+    let mut items = ctx.backend.items_after(seq.saturating_sub(1), 1).await?;
+    Ok(match items.pop() {
+        Some(s) if s.seq == seq => Some(s.item),
+        _ => None,
+    })
+}
+
+/// Sends `item` to `peer` if — and only if — the consent filter lets it go
+/// there; audits it first.
+async fn push_filtered<B: Backend>(
+    ctx: &Ctx<B>,
+    view: &ConsentView,
+    peer: PeerId,
+    item: &Item,
+    meta: &ItemMeta,
+) -> Result<()> {
+    let requester = Requester::from_peer_id(&peer)?;
+    let decision = may_disclose(meta, &requester, view, now());
+    if !decision.allowed() {
+        debug!(%peer, item = %meta.id, ?decision, "not forwarding");
+        return Ok(());
+    }
+    ctx.backend
+        .record_disclosure(&DisclosureRecord {
+            peer,
+            patient: meta.patient,
+            grant: decision.grant(),
+            items: vec![meta.id],
+        })
+        .await?;
+    ctx.metrics.sent(Served {
+        items: 1,
+        bytes: item.bytes.len() as u64,
+    });
+    ctx.send(Command::Forward {
+        peer,
+        item: item.clone(),
+    })
+    .await
+}
+
+/// What follows a stored item (DESIGN §5 consent flows, §6 nudges):
+/// - an envelope: nudge the connected peers that may receive it;
+/// - a grant for another practice: push it to the grantee (dialing the
+///   addresses known for it) and forward it to every other holder of a grant
+///   from the patient;
+/// - a grant for this node: reconcile the patient with the connected peers
+///   and the nodes in its address hints, so history written before the
+///   grant arrives;
+/// - a revocation: forward it to every holder of a grant from the patient;
+/// - a key share for another practice: push it to its recipient.
+async fn consent_flow<B: Backend>(ctx: &Ctx<B>, me: PeerId, connected: Vec<PeerId>, event: StoredEvent) -> Result<()> {
+    let meta = &event.meta;
+    let view = ctx.backend.consent(&meta.patient)?;
+    let holders: Vec<PeerId> = view
+        .grants
+        .iter()
+        .map(|g| g.terms().grantee.peer_id())
+        .filter(|p| *p != me && Some(*p) != event.from)
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+    match meta.kind {
+        ItemKind::Envelope => {
+            let t = now();
+            for peer in connected.into_iter().filter(|p| Some(*p) != event.from) {
+                if Requester::from_peer_id(&peer).is_ok_and(|r| may_disclose(meta, &r, &view, t).allowed()) {
+                    ctx.send(Command::Nudge { peer, seq: event.seq }).await?;
                 }
             }
-            ItemKind::Grant => {
-                let Some(item) = self.item_at(event.seq) else { return };
-                let Ok(grant) = Grant::decode(&item.bytes) else { return };
-                let grantee = grant.terms().grantee.peer_id();
-                for hint in &grant.terms().address_hints {
-                    if let Ok(addr) = hint.parse::<Multiaddr>()
-                        && let Some(p) = peer_of(&addr)
-                        && p != me
-                    {
-                        self.swarm.add_peer_address(p, addr);
-                    }
+        }
+        ItemKind::Grant => {
+            let Some(item) = item_at(ctx, event.seq).await? else {
+                return Ok(());
+            };
+            let grant = Grant::decode(&item.bytes)?;
+            let grantee = grant.terms().grantee.peer_id();
+            let mut hinted = HashSet::new();
+            for hint in &grant.terms().address_hints {
+                if let Ok(addr) = hint.parse::<Multiaddr>()
+                    && let Some(peer) = peer_of(&addr)
+                    && peer != me
+                {
+                    hinted.insert(peer);
+                    ctx.send(Command::AddAddress { peer, addr }).await?;
                 }
-                if grantee == me {
-                    // A grant for us: fetch the history written before it from
-                    // every node we know that may hold the patient's data.
-                    let mut targets: HashSet<PeerId> = self.swarm.connected_peers().copied().collect();
-                    targets.extend(
-                        grant
-                            .terms()
-                            .address_hints
-                            .iter()
-                            .filter_map(|h| h.parse::<Multiaddr>().ok())
-                            .filter_map(|a| peer_of(&a)),
-                    );
-                    targets.remove(&me);
-                    // The patient's own CLI serves nothing.
-                    targets.retain(|p| Requester::from_peer_id(p).is_ok_and(|r| !r.is_patient(&meta.patient)));
+            }
+            if grantee == me {
+                let mut targets: HashSet<PeerId> = connected.into_iter().collect();
+                targets.extend(hinted);
+                targets.remove(&me);
+                // The patient's own CLI serves nothing.
+                targets.retain(|p| Requester::from_peer_id(p).is_ok_and(|r| !r.is_patient(&meta.patient)));
+                for peer in targets {
+                    let ctx = ctx.clone();
                     let patient = meta.patient;
-                    for peer in targets {
-                        let ctx = self.ctx.clone();
-                        tokio::spawn(async move {
-                            match reconcile_task(&ctx, peer, patient).await {
-                                Ok(r) => debug!(%peer, fetched = r.received, "reconciled after grant"),
-                                Err(e) => debug!(%peer, cause = %e, "reconcile after grant failed"),
-                            }
-                        });
-                    }
-                } else if Some(grantee) != event.from {
-                    self.push_filtered(grantee, &item, meta);
+                    tokio::spawn(async move {
+                        match reconcile_task(&ctx, peer, patient).await {
+                            Ok(r) => debug!(%peer, fetched = r.received, "reconciled after grant"),
+                            Err(e) => debug!(%peer, cause = %e, "reconcile after grant failed"),
+                        }
+                    });
                 }
-                for peer in holders.into_iter().filter(|p| *p != grantee) {
-                    self.push_filtered(peer, &item, meta);
-                }
+            } else if Some(grantee) != event.from {
+                push_filtered(ctx, &view, grantee, &item, meta).await?;
             }
-            ItemKind::Revocation => {
-                let Some(item) = self.item_at(event.seq) else { return };
-                let mut sent = HashSet::new();
-                for peer in holders {
-                    if sent.insert(peer) {
-                        self.push_filtered(peer, &item, meta);
-                    }
-                }
+            for peer in holders.into_iter().filter(|p| *p != grantee) {
+                push_filtered(ctx, &view, peer, &item, meta).await?;
             }
-            ItemKind::KeyShare => {
-                if let Some(Principal::Practice(recipient)) = meta.recipient {
-                    let peer = recipient.peer_id();
-                    if peer != me
-                        && Some(peer) != event.from
-                        && let Some(item) = self.item_at(event.seq)
-                    {
-                        self.push_filtered(peer, &item, meta);
-                    }
+        }
+        ItemKind::Revocation => {
+            let Some(item) = item_at(ctx, event.seq).await? else {
+                return Ok(());
+            };
+            for peer in holders {
+                push_filtered(ctx, &view, peer, &item, meta).await?;
+            }
+        }
+        ItemKind::KeyShare => {
+            if let Some(Principal::Practice(recipient)) = meta.recipient {
+                let peer = recipient.peer_id();
+                if peer != me
+                    && Some(peer) != event.from
+                    && let Some(item) = item_at(ctx, event.seq).await?
+                {
+                    push_filtered(ctx, &view, peer, &item, meta).await?;
                 }
             }
         }
     }
-
-    fn item_at(&self, seq: u64) -> Option<Item> {
-        match self.backend().items_after(seq.saturating_sub(1), 1) {
-            Ok(mut items) if items.first().is_some_and(|s| s.seq == seq) => items.pop().map(|s| s.item),
-            _ => None,
-        }
-    }
+    Ok(())
 }
 
 /// Address suggestions in a push are honoured only from a patient pushing

@@ -2,6 +2,7 @@
 //! types it speaks in. `medmesh_node::Node` implements it through an adapter;
 //! [`crate::memory::MemoryBackend`] implements it for tests.
 
+use std::collections::BTreeSet;
 use std::fmt;
 
 use libp2p::PeerId;
@@ -319,14 +320,18 @@ impl IngestReport {
 pub struct ConsentView {
     /// Every grant from this patient the node holds.
     pub grants: Vec<Grant>,
-    /// Every revocation from this patient the node holds.
+    /// Ids of the grants known to be revoked.
+    pub revoked: BTreeSet<GrantId>,
+    /// The revocations themselves, where the backend has them at hand (sent
+    /// in reconciliation summaries); a grant is revoked if it is listed in
+    /// `revoked` or here.
     pub revocations: Vec<Revocation>,
 }
 
 impl ConsentView {
     /// Whether the node knows a revocation of `grant`.
     pub fn is_revoked(&self, grant: &Grant) -> bool {
-        self.revocations.iter().any(|r| r.revokes(grant))
+        self.revoked.contains(&grant.id()) || self.revocations.iter().any(|r| r.revokes(grant))
     }
 
     /// The grant with this id, if known.
@@ -350,9 +355,9 @@ pub struct DisclosureRecord {
     pub items: Vec<ItemId>,
 }
 
-/// The operations sync needs from a node's store. Every method is
-/// synchronous and may block briefly (sled); sync calls the slow ones
-/// (`items_after`, `ingest`, `envelopes`) from blocking tasks.
+/// The operations sync needs from a node's store. Cheap lookups are plain
+/// functions (called from the actor); the ones that may touch the disk or
+/// wait for a flush are futures, run in spawned tasks.
 pub trait Backend: Send + Sync + 'static {
     /// This store instance's id (see [`InstanceId`]).
     fn instance_id(&self) -> InstanceId;
@@ -362,7 +367,7 @@ pub trait Backend: Send + Sync + 'static {
     ///
     /// # Errors
     /// Storage failures.
-    fn items_after(&self, after: u64, limit: usize) -> Result<Vec<StoredItem>>;
+    fn items_after(&self, after: u64, limit: usize) -> impl Future<Output = Result<Vec<StoredItem>>> + Send;
 
     /// Verifies and stores items received from `from`. Permanent rejections
     /// are recorded by the backend (audit) and counted, never returned as an
@@ -370,7 +375,7 @@ pub trait Backend: Send + Sync + 'static {
     ///
     /// # Errors
     /// Storage failures only.
-    fn ingest(&self, from: PeerId, items: Vec<Item>) -> Result<IngestReport>;
+    fn ingest(&self, from: PeerId, items: Vec<Item>) -> impl Future<Output = Result<IngestReport>> + Send;
 
     /// The cursor this node holds on `peer`'s log.
     ///
@@ -378,11 +383,11 @@ pub trait Backend: Send + Sync + 'static {
     /// Storage failures.
     fn cursor(&self, peer: &PeerId) -> Result<Option<Cursor>>;
 
-    /// Stores the cursor on `peer`'s log, durably.
+    /// Stores the cursor on `peer`'s log.
     ///
     /// # Errors
     /// Storage failures.
-    fn set_cursor(&self, peer: &PeerId, cursor: Cursor) -> Result<()>;
+    fn set_cursor(&self, peer: &PeerId, cursor: Cursor) -> impl Future<Output = Result<()>> + Send;
 
     /// The grants and revocations known for `patient`.
     ///
@@ -401,13 +406,13 @@ pub trait Backend: Send + Sync + 'static {
     ///
     /// # Errors
     /// Storage failures.
-    fn envelopes(&self, ids: &[EnvelopeId]) -> Result<Vec<StoredItem>>;
+    fn envelopes(&self, ids: &[EnvelopeId]) -> impl Future<Output = Result<Vec<StoredItem>>> + Send;
 
-    /// Appends a disclosure to the audit log.
+    /// Appends a disclosure to the audit log, durably.
     ///
     /// # Errors
     /// Storage failures; sync then does not send the items.
-    fn record_disclosure(&self, record: &DisclosureRecord) -> Result<()>;
+    fn record_disclosure(&self, record: &DisclosureRecord) -> impl Future<Output = Result<()>> + Send;
 
     /// Subscribes to "item stored" events.
     fn subscribe(&self) -> broadcast::Receiver<StoredEvent>;

@@ -272,8 +272,14 @@ mod tests {
         let view = ConsentView {
             grants: vec![core_labs.clone(), future.clone(), expired.clone(), revoked.clone()],
             revocations: vec![revocation.clone()],
+            ..Default::default()
         };
         let empty = ConsentView::default();
+        let by_id = ConsentView {
+            grants: vec![revoked.clone()],
+            revoked: [revoked.id()].into_iter().collect(),
+            ..Default::default()
+        };
         let core = envelope(&w.patient, Collection::Core);
         let labs = envelope(&w.patient, Collection::Labs);
         let meds = envelope(&w.patient, Collection::Medications);
@@ -287,95 +293,31 @@ mod tests {
 
         use Denied::*;
         use Disclosure::*;
+        #[rustfmt::skip]
         let cases: Vec<(&str, &ItemMeta, Requester, &ConsentView, Disclosure)> = vec![
-            (
-                "core to B under grant",
-                &core,
-                req(&w.b),
-                &view,
-                UnderGrant(core_labs.id()),
-            ),
-            (
-                "labs to B under grant",
-                &labs,
-                req(&w.b),
-                &view,
-                UnderGrant(core_labs.id()),
-            ),
-            ("meds to B: not covered", &meds, req(&w.b), &view, Deny(NotCovered)),
-            (
-                "sensitive to B: not covered",
-                &sensitive,
-                req(&w.b),
-                &view,
-                Deny(NotCovered),
-            ),
-            (
-                "core to B without consent known",
-                &core,
-                req(&w.b),
-                &empty,
-                Deny(NoGrant),
-            ),
-            ("core to C before not-before", &core, req(&w.c), &view, Deny(NotInForce)),
-            ("labs to C after expiry", &labs, req(&w.c), &view, Deny(NotInForce)),
-            ("core to A after revocation", &core, req(&w.a), &view, Deny(NotInForce)),
-            ("other patient's core to B", &others, req(&w.b), &view, Deny(NoGrant)),
-            ("core to the patient", &core, patient_req, &empty, ToPatient),
-            ("sensitive to the patient", &sensitive, patient_req, &view, ToPatient),
-            ("key share to its recipient", &share_b, req(&w.b), &empty, ToRecipient),
-            (
-                "key share to another grantee",
-                &share_b,
-                req(&w.c),
-                &view,
-                Deny(NotRecipient),
-            ),
-            ("key share to the patient", &share_b, patient_req, &empty, ToPatient),
-            ("B's grant to B", &g_b, req(&w.b), &empty, ToGrantHolder(core_labs.id())),
-            (
-                "C's future grant to C",
-                &g_future,
-                req(&w.c),
-                &view,
-                ToGrantHolder(future.id()),
-            ),
-            (
-                "C's grant to holder B",
-                &g_future,
-                req(&w.b),
-                &view,
-                ToGrantHolder(core_labs.id()),
-            ),
-            (
-                "B's grant to C (not in force)",
-                &g_b,
-                req(&w.c),
-                &view,
-                Deny(NotInForce),
-            ),
-            ("B's grant to a stranger", &g_b, req(&w.a), &empty, Deny(NoGrant)),
-            (
-                "revocation to revoked A",
-                &rev,
-                req(&w.a),
-                &view,
-                ToGrantHolder(revoked.id()),
-            ),
-            (
-                "revocation to holder B",
-                &rev,
-                req(&w.b),
-                &view,
-                ToGrantHolder(core_labs.id()),
-            ),
-            (
-                "revocation to C (not in force)",
-                &rev,
-                req(&w.c),
-                &view,
-                Deny(NotInForce),
-            ),
+            ("core to B under grant",            &core,      req(&w.b),   &view,  UnderGrant(core_labs.id())),
+            ("labs to B under grant",            &labs,      req(&w.b),   &view,  UnderGrant(core_labs.id())),
+            ("meds to B: not covered",           &meds,      req(&w.b),   &view,  Deny(NotCovered)),
+            ("sensitive to B: not covered",      &sensitive, req(&w.b),   &view,  Deny(NotCovered)),
+            ("core to B without consent known",  &core,      req(&w.b),   &empty, Deny(NoGrant)),
+            ("core to C before not-before",      &core,      req(&w.c),   &view,  Deny(NotInForce)),
+            ("labs to C after expiry",           &labs,      req(&w.c),   &view,  Deny(NotInForce)),
+            ("core to A after revocation",       &core,      req(&w.a),   &view,  Deny(NotInForce)),
+            ("core to A, revoked by id only",    &core,      req(&w.a),   &by_id, Deny(NotInForce)),
+            ("other patient's core to B",        &others,    req(&w.b),   &view,  Deny(NoGrant)),
+            ("core to the patient",              &core,      patient_req, &empty, ToPatient),
+            ("sensitive to the patient",         &sensitive, patient_req, &view,  ToPatient),
+            ("key share to its recipient",       &share_b,   req(&w.b),   &empty, ToRecipient),
+            ("key share to another grantee",     &share_b,   req(&w.c),   &view,  Deny(NotRecipient)),
+            ("key share to the patient",         &share_b,   patient_req, &empty, ToPatient),
+            ("B's grant to B",                   &g_b,       req(&w.b),   &empty, ToGrantHolder(core_labs.id())),
+            ("C's future grant to C",            &g_future,  req(&w.c),   &view,  ToGrantHolder(future.id())),
+            ("C's grant to holder B",            &g_future,  req(&w.b),   &view,  ToGrantHolder(core_labs.id())),
+            ("B's grant to C (not in force)",    &g_b,       req(&w.c),   &view,  Deny(NotInForce)),
+            ("B's grant to a stranger",          &g_b,       req(&w.a),   &empty, Deny(NoGrant)),
+            ("revocation to revoked A",          &rev,       req(&w.a),   &view,  ToGrantHolder(revoked.id())),
+            ("revocation to holder B",           &rev,       req(&w.b),   &view,  ToGrantHolder(core_labs.id())),
+            ("revocation to C (not in force)",   &rev,       req(&w.c),   &view,  Deny(NotInForce)),
         ];
         for (name, item, peer, consent, expected) in cases {
             assert_eq!(may_disclose(item, &peer, consent, NOW), expected, "case: {name}");
@@ -388,7 +330,7 @@ mod tests {
         let g = grant(&w.patient, &w.b, &[Collection::Core], NOW, Some(NOW + HOUR));
         let view = ConsentView {
             grants: vec![g.clone()],
-            revocations: vec![],
+            ..Default::default()
         };
         let core = envelope(&w.patient, Collection::Core);
         let b = req(&w.b);
@@ -412,6 +354,7 @@ mod tests {
         let view = ConsentView {
             grants: vec![g1.clone(), g2.clone()],
             revocations: vec![revoke(&w.patient, &g1)],
+            ..Default::default()
         };
         let core = envelope(&w.patient, Collection::Core);
         assert_eq!(
@@ -427,7 +370,7 @@ mod tests {
         let g = grant(&w.other_patient, &w.b, &[Collection::Core], NOW - HOUR, None);
         let view = ConsentView {
             grants: vec![g],
-            revocations: vec![],
+            ..Default::default()
         };
         let core = envelope(&w.patient, Collection::Core);
         assert_eq!(

@@ -266,13 +266,13 @@ impl Backend for MemoryBackend {
         self.instance
     }
 
-    fn items_after(&self, after: u64, limit: usize) -> Result<Vec<StoredItem>> {
+    async fn items_after(&self, after: u64, limit: usize) -> Result<Vec<StoredItem>> {
         let state = self.lock();
         let start = usize::try_from(after).unwrap_or(usize::MAX).min(state.log.len());
         Ok(state.log[start..].iter().take(limit).cloned().collect())
     }
 
-    fn ingest(&self, from: PeerId, items: Vec<Item>) -> Result<IngestReport> {
+    async fn ingest(&self, from: PeerId, items: Vec<Item>) -> Result<IngestReport> {
         let mut state = self.lock();
         let mut report = IngestReport::default();
         for item in items {
@@ -304,7 +304,7 @@ impl Backend for MemoryBackend {
         Ok(self.lock().cursors.get(peer).copied())
     }
 
-    fn set_cursor(&self, peer: &PeerId, cursor: Cursor) -> Result<()> {
+    async fn set_cursor(&self, peer: &PeerId, cursor: Cursor) -> Result<()> {
         self.lock().cursors.insert(*peer, cursor);
         Ok(())
     }
@@ -325,7 +325,7 @@ impl Backend for MemoryBackend {
             .collect())
     }
 
-    fn envelopes(&self, ids: &[EnvelopeId]) -> Result<Vec<StoredItem>> {
+    async fn envelopes(&self, ids: &[EnvelopeId]) -> Result<Vec<StoredItem>> {
         let wanted: HashSet<ItemId> = ids.iter().map(|i| ItemId(i.0)).collect();
         Ok(self
             .lock()
@@ -336,7 +336,7 @@ impl Backend for MemoryBackend {
             .collect())
     }
 
-    fn record_disclosure(&self, record: &DisclosureRecord) -> Result<()> {
+    async fn record_disclosure(&self, record: &DisclosureRecord) -> Result<()> {
         self.lock().audit.push(record.clone());
         Ok(())
     }

@@ -1,6 +1,6 @@
 //! The serving side of `/medmesh/sync/1`: answers pulls, summaries and
 //! fetches through [`may_disclose`], and audits every disclosure before the
-//! answer leaves. Runs on blocking threads (it reads the store).
+//! answer leaves. Runs in tasks spawned by the actor.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -73,14 +73,16 @@ impl<'a, B: Backend> Disclosures<'a, B> {
     }
 
     /// Writes the audit entries; only then may the answer be sent.
-    fn record(self) -> Result<()> {
+    async fn record(self) -> Result<()> {
         for ((patient, grant), items) in self.audit {
-            self.backend.record_disclosure(&DisclosureRecord {
-                peer: self.peer.peer_id(),
-                patient,
-                grant,
-                items,
-            })?;
+            self.backend
+                .record_disclosure(&DisclosureRecord {
+                    peer: self.peer.peer_id(),
+                    patient,
+                    grant,
+                    items,
+                })
+                .await?;
         }
         Ok(())
     }
@@ -93,20 +95,20 @@ fn refuse(err: &Error, peer: &Requester, what: &'static str) -> (Response, Serve
 
 /// Answers a pull: items after the cursor (from 0 when the cursor names
 /// another instance) that the peer may receive.
-pub(crate) fn pull<B: Backend>(
+pub(crate) async fn pull<B: Backend>(
     backend: &B,
     peer: Requester,
     cursor: Cursor,
     limit: u32,
     now: Timestamp,
 ) -> (Response, Served) {
-    match pull_inner(backend, peer, cursor, limit, now) {
+    match pull_inner(backend, peer, cursor, limit, now).await {
         Ok(r) => r,
         Err(e) => refuse(&e, &peer, "pull"),
     }
 }
 
-fn pull_inner<B: Backend>(
+async fn pull_inner<B: Backend>(
     backend: &B,
     peer: Requester,
     cursor: Cursor,
@@ -122,7 +124,7 @@ fn pull_inner<B: Backend>(
     let mut scanned = 0usize;
     let mut more = true;
     'scan: while items.len() < limit && bytes < PAGE_BYTE_BUDGET && scanned < SCAN_BUDGET {
-        let batch = backend.items_after(pos, SCAN_BATCH)?;
+        let batch = backend.items_after(pos, SCAN_BATCH).await?;
         let end = batch.len() < SCAN_BATCH;
         for stored in batch {
             if stored.seq <= pos {
@@ -143,7 +145,7 @@ fn pull_inner<B: Backend>(
             break;
         }
     }
-    d.record()?;
+    d.record().await?;
     let served = Served {
         items: items.len() as u64,
         bytes: bytes as u64,
@@ -161,19 +163,19 @@ fn pull_inner<B: Backend>(
 
 /// Answers a summary: the patient's consent items and, per collection the
 /// peer may receive, the envelope ids held.
-pub(crate) fn summary<B: Backend>(
+pub(crate) async fn summary<B: Backend>(
     backend: &B,
     peer: Requester,
     patient: PatientId,
     now: Timestamp,
 ) -> (Response, Served) {
-    match summary_inner(backend, peer, patient, now) {
+    match summary_inner(backend, peer, patient, now).await {
         Ok(r) => r,
         Err(e) => refuse(&e, &peer, "summary"),
     }
 }
 
-fn summary_inner<B: Backend>(
+async fn summary_inner<B: Backend>(
     backend: &B,
     peer: Requester,
     patient: PatientId,
@@ -221,7 +223,7 @@ fn summary_inner<B: Backend>(
         total += ids.len();
         collections.push((collection, ids));
     }
-    d.record()?;
+    d.record().await?;
     let served = Served {
         items: consent.len() as u64,
         bytes: bytes as u64,
@@ -230,37 +232,43 @@ fn summary_inner<B: Backend>(
 }
 
 /// Answers a fetch: the requested envelopes the peer may receive.
-pub(crate) fn fetch<B: Backend>(
+pub(crate) async fn fetch<B: Backend>(
     backend: &B,
     peer: Requester,
     ids: &[medmesh_crypto::EnvelopeId],
     now: Timestamp,
 ) -> (Response, Served) {
-    let inner = || -> Result<(Response, Served)> {
-        let mut d = Disclosures::new(backend, peer, now);
-        let mut items = Vec::new();
-        let mut bytes = 0usize;
-        for stored in backend.envelopes(ids)? {
-            if stored.meta.kind != ItemKind::Envelope {
-                continue;
-            }
-            if bytes >= PAGE_BYTE_BUDGET {
-                break;
-            }
-            if d.admit(&stored)? {
-                bytes += stored.item.bytes.len();
-                items.push(stored.item);
-            }
-        }
-        d.record()?;
-        let served = Served {
-            items: items.len() as u64,
-            bytes: bytes as u64,
-        };
-        Ok((Response::Fetched { items }, served))
-    };
-    match inner() {
+    match fetch_inner(backend, peer, ids, now).await {
         Ok(r) => r,
         Err(e) => refuse(&e, &peer, "fetch"),
     }
+}
+
+async fn fetch_inner<B: Backend>(
+    backend: &B,
+    peer: Requester,
+    ids: &[medmesh_crypto::EnvelopeId],
+    now: Timestamp,
+) -> Result<(Response, Served)> {
+    let mut d = Disclosures::new(backend, peer, now);
+    let mut items = Vec::new();
+    let mut bytes = 0usize;
+    for stored in backend.envelopes(ids).await? {
+        if stored.meta.kind != ItemKind::Envelope {
+            continue;
+        }
+        if bytes >= PAGE_BYTE_BUDGET {
+            break;
+        }
+        if d.admit(&stored)? {
+            bytes += stored.item.bytes.len();
+            items.push(stored.item);
+        }
+    }
+    d.record().await?;
+    let served = Served {
+        items: items.len() as u64,
+        bytes: bytes as u64,
+    };
+    Ok((Response::Fetched { items }, served))
 }
