@@ -28,6 +28,7 @@ mod error;
 pub mod identity;
 mod node;
 pub mod records;
+pub mod repository;
 pub mod store;
 pub mod testing;
 
@@ -36,3 +37,4 @@ pub use identity::load_or_create_identity;
 pub use node::{
     Actor, Config, Event, Holdings, Incoming, IngestReport, ItemStored, Node, RejectedItem, STORE_DIR, Source,
 };
+pub use repository::Repository;

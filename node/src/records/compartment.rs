@@ -5,74 +5,11 @@
 //! type, the search parameters that put it in a patient's compartment, translated to
 //! the element paths those parameters search.
 
-use std::fmt;
-use std::str::FromStr;
-
 use serde_json::Value;
 
-use super::error::Error;
-
-/// One of the seven collections a patient's record is split into.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Collection {
-    /// Patient, problems, procedures, encounters, … and directory resources.
-    Core,
-    /// Medication requests, statements, dispenses.
-    Medications,
-    /// Observations, diagnostic reports, specimens.
-    Labs,
-    /// Document references and binaries.
-    Documents,
-    /// Appointments.
-    Scheduling,
-    /// Claims, explanations of benefit, coverage.
-    Billing,
-    /// Anything labelled restricted-sensitivity; never part of "all".
-    Sensitive,
-}
-
-impl Collection {
-    /// Every collection, in declaration order.
-    pub const ALL: [Collection; 7] = [
-        Collection::Core,
-        Collection::Medications,
-        Collection::Labs,
-        Collection::Documents,
-        Collection::Scheduling,
-        Collection::Billing,
-        Collection::Sensitive,
-    ];
-
-    /// The collection's name as used in grants and headers.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Collection::Core => "core",
-            Collection::Medications => "medications",
-            Collection::Labs => "labs",
-            Collection::Documents => "documents",
-            Collection::Scheduling => "scheduling",
-            Collection::Billing => "billing",
-            Collection::Sensitive => "sensitive",
-        }
-    }
-}
-
-impl fmt::Display for Collection {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Collection {
-    type Err = Error;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Collection::ALL
-            .into_iter()
-            .find(|c| c.as_str() == s)
-            .ok_or_else(|| Error::UnknownCollection(s.to_owned()))
-    }
-}
+/// The seven collections a patient's record is split into (defined with the
+/// grants that name them).
+pub use medmesh_crypto::Collection;
 
 /// R4 Patient compartment: resource type → element paths (dotted, through arrays)
 /// whose references put a resource in a patient's compartment. Sorted by type. The

@@ -29,7 +29,6 @@ pub mod value;
 mod tests;
 
 use automerge::ActorId;
-use sha2::{Digest, Sha256};
 
 pub use compartment::{Collection, collection_of, is_directory_type, linked_did, patient_references, supported_types};
 pub use doc::{
@@ -43,27 +42,20 @@ pub use time::format_instant;
 /// Bytes of an actor id taken from the author's key hash.
 pub const ACTOR_AUTHOR_PREFIX_LEN: usize = 16;
 
-/// The author part of actor ids: the first 16 bytes of SHA-256(author public key).
-pub fn actor_prefix(author_pubkey: &[u8; 32]) -> [u8; ACTOR_AUTHOR_PREFIX_LEN] {
-    let digest = Sha256::digest(author_pubkey);
-    let mut out = [0u8; ACTOR_AUTHOR_PREFIX_LEN];
-    out.copy_from_slice(&digest[..ACTOR_AUTHOR_PREFIX_LEN]);
-    out
-}
-
-/// The Automerge actor id for an author in one process: the first 16 bytes of
-/// SHA-256(author public key) then 8 random bytes chosen at process start, so a
-/// restored backup never reuses an (actor, seq) pair (DESIGN §3).
+/// The Automerge actor id for an author in one process (DESIGN §3): the first 16
+/// bytes of SHA-256(author public key), then 8 random bytes chosen at process start,
+/// so a restored backup never reuses an (actor, seq) pair. The rule itself lives in
+/// [`medmesh_crypto::ActorId`], which envelope headers carry.
 pub fn actor_id(author_pubkey: &[u8; 32], process_nonce: [u8; 8]) -> ActorId {
-    let mut bytes = Vec::with_capacity(ACTOR_AUTHOR_PREFIX_LEN + 8);
-    bytes.extend_from_slice(&actor_prefix(author_pubkey));
-    bytes.extend_from_slice(&process_nonce);
-    ActorId::from(bytes)
+    ActorId::from(
+        medmesh_crypto::ActorId::for_author(author_pubkey, process_nonce)
+            .0
+            .to_vec(),
+    )
 }
 
 /// Whether a change's actor belongs to this author (ingest rejects changes whose
 /// actor does not belong to the envelope's author).
 pub fn actor_belongs_to(actor: &ActorId, author_pubkey: &[u8; 32]) -> bool {
-    let bytes = actor.to_bytes();
-    bytes.len() == ACTOR_AUTHOR_PREFIX_LEN + 8 && bytes[..ACTOR_AUTHOR_PREFIX_LEN] == actor_prefix(author_pubkey)
+    <[u8; 24]>::try_from(actor.to_bytes()).is_ok_and(|bytes| medmesh_crypto::ActorId(bytes).belongs_to(author_pubkey))
 }

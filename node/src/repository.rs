@@ -1,0 +1,582 @@
+//! FHIR resources over the node: the record model (one Automerge document
+//! per patient and collection) on top of the encrypted store.
+//!
+//! Documents are decrypted lazily into a bounded LRU cache, with rendered
+//! JSON cached beside them by [`RecordDoc`]. A local write makes one change
+//! in the cached document, then the node seals and appends it durably; if
+//! that fails the document is dropped from the cache, so what is served is
+//! always what is durable. Changes that arrive from peers are applied to the
+//! cached document as the node reports them readable.
+//!
+//! Resources are addressed by `Type/id` alone (that is what FHIR clients
+//! send), so the repository keeps an in-memory index from resource key to
+//! (patient, collection). It fills as documents load; the first lookup of a
+//! key it does not know loads every readable document once (slow, logged),
+//! after which events keep it complete.
+
+use std::collections::HashMap;
+use std::num::NonZeroUsize;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use automerge::ActorId as AmActorId;
+use lru::LruCache;
+use medmesh_crypto::{ActorId, Change, Collection, PatientId};
+use serde_json::Value;
+use tokio::sync::Mutex as AsyncMutex;
+
+use crate::node::{Actor, Event, Node};
+use crate::records::{self, DecodedChange, Query, RecordDoc, RenderedResource, Version};
+
+/// Everything that can go wrong on a FHIR operation.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A record-model error (not found, deleted, invalid resource, …).
+    #[error(transparent)]
+    Record(#[from] records::Error),
+    /// A node error (no grant, no key, storage).
+    #[error(transparent)]
+    Node(#[from] crate::Error),
+    /// The resource names no patient this node knows.
+    #[error("{resource_type} does not reference a patient this node holds ({reason})")]
+    UnresolvedPatient {
+        /// Type of the resource written.
+        resource_type: String,
+        /// What was missing.
+        reason: &'static str,
+    },
+    /// `If-Match` named a version that is not the current one.
+    #[error("version conflict on {key}: based on {expected}, current is {current}")]
+    VersionConflict {
+        /// Resource key.
+        key: String,
+        /// The version the client read.
+        expected: String,
+        /// The current version.
+        current: String,
+    },
+    /// Randomness for ids was unavailable.
+    #[error("operating system randomness unavailable")]
+    Random,
+}
+
+/// Result with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Tuning of a [`Repository`].
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Decrypted documents kept in memory.
+    pub cached_documents: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self { cached_documents: 512 }
+    }
+}
+
+type DocKey = (PatientId, Collection);
+type SharedDoc = Arc<AsyncMutex<RecordDoc>>;
+
+struct Inner {
+    node: Node,
+    /// This process's Automerge actor: the node key's prefix + a fresh nonce.
+    actor: AmActorId,
+    actor_id: ActorId,
+    docs: Mutex<LruCache<DocKey, SharedDoc>>,
+    index: Mutex<Index>,
+    /// Serialises cold loads so two requests never decrypt one document twice.
+    loading: AsyncMutex<()>,
+}
+
+#[derive(Default)]
+struct Index {
+    location: HashMap<String, DocKey>,
+    /// Every readable document has been loaded once; a miss is a real miss.
+    complete: bool,
+}
+
+/// FHIR resources of the patients whose records this node can read.
+#[derive(Clone)]
+pub struct Repository {
+    inner: Arc<Inner>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding these locks leaves only caches behind; they stay usable.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn now_ms() -> i64 {
+    i64::try_from(medmesh_crypto::now()).unwrap_or(i64::MAX)
+}
+
+/// A fresh server-assigned id: 128 random bits in hex (FHIR ids allow 64 chars).
+pub fn new_resource_id() -> Result<String> {
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes).map_err(|_| Error::Random)?;
+    Ok(hex::encode(bytes))
+}
+
+impl Repository {
+    /// A repository over `node`; spawns the task that applies peers'
+    /// changes to cached documents (needs a tokio runtime).
+    ///
+    /// # Errors
+    /// [`Error::Random`].
+    pub fn new(node: Node, config: Config) -> Result<Self> {
+        let author = node.practice_id();
+        let actor_id = ActorId::generate(author.as_bytes()).map_err(|_| Error::Random)?;
+        let capacity = NonZeroUsize::new(config.cached_documents).unwrap_or(NonZeroUsize::MIN);
+        let repository = Self {
+            inner: Arc::new(Inner {
+                actor: AmActorId::from(actor_id.0.to_vec()),
+                actor_id,
+                docs: Mutex::new(LruCache::new(capacity)),
+                index: Mutex::new(Index::default()),
+                loading: AsyncMutex::new(()),
+                node,
+            }),
+        };
+        let events = repository.inner.node.subscribe();
+        let weak = Arc::downgrade(&repository.inner);
+        tokio::spawn(async move { follow_events(weak, events).await });
+        Ok(repository)
+    }
+
+    /// The node underneath.
+    pub fn node(&self) -> &Node {
+        &self.inner.node
+    }
+
+    /// The cached document of (patient, collection), loading it if needed.
+    async fn doc(&self, key: DocKey) -> Result<SharedDoc> {
+        if let Some(doc) = lock(&self.inner.docs).get(&key) {
+            return Ok(doc.clone());
+        }
+        let _loading = self.inner.loading.lock().await;
+        if let Some(doc) = lock(&self.inner.docs).get(&key) {
+            return Ok(doc.clone());
+        }
+        let changes = self.inner.node.readable_changes(key.0, key.1).await?;
+        let decoded: Vec<DecodedChange> = changes
+            .iter()
+            .filter_map(|bytes| match DecodedChange::from_bytes(bytes) {
+                Ok(change) => Some(change),
+                Err(e) => {
+                    tracing::warn!(cause = %e, "stored change does not decode; skipped");
+                    None
+                }
+            })
+            .collect();
+        let mut doc = RecordDoc::new();
+        let report = doc.apply_changes(decoded);
+        if !report.rejected.is_empty() {
+            tracing::warn!(rejected = report.rejected.len(), collection = %key.1, "changes refused by the record model");
+        }
+        let keys = doc.keys();
+        {
+            let mut index = lock(&self.inner.index);
+            for k in keys {
+                index.location.insert(k, key);
+            }
+        }
+        let doc = Arc::new(AsyncMutex::new(doc));
+        lock(&self.inner.docs).put(key, doc.clone());
+        Ok(doc)
+    }
+
+    fn evict(&self, key: &DocKey) {
+        lock(&self.inner.docs).pop(key);
+    }
+
+    /// Where a resource lives, loading every readable document once if the
+    /// index does not know it yet.
+    async fn locate(&self, resource_key: &str) -> Result<DocKey> {
+        if let Some(at) = lock(&self.inner.index).location.get(resource_key) {
+            return Ok(*at);
+        }
+        if !lock(&self.inner.index).complete {
+            tracing::info!("resource index incomplete: loading every readable document once");
+            for patient in self.inner.node.patients()? {
+                for collection in Collection::ALL {
+                    if self.inner.node.current_epoch(&patient, collection).is_some() {
+                        self.doc((patient, collection)).await?;
+                    }
+                }
+            }
+            lock(&self.inner.index).complete = true;
+        }
+        lock(&self.inner.index)
+            .location
+            .get(resource_key)
+            .copied()
+            .ok_or_else(|| records::Error::NotFound {
+                key: resource_key.to_owned(),
+            })
+            .map_err(Error::from)
+    }
+
+    /// The patient a resource belongs to (DESIGN §3): a Patient by its
+    /// did:key identifier; others through their Patient-compartment
+    /// reference; directory resources (Organization, Practitioner, …) to
+    /// `context`, the patient of the bundle they arrived in.
+    async fn patient_of(&self, resource: &Value, context: Option<PatientId>) -> Result<PatientId> {
+        let resource_type = resource
+            .get("resourceType")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        let unresolved = |reason| Error::UnresolvedPatient {
+            resource_type: resource_type.clone(),
+            reason,
+        };
+        if resource_type == "Patient" {
+            let did = records::linked_did(resource)
+                .ok_or_else(|| unresolved("a Patient needs an identifier urn:ietf:rfc:3986 = did:key:…"))?;
+            return did
+                .parse()
+                .map_err(|_| unresolved("its did:key identifier is not valid"));
+        }
+        for reference in records::patient_references(resource) {
+            if let Ok((patient, _)) = self.locate(&reference).await {
+                return Ok(patient);
+            }
+        }
+        if let Some(patient) = context {
+            return Ok(patient);
+        }
+        Err(unresolved("no compartment reference to a known Patient"))
+    }
+
+    /// Creates a resource with a server-assigned id (POST).
+    ///
+    /// # Errors
+    /// [`Error::UnresolvedPatient`], record-model errors, and node errors
+    /// ([`crate::Error::NoWriteGrant`] when no grant lets this node write).
+    pub async fn create(
+        &self,
+        resource: Value,
+        context: Option<PatientId>,
+        actor: Actor,
+    ) -> Result<Arc<RenderedResource>> {
+        let patient = self.patient_of(&resource, context).await?;
+        let collection = records::collection_of(&resource);
+        let id = new_resource_id()?;
+        self.create_with_id(&id, resource, patient, collection, actor).await
+    }
+
+    /// Creates a resource under an id chosen by the caller (a transaction
+    /// that rewrote `urn:uuid:` references to it).
+    ///
+    /// # Errors
+    /// As [`Repository::create`].
+    pub async fn create_with_id(
+        &self,
+        id: &str,
+        resource: Value,
+        patient: PatientId,
+        collection: Collection,
+        actor: Actor,
+    ) -> Result<Arc<RenderedResource>> {
+        let key = (patient, collection);
+        let doc = self.doc(key).await?;
+        let written = {
+            let mut doc = doc.lock().await;
+            doc.create(&self.inner.actor, now_ms(), id, &resource)?
+        };
+        self.persist(key, &written.change, actor).await?;
+        lock(&self.inner.index).location.insert(written.key.clone(), key);
+        written.resource.ok_or_else(|| {
+            records::Error::Corrupt {
+                key: written.key.clone(),
+                reason: "create rendered nothing",
+            }
+            .into()
+        })
+    }
+
+    /// Seals and appends a change made in a cached document; on failure the
+    /// document leaves the cache so nothing unacknowledged is served.
+    async fn persist(&self, key: DocKey, change: &[u8], actor: Actor) -> Result<()> {
+        let decoded = DecodedChange::from_bytes(change)?;
+        let result = self
+            .inner
+            .node
+            .write_change_by(
+                actor,
+                key.0,
+                key.1,
+                Change {
+                    bytes: change,
+                    hash: decoded.hash().0,
+                    actor: self.inner.actor_id,
+                    seq: decoded.seq(),
+                },
+            )
+            .await;
+        if let Err(e) = result {
+            self.evict(&key);
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// The current version of `Type/id`.
+    ///
+    /// # Errors
+    /// Record-model errors (`NotFound`, `Deleted`).
+    pub async fn read(&self, resource_type: &str, id: &str) -> Result<Arc<RenderedResource>> {
+        let key = records::resource_key(resource_type, id)?;
+        let at = self.locate(&key).await?;
+        let doc = self.doc(at).await?;
+        let doc = doc.lock().await;
+        Ok(doc.read(&key)?)
+    }
+
+    /// Where `Type/id` lives: its patient and collection.
+    ///
+    /// # Errors
+    /// `NotFound`.
+    pub async fn location(&self, resource_type: &str, id: &str) -> Result<(PatientId, Collection)> {
+        let key = records::resource_key(resource_type, id)?;
+        self.locate(&key).await
+    }
+
+    /// One version of `Type/id`.
+    ///
+    /// # Errors
+    /// Record-model errors.
+    pub async fn vread(&self, resource_type: &str, id: &str, version_id: &str) -> Result<Arc<RenderedResource>> {
+        let key = records::resource_key(resource_type, id)?;
+        let doc = self.doc(self.locate(&key).await?).await?;
+        let doc = doc.lock().await;
+        Ok(doc.vread(&key, version_id)?)
+    }
+
+    /// Every version of `Type/id`, oldest first, each with the resource as
+    /// it was (`None` for deletes).
+    ///
+    /// # Errors
+    /// Record-model errors.
+    pub async fn history(
+        &self,
+        resource_type: &str,
+        id: &str,
+    ) -> Result<Vec<(Version, Option<Arc<RenderedResource>>)>> {
+        let key = records::resource_key(resource_type, id)?;
+        let doc = self.doc(self.locate(&key).await?).await?;
+        let doc = doc.lock().await;
+        let versions = doc.history(&key)?;
+        Ok(versions
+            .into_iter()
+            .map(|v| {
+                let rendered = if v.deleted {
+                    None
+                } else {
+                    doc.vread(&key, &v.version_id).ok()
+                };
+                (v, rendered)
+            })
+            .collect())
+    }
+
+    /// Three-way update (PUT): writes only what differs between the version
+    /// the client read (`base_version`, else the current one) and
+    /// `resource`, so peers' edits in between are kept. With
+    /// `require_current` (an explicit `If-Match`), a stale base is a
+    /// [`Error::VersionConflict`]. No update-as-create.
+    ///
+    /// # Errors
+    /// `NotFound`/`Deleted`, [`Error::VersionConflict`], node errors.
+    pub async fn update(
+        &self,
+        resource_type: &str,
+        id: &str,
+        resource: Value,
+        base_version: Option<&str>,
+        require_current: bool,
+        actor: Actor,
+    ) -> Result<Arc<RenderedResource>> {
+        let key = records::resource_key(resource_type, id)?;
+        let at = self.locate(&key).await?;
+        let doc = self.doc(at).await?;
+        let written = {
+            let mut doc = doc.lock().await;
+            let current = doc.read(&key)?;
+            let base = match base_version {
+                Some(v) if v != current.version_id => {
+                    if require_current {
+                        return Err(Error::VersionConflict {
+                            key,
+                            expected: v.to_owned(),
+                            current: current.version_id.clone(),
+                        });
+                    }
+                    doc.vread(&key, v)?.json.clone()
+                }
+                _ => current.json.clone(),
+            };
+            match doc.update(&self.inner.actor, now_ms(), &key, &base, &resource)? {
+                Some(written) => written,
+                None => return Ok(current),
+            }
+        };
+        self.persist(at, &written.change, actor).await?;
+        written.resource.ok_or_else(|| {
+            records::Error::Corrupt {
+                key: written.key.clone(),
+                reason: "update rendered nothing",
+            }
+            .into()
+        })
+    }
+
+    /// Marks `Type/id` deleted; its history stays.
+    ///
+    /// # Errors
+    /// `NotFound`/`Deleted`, node errors.
+    pub async fn delete(&self, resource_type: &str, id: &str, actor: Actor) -> Result<()> {
+        let key = records::resource_key(resource_type, id)?;
+        let at = self.locate(&key).await?;
+        let doc = self.doc(at).await?;
+        let written = {
+            let mut doc = doc.lock().await;
+            doc.delete(&self.inner.actor, now_ms(), &key)?
+        };
+        self.persist(at, &written.change, actor).await
+    }
+
+    /// Every live resource of a patient across the collections this node
+    /// can read.
+    ///
+    /// # Errors
+    /// Node and record-model errors.
+    pub async fn patient_resources(&self, patient: PatientId) -> Result<Vec<Arc<RenderedResource>>> {
+        let mut out = Vec::new();
+        for collection in Collection::ALL {
+            if self.inner.node.current_epoch(&patient, collection).is_none() {
+                continue;
+            }
+            let doc = self.doc((patient, collection)).await?;
+            let doc = doc.lock().await;
+            out.extend(doc.resources()?);
+        }
+        Ok(out)
+    }
+
+    /// `$everything` for the Patient resource `Patient/{id}`: the Patient
+    /// first, then every other resource of that patient this node can read.
+    ///
+    /// # Errors
+    /// `NotFound`/`Deleted` for the Patient.
+    pub async fn everything(&self, patient_resource_id: &str) -> Result<Vec<Arc<RenderedResource>>> {
+        let patient_resource = self.read("Patient", patient_resource_id).await?;
+        let (patient, _) = self.location("Patient", patient_resource_id).await?;
+        let mut all = vec![patient_resource.clone()];
+        all.extend(
+            self.patient_resources(patient)
+                .await?
+                .into_iter()
+                .filter(|r| r.key != patient_resource.key),
+        );
+        Ok(all)
+    }
+
+    /// Search. With a patient (the Patient resource id of `patient=`), only
+    /// that patient's documents are read; without one, every readable
+    /// document is scanned (slow on a large node; documented).
+    ///
+    /// # Errors
+    /// Node and record-model errors.
+    pub async fn search(&self, query: &Query, patient_resource_id: Option<&str>) -> Result<Vec<Arc<RenderedResource>>> {
+        let resources = match patient_resource_id {
+            Some(id) => match self.location("Patient", id).await {
+                Ok((patient, _)) => self.patient_resources(patient).await?,
+                Err(Error::Record(records::Error::NotFound { .. })) => Vec::new(),
+                Err(e) => return Err(e),
+            },
+            None => {
+                let mut all = Vec::new();
+                for patient in self.inner.node.patients()? {
+                    all.extend(self.patient_resources(patient).await?);
+                }
+                all
+            }
+        };
+        let mut found = records::search::search(resources.iter(), query);
+        found.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(found)
+    }
+
+    async fn on_readable(&self, patient: PatientId, collection: Collection, ids: &[medmesh_crypto::EnvelopeId]) {
+        let key = (patient, collection);
+        let cached = lock(&self.inner.docs).get(&key).cloned();
+        let Some(doc) = cached else {
+            // Not cached: load it now, so the index learns the new resources.
+            if let Err(e) = self.doc(key).await {
+                tracing::warn!(cause = %e, collection = %collection, "loading a document after sync failed");
+            }
+            return;
+        };
+        let changes = match self.inner.node.changes_by_ids(patient, collection, ids).await {
+            Ok(changes) => changes,
+            Err(e) => {
+                tracing::warn!(cause = %e, "fetching synced changes failed; dropping the cached document");
+                self.evict(&key);
+                return;
+            }
+        };
+        let decoded: Vec<DecodedChange> = changes
+            .iter()
+            .filter_map(|(_, bytes)| DecodedChange::from_bytes(bytes).ok())
+            .collect();
+        let report = doc.lock().await.apply_changes(decoded);
+        let mut index = lock(&self.inner.index);
+        for applied in &report.applied {
+            for k in &applied.keys {
+                index.location.insert(k.clone(), key);
+            }
+        }
+    }
+}
+
+async fn follow_events(inner: std::sync::Weak<Inner>, mut events: tokio::sync::broadcast::Receiver<Event>) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        let event = match events.recv().await {
+            Ok(event) => event,
+            Err(RecvError::Lagged(missed)) => {
+                // Missed events: the caches may be stale. Start over from the store.
+                tracing::warn!(missed, "repository lagged behind node events; clearing caches");
+                if let Some(inner) = inner.upgrade() {
+                    lock(&inner.docs).clear();
+                    *lock(&inner.index) = Index::default();
+                }
+                continue;
+            }
+            Err(RecvError::Closed) => return,
+        };
+        let Some(inner) = inner.upgrade() else { return };
+        let repository = Repository { inner };
+        match event {
+            Event::Readable {
+                patient,
+                collection,
+                ids,
+            } => repository.on_readable(patient, collection, &ids).await,
+            Event::Excluded {
+                patient, collection, ..
+            } => {
+                // Validity shrank (a revocation's cut): rebuild from what is still readable.
+                repository.evict(&(patient, collection));
+                lock(&repository.inner.index)
+                    .location
+                    .retain(|_, at| *at != (patient, collection));
+                lock(&repository.inner.index).complete = false;
+            }
+            Event::Stored(_) => {}
+        }
+    }
+}
