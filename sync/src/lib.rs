@@ -13,8 +13,8 @@
 //! Every disclosure is written to the audit log before it is sent.
 //!
 //! The crate does not store anything: it talks to the node's store through
-//! the [`Backend`] trait (`medmesh_node::Node` implements it through an
-//! adapter; [`memory::MemoryBackend`] serves tests). It never decrypts: it
+//! the [`Backend`] trait ([`NodeBackend`] puts a `medmesh_node::Node` behind
+//! it; [`memory::MemoryBackend`] serves tests). It never decrypts: it
 //! moves signed, sealed items, and leaves verification and acceptance to the
 //! store. The wire format is specified in `docs/protocol.md`.
 //!
@@ -30,6 +30,7 @@ mod config;
 mod error;
 mod filter;
 pub mod memory;
+mod node_backend;
 mod serve;
 pub mod wire;
 
@@ -47,6 +48,7 @@ pub use backend::{
 pub use config::Config;
 pub use error::{Error, Result};
 pub use filter::{Denied, Disclosure, Requester, may_disclose};
+pub use node_backend::NodeBackend;
 pub use serve::SCAN_BUDGET;
 
 /// What one sync run (a pull to the end of a peer's log, or a

@@ -1,0 +1,240 @@
+//! The adapter that puts a real node store behind sync:
+//! [`NodeBackend`] implements [`Backend`] on `medmesh_node::Node`.
+//!
+//! The node publishes "item stored" with ids only; the adapter looks each
+//! stored item up once to add the signed metadata the consent flows need
+//! (grant, author, recipient) and republishes it as a [`StoredEvent`]. The
+//! node does not say which peer an item came from, so `from` is `None`: a
+//! node may nudge or push back to the peer it just received from, which
+//! costs a duplicate, never a disclosure (the filter still decides).
+
+use std::sync::Arc;
+
+use libp2p::PeerId;
+use medmesh_crypto::{Collection, EnvelopeId, PatientId};
+use medmesh_node::store::{self as node_store};
+use medmesh_node::{Event, Incoming, Node, Source};
+use tokio::sync::broadcast;
+use tokio::task::JoinHandle;
+use tracing::{debug, warn};
+
+use crate::backend::{
+    Backend, ConsentView, Cursor, DisclosureRecord, IngestReport, InstanceId, Item, ItemId, ItemKind, ItemMeta,
+    StoredEvent, StoredItem,
+};
+use crate::{Error, Result};
+
+const EVENT_CAPACITY: usize = 4096;
+
+/// A `medmesh_node::Node` as a sync [`Backend`].
+pub struct NodeBackend {
+    node: Node,
+    events: broadcast::Sender<StoredEvent>,
+    forwarder: JoinHandle<()>,
+}
+
+impl std::fmt::Debug for NodeBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "NodeBackend({:?})", self.node)
+    }
+}
+
+impl Drop for NodeBackend {
+    fn drop(&mut self) {
+        self.forwarder.abort();
+    }
+}
+
+fn backend_error(e: medmesh_node::Error) -> Error {
+    Error::Backend(e.to_string())
+}
+
+fn kind_from_node(kind: node_store::ItemKind) -> ItemKind {
+    match kind {
+        node_store::ItemKind::Envelope => ItemKind::Envelope,
+        node_store::ItemKind::Grant => ItemKind::Grant,
+        node_store::ItemKind::Revocation => ItemKind::Revocation,
+        node_store::ItemKind::KeyShare => ItemKind::KeyShare,
+    }
+}
+
+fn kind_to_node(kind: ItemKind) -> node_store::ItemKind {
+    match kind {
+        ItemKind::Envelope => node_store::ItemKind::Envelope,
+        ItemKind::Grant => node_store::ItemKind::Grant,
+        ItemKind::Revocation => node_store::ItemKind::Revocation,
+        ItemKind::KeyShare => node_store::ItemKind::KeyShare,
+    }
+}
+
+fn meta_from_node(meta: &node_store::ItemMeta) -> ItemMeta {
+    let kind = kind_from_node(meta.kind);
+    let (author, recipient) = match kind {
+        ItemKind::Envelope => (meta.principal, None),
+        ItemKind::Grant | ItemKind::KeyShare => (None, meta.principal),
+        ItemKind::Revocation => (None, None),
+    };
+    ItemMeta {
+        kind,
+        id: ItemId(meta.id.0),
+        patient: meta.patient,
+        collection: meta.collection,
+        grant: meta.grant,
+        author,
+        recipient,
+    }
+}
+
+fn stored_from_node(item: node_store::StoredItem) -> StoredItem {
+    StoredItem {
+        seq: item.seq,
+        meta: meta_from_node(&item.meta),
+        item: Item {
+            kind: kind_from_node(item.meta.kind),
+            bytes: item.bytes,
+        },
+    }
+}
+
+impl NodeBackend {
+    /// Wraps `node` and starts the task that turns its events into
+    /// [`StoredEvent`]s. Call inside a tokio runtime.
+    pub fn new(node: Node) -> Arc<Self> {
+        let (events, _) = broadcast::channel(EVENT_CAPACITY);
+        let forwarder = tokio::spawn(forward_events(node.clone(), events.clone()));
+        Arc::new(Self {
+            node,
+            events,
+            forwarder,
+        })
+    }
+
+    /// The wrapped node.
+    pub fn node(&self) -> &Node {
+        &self.node
+    }
+}
+
+async fn forward_events(node: Node, events: broadcast::Sender<StoredEvent>) {
+    let mut rx = node.subscribe();
+    loop {
+        match rx.recv().await {
+            Ok(Event::Stored(stored)) => {
+                let meta = match node.item(&stored.id).await {
+                    Ok(Some(item)) => meta_from_node(&item.meta),
+                    Ok(None) => continue,
+                    Err(e) => {
+                        warn!(item = %stored.id, cause = %e, "stored item does not read back");
+                        continue;
+                    }
+                };
+                // No subscriber is fine.
+                let _ = events.send(StoredEvent {
+                    seq: stored.seq,
+                    meta,
+                    from: None,
+                });
+            }
+            Ok(_) => {}
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                // Missed events only delay delivery: the periodic pull and
+                // reconciliation cover them.
+                warn!(missed = n, "sync lagged behind the node's events");
+            }
+            Err(broadcast::error::RecvError::Closed) => {
+                debug!("node event channel closed");
+                return;
+            }
+        }
+    }
+}
+
+impl Backend for NodeBackend {
+    fn instance_id(&self) -> InstanceId {
+        InstanceId(self.node.instance_id().0)
+    }
+
+    async fn items_after(&self, after: u64, limit: usize) -> Result<Vec<StoredItem>> {
+        let items = self.node.items_after(after, limit).await.map_err(backend_error)?;
+        Ok(items.into_iter().map(stored_from_node).collect())
+    }
+
+    async fn ingest(&self, from: PeerId, items: Vec<Item>) -> Result<IngestReport> {
+        let incoming = items
+            .into_iter()
+            .map(|i| Incoming::new(kind_to_node(i.kind), i.bytes))
+            .collect();
+        let report = self
+            .node
+            .ingest(incoming, Source::Peer(from))
+            .await
+            .map_err(backend_error)?;
+        Ok(IngestReport {
+            accepted: report.accepted as u64,
+            duplicates: report.duplicates as u64,
+            pending: report.pending as u64,
+            rejected: report.rejected.len() as u64,
+        })
+    }
+
+    fn cursor(&self, peer: &PeerId) -> Result<Option<Cursor>> {
+        Ok(self.node.cursor(peer).map_err(backend_error)?.map(|c| Cursor {
+            instance: InstanceId(c.instance.0),
+            seq: c.seq,
+        }))
+    }
+
+    async fn set_cursor(&self, peer: &PeerId, cursor: Cursor) -> Result<()> {
+        let cursor = node_store::Cursor {
+            instance: node_store::InstanceId(cursor.instance.0),
+            seq: cursor.seq,
+        };
+        self.node.set_cursor(peer, cursor).await.map_err(backend_error)
+    }
+
+    fn consent(&self, patient: &PatientId) -> Result<ConsentView> {
+        let grants = self.node.grants(patient);
+        let revoked = grants
+            .iter()
+            .map(|g| g.id())
+            .filter(|id| self.node.is_revoked(patient, id))
+            .collect();
+        Ok(ConsentView {
+            grants,
+            revoked,
+            // The node keeps revocations in its registry by grant id only;
+            // summaries then carry grants, and revocations travel by push
+            // and pull.
+            revocations: Vec::new(),
+        })
+    }
+
+    fn envelope_ids(&self, patient: &PatientId, collection: Collection) -> Result<Vec<EnvelopeId>> {
+        self.node.envelope_ids(patient, collection).map_err(backend_error)
+    }
+
+    async fn envelopes(&self, ids: &[EnvelopeId]) -> Result<Vec<StoredItem>> {
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            match self.node.item(&node_store::ItemId(id.0)).await {
+                Ok(Some(item)) => out.push(stored_from_node(item)),
+                Ok(None) => {}
+                Err(e) => warn!(envelope = %id, cause = %e, "skipped"),
+            }
+        }
+        Ok(out)
+    }
+
+    async fn record_disclosure(&self, record: &DisclosureRecord) -> Result<()> {
+        let items = record.items.iter().map(|i| node_store::ItemId(i.0)).collect();
+        self.node
+            .record_disclosure(&record.peer, record.patient, items, record.grant)
+            .await
+            .map(|_| ())
+            .map_err(backend_error)
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<StoredEvent> {
+        self.events.subscribe()
+    }
+}
