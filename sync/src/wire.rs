@@ -728,4 +728,55 @@ mod tests {
             let _ = Request::decode(&f);
         }
     }
+
+    /// The example exchange in `docs/protocol.md`, byte for byte.
+    #[test]
+    fn example_exchange_matches_the_docs() {
+        let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+            (
+                "pull",
+                Request::Pull {
+                    cursor: Cursor {
+                        instance: InstanceId([0x11; 16]),
+                        seq: 42,
+                    },
+                    limit: 256,
+                }
+                .encode(),
+                "84005011111111111111111111111111111111 182a190100",
+            ),
+            (
+                "page",
+                Response::Page {
+                    instance: InstanceId([0x22; 16]),
+                    next: 57,
+                    more: false,
+                    items: vec![],
+                }
+                .encode(),
+                "85005022222222222222222222222222222222 1839f480",
+            ),
+            (
+                "nudge",
+                Request::Nudge {
+                    instance: InstanceId([0x22; 16]),
+                    seq: 58,
+                }
+                .encode(),
+                "83015022222222222222222222222222222222 183a",
+            ),
+            ("ack", Response::Ack.encode(), "8101"),
+            (
+                "fetch",
+                Request::Fetch {
+                    ids: vec![EnvelopeId([0xab; 32])],
+                }
+                .encode(),
+                "8204815820abababababababababababababababababababababababababababababababab",
+            ),
+        ];
+        for (name, bytes, expected) in cases {
+            assert_eq!(hex::encode(bytes), expected.replace(' ', ""), "case {name}");
+        }
+    }
 }
