@@ -23,8 +23,8 @@ impl Home {
         Ok(Self { root })
     }
 
-    pub(crate) fn root(&self) -> &Path {
-        &self.root
+    pub(crate) fn node_dir(&self) -> PathBuf {
+        self.root.join("node")
     }
 
     pub(crate) fn patient_dir(&self) -> PathBuf {

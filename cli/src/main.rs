@@ -5,7 +5,9 @@
 //! It is the only place that uses `anyhow`, prints to stdout, or reads
 //! passphrases; libraries below it return typed errors and never print.
 
+mod backend;
 mod home;
+mod node_cmd;
 mod output;
 mod patient;
 
@@ -77,9 +79,12 @@ struct NodeRunArgs {
     /// libp2p listen address (repeatable); port 0 picks a free port.
     #[arg(long, value_name = "MULTIADDR")]
     listen: Vec<String>,
-    /// Gateway address.
-    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:0")]
-    gateway: String,
+    /// Gateway address (default from the node's config: 127.0.0.1:0, a free port).
+    #[arg(long, value_name = "ADDR:PORT")]
+    gateway: Option<String>,
+    /// Allow a gateway address beyond loopback (exposes patient data to the network).
+    #[arg(long)]
+    allow_remote_gateway: bool,
     /// A peer to connect to (repeatable).
     #[arg(long, value_name = "MULTIADDR")]
     peer: Vec<String>,
@@ -129,6 +134,7 @@ fn init_tracing(verbose: u8, quiet: u8) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
 }
@@ -158,10 +164,41 @@ fn run(cli: Cli, out: &Output) -> Result<()> {
             clap_complete::generate(shell, &mut Cli::command(), "medmesh", &mut std::io::stdout());
             Ok(())
         }
-        Command::Node(NodeCommand::Init) => not_yet("node init"),
-        Command::Node(NodeCommand::Run(_)) => not_yet("node run"),
-        Command::Node(NodeCommand::Id) => not_yet("node id"),
-        Command::Node(NodeCommand::Token) => not_yet("node token"),
+        Command::Node(NodeCommand::Init) => {
+            let identity = node_cmd::init(&home.node_dir())?;
+            let peer_id = identity.practice_id()?.to_string();
+            out.result(
+                &serde_json::json!({ "peer_id": peer_id }),
+                &format!(
+                    "{peer_id}
+node: {}",
+                    home.node_dir().display()
+                ),
+            );
+            Ok(())
+        }
+        Command::Node(NodeCommand::Run(args)) => {
+            let dir = home.node_dir();
+            let config = node_cmd::read_config(&dir)?;
+            let options = node_cmd::RunOptions {
+                listen: if args.listen.is_empty() {
+                    config.listen
+                } else {
+                    args.listen
+                },
+                gateway: args.gateway.unwrap_or(config.gateway),
+                peers: if args.peer.is_empty() { config.peers } else { args.peer },
+                mdns: args.mdns || config.mdns,
+                allow_remote_gateway: args.allow_remote_gateway,
+            };
+            node_cmd::run(&dir, options, out)
+        }
+        Command::Node(NodeCommand::Id) => node_cmd::print_id(&home.node_dir(), out),
+        Command::Node(NodeCommand::Token) => {
+            let token = node_cmd::read_token(&home.node_dir())?;
+            println!("{}", token.as_str());
+            Ok(())
+        }
         Command::Fhir(FhirCommand::Import { .. }) => not_yet("fhir import"),
         Command::Audit(_) => not_yet("audit"),
         Command::Demo => not_yet("demo"),

@@ -223,6 +223,21 @@ impl Repository {
     /// reference; directory resources (Organization, Practitioner, …) to
     /// `context`, the patient of the bundle they arrived in.
     async fn patient_of(&self, resource: &Value, context: Option<PatientId>) -> Result<PatientId> {
+        self.resolve_patient(resource, context, &HashMap::new()).await
+    }
+
+    /// As the patient resolution of [`Repository::create`], also looking in
+    /// `pending`: resource keys (`Patient/id`) that an enclosing transaction
+    /// is about to create, with their patient.
+    ///
+    /// # Errors
+    /// [`Error::UnresolvedPatient`].
+    pub async fn resolve_patient(
+        &self,
+        resource: &Value,
+        context: Option<PatientId>,
+        pending: &HashMap<String, PatientId>,
+    ) -> Result<PatientId> {
         let resource_type = resource
             .get("resourceType")
             .and_then(Value::as_str)
@@ -240,6 +255,9 @@ impl Repository {
                 .map_err(|_| unresolved("its did:key identifier is not valid"));
         }
         for reference in records::patient_references(resource) {
+            if let Some(patient) = pending.get(&reference) {
+                return Ok(*patient);
+            }
             if let Ok((patient, _)) = self.locate(&reference).await {
                 return Ok(patient);
             }
@@ -265,6 +283,32 @@ impl Repository {
         let collection = records::collection_of(&resource);
         let id = new_resource_id()?;
         self.create_with_id(&id, resource, patient, collection, actor).await
+    }
+
+    /// Whether this node may write to (patient, collection) now: a
+    /// read-write grant in force and the current epoch key.
+    ///
+    /// # Errors
+    /// [`crate::Error::NoWriteGrant`] or [`crate::Error::NoEpochKey`].
+    pub fn check_writable(&self, patient: PatientId, collection: Collection) -> Result<()> {
+        let node = &self.inner.node;
+        let me = node.practice_id();
+        if node
+            .grant_in_force(
+                &patient,
+                collection,
+                &me,
+                medmesh_crypto::Access::ReadWrite,
+                medmesh_crypto::now(),
+            )
+            .is_none()
+        {
+            return Err(crate::Error::NoWriteGrant { patient, collection }.into());
+        }
+        if node.current_epoch_key(&patient, collection).is_none() {
+            return Err(crate::Error::NoEpochKey { patient, collection }.into());
+        }
+        Ok(())
     }
 
     /// Creates a resource under an id chosen by the caller (a transaction

@@ -1,0 +1,521 @@
+//! The gateway's view of this node: `medmesh_gateway::Backend` over the
+//! node's repository, consent registry and audit log. Lives in the binary
+//! because it is wiring: the gateway and node crates do not know each other
+//! beyond the record types.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use medmesh_crypto::{Access, Grant, PatientId};
+use medmesh_gateway::fhir::outcome::{ApiError, Issue, IssueType};
+use medmesh_gateway::fhir::search_params::SearchRequest;
+use medmesh_gateway::{Backend, HistoryEntry, SignedKind, TxFailure, TxOp, TxResult};
+use medmesh_node::audit::{Action, ActorKind, AuditEntry, AuditRecord};
+use medmesh_node::records::{Query, RenderedResource};
+use medmesh_node::repository::{self, Repository};
+use medmesh_node::store::ItemKind;
+use medmesh_node::{Actor, Incoming, Node, Source};
+use serde_json::{Value, json};
+
+/// Every gateway caller holds the node's one bearer token: the practice's apps.
+const APP: &str = "gateway";
+
+pub(crate) struct NodeBackend {
+    node: Node,
+    repository: Repository,
+}
+
+impl NodeBackend {
+    pub(crate) fn new(node: Node, repository: Repository) -> Self {
+        Self { node, repository }
+    }
+
+    fn actor() -> Actor {
+        Actor::local_app(APP)
+    }
+
+    /// Records a read of a patient's data by the practice's apps.
+    async fn audit_read(&self, resources: &[Arc<RenderedResource>]) {
+        let mut patients: Vec<PatientId> = Vec::new();
+        for r in resources {
+            if let Ok((patient, _)) = self.repository.location(r.resource_type(), r.id()).await
+                && !patients.contains(&patient)
+            {
+                patients.push(patient);
+            }
+        }
+        for patient in patients {
+            let record = AuditRecord {
+                actor_kind: ActorKind::LocalApp,
+                actor_id: APP.to_owned(),
+                action: Action::Read,
+                patient: Some(patient),
+                items: Vec::new(),
+                grant: None,
+                outcome: "ok".to_owned(),
+            };
+            if let Err(e) = self.node.audit(record).await {
+                tracing::error!(cause = %e, "audit append failed");
+            }
+        }
+    }
+}
+
+fn parse_did(did: &str) -> Result<PatientId, ApiError> {
+    did.parse().map_err(|_| ApiError::InvalidParam {
+        param: "patient".to_owned(),
+        reason: "expected the patient's did:key".to_owned(),
+    })
+}
+
+fn repo_error(err: repository::Error) -> ApiError {
+    match err {
+        repository::Error::Record(e) => e.into(),
+        repository::Error::UnresolvedPatient { .. } => {
+            ApiError::Unprocessable(vec![Issue::error(IssueType::BusinessRule, err.to_string())])
+        }
+        repository::Error::VersionConflict { expected, current, .. } => {
+            ApiError::PreconditionFailed { expected, current }
+        }
+        repository::Error::Node(medmesh_node::Error::NoWriteGrant { .. } | medmesh_node::Error::NoEpochKey { .. }) => {
+            ApiError::Forbidden(format!("this node may not write there: {err}"))
+        }
+        other => {
+            tracing::error!(cause = %other, "repository error");
+            ApiError::Internal
+        }
+    }
+}
+
+fn node_error(err: medmesh_node::Error) -> ApiError {
+    tracing::error!(cause = %err, "node error");
+    ApiError::Internal
+}
+
+fn instant(ms: u64) -> String {
+    medmesh_node::records::format_instant(i64::try_from(ms).unwrap_or(i64::MAX))
+}
+
+/// A grant as a FHIR R4 Consent (read-only view of the consent registry).
+fn consent_of(grant: &Grant, revoked: bool, now: u64) -> Value {
+    let t = grant.terms();
+    let status = if revoked {
+        "inactive"
+    } else if grant.in_force(now, false) {
+        "active"
+    } else if now < t.not_before {
+        "proposed"
+    } else {
+        "inactive"
+    };
+    let mut period = json!({ "start": instant(t.not_before) });
+    if let Some(end) = t.expires {
+        period["end"] = json!(instant(end));
+    }
+    let purpose = match t.purpose.as_str() {
+        "emergency" => "ETREAT",
+        "payment" => "HPAYMT",
+        "operations" => "HOPERAT",
+        "research" => "HRESCH",
+        _ => "TREAT",
+    };
+    let actions: Vec<Value> = match t.access {
+        Access::Read => vec![
+            json!({"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentaction", "code": "access"}]}),
+        ],
+        Access::ReadWrite => vec![
+            json!({"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentaction", "code": "access"}]}),
+            json!({"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentaction", "code": "correct"}]}),
+        ],
+    };
+    json!({
+        "resourceType": "Consent",
+        "id": grant.id().to_string(),
+        "status": status,
+        "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy"}]},
+        "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
+        "patient": {"identifier": {"system": "urn:ietf:rfc:3986", "value": t.patient.to_string()}},
+        "dateTime": instant(t.issued_at),
+        "policyRule": {"text": "medmesh consent grant, signed by the patient (ed25519)"},
+        "provision": {
+            "type": "permit",
+            "period": period,
+            "actor": [{
+                "role": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType", "code": "IRCP"}]},
+                "reference": {"identifier": {"system": "urn:medmesh:peer-id", "value": t.grantee.to_string()}}
+            }],
+            "action": actions,
+            "purpose": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": purpose}],
+            "class": t.collections.iter().map(|c| json!({"system": "urn:medmesh:collection", "code": c.as_str()})).collect::<Vec<_>>(),
+        }
+    })
+}
+
+/// An audit entry as a FHIR R4 AuditEvent.
+fn audit_event_of(entry: &AuditEntry, node_peer: &str) -> Value {
+    let (action, subtype) = match entry.action {
+        Action::Read => ("R", "read"),
+        Action::Write => ("U", "write"),
+        Action::Receive => ("C", "receive"),
+        Action::Disclose => ("E", "disclose"),
+        Action::Grant => ("C", "grant"),
+        Action::Revoke => ("D", "revoke"),
+        Action::KeyShare => ("C", "key-share"),
+        Action::Reject => ("E", "reject"),
+        Action::Exclude => ("D", "exclude"),
+        Action::Quarantine => ("E", "quarantine"),
+    };
+    let who_system = match entry.actor_kind {
+        ActorKind::LocalApp => "urn:medmesh:app",
+        ActorKind::Peer | ActorKind::Node => "urn:medmesh:peer-id",
+        ActorKind::Patient => "urn:ietf:rfc:3986",
+    };
+    let outcome = if entry.outcome == "ok" { "0" } else { "4" };
+    let mut event = json!({
+        "resourceType": "AuditEvent",
+        "id": format!("audit-{}", entry.seq),
+        "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-event-type", "code": "rest"},
+        "subtype": [{"system": "urn:medmesh:audit-action", "code": subtype}],
+        "action": action,
+        "recorded": instant(entry.time),
+        "outcome": outcome,
+        "outcomeDesc": entry.outcome,
+        "agent": [{
+            "requestor": true,
+            "who": {"identifier": {"system": who_system, "value": entry.actor_id}}
+        }],
+        "source": {"observer": {"identifier": {"system": "urn:medmesh:peer-id", "value": node_peer}}},
+    });
+    let mut entities: Vec<Value> = entry
+        .items
+        .iter()
+        .map(|id| json!({"what": {"identifier": {"system": "urn:medmesh:item-id", "value": id}}}))
+        .collect();
+    if let Some(patient) = &entry.patient {
+        entities.push(json!({"what": {"identifier": {"system": "urn:ietf:rfc:3986", "value": patient}}, "role": {"system": "http://terminology.hl7.org/CodeSystem/object-role", "code": "1"}}));
+    }
+    if let Some(grant) = &entry.grant {
+        entities.push(json!({"what": {"identifier": {"system": "urn:medmesh:grant-id", "value": grant}}}));
+    }
+    if !entities.is_empty() {
+        event["entity"] = Value::Array(entities);
+    }
+    event
+}
+
+impl Backend for NodeBackend {
+    async fn create(&self, resource: Value) -> Result<Arc<RenderedResource>, ApiError> {
+        self.repository
+            .create(resource, None, Self::actor())
+            .await
+            .map_err(repo_error)
+    }
+
+    async fn read(&self, resource_type: &str, id: &str) -> Result<Arc<RenderedResource>, ApiError> {
+        let resource = self.repository.read(resource_type, id).await.map_err(repo_error)?;
+        self.audit_read(std::slice::from_ref(&resource)).await;
+        Ok(resource)
+    }
+
+    async fn vread(&self, resource_type: &str, id: &str, version_id: &str) -> Result<Arc<RenderedResource>, ApiError> {
+        let resource = self
+            .repository
+            .vread(resource_type, id, version_id)
+            .await
+            .map_err(repo_error)?;
+        self.audit_read(std::slice::from_ref(&resource)).await;
+        Ok(resource)
+    }
+
+    async fn history(&self, resource_type: &str, id: &str) -> Result<Vec<HistoryEntry>, ApiError> {
+        let versions = self.repository.history(resource_type, id).await.map_err(repo_error)?;
+        let rendered: Vec<Arc<RenderedResource>> = versions.iter().filter_map(|(_, r)| r.clone()).collect();
+        self.audit_read(&rendered).await;
+        Ok(versions
+            .into_iter()
+            .map(|(version, resource)| HistoryEntry { version, resource })
+            .collect())
+    }
+
+    async fn update(
+        &self,
+        resource_type: &str,
+        id: &str,
+        resource: Value,
+        base_version: Option<String>,
+        require_current: bool,
+    ) -> Result<Arc<RenderedResource>, ApiError> {
+        self.repository
+            .update(
+                resource_type,
+                id,
+                resource,
+                base_version.as_deref(),
+                require_current,
+                Self::actor(),
+            )
+            .await
+            .map_err(repo_error)
+    }
+
+    async fn delete(&self, resource_type: &str, id: &str) -> Result<(), ApiError> {
+        self.repository
+            .delete(resource_type, id, Self::actor())
+            .await
+            .map_err(repo_error)
+    }
+
+    async fn search(&self, request: &SearchRequest) -> Result<Vec<Arc<RenderedResource>>, ApiError> {
+        let query = Query::parse(&request.resource_type, request.params())?;
+        let found = self
+            .repository
+            .search(&query, request.patient.as_deref())
+            .await
+            .map_err(repo_error)?;
+        self.audit_read(&found).await;
+        Ok(found)
+    }
+
+    async fn everything(&self, patient_resource_id: &str) -> Result<Vec<Arc<RenderedResource>>, ApiError> {
+        let all = self
+            .repository
+            .everything(patient_resource_id)
+            .await
+            .map_err(repo_error)?;
+        if let Some(first) = all.first() {
+            self.audit_read(std::slice::from_ref(first)).await;
+        }
+        Ok(all)
+    }
+
+    async fn submit(&self, kind: SignedKind, bytes: Vec<u8>) -> Result<Value, ApiError> {
+        let kind = match kind {
+            SignedKind::Grant => ItemKind::Grant,
+            SignedKind::Revocation => ItemKind::Revocation,
+            SignedKind::KeyShare => ItemKind::KeyShare,
+        };
+        let report = self
+            .node
+            .ingest(vec![Incoming::new(kind, bytes)], Source::LocalApp(APP.to_owned()))
+            .await
+            .map_err(node_error)?;
+        if let Some(rejected) = report.rejected.first() {
+            return Err(ApiError::Unprocessable(vec![Issue::error(
+                IssueType::Invalid,
+                format!("{} rejected: {}", rejected.kind.as_str(), rejected.error),
+            )]));
+        }
+        Ok(json!({
+            "accepted": report.accepted,
+            "pending": report.pending,
+            "duplicates": report.duplicates,
+        }))
+    }
+
+    async fn holdings(&self, patient_did: &str) -> Result<Value, ApiError> {
+        let patient = parse_did(patient_did)?;
+        let holdings = self.node.holdings(&patient).map_err(node_error)?;
+        serde_json::to_value(holdings).map_err(|_| ApiError::Internal)
+    }
+
+    async fn consents(&self, patient_did: &str) -> Result<Vec<Value>, ApiError> {
+        let patient = parse_did(patient_did)?;
+        let now = medmesh_crypto::now();
+        Ok(self
+            .node
+            .grants(&patient)
+            .iter()
+            .map(|g| consent_of(g, self.node.is_revoked(&patient, &g.id()), now))
+            .collect())
+    }
+
+    async fn audit_events(&self, patient_did: &str) -> Result<Vec<Value>, ApiError> {
+        let patient = parse_did(patient_did)?;
+        let peer = self.node.practice_id().to_string();
+        Ok(self
+            .node
+            .audit_entries(Some(&patient))
+            .map_err(node_error)?
+            .iter()
+            .map(|e| audit_event_of(e, &peer))
+            .collect())
+    }
+
+    async fn sync_status(&self) -> Value {
+        json!({
+            "peer_id": self.node.practice_id().to_string(),
+            "sync": "not wired into this build yet",
+            "pending": self.node.pending_count().unwrap_or(0),
+            "rejected": self.node.rejected_count().unwrap_or(0),
+        })
+    }
+
+    fn new_id(&self) -> String {
+        repository::new_resource_id().unwrap_or_else(|_| {
+            // Only if the OS has no randomness: unique within this process, never reused.
+            static NEXT: AtomicU64 = AtomicU64::new(0);
+            format!("t{}-{}", medmesh_crypto::now(), NEXT.fetch_add(1, Ordering::Relaxed))
+        })
+    }
+
+    /// Checks every op before writing anything (patients resolve, grants and
+    /// keys are held, updated resources exist at the expected version), then
+    /// writes them in order. A failure in the check phase writes nothing. A
+    /// storage failure in the write phase can leave earlier ops written: the
+    /// node has no multi-change atomic batch yet (see the issue notes).
+    async fn transaction(&self, ops: Vec<TxOp>) -> Result<Vec<TxResult>, TxFailure> {
+        let fail = |op: usize, error: ApiError| TxFailure { op, error };
+        // The patient of the bundle: directory resources go with them.
+        let mut context: Option<PatientId> = None;
+        let mut pending: HashMap<String, PatientId> = HashMap::new();
+        let mut placements: Vec<Option<(PatientId, medmesh_crypto::Collection)>> = vec![None; ops.len()];
+        for op in &ops {
+            if let TxOp::Create { resource, .. } = op
+                && let Some(did) = medmesh_node::records::linked_did(resource)
+                && let Ok(patient) = did.parse::<PatientId>()
+            {
+                context.get_or_insert(patient);
+            }
+        }
+        for (i, op) in ops.iter().enumerate() {
+            match op {
+                TxOp::Create { id, resource, .. } => {
+                    let patient = self
+                        .repository
+                        .resolve_patient(resource, context, &pending)
+                        .await
+                        .map_err(|e| fail(i, repo_error(e)))?;
+                    context.get_or_insert(patient);
+                    let collection = medmesh_node::records::collection_of(resource);
+                    self.repository
+                        .check_writable(patient, collection)
+                        .map_err(|e| fail(i, repo_error(e)))?;
+                    let resource_type = resource.get("resourceType").and_then(Value::as_str).unwrap_or_default();
+                    pending.insert(format!("{resource_type}/{id}"), patient);
+                    placements[i] = Some((patient, collection));
+                }
+                TxOp::Update {
+                    resource_type,
+                    id,
+                    base_version,
+                    require_current,
+                    ..
+                } => {
+                    let current = self
+                        .repository
+                        .read(resource_type, id)
+                        .await
+                        .map_err(|e| fail(i, repo_error(e)))?;
+                    if *require_current
+                        && let Some(base) = base_version
+                        && *base != current.version_id
+                    {
+                        return Err(fail(
+                            i,
+                            ApiError::PreconditionFailed {
+                                expected: base.clone(),
+                                current: current.version_id.clone(),
+                            },
+                        ));
+                    }
+                    let (patient, collection) = self
+                        .repository
+                        .location(resource_type, id)
+                        .await
+                        .map_err(|e| fail(i, repo_error(e)))?;
+                    self.repository
+                        .check_writable(patient, collection)
+                        .map_err(|e| fail(i, repo_error(e)))?;
+                }
+                TxOp::Delete { resource_type, id } => {
+                    self.repository
+                        .read(resource_type, id)
+                        .await
+                        .map_err(|e| fail(i, repo_error(e)))?;
+                }
+                TxOp::Read { .. } | TxOp::Search(_) => {}
+            }
+        }
+        let mut results = Vec::with_capacity(ops.len());
+        for (i, op) in ops.into_iter().enumerate() {
+            let result = match op {
+                TxOp::Create {
+                    id,
+                    resource,
+                    if_none_exist,
+                } => {
+                    if let Some(search) = if_none_exist {
+                        let found = self.search(&search).await.map_err(|e| fail(i, e))?;
+                        if !found.is_empty() {
+                            return Err(fail(
+                                i,
+                                ApiError::InvalidRequest(vec![Issue::error(
+                                    IssueType::MultipleMatches,
+                                    "a conditional create now matches an existing resource",
+                                )]),
+                            ));
+                        }
+                    }
+                    let Some((patient, collection)) = placements[i] else {
+                        return Err(fail(i, ApiError::Internal));
+                    };
+                    let written = self
+                        .repository
+                        .create_with_id(&id, resource, patient, collection, Self::actor())
+                        .await
+                        .map_err(|e| fail(i, repo_error(e)))?;
+                    TxResult::Written(written)
+                }
+                TxOp::Update {
+                    resource_type,
+                    id,
+                    resource,
+                    base_version,
+                    require_current,
+                } => {
+                    let before = self.repository.read(&resource_type, &id).await.ok();
+                    let after = self
+                        .update(&resource_type, &id, resource, base_version, require_current)
+                        .await
+                        .map_err(|e| fail(i, e))?;
+                    if before.is_some_and(|b| b.version_id == after.version_id) {
+                        TxResult::Unchanged(after)
+                    } else {
+                        TxResult::Written(after)
+                    }
+                }
+                TxOp::Delete { resource_type, id } => {
+                    self.delete(&resource_type, &id).await.map_err(|e| fail(i, e))?;
+                    TxResult::Deleted
+                }
+                TxOp::Read {
+                    resource_type,
+                    id,
+                    version_id,
+                } => {
+                    let r = match version_id {
+                        Some(v) => self.vread(&resource_type, &id, &v).await,
+                        None => self.read(&resource_type, &id).await,
+                    }
+                    .map_err(|e| fail(i, e))?;
+                    TxResult::Read(r)
+                }
+                TxOp::Search(request) => TxResult::Found(self.search(&request).await.map_err(|e| fail(i, e))?),
+            };
+            results.push(result);
+        }
+        Ok(results)
+    }
+
+    fn write_metrics(&self, out: &mut String) {
+        let pending = self.node.pending_count().unwrap_or(0);
+        let rejected = self.node.rejected_count().unwrap_or(0);
+        let seq = self.node.last_seq();
+        out.push_str(&format!(
+            "# TYPE medmesh_node_items_stored counter\nmedmesh_node_items_stored_total {seq}\n\
+             # TYPE medmesh_node_items_pending gauge\nmedmesh_node_items_pending {pending}\n\
+             # TYPE medmesh_node_items_rejected counter\nmedmesh_node_items_rejected_total {rejected}\n"
+        ));
+    }
+}

@@ -1,0 +1,281 @@
+//! Practice node commands: init, id, token, run.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context as _, Result, bail};
+use medmesh_crypto::{SecretIdentity, write_atomically};
+use medmesh_node::identity::{NODE_KEY_FILE, PASSPHRASE_ENV};
+use medmesh_node::{Node, Repository, load_or_create_identity};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use zeroize::Zeroizing;
+
+use crate::backend::NodeBackend;
+use crate::home::Home;
+use crate::output::Output;
+
+const TOKEN_FILE: &str = "gateway.token";
+const CONFIG_FILE: &str = "config.json";
+/// Written by a running node so other commands find its gateway; removed at shutdown.
+pub(crate) const RUNNING_FILE: &str = "running.json";
+
+/// What `node init` writes and `node run` reads; flags override it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct NodeConfig {
+    /// libp2p listen addresses.
+    pub(crate) listen: Vec<String>,
+    /// Gateway bind address.
+    pub(crate) gateway: String,
+    /// Peers to connect to at start.
+    pub(crate) peers: Vec<String>,
+    /// LAN discovery.
+    pub(crate) mdns: bool,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            listen: vec!["/ip4/127.0.0.1/tcp/0".to_owned()],
+            gateway: "127.0.0.1:0".to_owned(),
+            peers: Vec::new(),
+            mdns: false,
+        }
+    }
+}
+
+/// Where a running node can be reached; `running.json` in the node dir.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Running {
+    pub(crate) peer_id: String,
+    pub(crate) listen: Vec<String>,
+    pub(crate) gateway: String,
+    pub(crate) pid: u32,
+}
+
+fn node_passphrase() -> Option<Zeroizing<String>> {
+    std::env::var(PASSPHRASE_ENV)
+        .ok()
+        .filter(|p| !p.is_empty())
+        .map(Zeroizing::new)
+}
+
+/// Creates (or loads) the node key, the gateway token and the config.
+pub(crate) fn init(dir: &Path) -> Result<SecretIdentity> {
+    Home::ensure_private_dir(dir)?;
+    let passphrase = node_passphrase();
+    let identity = load_or_create_identity(dir, passphrase.as_ref().map(|p| p.as_bytes()))
+        .with_context(|| format!("loading the node key in {}", dir.display()))?;
+    let token_path = dir.join(TOKEN_FILE);
+    if !token_path.exists() {
+        let mut raw = Zeroizing::new([0u8; 32]);
+        getrandom::fill(raw.as_mut()).map_err(|_| anyhow::anyhow!("operating system randomness unavailable"))?;
+        let token = Zeroizing::new(hex::encode(raw.as_ref()));
+        write_atomically(&token_path, token.as_bytes())
+            .with_context(|| format!("writing the gateway token at {}", token_path.display()))?;
+    }
+    let config_path = dir.join(CONFIG_FILE);
+    if !config_path.exists() {
+        let text = serde_json::to_vec_pretty(&NodeConfig::default())?;
+        write_atomically(&config_path, &text)
+            .with_context(|| format!("writing the node config at {}", config_path.display()))?;
+    }
+    Ok(identity)
+}
+
+pub(crate) fn load_identity(dir: &Path) -> Result<SecretIdentity> {
+    if !dir.join(NODE_KEY_FILE).exists() {
+        bail!("no node in {}; create one with `medmesh node init`", dir.display());
+    }
+    let passphrase = node_passphrase();
+    load_or_create_identity(dir, passphrase.as_ref().map(|p| p.as_bytes())).with_context(|| {
+        format!(
+            "loading the node key in {} (sealed keys need {PASSPHRASE_ENV})",
+            dir.display()
+        )
+    })
+}
+
+pub(crate) fn read_token(dir: &Path) -> Result<Zeroizing<String>> {
+    let path = dir.join(TOKEN_FILE);
+    let token = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "reading the gateway token at {}; run `medmesh node init`",
+            path.display()
+        )
+    })?;
+    Ok(Zeroizing::new(token.trim().to_owned()))
+}
+
+pub(crate) fn read_config(dir: &Path) -> Result<NodeConfig> {
+    let path = dir.join(CONFIG_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(NodeConfig::default()),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// The running node of this home, if its `running.json` names a live process.
+pub(crate) fn running(dir: &Path) -> Option<Running> {
+    let bytes = std::fs::read(dir.join(RUNNING_FILE)).ok()?;
+    let running: Running = serde_json::from_slice(&bytes).ok()?;
+    // A stale file from a killed node: its pid is gone.
+    let alive = PathBuf::from(format!("/proc/{}", running.pid)).exists() || !cfg!(target_os = "linux");
+    alive.then_some(running)
+}
+
+pub(crate) fn print_id(dir: &Path, out: &Output) -> Result<()> {
+    let identity = load_identity(dir)?;
+    let peer_id = identity.practice_id()?.to_string();
+    out.result(&json!({ "peer_id": peer_id }), &peer_id);
+    Ok(())
+}
+
+/// Flags of `node run`, already merged with the config file.
+pub(crate) struct RunOptions {
+    pub(crate) listen: Vec<String>,
+    pub(crate) gateway: String,
+    pub(crate) peers: Vec<String>,
+    pub(crate) mdns: bool,
+    pub(crate) allow_remote_gateway: bool,
+}
+
+/// A started node: store, repository, gateway (and sync when wired).
+pub(crate) struct StartedNode {
+    pub(crate) peer_id: String,
+    pub(crate) listen: Vec<String>,
+    pub(crate) gateway_url: String,
+    node: Node,
+    shutdown: tokio::sync::watch::Sender<bool>,
+    gateway_task: tokio::task::JoinHandle<std::io::Result<()>>,
+    dir: PathBuf,
+}
+
+impl StartedNode {
+    /// Stops the gateway (draining requests), then flushes and closes the store.
+    pub(crate) async fn stop(self) -> Result<()> {
+        let _ = self.shutdown.send(true);
+        match self.gateway_task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(cause = %e, "gateway stopped with an error"),
+            Err(e) => tracing::warn!(cause = %e, "gateway task failed"),
+        }
+        self.node.close().await;
+        let _ = std::fs::remove_file(self.dir.join(RUNNING_FILE));
+        Ok(())
+    }
+}
+
+fn gateway_addr(spec: &str, allow_remote: bool) -> Result<SocketAddr> {
+    let addr: SocketAddr = spec
+        .parse()
+        .with_context(|| format!("--gateway {spec:?} is not ADDR:PORT (e.g. 127.0.0.1:8080)"))?;
+    if !addr.ip().is_loopback() {
+        if !allow_remote {
+            bail!(
+                "refusing to bind the gateway to {addr}: it is not a loopback address; \
+                 pass --allow-remote-gateway if you really mean to expose it"
+            );
+        }
+        tracing::warn!(%addr, "THE GATEWAY IS BOUND TO A NON-LOOPBACK ADDRESS: anyone who can reach it and holds the token can read patient data");
+        eprintln!("WARNING: the gateway listens on {addr}, beyond this machine");
+    }
+    Ok(addr)
+}
+
+/// Starts a node in `dir`: initialises it if needed, opens the store,
+/// starts the gateway. Used by `node run` and by the demo.
+pub(crate) async fn start(dir: &Path, options: RunOptions) -> Result<StartedNode> {
+    let identity = init(dir)?;
+    let peer_id = identity.practice_id()?.to_string();
+    let token = read_token(dir)?;
+    let addr = gateway_addr(&options.gateway, options.allow_remote_gateway)?;
+    let node = Node::open(dir, identity, medmesh_node::Config::default())
+        .await
+        .with_context(|| {
+            format!(
+                "opening the store in {} (is another node running on it?)",
+                dir.display()
+            )
+        })?;
+    let repository = Repository::new(node.clone(), medmesh_node::repository::Config::default())
+        .context("starting the record repository")?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the gateway to {addr}"))?;
+    let bound = listener.local_addr().context("reading the gateway's bound address")?;
+    let config = medmesh_gateway::Config::for_addr(bound);
+    let backend = Arc::new(NodeBackend::new(node.clone(), repository));
+    let router = medmesh_gateway::router(backend, medmesh_gateway::Token::new(&token), config);
+    let (shutdown, mut stop) = tokio::sync::watch::channel(false);
+    let gateway_task = tokio::spawn(medmesh_gateway::serve(listener, router, async move {
+        let _ = stop.wait_for(|s| *s).await;
+    }));
+    if !options.listen.is_empty() || !options.peers.is_empty() || options.mdns {
+        tracing::warn!("sync is not wired into `node run` yet: --listen/--peer/--mdns have no effect");
+    }
+    let started = StartedNode {
+        peer_id,
+        listen: Vec::new(),
+        gateway_url: format!("http://{bound}"),
+        node,
+        shutdown,
+        gateway_task,
+        dir: dir.to_owned(),
+    };
+    let running = Running {
+        peer_id: started.peer_id.clone(),
+        listen: started.listen.clone(),
+        gateway: started.gateway_url.clone(),
+        pid: std::process::id(),
+    };
+    write_atomically(&dir.join(RUNNING_FILE), &serde_json::to_vec(&running)?)?;
+    Ok(started)
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+pub(crate) fn run(dir: &Path, options: RunOptions, out: &Output) -> Result<()> {
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(async {
+        let started = start(dir, options).await?;
+        out.result(
+            &json!({ "peer_id": started.peer_id, "listen": started.listen, "gateway": started.gateway_url }),
+            &format!(
+                "node {} running\n  listen:  {}\n  gateway: {}\n(Ctrl-C to stop)",
+                started.peer_id,
+                if started.listen.is_empty() {
+                    "(sync not wired yet)".to_owned()
+                } else {
+                    started.listen.join(" ")
+                },
+                started.gateway_url
+            ),
+        );
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        started.stop().await
+    })
+}
