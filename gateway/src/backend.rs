@@ -32,6 +32,78 @@ pub enum SignedKind {
     KeyShare,
 }
 
+/// One operation of a transaction, as the gateway resolved it.
+#[derive(Debug, Clone)]
+pub enum TxOp {
+    /// Create `resource` under `id` (from [`Backend::new_id`]).
+    Create {
+        /// The id to create the resource under.
+        id: String,
+        /// The resource (its `id` and `meta.versionId`/`lastUpdated` are ignored).
+        resource: Value,
+        /// Conditional create: the gateway found no match for this search; if it
+        /// matches anything when the transaction runs, the transaction fails with
+        /// [`ApiError::MultipleMatches`] (412) instead of creating a duplicate.
+        if_none_exist: Option<SearchRequest>,
+    },
+    /// Three-way update, as [`Backend::update`].
+    Update {
+        /// The resource type.
+        resource_type: String,
+        /// The id.
+        id: String,
+        /// The submitted resource.
+        resource: Value,
+        /// The version the client based the update on.
+        base_version: Option<String>,
+        /// Whether a stale base fails with 412 (an explicit `ifMatch`).
+        require_current: bool,
+    },
+    /// Marks a resource deleted, as [`Backend::delete`].
+    Delete {
+        /// The resource type.
+        resource_type: String,
+        /// The id.
+        id: String,
+    },
+    /// Reads the current version, or `version_id` (vread).
+    Read {
+        /// The resource type.
+        resource_type: String,
+        /// The id.
+        id: String,
+        /// A version to read instead of the current one.
+        version_id: Option<String>,
+    },
+    /// A search, as [`Backend::search`].
+    Search(SearchRequest),
+}
+
+/// What one [`TxOp`] produced, at the same position as the op.
+#[derive(Debug, Clone)]
+pub enum TxResult {
+    /// A create or update: the resource as stored.
+    Written(Arc<RenderedResource>),
+    /// An update that changed nothing: the current resource.
+    Unchanged(Arc<RenderedResource>),
+    /// A delete.
+    Deleted,
+    /// A read.
+    Read(Arc<RenderedResource>),
+    /// A search's matches, in the backend's stable order.
+    Found(Vec<Arc<RenderedResource>>),
+}
+
+/// Why a transaction failed: the position of the op in the `ops` given to
+/// [`Backend::transaction`], and the error. Nothing was written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TxFailure {
+    /// Index into the ops.
+    pub op: usize,
+    /// What went wrong with it.
+    pub error: ApiError,
+}
+
 /// The node operations behind the HTTP routes. Every method is called only
 /// after the caller's bearer token was checked.
 pub trait Backend: Send + Sync + 'static {
@@ -103,6 +175,24 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Peers and sync status as JSON.
     fn sync_status(&self) -> impl Future<Output = Value> + Send;
+
+    /// A fresh logical id for a resource about to be created in a transaction.
+    /// The gateway asks for ids before writing so that it can rewrite the
+    /// Bundle's `urn:uuid:` references to `Type/id`; ids that end up unused
+    /// (a failed transaction) are simply never written. Must never return an
+    /// id already in use, and must be a FHIR id (`[A-Za-z0-9-.]{1,64}`).
+    fn new_id(&self) -> String;
+
+    /// Runs `ops` in order, all or nothing: either every op succeeds and every
+    /// write is durable together (one store batch: one Automerge change per
+    /// written resource), or nothing is written and the error names the op
+    /// that failed. Reads and searches see the writes of earlier ops.
+    ///
+    /// The gateway has already validated the resources, assigned ids
+    /// ([`new_id`](Self::new_id)), resolved conditional requests and rewritten
+    /// references, so the backend only re-checks what may have changed since
+    /// (a stale `If-Match`, a conditional create that now matches).
+    fn transaction(&self, ops: Vec<TxOp>) -> impl Future<Output = Result<Vec<TxResult>, TxFailure>> + Send;
 
     /// Appends node-level metrics (store size, sync counters) in Prometheus
     /// text format.

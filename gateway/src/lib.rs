@@ -14,7 +14,8 @@ mod backend;
 pub mod fhir;
 mod metrics;
 mod server;
+mod transaction;
 
 pub use auth::Token;
-pub use backend::{Backend, HistoryEntry, SignedKind};
+pub use backend::{Backend, HistoryEntry, SignedKind, TxFailure, TxOp, TxResult};
 pub use server::{Config, router, serve};

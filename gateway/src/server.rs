@@ -19,7 +19,7 @@ use crate::backend::{Backend, HistoryEntry, SignedKind};
 use crate::fhir::bundle::{SearchMode, Searchset};
 use crate::fhir::capability::capability_statement;
 use crate::fhir::outcome::{ApiError, FHIR_JSON, Issue, IssueType, OperationOutcome, fhir_response};
-use crate::fhir::search_params::parse_search;
+use crate::fhir::search_params::{SearchRequest, parse_search};
 use crate::fhir::validate::{is_supported_type, validate};
 use crate::metrics::HttpMetrics;
 use medmesh_node::records::RenderedResource;
@@ -74,7 +74,7 @@ pub fn router<B: Backend>(backend: Arc<B>, token: Token, config: Config) -> Rout
         .route("/health", get(health))
         .route("/metrics", get(metrics::<B>))
         .route("/fhir/metadata", get(metadata::<B>))
-        .route("/fhir", post(system_interaction))
+        .route("/fhir", post(system_interaction::<B>))
         .route("/fhir/{type}", get(search::<B>).post(create::<B>))
         .route("/fhir/{type}/{id}", get(read::<B>).put(update::<B>).delete(delete::<B>))
         .route("/fhir/{type}/{id}/{op}", get(instance_operation::<B>))
@@ -194,7 +194,7 @@ fn resource_response(status: StatusCode, resource: &RenderedResource, base_url: 
     response
 }
 
-fn http_date(ms: i64) -> Option<String> {
+pub(crate) fn http_date(ms: i64) -> Option<String> {
     let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).ok()?;
     let format = time::macros::format_description!(
         "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
@@ -202,7 +202,7 @@ fn http_date(ms: i64) -> Option<String> {
     t.format(&format).ok()
 }
 
-fn check_type(resource_type: &str) -> Result<(), ApiError> {
+pub(crate) fn check_type(resource_type: &str) -> Result<(), ApiError> {
     if is_supported_type(resource_type) {
         Ok(())
     } else {
@@ -244,7 +244,7 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Vec<
         .map_err(|_| ApiError::PayloadTooLarge { limit_bytes: limit })
 }
 
-fn prefers_minimal(headers: &HeaderMap) -> bool {
+pub(crate) fn prefers_minimal(headers: &HeaderMap) -> bool {
     prefer(headers, "return").is_some_and(|v| v == "minimal")
 }
 
@@ -316,12 +316,20 @@ async fn method_not_allowed(method: Method) -> Response {
     ApiError::MethodNotAllowed(method.to_string()).into_response()
 }
 
-async fn system_interaction() -> Response {
-    let outcome = OperationOutcome::from_issues([Issue::error(
-        IssueType::NotSupported,
-        "transaction and batch Bundles are not supported by this build yet",
-    )]);
-    fhir_response(StatusCode::NOT_IMPLEMENTED, &outcome.to_value())
+async fn system_interaction<B: Backend>(
+    State(state): Shared<B>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let bundle = read_json(&headers, body, state.config.body_limit).await?;
+    let context = crate::transaction::Context {
+        backend: state.backend.as_ref(),
+        base_url: &state.config.base_url,
+        max_count: state.config.max_count,
+        minimal: prefers_minimal(&headers),
+    };
+    let response = crate::transaction::process(&context, bundle).await?;
+    Ok(fhir_response(StatusCode::OK, &response))
 }
 
 async fn create<B: Backend>(
@@ -540,6 +548,13 @@ async fn search<B: Backend>(
         });
     }
     let matches = state.backend.search(&request).await?;
+    Ok(fhir_response(StatusCode::OK, &searchset(base, &request, &matches)))
+}
+
+/// One page of a search's matches as a `searchset` Bundle, with `next`
+/// link and a warning for every ignored parameter.
+pub(crate) fn searchset(base: &str, request: &SearchRequest, matches: &[Arc<RenderedResource>]) -> Value {
+    let resource_type = &request.resource_type;
     let page = |offset: usize| format!("{base}/{resource_type}?{}", request.page_query(offset));
     let mut bundle = Searchset::new(page(request.offset)).total(matches.len());
     if request.offset + request.count < matches.len() {
@@ -562,7 +577,7 @@ async fn search<B: Backend>(
         }));
         bundle.push_outcome(outcome.to_value());
     }
-    Ok(fhir_response(StatusCode::OK, &bundle.build()))
+    bundle.build()
 }
 
 /// `Consent` and `AuditEvent` are views of the node's consent registry and

@@ -3,160 +3,20 @@
 //! OperationOutcomes, paging, and real FHIR examples round-tripping.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "common/fhirval.rs"]
+mod fhirval;
+#[path = "common/mem.rs"]
+mod mem;
+
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use automerge::ActorId;
-use medmesh_gateway::fhir::outcome::ApiError;
-use medmesh_gateway::fhir::search_params::SearchRequest;
-use medmesh_gateway::{Backend, Config, HistoryEntry, SignedKind, Token};
-use medmesh_node::records::{Query, RecordDoc, RenderedResource, actor_id};
+use medmesh_gateway::{Config, Token};
+use mem::MemBackend;
 use serde_json::{Value, json};
 
 const TOKEN: &str = "test-token-1234";
-
-struct MemBackend {
-    doc: Mutex<RecordDoc>,
-    actor: ActorId,
-    next_id: Mutex<u64>,
-}
-
-impl MemBackend {
-    fn new() -> Self {
-        Self {
-            doc: Mutex::new(RecordDoc::new()),
-            actor: actor_id(&[7; 32], [1; 8]),
-            next_id: Mutex::new(0),
-        }
-    }
-
-    fn now() -> i64 {
-        i64::try_from(medmesh_crypto::now()).unwrap()
-    }
-}
-
-impl Backend for MemBackend {
-    async fn create(&self, resource: Value) -> Result<Arc<RenderedResource>, ApiError> {
-        let id = {
-            let mut next = self.next_id.lock().unwrap();
-            *next += 1;
-            format!("m{next}")
-        };
-        let written = self
-            .doc
-            .lock()
-            .unwrap()
-            .create(&self.actor, Self::now(), &id, &resource)?;
-        written.resource.ok_or(ApiError::Internal)
-    }
-
-    async fn read(&self, t: &str, id: &str) -> Result<Arc<RenderedResource>, ApiError> {
-        Ok(self.doc.lock().unwrap().read(&format!("{t}/{id}"))?)
-    }
-
-    async fn vread(&self, t: &str, id: &str, vid: &str) -> Result<Arc<RenderedResource>, ApiError> {
-        Ok(self.doc.lock().unwrap().vread(&format!("{t}/{id}"), vid)?)
-    }
-
-    async fn history(&self, t: &str, id: &str) -> Result<Vec<HistoryEntry>, ApiError> {
-        let key = format!("{t}/{id}");
-        let doc = self.doc.lock().unwrap();
-        let versions = doc.history(&key)?;
-        Ok(versions
-            .into_iter()
-            .map(|version| {
-                let resource = if version.deleted {
-                    None
-                } else {
-                    doc.vread(&key, &version.version_id).ok()
-                };
-                HistoryEntry { version, resource }
-            })
-            .collect())
-    }
-
-    async fn update(
-        &self,
-        t: &str,
-        id: &str,
-        resource: Value,
-        base: Option<String>,
-        require_current: bool,
-    ) -> Result<Arc<RenderedResource>, ApiError> {
-        let key = format!("{t}/{id}");
-        let mut doc = self.doc.lock().unwrap();
-        let current = doc.read(&key)?;
-        let base_json = match &base {
-            Some(v) if *v != current.version_id => {
-                if require_current {
-                    return Err(ApiError::PreconditionFailed {
-                        expected: v.clone(),
-                        current: current.version_id.clone(),
-                    });
-                }
-                doc.vread(&key, v)?.json.clone()
-            }
-            _ => current.json.clone(),
-        };
-        match doc.update(&self.actor, Self::now(), &key, &base_json, &resource)? {
-            Some(written) => written.resource.ok_or(ApiError::Internal),
-            None => Ok(current),
-        }
-    }
-
-    async fn delete(&self, t: &str, id: &str) -> Result<(), ApiError> {
-        self.doc
-            .lock()
-            .unwrap()
-            .delete(&self.actor, Self::now(), &format!("{t}/{id}"))?;
-        Ok(())
-    }
-
-    async fn search(&self, request: &SearchRequest) -> Result<Vec<Arc<RenderedResource>>, ApiError> {
-        let query = Query::parse(&request.resource_type, request.params())?;
-        let doc = self.doc.lock().unwrap();
-        Ok(medmesh_node::records::search::search(doc.resources()?.iter(), &query))
-    }
-
-    async fn everything(&self, id: &str) -> Result<Vec<Arc<RenderedResource>>, ApiError> {
-        let doc = self.doc.lock().unwrap();
-        let patient = doc.read(&format!("Patient/{id}"))?;
-        let mut all = vec![patient];
-        all.extend(
-            doc.resources()?
-                .into_iter()
-                .filter(|r| r.key != format!("Patient/{id}")),
-        );
-        Ok(all)
-    }
-
-    async fn submit(&self, _kind: SignedKind, _bytes: Vec<u8>) -> Result<Value, ApiError> {
-        Err(ApiError::Forbidden(
-            "no consent registry in this test backend".to_owned(),
-        ))
-    }
-
-    async fn holdings(&self, did: &str) -> Result<Value, ApiError> {
-        Ok(json!({ "patient": did, "envelopes": 0, "readable": 0, "opaque": 0, "by_collection": {} }))
-    }
-
-    async fn consents(&self, _did: &str) -> Result<Vec<Value>, ApiError> {
-        Ok(Vec::new())
-    }
-
-    async fn audit_events(&self, _did: &str) -> Result<Vec<Value>, ApiError> {
-        Ok(Vec::new())
-    }
-
-    async fn sync_status(&self) -> Value {
-        json!({ "peers": [] })
-    }
-
-    fn write_metrics(&self, out: &mut String) {
-        out.push_str("# TYPE medmesh_test_backend gauge\nmedmesh_test_backend 1\n");
-    }
-}
 
 struct Server {
     base: String,
@@ -628,4 +488,400 @@ async fn fhir_examples_round_trip_over_http() {
         checked += 1;
     }
     assert!(checked >= 30, "only {checked} examples checked");
+}
+
+fn read_example(name: &str) -> Value {
+    serde_json::from_slice(&std::fs::read(examples_dir().join(name)).unwrap()).unwrap()
+}
+
+/// Every `reference` string in a resource.
+fn references(value: &Value, out: &mut Vec<String>) {
+    match value {
+        Value::Object(obj) => {
+            for (k, v) in obj {
+                match (k.as_str(), v) {
+                    ("reference", Value::String(r)) => out.push(r.clone()),
+                    _ => references(v, out),
+                }
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|v| references(v, out)),
+        _ => {}
+    }
+}
+
+async fn total(server: &Server, path: &str) -> u64 {
+    json_of(server.get(path).await).await["total"].as_u64().unwrap()
+}
+
+fn statuses(bundle: &Value) -> Vec<String> {
+    bundle["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["response"]["status"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn outcome_expressions(outcome: &Value) -> Vec<String> {
+    outcome["issue"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|i| i["expression"].as_array().cloned().unwrap_or_default())
+        .map(|e| e.as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// The Synthea patient bundle (319 entries) imports whole: every entry is
+/// created, reads back equal to the input with its references rewritten to
+/// the assigned ids, and every reference between entries resolves.
+#[tokio::test]
+async fn synthea_transaction_imports_whole() {
+    let server = Server::start(8 * 1024 * 1024).await;
+    let input = read_example("Bundle-synthea-Brekke496.json");
+    let response = server.post("/fhir", &input).await;
+    assert_eq!(response.status(), 200);
+    let bundle = json_of(response).await;
+    assert_eq!(bundle["type"], "transaction-response");
+    let entries = bundle["entry"].as_array().unwrap();
+    let inputs = input["entry"].as_array().unwrap();
+    assert_eq!(entries.len(), 319);
+    // fullUrl → assigned Type/id, from each response's location.
+    let mut map = std::collections::HashMap::new();
+    for (e, i) in entries.iter().zip(inputs) {
+        assert_eq!(e["response"]["status"], "201 Created", "{}", e["response"]);
+        let location = e["response"]["location"].as_str().unwrap();
+        let key: Vec<&str> = location.split('/').take(2).collect();
+        assert!(e["response"]["etag"].as_str().unwrap().starts_with("W/\""));
+        assert!(e["response"]["lastModified"].as_str().unwrap().ends_with('Z'));
+        map.insert(i["fullUrl"].as_str().unwrap().to_owned(), key.join("/"));
+    }
+    let assigned: std::collections::HashSet<&String> = map.values().collect();
+    assert_eq!(assigned.len(), 319, "every entry got its own id");
+    let mut checked_refs = 0;
+    for i in inputs {
+        let key = &map[i["fullUrl"].as_str().unwrap()];
+        let read = server.get(&format!("/fhir/{key}")).await;
+        assert_eq!(read.status(), 200, "{key}");
+        let read = json_of(read).await;
+        let mut expected = i["resource"].clone();
+        medmesh_gateway::fhir::bundle::rewrite_references(&mut expected, &map);
+        assert_eq!(
+            strip_server_fields(read.clone()),
+            strip_server_fields(expected),
+            "{key}"
+        );
+        let mut refs = Vec::new();
+        references(&read, &mut refs);
+        for r in refs {
+            assert!(!r.starts_with("urn:"), "{key} still references {r}");
+            if assigned.contains(&r) {
+                checked_refs += 1;
+            }
+        }
+    }
+    assert!(checked_refs > 300, "{checked_refs}");
+    let patient = map.values().find(|k| k.starts_with("Patient/")).unwrap();
+    assert_eq!(total(&server, &format!("/fhir/{patient}/$everything")).await, 319);
+}
+
+/// HL7's transaction example mixes every method. This node honours POST,
+/// conditional requests on the search parameters it supports, PUT of existing
+/// resources, DELETE and GET; it does not honour operations (`$lookup`),
+/// conditional requests on parameters it cannot search (`identifier`), or
+/// update-as-create. So the transaction fails as a whole, naming the entry,
+/// and writes nothing; as a batch, each entry gets its own status.
+#[tokio::test]
+async fn hl7_transaction_example_fails_whole_and_batch_answers_each() {
+    let server = Server::start(8 * 1024 * 1024).await;
+    let input = read_example("Bundle-bundle-transaction.json");
+    let response = server.post("/fhir", &input).await;
+    assert_eq!(response.status(), 400);
+    let outcome = json_of(response).await;
+    assert_eq!(outcome["resourceType"], "OperationOutcome");
+    assert_eq!(outcome_expressions(&outcome), ["Bundle.entry[7].request.url"]);
+
+    // Without the operation, the first entry in processing order that cannot be
+    // honoured is the conditional DELETE on `identifier` (DELETEs go first).
+    let mut without_op = input.clone();
+    without_op["entry"].as_array_mut().unwrap().remove(7);
+    let response = server.post("/fhir", &without_op).await;
+    assert_eq!(response.status(), 400);
+    let outcome = json_of(response).await;
+    assert_eq!(outcome_expressions(&outcome), ["Bundle.entry[6]"], "{outcome}");
+    let diagnostics = outcome["issue"][0]["diagnostics"].as_str().unwrap();
+    assert!(
+        diagnostics.starts_with("entry 6:") && diagnostics.contains("identifier"),
+        "{diagnostics}"
+    );
+    assert_eq!(total(&server, "/fhir/Patient").await, 0, "nothing written");
+
+    let mut batch = input;
+    batch["type"] = json!("batch");
+    let response = server.post("/fhir", &batch).await;
+    assert_eq!(response.status(), 200);
+    let bundle = json_of(response).await;
+    assert_eq!(bundle["type"], "batch-response");
+    assert_eq!(
+        statuses(&bundle),
+        [
+            "201 Created",     // POST Patient
+            "400 Bad Request", // ifNoneExist on identifier: cannot search it
+            "404 Not Found",   // PUT Patient/123: no update-as-create
+            "400 Bad Request", // conditional PUT on identifier
+            "404 Not Found",   // PUT Patient/123a with ifMatch: not there
+            "404 Not Found",   // DELETE Patient/234: not there
+            "400 Bad Request", // conditional DELETE on identifier
+            "400 Bad Request", // POST ValueSet/$lookup: operations not supported
+            "200 OK",          // GET Patient?name=peter: searchset, name ignored with a warning
+            "404 Not Found",   // GET Patient/12334
+        ]
+    );
+    let entries = bundle["entry"].as_array().unwrap();
+    for (i, e) in entries.iter().enumerate() {
+        if !e["response"]["status"].as_str().unwrap().starts_with('2') {
+            let outcome = &e["response"]["outcome"];
+            assert_eq!(outcome["resourceType"], "OperationOutcome", "entry {i}");
+            assert!(
+                outcome["issue"][0]["diagnostics"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with(&format!("entry {i}:")),
+                "entry {i}: {outcome}"
+            );
+        }
+    }
+    let search = &entries[8]["resource"];
+    assert_eq!(search["type"], "searchset");
+    assert_eq!(search["total"], 1, "the Patient entry 0 created");
+    assert!(
+        search["entry"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["search"]["mode"] == "outcome")
+    );
+    assert_eq!(total(&server, "/fhir/Patient").await, 1);
+}
+
+/// Every method and conditional form this node honours, in one transaction,
+/// processed in FHIR order (DELETE, POST, PUT, GET) whatever the Bundle order.
+#[tokio::test]
+async fn transaction_methods_conditionals_and_references() {
+    let server = Server::start(1024 * 1024).await;
+    let patient = json_of(
+        server
+            .post("/fhir/Patient", &json!({"resourceType": "Patient", "gender": "female"}))
+            .await,
+    )
+    .await;
+    let pid = patient["id"].as_str().unwrap().to_owned();
+    let pvid = patient["meta"]["versionId"].as_str().unwrap().to_owned();
+    let doomed = json_of(server.post("/fhir/Patient", &json!({"resourceType": "Patient"})).await).await;
+    let doomed_id = doomed["id"].as_str().unwrap().to_owned();
+    let obs = |subject: &str| {
+        json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+               "subject": {"reference": subject}})
+    };
+    let tx = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        // 0: GET (runs last: sees the update of entry 3)
+        {"request": {"method": "GET", "url": format!("Patient/{pid}")}},
+        // 1: references entry 2 by its urn:uuid
+        {"fullUrl": "urn:uuid:11111111-1111-4111-8111-111111111111",
+         "resource": obs("urn:uuid:22222222-2222-4222-8222-222222222222"),
+         "request": {"method": "POST", "url": "Observation"}},
+        // 2: conditional create that matches the existing Patient: not created, 200
+        {"fullUrl": "urn:uuid:22222222-2222-4222-8222-222222222222",
+         "resource": {"resourceType": "Patient"},
+         "request": {"method": "POST", "url": "Patient", "ifNoneExist": format!("_id={pid}")}},
+        // 3: update with the current ETag
+        {"resource": {"resourceType": "Patient", "id": pid, "gender": "male"},
+         "request": {"method": "PUT", "url": format!("Patient/{pid}"), "ifMatch": format!("W/\"{pvid}\"")}},
+        // 4: delete
+        {"request": {"method": "DELETE", "url": format!("Patient/{doomed_id}")}},
+        // 5: conditional delete matching nothing
+        {"request": {"method": "DELETE", "url": "Observation?_id=none"}},
+        // 6: search
+        {"request": {"method": "GET", "url": format!("Observation?subject=Patient/{pid}")}},
+        // 7: conditional create that matches nothing: created
+        {"fullUrl": "urn:uuid:33333333-3333-4333-8333-333333333333",
+         "resource": obs(&format!("Patient/{pid}")),
+         "request": {"method": "POST", "url": "Observation", "ifNoneExist": "_id=none"}},
+    ]});
+    let response = server.post("/fhir", &tx).await;
+    assert_eq!(response.status(), 200);
+    let bundle = json_of(response).await;
+    assert_eq!(
+        statuses(&bundle),
+        [
+            "200 OK",
+            "201 Created",
+            "200 OK",
+            "200 OK",
+            "204 No Content",
+            "204 No Content",
+            "200 OK",
+            "201 Created"
+        ]
+    );
+    let e = bundle["entry"].as_array().unwrap();
+    assert_eq!(e[0]["resource"]["gender"], "male", "GET ran after PUT");
+    assert_eq!(e[1]["resource"]["subject"]["reference"], format!("Patient/{pid}"));
+    assert_eq!(
+        e[2]["response"]["location"].as_str().unwrap(),
+        format!("Patient/{pid}/_history/{pvid}")
+    );
+    assert_eq!(e[6]["resource"]["type"], "searchset");
+    assert_eq!(e[6]["resource"]["total"], 2, "both Observations, written before GETs");
+    assert_eq!(server.get(&format!("/fhir/Patient/{doomed_id}")).await.status(), 410);
+    assert_eq!(total(&server, "/fhir/Patient").await, 1);
+    assert_eq!(total(&server, "/fhir/Observation").await, 2);
+
+    // Prefer: return=minimal leaves resources out of write entries.
+    let minimal = server
+        .client
+        .post(server.url("/fhir"))
+        .bearer_auth(TOKEN)
+        .header("content-type", "application/fhir+json")
+        .header("prefer", "return=minimal")
+        .body(
+            json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+                {"resource": {"resourceType": "Patient"}, "request": {"method": "POST", "url": "Patient"}}]})
+            .to_string(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let minimal = json_of(minimal).await;
+    assert!(minimal["entry"][0].get("resource").is_none(), "{minimal}");
+    assert!(minimal["entry"][0]["response"]["location"].is_string());
+}
+
+/// A transaction that cannot be honoured writes nothing and names the entry:
+/// an invalid resource (422), a stale `ifMatch` found only when writing (412,
+/// the creates before it rolled back), several matches of `ifNoneExist` (412),
+/// a `urn:uuid:` reference to no entry (400), one resource changed twice (400).
+#[tokio::test]
+async fn failing_transactions_write_nothing() {
+    let server = Server::start(1024 * 1024).await;
+    let patient = json_of(server.post("/fhir/Patient", &json!({"resourceType": "Patient"})).await).await;
+    let pid = patient["id"].as_str().unwrap().to_owned();
+    let _ = server.post("/fhir/Patient", &json!({"resourceType": "Patient"})).await;
+    let post =
+        |resource: Value| json!({"resource": resource, "request": {"method": "POST", "url": resource["resourceType"]}});
+    let good = json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"}});
+    let cases: Vec<(&str, Vec<Value>, u16, &str, &str)> = vec![
+        (
+            "invalid resource",
+            vec![
+                post(good.clone()),
+                post(json!({"resourceType": "Observation", "code": {"text": "x"}})),
+            ],
+            422,
+            "Bundle.entry[1].resource.status",
+            "required",
+        ),
+        (
+            "stale ifMatch",
+            vec![
+                post(good.clone()),
+                json!({"resource": {"resourceType": "Patient", "id": pid, "gender": "other"},
+                       "request": {"method": "PUT", "url": format!("Patient/{pid}"), "ifMatch": "W/\"0000\""}}),
+            ],
+            412,
+            "Bundle.entry[1]",
+            "conflict",
+        ),
+        (
+            "ifNoneExist matches two",
+            vec![
+                post(good.clone()),
+                json!({"resource": {"resourceType": "Patient"},
+                       "request": {"method": "POST", "url": "Patient", "ifNoneExist": "_lastUpdated=ge2000"}}),
+            ],
+            412,
+            "Bundle.entry[1]",
+            "multiple-matches",
+        ),
+        (
+            "dangling urn:uuid",
+            vec![
+                post(good.clone()),
+                post(
+                    json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+                            "subject": {"reference": "urn:uuid:9e8b1a7c-0000-4000-8000-000000000000"}}),
+                ),
+            ],
+            400,
+            "Bundle.entry[1].resource.subject.reference",
+            "not-found",
+        ),
+        (
+            "changed twice",
+            vec![
+                post(good.clone()),
+                json!({"request": {"method": "DELETE", "url": format!("Patient/{pid}")}}),
+                json!({"resource": {"resourceType": "Patient", "id": pid},
+                       "request": {"method": "PUT", "url": format!("Patient/{pid}")}}),
+            ],
+            400,
+            "Bundle.entry[2]",
+            "duplicate",
+        ),
+        (
+            "missing resource to delete",
+            vec![
+                post(good.clone()),
+                json!({"request": {"method": "DELETE", "url": "Patient/nothere"}}),
+            ],
+            404,
+            "Bundle.entry[1]",
+            "not-found",
+        ),
+    ];
+    for (name, entries, status, expression, code) in cases {
+        let tx = json!({"resourceType": "Bundle", "type": "transaction", "entry": entries});
+        let response = server.post("/fhir", &tx).await;
+        assert_eq!(response.status().as_u16(), status, "{name}");
+        let outcome = json_of(response).await;
+        assert_eq!(outcome["resourceType"], "OperationOutcome", "{name}");
+        assert!(
+            outcome_expressions(&outcome).contains(&expression.to_owned()),
+            "{name}: {outcome}"
+        );
+        assert_eq!(outcome["issue"][0]["code"], code, "{name}: {outcome}");
+        assert_eq!(total(&server, "/fhir/Observation").await, 0, "{name}: nothing written");
+        assert_eq!(total(&server, "/fhir/Patient").await, 2, "{name}: nothing deleted");
+        let read = json_of(server.get(&format!("/fhir/Patient/{pid}")).await).await;
+        assert_eq!(read, patient, "{name}: unchanged");
+    }
+}
+
+/// What the server builds passes the external R4 validator (when installed):
+/// the CapabilityStatement, a searchset with a warning, a transaction-response
+/// and a batch-response with OperationOutcomes.
+#[tokio::test]
+async fn served_bundles_pass_the_external_validator() {
+    let server = Server::start(8 * 1024 * 1024).await;
+    let metadata = json_of(server.get("/fhir/metadata").await).await;
+    let transaction = json_of(
+        server
+            .post("/fhir", &read_example("Bundle-synthea-Brekke496.json"))
+            .await,
+    )
+    .await;
+    let searchset = json_of(server.get("/fhir/Observation?_count=5&foo=bar").await).await;
+    let mut batch = read_example("Bundle-bundle-transaction.json");
+    batch["type"] = json!("batch");
+    let batch = json_of(server.post("/fhir", &batch).await).await;
+    let documents = [
+        ("metadata", metadata),
+        ("transaction-response", transaction),
+        ("searchset", searchset),
+        ("batch-response", batch),
+    ];
+    if let Some(verdict) = fhirval::validate(&documents) {
+        verdict.unwrap_or_else(|text| panic!("validator says:\n{text}"));
+    }
 }

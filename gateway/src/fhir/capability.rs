@@ -115,7 +115,11 @@ pub fn capability_statement(base_url: &str, max_count: usize) -> Value {
                  Search results are paged with _count (default {}, capped at {max_count}) and _offset; \
                  searches are scoped to a patient with patient= or subject=. Unknown search parameters \
                  are reported in the Bundle, or rejected with 400 under Prefer: handling=strict. \
-                 POST assigns ids; update-as-create is not supported.",
+                 POST assigns ids; update-as-create is not supported. POST to the base takes transaction \
+                 (all or nothing, urn:uuid: references rewritten) and batch Bundles; inside them, \
+                 conditional create (ifNoneExist), conditional update and conditional delete are \
+                 supported on the search parameters listed here (others are rejected with 400), and \
+                 ifMatch on PUT.",
                 DEFAULT_COUNT.min(max_count)
             ),
             "security": {

