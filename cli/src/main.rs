@@ -7,6 +7,7 @@
 
 mod backend;
 mod home;
+mod import;
 mod node_cmd;
 mod output;
 mod patient;
@@ -199,7 +200,9 @@ node: {}",
             println!("{}", token.as_str());
             Ok(())
         }
-        Command::Fhir(FhirCommand::Import { .. }) => not_yet("fhir import"),
+        Command::Fhir(FhirCommand::Import { paths, patient, gateway }) => {
+            import::run(&home, &paths, patient.as_deref(), gateway, out)
+        }
         Command::Audit(_) => not_yet("audit"),
         Command::Demo => not_yet("demo"),
     }
