@@ -89,16 +89,16 @@ fn run(store: &dyn Store, rx: &mpsc::Receiver<Job>, max_group: usize, poisoned: 
                 Err(_) => break,
             }
         }
-        let mut results: Vec<Result<Committed>> = jobs
-            .iter()
-            .map(|job| {
-                if poisoned.load(Ordering::Acquire) {
-                    Err(Error::Poisoned)
-                } else {
-                    store.commit(&job.batch)
-                }
-            })
-            .collect();
+        let mut results: Vec<Result<Committed>> = if poisoned.load(Ordering::Acquire) {
+            jobs.iter().map(|_| Err(Error::Poisoned)).collect()
+        } else {
+            let batches: Vec<&Batch> = jobs.iter().map(|j| &j.batch).collect();
+            match store.commit_group(&batches) {
+                Ok(outs) => outs.into_iter().map(Ok).collect(),
+                // One bad batch must not fail the others: isolate it.
+                Err(_) => batches.iter().map(|b| store.commit(b)).collect(),
+            }
+        };
         let needs_flush = jobs.iter().zip(&results).any(|(j, r)| j.durable && r.is_ok());
         if needs_flush && let Err(e) = store.flush() {
             poisoned.store(true, Ordering::Release);

@@ -106,9 +106,17 @@ async fn write_refused_without_grant_or_key() {
         Err(Error::NoEpochKey { .. })
     ));
     // A read-only grant for labs: no write.
-    let share = patient.share(Collection::Labs, 0, Principal::Practice(node.practice_id())).unwrap();
+    let share = patient
+        .share(Collection::Labs, 0, Principal::Practice(node.practice_id()))
+        .unwrap();
     let read = patient
-        .grant(node.practice_id(), &[Collection::Labs], Access::Read, now() - 1000, None)
+        .grant(
+            node.practice_id(),
+            &[Collection::Labs],
+            Access::Read,
+            now() - 1000,
+            None,
+        )
         .unwrap();
     node.submit(
         patient.id(),
@@ -287,7 +295,11 @@ async fn revocation_excludes_envelopes_beyond_the_cut() {
         .unwrap();
     let mut items = vec![Incoming::new(ItemKind::Grant, s.grant.clone())];
     items.extend(s.shares.iter().map(|x| Incoming::new(ItemKind::KeyShare, x.clone())));
-    items.extend(s.envelopes.iter().map(|(b, _, _)| Incoming::new(ItemKind::Envelope, b.clone())));
+    items.extend(
+        s.envelopes
+            .iter()
+            .map(|(b, _, _)| Incoming::new(ItemKind::Envelope, b.clone())),
+    );
     let r = b.ingest(items, Source::Patient(s.patient)).await.unwrap();
     assert_eq!(r.readable, 6, "{r:?}");
     let mut events = b.subscribe();
@@ -334,7 +346,11 @@ mod order {
         let mut all = vec![Incoming::new(ItemKind::Grant, s.grant.clone())];
         all.extend(s.shares.iter().map(|x| Incoming::new(ItemKind::KeyShare, x.clone())));
         all.push(Incoming::new(ItemKind::Revocation, s.revocation.clone()));
-        all.extend(s.envelopes.iter().map(|(b, _, _)| Incoming::new(ItemKind::Envelope, b.clone())));
+        all.extend(
+            s.envelopes
+                .iter()
+                .map(|(b, _, _)| Incoming::new(ItemKind::Envelope, b.clone())),
+        );
         let items: Vec<Incoming> = order.iter().map(|i| all[*i].clone()).collect();
         runtime().block_on(async {
             let dir = tempfile::tempdir().unwrap();
@@ -413,7 +429,11 @@ async fn every_bit_flip_of_received_items_is_refused() {
         assert!(r.pending <= 8, "{kind:?}: {} pending", r.pending);
         assert_eq!(r.rejected.len() + r.pending + r.duplicates, n, "{kind:?}");
         for x in &r.rejected {
-            assert!(matches!(x.error, Error::Crypto(_) | Error::Rejected { .. }), "{:?}", x.error);
+            assert!(
+                matches!(x.error, Error::Crypto(_) | Error::Rejected { .. }),
+                "{:?}",
+                x.error
+            );
         }
     }
     // The genuine envelope is still accepted afterwards: no flip poisoned its id.
@@ -492,7 +512,10 @@ const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz012
 fn base64(data: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     for chunk in data.chunks(3) {
-        let n = chunk.iter().enumerate().fold(0u32, |acc, (i, b)| acc | (u32::from(*b) << (16 - 8 * i)));
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |acc, (i, b)| acc | (u32::from(*b) << (16 - 8 * i)));
         for i in 0..=chunk.len() {
             out.push(B64[((n >> (18 - 6 * i)) & 63) as usize]);
         }
@@ -565,7 +588,10 @@ fn no_plaintext_at_rest_or_in_logs() {
     let marker = "MEDMESH-MARKER-7f3a9c1e-allergy-penicillin";
     let automerge_magic = [0x85u8, 0x6f, 0x4a, 0x83];
     tracing::subscriber::with_default(subscriber, || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(async {
             let mut patient = TestPatient::new().unwrap();
             let (a, _) = onboarded(&dir.path().join("a"), 13, &mut patient).await;
@@ -578,7 +604,10 @@ fn no_plaintext_at_rest_or_in_logs() {
             }
             // B relays them opaque, then can read them too.
             let items = a.items_after(0, 100).await.unwrap();
-            let page: Vec<Incoming> = items.iter().map(|i| Incoming::new(i.meta.kind, i.bytes.clone())).collect();
+            let page: Vec<Incoming> = items
+                .iter()
+                .map(|i| Incoming::new(i.meta.kind, i.bytes.clone()))
+                .collect();
             b.ingest(page, Source::Peer(a.practice_id().peer_id())).await.unwrap();
             let share = patient.share(CORE, 0, Principal::Practice(b.practice_id())).unwrap();
             let read = patient

@@ -92,7 +92,9 @@ fn acknowledged_writes_survive_kill_9() {
         lines.extend(rx.try_iter());
         let before = acked.len();
         for line in lines {
-            let id = line.strip_prefix("ACK ").unwrap_or_else(|| panic!("unexpected output {line:?}"));
+            let id = line
+                .strip_prefix("ACK ")
+                .unwrap_or_else(|| panic!("unexpected output {line:?}"));
             acked.push(parse_id(id));
         }
         eprintln!("cycle {cycle}: killed after {delay:?}, {} acks", acked.len() - before);
@@ -103,19 +105,29 @@ fn acknowledged_writes_survive_kill_9() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let identity = load_or_create_identity(dir.path(), None).unwrap();
-        let seed: [u8; 32] = std::fs::read(dir.path().join("patient.seed")).unwrap().try_into().unwrap();
+        let seed: [u8; 32] = std::fs::read(dir.path().join("patient.seed"))
+            .unwrap()
+            .try_into()
+            .unwrap();
         let patient = TestPatient::from_seed(&seed).id();
         let node = Node::open(dir.path(), identity, Config::default()).await.unwrap();
         let held = node.envelope_ids(&patient, Collection::Core).unwrap();
         let held: std::collections::HashSet<EnvelopeId> = held.into_iter().collect();
         let lost: Vec<&EnvelopeId> = acked.iter().filter(|id| !held.contains(id)).collect();
-        assert!(lost.is_empty(), "{} of {} acknowledged writes lost: {lost:?}", lost.len(), acked.len());
+        assert!(
+            lost.is_empty(),
+            "{} of {} acknowledged writes lost: {lost:?}",
+            lost.len(),
+            acked.len()
+        );
         let changes = node.changes_by_ids(patient, Collection::Core, &acked).await.unwrap();
         assert_eq!(changes.len(), acked.len(), "acknowledged writes not readable");
         node.audit_verify().unwrap();
         let mut maker = ChangeMaker::new(node.practice_id().as_bytes()).unwrap();
         let c = maker.put("after", "crashes").unwrap();
-        node.write_change(patient, Collection::Core, c.as_change()).await.unwrap();
+        node.write_change(patient, Collection::Core, c.as_change())
+            .await
+            .unwrap();
         eprintln!(
             "{} acknowledged writes intact after {CYCLES} kills ({} held) in {:?}",
             acked.len(),

@@ -317,6 +317,17 @@ pub trait Store: Send + Sync + 'static {
     /// Engine failures; nothing of the batch is applied then.
     fn commit(&self, batch: &Batch) -> Result<Committed>;
 
+    /// Applies several batches as one atomic unit (group commit); one
+    /// [`Committed`] per batch. If it fails, nothing is applied and the
+    /// caller retries the batches one by one to isolate the failure. The
+    /// default applies them one by one.
+    ///
+    /// # Errors
+    /// Engine failures, or the first batch's error.
+    fn commit_group(&self, batches: &[&Batch]) -> Result<Vec<Committed>> {
+        batches.iter().map(|b| self.commit(b)).collect()
+    }
+
     /// Makes every committed batch durable.
     ///
     /// # Errors

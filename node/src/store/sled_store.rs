@@ -224,8 +224,13 @@ impl Store for SledStore {
     }
 
     fn commit(&self, batch: &Batch) -> Result<Committed> {
-        if batch.is_empty() {
-            return Ok(Committed::default());
+        let mut out = self.commit_group(&[batch])?;
+        Ok(out.pop().unwrap_or_default())
+    }
+
+    fn commit_group(&self, batches: &[&Batch]) -> Result<Vec<Committed>> {
+        if batches.iter().all(|b| b.is_empty()) {
+            return Ok(vec![Committed::default(); batches.len()]);
         }
         let mut heads = self
             .heads
@@ -265,17 +270,21 @@ impl Store for SledStore {
                         next_audit: start.next_audit,
                         audit_head: start.audit_head,
                     };
-                    let mut out = Committed::default();
-                    for op in &batch.ops {
-                        apply_op(&trees, op, &mut local, &mut out, time)?;
+                    let mut outs = Vec::with_capacity(batches.len());
+                    for batch in batches {
+                        let mut out = Committed::default();
+                        for op in &batch.ops {
+                            apply_op(&trees, op, &mut local, &mut out, time)?;
+                        }
+                        outs.push(out);
                     }
-                    Ok((local, out))
+                    Ok((local, outs))
                 },
             );
         match result {
-            Ok((local, out)) => {
+            Ok((local, outs)) => {
                 *heads = local;
-                Ok(out)
+                Ok(outs)
             }
             Err(TransactionError::Abort(e)) => Err(e),
             Err(TransactionError::Storage(e)) => Err(storage(e)),

@@ -34,7 +34,13 @@ async fn main() {
     let node = Node::open(&dir, identity, Config::default()).await.expect("open store");
     let me = node.practice_id();
     if node
-        .grant_in_force(&patient.id(), Collection::Core, &me, Access::ReadWrite, medmesh_crypto::now())
+        .grant_in_force(
+            &patient.id(),
+            Collection::Core,
+            &me,
+            Access::ReadWrite,
+            medmesh_crypto::now(),
+        )
         .is_none()
     {
         let (_, items) = patient.onboard(me, Collection::Core).expect("onboard");
@@ -49,6 +55,7 @@ async fn main() {
         tasks.push(tokio::spawn(async move {
             let mut maker = ChangeMaker::new(node.practice_id().as_bytes()).expect("maker");
             let mut i = 0u64;
+            #[allow(clippy::infinite_loop)]
             loop {
                 let change = maker.put("n", &format!("{w}-{i}")).expect("change");
                 let id = node
@@ -62,7 +69,15 @@ async fn main() {
             }
         }));
     }
+    // The writers never stop; the process ends when it is killed (or when a
+    // writer fails, which panics with the cause).
+    join_writers(tasks).await;
+}
+
+async fn join_writers(tasks: Vec<tokio::task::JoinHandle<()>>) {
     for t in tasks {
-        t.await.expect("writer task");
+        if let Err(e) = t.await {
+            panic!("writer task failed: {e}");
+        }
     }
 }
