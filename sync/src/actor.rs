@@ -4,7 +4,7 @@
 //! work (pulling pages, reconciling) runs in spawned tasks that talk to the
 //! actor through a weak sender, so the actor ends once every handle is gone.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -15,12 +15,12 @@ use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, Respons
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, Swarm, SwarmBuilder, connection_limits, identify, mdns, noise, ping, tcp, yamux};
-use medmesh_crypto::{Grant, PatientId, Principal, SecretIdentity, now};
+use medmesh_crypto::{Grant, GrantId, PatientId, Principal, SecretIdentity, now};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::backend::{
-    Backend, ConsentView, Cursor, DisclosureRecord, IngestReport, Item, ItemKind, ItemMeta, StoredEvent,
+    Backend, ConsentView, Cursor, DisclosureRecord, IngestReport, Item, ItemId, ItemKind, ItemMeta, StoredEvent,
 };
 use crate::config::Config;
 use crate::filter::{Requester, may_disclose};
@@ -98,6 +98,12 @@ pub(crate) enum Command {
         request: Request,
         reply: oneshot::Sender<Result<Response>>,
     },
+    Push {
+        peer: PeerId,
+        items: Vec<Item>,
+        addrs: Vec<Multiaddr>,
+        reply: oneshot::Sender<Result<IngestReport>>,
+    },
     Status(oneshot::Sender<Status>),
     Shutdown(oneshot::Sender<()>),
     Respond {
@@ -149,6 +155,12 @@ impl<B: Backend> Ctx<B> {
     async fn send(&self, command: Command) -> Result<()> {
         let tx = self.tx.upgrade().ok_or(Error::Stopped)?;
         tx.send(command).await.map_err(|_| Error::Stopped)
+    }
+
+    async fn connected_peers(&self) -> Result<Vec<PeerId>> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::ConnectedPeers(reply)).await?;
+        rx.await.map_err(|_| Error::Stopped)
     }
 
     async fn request(&self, peer: PeerId, request: Request) -> Result<Response> {
@@ -514,14 +526,19 @@ impl<B: Backend> Actor<B> {
                     let _ = reply.send(reconcile_task(&ctx, peer, patient).await);
                 });
             }
+            Command::Push {
+                peer,
+                items,
+                addrs,
+                reply,
+            } => {
+                let ctx = self.ctx.clone();
+                let me = self.me;
+                tokio::spawn(async move {
+                    let _ = reply.send(push_task(&ctx, me, peer, items, addrs).await);
+                });
+            }
             Command::Request { peer, request, reply } => {
-                if let Request::Push { items, .. } = &request {
-                    Metrics::add(&self.ctx.metrics.items_sent, items.len() as u64);
-                    Metrics::add(
-                        &self.ctx.metrics.bytes_sent,
-                        items.iter().map(|i| i.bytes.len() as u64).sum(),
-                    );
-                }
                 let id = self.swarm.behaviour_mut().sync.send_request(&peer, request);
                 self.outbound.insert(id, Outbound::Reply(reply));
             }
@@ -932,6 +949,71 @@ async fn push_filtered<B: Backend>(
     .await
 }
 
+/// A push asked for through the handle. Items of the local identity's own
+/// record (the patient CLI submitting) go as they are; every other item must
+/// pass the consent filter for `peer` and is audited, so no path around
+/// [`may_disclose`] exists.
+async fn push_task<B: Backend>(
+    ctx: &Ctx<B>,
+    me: PeerId,
+    peer: PeerId,
+    items: Vec<Item>,
+    addrs: Vec<Multiaddr>,
+) -> Result<IngestReport> {
+    let local = Requester::from_peer_id(&me)?;
+    let requester = Requester::from_peer_id(&peer)?;
+    let t = now();
+    let mut audit: BTreeMap<(PatientId, Option<GrantId>), Vec<ItemId>> = BTreeMap::new();
+    for item in &items {
+        let meta = ItemMeta::describe(item)?;
+        if local.is_patient(&meta.patient) {
+            continue;
+        }
+        let view = ctx.backend.consent(&meta.patient)?;
+        let decision = may_disclose(&meta, &requester, &view, t);
+        if !decision.allowed() {
+            return Err(Error::Withheld { peer, item: meta.id });
+        }
+        audit.entry((meta.patient, decision.grant())).or_default().push(meta.id);
+    }
+    for ((patient, grant), ids) in audit {
+        ctx.backend
+            .record_disclosure(&DisclosureRecord {
+                peer,
+                patient,
+                grant,
+                items: ids,
+            })
+            .await?;
+    }
+    ctx.metrics.sent(Served {
+        items: items.len() as u64,
+        bytes: items.iter().map(|i| i.bytes.len() as u64).sum(),
+    });
+    match ctx.request(peer, Request::Push { items, addrs }).await? {
+        Response::Pushed {
+            accepted,
+            duplicates,
+            pending,
+            rejected,
+        } => Ok(IngestReport {
+            accepted,
+            duplicates,
+            pending,
+            rejected,
+        }),
+        Response::Refused(code) => Err(Error::Refused {
+            peer,
+            reason: code.as_str(),
+        }),
+        other => Err(Error::UnexpectedResponse {
+            peer,
+            request: "push",
+            answer: other.name(),
+        }),
+    }
+}
+
 /// What follows a stored item (DESIGN §5 consent flows, §6 nudges):
 /// - an envelope: nudge the connected peers that may receive it;
 /// - a grant for another practice: push it to the grantee (dialing the
@@ -979,21 +1061,34 @@ async fn consent_flow<B: Backend>(ctx: &Ctx<B>, me: PeerId, connected: Vec<PeerI
                 }
             }
             if grantee == me {
-                let mut targets: HashSet<PeerId> = connected.into_iter().collect();
-                targets.extend(hinted);
-                targets.remove(&me);
-                // The patient's own CLI serves nothing.
-                targets.retain(|p| Requester::from_peer_id(p).is_ok_and(|r| !r.is_patient(&meta.patient)));
-                for peer in targets {
-                    let ctx = ctx.clone();
-                    let patient = meta.patient;
-                    tokio::spawn(async move {
-                        match reconcile_task(&ctx, peer, patient).await {
-                            Ok(r) => debug!(%peer, fetched = r.received, "reconciled after grant"),
-                            Err(e) => debug!(%peer, cause = %e, "reconcile after grant failed"),
-                        }
-                    });
-                }
+                let patient = meta.patient;
+                let not_before = grant.terms().not_before;
+                let ctx = ctx.clone();
+                tokio::spawn(async move {
+                    // A grant that starts later opens nothing yet: reconcile
+                    // when it reaches not-before.
+                    let wait = not_before.saturating_sub(now());
+                    if wait > 0 {
+                        tokio::time::sleep(Duration::from_millis(wait.saturating_add(1000))).await;
+                    }
+                    let mut targets: HashSet<PeerId> = match ctx.connected_peers().await {
+                        Ok(peers) => peers.into_iter().collect(),
+                        Err(_) => return,
+                    };
+                    targets.extend(hinted);
+                    targets.remove(&me);
+                    // The patient's own CLI serves nothing.
+                    targets.retain(|p| Requester::from_peer_id(p).is_ok_and(|r| !r.is_patient(&patient)));
+                    for peer in targets {
+                        let ctx = ctx.clone();
+                        tokio::spawn(async move {
+                            match reconcile_task(&ctx, peer, patient).await {
+                                Ok(r) => debug!(%peer, fetched = r.received, "reconciled after grant"),
+                                Err(e) => debug!(%peer, cause = %e, "reconcile after grant failed"),
+                            }
+                        });
+                    }
+                });
             } else if Some(grantee) != event.from {
                 push_filtered(ctx, &view, grantee, &item, meta).await?;
             }

@@ -44,6 +44,15 @@ pub enum Error {
         /// The refusal code as text.
         reason: &'static str,
     },
+    /// A push through the handle named an item the consent filter does not
+    /// let go to that peer; nothing was sent.
+    #[error("item {item} may not be sent to peer {peer}")]
+    Withheld {
+        /// The peer.
+        peer: PeerId,
+        /// The first withheld item.
+        item: crate::ItemId,
+    },
     /// A PeerId that does not inline an ed25519 key (every medmesh
     /// principal has one).
     #[error("peer {0} has no ed25519 identity")]

@@ -178,11 +178,14 @@ impl SyncHandle {
     /// key shares, or a node delivering them). `addrs` are full multiaddrs
     /// the receiver may dial to pass the items on (e.g. the grantee's); a
     /// node honours them only from the patient who signed a pushed grant.
-    /// Items are not filtered here: only the patient (or a node on their
-    /// behalf, through its own consent flows) should push.
+    /// Items of the local identity's own record (the patient CLI) go as they
+    /// are; any other item must pass [`may_disclose`] for `peer` (and is
+    /// audited), else nothing is sent.
     ///
     /// # Errors
-    /// Transport failures, a refusal, [`Error::Wire`] for too many items.
+    /// [`Error::Withheld`] naming the first item the filter refuses;
+    /// [`Error::Crypto`] for an item that does not verify; transport
+    /// failures, a refusal, [`Error::Wire`] for too many items.
     pub async fn push(&self, peer: PeerId, items: Vec<Item>, addrs: Vec<Multiaddr>) -> Result<IngestReport> {
         if items.len() > wire::MAX_ITEMS_PER_MESSAGE || addrs.len() > wire::MAX_PUSH_ADDRS {
             return Err(Error::Wire {
@@ -190,32 +193,13 @@ impl SyncHandle {
                 reason: "too many items or addresses",
             });
         }
-        let request = wire::Request::Push { items, addrs };
-        let response = self
-            .ask(|reply| actor::Command::Request { peer, request, reply })
-            .await??;
-        match response {
-            wire::Response::Pushed {
-                accepted,
-                duplicates,
-                pending,
-                rejected,
-            } => Ok(IngestReport {
-                accepted,
-                duplicates,
-                pending,
-                rejected,
-            }),
-            wire::Response::Refused(code) => Err(Error::Refused {
-                peer,
-                reason: code.as_str(),
-            }),
-            other => Err(Error::UnexpectedResponse {
-                peer,
-                request: "push",
-                answer: other.name(),
-            }),
-        }
+        self.ask(|reply| actor::Command::Push {
+            peer,
+            items,
+            addrs,
+            reply,
+        })
+        .await?
     }
 
     /// Counters and peer count.

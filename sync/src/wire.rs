@@ -729,6 +729,24 @@ mod tests {
         }
     }
 
+    #[test]
+    fn every_bit_flip_of_a_response_is_an_error_or_a_valid_response() {
+        let frame = Response::Page {
+            instance: InstanceId([1; 16]),
+            next: 3,
+            more: true,
+            items: vec![item(ItemKind::Grant, 20), item(ItemKind::Envelope, 30)],
+        }
+        .encode();
+        for bit in 0..frame.len() * 8 {
+            let mut f = frame.clone();
+            f[bit / 8] ^= 1 << (bit % 8);
+            if let Ok(Response::Page { items, .. }) = Response::decode(&f) {
+                assert!(items.iter().all(|i| i.bytes.len() <= i.kind.max_bytes()), "bit {bit}");
+            }
+        }
+    }
+
     /// The example exchange in `docs/protocol.md`, byte for byte.
     #[test]
     fn example_exchange_matches_the_docs() {

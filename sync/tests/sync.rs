@@ -125,6 +125,17 @@ impl Patient {
     }
 
     fn grant(&self, to: &Node, collections: &[Collection], access: Access, hints: Vec<String>) -> Grant {
+        self.grant_from(now() - 60_000, to, collections, access, hints)
+    }
+
+    fn grant_from(
+        &self,
+        not_before: u64,
+        to: &Node,
+        collections: &[Collection],
+        access: Access,
+        hints: Vec<String>,
+    ) -> Grant {
         Grant::sign(
             GrantTerms {
                 id: GrantId::generate().unwrap(),
@@ -132,7 +143,7 @@ impl Patient {
                 grantee: to.key.practice_id().unwrap(),
                 collections: collections.to_vec(),
                 access,
-                not_before: now() - 60_000,
+                not_before,
                 expires: None,
                 purpose: "treatment".into(),
                 issued_at: now(),
@@ -408,15 +419,15 @@ async fn restart_resumes_from_the_cursor_and_a_new_instance_resets_it() {
     b.sync.shutdown().await.unwrap();
     assert!(b.sync.status().await.is_err(), "stopped actor still answers");
 
-    // B is offline while A writes 300 labs envelopes.
-    for _ in 0..300 {
+    // B is offline while A writes 500 labs envelopes.
+    for _ in 0..500 {
         a.store.write(p.envelope(Collection::Labs)).unwrap();
     }
     let b2 = Node::start(b_key, b_store.clone()).await;
     b2.connect(&a).await;
     let first = b2.sync.sync_now(a.peer).await.unwrap();
-    until("B converged", || b2.count(&p, Collection::Labs) == 302).await;
-    assert!(first.received <= 300, "B re-received history: {first:?}");
+    until("B converged", || b2.count(&p, Collection::Labs) == 502).await;
+    assert!(first.received <= 500, "B re-received history: {first:?}");
     assert!(b_store.cursor(&a.peer).unwrap().unwrap().seq > cursor.seq);
     // The second sync moves only the delta: nothing.
     let second = b2.sync.sync_now(a.peer).await.unwrap();
@@ -432,7 +443,7 @@ async fn restart_resumes_from_the_cursor_and_a_new_instance_resets_it() {
     let again = b2.sync.sync_now(a2.peer).await.unwrap();
     assert_eq!(again.ingest.accepted, 0);
     assert_eq!(b_store.cursor(&a2.peer).unwrap().unwrap().instance, InstanceId([9; 16]));
-    assert_eq!(b2.count(&p, Collection::Labs), 302);
+    assert_eq!(b2.count(&p, Collection::Labs), 502);
 }
 
 // ---- an adversarial client speaking /medmesh/sync/1 by hand ----
@@ -687,4 +698,67 @@ async fn adversarial_client_gets_nothing_and_the_node_stays_up() {
     let _ = g;
     let meta = ItemMeta::describe(&real.item).unwrap();
     assert_eq!(meta.id, real.meta.id);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_that_starts_later_moves_history_at_not_before() {
+    let mut p = Patient::new();
+    let (a, _) = home_practice(&mut p).await;
+    let b = Node::new().await;
+    b.connect(&a).await;
+    let g = p.grant_from(
+        now() + 1500,
+        &b,
+        &[Collection::Core],
+        Access::Read,
+        vec![a.addr.to_string()],
+    );
+    a.store.write(Item::grant(&g)).unwrap();
+    for s in p.shares(b.principal(), &[Collection::Core]) {
+        a.store.write(s).unwrap();
+    }
+    until("B holds its future grant", || {
+        b.store.count(&p.id(), ItemKind::Grant) == 1
+    })
+    .await;
+    // Not in force yet: a pull brings no envelope.
+    b.sync.sync_now(a.peer).await.unwrap();
+    if now() < g.terms().not_before {
+        assert_eq!(b.envelopes(&p), 0, "envelopes before not-before");
+    }
+    // At not-before B reconciles on its own.
+    until("B holds core history", || b.count(&p, Collection::Core) == 3).await;
+    assert_eq!(b.envelopes(&p), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_through_the_handle_pass_the_consent_filter() {
+    let mut p = Patient::new();
+    let (a, _) = home_practice(&mut p).await;
+    let b = Node::new().await;
+    let c = Node::new().await;
+    b.connect(&a).await;
+    c.connect(&a).await;
+    let g = grant_core_labs(&p, &a, &b);
+    until("B holds the history", || b.envelopes(&p) == 5).await;
+    let core = a.store.write(p.envelope(Collection::Core)).unwrap();
+    let item = a.store.items()[core as usize - 1].item.clone();
+    // To C (no grant): refused before anything is sent.
+    match a.sync.push(c.peer, vec![item.clone()], vec![]).await {
+        Err(medmesh_sync::Error::Withheld { peer, .. }) => assert_eq!(peer, c.peer),
+        other => panic!("push to C: {other:?}"),
+    }
+    assert!(c.store.items().is_empty());
+    // To B (grant in force): sent and audited under B's grant.
+    let r = a.sync.push(b.peer, vec![item.clone()], vec![]).await.unwrap();
+    assert_eq!(r.accepted + r.duplicates, 1);
+    let id = ItemMeta::describe(&item).unwrap().id;
+    assert!(
+        a.store
+            .disclosures()
+            .iter()
+            .any(|d| d.peer == b.peer && d.grant == Some(g.id()) && d.items.contains(&id))
+    );
+    let status = a.sync.status().await.unwrap();
+    assert!(status.items_sent >= 6 && status.bytes_sent > 0, "{status:?}");
 }
