@@ -5,6 +5,7 @@
 //! It is the only place that uses `anyhow`, prints to stdout, or reads
 //! passphrases; libraries below it return typed errors and never print.
 
+mod audit_cmd;
 mod backend;
 mod home;
 mod import;
@@ -203,7 +204,8 @@ node: {}",
         Command::Fhir(FhirCommand::Import { paths, patient, gateway }) => {
             import::run(&home, &paths, patient.as_deref(), gateway, out)
         }
-        Command::Audit(_) => not_yet("audit"),
+        Command::Audit(AuditCommand::Verify) => audit_cmd::verify(&home, out),
+        Command::Audit(AuditCommand::Show { patient }) => audit_cmd::show(&home, patient.as_deref(), out),
         Command::Demo => not_yet("demo"),
     }
 }

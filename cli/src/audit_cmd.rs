@@ -1,0 +1,122 @@
+//! `medmesh audit verify|show`: the node's hash-chained audit log, through
+//! the running node's gateway when one runs (sled allows one process), else
+//! on the store directly.
+
+use anyhow::{Context as _, Result, bail};
+use medmesh_crypto::PatientId;
+use serde_json::{Value, json};
+
+use crate::home::Home;
+use crate::node_cmd;
+use crate::output::Output;
+
+async fn get(base: &str, token: &str, path: &str) -> Result<(u16, Value)> {
+    let response = reqwest::Client::new()
+        .get(format!("{base}{path}"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .with_context(|| format!("asking the running node at {base}"))?;
+    let status = response.status().as_u16();
+    let body = response.json().await.context("the node's answer is not JSON")?;
+    Ok((status, body))
+}
+
+/// Opens the node's store when no node runs on it.
+async fn open_offline(home: &Home) -> Result<medmesh_node::Node> {
+    let dir = home.node_dir();
+    let identity = node_cmd::load_identity(&dir)?;
+    medmesh_node::Node::open(&dir, identity, medmesh_node::Config::default())
+        .await
+        .with_context(|| format!("opening the store in {}", dir.display()))
+}
+
+pub(crate) fn verify(home: &Home, out: &Output) -> Result<()> {
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(async {
+        let dir = home.node_dir();
+        let outcome: Result<u64, u64> = match node_cmd::running(&dir) {
+            Some(running) => {
+                let token = node_cmd::read_token(&dir)?;
+                let (status, body) = get(&running.gateway, &token, "/api/audit/verify").await?;
+                match (status, body.get("entries").and_then(Value::as_u64), body.get("broken_at").and_then(Value::as_u64)) {
+                    (200, Some(n), _) => Ok(n),
+                    (_, _, Some(seq)) => Err(seq),
+                    _ => bail!("the running node answered {status} to an audit check: {body}"),
+                }
+            }
+            None => {
+                let node = open_offline(home).await?;
+                let result = match node.audit_verify() {
+                    Ok(n) => Ok(n),
+                    Err(medmesh_node::Error::AuditBroken(at)) => Err(at.seq),
+                    Err(e) => return Err(e).context("reading the audit log"),
+                };
+                node.close().await;
+                result
+            }
+        };
+        match outcome {
+            Ok(entries) => {
+                out.result(
+                    &json!({"intact": true, "entries": entries}),
+                    &format!("audit log intact: {entries} entries, every link verified"),
+                );
+                Ok(())
+            }
+            Err(seq) => {
+                out.result(
+                    &json!({"intact": false, "broken_at": seq}),
+                    &format!("audit log BROKEN at entry {seq}: it or its link was altered"),
+                );
+                bail!("audit chain broken at entry {seq}")
+            }
+        }
+    })
+}
+
+pub(crate) fn show(home: &Home, patient: Option<&str>, out: &Output) -> Result<()> {
+    let patient: Option<PatientId> = patient
+        .map(|p| p.parse().map_err(|e| anyhow::anyhow!("--patient {p:?}: {e}")))
+        .transpose()?;
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(async {
+        let dir = home.node_dir();
+        let entries: Vec<Value> = match node_cmd::running(&dir) {
+            Some(running) => {
+                let token = node_cmd::read_token(&dir)?;
+                let path = match &patient {
+                    Some(p) => format!("/api/audit?patient={p}"),
+                    None => "/api/audit".to_owned(),
+                };
+                let (status, body) = get(&running.gateway, &token, &path).await?;
+                if status != 200 {
+                    bail!("the running node answered {status}: {body}");
+                }
+                body.get("entries").and_then(Value::as_array).cloned().unwrap_or_default()
+            }
+            None => {
+                let node = open_offline(home).await?;
+                let entries = node.audit_entries(patient.as_ref()).context("reading the audit log")?;
+                node.close().await;
+                entries
+                    .iter()
+                    .map(|e| serde_json::to_value(e).unwrap_or(Value::Null))
+                    .collect()
+            }
+        };
+        for entry in &entries {
+            let human = format!(
+                "#{:<5} {} {:<10} {:<9} {} {}",
+                entry["seq"],
+                entry["time"],
+                entry["action"].as_str().unwrap_or("?"),
+                entry["actor_kind"].as_str().unwrap_or("?"),
+                entry["actor_id"].as_str().unwrap_or("?"),
+                entry["outcome"].as_str().unwrap_or("")
+            );
+            out.result(entry, &human);
+        }
+        Ok(())
+    })
+}
