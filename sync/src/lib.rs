@@ -210,6 +210,20 @@ impl SyncHandle {
         self.ask(actor::Command::Status).await
     }
 
+    /// Stops the actor when `signal` completes (the CLI's one shutdown
+    /// signal, shared with the gateway). Holds no handle meanwhile, so the
+    /// actor still stops early if every handle is dropped.
+    pub fn shutdown_on(&self, signal: impl Future<Output = ()> + Send + 'static) {
+        let weak = self.tx.downgrade();
+        tokio::spawn(async move {
+            signal.await;
+            if let Some(tx) = weak.upgrade() {
+                let (reply, _done) = oneshot::channel();
+                let _ = tx.send(actor::Command::Shutdown(reply)).await;
+            }
+        });
+    }
+
     /// Stops the actor (closing listeners and connections) and waits for it.
     /// Other handles then get [`Error::Stopped`].
     ///

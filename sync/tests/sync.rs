@@ -762,3 +762,55 @@ async fn pushes_through_the_handle_pass_the_consent_filter() {
     let status = a.sync.status().await.unwrap();
     assert!(status.items_sent >= 6 && status.bytes_sent > 0, "{status:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn static_peers_are_dialed_and_a_shutdown_signal_stops_the_actor() {
+    let a = Node::new().await;
+    let with_peer = Config {
+        peers: vec![a.addr.clone()],
+        ..config()
+    };
+    let key = SecretIdentity::generate().unwrap();
+    let b = SyncHandle::spawn(with_peer, &key, Arc::new(MemoryBackend::new()))
+        .await
+        .unwrap();
+    let addrs = b.listen_addrs().await.unwrap();
+    assert!(
+        addrs
+            .iter()
+            .all(|a| a.to_string().ends_with(&format!("/p2p/{}", b.local_peer_id())))
+    );
+    tokio::time::timeout(WAIT, async {
+        while !b.connected_peers().await.unwrap().contains(&a.peer) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("B dialed its static peer");
+
+    let (stop, signal) = tokio::sync::oneshot::channel::<()>();
+    b.shutdown_on(async {
+        let _ = signal.await;
+    });
+    stop.send(()).unwrap();
+    tokio::time::timeout(WAIT, async {
+        while b.status().await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("actor stopped on the signal");
+    assert!(matches!(
+        b.dial(a.addr.clone()).await,
+        Err(medmesh_sync::Error::Stopped)
+    ));
+    // A static peer without /p2p/ is refused at start.
+    let bad = Config {
+        peers: vec!["/ip4/127.0.0.1/tcp/1".parse().unwrap()],
+        ..config()
+    };
+    assert!(matches!(
+        SyncHandle::spawn(bad, &key, Arc::new(MemoryBackend::new())).await,
+        Err(medmesh_sync::Error::MissingPeerId(_))
+    ));
+}
