@@ -13,6 +13,7 @@ mod auth;
 mod backend;
 pub mod fhir;
 mod metrics;
+mod openapi;
 mod server;
 mod transaction;
 

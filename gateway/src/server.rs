@@ -11,7 +11,7 @@ use axum::extract::{MatchedPath, Path, RawQuery, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, get, post};
 use serde_json::{Value, json};
 
 use crate::auth::Token;
@@ -54,6 +54,8 @@ impl Config {
 
 struct AppState<B> {
     backend: Arc<B>,
+    /// `GET /openapi.json`, serialized once.
+    openapi: Vec<u8>,
     token: Token,
     config: Config,
     metrics: HttpMetrics,
@@ -63,27 +65,21 @@ type Shared<B> = State<Arc<AppState<B>>>;
 
 /// The whole gateway as an axum `Router`.
 pub fn router<B: Backend>(backend: Arc<B>, token: Token, config: Config) -> Router {
+    let openapi = serde_json::to_vec(&crate::openapi::document(&config.base_url)).unwrap_or_default();
     let state = Arc::new(AppState {
         backend,
+        openapi,
         token,
         metrics: HttpMetrics::new(),
         config,
     });
     let max_concurrency = state.config.max_concurrency;
-    Router::new()
-        .route("/health", get(health))
-        .route("/metrics", get(metrics::<B>))
-        .route("/fhir/metadata", get(metadata::<B>))
-        .route("/fhir", post(system_interaction::<B>))
-        .route("/fhir/{type}", get(search::<B>).post(create::<B>))
-        .route("/fhir/{type}/{id}", get(read::<B>).put(update::<B>).delete(delete::<B>))
-        .route("/fhir/{type}/{id}/{op}", get(instance_operation::<B>))
-        .route("/fhir/{type}/{id}/_history/{vid}", get(vread::<B>))
-        .route("/api/holdings", get(holdings::<B>))
-        .route("/api/grants", post(submit_grant::<B>))
-        .route("/api/revocations", post(submit_revocation::<B>))
-        .route("/api/keyshares", post(submit_keyshare::<B>))
-        .route("/api/peers", get(peers::<B>))
+    // Exactly the routes the OpenAPI document lists.
+    let mut router = Router::new();
+    for route in crate::openapi::routes() {
+        router = router.route(route, handlers::<B>(route));
+    }
+    router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), timeout::<B>))
@@ -108,6 +104,28 @@ pub async fn serve(
 // ---- middleware -------------------------------------------------------------
 
 const PUBLIC_PATHS: [&str; 2] = ["/health", "/fhir/metadata"];
+
+/// The handlers of one route of [`crate::openapi::OPS`]. A route missing here
+/// answers 405 to every method, which the route test catches.
+fn handlers<B: Backend>(route: &str) -> MethodRouter<Arc<AppState<B>>> {
+    match route {
+        "/health" => get(health),
+        "/metrics" => get(metrics::<B>),
+        "/openapi.json" => get(openapi::<B>),
+        "/fhir/metadata" => get(metadata::<B>),
+        "/fhir" => post(system_interaction::<B>),
+        "/fhir/{type}" => get(search::<B>).post(create::<B>),
+        "/fhir/{type}/{id}" => get(read::<B>).put(update::<B>).delete(delete::<B>),
+        "/fhir/{type}/{id}/{op}" => get(instance_operation::<B>),
+        "/fhir/{type}/{id}/_history/{vid}" => get(vread::<B>),
+        "/api/holdings" => get(holdings::<B>),
+        "/api/grants" => post(submit_grant::<B>),
+        "/api/revocations" => post(submit_revocation::<B>),
+        "/api/keyshares" => post(submit_keyshare::<B>),
+        "/api/peers" => get(peers::<B>),
+        _ => MethodRouter::new(),
+    }
+}
 
 async fn authenticate<B: Backend>(State(state): Shared<B>, request: Request, next: Next) -> Response {
     if PUBLIC_PATHS.contains(&request.uri().path()) {
@@ -294,6 +312,14 @@ async fn metrics<B: Backend>(State(state): Shared<B>) -> Response {
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
     );
+    response
+}
+
+async fn openapi<B: Backend>(State(state): Shared<B>) -> Response {
+    let mut response = state.openapi.clone().into_response();
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
 }
 
