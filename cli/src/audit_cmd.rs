@@ -39,7 +39,11 @@ pub(crate) fn verify(home: &Home, out: &Output) -> Result<()> {
             Some(running) => {
                 let token = node_cmd::read_token(&dir)?;
                 let (status, body) = get(&running.gateway, &token, "/api/audit/verify").await?;
-                match (status, body.get("entries").and_then(Value::as_u64), body.get("broken_at").and_then(Value::as_u64)) {
+                match (
+                    status,
+                    body.get("entries").and_then(Value::as_u64),
+                    body.get("broken_at").and_then(Value::as_u64),
+                ) {
                     (200, Some(n), _) => Ok(n),
                     (_, _, Some(seq)) => Err(seq),
                     _ => bail!("the running node answered {status} to an audit check: {body}"),
@@ -93,7 +97,10 @@ pub(crate) fn show(home: &Home, patient: Option<&str>, out: &Output) -> Result<(
                 if status != 200 {
                     bail!("the running node answered {status}: {body}");
                 }
-                body.get("entries").and_then(Value::as_array).cloned().unwrap_or_default()
+                body.get("entries")
+                    .and_then(Value::as_array)
+                    .cloned()
+                    .unwrap_or_default()
             }
             None => {
                 let node = open_offline(home).await?;

@@ -24,11 +24,12 @@ const APP: &str = "gateway";
 pub(crate) struct NodeBackend {
     node: Node,
     repository: Repository,
+    sync: Option<medmesh_sync::SyncHandle>,
 }
 
 impl NodeBackend {
-    pub(crate) fn new(node: Node, repository: Repository) -> Self {
-        Self { node, repository }
+    pub(crate) fn new(node: Node, repository: Repository, sync: Option<medmesh_sync::SyncHandle>) -> Self {
+        Self { node, repository, sync }
     }
 
     fn actor() -> Actor {
@@ -343,12 +344,39 @@ impl Backend for NodeBackend {
     }
 
     async fn sync_status(&self) -> Value {
-        json!({
+        let mut status = json!({
             "peer_id": self.node.practice_id().to_string(),
-            "sync": "not wired into this build yet",
             "pending": self.node.pending_count().unwrap_or(0),
             "rejected": self.node.rejected_count().unwrap_or(0),
-        })
+        });
+        if let Some(sync) = &self.sync {
+            let peers: Vec<String> = sync
+                .connected_peers()
+                .await
+                .map(|p| p.iter().map(ToString::to_string).collect())
+                .unwrap_or_default();
+            let listen: Vec<String> = sync
+                .listen_addrs()
+                .await
+                .map(|a| a.iter().map(ToString::to_string).collect())
+                .unwrap_or_default();
+            status["connected"] = json!(peers);
+            status["listen"] = json!(listen);
+            if let Ok(s) = sync.status().await {
+                status["sync"] = json!({
+                    "peers": s.peers,
+                    "items_sent": s.items_sent,
+                    "items_received": s.items_received,
+                    "items_accepted": s.items_accepted,
+                    "items_rejected": s.items_rejected,
+                    "items_pending": s.items_pending,
+                    "bytes_sent": s.bytes_sent,
+                    "bytes_received": s.bytes_received,
+                    "sync_lag_seconds": s.sync_lag.map(|d| d.as_secs_f64()),
+                });
+            }
+        }
+        status
     }
 
     fn new_id(&self) -> String {

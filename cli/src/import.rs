@@ -91,7 +91,13 @@ fn prepare(mut body: Value, did: Option<&str>) -> Result<(String, Value)> {
     Ok(("/fhir".to_owned(), body))
 }
 
-pub(crate) fn run(home: &Home, paths: &[PathBuf], did: Option<&str>, gateway: Option<String>, out: &Output) -> Result<()> {
+pub(crate) fn run(
+    home: &Home,
+    paths: &[PathBuf],
+    did: Option<&str>,
+    gateway: Option<String>,
+    out: &Output,
+) -> Result<()> {
     if let Some(did) = did {
         did.parse::<medmesh_crypto::PatientId>()
             .map_err(|e| anyhow::anyhow!("--patient {did:?}: {e}"))?;
@@ -111,9 +117,14 @@ pub(crate) fn run(home: &Home, paths: &[PathBuf], did: Option<&str>, gateway: Op
     let files = collect(paths)?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     let client = reqwest::Client::new();
-    let bar = if out.is_json() { ProgressBar::hidden() } else { ProgressBar::new(files.len() as u64) };
+    let bar = if out.is_json() {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(files.len() as u64)
+    };
     bar.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} {wide_msg}").unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template("{bar:30} {pos}/{len} {wide_msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let mut failed = 0;
     for file in &files {
@@ -140,7 +151,10 @@ pub(crate) fn run(home: &Home, paths: &[PathBuf], did: Option<&str>, gateway: Op
     }
     bar.finish_and_clear();
     if failed > 0 {
-        bail!("{failed} of {} files were not imported (see above); the others were", files.len());
+        bail!(
+            "{failed} of {} files were not imported (see above); the others were",
+            files.len()
+        );
     }
     Ok(())
 }
@@ -152,7 +166,9 @@ async fn import_one(
     file: &Path,
     did: Option<&str>,
 ) -> Result<(u16, usize)> {
-    let size = std::fs::metadata(file).with_context(|| format!("reading {}", file.display()))?.len();
+    let size = std::fs::metadata(file)
+        .with_context(|| format!("reading {}", file.display()))?
+        .len();
     if size > MAX_FILE_BYTES {
         bail!("file is {size} bytes, over the {MAX_FILE_BYTES}-byte import limit");
     }
@@ -179,9 +195,6 @@ async fn import_one(
             .collect();
         bail!("gateway answered {status}: {}", why.join("; "));
     }
-    let count = answer
-        .get("entry")
-        .and_then(Value::as_array)
-        .map_or(1, Vec::len);
+    let count = answer.get("entry").and_then(Value::as_array).map_or(1, Vec::len);
     Ok((status, count))
 }

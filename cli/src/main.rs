@@ -201,9 +201,11 @@ node: {}",
             println!("{}", token.as_str());
             Ok(())
         }
-        Command::Fhir(FhirCommand::Import { paths, patient, gateway }) => {
-            import::run(&home, &paths, patient.as_deref(), gateway, out)
-        }
+        Command::Fhir(FhirCommand::Import {
+            paths,
+            patient,
+            gateway,
+        }) => import::run(&home, &paths, patient.as_deref(), gateway, out),
         Command::Audit(AuditCommand::Verify) => audit_cmd::verify(&home, out),
         Command::Audit(AuditCommand::Show { patient }) => audit_cmd::show(&home, patient.as_deref(), out),
         Command::Demo => not_yet("demo"),

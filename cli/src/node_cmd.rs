@@ -37,7 +37,10 @@ pub(crate) struct NodeConfig {
 impl Default for NodeConfig {
     fn default() -> Self {
         Self {
-            listen: vec!["/ip4/127.0.0.1/tcp/0".to_owned()],
+            listen: vec![
+                "/ip4/127.0.0.1/tcp/0".to_owned(),
+                "/ip4/127.0.0.1/udp/0/quic-v1".to_owned(),
+            ],
             gateway: "127.0.0.1:0".to_owned(),
             peers: Vec::new(),
             mdns: false,
@@ -147,16 +150,21 @@ pub(crate) struct StartedNode {
     pub(crate) peer_id: String,
     pub(crate) listen: Vec<String>,
     pub(crate) gateway_url: String,
-    node: Node,
+    pub(crate) node: Node,
+    pub(crate) sync: medmesh_sync::SyncHandle,
     shutdown: tokio::sync::watch::Sender<bool>,
     gateway_task: tokio::task::JoinHandle<std::io::Result<()>>,
     dir: PathBuf,
 }
 
 impl StartedNode {
-    /// Stops the gateway (draining requests), then flushes and closes the store.
+    /// Stops the gateway (draining requests) and sync, then flushes and
+    /// closes the store.
     pub(crate) async fn stop(self) -> Result<()> {
         let _ = self.shutdown.send(true);
+        if let Err(e) = self.sync.shutdown().await {
+            tracing::warn!(cause = %e, "sync stopped with an error");
+        }
         match self.gateway_task.await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!(cause = %e, "gateway stopped with an error"),
@@ -192,6 +200,8 @@ pub(crate) async fn start(dir: &Path, options: RunOptions) -> Result<StartedNode
     let peer_id = identity.practice_id()?.to_string();
     let token = read_token(dir)?;
     let addr = gateway_addr(&options.gateway, options.allow_remote_gateway)?;
+    let sync_config = sync_config(&options)?;
+    let sync_identity = SecretIdentity::from_seed(&identity.seed());
     let node = Node::open(dir, identity, medmesh_node::Config::default())
         .await
         .with_context(|| {
@@ -206,21 +216,33 @@ pub(crate) async fn start(dir: &Path, options: RunOptions) -> Result<StartedNode
         .await
         .with_context(|| format!("binding the gateway to {addr}"))?;
     let bound = listener.local_addr().context("reading the gateway's bound address")?;
+    let sync = medmesh_sync::SyncHandle::spawn(
+        sync_config,
+        &sync_identity,
+        medmesh_sync::NodeBackend::new(node.clone()),
+    )
+    .await
+    .context("starting sync (libp2p)")?;
+    let listen: Vec<String> = sync
+        .listen_addrs()
+        .await
+        .context("reading sync listen addresses")?
+        .iter()
+        .map(ToString::to_string)
+        .collect();
     let config = medmesh_gateway::Config::for_addr(bound);
-    let backend = Arc::new(NodeBackend::new(node.clone(), repository));
+    let backend = Arc::new(NodeBackend::new(node.clone(), repository, Some(sync.clone())));
     let router = medmesh_gateway::router(backend, medmesh_gateway::Token::new(&token), config);
     let (shutdown, mut stop) = tokio::sync::watch::channel(false);
     let gateway_task = tokio::spawn(medmesh_gateway::serve(listener, router, async move {
         let _ = stop.wait_for(|s| *s).await;
     }));
-    if !options.listen.is_empty() || !options.peers.is_empty() || options.mdns {
-        tracing::warn!("sync is not wired into `node run` yet: --listen/--peer/--mdns have no effect");
-    }
     let started = StartedNode {
         peer_id,
-        listen: Vec::new(),
+        listen,
         gateway_url: format!("http://{bound}"),
         node,
+        sync,
         shutdown,
         gateway_task,
         dir: dir.to_owned(),
@@ -233,6 +255,33 @@ pub(crate) async fn start(dir: &Path, options: RunOptions) -> Result<StartedNode
     };
     write_atomically(&dir.join(RUNNING_FILE), &serde_json::to_vec(&running)?)?;
     Ok(started)
+}
+
+fn sync_config(options: &RunOptions) -> Result<medmesh_sync::Config> {
+    let parse = |what: &str, s: &String| -> Result<medmesh_sync::Multiaddr> {
+        s.parse()
+            .with_context(|| format!("{what} {s:?} is not a multiaddr (e.g. /ip4/127.0.0.1/tcp/4001)"))
+    };
+    let mut config = medmesh_sync::Config::default();
+    if !options.listen.is_empty() {
+        config.listen = options
+            .listen
+            .iter()
+            .map(|s| parse("--listen", s))
+            .collect::<Result<_>>()?;
+    }
+    config.peers = options
+        .peers
+        .iter()
+        .map(|s| parse("--peer", s))
+        .collect::<Result<_>>()?;
+    for peer in &config.peers {
+        if !peer.iter().any(|p| matches!(p, medmesh_sync::Protocol::P2p(_))) {
+            bail!("--peer {peer} must end in /p2p/<PeerId> so the node knows whom it reaches");
+        }
+    }
+    config.mdns = options.mdns;
+    Ok(config)
 }
 
 async fn wait_for_signal() {

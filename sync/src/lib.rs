@@ -37,7 +37,6 @@ pub mod wire;
 use std::sync::Arc;
 use std::time::Duration;
 
-use libp2p::{Multiaddr, PeerId};
 use medmesh_crypto::{PatientId, SecretIdentity};
 use tokio::sync::{mpsc, oneshot};
 
@@ -48,6 +47,8 @@ pub use backend::{
 pub use config::Config;
 pub use error::{Error, Result};
 pub use filter::{Denied, Disclosure, Requester, may_disclose};
+pub use libp2p::multiaddr::Protocol;
+pub use libp2p::{Multiaddr, PeerId};
 pub use node_backend::NodeBackend;
 pub use serve::SCAN_BUDGET;
 
