@@ -938,3 +938,54 @@ async fn openapi_documents_every_route() {
     }
     assert_eq!(checked, 18);
 }
+
+/// The ```` ```sh runnable ```` blocks of `docs/http-api.md`, in order, as one
+/// `sh -eu` script run with the machine's `curl` against a test gateway.
+#[tokio::test]
+async fn docs_curl_examples_run() {
+    if std::process::Command::new("curl").arg("--version").output().is_err() {
+        println!("skipped: curl is not installed");
+        return;
+    }
+    let doc_path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/http-api.md");
+    let doc = std::fs::read_to_string(&doc_path).unwrap();
+    let mut script = String::from("set -eu\n");
+    let mut blocks = 0;
+    let mut inside = false;
+    for (n, line) in doc.lines().enumerate() {
+        if !inside && line.trim_end() == "```sh runnable" {
+            inside = true;
+            blocks += 1;
+            script.push_str(&format!(
+                "echo '>>> docs/http-api.md block {blocks} (line {})'\n",
+                n + 1
+            ));
+        } else if inside && line.trim_end() == "```" {
+            inside = false;
+        } else if inside {
+            script.push_str(line);
+            script.push('\n');
+        }
+    }
+    assert!(!inside, "unterminated block");
+    assert!(blocks >= 8, "only {blocks} runnable blocks");
+    let server = Server::start(1024 * 1024).await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(&script)
+        .env("BASE", &server.base)
+        .env("TOKEN", TOKEN)
+        .current_dir(dir.path())
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "a docs example failed (the last >>> marker names its block)\n--- stdout\n{stdout}\n--- stderr\n{stderr}"
+    );
+    assert!(stdout.contains(&format!("block {blocks} ")), "{stdout}");
+    println!("{stdout}");
+}

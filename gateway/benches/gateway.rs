@@ -1,0 +1,356 @@
+//! Gateway benchmarks over loopback HTTP, printing figures and ratios (no
+//! harness): the gateway on the in-memory record-document backend of the HTTP
+//! tests.
+//!
+//! 1. `GET /fhir/Patient/{id}/$everything` of a patient with 1,000 resources,
+//!    against axum serving the same bytes from memory in the same run.
+//! 2. A 5,000-entry transaction Bundle: resources per second, against the
+//!    record document's raw write path (same resources, no HTTP, no checks).
+//! 3. 200 concurrent keep-alive clients mixing reads, searches and writes for
+//!    `MEDMESH_BENCH_SECS` seconds (default 30): throughput, p50/p99, errors.
+//!
+//! `cargo bench -p medmesh-gateway --bench gateway`; `MEDMESH_BENCH_SECS=5`
+//! shortens part 3.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "../tests/common/mem.rs"]
+mod mem;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::routing::get;
+use medmesh_gateway::{Config, Token};
+use mem::MemBackend;
+use serde_json::{Value, json};
+
+const TOKEN: &str = "bench-token";
+
+struct Gateway {
+    base: String,
+    backend: Arc<MemBackend>,
+}
+
+async fn start_gateway() -> Gateway {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut config = Config::for_addr(addr);
+    config.body_limit = 64 * 1024 * 1024;
+    config.request_timeout = Duration::from_secs(600);
+    config.max_count = 1000;
+    let backend = Arc::new(MemBackend::new());
+    let app = medmesh_gateway::router(backend.clone(), Token::new(TOKEN), config);
+    tokio::spawn(medmesh_gateway::serve(listener, app, std::future::pending()));
+    Gateway {
+        base: format!("http://{addr}"),
+        backend,
+    }
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(600))
+        .build()
+        .unwrap()
+}
+
+fn observation(subject: &str, i: usize) -> Value {
+    json!({
+        "resourceType": "Observation",
+        "status": "final",
+        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "vital-signs"}]}],
+        "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4", "display": "Heart rate"}], "text": "Heart rate"},
+        "subject": {"reference": subject},
+        "effectiveDateTime": format!("2024-01-{:02}T10:{:02}:00Z", i % 28 + 1, i % 60),
+        "valueQuantity": {"value": 60 + (i % 40), "unit": "beats/minute", "system": "http://unitsofmeasure.org", "code": "/min"}
+    })
+}
+
+/// A transaction Bundle: one Patient and `n - 1` Observations referencing it by `urn:uuid:`.
+fn patient_bundle(n: usize) -> Value {
+    let patient_url = "urn:uuid:00000000-0000-4000-8000-000000000000";
+    let mut entries = vec![json!({
+        "fullUrl": patient_url,
+        "resource": {"resourceType": "Patient", "name": [{"family": "Bench", "given": ["Mark"]}], "gender": "other", "birthDate": "1980-02-29"},
+        "request": {"method": "POST", "url": "Patient"}
+    })];
+    for i in 1..n {
+        entries.push(json!({
+            "fullUrl": format!("urn:uuid:00000000-0000-4000-8000-{i:012}"),
+            "resource": observation(patient_url, i),
+            "request": {"method": "POST", "url": "Observation"}
+        }));
+    }
+    json!({"resourceType": "Bundle", "type": "transaction", "entry": entries})
+}
+
+async fn post_bundle(client: &reqwest::Client, base: &str, bundle: &Value) -> Value {
+    let response = client
+        .post(format!("{base}/fhir"))
+        .bearer_auth(TOKEN)
+        .header("content-type", "application/fhir+json")
+        .header("prefer", "return=minimal")
+        .body(bundle.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response.json().await.unwrap()
+}
+
+fn patient_id(response: &Value) -> String {
+    let location = response["entry"][0]["response"]["location"].as_str().unwrap();
+    location.split('/').nth(1).unwrap().to_owned()
+}
+
+async fn time_gets(client: &reqwest::Client, url: &str, token: bool, n: usize) -> (Duration, usize) {
+    let mut bytes = 0;
+    let started = Instant::now();
+    for _ in 0..n {
+        let mut request = client.get(url);
+        if token {
+            request = request.bearer_auth(TOKEN);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        bytes = response.bytes().await.unwrap().len();
+    }
+    (started.elapsed() / u32::try_from(n).unwrap(), bytes)
+}
+
+async fn everything_vs_static() {
+    let gateway = start_gateway().await;
+    let client = client();
+    let created = post_bundle(&client, &gateway.base, &patient_bundle(1000)).await;
+    let id = patient_id(&created);
+    let url = format!("{}/fhir/Patient/{id}/$everything?_count=1000", gateway.base);
+    let body = client
+        .get(&url)
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let served: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(served["entry"].as_array().unwrap().len(), 1000);
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = axum::Router::new().route(
+        "/static",
+        get(move || {
+            let body = body.clone();
+            async move { ([("content-type", "application/fhir+json")], body) }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let static_url = format!("http://{addr}/static");
+
+    // Warm up both, then measure.
+    time_gets(&client, &url, true, 20).await;
+    time_gets(&client, &static_url, false, 20).await;
+    let n = 300;
+    let (gateway_each, bytes) = time_gets(&client, &url, true, n).await;
+    let (static_each, _) = time_gets(&client, &static_url, false, n).await;
+    println!(
+        "## $everything, patient with 1,000 resources ({} KiB per response, {n} sequential requests)",
+        bytes / 1024
+    );
+    println!(
+        "gateway $everything   {:>9.3} ms/request",
+        gateway_each.as_secs_f64() * 1e3
+    );
+    println!(
+        "axum static bytes     {:>9.3} ms/request",
+        static_each.as_secs_f64() * 1e3
+    );
+    println!(
+        "ratio gateway/static  {:>9.2}x   (target <= 2x)",
+        gateway_each.as_secs_f64() / static_each.as_secs_f64()
+    );
+}
+
+async fn transaction_import() {
+    let n = 5000;
+    let bundle = patient_bundle(n);
+    let client = client();
+    println!("\n## transaction import, {n}-entry Bundle (Patient + Observations, urn:uuid references)");
+    let mut best = f64::MAX;
+    for run in 0..3 {
+        let gateway = start_gateway().await;
+        let started = Instant::now();
+        let response = post_bundle(&client, &gateway.base, &bundle).await;
+        let elapsed = started.elapsed().as_secs_f64();
+        assert_eq!(response["entry"].as_array().unwrap().len(), n);
+        assert_eq!(gateway.backend.len(), n);
+        println!("run {run}: {elapsed:>7.3} s   {:>8.0} resources/s", n as f64 / elapsed);
+        best = best.min(elapsed);
+    }
+    // The record document's raw write path: the same resources, created one change each.
+    let resources: Vec<Value> = bundle["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let mut r = e["resource"].clone();
+            if r["resourceType"] == "Observation" {
+                r["subject"]["reference"] = json!("Patient/p0");
+            }
+            r
+        })
+        .collect();
+    let actor = medmesh_node::records::actor_id(&[9; 32], [2; 8]);
+    let mut doc = medmesh_node::records::RecordDoc::new();
+    let started = Instant::now();
+    for (i, r) in resources.iter().enumerate() {
+        doc.create(&actor, 1_700_000_000_000, &format!("p{i}"), r).unwrap();
+    }
+    let raw = started.elapsed().as_secs_f64();
+    println!(
+        "records raw write path: {raw:>7.3} s   {:>8.0} resources/s",
+        n as f64 / raw
+    );
+    println!("gateway best run / raw write path: {:.2}x the time", best / raw);
+}
+
+struct ClientReport {
+    latencies_us: Vec<u32>,
+    errors: usize,
+    reads: usize,
+    searches: usize,
+    writes: usize,
+}
+
+async fn load(seconds: u64) {
+    let clients: usize = 200;
+    let gateway = start_gateway().await;
+    let setup = client();
+    let created = post_bundle(&setup, &gateway.base, &patient_bundle(200)).await;
+    let pid = patient_id(&created);
+    let ids: Arc<Vec<String>> = Arc::new(
+        created["entry"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                let l = e["response"]["location"].as_str().unwrap();
+                l.split("/_history").next().unwrap().to_owned()
+            })
+            .collect(),
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let base = gateway.base.clone();
+        let ids = ids.clone();
+        let stop = stop.clone();
+        let pid = pid.clone();
+        tasks.push(tokio::spawn(async move {
+            // One client (one keep-alive connection) per task.
+            let client = reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .pool_max_idle_per_host(1)
+                .build()
+                .unwrap();
+            let mut report = ClientReport {
+                latencies_us: Vec::new(),
+                errors: 0,
+                reads: 0,
+                searches: 0,
+                writes: 0,
+            };
+            let mut i = c;
+            while !stop.load(Ordering::Relaxed) {
+                i = i.wrapping_mul(1_103_515_245).wrapping_add(12345) % 1_000_003;
+                let roll = i % 100;
+                let t = Instant::now();
+                let result = if roll < 75 {
+                    report.reads += 1;
+                    client
+                        .get(format!("{base}/fhir/{}", ids[i % ids.len()]))
+                        .bearer_auth(TOKEN)
+                        .send()
+                        .await
+                } else if roll < 80 {
+                    report.searches += 1;
+                    client
+                        .get(format!("{base}/fhir/Observation?subject=Patient/{pid}&_count=10"))
+                        .bearer_auth(TOKEN)
+                        .send()
+                        .await
+                } else {
+                    report.writes += 1;
+                    client
+                        .post(format!("{base}/fhir/Observation"))
+                        .bearer_auth(TOKEN)
+                        .header("content-type", "application/fhir+json")
+                        .header("prefer", "return=minimal")
+                        .body(observation(&format!("Patient/{pid}"), i).to_string())
+                        .send()
+                        .await
+                };
+                let ok = match result {
+                    Ok(response) => response.status().is_success() && response.bytes().await.is_ok(),
+                    Err(_) => false,
+                };
+                report
+                    .latencies_us
+                    .push(u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX));
+                if !ok {
+                    report.errors += 1;
+                }
+            }
+            report
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Vec::new();
+    let (mut errors, mut reads, mut searches, mut writes) = (0, 0, 0, 0);
+    for task in tasks {
+        let r = task.await.unwrap();
+        all.extend(r.latencies_us);
+        errors += r.errors;
+        reads += r.reads;
+        searches += r.searches;
+        writes += r.writes;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    all.sort_unstable();
+    let pct = |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)] as f64 / 1000.0;
+    println!("\n## {clients} concurrent keep-alive clients, {seconds} s, loopback");
+    println!(
+        "requests {} ({reads} reads, {searches} searches, {writes} creates)   {:.0} req/s",
+        all.len(),
+        all.len() as f64 / elapsed
+    );
+    println!(
+        "latency p50 {:.2} ms   p99 {:.2} ms   max {:.2} ms",
+        pct(0.50),
+        pct(0.99),
+        pct(1.0)
+    );
+    println!("errors {errors}");
+    println!("resources at the end: {}", gateway.backend.len());
+    assert_eq!(errors, 0, "errors under load");
+}
+
+fn main() {
+    let seconds: u64 = std::env::var("MEDMESH_BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        everything_vs_static().await;
+        transaction_import().await;
+        load(seconds).await;
+    });
+}
