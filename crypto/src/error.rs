@@ -114,6 +114,12 @@ pub enum Error {
         /// Envelope id (hex).
         envelope: String,
     },
+    /// A sealed snapshot does not open with the key offered.
+    #[error("snapshot does not open: {reason}")]
+    SnapshotOpen {
+        /// Another key, or altered bytes.
+        reason: &'static str,
+    },
     /// Wrong passphrase, or the keystore file was altered.
     #[error("keystore does not open: wrong passphrase or corrupted file")]
     KeystoreLocked,

@@ -1,8 +1,8 @@
 //! medmesh-crypto owns every byte medmesh signs, seals or wraps: patient and
 //! practice identities, consent grants and revocations with their validity
-//! rules, key shares (HPKE), envelopes (XChaCha20-Poly1305 + ed25519), the
-//! canonical encoding they share, and the patient's passphrase-sealed
-//! keystore.
+//! rules, key shares (HPKE), envelopes (XChaCha20-Poly1305 + ed25519),
+//! sealed local snapshots, the canonical encoding they share, and the
+//! patient's passphrase-sealed keystore.
 //!
 //! It is pure: no async, no network, no I/O except the keystore file. It
 //! never logs, never prints a secret (`Debug` of secret types shows only
@@ -22,6 +22,7 @@ mod id;
 mod keys;
 mod keystore;
 mod sealed;
+mod snapshot;
 #[cfg(test)]
 mod vectors;
 
@@ -38,3 +39,4 @@ pub use id::{ActorId, PatientId, PeerId, PracticeId, Principal, SecretIdentity, 
 pub use keys::{Epoch, EpochKey, KEYSHARE_TAG, KeyId, KeyShare, KeyShareTerms, MAX_KEYSHARE_BYTES};
 pub use keystore::{KdfParams, Keystore, MAX_KEYSTORE_BYTES, write_atomically};
 pub use sealed::SealedSecret;
+pub use snapshot::{MAX_SNAPSHOT_BYTES, SNAPSHOT_TAG, SealedSnapshot};

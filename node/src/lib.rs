@@ -29,12 +29,15 @@ pub mod identity;
 mod node;
 pub mod records;
 pub mod repository;
+mod snapshot;
 pub mod store;
 pub mod testing;
 
 pub use error::{Error, Result};
 pub use identity::load_or_create_identity;
 pub use node::{
-    Actor, Config, Event, Holdings, Incoming, IngestReport, ItemStored, Node, RejectedItem, STORE_DIR, Source,
+    Actor, CollectionLoad, Config, Event, Holdings, Incoming, IngestReport, ItemStored, Node, RejectedItem, STORE_DIR,
+    Source,
 };
 pub use repository::Repository;
+pub use snapshot::{Covered, Snapshot};

@@ -9,7 +9,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use medmesh_crypto::{
     Access, Change, Collection, Envelope, EnvelopeHeader, EnvelopeId, Epoch, EpochKey, Grant, GrantId, KeyId, KeyShare,
-    PatientId, PeerId, PracticeId, Principal, Revocation, SecretIdentity, now,
+    PatientId, PeerId, PracticeId, Principal, Revocation, SealedSnapshot, SecretIdentity, now,
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -19,6 +19,7 @@ use zeroize::Zeroizing;
 use crate::audit::{self, Action, ActorKind, AuditEntry, AuditRecord};
 use crate::commit::Committer;
 use crate::consent::{Registry, Validity};
+use crate::snapshot::Snapshot;
 use crate::store::{
     Batch, Committed, Cursor, EnvelopeEntry, EnvelopeState, InstanceId, ItemId, ItemKind, ItemMeta, Op, PendingItem,
     PendingReason, Seq, SledStore, Store, StoredItem,
@@ -646,6 +647,10 @@ impl Node {
         let committed = self.commit(std::mem::take(&mut phase.batch), true).await?;
         self.publish_stored(&committed, &phase.metas);
         for ((patient, collection), ids) in phase.excluded {
+            // The snapshot may hold excluded changes; loads check coverage too.
+            if let Err(e) = self.drop_snapshot(patient, collection) {
+                tracing::warn!(%collection, cause = %e, "dropping a snapshot failed");
+            }
             self.publish(Event::Excluded {
                 patient,
                 collection,
@@ -1174,6 +1179,9 @@ impl Node {
         }));
         self.commit(batch, true).await?;
         if let (ItemKind::Envelope, Some(collection)) = (meta.kind, meta.collection) {
+            if let Err(e) = self.drop_snapshot(meta.patient, collection) {
+                tracing::warn!(%collection, cause = %e, "dropping a snapshot failed");
+            }
             self.publish(Event::Excluded {
                 patient: meta.patient,
                 collection,
@@ -1248,6 +1256,20 @@ impl Node {
         patient: PatientId,
         collection: Collection,
     ) -> Result<Vec<Zeroizing<Vec<u8>>>> {
+        let ids = self.readable_envelope_ids(patient, collection)?;
+        Ok(self
+            .changes_by_ids(patient, collection, &ids)
+            .await?
+            .into_iter()
+            .map(|(_, c)| c)
+            .collect())
+    }
+
+    /// Ids of the envelopes of a collection held readable, in store order.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub fn readable_envelope_ids(&self, patient: PatientId, collection: Collection) -> Result<Vec<EnvelopeId>> {
         let mut entries: Vec<EnvelopeEntry> = self
             .store()
             .envelopes(&patient, Some(collection))?
@@ -1255,13 +1277,109 @@ impl Node {
             .filter(|e| e.state == EnvelopeState::Readable)
             .collect();
         entries.sort_by_key(|e| e.seq);
-        let ids: Vec<EnvelopeId> = entries.iter().map(|e| e.id).collect();
-        Ok(self
-            .changes_by_ids(patient, collection, &ids)
-            .await?
-            .into_iter()
-            .map(|(_, c)| c)
-            .collect())
+        Ok(entries.into_iter().map(|e| e.id).collect())
+    }
+
+    /// What a cold load of a collection needs: its local snapshot if one is
+    /// usable (see [`Node::load_snapshot`]; also dropped here if it covers
+    /// an envelope no longer held readable), and the decrypted readable
+    /// changes it does not cover, in store order, with their envelope ids.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub async fn load_collection(&self, patient: PatientId, collection: Collection) -> Result<CollectionLoad> {
+        let ids = self.readable_envelope_ids(patient, collection)?;
+        let mut snapshot = match self.load_snapshot(patient, collection) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(%collection, cause = %e, "reading the snapshot failed; replaying the history");
+                None
+            }
+        };
+        if let Some(s) = &snapshot {
+            let held: HashSet<&EnvelopeId> = ids.iter().collect();
+            if !s.covered.iter().all(|(id, _)| held.contains(id)) {
+                tracing::info!(%collection, "snapshot covers envelopes no longer readable; dropped");
+                self.drop_snapshot(patient, collection)?;
+                snapshot = None;
+            }
+        }
+        let rest: Vec<EnvelopeId> = match &snapshot {
+            Some(s) => {
+                let covered: HashSet<&EnvelopeId> = s.covered.iter().map(|(id, _)| id).collect();
+                ids.iter().filter(|id| !covered.contains(id)).copied().collect()
+            }
+            None => ids,
+        };
+        let changes = self.changes_by_ids(patient, collection, &rest).await?;
+        Ok(CollectionLoad { snapshot, changes })
+    }
+
+    /// Seals `doc` (the record layer's saved document) together with the
+    /// (envelope id, change hash) of every change it holds under the current epoch
+    /// key, and keeps it as the local snapshot of (patient, collection).
+    /// Returns `false`, keeping nothing, when the node holds no current
+    /// epoch key. Snapshots are local: never synced, never flushed on their
+    /// own (a lost one costs a replay).
+    ///
+    /// # Errors
+    /// Crypto and store failures.
+    pub fn save_snapshot(
+        &self,
+        patient: PatientId,
+        collection: Collection,
+        covered: &[crate::snapshot::Covered],
+        doc: &[u8],
+    ) -> Result<bool> {
+        let Some(key) = self.current_epoch_key(&patient, collection) else {
+            return Ok(false);
+        };
+        let payload = crate::snapshot::encode(covered, doc);
+        let sealed = SealedSnapshot::seal(&key, &payload)?;
+        self.store().put_snapshot(&patient, collection, &sealed)?;
+        tracing::debug!(%collection, covered = covered.len(), bytes = sealed.len(), "snapshot kept");
+        Ok(true)
+    }
+
+    /// The local snapshot of (patient, collection), opened, if one is kept
+    /// and sealed under the current epoch key. One sealed under an older
+    /// key is dropped (it is rebuilt under the new one); one that does not
+    /// open or parse (bit rot, tampering) is dropped with a warning. Either
+    /// way the caller replays the history.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub fn load_snapshot(&self, patient: PatientId, collection: Collection) -> Result<Option<Snapshot>> {
+        let Some(sealed) = self.store().snapshot(&patient, collection)? else {
+            return Ok(None);
+        };
+        let key = self.current_epoch_key(&patient, collection);
+        let current = key.as_ref().map(|k| k.key_id);
+        match (SealedSnapshot::key_id(&sealed), key) {
+            (Ok(id), Some(key)) if Some(id) == current => {
+                match SealedSnapshot::open(&key, &sealed)
+                    .ok()
+                    .and_then(|p| crate::snapshot::decode(&p))
+                {
+                    Some(s) => return Ok(Some(s)),
+                    None => {
+                        tracing::warn!(%collection, "snapshot does not open or parse; dropped, replaying the history");
+                    }
+                }
+            }
+            (Ok(_), _) => tracing::info!(%collection, "snapshot sealed under another epoch key; dropped"),
+            (Err(e), _) => tracing::warn!(%collection, cause = %e, "snapshot is malformed; dropped"),
+        }
+        self.drop_snapshot(patient, collection)?;
+        Ok(None)
+    }
+
+    /// Drops the local snapshot of (patient, collection), if any.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub fn drop_snapshot(&self, patient: PatientId, collection: Collection) -> Result<()> {
+        self.store().remove_snapshot(&patient, collection)
     }
 
     /// The decrypted changes of the given envelopes of a collection (those
@@ -1567,6 +1685,16 @@ impl Node {
                 .collect(),
         })
     }
+}
+
+/// What [`Node::load_collection`] returns.
+#[derive(Debug)]
+pub struct CollectionLoad {
+    /// The usable local snapshot, if any.
+    pub snapshot: Option<Snapshot>,
+    /// Readable changes the snapshot does not cover (all of them without
+    /// one), decrypted, in store order.
+    pub changes: Vec<(EnvelopeId, Zeroizing<Vec<u8>>)>,
 }
 
 /// One permanent refusal to record.

@@ -8,6 +8,12 @@
 //! always what is durable. Changes that arrive from peers are applied to the
 //! cached document as the node reports them readable.
 //!
+//! A document whose history grew by [`Config::snapshot_every`] changes
+//! since its last snapshot is saved as a sealed local snapshot (see
+//! [`Node::save_snapshot`]; also [`Repository::save_snapshots`] on close),
+//! so a cold load opens the snapshot and replays only the readable changes
+//! it does not cover. Only changes durable in the store are ever covered.
+//!
 //! Resources are addressed by `Type/id` alone (that is what FHIR clients
 //! send), so the repository keeps an in-memory index from resource key to
 //! (patient, collection). It fills as documents load; the first lookup of a
@@ -18,9 +24,9 @@ use std::collections::HashMap;
 use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use automerge::ActorId as AmActorId;
+use automerge::{ActorId as AmActorId, ChangeHash};
 use lru::LruCache;
-use medmesh_crypto::{ActorId, Change, Collection, PatientId};
+use medmesh_crypto::{ActorId, Change, Collection, EnvelopeId, PatientId};
 use serde_json::Value;
 use tokio::sync::Mutex as AsyncMutex;
 
@@ -68,22 +74,42 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub struct Config {
     /// Decrypted documents kept in memory.
     pub cached_documents: usize,
+    /// A cached document is saved as a sealed snapshot once this many
+    /// changes were applied to it since its last snapshot (by local writes,
+    /// peers, or the replay of a cold load); 0 turns automatic snapshots
+    /// off ([`Repository::save_snapshots`] still writes them).
+    pub snapshot_every: usize,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Self { cached_documents: 512 }
+        Self {
+            cached_documents: 512,
+            snapshot_every: 100,
+        }
     }
 }
 
 type DocKey = (PatientId, Collection);
-type SharedDoc = Arc<AsyncMutex<RecordDoc>>;
+type SharedDoc = Arc<AsyncMutex<Cached>>;
+
+/// A cached document with what its snapshot needs.
+struct Cached {
+    doc: RecordDoc,
+    /// The envelope of each change in `doc` that is durable in the store
+    /// (loaded from it, or written and acknowledged). A change not in here
+    /// (a write in flight) keeps the document from being snapshotted.
+    envelopes: HashMap<ChangeHash, EnvelopeId>,
+    /// Changes applied since the last snapshot (or since loading one).
+    since_snapshot: usize,
+}
 
 struct Inner {
     node: Node,
     /// This process's Automerge actor: the node key's prefix + a fresh nonce.
     actor: AmActorId,
     actor_id: ActorId,
+    config: Config,
     docs: Mutex<LruCache<DocKey, SharedDoc>>,
     index: Mutex<Index>,
     /// Serialises cold loads so two requests never decrypt one document twice.
@@ -133,6 +159,7 @@ impl Repository {
             inner: Arc::new(Inner {
                 actor: AmActorId::from(actor_id.0.to_vec()),
                 actor_id,
+                config,
                 docs: Mutex::new(LruCache::new(capacity)),
                 index: Mutex::new(Index::default()),
                 loading: AsyncMutex::new(()),
@@ -159,22 +186,7 @@ impl Repository {
         if let Some(doc) = lock(&self.inner.docs).get(&key) {
             return Ok(doc.clone());
         }
-        let changes = self.inner.node.readable_changes(key.0, key.1).await?;
-        let decoded: Vec<DecodedChange> = changes
-            .iter()
-            .filter_map(|bytes| match DecodedChange::from_bytes(bytes) {
-                Ok(change) => Some(change),
-                Err(e) => {
-                    tracing::warn!(cause = %e, "stored change does not decode; skipped");
-                    None
-                }
-            })
-            .collect();
-        let mut doc = RecordDoc::new();
-        let report = doc.apply_changes(decoded);
-        if !report.rejected.is_empty() {
-            tracing::warn!(rejected = report.rejected.len(), collection = %key.1, "changes refused by the record model");
-        }
+        let (doc, envelopes, replayed) = self.load(key).await?;
         let keys = doc.keys();
         {
             let mut index = lock(&self.inner.index);
@@ -182,9 +194,99 @@ impl Repository {
                 index.location.insert(k, key);
             }
         }
-        let doc = Arc::new(AsyncMutex::new(doc));
+        let mut cached = Cached {
+            doc,
+            envelopes,
+            since_snapshot: replayed,
+        };
+        self.maybe_snapshot(key, &mut cached, false);
+        let doc = Arc::new(AsyncMutex::new(cached));
         lock(&self.inner.docs).put(key, doc.clone());
         Ok(doc)
+    }
+
+    /// Builds a document from its snapshot (if usable) and the readable
+    /// changes the snapshot does not cover; the number of changes replayed.
+    async fn load(&self, key: DocKey) -> Result<(RecordDoc, HashMap<ChangeHash, EnvelopeId>, usize)> {
+        let load = self.inner.node.load_collection(key.0, key.1).await?;
+        let mut envelopes = HashMap::new();
+        let mut doc = None;
+        let mut changes = load.changes;
+        if let Some(snapshot) = load.snapshot {
+            match RecordDoc::load(&snapshot.doc) {
+                Ok(d) if holds_exactly(&d, &snapshot.covered) => {
+                    envelopes.extend(snapshot.covered.iter().map(|(id, hash)| (ChangeHash(*hash), *id)));
+                    doc = Some(d);
+                }
+                Ok(_) => {
+                    tracing::warn!(collection = %key.1, "snapshot does not match what it covers; replaying the history")
+                }
+                Err(e) => {
+                    tracing::warn!(collection = %key.1, cause = %e, "snapshot does not load; replaying the history")
+                }
+            }
+            if doc.is_none() {
+                self.inner.node.drop_snapshot(key.0, key.1)?;
+                changes = self.inner.node.load_collection(key.0, key.1).await?.changes;
+            }
+        }
+        let mut doc = doc.unwrap_or_default();
+        let mut decoded = Vec::with_capacity(changes.len());
+        for (id, bytes) in &changes {
+            match DecodedChange::from_bytes(bytes) {
+                Ok(change) => {
+                    envelopes.insert(change.hash(), *id);
+                    decoded.push(change);
+                }
+                Err(e) => tracing::warn!(envelope = %id, cause = %e, "stored change does not decode; skipped"),
+            }
+        }
+        let replayed = decoded.len();
+        let report = doc.apply_changes(decoded);
+        if !report.rejected.is_empty() {
+            tracing::warn!(rejected = report.rejected.len(), collection = %key.1, "changes refused by the record model");
+        }
+        Ok((doc, envelopes, replayed))
+    }
+
+    /// Keeps a sealed snapshot of a cached document when it grew by
+    /// [`Config::snapshot_every`] changes since the last one (or always,
+    /// with `force`), and every change in it is durable. Failures are
+    /// logged: a missing snapshot only costs a replay.
+    fn maybe_snapshot(&self, key: DocKey, cached: &mut Cached, force: bool) {
+        let every = self.inner.config.snapshot_every;
+        let due = if force {
+            cached.since_snapshot > 0
+        } else {
+            every > 0 && cached.since_snapshot >= every
+        };
+        if !due || cached.doc.change_count() == 0 {
+            return;
+        }
+        let mut covered = Vec::with_capacity(cached.doc.change_count());
+        for hash in cached.doc.change_hashes() {
+            match cached.envelopes.get(&hash) {
+                Some(id) => covered.push((*id, hash.0)),
+                // A local write not yet acknowledged: try again later.
+                None => return,
+            }
+        }
+        let bytes = zeroize::Zeroizing::new(cached.doc.save());
+        match self.inner.node.save_snapshot(key.0, key.1, &covered, &bytes) {
+            Ok(true) => cached.since_snapshot = 0,
+            Ok(false) => {}
+            Err(e) => tracing::warn!(collection = %key.1, cause = %e, "keeping a snapshot failed"),
+        }
+    }
+
+    /// Saves a sealed snapshot of every cached document changed since its
+    /// last one (call on close, before [`Node::close`]).
+    pub async fn save_snapshots(&self) {
+        let docs: Vec<(DocKey, SharedDoc)> = lock(&self.inner.docs).iter().map(|(k, d)| (*k, d.clone())).collect();
+        for (key, doc) in docs {
+            let mut cached = doc.lock().await;
+            self.maybe_snapshot(key, &mut cached, true);
+        }
     }
 
     fn evict(&self, key: &DocKey) {
@@ -328,9 +430,9 @@ impl Repository {
         let doc = self.doc(key).await?;
         let written = {
             let mut doc = doc.lock().await;
-            doc.create(&self.inner.actor, now_ms(), id, &resource)?
+            doc.doc.create(&self.inner.actor, now_ms(), id, &resource)?
         };
-        self.persist(key, &written.change, actor).await?;
+        self.persist(key, &doc, &written, actor).await?;
         lock(&self.inner.index).location.insert(written.key.clone(), key);
         written.resource.ok_or_else(|| {
             records::Error::Corrupt {
@@ -343,7 +445,8 @@ impl Repository {
 
     /// Seals and appends a change made in a cached document; on failure the
     /// document leaves the cache so nothing unacknowledged is served.
-    async fn persist(&self, key: DocKey, change: &[u8], actor: Actor) -> Result<()> {
+    async fn persist(&self, key: DocKey, doc: &SharedDoc, written: &records::Written, actor: Actor) -> Result<()> {
+        let change = written.change.as_slice();
         let decoded = DecodedChange::from_bytes(change)?;
         let result = self
             .inner
@@ -360,11 +463,19 @@ impl Repository {
                 },
             )
             .await;
-        if let Err(e) = result {
-            self.evict(&key);
-            return Err(e.into());
+        match result {
+            Ok(envelope) => {
+                let mut cached = doc.lock().await;
+                cached.envelopes.insert(written.hash, envelope);
+                cached.since_snapshot += 1;
+                self.maybe_snapshot(key, &mut cached, false);
+                Ok(())
+            }
+            Err(e) => {
+                self.evict(&key);
+                Err(e.into())
+            }
         }
-        Ok(())
     }
 
     /// The current version of `Type/id`.
@@ -376,7 +487,7 @@ impl Repository {
         let at = self.locate(&key).await?;
         let doc = self.doc(at).await?;
         let doc = doc.lock().await;
-        Ok(doc.read(&key)?)
+        Ok(doc.doc.read(&key)?)
     }
 
     /// Where `Type/id` lives: its patient and collection.
@@ -396,7 +507,7 @@ impl Repository {
         let key = records::resource_key(resource_type, id)?;
         let doc = self.doc(self.locate(&key).await?).await?;
         let doc = doc.lock().await;
-        Ok(doc.vread(&key, version_id)?)
+        Ok(doc.doc.vread(&key, version_id)?)
     }
 
     /// Every version of `Type/id`, oldest first, each with the resource as
@@ -412,6 +523,7 @@ impl Repository {
         let key = records::resource_key(resource_type, id)?;
         let doc = self.doc(self.locate(&key).await?).await?;
         let doc = doc.lock().await;
+        let doc = &doc.doc;
         let versions = doc.history(&key)?;
         Ok(versions
             .into_iter()
@@ -448,6 +560,7 @@ impl Repository {
         let doc = self.doc(at).await?;
         let written = {
             let mut doc = doc.lock().await;
+            let doc = &mut doc.doc;
             let current = doc.read(&key)?;
             let base = match base_version {
                 Some(v) if v != current.version_id => {
@@ -467,7 +580,7 @@ impl Repository {
                 None => return Ok(current),
             }
         };
-        self.persist(at, &written.change, actor).await?;
+        self.persist(at, &doc, &written, actor).await?;
         written.resource.ok_or_else(|| {
             records::Error::Corrupt {
                 key: written.key.clone(),
@@ -487,9 +600,9 @@ impl Repository {
         let doc = self.doc(at).await?;
         let written = {
             let mut doc = doc.lock().await;
-            doc.delete(&self.inner.actor, now_ms(), &key)?
+            doc.doc.delete(&self.inner.actor, now_ms(), &key)?
         };
-        self.persist(at, &written.change, actor).await
+        self.persist(at, &doc, &written, actor).await
     }
 
     /// Every live resource of a patient across the collections this node
@@ -505,7 +618,7 @@ impl Repository {
             }
             let doc = self.doc((patient, collection)).await?;
             let doc = doc.lock().await;
-            out.extend(doc.resources()?);
+            out.extend(doc.doc.resources()?);
         }
         Ok(out)
     }
@@ -572,11 +685,18 @@ impl Repository {
                 return;
             }
         };
-        let decoded: Vec<DecodedChange> = changes
-            .iter()
-            .filter_map(|(_, bytes)| DecodedChange::from_bytes(bytes).ok())
-            .collect();
-        let report = doc.lock().await.apply_changes(decoded);
+        let mut cached = doc.lock().await;
+        let mut decoded = Vec::with_capacity(changes.len());
+        for (id, bytes) in &changes {
+            if let Ok(change) = DecodedChange::from_bytes(bytes) {
+                cached.envelopes.insert(change.hash(), *id);
+                decoded.push(change);
+            }
+        }
+        let report = cached.doc.apply_changes(decoded);
+        cached.since_snapshot += report.applied.len();
+        self.maybe_snapshot(key, &mut cached, false);
+        drop(cached);
         let mut index = lock(&self.inner.index);
         for applied in &report.applied {
             for k in &applied.keys {
@@ -584,6 +704,14 @@ impl Repository {
             }
         }
     }
+}
+
+/// Whether the document's changes are exactly the covered ones.
+fn holds_exactly(doc: &RecordDoc, covered: &[crate::Covered]) -> bool {
+    let mut listed: Vec<ChangeHash> = covered.iter().map(|(_, h)| ChangeHash(*h)).collect();
+    listed.sort_unstable();
+    listed.dedup();
+    listed.len() == covered.len() && listed == doc.change_hashes()
 }
 
 async fn follow_events(inner: std::sync::Weak<Inner>, mut events: tokio::sync::broadcast::Receiver<Event>) {

@@ -194,3 +194,193 @@ async fn a_second_node_shows_identical_resources() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+// ----- sealed snapshots ----------------------------------------------
+
+fn no_auto_snapshots() -> repository::Config {
+    repository::Config {
+        snapshot_every: 0,
+        ..repository::Config::default()
+    }
+}
+
+/// Everything a fresh repository (empty cache) serves for the patient:
+/// every resource with its version, and every history entry.
+async fn render_all(node: &Node, patient: medmesh_crypto::PatientId) -> Vec<(String, String, Value)> {
+    let repo = Repository::new(node.clone(), no_auto_snapshots()).unwrap();
+    let mut out = Vec::new();
+    for r in repo.patient_resources(patient).await.unwrap() {
+        out.push((r.key.clone(), r.version_id.clone(), r.json.clone()));
+        for (v, old) in repo.history(r.resource_type(), r.id()).await.unwrap() {
+            out.push((
+                format!("{} history", r.key),
+                v.version_id,
+                old.map_or(Value::Null, |o| o.json.clone()),
+            ));
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn snapshot_load_equals_full_replay_and_bad_snapshots_are_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut patient = TestPatient::new().unwrap();
+    let did = patient.id().to_string();
+    let node = open(dir.path(), 1).await;
+    onboard(&node, &mut patient, &[Collection::Core, Collection::Labs]).await;
+    let repo = Repository::new(node.clone(), no_auto_snapshots()).unwrap();
+    let p = repo.create(patient_resource(&did), None, app()).await.unwrap();
+    let mut ids = Vec::new();
+    for i in 0..30 {
+        let o = repo
+            .create(observation(p.id(), &format!("{i}.10")), None, app())
+            .await
+            .unwrap();
+        ids.push(o.id().to_owned());
+    }
+    for id in &ids[..5] {
+        let cur = repo.read("Observation", id).await.unwrap();
+        let mut edited = cur.json.clone();
+        edited["status"] = json!("amended");
+        repo.update("Observation", id, edited, None, false, app())
+            .await
+            .unwrap();
+    }
+    repo.delete("Observation", &ids[29], app()).await.unwrap();
+    repo.save_snapshots().await;
+    let load = node.load_collection(patient.id(), Collection::Labs).await.unwrap();
+    assert_eq!(load.snapshot.as_ref().unwrap().covered.len(), 36);
+    assert!(load.changes.is_empty());
+
+    // Changes after the snapshot are replayed on top of it.
+    for i in 0..5 {
+        repo.create(observation(p.id(), &format!("{i}.200")), None, app())
+            .await
+            .unwrap();
+    }
+    let cur = repo.read("Observation", &ids[6]).await.unwrap();
+    let mut edited = cur.json.clone();
+    edited["status"] = json!("corrected");
+    repo.update("Observation", &ids[6], edited, None, false, app())
+        .await
+        .unwrap();
+    let load = node.load_collection(patient.id(), Collection::Labs).await.unwrap();
+    assert!(load.snapshot.is_some());
+    assert_eq!(load.changes.len(), 6);
+    let with_snapshot = render_all(&node, patient.id()).await;
+    // 35 live resources; their histories: 35 creates and 6 updates.
+    assert_eq!(with_snapshot.len(), 35 + 35 + 6);
+
+    let store = node.raw_store();
+    let sealed = store.snapshot(&patient.id(), Collection::Labs).unwrap().unwrap();
+    node.drop_snapshot(patient.id(), Collection::Labs).unwrap();
+    let without = render_all(&node, patient.id()).await;
+    assert_eq!(with_snapshot, without, "load with snapshot == load without");
+
+    // Bit flips anywhere (header, key id, nonce, ciphertext, tag): ignored
+    // with a warning, dropped, full replay, same data.
+    let mut positions: Vec<usize> = (0..70).collect();
+    positions.extend((0..30).map(|i| 70 + i * (sealed.len() - 71) / 29));
+    for (n, pos) in positions.into_iter().enumerate() {
+        let mut bad = sealed.clone();
+        bad[pos] ^= 1 << (n % 8);
+        store.put_snapshot(&patient.id(), Collection::Labs, &bad).unwrap();
+        assert_eq!(render_all(&node, patient.id()).await, without, "flip at byte {pos}");
+        assert!(
+            store.snapshot(&patient.id(), Collection::Labs).unwrap().is_none(),
+            "flipped snapshot at {pos} not dropped"
+        );
+    }
+
+    // Snapshots that open but lie: not a document, or not what they claim to cover.
+    store.put_snapshot(&patient.id(), Collection::Labs, &sealed).unwrap();
+    let good = node.load_snapshot(patient.id(), Collection::Labs).unwrap().unwrap();
+    assert!(
+        node.save_snapshot(patient.id(), Collection::Labs, &good.covered, b"not a document")
+            .unwrap()
+    );
+    assert_eq!(render_all(&node, patient.id()).await, without);
+    assert!(
+        node.save_snapshot(patient.id(), Collection::Labs, &good.covered[1..], &good.doc)
+            .unwrap()
+    );
+    assert_eq!(render_all(&node, patient.id()).await, without);
+    assert!(store.snapshot(&patient.id(), Collection::Labs).unwrap().is_none());
+
+    // A new epoch key: the old snapshot is dropped and rebuilt under the new key.
+    store.put_snapshot(&patient.id(), Collection::Labs, &sealed).unwrap();
+    let share = patient
+        .share(
+            Collection::Labs,
+            1,
+            medmesh_crypto::Principal::Practice(node.practice_id()),
+        )
+        .unwrap();
+    node.submit_key_shares(patient.id(), vec![share.encoded().to_vec()])
+        .await
+        .unwrap();
+    assert!(node.load_snapshot(patient.id(), Collection::Labs).unwrap().is_none());
+    assert!(store.snapshot(&patient.id(), Collection::Labs).unwrap().is_none());
+    let fresh = Repository::new(node.clone(), no_auto_snapshots()).unwrap();
+    fresh.patient_resources(patient.id()).await.unwrap();
+    fresh.save_snapshots().await;
+    let resealed = store.snapshot(&patient.id(), Collection::Labs).unwrap().unwrap();
+    assert_eq!(
+        medmesh_crypto::SealedSnapshot::key_id(&resealed).unwrap(),
+        node.current_epoch_key(&patient.id(), Collection::Labs).unwrap().key_id
+    );
+    assert_eq!(render_all(&node, patient.id()).await, without);
+}
+
+#[tokio::test]
+async fn snapshots_are_written_every_n_changes_and_dropped_on_exclusion() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut patient = TestPatient::new().unwrap();
+    let did = patient.id().to_string();
+    let node = open(dir.path(), 1).await;
+    let (grant, items) = patient.onboard(node.practice_id(), Collection::Core).unwrap();
+    node.submit(patient.id(), items).await.unwrap();
+    let repo = Repository::new(
+        node.clone(),
+        repository::Config {
+            snapshot_every: 4,
+            ..repository::Config::default()
+        },
+    )
+    .unwrap();
+    let p = repo.create(patient_resource(&did), None, app()).await.unwrap();
+    let store = node.raw_store();
+    for i in 0..5 {
+        let mut c = json!({"resourceType": "Condition", "subject": {"reference": format!("Patient/{}", p.id())}});
+        c["note"] = json!([{"text": format!("note {i}")}]);
+        repo.create(c, None, app()).await.unwrap();
+    }
+    let load = node.load_collection(patient.id(), Collection::Core).await.unwrap();
+    assert_eq!(load.snapshot.unwrap().covered.len(), 4, "written after 4 changes");
+    assert_eq!(load.changes.len(), 2);
+
+    // A revocation whose cut excludes changes 3.. drops the snapshot.
+    let actor = node.envelopes(&patient.id(), Some(Collection::Core)).unwrap()[0].actor;
+    let revocation = patient
+        .revoke(&grant, std::collections::BTreeMap::from([(actor, 2)]))
+        .unwrap();
+    let report = node
+        .submit_revocation(patient.id(), revocation.encoded().to_vec())
+        .await
+        .unwrap();
+    assert_eq!(report.excluded, 4);
+    assert!(store.snapshot(&patient.id(), Collection::Core).unwrap().is_none());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = repo.patient_resources(patient.id()).await.unwrap();
+        if left.len() == 2 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "exclusion never reached the cache"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

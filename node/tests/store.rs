@@ -7,6 +7,7 @@ use std::path::Path;
 
 use medmesh_crypto::{Access, Collection, Envelope, EnvelopeId, Grant, PatientId, Principal, SecretIdentity, now};
 use medmesh_node::audit::{Action, ActorKind, AuditRecord};
+use medmesh_node::repository::{self, Repository};
 use medmesh_node::store::{ItemId, ItemKind, StoredItem};
 use medmesh_node::testing::{ChangeMaker, TestPatient};
 use medmesh_node::{Config, Error, Event, Incoming, Node, Source};
@@ -623,6 +624,42 @@ fn no_plaintext_at_rest_or_in_logs() {
             .await
             .unwrap();
             assert_eq!(b.readable_changes(patient.id(), CORE).await.unwrap().len(), 20);
+            // FHIR resources through the repository, with a sealed snapshot kept.
+            let mut other = TestPatient::new().unwrap();
+            let (_, items) = other.onboard(a.practice_id(), CORE).unwrap();
+            a.submit(other.id(), items).await.unwrap();
+            let repo = Repository::new(a.clone(), repository::Config::default()).unwrap();
+            let p = repo
+                .create(
+                    serde_json::json!({
+                        "resourceType": "Patient",
+                        "identifier": [{"system": "urn:ietf:rfc:3986", "value": other.id().to_string()}],
+                        "name": [{"text": marker}]
+                    }),
+                    None,
+                    medmesh_node::Actor::local_app("test"),
+                )
+                .await
+                .unwrap();
+            for i in 0..5 {
+                repo.create(
+                    serde_json::json!({
+                        "resourceType": "AllergyIntolerance",
+                        "patient": {"reference": format!("Patient/{}", p.id())},
+                        "note": [{"text": format!("{marker} #{i}")}]
+                    }),
+                    None,
+                    medmesh_node::Actor::local_app("test"),
+                )
+                .await
+                .unwrap();
+            }
+            repo.save_snapshots().await;
+            let snapshot = a.load_snapshot(other.id(), CORE).unwrap().unwrap();
+            assert_eq!(snapshot.covered.len(), 6);
+            // In memory it is a plain Automerge document, which the scan would find.
+            assert!(snapshot.doc.starts_with(&automerge_magic));
+            drop(repo);
             a.close().await;
             b.close().await;
         });

@@ -10,6 +10,8 @@
 //!   collection, envelope id, grant id, epoch, actor/seq) — never content;
 //! - the pending queue, the rejected set, per-peer cursors;
 //! - the hash-chained audit log;
+//! - sealed snapshots, one per (patient, collection): a local cache of the
+//!   document, encrypted under the current epoch key, never synced;
 //! - the store instance id (16 random bytes made at creation).
 //!
 //! One [`Batch`] is applied atomically (all its ops or none). Durability is
@@ -423,4 +425,33 @@ pub trait Store: Send + Sync + 'static {
     /// # Errors
     /// Engine failures.
     fn raw_replace_audit(&self, seq: u64, bytes: &[u8]) -> Result<()>;
+
+    /// The sealed snapshot of (patient, collection), if one is kept. A
+    /// store without snapshot support keeps none (the default).
+    ///
+    /// # Errors
+    /// Engine failures.
+    fn snapshot(&self, patient: &PatientId, collection: Collection) -> Result<Option<Vec<u8>>> {
+        let _ = (patient, collection);
+        Ok(None)
+    }
+
+    /// Keeps `sealed` as the snapshot of (patient, collection), replacing
+    /// any previous one. Not flushed: a lost snapshot costs a replay.
+    ///
+    /// # Errors
+    /// Engine failures.
+    fn put_snapshot(&self, patient: &PatientId, collection: Collection, sealed: &[u8]) -> Result<()> {
+        let _ = (patient, collection, sealed);
+        Ok(())
+    }
+
+    /// Drops the snapshot of (patient, collection), if any.
+    ///
+    /// # Errors
+    /// Engine failures.
+    fn remove_snapshot(&self, patient: &PatientId, collection: Collection) -> Result<()> {
+        let _ = (patient, collection);
+        Ok(())
+    }
 }

@@ -5,7 +5,8 @@
 //! Trees: `meta` (instance id), `items` (id → kind ‖ seq ‖ wire bytes),
 //! `seqlog` (seq → item metadata), `consent` (seq → id of grants,
 //! revocations, key shares), `envelopes` (patient ‖ collection ‖ envelope id
-//! → index entry), `pending`, `rejected`, `cursors`, `audit`.
+//! → index entry), `pending`, `rejected`, `cursors`, `audit`, `snapshots`
+//! (patient ‖ collection → sealed snapshot; outside transactions).
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -48,6 +49,7 @@ pub struct SledStore {
     rejected: sled::Tree,
     cursors: sled::Tree,
     audit: sled::Tree,
+    snapshots: sled::Tree,
     instance: InstanceId,
     // Commits are serialised: seqs and the audit chain need one writer.
     heads: Mutex<Heads>,
@@ -87,6 +89,7 @@ impl SledStore {
             rejected: tree("rejected")?,
             cursors: tree("cursors")?,
             audit: tree("audit")?,
+            snapshots: tree("snapshots")?,
             db,
             instance,
             heads: Mutex::new(Heads {
@@ -459,5 +462,27 @@ impl Store for SledStore {
     fn raw_replace_audit(&self, seq: u64, bytes: &[u8]) -> Result<()> {
         self.audit.insert(seq_key(seq), bytes).map_err(storage)?;
         self.flush()
+    }
+
+    fn snapshot(&self, patient: &PatientId, collection: Collection) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .snapshots
+            .get(codec::envelope_prefix(patient, Some(collection)))
+            .map_err(storage)?
+            .map(|v| v.to_vec()))
+    }
+
+    fn put_snapshot(&self, patient: &PatientId, collection: Collection, sealed: &[u8]) -> Result<()> {
+        self.snapshots
+            .insert(codec::envelope_prefix(patient, Some(collection)), sealed)
+            .map(|_| ())
+            .map_err(storage)
+    }
+
+    fn remove_snapshot(&self, patient: &PatientId, collection: Collection) -> Result<()> {
+        self.snapshots
+            .remove(codec::envelope_prefix(patient, Some(collection)))
+            .map(|_| ())
+            .map_err(storage)
     }
 }
