@@ -1,10 +1,21 @@
-//! Patient commands: the keystore, and (as the layers land) grant, revoke,
-//! read and export over libp2p.
+//! Patient commands: the keystore, and grant, revoke, read, export and
+//! audit over libp2p, with the patient's own key as the libp2p identity.
 
-use anyhow::{Context as _, Result, bail};
-use clap::Subcommand;
-use medmesh_crypto::{Error as CryptoError, KdfParams, Keystore, SecretIdentity};
-use serde_json::json;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use clap::{Args, Subcommand};
+use medmesh_crypto::{
+    Access, ActorId, Collection, Envelope, EpochKey, Error as CryptoError, Grant, GrantId, GrantTerms, KdfParams,
+    KeyShare, Keystore, PracticeId, Principal, Revocation, RevocationTerms, SecretIdentity, now,
+};
+use medmesh_node::records::{DecodedChange, RecordDoc, RenderedResource};
+use medmesh_sync::memory::MemoryBackend;
+use medmesh_sync::{Item, ItemKind, Multiaddr, PeerId, Protocol, SyncHandle};
+use serde_json::{Value, json};
 use zeroize::Zeroizing;
 
 use crate::home::Home;
@@ -16,18 +27,100 @@ pub(crate) enum PatientCommand {
     New,
     /// Print the patient's did:key.
     Id,
+    /// Grant a practice access to collections of your record.
+    Grant(GrantArgs),
+    /// Revoke a grant: rotates the keys of the collections it covered.
+    Revoke {
+        /// A node that holds your record (multiaddr ending in /p2p/<PeerId>).
+        #[arg(long, value_name = "MULTIADDR")]
+        node: String,
+        /// The grant id (as printed by `patient grant` or `patient grants`).
+        grant_id: String,
+    },
+    /// The grants you issued, with their status.
+    Grants {
+        /// Also check what a node knows (not needed: your keystore remembers every grant).
+        #[arg(long, value_name = "MULTIADDR")]
+        node: Option<String>,
+    },
+    /// Fetch and decrypt your record from a node.
+    Records {
+        /// A node that holds your record.
+        #[arg(long, value_name = "MULTIADDR")]
+        node: String,
+        /// Only resources of this FHIR type.
+        #[arg(long = "type", value_name = "TYPE")]
+        resource_type: Option<String>,
+    },
+    /// Export your whole record as a FHIR R4 collection Bundle.
+    Export {
+        /// A node that holds your record.
+        #[arg(long, value_name = "MULTIADDR")]
+        node: String,
+        /// Where to write the Bundle.
+        #[arg(short, long, value_name = "FILE")]
+        output: PathBuf,
+    },
+    /// Disclosures and accesses of your record at a node (accounting of disclosures).
+    Audit {
+        /// The node.
+        #[arg(long, value_name = "MULTIADDR")]
+        node: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct GrantArgs {
+    /// The node to reach (multiaddr ending in /p2p/<PeerId>).
+    #[arg(long, value_name = "MULTIADDR")]
+    node: String,
+    /// The practice granted: a PeerId, or its multiaddr ending in /p2p/<PeerId>.
+    #[arg(long, value_name = "PEERID|MULTIADDR")]
+    to: String,
+    /// Collections: a comma list (core,medications,labs,documents,scheduling,billing,sensitive) or `all` (all but sensitive).
+    #[arg(long, default_value = "all")]
+    collections: String,
+    /// Let the practice write to these collections.
+    #[arg(long)]
+    write: bool,
+    /// How long the grant lasts (e.g. 30d, 12h).
+    #[arg(long = "for", value_name = "DURATION", conflicts_with = "expires")]
+    duration: Option<String>,
+    /// When the grant ends (RFC 3339).
+    #[arg(long, value_name = "RFC3339")]
+    expires: Option<String>,
+    /// Why: treatment, emergency, payment, operations, research, …
+    #[arg(long, default_value = "treatment")]
+    purpose: String,
 }
 
 pub(crate) fn run(cmd: PatientCommand, home: &Home, out: &Output) -> Result<()> {
     match cmd {
         PatientCommand::New => new(home, out),
         PatientCommand::Id => {
-            let keystore = open_keystore(home)?;
+            let (keystore, _) = open_keystore(home)?;
             let did = keystore.patient().to_string();
             out.result(&json!({ "did": did }), &did);
             Ok(())
         }
+        PatientCommand::Grant(args) => block_on(grant(home, args, out)),
+        PatientCommand::Revoke { node, grant_id } => block_on(revoke(home, &node, &grant_id, out)),
+        PatientCommand::Grants { node } => grants(home, node.as_deref(), out),
+        PatientCommand::Records { node, resource_type } => {
+            block_on(records(home, &node, resource_type.as_deref(), out))
+        }
+        PatientCommand::Export { node, output } => block_on(export(home, &node, &output, out)),
+        PatientCommand::Audit { .. } => bail!(
+            "`medmesh patient audit` needs the audit query over libp2p, which this build does not have yet; \
+             the practice can show your entries with `medmesh audit show --patient <did>`"
+        ),
     }
+}
+
+fn block_on<F: std::future::Future<Output = Result<()>>>(f: F) -> Result<()> {
+    tokio::runtime::Runtime::new()
+        .context("starting the async runtime")?
+        .block_on(f)
 }
 
 fn new(home: &Home, out: &Output) -> Result<()> {
@@ -55,8 +148,9 @@ fn new(home: &Home, out: &Output) -> Result<()> {
     Ok(())
 }
 
-/// Opens the keystore with the passphrase from `MEDMESH_PASSPHRASE` or a prompt.
-pub(crate) fn open_keystore(home: &Home) -> Result<Keystore> {
+/// Opens the keystore with the passphrase from `MEDMESH_PASSPHRASE` or a
+/// prompt; the passphrase comes back too, to save changes.
+pub(crate) fn open_keystore(home: &Home) -> Result<(Keystore, Zeroizing<String>)> {
     let path = home.keystore_path();
     if !path.exists() {
         bail!(
@@ -66,7 +160,7 @@ pub(crate) fn open_keystore(home: &Home) -> Result<Keystore> {
     }
     let passphrase = passphrase(false)?;
     match Keystore::open(&path, passphrase.as_bytes()) {
-        Ok(keystore) => Ok(keystore),
+        Ok(keystore) => Ok((keystore, passphrase)),
         Err(CryptoError::KeystoreLocked) => {
             bail!(
                 "wrong passphrase for the keystore at {} (or the file was altered)",
@@ -75,6 +169,13 @@ pub(crate) fn open_keystore(home: &Home) -> Result<Keystore> {
         }
         Err(err) => Err(err).with_context(|| format!("reading keystore at {}", path.display())),
     }
+}
+
+fn save_keystore(home: &Home, keystore: &Keystore, passphrase: &str) -> Result<()> {
+    let path = home.keystore_path();
+    keystore
+        .save(&path, passphrase.as_bytes())
+        .with_context(|| format!("saving keystore at {}", path.display()))
 }
 
 fn passphrase(confirm: bool) -> Result<Zeroizing<String>> {
@@ -99,4 +200,461 @@ fn passphrase(confirm: bool) -> Result<Zeroizing<String>> {
         }
     }
     Ok(first)
+}
+
+/// A multiaddr that names its peer (`…/p2p/12D3…`).
+fn addressed(spec: &str, flag: &str) -> Result<(Multiaddr, PeerId)> {
+    let addr: Multiaddr = spec
+        .parse()
+        .map_err(|_| anyhow!("{flag} {spec:?} is not a multiaddr (e.g. /ip4/127.0.0.1/tcp/4001/p2p/12D3KooW…)"))?;
+    let peer = addr
+        .iter()
+        .find_map(|p| match p {
+            Protocol::P2p(peer) => Some(peer),
+            _ => None,
+        })
+        .ok_or_else(|| anyhow!("{flag} {spec:?} must end in /p2p/<PeerId> (print it with `medmesh node id`)"))?;
+    Ok((addr, peer))
+}
+
+/// The patient's side of a libp2p session with one node: a sync peer
+/// whose identity is the patient key, with an in-memory store that never
+/// touches disk.
+struct Session {
+    sync: SyncHandle,
+    store: Arc<MemoryBackend>,
+    node: PeerId,
+}
+
+impl Session {
+    async fn open(keystore: &Keystore, node: &str) -> Result<Self> {
+        let (addr, peer) = addressed(node, "--node")?;
+        let identity = SecretIdentity::from_seed(&keystore.identity().seed());
+        let store = Arc::new(MemoryBackend::new());
+        let sync = SyncHandle::spawn(medmesh_sync::Config::client(), &identity, store.clone())
+            .await
+            .context("starting libp2p")?;
+        tokio::time::timeout(Duration::from_secs(20), sync.dial(addr.clone()))
+            .await
+            .map_err(|_| anyhow!("timed out reaching {addr}; is the node running (`medmesh node run`)?"))?
+            .with_context(|| format!("reaching {addr}; is the node running (`medmesh node run`)?"))?;
+        Ok(Self {
+            sync,
+            store,
+            node: peer,
+        })
+    }
+
+    async fn push(&self, items: Vec<Item>, hints: Vec<Multiaddr>) -> Result<medmesh_sync::IngestReport> {
+        let count = items.len() as u64;
+        let report = self
+            .sync
+            .push(self.node, items, hints)
+            .await
+            .context("submitting to the node")?;
+        if report.rejected > 0 {
+            bail!(
+                "the node rejected {} of {count} items (accepted {}, pending {})",
+                report.rejected,
+                report.accepted,
+                report.pending
+            );
+        }
+        Ok(report)
+    }
+
+    /// Pulls every item of this patient the node holds.
+    async fn pull(&self) -> Result<Vec<medmesh_sync::StoredItem>> {
+        self.sync
+            .sync_now(self.node)
+            .await
+            .context("fetching your record from the node")?;
+        Ok(self.store.items())
+    }
+
+    async fn close(self) {
+        let _ = self.sync.shutdown().await;
+    }
+}
+
+fn keys_of(keystore: &Keystore, collection: Collection) -> Vec<&EpochKey> {
+    let mut keys: Vec<&EpochKey> = keystore.keys.iter().filter(|k| k.collection == collection).collect();
+    keys.sort_by_key(|k| k.epoch);
+    keys
+}
+
+fn is_revoked(keystore: &Keystore, grant: &Grant) -> bool {
+    keystore.revocations.iter().any(|r| r.revokes(grant))
+}
+
+fn parse_expiry(args: &GrantArgs, now_ms: u64) -> Result<Option<u64>> {
+    if let Some(d) = &args.duration {
+        let d = humantime::parse_duration(d).map_err(|e| anyhow!("--for {d:?}: {e} (e.g. 30d, 12h)"))?;
+        let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        return Ok(Some(now_ms.saturating_add(ms)));
+    }
+    if let Some(t) = &args.expires {
+        let when = time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+            .map_err(|e| anyhow!("--expires {t:?}: {e} (e.g. 2027-01-31T00:00:00Z)"))?;
+        let ms =
+            u64::try_from(when.unix_timestamp_nanos() / 1_000_000).map_err(|_| anyhow!("--expires is before 1970"))?;
+        if ms <= now_ms {
+            bail!("--expires {t} is in the past");
+        }
+        return Ok(Some(ms));
+    }
+    Ok(None)
+}
+
+async fn grant(home: &Home, args: GrantArgs, out: &Output) -> Result<()> {
+    let (mut keystore, passphrase) = open_keystore(home)?;
+    let patient = keystore.patient();
+    let (grantee_peer, grantee_addr) = if args.to.starts_with('/') {
+        let (addr, peer) = addressed(&args.to, "--to")?;
+        (peer, Some(addr))
+    } else {
+        let peer: PeerId = args
+            .to
+            .parse()
+            .map_err(|_| anyhow!("--to {:?} is not a PeerId or multiaddr", args.to))?;
+        (peer, None)
+    };
+    let grantee = PracticeId::from_peer_id(&grantee_peer).map_err(|e| anyhow!("--to: {e}"))?;
+    let (_, node_peer) = addressed(&args.node, "--node")?;
+    let collections = Collection::parse_list(&args.collections).map_err(|e| anyhow!("--collections: {e}"))?;
+    let now_ms = now();
+    let expires = parse_expiry(&args, now_ms)?;
+    // A minute back, so a node whose clock is a little behind still sees it in force.
+    let not_before = now_ms.saturating_sub(60_000);
+    let terms = GrantTerms {
+        id: GrantId::generate()?,
+        patient,
+        grantee,
+        collections: collections.clone(),
+        access: if args.write { Access::ReadWrite } else { Access::Read },
+        not_before,
+        expires,
+        purpose: args.purpose.clone(),
+        issued_at: now_ms,
+        address_hints: vec![args.node.clone()],
+    };
+    let grant = Grant::sign(terms, keystore.identity()).map_err(|e| anyhow!("signing the grant: {e}"))?;
+    let mut items = vec![Item::grant(&grant)];
+    let mut created = Vec::new();
+    for collection in &collections {
+        if keys_of(&keystore, *collection).is_empty() {
+            let key = EpochKey::generate(patient, *collection, 0)?;
+            // The patient's own share: any node holding the record can hand the key back.
+            items.push(Item::key_share(&KeyShare::create(
+                &key,
+                Principal::Patient(patient),
+                keystore.identity(),
+                now_ms,
+            )?));
+            keystore.keys.push(key);
+            created.push(collection.as_str());
+        }
+        // Every epoch, so the grantee can read the history too.
+        for key in keys_of(&keystore, *collection) {
+            let share = KeyShare::create(key, Principal::Practice(grantee), keystore.identity(), now_ms)?;
+            items.push(Item::key_share(&share));
+        }
+    }
+    keystore.grants.push(grant.clone());
+    // Saved before anything leaves: a key a node holds must never be missing here.
+    save_keystore(home, &keystore, &passphrase)?;
+    let session = Session::open(&keystore, &args.node).await?;
+    let hints = grantee_addr.into_iter().collect();
+    let result = session.push(items, hints).await;
+    session.close().await;
+    let report = result?;
+    let id = grant.id().to_string();
+    let names: Vec<&str> = collections.iter().map(Collection::as_str).collect();
+    out.result(
+        &json!({
+            "grant_id": id,
+            "grantee": grantee.to_string(),
+            "collections": names,
+            "access": grant.terms().access.as_str(),
+            "node": node_peer.to_string(),
+            "accepted": report.accepted,
+        }),
+        &format!(
+            "grant {id}\n  to:          {grantee}\n  collections: {}\n  access:      {}{}\n  submitted to {node_peer}",
+            names.join(","),
+            grant.terms().access.as_str(),
+            if created.is_empty() {
+                String::new()
+            } else {
+                format!("\n  new keys:    {}", created.join(","))
+            }
+        ),
+    );
+    Ok(())
+}
+
+async fn revoke(home: &Home, node: &str, grant_id: &str, out: &Output) -> Result<()> {
+    let (mut keystore, passphrase) = open_keystore(home)?;
+    let patient = keystore.patient();
+    let id: GrantId = grant_id
+        .parse()
+        .map_err(|_| anyhow!("{grant_id:?} is not a grant id (32 hex digits; see `medmesh patient grants`)"))?;
+    let grant = keystore
+        .grants
+        .iter()
+        .find(|g| g.id() == id)
+        .cloned()
+        .ok_or_else(|| anyhow!("no grant {id} in your keystore (see `medmesh patient grants`)"))?;
+    if is_revoked(&keystore, &grant) {
+        bail!("grant {id} is already revoked");
+    }
+    let session = Session::open(&keystore, node).await?;
+    // The cut: the highest change of each of the grantee's actors that the
+    // node holds under this grant. Later changes from that practice are invalid.
+    let grantee = grant.terms().grantee;
+    let mut cut: BTreeMap<ActorId, u64> = BTreeMap::new();
+    for stored in session.pull().await? {
+        if stored.item.kind != ItemKind::Envelope {
+            continue;
+        }
+        let Ok(envelope) = Envelope::decode(&stored.item.bytes) else {
+            continue;
+        };
+        let h = envelope.header();
+        if h.author == Principal::Practice(grantee) && h.grant_id == Some(id) {
+            let seq = cut.entry(h.actor).or_insert(0);
+            *seq = (*seq).max(h.seq);
+        }
+    }
+    let now_ms = now();
+    let revocation = Revocation::sign(
+        RevocationTerms {
+            patient,
+            grant_id: id,
+            issued_at: now_ms,
+            cut,
+        },
+        keystore.identity(),
+    )?;
+    // New epochs for every covered collection, shared with the remaining readers and the patient.
+    let mut items = vec![Item::revocation(&revocation)];
+    let mut rotated = Vec::new();
+    for collection in &grant.terms().collections {
+        let next = keys_of(&keystore, *collection).last().map_or(0, |k| k.epoch + 1);
+        let key = EpochKey::generate(patient, *collection, next)?;
+        let mut readers: BTreeSet<PracticeId> = BTreeSet::new();
+        for other in &keystore.grants {
+            if other.id() != id
+                && other.terms().grantee != grantee
+                && other.covers(*collection)
+                && !is_revoked(&keystore, other)
+                && other.terms().expires.is_none_or(|e| e > now_ms)
+            {
+                readers.insert(other.terms().grantee);
+            }
+        }
+        items.push(Item::key_share(&KeyShare::create(
+            &key,
+            Principal::Patient(patient),
+            keystore.identity(),
+            now_ms,
+        )?));
+        for reader in &readers {
+            items.push(Item::key_share(&KeyShare::create(
+                &key,
+                Principal::Practice(*reader),
+                keystore.identity(),
+                now_ms,
+            )?));
+        }
+        rotated.push(json!({"collection": collection.as_str(), "epoch": next, "readers": readers.len()}));
+        keystore.keys.push(key);
+    }
+    keystore.revocations.push(revocation);
+    save_keystore(home, &keystore, &passphrase)?;
+    let result = session.push(items, Vec::new()).await;
+    session.close().await;
+    result?;
+    let notice = "copies of your record that this practice already received remain with it; \
+                  it receives nothing new and cannot read anything written from now on";
+    out.result(
+        &json!({"revoked": id.to_string(), "grantee": grantee.to_string(), "rotated": rotated, "notice": notice}),
+        &format!(
+            "revoked grant {id} of {grantee}\nrotated keys: {}\nNote: {notice}.",
+            rotated
+                .iter()
+                .map(|r| format!("{} (epoch {})", r["collection"].as_str().unwrap_or("?"), r["epoch"]))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    );
+    Ok(())
+}
+
+fn grants(home: &Home, node: Option<&str>, out: &Output) -> Result<()> {
+    if node.is_some() {
+        tracing::info!("--node is not needed: the keystore remembers every grant you issued");
+    }
+    let (keystore, _) = open_keystore(home)?;
+    let now_ms = now();
+    for grant in &keystore.grants {
+        let t = grant.terms();
+        let status = if is_revoked(&keystore, grant) {
+            "revoked"
+        } else if t.expires.is_some_and(|e| e <= now_ms) {
+            "expired"
+        } else if now_ms < t.not_before {
+            "not yet in force"
+        } else {
+            "in force"
+        };
+        let names: Vec<&str> = t.collections.iter().map(Collection::as_str).collect();
+        out.result(
+            &json!({
+                "grant_id": grant.id().to_string(),
+                "grantee": t.grantee.to_string(),
+                "collections": names,
+                "access": t.access.as_str(),
+                "purpose": t.purpose,
+                "status": status,
+                "expires": t.expires,
+            }),
+            &format!(
+                "{}  {:<17} {}  {}  {}",
+                grant.id(),
+                status,
+                t.grantee,
+                names.join(","),
+                t.access.as_str()
+            ),
+        );
+    }
+    Ok(())
+}
+
+/// Decrypts every envelope of this patient that the node holds with the
+/// keystore's keys and renders the record, collection by collection.
+async fn fetch_record(keystore: &Keystore, node: &str) -> Result<Vec<Arc<RenderedResource>>> {
+    let session = Session::open(keystore, node).await?;
+    let items = session.pull().await;
+    session.close().await;
+    let mut by_collection: BTreeMap<Collection, Vec<DecodedChange>> = BTreeMap::new();
+    let mut unreadable = 0usize;
+    for stored in items? {
+        if stored.item.kind != ItemKind::Envelope {
+            continue;
+        }
+        let Ok(envelope) = Envelope::decode(&stored.item.bytes) else {
+            unreadable += 1;
+            continue;
+        };
+        let h = envelope.header();
+        let Some(key) = keystore.keys.iter().find(|k| k.key_id == h.key_id) else {
+            unreadable += 1;
+            continue;
+        };
+        let mut decoded = None;
+        let opened = envelope.open(key, |plain| {
+            let change = DecodedChange::from_bytes(plain).ok()?;
+            let hash = change.hash().0;
+            decoded = Some(change);
+            Some(hash)
+        });
+        match (opened, decoded) {
+            (Ok(_), Some(change)) => by_collection.entry(h.collection).or_default().push(change),
+            _ => unreadable += 1,
+        }
+    }
+    if unreadable > 0 {
+        tracing::warn!(
+            unreadable,
+            "some envelopes could not be opened with this keystore's keys"
+        );
+    }
+    let mut resources = Vec::new();
+    for (_, changes) in by_collection {
+        let mut doc = RecordDoc::new();
+        doc.apply_changes(changes);
+        resources.extend(doc.resources().map_err(|e| anyhow!("rendering your record: {e}"))?);
+    }
+    Ok(resources)
+}
+
+async fn records(home: &Home, node: &str, resource_type: Option<&str>, out: &Output) -> Result<()> {
+    let (keystore, _) = open_keystore(home)?;
+    let resources = fetch_record(&keystore, node).await?;
+    let mut shown = 0;
+    for r in resources
+        .iter()
+        .filter(|r| resource_type.is_none_or(|t| r.resource_type() == t))
+    {
+        shown += 1;
+        out.result(
+            &r.json,
+            &format!("{:<28} {}  {}", r.key, r.last_updated, summary(&r.json)),
+        );
+    }
+    if !out.is_json() {
+        println!("{shown} resources");
+    }
+    Ok(())
+}
+
+/// One line about a resource for people: its code or name text.
+fn summary(resource: &Value) -> String {
+    let text = |v: &Value| -> Option<String> {
+        v.get("text").and_then(Value::as_str).map(str::to_owned).or_else(|| {
+            v.pointer("/coding/0/display")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        })
+    };
+    resource
+        .get("code")
+        .and_then(text)
+        .or_else(|| resource.get("vaccineCode").and_then(text))
+        .or_else(|| resource.get("medicationCodeableConcept").and_then(text))
+        .or_else(|| {
+            resource.pointer("/name/0").map(|n| {
+                let given: Vec<&str> = n
+                    .get("given")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_str)
+                    .collect();
+                format!(
+                    "{} {}",
+                    given.join(" "),
+                    n.get("family").and_then(Value::as_str).unwrap_or("")
+                )
+            })
+        })
+        .unwrap_or_default()
+}
+
+async fn export(home: &Home, node: &str, output: &std::path::Path, out: &Output) -> Result<()> {
+    let (keystore, _) = open_keystore(home)?;
+    let resources = fetch_record(&keystore, node).await?;
+    let entries: Vec<Value> = resources
+        .iter()
+        .map(|r| json!({"fullUrl": format!("urn:medmesh:{}", r.key), "resource": r.json}))
+        .collect();
+    let bundle = json!({
+        "resourceType": "Bundle",
+        "type": "collection",
+        "timestamp": medmesh_node::records::format_instant(i64::try_from(now()).unwrap_or(i64::MAX)),
+        "entry": entries,
+    });
+    let bytes = serde_json::to_vec_pretty(&bundle)?;
+    medmesh_crypto::write_atomically(output, &bytes).with_context(|| format!("writing {}", output.display()))?;
+    out.result(
+        &json!({"file": output.display().to_string(), "resources": resources.len()}),
+        &format!(
+            "wrote {} resources to {} (FHIR R4 collection Bundle)",
+            resources.len(),
+            output.display()
+        ),
+    );
+    Ok(())
 }

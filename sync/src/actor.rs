@@ -887,6 +887,9 @@ impl<B: Backend> Actor<B> {
     /// Hands a stored item to the consent-flow task (which needs the store's
     /// async API) with a snapshot of the connected peers.
     fn on_stored(&mut self, event: StoredEvent) {
+        if !self.config.consent_flows {
+            return;
+        }
         let connected: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
         let ctx = self.ctx.clone();
         let me = self.me;

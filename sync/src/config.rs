@@ -32,6 +32,10 @@ pub struct Config {
     pub request_timeout: Duration,
     /// How long an unused connection stays open.
     pub idle_connection_timeout: Duration,
+    /// Run the consent flows (nudge, forward grants and revocations, push
+    /// grants to their grantee). A node does; a patient's CLI session, which
+    /// only submits and pulls its own items, does not.
+    pub consent_flows: bool,
 }
 
 impl Default for Config {
@@ -50,11 +54,22 @@ impl Default for Config {
             max_pending_connections: 64,
             request_timeout: Duration::from_secs(60),
             idle_connection_timeout: Duration::from_secs(120),
+            consent_flows: true,
         }
     }
 }
 
 impl Config {
+    /// A patient's CLI session: loopback TCP for its own (unused) listener,
+    /// no consent flows, no periodic pulls.
+    pub fn client() -> Self {
+        Self {
+            consent_flows: false,
+            pull_interval: Duration::from_secs(24 * 3600),
+            ..Self::loopback_tcp()
+        }
+    }
+
     /// Loopback TCP only on an ephemeral port, as tests and demos use.
     pub fn loopback_tcp() -> Self {
         Self {
