@@ -379,6 +379,44 @@ impl Backend for NodeBackend {
         status
     }
 
+    async fn sync_with(&self, peer: &str) -> Result<Value, ApiError> {
+        let Some(sync) = &self.sync else {
+            return Err(ApiError::NotFound {
+                resource_type: "peer".to_owned(),
+                id: peer.to_owned(),
+            });
+        };
+        let peer_id: medmesh_sync::PeerId = peer.parse().map_err(|_| ApiError::InvalidParam {
+            param: "peer".to_owned(),
+            reason: "not a PeerId".to_owned(),
+        })?;
+        match sync.sync_now(peer_id).await {
+            Ok(report) => Ok(json!({
+                "peer": peer,
+                "received": report.received,
+                "accepted": report.ingest.accepted,
+                "duplicates": report.ingest.duplicates,
+                "pending": report.ingest.pending,
+                "rejected": report.ingest.rejected,
+            })),
+            Err(e) => Err(ApiError::Conflict(format!("sync with {peer} failed: {e}"))),
+        }
+    }
+
+    async fn audit_log(&self, patient_did: Option<&str>) -> Result<Value, ApiError> {
+        let patient = patient_did.map(parse_did).transpose()?;
+        let entries = self.node.audit_entries(patient.as_ref()).map_err(node_error)?;
+        Ok(json!({ "entries": entries }))
+    }
+
+    async fn audit_verify(&self) -> Result<Value, ApiError> {
+        match self.node.audit_verify() {
+            Ok(entries) => Ok(json!({ "intact": true, "entries": entries })),
+            Err(medmesh_node::Error::AuditBroken(at)) => Ok(json!({ "intact": false, "broken_at": at.seq })),
+            Err(e) => Err(node_error(e)),
+        }
+    }
+
     fn new_id(&self) -> String {
         repository::new_resource_id().unwrap_or_else(|_| {
             // Only if the OS has no randomness: unique within this process, never reused.

@@ -176,6 +176,30 @@ pub trait Backend: Send + Sync + 'static {
     /// Peers and sync status as JSON.
     fn sync_status(&self) -> impl Future<Output = Value> + Send;
 
+    /// Pulls from `peer` now; a JSON summary of what arrived. Lets an
+    /// operator (or the demo) see that a sync round happened.
+    fn sync_with(&self, peer: &str) -> impl Future<Output = Result<Value, ApiError>> + Send {
+        let peer = peer.to_owned();
+        async move {
+            Err(ApiError::NotFound {
+                resource_type: "peer".to_owned(),
+                id: peer,
+            })
+        }
+    }
+
+    /// Audit entries (all, or about one patient did), as `{"entries": [...]}`.
+    fn audit_log(&self, patient_did: Option<&str>) -> impl Future<Output = Result<Value, ApiError>> + Send {
+        let _ = patient_did;
+        async { Ok(serde_json::json!({ "entries": [] })) }
+    }
+
+    /// Checks the audit hash chain: `{"intact": true, "entries": N}` or
+    /// `{"intact": false, "broken_at": SEQ}`.
+    fn audit_verify(&self) -> impl Future<Output = Result<Value, ApiError>> + Send {
+        async { Ok(serde_json::json!({ "intact": true, "entries": 0 })) }
+    }
+
     /// A fresh logical id for a resource about to be created in a transaction.
     /// The gateway asks for ids before writing so that it can rewrite the
     /// Bundle's `urn:uuid:` references to `Type/id`; ids that end up unused

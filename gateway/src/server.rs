@@ -123,6 +123,9 @@ fn handlers<B: Backend>(route: &str) -> MethodRouter<Arc<AppState<B>>> {
         "/api/revocations" => post(submit_revocation::<B>),
         "/api/keyshares" => post(submit_keyshare::<B>),
         "/api/peers" => get(peers::<B>),
+        "/api/peers/{peer}/sync" => post(sync_with::<B>),
+        "/api/audit" => get(audit_log::<B>),
+        "/api/audit/verify" => get(audit_verify::<B>),
         _ => MethodRouter::new(),
     }
 }
@@ -716,6 +719,24 @@ async fn submit_keyshare<B: Backend>(
     body: Body,
 ) -> Result<Response, ApiError> {
     submit(&state, SignedKind::KeyShare, &headers, body).await
+}
+
+async fn sync_with<B: Backend>(State(state): Shared<B>, Path(peer): Path<String>) -> Result<Response, ApiError> {
+    Ok(axum::Json(state.backend.sync_with(&peer).await?).into_response())
+}
+
+async fn audit_log<B: Backend>(State(state): Shared<B>, RawQuery(query): RawQuery) -> Result<Response, ApiError> {
+    let query = query.unwrap_or_default();
+    let patient = query
+        .split('&')
+        .filter_map(|p| p.split_once('='))
+        .find(|(k, _)| *k == "patient")
+        .map(|(_, v)| percent_decode(v));
+    Ok(axum::Json(state.backend.audit_log(patient.as_deref()).await?).into_response())
+}
+
+async fn audit_verify<B: Backend>(State(state): Shared<B>) -> Result<Response, ApiError> {
+    Ok(axum::Json(state.backend.audit_verify().await?).into_response())
 }
 
 async fn peers<B: Backend>(State(state): Shared<B>) -> Response {

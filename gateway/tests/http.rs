@@ -936,7 +936,7 @@ async fn openapi_documents_every_route() {
             }
         }
     }
-    assert_eq!(checked, 18);
+    assert_eq!(checked, 21);
 }
 
 /// The ```` ```sh runnable ```` blocks of `docs/http-api.md`, in order, as one
