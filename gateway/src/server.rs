@@ -551,9 +551,9 @@ async fn everything<B: Backend>(state: &AppState<B>, id: &str, query: &str) -> R
         } else {
             SearchMode::Include
         };
-        bundle.push(format!("{base}/{}", resource.key), resource.json.clone(), mode);
+        bundle.push_serialized(format!("{base}/{}", resource.key), resource.bytes.clone(), mode);
     }
-    Ok(fhir_response(StatusCode::OK, &bundle.build()))
+    Ok(fhir_bytes(StatusCode::OK, bundle.to_bytes()))
 }
 
 async fn search<B: Backend>(
@@ -577,12 +577,15 @@ async fn search<B: Backend>(
         });
     }
     let matches = state.backend.search(&request).await?;
-    Ok(fhir_response(StatusCode::OK, &searchset(base, &request, &matches)))
+    Ok(fhir_bytes(
+        StatusCode::OK,
+        searchset(base, &request, &matches).to_bytes(),
+    ))
 }
 
 /// One page of a search's matches as a `searchset` Bundle, with `next`
 /// link and a warning for every ignored parameter.
-pub(crate) fn searchset(base: &str, request: &SearchRequest, matches: &[Arc<RenderedResource>]) -> Value {
+pub(crate) fn searchset(base: &str, request: &SearchRequest, matches: &[Arc<RenderedResource>]) -> Searchset {
     let resource_type = &request.resource_type;
     let page = |offset: usize| format!("{base}/{resource_type}?{}", request.page_query(offset));
     let mut bundle = Searchset::new(page(request.offset)).total(matches.len());
@@ -591,9 +594,9 @@ pub(crate) fn searchset(base: &str, request: &SearchRequest, matches: &[Arc<Rend
     }
     let mut bundle = bundle;
     for resource in matches.iter().skip(request.offset).take(request.count) {
-        bundle.push(
+        bundle.push_serialized(
             format!("{base}/{}", resource.key),
-            resource.json.clone(),
+            resource.bytes.clone(),
             SearchMode::Match,
         );
     }
@@ -606,7 +609,7 @@ pub(crate) fn searchset(base: &str, request: &SearchRequest, matches: &[Arc<Rend
         }));
         bundle.push_outcome(outcome.to_value());
     }
-    bundle.build()
+    bundle
 }
 
 /// `Consent` and `AuditEvent` are views of the node's consent registry and

@@ -499,7 +499,7 @@ fn respond<B>(context: &Context<'_, B>, kind: Kind, result: TxResult) -> EntryRe
         }
         (Kind::Search { request, head }, TxResult::Found(found)) => EntryResponse {
             status: 200,
-            resource: (!head).then(|| searchset(context.base_url, &request, &found)),
+            resource: (!head).then(|| searchset(context.base_url, &request, &found).build()),
             ..EntryResponse::default()
         },
         _ => {

@@ -37,7 +37,18 @@ pub struct Searchset {
     next_url: Option<String>,
     previous_url: Option<String>,
     total: Option<usize>,
-    entries: Vec<Value>,
+    entries: Vec<SearchEntry>,
+}
+
+/// An entry of a [`Searchset`]: built JSON, or a resource already serialized.
+#[derive(Debug, Clone)]
+enum SearchEntry {
+    Json(Value),
+    Serialized {
+        full_url: String,
+        resource: Vec<u8>,
+        mode: SearchMode,
+    },
 }
 
 impl Searchset {
@@ -72,20 +83,77 @@ impl Searchset {
 
     /// Adds a resource with its absolute `fullUrl` (`{base}/{type}/{id}`).
     pub fn push(&mut self, full_url: impl Into<String>, resource: Value, mode: SearchMode) {
-        self.entries.push(json!({
+        self.entries.push(SearchEntry::Json(json!({
             "fullUrl": full_url.into(),
             "resource": resource,
             "search": { "mode": mode.as_str() },
-        }));
+        })));
+    }
+
+    /// Adds a resource already serialized as compact JSON (e.g. a node's cached
+    /// rendering), so that [`to_bytes`](Self::to_bytes) copies it instead of
+    /// re-serializing it. `resource` must be one JSON object.
+    pub fn push_serialized(&mut self, full_url: impl Into<String>, resource: Vec<u8>, mode: SearchMode) {
+        self.entries.push(SearchEntry::Serialized {
+            full_url: full_url.into(),
+            resource,
+            mode,
+        });
     }
 
     /// Adds an `OperationOutcome` entry (search mode `outcome`), e.g. warning about
     /// unknown parameters.
     pub fn push_outcome(&mut self, outcome: Value) {
-        self.entries.push(json!({
+        self.entries.push(SearchEntry::Json(json!({
             "resource": outcome,
             "search": { "mode": SearchMode::Outcome.as_str() },
-        }));
+        })));
+    }
+
+    /// The Bundle serialized (compact JSON, the same document as
+    /// [`build`](Self::build)), copying serialized entries as they are.
+    pub fn to_bytes(self) -> Vec<u8> {
+        let mut entries = Vec::new();
+        let mut shell = self;
+        std::mem::swap(&mut entries, &mut shell.entries);
+        let head = shell.build().to_string();
+        if entries.is_empty() {
+            return head.into_bytes();
+        }
+        let size: usize = entries
+            .iter()
+            .map(|e| match e {
+                SearchEntry::Serialized { resource, .. } => resource.len() + 128,
+                SearchEntry::Json(_) => 256,
+            })
+            .sum();
+        let mut out = Vec::with_capacity(head.len() + size + 16);
+        // `build` puts `entry` last: reopen the object before its closing brace.
+        out.extend_from_slice(head.trim_end_matches('}').as_bytes());
+        out.extend_from_slice(b",\"entry\":[");
+        for (i, entry) in entries.into_iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            match entry {
+                SearchEntry::Json(value) => out.extend_from_slice(value.to_string().as_bytes()),
+                SearchEntry::Serialized {
+                    full_url,
+                    resource,
+                    mode,
+                } => {
+                    out.extend_from_slice(b"{\"fullUrl\":");
+                    out.extend_from_slice(Value::String(full_url).to_string().as_bytes());
+                    out.extend_from_slice(b",\"resource\":");
+                    out.extend_from_slice(&resource);
+                    out.extend_from_slice(b",\"search\":{\"mode\":\"");
+                    out.extend_from_slice(mode.as_str().as_bytes());
+                    out.extend_from_slice(b"\"}}");
+                }
+            }
+        }
+        out.extend_from_slice(b"]}");
+        out
     }
 
     /// The Bundle as FHIR JSON.
@@ -105,7 +173,23 @@ impl Searchset {
         }
         bundle.insert("link".into(), links.into());
         if !self.entries.is_empty() {
-            bundle.insert("entry".into(), self.entries.into());
+            let entries: Vec<Value> = self
+                .entries
+                .into_iter()
+                .map(|e| match e {
+                    SearchEntry::Json(value) => value,
+                    SearchEntry::Serialized {
+                        full_url,
+                        resource,
+                        mode,
+                    } => json!({
+                        "fullUrl": full_url,
+                        "resource": serde_json::from_slice::<Value>(&resource).unwrap_or(Value::Null),
+                        "search": { "mode": mode.as_str() },
+                    }),
+                })
+                .collect();
+            bundle.insert("entry".into(), entries.into());
         }
         Value::Object(bundle)
     }
@@ -816,6 +900,29 @@ mod tests {
         assert_eq!(b["entry"][0]["search"]["mode"], "match");
         assert_eq!(b["entry"][1]["search"]["mode"], "outcome");
         assert!(Searchset::new("x").build().get("entry").is_none());
+        assert_eq!(
+            Searchset::new("x").to_bytes(),
+            Searchset::new("x").build().to_string().into_bytes()
+        );
+
+        let mut raw = Searchset::new("http://h/fhir/Observation").total(2);
+        let resource: Value =
+            serde_json::from_str(r#"{"resourceType":"Observation","id":"a","valueQuantity":{"value":1.50}}"#).unwrap();
+        raw.push_serialized(
+            "http://h/fhir/Observation/a",
+            serde_json::to_vec(&resource).unwrap(),
+            SearchMode::Include,
+        );
+        raw.push(
+            "http://h/fhir/Observation/b",
+            json!({ "resourceType": "Observation", "id": "b" }),
+            SearchMode::Match,
+        );
+        raw.push_outcome(OperationOutcome::new().to_value());
+        let bytes = raw.clone().to_bytes();
+        let parsed: Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(parsed, raw.build());
+        assert!(String::from_utf8(bytes).unwrap().contains("\"value\":1.50"));
 
         let r = response_bundle(
             BundleKind::Transaction,
