@@ -7,6 +7,7 @@
 
 mod audit_cmd;
 mod backend;
+mod demo;
 mod home;
 mod import;
 mod node_cmd;
@@ -141,10 +142,6 @@ fn init_tracing(verbose: u8, quiet: u8) {
         .init();
 }
 
-fn not_yet(what: &str) -> Result<()> {
-    anyhow::bail!("`medmesh {what}` is not available in this build yet; see the README for what works today")
-}
-
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.verbose, cli.quiet);
@@ -208,6 +205,6 @@ node: {}",
         }) => import::run(&home, &paths, patient.as_deref(), gateway, out),
         Command::Audit(AuditCommand::Verify) => audit_cmd::verify(&home, out),
         Command::Audit(AuditCommand::Show { patient }) => audit_cmd::show(&home, patient.as_deref(), out),
-        Command::Demo => not_yet("demo"),
+        Command::Demo => demo::run(out),
     }
 }

@@ -192,3 +192,21 @@ fn fhir_import_without_a_running_node_says_what_to_do() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("medmesh node run"), "{}", stderr(&out));
 }
+
+/// The README's run command: two practices, a patient, consent at work.
+#[test]
+fn demo_verifies_every_step() {
+    let out = Command::cargo_bin("medmesh")
+        .unwrap()
+        .args(["--json", "demo"])
+        .env_remove("MEDMESH_HOME")
+        .timeout(std::time::Duration::from_secs(120))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "demo failed: {}", stderr(&out));
+    let steps = json_lines(&out);
+    assert!(steps.len() >= 10, "{steps:?}");
+    assert!(steps.iter().all(|s| s["ok"] == true));
+    let last = steps.last().unwrap();
+    assert!(last["what"].as_str().unwrap().contains("every step was verified"));
+}
