@@ -224,7 +224,13 @@ struct Session {
     sync: SyncHandle,
     store: Arc<MemoryBackend>,
     node: PeerId,
+    addr: Multiaddr,
 }
+
+/// Tries a request to the node, re-dialling once if the connection dropped
+/// under it (a node restarting, or a connection replaced by a newer one).
+/// Pushes and pulls are idempotent: items are identified by their hash.
+const ATTEMPTS: usize = 3;
 
 impl Session {
     async fn open(keystore: &Keystore, node: &str) -> Result<Self> {
@@ -242,16 +248,28 @@ impl Session {
             sync,
             store,
             node: peer,
+            addr,
         })
+    }
+
+    async fn redial(&self, attempt: usize, cause: &medmesh_sync::Error) {
+        tracing::info!(attempt, cause = %cause, "request to the node failed; reconnecting");
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.sync.dial(self.addr.clone())).await;
     }
 
     async fn push(&self, items: Vec<Item>, hints: Vec<Multiaddr>) -> Result<medmesh_sync::IngestReport> {
         let count = items.len() as u64;
-        let report = self
-            .sync
-            .push(self.node, items, hints)
-            .await
-            .context("submitting to the node")?;
+        let mut attempt = 1;
+        let report = loop {
+            match self.sync.push(self.node, items.clone(), hints.clone()).await {
+                Ok(report) => break report,
+                Err(e) if attempt < ATTEMPTS => {
+                    self.redial(attempt, &e).await;
+                    attempt += 1;
+                }
+                Err(e) => return Err(e).context("submitting to the node"),
+            }
+        };
         if report.rejected > 0 {
             bail!(
                 "the node rejected {} of {count} items (accepted {}, pending {})",
