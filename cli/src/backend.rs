@@ -25,11 +25,65 @@ pub(crate) struct NodeBackend {
     node: Node,
     repository: Repository,
     sync: Option<medmesh_sync::SyncHandle>,
+    /// Refreshed in the background: `/metrics` is synchronous and must not
+    /// wait on the sync actor or walk the disk per scrape.
+    gauges: Arc<std::sync::Mutex<Gauges>>,
+}
+
+#[derive(Default)]
+struct Gauges {
+    sync: Option<medmesh_sync::Status>,
+    store_bytes: u64,
+}
+
+/// How often the gauges behind `/metrics` are refreshed.
+const GAUGE_REFRESH: std::time::Duration = std::time::Duration::from_secs(5);
+
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .filter_map(Result::ok)
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
 }
 
 impl NodeBackend {
-    pub(crate) fn new(node: Node, repository: Repository, sync: Option<medmesh_sync::SyncHandle>) -> Self {
-        Self { node, repository, sync }
+    /// Needs a tokio runtime: spawns the gauge refresher, which ends with the backend.
+    pub(crate) fn new(
+        node: Node,
+        repository: Repository,
+        sync: Option<medmesh_sync::SyncHandle>,
+        store_dir: std::path::PathBuf,
+    ) -> Self {
+        let gauges = Arc::new(std::sync::Mutex::new(Gauges::default()));
+        let weak = Arc::downgrade(&gauges);
+        let handle = sync.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(GAUGE_REFRESH);
+            loop {
+                tick.tick().await;
+                let Some(gauges) = weak.upgrade() else { return };
+                let status = match &handle {
+                    Some(h) => h.status().await.ok(),
+                    None => None,
+                };
+                let dir = store_dir.clone();
+                let bytes = tokio::task::spawn_blocking(move || dir_bytes(&dir)).await.unwrap_or(0);
+                let mut g = gauges.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                g.sync = status;
+                g.store_bytes = bytes;
+            }
+        });
+        Self {
+            node,
+            repository,
+            sync,
+            gauges,
+        }
     }
 
     fn actor() -> Actor {
@@ -583,5 +637,33 @@ impl Backend for NodeBackend {
              # TYPE medmesh_node_items_pending gauge\nmedmesh_node_items_pending {pending}\n\
              # TYPE medmesh_node_items_rejected counter\nmedmesh_node_items_rejected_total {rejected}\n"
         ));
+        let gauges = self.gauges.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        out.push_str(&format!(
+            "# TYPE medmesh_node_store_bytes gauge\n# UNIT medmesh_node_store_bytes bytes\nmedmesh_node_store_bytes {}\n",
+            gauges.store_bytes
+        ));
+        if let Some(s) = &gauges.sync {
+            let counters = [
+                ("items_sent", s.items_sent),
+                ("items_received", s.items_received),
+                ("items_accepted", s.items_accepted),
+                ("items_rejected", s.items_rejected),
+                ("items_pending", s.items_pending),
+                ("bytes_sent", s.bytes_sent),
+                ("bytes_received", s.bytes_received),
+            ];
+            for (name, value) in counters {
+                out.push_str(&format!(
+                    "# TYPE medmesh_sync_{name} counter\nmedmesh_sync_{name}_total {value}\n"
+                ));
+            }
+            out.push_str(&format!("# TYPE medmesh_sync_peers gauge\nmedmesh_sync_peers {}\n", s.peers));
+            if let Some(lag) = s.sync_lag {
+                out.push_str(&format!(
+                    "# TYPE medmesh_sync_lag_seconds gauge\n# UNIT medmesh_sync_lag_seconds seconds\nmedmesh_sync_lag_seconds {}\n",
+                    lag.as_secs_f64()
+                ));
+            }
+        }
     }
 }

@@ -231,7 +231,12 @@ pub(crate) async fn start(dir: &Path, options: RunOptions) -> Result<StartedNode
         .map(ToString::to_string)
         .collect();
     let config = medmesh_gateway::Config::for_addr(bound);
-    let backend = Arc::new(NodeBackend::new(node.clone(), repository, Some(sync.clone())));
+    let backend = Arc::new(NodeBackend::new(
+        node.clone(),
+        repository,
+        Some(sync.clone()),
+        dir.join(medmesh_node::STORE_DIR),
+    ));
     let router = medmesh_gateway::router(backend, medmesh_gateway::Token::new(&token), config);
     let (shutdown, mut stop) = tokio::sync::watch::channel(false);
     let gateway_task = tokio::spawn(medmesh_gateway::serve(listener, router, async move {
