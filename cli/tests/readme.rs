@@ -38,7 +38,8 @@ fn readme_walkthrough_runs() {
     std::fs::write(
         &script,
         format!(
-            "set -euo pipefail\nexport TMPDIR={}\n{}",
+            // Whatever happens, no node outlives the test.
+            "set -euo pipefail\ntrap 'kill $(jobs -p) 2>/dev/null || true' EXIT\nexport TMPDIR={}\n{}",
             dir.path().display(),
             walkthrough()
         ),
