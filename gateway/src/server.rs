@@ -551,7 +551,11 @@ async fn everything<B: Backend>(state: &AppState<B>, id: &str, query: &str) -> R
         } else {
             SearchMode::Include
         };
-        bundle.push_serialized(format!("{base}/{}", resource.key), resource.bytes.clone(), mode);
+        bundle.push_serialized(
+            format!("{base}/{}", resource.key),
+            Serialized(Arc::clone(resource)),
+            mode,
+        );
     }
     Ok(fhir_bytes(StatusCode::OK, bundle.to_bytes()))
 }
@@ -583,6 +587,15 @@ async fn search<B: Backend>(
     ))
 }
 
+/// A rendered resource's cached JSON bytes, shared into a Bundle without a copy.
+struct Serialized(Arc<RenderedResource>);
+
+impl AsRef<[u8]> for Serialized {
+    fn as_ref(&self) -> &[u8] {
+        &self.0.bytes
+    }
+}
+
 /// One page of a search's matches as a `searchset` Bundle, with `next`
 /// link and a warning for every ignored parameter.
 pub(crate) fn searchset(base: &str, request: &SearchRequest, matches: &[Arc<RenderedResource>]) -> Searchset {
@@ -596,7 +609,7 @@ pub(crate) fn searchset(base: &str, request: &SearchRequest, matches: &[Arc<Rend
     for resource in matches.iter().skip(request.offset).take(request.count) {
         bundle.push_serialized(
             format!("{base}/{}", resource.key),
-            resource.bytes.clone(),
+            Serialized(Arc::clone(resource)),
             SearchMode::Match,
         );
     }

@@ -2,6 +2,7 @@
 //! and parsing an incoming `transaction`/`batch` Bundle into typed entries.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use serde_json::{Map, Value, json};
 
@@ -41,14 +42,28 @@ pub struct Searchset {
 }
 
 /// An entry of a [`Searchset`]: built JSON, or a resource already serialized.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 enum SearchEntry {
     Json(Value),
     Serialized {
         full_url: String,
-        resource: Vec<u8>,
+        resource: Arc<dyn AsRef<[u8]> + Send + Sync>,
         mode: SearchMode,
     },
+}
+
+impl std::fmt::Debug for SearchEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print resource content: only sizes.
+        match self {
+            Self::Json(_) => f.write_str("SearchEntry::Json(..)"),
+            Self::Serialized { resource, mode, .. } => f
+                .debug_struct("SearchEntry::Serialized")
+                .field("bytes", &(**resource).as_ref().len())
+                .field("mode", mode)
+                .finish(),
+        }
+    }
 }
 
 impl Searchset {
@@ -92,11 +107,17 @@ impl Searchset {
 
     /// Adds a resource already serialized as compact JSON (e.g. a node's cached
     /// rendering), so that [`to_bytes`](Self::to_bytes) copies it instead of
-    /// re-serializing it. `resource` must be one JSON object.
-    pub fn push_serialized(&mut self, full_url: impl Into<String>, resource: Vec<u8>, mode: SearchMode) {
+    /// re-serializing it (nor copying it before then). `resource` must be one
+    /// JSON object.
+    pub fn push_serialized(
+        &mut self,
+        full_url: impl Into<String>,
+        resource: impl AsRef<[u8]> + Send + Sync + 'static,
+        mode: SearchMode,
+    ) {
         self.entries.push(SearchEntry::Serialized {
             full_url: full_url.into(),
-            resource,
+            resource: Arc::new(resource),
             mode,
         });
     }
@@ -123,7 +144,7 @@ impl Searchset {
         let size: usize = entries
             .iter()
             .map(|e| match e {
-                SearchEntry::Serialized { resource, .. } => resource.len() + 128,
+                SearchEntry::Serialized { resource, .. } => (**resource).as_ref().len() + 128,
                 SearchEntry::Json(_) => 256,
             })
             .sum();
@@ -145,7 +166,7 @@ impl Searchset {
                     out.extend_from_slice(b"{\"fullUrl\":");
                     out.extend_from_slice(Value::String(full_url).to_string().as_bytes());
                     out.extend_from_slice(b",\"resource\":");
-                    out.extend_from_slice(&resource);
+                    out.extend_from_slice((*resource).as_ref());
                     out.extend_from_slice(b",\"search\":{\"mode\":\"");
                     out.extend_from_slice(mode.as_str().as_bytes());
                     out.extend_from_slice(b"\"}}");
@@ -184,7 +205,7 @@ impl Searchset {
                         mode,
                     } => json!({
                         "fullUrl": full_url,
-                        "resource": serde_json::from_slice::<Value>(&resource).unwrap_or(Value::Null),
+                        "resource": serde_json::from_slice::<Value>((*resource).as_ref()).unwrap_or(Value::Null),
                         "search": { "mode": mode.as_str() },
                     }),
                 })

@@ -190,13 +190,10 @@ impl Backend for MemBackend {
 
     async fn everything(&self, id: &str) -> Result<Vec<Arc<RenderedResource>>, ApiError> {
         let doc = self.doc.lock().unwrap();
-        let patient = doc.read(&format!("Patient/{id}"))?;
+        let key = format!("Patient/{id}");
+        let patient = doc.read(&key)?;
         let mut all = vec![patient];
-        all.extend(
-            doc.resources()?
-                .into_iter()
-                .filter(|r| r.key != format!("Patient/{id}")),
-        );
+        all.extend(doc.resources()?.into_iter().filter(|r| r.key != key));
         Ok(all)
     }
 
