@@ -1,12 +1,14 @@
-//! Record-model benchmarks: a 10k-change collection of ~1 KiB Observations applied
-//! in one batch (DESIGN §3: "as one batch 0.5 s"), loaded from a snapshot, rendered.
+//! Record-model benchmarks, printed as figures: a 10k-change collection of ~1 KiB
+//! Observations applied in one batch (with its phases), loaded from a snapshot,
+//! rendered; a cached read vs a HashMap + serde_json. Run with
+//! `cargo bench -p medmesh-node --bench records`; `MEDMESH_BENCH_CHANGES` scales it.
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
-use criterion::{Criterion, criterion_group, criterion_main};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
 use medmesh_node::records::{DecodedChange, RecordDoc, actor_id};
 use serde_json::{Value, json};
-
-const CHANGES: usize = 10_000;
 
 /// An Observation of roughly 1 KiB of JSON.
 fn observation(i: usize) -> Value {
@@ -33,11 +35,11 @@ fn observation(i: usize) -> Value {
     })
 }
 
-fn build() -> (RecordDoc, Vec<Vec<u8>>) {
+fn build(n: usize) -> (RecordDoc, Vec<Vec<u8>>) {
     let actor = actor_id(&[1; 32], [0; 8]);
     let mut doc = RecordDoc::new();
-    let mut changes = Vec::with_capacity(CHANGES);
-    for i in 0..CHANGES {
+    let mut changes = Vec::with_capacity(n);
+    for i in 0..n {
         let w = doc
             .create(&actor, 1_700_000_000_000 + i as i64, &format!("o{i}"), &observation(i))
             .unwrap();
@@ -46,68 +48,118 @@ fn build() -> (RecordDoc, Vec<Vec<u8>>) {
     (doc, changes)
 }
 
-fn benches(c: &mut Criterion) {
-    let (doc, changes) = build();
+/// Median of `runs` timings of `f`.
+fn median<T>(runs: usize, mut f: impl FnMut() -> T) -> Duration {
+    let mut times: Vec<Duration> = (0..runs)
+        .map(|_| {
+            let start = Instant::now();
+            std::hint::black_box(f());
+            start.elapsed()
+        })
+        .collect();
+    times.sort();
+    times[times.len() / 2]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:>9.1} ms", d.as_secs_f64() * 1e3)
+}
+
+fn main() {
+    let quick = !std::env::args().any(|a| a == "--bench");
+    let n: usize = std::env::var("MEDMESH_BENCH_CHANGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if quick { 300 } else { 10_000 });
+    let runs = if quick { 1 } else { 5 };
+    let (doc, changes) = build(n);
     let json_bytes = serde_json::to_vec(&observation(0)).unwrap().len();
     let change_bytes: usize = changes.iter().map(Vec::len).sum();
     let snapshot = doc.save();
-    eprintln!(
-        "records bench: {CHANGES} changes, resource JSON ~{json_bytes} B, changes {change_bytes} B total, snapshot {} B",
+    println!(
+        "records: {n} changes, resource JSON {json_bytes} B, changes {change_bytes} B total, snapshot {} B",
         snapshot.len()
     );
 
-    let mut g = c.benchmark_group("records");
-    g.sample_size(10);
-    g.bench_function("apply_10k_changes_one_batch", |b| {
-        b.iter_batched(
-            || {
-                changes
-                    .iter()
-                    .map(|c| DecodedChange::from_bytes(c).unwrap())
-                    .collect::<Vec<_>>()
-            },
-            |decoded| {
-                let mut peer = RecordDoc::new();
-                let report = peer.apply_changes(decoded);
-                assert_eq!(report.applied.len(), CHANGES);
-                peer
-            },
-            criterion::BatchSize::LargeInput,
-        );
+    let decode = || {
+        changes
+            .iter()
+            .map(|c| DecodedChange::from_bytes(c).unwrap())
+            .collect::<Vec<_>>()
+    };
+    println!("  decode {n} changes                    {}", ms(median(runs, decode)));
+    let genesis = RecordDoc::new().save();
+    let raw: Vec<automerge::Change> = changes
+        .iter()
+        .map(|c| automerge::Change::from_bytes(c.clone()).unwrap())
+        .collect();
+    let t = median(runs, || {
+        let mut am = automerge::Automerge::load(&genesis).unwrap();
+        am.apply_changes(raw.clone()).unwrap();
+        am
     });
-    g.bench_function("decode_10k_changes", |b| {
-        b.iter(|| changes.iter().filter(|c| DecodedChange::from_bytes(c).is_ok()).count());
+    println!("  automerge apply_changes alone         {}", ms(t));
+    let t = median(runs, || {
+        let decoded = decode();
+        let mut peer = RecordDoc::new();
+        let report = peer.apply_changes(decoded);
+        assert_eq!(report.applied.len(), n);
+        peer
     });
-    g.bench_function("load_snapshot_10k", |b| {
-        b.iter(|| RecordDoc::load(&snapshot).unwrap());
+    println!(
+        "  decode + RecordDoc::apply_changes     {}  (target well under 1 s)",
+        ms(t)
+    );
+    let t = median(runs, || automerge::Automerge::load(&snapshot).unwrap());
+    println!("  automerge load of the snapshot        {}", ms(t));
+    let t = median(runs, || {
+        automerge::Automerge::load_with_options(
+            &snapshot,
+            automerge::LoadOptions::new().verification_mode(automerge::VerificationMode::DontCheck),
+        )
+        .unwrap()
     });
-    g.bench_function("render_all_10k_cold", |b| {
-        b.iter_batched(
-            || RecordDoc::load(&snapshot).unwrap(),
-            |d| d.resources().unwrap().len(),
-            criterion::BatchSize::LargeInput,
-        );
-    });
+    println!("  automerge load, heads not verified    {}", ms(t));
+    let am = automerge::Automerge::load(&snapshot).unwrap();
+    let t = median(runs, || am.get_changes(&[]).len());
+    println!("  automerge get_changes(all)            {}", ms(t));
+    let t = median(runs, || am.clone());
+    println!("  automerge clone of the doc            {}", ms(t));
+    let t = median(runs, || RecordDoc::load(&snapshot).unwrap());
+    println!("  RecordDoc::load (checks every change) {}", ms(t));
+    let t = median(runs, || doc.save());
+    println!("  RecordDoc::save                       {}", ms(t));
+
+    // Cached read vs HashMap<String, Value> lookup + serde_json::to_vec.
     let warm = RecordDoc::load(&snapshot).unwrap();
-    warm.resources().unwrap();
-    g.bench_function("render_all_10k_cached", |b| {
-        b.iter(|| warm.resources().unwrap().len());
+    let t = median(1, || warm.resources().unwrap().len());
+    println!("  render all {n}, cold                  {}", ms(t));
+    let t = median(runs, || warm.resources().unwrap().len());
+    println!("  serve all {n} from the render cache   {}", ms(t));
+    let keys: Vec<String> = (0..n).map(|i| format!("Observation/o{i}")).collect();
+    let map: HashMap<String, Value> = keys
+        .iter()
+        .map(|k| (k.clone(), warm.read(k).unwrap().json.clone()))
+        .collect();
+    let reads = if quick { 1_000 } else { 200_000 };
+    let t_doc = median(runs, || {
+        let mut total = 0;
+        for i in 0..reads {
+            total += warm.read(&keys[i % n]).unwrap().bytes.len();
+        }
+        total
     });
-    g.finish();
-
-    let mut g = c.benchmark_group("records_write");
-    let mut big = RecordDoc::load(&snapshot).unwrap();
-    let writer = actor_id(&[2; 32], [0; 8]);
-    let mut n = 0usize;
-    g.bench_function("create_on_10k_doc", |b| {
-        b.iter(|| {
-            n += 1;
-            big.create(&writer, 1_800_000_000_000, &format!("new{n}"), &observation(n))
-                .unwrap()
-        });
+    let t_map = median(runs, || {
+        let mut total = 0;
+        for i in 0..reads {
+            total += serde_json::to_vec(map.get(&keys[i % n]).unwrap()).unwrap().len();
+        }
+        total
     });
-    g.finish();
+    println!(
+        "  cached read {:>7.0} ns vs HashMap+serde_json {:>7.0} ns: {:.2}x (target <= 2x)",
+        t_doc.as_nanos() as f64 / reads as f64,
+        t_map.as_nanos() as f64 / reads as f64,
+        t_doc.as_secs_f64() / t_map.as_secs_f64()
+    );
 }
-
-criterion_group!(records, benches);
-criterion_main!(records);

@@ -28,6 +28,8 @@ use crate::{Error, Result};
 
 /// Directory of the sled store inside the data directory.
 pub const STORE_DIR: &str = "store";
+/// Domain tag of the blind resource index key (derived from the node seed).
+const INDEX_KEY_TAG: &[u8] = b"medmesh/resource-index-key/v1";
 
 /// Tuning of a [`Node`].
 #[derive(Clone, Debug)]
@@ -215,6 +217,8 @@ pub struct Holdings {
 struct Inner {
     store: Arc<dyn Store>,
     identity: SecretIdentity,
+    /// Key of the blind resource index, derived from the identity seed.
+    index_key: Zeroizing<[u8; 32]>,
     me: PracticeId,
     registry: RwLock<Registry>,
     committer: Committer,
@@ -360,10 +364,17 @@ impl Node {
         let me = identity.practice_id()?;
         let committer = Committer::start(store.clone(), config.group_commit_max)?;
         let (events, _) = broadcast::channel(config.event_capacity.max(1));
+        let index_key = {
+            let mut h = Sha256::new();
+            h.update(INDEX_KEY_TAG);
+            h.update(identity.seed().as_slice());
+            Zeroizing::new(<[u8; 32]>::from(h.finalize()))
+        };
         let node = Self {
             inner: Arc::new(Inner {
                 store,
                 identity,
+                index_key,
                 me,
                 registry: RwLock::new(Registry::default()),
                 committer,
@@ -1372,6 +1383,46 @@ impl Node {
         }
         self.drop_snapshot(patient, collection)?;
         Ok(None)
+    }
+
+    /// The blind key of a resource key (`Type/id`): SHA-256 of the node's
+    /// index key (derived from its identity seed) and the resource key, so
+    /// the disk shows neither types nor ids, and guesses cannot be checked
+    /// without the node key.
+    fn blind(&self, resource_key: &str) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(self.inner.index_key.as_slice());
+        h.update(resource_key.as_bytes());
+        h.finalize().into()
+    }
+
+    /// Where the resource `Type/id` lives, from the blind resource index on
+    /// disk (filled by the record layer with [`Node::index_resources`]).
+    ///
+    /// # Errors
+    /// Store failures.
+    pub fn locate_resource(&self, resource_key: &str) -> Result<Option<(PatientId, Collection)>> {
+        self.store().resource_location(&self.blind(resource_key))
+    }
+
+    /// Records in the blind resource index that these resource keys live in
+    /// (patient, collection). Not flushed on its own; a lost entry costs a
+    /// scan of the readable documents, which records it again.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub fn index_resources<'k>(
+        &self,
+        patient: PatientId,
+        collection: Collection,
+        keys: impl IntoIterator<Item = &'k str>,
+    ) -> Result<()> {
+        let entries: Vec<([u8; 32], PatientId, Collection)> =
+            keys.into_iter().map(|k| (self.blind(k), patient, collection)).collect();
+        if entries.is_empty() {
+            return Ok(());
+        }
+        self.store().put_resource_locations(&entries)
     }
 
     /// Drops the local snapshot of (patient, collection), if any.

@@ -16,9 +16,10 @@
 //!
 //! Resources are addressed by `Type/id` alone (that is what FHIR clients
 //! send), so the repository keeps an in-memory index from resource key to
-//! (patient, collection). It fills as documents load; the first lookup of a
-//! key it does not know loads every readable document once (slow, logged),
-//! after which events keep it complete.
+//! (patient, collection), backed by the node's blind index on disk
+//! ([`Node::locate_resource`]), which it fills as documents load and
+//! change. A key found in neither loads every readable document once
+//! (slow, logged), after which events keep the in-memory index complete.
 
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
@@ -188,6 +189,7 @@ impl Repository {
         }
         let (doc, envelopes, replayed) = self.load(key).await?;
         let keys = doc.keys();
+        self.index_on_disk(key, keys.iter().map(String::as_str));
         {
             let mut index = lock(&self.inner.index);
             for k in keys {
@@ -289,6 +291,14 @@ impl Repository {
         }
     }
 
+    /// Records resource keys in the node's blind index (logged on failure:
+    /// a missing entry only costs a scan).
+    fn index_on_disk<'k>(&self, at: DocKey, keys: impl IntoIterator<Item = &'k str>) {
+        if let Err(e) = self.inner.node.index_resources(at.0, at.1, keys) {
+            tracing::warn!(cause = %e, "recording resource locations failed");
+        }
+    }
+
     fn evict(&self, key: &DocKey) {
         lock(&self.inner.docs).pop(key);
     }
@@ -298,6 +308,14 @@ impl Repository {
     async fn locate(&self, resource_key: &str) -> Result<DocKey> {
         if let Some(at) = lock(&self.inner.index).location.get(resource_key) {
             return Ok(*at);
+        }
+        match self.inner.node.locate_resource(resource_key) {
+            Ok(Some(at)) => {
+                lock(&self.inner.index).location.insert(resource_key.to_owned(), at);
+                return Ok(at);
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(cause = %e, "resource index lookup failed; scanning"),
         }
         if !lock(&self.inner.index).complete {
             tracing::info!("resource index incomplete: loading every readable document once");
@@ -433,6 +451,7 @@ impl Repository {
             doc.doc.create(&self.inner.actor, now_ms(), id, &resource)?
         };
         self.persist(key, &doc, &written, actor).await?;
+        self.index_on_disk(key, [written.key.as_str()]);
         lock(&self.inner.index).location.insert(written.key.clone(), key);
         written.resource.ok_or_else(|| {
             records::Error::Corrupt {
@@ -697,6 +716,10 @@ impl Repository {
         cached.since_snapshot += report.applied.len();
         self.maybe_snapshot(key, &mut cached, false);
         drop(cached);
+        self.index_on_disk(
+            key,
+            report.applied.iter().flat_map(|a| a.keys.iter().map(String::as_str)),
+        );
         let mut index = lock(&self.inner.index);
         for applied in &report.applied {
             for k in &applied.keys {

@@ -588,7 +588,7 @@ fn no_plaintext_at_rest_or_in_logs() {
     let dir = tempfile::tempdir().unwrap();
     let marker = "MEDMESH-MARKER-7f3a9c1e-allergy-penicillin";
     let automerge_magic = [0x85u8, 0x6f, 0x4a, 0x83];
-    tracing::subscriber::with_default(subscriber, || {
+    let resource_id = tracing::subscriber::with_default(subscriber, || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -659,13 +659,18 @@ fn no_plaintext_at_rest_or_in_logs() {
             assert_eq!(snapshot.covered.len(), 6);
             // In memory it is a plain Automerge document, which the scan would find.
             assert!(snapshot.doc.starts_with(&automerge_magic));
+            // The blind resource index finds it without naming it on disk.
+            assert_eq!(a.locate_resource(&p.key).unwrap(), Some((other.id(), CORE)));
             drop(repo);
             a.close().await;
             b.close().await;
-        });
+            p.id().to_owned()
+        })
     });
     let mut needles = needles(marker);
     needles.push(automerge_magic.to_vec());
+    // Resource ids (and so `Type/id` keys) are not on disk either.
+    needles.push(resource_id.into_bytes());
     let hits = scan_dir(dir.path(), &needles);
     assert!(hits.is_empty(), "plaintext at rest: {hits:?}");
     let logs = logs.0.lock().unwrap().clone();

@@ -25,6 +25,9 @@ const GENESIS_ACTOR: &[u8; 24] = b"medmesh/records/genesis/";
 const RESOURCES: &str = "resources";
 /// Root key of the map of tombstones (key → `true`).
 const DELETED: &str = "deleted";
+/// Ready changes from which [`RecordDoc::apply_changes`] applies and checks in
+/// parallel (below it, the thread costs more than it saves).
+const SPECULATE_MIN: usize = 64;
 /// Hex characters of the change hash used as `meta.versionId`.
 const VERSION_ID_LEN: usize = 16;
 
@@ -1039,6 +1042,16 @@ impl RecordDoc {
         for c in blocked {
             self.pending.insert(c.hash(), c);
         }
+        if ordered.len() >= SPECULATE_MIN
+            && let Some(effects) = self.apply_speculatively(&ordered)
+        {
+            for e in &effects {
+                self.accept(e, &mut report);
+            }
+            report.pending = self.pending.keys().copied().collect();
+            report.pending.sort_unstable();
+            return report;
+        }
         // Check each ready change in causal order; a rejected change blocks its dependents.
         let mut overlay = Overlay::default();
         let mut failed: HashSet<ChangeHash> = HashSet::new();
@@ -1077,6 +1090,43 @@ impl RecordDoc {
         report.pending = self.pending.keys().copied().collect();
         report.pending.sort_unstable();
         report
+    }
+
+    /// The fast path for a large batch: Automerge applies every ready change
+    /// to a copy of the document on one thread while this thread checks them
+    /// against the record model. The copy replaces the document only when
+    /// every change passes and Automerge applied them all; otherwise nothing
+    /// changed and the caller takes the careful path.
+    fn apply_speculatively(&mut self, ordered: &[Change]) -> Option<Vec<Effects>> {
+        let doc = &self.doc;
+        let index = &self.index;
+        let (effects, applied) = std::thread::scope(|scope| {
+            let apply = scope.spawn(move || {
+                catch_unwind(AssertUnwindSafe(|| {
+                    let mut copy = doc.clone();
+                    let ok =
+                        copy.apply_changes(ordered.iter().cloned()).is_ok() && copy.get_missing_deps(&[]).is_empty();
+                    ok.then_some(copy)
+                }))
+                .ok()
+                .flatten()
+            });
+            let mut overlay = Overlay::default();
+            let mut effects = Vec::with_capacity(ordered.len());
+            for c in ordered {
+                let Ok(e) = index.analyse(c, &overlay) else {
+                    break;
+                };
+                overlay.add(&e);
+                effects.push(e);
+            }
+            (effects, apply.join().ok().flatten())
+        });
+        if effects.len() != ordered.len() {
+            return None;
+        }
+        self.doc = applied?;
+        Some(effects)
     }
 
     /// Applies a batch under `catch_unwind`, restoring the document on failure.

@@ -1017,3 +1017,68 @@ fn record_doc_can_be_shared_across_threads() {
     assert_send_sync::<RenderedResource>();
     assert_send_sync::<DecodedChange>();
 }
+
+/// Batches of at least `SPECULATE_MIN` changes take the parallel path; the
+/// result equals one change at a time, and one bad change in a large batch
+/// falls back to the careful path, which rejects only it and its dependents.
+#[test]
+fn large_batches_match_one_at_a_time_and_isolate_a_bad_change() {
+    let mut src = RecordDoc::new();
+    let mut changes = Vec::new();
+    for i in 0..100 {
+        let w = src
+            .create(
+                &actor(1),
+                T0 + i,
+                &format!("o{i}"),
+                &json!({"resourceType": "Observation", "status": "final", "valueQuantity": {"value": 1.50}}),
+            )
+            .unwrap();
+        changes.push(w.change);
+    }
+    let decoded = || {
+        changes
+            .iter()
+            .map(|c| DecodedChange::from_bytes(c).unwrap())
+            .collect::<Vec<_>>()
+    };
+    let mut batch = RecordDoc::new();
+    let report = batch.apply_changes(decoded());
+    assert_eq!(report.applied.len(), 100);
+    let mut single = RecordDoc::new();
+    for c in decoded() {
+        single.apply_changes(vec![c]);
+    }
+    assert_eq!(batch.resources().unwrap(), single.resources().unwrap());
+    assert_eq!(batch.heads(), single.heads());
+
+    // 79 changes of a second actor with, in the middle, a forged one that writes the
+    // document root (its author's replica refused it, so nothing depends on it).
+    let mut other = RecordDoc::load(&src.save()).unwrap();
+    let mut bad_batch = Vec::new();
+    for i in 0..80 {
+        if i == 40 {
+            let forged = forge(&other, |tx| {
+                tx.put(automerge::ROOT, "x", "y").unwrap();
+            });
+            other.apply_changes(vec![forged.clone()]);
+            bad_batch.push(forged);
+            continue;
+        }
+        let w = other
+            .create(
+                &actor(2),
+                T0 + 1000 + i,
+                &format!("p{i}"),
+                &json!({"resourceType": "Condition"}),
+            )
+            .unwrap();
+        bad_batch.push(DecodedChange::from_bytes(&w.change).unwrap());
+    }
+    let mut peer = RecordDoc::new();
+    peer.apply_changes(decoded());
+    let report = peer.apply_changes(bad_batch);
+    assert_eq!(report.rejected.len(), 1, "{:?}", report.rejected);
+    assert_eq!(report.applied.len(), 79);
+    assert_eq!(peer.resources().unwrap().len(), 179);
+}

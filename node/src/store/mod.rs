@@ -12,6 +12,7 @@
 //! - the hash-chained audit log;
 //! - sealed snapshots, one per (patient, collection): a local cache of the
 //!   document, encrypted under the current epoch key, never synced;
+//! - the blind resource index: keyed hash of `Type/id` → (patient, collection);
 //! - the store instance id (16 random bytes made at creation).
 //!
 //! One [`Batch`] is applied atomically (all its ops or none). Durability is
@@ -443,6 +444,27 @@ pub trait Store: Send + Sync + 'static {
     /// Engine failures.
     fn put_snapshot(&self, patient: &PatientId, collection: Collection, sealed: &[u8]) -> Result<()> {
         let _ = (patient, collection, sealed);
+        Ok(())
+    }
+
+    /// Where the resource with this blind key lives (see
+    /// [`crate::Node::locate_resource`]); none in a store without the index
+    /// (the default).
+    ///
+    /// # Errors
+    /// Engine failures, [`crate::Error::Corrupt`].
+    fn resource_location(&self, blind: &[u8; 32]) -> Result<Option<(PatientId, Collection)>> {
+        let _ = blind;
+        Ok(None)
+    }
+
+    /// Records where resources live, by blind key. Not flushed: a lost
+    /// entry costs a scan, which records it again.
+    ///
+    /// # Errors
+    /// Engine failures.
+    fn put_resource_locations(&self, entries: &[([u8; 32], PatientId, Collection)]) -> Result<()> {
+        let _ = entries;
         Ok(())
     }
 

@@ -6,7 +6,8 @@
 //! `seqlog` (seq → item metadata), `consent` (seq → id of grants,
 //! revocations, key shares), `envelopes` (patient ‖ collection ‖ envelope id
 //! → index entry), `pending`, `rejected`, `cursors`, `audit`, `snapshots`
-//! (patient ‖ collection → sealed snapshot; outside transactions).
+//! (patient ‖ collection → sealed snapshot; outside transactions),
+//! `resources` (blind resource key → patient ‖ collection; outside transactions).
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -50,6 +51,7 @@ pub struct SledStore {
     cursors: sled::Tree,
     audit: sled::Tree,
     snapshots: sled::Tree,
+    resources: sled::Tree,
     instance: InstanceId,
     // Commits are serialised: seqs and the audit chain need one writer.
     heads: Mutex<Heads>,
@@ -90,6 +92,7 @@ impl SledStore {
             cursors: tree("cursors")?,
             audit: tree("audit")?,
             snapshots: tree("snapshots")?,
+            resources: tree("resources")?,
             db,
             instance,
             heads: Mutex::new(Heads {
@@ -477,6 +480,30 @@ impl Store for SledStore {
             .insert(codec::envelope_prefix(patient, Some(collection)), sealed)
             .map(|_| ())
             .map_err(storage)
+    }
+
+    fn resource_location(&self, blind: &[u8; 32]) -> Result<Option<(PatientId, Collection)>> {
+        let Some(v) = self.resources.get(blind).map_err(storage)? else {
+            return Ok(None);
+        };
+        let parsed = (v.len() == 33)
+            .then(|| {
+                let patient = PatientId::from_bytes(v[..32].try_into().ok()?).ok()?;
+                Some((patient, codec::collection_from_tag(v[32])?))
+            })
+            .flatten();
+        parsed.map(Some).ok_or_else(|| Error::Corrupt {
+            what: "resource index",
+            key: hex::encode(blind),
+        })
+    }
+
+    fn put_resource_locations(&self, entries: &[([u8; 32], PatientId, Collection)]) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        for (blind, patient, collection) in entries {
+            batch.insert(&blind[..], codec::envelope_prefix(patient, Some(*collection)));
+        }
+        self.resources.apply_batch(batch).map_err(storage)
     }
 
     fn remove_snapshot(&self, patient: &PatientId, collection: Collection) -> Result<()> {
