@@ -110,10 +110,7 @@ pub(crate) fn run(cmd: PatientCommand, home: &Home, out: &Output) -> Result<()> 
             block_on(records(home, &node, resource_type.as_deref(), out))
         }
         PatientCommand::Export { node, output } => block_on(export(home, &node, &output, out)),
-        PatientCommand::Audit { .. } => bail!(
-            "`medmesh patient audit` needs the audit query over libp2p, which this build does not have yet; \
-             the practice can show your entries with `medmesh audit show --patient <did>`"
-        ),
+        PatientCommand::Audit { node } => block_on(audit(home, &node, out)),
     }
 }
 
@@ -293,6 +290,86 @@ impl Session {
     async fn close(self) {
         let _ = self.sync.shutdown().await;
     }
+}
+
+/// `patient audit`: asks the node, as the patient, for the audit entries
+/// about the patient (disclosures, reads, writes, consent items received)
+/// and prints one line (or JSON object) per entry. The node answers only
+/// the patient's own key, and records the query as a read.
+async fn audit(home: &Home, node: &str, out: &Output) -> Result<()> {
+    let (keystore, _) = open_keystore(home)?;
+    let patient = keystore.patient();
+    let session = Session::open(&keystore, node).await?;
+    let mut attempt = 1;
+    let result = loop {
+        match session.sync.audit(session.node, patient).await {
+            Err(e @ medmesh_sync::Error::Request { .. }) if attempt < ATTEMPTS => {
+                session.redial(attempt, &e).await;
+                attempt += 1;
+            }
+            other => break other,
+        }
+    };
+    let node_peer = session.node;
+    session.close().await;
+    let entries = match result {
+        Ok(entries) => entries,
+        Err(medmesh_sync::Error::Refused { reason, .. }) => {
+            bail!("node {node_peer} refused to show your audit entries ({reason}); try again, or ask the practice")
+        }
+        Err(e) => return Err(e).context("fetching your audit entries from the node"),
+    };
+    let did = patient.to_string();
+    let own_peer = PracticeId::from_bytes(*patient.as_bytes())
+        .map(|p| p.peer_id().to_string())
+        .unwrap_or_default();
+    for e in &entries {
+        let at = medmesh_node::records::format_instant(i64::try_from(e.time).unwrap_or(i64::MAX));
+        let items: Vec<String> = e.items.iter().map(ToString::to_string).collect();
+        let grant = e.grant.map(|g| g.to_string());
+        let actor_kind = match e.actor_kind {
+            medmesh_node::audit::ActorKind::LocalApp => "local-app",
+            medmesh_node::audit::ActorKind::Peer => "peer",
+            medmesh_node::audit::ActorKind::Patient => "patient",
+            medmesh_node::audit::ActorKind::Node => "node",
+        };
+        let you = if e.actor_id == did || e.actor_id == own_peer {
+            " (you)"
+        } else {
+            ""
+        };
+        out.result(
+            &json!({
+                "seq": e.seq,
+                "time": e.time,
+                "at": at,
+                "actor_kind": actor_kind,
+                "actor_id": e.actor_id,
+                "action": e.action.as_str(),
+                "patient": did,
+                "item_count": e.item_count,
+                "items": items,
+                "grant": grant,
+                "outcome": e.outcome,
+                "prev_hash": hex::encode(e.prev_hash),
+                "hash": hex::encode(e.hash),
+            }),
+            &format!(
+                "#{:<6} {at}  {:<10} {actor_kind:<9} {}{you}  {} item{}  grant {}  {}",
+                e.seq,
+                e.action.as_str(),
+                e.actor_id,
+                e.item_count,
+                if e.item_count == 1 { "" } else { "s" },
+                grant.as_deref().unwrap_or("-"),
+                e.outcome
+            ),
+        );
+    }
+    if !out.is_json() {
+        println!("{} entries about you at node {node_peer}", entries.len());
+    }
+    Ok(())
 }
 
 fn keys_of(keystore: &Keystore, collection: Collection) -> Vec<&EpochKey> {

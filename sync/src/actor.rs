@@ -806,6 +806,11 @@ impl<B: Backend> Actor<B> {
                     serve::fetch(&*b, requester, &ids, now()).await
                 });
             }
+            Request::Audit { patient, after, limit } => {
+                self.spawn_serve(channel, move |b| async move {
+                    serve::audit(&*b, requester, patient, after, limit).await
+                });
+            }
             Request::Push { items, addrs } => {
                 // Before ingesting: the consent flows that the stored items
                 // trigger may need to dial these addresses.

@@ -8,8 +8,9 @@ use std::fmt;
 use libp2p::PeerId;
 use medmesh_crypto::{
     Collection, Envelope, EnvelopeId, Grant, GrantId, KeyShare, MAX_ENVELOPE_BYTES, MAX_GRANT_BYTES,
-    MAX_KEYSHARE_BYTES, MAX_REVOCATION_BYTES, PatientId, Principal, Revocation,
+    MAX_KEYSHARE_BYTES, MAX_REVOCATION_BYTES, PatientId, Principal, Revocation, Timestamp,
 };
+use medmesh_node::audit::{Action, ActorKind};
 use sha2::{Digest, Sha256};
 use tokio::sync::broadcast;
 
@@ -355,6 +356,37 @@ pub struct DisclosureRecord {
     pub items: Vec<ItemId>,
 }
 
+/// One audit-log entry about a patient, as the patient's audit query
+/// carries it: ids and actions only, never record content. The fields are
+/// those of `medmesh_node::audit::AuditEntry` (less the patient, which the
+/// query names) in binary form.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct AuditEntryWire {
+    /// Position in the node's audit log, from 1.
+    pub seq: u64,
+    /// When it was appended (ms since the Unix epoch).
+    pub time: Timestamp,
+    /// Who acted.
+    pub actor_kind: ActorKind,
+    /// Their id: a PeerId, a did:key, an app name, or the node's PeerId.
+    pub actor_id: String,
+    /// What they did.
+    pub action: Action,
+    /// How many items the stored entry names; `items` holds at most
+    /// [`crate::wire::MAX_AUDIT_ITEMS_PER_ENTRY`] of them.
+    pub item_count: u64,
+    /// The item ids concerned (envelope ids, item hashes).
+    pub items: Vec<ItemId>,
+    /// The grant concerned, if any.
+    pub grant: Option<GrantId>,
+    /// `ok`, `refused: …`, `rejected: …`: a reason, never content.
+    pub outcome: String,
+    /// Hash of the previous entry in the node's log (all zero for the first).
+    pub prev_hash: [u8; 32],
+    /// Hash of this entry as stored.
+    pub hash: [u8; 32],
+}
+
 /// The operations sync needs from a node's store. Cheap lookups are plain
 /// functions (called from the actor); the ones that may touch the disk or
 /// wait for a flush are futures, run in spawned tasks.
@@ -416,4 +448,30 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Subscribes to "item stored" events.
     fn subscribe(&self) -> broadcast::Receiver<StoredEvent>;
+
+    /// Up to `limit` audit entries about `patient` with a sequence number
+    /// greater than `after`, in sequence order. The default has no audit
+    /// log to show and returns none.
+    ///
+    /// # Errors
+    /// Storage failures, an entry that does not decode.
+    fn audit_entries(
+        &self,
+        patient: &PatientId,
+        after: u64,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<AuditEntryWire>>> + Send {
+        let _ = (patient, after, limit);
+        std::future::ready(Ok(Vec::new()))
+    }
+
+    /// Appends "the patient read the audit entries about them" to the audit
+    /// log, durably, before they are sent. The default records nothing.
+    ///
+    /// # Errors
+    /// Storage failures; sync then does not send the entries.
+    fn record_audit_read(&self, patient: &PatientId) -> impl Future<Output = Result<()>> + Send {
+        let _ = patient;
+        std::future::ready(Ok(()))
+    }
 }

@@ -10,7 +10,9 @@
 //! force that names the peer and covers the collection; a patient's grants
 //! and revocations to the practices holding a grant from that patient; key
 //! shares only to their recipient; everything of a patient to that patient.
-//! Every disclosure is written to the audit log before it is sent.
+//! Every disclosure is written to the audit log before it is sent, and a
+//! patient (only that patient) can fetch the audit entries about them with
+//! [`SyncHandle::audit`] (accounting of disclosures).
 //!
 //! The crate does not store anything: it talks to the node's store through
 //! the [`Backend`] trait ([`NodeBackend`] puts a `medmesh_node::Node` behind
@@ -41,8 +43,8 @@ use medmesh_crypto::{PatientId, SecretIdentity};
 use tokio::sync::{mpsc, oneshot};
 
 pub use backend::{
-    Backend, ConsentView, Cursor, DisclosureRecord, IngestReport, InstanceId, Item, ItemId, ItemKind, ItemMeta,
-    StoredEvent, StoredItem,
+    AuditEntryWire, Backend, ConsentView, Cursor, DisclosureRecord, IngestReport, InstanceId, Item, ItemId, ItemKind,
+    ItemMeta, StoredEvent, StoredItem,
 };
 pub use config::Config;
 pub use error::{Error, Result};
@@ -51,6 +53,10 @@ pub use libp2p::multiaddr::Protocol;
 pub use libp2p::{Multiaddr, PeerId};
 pub use node_backend::NodeBackend;
 pub use serve::SCAN_BUDGET;
+
+/// Most audit entries [`SyncHandle::audit`] collects over all pages before
+/// it gives up on a node that keeps answering.
+pub const MAX_AUDIT_ENTRIES_TOTAL: usize = 1 << 20;
 
 /// What one sync run (a pull to the end of a peer's log, or a
 /// reconciliation) did.
@@ -201,6 +207,65 @@ impl SyncHandle {
             reply,
         })
         .await?
+    }
+
+    /// The audit entries about `patient` that `peer` holds (accounting of
+    /// disclosures), every page of them in sequence order. `peer` answers
+    /// only when this handle's identity is the patient's own key (the
+    /// patient CLI); the node records the read in its audit log.
+    ///
+    /// # Errors
+    /// [`Error::Refused`] when the node refuses (this identity is not the
+    /// patient, or its store failed); [`Error::Wire`] for an answer that
+    /// breaks the paging rules or runs past [`MAX_AUDIT_ENTRIES_TOTAL`];
+    /// transport failures, [`Error::Stopped`].
+    pub async fn audit(&self, peer: PeerId, patient: PatientId) -> Result<Vec<AuditEntryWire>> {
+        let limit = wire::MAX_AUDIT_ENTRIES_PER_MESSAGE as u32;
+        let mut all: Vec<AuditEntryWire> = Vec::new();
+        let mut after = 0u64;
+        loop {
+            let request = wire::Request::Audit { patient, after, limit };
+            let response = self
+                .ask(|reply| actor::Command::Request { peer, request, reply })
+                .await??;
+            let (entries, more) = match response {
+                wire::Response::Audit { entries, more } => (entries, more),
+                wire::Response::Refused(code) => {
+                    return Err(Error::Refused {
+                        peer,
+                        reason: code.as_str(),
+                    });
+                }
+                other => {
+                    return Err(Error::UnexpectedResponse {
+                        peer,
+                        request: "audit",
+                        answer: other.name(),
+                    });
+                }
+            };
+            if entries.len() > limit as usize || entries.first().is_some_and(|e| e.seq <= after) {
+                return Err(Error::Wire {
+                    message: "audit",
+                    reason: "entries outside the page asked for",
+                });
+            }
+            if all.len() + entries.len() > MAX_AUDIT_ENTRIES_TOTAL {
+                return Err(Error::Wire {
+                    message: "audit",
+                    reason: "more entries than one query accepts",
+                });
+            }
+            let Some(last) = entries.last().map(|e| e.seq) else {
+                // No progress: done, whatever `more` claims.
+                return Ok(all);
+            };
+            all.extend(entries);
+            after = last;
+            if !more {
+                return Ok(all);
+            }
+        }
     }
 
     /// Counters and peer count.

@@ -9,12 +9,13 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Mutex, MutexGuard};
 
 use libp2p::PeerId;
-use medmesh_crypto::{Collection, Envelope, EnvelopeId, Error as CryptoError, PatientId, Principal};
+use medmesh_crypto::{Collection, Envelope, EnvelopeId, Error as CryptoError, PatientId, Principal, Timestamp, now};
+use medmesh_node::audit::{Action, ActorKind};
 use tokio::sync::broadcast;
 
 use crate::backend::{
-    Backend, ConsentView, Cursor, DisclosureRecord, IngestReport, InstanceId, Item, ItemId, ItemKind, ItemMeta,
-    StoredEvent, StoredItem,
+    AuditEntryWire, Backend, ConsentView, Cursor, DisclosureRecord, IngestReport, InstanceId, Item, ItemId, ItemKind,
+    ItemMeta, StoredEvent, StoredItem,
 };
 use crate::{Error, Result};
 
@@ -27,7 +28,8 @@ struct State {
     pending: Vec<(Option<PeerId>, Item)>,
     rejected: Vec<ItemId>,
     cursors: HashMap<PeerId, Cursor>,
-    audit: Vec<DisclosureRecord>,
+    /// Disclosures with the time they were recorded.
+    audit: Vec<(Timestamp, DisclosureRecord)>,
 }
 
 /// A store in memory. Cheap to share through an `Arc`.
@@ -248,7 +250,7 @@ impl MemoryBackend {
 
     /// The disclosure audit log.
     pub fn disclosures(&self) -> Vec<DisclosureRecord> {
-        self.lock().audit.clone()
+        self.lock().audit.iter().map(|(_, r)| r.clone()).collect()
     }
 }
 
@@ -337,8 +339,35 @@ impl Backend for MemoryBackend {
     }
 
     async fn record_disclosure(&self, record: &DisclosureRecord) -> Result<()> {
-        self.lock().audit.push(record.clone());
+        self.lock().audit.push((now(), record.clone()));
         Ok(())
+    }
+
+    /// The disclosures of `patient`'s items, numbered by their place in the
+    /// disclosure log. The memory store keeps no hash chain: both hashes
+    /// are zero.
+    async fn audit_entries(&self, patient: &PatientId, after: u64, limit: usize) -> Result<Vec<AuditEntryWire>> {
+        Ok(self
+            .lock()
+            .audit
+            .iter()
+            .zip(1u64..)
+            .filter(|((_, r), seq)| *seq > after && r.patient == *patient)
+            .take(limit)
+            .map(|((time, r), seq)| AuditEntryWire {
+                seq,
+                time: *time,
+                actor_kind: ActorKind::Peer,
+                actor_id: r.peer.to_string(),
+                action: Action::Disclose,
+                item_count: r.items.len() as u64,
+                items: r.items.clone(),
+                grant: r.grant,
+                outcome: "ok".into(),
+                prev_hash: [0; 32],
+                hash: [0; 32],
+            })
+            .collect())
     }
 
     fn subscribe(&self) -> broadcast::Receiver<StoredEvent> {

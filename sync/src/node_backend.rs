@@ -11,7 +11,8 @@
 use std::sync::Arc;
 
 use libp2p::PeerId;
-use medmesh_crypto::{Collection, EnvelopeId, PatientId};
+use medmesh_crypto::{Collection, EnvelopeId, GrantId, PatientId};
+use medmesh_node::audit::{Action, ActorKind, AuditEntry, AuditRecord};
 use medmesh_node::store::{self as node_store};
 use medmesh_node::{Event, Incoming, Node, Source};
 use tokio::sync::broadcast;
@@ -19,8 +20,8 @@ use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
 use crate::backend::{
-    Backend, ConsentView, Cursor, DisclosureRecord, IngestReport, InstanceId, Item, ItemId, ItemKind, ItemMeta,
-    StoredEvent, StoredItem,
+    AuditEntryWire, Backend, ConsentView, Cursor, DisclosureRecord, IngestReport, InstanceId, Item, ItemId, ItemKind,
+    ItemMeta, StoredEvent, StoredItem,
 };
 use crate::{Error, Result};
 
@@ -94,6 +95,43 @@ fn stored_from_node(item: node_store::StoredItem) -> StoredItem {
             bytes: item.bytes,
         },
     }
+}
+
+/// The outcome written when a patient reads the audit entries about them.
+const AUDIT_READ_OUTCOME: &str = "ok: audit log";
+
+fn hex_array<const N: usize>(seq: u64, hex_text: &str) -> Result<[u8; N]> {
+    let mut out = [0u8; N];
+    hex::decode_to_slice(hex_text, &mut out)
+        .map_err(|_| Error::Backend(format!("audit entry {seq} holds an id that is not {N} bytes of hex")))?;
+    Ok(out)
+}
+
+/// The node's display form of an entry (hex strings) in binary wire form.
+fn audit_to_wire(e: AuditEntry) -> Result<AuditEntryWire> {
+    let seq = e.seq;
+    let items = e
+        .items
+        .iter()
+        .map(|i| hex_array::<32>(seq, i).map(ItemId))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(AuditEntryWire {
+        seq,
+        time: e.time,
+        actor_kind: e.actor_kind,
+        actor_id: e.actor_id,
+        action: e.action,
+        item_count: items.len() as u64,
+        items,
+        grant: e
+            .grant
+            .as_deref()
+            .map(|g| hex_array::<16>(seq, g).map(GrantId))
+            .transpose()?,
+        outcome: e.outcome,
+        prev_hash: hex_array(seq, &e.prev_hash)?,
+        hash: hex_array(seq, &e.hash)?,
+    })
 }
 
 impl NodeBackend {
@@ -236,5 +274,38 @@ impl Backend for NodeBackend {
 
     fn subscribe(&self) -> broadcast::Receiver<StoredEvent> {
         self.events.subscribe()
+    }
+
+    async fn audit_entries(&self, patient: &PatientId, after: u64, limit: usize) -> Result<Vec<AuditEntryWire>> {
+        // The node reads and decodes its whole log from sled: off the
+        // async workers.
+        let node = self.node.clone();
+        let patient = *patient;
+        let entries = tokio::task::spawn_blocking(move || node.audit_entries(Some(&patient)))
+            .await
+            .map_err(|e| Error::Backend(format!("reading the audit log: {e}")))?
+            .map_err(backend_error)?;
+        entries
+            .into_iter()
+            .filter(|e| e.seq > after)
+            .take(limit)
+            .map(audit_to_wire)
+            .collect()
+    }
+
+    async fn record_audit_read(&self, patient: &PatientId) -> Result<()> {
+        self.node
+            .audit(AuditRecord {
+                actor_kind: ActorKind::Patient,
+                actor_id: patient.to_string(),
+                action: Action::Read,
+                patient: Some(*patient),
+                items: Vec::new(),
+                grant: None,
+                outcome: AUDIT_READ_OUTCOME.into(),
+            })
+            .await
+            .map(|_| ())
+            .map_err(backend_error)
     }
 }

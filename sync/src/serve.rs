@@ -1,15 +1,21 @@
 //! The serving side of `/medmesh/sync/1`: answers pulls, summaries and
 //! fetches through [`may_disclose`], and audits every disclosure before the
-//! answer leaves. Runs in tasks spawned by the actor.
+//! answer leaves; answers a patient's audit query only to that patient.
+//! Runs in tasks spawned by the actor.
 
 use std::collections::{BTreeMap, HashMap};
 
 use medmesh_crypto::{Collection, GrantId, PatientId, Timestamp};
 use tracing::{debug, warn};
 
-use crate::backend::{Backend, ConsentView, Cursor, DisclosureRecord, Item, ItemId, ItemKind, StoredItem};
+use crate::backend::{
+    AuditEntryWire, Backend, ConsentView, Cursor, DisclosureRecord, Item, ItemId, ItemKind, StoredItem,
+};
 use crate::filter::{Requester, may_disclose};
-use crate::wire::{MAX_SUMMARY_IDS, PAGE_BYTE_BUDGET, RefusalCode, Response};
+use crate::wire::{
+    MAX_AUDIT_ACTOR_ID_LEN, MAX_AUDIT_ENTRIES_PER_MESSAGE, MAX_AUDIT_ITEMS_PER_ENTRY, MAX_AUDIT_OUTCOME_LEN,
+    MAX_SUMMARY_IDS, PAGE_BYTE_BUDGET, RefusalCode, Response,
+};
 use crate::{Error, Result};
 
 /// Most log entries one pull scans (allowed or not), so a peer that may
@@ -271,4 +277,78 @@ async fn fetch_inner<B: Backend>(
         bytes: bytes as u64,
     };
     Ok((Response::Fetched { items }, served))
+}
+
+/// Answers a patient's audit query: the audit entries about `patient` after
+/// `after`, only if the asker is that patient (its Noise identity is the
+/// patient key); anyone else is refused and learns nothing, not even
+/// whether the node knows the patient. The read is audited before the
+/// answer leaves.
+pub(crate) async fn audit<B: Backend>(
+    backend: &B,
+    peer: Requester,
+    patient: PatientId,
+    after: u64,
+    limit: u32,
+) -> (Response, Served) {
+    if !peer.is_patient(&patient) {
+        debug!(peer = %peer.peer_id(), "audit query refused: the asker is not the patient");
+        return (Response::Refused(RefusalCode::NotPatient), Served::default());
+    }
+    match audit_inner(backend, patient, after, limit).await {
+        Ok(r) => r,
+        Err(e) => refuse(&e, &peer, "audit"),
+    }
+}
+
+async fn audit_inner<B: Backend>(
+    backend: &B,
+    patient: PatientId,
+    after: u64,
+    limit: u32,
+) -> Result<(Response, Served)> {
+    let limit = (limit as usize).clamp(1, MAX_AUDIT_ENTRIES_PER_MESSAGE);
+    // One more than asked, to know whether more follow.
+    let fetched = backend.audit_entries(&patient, after, limit + 1).await?;
+    let mut more = fetched.len() > limit;
+    let mut entries: Vec<AuditEntryWire> = Vec::with_capacity(fetched.len().min(limit));
+    let mut bytes = 0usize;
+    let mut last = after;
+    for entry in fetched.into_iter().take(limit) {
+        if entry.seq <= last {
+            return Err(Error::Backend("audit_entries returned an old sequence number".into()));
+        }
+        last = entry.seq;
+        let entry = fit_to_wire(entry);
+        if bytes >= PAGE_BYTE_BUDGET {
+            more = true;
+            break;
+        }
+        bytes += entry.encoded_size_bound();
+        entries.push(entry);
+    }
+    backend.record_audit_read(&patient).await?;
+    Ok((Response::Audit { entries, more }, Served::default()))
+}
+
+/// Brings a stored entry within the wire caps: at most
+/// [`MAX_AUDIT_ITEMS_PER_ENTRY`] item ids (the count stays whole) and texts
+/// cut at their caps. The node writes none that large; this keeps one odd
+/// entry from making the whole audit unanswerable.
+fn fit_to_wire(mut entry: AuditEntryWire) -> AuditEntryWire {
+    entry.item_count = entry.item_count.max(entry.items.len() as u64);
+    entry.items.truncate(MAX_AUDIT_ITEMS_PER_ENTRY);
+    truncate_text(&mut entry.actor_id, MAX_AUDIT_ACTOR_ID_LEN);
+    truncate_text(&mut entry.outcome, MAX_AUDIT_OUTCOME_LEN);
+    entry
+}
+
+fn truncate_text(text: &mut String, max: usize) {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
 }

@@ -8,9 +8,10 @@ use std::io;
 use ciborium::Value;
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::{Multiaddr, StreamProtocol};
-use medmesh_crypto::{Collection, EnvelopeId, PatientId};
+use medmesh_crypto::{Collection, EnvelopeId, GrantId, PatientId};
+use medmesh_node::audit::{Action, ActorKind};
 
-use crate::backend::{Cursor, InstanceId, Item, ItemKind};
+use crate::backend::{AuditEntryWire, Cursor, InstanceId, Item, ItemId, ItemKind};
 use crate::{Error, Result};
 
 /// The protocol name.
@@ -33,6 +34,16 @@ pub const MAX_SUMMARY_CONSENT_ITEMS: usize = 1024;
 pub const MAX_PUSH_ADDRS: usize = 16;
 /// Longest address suggestion, in bytes.
 pub const MAX_ADDR_LEN: usize = 256;
+/// Most audit entries in one audit answer (and the largest `limit` an audit
+/// request may ask for).
+pub const MAX_AUDIT_ENTRIES_PER_MESSAGE: usize = 256;
+/// Most item ids one audit entry carries; a stored entry naming more is sent
+/// with the first this many and its full `item_count`.
+pub const MAX_AUDIT_ITEMS_PER_ENTRY: usize = 4096;
+/// Longest actor id in an audit entry, in bytes.
+pub const MAX_AUDIT_ACTOR_ID_LEN: usize = 256;
+/// Longest outcome text in an audit entry, in bytes.
+pub const MAX_AUDIT_OUTCOME_LEN: usize = 1024;
 
 /// What a peer asks.
 #[derive(Clone, PartialEq, Eq, Debug)]
@@ -69,6 +80,16 @@ pub enum Request {
         /// Envelope ids (1..=[`MAX_FETCH_IDS`]).
         ids: Vec<EnvelopeId>,
     },
+    /// "The audit entries about me after `after`" (accounting of
+    /// disclosures). Answered only when the asker is that patient.
+    Audit {
+        /// The patient; must be the asker's own key.
+        patient: PatientId,
+        /// The last audit sequence number already seen (0 for the start).
+        after: u64,
+        /// Most entries wanted (1..=[`MAX_AUDIT_ENTRIES_PER_MESSAGE`]).
+        limit: u32,
+    },
 }
 
 /// Why a server refused.
@@ -78,6 +99,8 @@ pub enum RefusalCode {
     Internal,
     /// The peer's identity is not an ed25519 key.
     BadIdentity,
+    /// Only the patient may ask this (an audit query about someone else).
+    NotPatient,
 }
 
 impl RefusalCode {
@@ -85,6 +108,7 @@ impl RefusalCode {
         match self {
             Self::Internal => 0,
             Self::BadIdentity => 1,
+            Self::NotPatient => 2,
         }
     }
 
@@ -92,6 +116,7 @@ impl RefusalCode {
         match n {
             0 => Some(Self::Internal),
             1 => Some(Self::BadIdentity),
+            2 => Some(Self::NotPatient),
             _ => None,
         }
     }
@@ -101,6 +126,7 @@ impl RefusalCode {
         match self {
             Self::Internal => "internal error",
             Self::BadIdentity => "peer identity is not ed25519",
+            Self::NotPatient => "only the patient may ask for this",
         }
     }
 }
@@ -146,6 +172,14 @@ pub enum Response {
     },
     /// The request was well-formed but refused.
     Refused(RefusalCode),
+    /// A page of the audit entries about the asking patient.
+    Audit {
+        /// Entries in increasing `seq`, all after the request's `after`, at
+        /// most its `limit`.
+        entries: Vec<AuditEntryWire>,
+        /// Whether more entries follow the last one sent.
+        more: bool,
+    },
 }
 
 impl Request {
@@ -157,6 +191,7 @@ impl Request {
             Self::Push { .. } => "push",
             Self::Summary { .. } => "summary",
             Self::Fetch { .. } => "fetch",
+            Self::Audit { .. } => "audit",
         }
     }
 }
@@ -171,6 +206,7 @@ impl Response {
             Self::Summary { .. } => "summary",
             Self::Fetched { .. } => "fetched",
             Self::Refused(_) => "refused",
+            Self::Audit { .. } => "audit",
         }
     }
 }
@@ -192,6 +228,63 @@ fn items_value(items: &[Item]) -> Value {
             .map(|i| Value::Array(vec![uint(i.kind.wire()), bytes(&i.bytes)]))
             .collect(),
     )
+}
+
+/// The wire number of an actor kind (as in the node's audit log).
+fn actor_kind_wire(kind: ActorKind) -> u64 {
+    match kind {
+        ActorKind::LocalApp => 0,
+        ActorKind::Peer => 1,
+        ActorKind::Patient => 2,
+        ActorKind::Node => 3,
+    }
+}
+
+const ACTOR_KINDS: [ActorKind; 4] = [
+    ActorKind::LocalApp,
+    ActorKind::Peer,
+    ActorKind::Patient,
+    ActorKind::Node,
+];
+
+/// Every action, for decoding its name (a test checks the list is complete).
+const ACTIONS: [Action; 10] = [
+    Action::Read,
+    Action::Write,
+    Action::Receive,
+    Action::Disclose,
+    Action::Grant,
+    Action::Revoke,
+    Action::KeyShare,
+    Action::Reject,
+    Action::Exclude,
+    Action::Quarantine,
+];
+
+fn audit_entry_value(e: &AuditEntryWire) -> Value {
+    Value::Array(vec![
+        uint(e.seq),
+        uint(e.time),
+        uint(actor_kind_wire(e.actor_kind)),
+        Value::Text(e.actor_id.clone()),
+        Value::Text(e.action.as_str().into()),
+        uint(e.item_count),
+        Value::Array(e.items.iter().map(|i| bytes(&i.0)).collect()),
+        e.grant.map_or(Value::Null, |g| bytes(&g.0)),
+        Value::Text(e.outcome.clone()),
+        bytes(&e.prev_hash),
+        bytes(&e.hash),
+    ])
+}
+
+impl AuditEntryWire {
+    /// An upper bound of this entry's encoded size, for a server's page
+    /// byte budget.
+    pub fn encoded_size_bound(&self) -> usize {
+        // 11 fields: heads of at most 9 bytes each, the items' 35-byte
+        // encodings, the texts, the grant and both hashes.
+        11 * 9 + self.items.len() * 35 + self.actor_id.len() + self.outcome.len() + 16 + 2 * 34 + 16
+    }
 }
 
 fn to_bytes(value: &Value) -> Vec<u8> {
@@ -222,6 +315,12 @@ impl Request {
             ]),
             Self::Summary { patient } => Value::Array(vec![uint(3), bytes(patient.as_bytes())]),
             Self::Fetch { ids } => Value::Array(vec![uint(4), Value::Array(ids.iter().map(|i| bytes(&i.0)).collect())]),
+            Self::Audit { patient, after, limit } => Value::Array(vec![
+                uint(5),
+                bytes(patient.as_bytes()),
+                uint(*after),
+                uint(u64::from(*limit)),
+            ]),
         };
         to_bytes(&v)
     }
@@ -288,6 +387,20 @@ impl Request {
                 }
                 Self::Fetch { ids }
             }
+            5 => {
+                f.expect_len(4)?;
+                let patient = PatientId::from_bytes(f.fixed()?).map_err(|_| wire("audit", "patient key invalid"))?;
+                let after = f.uint()?;
+                let limit = f.uint()?;
+                if limit == 0 || limit > MAX_AUDIT_ENTRIES_PER_MESSAGE as u64 {
+                    return Err(wire("audit", "limit out of range"));
+                }
+                Self::Audit {
+                    patient,
+                    after,
+                    limit: u32::try_from(limit).map_err(|_| wire("audit", "limit out of range"))?,
+                }
+            }
             _ => return Err(wire("request", "unknown message kind")),
         };
         Ok(req)
@@ -340,6 +453,11 @@ impl Response {
             ]),
             Self::Fetched { items } => Value::Array(vec![uint(4), items_value(items)]),
             Self::Refused(code) => Value::Array(vec![uint(5), uint(code.wire())]),
+            Self::Audit { entries, more } => Value::Array(vec![
+                uint(6),
+                Value::Array(entries.iter().map(audit_entry_value).collect()),
+                Value::Bool(*more),
+            ]),
         };
         to_bytes(&v)
     }
@@ -424,6 +542,21 @@ impl Response {
                 let code = RefusalCode::from_wire(f.uint()?).ok_or_else(|| wire("refused", "unknown code"))?;
                 Self::Refused(code)
             }
+            6 => {
+                f.expect_len(3)?;
+                let entries = f
+                    .array(MAX_AUDIT_ENTRIES_PER_MESSAGE)?
+                    .into_iter()
+                    .map(decode_audit_entry)
+                    .collect::<Result<Vec<_>>>()?;
+                if entries.iter().any(|e| e.seq == 0) || entries.windows(2).any(|w| w[0].seq >= w[1].seq) {
+                    return Err(wire("audit", "entries not in increasing sequence"));
+                }
+                Self::Audit {
+                    entries,
+                    more: f.bool()?,
+                }
+            }
             _ => return Err(wire("response", "unknown message kind")),
         };
         Ok(resp)
@@ -439,6 +572,52 @@ fn fixed_of<const N: usize>(message: &'static str, v: Value) -> Result<[u8; N]> 
         Value::Bytes(b) => b.try_into().map_err(|_| wire(message, "byte string of wrong length")),
         _ => Err(wire(message, "expected a byte string")),
     }
+}
+
+fn decode_audit_entry(value: Value) -> Result<AuditEntryWire> {
+    const M: &str = "audit";
+    let mut f = Fields::nested(M, value, 11)?;
+    let seq = f.uint()?;
+    let time = f.uint()?;
+    let kind = f.uint()?;
+    let actor_kind = ACTOR_KINDS
+        .into_iter()
+        .find(|k| actor_kind_wire(*k) == kind)
+        .ok_or_else(|| wire(M, "unknown actor kind"))?;
+    let actor_id = f.text(MAX_AUDIT_ACTOR_ID_LEN)?;
+    let action_name = f.text(16)?;
+    let action = ACTIONS
+        .into_iter()
+        .find(|a| a.as_str() == action_name)
+        .ok_or_else(|| wire(M, "unknown action"))?;
+    let item_count = f.uint()?;
+    let items = f
+        .array(MAX_AUDIT_ITEMS_PER_ENTRY)?
+        .into_iter()
+        .map(|v| fixed_of::<32>(M, v).map(ItemId))
+        .collect::<Result<Vec<_>>>()?;
+    let expected = usize::try_from(item_count).map_or(MAX_AUDIT_ITEMS_PER_ENTRY, |n| n.min(MAX_AUDIT_ITEMS_PER_ENTRY));
+    if items.len() != expected {
+        return Err(wire(M, "item list does not match the item count"));
+    }
+    let grant = match f.next()? {
+        Value::Null => None,
+        v => Some(GrantId(fixed_of::<16>(M, v)?)),
+    };
+    let outcome = f.text(MAX_AUDIT_OUTCOME_LEN)?;
+    Ok(AuditEntryWire {
+        seq,
+        time,
+        actor_kind,
+        actor_id,
+        action,
+        item_count,
+        items,
+        grant,
+        outcome,
+        prev_hash: f.fixed()?,
+        hash: f.fixed()?,
+    })
 }
 
 fn decode_items(message: &'static str, values: Vec<Value>) -> Result<Vec<Item>> {
@@ -612,6 +791,26 @@ mod tests {
         }
     }
 
+    fn audit_entry(seq: u64, items: usize) -> AuditEntryWire {
+        AuditEntryWire {
+            seq,
+            time: 1_700_000_000_000 + seq,
+            actor_kind: ActorKind::Peer,
+            actor_id: "12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN".into(),
+            action: Action::Disclose,
+            item_count: items as u64,
+            items: (0..items).map(|i| ItemId([i as u8; 32])).collect(),
+            grant: Some(GrantId([7; 16])),
+            outcome: "ok".into(),
+            prev_hash: [1; 32],
+            hash: [2; 32],
+        }
+    }
+
+    fn patient() -> PatientId {
+        medmesh_crypto::SecretIdentity::from_seed(&[9; 32]).patient_id()
+    }
+
     #[test]
     fn requests_round_trip() {
         let patient = medmesh_crypto::SecretIdentity::from_seed(&[9; 32]).patient_id();
@@ -634,6 +833,11 @@ mod tests {
             Request::Summary { patient },
             Request::Fetch {
                 ids: vec![EnvelopeId([3; 32])],
+            },
+            Request::Audit {
+                patient,
+                after: 17,
+                limit: MAX_AUDIT_ENTRIES_PER_MESSAGE as u32,
             },
         ];
         for req in cases {
@@ -665,6 +869,28 @@ mod tests {
                 items: vec![item(ItemKind::Envelope, 5)],
             },
             Response::Refused(RefusalCode::Internal),
+            Response::Refused(RefusalCode::NotPatient),
+            Response::Audit {
+                entries: vec![],
+                more: false,
+            },
+            Response::Audit {
+                entries: vec![
+                    audit_entry(1, 0),
+                    AuditEntryWire {
+                        actor_kind: ActorKind::Patient,
+                        action: Action::Read,
+                        grant: None,
+                        outcome: "ok: audit log".into(),
+                        ..audit_entry(5, 3)
+                    },
+                    AuditEntryWire {
+                        item_count: 100_000,
+                        ..audit_entry(9, MAX_AUDIT_ITEMS_PER_ENTRY)
+                    },
+                ],
+                more: true,
+            },
         ];
         for resp in cases {
             assert_eq!(Response::decode(&resp.encode()).unwrap(), resp, "case {}", resp.name());
@@ -705,6 +931,35 @@ mod tests {
                 vec![0x82, 0x02, 0x9b, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff],
             ),
             ("over the frame cap", vec![0; MAX_REQUEST_BYTES + 1]),
+            (
+                "audit zero limit",
+                Request::Audit {
+                    patient: patient(),
+                    after: 0,
+                    limit: 0,
+                }
+                .encode(),
+            ),
+            (
+                "audit limit over the cap",
+                Request::Audit {
+                    patient: patient(),
+                    after: 0,
+                    limit: MAX_AUDIT_ENTRIES_PER_MESSAGE as u32 + 1,
+                }
+                .encode(),
+            ),
+            (
+                "audit patient not a key",
+                hex::decode(
+                    "8405 5820 0200000000000000000000000000000000000000000000000000000000000000 00 01".replace(' ', ""),
+                )
+                .unwrap(),
+            ),
+            (
+                "audit missing limit",
+                hex::decode("83055820".to_owned() + &"ab".repeat(32)).unwrap(),
+            ),
         ];
         for (name, frame) in cases {
             assert!(
@@ -715,17 +970,169 @@ mod tests {
     }
 
     #[test]
+    fn bad_audit_answers_are_typed_errors() {
+        let answer = |entries: Vec<AuditEntryWire>| Response::Audit { entries, more: false }.encode();
+        let too_many = (1..=MAX_AUDIT_ENTRIES_PER_MESSAGE as u64 + 1)
+            .map(|s| audit_entry(s, 0))
+            .collect();
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("too many entries", answer(too_many)),
+            ("out of order", answer(vec![audit_entry(3, 0), audit_entry(2, 0)])),
+            ("repeated seq", answer(vec![audit_entry(3, 0), audit_entry(3, 0)])),
+            ("seq zero", answer(vec![audit_entry(0, 0)])),
+            (
+                "count below the list",
+                answer(vec![AuditEntryWire {
+                    item_count: 1,
+                    ..audit_entry(1, 2)
+                }]),
+            ),
+            (
+                "count above a short list",
+                answer(vec![AuditEntryWire {
+                    item_count: 5,
+                    ..audit_entry(1, 2)
+                }]),
+            ),
+            (
+                "too many items",
+                answer(vec![audit_entry(1, MAX_AUDIT_ITEMS_PER_ENTRY + 1)]),
+            ),
+            (
+                "long outcome",
+                answer(vec![AuditEntryWire {
+                    outcome: "x".repeat(MAX_AUDIT_OUTCOME_LEN + 1),
+                    ..audit_entry(1, 0)
+                }]),
+            ),
+            (
+                "long actor id",
+                answer(vec![AuditEntryWire {
+                    actor_id: "x".repeat(MAX_AUDIT_ACTOR_ID_LEN + 1),
+                    ..audit_entry(1, 0)
+                }]),
+            ),
+            ("missing more", {
+                let mut f = answer(vec![]);
+                f[0] = 0x82;
+                f.pop();
+                f
+            }),
+        ];
+        for (name, frame) in cases {
+            assert!(
+                matches!(Response::decode(&frame), Err(Error::Wire { .. })),
+                "case {name} should be a wire error"
+            );
+        }
+        // Fields patched in the encoded entry: each must be refused.
+        let patched = [
+            (2, uint(4)),
+            (4, Value::Text("delete".into())),
+            (5, Value::Integer((-1).into())),
+            (7, bytes(&[7; 15])),
+            (9, bytes(&[1; 31])),
+            (10, Value::Null),
+        ];
+        for (field, value) in patched {
+            let Value::Array(mut fields) = audit_entry_value(&audit_entry(1, 0)) else {
+                unreachable!()
+            };
+            fields[field] = value;
+            let frame = to_bytes(&Value::Array(vec![
+                uint(6),
+                Value::Array(vec![Value::Array(fields)]),
+                Value::Bool(false),
+            ]));
+            assert!(
+                matches!(Response::decode(&frame), Err(Error::Wire { .. })),
+                "patched field {field} should be a wire error"
+            );
+        }
+    }
+
+    #[test]
+    fn every_action_and_actor_kind_has_a_wire_form() {
+        // A new variant in medmesh-node breaks this match, and so this test's
+        // build, until the lists above learn it.
+        fn listed(a: Action) -> bool {
+            match a {
+                Action::Read
+                | Action::Write
+                | Action::Receive
+                | Action::Disclose
+                | Action::Grant
+                | Action::Revoke
+                | Action::KeyShare
+                | Action::Reject
+                | Action::Exclude
+                | Action::Quarantine => ACTIONS.contains(&a),
+            }
+        }
+        assert!(ACTIONS.into_iter().all(listed));
+        for (i, a) in ACTIONS.iter().enumerate() {
+            assert!(a.as_str().len() <= 16);
+            assert!(!ACTIONS[..i].contains(a), "{} listed twice", a.as_str());
+        }
+        for k in ACTOR_KINDS {
+            let e = AuditEntryWire {
+                actor_kind: k,
+                ..audit_entry(1, 0)
+            };
+            let resp = Response::Audit {
+                entries: vec![e],
+                more: false,
+            };
+            assert_eq!(Response::decode(&resp.encode()).unwrap(), resp);
+        }
+    }
+
+    #[test]
+    fn a_full_audit_page_fits_the_frame_cap() {
+        // The server's byte budget stops a page at PAGE_BYTE_BUDGET plus one
+        // entry; the largest entry must leave that under the cap.
+        let largest = AuditEntryWire {
+            actor_id: "x".repeat(MAX_AUDIT_ACTOR_ID_LEN),
+            outcome: "y".repeat(MAX_AUDIT_OUTCOME_LEN),
+            seq: u64::MAX,
+            time: u64::MAX,
+            item_count: u64::MAX,
+            ..audit_entry(1, MAX_AUDIT_ITEMS_PER_ENTRY)
+        };
+        let one = Response::Audit {
+            entries: vec![largest.clone()],
+            more: true,
+        }
+        .encode()
+        .len();
+        assert!(one <= largest.encoded_size_bound() + 16, "bound {one}");
+        assert!(PAGE_BYTE_BUDGET + largest.encoded_size_bound() + 16 < MAX_RESPONSE_BYTES);
+    }
+
+    #[test]
     fn every_bit_flip_of_a_request_is_an_error_or_a_valid_request() {
         // A flipped bit must never panic; it decodes to an error or to some
         // other well-formed request that the server then checks as usual.
-        let frame = Request::Fetch {
-            ids: vec![EnvelopeId([3; 32])],
-        }
-        .encode();
-        for bit in 0..frame.len() * 8 {
-            let mut f = frame.clone();
-            f[bit / 8] ^= 1 << (bit % 8);
-            let _ = Request::decode(&f);
+        let frames = [
+            Request::Fetch {
+                ids: vec![EnvelopeId([3; 32])],
+            }
+            .encode(),
+            Request::Audit {
+                patient: patient(),
+                after: 300,
+                limit: 64,
+            }
+            .encode(),
+        ];
+        for frame in frames {
+            for bit in 0..frame.len() * 8 {
+                let mut f = frame.clone();
+                f[bit / 8] ^= 1 << (bit % 8);
+                if let Ok(Request::Audit { limit, .. }) = Request::decode(&f) {
+                    assert!((1..=MAX_AUDIT_ENTRIES_PER_MESSAGE as u32).contains(&limit), "bit {bit}");
+                }
+            }
         }
     }
 
@@ -743,6 +1150,53 @@ mod tests {
             f[bit / 8] ^= 1 << (bit % 8);
             if let Ok(Response::Page { items, .. }) = Response::decode(&f) {
                 assert!(items.iter().all(|i| i.bytes.len() <= i.kind.max_bytes()), "bit {bit}");
+            }
+        }
+    }
+
+    #[test]
+    fn every_bit_flip_of_an_audit_answer_is_an_error_or_a_valid_answer() {
+        let frame = Response::Audit {
+            entries: vec![audit_entry(4, 2), audit_entry(8, 0)],
+            more: true,
+        }
+        .encode();
+        for bit in 0..frame.len() * 8 {
+            let mut f = frame.clone();
+            f[bit / 8] ^= 1 << (bit % 8);
+            if let Ok(Response::Audit { entries, .. }) = Response::decode(&f) {
+                assert!(entries.len() <= MAX_AUDIT_ENTRIES_PER_MESSAGE, "bit {bit}");
+                assert!(entries.windows(2).all(|w| w[0].seq < w[1].seq), "bit {bit}");
+                for e in &entries {
+                    assert!(e.items.len() <= MAX_AUDIT_ITEMS_PER_ENTRY, "bit {bit}");
+                    assert!(e.outcome.len() <= MAX_AUDIT_OUTCOME_LEN, "bit {bit}");
+                    assert!(e.actor_id.len() <= MAX_AUDIT_ACTOR_ID_LEN, "bit {bit}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn garbage_never_panics_the_decoders() {
+        // Deterministic pseudo-random frames, some starting like an audit
+        // message, decode to errors or to values within their caps.
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for round in 0..4000 {
+            let len = (next() % 200) as usize;
+            let mut f: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            if round % 2 == 0 && f.len() > 2 {
+                f[0] = 0x83 + (round % 3) as u8;
+                f[1] = if round % 4 == 0 { 0x05 } else { 0x06 };
+            }
+            let _ = Request::decode(&f);
+            if let Ok(Response::Audit { entries, .. }) = Response::decode(&f) {
+                assert!(entries.len() <= MAX_AUDIT_ENTRIES_PER_MESSAGE);
             }
         }
     }
@@ -791,6 +1245,26 @@ mod tests {
                 }
                 .encode(),
                 "8204815820abababababababababababababababababababababababababababababababab",
+            ),
+            (
+                "audit",
+                Request::Audit {
+                    patient: patient(),
+                    after: 0,
+                    limit: 256,
+                }
+                .encode(),
+                "84055820fd1724385aa0c75b64fb78cd602fa1d991fdebf76b13c58ed702eac835e9f618 00190100",
+            ),
+            ("refused", Response::Refused(RefusalCode::NotPatient).encode(), "820502"),
+            (
+                "audit answer",
+                Response::Audit {
+                    entries: vec![],
+                    more: false,
+                }
+                .encode(),
+                "830680f4",
             ),
         ];
         for (name, bytes, expected) in cases {

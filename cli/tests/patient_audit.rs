@@ -1,0 +1,248 @@
+//! `medmesh patient audit` end to end: a real node process on loopback, a
+//! patient who grants it access, and the patient's accounting of
+//! disclosures fetched over libp2p as the patient. The node is stopped with
+//! SIGTERM at the end (also when an assertion fails).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead as _, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command as StdCommand, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use assert_cmd::Command;
+use medmesh_crypto::{Keystore, PracticeId};
+use serde_json::Value;
+
+const PASS: &str = "correct horse battery staple";
+const WAIT: Duration = Duration::from_secs(60);
+
+fn medmesh(home: &Path) -> Command {
+    let mut cmd = Command::cargo_bin("medmesh").unwrap();
+    cmd.arg("--home")
+        .arg(home)
+        .env("MEDMESH_PASSPHRASE", PASS)
+        .env_remove("MEDMESH_HOME")
+        .timeout(WAIT);
+    cmd
+}
+
+fn json_lines(output: &Output) -> Vec<Value> {
+    String::from_utf8(output.stdout.clone())
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l:?}: {e}")))
+        .collect()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// A `medmesh node run` process; SIGTERM on drop.
+struct NodeProcess {
+    child: Child,
+    peer_id: String,
+    listen: String,
+}
+
+impl NodeProcess {
+    fn start(home: &Path) -> Self {
+        let exe: PathBuf = assert_cmd::cargo::cargo_bin("medmesh");
+        let mut child = StdCommand::new(exe)
+            .arg("--home")
+            .arg(home)
+            .args(["--json", "node", "run", "--listen", "/ip4/127.0.0.1/tcp/0"])
+            .env_remove("MEDMESH_HOME")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let mut node = Self {
+            child,
+            peer_id: String::new(),
+            listen: String::new(),
+        };
+        let line = rx
+            .recv_timeout(WAIT)
+            .expect("the node did not print its ready line in time");
+        let ready: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("ready line {line:?}: {e}"));
+        node.peer_id = ready["peer_id"].as_str().unwrap().to_owned();
+        node.listen = ready["listen"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(Value::as_str)
+            .find(|a| a.contains("/tcp/"))
+            .expect("a TCP listen address")
+            .to_owned();
+        assert!(node.listen.starts_with("/ip4/127.0.0.1/"), "{}", node.listen);
+        node
+    }
+
+    /// SIGTERM (the `kill` command: no unsafe here), then wait for the exit.
+    fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            return Some(status);
+        }
+        let _ = StdCommand::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        None
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn audit(home: &Path, node: &str) -> Vec<Value> {
+    let out = medmesh(home)
+        .args(["--json", "patient", "audit", "--node", node])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "patient audit failed: {}", stderr(&out));
+    json_lines(&out)
+}
+
+#[test]
+fn patient_audit_shows_the_grant_the_node_received_and_the_patients_own_reads() {
+    let root = tempfile::tempdir().unwrap();
+    let (node_home, patient_home, other_home) = (
+        root.path().join("node"),
+        root.path().join("patient"),
+        root.path().join("other"),
+    );
+    let mut node = NodeProcess::start(&node_home);
+
+    let out = medmesh(&patient_home)
+        .args(["--json", "patient", "new"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let did = json_lines(&out)[0]["did"].as_str().unwrap().to_owned();
+    let out = medmesh(&patient_home)
+        .args([
+            "--json",
+            "patient",
+            "grant",
+            "--node",
+            &node.listen,
+            "--to",
+            &node.peer_id,
+            "--write",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "grant failed: {}", stderr(&out));
+    let grant_id = json_lines(&out)[0]["grant_id"].as_str().unwrap().to_owned();
+
+    // The grant's item id, and the patient's own PeerId, from the keystore.
+    let keystore = Keystore::open(&patient_home.join("patient/keystore.mmks"), PASS.as_bytes()).unwrap();
+    let grant = keystore.grants.iter().find(|g| g.id().to_string() == grant_id).unwrap();
+    let grant_item = medmesh_sync::ItemId::digest(grant.encoded()).to_string();
+    let patient_peer = PracticeId::from_bytes(*keystore.patient().as_bytes())
+        .unwrap()
+        .peer_id()
+        .to_string();
+
+    let entries = audit(&patient_home, &node.listen);
+    let granted = entries
+        .iter()
+        .find(|e| e["action"] == "grant" && e["grant"] == grant_id.as_str())
+        .unwrap_or_else(|| panic!("no grant entry for {grant_id}: {entries:#?}"));
+    assert_eq!(granted["items"], serde_json::json!([grant_item]), "{granted}");
+    assert_eq!(granted["item_count"], 1);
+    // Submitted by the patient's CLI, whose libp2p identity is the patient key.
+    assert_eq!(granted["actor_id"], patient_peer.as_str(), "{granted}");
+    assert_eq!(granted["outcome"], "ok");
+    assert_eq!(granted["patient"], did.as_str());
+    // The key shares that came with it (the patient's and the grantee's).
+    assert!(
+        entries.iter().filter(|e| e["action"] == "key-share").count() >= 2,
+        "{entries:#?}"
+    );
+    assert!(entries.windows(2).all(|w| w[0]["seq"].as_u64() < w[1]["seq"].as_u64()));
+    for e in &entries {
+        for key in [
+            "seq",
+            "time",
+            "at",
+            "actor_kind",
+            "actor_id",
+            "action",
+            "items",
+            "outcome",
+            "hash",
+        ] {
+            assert!(e.get(key).is_some(), "entry lacks {key}: {e}");
+        }
+        let at = e["at"].as_str().unwrap();
+        time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339)
+            .unwrap_or_else(|err| panic!("{at:?} is not RFC 3339: {err}"));
+    }
+
+    // The first query is itself in the log, as a read by the patient.
+    let again = audit(&patient_home, &node.listen);
+    assert!(
+        again
+            .iter()
+            .any(|e| e["action"] == "read" && e["actor_kind"] == "patient" && e["actor_id"] == did.as_str()),
+        "the first audit query was not recorded: {again:#?}"
+    );
+
+    // Human output: one line per entry and a count.
+    let out = medmesh(&patient_home)
+        .args(["patient", "audit", "--node", &node.listen])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains(&format!("grant {grant_id}")) && text.contains("(you)"),
+        "{text}"
+    );
+    assert!(text.contains("entries about you"), "{text}");
+
+    // Another patient at the same node sees nothing of this one.
+    medmesh(&other_home).args(["patient", "new"]).assert().success();
+    let theirs = audit(&other_home, &node.listen);
+    assert!(
+        theirs.iter().all(|e| e["patient"] != did.as_str()
+            && e["actor_id"] != did.as_str()
+            && e["actor_id"] != patient_peer.as_str()),
+        "another patient saw this patient's entries: {theirs:#?}"
+    );
+
+    // Bad input: a one-line error and a non-zero exit.
+    let out = medmesh(&patient_home)
+        .args(["patient", "audit", "--node", "/ip4/127.0.0.1/tcp/1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert_eq!(stderr(&out).trim().lines().count(), 1, "{}", stderr(&out));
+    assert!(stderr(&out).contains("/p2p/"), "{}", stderr(&out));
+
+    let status = node.stop().expect("the node did not stop on SIGTERM");
+    assert!(status.success(), "node exited with {status}");
+}
