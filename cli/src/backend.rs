@@ -657,7 +657,10 @@ impl Backend for NodeBackend {
                     "# TYPE medmesh_sync_{name} counter\nmedmesh_sync_{name}_total {value}\n"
                 ));
             }
-            out.push_str(&format!("# TYPE medmesh_sync_peers gauge\nmedmesh_sync_peers {}\n", s.peers));
+            out.push_str(&format!(
+                "# TYPE medmesh_sync_peers gauge\nmedmesh_sync_peers {}\n",
+                s.peers
+            ));
             if let Some(lag) = s.sync_lag {
                 out.push_str(&format!(
                     "# TYPE medmesh_sync_lag_seconds gauge\n# UNIT medmesh_sync_lag_seconds seconds\nmedmesh_sync_lag_seconds {}\n",
