@@ -1,0 +1,113 @@
+//! Helpers shared by the CLI tests that run real node processes.
+#![allow(clippy::unwrap_used, clippy::expect_used, dead_code, unreachable_pub)]
+
+use std::io::{BufRead as _, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command as StdCommand, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use assert_cmd::Command;
+use serde_json::Value;
+
+pub const PASS: &str = "correct horse battery staple";
+pub const WAIT: Duration = Duration::from_secs(60);
+
+pub fn medmesh(home: &Path) -> Command {
+    let mut cmd = Command::cargo_bin("medmesh").unwrap();
+    cmd.arg("--home")
+        .arg(home)
+        .env("MEDMESH_PASSPHRASE", PASS)
+        .env_remove("MEDMESH_HOME")
+        .timeout(WAIT);
+    cmd
+}
+
+pub fn json_lines(output: &Output) -> Vec<Value> {
+    String::from_utf8(output.stdout.clone())
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l:?}: {e}")))
+        .collect()
+}
+
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// A `medmesh node run` process; SIGTERM on drop.
+pub struct NodeProcess {
+    child: Child,
+    pub peer_id: String,
+    pub listen: String,
+}
+
+impl NodeProcess {
+    pub fn start(home: &Path) -> Self {
+        let exe: PathBuf = assert_cmd::cargo::cargo_bin("medmesh");
+        let mut child = StdCommand::new(exe)
+            .arg("--home")
+            .arg(home)
+            .args(["--json", "node", "run", "--listen", "/ip4/127.0.0.1/tcp/0"])
+            .env_remove("MEDMESH_HOME")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let mut node = Self {
+            child,
+            peer_id: String::new(),
+            listen: String::new(),
+        };
+        let line = rx
+            .recv_timeout(WAIT)
+            .expect("the node did not print its ready line in time");
+        let ready: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("ready line {line:?}: {e}"));
+        node.peer_id = ready["peer_id"].as_str().unwrap().to_owned();
+        node.listen = ready["listen"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(Value::as_str)
+            .find(|a| a.contains("/tcp/"))
+            .expect("a TCP listen address")
+            .to_owned();
+        assert!(node.listen.starts_with("/ip4/127.0.0.1/"), "{}", node.listen);
+        node
+    }
+
+    /// SIGTERM (the `kill` command: no unsafe here), then wait for the exit.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            return Some(status);
+        }
+        let _ = StdCommand::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        None
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
