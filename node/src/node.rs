@@ -1101,28 +1101,45 @@ impl Node {
 
     async fn rebuild_registry(&self) -> Result<()> {
         let items = self.store().consent_items()?;
+        // Verifying signatures dominates the open of a large store: spread it
+        // over the cores, keeping store order for the registry.
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
+        let chunk = items.len().div_ceil(threads).max(1);
+        let decoded: Vec<(ItemMeta, std::result::Result<Decoded, medmesh_crypto::Error>)> = std::thread::scope(|s| {
+            let handles: Vec<_> = items
+                .chunks(chunk)
+                .map(|part| {
+                    s.spawn(move || {
+                        part.iter()
+                            .map(|item| (item.meta.clone(), decode_item(item.meta.kind, &item.bytes)))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect()
+        });
+        if decoded.len() != items.len() {
+            return Err(Error::Storage("verifying consent items at open failed".into()));
+        }
+        drop(items);
         let mut corrupt = Vec::new();
         {
             let mut reg = self.registry_mut();
-            for item in items {
-                match decode_item(item.meta.kind, &item.bytes) {
+            for (meta, item) in decoded {
+                match item {
                     Ok(Decoded::Grant(g)) => reg.add_grant(g),
                     Ok(Decoded::Revocation(r)) => {
                         reg.add_revocation(r);
                     }
                     Ok(Decoded::KeyShare(s)) => {
                         reg.note_share(&s);
+                        // Opened on first use, not here (HPKE per share at open is slow).
                         if s.terms().recipient == Principal::Practice(self.inner.me) {
-                            match s.open(&self.inner.identity) {
-                                Ok(key) => reg.add_key(key),
-                                Err(e) => {
-                                    tracing::warn!(item = %item.meta.id, cause = %e, "stored key share does not open")
-                                }
-                            }
+                            reg.add_unopened_share(s, &self.inner.identity);
                         }
                     }
                     Ok(Decoded::Envelope(_)) => {}
-                    Err(e) => corrupt.push((item.meta, e)),
+                    Err(e) => corrupt.push((meta, e)),
                 }
             }
         }

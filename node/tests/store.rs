@@ -658,7 +658,7 @@ fn no_plaintext_at_rest_or_in_logs() {
             let snapshot = a.load_snapshot(other.id(), CORE).unwrap().unwrap();
             assert_eq!(snapshot.covered.len(), 6);
             // In memory it is a plain Automerge document, which the scan would find.
-            assert!(snapshot.doc.starts_with(&automerge_magic));
+            assert!(snapshot.doc.windows(4).any(|w| w == automerge_magic));
             // The blind resource index finds it without naming it on disk.
             assert_eq!(a.locate_resource(&p.key).unwrap(), Some((other.id(), CORE)));
             drop(repo);

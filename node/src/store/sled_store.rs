@@ -27,6 +27,8 @@ use crate::{Error, Result};
 const INSTANCE_KEY: &[u8] = b"instance-id";
 const LAYOUT_KEY: &[u8] = b"layout-version";
 const LAYOUT_VERSION: &[u8] = b"1";
+/// sled page cache (bounds the store's share of RSS).
+const SLED_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 
 fn storage(e: sled::Error) -> Error {
     Error::Storage(e.to_string())
@@ -65,7 +67,12 @@ impl SledStore {
     /// process holds it, I/O errors); [`Error::Corrupt`] for a damaged
     /// instance id.
     pub fn open(path: &Path) -> Result<Self> {
-        let db = sled::Config::new().path(path).open().map_err(storage)?;
+        // sled's page cache defaults to 1 GiB; decrypted documents are cached above it.
+        let db = sled::Config::new()
+            .path(path)
+            .cache_capacity(SLED_CACHE_BYTES)
+            .open()
+            .map_err(storage)?;
         let tree = |name: &str| db.open_tree(name).map_err(storage);
         let meta = tree("meta")?;
         let instance = match meta.get(INSTANCE_KEY).map_err(storage)? {
@@ -151,7 +158,7 @@ fn apply_op(t: &Trees<'_>, op: &Op, heads: &mut Heads, out: &mut Committed, time
             t.items.insert(&meta.id.0, codec::item_value(meta.kind, seq, bytes))?;
             t.seqlog.insert(&seq_key(seq), codec::meta_value(meta))?;
             if meta.kind != ItemKind::Envelope {
-                t.consent.insert(&seq_key(seq), &meta.id.0)?;
+                t.consent.insert(&seq_key(seq), codec::consent_value(meta, bytes))?;
             }
             if let Some(entry) = envelope {
                 let mut entry = (**entry).clone();
@@ -353,14 +360,24 @@ impl Store for SledStore {
     fn consent_items(&self) -> Result<Vec<StoredItem>> {
         let mut out = Vec::new();
         for entry in self.consent.iter() {
-            let (_, v) = entry.map_err(storage)?;
-            let id = ItemId(v.as_ref().try_into().map_err(|_| Error::Corrupt {
-                what: "consent index",
-                key: hex::encode(&v),
-            })?);
-            if let Some(item) = self.item(&id)? {
-                out.push(item);
+            let (k, v) = entry.map_err(storage)?;
+            if v.len() == 32 {
+                // Layout 1: the item id only.
+                let id = ItemId(v.as_ref().try_into().map_err(|_| Error::Corrupt {
+                    what: "consent index",
+                    key: hex::encode(&v),
+                })?);
+                if let Some(item) = self.item(&id)? {
+                    out.push(item);
+                }
+                continue;
             }
+            let (meta, wire) = codec::split_consent_value(&k, &v)?;
+            out.push(StoredItem {
+                seq: codec::seq_from_key(&k)?,
+                meta,
+                bytes: wire.to_vec(),
+            });
         }
         Ok(out)
     }
@@ -459,6 +476,14 @@ impl Store for SledStore {
         self.items
             .insert(id.0, codec::item_value(kind, seq, bytes))
             .map_err(storage)?;
+        if kind != ItemKind::Envelope
+            && let Some(meta) = self.seqlog.get(seq_key(seq)).map_err(storage)?
+        {
+            let meta = codec::meta_from(&seq_key(seq), &meta)?;
+            self.consent
+                .insert(seq_key(seq), codec::consent_value(&meta, bytes))
+                .map_err(storage)?;
+        }
         self.flush()
     }
 
