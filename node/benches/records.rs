@@ -127,8 +127,17 @@ fn main() {
     println!("  automerge clone of the doc            {}", ms(t));
     let t = median(runs, || RecordDoc::load(&snapshot).unwrap());
     println!("  RecordDoc::load (checks every change) {}", ms(t));
+    let local = doc.save_local();
+    let t = median(runs, || RecordDoc::load_local(&local).unwrap());
+    println!(
+        "  RecordDoc::load_local (own snapshot)  {}  ({} B with the change index)",
+        ms(t),
+        local.len()
+    );
     let t = median(runs, || doc.save());
     println!("  RecordDoc::save                       {}", ms(t));
+    let t = median(runs, || doc.save_local());
+    println!("  RecordDoc::save_local                 {}", ms(t));
 
     // Cached read vs HashMap<String, Value> lookup + serde_json::to_vec.
     let warm = RecordDoc::load(&snapshot).unwrap();

@@ -209,6 +209,37 @@ async fn thousand(quick: bool) {
         warm.push(start.elapsed());
     }
     warm.sort();
+    // Cached read through the repository (Type/id → index → LRU → document
+    // → rendered bytes) vs a HashMap<String, Value> lookup + serde_json::to_vec.
+    let ids: Vec<(String, String)> = everything
+        .iter()
+        .map(|r| (r.resource_type().to_owned(), r.id().to_owned()))
+        .collect();
+    let map: std::collections::HashMap<String, Value> =
+        everything.iter().map(|r| (r.key.clone(), r.json.clone())).collect();
+    let keys: Vec<String> = everything.iter().map(|r| r.key.clone()).collect();
+    let reads = if quick { 2_000 } else { 200_000 };
+    let start = Instant::now();
+    let mut total = 0;
+    for i in 0..reads {
+        let (t, id) = &ids[i % ids.len()];
+        total += fresh.read(t, id).await.unwrap().bytes.len();
+    }
+    let repo_read = start.elapsed();
+    let start = Instant::now();
+    for i in 0..reads {
+        total += serde_json::to_vec(map.get(&keys[i % keys.len()]).unwrap())
+            .unwrap()
+            .len();
+    }
+    let map_read = start.elapsed();
+    std::hint::black_box(total);
+    println!(
+        "  cached Repository::read {:.0} ns vs HashMap + serde_json::to_vec {:.0} ns: {:.2}x (target <= 2x)",
+        repo_read.as_nanos() as f64 / reads as f64,
+        map_read.as_nanos() as f64 / reads as f64,
+        repo_read.as_secs_f64() / map_read.as_secs_f64()
+    );
     println!("  cold load of the patient, full replay   {}", ms(cold_replay));
     println!("  cold load of the patient, from snapshot {}", ms(cold_snapshot));
     println!("  $everything, cold (snapshots)           {}", ms(everything_cold));
