@@ -369,7 +369,10 @@ async fn scale(patients: usize) {
     let me = Principal::Practice(node.practice_id());
     let store: Arc<dyn Store> = node.raw_store();
     let start = Instant::now();
-    let threads = 2;
+    let threads: usize = std::env::var("MEDMESH_BENCH_BUILD_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
     let (json_bytes, keys) = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {

@@ -389,11 +389,27 @@ struct Index {
     history: Vec<Vec<VersionRef>>,
 }
 
-/// Reads a big-endian u64.
+/// Appends `v` as unsigned LEB128.
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// Reads an unsigned LEB128 of at most 10 bytes.
 fn take_u64(b: &mut &[u8]) -> Option<u64> {
-    let (v, rest) = b.split_first_chunk::<8>()?;
-    *b = rest;
-    Some(u64::from_be_bytes(*v))
+    let mut v = 0u64;
+    for i in 0..10 {
+        let (byte, rest) = b.split_first()?;
+        *b = rest;
+        v |= u64::from(byte & 0x7f).checked_shl(7 * i)?;
+        if byte & 0x80 == 0 {
+            return Some(v);
+        }
+    }
+    None
 }
 
 fn take_bytes<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
@@ -415,7 +431,7 @@ impl Index {
     /// Appends the index (see [`RecordDoc::save_local`]): applied hashes; actors
     /// with their max seq; keys; owners; per key its versions.
     fn encode(&self, out: &mut Vec<u8>) {
-        let put = |out: &mut Vec<u8>, v: u64| out.extend_from_slice(&v.to_be_bytes());
+        let put = put_varint;
         let mut applied: Vec<&ChangeHash> = self.applied.iter().collect();
         applied.sort_unstable();
         put(out, applied.len() as u64);
@@ -458,7 +474,7 @@ impl Index {
         for _ in 0..take_count(b, 32)? {
             index.applied.insert(ChangeHash(take_bytes(b, 32)?.try_into().ok()?));
         }
-        for _ in 0..take_count(b, 16)? {
+        for _ in 0..take_count(b, 2)? {
             let n = usize::try_from(take_u64(b)?).ok()?;
             let actor = ActorId::from(take_bytes(b, n)?);
             let seq = take_u64(b)?;
@@ -469,7 +485,7 @@ impl Index {
             index.actors.push(actor);
             index.max_seq.push(seq);
         }
-        for _ in 0..take_count(b, 8)? {
+        for _ in 0..take_count(b, 1)? {
             let n = usize::try_from(take_u64(b)?).ok()?;
             let key = std::str::from_utf8(take_bytes(b, n)?).ok()?.to_owned();
             split_key(&key).ok()?;
@@ -479,7 +495,7 @@ impl Index {
             }
             index.keys.push(key);
         }
-        for _ in 0..take_count(b, 24)? {
+        for _ in 0..take_count(b, 3)? {
             let counter = take_u64(b)?;
             let actor = u32::try_from(take_u64(b)?).ok()?;
             let key = u32::try_from(take_u64(b)?).ok()?;
@@ -490,7 +506,7 @@ impl Index {
         }
         for _ in 0..index.keys.len() {
             let mut versions = Vec::new();
-            for _ in 0..take_count(b, 57)? {
+            for _ in 0..take_count(b, 36)? {
                 let hash = ChangeHash(take_bytes(b, 32)?.try_into().ok()?);
                 let start_op = take_u64(b)?;
                 let actor = u32::try_from(take_u64(b)?).ok()?;
