@@ -303,7 +303,9 @@ async fn audit(home: &Home, node: &str, out: &Output) -> Result<()> {
     let mut attempt = 1;
     let result = loop {
         match session.sync.audit(session.node, patient).await {
-            Err(e @ medmesh_sync::Error::Request { .. }) if attempt < ATTEMPTS => {
+            Err(e @ (medmesh_sync::Error::Request { .. } | medmesh_sync::Error::ConnectionLost { .. }))
+                if attempt < ATTEMPTS =>
+            {
                 session.redial(attempt, &e).await;
                 attempt += 1;
             }

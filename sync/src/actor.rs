@@ -164,6 +164,17 @@ impl<B: Backend> Ctx<B> {
     }
 
     async fn request(&self, peer: PeerId, request: Request) -> Result<Response> {
+        match self.request_once(peer, request.clone()).await {
+            // Idempotent requests: one retry, on whatever connection the swarm has or makes now.
+            Err(Error::ConnectionLost { .. }) => {
+                debug!(%peer, request = request.name(), "connection closed under a request; retrying once");
+                self.request_once(peer, request).await
+            }
+            other => other,
+        }
+    }
+
+    async fn request_once(&self, peer: PeerId, request: Request) -> Result<Response> {
         let (reply, rx) = oneshot::channel();
         self.send(Command::Request { peer, request, reply }).await?;
         rx.await.map_err(|_| Error::Stopped)?
@@ -750,10 +761,15 @@ impl<B: Backend> Actor<B> {
                 ..
             } => match self.outbound.remove(&request_id) {
                 Some(Outbound::Reply(reply)) => {
-                    let _ = reply.send(Err(Error::Request {
-                        peer,
-                        reason: error.to_string(),
-                    }));
+                    let err = match error {
+                        request_response::OutboundFailure::ConnectionClosed
+                        | request_response::OutboundFailure::Io(_) => Error::ConnectionLost { peer },
+                        other => Error::Request {
+                            peer,
+                            reason: other.to_string(),
+                        },
+                    };
+                    let _ = reply.send(Err(err));
                 }
                 Some(Outbound::Nudge(p)) => {
                     self.nudging.remove(&p);

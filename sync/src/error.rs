@@ -26,6 +26,15 @@ pub enum Error {
         /// Transport-level cause.
         reason: String,
     },
+    /// The connection carrying a request closed before the answer came
+    /// (the peer restarted, or an older connection to it was replaced).
+    /// Every request of the protocol is idempotent, so it is retried once
+    /// on a fresh connection before this reaches the caller.
+    #[error("connection to peer {peer} closed before it answered")]
+    ConnectionLost {
+        /// The peer.
+        peer: PeerId,
+    },
     /// The peer answered with something that does not fit the request.
     #[error("peer {peer} answered a {request} request with {answer}")]
     UnexpectedResponse {
