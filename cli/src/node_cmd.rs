@@ -151,6 +151,7 @@ pub(crate) struct StartedNode {
     pub(crate) listen: Vec<String>,
     pub(crate) gateway_url: String,
     pub(crate) node: Node,
+    repository: Repository,
     pub(crate) sync: medmesh_sync::SyncHandle,
     shutdown: tokio::sync::watch::Sender<bool>,
     gateway_task: tokio::task::JoinHandle<std::io::Result<()>>,
@@ -170,6 +171,8 @@ impl StartedNode {
             Ok(Err(e)) => tracing::warn!(cause = %e, "gateway stopped with an error"),
             Err(e) => tracing::warn!(cause = %e, "gateway task failed"),
         }
+        // Snapshots spare the next start a full replay of long histories.
+        self.repository.save_snapshots().await;
         self.node.close().await;
         let _ = std::fs::remove_file(self.dir.join(RUNNING_FILE));
         Ok(())
@@ -233,7 +236,7 @@ pub(crate) async fn start(dir: &Path, options: RunOptions) -> Result<StartedNode
     let config = medmesh_gateway::Config::for_addr(bound);
     let backend = Arc::new(NodeBackend::new(
         node.clone(),
-        repository,
+        repository.clone(),
         Some(sync.clone()),
         dir.join(medmesh_node::STORE_DIR),
     ));
@@ -247,6 +250,7 @@ pub(crate) async fn start(dir: &Path, options: RunOptions) -> Result<StartedNode
         listen,
         gateway_url: format!("http://{bound}"),
         node,
+        repository,
         sync,
         shutdown,
         gateway_task,
