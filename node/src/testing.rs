@@ -202,3 +202,69 @@ impl ChangeMaker {
         })
     }
 }
+
+/// The encodings of `marker` that a plaintext leak would show: raw UTF-8,
+/// UTF-16LE, and the stable middle of its base64 at each of the three
+/// alignments (DESIGN §9 invariant 5).
+pub fn plaintext_needles(marker: &str) -> Vec<Vec<u8>> {
+    let raw = marker.as_bytes().to_vec();
+    let utf16: Vec<u8> = marker.encode_utf16().flat_map(u16::to_le_bytes).collect();
+    let mut out = vec![raw.clone(), utf16];
+    for pad in 0..3 {
+        let mut shifted = vec![b'x'; pad];
+        shifted.extend_from_slice(&raw);
+        let enc = base64_unpadded(&shifted);
+        // Skip the characters that mix in padding bytes, and the last partial group.
+        let start = (pad * 8).div_ceil(6);
+        let end = enc.len().saturating_sub(4);
+        if start < end {
+            out.push(enc[start..end].to_vec());
+        }
+    }
+    out
+}
+
+/// Unpadded standard base64, for the plaintext scans (tests check that the
+/// scan itself finds an encoded marker). Not used for anything else.
+pub fn base64_unpadded(data: &[u8]) -> Vec<u8> {
+    const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = Vec::new();
+    for chunk in data.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |acc, (i, b)| acc | (u32::from(*b) << (16 - 8 * i)));
+        for i in 0..=chunk.len() {
+            out.push(B64[((n >> (18 - 6 * i)) & 63) as usize]);
+        }
+    }
+    out
+}
+
+/// Every file under `dir` (recursively) that contains one of `needles`:
+/// the number of files read and one line per hit.
+///
+/// # Errors
+/// I/O errors reading the tree.
+pub fn scan_for_plaintext(dir: &std::path::Path, needles: &[Vec<u8>]) -> std::io::Result<(usize, Vec<String>)> {
+    let mut files = 0;
+    let mut hits = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d)? {
+            let path = entry?.path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            files += 1;
+            let data = std::fs::read(&path)?;
+            for n in needles {
+                if data.windows(n.len()).any(|w| w == n.as_slice()) {
+                    hits.push(format!("{} contains {:?}", path.display(), String::from_utf8_lossy(n)));
+                }
+            }
+        }
+    }
+    Ok((files, hits))
+}

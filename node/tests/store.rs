@@ -508,59 +508,12 @@ async fn audit_tampering_is_located() {
 
 // ----- invariant 5: no plaintext at rest or in logs ---------------------
 
-const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
-fn base64(data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for chunk in data.chunks(3) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |acc, (i, b)| acc | (u32::from(*b) << (16 - 8 * i)));
-        for i in 0..=chunk.len() {
-            out.push(B64[((n >> (18 - 6 * i)) & 63) as usize]);
-        }
-    }
-    out
-}
-
-/// The marker's encodings to look for: raw, UTF-16LE, and base64 of it at
-/// each of the three alignments (the stable middle of each encoding).
 fn needles(marker: &str) -> Vec<Vec<u8>> {
-    let raw = marker.as_bytes().to_vec();
-    let utf16: Vec<u8> = marker.encode_utf16().flat_map(u16::to_le_bytes).collect();
-    let mut out = vec![raw.clone(), utf16];
-    for pad in 0..3 {
-        let mut shifted = vec![b'x'; pad];
-        shifted.extend_from_slice(&raw);
-        let enc = base64(&shifted);
-        // Skip the chars mixing padding bytes, and the last partial group.
-        let start = (pad * 8).div_ceil(6);
-        let end = enc.len().saturating_sub(4);
-        out.push(enc[start..end].to_vec());
-    }
-    out
+    medmesh_node::testing::plaintext_needles(marker)
 }
 
 fn scan_dir(dir: &Path, needles: &[Vec<u8>]) -> Vec<String> {
-    let mut hits = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                stack.push(path);
-                continue;
-            }
-            let data = std::fs::read(&path).unwrap();
-            for n in needles {
-                if data.windows(n.len()).any(|w| w == n.as_slice()) {
-                    hits.push(format!("{} contains {:?}", path.display(), String::from_utf8_lossy(n)));
-                }
-            }
-        }
-    }
-    hits
+    medmesh_node::testing::scan_for_plaintext(dir, needles).unwrap().1
 }
 
 #[derive(Clone, Default)]
@@ -680,7 +633,11 @@ fn no_plaintext_at_rest_or_in_logs() {
     }
     // The scan itself finds what it looks for.
     let probe = tempfile::tempdir().unwrap();
-    std::fs::write(probe.path().join("f"), base64(format!("ab{marker}").as_bytes())).unwrap();
+    std::fs::write(
+        probe.path().join("f"),
+        medmesh_node::testing::base64_unpadded(format!("ab{marker}").as_bytes()),
+    )
+    .unwrap();
     assert!(!scan_dir(probe.path(), &needles).is_empty());
 }
 
