@@ -189,6 +189,10 @@ pub struct IngestReport {
     pub opaque: usize,
     /// Items put in the pending queue.
     pub pending: usize,
+    /// Items not put in the pending queue because the caller's pending room
+    /// ([`Node::ingest_capped`]) was used up; nothing of them is kept, and
+    /// they can be sent again once the grant they wait for is here.
+    pub refused: usize,
     /// Items refused for good (each recorded once).
     pub rejected: Vec<RejectedItem>,
     /// Items already held, already pending or already rejected.
@@ -338,6 +342,8 @@ struct Phase {
     received: BTreeMap<PatientId, Vec<ItemId>>,
     readable: BTreeMap<(PatientId, Collection), Vec<EnvelopeId>>,
     excluded: BTreeMap<(PatientId, Collection), Vec<EnvelopeId>>,
+    /// How many more new items this ingest may park (`None`: no cap).
+    pending_room: Option<usize>,
 }
 
 impl Node {
@@ -577,17 +583,35 @@ impl Node {
     /// # Errors
     /// Only store failures; bad items are reported in [`IngestReport::rejected`].
     pub async fn ingest(&self, items: Vec<Incoming>, source: Source) -> Result<IngestReport> {
-        self.ingest_as(items, source.actor()).await
+        self.ingest_as(items, source.actor(), None).await
     }
 
-    async fn ingest_as(&self, items: Vec<Incoming>, actor: Actor) -> Result<IngestReport> {
+    /// As [`Node::ingest`], but parks at most `pending_room` new items in the
+    /// pending queue; the others are counted in [`IngestReport::refused`] and
+    /// not kept (sync caps what one peer may park this way).
+    ///
+    /// # Errors
+    /// As [`Node::ingest`].
+    pub async fn ingest_capped(
+        &self,
+        items: Vec<Incoming>,
+        source: Source,
+        pending_room: usize,
+    ) -> Result<IngestReport> {
+        self.ingest_as(items, source.actor(), Some(pending_room)).await
+    }
+
+    async fn ingest_as(&self, items: Vec<Incoming>, actor: Actor, pending_room: Option<usize>) -> Result<IngestReport> {
         let _guard = self.inner.ingest_lock.lock().await;
         let mut report = IngestReport::default();
         let (consent, envelopes): (Vec<_>, Vec<_>) = items.into_iter().partition(|i| i.kind != ItemKind::Envelope);
 
         // Phase 1: consent items, stored before anything is judged by them.
         let mut effects = ConsentEffects::default();
-        let mut phase = Phase::default();
+        let mut phase = Phase {
+            pending_room,
+            ..Phase::default()
+        };
         for item in consent {
             self.judge_consent(item, &actor, &mut phase, &mut effects, &mut report)?;
         }
@@ -612,7 +636,11 @@ impl Node {
         }
 
         // Phase 2: envelopes of the page, released pending ones, exclusions, unlocks.
-        let mut phase = Phase::default();
+        let pending_room = phase.pending_room;
+        let mut phase = Phase {
+            pending_room,
+            ..Phase::default()
+        };
         for r in &effects.revocations {
             self.exclude_beyond_cut(r, &actor, &mut phase, &mut report)?;
         }
@@ -622,6 +650,9 @@ impl Node {
         for item in envelopes {
             self.judge_envelope(&item.bytes, None, &actor, &mut phase, &mut report)?;
         }
+        // Released items were parked already: moving them between reasons
+        // parks nothing new.
+        phase.pending_room = None;
         let mut released = Vec::new();
         for g in &effects.grants {
             released.extend(self.store().pending(Some(PendingReason::MissingGrant(g.id())))?);
@@ -848,6 +879,14 @@ impl Node {
         if already || !phase.seen.insert(hash) {
             report.duplicates += 1;
             return Ok(());
+        }
+        if let Some(room) = phase.pending_room.as_mut() {
+            if *room == 0 {
+                phase.seen.remove(&hash);
+                report.refused += 1;
+                return Ok(());
+            }
+            *room -= 1;
         }
         tracing::debug!(kind = item.kind.as_str(), item = %hex::encode(hash), ?reason, "item pending");
         phase.batch.push(Op::AddPending(PendingItem {
@@ -1177,7 +1216,7 @@ impl Node {
             self.commit(dequeue, true).await?;
         }
         if !readable_now.is_empty() {
-            self.ingest_as(readable_now, actor.clone()).await?;
+            self.ingest_as(readable_now, actor.clone(), None).await?;
         }
         let _guard = self.inner.ingest_lock.lock().await;
         let mut phase = Phase::default();

@@ -655,3 +655,44 @@ async fn envelope_decoder_sanity() {
     assert_eq!(item.meta.patient, patient.id());
     assert_eq!(node.cursor(&node.practice_id().peer_id()).unwrap(), None);
 }
+
+#[tokio::test]
+async fn ingest_capped_parks_no_more_than_the_room_given() {
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut patient = TestPatient::new().unwrap();
+    let (a, _) = onboarded(da.path(), 4, &mut patient).await;
+    let b = open(db.path(), 5).await;
+    let mut maker = ChangeMaker::new(a.practice_id().as_bytes()).unwrap();
+    for i in 0..5 {
+        let c = maker.put("k", &i.to_string()).unwrap();
+        a.write_change(patient.id(), CORE, c.as_change()).await.unwrap();
+    }
+    let all = a.items_after(0, 100).await.unwrap();
+    let from = Source::Peer(a.practice_id().peer_id());
+
+    // Room for 2: two wait, three are refused and not kept.
+    let r = b.ingest_capped(envelopes_of(&all), from.clone(), 2).await.unwrap();
+    assert_eq!((r.accepted, r.pending, r.refused), (0, 2, 3), "{r:?}");
+    assert_eq!(b.pending_count().unwrap(), 2);
+    // No room: the parked two are duplicates, the others refused again.
+    let r = b.ingest_capped(envelopes_of(&all), from.clone(), 0).await.unwrap();
+    assert_eq!((r.pending, r.duplicates, r.refused), (0, 2, 3), "{r:?}");
+    assert_eq!(b.pending_count().unwrap(), 2);
+
+    // The grant releases the parked two (a cap of 0 does not hold them back);
+    // the refused three are welcome once sent again.
+    let grant = all.iter().find(|i| i.meta.kind == ItemKind::Grant).unwrap();
+    let r = b
+        .ingest_capped(
+            vec![Incoming::new(ItemKind::Grant, grant.bytes.clone())],
+            from.clone(),
+            0,
+        )
+        .await
+        .unwrap();
+    assert_eq!((r.accepted, r.refused), (3, 0), "{r:?}");
+    assert_eq!(b.pending_count().unwrap(), 0);
+    let r = b.ingest_capped(envelopes_of(&all), from, 0).await.unwrap();
+    assert_eq!((r.accepted, r.duplicates, r.refused), (3, 2, 0), "{r:?}");
+    assert_eq!(b.holdings(&patient.id()).unwrap().envelopes, 5);
+}

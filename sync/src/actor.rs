@@ -5,8 +5,8 @@
 //! actor through a weak sender, so the actor ends once every handle is gone.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -22,7 +22,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::backend::{
     Backend, ConsentView, Cursor, DisclosureRecord, IngestReport, Item, ItemId, ItemKind, ItemMeta, StoredEvent,
 };
-use crate::config::Config;
+use crate::config::{Config, Limits};
 use crate::filter::{Requester, may_disclose};
 use crate::serve::{self, Served};
 use crate::wire::{Codec, MAX_FETCH_IDS, MAX_PUSH_ADDRS, PROTOCOL, RefusalCode, Request, Response};
@@ -31,6 +31,8 @@ use crate::{Error, Result, Status, SyncReport};
 const COMMAND_CAPACITY: usize = 256;
 const LISTEN_SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 const IDENTIFY_PROTOCOL: &str = "/medmesh/id/1";
+/// The first wait before asking a busy peer again.
+const BUSY_BACKOFF: Duration = Duration::from_millis(250);
 
 #[derive(NetworkBehaviour)]
 struct Behaviour {
@@ -51,6 +53,9 @@ pub(crate) struct Metrics {
     pub(crate) items_pending: AtomicU64,
     pub(crate) bytes_sent: AtomicU64,
     pub(crate) bytes_received: AtomicU64,
+    pub(crate) refused_busy: AtomicU64,
+    pub(crate) items_pending_refused: AtomicU64,
+    pub(crate) dropped: AtomicU64,
 }
 
 impl Metrics {
@@ -67,6 +72,7 @@ impl Metrics {
         Self::add(&self.items_accepted, report.accepted);
         Self::add(&self.items_rejected, report.rejected);
         Self::add(&self.items_pending, report.pending);
+        Self::add(&self.items_pending_refused, report.refused);
     }
 
     fn sent(&self, served: Served) {
@@ -107,6 +113,7 @@ pub(crate) enum Command {
     Status(oneshot::Sender<Status>),
     Shutdown(oneshot::Sender<()>),
     Respond {
+        peer: PeerId,
         channel: ResponseChannel<Response>,
         response: Response,
         served: Served,
@@ -138,6 +145,12 @@ pub(crate) struct Ctx<B> {
     tx: mpsc::WeakSender<Command>,
     metrics: Arc<Metrics>,
     page_limit: u32,
+    limits: Arc<Limits>,
+    /// Items each peer parked in the pending queue, as far as sync can tell
+    /// (counted from ingest reports; clamped to the queue's size, so items
+    /// released by a grant free their senders' shares once the queue
+    /// drains). Only peers with a share are kept.
+    parked: Arc<Mutex<HashMap<PeerId, u64>>>,
 }
 
 impl<B> Clone for Ctx<B> {
@@ -147,7 +160,49 @@ impl<B> Clone for Ctx<B> {
             tx: self.tx.clone(),
             metrics: self.metrics.clone(),
             page_limit: self.page_limit,
+            limits: self.limits.clone(),
+            parked: self.parked.clone(),
         }
+    }
+}
+
+/// A peer's token bucket for inbound requests.
+#[derive(Clone, Copy, Debug)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn full(limits: &Limits, at: Instant) -> Self {
+        Self {
+            tokens: f64::from(limits.request_burst),
+            at,
+        }
+    }
+
+    fn refill(&mut self, limits: &Limits, at: Instant) {
+        let elapsed = at.saturating_duration_since(self.at).as_secs_f64();
+        let burst = f64::from(limits.request_burst);
+        self.tokens = (self.tokens + elapsed * f64::from(limits.requests_per_second)).min(burst);
+        self.at = at;
+    }
+
+    /// Takes one token if there is one.
+    fn take(&mut self, limits: &Limits, at: Instant) -> bool {
+        self.refill(limits, at);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn is_full(&self, limits: &Limits, at: Instant) -> bool {
+        let mut b = *self;
+        b.refill(limits, at);
+        b.tokens >= f64::from(limits.request_burst)
     }
 }
 
@@ -163,7 +218,25 @@ impl<B: Backend> Ctx<B> {
         rx.await.map_err(|_| Error::Stopped)
     }
 
+    /// Sends a request; one answered `Busy` is asked again after doubling
+    /// waits, up to `limits.busy_retries` times (every request is
+    /// idempotent).
     async fn request(&self, peer: PeerId, request: Request) -> Result<Response> {
+        let mut wait = BUSY_BACKOFF;
+        for _ in 0..self.limits.busy_retries {
+            match self.request_retrying(peer, request.clone()).await? {
+                Response::Refused(RefusalCode::Busy) => {
+                    debug!(%peer, request = request.name(), "peer busy; asking again later");
+                    tokio::time::sleep(wait).await;
+                    wait = wait.saturating_mul(2);
+                }
+                other => return Ok(other),
+            }
+        }
+        self.request_retrying(peer, request).await
+    }
+
+    async fn request_retrying(&self, peer: PeerId, request: Request) -> Result<Response> {
         match self.request_once(peer, request.clone()).await {
             // Idempotent requests: one retry, on whatever connection the swarm has or makes now.
             Err(Error::ConnectionLost { .. }) => {
@@ -185,9 +258,33 @@ impl<B: Backend> Ctx<B> {
             return Ok(IngestReport::default());
         }
         self.metrics.received(&items);
-        let report = self.backend.ingest(peer, items).await?;
+        let room = self.pending_room(peer)?;
+        let report = self.backend.ingest_capped(peer, items, room).await?;
         self.metrics.ingested(&report);
+        if report.pending > 0 {
+            let mut parked = self.parked.lock().unwrap_or_else(PoisonError::into_inner);
+            *parked.entry(peer).or_default() += report.pending;
+        }
+        if report.refused > 0 {
+            warn!(%peer, refused = report.refused, "pending-queue share used up; items refused");
+        }
         Ok(report)
+    }
+
+    /// How many more items `peer` may park in the pending queue now.
+    fn pending_room(&self, peer: PeerId) -> Result<u64> {
+        let total = self.backend.pending_total()?;
+        let mut parked = self.parked.lock().unwrap_or_else(PoisonError::into_inner);
+        parked.retain(|_, n| {
+            *n = (*n).min(total);
+            *n > 0
+        });
+        let mine = parked.get(&peer).copied().unwrap_or(0);
+        Ok(self
+            .limits
+            .max_pending_per_peer
+            .saturating_sub(mine)
+            .min(self.limits.max_pending.saturating_sub(total)))
     }
 }
 
@@ -330,6 +427,12 @@ pub(crate) struct Actor<B: Backend> {
     nudging: HashMap<PeerId, Option<u64>>,
     dial_waiters: HashMap<PeerId, Vec<oneshot::Sender<Result<PeerId>>>>,
     last_synced: HashMap<PeerId, Instant>,
+    /// Token buckets of peers that used some of theirs (full ones are
+    /// pruned on every tick: absent means full).
+    buckets: HashMap<PeerId, Bucket>,
+    /// Inbound requests being served, per peer (only non-zero entries).
+    in_flight: HashMap<PeerId, usize>,
+    in_flight_total: usize,
 }
 
 fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
@@ -438,6 +541,8 @@ pub(crate) async fn spawn<B: Backend>(
         tx: tx.downgrade(),
         metrics: metrics.clone(),
         page_limit: config.page_limit.clamp(1, crate::wire::MAX_ITEMS_PER_MESSAGE as u32),
+        limits: Arc::new(config.limits.clone()),
+        parked: Arc::new(Mutex::new(HashMap::new())),
     };
     let actor = Actor {
         swarm,
@@ -452,6 +557,9 @@ pub(crate) async fn spawn<B: Backend>(
         nudging: HashMap::new(),
         dial_waiters: HashMap::new(),
         last_synced: HashMap::new(),
+        buckets: HashMap::new(),
+        in_flight: HashMap::new(),
+        in_flight_total: 0,
     };
     tokio::spawn(actor.run().instrument(info_span!("sync actor", peer = %me)));
     Ok((tx, me, metrics))
@@ -572,6 +680,9 @@ impl<B: Backend> Actor<B> {
                     bytes_sent: m.bytes_sent.load(Ordering::Relaxed),
                     bytes_received: m.bytes_received.load(Ordering::Relaxed),
                     sync_lag,
+                    refused_busy: m.refused_busy.load(Ordering::Relaxed),
+                    items_pending_refused: m.items_pending_refused.load(Ordering::Relaxed),
+                    dropped: m.dropped.load(Ordering::Relaxed),
                 });
             }
             Command::Shutdown(reply) => {
@@ -579,10 +690,12 @@ impl<B: Backend> Actor<B> {
                 let _ = reply.send(());
             }
             Command::Respond {
+                peer,
                 channel,
                 response,
                 served,
             } => {
+                self.served_one(peer);
                 if self.swarm.behaviour_mut().sync.send_response(channel, response).is_ok() {
                     self.ctx.metrics.sent(served);
                 }
@@ -659,6 +772,9 @@ impl<B: Backend> Actor<B> {
     }
 
     fn on_tick(&mut self) {
+        let at = Instant::now();
+        let limits = &self.config.limits;
+        self.buckets.retain(|_, b| !b.is_full(limits, at));
         let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
         for peer in peers {
             self.start_pull(peer, None);
@@ -796,6 +912,16 @@ impl<B: Backend> Actor<B> {
             return;
         };
         debug!(%peer, request = request.name(), "request");
+        if !self.admit(peer, &request) {
+            Metrics::add(&self.ctx.metrics.refused_busy, 1);
+            debug!(%peer, request = request.name(), "over a flood limit; refused busy");
+            let _ = self
+                .swarm
+                .behaviour_mut()
+                .sync
+                .send_response(channel, Response::Refused(RefusalCode::Busy));
+            return;
+        }
         match request {
             Request::Nudge { instance, seq } => {
                 let _ = self.swarm.behaviour_mut().sync.send_response(channel, Response::Ack);
@@ -808,22 +934,22 @@ impl<B: Backend> Actor<B> {
                 }
             }
             Request::Pull { cursor, limit } => {
-                self.spawn_serve(channel, move |b| async move {
+                self.spawn_serve(peer, channel, move |b| async move {
                     serve::pull(&*b, requester, cursor, limit, now()).await
                 });
             }
             Request::Summary { patient } => {
-                self.spawn_serve(channel, move |b| async move {
+                self.spawn_serve(peer, channel, move |b| async move {
                     serve::summary(&*b, requester, patient, now()).await
                 });
             }
             Request::Fetch { ids } => {
-                self.spawn_serve(channel, move |b| async move {
+                self.spawn_serve(peer, channel, move |b| async move {
                     serve::fetch(&*b, requester, &ids, now()).await
                 });
             }
             Request::Audit { patient, after, limit } => {
-                self.spawn_serve(channel, move |b| async move {
+                self.spawn_serve(peer, channel, move |b| async move {
                     serve::audit(&*b, requester, patient, after, limit).await
                 });
             }
@@ -836,6 +962,10 @@ impl<B: Backend> Actor<B> {
                 let ctx = self.ctx.clone();
                 tokio::spawn(async move {
                     let response = match ctx.ingest(peer, items).await {
+                        Ok(r) if r.refused > 0 => {
+                            Metrics::add(&ctx.metrics.refused_busy, 1);
+                            Response::Refused(RefusalCode::Busy)
+                        }
                         Ok(r) => Response::Pushed {
                             accepted: r.accepted,
                             duplicates: r.duplicates,
@@ -850,6 +980,7 @@ impl<B: Backend> Actor<B> {
                     let served = Served::default();
                     let _ = ctx
                         .send(Command::Respond {
+                            peer,
                             channel,
                             response,
                             served,
@@ -861,7 +992,40 @@ impl<B: Backend> Actor<B> {
         }
     }
 
-    fn spawn_serve<F, Fut>(&self, channel: ResponseChannel<Response>, f: F)
+    /// Flood limits on one inbound request: a token from the peer's bucket,
+    /// and, for requests served in a task, room under the in-flight caps
+    /// (taken here, given back by [`Self::served_one`]).
+    fn admit(&mut self, peer: PeerId, request: &Request) -> bool {
+        let limits = &self.config.limits;
+        let at = Instant::now();
+        let bucket = self.buckets.entry(peer).or_insert_with(|| Bucket::full(limits, at));
+        if !bucket.take(limits, at) {
+            return false;
+        }
+        if matches!(request, Request::Nudge { .. }) {
+            return true;
+        }
+        let mine = self.in_flight.get(&peer).copied().unwrap_or(0);
+        if mine >= limits.max_in_flight_per_peer || self.in_flight_total >= limits.max_in_flight {
+            return false;
+        }
+        *self.in_flight.entry(peer).or_default() += 1;
+        self.in_flight_total += 1;
+        true
+    }
+
+    /// One served request of `peer` is answered (or its task gave up).
+    fn served_one(&mut self, peer: PeerId) {
+        if let Some(n) = self.in_flight.get_mut(&peer) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.in_flight.remove(&peer);
+            }
+            self.in_flight_total = self.in_flight_total.saturating_sub(1);
+        }
+    }
+
+    fn spawn_serve<F, Fut>(&self, peer: PeerId, channel: ResponseChannel<Response>, f: F)
     where
         F: FnOnce(Arc<B>) -> Fut + Send + 'static,
         Fut: Future<Output = (Response, Served)> + Send + 'static,
@@ -871,6 +1035,7 @@ impl<B: Backend> Actor<B> {
             let (response, served) = f(ctx.backend.clone()).await;
             let _ = ctx
                 .send(Command::Respond {
+                    peer,
                     channel,
                     response,
                     served,
@@ -922,6 +1087,11 @@ impl<B: Backend> Actor<B> {
     }
 
     fn forward(&mut self, peer: PeerId, item: Item) {
+        if self.outbound.len() >= self.config.limits.max_outbound {
+            Metrics::add(&self.ctx.metrics.dropped, 1);
+            warn!(%peer, outbound = self.outbound.len(), "outbound requests at their cap; forward dropped");
+            return;
+        }
         let request = Request::Push {
             items: vec![item],
             addrs: Vec::new(),
@@ -1025,6 +1195,7 @@ async fn push_task<B: Backend>(
             duplicates,
             pending,
             rejected,
+            refused: 0,
         }),
         Response::Refused(code) => Err(Error::Refused {
             peer,

@@ -303,6 +303,10 @@ pub struct IngestReport {
     pub pending: u64,
     /// Permanently rejected (bad signature, malformed, outside the grant).
     pub rejected: u64,
+    /// Not parked because the sender's share of the pending queue was used
+    /// up (flood limits); nothing of them was kept, they can be sent again
+    /// once their grant is here.
+    pub refused: u64,
 }
 
 impl IngestReport {
@@ -312,6 +316,7 @@ impl IngestReport {
         self.duplicates += other.duplicates;
         self.pending += other.pending;
         self.rejected += other.rejected;
+        self.refused += other.refused;
     }
 }
 
@@ -408,6 +413,32 @@ pub trait Backend: Send + Sync + 'static {
     /// # Errors
     /// Storage failures only.
     fn ingest(&self, from: PeerId, items: Vec<Item>) -> impl Future<Output = Result<IngestReport>> + Send;
+
+    /// As [`Backend::ingest`], but parks at most `pending_room` new items in
+    /// the pending queue and counts the others in [`IngestReport::refused`]
+    /// without keeping them. The default has no pending queue to cap and
+    /// ingests everything.
+    ///
+    /// # Errors
+    /// Storage failures only.
+    fn ingest_capped(
+        &self,
+        from: PeerId,
+        items: Vec<Item>,
+        pending_room: u64,
+    ) -> impl Future<Output = Result<IngestReport>> + Send {
+        let _ = pending_room;
+        self.ingest(from, items)
+    }
+
+    /// Items waiting in the pending queue now, from every source. The
+    /// default (a backend without a queue) is 0.
+    ///
+    /// # Errors
+    /// Storage failures.
+    fn pending_total(&self) -> Result<u64> {
+        Ok(0)
+    }
 
     /// The cursor this node holds on `peer`'s log.
     ///

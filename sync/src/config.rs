@@ -36,6 +36,48 @@ pub struct Config {
     /// grants to their grantee). A node does; a patient's CLI session, which
     /// only submits and pulls its own items, does not.
     pub consent_flows: bool,
+    /// Flood limits on what peers may ask of this node.
+    pub limits: Limits,
+}
+
+/// Flood limits (docs/protocol.md, "Flood limits"). Requests over a limit
+/// are answered `Refused(Busy)` at once instead of being queued.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Inbound requests per second one peer may make, on average (the
+    /// refill rate of its token bucket).
+    pub requests_per_second: u32,
+    /// Inbound requests one peer may make in a burst (the bucket's size).
+    pub request_burst: u32,
+    /// Inbound requests of one peer being served at once.
+    pub max_in_flight_per_peer: usize,
+    /// Inbound requests being served at once, all peers together.
+    pub max_in_flight: usize,
+    /// Items one peer may park in the pending queue (waiting for a grant).
+    pub max_pending_per_peer: u64,
+    /// Items all peers together may park in the pending queue.
+    pub max_pending: u64,
+    /// Outbound requests awaiting an answer; grant and revocation forwards
+    /// beyond it are dropped (counted in `Status::dropped`; pulls repair).
+    pub max_outbound: usize,
+    /// How many times a request answered `Busy` is asked again (with
+    /// doubling waits from 250 ms) before the caller sees the refusal.
+    pub busy_retries: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            requests_per_second: 100,
+            request_burst: 400,
+            max_in_flight_per_peer: 32,
+            max_in_flight: 256,
+            max_pending_per_peer: 1024,
+            max_pending: 8192,
+            max_outbound: 4096,
+            busy_retries: 3,
+        }
+    }
 }
 
 impl Default for Config {
@@ -55,6 +97,7 @@ impl Default for Config {
             request_timeout: Duration::from_secs(60),
             idle_connection_timeout: Duration::from_secs(120),
             consent_flows: true,
+            limits: Limits::default(),
         }
     }
 }

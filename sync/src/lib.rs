@@ -46,7 +46,7 @@ pub use backend::{
     AuditEntryWire, Backend, ConsentView, Cursor, DisclosureRecord, IngestReport, InstanceId, Item, ItemId, ItemKind,
     ItemMeta, StoredEvent, StoredItem,
 };
-pub use config::Config;
+pub use config::{Config, Limits};
 pub use error::{Error, Result};
 pub use filter::{Denied, Disclosure, Requester, may_disclose};
 pub use libp2p::multiaddr::Protocol;
@@ -100,6 +100,16 @@ pub struct Status {
     pub bytes_received: u64,
     /// The longest time since a connected peer was last fully pulled.
     pub sync_lag: Option<Duration>,
+    /// Inbound requests answered `Refused(Busy)` (over a peer's request
+    /// rate, over the in-flight caps, or over its pending-queue share).
+    pub refused_busy: u64,
+    /// Received items not parked because their sender's share of the
+    /// pending queue (or the queue's total cap) was used up.
+    pub items_pending_refused: u64,
+    /// Internal messages dropped because a bounded queue was full (grant and
+    /// revocation forwards beyond the outbound cap; pulls and
+    /// reconciliation repair them).
+    pub dropped: u64,
 }
 
 /// A cheap, cloneable handle on one node's sync actor. The actor stops when

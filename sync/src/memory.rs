@@ -275,6 +275,11 @@ impl Backend for MemoryBackend {
     }
 
     async fn ingest(&self, from: PeerId, items: Vec<Item>) -> Result<IngestReport> {
+        self.ingest_capped(from, items, u64::MAX).await
+    }
+
+    async fn ingest_capped(&self, from: PeerId, items: Vec<Item>, pending_room: u64) -> Result<IngestReport> {
+        let mut room = pending_room;
         let mut state = self.lock();
         let mut report = IngestReport::default();
         for item in items {
@@ -284,7 +289,9 @@ impl Backend for MemoryBackend {
                     report.accepted += 1;
                 }
                 Verdict::Duplicate => report.duplicates += 1,
+                Verdict::Pending if room == 0 => report.refused += 1,
                 Verdict::Pending => {
+                    room -= 1;
                     state.pending.push((Some(from), item));
                     report.pending += 1;
                 }
@@ -300,6 +307,10 @@ impl Backend for MemoryBackend {
         report.accepted += retried.accepted;
         report.rejected += retried.rejected;
         Ok(report)
+    }
+
+    fn pending_total(&self) -> Result<u64> {
+        Ok(self.lock().pending.len() as u64)
     }
 
     fn cursor(&self, peer: &PeerId) -> Result<Option<Cursor>> {

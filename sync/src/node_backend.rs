@@ -198,13 +198,18 @@ impl Backend for NodeBackend {
     }
 
     async fn ingest(&self, from: PeerId, items: Vec<Item>) -> Result<IngestReport> {
+        self.ingest_capped(from, items, u64::MAX).await
+    }
+
+    async fn ingest_capped(&self, from: PeerId, items: Vec<Item>, pending_room: u64) -> Result<IngestReport> {
         let incoming = items
             .into_iter()
             .map(|i| Incoming::new(kind_to_node(i.kind), i.bytes))
             .collect();
+        let room = usize::try_from(pending_room).unwrap_or(usize::MAX);
         let report = self
             .node
-            .ingest(incoming, Source::Peer(from))
+            .ingest_capped(incoming, Source::Peer(from), room)
             .await
             .map_err(backend_error)?;
         Ok(IngestReport {
@@ -212,7 +217,12 @@ impl Backend for NodeBackend {
             duplicates: report.duplicates as u64,
             pending: report.pending as u64,
             rejected: report.rejected.len() as u64,
+            refused: report.refused as u64,
         })
+    }
+
+    fn pending_total(&self) -> Result<u64> {
+        Ok(self.node.pending_count().map_err(backend_error)? as u64)
     }
 
     fn cursor(&self, peer: &PeerId) -> Result<Option<Cursor>> {

@@ -101,6 +101,10 @@ pub enum RefusalCode {
     BadIdentity,
     /// Only the patient may ask this (an audit query about someone else).
     NotPatient,
+    /// The server is over one of its flood limits for this peer (request
+    /// rate, requests being served, pending-queue share): nothing was done;
+    /// ask again later. Every request is idempotent.
+    Busy,
 }
 
 impl RefusalCode {
@@ -109,6 +113,7 @@ impl RefusalCode {
             Self::Internal => 0,
             Self::BadIdentity => 1,
             Self::NotPatient => 2,
+            Self::Busy => 3,
         }
     }
 
@@ -117,6 +122,7 @@ impl RefusalCode {
             0 => Some(Self::Internal),
             1 => Some(Self::BadIdentity),
             2 => Some(Self::NotPatient),
+            3 => Some(Self::Busy),
             _ => None,
         }
     }
@@ -127,6 +133,7 @@ impl RefusalCode {
             Self::Internal => "internal error",
             Self::BadIdentity => "peer identity is not ed25519",
             Self::NotPatient => "only the patient may ask for this",
+            Self::Busy => "busy: over a flood limit, ask again later",
         }
     }
 }
@@ -870,6 +877,7 @@ mod tests {
             },
             Response::Refused(RefusalCode::Internal),
             Response::Refused(RefusalCode::NotPatient),
+            Response::Refused(RefusalCode::Busy),
             Response::Audit {
                 entries: vec![],
                 more: false,
@@ -1257,6 +1265,7 @@ mod tests {
                 "84055820fd1724385aa0c75b64fb78cd602fa1d991fdebf76b13c58ed702eac835e9f618 00190100",
             ),
             ("refused", Response::Refused(RefusalCode::NotPatient).encode(), "820502"),
+            ("refused busy", Response::Refused(RefusalCode::Busy).encode(), "820503"),
             (
                 "audit answer",
                 Response::Audit {
