@@ -63,6 +63,10 @@ pub struct ItemStored {
     pub patient: PatientId,
     /// Collection (envelopes and key shares).
     pub collection: Option<Collection>,
+    /// The peer it was received from; `None` for local writes and for items
+    /// the patient or a local app submitted. Sync uses it not to offer an
+    /// item back to the peer that just sent it.
+    pub from: Option<PeerId>,
 }
 
 /// What the node publishes on [`Node::subscribe`].
@@ -439,7 +443,10 @@ impl Node {
         let _ = self.inner.events.send(event);
     }
 
-    fn publish_stored(&self, committed: &Committed, metas: &HashMap<ItemId, ItemMeta>) {
+    fn publish_stored(&self, committed: &Committed, metas: &HashMap<ItemId, ItemMeta>, actor: Option<&Actor>) {
+        let from = actor
+            .filter(|a| a.kind == ActorKind::Peer)
+            .and_then(|a| a.id.parse::<PeerId>().ok());
         for (id, seq) in &committed.items {
             if let Some(meta) = metas.get(id) {
                 self.publish(Event::Stored(ItemStored {
@@ -448,6 +455,7 @@ impl Node {
                     id: *id,
                     patient: meta.patient,
                     collection: meta.collection,
+                    from,
                 }));
             }
         }
@@ -536,7 +544,7 @@ impl Node {
         }));
         let committed = self.commit(batch, true).await?;
         tracing::debug!(envelope = %id, %collection, "change stored");
-        self.publish_stored(&committed, &HashMap::from([(meta.id, meta)]));
+        self.publish_stored(&committed, &HashMap::from([(meta.id, meta)]), None);
         Ok(id)
     }
 
@@ -617,7 +625,7 @@ impl Node {
         }
         if !phase.batch.is_empty() {
             let committed = self.commit(std::mem::take(&mut phase.batch), true).await?;
-            self.publish_stored(&committed, &phase.metas);
+            self.publish_stored(&committed, &phase.metas, Some(&actor));
         }
         {
             let mut reg = self.registry_mut();
@@ -687,7 +695,7 @@ impl Node {
             return Ok(());
         }
         let committed = self.commit(std::mem::take(&mut phase.batch), true).await?;
-        self.publish_stored(&committed, &phase.metas);
+        self.publish_stored(&committed, &phase.metas, Some(actor));
         for ((patient, collection), ids) in phase.excluded {
             // The snapshot may hold excluded changes; loads check coverage too.
             if let Err(e) = self.drop_snapshot(patient, collection) {

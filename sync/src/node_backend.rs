@@ -170,7 +170,7 @@ async fn forward_events(node: Node, events: broadcast::Sender<StoredEvent>) {
                 let _ = events.send(StoredEvent {
                     seq: stored.seq,
                     meta,
-                    from: None,
+                    from: stored.from,
                 });
             }
             Ok(_) => {}
