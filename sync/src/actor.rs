@@ -369,15 +369,34 @@ async fn reconcile_task<B: Backend>(ctx: &Ctx<B>, peer: PeerId, patient: Patient
     report.pages += 1;
     report.received += consent.len() as u64;
     report.ingest.add(ctx.ingest(peer, consent).await?);
+    let held = |collections: &HashSet<medmesh_crypto::Collection>| -> Result<HashSet<medmesh_crypto::EnvelopeId>> {
+        let mut local = HashSet::new();
+        for collection in collections {
+            local.extend(ctx.backend.envelope_ids(&patient, *collection)?);
+        }
+        Ok(local)
+    };
+    let wanted: HashSet<medmesh_crypto::Collection> = collections.iter().map(|(c, _)| *c).collect();
+    let local = held(&wanted)?;
     let mut missing = Vec::new();
-    for (collection, ids) in collections {
-        let local: HashSet<_> = ctx.backend.envelope_ids(&patient, collection)?.into_iter().collect();
+    for (_, ids) in collections {
         missing.extend(ids.into_iter().filter(|id| !local.contains(id)));
     }
     missing.sort();
     missing.dedup();
     for chunk in missing.chunks(MAX_FETCH_IDS) {
-        let items = match ctx.request(peer, Request::Fetch { ids: chunk.to_vec() }).await? {
+        // A pull running beside this reconciliation (a new grant starts both)
+        // may have delivered part of the chunk meanwhile: ask only for the rest.
+        let local = if chunk.len() < missing.len() {
+            held(&wanted)?
+        } else {
+            local.clone()
+        };
+        let chunk: Vec<medmesh_crypto::EnvelopeId> = chunk.iter().filter(|id| !local.contains(id)).copied().collect();
+        if chunk.is_empty() {
+            continue;
+        }
+        let items = match ctx.request(peer, Request::Fetch { ids: chunk.clone() }).await? {
             Response::Fetched { items } => items,
             other => {
                 return Err(Error::UnexpectedResponse {
