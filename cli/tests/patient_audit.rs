@@ -9,7 +9,7 @@ mod common;
 use std::path::Path;
 
 use common::{NodeProcess, PASS, json_lines, medmesh, stderr};
-use medmesh_crypto::{Keystore, PracticeId};
+use medmesh_crypto::Keystore;
 use serde_json::Value;
 
 fn audit(home: &Path, node: &str) -> Vec<Value> {
@@ -53,14 +53,10 @@ fn patient_audit_shows_the_grant_the_node_received_and_the_patients_own_reads() 
     assert!(out.status.success(), "grant failed: {}", stderr(&out));
     let grant_id = json_lines(&out)[0]["grant_id"].as_str().unwrap().to_owned();
 
-    // The grant's item id, and the patient's own PeerId, from the keystore.
+    // The grant's item id, from the keystore.
     let keystore = Keystore::open(&patient_home.join("patient/keystore.mmks"), PASS.as_bytes()).unwrap();
     let grant = keystore.grants.iter().find(|g| g.id().to_string() == grant_id).unwrap();
     let grant_item = medmesh_sync::ItemId::digest(grant.encoded()).to_string();
-    let patient_peer = PracticeId::from_bytes(*keystore.patient().as_bytes())
-        .unwrap()
-        .peer_id()
-        .to_string();
 
     let entries = audit(&patient_home, &node.listen);
     let granted = entries
@@ -69,8 +65,10 @@ fn patient_audit_shows_the_grant_the_node_received_and_the_patients_own_reads() 
         .unwrap_or_else(|| panic!("no grant entry for {grant_id}: {entries:#?}"));
     assert_eq!(granted["items"], serde_json::json!([grant_item]), "{granted}");
     assert_eq!(granted["item_count"], 1);
-    // Submitted by the patient's CLI, whose libp2p identity is the patient key.
-    assert_eq!(granted["actor_id"], patient_peer.as_str(), "{granted}");
+    // Submitted by the patient's CLI, whose libp2p identity is the patient key:
+    // the node records the patient, not an anonymous peer.
+    assert_eq!(granted["actor_kind"], "patient", "{granted}");
+    assert_eq!(granted["actor_id"], did.as_str(), "{granted}");
     assert_eq!(granted["outcome"], "ok");
     assert_eq!(granted["patient"], did.as_str());
     // The key shares that came with it (the patient's and the grantee's).
@@ -124,9 +122,9 @@ fn patient_audit_shows_the_grant_the_node_received_and_the_patients_own_reads() 
     medmesh(&other_home).args(["patient", "new"]).assert().success();
     let theirs = audit(&other_home, &node.listen);
     assert!(
-        theirs.iter().all(|e| e["patient"] != did.as_str()
-            && e["actor_id"] != did.as_str()
-            && e["actor_id"] != patient_peer.as_str()),
+        theirs
+            .iter()
+            .all(|e| e["patient"] != did.as_str() && e["actor_id"] != did.as_str()),
         "another patient saw this patient's entries: {theirs:#?}"
     );
 

@@ -187,6 +187,22 @@ async fn forward_events(node: Node, events: broadcast::Sender<StoredEvent>) {
     }
 }
 
+/// Who submitted a page, for the audit log: the patient when the peer's key
+/// is the key of the patient the page is about (a patient's CLI session, whose
+/// Noise identity is the patient key), else the peer. Only the first item is
+/// looked at: a patient submits items of their own record.
+fn source_of(from: PeerId, first: &Option<Item>) -> Source {
+    let as_patient = medmesh_crypto::PracticeId::from_peer_id(&from)
+        .ok()
+        .and_then(|key| medmesh_crypto::PatientId::from_bytes(*key.as_bytes()).ok());
+    if let (Some(patient), Some(item)) = (as_patient, first)
+        && ItemMeta::describe(item).is_ok_and(|meta| meta.patient == patient)
+    {
+        return Source::Patient(patient);
+    }
+    Source::Peer(from)
+}
+
 impl Backend for NodeBackend {
     fn instance_id(&self) -> InstanceId {
         InstanceId(self.node.instance_id().0)
@@ -202,14 +218,16 @@ impl Backend for NodeBackend {
     }
 
     async fn ingest_capped(&self, from: PeerId, items: Vec<Item>, pending_room: u64) -> Result<IngestReport> {
+        let first = items.first().cloned();
         let incoming = items
             .into_iter()
             .map(|i| Incoming::new(kind_to_node(i.kind), i.bytes))
             .collect();
         let room = usize::try_from(pending_room).unwrap_or(usize::MAX);
+        let source = source_of(from, &first);
         let report = self
             .node
-            .ingest_capped(incoming, Source::Peer(from), room)
+            .ingest_capped(incoming, source, room)
             .await
             .map_err(backend_error)?;
         Ok(IngestReport {
