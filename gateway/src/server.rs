@@ -632,15 +632,7 @@ async fn read_only_search<B: Backend>(
     resource_type: &str,
     query: &str,
 ) -> Result<Response, ApiError> {
-    let patient = query
-        .split('&')
-        .filter_map(|p| p.split_once('='))
-        .find(|(k, _)| *k == "patient")
-        .map(|(_, v)| percent_decode(v))
-        .ok_or_else(|| ApiError::InvalidParam {
-            param: "patient".to_owned(),
-            reason: "required: the patient's did:key".to_owned(),
-        })?;
+    let patient = required_patient(query)?;
     let resources = if resource_type == "Consent" {
         state.backend.consents(&patient).await?
     } else {
@@ -657,6 +649,23 @@ async fn read_only_search<B: Backend>(
         bundle.push(format!("{base}/{resource_type}/{id}"), resource, SearchMode::Match);
     }
     Ok(fhir_response(StatusCode::OK, &bundle.build()))
+}
+
+/// The first value of `name` in a raw query string, percent-decoded.
+fn query_param(query: &str, name: &str) -> Option<String> {
+    query
+        .split('&')
+        .filter_map(|p| p.split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| percent_decode(v))
+}
+
+/// The `patient` parameter (a did:key) the management and view routes require.
+fn required_patient(query: &str) -> Result<String, ApiError> {
+    query_param(query, "patient").ok_or_else(|| ApiError::InvalidParam {
+        param: "patient".to_owned(),
+        reason: "required: the patient's did:key".to_owned(),
+    })
 }
 
 fn percent_decode(value: &str) -> String {
@@ -689,15 +698,7 @@ fn percent_decode(value: &str) -> String {
 
 async fn holdings<B: Backend>(State(state): Shared<B>, RawQuery(query): RawQuery) -> Result<Response, ApiError> {
     let query = query.unwrap_or_default();
-    let patient = query
-        .split('&')
-        .filter_map(|p| p.split_once('='))
-        .find(|(k, _)| *k == "patient")
-        .map(|(_, v)| percent_decode(v))
-        .ok_or_else(|| ApiError::InvalidParam {
-            param: "patient".to_owned(),
-            reason: "required: the patient's did:key".to_owned(),
-        })?;
+    let patient = required_patient(&query)?;
     let value = state.backend.holdings(&patient).await?;
     Ok(axum::Json(value).into_response())
 }
@@ -743,11 +744,7 @@ async fn sync_with<B: Backend>(State(state): Shared<B>, Path(peer): Path<String>
 
 async fn audit_log<B: Backend>(State(state): Shared<B>, RawQuery(query): RawQuery) -> Result<Response, ApiError> {
     let query = query.unwrap_or_default();
-    let patient = query
-        .split('&')
-        .filter_map(|p| p.split_once('='))
-        .find(|(k, _)| *k == "patient")
-        .map(|(_, v)| percent_decode(v));
+    let patient = query_param(&query, "patient");
     Ok(axum::Json(state.backend.audit_log(patient.as_deref()).await?).into_response())
 }
 
