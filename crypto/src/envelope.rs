@@ -77,10 +77,22 @@ pub struct EnvelopeHeader {
     pub nonce: [u8; 24],
 }
 
+/// Which of a header's encodings (they differ only in the hashes they carry).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Form {
+    /// Every field: what the author signs.
+    Signed,
+    /// Without the ciphertext hash: the AEAD's associated data, which cannot
+    /// include the hash of its own output.
+    Aad,
+    /// Without the keyed change hash and the ciphertext hash, which the
+    /// receiver of a snapshot transfer recomputes from the change and the key.
+    Compact,
+}
+
 impl EnvelopeHeader {
-    /// Fields in wire order; `with_ciphertext_hash` false gives the AEAD's
-    /// associated data, which cannot include the hash of its own output.
-    fn to_value(&self, with_ciphertext_hash: bool) -> Value {
+    /// Fields in wire order for `form`.
+    fn to_value(&self, form: Form) -> Value {
         let mut fields = vec![
             canon::uint(FORMAT_VERSION),
             canon::bytes(self.patient.as_bytes()),
@@ -92,9 +104,11 @@ impl EnvelopeHeader {
             canon::opt_bytes(self.grant_id.as_ref().map(|g| &g.0[..])),
             canon::bytes(&self.actor.0),
             canon::uint(self.seq),
-            canon::bytes(&self.keyed_change_hash),
         ];
-        if with_ciphertext_hash {
+        if form != Form::Compact {
+            fields.push(canon::bytes(&self.keyed_change_hash));
+        }
+        if form == Form::Signed {
             fields.push(canon::bytes(&self.ciphertext_sha256));
         }
         fields.push(canon::uint(self.created_at));
@@ -102,8 +116,8 @@ impl EnvelopeHeader {
         Value::Array(fields)
     }
 
-    fn from_value(value: Value) -> Result<Self> {
-        let mut f = Fields::versioned("envelope header", value, FORMAT_VERSION, HEADER_FIELDS)?;
+    /// Reads the fields of `form` from `f`; hashes the form lacks are zero.
+    fn from_fields(f: &mut Fields, form: Form) -> Result<Self> {
         let patient = PatientId::from_bytes(f.bytes()?)?;
         let collection = f.text(16)?.parse()?;
         let epoch = f.uint()?;
@@ -113,8 +127,8 @@ impl EnvelopeHeader {
         let grant_id = f.opt_bytes()?.map(GrantId);
         let actor = ActorId(f.bytes()?);
         let seq = f.uint()?;
-        let keyed_change_hash = f.bytes()?;
-        let ciphertext_sha256 = f.bytes()?;
+        let keyed_change_hash = if form == Form::Compact { [0; 32] } else { f.bytes()? };
+        let ciphertext_sha256 = if form == Form::Signed { f.bytes()? } else { [0; 32] };
         let created_at = f.uint()?;
         let nonce = f.bytes()?;
         let header = Self {
@@ -133,6 +147,11 @@ impl EnvelopeHeader {
         };
         header.check()?;
         Ok(header)
+    }
+
+    fn from_value(value: Value) -> Result<Self> {
+        let mut f = Fields::versioned("envelope header", value, FORMAT_VERSION, HEADER_FIELDS)?;
+        Self::from_fields(&mut f, Form::Signed)
     }
 
     fn check(&self) -> Result<()> {
@@ -159,7 +178,7 @@ impl EnvelopeHeader {
     }
 
     pub(crate) fn aad(&self) -> Vec<u8> {
-        canon::tagged(ENVELOPE_AAD_TAG, &canon::encode(&self.to_value(false)))
+        canon::tagged(ENVELOPE_AAD_TAG, &canon::encode(&self.to_value(Form::Aad)))
     }
 }
 
@@ -333,22 +352,8 @@ impl Envelope {
             nonce,
         };
         header.check()?;
-        let cipher = XChaCha20Poly1305::new(key.secret().into());
-        let aad = header.aad();
-        let ciphertext = cipher
-            .encrypt(
-                &XNonce::from(nonce),
-                Payload {
-                    msg: change.bytes,
-                    aad: &aad,
-                },
-            )
-            .map_err(|_| Error::Malformed {
-                kind: "envelope",
-                reason: "change too large to seal",
-            })?;
-        header.ciphertext_sha256 = Sha256::digest(&ciphertext).into();
-        let body = canon::encode(&header.to_value(true));
+        let ciphertext = encrypt(key, &mut header, change.bytes)?;
+        let body = canon::encode(&header.to_value(Form::Signed));
         let signature = author.sign(ENVELOPE_TAG, &body);
         Ok(Self {
             signed: SignedHeader::from_parts(header, body, signature),
@@ -443,6 +448,145 @@ impl Envelope {
     /// The ciphertext.
     pub fn ciphertext(&self) -> &[u8] {
         &self.ciphertext
+    }
+}
+
+/// Encrypts `plain` under `key` with the header's nonce and associated
+/// data, and records the ciphertext's hash in the header.
+fn encrypt(key: &EpochKey, header: &mut EnvelopeHeader, plain: &[u8]) -> Result<Vec<u8>> {
+    let cipher = XChaCha20Poly1305::new(key.secret().into());
+    let aad = header.aad();
+    let ciphertext = cipher
+        .encrypt(&XNonce::from(header.nonce), Payload { msg: plain, aad: &aad })
+        .map_err(|_| Error::Malformed {
+            kind: "envelope",
+            reason: "change too large to seal",
+        })?;
+    header.ciphertext_sha256 = Sha256::digest(&ciphertext).into();
+    Ok(ciphertext)
+}
+
+/// Fields of a compact header: the signed header's minus its two hashes,
+/// plus the signature.
+const COMPACT_FIELDS: usize = HEADER_FIELDS - 2 + 1;
+/// Largest encoded compact header accepted.
+pub const MAX_COMPACT_HEADER_BYTES: usize = MAX_SIGNED_HEADER_BYTES;
+
+/// A signed header without its keyed change hash and ciphertext hash: what a
+/// snapshot transfer ships per envelope instead of the envelope (DESIGN §6).
+///
+/// Both hashes are functions of the change, the epoch key and the nonce,
+/// so whoever holds the key and the change (from the snapshot's document)
+/// re-seals the very ciphertext the author made — the nonce is in the
+/// header — and [`CompactHeader::restore`] gets back the original envelope,
+/// byte for byte, which the author's signature then verifies. Nothing here
+/// is trusted before that signature check.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct CompactHeader {
+    /// The header; its two hashes are zero until restored.
+    header: EnvelopeHeader,
+    signature: [u8; 64],
+}
+
+impl CompactHeader {
+    /// The unverified header fields (both hashes zero). Routing only: e.g.
+    /// which key and which change to restore it with.
+    pub fn header(&self) -> &EnvelopeHeader {
+        &self.header
+    }
+
+    /// Canonical CBOR `[version, …header fields but the two hashes…, signature]`.
+    pub fn encode(&self) -> Vec<u8> {
+        canon::encode(&self.to_value())
+    }
+
+    /// As a CBOR value, for embedding in a list.
+    pub fn to_value(&self) -> Value {
+        let Value::Array(mut fields) = self.header.to_value(Form::Compact) else {
+            return Value::Null;
+        };
+        fields.push(canon::bytes(&self.signature));
+        Value::Array(fields)
+    }
+
+    /// Parses a compact header (structure only: it cannot be verified before
+    /// [`CompactHeader::restore`]).
+    ///
+    /// # Errors
+    /// Any decoding error; [`Error::UnsupportedVersion`].
+    pub fn decode(bytes: &[u8]) -> Result<Self> {
+        let value = canon::decode("compact header", bytes, MAX_COMPACT_HEADER_BYTES, 32)?;
+        Self::from_value(value)
+    }
+
+    /// [`CompactHeader::decode`] of an already parsed CBOR value.
+    ///
+    /// # Errors
+    /// As [`CompactHeader::decode`].
+    pub fn from_value(value: Value) -> Result<Self> {
+        let mut f = Fields::versioned("compact header", value, FORMAT_VERSION, COMPACT_FIELDS)?;
+        let header = EnvelopeHeader::from_fields(&mut f, Form::Compact)?;
+        let signature = f.bytes()?;
+        Ok(Self { header, signature })
+    }
+
+    /// Rebuilds the envelope from its change and its epoch key: recomputes
+    /// the keyed change hash, re-seals the change with the header's nonce,
+    /// hashes the ciphertext, and verifies the author's signature over the
+    /// completed header.
+    ///
+    /// `change.bytes` must be the exact plaintext the author sealed (the
+    /// node seals Automerge's compressed change chunk). A ciphertext made
+    /// from other bytes never leaves this function: it fails the signature
+    /// and is dropped.
+    ///
+    /// # Errors
+    /// [`Error::WrongKey`] when `key` is not the header's epoch key;
+    /// [`Error::InvalidField`] when the change's actor or sequence number is
+    /// not the header's; [`Error::BadSignature`] when the change is not the
+    /// one the author signed for.
+    pub fn restore(&self, key: &EpochKey, change: Change<'_>) -> Result<Envelope> {
+        let h = &self.header;
+        if key.key_id != h.key_id || key.patient != h.patient || key.collection != h.collection || key.epoch != h.epoch
+        {
+            return Err(Error::WrongKey {
+                envelope: "compact header".into(),
+            });
+        }
+        if change.actor != h.actor || change.seq != h.seq {
+            return Err(Error::InvalidField {
+                field: "compact header change",
+                reason: "actor or sequence number differs from the header's",
+            });
+        }
+        let mut header = h.clone();
+        header.keyed_change_hash = keyed_change_hash(key, &change.hash);
+        let ciphertext = encrypt(key, &mut header, change.bytes)?;
+        let body = canon::encode(&header.to_value(Form::Signed));
+        verify(
+            &header.author.verifying_key()?,
+            ENVELOPE_TAG,
+            &body,
+            &self.signature,
+            "envelope",
+        )?;
+        Ok(Envelope {
+            signed: SignedHeader::from_parts(header, body, self.signature),
+            ciphertext,
+        })
+    }
+}
+
+impl SignedHeader {
+    /// The compact form of this header, for a snapshot transfer.
+    pub fn compact(&self) -> CompactHeader {
+        let mut header = self.header.clone();
+        header.keyed_change_hash = [0; 32];
+        header.ciphertext_sha256 = [0; 32];
+        CompactHeader {
+            header,
+            signature: self.signature,
+        }
     }
 }
 

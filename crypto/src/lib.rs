@@ -31,8 +31,8 @@ pub use consent::{
     NOT_BEFORE_SKEW_MS, REVOCATION_TAG, Revocation, RevocationTerms,
 };
 pub use envelope::{
-    Change, ENVELOPE_AAD_TAG, ENVELOPE_TAG, Envelope, EnvelopeHeader, EnvelopeId, MAX_ENVELOPE_BYTES,
-    MAX_SIGNED_HEADER_BYTES, SignedHeader, keyed_change_hash,
+    Change, CompactHeader, ENVELOPE_AAD_TAG, ENVELOPE_TAG, Envelope, EnvelopeHeader, EnvelopeId,
+    MAX_COMPACT_HEADER_BYTES, MAX_ENVELOPE_BYTES, MAX_SIGNED_HEADER_BYTES, SignedHeader, keyed_change_hash,
 };
 pub use error::{Error, Result};
 pub use id::{ActorId, PatientId, PeerId, PracticeId, Principal, SecretIdentity, Timestamp, now};

@@ -270,9 +270,20 @@ proptest! {
     }
 
     #[test]
+    fn flipped_compact_header_never_restores_another_envelope(i in any::<prop::sample::Index>()) {
+        let f = fx();
+        let bytes = f.envelope.signed_header().compact().encode();
+        let b = flip(&bytes, i.index(bytes.len() * 8));
+        let restored = CompactHeader::decode(&b)
+            .and_then(|c| c.restore(&f.key, change(b"practice change", f.actor_a, 1)));
+        prop_assert!(restored.is_err());
+    }
+
+    #[test]
     fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
         let _ = Grant::decode(&bytes);
         let _ = Revocation::decode(&bytes);
+        let _ = CompactHeader::decode(&bytes);
         let _ = KeyShare::decode(&bytes);
         let _ = Envelope::decode(&bytes);
         let _ = SignedHeader::decode(&bytes);
@@ -678,6 +689,43 @@ fn decoded_headers_enforce_the_same_rules() {
     let sig = ed25519_dalek::Signer::sign(&signer, &msg).to_bytes();
     let bytes = cbor(&Value::Array(vec![Value::Array(body), Value::Bytes(sig.to_vec())]));
     assert!(matches!(SignedHeader::decode(&bytes), Err(Error::InvalidField { .. })));
+}
+
+#[test]
+fn compact_header_restores_the_exact_envelope() {
+    let f = fx();
+    for (envelope, author_actor, bytes, seq) in [
+        (&f.envelope, f.actor_a, &b"practice change"[..], 1),
+        (&f.envelope_patient, f.actor_patient, &b"patient change"[..], 3),
+    ] {
+        let compact = CompactHeader::decode(&envelope.signed_header().compact().encode()).unwrap();
+        // Both hashes travel nowhere: the compact form is shorter by them.
+        assert!(compact.encode().len() + 2 * 34 <= envelope.signed_header().encode().len());
+        let restored = compact.restore(&f.key, change(bytes, author_actor, seq)).unwrap();
+        assert_eq!(restored.encode(), envelope.encode());
+        assert_eq!(restored.id(), envelope.id());
+
+        // Another change, actor, sequence number or key: never an envelope.
+        assert!(matches!(
+            compact.restore(&f.key, change(b"another change", author_actor, seq)),
+            Err(Error::BadSignature { .. })
+        ));
+        let mut other_hash = change(bytes, author_actor, seq);
+        other_hash.hash = [0x77; 32];
+        assert!(matches!(
+            compact.restore(&f.key, other_hash),
+            Err(Error::BadSignature { .. })
+        ));
+        assert!(matches!(
+            compact.restore(&f.key, change(bytes, author_actor, seq + 1)),
+            Err(Error::InvalidField { .. })
+        ));
+        let other_key = key_for(&f.patient, Collection::Labs, 0, 0x12, 0x22);
+        assert!(matches!(
+            compact.restore(&other_key, change(bytes, author_actor, seq)),
+            Err(Error::WrongKey { .. })
+        ));
+    }
 }
 
 #[test]
