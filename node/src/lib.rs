@@ -32,6 +32,7 @@ pub mod repository;
 mod snapshot;
 pub mod store;
 pub mod testing;
+pub mod transfer;
 
 pub use error::{Error, Result};
 pub use identity::load_or_create_identity;

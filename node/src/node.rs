@@ -1599,6 +1599,11 @@ impl Node {
         self.registry().current_key(patient, collection).cloned()
     }
 
+    /// The epoch key with this id, if this node holds it.
+    pub(crate) fn epoch_key(&self, key_id: &KeyId) -> Option<EpochKey> {
+        self.registry().key(key_id).cloned()
+    }
+
     // ----- sync support -----------------------------------------------
 
     /// The store instance id (cursors are (instance id, seq)).

@@ -384,3 +384,134 @@ async fn snapshots_are_written_every_n_changes_and_dropped_on_exclusion() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+// ----- snapshot transfers ----------------------------------------------
+
+/// A's local snapshot, shipped as a transfer (document + compact headers),
+/// gives B A's exact envelopes; B ingests them and shows what A shows. A
+/// receiver without the key, a tampered document or headers that belong to
+/// other changes never yield an envelope.
+#[tokio::test]
+async fn a_snapshot_transfer_rebuilds_the_authors_exact_envelopes() {
+    let dir_a = tempfile::tempdir().unwrap();
+    let dir_b = tempfile::tempdir().unwrap();
+    let dir_c = tempfile::tempdir().unwrap();
+    let mut patient = TestPatient::new().unwrap();
+    let did = patient.id().to_string();
+    let pid = patient.id();
+    let a = open(dir_a.path(), 1).await;
+    let b = open(dir_b.path(), 2).await;
+    let c = open(dir_c.path(), 3).await;
+    onboard(&a, &mut patient, &[Collection::Core, Collection::Labs]).await;
+    onboard(&b, &mut patient, &[Collection::Core, Collection::Labs]).await;
+    let repo = Repository::new(a.clone(), no_auto_snapshots()).unwrap();
+    let p = repo.create(patient_resource(&did), None, app()).await.unwrap();
+    let mut ids = Vec::new();
+    for i in 0..40 {
+        let o = repo
+            .create(observation(p.id(), &format!("{i}.50")), None, app())
+            .await
+            .unwrap();
+        ids.push(o.id().to_owned());
+    }
+    let cur = repo.read("Observation", &ids[3]).await.unwrap();
+    let mut edited = cur.json.clone();
+    edited["status"] = json!("amended");
+    repo.update("Observation", &ids[3], edited, None, false, app())
+        .await
+        .unwrap();
+    repo.delete("Observation", &ids[7], app()).await.unwrap();
+    assert!(
+        a.snapshot_transfer(pid, Collection::Labs).await.unwrap().is_none(),
+        "no snapshot yet"
+    );
+    repo.save_snapshots().await;
+
+    let transfer = a.snapshot_transfer(pid, Collection::Labs).await.unwrap().unwrap();
+    let mut held = a.envelope_ids(&pid, Collection::Labs).unwrap();
+    let mut covered: Vec<_> = transfer.covered.iter().map(|(id, _)| *id).collect();
+    held.sort();
+    covered.sort();
+    assert_eq!(covered, held, "the transfer covers every envelope of the collection");
+    assert_eq!(
+        a.snapshot_fingerprint(pid, Collection::Labs).unwrap(),
+        Some(transfer.source)
+    );
+    let headers: Vec<_> = transfer.covered.iter().map(|(_, h)| h.clone()).collect();
+    let envelope_bytes: usize = {
+        let mut total = 0;
+        for id in &held {
+            total += a.item(&(*id).into()).await.unwrap().unwrap().bytes.len();
+        }
+        total
+    };
+    let header_bytes: usize = headers.iter().map(|h| h.encode().len()).sum();
+    assert!(
+        transfer.sealed_doc.len() + header_bytes < envelope_bytes,
+        "a transfer is smaller than the envelopes: {} + {header_bytes} vs {envelope_bytes}",
+        transfer.sealed_doc.len()
+    );
+
+    // B (granted, holding the keys) rebuilds A's envelopes byte for byte.
+    let restored = b.restore_transfer(&transfer.sealed_doc, &headers).unwrap();
+    assert_eq!(restored.unrestored, 0);
+    assert_eq!(restored.envelopes.len(), held.len());
+    for envelope in &restored.envelopes {
+        let original = a.item(&envelope.id().into()).await.unwrap().unwrap();
+        assert_eq!(envelope.encode(), original.bytes);
+    }
+    // B ingests them (with A's grant, as sync delivers it) and shows what A shows.
+    let grants: Vec<Incoming> = a
+        .items_after(0, 1000)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|i| i.meta.kind == ItemKind::Grant)
+        .map(|i| Incoming::new(i.meta.kind, i.bytes))
+        .collect();
+    let from_a = Source::Peer(a.practice_id().peer_id());
+    b.ingest(grants, from_a.clone()).await.unwrap();
+    let report = b
+        .ingest(
+            restored
+                .envelopes
+                .iter()
+                .map(|e| Incoming::new(ItemKind::Envelope, e.encode()))
+                .collect(),
+            from_a,
+        )
+        .await
+        .unwrap();
+    assert_eq!(report.accepted, held.len(), "{report:?}");
+    let on_a: Vec<_> = render_all(&a, pid)
+        .await
+        .into_iter()
+        .filter(|r| r.0.starts_with("Observation"))
+        .collect();
+    let on_b = render_all(&b, pid).await;
+    assert_eq!(on_b, on_a);
+
+    // C holds no key for the collection: nothing to rebuild with.
+    assert!(matches!(
+        c.restore_transfer(&transfer.sealed_doc, &headers),
+        Err(medmesh_node::transfer::TransferError::NoKey(_))
+    ));
+    // A tampered document does not open.
+    let mut bad = transfer.sealed_doc.clone();
+    let last = bad.len() - 1;
+    bad[last] ^= 1;
+    assert!(b.restore_transfer(&bad, &headers).is_err());
+    // Headers of changes the document does not hold, or headers swapped
+    // between changes, rebuild nothing.
+    let mut swapped = headers.clone();
+    swapped.swap(0, 1);
+    let from_swapped = b.restore_transfer(&transfer.sealed_doc, &swapped).unwrap();
+    assert_eq!(from_swapped.envelopes.len(), headers.len(), "order does not matter");
+    let mut forged = headers[0].encode();
+    // The nonce is near the end of the header, before the signature.
+    let at = forged.len() - 70;
+    forged[at] ^= 0x20;
+    let forged = medmesh_crypto::CompactHeader::decode(&forged).unwrap();
+    let from_forged = b.restore_transfer(&transfer.sealed_doc, &[forged]).unwrap();
+    assert_eq!((from_forged.envelopes.len(), from_forged.unrestored), (0, 1));
+}

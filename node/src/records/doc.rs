@@ -884,6 +884,45 @@ impl RecordDoc {
         self.doc.save()
     }
 
+    /// The Automerge document inside what [`RecordDoc::save_local`] wrote
+    /// (what [`RecordDoc::save`] would give), without loading it: a node
+    /// ships it to a peer in a snapshot transfer. `None` if the bytes are
+    /// not a local snapshot.
+    pub fn document_of_local(bytes: &[u8]) -> Option<&[u8]> {
+        let rest = bytes.strip_prefix(LOCAL_TAG)?;
+        let (len, rest) = rest.split_first_chunk::<8>()?;
+        let len = usize::try_from(u64::from_be_bytes(*len)).ok()?;
+        rest.get(..len)
+    }
+
+    /// Every change of a saved document (e.g. from a peer's snapshot
+    /// transfer), genesis excluded, without checking them against the
+    /// record model: they are only matched to signed envelope headers and
+    /// then ingested and applied like any envelope.
+    ///
+    /// # Errors
+    /// [`Error::InvalidSnapshot`] if it does not load; [`Error::Panicked`]
+    /// if Automerge panicked.
+    pub fn changes_of_saved(bytes: &[u8]) -> Result<Vec<DecodedChange>> {
+        let doc = catch_unwind(AssertUnwindSafe(|| {
+            Automerge::load_with_options(bytes, LoadOptions::new().on_partial_load(OnPartialLoad::Error))
+        }))
+        .map_err(|_| Error::Panicked("loading a snapshot"))?
+        .map_err(|_| Error::InvalidSnapshot {
+            reason: "does not load",
+        })?;
+        let changes = catch_unwind(AssertUnwindSafe(|| doc.get_changes(&[])))
+            .map_err(|_| Error::Panicked("reading a snapshot"))?;
+        Ok(changes
+            .into_iter()
+            .filter(|c| c.hash() != GENESIS.1)
+            .map(|change| DecodedChange {
+                hash: change.hash(),
+                change,
+            })
+            .collect())
+    }
+
     /// Current heads of the document.
     pub fn heads(&self) -> Vec<ChangeHash> {
         self.doc.get_heads()

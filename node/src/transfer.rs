@@ -1,0 +1,192 @@
+//! Snapshot transfers (DESIGN §6): instead of the envelopes a collection's
+//! local snapshot covers, a node ships that snapshot's Automerge document,
+//! sealed under the current epoch key, and each covered envelope's
+//! [`CompactHeader`]. The receiver rebuilds every envelope byte for byte —
+//! the change comes from the document, both hashes from the change and the
+//! epoch key, the nonce from the header — and the author's signature proves
+//! it got the very envelope the author sealed. What it rebuilt then goes
+//! through the ordinary ingest path, so a snapshot transfer can never make a
+//! node accept anything a plain envelope transfer would not.
+//!
+//! Why: a collection's document is far smaller than its envelopes (Automerge
+//! compresses a history column-wise; envelopes are one sealed change each),
+//! so a first sync of a long history moves a fraction of the bytes.
+
+use std::collections::HashMap;
+
+use medmesh_crypto::{Change, Collection, CompactHeader, Envelope, EnvelopeId, KeyId, PatientId, SealedSnapshot};
+use sha2::{Digest as _, Sha256};
+
+use crate::Node;
+use crate::records::{self, DecodedChange, RecordDoc};
+
+/// Why a snapshot transfer could not be made or used.
+#[derive(Debug, thiserror::Error)]
+pub enum TransferError {
+    /// The receiver does not hold the key the document is sealed under.
+    #[error("no epoch key {0} for the snapshot document")]
+    NoKey(KeyId),
+    /// The sealed document does not open or is not for this collection.
+    #[error("snapshot document: {0}")]
+    Crypto(#[from] medmesh_crypto::Error),
+    /// The opened document does not load.
+    #[error("snapshot document: {0}")]
+    Document(#[from] records::Error),
+    /// Reading the local snapshot or the covered envelopes failed.
+    #[error(transparent)]
+    Node(#[from] crate::Error),
+}
+
+/// What a node sends instead of the envelopes its local snapshot covers.
+pub struct SnapshotTransfer {
+    /// Whose record.
+    pub patient: PatientId,
+    /// Which collection.
+    pub collection: Collection,
+    /// The collection's Automerge document (`save()`), sealed with
+    /// [`SealedSnapshot`] under the current epoch key.
+    pub sealed_doc: Vec<u8>,
+    /// Every envelope whose change the document holds, with its compact header.
+    pub covered: Vec<(EnvelopeId, CompactHeader)>,
+    /// SHA-256 of the sealed local snapshot it was made from, so a cache
+    /// knows when to make a new one.
+    pub source: [u8; 32],
+}
+
+impl std::fmt::Debug for SnapshotTransfer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SnapshotTransfer")
+            .field("collection", &self.collection)
+            .field("doc_bytes", &self.sealed_doc.len())
+            .field("covered", &self.covered.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What [`Node::restore_transfer`] rebuilt.
+#[derive(Debug, Default)]
+pub struct Restored {
+    /// The envelopes, exactly as their authors sealed them (signatures verified).
+    pub envelopes: Vec<Envelope>,
+    /// Headers it could not restore (no key for their epoch, their change is
+    /// not in the document, or the change is not the one signed for): the
+    /// caller fetches those envelopes the ordinary way.
+    pub unrestored: usize,
+}
+
+impl Node {
+    /// The fingerprint of the local snapshot of (patient, collection), if
+    /// one is kept: a transfer made from it stays valid while this is equal.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub fn snapshot_fingerprint(&self, patient: PatientId, collection: Collection) -> crate::Result<Option<[u8; 32]>> {
+        Ok(self
+            .raw_store()
+            .snapshot(&patient, collection)?
+            .map(|sealed| Sha256::digest(&sealed).into()))
+    }
+
+    /// A snapshot transfer of (patient, collection) made from its local
+    /// snapshot, if one is kept and usable. Each covered envelope is read
+    /// back and verified (a corrupt one is quarantined and left out; the
+    /// puller then gets it, if at all, as an envelope).
+    ///
+    /// # Errors
+    /// [`TransferError::Crypto`] when sealing fails; store failures.
+    pub async fn snapshot_transfer(
+        &self,
+        patient: PatientId,
+        collection: Collection,
+    ) -> Result<Option<SnapshotTransfer>, TransferError> {
+        let Some(source) = self.snapshot_fingerprint(patient, collection)? else {
+            return Ok(None);
+        };
+        let Some(key) = self.current_epoch_key(&patient, collection) else {
+            return Ok(None);
+        };
+        let Some(snapshot) = self.load_snapshot(patient, collection)? else {
+            return Ok(None);
+        };
+        let Some(doc) = RecordDoc::document_of_local(&snapshot.doc) else {
+            tracing::warn!(%collection, "local snapshot holds no document; no transfer");
+            return Ok(None);
+        };
+        let sealed_doc = SealedSnapshot::seal(&key, doc)?;
+        let mut covered = Vec::with_capacity(snapshot.covered.len());
+        for (id, _) in &snapshot.covered {
+            match self.item(&(*id).into()).await {
+                Ok(Some(item)) => match Envelope::decode(&item.bytes) {
+                    Ok(envelope) => covered.push((*id, envelope.signed_header().compact())),
+                    Err(e) => tracing::warn!(envelope = %id, cause = %e, "covered envelope does not decode"),
+                },
+                Ok(None) => tracing::debug!(envelope = %id, "covered envelope not held"),
+                Err(e) => tracing::warn!(envelope = %id, cause = %e, "covered envelope left out"),
+            }
+        }
+        Ok(Some(SnapshotTransfer {
+            patient,
+            collection,
+            sealed_doc,
+            covered,
+            source,
+        }))
+    }
+
+    /// Rebuilds the envelopes of a snapshot transfer from its sealed
+    /// document and compact headers (see the module docs). Nothing is
+    /// stored: hand [`Restored::envelopes`] to [`Node::ingest`].
+    ///
+    /// # Errors
+    /// [`TransferError::NoKey`], [`TransferError::Crypto`] (the document
+    /// does not open under that key), [`TransferError::Document`] (it does
+    /// not load). Headers that do not restore are counted, not errors.
+    pub fn restore_transfer(&self, sealed_doc: &[u8], headers: &[CompactHeader]) -> Result<Restored, TransferError> {
+        let key_id = SealedSnapshot::key_id(sealed_doc)?;
+        let key = self.epoch_key(&key_id).ok_or(TransferError::NoKey(key_id))?;
+        let doc = SealedSnapshot::open(&key, sealed_doc)?;
+        let changes = RecordDoc::changes_of_saved(&doc)?;
+        drop(doc);
+        let by_actor_seq: HashMap<(&[u8], u64), &DecodedChange> =
+            changes.iter().map(|c| ((c.actor().to_bytes(), c.seq()), c)).collect();
+        let mut keys = HashMap::new();
+        let mut restored = Restored::default();
+        for compact in headers {
+            let h = compact.header();
+            let Some(change) = by_actor_seq.get(&(&h.actor.0[..], h.seq)) else {
+                restored.unrestored += 1;
+                continue;
+            };
+            let key = keys
+                .entry(h.key_id)
+                .or_insert_with(|| self.epoch_key(&h.key_id))
+                .as_ref();
+            let Some(key) = key else {
+                restored.unrestored += 1;
+                continue;
+            };
+            let hash = change.hash().0;
+            let restore = |bytes: &[u8]| {
+                compact.restore(
+                    key,
+                    Change {
+                        bytes,
+                        hash,
+                        actor: h.actor,
+                        seq: h.seq,
+                    },
+                )
+            };
+            // The node seals Automerge's compressed chunk; an author that
+            // sealed the raw chunk is restored from that.
+            match restore(&change.compressed_bytes()).or_else(|_| restore(change.raw_bytes())) {
+                Ok(envelope) => restored.envelopes.push(envelope),
+                Err(e) => {
+                    tracing::debug!(cause = %e, "compact header does not restore");
+                    restored.unrestored += 1;
+                }
+            }
+        }
+        Ok(restored)
+    }
+}
