@@ -48,6 +48,8 @@ pub struct SnapshotTransfer {
     pub sealed_doc: Vec<u8>,
     /// Every envelope whose change the document holds, with its compact header.
     pub covered: Vec<(EnvelopeId, CompactHeader)>,
+    /// The lowest local sequence number among them.
+    pub first_seq: u64,
     /// SHA-256 of the sealed local snapshot it was made from, so a cache
     /// knows when to make a new one.
     pub source: [u8; 32],
@@ -114,10 +116,14 @@ impl Node {
         };
         let sealed_doc = SealedSnapshot::seal(&key, doc)?;
         let mut covered = Vec::with_capacity(snapshot.covered.len());
+        let mut first_seq = u64::MAX;
         for (id, _) in &snapshot.covered {
             match self.item(&(*id).into()).await {
                 Ok(Some(item)) => match Envelope::decode(&item.bytes) {
-                    Ok(envelope) => covered.push((*id, envelope.signed_header().compact())),
+                    Ok(envelope) => {
+                        first_seq = first_seq.min(item.seq);
+                        covered.push((*id, envelope.signed_header().compact()));
+                    }
                     Err(e) => tracing::warn!(envelope = %id, cause = %e, "covered envelope does not decode"),
                 },
                 Ok(None) => tracing::debug!(envelope = %id, "covered envelope not held"),
@@ -129,6 +135,7 @@ impl Node {
             collection,
             sealed_doc,
             covered,
+            first_seq,
             source,
         }))
     }

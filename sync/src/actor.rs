@@ -15,7 +15,7 @@ use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, Respons
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, Swarm, SwarmBuilder, connection_limits, identify, mdns, noise, ping, tcp, yamux};
-use medmesh_crypto::{Grant, GrantId, PatientId, Principal, SecretIdentity, now};
+use medmesh_crypto::{Collection, Grant, GrantId, PatientId, Principal, SecretIdentity, now};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::{Instrument, debug, info, info_span, warn};
 
@@ -25,7 +25,10 @@ use crate::backend::{
 use crate::config::{Config, Limits};
 use crate::filter::{Requester, may_disclose};
 use crate::serve::{self, Served};
-use crate::wire::{Codec, MAX_FETCH_IDS, MAX_PUSH_ADDRS, PROTOCOL, RefusalCode, Request, Response};
+use crate::wire::{
+    Codec, MAX_FETCH_IDS, MAX_ITEMS_PER_MESSAGE, MAX_OFFERS_PER_PAGE, MAX_PUSH_ADDRS, Offer, PROTOCOL, RefusalCode,
+    Request, Response, decode_compact_headers,
+};
 use crate::{Error, Result, Status, SyncReport};
 
 const COMMAND_CAPACITY: usize = 256;
@@ -151,6 +154,20 @@ pub(crate) struct Ctx<B> {
     /// released by a grant free their senders' shares once the queue
     /// drains). Only peers with a share are kept.
     parked: Arc<Mutex<HashMap<PeerId, u64>>>,
+    /// See [`crate::Config::snapshot_min_envelopes`].
+    snapshot_min: usize,
+    /// Snapshot transfers: one at a time per (peer, patient, collection),
+    /// and the transfers (peer, source) already restored.
+    transfers: Arc<Transfers>,
+}
+
+/// Whose transfer: one at a time per key.
+type TransferKey = (PeerId, PatientId, Collection);
+
+#[derive(Default)]
+struct Transfers {
+    locks: Mutex<HashMap<TransferKey, Arc<tokio::sync::Mutex<()>>>>,
+    restored: Mutex<HashSet<(PeerId, [u8; 32])>>,
 }
 
 impl<B> Clone for Ctx<B> {
@@ -162,6 +179,8 @@ impl<B> Clone for Ctx<B> {
             page_limit: self.page_limit,
             limits: self.limits.clone(),
             parked: self.parked.clone(),
+            snapshot_min: self.snapshot_min,
+            transfers: self.transfers.clone(),
         }
     }
 }
@@ -254,10 +273,15 @@ impl<B: Backend> Ctx<B> {
     }
 
     async fn ingest(&self, peer: PeerId, items: Vec<Item>) -> Result<IngestReport> {
+        self.metrics.received(&items);
+        self.ingest_received(peer, items).await
+    }
+
+    /// [`Ctx::ingest`] of items already counted as received.
+    async fn ingest_received(&self, peer: PeerId, items: Vec<Item>) -> Result<IngestReport> {
         if items.is_empty() {
             return Ok(IngestReport::default());
         }
-        self.metrics.received(&items);
         let room = self.pending_room(peer)?;
         let report = self.backend.ingest_capped(peer, items, room).await?;
         self.metrics.ingested(&report);
@@ -290,19 +314,36 @@ impl<B: Backend> Ctx<B> {
 
 /// Pulls pages from `peer` until its log is exhausted; the cursor is stored
 /// only after the page it covers was ingested.
+///
+/// Snapshot offers collected on the way are taken at the end, when the
+/// pages have brought the grants and key shares they need; a collection
+/// whose transfer fails is reconciled instead (its envelopes were left out
+/// of the pages).
 async fn pull_task<B: Backend>(ctx: &Ctx<B>, peer: PeerId) -> Result<SyncReport> {
     let mut report = SyncReport::default();
+    let mut offers: Vec<Offer> = Vec::new();
     loop {
         let cursor = ctx.backend.cursor(&peer)?.unwrap_or_default();
         let limit = ctx.page_limit;
-        let response = ctx.request(peer, Request::Pull { cursor, limit }).await?;
-        let (instance, next, more, items) = match response {
+        let snapshots = (ctx.snapshot_min > 0).then(|| offers.iter().map(|o| o.source).collect());
+        let response = ctx
+            .request(
+                peer,
+                Request::Pull {
+                    cursor,
+                    limit,
+                    snapshots,
+                },
+            )
+            .await?;
+        let (instance, next, more, items, page_offers) = match response {
             Response::Page {
                 instance,
                 next,
                 more,
                 items,
-            } => (instance, next, more, items),
+                offers,
+            } => (instance, next, more, items, offers),
             Response::Refused(code) => {
                 return Err(Error::Refused {
                     peer,
@@ -323,6 +364,17 @@ async fn pull_task<B: Backend>(ctx: &Ctx<B>, peer: PeerId) -> Result<SyncReport>
                 reason: "more items than the limit asked for",
             });
         }
+        if !page_offers.is_empty() && ctx.snapshot_min == 0 {
+            return Err(Error::Wire {
+                message: "page",
+                reason: "snapshot offers to a puller that takes none",
+            });
+        }
+        for offer in page_offers {
+            if !offers.contains(&offer) && offers.len() < MAX_OFFERS_PER_PAGE {
+                offers.push(offer);
+            }
+        }
         let same_instance = instance == cursor.instance;
         if same_instance && next < cursor.seq {
             return Err(Error::Wire {
@@ -341,9 +393,136 @@ async fn pull_task<B: Backend>(ctx: &Ctx<B>, peer: PeerId) -> Result<SyncReport>
         // Stop on the server's word, or when it makes no progress (a peer
         // that lies about `more` must not keep us looping).
         if !more || (same_instance && next == cursor.seq) {
-            return Ok(report);
+            break;
         }
     }
+    let mut reconcile = Vec::new();
+    for offer in offers {
+        match snapshot_task(ctx, peer, offer.patient, offer.collection, Some(offer.source)).await {
+            Ok((r, TransferOutcome::Complete)) => report.add(r),
+            Ok((r, outcome)) => {
+                debug!(%peer, collection = %offer.collection, ?outcome, "snapshot transfer incomplete; reconciling");
+                report.add(r);
+                reconcile.push(offer.patient);
+            }
+            Err(e) => {
+                debug!(%peer, collection = %offer.collection, cause = %e, "snapshot transfer failed; reconciling");
+                reconcile.push(offer.patient);
+            }
+        }
+    }
+    reconcile.sort_unstable();
+    reconcile.dedup();
+    for patient in reconcile {
+        report.add(reconcile_task(ctx, peer, patient).await?);
+    }
+    Ok(report)
+}
+
+/// How a snapshot transfer went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TransferOutcome {
+    /// Every covered envelope was restored and ingested (or this transfer
+    /// was restored before).
+    Complete,
+    /// Some headers did not restore: their envelopes must be fetched.
+    Partial,
+    /// The peer had none to give, or this node cannot restore one.
+    Unavailable,
+}
+
+/// Asks `peer` for the snapshot transfer of (patient, collection), rebuilds
+/// the envelopes and ingests them like any envelopes. `offered` names a
+/// transfer a page offered: skipped when it was restored already.
+async fn snapshot_task<B: Backend>(
+    ctx: &Ctx<B>,
+    peer: PeerId,
+    patient: PatientId,
+    collection: Collection,
+    offered: Option<[u8; 32]>,
+) -> Result<(SyncReport, TransferOutcome)> {
+    let mut report = SyncReport::default();
+    let lock = ctx
+        .transfers
+        .locks
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .entry((peer, patient, collection))
+        .or_default()
+        .clone();
+    let _one_at_a_time = lock.lock().await;
+    let restored_before = |source: [u8; 32]| {
+        ctx.transfers
+            .restored
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(&(peer, source))
+    };
+    if offered.is_some_and(restored_before) {
+        return Ok((report, TransferOutcome::Complete));
+    }
+    let payload = match ctx.request(peer, Request::Snapshot { patient, collection }).await? {
+        Response::Snapshot(Some(p)) => p,
+        Response::Snapshot(None) => return Ok((report, TransferOutcome::Unavailable)),
+        Response::Refused(code) => {
+            return Err(Error::Refused {
+                peer,
+                reason: code.as_str(),
+            });
+        }
+        other => {
+            return Err(Error::UnexpectedResponse {
+                peer,
+                request: "snapshot",
+                answer: other.name(),
+            });
+        }
+    };
+    report.pages += 1;
+    Metrics::add(&ctx.metrics.items_received, u64::from(payload.count));
+    Metrics::add(
+        &ctx.metrics.bytes_received,
+        (payload.sealed_doc.len() + payload.headers.len()) as u64,
+    );
+    if restored_before(payload.source) {
+        return Ok((report, TransferOutcome::Complete));
+    }
+    let headers = decode_compact_headers(&payload.headers, payload.count)?;
+    if headers
+        .iter()
+        .any(|h| h.header().patient != patient || h.header().collection != collection)
+    {
+        return Err(Error::Wire {
+            message: "snapshot",
+            reason: "a header of another patient or collection",
+        });
+    }
+    let backend = ctx.backend.clone();
+    let sealed_doc = payload.sealed_doc;
+    // Loading a document and re-sealing thousands of changes is CPU work:
+    // off the async workers.
+    let restored = tokio::task::spawn_blocking(move || backend.restore_transfer(&sealed_doc, &headers))
+        .await
+        .map_err(|_| Error::Backend("restoring a snapshot transfer panicked".into()))??;
+    let Some(restored) = restored else {
+        return Ok((report, TransferOutcome::Unavailable));
+    };
+    report.received += restored.items.len() as u64;
+    let mut items = restored.items;
+    while !items.is_empty() {
+        let rest = items.split_off(items.len().min(MAX_ITEMS_PER_MESSAGE));
+        report.ingest.add(ctx.ingest_received(peer, items).await?);
+        items = rest;
+    }
+    if restored.unrestored > 0 {
+        return Ok((report, TransferOutcome::Partial));
+    }
+    ctx.transfers
+        .restored
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .insert((peer, payload.source));
+    Ok((report, TransferOutcome::Complete))
 }
 
 /// Reconciles one patient with `peer`: learns its consent items and the
@@ -377,7 +556,26 @@ async fn reconcile_task<B: Backend>(ctx: &Ctx<B>, peer: PeerId, patient: Patient
         Ok(local)
     };
     let wanted: HashSet<medmesh_crypto::Collection> = collections.iter().map(|(c, _)| *c).collect();
-    let local = held(&wanted)?;
+    let mut local = held(&wanted)?;
+    if ctx.snapshot_min > 0 {
+        let mut took_snapshot = false;
+        for (collection, ids) in &collections {
+            let missing = ids.iter().filter(|id| !local.contains(id)).count();
+            if missing >= ctx.snapshot_min {
+                match snapshot_task(ctx, peer, patient, *collection, None).await {
+                    Ok((r, outcome)) => {
+                        debug!(%peer, %collection, ?outcome, "snapshot transfer while reconciling");
+                        report.add(r);
+                        took_snapshot = true;
+                    }
+                    Err(e) => debug!(%peer, %collection, cause = %e, "snapshot transfer failed; fetching envelopes"),
+                }
+            }
+        }
+        if took_snapshot {
+            local = held(&wanted)?;
+        }
+    }
     let mut missing = Vec::new();
     for (_, ids) in collections {
         missing.extend(ids.into_iter().filter(|id| !local.contains(id)));
@@ -562,6 +760,8 @@ pub(crate) async fn spawn<B: Backend>(
         page_limit: config.page_limit.clamp(1, crate::wire::MAX_ITEMS_PER_MESSAGE as u32),
         limits: Arc::new(config.limits.clone()),
         parked: Arc::new(Mutex::new(HashMap::new())),
+        snapshot_min: config.snapshot_min_envelopes,
+        transfers: Arc::default(),
     };
     let actor = Actor {
         swarm,
@@ -952,9 +1152,18 @@ impl<B: Backend> Actor<B> {
                     self.start_pull(peer, None);
                 }
             }
-            Request::Pull { cursor, limit } => {
+            Request::Pull {
+                cursor,
+                limit,
+                snapshots,
+            } => {
                 self.spawn_serve(peer, channel, move |b| async move {
-                    serve::pull(&*b, requester, cursor, limit, now()).await
+                    serve::pull(&*b, requester, cursor, limit, snapshots.as_deref(), now()).await
+                });
+            }
+            Request::Snapshot { patient, collection } => {
+                self.spawn_serve(peer, channel, move |b| async move {
+                    serve::snapshot(&*b, requester, patient, collection, now()).await
                 });
             }
             Request::Summary { patient } => {

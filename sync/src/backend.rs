@@ -2,12 +2,13 @@
 //! types it speaks in. `medmesh_node::Node` implements it through an adapter;
 //! [`crate::memory::MemoryBackend`] implements it for tests.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::fmt;
+use std::sync::Arc;
 
 use libp2p::PeerId;
 use medmesh_crypto::{
-    Collection, Envelope, EnvelopeId, Grant, GrantId, KeyShare, MAX_ENVELOPE_BYTES, MAX_GRANT_BYTES,
+    Collection, CompactHeader, Envelope, EnvelopeId, Grant, GrantId, KeyShare, MAX_ENVELOPE_BYTES, MAX_GRANT_BYTES,
     MAX_KEYSHARE_BYTES, MAX_REVOCATION_BYTES, PatientId, Principal, Revocation, Timestamp,
 };
 use medmesh_node::audit::{Action, ActorKind};
@@ -392,6 +393,43 @@ pub struct AuditEntryWire {
     pub hash: [u8; 32],
 }
 
+/// The envelopes rebuilt from a transfer.
+#[derive(Debug, Default)]
+pub struct Restored {
+    /// The envelopes, as items.
+    pub items: Vec<Item>,
+    /// Headers that did not restore (the puller fetches those envelopes).
+    pub unrestored: usize,
+}
+
+/// A snapshot transfer a backend can serve (DESIGN §6; see
+/// `medmesh_node::transfer`): instead of the envelopes of (patient,
+/// collection) that its local snapshot covers, the snapshot's document
+/// sealed under the current epoch key and the envelopes' compact headers.
+/// Made once per local snapshot and shared by every request it answers.
+#[derive(Debug)]
+pub struct Transfer {
+    /// Whose record.
+    pub patient: PatientId,
+    /// Which collection.
+    pub collection: Collection,
+    /// Fingerprint of the local snapshot it was made from (offers name it,
+    /// so a puller does not fetch the same transfer twice).
+    pub source: [u8; 32],
+    /// The sealed document.
+    pub sealed_doc: Vec<u8>,
+    /// The compact headers as they go on the wire
+    /// ([`crate::wire::encode_compact_headers`]).
+    pub headers: Vec<u8>,
+    /// How many headers.
+    pub count: u32,
+    /// The envelopes it covers.
+    pub ids: HashSet<EnvelopeId>,
+    /// The lowest sequence number among them: a puller whose cursor is
+    /// before it holds none of them from this node.
+    pub first_seq: u64,
+}
+
 /// The operations sync needs from a node's store. Cheap lookups are plain
 /// functions (called from the actor); the ones that may touch the disk or
 /// wait for a flush are futures, run in spawned tasks.
@@ -494,6 +532,31 @@ pub trait Backend: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Vec<AuditEntryWire>>> + Send {
         let _ = (patient, after, limit);
         std::future::ready(Ok(Vec::new()))
+    }
+
+    /// The snapshot transfer of (patient, collection) this backend can
+    /// serve now, if any. The default keeps no snapshots.
+    ///
+    /// # Errors
+    /// Storage failures.
+    fn snapshot_transfer(
+        &self,
+        patient: &PatientId,
+        collection: Collection,
+    ) -> impl Future<Output = Result<Option<Arc<Transfer>>>> + Send {
+        let _ = (patient, collection);
+        std::future::ready(Ok(None))
+    }
+
+    /// Rebuilds the envelopes of a received transfer, to be ingested like
+    /// any envelope. `None`: this backend cannot (it holds no keys), and the
+    /// puller fetches the envelopes instead. The default cannot.
+    ///
+    /// # Errors
+    /// A document that does not open or load under the keys held.
+    fn restore_transfer(&self, sealed_doc: &[u8], headers: &[CompactHeader]) -> Result<Option<Restored>> {
+        let _ = (sealed_doc, headers);
+        Ok(None)
     }
 
     /// Appends "the patient read the audit entries about them" to the audit

@@ -36,6 +36,11 @@ pub struct Config {
     /// grants to their grantee). A node does; a patient's CLI session, which
     /// only submits and pulls its own items, does not.
     pub consent_flows: bool,
+    /// Snapshot transfers (docs/protocol.md): when this node misses at least
+    /// this many envelopes of a collection that a peer's local snapshot
+    /// covers, it asks for the snapshot's document and compact headers
+    /// instead of the envelopes; 0 never asks. Serving them is always on.
+    pub snapshot_min_envelopes: usize,
     /// Flood limits on what peers may ask of this node.
     pub limits: Limits,
 }
@@ -97,6 +102,7 @@ impl Default for Config {
             request_timeout: Duration::from_secs(60),
             idle_connection_timeout: Duration::from_secs(120),
             consent_flows: true,
+            snapshot_min_envelopes: 64,
             limits: Limits::default(),
         }
     }

@@ -44,14 +44,14 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use backend::{
     AuditEntryWire, Backend, ConsentView, Cursor, DisclosureRecord, IngestReport, InstanceId, Item, ItemId, ItemKind,
-    ItemMeta, StoredEvent, StoredItem,
+    ItemMeta, Restored, StoredEvent, StoredItem, Transfer,
 };
 pub use config::{Config, Limits};
 pub use error::{Error, Result};
 pub use filter::{Denied, Disclosure, Requester, may_disclose};
 pub use libp2p::multiaddr::Protocol;
 pub use libp2p::{Multiaddr, PeerId};
-pub use node_backend::NodeBackend;
+pub use node_backend::{MIN_TRANSFER_ENVELOPES, NodeBackend};
 pub use serve::SCAN_BUDGET;
 
 /// Most audit entries [`SyncHandle::audit`] collects over all pages before

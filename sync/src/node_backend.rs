@@ -8,12 +8,14 @@
 //! node may nudge or push back to the peer it just received from, which
 //! costs a duplicate, never a disclosure (the filter still decides).
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use libp2p::PeerId;
-use medmesh_crypto::{Collection, EnvelopeId, GrantId, PatientId};
+use medmesh_crypto::{Collection, CompactHeader, EnvelopeId, GrantId, PatientId};
 use medmesh_node::audit::{Action, ActorKind, AuditEntry, AuditRecord};
 use medmesh_node::store::{self as node_store};
+use medmesh_node::transfer::TransferError;
 use medmesh_node::{Event, Incoming, Node, Source};
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
@@ -21,8 +23,9 @@ use tracing::{debug, warn};
 
 use crate::backend::{
     AuditEntryWire, Backend, ConsentView, Cursor, DisclosureRecord, IngestReport, InstanceId, Item, ItemId, ItemKind,
-    ItemMeta, StoredEvent, StoredItem,
+    ItemMeta, Restored, StoredEvent, StoredItem, Transfer,
 };
+use crate::wire::encode_compact_headers;
 use crate::{Error, Result};
 
 const EVENT_CAPACITY: usize = 4096;
@@ -32,7 +35,14 @@ pub struct NodeBackend {
     node: Node,
     events: broadcast::Sender<StoredEvent>,
     forwarder: JoinHandle<()>,
+    /// Snapshot transfers made, by (patient, collection); each is reused
+    /// while the local snapshot it was made from stays the same.
+    transfers: Mutex<HashMap<(PatientId, Collection), Arc<Transfer>>>,
 }
+
+/// A collection's history must be at least this long before it is worth a
+/// snapshot transfer rather than its envelopes.
+pub const MIN_TRANSFER_ENVELOPES: usize = 32;
 
 impl std::fmt::Debug for NodeBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -144,6 +154,7 @@ impl NodeBackend {
             node,
             events,
             forwarder,
+            transfers: Mutex::new(HashMap::new()),
         })
     }
 
@@ -319,6 +330,75 @@ impl Backend for NodeBackend {
             .take(limit)
             .map(audit_to_wire)
             .collect()
+    }
+
+    async fn snapshot_transfer(&self, patient: &PatientId, collection: Collection) -> Result<Option<Arc<Transfer>>> {
+        let key = (*patient, collection);
+        let Some(source) = self
+            .node
+            .snapshot_fingerprint(*patient, collection)
+            .map_err(backend_error)?
+        else {
+            return Ok(None);
+        };
+        let cached = self
+            .transfers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&key)
+            .filter(|t| t.source == source)
+            .cloned();
+        if let Some(t) = cached {
+            return Ok(Some(t));
+        }
+        let Some(made) = self
+            .node
+            .snapshot_transfer(*patient, collection)
+            .await
+            .map_err(|e| Error::Backend(e.to_string()))?
+        else {
+            return Ok(None);
+        };
+        if made.covered.len() < MIN_TRANSFER_ENVELOPES {
+            return Ok(None);
+        }
+        let headers: Vec<CompactHeader> = made.covered.iter().map(|(_, h)| h.clone()).collect();
+        let transfer = Arc::new(Transfer {
+            patient: made.patient,
+            collection: made.collection,
+            source: made.source,
+            headers: encode_compact_headers(&headers),
+            count: u32::try_from(headers.len()).unwrap_or(u32::MAX),
+            ids: made.covered.iter().map(|(id, _)| *id).collect(),
+            first_seq: made.first_seq,
+            sealed_doc: made.sealed_doc,
+        });
+        debug!(
+            %collection,
+            covered = transfer.count,
+            doc_bytes = transfer.sealed_doc.len(),
+            header_bytes = transfer.headers.len(),
+            "snapshot transfer made"
+        );
+        self.transfers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(key, transfer.clone());
+        Ok(Some(transfer))
+    }
+
+    fn restore_transfer(&self, sealed_doc: &[u8], headers: &[CompactHeader]) -> Result<Option<Restored>> {
+        match self.node.restore_transfer(sealed_doc, headers) {
+            Ok(r) => Ok(Some(Restored {
+                items: r.envelopes.iter().map(Item::envelope).collect(),
+                unrestored: r.unrestored,
+            })),
+            Err(TransferError::NoKey(key)) => {
+                debug!(%key, "no key for a snapshot transfer's document");
+                Ok(None)
+            }
+            Err(e) => Err(Error::Backend(e.to_string())),
+        }
     }
 
     async fn record_audit_read(&self, patient: &PatientId) -> Result<()> {

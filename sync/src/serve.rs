@@ -4,17 +4,19 @@
 //! Runs in tasks spawned by the actor.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
-use medmesh_crypto::{Collection, GrantId, PatientId, Timestamp};
+use medmesh_crypto::{Collection, EnvelopeId, GrantId, PatientId, Timestamp};
 use tracing::{debug, warn};
 
 use crate::backend::{
-    AuditEntryWire, Backend, ConsentView, Cursor, DisclosureRecord, Item, ItemId, ItemKind, StoredItem,
+    AuditEntryWire, Backend, ConsentView, Cursor, DisclosureRecord, Item, ItemId, ItemKind, ItemMeta, StoredItem,
+    Transfer,
 };
-use crate::filter::{Requester, may_disclose};
+use crate::filter::{Disclosure, Requester, may_disclose};
 use crate::wire::{
     MAX_AUDIT_ACTOR_ID_LEN, MAX_AUDIT_ENTRIES_PER_MESSAGE, MAX_AUDIT_ITEMS_PER_ENTRY, MAX_AUDIT_OUTCOME_LEN,
-    MAX_SUMMARY_IDS, PAGE_BYTE_BUDGET, RefusalCode, Response,
+    MAX_OFFERS_PER_PAGE, MAX_SUMMARY_IDS, Offer, PAGE_BYTE_BUDGET, RefusalCode, Response, SnapshotPayload,
 };
 use crate::{Error, Result};
 
@@ -63,19 +65,29 @@ impl<'a, B: Backend> Disclosures<'a, B> {
 
     /// Runs the filter; on yes, notes the disclosure.
     fn admit(&mut self, stored: &StoredItem) -> Result<bool> {
-        let (peer, now) = (self.peer, self.now);
-        let view = self.view(&stored.meta.patient)?;
-        let decision = may_disclose(&stored.meta, &peer, view, now);
+        let decision = self.decide(&stored.meta)?;
         if decision.allowed() {
-            self.audit
-                .entry((stored.meta.patient, decision.grant()))
-                .or_default()
-                .push(stored.meta.id);
+            self.note(&stored.meta, decision);
             Ok(true)
         } else {
-            debug!(peer = %peer.peer_id(), item = %stored.meta.id, ?decision, "withheld");
+            debug!(peer = %self.peer.peer_id(), item = %stored.meta.id, ?decision, "withheld");
             Ok(false)
         }
+    }
+
+    /// Runs the filter without noting anything.
+    fn decide(&mut self, meta: &ItemMeta) -> Result<Disclosure> {
+        let (peer, now) = (self.peer, self.now);
+        let view = self.view(&meta.patient)?;
+        Ok(may_disclose(meta, &peer, view, now))
+    }
+
+    /// Notes an allowed disclosure for the audit log.
+    fn note(&mut self, meta: &ItemMeta, decision: Disclosure) {
+        self.audit
+            .entry((meta.patient, decision.grant()))
+            .or_default()
+            .push(meta.id);
     }
 
     /// Writes the audit entries; only then may the answer be sent.
@@ -100,15 +112,18 @@ fn refuse(err: &Error, peer: &Requester, what: &'static str) -> (Response, Serve
 }
 
 /// Answers a pull: items after the cursor (from 0 when the cursor names
-/// another instance) that the peer may receive.
+/// another instance) that the peer may receive. For a puller that takes
+/// `snapshots`, envelopes a snapshot transfer covers are left out and the
+/// transfer is offered instead.
 pub(crate) async fn pull<B: Backend>(
     backend: &B,
     peer: Requester,
     cursor: Cursor,
     limit: u32,
+    snapshots: Option<&[[u8; 32]]>,
     now: Timestamp,
 ) -> (Response, Served) {
-    match pull_inner(backend, peer, cursor, limit, now).await {
+    match pull_inner(backend, peer, cursor, limit, snapshots, now).await {
         Ok(r) => r,
         Err(e) => refuse(&e, &peer, "pull"),
     }
@@ -119,16 +134,20 @@ async fn pull_inner<B: Backend>(
     peer: Requester,
     cursor: Cursor,
     limit: u32,
+    snapshots: Option<&[[u8; 32]]>,
     now: Timestamp,
 ) -> Result<(Response, Served)> {
     let instance = backend.instance_id();
     let mut pos = if cursor.instance == instance { cursor.seq } else { 0 };
+    let start = pos;
     let limit = limit as usize;
     let mut d = Disclosures::new(backend, peer, now);
     let mut items: Vec<Item> = Vec::new();
     let mut bytes = 0usize;
     let mut scanned = 0usize;
     let mut more = true;
+    let mut transfers: HashMap<(PatientId, Collection), Option<Arc<Transfer>>> = HashMap::new();
+    let mut offers: Vec<Offer> = Vec::new();
     'scan: while items.len() < limit && bytes < PAGE_BYTE_BUDGET && scanned < SCAN_BUDGET {
         let batch = backend.items_after(pos, SCAN_BATCH).await?;
         let end = batch.len() < SCAN_BATCH;
@@ -140,11 +159,47 @@ async fn pull_inner<B: Backend>(
                 break 'scan;
             }
             scanned += 1;
-            if d.admit(&stored)? {
-                bytes += stored.item.bytes.len();
-                items.push(stored.item);
-            }
             pos = stored.seq;
+            let decision = d.decide(&stored.meta)?;
+            if !decision.allowed() {
+                debug!(peer = %peer.peer_id(), item = %stored.meta.id, ?decision, "withheld");
+                continue;
+            }
+            if let (Some(taking), ItemKind::Envelope, Some(collection)) =
+                (snapshots, stored.meta.kind, stored.meta.collection)
+            {
+                let key = (stored.meta.patient, collection);
+                let transfer = match transfers.get(&key) {
+                    Some(t) => t.clone(),
+                    None => {
+                        let t = backend.snapshot_transfer(&key.0, collection).await?;
+                        transfers.insert(key, t.clone());
+                        t
+                    }
+                };
+                // Offered only to a puller that holds none of the covered
+                // envelopes from here, or took this transfer earlier in the
+                // pull: one that already holds most gets the few it lacks.
+                if let Some(t) = transfer.filter(|t| {
+                    (start < t.first_seq || taking.contains(&t.source)) && t.ids.contains(&EnvelopeId(stored.meta.id.0))
+                }) {
+                    let offer = Offer {
+                        patient: key.0,
+                        collection,
+                        source: t.source,
+                    };
+                    if offers.contains(&offer) {
+                        continue;
+                    }
+                    if offers.len() < MAX_OFFERS_PER_PAGE {
+                        offers.push(offer);
+                        continue;
+                    }
+                }
+            }
+            d.note(&stored.meta, decision);
+            bytes += stored.item.bytes.len();
+            items.push(stored.item);
         }
         if end {
             more = false;
@@ -162,6 +217,7 @@ async fn pull_inner<B: Backend>(
             next: pos,
             more,
             items,
+            offers,
         },
         served,
     ))
@@ -210,18 +266,8 @@ async fn summary_inner<B: Backend>(
     let mut collections = Vec::new();
     let mut total = 0usize;
     for collection in Collection::ALL {
-        // Would an envelope of this collection be disclosed? Ask the filter
-        // with a stand-in: the decision depends only on patient and collection.
-        let probe = crate::backend::ItemMeta {
-            kind: ItemKind::Envelope,
-            id: ItemId([0; 32]),
-            patient,
-            collection: Some(collection),
-            grant: None,
-            author: None,
-            recipient: None,
-        };
-        if !may_disclose(&probe, &peer, &view, now).allowed() {
+        // Would an envelope of this collection be disclosed?
+        if !may_disclose(&envelope_probe(patient, collection), &peer, &view, now).allowed() {
             continue;
         }
         let mut ids = backend.envelope_ids(&patient, collection)?;
@@ -235,6 +281,83 @@ async fn summary_inner<B: Backend>(
         bytes: bytes as u64,
     };
     Ok((Response::Summary { consent, collections }, served))
+}
+
+/// Answers a snapshot request: the transfer of (patient, collection) if the
+/// backend has one and the peer may receive that collection's envelopes
+/// now (the decision depends only on patient and collection); every
+/// envelope it covers is audited as disclosed before the answer leaves.
+pub(crate) async fn snapshot<B: Backend>(
+    backend: &B,
+    peer: Requester,
+    patient: PatientId,
+    collection: Collection,
+    now: Timestamp,
+) -> (Response, Served) {
+    match snapshot_inner(backend, peer, patient, collection, now).await {
+        Ok(r) => r,
+        Err(e) => refuse(&e, &peer, "snapshot"),
+    }
+}
+
+async fn snapshot_inner<B: Backend>(
+    backend: &B,
+    peer: Requester,
+    patient: PatientId,
+    collection: Collection,
+    now: Timestamp,
+) -> Result<(Response, Served)> {
+    let Some(transfer) = backend.snapshot_transfer(&patient, collection).await? else {
+        return Ok((Response::Snapshot(None), Served::default()));
+    };
+    if !SnapshotPayload::fits(transfer.sealed_doc.len(), transfer.headers.len()) {
+        debug!(%collection, "snapshot transfer too large for one answer; envelopes instead");
+        return Ok((Response::Snapshot(None), Served::default()));
+    }
+    let mut d = Disclosures::new(backend, peer, now);
+    let probe = envelope_probe(patient, collection);
+    let decision = d.decide(&probe)?;
+    if !decision.allowed() {
+        debug!(peer = %peer.peer_id(), %collection, ?decision, "snapshot withheld");
+        return Ok((Response::Snapshot(None), Served::default()));
+    }
+    for id in &transfer.ids {
+        d.note(
+            &ItemMeta {
+                id: ItemId(id.0),
+                ..probe.clone()
+            },
+            decision,
+        );
+    }
+    d.record().await?;
+    let served = Served {
+        items: transfer.ids.len() as u64,
+        bytes: (transfer.sealed_doc.len() + transfer.headers.len()) as u64,
+    };
+    Ok((
+        Response::Snapshot(Some(SnapshotPayload {
+            source: transfer.source,
+            sealed_doc: transfer.sealed_doc.clone(),
+            headers: transfer.headers.clone(),
+            count: transfer.count,
+        })),
+        served,
+    ))
+}
+
+/// A stand-in envelope of (patient, collection) for the filter, whose
+/// decision on envelopes depends only on those two.
+fn envelope_probe(patient: PatientId, collection: Collection) -> ItemMeta {
+    ItemMeta {
+        kind: ItemKind::Envelope,
+        id: ItemId([0; 32]),
+        patient,
+        collection: Some(collection),
+        grant: None,
+        author: None,
+        recipient: None,
+    }
 }
 
 /// Answers a fetch: the requested envelopes the peer may receive.

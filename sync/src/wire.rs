@@ -8,7 +8,7 @@ use std::io;
 use ciborium::Value;
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::{Multiaddr, StreamProtocol};
-use medmesh_crypto::{Collection, EnvelopeId, GrantId, PatientId};
+use medmesh_crypto::{Collection, CompactHeader, EnvelopeId, GrantId, PatientId};
 use medmesh_node::audit::{Action, ActorKind};
 
 use crate::backend::{AuditEntryWire, Cursor, InstanceId, Item, ItemId, ItemKind};
@@ -44,6 +44,15 @@ pub const MAX_AUDIT_ITEMS_PER_ENTRY: usize = 4096;
 pub const MAX_AUDIT_ACTOR_ID_LEN: usize = 256;
 /// Longest outcome text in an audit entry, in bytes.
 pub const MAX_AUDIT_OUTCOME_LEN: usize = 1024;
+/// Most snapshot offers in one page.
+pub const MAX_OFFERS_PER_PAGE: usize = 64;
+/// Most compact headers in one snapshot transfer.
+pub const MAX_TRANSFER_HEADERS: usize = 200_000;
+/// Most bytes the compact headers of one transfer may inflate to.
+pub const MAX_INFLATED_HEADERS_BYTES: usize = 64 * 1024 * 1024;
+/// A server offers a transfer only if its answer fits a response with this
+/// much room to spare.
+const TRANSFER_SLACK: usize = 4096;
 
 /// What a peer asks.
 #[derive(Clone, PartialEq, Eq, Debug)]
@@ -54,6 +63,12 @@ pub enum Request {
         cursor: Cursor,
         /// Most items wanted (1..=[`MAX_ITEMS_PER_MESSAGE`]).
         limit: u32,
+        /// `Some` when the puller takes snapshot offers: envelopes a
+        /// snapshot transfer covers may then be left out of the page and the
+        /// transfer offered instead — when the puller's cursor is before all
+        /// of them, or the transfer is one it was offered earlier in this
+        /// pull (listed here by source, at most [`MAX_OFFERS_PER_PAGE`]).
+        snapshots: Option<Vec<[u8; 32]>>,
     },
     /// "I stored something you may receive; my log is at `seq`."
     Nudge {
@@ -79,6 +94,14 @@ pub enum Request {
     Fetch {
         /// Envelope ids (1..=[`MAX_FETCH_IDS`]).
         ids: Vec<EnvelopeId>,
+    },
+    /// "Send me the snapshot transfer of this collection" (after an offer,
+    /// or when reconciling finds much missing).
+    Snapshot {
+        /// The patient.
+        patient: PatientId,
+        /// The collection.
+        collection: Collection,
     },
     /// "The audit entries about me after `after`" (accounting of
     /// disclosures). Answered only when the asker is that patient.
@@ -138,6 +161,94 @@ impl RefusalCode {
     }
 }
 
+/// "Envelopes of (patient, collection) were left out of this page: the
+/// snapshot transfer made from local snapshot `source` covers them."
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct Offer {
+    /// The patient.
+    pub patient: PatientId,
+    /// The collection.
+    pub collection: Collection,
+    /// Which transfer (its local snapshot's fingerprint).
+    pub source: [u8; 32],
+}
+
+/// A snapshot transfer on the wire (see `medmesh_node::transfer`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct SnapshotPayload {
+    /// Which transfer (its local snapshot's fingerprint).
+    pub source: [u8; 32],
+    /// The document, sealed under an epoch key of the collection.
+    pub sealed_doc: Vec<u8>,
+    /// The compact headers ([`encode_compact_headers`]).
+    pub headers: Vec<u8>,
+    /// How many headers.
+    pub count: u32,
+}
+
+impl std::fmt::Debug for SnapshotPayload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SnapshotPayload")
+            .field("doc_bytes", &self.sealed_doc.len())
+            .field("header_bytes", &self.headers.len())
+            .field("count", &self.count)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SnapshotPayload {
+    /// Whether a payload of these sizes fits one response frame.
+    pub fn fits(sealed_doc: usize, headers: usize) -> bool {
+        sealed_doc.saturating_add(headers).saturating_add(TRANSFER_SLACK) <= MAX_RESPONSE_BYTES
+    }
+}
+
+/// Compact headers as a transfer carries them: the CBOR array of their
+/// encodings, DEFLATE-compressed (they repeat patient, collection, key id,
+/// author and grant, which compress away).
+pub fn encode_compact_headers(headers: &[CompactHeader]) -> Vec<u8> {
+    let value = Value::Array(headers.iter().map(CompactHeader::to_value).collect());
+    let mut encoder = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+    // Writing into a Vec cannot fail; an empty result is refused by the peer.
+    if ciborium::into_writer(&value, &mut encoder).is_err() {
+        return Vec::new();
+    }
+    encoder.finish().unwrap_or_default()
+}
+
+/// Inflates and parses what [`encode_compact_headers`] made, expecting
+/// `count` headers; bounded by [`MAX_INFLATED_HEADERS_BYTES`] and
+/// [`MAX_TRANSFER_HEADERS`].
+///
+/// # Errors
+/// [`Error::Wire`] for anything else.
+pub fn decode_compact_headers(blob: &[u8], count: u32) -> Result<Vec<CompactHeader>> {
+    use std::io::Read as _;
+    if count as usize > MAX_TRANSFER_HEADERS {
+        return Err(wire("snapshot", "too many headers"));
+    }
+    let mut inflated = Vec::new();
+    flate2::read::DeflateDecoder::new(blob)
+        .take(MAX_INFLATED_HEADERS_BYTES as u64 + 1)
+        .read_to_end(&mut inflated)
+        .map_err(|_| wire("snapshot", "headers do not inflate"))?;
+    if inflated.len() > MAX_INFLATED_HEADERS_BYTES {
+        return Err(wire("snapshot", "headers inflate over the cap"));
+    }
+    let value: Value = ciborium::de::from_reader_with_recursion_limit(&inflated[..], 16)
+        .map_err(|_| wire("snapshot", "headers are not well-formed CBOR"))?;
+    let Value::Array(values) = value else {
+        return Err(wire("snapshot", "headers are not an array"));
+    };
+    if values.len() != count as usize {
+        return Err(wire("snapshot", "header count differs from the announced one"));
+    }
+    values
+        .into_iter()
+        .map(|v| CompactHeader::from_value(v).map_err(|_| wire("snapshot", "a compact header does not parse")))
+        .collect()
+}
+
 /// What the server answers.
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub enum Response {
@@ -151,6 +262,9 @@ pub enum Response {
         more: bool,
         /// The items the puller may receive.
         items: Vec<Item>,
+        /// Snapshot transfers covering envelopes this page left out (only
+        /// for a puller that takes them).
+        offers: Vec<Offer>,
     },
     /// A nudge was noted.
     Ack,
@@ -179,6 +293,9 @@ pub enum Response {
     },
     /// The request was well-formed but refused.
     Refused(RefusalCode),
+    /// A snapshot transfer, or `None` when the server has none to give
+    /// (no snapshot, or the asker may not receive the collection).
+    Snapshot(Option<SnapshotPayload>),
     /// A page of the audit entries about the asking patient.
     Audit {
         /// Entries in increasing `seq`, all after the request's `after`, at
@@ -198,6 +315,7 @@ impl Request {
             Self::Push { .. } => "push",
             Self::Summary { .. } => "summary",
             Self::Fetch { .. } => "fetch",
+            Self::Snapshot { .. } => "snapshot",
             Self::Audit { .. } => "audit",
         }
     }
@@ -213,6 +331,7 @@ impl Response {
             Self::Summary { .. } => "summary",
             Self::Fetched { .. } => "fetched",
             Self::Refused(_) => "refused",
+            Self::Snapshot(_) => "snapshot",
             Self::Audit { .. } => "audit",
         }
     }
@@ -308,12 +427,24 @@ impl Request {
     /// The CBOR encoding.
     pub fn encode(&self) -> Vec<u8> {
         let v = match self {
-            Self::Pull { cursor, limit } => Value::Array(vec![
-                uint(0),
-                bytes(&cursor.instance.0),
-                uint(cursor.seq),
-                uint(u64::from(*limit)),
-            ]),
+            Self::Pull {
+                cursor,
+                limit,
+                snapshots,
+            } => {
+                let mut fields = vec![
+                    uint(0),
+                    bytes(&cursor.instance.0),
+                    uint(cursor.seq),
+                    uint(u64::from(*limit)),
+                ];
+                // Left out when `None`, so a puller that takes no offers
+                // speaks the original four-field pull.
+                if let Some(taking) = snapshots {
+                    fields.push(Value::Array(taking.iter().map(|s| bytes(s)).collect()));
+                }
+                Value::Array(fields)
+            }
             Self::Nudge { instance, seq } => Value::Array(vec![uint(1), bytes(&instance.0), uint(*seq)]),
             Self::Push { items, addrs } => Value::Array(vec![
                 uint(2),
@@ -322,6 +453,11 @@ impl Request {
             ]),
             Self::Summary { patient } => Value::Array(vec![uint(3), bytes(patient.as_bytes())]),
             Self::Fetch { ids } => Value::Array(vec![uint(4), Value::Array(ids.iter().map(|i| bytes(&i.0)).collect())]),
+            Self::Snapshot { patient, collection } => Value::Array(vec![
+                uint(6),
+                bytes(patient.as_bytes()),
+                Value::Text(collection.as_str().into()),
+            ]),
             Self::Audit { patient, after, limit } => Value::Array(vec![
                 uint(5),
                 bytes(patient.as_bytes()),
@@ -343,16 +479,30 @@ impl Request {
         let mut f = Fields::top("request", frame)?;
         let req = match f.uint()? {
             0 => {
-                f.expect_len(4)?;
+                let with_snapshots = f.len == 5;
+                if !with_snapshots {
+                    f.expect_len(4)?;
+                }
                 let instance = InstanceId(f.fixed()?);
                 let seq = f.uint()?;
                 let limit = f.uint()?;
                 if limit == 0 || limit > MAX_ITEMS_PER_MESSAGE as u64 {
                     return Err(wire("pull", "limit out of range"));
                 }
+                let snapshots = if with_snapshots {
+                    Some(
+                        f.array(MAX_OFFERS_PER_PAGE)?
+                            .into_iter()
+                            .map(|v| fixed_of::<32>("pull", v))
+                            .collect::<Result<Vec<_>>>()?,
+                    )
+                } else {
+                    None
+                };
                 Self::Pull {
                     cursor: Cursor { instance, seq },
                     limit: u32::try_from(limit).map_err(|_| wire("pull", "limit out of range"))?,
+                    snapshots,
                 }
             }
             1 => {
@@ -408,6 +558,15 @@ impl Request {
                     limit: u32::try_from(limit).map_err(|_| wire("audit", "limit out of range"))?,
                 }
             }
+            6 => {
+                f.expect_len(3)?;
+                let patient = PatientId::from_bytes(f.fixed()?).map_err(|_| wire("snapshot", "patient key invalid"))?;
+                let collection = f
+                    .text(16)?
+                    .parse()
+                    .map_err(|_| wire("snapshot", "unknown collection"))?;
+                Self::Snapshot { patient, collection }
+            }
             _ => return Err(wire("request", "unknown message kind")),
         };
         Ok(req)
@@ -423,13 +582,33 @@ impl Response {
                 next,
                 more,
                 items,
-            } => Value::Array(vec![
-                uint(0),
-                bytes(&instance.0),
-                uint(*next),
-                Value::Bool(*more),
-                items_value(items),
-            ]),
+                offers,
+            } => {
+                let mut fields = vec![
+                    uint(0),
+                    bytes(&instance.0),
+                    uint(*next),
+                    Value::Bool(*more),
+                    items_value(items),
+                ];
+                // Only pullers that take offers get any, and only they
+                // read a sixth field.
+                if !offers.is_empty() {
+                    fields.push(Value::Array(
+                        offers
+                            .iter()
+                            .map(|o| {
+                                Value::Array(vec![
+                                    bytes(o.patient.as_bytes()),
+                                    Value::Text(o.collection.as_str().into()),
+                                    bytes(&o.source),
+                                ])
+                            })
+                            .collect(),
+                    ));
+                }
+                Value::Array(fields)
+            }
             Self::Ack => Value::Array(vec![uint(1)]),
             Self::Pushed {
                 accepted,
@@ -460,6 +639,16 @@ impl Response {
             ]),
             Self::Fetched { items } => Value::Array(vec![uint(4), items_value(items)]),
             Self::Refused(code) => Value::Array(vec![uint(5), uint(code.wire())]),
+            Self::Snapshot(None) => Value::Array(vec![uint(7), Value::Null]),
+            Self::Snapshot(Some(p)) => Value::Array(vec![
+                uint(7),
+                Value::Array(vec![
+                    bytes(&p.source),
+                    bytes(&p.sealed_doc),
+                    bytes(&p.headers),
+                    uint(u64::from(p.count)),
+                ]),
+            ]),
             Self::Audit { entries, more } => Value::Array(vec![
                 uint(6),
                 Value::Array(entries.iter().map(audit_entry_value).collect()),
@@ -480,16 +669,36 @@ impl Response {
         let mut f = Fields::top("response", frame)?;
         let resp = match f.uint()? {
             0 => {
-                f.expect_len(5)?;
+                let with_offers = f.len == 6;
+                if !with_offers {
+                    f.expect_len(5)?;
+                }
                 let instance = InstanceId(f.fixed()?);
                 let next = f.uint()?;
                 let more = f.bool()?;
                 let items = decode_items("page", f.array(MAX_ITEMS_PER_MESSAGE)?)?;
+                let offers = if with_offers {
+                    f.array(MAX_OFFERS_PER_PAGE)?
+                        .into_iter()
+                        .map(|v| {
+                            let mut o = Fields::nested("page", v, 3)?;
+                            Ok(Offer {
+                                patient: PatientId::from_bytes(o.fixed()?)
+                                    .map_err(|_| wire("page", "patient key invalid"))?,
+                                collection: o.text(16)?.parse().map_err(|_| wire("page", "unknown collection"))?,
+                                source: o.fixed()?,
+                            })
+                        })
+                        .collect::<Result<Vec<_>>>()?
+                } else {
+                    Vec::new()
+                };
                 Self::Page {
                     instance,
                     next,
                     more,
                     items,
+                    offers,
                 }
             }
             1 => {
@@ -562,6 +771,31 @@ impl Response {
                 Self::Audit {
                     entries,
                     more: f.bool()?,
+                }
+            }
+            7 => {
+                f.expect_len(2)?;
+                match f.next()? {
+                    Value::Null => Self::Snapshot(None),
+                    v => {
+                        let mut p = Fields::nested("snapshot", v, 4)?;
+                        let source = p.fixed()?;
+                        let sealed_doc = p.byte_vec()?;
+                        let headers = p.byte_vec()?;
+                        let count = u32::try_from(p.uint()?)
+                            .ok()
+                            .filter(|c| *c as usize <= MAX_TRANSFER_HEADERS)
+                            .ok_or_else(|| wire("snapshot", "too many headers"))?;
+                        if sealed_doc.is_empty() || headers.is_empty() {
+                            return Err(wire("snapshot", "empty document or headers"));
+                        }
+                        Self::Snapshot(Some(SnapshotPayload {
+                            source,
+                            sealed_doc,
+                            headers,
+                            count,
+                        }))
+                    }
                 }
             }
             _ => return Err(wire("response", "unknown message kind")),
@@ -713,6 +947,14 @@ impl Fields {
         fixed_of(message, self.next()?)
     }
 
+    /// A byte string (bounded by the frame cap the caller already checked).
+    fn byte_vec(&mut self) -> Result<Vec<u8>> {
+        match self.next()? {
+            Value::Bytes(b) => Ok(b),
+            _ => Err(wire(self.message, "expected a byte string")),
+        }
+    }
+
     fn array(&mut self, max: usize) -> Result<Vec<Value>> {
         match self.next()? {
             Value::Array(a) if a.len() <= max => Ok(a),
@@ -828,6 +1070,21 @@ mod tests {
                     seq: 42,
                 },
                 limit: 100,
+                snapshots: None,
+            },
+            Request::Pull {
+                cursor: Cursor::default(),
+                limit: 1,
+                snapshots: Some(vec![]),
+            },
+            Request::Pull {
+                cursor: Cursor::default(),
+                limit: 1,
+                snapshots: Some(vec![[7; 32], [8; 32]]),
+            },
+            Request::Snapshot {
+                patient,
+                collection: Collection::Labs,
             },
             Request::Nudge {
                 instance: InstanceId([2; 16]),
@@ -860,7 +1117,26 @@ mod tests {
                 next: 9,
                 more: true,
                 items: vec![item(ItemKind::KeyShare, 300)],
+                offers: vec![],
             },
+            Response::Page {
+                instance: InstanceId([1; 16]),
+                next: 9,
+                more: false,
+                items: vec![],
+                offers: vec![Offer {
+                    patient: patient(),
+                    collection: Collection::Core,
+                    source: [4; 32],
+                }],
+            },
+            Response::Snapshot(None),
+            Response::Snapshot(Some(SnapshotPayload {
+                source: [6; 32],
+                sealed_doc: vec![1, 2, 3],
+                headers: vec![4, 5],
+                count: 2,
+            })),
             Response::Ack,
             Response::Pushed {
                 accepted: 1,
@@ -915,6 +1191,7 @@ mod tests {
         let zero_limit = Request::Pull {
             cursor: Cursor::default(),
             limit: 0,
+            snapshots: None,
         }
         .encode();
         let cases: Vec<(&str, Vec<u8>)> = vec![
@@ -1151,6 +1428,7 @@ mod tests {
             next: 3,
             more: true,
             items: vec![item(ItemKind::Grant, 20), item(ItemKind::Envelope, 30)],
+            offers: vec![],
         }
         .encode();
         for bit in 0..frame.len() * 8 {
@@ -1221,6 +1499,7 @@ mod tests {
                         seq: 42,
                     },
                     limit: 256,
+                    snapshots: None,
                 }
                 .encode(),
                 "84005011111111111111111111111111111111 182a190100",
@@ -1232,6 +1511,7 @@ mod tests {
                     next: 57,
                     more: false,
                     items: vec![],
+                    offers: vec![],
                 }
                 .encode(),
                 "85005022222222222222222222222222222222 1839f480",
@@ -1279,5 +1559,47 @@ mod tests {
         for (name, bytes, expected) in cases {
             assert_eq!(hex::encode(bytes), expected.replace(' ', ""), "case {name}");
         }
+    }
+
+    #[test]
+    fn compact_headers_round_trip_compressed_and_bombs_are_refused() {
+        use medmesh_crypto::{ActorId, Change, Envelope, EpochKey, SecretIdentity};
+        let patient = SecretIdentity::from_seed(&[9; 32]);
+        let key = EpochKey::generate(patient.patient_id(), Collection::Labs, 0).unwrap();
+        let actor = ActorId::for_author(&patient.public_bytes(), [1; 8]);
+        let headers: Vec<CompactHeader> = (1..=200)
+            .map(|seq| {
+                let change = Change {
+                    bytes: b"change",
+                    hash: [seq as u8; 32],
+                    actor,
+                    seq,
+                };
+                Envelope::seal(&key, &patient, None, change, 1_800_000_000_000 + seq)
+                    .unwrap()
+                    .signed_header()
+                    .compact()
+            })
+            .collect();
+        let blob = encode_compact_headers(&headers);
+        let plain: usize = headers.iter().map(|h| h.encode().len()).sum();
+        // Patient, collection, key id and actor repeat in every header.
+        assert!(blob.len() * 10 < plain * 7, "{} vs {plain}", blob.len());
+        assert_eq!(decode_compact_headers(&blob, 200).unwrap(), headers);
+        assert!(decode_compact_headers(&blob, 199).is_err(), "count must match");
+        assert!(decode_compact_headers(&blob[..blob.len() / 2], 200).is_err());
+        assert!(decode_compact_headers(b"not deflate at all", 1).is_err());
+        assert!(decode_compact_headers(&blob, MAX_TRANSFER_HEADERS as u32 + 1).is_err());
+        // 100 MB of zeros deflate to ~100 KB: refused at the inflation cap.
+        let mut bomb = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
+        std::io::Write::write_all(&mut bomb, &vec![0u8; 100 * 1024 * 1024]).unwrap();
+        let bomb = bomb.finish().unwrap();
+        assert!(matches!(
+            decode_compact_headers(&bomb, 1),
+            Err(Error::Wire {
+                reason: "headers inflate over the cap",
+                ..
+            })
+        ));
     }
 }

@@ -249,6 +249,7 @@ fn pull() -> Request {
             seq: 0,
         },
         limit: 16,
+        snapshots: None,
     }
 }
 

@@ -162,3 +162,116 @@ async fn grant_moves_readable_history_between_real_nodes() {
     let entries = a.node.audit_entries(Some(&patient.id())).unwrap();
     assert!(!entries.is_empty());
 }
+
+/// A long history reaches a new grantee as a snapshot transfer (the
+/// collection's sealed document and compact headers) instead of envelope by
+/// envelope: B ends up holding A's exact envelopes, readable, for fewer
+/// bytes; A's audit log names every covered envelope as disclosed to B; a
+/// later single write still travels as one envelope; a peer without a
+/// grant gets no transfer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_history_moves_as_a_snapshot_transfer() {
+    use medmesh_node::repository::{self, Repository};
+    const N: usize = 80;
+    let mut patient = TestPatient::new().unwrap();
+    let pid = patient.id();
+    let a = Practice::start().await;
+    let b = Practice::start().await;
+    let c = Practice::start().await;
+    let (_, items) = patient.onboard(a.practice(), Collection::Labs).unwrap();
+    a.node.submit(pid, items).await.unwrap();
+    let repo = Repository::new(
+        a.node.clone(),
+        repository::Config {
+            snapshot_every: 0,
+            ..repository::Config::default()
+        },
+    )
+    .unwrap();
+    let app = medmesh_node::Actor::local_app("test");
+    let observation = |i: usize| {
+        serde_json::json!({
+            "resourceType": "Observation",
+            "status": "final",
+            "code": {"coding": [{"system": "http://loinc.org", "code": "8480-6"}]},
+            "subject": {"reference": "Patient/example"},
+            "effectiveDateTime": format!("2024-01-{:02}", 1 + i % 28),
+            "valueQuantity": {"value": 100 + i, "unit": "mmHg"}
+        })
+    };
+    for i in 0..N {
+        repo.create(observation(i), Some(pid), app.clone()).await.unwrap();
+    }
+    repo.save_snapshots().await;
+    let mut envelope_bytes = 0;
+    for id in a.node.envelope_ids(&pid, Collection::Labs).unwrap() {
+        envelope_bytes += a.node.item(&id.into()).await.unwrap().unwrap().bytes.len() as u64;
+    }
+
+    let gb = patient
+        .grant(b.practice(), &[Collection::Labs], Access::Read, now() - 60_000, None)
+        .unwrap();
+    let share = patient
+        .share(Collection::Labs, 0, Principal::Practice(b.practice()))
+        .unwrap();
+    a.node
+        .submit(
+            pid,
+            vec![
+                Incoming::new(NodeKind::Grant, gb.encoded().to_vec()),
+                Incoming::new(NodeKind::KeyShare, share.encoded().to_vec()),
+            ],
+        )
+        .await
+        .unwrap();
+    let a_addr = a.sync.listen_addrs().await.unwrap().remove(0);
+    let a_peer = a.sync.local_peer_id();
+    b.sync.dial(a_addr.clone()).await.unwrap();
+    c.sync.dial(a_addr).await.unwrap();
+    let before = b.sync.status().await.unwrap();
+    b.sync.sync_now(a_peer).await.unwrap();
+    until("B holds A's history, readable", || {
+        b.node.holdings(&pid).is_ok_and(|h| h.readable == N as u64)
+    })
+    .await;
+    let after = b.sync.status().await.unwrap();
+    let received = after.bytes_received - before.bytes_received;
+    assert!(
+        received * 2 < envelope_bytes,
+        "a transfer should cost well under the envelopes: {received} vs {envelope_bytes} bytes"
+    );
+    let mut on_a = a.node.envelope_ids(&pid, Collection::Labs).unwrap();
+    let mut on_b = b.node.envelope_ids(&pid, Collection::Labs).unwrap();
+    on_a.sort();
+    on_b.sort();
+    assert_eq!(on_a, on_b, "B holds A's exact envelopes");
+    let disclosed: usize = a
+        .node
+        .audit_entries(Some(&pid))
+        .unwrap()
+        .iter()
+        .filter(|e| {
+            e.action == medmesh_node::audit::Action::Disclose && e.actor_id == b.sync.local_peer_id().to_string()
+        })
+        .map(|e| e.items.len())
+        .sum();
+    assert!(disclosed >= N, "A audited {disclosed} disclosures to B");
+
+    // One more write (and a new local snapshot covering it): B gets the one
+    // envelope, not the transfer again.
+    repo.create(observation(N), Some(pid), app.clone()).await.unwrap();
+    repo.save_snapshots().await;
+    let before = b.sync.status().await.unwrap();
+    until("B holds the new write", || {
+        b.node.holdings(&pid).is_ok_and(|h| h.readable == N as u64 + 1)
+    })
+    .await;
+    b.sync.sync_now(a_peer).await.unwrap();
+    let delta = b.sync.status().await.unwrap().bytes_received - before.bytes_received;
+    assert!(delta < 8 * 1024, "a one-change delta cost {delta} bytes");
+
+    // C: no grant, no transfer.
+    c.sync.sync_now(a_peer).await.unwrap();
+    c.sync.reconcile(a_peer, pid).await.unwrap();
+    assert_eq!(c.node.holdings(&pid).unwrap().envelopes, 0);
+}

@@ -594,6 +594,7 @@ async fn adversarial_client_gets_nothing_and_the_node_stays_up() {
                 &Request::Pull {
                     cursor: Cursor { instance, seq: 0 },
                     limit: 1024,
+                    snapshots: None,
                 },
             )
             .await;
