@@ -519,6 +519,24 @@ impl CompactHeader {
         Self::from_value(value)
     }
 
+    /// The compact header of an encoded envelope, parsed **without**
+    /// verifying its signature or ciphertext hash: for a node re-shipping
+    /// envelopes it verified when it stored them. Costs no signature check;
+    /// the receiver verifies in [`CompactHeader::restore`], so a header
+    /// damaged at rest only fails to restore there.
+    ///
+    /// # Errors
+    /// Any decoding error.
+    pub fn of_stored_envelope(bytes: &[u8]) -> Result<Self> {
+        let value = canon::decode("envelope", bytes, MAX_ENVELOPE_BYTES, 32)?;
+        let mut f = Fields::new("envelope", value, 3)?;
+        let mut header = EnvelopeHeader::from_value(f.value()?)?;
+        header.keyed_change_hash = [0; 32];
+        header.ciphertext_sha256 = [0; 32];
+        let signature = f.bytes()?;
+        Ok(Self { header, signature })
+    }
+
     /// [`CompactHeader::decode`] of an already parsed CBOR value.
     ///
     /// # Errors

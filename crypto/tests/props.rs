@@ -701,6 +701,7 @@ fn compact_header_restores_the_exact_envelope() {
         let compact = CompactHeader::decode(&envelope.signed_header().compact().encode()).unwrap();
         // Both hashes travel nowhere: the compact form is shorter by them.
         assert!(compact.encode().len() + 2 * 34 <= envelope.signed_header().encode().len());
+        assert_eq!(CompactHeader::of_stored_envelope(&envelope.encode()).unwrap(), compact);
         let restored = compact.restore(&f.key, change(bytes, author_actor, seq)).unwrap();
         assert_eq!(restored.encode(), envelope.encode());
         assert_eq!(restored.id(), envelope.id());

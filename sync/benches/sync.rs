@@ -17,7 +17,7 @@ use medmesh_node::testing::TestPatient;
 use medmesh_node::{Actor, Incoming, Node};
 use medmesh_sync::{
     AuditEntryWire, Backend, Config, ConsentView, Cursor, DisclosureRecord, IngestReport, InstanceId, Item,
-    NodeBackend, PeerId, StoredEvent, StoredItem, SyncHandle,
+    NodeBackend, PeerId, Restored, StoredEvent, StoredItem, SyncHandle, Transfer,
 };
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
@@ -173,6 +173,25 @@ impl Backend for Timed {
     async fn record_audit_read(&self, patient: &PatientId) -> medmesh_sync::Result<()> {
         self.inner.record_audit_read(patient).await
     }
+
+    async fn snapshot_transfer(
+        &self,
+        patient: &PatientId,
+        collection: Collection,
+    ) -> medmesh_sync::Result<Option<Arc<Transfer>>> {
+        let start = Instant::now();
+        let r = self.inner.snapshot_transfer(patient, collection).await;
+        self.add_split(1, start);
+        r
+    }
+
+    fn restore_transfer(
+        &self,
+        sealed_doc: &[u8],
+        headers: &[medmesh_crypto::CompactHeader],
+    ) -> medmesh_sync::Result<Option<Restored>> {
+        self.inner.restore_transfer(sealed_doc, headers)
+    }
 }
 
 // ----- loopback byte counter ---------------------------------------------------
@@ -210,10 +229,13 @@ impl Practice {
     }
 
     async fn start(key: SecretIdentity, node: Node, dir: tempfile::TempDir) -> Self {
-        let config = Config {
+        let mut config = Config {
             pull_interval: Duration::from_secs(3600),
             ..Config::loopback_tcp()
         };
+        if envelopes_only() {
+            config.snapshot_min_envelopes = 0;
+        }
         let backend = Timed::new(NodeBackend::new(node.clone()));
         let sync = SyncHandle::spawn(config, &key, backend.clone()).await.unwrap();
         Self {
@@ -223,6 +245,12 @@ impl Practice {
             _dir: dir,
         }
     }
+}
+
+/// `MEDMESH_BENCH_ENVELOPES=1`: pullers take no snapshot transfers (the
+/// envelope-by-envelope first sync, for comparison).
+fn envelopes_only() -> bool {
+    std::env::var_os("MEDMESH_BENCH_ENVELOPES").is_some()
 }
 
 fn ms(d: Duration) -> String {
@@ -245,6 +273,9 @@ fn verdict(ok: bool) -> &'static str {
 struct Run {
     n: usize,
     write: Duration,
+    snapshot_save: Duration,
+    /// A's snapshot transfer: sealed document bytes, compressed header bytes, headers.
+    transfer: Option<(usize, usize, u32)>,
     first: Duration,
     pages: u64,
     received: u64,
@@ -324,8 +355,20 @@ async fn run(n: usize) -> Run {
     }
     let some_id = some_id.unwrap();
     let write = start.elapsed();
+    // What a node does every `snapshot_every` changes and on stop: keep a
+    // sealed local snapshot, which a snapshot transfer is made from.
+    let start = Instant::now();
+    repo.save_snapshots().await;
+    let snapshot_save = start.elapsed();
 
     let a = Practice::start(a_key, a_node, a_dir).await;
+    let transfer = a
+        .backend
+        .inner
+        .snapshot_transfer(&pid, Collection::Labs)
+        .await
+        .unwrap()
+        .map(|t| (t.sealed_doc.len(), t.headers.len(), t.count));
     let b = Practice::start(b_key, b_node, b_dir).await;
     let a_peer = a.sync.local_peer_id();
     b.sync
@@ -421,6 +464,8 @@ async fn run(n: usize) -> Run {
     Run {
         n,
         write,
+        snapshot_save,
+        transfer,
         first,
         pages: report.pages,
         received: after.items_received - before.items_received,
@@ -591,9 +636,26 @@ fn print_run(r: &Run, raw: (Duration, Option<u64>)) {
     let mbps = |bytes: u64, d: Duration| bytes as f64 / d.as_secs_f64() / 1e6;
     println!("\n== first sync of {} envelopes (~1 KiB Observations, labs) ==", r.n);
     println!(
-        "  A wrote {} resources through its write path (32 writers) in {}",
+        "  A wrote {} resources through its write path (32 writers) in {}, then kept a sealed local snapshot in {}",
         r.n,
-        ms(r.write)
+        ms(r.write),
+        ms(r.snapshot_save)
+    );
+    if let Some((doc, headers, count)) = r.transfer {
+        println!(
+            "  A's snapshot transfer: sealed document {}, compact headers {} ({} B/envelope) for {count} envelopes",
+            mb(doc as f64),
+            mb(headers as f64),
+            headers / (count as usize).max(1)
+        );
+    }
+    println!(
+        "  first sync by {}",
+        if envelopes_only() {
+            "envelopes only (MEDMESH_BENCH_ENVELOPES)"
+        } else {
+            "snapshot transfer where offered"
+        }
     );
     println!(
         "  B pulled {} items in {} pages: {} to all {} envelopes readable",
@@ -618,7 +680,7 @@ fn print_run(r: &Run, raw: (Duration, Option<u64>)) {
         mb(r.echo.1 as f64)
     );
     println!(
-        "  A's store time serving: {} ({:.0}% of the wall time): items_after {} ({} calls), envelopes (reconcile fetch) {}, record_disclosure {}",
+        "  A's store time serving: {} ({:.0}% of the wall time): items_after {} ({} calls), envelopes (reconcile fetch) + snapshot transfers {}, record_disclosure {}",
         ms(r.a_store),
         100.0 * r.a_store.as_secs_f64() / r.first.as_secs_f64(),
         ms(r.a_split[0]),

@@ -15,7 +15,7 @@ use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, Respons
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, Swarm, SwarmBuilder, connection_limits, identify, mdns, noise, ping, tcp, yamux};
-use medmesh_crypto::{Collection, Grant, GrantId, PatientId, Principal, SecretIdentity, now};
+use medmesh_crypto::{Collection, EnvelopeId, Grant, GrantId, PatientId, Principal, SecretIdentity, now};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::{Instrument, debug, info, info_span, warn};
 
@@ -27,7 +27,7 @@ use crate::filter::{Requester, may_disclose};
 use crate::serve::{self, Served};
 use crate::wire::{
     Codec, MAX_FETCH_IDS, MAX_ITEMS_PER_MESSAGE, MAX_OFFERS_PER_PAGE, MAX_PUSH_ADDRS, Offer, PROTOCOL, RefusalCode,
-    Request, Response, decode_compact_headers,
+    Request, Response, decode_compact_headers, summary_digest,
 };
 use crate::{Error, Result, Status, SyncReport};
 
@@ -231,6 +231,13 @@ impl<B: Backend> Ctx<B> {
         tx.send(command).await.map_err(|_| Error::Stopped)
     }
 
+    /// A pull from `peer`, joining one under way (as [`crate::SyncHandle::sync_now`]).
+    async fn sync_now(&self, peer: PeerId) -> Result<SyncReport> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::SyncNow { peer, reply }).await?;
+        rx.await.map_err(|_| Error::Stopped)?
+    }
+
     async fn connected_peers(&self) -> Result<Vec<PeerId>> {
         let (reply, rx) = oneshot::channel();
         self.send(Command::ConnectedPeers(reply)).await?;
@@ -398,7 +405,15 @@ async fn pull_task<B: Backend>(ctx: &Ctx<B>, peer: PeerId) -> Result<SyncReport>
     }
     let mut reconcile = Vec::new();
     for offer in offers {
-        match snapshot_task(ctx, peer, offer.patient, offer.collection, Some(offer.source)).await {
+        match snapshot_task(
+            ctx,
+            peer,
+            offer.patient,
+            offer.collection,
+            TransferFor::Offer(offer.source),
+        )
+        .await
+        {
             Ok((r, TransferOutcome::Complete)) => report.add(r),
             Ok((r, outcome)) => {
                 debug!(%peer, collection = %offer.collection, ?outcome, "snapshot transfer incomplete; reconciling");
@@ -431,15 +446,25 @@ enum TransferOutcome {
     Unavailable,
 }
 
+/// Why a snapshot transfer is asked for.
+#[derive(Clone, Copy)]
+enum TransferFor<'a> {
+    /// A page offered the transfer with this source: skipped when it was
+    /// restored already.
+    Offer([u8; 32]),
+    /// Reconciliation misses envelopes of these: skipped when, by the time
+    /// it runs, fewer than `snapshot_min` are still missing.
+    Missing(&'a [EnvelopeId]),
+}
+
 /// Asks `peer` for the snapshot transfer of (patient, collection), rebuilds
-/// the envelopes and ingests them like any envelopes. `offered` names a
-/// transfer a page offered: skipped when it was restored already.
+/// the envelopes and ingests them like any envelopes.
 async fn snapshot_task<B: Backend>(
     ctx: &Ctx<B>,
     peer: PeerId,
     patient: PatientId,
     collection: Collection,
-    offered: Option<[u8; 32]>,
+    why: TransferFor<'_>,
 ) -> Result<(SyncReport, TransferOutcome)> {
     let mut report = SyncReport::default();
     let lock = ctx
@@ -458,7 +483,16 @@ async fn snapshot_task<B: Backend>(
             .unwrap_or_else(PoisonError::into_inner)
             .contains(&(peer, source))
     };
-    if offered.is_some_and(restored_before) {
+    // Another transfer (by a pull and a reconciliation running side by
+    // side) may have delivered what this one is for.
+    let done = match why {
+        TransferFor::Offer(source) => restored_before(source),
+        TransferFor::Missing(ids) => {
+            let held: HashSet<EnvelopeId> = ctx.backend.envelope_ids(&patient, collection)?.into_iter().collect();
+            ids.iter().filter(|id| !held.contains(id)).count() < ctx.snapshot_min
+        }
+    };
+    if done {
         return Ok((report, TransferOutcome::Complete));
     }
     let payload = match ctx.request(peer, Request::Snapshot { patient, collection }).await? {
@@ -529,7 +563,15 @@ async fn snapshot_task<B: Backend>(
 /// envelope ids it may send, fetches the missing ones.
 async fn reconcile_task<B: Backend>(ctx: &Ctx<B>, peer: PeerId, patient: PatientId) -> Result<SyncReport> {
     let mut report = SyncReport::default();
-    let (consent, collections) = match ctx.request(peer, Request::Summary { patient }).await? {
+    // Digests of what is held, so collections already in step cost no ids.
+    let mut digests = Vec::new();
+    for collection in Collection::ALL {
+        let ids = ctx.backend.envelope_ids(&patient, collection)?;
+        if !ids.is_empty() {
+            digests.push((collection, summary_digest(&ids)));
+        }
+    }
+    let (consent, collections) = match ctx.request(peer, Request::Summary { patient, digests }).await? {
         Response::Summary { consent, collections } => (consent, collections),
         Response::Refused(code) => {
             return Err(Error::Refused {
@@ -562,7 +604,7 @@ async fn reconcile_task<B: Backend>(ctx: &Ctx<B>, peer: PeerId, patient: Patient
         for (collection, ids) in &collections {
             let missing = ids.iter().filter(|id| !local.contains(id)).count();
             if missing >= ctx.snapshot_min {
-                match snapshot_task(ctx, peer, patient, *collection, None).await {
+                match snapshot_task(ctx, peer, patient, *collection, TransferFor::Missing(ids)).await {
                     Ok((r, outcome)) => {
                         debug!(%peer, %collection, ?outcome, "snapshot transfer while reconciling");
                         report.add(r);
@@ -1166,9 +1208,9 @@ impl<B: Backend> Actor<B> {
                     serve::snapshot(&*b, requester, patient, collection, now()).await
                 });
             }
-            Request::Summary { patient } => {
+            Request::Summary { patient, digests } => {
                 self.spawn_serve(peer, channel, move |b| async move {
-                    serve::summary(&*b, requester, patient, now()).await
+                    serve::summary(&*b, requester, patient, &digests, now()).await
                 });
             }
             Request::Fetch { ids } => {
@@ -1505,6 +1547,13 @@ async fn consent_flow<B: Backend>(ctx: &Ctx<B>, me: PeerId, connected: Vec<PeerI
                     for peer in targets {
                         let ctx = ctx.clone();
                         tokio::spawn(async move {
+                            // Pull first (joining a pull under way): what the
+                            // peer discloses now comes that way, transfers
+                            // included, and the summary then lists only
+                            // collections not in step.
+                            if let Err(e) = ctx.sync_now(peer).await {
+                                debug!(%peer, cause = %e, "pull before reconciling failed");
+                            }
                             match reconcile_task(&ctx, peer, patient).await {
                                 Ok(r) => debug!(%peer, fetched = r.received, "reconciled after grant"),
                                 Err(e) => debug!(%peer, cause = %e, "reconcile after grant failed"),

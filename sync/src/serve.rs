@@ -17,6 +17,7 @@ use crate::filter::{Disclosure, Requester, may_disclose};
 use crate::wire::{
     MAX_AUDIT_ACTOR_ID_LEN, MAX_AUDIT_ENTRIES_PER_MESSAGE, MAX_AUDIT_ITEMS_PER_ENTRY, MAX_AUDIT_OUTCOME_LEN,
     MAX_OFFERS_PER_PAGE, MAX_SUMMARY_IDS, Offer, PAGE_BYTE_BUDGET, RefusalCode, Response, SnapshotPayload,
+    summary_digest,
 };
 use crate::{Error, Result};
 
@@ -229,9 +230,10 @@ pub(crate) async fn summary<B: Backend>(
     backend: &B,
     peer: Requester,
     patient: PatientId,
+    digests: &[(Collection, [u8; 32])],
     now: Timestamp,
 ) -> (Response, Served) {
-    match summary_inner(backend, peer, patient, now).await {
+    match summary_inner(backend, peer, patient, digests, now).await {
         Ok(r) => r,
         Err(e) => refuse(&e, &peer, "summary"),
     }
@@ -241,6 +243,7 @@ async fn summary_inner<B: Backend>(
     backend: &B,
     peer: Requester,
     patient: PatientId,
+    digests: &[(Collection, [u8; 32])],
     now: Timestamp,
 ) -> Result<(Response, Served)> {
     let view = backend.consent(&patient)?;
@@ -271,6 +274,13 @@ async fn summary_inner<B: Backend>(
             continue;
         }
         let mut ids = backend.envelope_ids(&patient, collection)?;
+        // The asker holds exactly these already: nothing to list.
+        if digests
+            .iter()
+            .any(|(c, d)| *c == collection && *d == summary_digest(&ids))
+        {
+            ids.clear();
+        }
         ids.truncate(MAX_SUMMARY_IDS.saturating_sub(total));
         total += ids.len();
         collections.push((collection, ids));
@@ -473,5 +483,142 @@ fn truncate_text(text: &mut String, max: usize) {
             end -= 1;
         }
         text.truncate(end);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use medmesh_crypto::{Access, Principal, SecretIdentity, now};
+    use medmesh_node::audit::Action;
+    use medmesh_node::repository::{self, Repository};
+    use medmesh_node::store::ItemKind as NodeKind;
+    use medmesh_node::testing::TestPatient;
+    use medmesh_node::{Actor, Incoming, Node};
+
+    use super::*;
+    use crate::NodeBackend;
+
+    fn disclosed_to(node: &Node, patient: &PatientId, peer: &SecretIdentity) -> usize {
+        let peer = peer.practice_id().unwrap().peer_id().to_string();
+        node.audit_entries(Some(patient))
+            .unwrap()
+            .iter()
+            .filter(|e| e.action == Action::Disclose && e.actor_id == peer)
+            .map(|e| e.items.len())
+            .sum()
+    }
+
+    /// The snapshot path discloses exactly what the envelope path would: a
+    /// transfer only to a peer whose grant covers the collection and is in
+    /// force now, every covered envelope audited; offers only to pullers
+    /// that take them and may receive the envelopes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn transfers_and_offers_follow_the_consent_filter() {
+        const N: usize = 40;
+        let dir = tempfile::tempdir().unwrap();
+        let node = Node::open(dir.path(), SecretIdentity::generate().unwrap(), Default::default())
+            .await
+            .unwrap();
+        let mut patient = TestPatient::new().unwrap();
+        let pid = patient.id();
+        let (_, items) = patient.onboard(node.practice_id(), Collection::Labs).unwrap();
+        node.submit(pid, items).await.unwrap();
+        let repo = Repository::new(
+            node.clone(),
+            repository::Config {
+                snapshot_every: 0,
+                ..repository::Config::default()
+            },
+        )
+        .unwrap();
+        for i in 0..N {
+            let obs = serde_json::json!({
+                "resourceType": "Observation", "status": "final",
+                "code": {"text": format!("reading {i}")},
+                "subject": {"reference": "Patient/example"}
+            });
+            repo.create(obs, Some(pid), Actor::local_app("test")).await.unwrap();
+        }
+        repo.save_snapshots().await;
+        let backend = NodeBackend::new(node.clone());
+
+        let (b, c) = (SecretIdentity::generate().unwrap(), SecretIdentity::generate().unwrap());
+        let requester = |k: &SecretIdentity| Requester::from_peer_id(&k.practice_id().unwrap().peer_id()).unwrap();
+        let gb = patient
+            .grant(
+                b.practice_id().unwrap(),
+                &[Collection::Labs],
+                Access::Read,
+                now() - 60_000,
+                None,
+            )
+            .unwrap();
+        let share = patient
+            .share(Collection::Labs, 0, Principal::Practice(b.practice_id().unwrap()))
+            .unwrap();
+        node.submit(
+            pid,
+            vec![
+                Incoming::new(NodeKind::Grant, gb.encoded().to_vec()),
+                Incoming::new(NodeKind::KeyShare, share.encoded().to_vec()),
+            ],
+        )
+        .await
+        .unwrap();
+
+        // C: no grant, no transfer, no offer, nothing audited.
+        let (r, _) = snapshot(&*backend, requester(&c), pid, Collection::Labs, now()).await;
+        assert!(matches!(r, Response::Snapshot(None)), "{r:?}");
+        let (r, _) = pull(&*backend, requester(&c), Cursor::default(), 1024, Some(&[]), now()).await;
+        let Response::Page { items, offers, .. } = r else {
+            panic!("{r:?}")
+        };
+        assert!(offers.is_empty() && items.iter().all(|i| i.kind != ItemKind::Envelope));
+        assert_eq!(disclosed_to(&node, &pid, &c), 0);
+
+        // B: a puller that takes offers gets one instead of the envelopes;
+        // one that does not gets the envelopes.
+        let (r, _) = pull(&*backend, requester(&b), Cursor::default(), 1024, Some(&[]), now()).await;
+        let Response::Page { items, offers, .. } = r else {
+            panic!("{r:?}")
+        };
+        assert_eq!(offers.len(), 1);
+        assert_eq!(items.iter().filter(|i| i.kind == ItemKind::Envelope).count(), 0);
+        assert_eq!(
+            disclosed_to(&node, &pid, &b),
+            items.len(),
+            "only the page's (consent) items are disclosed, not the offered envelopes"
+        );
+        let (r, _) = pull(&*backend, requester(&b), Cursor::default(), 1024, None, now()).await;
+        let Response::Page { items, offers, .. } = r else {
+            panic!("{r:?}")
+        };
+        assert!(offers.is_empty());
+        assert_eq!(items.iter().filter(|i| i.kind == ItemKind::Envelope).count(), N);
+        let after_pages = disclosed_to(&node, &pid, &b);
+
+        let (r, _) = snapshot(&*backend, requester(&b), pid, Collection::Labs, now()).await;
+        let Response::Snapshot(Some(payload)) = r else {
+            panic!("{r:?}")
+        };
+        assert_eq!(payload.count as usize, N);
+        assert_eq!(
+            disclosed_to(&node, &pid, &b),
+            after_pages + N,
+            "every covered envelope audited"
+        );
+        // Another collection B may not receive: none.
+        let (r, _) = snapshot(&*backend, requester(&b), pid, Collection::Core, now()).await;
+        assert!(matches!(r, Response::Snapshot(None)));
+
+        // Revoked: no transfer any more.
+        let revocation = patient.revoke(&gb, Default::default()).unwrap();
+        node.submit_revocation(pid, revocation.encoded().to_vec())
+            .await
+            .unwrap();
+        let (r, _) = snapshot(&*backend, requester(&b), pid, Collection::Labs, now()).await;
+        assert!(matches!(r, Response::Snapshot(None)), "{r:?}");
     }
 }

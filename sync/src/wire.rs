@@ -89,6 +89,10 @@ pub enum Request {
     Summary {
         /// The patient.
         patient: PatientId,
+        /// Per collection, the [`summary_digest`] of the envelope ids the
+        /// asker holds: where the server's own list has the same digest it
+        /// answers that collection with no ids (nothing is missing).
+        digests: Vec<(Collection, [u8; 32])>,
     },
     /// "Send me these envelopes."
     Fetch {
@@ -201,6 +205,20 @@ impl SnapshotPayload {
     pub fn fits(sealed_doc: usize, headers: usize) -> bool {
         sealed_doc.saturating_add(headers).saturating_add(TRANSFER_SLACK) <= MAX_RESPONSE_BYTES
     }
+}
+
+/// The digest of a set of envelope ids in a Summary request: SHA-256 of
+/// `medmesh/summary-digest/v1` and the ids in ascending order.
+pub fn summary_digest(ids: &[EnvelopeId]) -> [u8; 32] {
+    use sha2::{Digest as _, Sha256};
+    let mut sorted: Vec<&EnvelopeId> = ids.iter().collect();
+    sorted.sort_unstable();
+    let mut h = Sha256::new();
+    h.update(b"medmesh/summary-digest/v1");
+    for id in sorted {
+        h.update(id.0);
+    }
+    h.finalize().into()
 }
 
 /// Compact headers as a transfer carries them: the CBOR array of their
@@ -451,7 +469,19 @@ impl Request {
                 items_value(items),
                 Value::Array(addrs.iter().map(|a| Value::Text(a.to_string())).collect()),
             ]),
-            Self::Summary { patient } => Value::Array(vec![uint(3), bytes(patient.as_bytes())]),
+            Self::Summary { patient, digests } => {
+                let mut fields = vec![uint(3), bytes(patient.as_bytes())];
+                // Left out when empty: the original two-field summary.
+                if !digests.is_empty() {
+                    fields.push(Value::Array(
+                        digests
+                            .iter()
+                            .map(|(c, d)| Value::Array(vec![Value::Text(c.as_str().into()), bytes(d)]))
+                            .collect(),
+                    ));
+                }
+                Value::Array(fields)
+            }
             Self::Fetch { ids } => Value::Array(vec![uint(4), Value::Array(ids.iter().map(|i| bytes(&i.0)).collect())]),
             Self::Snapshot { patient, collection } => Value::Array(vec![
                 uint(6),
@@ -528,9 +558,24 @@ impl Request {
                 Self::Push { items, addrs }
             }
             3 => {
-                f.expect_len(2)?;
+                let with_digests = f.len == 3;
+                if !with_digests {
+                    f.expect_len(2)?;
+                }
                 let patient = PatientId::from_bytes(f.fixed()?).map_err(|_| wire("summary", "patient key invalid"))?;
-                Self::Summary { patient }
+                let mut digests = Vec::new();
+                if with_digests {
+                    for v in f.array(Collection::ALL.len())? {
+                        let mut d = Fields::nested("summary", v, 2)?;
+                        let collection: Collection =
+                            d.text(16)?.parse().map_err(|_| wire("summary", "unknown collection"))?;
+                        if digests.iter().any(|(c, _)| *c == collection) {
+                            return Err(wire("summary", "collection listed twice"));
+                        }
+                        digests.push((collection, d.fixed()?));
+                    }
+                }
+                Self::Summary { patient, digests }
             }
             4 => {
                 f.expect_len(2)?;
@@ -1094,7 +1139,14 @@ mod tests {
                 items: vec![item(ItemKind::Grant, 10), item(ItemKind::Envelope, 1000)],
                 addrs: vec!["/ip4/127.0.0.1/tcp/1".parse().unwrap()],
             },
-            Request::Summary { patient },
+            Request::Summary {
+                patient,
+                digests: vec![],
+            },
+            Request::Summary {
+                patient,
+                digests: vec![(Collection::Labs, [3; 32]), (Collection::Core, [4; 32])],
+            },
             Request::Fetch {
                 ids: vec![EnvelopeId([3; 32])],
             },

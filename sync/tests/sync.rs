@@ -582,7 +582,11 @@ async fn adversarial_client_gets_nothing_and_the_node_stays_up() {
         m.ask(a.peer, vec![0xff, 0xfe, 0x00]).await.is_err(),
         "garbage was answered"
     );
-    let mut truncated = Request::Summary { patient: p.id() }.encode();
+    let mut truncated = Request::Summary {
+        patient: p.id(),
+        digests: vec![],
+    }
+    .encode();
     truncated.truncate(10);
     assert!(m.ask(a.peer, truncated).await.is_err(), "truncated frame was answered");
 
@@ -604,7 +608,16 @@ async fn adversarial_client_gets_nothing_and_the_node_stays_up() {
         }
     }
     // Another patient's summary and envelopes by id: nothing.
-    match m.request(a.peer, &Request::Summary { patient: p.id() }).await {
+    match m
+        .request(
+            a.peer,
+            &Request::Summary {
+                patient: p.id(),
+                digests: vec![],
+            },
+        )
+        .await
+    {
         Response::Summary { consent, collections } => {
             assert!(consent.is_empty() && collections.is_empty())
         }
