@@ -1633,6 +1633,32 @@ impl Node {
         Ok(out)
     }
 
+    /// Items with seq > `after`, at most `limit`, **not** re-verified: for a
+    /// server that decides from their metadata what to send and checks each
+    /// item it does send with [`Node::check_stored`] (items it leaves out,
+    /// e.g. envelopes a snapshot transfer covers, then cost no signature check).
+    ///
+    /// # Errors
+    /// Store failures.
+    pub fn scan_after(&self, after: Seq, limit: usize) -> Result<Vec<StoredItem>> {
+        self.store().items_after(after, limit)
+    }
+
+    /// Re-verifies an item read by [`Node::scan_after`] before it is sent:
+    /// `false` when it fails (it is then quarantined, as by [`Node::items_after`]).
+    ///
+    /// # Errors
+    /// Store failures while quarantining.
+    pub async fn check_stored(&self, meta: &ItemMeta, bytes: &[u8]) -> Result<bool> {
+        match decode_item(meta.kind, bytes) {
+            Ok(_) => Ok(true),
+            Err(e) => {
+                self.quarantine(meta, e).await?;
+                Ok(false)
+            }
+        }
+    }
+
     /// One item, re-verified.
     ///
     /// # Errors

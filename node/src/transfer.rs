@@ -160,6 +160,39 @@ impl Node {
         drop(doc);
         let by_actor_seq: HashMap<(&[u8], u64), &DecodedChange> =
             changes.iter().map(|c| ((c.actor().to_bytes(), c.seq()), c)).collect();
+        // Restoring is CPU work per header (compress, seal, hash, verify):
+        // split over the cores.
+        let threads = std::thread::available_parallelism().map_or(1, usize::from).min(8);
+        let chunk = headers.len().div_ceil(threads).max(1);
+        let parts: Vec<Restored> = std::thread::scope(|scope| {
+            let workers: Vec<_> = headers
+                .chunks(chunk)
+                .map(|part| (part.len(), scope.spawn(|| self.restore_part(&by_actor_seq, part))))
+                .collect();
+            // A worker that panicked restored nothing of its part.
+            workers
+                .into_iter()
+                .map(|(len, w)| {
+                    w.join().unwrap_or_else(|_| Restored {
+                        envelopes: Vec::new(),
+                        unrestored: len,
+                    })
+                })
+                .collect()
+        });
+        let mut restored = Restored::default();
+        for part in parts {
+            restored.envelopes.extend(part.envelopes);
+            restored.unrestored += part.unrestored;
+        }
+        Ok(restored)
+    }
+
+    fn restore_part(
+        &self,
+        by_actor_seq: &HashMap<(&[u8], u64), &DecodedChange>,
+        headers: &[CompactHeader],
+    ) -> Restored {
         let mut keys = HashMap::new();
         let mut restored = Restored::default();
         for compact in headers {
@@ -198,6 +231,6 @@ impl Node {
                 }
             }
         }
-        Ok(restored)
+        restored
     }
 }

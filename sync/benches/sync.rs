@@ -120,6 +120,24 @@ impl Backend for Timed {
         r
     }
 
+    async fn scan_after(&self, after: u64, limit: usize) -> medmesh_sync::Result<Vec<StoredItem>> {
+        let start = Instant::now();
+        let r = self.inner.scan_after(after, limit).await;
+        self.add_split(0, start);
+        self.items_after_calls.fetch_add(1, Ordering::Relaxed);
+        if let Ok(items) = &r {
+            self.items_scanned.fetch_add(items.len() as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    async fn check(&self, item: &StoredItem) -> medmesh_sync::Result<bool> {
+        let start = Instant::now();
+        let r = self.inner.check(item).await;
+        self.add_split(0, start);
+        r
+    }
+
     async fn ingest(&self, from: PeerId, items: Vec<Item>) -> medmesh_sync::Result<IngestReport> {
         self.inner.ingest(from, items).await
     }

@@ -444,6 +444,27 @@ pub trait Backend: Send + Sync + 'static {
     /// Storage failures.
     fn items_after(&self, after: u64, limit: usize) -> impl Future<Output = Result<Vec<StoredItem>>> + Send;
 
+    /// As [`Backend::items_after`], but the items need not be re-verified
+    /// yet: a server checks each one it sends with [`Backend::check`]. The
+    /// default is [`Backend::items_after`].
+    ///
+    /// # Errors
+    /// Storage failures.
+    fn scan_after(&self, after: u64, limit: usize) -> impl Future<Output = Result<Vec<StoredItem>>> + Send {
+        self.items_after(after, limit)
+    }
+
+    /// Whether an item from [`Backend::scan_after`] still verifies and may be
+    /// sent (a backend quarantines one that does not). The default, for
+    /// backends whose scan already verifies, is yes.
+    ///
+    /// # Errors
+    /// Storage failures.
+    fn check(&self, item: &StoredItem) -> impl Future<Output = Result<bool>> + Send {
+        let _ = item;
+        std::future::ready(Ok(true))
+    }
+
     /// Verifies and stores items received from `from`. Permanent rejections
     /// are recorded by the backend (audit) and counted, never returned as an
     /// error.

@@ -224,6 +224,27 @@ impl Backend for NodeBackend {
         Ok(items.into_iter().map(stored_from_node).collect())
     }
 
+    async fn scan_after(&self, after: u64, limit: usize) -> Result<Vec<StoredItem>> {
+        let items = self.node.scan_after(after, limit).map_err(backend_error)?;
+        Ok(items.into_iter().map(stored_from_node).collect())
+    }
+
+    async fn check(&self, item: &StoredItem) -> Result<bool> {
+        let m = &item.meta;
+        let meta = node_store::ItemMeta {
+            kind: kind_to_node(m.kind),
+            id: node_store::ItemId(m.id.0),
+            patient: m.patient,
+            collection: m.collection,
+            grant: m.grant,
+            principal: m.author.or(m.recipient),
+        };
+        self.node
+            .check_stored(&meta, &item.item.bytes)
+            .await
+            .map_err(backend_error)
+    }
+
     async fn ingest(&self, from: PeerId, items: Vec<Item>) -> Result<IngestReport> {
         self.ingest_capped(from, items, u64::MAX).await
     }

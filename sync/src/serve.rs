@@ -150,7 +150,7 @@ async fn pull_inner<B: Backend>(
     let mut transfers: HashMap<(PatientId, Collection), Option<Arc<Transfer>>> = HashMap::new();
     let mut offers: Vec<Offer> = Vec::new();
     'scan: while items.len() < limit && bytes < PAGE_BYTE_BUDGET && scanned < SCAN_BUDGET {
-        let batch = backend.items_after(pos, SCAN_BATCH).await?;
+        let batch = backend.scan_after(pos, SCAN_BATCH).await?;
         let end = batch.len() < SCAN_BATCH;
         for stored in batch {
             if stored.seq <= pos {
@@ -197,6 +197,9 @@ async fn pull_inner<B: Backend>(
                         continue;
                     }
                 }
+            }
+            if !backend.check(&stored).await? {
+                continue;
             }
             d.note(&stored.meta, decision);
             bytes += stored.item.bytes.len();
