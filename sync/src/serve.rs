@@ -624,4 +624,52 @@ mod tests {
         let (r, _) = snapshot(&*backend, requester(&b), pid, Collection::Labs, now()).await;
         assert!(matches!(r, Response::Snapshot(None)), "{r:?}");
     }
+
+    /// Pulls check every item they send: one that rotted at rest is
+    /// withheld and quarantined, never sent.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_pull_withholds_and_quarantines_an_item_corrupted_at_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = Node::open(dir.path(), SecretIdentity::generate().unwrap(), Default::default())
+            .await
+            .unwrap();
+        let mut patient = TestPatient::new().unwrap();
+        let pid = patient.id();
+        let (_, items) = patient.onboard(node.practice_id(), Collection::Core).unwrap();
+        node.submit(pid, items).await.unwrap();
+        let mut maker = medmesh_node::testing::ChangeMaker::new(node.practice_id().as_bytes()).unwrap();
+        let mut ids = Vec::new();
+        for i in 0..3 {
+            let c = maker.put("k", &i.to_string()).unwrap();
+            ids.push(node.write_change(pid, Collection::Core, c.as_change()).await.unwrap());
+        }
+        let store = node.raw_store();
+        let mut rotten = store.raw_item_bytes(&ids[1].into()).unwrap().unwrap();
+        let at = rotten.len() - 5;
+        rotten[at] ^= 0x10;
+        store.raw_replace_item_bytes(&ids[1].into(), &rotten).unwrap();
+
+        let backend = NodeBackend::new(node.clone());
+        let patient_peer = Requester::from_peer_id(
+            &medmesh_crypto::PracticeId::from_bytes(*pid.as_bytes())
+                .unwrap()
+                .peer_id(),
+        )
+        .unwrap();
+        let (r, _) = pull(&*backend, patient_peer, Cursor::default(), 1024, None, now()).await;
+        let Response::Page { items, .. } = r else {
+            panic!("{r:?}")
+        };
+        let sent: Vec<ItemId> = items.iter().map(|i| ItemId::digest(&i.bytes)).collect();
+        assert!(items.iter().all(|i| i.bytes != rotten), "the rotten item was sent");
+        assert_eq!(
+            items.iter().filter(|i| i.kind == ItemKind::Envelope).count(),
+            2,
+            "{sent:?}"
+        );
+        assert!(
+            !node.envelope_ids(&pid, Collection::Core).unwrap().contains(&ids[1]),
+            "not quarantined"
+        );
+    }
 }
