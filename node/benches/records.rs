@@ -99,6 +99,16 @@ fn main() {
         am
     });
     println!("  automerge apply_changes alone         {}", ms(t));
+    // Whether one big call matters: Automerge 0.12 batches the op splices of a call.
+    let chunk = 1000;
+    let t = median(runs, || {
+        let mut am = automerge::Automerge::load(&genesis).unwrap();
+        for c in raw.chunks(chunk) {
+            am.apply_changes(c.to_vec()).unwrap();
+        }
+        am
+    });
+    println!("  automerge apply_changes, {chunk} a call {}", ms(t));
     let t = median(runs, || {
         let decoded = decode();
         let mut peer = RecordDoc::new();
@@ -110,6 +120,9 @@ fn main() {
         "  decode + RecordDoc::apply_changes     {}  (target well under 1 s)",
         ms(t)
     );
+    if std::env::var_os("MEDMESH_BENCH_APPLY_ONLY").is_some() {
+        return;
+    }
     let t = median(runs, || automerge::Automerge::load(&snapshot).unwrap());
     println!("  automerge load of the snapshot        {}", ms(t));
     let t = median(runs, || {

@@ -10,12 +10,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use medmesh_crypto::{Collection, Envelope, PatientId, Principal, SecretIdentity, now};
-use medmesh_node::store::{
-    Batch, Committed, Cursor, EnvelopeEntry, InstanceId, ItemId, ItemKind, PendingItem, PendingReason, Rejection, Seq,
-    SledStore, Store, StoredItem,
-};
-use medmesh_node::testing::{ChangeMaker, OwnedChange, TestPatient};
+use medmesh_crypto::{Collection, Envelope, Principal, SecretIdentity, now};
+use medmesh_node::store::{Batch, EnvelopeEntry, ItemKind, SledStore, Store};
+use medmesh_node::testing::{ChangeMaker, FlushControl, OwnedChange, TestPatient};
 use medmesh_node::{Config, Incoming, Node, Source};
 
 const WRITERS: usize = 64;
@@ -23,70 +20,6 @@ const WRITERS: usize = 64;
 /// volume, spinning disk).
 const SLOW_FSYNC: Duration = Duration::from_millis(2);
 
-/// SledStore whose flush also waits [`SLOW_FSYNC`].
-struct SlowFlush(SledStore);
-
-impl Store for SlowFlush {
-    fn instance_id(&self) -> InstanceId {
-        self.0.instance_id()
-    }
-    fn commit(&self, batch: &Batch) -> medmesh_node::Result<Committed> {
-        self.0.commit(batch)
-    }
-    fn commit_group(&self, batches: &[&Batch]) -> medmesh_node::Result<Vec<Committed>> {
-        self.0.commit_group(batches)
-    }
-    fn flush(&self) -> medmesh_node::Result<()> {
-        self.0.flush()?;
-        std::thread::sleep(SLOW_FSYNC);
-        Ok(())
-    }
-    fn last_seq(&self) -> Seq {
-        self.0.last_seq()
-    }
-    fn contains(&self, id: &ItemId) -> medmesh_node::Result<bool> {
-        self.0.contains(id)
-    }
-    fn item(&self, id: &ItemId) -> medmesh_node::Result<Option<StoredItem>> {
-        self.0.item(id)
-    }
-    fn items_after(&self, after: Seq, limit: usize) -> medmesh_node::Result<Vec<StoredItem>> {
-        self.0.items_after(after, limit)
-    }
-    fn consent_items(&self) -> medmesh_node::Result<Vec<StoredItem>> {
-        self.0.consent_items()
-    }
-    fn envelopes(&self, p: &PatientId, c: Option<Collection>) -> medmesh_node::Result<Vec<EnvelopeEntry>> {
-        self.0.envelopes(p, c)
-    }
-    fn patients(&self) -> medmesh_node::Result<Vec<PatientId>> {
-        self.0.patients()
-    }
-    fn pending(&self, reason: Option<PendingReason>) -> medmesh_node::Result<Vec<PendingItem>> {
-        self.0.pending(reason)
-    }
-    fn rejected(&self, key: &[u8; 32]) -> medmesh_node::Result<Option<Rejection>> {
-        self.0.rejected(key)
-    }
-    fn rejected_count(&self) -> medmesh_node::Result<u64> {
-        self.0.rejected_count()
-    }
-    fn cursor(&self, peer: &[u8]) -> medmesh_node::Result<Option<Cursor>> {
-        self.0.cursor(peer)
-    }
-    fn audit_raw(&self, from: u64) -> medmesh_node::Result<Vec<(u64, Vec<u8>)>> {
-        self.0.audit_raw(from)
-    }
-    fn raw_item_bytes(&self, id: &ItemId) -> medmesh_node::Result<Option<Vec<u8>>> {
-        self.0.raw_item_bytes(id)
-    }
-    fn raw_replace_item_bytes(&self, id: &ItemId, bytes: &[u8]) -> medmesh_node::Result<()> {
-        self.0.raw_replace_item_bytes(id, bytes)
-    }
-    fn raw_replace_audit(&self, seq: u64, bytes: &[u8]) -> medmesh_node::Result<()> {
-        self.0.raw_replace_audit(seq, bytes)
-    }
-}
 const CORE: Collection = Collection::Core;
 
 fn changes_for(node_key: &[u8; 32], n: usize) -> Vec<OwnedChange> {
@@ -96,17 +29,46 @@ fn changes_for(node_key: &[u8; 32], n: usize) -> Vec<OwnedChange> {
         .collect()
 }
 
-/// Writes `per_writer` changes from each of 64 tasks; returns writes/s.
-async fn durable_writes(config: Config, per_writer: usize) -> f64 {
-    durable_writes_on(config, per_writer, false).await
+/// On-CPU time used so far by this process's threads, by thread name (from
+/// /proc schedstat): a figure that load from other processes barely moves.
+fn thread_cpu() -> std::collections::BTreeMap<String, Duration> {
+    let mut out = std::collections::BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return out;
+    };
+    for task in tasks.flatten() {
+        let (Ok(comm), Ok(stat)) = (
+            std::fs::read_to_string(task.path().join("comm")),
+            std::fs::read_to_string(task.path().join("schedstat")),
+        ) else {
+            continue;
+        };
+        let ns: u64 = stat.split_whitespace().next().and_then(|n| n.parse().ok()).unwrap_or(0);
+        let name = comm
+            .trim()
+            .trim_end_matches(|c: char| c.is_ascii_digit() || c == '-')
+            .to_string();
+        *out.entry(name).or_default() += Duration::from_nanos(ns);
+    }
+    out
 }
 
-async fn durable_writes_on(config: Config, per_writer: usize, slow: bool) -> f64 {
+/// Writes `per_writer` changes from each of 64 tasks; returns writes/s.
+async fn durable_writes(config: Config, per_writer: usize) -> f64 {
+    durable_writes_on(config, per_writer, false).await.0
+}
+
+/// Also returns the CPU time each kind of thread used during the writes.
+async fn durable_writes_on(
+    config: Config,
+    per_writer: usize,
+    slow: bool,
+) -> (f64, std::collections::BTreeMap<String, Duration>) {
     let dir = tempfile::tempdir().unwrap();
     let identity = SecretIdentity::generate().unwrap();
     let key = identity.public_bytes();
     let node = if slow {
-        let store = SlowFlush(SledStore::open(dir.path()).unwrap());
+        let store = FlushControl::new(SledStore::open(dir.path()).unwrap(), SLOW_FSYNC);
         Node::with_store(Arc::new(store), identity, config).await.unwrap()
     } else {
         Node::open(dir.path(), identity, config).await.unwrap()
@@ -115,6 +77,7 @@ async fn durable_writes_on(config: Config, per_writer: usize, slow: bool) -> f64
     let (_, items) = patient.onboard(node.practice_id(), CORE).unwrap();
     node.submit(patient.id(), items).await.unwrap();
     let work: Vec<Vec<OwnedChange>> = (0..WRITERS).map(|_| changes_for(&key, per_writer)).collect();
+    let cpu_before = thread_cpu();
     let start = Instant::now();
     let mut tasks = Vec::new();
     for changes in work {
@@ -130,8 +93,15 @@ async fn durable_writes_on(config: Config, per_writer: usize, slow: bool) -> f64
         t.await.unwrap();
     }
     let elapsed = start.elapsed();
+    let cpu = thread_cpu()
+        .into_iter()
+        .map(|(name, t)| {
+            let used = t.saturating_sub(cpu_before.get(&name).copied().unwrap_or_default());
+            (name, used)
+        })
+        .collect();
     node.close().await;
-    (WRITERS * per_writer) as f64 / elapsed.as_secs_f64()
+    ((WRITERS * per_writer) as f64 / elapsed.as_secs_f64(), cpu)
 }
 
 /// Raw: AEAD seal + sign + unflushed sled insert, 64 tasks; returns writes/s.
@@ -219,13 +189,106 @@ async fn ingest_page(n: usize) -> (f64, Duration) {
     (n as f64 / elapsed.as_secs_f64(), elapsed)
 }
 
+/// The committer's share of a write: `Store::commit_group` of groups of
+/// 64 write batches (item + audit entry) as `Node::write_change` builds them,
+/// no flush; returns time per write.
+fn append_only(groups: usize) -> Duration {
+    use medmesh_node::audit::{Action, ActorKind, AuditRecord};
+    use medmesh_node::store::{EnvelopeState, ItemMeta, Op};
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path()).unwrap();
+    let identity = SecretIdentity::generate().unwrap();
+    let mut patient = TestPatient::new().unwrap();
+    let key = patient.key(CORE, 0).unwrap();
+    let grant = medmesh_crypto::GrantId::generate().unwrap();
+    let changes = changes_for(&identity.public_bytes(), groups * WRITERS);
+    let batches: Vec<Batch> = changes
+        .iter()
+        .map(|c| {
+            let e = Envelope::seal(&key, &identity, Some(grant), c.as_change(), now()).unwrap();
+            let h = e.header();
+            let meta = ItemMeta {
+                kind: ItemKind::Envelope,
+                id: e.id().into(),
+                patient: h.patient,
+                collection: Some(h.collection),
+                grant: h.grant_id,
+                principal: Some(h.author),
+            };
+            let entry = EnvelopeEntry {
+                id: e.id(),
+                patient: h.patient,
+                collection: h.collection,
+                state: EnvelopeState::Readable,
+                epoch: h.epoch,
+                key_id: h.key_id,
+                grant: h.grant_id,
+                actor: h.actor,
+                change_seq: h.seq,
+                created_at: h.created_at,
+                seq: 0,
+            };
+            let mut batch = Batch::new();
+            batch.push(Op::PutItem {
+                meta,
+                bytes: e.encode(),
+                envelope: Some(Box::new(entry)),
+            });
+            batch.push(Op::Audit(AuditRecord {
+                actor_kind: ActorKind::Node,
+                actor_id: "12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN".into(),
+                action: Action::Write,
+                patient: Some(h.patient),
+                items: vec![e.id().into()],
+                grant: h.grant_id,
+                outcome: "ok".into(),
+            }));
+            batch
+        })
+        .collect();
+    let cpu = || -> Duration {
+        // On-CPU nanoseconds of this thread: load on the machine barely moves it.
+        let s = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap_or_default();
+        Duration::from_nanos(s.split_whitespace().next().and_then(|n| n.parse().ok()).unwrap_or(0))
+    };
+    let (start, cpu_start) = (Instant::now(), cpu());
+    for group in batches.chunks(WRITERS) {
+        let refs: Vec<&Batch> = group.iter().collect();
+        store.commit_group(&refs).unwrap();
+    }
+    let n = (groups * WRITERS) as u32;
+    let (per, per_cpu) = (start.elapsed() / n, (cpu() - cpu_start) / n);
+    println!("append only (commit_group of {WRITERS}, no flush): {per:?} per write, {per_cpu:?} on-CPU");
+    per_cpu
+}
+
 fn main() {
     // `cargo test --benches` runs benches with --bench absent: do a quick smoke run then.
     let quick = !std::env::args().any(|a| a == "--bench");
-    let (group_per, single_per, raw_per, page) = if quick { (2, 1, 2, 50) } else { (40, 4, 40, 1000) };
+    let (group_per, single_per, raw_per, page) = if quick { (2, 1, 2, 50) } else { (150, 16, 150, 1000) };
     let rt = tokio::runtime::Runtime::new().unwrap();
+    if let Ok(n) = std::env::var("MEDMESH_BENCH_APPEND_ONLY") {
+        append_only(n.parse().unwrap());
+        return;
+    }
+    if let Ok(n) = std::env::var("MEDMESH_BENCH_GROUP_ONLY") {
+        let n: usize = n.parse().unwrap();
+        rt.block_on(async {
+            let (rate, cpu) = durable_writes_on(Config::default(), n, false).await;
+            println!("group commit {rate:.0} writes/s; CPU per write by thread:");
+            for (name, used) in cpu {
+                println!(
+                    "  {name:<18} {:>6.1} us",
+                    used.as_secs_f64() * 1e6 / (n * WRITERS) as f64
+                );
+            }
+        });
+        return;
+    }
     rt.block_on(async {
-        let group = durable_writes(Config::default(), group_per).await;
+        // Warm up (first sled files, thread pools, allocator).
+        durable_writes(Config::default(), 10).await;
+        let (group, cpu) = durable_writes_on(Config::default(), group_per, false).await;
         let single = durable_writes(
             Config {
                 group_commit_max: 1,
@@ -238,12 +301,18 @@ fn main() {
         println!("  group commit            {group:>10.0} writes/s");
         println!("  one flush per write     {single:>10.0} writes/s");
         println!("  ratio                   {:>10.1}x  (target >= 10x)", group / single);
+        let cpu: Vec<String> = cpu
+            .into_iter()
+            .filter(|(_, t)| !t.is_zero())
+            .map(|(name, t)| format!("{name} {:.1}", t.as_secs_f64() * 1e6 / (group_per * WRITERS) as f64))
+            .collect();
+        println!("  group commit CPU per write by thread (us): {}", cpu.join(", "));
         let per_write = Config {
             group_commit_max: 1,
             ..Config::default()
         };
-        let slow_group = durable_writes_on(Config::default(), group_per, true).await;
-        let slow_single = durable_writes_on(per_write, single_per, true).await;
+        let slow_group = durable_writes_on(Config::default(), group_per, true).await.0;
+        let slow_single = durable_writes_on(per_write, single_per, true).await.0;
         println!("same, with a modelled {SLOW_FSYNC:?} fsync (flush sleeps after sled's fsync):");
         println!("  group commit            {slow_group:>10.0} writes/s");
         println!("  one flush per write     {slow_single:>10.0} writes/s");

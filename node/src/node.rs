@@ -228,6 +228,8 @@ struct Inner {
     /// Key of the blind resource index, derived from the identity seed.
     index_key: Zeroizing<[u8; 32]>,
     me: PracticeId,
+    /// `me` as text, for audit entries (formatting a PeerId costs a base58 encode).
+    me_text: String,
     registry: RwLock<Registry>,
     committer: Committer,
     events: broadcast::Sender<Event>,
@@ -386,6 +388,7 @@ impl Node {
                 identity,
                 index_key,
                 me,
+                me_text: me.to_string(),
                 registry: RwLock::new(Registry::default()),
                 committer,
                 events,
@@ -429,7 +432,7 @@ impl Node {
     fn node_actor(&self) -> Actor {
         Actor {
             kind: ActorKind::Node,
-            id: self.inner.me.to_string(),
+            id: self.inner.me_text.clone(),
         }
     }
 

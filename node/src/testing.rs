@@ -268,3 +268,110 @@ pub fn scan_for_plaintext(dir: &std::path::Path, needles: &[Vec<u8>]) -> std::io
     }
     Ok((files, hits))
 }
+
+/// A [`SledStore`](crate::store::SledStore) whose flush can be slowed down
+/// (to model a slower disk in benchmarks) or made to fail (to test what a
+/// failed durable flush does to the writers waiting on it).
+pub struct FlushControl {
+    inner: crate::store::SledStore,
+    delay: std::time::Duration,
+    fail: std::sync::atomic::AtomicBool,
+}
+
+impl FlushControl {
+    /// Wraps `inner`; every flush also waits `delay` after sled's own fsync.
+    pub fn new(inner: crate::store::SledStore, delay: std::time::Duration) -> Self {
+        Self {
+            inner,
+            delay,
+            fail: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// From now on every flush fails (`true`) or works again (`false`).
+    pub fn fail_flushes(&self, fail: bool) {
+        self.fail.store(fail, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl crate::store::Store for FlushControl {
+    fn instance_id(&self) -> crate::store::InstanceId {
+        self.inner.instance_id()
+    }
+    fn commit(&self, batch: &crate::store::Batch) -> Result<crate::store::Committed> {
+        self.inner.commit(batch)
+    }
+    fn commit_group(&self, batches: &[&crate::store::Batch]) -> Result<Vec<crate::store::Committed>> {
+        self.inner.commit_group(batches)
+    }
+    fn flush(&self) -> Result<()> {
+        if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Error::Storage("injected flush failure".into()));
+        }
+        self.inner.flush()?;
+        if !self.delay.is_zero() {
+            std::thread::sleep(self.delay);
+        }
+        Ok(())
+    }
+    fn last_seq(&self) -> crate::store::Seq {
+        self.inner.last_seq()
+    }
+    fn contains(&self, id: &crate::store::ItemId) -> Result<bool> {
+        self.inner.contains(id)
+    }
+    fn item(&self, id: &crate::store::ItemId) -> Result<Option<crate::store::StoredItem>> {
+        self.inner.item(id)
+    }
+    fn items_after(&self, after: crate::store::Seq, limit: usize) -> Result<Vec<crate::store::StoredItem>> {
+        self.inner.items_after(after, limit)
+    }
+    fn consent_items(&self) -> Result<Vec<crate::store::StoredItem>> {
+        self.inner.consent_items()
+    }
+    fn envelopes(&self, p: &PatientId, c: Option<Collection>) -> Result<Vec<crate::store::EnvelopeEntry>> {
+        self.inner.envelopes(p, c)
+    }
+    fn patients(&self) -> Result<Vec<PatientId>> {
+        self.inner.patients()
+    }
+    fn pending(&self, reason: Option<crate::store::PendingReason>) -> Result<Vec<crate::store::PendingItem>> {
+        self.inner.pending(reason)
+    }
+    fn rejected(&self, key: &[u8; 32]) -> Result<Option<crate::store::Rejection>> {
+        self.inner.rejected(key)
+    }
+    fn rejected_count(&self) -> Result<u64> {
+        self.inner.rejected_count()
+    }
+    fn cursor(&self, peer: &[u8]) -> Result<Option<crate::store::Cursor>> {
+        self.inner.cursor(peer)
+    }
+    fn audit_raw(&self, from: u64) -> Result<Vec<(u64, Vec<u8>)>> {
+        self.inner.audit_raw(from)
+    }
+    fn raw_item_bytes(&self, id: &crate::store::ItemId) -> Result<Option<Vec<u8>>> {
+        self.inner.raw_item_bytes(id)
+    }
+    fn raw_replace_item_bytes(&self, id: &crate::store::ItemId, bytes: &[u8]) -> Result<()> {
+        self.inner.raw_replace_item_bytes(id, bytes)
+    }
+    fn raw_replace_audit(&self, seq: u64, bytes: &[u8]) -> Result<()> {
+        self.inner.raw_replace_audit(seq, bytes)
+    }
+    fn snapshot(&self, patient: &PatientId, collection: Collection) -> Result<Option<Vec<u8>>> {
+        self.inner.snapshot(patient, collection)
+    }
+    fn put_snapshot(&self, patient: &PatientId, collection: Collection, sealed: &[u8]) -> Result<()> {
+        self.inner.put_snapshot(patient, collection, sealed)
+    }
+    fn resource_location(&self, blind: &[u8; 32]) -> Result<Option<(PatientId, Collection)>> {
+        self.inner.resource_location(blind)
+    }
+    fn put_resource_locations(&self, entries: &[([u8; 32], PatientId, Collection)]) -> Result<()> {
+        self.inner.put_resource_locations(entries)
+    }
+    fn remove_snapshot(&self, patient: &PatientId, collection: Collection) -> Result<()> {
+        self.inner.remove_snapshot(patient, collection)
+    }
+}

@@ -4,12 +4,13 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use medmesh_crypto::{Access, Collection, Envelope, EnvelopeId, Grant, PatientId, Principal, SecretIdentity, now};
 use medmesh_node::audit::{Action, ActorKind, AuditRecord};
 use medmesh_node::repository::{self, Repository};
-use medmesh_node::store::{ItemId, ItemKind, StoredItem};
-use medmesh_node::testing::{ChangeMaker, TestPatient};
+use medmesh_node::store::{ItemId, ItemKind, SledStore, StoredItem};
+use medmesh_node::testing::{ChangeMaker, FlushControl, TestPatient};
 use medmesh_node::{Config, Error, Event, Incoming, Node, Source};
 
 const CORE: Collection = Collection::Core;
@@ -180,6 +181,48 @@ async fn concurrent_writers_all_durable_and_survive_reopen() {
     let c = maker.put("after", "reopen").unwrap();
     node.write_change(patient.id(), CORE, c.as_change()).await.unwrap();
     assert_eq!(node.audit_verify().unwrap(), 2 + 256 + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_flush_fails_every_waiting_writer_and_poisons_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(FlushControl::new(
+        SledStore::open(dir.path()).unwrap(),
+        std::time::Duration::ZERO,
+    ));
+    let node = Node::with_store(store.clone(), SecretIdentity::from_seed(&[4; 32]), Config::default())
+        .await
+        .unwrap();
+    let mut patient = TestPatient::new().unwrap();
+    let (_, items) = patient.onboard(node.practice_id(), CORE).unwrap();
+    node.submit(patient.id(), items).await.unwrap();
+    let mut maker = ChangeMaker::new(node.practice_id().as_bytes()).unwrap();
+    let before = maker.put("k", "durable").unwrap();
+    node.write_change(patient.id(), CORE, before.as_change()).await.unwrap();
+    store.fail_flushes(true);
+    let mut tasks = Vec::new();
+    for w in 0..16 {
+        let node = node.clone();
+        let c = maker.put("k", &format!("{w}")).unwrap();
+        let p = patient.id();
+        tasks.push(tokio::spawn(
+            async move { node.write_change(p, CORE, c.as_change()).await },
+        ));
+    }
+    for t in tasks {
+        // No writer whose flush failed, or that came after it, is told its write is durable.
+        let outcome = t.await.unwrap();
+        assert!(
+            matches!(outcome, Err(Error::Storage(_) | Error::Poisoned)),
+            "{outcome:?}"
+        );
+    }
+    // The store stays poisoned even once flushes work again: what is on disk is unknown.
+    store.fail_flushes(false);
+    let after = maker.put("k", "after").unwrap();
+    let outcome = node.write_change(patient.id(), CORE, after.as_change()).await;
+    assert!(matches!(outcome, Err(Error::Poisoned)), "{outcome:?}");
+    node.close().await;
 }
 
 #[tokio::test]
