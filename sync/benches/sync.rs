@@ -292,6 +292,8 @@ struct Run {
     n: usize,
     write: Duration,
     snapshot_save: Duration,
+    /// B: open + load the transfer's document; the whole restore.
+    restore: Option<(Duration, Duration)>,
     /// A's snapshot transfer: sealed document bytes, compressed header bytes, headers.
     transfer: Option<(usize, usize, u32)>,
     first: Duration,
@@ -417,6 +419,28 @@ async fn run(n: usize) -> Run {
     let (a_store, a_calls, _) = a.backend.take();
     let a_split = a.backend.take_split();
 
+    // B's restore of A's transfer alone (again, after the sync): loading
+    // the document, then rebuilding every envelope.
+    let mut restore = None;
+    if let Some(t) = a.backend.inner.snapshot_transfer(&pid, Collection::Labs).await.unwrap() {
+        let headers = medmesh_sync::wire::decode_compact_headers(&t.headers, t.count).unwrap();
+        let key = b.node.current_epoch_key(&pid, Collection::Labs).unwrap();
+        let start = Instant::now();
+        let doc = medmesh_crypto::SealedSnapshot::open(&key, &t.sealed_doc).unwrap();
+        let changes = medmesh_node::records::RecordDoc::changes_of_saved(&doc).unwrap();
+        let load = start.elapsed();
+        drop(changes);
+        let start = Instant::now();
+        let r = b
+            .backend
+            .inner
+            .restore_transfer(&t.sealed_doc, &headers)
+            .unwrap()
+            .unwrap();
+        assert_eq!((r.items.len(), r.unrestored), (n, 0));
+        restore = Some((load, start.elapsed()));
+    }
+
     // Apply on B, separately: decrypt only, then a cold load of the
     // collection through a fresh Repository (decrypt + Automerge apply +
     // render one resource).
@@ -483,6 +507,7 @@ async fn run(n: usize) -> Run {
         n,
         write,
         snapshot_save,
+        restore,
         transfer,
         first,
         pages: report.pages,
@@ -665,6 +690,13 @@ fn print_run(r: &Run, raw: (Duration, Option<u64>)) {
             mb(doc as f64),
             mb(headers as f64),
             headers / (count as usize).max(1)
+        );
+    }
+    if let Some((load, all)) = r.restore {
+        println!(
+            "  B's restore of the transfer alone: {} (open + load the document and list its changes {})",
+            ms(all),
+            ms(load)
         );
     }
     println!(

@@ -14,7 +14,10 @@ use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-use libp2p::{Multiaddr, PeerId, Swarm, SwarmBuilder, connection_limits, identify, mdns, noise, ping, tcp, yamux};
+use libp2p::{
+    Multiaddr, PeerId, StreamProtocol, Swarm, SwarmBuilder, connection_limits, identify, kad, mdns, noise, ping, tcp,
+    yamux,
+};
 use medmesh_crypto::{Collection, EnvelopeId, Grant, GrantId, PatientId, Principal, SecretIdentity, now};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -34,6 +37,8 @@ use crate::{Error, Result, Status, SyncReport};
 const COMMAND_CAPACITY: usize = 256;
 const LISTEN_SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 const IDENTIFY_PROTOCOL: &str = "/medmesh/id/1";
+/// Our own Kademlia network: never the public IPFS DHT.
+const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/medmesh/kad/1");
 /// The first wait before asking a busy peer again.
 const BUSY_BACKOFF: Duration = Duration::from_millis(250);
 
@@ -43,6 +48,7 @@ struct Behaviour {
     identify: identify::Behaviour,
     ping: ping::Behaviour,
     mdns: Toggle<mdns::tokio::Behaviour>,
+    kad: Toggle<kad::Behaviour<kad::store::MemoryStore>>,
     sync: request_response::Behaviour<Codec>,
 }
 
@@ -93,6 +99,11 @@ pub(crate) enum Command {
         reply: oneshot::Sender<Result<PeerId>>,
     },
     ConnectedPeers(oneshot::Sender<Vec<PeerId>>),
+    /// Connect to a PeerId: known addresses first, else a Kademlia lookup.
+    DialPeer {
+        peer: PeerId,
+        reply: oneshot::Sender<Result<PeerId>>,
+    },
     SyncNow {
         peer: PeerId,
         reply: oneshot::Sender<Result<SyncReport>>,
@@ -229,6 +240,13 @@ impl<B: Backend> Ctx<B> {
     async fn send(&self, command: Command) -> Result<()> {
         let tx = self.tx.upgrade().ok_or(Error::Stopped)?;
         tx.send(command).await.map_err(|_| Error::Stopped)
+    }
+
+    /// Connects to `peer` (known addresses, else Kademlia).
+    async fn dial_peer(&self, peer: PeerId) -> Result<PeerId> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::DialPeer { peer, reply }).await?;
+        rx.await.map_err(|_| Error::Stopped)?
     }
 
     /// A pull from `peer`, joining one under way (as [`crate::SyncHandle::sync_now`]).
@@ -685,6 +703,8 @@ pub(crate) struct Actor<B: Backend> {
     /// to send when it returns.
     nudging: HashMap<PeerId, Option<u64>>,
     dial_waiters: HashMap<PeerId, Vec<oneshot::Sender<Result<PeerId>>>>,
+    /// Kademlia lookups under way, and the peer each is for.
+    lookups: HashMap<kad::QueryId, PeerId>,
     last_synced: HashMap<PeerId, Instant>,
     /// Token buckets of peers that used some of theirs (full ones are
     /// pruned on every tick: absent means full).
@@ -732,6 +752,7 @@ pub(crate) async fn spawn<B: Backend>(
         .with_max_pending_outgoing(Some(config.max_pending_connections));
     let rr_config = request_response::Config::default().with_request_timeout(config.request_timeout);
     let use_mdns = config.mdns;
+    let use_kad = config.kademlia;
     let idle = config.idle_connection_timeout;
     let mut swarm = SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
@@ -751,11 +772,22 @@ pub(crate) async fn spawn<B: Backend>(
             } else {
                 None
             };
+            let kad = use_kad.then(|| {
+                let id = key.public().to_peer_id();
+                let mut kad =
+                    kad::Behaviour::with_config(id, kad::store::MemoryStore::new(id), kad::Config::new(KAD_PROTOCOL));
+                // Practices answer lookups whatever libp2p guesses about
+                // their reachability: a LAN or loopback node has no
+                // confirmed external address, yet others can reach it.
+                kad.set_mode(Some(kad::Mode::Server));
+                kad
+            });
             Ok(Behaviour {
                 limits: connection_limits::Behaviour::new(limits),
                 identify: identify::Behaviour::new(identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())),
                 ping: ping::Behaviour::default(),
                 mdns: Toggle::from(mdns),
+                kad: Toggle::from(kad),
                 sync: request_response::Behaviour::with_codec(Codec, [(PROTOCOL, ProtocolSupport::Full)], rr_config),
             })
         })
@@ -817,6 +849,7 @@ pub(crate) async fn spawn<B: Backend>(
         pulls: HashMap::new(),
         nudging: HashMap::new(),
         dial_waiters: HashMap::new(),
+        lookups: HashMap::new(),
         last_synced: HashMap::new(),
         buckets: HashMap::new(),
         in_flight: HashMap::new(),
@@ -899,6 +932,7 @@ impl<B: Backend> Actor<B> {
             Command::ConnectedPeers(reply) => {
                 let _ = reply.send(self.swarm.connected_peers().copied().collect());
             }
+            Command::DialPeer { peer, reply } => self.dial_peer(peer, reply),
             Command::SyncNow { peer, reply } => self.start_pull(peer, Some(reply)),
             Command::Reconcile { peer, patient, reply } => {
                 let ctx = self.ctx.clone();
@@ -1092,10 +1126,20 @@ impl<B: Backend> Actor<B> {
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
+                let speaks_kad = info.protocols.contains(&KAD_PROTOCOL);
                 for addr in info.listen_addrs.into_iter().take(MAX_PUSH_ADDRS) {
+                    if speaks_kad && let Some(kad) = self.swarm.behaviour_mut().kad.as_mut() {
+                        kad.add_address(&peer_id, addr.clone());
+                    }
                     self.swarm.add_peer_address(peer_id, addr);
                 }
             }
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                id,
+                result: kad::QueryResult::GetClosestPeers(result),
+                step,
+                ..
+            })) => self.on_lookup(id, result, step.last),
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
                 for (peer, addr) in found {
                     self.swarm.add_peer_address(peer, addr);
@@ -1108,6 +1152,82 @@ impl<B: Backend> Actor<B> {
             }
             SwarmEvent::Behaviour(BehaviourEvent::Sync(event)) => self.on_sync_event(event),
             _ => {}
+        }
+    }
+
+    /// Connects to `peer`, answering `reply` once connected (or failed):
+    /// at once if connected; by dialing the addresses the swarm knows; else
+    /// by asking the Kademlia network who has it.
+    fn dial_peer(&mut self, peer: PeerId, reply: oneshot::Sender<Result<PeerId>>) {
+        if self.swarm.is_connected(&peer) {
+            let _ = reply.send(Ok(peer));
+            return;
+        }
+        let waiting = self.dial_waiters.contains_key(&peer);
+        self.dial_waiters.entry(peer).or_default().push(reply);
+        if waiting {
+            return;
+        }
+        if self.swarm.dial(peer).is_ok() {
+            return;
+        }
+        match self.swarm.behaviour_mut().kad.as_mut() {
+            Some(kad) => {
+                debug!(%peer, "no known address; looking it up");
+                let query = kad.get_closest_peers(peer);
+                self.lookups.insert(query, peer);
+            }
+            None => self.fail_dial(peer, "no known address and Kademlia is off"),
+        }
+    }
+
+    fn fail_dial(&mut self, peer: PeerId, reason: &str) {
+        for w in self.dial_waiters.remove(&peer).unwrap_or_default() {
+            let _ = w.send(Err(Error::Request {
+                peer,
+                reason: reason.to_owned(),
+            }));
+        }
+    }
+
+    /// A Kademlia lookup progressed: dial the peer once someone named its
+    /// addresses; give up when the lookup ends without them.
+    fn on_lookup(
+        &mut self,
+        id: kad::QueryId,
+        result: std::result::Result<kad::GetClosestPeersOk, kad::GetClosestPeersError>,
+        last: bool,
+    ) {
+        let Some(&peer) = self.lookups.get(&id) else {
+            return;
+        };
+        let found = match &result {
+            Ok(ok) => ok.peers.iter().find(|p| p.peer_id == peer).map(|p| p.addrs.clone()),
+            Err(kad::GetClosestPeersError::Timeout { peers, .. }) => {
+                peers.iter().find(|p| p.peer_id == peer).map(|p| p.addrs.clone())
+            }
+        };
+        if let Some(addrs) = found.filter(|a| !a.is_empty()) {
+            self.lookups.remove(&id);
+            for addr in addrs.into_iter().take(MAX_PUSH_ADDRS) {
+                self.swarm.add_peer_address(peer, addr);
+            }
+            if self.swarm.is_connected(&peer) {
+                for w in self.dial_waiters.remove(&peer).unwrap_or_default() {
+                    let _ = w.send(Ok(peer));
+                }
+            } else if let Err(e) = self.swarm.dial(peer) {
+                self.fail_dial(peer, &format!("dialing found addresses failed: {e}"));
+            }
+        } else if last {
+            self.lookups.remove(&id);
+            if self.swarm.is_connected(&peer) {
+                for w in self.dial_waiters.remove(&peer).unwrap_or_default() {
+                    let _ = w.send(Ok(peer));
+                }
+            } else {
+                self.fail_dial(peer, "no peer knows an address for it");
+            }
         }
     }
 
@@ -1454,6 +1574,11 @@ async fn push_task<B: Backend>(
         items: items.len() as u64,
         bytes: items.iter().map(|i| i.bytes.len() as u64).sum(),
     });
+    // Reach the peer first: by an address this node knows, else by a
+    // Kademlia lookup (a grantee named only by its PeerId).
+    if let Err(e) = ctx.dial_peer(peer).await {
+        debug!(%peer, cause = %e, "could not connect before pushing");
+    }
     match ctx.request(peer, Request::Push { items, addrs }).await? {
         Response::Pushed {
             accepted,

@@ -36,6 +36,10 @@ pub struct Config {
     /// grants to their grantee). A node does; a patient's CLI session, which
     /// only submits and pulls its own items, does not.
     pub consent_flows: bool,
+    /// Kademlia on `/medmesh/kad/1` (docs/operations.md): find a PeerId's
+    /// addresses from the peers this node knows. No public bootstrap list:
+    /// the network is whatever peers the node was given or met.
+    pub kademlia: bool,
     /// Snapshot transfers (docs/protocol.md): when this node misses at least
     /// this many envelopes of a collection that a peer's local snapshot
     /// covers, it asks for the snapshot's document and compact headers
@@ -102,6 +106,7 @@ impl Default for Config {
             request_timeout: Duration::from_secs(60),
             idle_connection_timeout: Duration::from_secs(120),
             consent_flows: true,
+            kademlia: true,
             snapshot_min_envelopes: 64,
             limits: Limits::default(),
         }

@@ -163,6 +163,17 @@ impl SyncHandle {
         self.ask(|reply| actor::Command::Dial { addr, reply }).await?
     }
 
+    /// Connects to a PeerId without an address: addresses this node already
+    /// knows (identify, earlier dials, grants' address hints), else a
+    /// Kademlia lookup among the peers it knows. Waits until connected.
+    ///
+    /// # Errors
+    /// [`Error::Request`] when nobody knows the peer or dialing fails,
+    /// [`Error::Stopped`].
+    pub async fn dial_peer(&self, peer: PeerId) -> Result<PeerId> {
+        self.ask(|reply| actor::Command::DialPeer { peer, reply }).await?
+    }
+
     /// The peers with an open connection.
     ///
     /// # Errors

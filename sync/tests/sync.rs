@@ -828,3 +828,34 @@ async fn static_peers_are_dialed_and_a_shutdown_signal_stops_the_actor() {
         Err(medmesh_sync::Error::MissingPeerId(_))
     ));
 }
+
+/// Kademlia on `/medmesh/kad/1`: C, which knows only B, connects to A by its
+/// PeerId alone (B knows A); a PeerId nobody knows fails with an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kademlia_finds_a_peer_by_its_id_alone() {
+    let a = Node::new().await;
+    let b = Node::new().await;
+    let c = Node::new().await;
+    b.connect(&a).await;
+    c.connect(&b).await;
+    // Identify tells each side the other's addresses and protocols just
+    // after connecting; until C has heard from B, its lookup has nobody to ask.
+    let found = tokio::time::timeout(WAIT, async {
+        loop {
+            match c.sync.dial_peer(a.peer).await {
+                Ok(peer) => break peer,
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    })
+    .await
+    .expect("C never found A");
+    assert_eq!(found, a.peer);
+    assert!(c.sync.connected_peers().await.unwrap().contains(&a.peer));
+
+    let nobody = SecretIdentity::generate().unwrap().practice_id().unwrap().peer_id();
+    let err = tokio::time::timeout(WAIT, c.sync.dial_peer(nobody))
+        .await
+        .expect("a lookup for an unknown peer must end");
+    assert!(err.is_err(), "{err:?}");
+}
