@@ -612,6 +612,39 @@ impl Node {
         self.ingest_as(items, source.actor(), Some(pending_room)).await
     }
 
+    /// Ingests envelopes rebuilt from a snapshot transfer
+    /// ([`Node::restore_transfer`]) like envelopes of a page — same validity
+    /// rules, pending queue, duplicates and audit — without verifying their
+    /// signatures or opening their changes again: restoring did both.
+    ///
+    /// # Errors
+    /// As [`Node::ingest`].
+    pub async fn ingest_restored(
+        &self,
+        envelopes: Vec<crate::transfer::RestoredEnvelope>,
+        source: Source,
+        pending_room: Option<usize>,
+    ) -> Result<IngestReport> {
+        let actor = source.actor();
+        let _guard = self.inner.ingest_lock.lock().await;
+        let mut report = IngestReport::default();
+        let mut phase = Phase {
+            pending_room,
+            ..Phase::default()
+        };
+        for restored in envelopes {
+            let envelope = restored.into_envelope();
+            let bytes = envelope.encode();
+            if self.already_rejected(&phase, &sha256(&bytes))? {
+                report.duplicates += 1;
+                continue;
+            }
+            self.judge_decoded(&envelope, &bytes, None, true, &actor, &mut phase, &mut report)?;
+        }
+        self.finish_phase(phase, &actor).await?;
+        Ok(report)
+    }
+
     async fn ingest_as(&self, items: Vec<Incoming>, actor: Actor, pending_room: Option<usize>) -> Result<IngestReport> {
         let _guard = self.inner.ingest_lock.lock().await;
         let mut report = IngestReport::default();
@@ -966,6 +999,30 @@ impl Node {
                 return Ok(());
             }
         };
+        self.judge_decoded(&envelope, bytes, from_pending, false, actor, phase, report)
+    }
+
+    /// [`Node::judge_envelope`] once the envelope decoded and verified.
+    /// `change_checked`: its change was already matched to the signed
+    /// keyed change hash, actor and seq (a restored envelope), so a held key
+    /// makes it readable without opening it again.
+    #[allow(clippy::too_many_arguments)]
+    fn judge_decoded(
+        &self,
+        envelope: &Envelope,
+        bytes: &[u8],
+        from_pending: Option<(PendingReason, [u8; 32])>,
+        change_checked: bool,
+        actor: &Actor,
+        phase: &mut Phase,
+        report: &mut IngestReport,
+    ) -> Result<()> {
+        let hash = sha256(bytes);
+        let dequeue = |phase: &mut Phase| {
+            if let Some((reason, hash)) = from_pending {
+                phase.batch.push(Op::RemovePending { reason, hash });
+            }
+        };
         let id = envelope.id();
         let h = envelope.header();
         if phase.seen.contains(&id.0) || self.store().contains(&id.into())? || self.store().rejected(&id.0)?.is_some() {
@@ -1012,7 +1069,8 @@ impl Node {
             }
             Validity::Valid => {
                 let state = match key.as_ref() {
-                    Some(key) => match open_checked(&envelope, key) {
+                    Some(_) if change_checked => EnvelopeState::Readable,
+                    Some(key) => match open_checked(envelope, key) {
                         Ok(_plain) => EnvelopeState::Readable,
                         Err(error) => {
                             dequeue(phase);
@@ -1033,11 +1091,11 @@ impl Node {
                     None => EnvelopeState::Opaque,
                 };
                 dequeue(phase);
-                let meta = envelope_meta(&envelope);
+                let meta = envelope_meta(envelope);
                 phase.batch.push(Op::PutItem {
                     meta: meta.clone(),
                     bytes: bytes.to_vec(),
-                    envelope: Some(Box::new(envelope_entry(&envelope, state))),
+                    envelope: Some(Box::new(envelope_entry(envelope, state))),
                 });
                 phase.seen.insert(id.0);
                 phase.metas.insert(meta.id, meta);

@@ -65,11 +65,30 @@ impl std::fmt::Debug for SnapshotTransfer {
     }
 }
 
+/// An envelope [`Node::restore_transfer`] rebuilt: byte for byte its
+/// author's, its signature verified, its change matched to the signed keyed
+/// change hash, actor and sequence number. Only restoring makes one, so
+/// [`Node::ingest_restored`] need not check those again.
+#[derive(Debug, Clone)]
+pub struct RestoredEnvelope(Envelope);
+
+impl RestoredEnvelope {
+    /// The envelope.
+    pub fn envelope(&self) -> &Envelope {
+        &self.0
+    }
+
+    /// The envelope, by value.
+    pub fn into_envelope(self) -> Envelope {
+        self.0
+    }
+}
+
 /// What [`Node::restore_transfer`] rebuilt.
 #[derive(Debug, Default)]
 pub struct Restored {
-    /// The envelopes, exactly as their authors sealed them (signatures verified).
-    pub envelopes: Vec<Envelope>,
+    /// The envelopes, exactly as their authors sealed them.
+    pub envelopes: Vec<RestoredEnvelope>,
     /// Headers it could not restore (no key for their epoch, their change is
     /// not in the document, or the change is not the one signed for): the
     /// caller fetches those envelopes the ordinary way.
@@ -145,29 +164,64 @@ impl Node {
     }
 
     /// Rebuilds the envelopes of a snapshot transfer from its sealed
-    /// document and compact headers (see the module docs). Nothing is
-    /// stored: hand [`Restored::envelopes`] to [`Node::ingest`].
+    /// document and compact headers (see the module docs): [`Node::open_transfer`]
+    /// then [`OpenedTransfer::restore`]. Nothing is stored: hand
+    /// [`Restored::envelopes`] to [`Node::ingest_restored`].
+    ///
+    /// # Errors
+    /// As [`Node::open_transfer`]. Headers that do not restore are counted,
+    /// not errors.
+    pub fn restore_transfer(&self, sealed_doc: &[u8], headers: &[CompactHeader]) -> Result<Restored, TransferError> {
+        Ok(self.open_transfer(sealed_doc)?.restore(self, headers))
+    }
+
+    /// Opens and loads a transfer's document, ready to restore headers
+    /// against it (in parts, so restoring can run beside ingesting).
     ///
     /// # Errors
     /// [`TransferError::NoKey`], [`TransferError::Crypto`] (the document
     /// does not open under that key), [`TransferError::Document`] (it does
-    /// not load). Headers that do not restore are counted, not errors.
-    pub fn restore_transfer(&self, sealed_doc: &[u8], headers: &[CompactHeader]) -> Result<Restored, TransferError> {
+    /// not load).
+    pub fn open_transfer(&self, sealed_doc: &[u8]) -> Result<OpenedTransfer, TransferError> {
         let key_id = SealedSnapshot::key_id(sealed_doc)?;
         let key = self.epoch_key(&key_id).ok_or(TransferError::NoKey(key_id))?;
         let doc = SealedSnapshot::open(&key, sealed_doc)?;
         let changes = RecordDoc::changes_of_saved(&doc)?;
-        drop(doc);
-        let by_actor_seq: HashMap<(&[u8], u64), &DecodedChange> =
-            changes.iter().map(|c| ((c.actor().to_bytes(), c.seq()), c)).collect();
-        // Restoring is CPU work per header (compress, seal, hash, verify):
-        // split over the cores.
+        let by_actor_seq = changes
+            .iter()
+            .enumerate()
+            .map(|(i, c)| ((c.actor().to_bytes().to_vec(), c.seq()), i))
+            .collect();
+        Ok(OpenedTransfer { changes, by_actor_seq })
+    }
+}
+
+/// A transfer's document, loaded: its changes by (actor, seq). Plaintext,
+/// in memory only.
+pub struct OpenedTransfer {
+    changes: Vec<DecodedChange>,
+    by_actor_seq: HashMap<(Vec<u8>, u64), usize>,
+}
+
+impl std::fmt::Debug for OpenedTransfer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenedTransfer")
+            .field("changes", &self.changes.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl OpenedTransfer {
+    /// Rebuilds the envelopes of `headers` (any part of the transfer's) with
+    /// `node`'s epoch keys, spread over the cores: per header, compress the
+    /// change as Automerge does, re-seal it, hash, verify the signature.
+    pub fn restore(&self, node: &Node, headers: &[CompactHeader]) -> Restored {
         let threads = std::thread::available_parallelism().map_or(1, usize::from).min(8);
         let chunk = headers.len().div_ceil(threads).max(1);
         let parts: Vec<Restored> = std::thread::scope(|scope| {
             let workers: Vec<_> = headers
                 .chunks(chunk)
-                .map(|part| (part.len(), scope.spawn(|| self.restore_part(&by_actor_seq, part))))
+                .map(|part| (part.len(), scope.spawn(|| self.restore_part(node, part))))
                 .collect();
             // A worker that panicked restored nothing of its part.
             workers
@@ -185,25 +239,25 @@ impl Node {
             restored.envelopes.extend(part.envelopes);
             restored.unrestored += part.unrestored;
         }
-        Ok(restored)
+        restored
     }
 
-    fn restore_part(
-        &self,
-        by_actor_seq: &HashMap<(&[u8], u64), &DecodedChange>,
-        headers: &[CompactHeader],
-    ) -> Restored {
+    fn restore_part(&self, node: &Node, headers: &[CompactHeader]) -> Restored {
         let mut keys = HashMap::new();
         let mut restored = Restored::default();
         for compact in headers {
             let h = compact.header();
-            let Some(change) = by_actor_seq.get(&(&h.actor.0[..], h.seq)) else {
+            let Some(change) = self
+                .by_actor_seq
+                .get(&(h.actor.0.to_vec(), h.seq))
+                .and_then(|i| self.changes.get(*i))
+            else {
                 restored.unrestored += 1;
                 continue;
             };
             let key = keys
                 .entry(h.key_id)
-                .or_insert_with(|| self.epoch_key(&h.key_id))
+                .or_insert_with(|| node.epoch_key(&h.key_id))
                 .as_ref();
             let Some(key) = key else {
                 restored.unrestored += 1;
@@ -224,7 +278,7 @@ impl Node {
             // The node seals Automerge's compressed chunk; an author that
             // sealed the raw chunk is restored from that.
             match restore(&change.compressed_bytes()).or_else(|_| restore(change.raw_bytes())) {
-                Ok(envelope) => restored.envelopes.push(envelope),
+                Ok(envelope) => restored.envelopes.push(RestoredEnvelope(envelope)),
                 Err(e) => {
                     tracing::debug!(cause = %e, "compact header does not restore");
                     restored.unrestored += 1;

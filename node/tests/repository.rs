@@ -456,7 +456,8 @@ async fn a_snapshot_transfer_rebuilds_the_authors_exact_envelopes() {
     let restored = b.restore_transfer(&transfer.sealed_doc, &headers).unwrap();
     assert_eq!(restored.unrestored, 0);
     assert_eq!(restored.envelopes.len(), held.len());
-    for envelope in &restored.envelopes {
+    for restored in &restored.envelopes {
+        let envelope = restored.envelope();
         let original = a.item(&envelope.id().into()).await.unwrap().unwrap();
         assert_eq!(envelope.encode(), original.bytes);
     }
@@ -471,18 +472,30 @@ async fn a_snapshot_transfer_rebuilds_the_authors_exact_envelopes() {
         .collect();
     let from_a = Source::Peer(a.practice_id().peer_id());
     b.ingest(grants, from_a.clone()).await.unwrap();
+    let (first, rest) = restored.envelopes.split_at(5);
+    // Through the ordinary ingest (bytes, verified again) ...
     let report = b
         .ingest(
-            restored
-                .envelopes
+            first
                 .iter()
-                .map(|e| Incoming::new(ItemKind::Envelope, e.encode()))
+                .map(|e| Incoming::new(ItemKind::Envelope, e.envelope().encode()))
                 .collect(),
-            from_a,
+            from_a.clone(),
         )
         .await
         .unwrap();
-    assert_eq!(report.accepted, held.len(), "{report:?}");
+    assert_eq!((report.accepted, report.readable), (5, 5), "{report:?}");
+    // ... and the restored-envelope ingest, which skips re-verifying; both
+    // see duplicates the same way.
+    let report = b
+        .ingest_restored(restored.envelopes.clone(), from_a, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        (report.accepted, report.readable, report.duplicates),
+        (rest.len(), rest.len(), 5),
+        "{report:?}"
+    );
     let on_a: Vec<_> = render_all(&a, pid)
         .await
         .into_iter()

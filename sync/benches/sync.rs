@@ -17,7 +17,7 @@ use medmesh_node::testing::TestPatient;
 use medmesh_node::{Actor, Incoming, Node};
 use medmesh_sync::{
     AuditEntryWire, Backend, Config, ConsentView, Cursor, DisclosureRecord, IngestReport, InstanceId, Item,
-    NodeBackend, PeerId, Restored, StoredEvent, StoredItem, SyncHandle, Transfer,
+    NodeBackend, PeerId, StoredEvent, StoredItem, SyncHandle, Transfer, TransferIngest,
 };
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
@@ -203,12 +203,16 @@ impl Backend for Timed {
         r
     }
 
-    fn restore_transfer(
+    async fn restore_and_ingest(
         &self,
-        sealed_doc: &[u8],
-        headers: &[medmesh_crypto::CompactHeader],
-    ) -> medmesh_sync::Result<Option<Restored>> {
-        self.inner.restore_transfer(sealed_doc, headers)
+        from: PeerId,
+        sealed_doc: Vec<u8>,
+        headers: Vec<medmesh_crypto::CompactHeader>,
+        pending_room: u64,
+    ) -> medmesh_sync::Result<Option<TransferIngest>> {
+        self.inner
+            .restore_and_ingest(from, sealed_doc, headers, pending_room)
+            .await
     }
 }
 
@@ -431,13 +435,8 @@ async fn run(n: usize) -> Run {
         let load = start.elapsed();
         drop(changes);
         let start = Instant::now();
-        let r = b
-            .backend
-            .inner
-            .restore_transfer(&t.sealed_doc, &headers)
-            .unwrap()
-            .unwrap();
-        assert_eq!((r.items.len(), r.unrestored), (n, 0));
+        let r = b.node.restore_transfer(&t.sealed_doc, &headers).unwrap();
+        assert_eq!((r.envelopes.len(), r.unrestored), (n, 0));
         restore = Some((load, start.elapsed()));
     }
 

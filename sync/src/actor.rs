@@ -29,8 +29,8 @@ use crate::config::{Config, Limits};
 use crate::filter::{Requester, may_disclose};
 use crate::serve::{self, Served};
 use crate::wire::{
-    Codec, MAX_FETCH_IDS, MAX_ITEMS_PER_MESSAGE, MAX_OFFERS_PER_PAGE, MAX_PUSH_ADDRS, Offer, PROTOCOL, RefusalCode,
-    Request, Response, decode_compact_headers, summary_digest,
+    Codec, MAX_FETCH_IDS, MAX_OFFERS_PER_PAGE, MAX_PUSH_ADDRS, Offer, PROTOCOL, RefusalCode, Request, Response,
+    decode_compact_headers, summary_digest,
 };
 use crate::{Error, Result, Status, SyncReport};
 
@@ -309,7 +309,13 @@ impl<B: Backend> Ctx<B> {
         }
         let room = self.pending_room(peer)?;
         let report = self.backend.ingest_capped(peer, items, room).await?;
-        self.metrics.ingested(&report);
+        self.note_ingested(peer, &report);
+        Ok(report)
+    }
+
+    /// Counts what an ingest did, and the pending-queue share it used.
+    fn note_ingested(&self, peer: PeerId, report: &IngestReport) {
+        self.metrics.ingested(report);
         if report.pending > 0 {
             let mut parked = self.parked.lock().unwrap_or_else(PoisonError::into_inner);
             *parked.entry(peer).or_default() += report.pending;
@@ -317,7 +323,6 @@ impl<B: Backend> Ctx<B> {
         if report.refused > 0 {
             warn!(%peer, refused = report.refused, "pending-queue share used up; items refused");
         }
-        Ok(report)
     }
 
     /// How many more items `peer` may park in the pending queue now.
@@ -549,24 +554,18 @@ async fn snapshot_task<B: Backend>(
             reason: "a header of another patient or collection",
         });
     }
-    let backend = ctx.backend.clone();
-    let sealed_doc = payload.sealed_doc;
-    // Loading a document and re-sealing thousands of changes is CPU work:
-    // off the async workers.
-    let restored = tokio::task::spawn_blocking(move || backend.restore_transfer(&sealed_doc, &headers))
-        .await
-        .map_err(|_| Error::Backend("restoring a snapshot transfer panicked".into()))??;
-    let Some(restored) = restored else {
+    let room = ctx.pending_room(peer)?;
+    let Some(done) = ctx
+        .backend
+        .restore_and_ingest(peer, payload.sealed_doc, headers, room)
+        .await?
+    else {
         return Ok((report, TransferOutcome::Unavailable));
     };
-    report.received += restored.items.len() as u64;
-    let mut items = restored.items;
-    while !items.is_empty() {
-        let rest = items.split_off(items.len().min(MAX_ITEMS_PER_MESSAGE));
-        report.ingest.add(ctx.ingest_received(peer, items).await?);
-        items = rest;
-    }
-    if restored.unrestored > 0 {
+    ctx.note_ingested(peer, &done.report);
+    report.received += done.restored;
+    report.ingest.add(done.report);
+    if done.unrestored > 0 {
         return Ok((report, TransferOutcome::Partial));
     }
     ctx.transfers

@@ -393,13 +393,15 @@ pub struct AuditEntryWire {
     pub hash: [u8; 32],
 }
 
-/// The envelopes rebuilt from a transfer.
+/// What restoring and ingesting a received transfer did.
 #[derive(Debug, Default)]
-pub struct Restored {
-    /// The envelopes, as items.
-    pub items: Vec<Item>,
+pub struct TransferIngest {
+    /// Envelopes rebuilt.
+    pub restored: u64,
     /// Headers that did not restore (the puller fetches those envelopes).
-    pub unrestored: usize,
+    pub unrestored: u64,
+    /// What ingesting the rebuilt envelopes did.
+    pub report: IngestReport,
 }
 
 /// A snapshot transfer a backend can serve (DESIGN §6; see
@@ -569,15 +571,24 @@ pub trait Backend: Send + Sync + 'static {
         std::future::ready(Ok(None))
     }
 
-    /// Rebuilds the envelopes of a received transfer, to be ingested like
-    /// any envelope. `None`: this backend cannot (it holds no keys), and the
-    /// puller fetches the envelopes instead. The default cannot.
+    /// Rebuilds the envelopes of a transfer received from `from` and
+    /// ingests them like envelopes of a page (parking at most `pending_room`
+    /// in the pending queue). `None`: this backend cannot (it holds no key
+    /// for the document), and the puller fetches the envelopes instead. The
+    /// default cannot.
     ///
     /// # Errors
-    /// A document that does not open or load under the keys held.
-    fn restore_transfer(&self, sealed_doc: &[u8], headers: &[CompactHeader]) -> Result<Option<Restored>> {
-        let _ = (sealed_doc, headers);
-        Ok(None)
+    /// A document that does not open or load under the keys held; storage
+    /// failures.
+    fn restore_and_ingest(
+        &self,
+        from: PeerId,
+        sealed_doc: Vec<u8>,
+        headers: Vec<CompactHeader>,
+        pending_room: u64,
+    ) -> impl Future<Output = Result<Option<TransferIngest>>> + Send {
+        let _ = (from, sealed_doc, headers, pending_room);
+        std::future::ready(Ok(None))
     }
 
     /// Appends "the patient read the audit entries about them" to the audit

@@ -44,7 +44,7 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use backend::{
     AuditEntryWire, Backend, ConsentView, Cursor, DisclosureRecord, IngestReport, InstanceId, Item, ItemId, ItemKind,
-    ItemMeta, Restored, StoredEvent, StoredItem, Transfer,
+    ItemMeta, StoredEvent, StoredItem, Transfer, TransferIngest,
 };
 pub use config::{Config, Limits};
 pub use error::{Error, Result};

@@ -23,7 +23,7 @@ use tracing::{debug, warn};
 
 use crate::backend::{
     AuditEntryWire, Backend, ConsentView, Cursor, DisclosureRecord, IngestReport, InstanceId, Item, ItemId, ItemKind,
-    ItemMeta, Restored, StoredEvent, StoredItem, Transfer,
+    ItemMeta, StoredEvent, StoredItem, Transfer, TransferIngest,
 };
 use crate::wire::encode_compact_headers;
 use crate::{Error, Result};
@@ -39,6 +39,10 @@ pub struct NodeBackend {
     /// while the local snapshot it was made from stays the same.
     transfers: Mutex<HashMap<(PatientId, Collection), Arc<Transfer>>>,
 }
+
+/// Envelopes restored per part of a transfer (ingested while the next
+/// part is restored).
+const RESTORE_PART: usize = 1024;
 
 /// A collection's history must be at least this long before it is worth a
 /// snapshot transfer rather than its envelopes.
@@ -104,6 +108,16 @@ fn stored_from_node(item: node_store::StoredItem) -> StoredItem {
             kind: kind_from_node(item.meta.kind),
             bytes: item.bytes,
         },
+    }
+}
+
+fn ingest_report(report: &medmesh_node::IngestReport) -> IngestReport {
+    IngestReport {
+        accepted: report.accepted as u64,
+        duplicates: report.duplicates as u64,
+        pending: report.pending as u64,
+        rejected: report.rejected.len() as u64,
+        refused: report.refused as u64,
     }
 }
 
@@ -262,13 +276,7 @@ impl Backend for NodeBackend {
             .ingest_capped(incoming, source, room)
             .await
             .map_err(backend_error)?;
-        Ok(IngestReport {
-            accepted: report.accepted as u64,
-            duplicates: report.duplicates as u64,
-            pending: report.pending as u64,
-            rejected: report.rejected.len() as u64,
-            refused: report.refused as u64,
-        })
+        Ok(ingest_report(&report))
     }
 
     fn pending_total(&self) -> Result<u64> {
@@ -408,18 +416,57 @@ impl Backend for NodeBackend {
         Ok(Some(transfer))
     }
 
-    fn restore_transfer(&self, sealed_doc: &[u8], headers: &[CompactHeader]) -> Result<Option<Restored>> {
-        match self.node.restore_transfer(sealed_doc, headers) {
-            Ok(r) => Ok(Some(Restored {
-                items: r.envelopes.iter().map(Item::envelope).collect(),
-                unrestored: r.unrestored,
-            })),
+    async fn restore_and_ingest(
+        &self,
+        from: PeerId,
+        sealed_doc: Vec<u8>,
+        headers: Vec<CompactHeader>,
+        pending_room: u64,
+    ) -> Result<Option<TransferIngest>> {
+        let blocking = |e: tokio::task::JoinError| Error::Backend(format!("restoring a snapshot transfer: {e}"));
+        // Loading the document and re-sealing thousands of changes is CPU
+        // work: off the async workers.
+        let node = self.node.clone();
+        let opened = match tokio::task::spawn_blocking(move || node.open_transfer(&sealed_doc))
+            .await
+            .map_err(blocking)?
+        {
+            Ok(o) => Arc::new(o),
             Err(TransferError::NoKey(key)) => {
                 debug!(%key, "no key for a snapshot transfer's document");
-                Ok(None)
+                return Ok(None);
             }
-            Err(e) => Err(Error::Backend(e.to_string())),
+            Err(e) => return Err(Error::Backend(e.to_string())),
+        };
+        let headers = Arc::new(headers);
+        let restore_part = |range: std::ops::Range<usize>| {
+            let (node, opened, headers) = (self.node.clone(), opened.clone(), headers.clone());
+            tokio::task::spawn_blocking(move || opened.restore(&node, &headers[range]))
+        };
+        // Restore part k+1 while part k is being ingested.
+        let parts: Vec<_> = (0..headers.len())
+            .step_by(RESTORE_PART)
+            .map(|start| start..(start + RESTORE_PART).min(headers.len()))
+            .collect();
+        let mut done = TransferIngest::default();
+        let mut room = pending_room;
+        let mut next = parts.first().cloned().map(restore_part);
+        for i in 0..parts.len() {
+            let Some(current) = next.take() else { break };
+            let restored = current.await.map_err(blocking)?;
+            next = parts.get(i + 1).cloned().map(restore_part);
+            done.restored += restored.envelopes.len() as u64;
+            done.unrestored += restored.unrestored as u64;
+            let room_now = usize::try_from(room).unwrap_or(usize::MAX);
+            let report = self
+                .node
+                .ingest_restored(restored.envelopes, Source::Peer(from), Some(room_now))
+                .await
+                .map_err(backend_error)?;
+            room = room.saturating_sub(report.pending as u64);
+            done.report.add(ingest_report(&report));
         }
+        Ok(Some(done))
     }
 
     async fn record_audit_read(&self, patient: &PatientId) -> Result<()> {
