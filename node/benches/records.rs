@@ -109,16 +109,28 @@ fn main() {
         am
     });
     println!("  automerge apply_changes, {chunk} a call {}", ms(t));
-    let t = median(runs, || {
-        let decoded = decode();
+    let t = median(runs, || DecodedChange::decode_all(&changes));
+    println!("  decode {n} changes on every core        {}", ms(t));
+    let apply = |decoded: Vec<DecodedChange>| {
         let mut peer = RecordDoc::new();
         let report = peer.apply_changes(decoded);
         assert_eq!(report.applied.len(), n);
         peer
+    };
+    let serial = median(runs, || apply(decode()));
+    println!("  decode (one core) + RecordDoc::apply_changes {}", ms(serial));
+    let t = median(runs, || {
+        apply(
+            DecodedChange::decode_all(&changes)
+                .into_iter()
+                .map(|c| c.unwrap())
+                .collect(),
+        )
     });
     println!(
-        "  decode + RecordDoc::apply_changes     {}  (target well under 1 s)",
-        ms(t)
+        "  decode (every core) + RecordDoc::apply_changes {}  (target well under 1 s; {:.0}% of one core)",
+        ms(t),
+        100.0 * t.as_secs_f64() / serial.as_secs_f64()
     );
     if std::env::var_os("MEDMESH_BENCH_APPLY_ONLY").is_some() {
         return;

@@ -27,6 +27,7 @@ pub mod consent;
 mod error;
 pub mod identity;
 mod node;
+mod par;
 pub mod records;
 pub mod repository;
 mod snapshot;

@@ -323,6 +323,14 @@ fn decode_item(kind: ItemKind, bytes: &[u8]) -> std::result::Result<Decoded, med
     })
 }
 
+/// A stored envelope after the per-envelope work of a load.
+enum Opened {
+    /// Opened with the node's key: the change, or why it does not open.
+    Checked(Result<Zeroizing<Vec<u8>>>),
+    /// No longer verifies (to quarantine).
+    Corrupt(medmesh_crypto::Error),
+}
+
 enum Decoded {
     Envelope(Box<Envelope>),
     Grant(Grant),
@@ -1211,24 +1219,11 @@ impl Node {
         let items = self.store().consent_items()?;
         // Verifying signatures dominates the open of a large store: spread it
         // over the cores, keeping store order for the registry.
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
-        let chunk = items.len().div_ceil(threads).max(1);
-        let decoded: Vec<(ItemMeta, std::result::Result<Decoded, medmesh_crypto::Error>)> = std::thread::scope(|s| {
-            let handles: Vec<_> = items
-                .chunks(chunk)
-                .map(|part| {
-                    s.spawn(move || {
-                        part.iter()
-                            .map(|item| (item.meta.clone(), decode_item(item.meta.kind, &item.bytes)))
-                            .collect::<Vec<_>>()
-                    })
-                })
-                .collect();
-            handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect()
-        });
-        if decoded.len() != items.len() {
-            return Err(Error::Storage("verifying consent items at open failed".into()));
-        }
+        let decoded: Vec<(ItemMeta, std::result::Result<Decoded, medmesh_crypto::Error>)> =
+            crate::par::map(&items, 64, |item| {
+                (item.meta.clone(), decode_item(item.meta.kind, &item.bytes))
+            })
+            .ok_or_else(|| Error::Storage("verifying consent items at open failed".into()))?;
         drop(items);
         let mut corrupt = Vec::new();
         {
@@ -1569,30 +1564,39 @@ impl Node {
         collection: Collection,
         ids: &[EnvelopeId],
     ) -> Result<Vec<(EnvelopeId, Zeroizing<Vec<u8>>)>> {
-        let mut out = Vec::with_capacity(ids.len());
+        let mut items = Vec::with_capacity(ids.len());
         for id in ids {
             let Some(item) = self.store().item(&(*id).into())? else {
                 tracing::debug!(envelope = %id, "not held");
                 continue;
             };
-            if item.meta.patient != patient || item.meta.collection != Some(collection) {
-                continue;
+            if item.meta.patient == patient && item.meta.collection == Some(collection) {
+                items.push((*id, item));
             }
-            let envelope = match self.verified(&item).await {
-                Ok(Decoded::Envelope(e)) => e,
-                Ok(_) => continue,
-                Err(e) => {
-                    tracing::warn!(envelope = %id, cause = %e, "skipped");
-                    continue;
+        }
+        // Checking the signature, decrypting and parsing the change are independent
+        // per envelope and dominate a cold load: spread them over the cores.
+        let opened = crate::par::map(&items, 32, |(_, item)| match decode_item(item.meta.kind, &item.bytes) {
+            Ok(Decoded::Envelope(envelope)) => {
+                let key = self.registry().key(&envelope.header().key_id).cloned();
+                key.map(|key| Opened::Checked(open_checked(&envelope, &key)))
+            }
+            Ok(_) => None,
+            Err(e) => Some(Opened::Corrupt(e)),
+        })
+        .ok_or_else(|| Error::Storage("opening stored envelopes failed".into()))?;
+        let mut out = Vec::with_capacity(items.len());
+        for ((id, item), opened) in items.iter().zip(opened) {
+            match opened {
+                Some(Opened::Checked(Ok(plain))) => out.push((*id, plain)),
+                Some(Opened::Checked(Err(e))) => {
+                    tracing::warn!(envelope = %id, cause = %e, "stored envelope does not open")
                 }
-            };
-            let key = self.registry().key(&envelope.header().key_id).cloned();
-            let Some(key) = key else {
-                continue;
-            };
-            match open_checked(&envelope, &key) {
-                Ok(plain) => out.push((*id, plain)),
-                Err(e) => tracing::warn!(envelope = %id, cause = %e, "stored envelope does not open"),
+                Some(Opened::Corrupt(e)) => {
+                    let e = self.quarantine(&item.meta, e).await?;
+                    tracing::warn!(envelope = %id, cause = %e, "skipped");
+                }
+                None => {}
             }
         }
         Ok(out)

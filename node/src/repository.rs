@@ -234,8 +234,9 @@ impl Repository {
         }
         let mut doc = doc.unwrap_or_default();
         let mut decoded = Vec::with_capacity(changes.len());
-        for (id, bytes) in &changes {
-            match DecodedChange::from_bytes(bytes) {
+        let bytes: Vec<&[u8]> = changes.iter().map(|(_, b)| b.as_slice()).collect();
+        for ((id, _), change) in changes.iter().zip(DecodedChange::decode_all(&bytes)) {
+            match change {
                 Ok(change) => {
                     envelopes.insert(change.hash(), *id);
                     decoded.push(change);
@@ -708,8 +709,9 @@ impl Repository {
         };
         let mut cached = doc.lock().await;
         let mut decoded = Vec::with_capacity(changes.len());
-        for (id, bytes) in &changes {
-            if let Ok(change) = DecodedChange::from_bytes(bytes) {
+        let bytes: Vec<&[u8]> = changes.iter().map(|(_, b)| b.as_slice()).collect();
+        for ((id, _), change) in changes.iter().zip(DecodedChange::decode_all(&bytes)) {
+            if let Ok(change) = change {
                 cached.envelopes.insert(change.hash(), *id);
                 decoded.push(change);
             }

@@ -527,6 +527,38 @@ async fn bit_flips_at_rest_are_caught_and_repairable() {
 }
 
 #[tokio::test]
+async fn a_load_skips_and_quarantines_an_envelope_corrupted_at_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut patient = TestPatient::new().unwrap();
+    let (node, _) = onboarded(dir.path(), 12, &mut patient).await;
+    let mut maker = ChangeMaker::new(node.practice_id().as_bytes()).unwrap();
+    // Enough envelopes that the load checks them on several threads.
+    let mut ids = Vec::new();
+    for i in 0..100 {
+        let c = maker.put("k", &format!("v{i}")).unwrap();
+        ids.push(node.write_change(patient.id(), CORE, c.as_change()).await.unwrap());
+    }
+    let store = node.raw_store();
+    let bad = ids[77];
+    let mut bytes = store.raw_item_bytes(&bad.into()).unwrap().unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x10;
+    store.raw_replace_item_bytes(&bad.into(), &bytes).unwrap();
+    let loaded = node.changes_by_ids(patient.id(), CORE, &ids).await.unwrap();
+    let loaded_ids: Vec<EnvelopeId> = loaded.iter().map(|(id, _)| *id).collect();
+    let expected: Vec<EnvelopeId> = ids.iter().copied().filter(|id| *id != bad).collect();
+    assert_eq!(loaded_ids, expected, "in store order, without the corrupt one");
+    assert!(!node.envelope_ids(&patient.id(), CORE).unwrap().contains(&bad));
+    let quarantined = node
+        .audit_entries(None)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.action == Action::Quarantine)
+        .count();
+    assert_eq!(quarantined, 1);
+}
+
+#[tokio::test]
 async fn audit_tampering_is_located() {
     let dir = tempfile::tempdir().unwrap();
     let mut patient = TestPatient::new().unwrap();
