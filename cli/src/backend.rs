@@ -12,7 +12,7 @@ use medmesh_gateway::fhir::outcome::{ApiError, Issue, IssueType};
 use medmesh_gateway::fhir::search_params::SearchRequest;
 use medmesh_gateway::{Backend, HistoryEntry, SignedKind, TxFailure, TxOp, TxResult};
 use medmesh_node::audit::{Action, ActorKind, AuditEntry, AuditRecord};
-use medmesh_node::records::{Query, RenderedResource};
+use medmesh_node::records::RenderedResource;
 use medmesh_node::repository::{self, Repository};
 use medmesh_node::store::ItemKind;
 use medmesh_node::{Actor, Incoming, Node, Source};
@@ -322,12 +322,7 @@ impl Backend for NodeBackend {
     }
 
     async fn search(&self, request: &SearchRequest) -> Result<Vec<Arc<RenderedResource>>, ApiError> {
-        let query = Query::parse(&request.resource_type, request.params())?;
-        let found = self
-            .repository
-            .search(&query, request.patient.as_deref())
-            .await
-            .map_err(repo_error)?;
+        let found = self.repository.search(&request.query).await.map_err(repo_error)?;
         self.audit_read(&found).await;
         Ok(found)
     }

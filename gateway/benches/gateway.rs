@@ -10,7 +10,8 @@
 //!    `MEDMESH_BENCH_SECS` seconds (default 30): throughput, p50/p99, errors.
 //!
 //! `cargo bench -p medmesh-gateway --bench gateway`; `MEDMESH_BENCH_SECS=5`
-//! shortens part 3.
+//! shortens part 3; `MEDMESH_BENCH_ONLY=everything` (or `transaction`, `load`,
+//! comma-separated) runs only those parts.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "../tests/common/mem.rs"]
@@ -21,6 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::routing::get;
+use medmesh_gateway::fhir::bundle::{SearchMode, Searchset};
 use medmesh_gateway::{Config, Token};
 use mem::MemBackend;
 use serde_json::{Value, json};
@@ -170,6 +172,28 @@ async fn everything_vs_static() {
     println!(
         "ratio gateway/static  {:>9.2}x   (target <= 2x)",
         gateway_each.as_secs_f64() / static_each.as_secs_f64()
+    );
+    // Where the gateway's time goes, in process (best of 200): the backend's
+    // listing, then the Bundle written from the cached resource bytes.
+    let (mut listing, mut assembly) = (Duration::MAX, Duration::MAX);
+    for _ in 0..200 {
+        let started = Instant::now();
+        let all = medmesh_gateway::Backend::everything(gateway.backend.as_ref(), &id)
+            .await
+            .unwrap();
+        listing = listing.min(started.elapsed());
+        let started = Instant::now();
+        let mut bundle = Searchset::new(url.as_str(), format!("{}/fhir", gateway.base)).total(all.len());
+        for resource in all {
+            bundle.push_rendered(resource, SearchMode::Include);
+        }
+        std::hint::black_box(bundle.to_bytes());
+        assembly = assembly.min(started.elapsed());
+    }
+    println!(
+        "in process: listing {:>7.1} µs, Bundle bytes {:>7.1} µs",
+        listing.as_secs_f64() * 1e6,
+        assembly.as_secs_f64() * 1e6
     );
 }
 
@@ -348,9 +372,18 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    // `MEDMESH_BENCH_ONLY=everything,transaction,load` picks parts (default: all).
+    let only = std::env::var("MEDMESH_BENCH_ONLY").unwrap_or_default();
+    let wanted = |part: &str| only.is_empty() || only.split(',').any(|p| p.trim() == part);
     runtime.block_on(async {
-        everything_vs_static().await;
-        transaction_import().await;
-        load(seconds).await;
+        if wanted("everything") {
+            everything_vs_static().await;
+        }
+        if wanted("transaction") {
+            transaction_import().await;
+        }
+        if wanted("load") {
+            load(seconds).await;
+        }
     });
 }

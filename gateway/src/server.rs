@@ -388,29 +388,59 @@ async fn create<B: Backend>(
 async fn read<B: Backend>(
     State(state): Shared<B>,
     Path((resource_type, id)): Path<(String, String)>,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     check_type(&resource_type)?;
     let stored = state.backend.read(&resource_type, &id).await?;
-    Ok(resource_response(
-        StatusCode::OK,
-        &stored,
-        &state.config.base_url,
-        false,
-    ))
+    Ok(read_response(&stored, &state.config.base_url, &headers))
 }
 
 async fn vread<B: Backend>(
     State(state): Shared<B>,
     Path((resource_type, id, vid)): Path<(String, String, String)>,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     check_type(&resource_type)?;
     let stored = state.backend.vread(&resource_type, &id, &vid).await?;
-    Ok(resource_response(
-        StatusCode::OK,
-        &stored,
-        &state.config.base_url,
-        false,
-    ))
+    Ok(read_response(&stored, &state.config.base_url, &headers))
+}
+
+/// A read's answer: `304 Not Modified` (no body) when the client's copy is
+/// current by `If-None-Match` or, without it, `If-Modified-Since`; else the
+/// resource.
+fn read_response(stored: &RenderedResource, base_url: &str, headers: &HeaderMap) -> Response {
+    let header = |name| headers.get(name).and_then(|v: &HeaderValue| v.to_str().ok());
+    let not_modified = match header(header::IF_NONE_MATCH) {
+        Some(tags) => etag_list_matches(tags, &stored.version_id),
+        None => header(header::IF_MODIFIED_SINCE)
+            .and_then(parse_http_date)
+            // HTTP dates have whole seconds.
+            .is_some_and(|since| stored.last_updated_ms.div_euclid(1000) <= since),
+    };
+    let status = if not_modified {
+        StatusCode::NOT_MODIFIED
+    } else {
+        StatusCode::OK
+    };
+    resource_response(status, stored, base_url, not_modified)
+}
+
+/// Whether an `If-None-Match` list (`W/"a", "b"` or `*`) names `version_id`.
+fn etag_list_matches(tags: &str, version_id: &str) -> bool {
+    tags.split(',').any(|tag| {
+        let tag = tag.trim();
+        tag == "*" || tag.trim_start_matches("W/").trim_matches('"') == version_id
+    })
+}
+
+/// An HTTP date (IMF-fixdate, as [`http_date`] writes) as seconds since the
+/// epoch; `None` for anything else (the header is then ignored, RFC 9110).
+fn parse_http_date(text: &str) -> Option<i64> {
+    let format = time::macros::format_description!(
+        "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
+    );
+    let t = time::PrimitiveDateTime::parse(text.trim(), &format).ok()?;
+    Some(t.assume_utc().unix_timestamp())
 }
 
 async fn update<B: Backend>(
@@ -540,7 +570,7 @@ async fn everything<B: Backend>(state: &AppState<B>, id: &str, query: &str) -> R
     let all = state.backend.everything(id).await?;
     let base = &state.config.base_url;
     let link = |offset: usize| format!("{base}/Patient/{id}/$everything?_count={count}&_offset={offset}");
-    let mut bundle = Searchset::new(link(offset)).total(all.len());
+    let mut bundle = Searchset::new(link(offset), base.as_str()).total(all.len());
     if offset + count < all.len() {
         bundle = bundle.next(link(offset + count));
     }
@@ -551,11 +581,7 @@ async fn everything<B: Backend>(state: &AppState<B>, id: &str, query: &str) -> R
         } else {
             SearchMode::Include
         };
-        bundle.push_serialized(
-            format!("{base}/{}", resource.key),
-            Serialized(Arc::clone(resource)),
-            mode,
-        );
+        bundle.push_rendered(Arc::clone(resource), mode);
     }
     Ok(fhir_bytes(StatusCode::OK, bundle.to_bytes()))
 }
@@ -587,31 +613,18 @@ async fn search<B: Backend>(
     ))
 }
 
-/// A rendered resource's cached JSON bytes, shared into a Bundle without a copy.
-struct Serialized(Arc<RenderedResource>);
-
-impl AsRef<[u8]> for Serialized {
-    fn as_ref(&self) -> &[u8] {
-        &self.0.bytes
-    }
-}
-
 /// One page of a search's matches as a `searchset` Bundle, with `next`
 /// link and a warning for every ignored parameter.
 pub(crate) fn searchset(base: &str, request: &SearchRequest, matches: &[Arc<RenderedResource>]) -> Searchset {
     let resource_type = &request.resource_type;
     let page = |offset: usize| format!("{base}/{resource_type}?{}", request.page_query(offset));
-    let mut bundle = Searchset::new(page(request.offset)).total(matches.len());
+    let mut bundle = Searchset::new(page(request.offset), base).total(matches.len());
     if request.offset + request.count < matches.len() {
         bundle = bundle.next(page(request.offset + request.count));
     }
     let mut bundle = bundle;
     for resource in matches.iter().skip(request.offset).take(request.count) {
-        bundle.push_serialized(
-            format!("{base}/{}", resource.key),
-            Serialized(Arc::clone(resource)),
-            SearchMode::Match,
-        );
+        bundle.push_rendered(Arc::clone(resource), SearchMode::Match);
     }
     if !request.unknown.is_empty() {
         let outcome = OperationOutcome::from_issues(request.unknown.iter().map(|name| {
@@ -639,7 +652,7 @@ async fn read_only_search<B: Backend>(
         state.backend.audit_events(&patient).await?
     };
     let base = &state.config.base_url;
-    let mut bundle = Searchset::new(format!("{base}/{resource_type}?{query}")).total(resources.len());
+    let mut bundle = Searchset::new(format!("{base}/{resource_type}?{query}"), base.as_str()).total(resources.len());
     for resource in resources {
         let id = resource
             .get("id")

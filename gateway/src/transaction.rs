@@ -22,6 +22,7 @@ use crate::fhir::bundle::{
     rewrite_references, transaction_order,
 };
 use crate::fhir::outcome::{ApiError, Issue, IssueType};
+use crate::fhir::primitive::{DateKind, PartialDateTime};
 use crate::fhir::search_params::{SearchRequest, parse_search};
 use crate::server::{check_type, searchset};
 
@@ -52,8 +53,16 @@ enum Kind {
     Create,
     Update,
     Delete,
-    Read { if_none_match: Option<String>, head: bool },
-    Search { request: Box<SearchRequest>, head: bool },
+    Read {
+        if_none_match: Option<String>,
+        /// `ifModifiedSince`, ms since the epoch.
+        if_modified_since: Option<i64>,
+        head: bool,
+    },
+    Search {
+        request: Box<SearchRequest>,
+        head: bool,
+    },
 }
 
 /// The resolved form of some entries: ops to run, and answers known already.
@@ -201,7 +210,7 @@ async fn conditional<B: Backend>(
             reason: "not supported in a conditional request".to_owned(),
         });
     }
-    if request.params().is_empty() {
+    if request.query.is_empty() {
         return Err(ApiError::InvalidParam {
             param: "query".to_owned(),
             reason: "a conditional request needs at least one search parameter".to_owned(),
@@ -355,6 +364,7 @@ async fn resolve<B: Backend>(
             match (&entry.url.id, &entry.url.query) {
                 (Some(id), _) => {
                     let if_none_match = entry.if_none_match.as_deref().map(parse_etag).transpose()?;
+                    let if_modified_since = entry.if_modified_since.as_deref().map(parse_instant).transpose()?;
                     plan.push(
                         position,
                         TxOp::Read {
@@ -362,7 +372,11 @@ async fn resolve<B: Backend>(
                             id: id.clone(),
                             version_id: entry.url.version.clone(),
                         },
-                        Kind::Read { if_none_match, head },
+                        Kind::Read {
+                            if_none_match,
+                            if_modified_since,
+                            head,
+                        },
                     );
                 }
                 (None, query) => {
@@ -398,6 +412,17 @@ fn parse_etag(raw: &str) -> Result<String, ApiError> {
         });
     }
     Ok(vid.to_owned())
+}
+
+/// `ifModifiedSince` (a FHIR instant) as ms since the epoch.
+fn parse_instant(raw: &str) -> Result<i64, ApiError> {
+    PartialDateTime::parse(raw.trim(), DateKind::Instant)
+        .and_then(|p| p.range())
+        .and_then(|r| i64::try_from(r.start.unix_timestamp_nanos() / 1_000_000).ok())
+        .ok_or_else(|| ApiError::InvalidParam {
+            param: "ifModifiedSince".to_owned(),
+            reason: "expected a FHIR instant, e.g. 2024-05-01T10:00:00Z".to_owned(),
+        })
 }
 
 /// Rewrites every reference to a `fullUrl` of the Bundle to its `Type/id`, then
@@ -484,8 +509,21 @@ fn respond<B>(context: &Context<'_, B>, kind: Kind, result: TxResult) -> EntryRe
             status: 204,
             ..EntryResponse::default()
         },
-        (Kind::Read { if_none_match, head }, TxResult::Read(r) | TxResult::Written(r) | TxResult::Unchanged(r)) => {
-            if if_none_match.as_deref() == Some(r.version_id.as_str()) {
+        (
+            Kind::Read {
+                if_none_match,
+                if_modified_since,
+                head,
+            },
+            TxResult::Read(r) | TxResult::Written(r) | TxResult::Unchanged(r),
+        ) => {
+            // As over HTTP: ifNoneMatch decides when given, else ifModifiedSince.
+            let not_modified = match (if_none_match, if_modified_since) {
+                (Some(tag), _) => tag == r.version_id,
+                (None, Some(since)) => r.last_updated_ms <= since,
+                (None, None) => false,
+            };
+            if not_modified {
                 return EntryResponse {
                     status: 304,
                     etag: Some(format!("W/\"{}\"", r.version_id)),

@@ -663,14 +663,14 @@ impl Repository {
         Ok(all)
     }
 
-    /// Search. With a patient (the Patient resource id of `patient=`), only
-    /// that patient's documents are read; without one, every readable
-    /// document is scanned (slow on a large node; documented).
+    /// Search, in key order. A query scoped to a patient (`patient=`/`subject=`,
+    /// [`Query::patient`]) reads only that patient's documents; without one,
+    /// every readable document is scanned (slow on a large node; documented).
     ///
     /// # Errors
     /// Node and record-model errors.
-    pub async fn search(&self, query: &Query, patient_resource_id: Option<&str>) -> Result<Vec<Arc<RenderedResource>>> {
-        let resources = match patient_resource_id {
+    pub async fn search(&self, query: &Query) -> Result<Vec<Arc<RenderedResource>>> {
+        let resources = match query.patient() {
             Some(id) => match self.location("Patient", id).await {
                 Ok((patient, _)) => self.patient_resources(patient).await?,
                 Err(Error::Record(records::Error::NotFound { .. })) => Vec::new(),

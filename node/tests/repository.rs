@@ -92,9 +92,24 @@ async fn create_read_update_delete_search_and_reopen() {
         "{stale:?}"
     );
 
-    let query = Query::parse("Observation", &[("code", "http://loinc.org|8302-2")]).unwrap();
-    let found = repo.search(&query, Some(p.id())).await.unwrap();
+    let patient = format!("Patient/{}", p.id());
+    let query = Query::parse(
+        "Observation",
+        &[("code", "http://loinc.org|8302-2"), ("patient", patient.as_str())],
+    )
+    .unwrap();
+    let found = repo.search(&query).await.unwrap();
     assert_eq!(found.len(), 1);
+    // By identifier (the did:key link), unscoped: every readable document is scanned.
+    let link = format!("urn:ietf:rfc:3986|{did}");
+    let by_identifier = Query::parse("Patient", &[("identifier", link.as_str())]).unwrap();
+    let found = repo.search(&by_identifier).await.unwrap();
+    assert_eq!(
+        found.iter().map(|r| r.key.as_str()).collect::<Vec<_>>(),
+        [p.key.as_str()]
+    );
+    let other = Query::parse("Patient", &[("identifier", "urn:ietf:rfc:3986|did:key:z6MkOther")]).unwrap();
+    assert!(repo.search(&other).await.unwrap().is_empty());
     let everything = repo.everything(p.id()).await.unwrap();
     assert_eq!(everything.len(), 2);
     assert_eq!(everything[0].key, p.key);

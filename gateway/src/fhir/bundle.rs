@@ -4,6 +4,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
+use medmesh_node::records::RenderedResource;
 use serde_json::{Map, Value, json};
 
 use super::outcome::{ApiError, Issue, IssueType};
@@ -38,28 +39,31 @@ pub struct Searchset {
     next_url: Option<String>,
     previous_url: Option<String>,
     total: Option<usize>,
+    /// The FHIR base that rendered entries' `fullUrl`s start with.
+    base_url: String,
     entries: Vec<SearchEntry>,
 }
 
-/// An entry of a [`Searchset`]: built JSON, or a resource already serialized.
+/// An entry of a [`Searchset`]: built JSON, or a node's rendered resource
+/// (written out from its cached JSON bytes).
 #[derive(Clone)]
 enum SearchEntry {
     Json(Value),
-    Serialized {
-        full_url: String,
-        resource: Arc<dyn AsRef<[u8]> + Send + Sync>,
+    Rendered {
+        resource: Arc<RenderedResource>,
         mode: SearchMode,
     },
 }
 
 impl std::fmt::Debug for SearchEntry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Never print resource content: only sizes.
+        // Never print resource content: only keys and sizes.
         match self {
             Self::Json(_) => f.write_str("SearchEntry::Json(..)"),
-            Self::Serialized { resource, mode, .. } => f
-                .debug_struct("SearchEntry::Serialized")
-                .field("bytes", &(**resource).as_ref().len())
+            Self::Rendered { resource, mode } => f
+                .debug_struct("SearchEntry::Rendered")
+                .field("key", &resource.key)
+                .field("bytes", &resource.bytes.len())
                 .field("mode", mode)
                 .finish(),
         }
@@ -67,10 +71,12 @@ impl std::fmt::Debug for SearchEntry {
 }
 
 impl Searchset {
-    /// A searchset whose `self` link is `self_url` (the full request URL).
-    pub fn new(self_url: impl Into<String>) -> Self {
+    /// A searchset whose `self` link is `self_url` (the full request URL) and
+    /// whose rendered entries' `fullUrl` is `{base_url}/{type}/{id}`.
+    pub fn new(self_url: impl Into<String>, base_url: impl Into<String>) -> Self {
         Self {
             self_url: self_url.into(),
+            base_url: base_url.into(),
             ..Self::default()
         }
     }
@@ -105,21 +111,11 @@ impl Searchset {
         })));
     }
 
-    /// Adds a resource already serialized as compact JSON (e.g. a node's cached
-    /// rendering), so that [`to_bytes`](Self::to_bytes) copies it instead of
-    /// re-serializing it (nor copying it before then). `resource` must be one
-    /// JSON object.
-    pub fn push_serialized(
-        &mut self,
-        full_url: impl Into<String>,
-        resource: impl AsRef<[u8]> + Send + Sync + 'static,
-        mode: SearchMode,
-    ) {
-        self.entries.push(SearchEntry::Serialized {
-            full_url: full_url.into(),
-            resource: Arc::new(resource),
-            mode,
-        });
+    /// Adds a node's rendered resource. [`to_bytes`](Self::to_bytes) copies its
+    /// cached JSON into the Bundle as it is: no clone, parse or re-serialization
+    /// of the resource (its decimals keep their exact text).
+    pub fn push_rendered(&mut self, resource: Arc<RenderedResource>, mode: SearchMode) {
+        self.entries.push(SearchEntry::Rendered { resource, mode });
     }
 
     /// Adds an `OperationOutcome` entry (search mode `outcome`), e.g. warning about
@@ -132,11 +128,14 @@ impl Searchset {
     }
 
     /// The Bundle serialized (compact JSON, the same document as
-    /// [`build`](Self::build)), copying serialized entries as they are.
+    /// [`build`](Self::build)), copying rendered resources' bytes as they are.
     pub fn to_bytes(self) -> Vec<u8> {
         let mut entries = Vec::new();
         let mut shell = self;
         std::mem::swap(&mut entries, &mut shell.entries);
+        let base = json_string(&format!("{}/", shell.base_url));
+        // The escaped base without its closing quote: each fullUrl continues it.
+        let base = base.strip_suffix('"').unwrap_or(&base).to_owned();
         let head = shell.build().to_string();
         if entries.is_empty() {
             return head.into_bytes();
@@ -144,7 +143,7 @@ impl Searchset {
         let size: usize = entries
             .iter()
             .map(|e| match e {
-                SearchEntry::Serialized { resource, .. } => (**resource).as_ref().len() + 128,
+                SearchEntry::Rendered { resource, .. } => resource.bytes.len() + base.len() + 96,
                 SearchEntry::Json(_) => 256,
             })
             .sum();
@@ -152,21 +151,21 @@ impl Searchset {
         // `build` puts `entry` last: reopen the object before its closing brace.
         out.extend_from_slice(head.trim_end_matches('}').as_bytes());
         out.extend_from_slice(b",\"entry\":[");
-        for (i, entry) in entries.into_iter().enumerate() {
+        for (i, entry) in entries.iter().enumerate() {
             if i > 0 {
                 out.push(b',');
             }
             match entry {
-                SearchEntry::Json(value) => out.extend_from_slice(value.to_string().as_bytes()),
-                SearchEntry::Serialized {
-                    full_url,
-                    resource,
-                    mode,
-                } => {
+                SearchEntry::Json(value) => {
+                    // Writing a Value into a Vec cannot fail.
+                    let _ = serde_json::to_writer(&mut out, value);
+                }
+                SearchEntry::Rendered { resource, mode } => {
                     out.extend_from_slice(b"{\"fullUrl\":");
-                    out.extend_from_slice(Value::String(full_url).to_string().as_bytes());
-                    out.extend_from_slice(b",\"resource\":");
-                    out.extend_from_slice((*resource).as_ref());
+                    out.extend_from_slice(base.as_bytes());
+                    write_json_string_contents(&mut out, &resource.key);
+                    out.extend_from_slice(b"\",\"resource\":");
+                    out.extend_from_slice(&resource.bytes);
                     out.extend_from_slice(b",\"search\":{\"mode\":\"");
                     out.extend_from_slice(mode.as_str().as_bytes());
                     out.extend_from_slice(b"\"}}");
@@ -194,18 +193,15 @@ impl Searchset {
         }
         bundle.insert("link".into(), links.into());
         if !self.entries.is_empty() {
+            let base = &self.base_url;
             let entries: Vec<Value> = self
                 .entries
                 .into_iter()
                 .map(|e| match e {
                     SearchEntry::Json(value) => value,
-                    SearchEntry::Serialized {
-                        full_url,
-                        resource,
-                        mode,
-                    } => json!({
-                        "fullUrl": full_url,
-                        "resource": serde_json::from_slice::<Value>((*resource).as_ref()).unwrap_or(Value::Null),
+                    SearchEntry::Rendered { resource, mode } => json!({
+                        "fullUrl": format!("{base}/{}", resource.key),
+                        "resource": resource.json.clone(),
                         "search": { "mode": mode.as_str() },
                     }),
                 })
@@ -213,6 +209,24 @@ impl Searchset {
             bundle.insert("entry".into(), entries.into());
         }
         Value::Object(bundle)
+    }
+}
+
+/// `s` as a JSON string literal.
+fn json_string(s: &str) -> String {
+    Value::String(s.to_owned()).to_string()
+}
+
+/// Appends `s` escaped as the inside of a JSON string literal (no quotes).
+/// Resource keys are `[A-Za-z]+/[A-Za-z0-9.-]+`, so this is a plain copy but
+/// for a key that somehow is not.
+fn write_json_string_contents(out: &mut Vec<u8>, s: &str) {
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.extend_from_slice(s.as_bytes());
+    } else {
+        let quoted = json_string(s);
+        let inner = quoted.strip_prefix('"').and_then(|q| q.strip_suffix('"'));
+        out.extend_from_slice(inner.unwrap_or_default().as_bytes());
     }
 }
 
@@ -905,7 +919,7 @@ mod tests {
 
     #[test]
     fn built_bundles() {
-        let mut s = Searchset::new("http://h/fhir/Observation?patient=1&_count=1")
+        let mut s = Searchset::new("http://h/fhir/Observation?patient=1&_count=1", "http://h/fhir")
             .total(2)
             .next("http://h/fhir/Observation?patient=1&_count=1&_offset=1");
         s.push(
@@ -920,20 +934,20 @@ mod tests {
         assert_eq!(b["link"][1]["relation"], "next");
         assert_eq!(b["entry"][0]["search"]["mode"], "match");
         assert_eq!(b["entry"][1]["search"]["mode"], "outcome");
-        assert!(Searchset::new("x").build().get("entry").is_none());
+        assert!(Searchset::new("x", "b").build().get("entry").is_none());
         assert_eq!(
-            Searchset::new("x").to_bytes(),
-            Searchset::new("x").build().to_string().into_bytes()
+            Searchset::new("x", "b").to_bytes(),
+            Searchset::new("x", "b").build().to_string().into_bytes()
         );
 
-        let mut raw = Searchset::new("http://h/fhir/Observation").total(2);
+        // A rendered resource is written from its cached bytes, decimals as they were.
+        let mut doc = medmesh_node::records::RecordDoc::new();
+        let actor = medmesh_node::records::actor_id(&[1; 32], [0; 8]);
         let resource: Value =
-            serde_json::from_str(r#"{"resourceType":"Observation","id":"a","valueQuantity":{"value":1.50}}"#).unwrap();
-        raw.push_serialized(
-            "http://h/fhir/Observation/a",
-            serde_json::to_vec(&resource).unwrap(),
-            SearchMode::Include,
-        );
+            serde_json::from_str(r#"{"resourceType":"Observation","valueQuantity":{"value":1.50}}"#).unwrap();
+        let rendered = doc.create(&actor, 1, "a", &resource).unwrap().resource.unwrap();
+        let mut raw = Searchset::new("http://h/fhir/Observation", "http://h/\"fhir").total(2);
+        raw.push_rendered(rendered, SearchMode::Include);
         raw.push(
             "http://h/fhir/Observation/b",
             json!({ "resourceType": "Observation", "id": "b" }),
@@ -943,6 +957,7 @@ mod tests {
         let bytes = raw.clone().to_bytes();
         let parsed: Value = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(parsed, raw.build());
+        assert_eq!(parsed["entry"][0]["fullUrl"], "http://h/\"fhir/Observation/a");
         assert!(String::from_utf8(bytes).unwrap().contains("\"value\":1.50"));
 
         let r = response_bundle(

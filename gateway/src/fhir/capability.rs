@@ -30,7 +30,12 @@ fn search_params(resource_type: &str, max_count: usize) -> Vec<Value> {
             "date" => {
                 "Prefixes eq, ne, gt, lt, ge, le, sa, eb, ap; partial dates (yyyy, yyyy-mm, yyyy-mm-dd) or a dateTime."
             }
-            "code" | "category" => "Token: system|code, |code or code; comma-separated alternatives.",
+            "code" | "category" | "status" => {
+                "Token: system|code, |code (no system), code (any system) or system| (any code); comma-separated alternatives; \\, \\| escape."
+            }
+            "identifier" => {
+                "Token on the resource's identifiers: system|value, |value (no system), value (any system) or system| (any value); comma-separated alternatives; \\, \\| escape. Usable in conditional requests (ifNoneExist, conditional update and delete)."
+            }
             _ => "Comma-separated alternatives.",
         };
         params.push(param(name, ty, doc));
@@ -67,6 +72,7 @@ pub fn capability_statement(base_url: &str, max_count: usize) -> Value {
             "readHistory": true,
             "updateCreate": false,
             "conditionalCreate": false,
+            "conditionalRead": "full-support",
             "conditionalUpdate": false,
             "conditionalDelete": "not-supported",
             "searchParam": search_params(ty, max_count),
@@ -118,8 +124,9 @@ pub fn capability_statement(base_url: &str, max_count: usize) -> Value {
                  POST assigns ids; update-as-create is not supported. POST to the base takes transaction \
                  (all or nothing, urn:uuid: references rewritten) and batch Bundles; inside them, \
                  conditional create (ifNoneExist), conditional update and conditional delete are \
-                 supported on the search parameters listed here (others are rejected with 400), and \
-                 ifMatch on PUT.",
+                 supported on the search parameters listed here (others are rejected with 400), \
+                 ifMatch on PUT, and ifNoneMatch / ifModifiedSince on GET (304). Reads and vreads \
+                 answer If-None-Match and If-Modified-Since with 304 Not Modified.",
                 DEFAULT_COUNT.min(max_count)
             ),
             "security": {
@@ -170,11 +177,23 @@ mod tests {
                 "date",
                 "status",
                 "category",
+                "identifier",
                 "_id",
                 "_lastUpdated",
                 "_count"
             ]
         );
+        let params = |ty: &str| -> Vec<String> {
+            let r = resources.iter().find(|r| r["type"] == ty).unwrap();
+            r["searchParam"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p["name"].as_str().unwrap().to_owned())
+                .collect()
+        };
+        assert!(params("Patient").contains(&"identifier".to_owned()));
+        assert!(!params("Binary").contains(&"identifier".to_owned()));
         let patient = resources.iter().find(|r| r["type"] == "Patient").unwrap();
         assert_eq!(patient["operation"][0]["name"], "everything");
         let consent = resources.iter().find(|r| r["type"] == "Consent").unwrap();

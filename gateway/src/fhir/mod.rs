@@ -38,9 +38,12 @@ mod external_validator {
         let example: Value =
             serde_json::from_str(&std::fs::read_to_string(format!("{SHARED}/examples/Observation-bmi.json")).unwrap())
                 .unwrap();
-        let mut searchset = Searchset::new("http://127.0.0.1:8080/fhir/Observation?patient=example&_count=1")
-            .total(7)
-            .next("http://127.0.0.1:8080/fhir/Observation?patient=example&_count=1&_offset=1");
+        let mut searchset = Searchset::new(
+            "http://127.0.0.1:8080/fhir/Observation?patient=example&_count=1",
+            "http://127.0.0.1:8080/fhir",
+        )
+        .total(7)
+        .next("http://127.0.0.1:8080/fhir/Observation?patient=example&_count=1&_offset=1");
         searchset.push(
             "http://127.0.0.1:8080/fhir/Observation/bmi",
             example.clone(),

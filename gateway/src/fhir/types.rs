@@ -1,5 +1,6 @@
 //! The table of supported resource types: FHIR R4 required elements (min cardinality 1),
-//! required-binding value sets, and which common search parameters each type has.
+//! required-binding value sets. (Which search parameters each type has is the node's
+//! record search's table, `medmesh_node::records::search::type_params`.)
 //!
 //! Taken from the FHIR R4 (4.0.1) resource definitions. Only elements whose minimum
 //! cardinality is 1 in the base resource (or in a backbone element that is present) and
@@ -88,21 +89,11 @@ pub(crate) enum Rule {
     Coding(&'static str, &'static str, &'static [&'static str]),
 }
 
-/// Search parameter bits (see [`TypeDef::search`]).
-pub(crate) const P: u8 = 1; // patient
-pub(crate) const S: u8 = 2; // subject
-pub(crate) const C: u8 = 4; // code
-pub(crate) const D: u8 = 8; // date
-pub(crate) const T: u8 = 16; // status
-pub(crate) const K: u8 = 32; // category
-
 /// One supported resource type.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct TypeDef {
     /// The resource type name.
     pub(crate) name: &'static str,
-    /// Which of patient/subject/code/date/status/category it can be searched by.
-    pub(crate) search: u8,
     /// Required elements and bindings.
     pub(crate) rules: &'static [Rule],
 }
@@ -170,8 +161,8 @@ const LIST_MODE: &[&str] = &["working", "snapshot", "changes"];
 const TERMINOLOGY: &str = "http://terminology.hl7.org/CodeSystem/";
 
 macro_rules! ty {
-    ($name:literal, $search:expr, [$($rule:expr),* $(,)?]) => {
-        TypeDef { name: $name, search: $search, rules: &[$($rule),*] }
+    ($name:literal, [$($rule:expr),* $(,)?]) => {
+        TypeDef { name: $name, rules: &[$($rule),*] }
     };
 }
 
@@ -179,7 +170,6 @@ macro_rules! ty {
 pub(crate) const TYPES: &[TypeDef] = &[
     ty!(
         "Patient",
-        0,
         [
             Code("gender", GENDER),
             Code("contact.gender", GENDER),
@@ -190,7 +180,6 @@ pub(crate) const TYPES: &[TypeDef] = &[
     ),
     ty!(
         "AllergyIntolerance",
-        P | C | D | K,
         [
             Req("patient"),
             Code("type", &["allergy", "intolerance"]),
@@ -212,7 +201,6 @@ pub(crate) const TYPES: &[TypeDef] = &[
     ),
     ty!(
         "Condition",
-        P | S | C | K,
         [
             Req("subject"),
             Coding(
@@ -236,7 +224,6 @@ pub(crate) const TYPES: &[TypeDef] = &[
     ),
     ty!(
         "Procedure",
-        P | S | C | D | T | K,
         [
             ReqCode("status", EVENT_STATUS),
             Req("subject"),
@@ -246,7 +233,6 @@ pub(crate) const TYPES: &[TypeDef] = &[
     ),
     ty!(
         "Immunization",
-        P | D | T,
         [
             ReqCode("status", &["completed", "entered-in-error", "not-done"]),
             Req("vaccineCode"),
@@ -258,7 +244,6 @@ pub(crate) const TYPES: &[TypeDef] = &[
     ),
     ty!(
         "Encounter",
-        P | S | D | T,
         [
             ReqCode("status", ENCOUNTER_STATUS),
             Req("class"),
@@ -273,7 +258,6 @@ pub(crate) const TYPES: &[TypeDef] = &[
     ),
     ty!(
         "CarePlan",
-        P | S | D | T | K,
         [
             ReqCode("status", REQUEST_STATUS),
             ReqCode("intent", &["proposal", "plan", "order", "option"]),
@@ -309,7 +293,6 @@ pub(crate) const TYPES: &[TypeDef] = &[
     ),
     ty!(
         "FamilyMemberHistory",
-        P | C | D | T,
         [
             ReqCode(
                 "status",
@@ -322,7 +305,6 @@ pub(crate) const TYPES: &[TypeDef] = &[
     ),
     ty!(
         "MedicationRequest",
-        P | S | C | T | K,
         [
             ReqCode(
                 "status",
@@ -358,7 +340,6 @@ pub(crate) const TYPES: &[TypeDef] = &[
     ),
     ty!(
         "MedicationStatement",
-        P | S | C | T | K,
         [
             ReqCode(
                 "status",
@@ -379,7 +360,6 @@ pub(crate) const TYPES: &[TypeDef] = &[
     ),
     ty!(
         "MedicationDispense",
-        P | S | C | T,
         [
             ReqCode(
                 "status",
@@ -402,7 +382,6 @@ pub(crate) const TYPES: &[TypeDef] = &[
     ),
     ty!(
         "MedicationAdministration",
-        P | S | C | T,
         [
             ReqCode(
                 "status",
@@ -424,12 +403,10 @@ pub(crate) const TYPES: &[TypeDef] = &[
     ),
     ty!(
         "Observation",
-        P | S | C | D | T | K,
         [ReqCode("status", OBS_STATUS), Req("code"), Req("component.code"),]
     ),
     ty!(
         "DiagnosticReport",
-        P | S | C | D | T | K,
         [
             ReqCode(
                 "status",
@@ -452,7 +429,6 @@ pub(crate) const TYPES: &[TypeDef] = &[
     ),
     ty!(
         "Specimen",
-        P | S | T,
         [Code(
             "status",
             &["available", "unavailable", "unsatisfactory", "entered-in-error"]
@@ -460,7 +436,6 @@ pub(crate) const TYPES: &[TypeDef] = &[
     ),
     ty!(
         "DocumentReference",
-        P | S | D | T | K,
         [
             ReqCode("status", &["current", "superseded", "entered-in-error"]),
             Code("docStatus", &["preliminary", "final", "amended", "entered-in-error"]),
@@ -470,10 +445,9 @@ pub(crate) const TYPES: &[TypeDef] = &[
             Req("content.attachment"),
         ]
     ),
-    ty!("Binary", 0, [Req("contentType")]),
+    ty!("Binary", [Req("contentType")]),
     ty!(
         "Appointment",
-        P | D | T,
         [
             ReqCode(
                 "status",
@@ -497,12 +471,10 @@ pub(crate) const TYPES: &[TypeDef] = &[
     ),
     ty!(
         "AppointmentResponse",
-        P,
         [Req("appointment"), ReqCode("participantStatus", PARTICIPATION_STATUS),]
     ),
     ty!(
         "Claim",
-        P | T,
         [
             ReqCode("status", FM_STATUS),
             Req("type"),
@@ -535,7 +507,6 @@ pub(crate) const TYPES: &[TypeDef] = &[
     ),
     ty!(
         "ClaimResponse",
-        P | T,
         [
             ReqCode("status", FM_STATUS),
             Req("type"),
@@ -548,7 +519,6 @@ pub(crate) const TYPES: &[TypeDef] = &[
     ),
     ty!(
         "ExplanationOfBenefit",
-        P | T,
         [
             ReqCode("status", FM_STATUS),
             Req("type"),
@@ -582,7 +552,6 @@ pub(crate) const TYPES: &[TypeDef] = &[
     ),
     ty!(
         "Coverage",
-        P | T,
         [
             ReqCode("status", FM_STATUS),
             Req("beneficiary"),
@@ -595,7 +564,6 @@ pub(crate) const TYPES: &[TypeDef] = &[
     ),
     ty!(
         "CareTeam",
-        P | S | D | T | K,
         [Code(
             "status",
             &["proposed", "active", "suspended", "inactive", "entered-in-error"]
@@ -603,7 +571,6 @@ pub(crate) const TYPES: &[TypeDef] = &[
     ),
     ty!(
         "Goal",
-        P | S | K,
         [
             ReqCode(
                 "lifecycleStatus",
@@ -625,7 +592,6 @@ pub(crate) const TYPES: &[TypeDef] = &[
     ),
     ty!(
         "ServiceRequest",
-        P | S | C | T | K,
         [
             ReqCode("status", REQUEST_STATUS),
             ReqCode("intent", REQUEST_INTENT),
@@ -635,7 +601,6 @@ pub(crate) const TYPES: &[TypeDef] = &[
     ),
     ty!(
         "Provenance",
-        P,
         [
             Req("target"),
             Req("recorded"),
@@ -650,7 +615,6 @@ pub(crate) const TYPES: &[TypeDef] = &[
     ),
     ty!(
         "ImagingStudy",
-        P | S | T,
         [
             ReqCode(
                 "status",
@@ -666,7 +630,6 @@ pub(crate) const TYPES: &[TypeDef] = &[
     ),
     ty!(
         "DeviceRequest",
-        P | S | C | T,
         [
             Code("status", REQUEST_STATUS),
             ReqCode("intent", REQUEST_INTENT),
@@ -677,7 +640,6 @@ pub(crate) const TYPES: &[TypeDef] = &[
     ),
     ty!(
         "DeviceUseStatement",
-        P | S,
         [
             ReqCode(
                 "status",
@@ -696,7 +658,6 @@ pub(crate) const TYPES: &[TypeDef] = &[
     ),
     ty!(
         "NutritionOrder",
-        P | T,
         [
             ReqCode("status", REQUEST_STATUS),
             ReqCode("intent", REQUEST_INTENT),
@@ -704,14 +665,9 @@ pub(crate) const TYPES: &[TypeDef] = &[
             Req("dateTime"),
         ]
     ),
-    ty!(
-        "RiskAssessment",
-        P | S | D,
-        [ReqCode("status", OBS_STATUS), Req("subject"),]
-    ),
+    ty!("RiskAssessment", [ReqCode("status", OBS_STATUS), Req("subject"),]),
     ty!(
         "QuestionnaireResponse",
-        P | S | T,
         [
             ReqCode(
                 "status",
@@ -722,7 +678,6 @@ pub(crate) const TYPES: &[TypeDef] = &[
     ),
     ty!(
         "Communication",
-        P | S | T | K,
         [
             ReqCode("status", EVENT_STATUS),
             Code("priority", REQUEST_PRIORITY),
@@ -731,7 +686,6 @@ pub(crate) const TYPES: &[TypeDef] = &[
     ),
     ty!(
         "CommunicationRequest",
-        P | S | T | K,
         [
             ReqCode("status", REQUEST_STATUS),
             Code("priority", REQUEST_PRIORITY),
@@ -740,7 +694,6 @@ pub(crate) const TYPES: &[TypeDef] = &[
     ),
     ty!(
         "Flag",
-        P | S | D,
         [
             ReqCode("status", &["active", "inactive", "entered-in-error"]),
             Req("code"),
@@ -749,7 +702,6 @@ pub(crate) const TYPES: &[TypeDef] = &[
     ),
     ty!(
         "List",
-        P | S | C | D | T,
         [
             ReqCode("status", &["current", "retired", "entered-in-error"]),
             ReqCode("mode", LIST_MODE),
@@ -758,7 +710,6 @@ pub(crate) const TYPES: &[TypeDef] = &[
     ),
     ty!(
         "Composition",
-        P | S | D | T | K,
         [
             ReqCode("status", &["preliminary", "final", "amended", "entered-in-error"]),
             Req("type"),
@@ -773,7 +724,6 @@ pub(crate) const TYPES: &[TypeDef] = &[
     ),
     ty!(
         "EpisodeOfCare",
-        P | D | T,
         [
             ReqCode(
                 "status",
@@ -793,10 +743,9 @@ pub(crate) const TYPES: &[TypeDef] = &[
             Req("diagnosis.condition"),
         ]
     ),
-    ty!("RelatedPerson", P, [Req("patient"), Code("gender", GENDER)]),
+    ty!("RelatedPerson", [Req("patient"), Code("gender", GENDER)]),
     ty!(
         "Task",
-        P | S | C | T,
         [
             ReqCode(
                 "status",
@@ -838,17 +787,15 @@ pub(crate) const TYPES: &[TypeDef] = &[
     ),
     ty!(
         "AdverseEvent",
-        S | D | K,
         [
             ReqCode("actuality", &["actual", "potential"]),
             Req("subject"),
             Req("suspectEntity.instance"),
         ]
     ),
-    ty!("BodyStructure", P, [Req("patient")]),
+    ty!("BodyStructure", [Req("patient")]),
     ty!(
         "ClinicalImpression",
-        P | S | D | T,
         [
             ReqCode("status", &["in-progress", "completed", "entered-in-error"]),
             Req("subject"),
@@ -857,7 +804,6 @@ pub(crate) const TYPES: &[TypeDef] = &[
     ),
     ty!(
         "DetectedIssue",
-        P | C,
         [
             ReqCode("status", OBS_STATUS),
             Code("severity", &["high", "moderate", "low"]),
@@ -866,7 +812,6 @@ pub(crate) const TYPES: &[TypeDef] = &[
     ),
     ty!(
         "ImmunizationRecommendation",
-        P,
         [
             Req("patient"),
             Req("date"),
@@ -874,10 +819,9 @@ pub(crate) const TYPES: &[TypeDef] = &[
             Req("recommendation.forecastStatus"),
         ]
     ),
-    ty!("Media", P | S | T, [ReqCode("status", EVENT_STATUS), Req("content")]),
+    ty!("Media", [ReqCode("status", EVENT_STATUS), Req("content")]),
     ty!(
         "Account",
-        P | S | T,
         [
             ReqCode(
                 "status",
@@ -889,7 +833,6 @@ pub(crate) const TYPES: &[TypeDef] = &[
     ),
     ty!(
         "ChargeItem",
-        P | S | C,
         [
             ReqCode(
                 "status",
@@ -910,7 +853,6 @@ pub(crate) const TYPES: &[TypeDef] = &[
     ),
     ty!(
         "Invoice",
-        P | S | T,
         [
             ReqCode(
                 "status",
@@ -926,7 +868,6 @@ pub(crate) const TYPES: &[TypeDef] = &[
     ),
     ty!(
         "SupplyDelivery",
-        P | T,
         [Code(
             "status",
             &["in-progress", "completed", "abandoned", "entered-in-error"]
@@ -934,7 +875,6 @@ pub(crate) const TYPES: &[TypeDef] = &[
     ),
     ty!(
         "SupplyRequest",
-        S | D | T | K,
         [
             Code(
                 "status",
@@ -955,7 +895,6 @@ pub(crate) const TYPES: &[TypeDef] = &[
     ),
     ty!(
         "VisionPrescription",
-        P | T,
         [
             ReqCode("status", FM_STATUS),
             Req("created"),
@@ -969,7 +908,6 @@ pub(crate) const TYPES: &[TypeDef] = &[
     ),
     ty!(
         "ResearchSubject",
-        P | D | T,
         [
             ReqCode(
                 "status",
@@ -993,12 +931,11 @@ pub(crate) const TYPES: &[TypeDef] = &[
             Req("individual"),
         ]
     ),
-    ty!("Organization", 0, []),
-    ty!("Practitioner", 0, [Code("gender", GENDER), Req("qualification.code")]),
-    ty!("PractitionerRole", 0, []),
+    ty!("Organization", []),
+    ty!("Practitioner", [Code("gender", GENDER), Req("qualification.code")]),
+    ty!("PractitionerRole", []),
     ty!(
         "Location",
-        T,
         [
             Code("status", &["active", "suspended", "inactive"]),
             Code("mode", &["instance", "kind"]),
@@ -1008,7 +945,6 @@ pub(crate) const TYPES: &[TypeDef] = &[
     ),
     ty!(
         "Medication",
-        C | T,
         [
             Code("status", &["active", "inactive", "entered-in-error"]),
             Req("ingredient.item[x]"),
@@ -1016,7 +952,6 @@ pub(crate) const TYPES: &[TypeDef] = &[
     ),
     ty!(
         "Device",
-        P | T,
         [
             Code("status", &["active", "inactive", "entered-in-error", "unknown"]),
             Req("deviceName.name"),

@@ -10,7 +10,7 @@ use automerge::ActorId;
 use medmesh_gateway::fhir::outcome::ApiError;
 use medmesh_gateway::fhir::search_params::SearchRequest;
 use medmesh_gateway::{Backend, HistoryEntry, SignedKind, TxFailure, TxOp, TxResult};
-use medmesh_node::records::{Query, RecordDoc, RenderedResource, actor_id};
+use medmesh_node::records::{RecordDoc, RenderedResource, actor_id};
 use serde_json::{Value, json};
 
 /// The in-memory backend.
@@ -80,8 +80,10 @@ impl MemBackend {
     }
 
     fn search_in(doc: &RecordDoc, request: &SearchRequest) -> Result<Vec<Arc<RenderedResource>>, ApiError> {
-        let query = Query::parse(&request.resource_type, request.params())?;
-        Ok(medmesh_node::records::search::search(doc.resources()?.iter(), &query))
+        Ok(medmesh_node::records::search::search(
+            doc.resources()?.iter(),
+            &request.query,
+        ))
     }
 
     fn apply(&self, doc: &mut RecordDoc, op: TxOp) -> Result<TxResult, ApiError> {

@@ -1,21 +1,177 @@
 //! Search over rendered resources: `_id`, `_lastUpdated`, `code`, `date`, `status`,
-//! `category`, `patient`/`subject`. A scan of the cached JSON; scoping to one
-//! patient's documents is the caller's job (DESIGN §3).
+//! `category`, `identifier`, `patient`/`subject`. A scan of the cached JSON; scoping
+//! to one patient's documents is the caller's job (DESIGN §3).
 //!
-//! Parameters are ANDed; comma-separated values of one parameter are ORed
-//! (backslash-escaped commas are not supported). Modifiers (`code:text`, …) are
-//! refused with [`Error::UnsupportedSearchParam`], as is any unknown parameter, so a
-//! client never silently gets an unfiltered result. Paging/format parameters
-//! (`_count`, `_format`, `_pretty`) are ignored here: the gateway handles them.
+//! This module is the one definition of search: which parameters each type has
+//! ([`type_params`]), how their values parse ([`Query::parse`]) and what they match.
+//! The gateway only reads the query string (percent-decoding, paging, modifiers,
+//! unknown parameters) and hands the rest here.
+//!
+//! Parameters are ANDed; comma-separated values of one parameter are ORed; `\,`,
+//! `\|`, `\$` and `\\` escape. Tokens are `system|code`, `|code` (no system),
+//! `code` (any system) and `system|` (any code of the system); for `identifier`
+//! the code is the identifier's `value`. `patient`/`subject` take one `Patient/{id}`
+//! or `{id}` (searches are scoped to one patient). Modifiers (`code:text`, …) are
+//! refused with [`Error::UnsupportedSearchParam`], as is any parameter the type does
+//! not have, so a client never silently gets an unfiltered result. Paging/format
+//! parameters (`_count`, `_format`, `_pretty`) are ignored here: the gateway handles
+//! them.
 
 use std::sync::Arc;
 
 use serde_json::Value;
 
-use super::compartment::{patient_of_reference, patient_references, values_at};
+use super::compartment::{patient_references, values_at};
 use super::doc::RenderedResource;
 use super::error::{Error, Result};
 use super::time::parse_range;
+
+/// The search parameters each supported type has in FHIR R4 and this module
+/// serves, beyond [`COMMON_PARAMS`]. Types not listed have only those.
+const TYPE_PARAMS: &[(&str, &[&str])] = &[
+    ("Patient", &["identifier"]),
+    (
+        "AllergyIntolerance",
+        &["patient", "code", "date", "category", "identifier"],
+    ),
+    ("Condition", &["patient", "subject", "code", "category", "identifier"]),
+    (
+        "Procedure",
+        &["patient", "subject", "code", "date", "status", "category", "identifier"],
+    ),
+    ("Immunization", &["patient", "date", "status", "identifier"]),
+    ("Encounter", &["patient", "subject", "date", "status", "identifier"]),
+    (
+        "CarePlan",
+        &["patient", "subject", "date", "status", "category", "identifier"],
+    ),
+    (
+        "FamilyMemberHistory",
+        &["patient", "code", "date", "status", "identifier"],
+    ),
+    (
+        "MedicationRequest",
+        &["patient", "subject", "code", "status", "category", "identifier"],
+    ),
+    (
+        "MedicationStatement",
+        &["patient", "subject", "code", "status", "category", "identifier"],
+    ),
+    (
+        "MedicationDispense",
+        &["patient", "subject", "code", "status", "identifier"],
+    ),
+    (
+        "MedicationAdministration",
+        &["patient", "subject", "code", "status", "identifier"],
+    ),
+    (
+        "Observation",
+        &["patient", "subject", "code", "date", "status", "category", "identifier"],
+    ),
+    (
+        "DiagnosticReport",
+        &["patient", "subject", "code", "date", "status", "category", "identifier"],
+    ),
+    ("Specimen", &["patient", "subject", "status", "identifier"]),
+    (
+        "DocumentReference",
+        &["patient", "subject", "date", "status", "category", "identifier"],
+    ),
+    ("Binary", &[]),
+    ("Appointment", &["patient", "date", "status", "identifier"]),
+    ("AppointmentResponse", &["patient", "identifier"]),
+    ("Claim", &["patient", "status", "identifier"]),
+    ("ClaimResponse", &["patient", "status", "identifier"]),
+    ("ExplanationOfBenefit", &["patient", "status", "identifier"]),
+    ("Coverage", &["patient", "status", "identifier"]),
+    (
+        "CareTeam",
+        &["patient", "subject", "date", "status", "category", "identifier"],
+    ),
+    ("Goal", &["patient", "subject", "category", "identifier"]),
+    (
+        "ServiceRequest",
+        &["patient", "subject", "code", "status", "category", "identifier"],
+    ),
+    ("Provenance", &["patient"]),
+    ("ImagingStudy", &["patient", "subject", "status", "identifier"]),
+    ("DeviceRequest", &["patient", "subject", "code", "status", "identifier"]),
+    ("DeviceUseStatement", &["patient", "subject", "identifier"]),
+    ("NutritionOrder", &["patient", "status", "identifier"]),
+    ("RiskAssessment", &["patient", "subject", "date", "identifier"]),
+    ("QuestionnaireResponse", &["patient", "subject", "status", "identifier"]),
+    (
+        "Communication",
+        &["patient", "subject", "status", "category", "identifier"],
+    ),
+    (
+        "CommunicationRequest",
+        &["patient", "subject", "status", "category", "identifier"],
+    ),
+    ("Flag", &["patient", "subject", "date", "identifier"]),
+    ("List", &["patient", "subject", "code", "date", "status", "identifier"]),
+    (
+        "Composition",
+        &["patient", "subject", "date", "status", "category", "identifier"],
+    ),
+    ("EpisodeOfCare", &["patient", "date", "status", "identifier"]),
+    ("RelatedPerson", &["patient", "identifier"]),
+    ("Task", &["patient", "subject", "code", "status", "identifier"]),
+    ("AdverseEvent", &["subject", "date", "category", "identifier"]),
+    ("BodyStructure", &["patient", "identifier"]),
+    (
+        "ClinicalImpression",
+        &["patient", "subject", "date", "status", "identifier"],
+    ),
+    ("DetectedIssue", &["patient", "code", "identifier"]),
+    ("ImmunizationRecommendation", &["patient", "identifier"]),
+    ("Media", &["patient", "subject", "status", "identifier"]),
+    ("Account", &["patient", "subject", "status", "identifier"]),
+    ("ChargeItem", &["patient", "subject", "code", "identifier"]),
+    ("Invoice", &["patient", "subject", "status", "identifier"]),
+    ("SupplyDelivery", &["patient", "status", "identifier"]),
+    (
+        "SupplyRequest",
+        &["subject", "date", "status", "category", "identifier"],
+    ),
+    ("VisionPrescription", &["patient", "status", "identifier"]),
+    ("ResearchSubject", &["patient", "date", "status", "identifier"]),
+    ("Organization", &["identifier"]),
+    ("Practitioner", &["identifier"]),
+    ("PractitionerRole", &["identifier"]),
+    ("Location", &["status", "identifier"]),
+    ("Medication", &["code", "status", "identifier"]),
+    ("Device", &["patient", "status", "identifier"]),
+];
+
+/// Parameters every type has.
+pub const COMMON_PARAMS: &[&str] = &["_id", "_lastUpdated"];
+
+/// The search parameters `resource_type` has beyond [`COMMON_PARAMS`], with their
+/// FHIR search parameter type (`reference`, `token`, `date`).
+pub fn type_params(resource_type: &str) -> Vec<(&'static str, &'static str)> {
+    lookup(TYPE_PARAMS, resource_type)
+        .unwrap_or_default()
+        .iter()
+        .map(|name| {
+            let kind = match *name {
+                "patient" | "subject" => "reference",
+                "date" => "date",
+                _ => "token",
+            };
+            (*name, kind)
+        })
+        .collect()
+}
+
+/// Whether `resource_type` can be searched by the parameter `name` (no modifier).
+pub fn supports(resource_type: &str, name: &str) -> bool {
+    COMMON_PARAMS.contains(&name) || lookup(TYPE_PARAMS, resource_type).is_some_and(|p| p.contains(&name))
+}
+
+/// Element paths searched by `identifier`, per type; others search `identifier`.
+const IDENTIFIER_PATHS: &[(&str, &[&str])] = &[("DocumentReference", &["masterIdentifier", "identifier"])];
 
 /// Element paths searched by `code`, per type; others search `code`.
 const CODE_PATHS: &[(&str, &[&str])] = &[
@@ -103,7 +259,9 @@ enum Param {
     Date(Vec<DateCond>),
     Status(Vec<Token>),
     Category(Vec<Token>),
-    Patient(Vec<String>),
+    Identifier(Vec<Token>),
+    /// `Patient/{id}`.
+    Patient(String),
 }
 
 /// A parsed search over one resource type.
@@ -113,52 +271,69 @@ pub struct Query {
     params: Vec<Param>,
 }
 
-/// Search parameters this module understands.
-pub const SUPPORTED_PARAMS: &[&str] = &[
-    "_id",
-    "_lastUpdated",
-    "code",
-    "date",
-    "status",
-    "category",
-    "patient",
-    "subject",
-];
-
 /// Parameters accepted and left to the caller (paging and formatting).
-const IGNORED_PARAMS: &[&str] = &["_count", "_format", "_pretty"];
+const IGNORED_PARAMS: &[&str] = &["_count", "_offset", "_format", "_pretty"];
 
 impl Query {
-    /// Parses `(name, value)` pairs of a search on `resource_type`.
+    /// Parses `(name, value)` pairs of a search on `resource_type`: values as
+    /// they arrive after percent-decoding (backslash escapes still in).
     ///
     /// # Errors
-    /// [`Error::UnsupportedSearchParam`] for unknown parameters or modifiers,
-    /// [`Error::InvalidSearchValue`] for values that do not parse.
+    /// [`Error::UnsupportedSearchParam`] for parameters the type does not have and
+    /// for modifiers, [`Error::InvalidSearchValue`] for values that do not parse, a
+    /// second patient, or an empty value.
     pub fn parse<N: AsRef<str>, V: AsRef<str>>(resource_type: &str, pairs: &[(N, V)]) -> Result<Self> {
         let mut params = Vec::new();
+        let mut patient: Option<String> = None;
         for (name, value) in pairs {
             let (name, value) = (name.as_ref(), value.as_ref());
             if IGNORED_PARAMS.contains(&name) {
                 continue;
             }
+            if !supports(resource_type, name) {
+                return Err(Error::UnsupportedSearchParam(name.to_owned()));
+            }
             let invalid = || Error::InvalidSearchValue { param: name.to_owned() };
-            let values: Vec<&str> = value.split(',').collect();
-            if values.iter().any(|v| v.is_empty()) {
+            let values = split_unescaped(value, ',');
+            if values.iter().any(String::is_empty) {
                 return Err(invalid());
             }
+            let tokens = || {
+                values
+                    .iter()
+                    .map(|v| token(v))
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(invalid)
+            };
             let param = match name {
-                "_id" => Param::Id(values.iter().map(|v| (*v).to_owned()).collect()),
+                "_id" => {
+                    if !values.iter().all(|v| super::doc::is_id(v)) {
+                        return Err(invalid());
+                    }
+                    Param::Id(values)
+                }
                 "_lastUpdated" => Param::LastUpdated(dates(&values).ok_or_else(invalid)?),
                 "date" => Param::Date(dates(&values).ok_or_else(invalid)?),
-                "code" => Param::Code(values.iter().map(|v| token(v)).collect()),
-                "status" => Param::Status(values.iter().map(|v| token(v)).collect()),
-                "category" => Param::Category(values.iter().map(|v| token(v)).collect()),
-                "patient" | "subject" => Param::Patient(
-                    values
-                        .iter()
-                        .map(|v| patient_of_reference(v).unwrap_or_else(|| format!("Patient/{v}")))
-                        .collect(),
-                ),
+                "code" => Param::Code(tokens()?),
+                "status" => Param::Status(tokens()?),
+                "category" => Param::Category(tokens()?),
+                "identifier" => Param::Identifier(tokens()?),
+                "patient" | "subject" => {
+                    // Scoped to one patient: one Patient, the same in every parameter.
+                    let [value] = values.as_slice() else {
+                        return Err(invalid());
+                    };
+                    let id = match value.split_once('/') {
+                        Some(("Patient", id)) => id,
+                        Some(_) => return Err(invalid()),
+                        None => value.as_str(),
+                    };
+                    if !super::doc::is_id(id) || patient.as_deref().is_some_and(|p| p != id) {
+                        return Err(invalid());
+                    }
+                    patient = Some(id.to_owned());
+                    Param::Patient(format!("Patient/{id}"))
+                }
                 other => return Err(Error::UnsupportedSearchParam(other.to_owned())),
             };
             params.push(param);
@@ -172,6 +347,20 @@ impl Query {
     /// The resource type searched.
     pub fn resource_type(&self) -> &str {
         &self.resource_type
+    }
+
+    /// The id of the Patient a `patient`/`subject` parameter scopes the search to.
+    pub fn patient(&self) -> Option<&str> {
+        self.params.iter().find_map(|p| match p {
+            Param::Patient(reference) => reference.strip_prefix("Patient/"),
+            _ => None,
+        })
+    }
+
+    /// Whether the query has no condition at all (it matches every resource of
+    /// the type).
+    pub fn is_empty(&self) -> bool {
+        self.params.is_empty()
     }
 
     /// Whether a rendered resource matches every parameter.
@@ -197,7 +386,51 @@ where
         .collect()
 }
 
-fn dates(values: &[&str]) -> Option<Vec<DateCond>> {
+/// Splits at `sep` not escaped by `\`, and removes the escapes of `,`, `|`, `$`
+/// and `\` (FHIR search §3.1.1.4.3); any other backslash stays.
+fn split_unescaped(value: &str, sep: char) -> Vec<String> {
+    let mut parts = vec![String::new()];
+    let mut chars = value.chars();
+    while let Some(c) = chars.next() {
+        let Some(last) = parts.last_mut() else { break };
+        match c {
+            '\\' => match chars.next() {
+                Some(next @ (',' | '|' | '$' | '\\')) if next != sep => {
+                    // Kept escaped for the next split (a token's `|`).
+                    last.push('\\');
+                    last.push(next);
+                }
+                Some(next) if next == sep => last.push(next),
+                Some(next) => {
+                    last.push('\\');
+                    last.push(next);
+                }
+                None => last.push('\\'),
+            },
+            c if c == sep => parts.push(String::new()),
+            c => last.push(c),
+        }
+    }
+    parts
+}
+
+/// Removes the escapes [`split_unescaped`] left in.
+fn unescape(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    let mut chars = value.chars();
+    while let Some(c) = chars.next() {
+        match (c, chars.clone().next()) {
+            ('\\', Some(next @ (',' | '|' | '$' | '\\'))) => {
+                out.push(next);
+                chars.next();
+            }
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+fn dates(values: &[String]) -> Option<Vec<DateCond>> {
     values.iter().map(|v| date_cond(v)).collect()
 }
 
@@ -217,21 +450,27 @@ fn date_cond(v: &str) -> Option<DateCond> {
         .iter()
         .find_map(|(p, e)| v.strip_prefix(p).map(|r| (*e, r)))
         .unwrap_or((Prefix::Eq, v));
-    let (start, end) = parse_range(rest)?;
+    // An unencoded `+` of a time zone arrives as a space.
+    let (start, end) = parse_range(&rest.replace(' ', "+"))?;
     Some(DateCond { prefix, start, end })
 }
 
-fn token(v: &str) -> Token {
-    match v.split_once('|') {
-        Some((s, c)) => Token {
-            system: Some(s.to_owned()),
-            code: (!c.is_empty()).then(|| c.to_owned()),
-        },
-        None => Token {
+/// A token: `system|code`, `|code`, `system|` or `code`; `None` for more than
+/// one unescaped `|` or nothing at all.
+fn token(v: &str) -> Option<Token> {
+    let parts = split_unescaped(v, '|');
+    let token = match parts.as_slice() {
+        [code] => Token {
             system: None,
-            code: Some(v.to_owned()),
+            code: Some(unescape(code)),
         },
-    }
+        [system, code] => Token {
+            system: Some(unescape(system)),
+            code: (!code.is_empty()).then(|| unescape(code)),
+        },
+        _ => return None,
+    };
+    (token.code.is_some() || token.system.as_deref().is_some_and(|s| !s.is_empty())).then_some(token)
 }
 
 fn param_matches(rtype: &str, p: &Param, r: &Value) -> bool {
@@ -269,10 +508,14 @@ fn param_matches(rtype: &str, p: &Param, r: &Value) -> bool {
         Param::Category(tokens) => values_at(r, "category")
             .into_iter()
             .any(|v| tokens.iter().any(|t| token_matches(v, t))),
-        Param::Patient(refs) => {
-            let mine = patient_references(r);
-            refs.iter().any(|x| mine.contains(x))
+        Param::Identifier(tokens) => {
+            let paths = lookup(IDENTIFIER_PATHS, rtype).unwrap_or(&["identifier"]);
+            paths
+                .iter()
+                .flat_map(|p| values_at(r, p))
+                .any(|v| tokens.iter().any(|t| identifier_matches(v, t)))
         }
+        Param::Patient(reference) => patient_references(r).contains(reference),
     }
 }
 
@@ -372,14 +615,25 @@ fn token_matches_coding_list(codings: &Value, t: &Token) -> bool {
     }
 }
 
-fn coding_matches(coding: &Value, t: &Token) -> bool {
-    let system = coding.get("system").and_then(Value::as_str);
-    let code = coding.get("code").and_then(Value::as_str);
-    let system_ok = match t.system.as_deref() {
+/// Token match against an `Identifier` (`system`, `value`).
+fn identifier_matches(identifier: &Value, t: &Token) -> bool {
+    let system = identifier.get("system").and_then(Value::as_str);
+    let value = identifier.get("value").and_then(Value::as_str);
+    system_matches(t, system) && t.code.as_deref().is_none_or(|c| value == Some(c))
+}
+
+fn system_matches(t: &Token, system: Option<&str>) -> bool {
+    match t.system.as_deref() {
         None => true,
         Some("") => system.is_none(),
         Some(s) => system == Some(s),
-    };
+    }
+}
+
+fn coding_matches(coding: &Value, t: &Token) -> bool {
+    let system = coding.get("system").and_then(Value::as_str);
+    let code = coding.get("code").and_then(Value::as_str);
+    let system_ok = system_matches(t, system);
     let code_ok = match t.code.as_deref() {
         None => true,
         Some(c) => code == Some(c),
@@ -442,8 +696,8 @@ mod tests {
         assert!(lu("ge2024-04-01"));
         assert!(!lu("lt2024-04-01"));
         // Partial target: the whole of March 2024.
-        let cond = json!({"resourceType":"Condition","onsetDateTime":"2024-03"});
-        let c = |v: &str| q("Condition", &[("date", v)]).matches(&cond);
+        let allergy = json!({"resourceType":"AllergyIntolerance","onsetDateTime":"2024-03"});
+        let c = |v: &str| q("AllergyIntolerance", &[("date", v)]).matches(&allergy);
         assert!(c("2024"));
         assert!(!c("2024-03-15"));
         assert!(c("ge2024-03-15"));
@@ -454,6 +708,42 @@ mod tests {
         assert!(e("gt2030-01-01"));
         assert!(!e("lt2024-01-01"));
         assert!(!e("eq2024-01-01"));
+    }
+
+    #[test]
+    fn identifiers_and_escapes() {
+        let p = json!({"resourceType":"Patient","id":"p",
+            "identifier":[{"system":"http://mrn","value":"12,3|4"},{"value":"x"}]});
+        let m = |v: &str| q("Patient", &[("identifier", v)]).matches(&p);
+        assert!(m(r"http://mrn|12\,3\|4"));
+        assert!(m(r"12\,3\|4"));
+        assert!(m("http://mrn|"));
+        assert!(m("|x"));
+        assert!(!m("|12"));
+        assert!(!m("http://mrn|12"));
+        assert!(m(r"nope,12\,3\|4"));
+        let doc = json!({"resourceType":"DocumentReference","masterIdentifier":{"system":"s","value":"m"}});
+        assert!(q("DocumentReference", &[("identifier", "s|m")]).matches(&doc));
+        assert!(Query::parse("Patient", &[("identifier", "a|b|c")]).is_err());
+        assert!(Query::parse("Patient", &[("identifier", "|")]).is_err());
+        assert!(Query::parse("Binary", &[("identifier", "x")]).is_err());
+        assert!(Query::parse("Patient", &[("code", "x")]).is_err());
+        assert!(Query::parse("Patient", &[("_id", "a_b")]).is_err());
+        assert!(supports("Observation", "identifier") && !supports("Provenance", "identifier"));
+    }
+
+    #[test]
+    fn patient_scope() {
+        let scoped = q("Observation", &[("patient", "a"), ("subject", "Patient/a")]);
+        assert_eq!(scoped.patient(), Some("a"));
+        assert_eq!(q("Observation", &[("status", "final")]).patient(), None);
+        for pairs in [
+            &[("patient", "a,b")][..],
+            &[("patient", "a"), ("subject", "b")],
+            &[("subject", "Group/1")],
+        ] {
+            assert!(Query::parse("Observation", pairs).is_err(), "{pairs:?}");
+        }
     }
 
     #[test]

@@ -779,6 +779,52 @@ fn compartment_and_routing_on_examples() {
     assert!(supported_types().contains(&"Organization"));
 }
 
+/// Listings are served from the render cache once the document was walked;
+/// every later write and peer change must still show in the next listing.
+#[test]
+fn listing_follows_changes_after_it_was_cached() {
+    let obs = |text: &str| json!({"resourceType": "Observation", "status": "final", "code": {"text": text}});
+    let listing = |doc: &RecordDoc| -> Vec<(String, Value)> {
+        doc.resources()
+            .unwrap()
+            .iter()
+            .map(|r| (r.key.clone(), r.json["code"]["text"].clone()))
+            .collect()
+    };
+    let mut doc = RecordDoc::new();
+    doc.create(&actor(1), T0, "a", &obs("a")).unwrap();
+    doc.create(&actor(1), T0, "b", &obs("b")).unwrap();
+    assert_eq!(listing(&doc).len(), 2);
+    assert_eq!(listing(&doc).len(), 2, "served from the cache");
+
+    let base = doc.read("Observation/a").unwrap().json.clone();
+    doc.update(&actor(1), T0 + 1, "Observation/a", &base, &obs("a2"))
+        .unwrap();
+    doc.create(&actor(1), T0 + 2, "c", &obs("c")).unwrap();
+    doc.delete(&actor(1), T0 + 3, "Observation/b").unwrap();
+    assert_eq!(
+        listing(&doc),
+        [
+            ("Observation/a".to_owned(), json!("a2")),
+            ("Observation/c".to_owned(), json!("c"))
+        ]
+    );
+
+    // A peer's change arrives.
+    let mut peer = RecordDoc::load(&doc.save()).unwrap();
+    let written = peer.create(&actor(2), T0 + 4, "d", &obs("d")).unwrap();
+    let report = doc.apply_changes(vec![DecodedChange::from_bytes(&written.change).unwrap()]);
+    assert_eq!(report.applied.len(), 1);
+    let keys: Vec<String> = listing(&doc).into_iter().map(|(k, _)| k).collect();
+    assert_eq!(keys, ["Observation/a", "Observation/c", "Observation/d"]);
+
+    // Many writes without a listing in between: the listing is still whole.
+    for i in 0..1100 {
+        doc.create(&actor(1), T0 + 5, &format!("n{i}"), &obs("n")).unwrap();
+    }
+    assert_eq!(listing(&doc).len(), 1103);
+}
+
 #[test]
 fn search_over_examples() {
     let mut doc = RecordDoc::new();
