@@ -299,6 +299,7 @@ fn envelope(out: &mut Out, case: &str, env: &Envelope, change: &[u8], change_has
     out.hex(case, "signed-header", &env.signed_header().encode());
     out.hex(case, "envelope-id", &env.id().0);
     out.hex(case, "encoded", &env.encode());
+    out.hex(case, "compact-header", &env.signed_header().compact().encode());
 }
 
 fn compute() -> Vec<(String, String, String)> {
@@ -608,6 +609,23 @@ fn file_bytes_decode_and_verify() {
             .open(&key, |_| Some(hash))
             .unwrap_or_else(|e| panic!("case {case}: {e}"));
         assert_eq!(plain.to_vec(), get_hex(&m, case, "change"), "case {case}");
+        // The compact header, the change and the key give back the envelope.
+        let compact = CompactHeader::decode(&get_hex(&m, case, "compact-header"))
+            .unwrap_or_else(|e| panic!("case {case}: {e}"));
+        let h = env.header();
+        let change = get_hex(&m, case, "change");
+        let restored = compact
+            .restore(
+                &key,
+                Change {
+                    bytes: &change,
+                    hash,
+                    actor: h.actor,
+                    seq: h.seq,
+                },
+            )
+            .unwrap_or_else(|e| panic!("case {case}: {e}"));
+        assert_eq!(restored.encode(), bytes, "case {case}: restored byte for byte");
         assert_eq!(env.encode(), bytes, "case {case}: re-encodes identically");
     }
     let passphrase = &m[&("keystore".into(), "passphrase".into())];
