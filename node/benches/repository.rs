@@ -361,6 +361,9 @@ async fn scale(patients: usize) {
         let parts: Vec<&str> = line.split(' ').collect();
         println!("scale: reusing the store at {}", data.display());
         measure_open(&data, parts[0], parts[1]);
+        if let Some(json_bytes) = parts.get(2).and_then(|j| j.trim().parse().ok()) {
+            disk_breakdown(&data.join("store"), json_bytes);
+        }
         return;
     }
     let node = Node::open(&data, SecretIdentity::from_seed(&NODE_SEED), Config::default())
@@ -432,13 +435,60 @@ async fn scale(patients: usize) {
     );
     let (pid, _, key) = &keys[keys.len() / 2 + 7];
     if kept.is_some() {
-        std::fs::write(&sample, format!("{key} {pid}")).unwrap();
+        std::fs::write(&sample, format!("{key} {pid} {json_bytes}")).unwrap();
     }
     measure_open(&data, key, &pid.to_string());
     println!(
         "  disk after that reopen {:.1} MiB (sled reclaims segments lazily)",
         dir_bytes(&data) as f64 / 1048576.0
     );
+    disk_breakdown(&data.join("store"), json_bytes);
+}
+
+/// What the stored bytes are made of: keys + values per sled tree (read with
+/// sled itself, the node closed), against the plaintext JSON; with
+/// `MEDMESH_BENCH_SLED_FLOOR=1` also the size of a fresh export/import copy
+/// (sled's own floor for the same data: no garbage left by earlier writes).
+fn disk_breakdown(store_dir: &Path, json_bytes: u64) {
+    let db = sled::Config::new().path(store_dir).open().unwrap();
+    let mut logical = 0u64;
+    let mut rows = Vec::new();
+    for name in db.tree_names() {
+        let tree = db.open_tree(&name).unwrap();
+        let (mut entries, mut bytes) = (0u64, 0u64);
+        for entry in tree.iter() {
+            let (k, v) = entry.unwrap();
+            entries += 1;
+            bytes += (k.len() + v.len()) as u64;
+        }
+        if let Some(each) = bytes.checked_div(entries) {
+            logical += bytes;
+            rows.push(format!(
+                "{} {:.1} MiB ({entries} entries, {each} B each)",
+                String::from_utf8_lossy(&name),
+                bytes as f64 / 1048576.0,
+            ));
+        }
+    }
+    println!("  logical bytes (keys + values) per tree: {}", rows.join("; "));
+    println!(
+        "  logical total {:.1} MiB = {:.2}x the JSON; sled's files {:.2}x that",
+        logical as f64 / 1048576.0,
+        logical as f64 / json_bytes as f64,
+        dir_bytes(store_dir) as f64 / logical as f64
+    );
+    if std::env::var_os("MEDMESH_BENCH_SLED_FLOOR").is_some() {
+        let copy = tempfile::tempdir().unwrap();
+        let fresh = sled::Config::new().path(copy.path()).open().unwrap();
+        fresh.import(db.export());
+        fresh.flush().unwrap();
+        drop(fresh);
+        println!(
+            "  a fresh sled export/import of the same data: {:.1} MiB, {:.2}x logical",
+            dir_bytes(copy.path()) as f64 / 1048576.0,
+            dir_bytes(copy.path()) as f64 / logical as f64
+        );
+    }
 }
 
 /// Opens the store in a fresh process and reads one resource; then, in
