@@ -610,8 +610,8 @@ fn file_bytes_decode_and_verify() {
             .unwrap_or_else(|e| panic!("case {case}: {e}"));
         assert_eq!(plain.to_vec(), get_hex(&m, case, "change"), "case {case}");
         // The compact header, the change and the key give back the envelope.
-        let compact = CompactHeader::decode(&get_hex(&m, case, "compact-header"))
-            .unwrap_or_else(|e| panic!("case {case}: {e}"));
+        let compact =
+            CompactHeader::decode(&get_hex(&m, case, "compact-header")).unwrap_or_else(|e| panic!("case {case}: {e}"));
         let h = env.header();
         let change = get_hex(&m, case, "change");
         let restored = compact
