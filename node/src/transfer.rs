@@ -20,6 +20,9 @@ use sha2::{Digest as _, Sha256};
 use crate::Node;
 use crate::records::{self, DecodedChange, RecordDoc};
 
+/// Tag, key id and nonce of a sealed snapshot (`medmesh_crypto::SealedSnapshot`).
+const SEALED_HEAD_LEN: usize = medmesh_crypto::SNAPSHOT_TAG.len() + 16 + 24;
+
 /// Why a snapshot transfer could not be made or used.
 #[derive(Debug, thiserror::Error)]
 pub enum TransferError {
@@ -102,10 +105,16 @@ impl Node {
     /// # Errors
     /// Store failures.
     pub fn snapshot_fingerprint(&self, patient: PatientId, collection: Collection) -> crate::Result<Option<[u8; 32]>> {
-        Ok(self
-            .raw_store()
-            .snapshot(&patient, collection)?
-            .map(|sealed| Sha256::digest(&sealed).into()))
+        // Every seal draws a fresh random nonce, which sits in the sealed
+        // snapshot's first bytes: hashing those (and the length) tells
+        // snapshots apart without hashing megabytes on every pull.
+        Ok(self.raw_store().snapshot(&patient, collection)?.map(|sealed| {
+            let head = &sealed[..sealed.len().min(SEALED_HEAD_LEN)];
+            let mut h = Sha256::new();
+            h.update(head);
+            h.update((sealed.len() as u64).to_be_bytes());
+            h.finalize().into()
+        }))
     }
 
     /// A snapshot transfer of (patient, collection) made from its local
