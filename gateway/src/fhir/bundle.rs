@@ -130,6 +130,13 @@ impl Searchset {
     /// The Bundle serialized (compact JSON, the same document as
     /// [`build`](Self::build)), copying rendered resources' bytes as they are.
     pub fn to_bytes(self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.write_to(&mut out);
+        out
+    }
+
+    /// Appends [`to_bytes`](Self::to_bytes) to `out` (e.g. a reused buffer).
+    pub fn write_to(self, out: &mut Vec<u8>) {
         let mut entries = Vec::new();
         let mut shell = self;
         std::mem::swap(&mut entries, &mut shell.entries);
@@ -138,7 +145,8 @@ impl Searchset {
         let base = base.strip_suffix('"').unwrap_or(&base).to_owned();
         let head = shell.build().to_string();
         if entries.is_empty() {
-            return head.into_bytes();
+            out.extend_from_slice(head.as_bytes());
+            return;
         }
         let size: usize = entries
             .iter()
@@ -147,7 +155,7 @@ impl Searchset {
                 SearchEntry::Json(_) => 256,
             })
             .sum();
-        let mut out = Vec::with_capacity(head.len() + size + 16);
+        out.reserve(head.len() + size + 16);
         // `build` puts `entry` last: reopen the object before its closing brace.
         out.extend_from_slice(head.trim_end_matches('}').as_bytes());
         out.extend_from_slice(b",\"entry\":[");
@@ -158,12 +166,12 @@ impl Searchset {
             match entry {
                 SearchEntry::Json(value) => {
                     // Writing a Value into a Vec cannot fail.
-                    let _ = serde_json::to_writer(&mut out, value);
+                    let _ = serde_json::to_writer(&mut *out, value);
                 }
                 SearchEntry::Rendered { resource, mode } => {
                     out.extend_from_slice(b"{\"fullUrl\":");
                     out.extend_from_slice(base.as_bytes());
-                    write_json_string_contents(&mut out, &resource.key);
+                    write_json_string_contents(out, &resource.key);
                     out.extend_from_slice(b"\",\"resource\":");
                     out.extend_from_slice(&resource.bytes);
                     out.extend_from_slice(b",\"search\":{\"mode\":\"");
@@ -173,7 +181,6 @@ impl Searchset {
             }
         }
         out.extend_from_slice(b"]}");
-        out
     }
 
     /// The Bundle as FHIR JSON.
