@@ -180,8 +180,10 @@ async fn record_metrics<B: Backend>(State(state): Shared<B>, request: Request, n
 
 // ---- helpers ----------------------------------------------------------------
 
-fn fhir_bytes(status: StatusCode, bytes: Vec<u8>) -> Response {
-    let mut response = (status, bytes).into_response();
+/// A response with an `application/fhir+json` body shared, not copied, from
+/// `owner` (a rendered resource, a pooled Bundle buffer).
+fn fhir_body(status: StatusCode, owner: impl AsRef<[u8]> + Send + 'static) -> Response {
+    let mut response = (status, Body::from(axum::body::Bytes::from_owner(owner))).into_response();
     response
         .headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
@@ -213,11 +215,7 @@ impl Buffers {
             bytes,
             pool: Arc::clone(self),
         };
-        let mut response = (StatusCode::OK, Body::from(axum::body::Bytes::from_owner(pooled))).into_response();
-        response
-            .headers_mut()
-            .insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
-        response
+        fhir_body(StatusCode::OK, pooled)
     }
 }
 
@@ -245,13 +243,22 @@ impl Drop for Pooled {
     }
 }
 
-fn resource_response(status: StatusCode, resource: &RenderedResource, base_url: &str, minimal: bool) -> Response {
+/// A rendered resource's cached JSON bytes as a response body, without a copy.
+struct SharedJson(Arc<RenderedResource>);
+
+impl AsRef<[u8]> for SharedJson {
+    fn as_ref(&self) -> &[u8] {
+        &self.0.bytes
+    }
+}
+
+fn resource_response(status: StatusCode, resource: &Arc<RenderedResource>, base_url: &str, minimal: bool) -> Response {
     let mut response = if minimal {
         let mut r = status.into_response();
         *r.status_mut() = status;
         r
     } else {
-        fhir_bytes(status, resource.bytes.clone())
+        fhir_body(status, SharedJson(Arc::clone(resource)))
     };
     let headers = response.headers_mut();
     if let Ok(etag) = HeaderValue::from_str(&format!("W/\"{}\"", resource.version_id)) {
@@ -468,7 +475,7 @@ async fn vread<B: Backend>(
 /// A read's answer: `304 Not Modified` (no body) when the client's copy is
 /// current by `If-None-Match` or, without it, `If-Modified-Since`; else the
 /// resource.
-fn read_response(stored: &RenderedResource, base_url: &str, headers: &HeaderMap) -> Response {
+fn read_response(stored: &Arc<RenderedResource>, base_url: &str, headers: &HeaderMap) -> Response {
     let header = |name| headers.get(name).and_then(|v: &HeaderValue| v.to_str().ok());
     let not_modified = match header(header::IF_NONE_MATCH) {
         Some(tags) => etag_list_matches(tags, &stored.version_id),
