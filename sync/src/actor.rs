@@ -65,6 +65,8 @@ pub(crate) struct Metrics {
     pub(crate) refused_busy: AtomicU64,
     pub(crate) items_pending_refused: AtomicU64,
     pub(crate) dropped: AtomicU64,
+    pub(crate) requests_sent: AtomicU64,
+    pub(crate) requests_received: AtomicU64,
 }
 
 impl Metrics {
@@ -953,6 +955,7 @@ impl<B: Backend> Actor<B> {
             }
             Command::Request { peer, request, reply } => {
                 let id = self.swarm.behaviour_mut().sync.send_request(&peer, request);
+                Metrics::add(&self.ctx.metrics.requests_sent, 1);
                 self.outbound.insert(id, Outbound::Reply(reply));
             }
             Command::Status(reply) => {
@@ -977,6 +980,8 @@ impl<B: Backend> Actor<B> {
                     refused_busy: m.refused_busy.load(Ordering::Relaxed),
                     items_pending_refused: m.items_pending_refused.load(Ordering::Relaxed),
                     dropped: m.dropped.load(Ordering::Relaxed),
+                    requests_sent: m.requests_sent.load(Ordering::Relaxed),
+                    requests_received: m.requests_received.load(Ordering::Relaxed),
                 });
             }
             Command::Shutdown(reply) => {
@@ -1283,6 +1288,7 @@ impl<B: Backend> Actor<B> {
     }
 
     fn on_request(&mut self, peer: PeerId, request: Request, channel: ResponseChannel<Response>) {
+        Metrics::add(&self.ctx.metrics.requests_received, 1);
         let Ok(requester) = Requester::from_peer_id(&peer) else {
             let _ = self
                 .swarm
@@ -1449,6 +1455,7 @@ impl<B: Backend> Actor<B> {
             .behaviour_mut()
             .sync
             .send_request(&peer, Request::Nudge { instance, seq });
+        Metrics::add(&self.ctx.metrics.requests_sent, 1);
         self.nudging.insert(peer, None);
         self.outbound.insert(id, Outbound::Nudge(peer));
     }
@@ -1486,6 +1493,7 @@ impl<B: Backend> Actor<B> {
             addrs: Vec::new(),
         };
         let id = self.swarm.behaviour_mut().sync.send_request(&peer, request);
+        Metrics::add(&self.ctx.metrics.requests_sent, 1);
         self.outbound.insert(id, Outbound::Forward(peer));
     }
 }

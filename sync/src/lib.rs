@@ -29,6 +29,7 @@
 mod actor;
 mod backend;
 mod config;
+mod direct;
 mod error;
 mod filter;
 pub mod memory;
@@ -47,6 +48,7 @@ pub use backend::{
     ItemMeta, StoredEvent, StoredItem, Transfer, TransferIngest,
 };
 pub use config::{Config, Limits};
+pub use direct::serve_request;
 pub use error::{Error, Result};
 pub use filter::{Denied, Disclosure, Requester, may_disclose};
 pub use libp2p::multiaddr::Protocol;
@@ -110,6 +112,11 @@ pub struct Status {
     /// revocation forwards beyond the outbound cap; pulls and
     /// reconciliation repair them).
     pub dropped: u64,
+    /// Requests sent to peers (pulls, summaries, fetches, pushes, forwards,
+    /// nudges, audit queries; a retry counts again).
+    pub requests_sent: u64,
+    /// Requests received from peers (answered, refused or dropped).
+    pub requests_received: u64,
 }
 
 /// A cheap, cloneable handle on one node's sync actor. The actor stops when

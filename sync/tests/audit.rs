@@ -7,61 +7,17 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use medmesh_crypto::{Access, Collection, Principal, SecretIdentity, now};
 use medmesh_node::audit::{Action, ActorKind, AuditRecord};
 use medmesh_node::testing::{ChangeMaker, TestPatient};
-use medmesh_node::{Incoming, Node, store::ItemKind as NodeKind};
+use medmesh_node::{Incoming, store::ItemKind as NodeKind};
 use medmesh_sync::memory::MemoryBackend;
 use medmesh_sync::wire::MAX_AUDIT_ENTRIES_PER_MESSAGE;
-use medmesh_sync::{Config, Error, ItemId, NodeBackend, SyncHandle};
+use medmesh_sync::{Config, Error, ItemId, SyncHandle};
 
-const WAIT: Duration = Duration::from_secs(30);
-
-async fn until(what: &str, mut cond: impl FnMut() -> bool) {
-    tokio::time::timeout(WAIT, async {
-        while !cond() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("timed out waiting for: {what}"));
-}
-
-struct Practice {
-    key: SecretIdentity,
-    node: Node,
-    sync: SyncHandle,
-    _dir: tempfile::TempDir,
-}
-
-impl Practice {
-    async fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let key = SecretIdentity::generate().unwrap();
-        let node = Node::open(dir.path(), SecretIdentity::from_seed(&key.seed()), Default::default())
-            .await
-            .unwrap();
-        let config = Config {
-            pull_interval: Duration::from_secs(3600),
-            ..Config::loopback_tcp()
-        };
-        let sync = SyncHandle::spawn(config, &key, NodeBackend::new(node.clone()))
-            .await
-            .unwrap();
-        Self {
-            key,
-            node,
-            sync,
-            _dir: dir,
-        }
-    }
-
-    fn practice(&self) -> medmesh_crypto::PracticeId {
-        self.key.practice_id().unwrap()
-    }
-}
+mod common;
+use common::{Practice, until};
 
 /// A client session (as the patient CLI runs one) with `identity`.
 async fn client(identity: &SecretIdentity) -> SyncHandle {

@@ -1,0 +1,323 @@
+//! What the integration tests over real node stores share: waiting on a
+//! condition inside a timeout; a practice (a `medmesh_node::Node` on sled
+//! in a temporary directory, behind `NodeBackend`) that can be stopped and
+//! reopened from its directory, with or without a running sync actor; and
+//! the patient's CLI keystore (grants with their key shares, revocations
+//! with new epochs), which doubles as the tests' ledger of what the patient
+//! allowed.
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use medmesh_crypto::{
+    Access, ActorId, Collection, Envelope, Epoch, EpochKey, Grant, GrantId, GrantTerms, KeyShare, PatientId,
+    PracticeId, Principal, Revocation, RevocationTerms, SecretIdentity, Timestamp, now,
+};
+use medmesh_node::store::ItemKind as NodeKind;
+use medmesh_node::{Incoming, Node};
+use medmesh_sync::{Config, Item, ItemKind, NodeBackend, PeerId, SyncHandle};
+
+/// How long any wait may take before the test fails.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// Waits for `cond` inside [`WAIT`], polling.
+pub async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+    tokio::time::timeout(WAIT, async {
+        while !cond() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out waiting for: {what}"));
+}
+
+/// Loopback TCP, no periodic pulls: only nudges, pushes, consent flows and
+/// explicit syncs move data.
+pub fn quiet_config() -> Config {
+    Config {
+        pull_interval: Duration::from_secs(3600),
+        ..Config::loopback_tcp()
+    }
+}
+
+/// Opens the node store in `dir`. A store just closed in this process may
+/// still be held by a task that has not dropped its handle yet (sled's lock
+/// is per open file): retry, yielding to the runtime, until it is free.
+pub async fn open_node(dir: &std::path::Path, key: &SecretIdentity) -> Node {
+    let mut last = None;
+    for _ in 0..10_000 {
+        match Node::open(dir, SecretIdentity::from_seed(&key.seed()), Default::default()).await {
+            Ok(node) => return node,
+            Err(e) => last = Some(e),
+        }
+        tokio::task::yield_now().await;
+    }
+    panic!("node store in {} does not open: {last:?}", dir.display());
+}
+
+/// A practice's store on disk, its node and its sync backend.
+pub struct Store {
+    pub key: SecretIdentity,
+    pub node: Node,
+    pub backend: Arc<NodeBackend>,
+    pub dir: tempfile::TempDir,
+}
+
+impl Store {
+    /// A fresh practice key and an empty store.
+    pub async fn create() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let key = SecretIdentity::generate().unwrap();
+        let node = open_node(dir.path(), &key).await;
+        let backend = NodeBackend::new(node.clone());
+        Self {
+            key,
+            node,
+            backend,
+            dir,
+        }
+    }
+
+    pub fn practice(&self) -> PracticeId {
+        self.key.practice_id().unwrap()
+    }
+
+    pub fn peer(&self) -> PeerId {
+        self.practice().peer_id()
+    }
+
+    /// Closes the store (queued writes finish) and opens it again from
+    /// disk, as a node process restart does.
+    pub async fn restart(self) -> Self {
+        self.node.close().await;
+        let Self {
+            key,
+            node,
+            backend,
+            dir,
+        } = self;
+        drop((node, backend));
+        let node = open_node(dir.path(), &key).await;
+        let backend = NodeBackend::new(node.clone());
+        Self {
+            key,
+            node,
+            backend,
+            dir,
+        }
+    }
+}
+
+/// A practice with a running sync actor over its store.
+pub struct Practice {
+    pub key: SecretIdentity,
+    pub node: Node,
+    pub sync: SyncHandle,
+    _dir: tempfile::TempDir,
+}
+
+impl Practice {
+    pub async fn start() -> Self {
+        let store = Store::create().await;
+        let sync = SyncHandle::spawn(quiet_config(), &store.key, store.backend.clone())
+            .await
+            .unwrap();
+        Self {
+            key: store.key,
+            node: store.node,
+            sync,
+            _dir: store.dir,
+        }
+    }
+
+    pub fn practice(&self) -> PracticeId {
+        self.key.practice_id().unwrap()
+    }
+}
+
+/// A grant the patient issued, and its revocation once issued.
+pub struct IssuedGrant {
+    pub grant: Grant,
+    pub revocation: Option<Revocation>,
+}
+
+impl IssuedGrant {
+    /// The patient's truth: not revoked and `at` inside the window.
+    pub fn in_force(&self, at: Timestamp) -> bool {
+        self.revocation.is_none() && self.grant.in_force(at, false)
+    }
+}
+
+/// What the patient's CLI keystore holds (`cli/src/patient.rs`): epoch keys
+/// per collection, every grant issued, and — for the tests' ledger — every
+/// key share made for a practice. `grant` and `revoke` follow the CLI's
+/// rules for which key shares go with them.
+pub struct CliPatient {
+    pub identity: SecretIdentity,
+    pub keys: BTreeMap<Collection, Vec<EpochKey>>,
+    pub grants: Vec<IssuedGrant>,
+    /// (recipient, collection, epoch) of every key share made for a practice.
+    pub shares: BTreeSet<(PracticeId, Collection, Epoch)>,
+}
+
+impl CliPatient {
+    pub fn new() -> Self {
+        Self {
+            identity: SecretIdentity::generate().unwrap(),
+            keys: BTreeMap::new(),
+            grants: Vec::new(),
+            shares: BTreeSet::new(),
+        }
+    }
+
+    pub fn id(&self) -> PatientId {
+        self.identity.patient_id()
+    }
+
+    /// The patient's key as a libp2p peer: the CLI session's identity.
+    pub fn peer(&self) -> PeerId {
+        self.identity.practice_id().unwrap().peer_id()
+    }
+
+    fn share(&mut self, key: &EpochKey, to: Principal) -> Item {
+        if let Principal::Practice(p) = to {
+            self.shares.insert((p, key.collection, key.epoch));
+        }
+        Item::key_share(&KeyShare::create(key, to, &self.identity, now()).unwrap())
+    }
+
+    /// The current key of `collection`, if any grant made one.
+    pub fn current_key(&self, collection: Collection) -> Option<&EpochKey> {
+        self.keys.get(&collection).and_then(|k| k.last())
+    }
+
+    /// `medmesh patient grant`: the signed grant (its index in
+    /// [`CliPatient::grants`]) and the items the CLI submits — the grant, an
+    /// epoch-0 key and the patient's own share for a collection granted for
+    /// the first time, and the grantee's shares of every epoch.
+    #[allow(clippy::too_many_arguments)]
+    pub fn grant(
+        &mut self,
+        grantee: PracticeId,
+        collections: &[Collection],
+        access: Access,
+        not_before: Timestamp,
+        expires: Option<Timestamp>,
+        address_hints: Vec<String>,
+    ) -> (usize, Vec<Item>) {
+        let grant = Grant::sign(
+            GrantTerms {
+                id: GrantId::generate().unwrap(),
+                patient: self.id(),
+                grantee,
+                collections: collections.to_vec(),
+                access,
+                not_before,
+                expires,
+                purpose: "treatment".into(),
+                issued_at: now(),
+                address_hints,
+            },
+            &self.identity,
+        )
+        .unwrap();
+        let mut items = vec![Item::grant(&grant)];
+        for c in collections {
+            if self.keys.get(c).is_none_or(Vec::is_empty) {
+                let key = EpochKey::generate(self.id(), *c, 0).unwrap();
+                items.push(self.share(&key, Principal::Patient(self.id())));
+                self.keys.entry(*c).or_default().push(key);
+            }
+            for key in self.keys[c].clone() {
+                items.push(self.share(&key, Principal::Practice(grantee)));
+            }
+        }
+        self.grants.push(IssuedGrant {
+            grant,
+            revocation: None,
+        });
+        (self.grants.len() - 1, items)
+    }
+
+    /// `medmesh patient revoke` of grant `index` with `cut`: the revocation
+    /// and, for every collection it covered, a new epoch shared with the
+    /// patient and the remaining readers (other grantees with an unrevoked,
+    /// unexpired grant covering it at `at`).
+    pub fn revoke(&mut self, index: usize, cut: BTreeMap<ActorId, u64>, at: Timestamp) -> Vec<Item> {
+        let grant = self.grants[index].grant.clone();
+        let grantee = grant.terms().grantee;
+        let revocation = Revocation::sign(
+            RevocationTerms {
+                patient: self.id(),
+                grant_id: grant.id(),
+                issued_at: now(),
+                cut,
+            },
+            &self.identity,
+        )
+        .unwrap();
+        let mut items = vec![Item::revocation(&revocation)];
+        for c in &grant.terms().collections {
+            let next = self.keys.get(c).map_or(0, |k| k.len() as Epoch);
+            let key = EpochKey::generate(self.id(), *c, next).unwrap();
+            let readers: BTreeSet<PracticeId> = self
+                .grants
+                .iter()
+                .filter(|o| {
+                    o.grant.id() != grant.id()
+                        && o.grant.terms().grantee != grantee
+                        && o.grant.covers(*c)
+                        && o.revocation.is_none()
+                        && o.grant.terms().expires.is_none_or(|e| e > at)
+                })
+                .map(|o| o.grant.terms().grantee)
+                .collect();
+            items.push(self.share(&key, Principal::Patient(self.id())));
+            for reader in readers {
+                items.push(self.share(&key, Principal::Practice(reader)));
+            }
+            self.keys.entry(*c).or_default().push(key);
+        }
+        self.grants[index].revocation = Some(revocation);
+        items
+    }
+
+    /// The cut the CLI computes from what a node serves the patient: for
+    /// the grantee's actors, the highest change written under `grant`.
+    pub fn cut_from(grant: &Grant, served: &[Item]) -> BTreeMap<ActorId, u64> {
+        let grantee = grant.terms().grantee;
+        let mut cut: BTreeMap<ActorId, u64> = BTreeMap::new();
+        for item in served.iter().filter(|i| i.kind == ItemKind::Envelope) {
+            let envelope = Envelope::decode(&item.bytes).unwrap();
+            let h = envelope.header();
+            if h.author == Principal::Practice(grantee) && h.grant_id == Some(grant.id()) {
+                let seq = cut.entry(h.actor).or_insert(0);
+                *seq = (*seq).max(h.seq);
+            }
+        }
+        cut
+    }
+
+    /// Whether the patient shared the key of (collection, epoch) with `practice`.
+    pub fn shared(&self, practice: PracticeId, collection: Collection, epoch: Epoch) -> bool {
+        self.shares.contains(&(practice, collection, epoch))
+    }
+}
+
+/// Items as the node's ingest API takes them.
+pub fn incoming(items: &[Item]) -> Vec<Incoming> {
+    items
+        .iter()
+        .map(|i| {
+            let kind = match i.kind {
+                ItemKind::Grant => NodeKind::Grant,
+                ItemKind::Revocation => NodeKind::Revocation,
+                ItemKind::KeyShare => NodeKind::KeyShare,
+                ItemKind::Envelope => NodeKind::Envelope,
+            };
+            Incoming::new(kind, i.bytes.clone())
+        })
+        .collect()
+}

@@ -1,0 +1,1123 @@
+//! Property test over random schedules (issue 9, DESIGN §9.1, §9.3, §9.6):
+//! 3–5 real node stores (`medmesh_node::Node` on sled, through
+//! `NodeBackend`, with a FHIR `Repository` each) and 1–2 patients. The test
+//! is the network: every request is answered by the real serving code
+//! ([`medmesh_sync::serve_request`]: page building, summaries and fetches
+//! through `may_disclose`, audited first) at a simulated clock, and every
+//! answer is ingested by the real ingest (`Backend::ingest`) when — and if
+//! — the schedule delivers it. Messages are delivered in any order,
+//! duplicated or dropped; stores restart from disk; the clock jumps past
+//! not-before and expiry times.
+//!
+//! Checked after every step:
+//! - §9.1, on what the serving code actually hands out: every envelope
+//!   (and every summary listing) of (patient X, collection C) sent to peer
+//!   P is covered by a grant the patient issued to P for C whose window
+//!   holds the clock, which the server holds and whose revocation (if the
+//!   patient issued one) the server does not hold; key shares go only to
+//!   their recipient; grants and revocations only to their grantee or to a
+//!   holder of a grant in force. Judged from the patient's ledger and the
+//!   server's store contents, not by calling the filter.
+//! - §9.6: a node holds readable only envelopes of epochs whose key the
+//!   patient shared with it, and its current key is such an epoch's.
+//!
+//! At the end, after every message in flight is delivered and a full
+//! exchange (every node pulls and reconciles every patient with every
+//! other node) runs until nothing new is stored:
+//! - the servers' audit logs name exactly the items the test saw disclosed;
+//! - §9.3: nodes holding a grant in force for (X, C) hold the same
+//!   envelopes; every node holds readable exactly the envelopes of the
+//!   epochs shared with it; nodes holding the same readable envelopes
+//!   render the same FHIR resources (byte for byte), both from a cold load
+//!   and in the repository that followed the node's events.
+//!
+//! `PROPTEST_CASES` sets the number of schedules (default 16).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use common::{CliPatient, Store, incoming};
+use medmesh_crypto::{Access, ActorId, Change, Collection, Envelope, PatientId, PracticeId, Principal, Timestamp, now};
+use medmesh_node::Actor;
+use medmesh_node::audit::Action;
+use medmesh_node::records::{self, DecodedChange, RecordDoc};
+use medmesh_node::repository::{self, Repository};
+use medmesh_node::store::{EnvelopeState, ItemId as NodeItemId};
+use medmesh_sync::wire::{MAX_FETCH_IDS, Request, Response};
+use medmesh_sync::{Backend, Cursor, Item, ItemId, ItemKind, ItemMeta, PeerId, serve_request};
+use proptest::prelude::*;
+use proptest::test_runner::{Config as ProptestConfig, TestRunner};
+use serde_json::{Value, json};
+
+/// The collections schedules write to and grant.
+const COLLECTIONS: [Collection; 2] = [Collection::Core, Collection::Labs];
+/// One step of the simulated clock: beyond the 5-minute not-before skew.
+const UNIT: Timestamp = 10 * 60_000;
+/// Items per pull page: small, so schedules page.
+const PAGE: u32 = 4;
+
+// ---------------------------------------------------------------- schedule
+
+#[derive(Clone, Copy, Debug)]
+enum Window {
+    /// From a minute before the run started, no expiry.
+    Open,
+    /// Not before the clock plus this many units.
+    NotBefore(u8),
+    /// Expires at the clock plus this many units.
+    Expires(u8),
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    /// The patient's CLI grants `to` the collections of `collections`
+    /// (bit 0 core, bit 1 labs), submitted at the patient's home node
+    /// (see `World::home`).
+    Grant {
+        patient: u8,
+        to: u8,
+        collections: u8,
+        write: bool,
+        window: Window,
+    },
+    /// The patient's CLI revokes one of its unrevoked grants: the cut from
+    /// what the node it reaches holds, a new epoch for every covered
+    /// collection shared with the remaining readers and the patient.
+    Revoke { patient: u8, pick: u8 },
+    /// A practice that the patient gave a read-write grant in force (`pick`
+    /// chooses the grant and collection) writes through its repository —
+    /// creates, or updates one of the resources it can read — if its node
+    /// lets it (it may not know the grant yet, or know its revocation).
+    PracticeWrite { patient: u8, pick: u8, update: bool },
+    /// The patient writes a resource of their own and submits the envelope
+    /// at a node holding a grant in force for that collection.
+    PatientWrite {
+        patient: u8,
+        collection: u8,
+        update: bool,
+        via: u8,
+    },
+    /// `puller` asks `server` for a page after its cursor.
+    Pull { puller: u8, server: u8 },
+    /// `puller` asks `server` for a patient's summary (then fetches).
+    Reconcile { puller: u8, server: u8, patient: u8 },
+    /// The network delivers one message in flight (any of them).
+    Deliver { pick: u8 },
+    /// The network duplicates one message in flight.
+    Duplicate { pick: u8 },
+    /// The network loses one message in flight.
+    Lose { pick: u8 },
+    /// A node restarts from disk.
+    Restart { node: u8 },
+    /// The clock moves on.
+    Advance { units: u8 },
+}
+
+fn window() -> impl Strategy<Value = Window> {
+    prop_oneof![
+        4 => Just(Window::Open),
+        1 => (1u8..=2).prop_map(Window::NotBefore),
+        1 => (1u8..=2).prop_map(Window::Expires),
+    ]
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        3 => (any::<u8>(), any::<u8>(), 1u8..=3, any::<bool>(), window()).prop_map(
+            |(patient, to, collections, write, window)| Op::Grant { patient, to, collections, write, window }
+        ),
+        1 => (any::<u8>(), any::<u8>()).prop_map(|(patient, pick)| Op::Revoke { patient, pick }),
+        3 => (any::<u8>(), any::<u8>(), any::<bool>()).prop_map(|(patient, pick, update)| {
+            Op::PracticeWrite { patient, pick, update }
+        }),
+        2 => (any::<u8>(), any::<u8>(), any::<bool>(), any::<u8>()).prop_map(|(patient, collection, update, via)| {
+            Op::PatientWrite { patient, collection, update, via }
+        }),
+        4 => (any::<u8>(), any::<u8>()).prop_map(|(puller, server)| Op::Pull { puller, server }),
+        2 => (any::<u8>(), any::<u8>(), any::<u8>()).prop_map(|(puller, server, patient)| Op::Reconcile {
+            puller,
+            server,
+            patient
+        }),
+        8 => any::<u8>().prop_map(|pick| Op::Deliver { pick }),
+        1 => any::<u8>().prop_map(|pick| Op::Duplicate { pick }),
+        1 => any::<u8>().prop_map(|pick| Op::Lose { pick }),
+        1 => any::<u8>().prop_map(|node| Op::Restart { node }),
+        1 => (1u8..=2).prop_map(|units| Op::Advance { units }),
+    ]
+}
+
+#[derive(Clone, Debug)]
+struct Schedule {
+    nodes: usize,
+    patients: usize,
+    ops: Vec<Op>,
+}
+
+fn schedule() -> impl Strategy<Value = Schedule> {
+    (3usize..=5, 1usize..=2, proptest::collection::vec(op(), 16..64)).prop_map(|(nodes, patients, ops)| Schedule {
+        nodes,
+        patients,
+        ops,
+    })
+}
+
+// ---------------------------------------------------------------- the world
+
+/// What the schedules did, over all cases: a run that exercised nothing
+/// must not pass.
+struct Coverage {
+    grants: AtomicU64,
+    revocations: AtomicU64,
+    practice_writes: AtomicU64,
+    patient_writes: AtomicU64,
+    restarts: AtomicU64,
+    requests: AtomicU64,
+    envelopes_disclosed: AtomicU64,
+    unlocked_later_epochs: AtomicU64,
+}
+
+static COVERAGE: Coverage = Coverage {
+    grants: AtomicU64::new(0),
+    revocations: AtomicU64::new(0),
+    practice_writes: AtomicU64::new(0),
+    patient_writes: AtomicU64::new(0),
+    restarts: AtomicU64::new(0),
+    requests: AtomicU64::new(0),
+    envelopes_disclosed: AtomicU64::new(0),
+    unlocked_later_epochs: AtomicU64::new(0),
+};
+
+fn count(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// A practice: its store and the FHIR repository over it.
+struct Site {
+    store: Store,
+    repo: Repository,
+}
+
+impl Site {
+    async fn create() -> Self {
+        let store = Store::create().await;
+        let repo = Repository::new(store.node.clone(), repository::Config::default()).unwrap();
+        Self { store, repo }
+    }
+
+    async fn restart(self) -> Self {
+        self.repo.save_snapshots().await;
+        let Self { store, repo } = self;
+        drop(repo);
+        let store = store.restart().await;
+        let repo = Repository::new(store.node.clone(), repository::Config::default()).unwrap();
+        Self { store, repo }
+    }
+
+    /// Whether the store holds this grant or revocation (by its bytes).
+    async fn holds(&self, bytes: &[u8]) -> bool {
+        let id = NodeItemId(ItemId::digest(bytes).0);
+        self.store.node.item(&id).await.unwrap().is_some()
+    }
+}
+
+/// The patient: the CLI keystore (and ledger), and the patient's own
+/// record documents for the resources they write themselves.
+struct Patient {
+    cli: CliPatient,
+    docs: BTreeMap<Collection, RecordDoc>,
+    own: Vec<String>,
+    actor: ActorId,
+    am_actor: automerge::ActorId,
+}
+
+impl Patient {
+    fn new() -> Self {
+        let cli = CliPatient::new();
+        let actor = ActorId::generate(&cli.identity.public_bytes()).unwrap();
+        Self {
+            am_actor: automerge::ActorId::from(actor.0.to_vec()),
+            actor,
+            cli,
+            docs: BTreeMap::new(),
+            own: Vec::new(),
+        }
+    }
+
+    fn id(&self) -> PatientId {
+        self.cli.id()
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Flow {
+    Pull { cursor: Cursor },
+    Summary { patient: PatientId },
+    Fetch,
+}
+
+#[derive(Clone, Debug)]
+enum Msg {
+    Ask {
+        client: usize,
+        server: usize,
+        request: Request,
+        flow: Flow,
+    },
+    Answer {
+        client: usize,
+        server: usize,
+        response: Response,
+        flow: Flow,
+    },
+}
+
+struct World {
+    sites: Vec<Option<Site>>,
+    patients: Vec<Patient>,
+    net: Vec<Msg>,
+    /// The simulated clock the servers judge grants by.
+    t: Timestamp,
+    start: Timestamp,
+    /// Every item a server handed out: (server, requester, item id).
+    disclosed: BTreeSet<(usize, PeerId, ItemId)>,
+    writes: u64,
+    requests: u64,
+}
+
+fn resource(collection: Collection, patient: &PatientId, n: u64) -> Value {
+    let subject = json!({"reference": format!("Patient/{}", hex_of(patient))});
+    match collection {
+        Collection::Labs => json!({
+            "resourceType": "Observation",
+            "status": "final",
+            "code": {"coding": [{"system": "http://loinc.org", "code": "8302-2"}]},
+            "subject": subject,
+            "valueQuantity": {"value": n, "unit": "cm"}
+        }),
+        _ => json!({
+            "resourceType": "Condition",
+            "code": {"text": format!("condition {n}")},
+            "subject": subject
+        }),
+    }
+}
+
+fn hex_of(patient: &PatientId) -> String {
+    patient.as_bytes().iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+fn edited(json: &Value, n: u64) -> Value {
+    let mut json = json.clone();
+    json["note"] = json!([{"text": format!("edit {n}")}]);
+    json
+}
+
+impl World {
+    async fn new(nodes: usize, patients: usize) -> Self {
+        let mut sites = Vec::new();
+        for _ in 0..nodes {
+            sites.push(Some(Site::create().await));
+        }
+        let start = now();
+        Self {
+            sites,
+            patients: (0..patients).map(|_| Patient::new()).collect(),
+            net: Vec::new(),
+            t: start,
+            start,
+            disclosed: BTreeSet::new(),
+            writes: 0,
+            requests: 0,
+        }
+    }
+
+    fn site(&self, i: usize) -> &Site {
+        self.sites[i].as_ref().unwrap()
+    }
+
+    fn peer(&self, i: usize) -> PeerId {
+        self.site(i).store.peer()
+    }
+
+    fn practice(&self, i: usize) -> PracticeId {
+        self.site(i).store.practice()
+    }
+
+    fn index_of(&self, p: &PracticeId) -> Option<usize> {
+        (0..self.sites.len()).find(|i| self.practice(*i) == *p)
+    }
+
+    /// Sites holding a grant in force from patient `x` (covering `c`, if given).
+    fn holders(&self, x: usize, c: Option<Collection>) -> Vec<usize> {
+        let mut out: Vec<usize> = self.patients[x]
+            .cli
+            .grants
+            .iter()
+            .filter(|g| g.in_force(self.t) && c.is_none_or(|c| g.grant.covers(c)))
+            .filter_map(|g| self.index_of(&g.grant.terms().grantee))
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// The node the patient's CLI submits grants and revocations to: that
+    /// of the practice of its first grant, which thus knows every consent
+    /// item and hands each practice in force all of them. (Submitting at
+    /// nodes that do not know each other's grants — say each grant at its
+    /// own grantee — leaves separate circles of practices that never learn
+    /// of one another: a node discloses consent items only to practices
+    /// whose grant it knows. See `consent_submitted_at_each_grantee_*`.)
+    fn home(&self, x: usize) -> Option<usize> {
+        let first = self.patients[x].cli.grants.first()?;
+        self.index_of(&first.grant.terms().grantee)
+    }
+
+    async fn run(&mut self, op: &Op) {
+        let n = self.sites.len();
+        let np = self.patients.len();
+        match *op {
+            Op::Grant {
+                patient,
+                to,
+                collections,
+                write,
+                window,
+            } => {
+                self.grant(patient as usize % np, to as usize % n, collections, write, window, None)
+                    .await
+            }
+            Op::Revoke { patient, pick } => self.revoke(patient as usize % np, pick).await,
+            Op::PracticeWrite { patient, pick, update } => {
+                let x = patient as usize % np;
+                let writers: Vec<(usize, Collection)> = self.patients[x]
+                    .cli
+                    .grants
+                    .iter()
+                    .filter(|g| g.in_force(self.t) && g.grant.terms().access == Access::ReadWrite)
+                    .flat_map(|g| {
+                        let i = self.index_of(&g.grant.terms().grantee).unwrap();
+                        g.grant.terms().collections.iter().map(move |c| (i, *c))
+                    })
+                    .collect();
+                if !writers.is_empty() {
+                    let (i, c) = writers[pick as usize % writers.len()];
+                    self.practice_write(i, x, c, update).await;
+                }
+            }
+            Op::PatientWrite {
+                patient,
+                collection,
+                update,
+                via,
+            } => {
+                let c = COLLECTIONS[collection as usize % COLLECTIONS.len()];
+                self.patient_write(patient as usize % np, c, update, via).await
+            }
+            Op::Pull { puller, server } => {
+                let (client, server) = (puller as usize % n, server as usize % n);
+                if client != server {
+                    self.ask_pull(client, server);
+                }
+            }
+            Op::Reconcile {
+                puller,
+                server,
+                patient,
+            } => {
+                let (client, server) = (puller as usize % n, server as usize % n);
+                if client != server {
+                    let patient = self.patients[patient as usize % np].id();
+                    self.net.push(Msg::Ask {
+                        client,
+                        server,
+                        request: Request::Summary {
+                            patient,
+                            digests: Vec::new(),
+                        },
+                        flow: Flow::Summary { patient },
+                    });
+                }
+            }
+            Op::Deliver { pick } => {
+                if !self.net.is_empty() {
+                    let m = self.net.remove(pick as usize % self.net.len());
+                    self.deliver(m).await;
+                }
+            }
+            Op::Duplicate { pick } => {
+                if !self.net.is_empty() {
+                    let m = self.net[pick as usize % self.net.len()].clone();
+                    self.net.push(m);
+                }
+            }
+            Op::Lose { pick } => {
+                if !self.net.is_empty() {
+                    self.net.remove(pick as usize % self.net.len());
+                }
+            }
+            Op::Restart { node } => {
+                count(&COVERAGE.restarts);
+                let i = node as usize % n;
+                let site = self.sites[i].take().unwrap();
+                self.sites[i] = Some(site.restart().await);
+            }
+            Op::Advance { units } => self.t += u64::from(units) * UNIT,
+        }
+    }
+
+    // ---- the patient's CLI
+
+    /// Grants `to`, submitted at node `at` (`None`: the patient's home).
+    async fn grant(&mut self, x: usize, to: usize, collections: u8, write: bool, window: Window, at: Option<usize>) {
+        let (not_before, expires) = match window {
+            Window::Open => (self.start - 60_000, None),
+            Window::NotBefore(k) => (self.t + u64::from(k) * UNIT, None),
+            Window::Expires(k) => (self.start - 60_000, Some(self.t + u64::from(k) * UNIT)),
+        };
+        let covered: Vec<Collection> = COLLECTIONS
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| collections & (1 << i) != 0)
+            .map(|(_, c)| *c)
+            .collect();
+        let grantee = self.practice(to);
+        let at = at.or(self.home(x)).unwrap_or(to);
+        let access = if write { Access::ReadWrite } else { Access::Read };
+        let p = &mut self.patients[x].cli;
+        let (_, items) = p.grant(grantee, &covered, access, not_before, expires, Vec::new());
+        count(&COVERAGE.grants);
+        let patient = p.id();
+        self.site(at)
+            .store
+            .node
+            .submit(patient, incoming(&items))
+            .await
+            .unwrap();
+    }
+
+    async fn revoke(&mut self, x: usize, pick: u8) {
+        let cli = &self.patients[x].cli;
+        let live: Vec<usize> = (0..cli.grants.len())
+            .filter(|g| cli.grants[*g].revocation.is_none())
+            .collect();
+        if live.is_empty() {
+            return;
+        }
+        let g = live[pick as usize % live.len()];
+        let grant = cli.grants[g].grant.clone();
+        let at = self.home(x).unwrap();
+        // The cut, as the CLI makes it: from what the reached node serves
+        // the patient.
+        let served = self.pull_as_patient(x, at).await;
+        let cut = CliPatient::cut_from(&grant, &served);
+        let t = self.t;
+        let p = &mut self.patients[x].cli;
+        let items = p.revoke(g, cut, t);
+        count(&COVERAGE.revocations);
+        let patient = p.id();
+        self.site(at)
+            .store
+            .node
+            .submit(patient, incoming(&items))
+            .await
+            .unwrap();
+    }
+
+    /// Everything node `at` serves the patient (rule 1), page by page.
+    async fn pull_as_patient(&mut self, x: usize, at: usize) -> Vec<Item> {
+        let peer = self.patients[x].cli.peer();
+        let mut cursor = Cursor::default();
+        let mut out = Vec::new();
+        loop {
+            let request = Request::Pull {
+                cursor,
+                limit: 64,
+                snapshots: None,
+            };
+            let response = serve_request(&*self.site(at).store.backend, peer, request, self.t).await;
+            self.requests += 1;
+            count(&COVERAGE.requests);
+            self.observe(at, peer, &response, None, &Flow::Pull { cursor }).await;
+            let Response::Page {
+                instance,
+                next,
+                more,
+                items,
+                offers: _,
+            } = response
+            else {
+                panic!("patient pull answered {response:?}");
+            };
+            out.extend(items);
+            if !more || next == cursor.seq {
+                return out;
+            }
+            cursor = Cursor { instance, seq: next };
+        }
+    }
+
+    // ---- writes
+
+    async fn practice_write(&mut self, i: usize, x: usize, c: Collection, update: bool) {
+        let patient = self.patients[x].id();
+        let repo = self.site(i).repo.clone();
+        if let Err(e) = repo.check_writable(patient, c) {
+            if std::env::var("SCHEDULE_DEBUG").is_ok() {
+                eprintln!("site {i} may not write patient {x} {c}: {e}");
+            }
+            return;
+        }
+        self.writes += 1;
+        let n = self.writes;
+        let actor = Actor::local_app("schedule");
+        if update {
+            let resources = repo.patient_resources(patient).await.unwrap();
+            if let Some(r) = resources.iter().find(|r| records::collection_of(&r.json) == c) {
+                let result = repo
+                    .update(r.resource_type(), r.id(), edited(&r.json, n), None, false, actor)
+                    .await;
+                result.unwrap_or_else(|e| panic!("site {i} update of {}: {e}", r.key));
+                count(&COVERAGE.practice_writes);
+                return;
+            }
+        }
+        let id = format!("s{i}w{n}");
+        repo.create_with_id(&id, resource(c, &patient, n), patient, c, actor)
+            .await
+            .unwrap_or_else(|e| panic!("site {i} create {id}: {e}"));
+        count(&COVERAGE.practice_writes);
+    }
+
+    async fn patient_write(&mut self, x: usize, c: Collection, update: bool, via: u8) {
+        let holders = self.holders(x, Some(c));
+        if holders.is_empty() {
+            return;
+        }
+        let at = holders[via as usize % holders.len()];
+        self.writes += 1;
+        let n = self.writes;
+        let p = &mut self.patients[x];
+        let Some(key) = p.cli.current_key(c).cloned() else {
+            return;
+        };
+        let patient = p.id();
+        let time = i64::try_from(now()).unwrap();
+        let doc = p.docs.entry(c).or_default();
+        let own = p
+            .own
+            .iter()
+            .find(|k| doc.read(k).is_ok_and(|r| records::collection_of(&r.json) == c));
+        let written = match own {
+            Some(k) if update => {
+                let current = doc.read(k).unwrap();
+                doc.update(&p.am_actor, time, k, &current.json, &edited(&current.json, n))
+                    .unwrap()
+                    .unwrap()
+            }
+            _ => {
+                let id = format!("p{x}w{n}");
+                let w = doc.create(&p.am_actor, time, &id, &resource(c, &patient, n)).unwrap();
+                p.own.push(w.key.clone());
+                w
+            }
+        };
+        let decoded = DecodedChange::from_bytes(&written.change).unwrap();
+        let compressed = decoded.compressed_bytes();
+        let change = Change {
+            bytes: &compressed,
+            hash: decoded.hash().0,
+            actor: p.actor,
+            seq: decoded.seq(),
+        };
+        let envelope = Envelope::seal(&key, &p.cli.identity, None, change, now()).unwrap();
+        self.site(at)
+            .store
+            .node
+            .submit(patient, incoming(&[Item::envelope(&envelope)]))
+            .await
+            .unwrap();
+        count(&COVERAGE.patient_writes);
+    }
+
+    // ---- the network
+
+    fn ask_pull(&mut self, client: usize, server: usize) {
+        let server_peer = self.peer(server);
+        let cursor = self
+            .site(client)
+            .store
+            .backend
+            .cursor(&server_peer)
+            .unwrap()
+            .unwrap_or_default();
+        self.net.push(Msg::Ask {
+            client,
+            server,
+            request: Request::Pull {
+                cursor,
+                limit: PAGE,
+                snapshots: None,
+            },
+            flow: Flow::Pull { cursor },
+        });
+    }
+
+    async fn deliver(&mut self, m: Msg) {
+        match m {
+            Msg::Ask {
+                client,
+                server,
+                request,
+                flow,
+            } => {
+                let peer = self.peer(client);
+                let response = serve_request(&*self.site(server).store.backend, peer, request, self.t).await;
+                self.requests += 1;
+                count(&COVERAGE.requests);
+                self.observe(server, peer, &response, Some(client), &flow).await;
+                self.net.push(Msg::Answer {
+                    client,
+                    server,
+                    response,
+                    flow,
+                });
+            }
+            Msg::Answer {
+                client,
+                server,
+                response,
+                flow,
+            } => self.take(client, server, response, flow).await,
+        }
+    }
+
+    /// The client side, as the sync actor runs it.
+    async fn take(&mut self, client: usize, server: usize, response: Response, flow: Flow) {
+        let from = self.peer(server);
+        let backend = self.site(client).store.backend.clone();
+        match (flow, response) {
+            (
+                Flow::Pull { cursor },
+                Response::Page {
+                    instance,
+                    next,
+                    more,
+                    items,
+                    offers,
+                },
+            ) => {
+                // The schedules' puller takes no snapshot transfers (their
+                // collections stay below `MIN_TRANSFER_ENVELOPES` anyway).
+                assert!(
+                    offers.is_empty(),
+                    "site {server} offered a transfer to a puller that takes none"
+                );
+                backend.ingest(from, items).await.unwrap();
+                let held = backend.cursor(&from).unwrap().unwrap_or_default();
+                // A late or duplicated page never moves the cursor back.
+                if held.instance != instance || next > held.seq {
+                    backend.set_cursor(&from, Cursor { instance, seq: next }).await.unwrap();
+                }
+                let same = instance == cursor.instance;
+                if more && !(same && next == cursor.seq) {
+                    let cursor = Cursor { instance, seq: next };
+                    self.net.push(Msg::Ask {
+                        client,
+                        server,
+                        request: Request::Pull {
+                            cursor,
+                            limit: PAGE,
+                            snapshots: None,
+                        },
+                        flow: Flow::Pull { cursor },
+                    });
+                }
+            }
+            (Flow::Summary { patient }, Response::Summary { consent, collections }) => {
+                backend.ingest(from, consent).await.unwrap();
+                let mut missing = BTreeSet::new();
+                for (c, ids) in collections {
+                    let held: BTreeSet<_> = backend.envelope_ids(&patient, c).unwrap().into_iter().collect();
+                    missing.extend(ids.into_iter().filter(|id| !held.contains(id)));
+                }
+                let missing: Vec<_> = missing.into_iter().collect();
+                for chunk in missing.chunks(MAX_FETCH_IDS) {
+                    self.net.push(Msg::Ask {
+                        client,
+                        server,
+                        request: Request::Fetch { ids: chunk.to_vec() },
+                        flow: Flow::Fetch,
+                    });
+                }
+            }
+            (Flow::Fetch, Response::Fetched { items }) => {
+                backend.ingest(from, items).await.unwrap();
+            }
+            (flow, response) => panic!("{flow:?} answered {response:?}"),
+        }
+    }
+
+    // ---- §9.1 on what left the server
+
+    /// Records and judges one answer of `server` to `peer` (`client` is the
+    /// practice asking; `None` for the patient, who gets their own record).
+    async fn observe(&mut self, server: usize, peer: PeerId, response: &Response, client: Option<usize>, flow: &Flow) {
+        let items: &[Item] = match response {
+            Response::Page { items, .. } | Response::Fetched { items } => items,
+            Response::Summary { consent, collections } => {
+                if let (Some(client), Flow::Summary { patient }) = (client, flow) {
+                    let x = self.patients.iter().position(|p| p.id() == *patient).unwrap();
+                    for (c, ids) in collections {
+                        if !ids.is_empty() {
+                            assert!(
+                                self.may_have_envelopes(server, client, x, *c).await,
+                                "§9.1: site {server} listed {} {c} envelope ids to site {client} without a grant in force",
+                                ids.len()
+                            );
+                        }
+                    }
+                }
+                consent
+            }
+            other => panic!("site {server} answered {other:?}"),
+        };
+        for item in items {
+            let meta = ItemMeta::describe(item).unwrap();
+            self.disclosed.insert((server, peer, meta.id));
+            let Some(client) = client else {
+                assert!(
+                    self.patients
+                        .iter()
+                        .any(|p| p.id() == meta.patient && p.cli.peer() == peer),
+                    "site {server} served the patient someone else's item"
+                );
+                continue;
+            };
+            let x = self.patients.iter().position(|p| p.id() == meta.patient).unwrap();
+            match item.kind {
+                ItemKind::Envelope => {
+                    count(&COVERAGE.envelopes_disclosed);
+                    let c = meta.collection.unwrap();
+                    assert!(
+                        self.may_have_envelopes(server, client, x, c).await,
+                        "§9.1: site {server} disclosed a {c} envelope of patient {x} to site {client} \
+                         without a grant in force at {}",
+                        self.t
+                    );
+                }
+                ItemKind::KeyShare => assert_eq!(
+                    meta.recipient,
+                    Some(Principal::Practice(self.practice(client))),
+                    "site {server} gave site {client} a key share for someone else"
+                ),
+                ItemKind::Grant | ItemKind::Revocation => {
+                    let me = self.practice(client);
+                    let own = self.patients[x]
+                        .cli
+                        .grants
+                        .iter()
+                        .any(|g| Some(g.grant.id()) == meta.grant && g.grant.terms().grantee == me);
+                    assert!(
+                        own || self.holds_grant_in_force(server, client, x, None).await,
+                        "site {server} gave site {client} a {} of patient {x} it may not have",
+                        item.kind.as_str()
+                    );
+                }
+            }
+        }
+    }
+
+    async fn may_have_envelopes(&self, server: usize, client: usize, x: usize, c: Collection) -> bool {
+        self.holds_grant_in_force(server, client, x, Some(c)).await
+    }
+
+    /// Whether the patient issued `client` a grant covering `c` whose window
+    /// holds the clock, which `server` holds, without holding its revocation.
+    async fn holds_grant_in_force(&self, server: usize, client: usize, x: usize, c: Option<Collection>) -> bool {
+        let site = self.site(server);
+        let me = self.practice(client);
+        for g in &self.patients[x].cli.grants {
+            if g.grant.terms().grantee != me
+                || c.is_some_and(|c| !g.grant.covers(c))
+                || !g.grant.in_force(self.t, false)
+            {
+                continue;
+            }
+            if !site.holds(g.grant.encoded()).await {
+                continue;
+            }
+            match &g.revocation {
+                Some(r) if site.holds(r.encoded()).await => continue,
+                _ => return true,
+            }
+        }
+        false
+    }
+
+    // ---- §9.6
+
+    /// Every readable envelope (and the current key) of a node is of an
+    /// epoch whose key the patient shared with it.
+    fn check_keys(&self) {
+        for i in 0..self.sites.len() {
+            let node = &self.site(i).store.node;
+            let me = self.practice(i);
+            for (x, p) in self.patients.iter().enumerate() {
+                for c in COLLECTIONS {
+                    for e in node.envelopes(&p.id(), Some(c)).unwrap() {
+                        if e.state == EnvelopeState::Readable {
+                            assert!(
+                                p.cli.shared(me, c, e.epoch),
+                                "§9.6: site {i} reads patient {x}'s {c} epoch {} without a key share for it",
+                                e.epoch
+                            );
+                        }
+                    }
+                    if let Some(key) = node.current_epoch_key(&p.id(), c) {
+                        assert!(
+                            p.cli.shared(me, c, key.epoch),
+                            "§9.6: site {i} holds patient {x}'s {c} epoch {} key",
+                            key.epoch
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    // ---- the end
+
+    /// Delivers what is in flight, then runs full exchanges (every node
+    /// pulls every other to the end and reconciles every patient) until
+    /// one stores nothing new.
+    async fn settle(&mut self) {
+        self.drain().await;
+        let n = self.sites.len();
+        for _round in 0..8 {
+            let before: u64 = (0..n).map(|i| self.site(i).store.node.last_seq()).sum();
+            for client in 0..n {
+                for server in (0..n).filter(|s| *s != client) {
+                    self.ask_pull(client, server);
+                    for p in 0..self.patients.len() {
+                        let patient = self.patients[p].id();
+                        self.net.push(Msg::Ask {
+                            client,
+                            server,
+                            request: Request::Summary {
+                                patient,
+                                digests: Vec::new(),
+                            },
+                            flow: Flow::Summary { patient },
+                        });
+                    }
+                    self.drain().await;
+                }
+            }
+            let after: u64 = (0..n).map(|i| self.site(i).store.node.last_seq()).sum();
+            if after == before {
+                return;
+            }
+        }
+        panic!("the full exchange kept storing new items after 8 rounds");
+    }
+
+    async fn drain(&mut self) {
+        let mut budget = 1_000_000;
+        while !self.net.is_empty() {
+            let m = self.net.remove(0);
+            self.deliver(m).await;
+            budget -= 1;
+            assert!(budget > 0, "messages keep coming");
+        }
+    }
+
+    /// What the servers' audit logs say they disclosed equals what the test
+    /// saw leave them.
+    fn check_audit(&self) {
+        for i in 0..self.sites.len() {
+            let mut audited = BTreeSet::new();
+            for e in self.site(i).store.node.audit_entries(None).unwrap() {
+                if e.action == Action::Disclose {
+                    for item in e.items {
+                        audited.insert((e.actor_id.clone(), item));
+                    }
+                }
+            }
+            let seen: BTreeSet<(String, String)> = self
+                .disclosed
+                .iter()
+                .filter(|(s, _, _)| *s == i)
+                .map(|(_, peer, id)| (peer.to_string(), id.to_string()))
+                .collect();
+            assert_eq!(audited, seen, "site {i}: audit log and disclosures differ");
+        }
+    }
+
+    async fn check_convergence(&self) {
+        let n = self.sites.len();
+        for (x, p) in self.patients.iter().enumerate() {
+            let patient = p.id();
+            // Rendered resources per site and collection: cold and live.
+            let mut rendered: Vec<BTreeMap<Collection, BTreeMap<String, Vec<u8>>>> = Vec::new();
+            for i in 0..n {
+                let site = self.site(i);
+                let cold = Repository::new(site.store.node.clone(), repository::Config::default()).unwrap();
+                let by_collection = |resources: Vec<Arc<records::RenderedResource>>| {
+                    let mut out: BTreeMap<Collection, BTreeMap<String, Vec<u8>>> = BTreeMap::new();
+                    for r in resources {
+                        out.entry(records::collection_of(&r.json))
+                            .or_default()
+                            .insert(r.key.clone(), r.bytes.clone());
+                    }
+                    out
+                };
+                let cold = by_collection(cold.patient_resources(patient).await.unwrap());
+                let live = by_collection(site.repo.patient_resources(patient).await.unwrap());
+                assert_eq!(
+                    cold, live,
+                    "site {i}: the repository that followed events differs from a cold load"
+                );
+                rendered.push(cold);
+            }
+            for c in COLLECTIONS {
+                let mut held = Vec::new();
+                let mut readable = Vec::new();
+                for i in 0..n {
+                    let me = self.practice(i);
+                    let entries = self.site(i).store.node.envelopes(&patient, Some(c)).unwrap();
+                    for e in &entries {
+                        if e.epoch > 0 && e.state == EnvelopeState::Readable {
+                            count(&COVERAGE.unlocked_later_epochs);
+                        }
+                        let shared = p.cli.shared(me, c, e.epoch);
+                        assert_eq!(
+                            e.state == EnvelopeState::Readable,
+                            shared,
+                            "site {i}: patient {x} {c} epoch {} envelope is {:?} (key shared: {shared})",
+                            e.epoch,
+                            e.state
+                        );
+                    }
+                    held.push(entries.iter().map(|e| e.id).collect::<BTreeSet<_>>());
+                    readable.push(
+                        entries
+                            .iter()
+                            .filter(|e| e.state == EnvelopeState::Readable)
+                            .map(|e| e.id)
+                            .collect::<BTreeSet<_>>(),
+                    );
+                }
+                let holders = self.holders(x, Some(c));
+                for pair in holders.windows(2) {
+                    assert_eq!(
+                        held[pair[0]], held[pair[1]],
+                        "§9.3: sites {} and {} both hold a grant in force for patient {x} {c} \
+                         but hold different envelopes",
+                        pair[0], pair[1]
+                    );
+                }
+                for a in 0..n {
+                    for b in a + 1..n {
+                        if readable[a] == readable[b] && !readable[a].is_empty() {
+                            assert_eq!(
+                                rendered[a].get(&c),
+                                rendered[b].get(&c),
+                                "§9.3: sites {a} and {b} read the same {c} envelopes of patient {x} \
+                                 but render different resources"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn run_schedule(s: Schedule) {
+    let mut world = World::new(s.nodes, s.patients).await;
+    for op in &s.ops {
+        world.run(op).await;
+        world.check_keys();
+    }
+    world.settle().await;
+    world.check_keys();
+    world.check_audit();
+    world.check_convergence().await;
+}
+
+fn block_on<F: Future<Output = ()>>(f: F) {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f);
+}
+
+fn cases() -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(16)
+}
+
+#[test]
+fn random_schedules_keep_consent_and_converge() {
+    let config = ProptestConfig {
+        cases: cases(),
+        // Failures are kept as named regression tests below, not in a file.
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    };
+    let mut runner = TestRunner::new(config);
+    runner
+        .run(&schedule(), |s| {
+            block_on(run_schedule(s));
+            Ok(())
+        })
+        .unwrap();
+    let c = &COVERAGE;
+    let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let figures = [
+        ("grants", get(&c.grants)),
+        ("revocations", get(&c.revocations)),
+        ("practice writes", get(&c.practice_writes)),
+        ("patient writes", get(&c.patient_writes)),
+        ("restarts", get(&c.restarts)),
+        ("requests served", get(&c.requests)),
+        ("envelopes disclosed", get(&c.envelopes_disclosed)),
+        ("readable envelopes of later epochs", get(&c.unlocked_later_epochs)),
+    ];
+    println!("{} schedules: {figures:?}", cases());
+    for (what, n) in figures {
+        assert!(n > 0, "the schedules never exercised: {what}");
+    }
+}
+
+/// A known gap, kept as the minimised case the schedules found before the
+/// patient's CLI was modelled as always reaching its home practice: a
+/// patient grants practice A core (submitted at A) and writes there, then
+/// grants B core submitted at B itself. A knows only its grant and B only
+/// its own; a node discloses a patient's grants only to practices whose
+/// grant it knows in force (filter rule 4), so neither ever learns of the
+/// other and B never receives the record, whatever the exchange. The CLI
+/// puts only `--node` in a grant's address hints. Fix candidates (not made
+/// here): the CLI submits its other live grants with each new one, or
+/// pushes a new grant to every practice holding a live grant.
+#[test]
+#[ignore = "known gap: grants submitted at nodes unaware of each other's grants never meet (reported in issue 9)"]
+fn consent_submitted_at_each_grantee_reaches_the_other_practice() {
+    block_on(async {
+        let mut w = World::new(2, 1).await;
+        w.grant(0, 0, 0b01, false, Window::Open, Some(0)).await;
+        w.patient_write(0, Collection::Core, false, 0).await;
+        w.grant(0, 1, 0b01, false, Window::Open, Some(1)).await;
+        w.settle().await;
+        w.check_convergence().await;
+    });
+}
