@@ -94,6 +94,9 @@ struct NodeRunArgs {
     /// Discover peers on the LAN with mDNS (off by default).
     #[arg(long)]
     mdns: bool,
+    /// Find peers' addresses with Kademlia lookups through known peers (off by default).
+    #[arg(long)]
+    kademlia: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -188,6 +191,7 @@ node: {}",
                 gateway: args.gateway.unwrap_or(config.gateway),
                 peers: if args.peer.is_empty() { config.peers } else { args.peer },
                 mdns: args.mdns || config.mdns,
+                kademlia: args.kademlia || config.kademlia,
                 allow_remote_gateway: args.allow_remote_gateway,
             };
             node_cmd::run(&dir, options, out)

@@ -32,6 +32,9 @@ pub(crate) struct NodeConfig {
     pub(crate) peers: Vec<String>,
     /// LAN discovery.
     pub(crate) mdns: bool,
+    /// Kademlia lookups of peers' addresses (docs/operations.md).
+    #[serde(default)]
+    pub(crate) kademlia: bool,
 }
 
 impl Default for NodeConfig {
@@ -44,6 +47,7 @@ impl Default for NodeConfig {
             gateway: "127.0.0.1:0".to_owned(),
             peers: Vec::new(),
             mdns: false,
+            kademlia: false,
         }
     }
 }
@@ -142,6 +146,7 @@ pub(crate) struct RunOptions {
     pub(crate) gateway: String,
     pub(crate) peers: Vec<String>,
     pub(crate) mdns: bool,
+    pub(crate) kademlia: bool,
     pub(crate) allow_remote_gateway: bool,
 }
 
@@ -290,6 +295,7 @@ fn sync_config(options: &RunOptions) -> Result<medmesh_sync::Config> {
         }
     }
     config.mdns = options.mdns;
+    config.kademlia = options.kademlia;
     Ok(config)
 }
 

@@ -38,7 +38,10 @@ pub struct Config {
     pub consent_flows: bool,
     /// Kademlia on `/medmesh/kad/1` (docs/operations.md): find a PeerId's
     /// addresses from the peers this node knows. No public bootstrap list:
-    /// the network is whatever peers the node was given or met.
+    /// the network is whatever peers the node was given or met. Off by
+    /// default: libp2p-kad bootstraps on every new peer while its table is
+    /// small, and every connection that makes starts a pull here, which
+    /// swamped a 100-node simulation (docs/decisions.md).
     pub kademlia: bool,
     /// Snapshot transfers (docs/protocol.md): when this node misses at least
     /// this many envelopes of a collection that a peer's local snapshot
@@ -106,7 +109,7 @@ impl Default for Config {
             request_timeout: Duration::from_secs(60),
             idle_connection_timeout: Duration::from_secs(120),
             consent_flows: true,
-            kademlia: true,
+            kademlia: false,
             snapshot_min_envelopes: 64,
             limits: Limits::default(),
         }

@@ -70,6 +70,24 @@ impl Node {
         Self::start(SecretIdentity::generate().unwrap(), Arc::new(MemoryBackend::new())).await
     }
 
+    async fn with_kademlia() -> Self {
+        let key = SecretIdentity::generate().unwrap();
+        let store = Arc::new(MemoryBackend::new());
+        let config = Config {
+            kademlia: true,
+            ..config()
+        };
+        let sync = SyncHandle::spawn(config, &key, store.clone()).await.unwrap();
+        let addr = sync.listen_addrs().await.unwrap().remove(0);
+        Self {
+            peer: sync.local_peer_id(),
+            key,
+            store,
+            sync,
+            addr,
+        }
+    }
+
     fn principal(&self) -> Principal {
         Principal::Practice(self.key.practice_id().unwrap())
     }
@@ -833,9 +851,9 @@ async fn static_peers_are_dialed_and_a_shutdown_signal_stops_the_actor() {
 /// PeerId alone (B knows A); a PeerId nobody knows fails with an error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kademlia_finds_a_peer_by_its_id_alone() {
-    let a = Node::new().await;
-    let b = Node::new().await;
-    let c = Node::new().await;
+    let a = Node::with_kademlia().await;
+    let b = Node::with_kademlia().await;
+    let c = Node::with_kademlia().await;
     b.connect(&a).await;
     c.connect(&b).await;
     // Identify tells each side the other's addresses and protocols just
