@@ -266,6 +266,13 @@ fn parse_change(plain: &[u8]) -> Option<([u8; 32], Vec<u8>, u64)> {
 
 /// Opens `envelope` with `key`, checking the keyed change hash and that the
 /// change's actor and seq are the header's.
+/// Takes an item being judged again out of the pending queue (in the same batch).
+fn dequeue(phase: &mut Phase, from_pending: Option<(PendingReason, [u8; 32])>) {
+    if let Some((reason, hash)) = from_pending {
+        phase.batch.push(Op::RemovePending { reason, hash });
+    }
+}
+
 fn open_checked(envelope: &Envelope, key: &EpochKey) -> Result<Zeroizing<Vec<u8>>> {
     let mut identity = None;
     let plain = envelope.open(key, |plain| {
@@ -643,11 +650,12 @@ impl Node {
         for restored in envelopes {
             let envelope = restored.into_envelope();
             let bytes = envelope.encode();
-            if self.already_rejected(&phase, &sha256(&bytes))? {
+            let hash = sha256(&bytes);
+            if self.already_rejected(&phase, &hash)? {
                 report.duplicates += 1;
                 continue;
             }
-            self.judge_decoded(&envelope, &bytes, None, true, &actor, &mut phase, &mut report)?;
+            self.judge_decoded(&envelope, &bytes, hash, None, true, &actor, &mut phase, &mut report)?;
         }
         self.finish_phase(phase, &actor).await?;
         Ok(report)
@@ -968,11 +976,6 @@ impl Node {
         report: &mut IngestReport,
     ) -> Result<()> {
         let hash = sha256(bytes);
-        let dequeue = |phase: &mut Phase| {
-            if let Some((reason, hash)) = from_pending {
-                phase.batch.push(Op::RemovePending { reason, hash });
-            }
-        };
         if from_pending.is_none() && self.already_rejected(phase, &hash)? {
             report.duplicates += 1;
             return Ok(());
@@ -992,7 +995,7 @@ impl Node {
                 return Ok(());
             }
             Err(e) => {
-                dequeue(phase);
+                dequeue(phase, from_pending);
                 self.reject(
                     phase,
                     &mut report.rejected,
@@ -1007,7 +1010,7 @@ impl Node {
                 return Ok(());
             }
         };
-        self.judge_decoded(&envelope, bytes, from_pending, false, actor, phase, report)
+        self.judge_decoded(&envelope, bytes, hash, from_pending, false, actor, phase, report)
     }
 
     /// [`Node::judge_envelope`] once the envelope decoded and verified.
@@ -1019,22 +1022,17 @@ impl Node {
         &self,
         envelope: &Envelope,
         bytes: &[u8],
+        hash: [u8; 32],
         from_pending: Option<(PendingReason, [u8; 32])>,
         change_checked: bool,
         actor: &Actor,
         phase: &mut Phase,
         report: &mut IngestReport,
     ) -> Result<()> {
-        let hash = sha256(bytes);
-        let dequeue = |phase: &mut Phase| {
-            if let Some((reason, hash)) = from_pending {
-                phase.batch.push(Op::RemovePending { reason, hash });
-            }
-        };
         let id = envelope.id();
         let h = envelope.header();
         if phase.seen.contains(&id.0) || self.store().contains(&id.into())? || self.store().rejected(&id.0)?.is_some() {
-            dequeue(phase);
+            dequeue(phase, from_pending);
             report.duplicates += 1;
             return Ok(());
         }
@@ -1046,7 +1044,7 @@ impl Node {
             Validity::MissingGrant(grant) => {
                 let reason = PendingReason::MissingGrant(grant);
                 if from_pending.map(|(r, _)| r) != Some(reason) {
-                    dequeue(phase);
+                    dequeue(phase, from_pending);
                     self.queue_pending(
                         phase,
                         report,
@@ -1057,7 +1055,7 @@ impl Node {
                 }
             }
             Validity::Invalid(reason) => {
-                dequeue(phase);
+                dequeue(phase, from_pending);
                 let error = Error::Rejected {
                     kind: "envelope",
                     id: id.to_string(),
@@ -1081,7 +1079,7 @@ impl Node {
                     Some(key) => match open_checked(envelope, key) {
                         Ok(_plain) => EnvelopeState::Readable,
                         Err(error) => {
-                            dequeue(phase);
+                            dequeue(phase, from_pending);
                             self.reject(
                                 phase,
                                 &mut report.rejected,
@@ -1098,7 +1096,7 @@ impl Node {
                     },
                     None => EnvelopeState::Opaque,
                 };
-                dequeue(phase);
+                dequeue(phase, from_pending);
                 let meta = envelope_meta(envelope);
                 phase.batch.push(Op::PutItem {
                     meta: meta.clone(),

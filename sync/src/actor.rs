@@ -376,19 +376,7 @@ async fn pull_task<B: Backend>(ctx: &Ctx<B>, peer: PeerId) -> Result<SyncReport>
                 items,
                 offers,
             } => (instance, next, more, items, offers),
-            Response::Refused(code) => {
-                return Err(Error::Refused {
-                    peer,
-                    reason: code.as_str(),
-                });
-            }
-            other => {
-                return Err(Error::UnexpectedResponse {
-                    peer,
-                    request: "pull",
-                    answer: other.name(),
-                });
-            }
+            other => return Err(unexpected(peer, "pull", &other)),
         };
         if items.len() > limit as usize {
             return Err(Error::Wire {
@@ -523,19 +511,7 @@ async fn snapshot_task<B: Backend>(
     let payload = match ctx.request(peer, Request::Snapshot { patient, collection }).await? {
         Response::Snapshot(Some(p)) => p,
         Response::Snapshot(None) => return Ok((report, TransferOutcome::Unavailable)),
-        Response::Refused(code) => {
-            return Err(Error::Refused {
-                peer,
-                reason: code.as_str(),
-            });
-        }
-        other => {
-            return Err(Error::UnexpectedResponse {
-                peer,
-                request: "snapshot",
-                answer: other.name(),
-            });
-        }
+        other => return Err(unexpected(peer, "snapshot", &other)),
     };
     report.pages += 1;
     Metrics::add(&ctx.metrics.items_received, u64::from(payload.count));
@@ -592,19 +568,7 @@ async fn reconcile_task<B: Backend>(ctx: &Ctx<B>, peer: PeerId, patient: Patient
     }
     let (consent, collections) = match ctx.request(peer, Request::Summary { patient, digests }).await? {
         Response::Summary { consent, collections } => (consent, collections),
-        Response::Refused(code) => {
-            return Err(Error::Refused {
-                peer,
-                reason: code.as_str(),
-            });
-        }
-        other => {
-            return Err(Error::UnexpectedResponse {
-                peer,
-                request: "summary",
-                answer: other.name(),
-            });
-        }
+        other => return Err(unexpected(peer, "summary", &other)),
     };
     report.pages += 1;
     report.received += consent.len() as u64;
@@ -657,13 +621,7 @@ async fn reconcile_task<B: Backend>(ctx: &Ctx<B>, peer: PeerId, patient: Patient
         }
         let items = match ctx.request(peer, Request::Fetch { ids: chunk.clone() }).await? {
             Response::Fetched { items } => items,
-            other => {
-                return Err(Error::UnexpectedResponse {
-                    peer,
-                    request: "fetch",
-                    answer: other.name(),
-                });
-            }
+            other => return Err(unexpected(peer, "fetch", &other)),
         };
         if items.len() > chunk.len() {
             return Err(Error::Wire {
@@ -719,6 +677,22 @@ fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
     match addr.iter().last() {
         Some(Protocol::P2p(peer)) => Some(peer),
         _ => None,
+    }
+}
+
+/// The error for an answer that is not the one asked for: a refusal, or
+/// another kind of response.
+fn unexpected(peer: PeerId, request: &'static str, answer: &Response) -> Error {
+    match answer {
+        Response::Refused(code) => Error::Refused {
+            peer,
+            reason: code.as_str(),
+        },
+        other => Error::UnexpectedResponse {
+            peer,
+            request,
+            answer: other.name(),
+        },
     }
 }
 
@@ -1599,15 +1573,7 @@ async fn push_task<B: Backend>(
             rejected,
             refused: 0,
         }),
-        Response::Refused(code) => Err(Error::Refused {
-            peer,
-            reason: code.as_str(),
-        }),
-        other => Err(Error::UnexpectedResponse {
-            peer,
-            request: "push",
-            answer: other.name(),
-        }),
+        other => Err(unexpected(peer, "push", &other)),
     }
 }
 

@@ -55,7 +55,11 @@ struct Node {
 
 impl Node {
     async fn start(key: SecretIdentity, store: Arc<MemoryBackend>) -> Self {
-        let sync = SyncHandle::spawn(config(), &key, store.clone()).await.unwrap();
+        Self::start_with(config(), key, store).await
+    }
+
+    async fn start_with(config: Config, key: SecretIdentity, store: Arc<MemoryBackend>) -> Self {
+        let sync = SyncHandle::spawn(config, &key, store.clone()).await.unwrap();
         let addr = sync.listen_addrs().await.unwrap().remove(0);
         Self {
             peer: sync.local_peer_id(),
@@ -71,21 +75,16 @@ impl Node {
     }
 
     async fn with_kademlia() -> Self {
-        let key = SecretIdentity::generate().unwrap();
-        let store = Arc::new(MemoryBackend::new());
         let config = Config {
             kademlia: true,
             ..config()
         };
-        let sync = SyncHandle::spawn(config, &key, store.clone()).await.unwrap();
-        let addr = sync.listen_addrs().await.unwrap().remove(0);
-        Self {
-            peer: sync.local_peer_id(),
-            key,
-            store,
-            sync,
-            addr,
-        }
+        Self::start_with(
+            config,
+            SecretIdentity::generate().unwrap(),
+            Arc::new(MemoryBackend::new()),
+        )
+        .await
     }
 
     fn principal(&self) -> Principal {
