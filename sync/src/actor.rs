@@ -354,6 +354,11 @@ impl<B: Backend> Ctx<B> {
 async fn pull_task<B: Backend>(ctx: &Ctx<B>, peer: PeerId) -> Result<SyncReport> {
     let mut report = SyncReport::default();
     let mut offers: Vec<Offer> = Vec::new();
+    // Patients of pages that left envelopes pending: the peer holds them,
+    // so it may well hold the grant they wait for — one this node scanned
+    // past while its own grant had not started, or whose reconciliation
+    // failed. Reconciling with the peer asks for it again.
+    let mut waiting: Vec<PatientId> = Vec::new();
     loop {
         let cursor = ctx.backend.cursor(&peer)?.unwrap_or_default();
         let limit = ctx.page_limit;
@@ -407,7 +412,21 @@ async fn pull_task<B: Backend>(ctx: &Ctx<B>, peer: PeerId) -> Result<SyncReport>
         }
         report.pages += 1;
         report.received += items.len() as u64;
-        report.ingest.add(ctx.ingest(peer, items).await?);
+        // Who the page's envelopes belong to, read without verifying (the
+        // ingest verifies; this only picks whom to reconcile).
+        let mut envelope_patients: Vec<PatientId> = Vec::new();
+        for item in items.iter().filter(|i| i.kind == ItemKind::Envelope) {
+            if let Ok(h) = medmesh_crypto::CompactHeader::of_stored_envelope(&item.bytes)
+                && !envelope_patients.contains(&h.header().patient)
+            {
+                envelope_patients.push(h.header().patient);
+            }
+        }
+        let ingested = ctx.ingest(peer, items).await?;
+        if ingested.pending > 0 {
+            waiting.extend(envelope_patients);
+        }
+        report.ingest.add(ingested);
         let new = Cursor { instance, seq: next };
         ctx.backend.set_cursor(&peer, new).await?;
         // Stop on the server's word, or when it makes no progress (a peer
@@ -416,7 +435,7 @@ async fn pull_task<B: Backend>(ctx: &Ctx<B>, peer: PeerId) -> Result<SyncReport>
             break;
         }
     }
-    let mut reconcile = Vec::new();
+    let mut reconcile = waiting;
     for offer in offers {
         match snapshot_task(
             ctx,

@@ -781,7 +781,6 @@ async fn hundred_node_simulation() {
 /// its own had not started, so it never learns A's grant: A's later writes
 /// reach B but wait in its pending queue for good.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known gap: the reconciliation at not-before is not retried (reported in issue 9)"]
 async fn later_grant_whose_reconciliation_fails_still_gets_the_record() {
     let scale = Scale {
         nodes: 2,
