@@ -7,72 +7,13 @@
 mod fhirval;
 #[path = "common/mem.rs"]
 mod mem;
+#[path = "common/server.rs"]
+mod server;
 
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::Duration;
 
-use medmesh_gateway::{Config, Token};
-use mem::MemBackend;
 use serde_json::{Value, json};
-
-const TOKEN: &str = "test-token-1234";
-
-struct Server {
-    base: String,
-    client: reqwest::Client,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-}
-
-impl Server {
-    async fn start(body_limit: usize) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let mut config = Config::for_addr(addr);
-        config.body_limit = body_limit;
-        config.max_count = 20;
-        let app = medmesh_gateway::router(Arc::new(MemBackend::new()), Token::new(TOKEN), config);
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(medmesh_gateway::serve(listener, app, async {
-            let _ = rx.await;
-        }));
-        Self {
-            base: format!("http://{addr}"),
-            client: reqwest::Client::builder()
-                .timeout(Duration::from_secs(10))
-                .build()
-                .unwrap(),
-            shutdown: Some(tx),
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    async fn post(&self, path: &str, body: &Value) -> reqwest::Response {
-        self.client
-            .post(self.url(path))
-            .bearer_auth(TOKEN)
-            .header("content-type", "application/fhir+json")
-            .body(body.to_string())
-            .send()
-            .await
-            .unwrap()
-    }
-
-    async fn get(&self, path: &str) -> reqwest::Response {
-        self.client.get(self.url(path)).bearer_auth(TOKEN).send().await.unwrap()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-    }
-}
+use server::{Server, TOKEN};
 
 async fn json_of(response: reqwest::Response) -> Value {
     let bytes = response.bytes().await.unwrap();

@@ -7,63 +7,19 @@
 
 #[path = "common/mem.rs"]
 mod mem;
+#[path = "common/server.rs"]
+mod server;
 
-use std::sync::Arc;
-use std::time::Duration;
-
-use medmesh_gateway::{Config, Token};
-use mem::MemBackend;
 use serde_json::{Value, json};
+use server::{Server, TOKEN};
 
-const TOKEN: &str = "test-token-5678";
-
-struct Server {
-    base: String,
-    client: reqwest::Client,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+/// What these tests ask of the test server beyond plain requests.
+trait SearchServer {
+    async fn created(&self, resource: Value) -> Value;
+    async fn search_ids(&self, path: &str) -> Vec<String>;
 }
 
-impl Server {
-    async fn start() -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let mut config = Config::for_addr(addr);
-        config.max_count = 20;
-        let app = medmesh_gateway::router(Arc::new(MemBackend::new()), Token::new(TOKEN), config);
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(medmesh_gateway::serve(listener, app, async {
-            let _ = rx.await;
-        }));
-        Self {
-            base: format!("http://{addr}"),
-            client: reqwest::Client::builder()
-                .timeout(Duration::from_secs(10))
-                .build()
-                .unwrap(),
-            shutdown: Some(tx),
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    async fn post(&self, path: &str, body: &Value) -> reqwest::Response {
-        self.client
-            .post(self.url(path))
-            .bearer_auth(TOKEN)
-            .header("content-type", "application/fhir+json")
-            .body(body.to_string())
-            .send()
-            .await
-            .unwrap()
-    }
-
-    /// GET of a path whose query is already percent-encoded.
-    async fn get(&self, path: &str) -> reqwest::Response {
-        self.client.get(self.url(path)).bearer_auth(TOKEN).send().await.unwrap()
-    }
-
+impl SearchServer for Server {
     async fn created(&self, resource: Value) -> Value {
         let path = format!("/fhir/{}", resource["resourceType"].as_str().unwrap());
         let response = self.post(&path, &resource).await;
@@ -87,14 +43,6 @@ impl Server {
                 Some(next) => url = next,
                 None => return ids,
             }
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
         }
     }
 }
@@ -134,7 +82,7 @@ const MRN: &str = "http://hospital.example.org/mrn";
 
 #[tokio::test]
 async fn identifier_token_search() {
-    let server = Server::start().await;
+    let server = Server::start(1024 * 1024).await;
     let with = |ids: Value| json!({"resourceType": "Patient", "identifier": ids});
     let a = id_of(&server.created(with(json!([{"system": MRN, "value": "1001"}]))).await);
     let b = id_of(
@@ -215,7 +163,7 @@ async fn identifier_token_search() {
 /// `http.rs`).
 #[tokio::test]
 async fn identifier_conditionals_in_transactions() {
-    let server = Server::start().await;
+    let server = Server::start(1024 * 1024).await;
     let existing = server
         .created(json!({"resourceType": "Patient", "identifier": [{"system": MRN, "value": "77"}], "gender": "female"}))
         .await;
@@ -265,7 +213,7 @@ async fn identifier_conditionals_in_transactions() {
 
 #[tokio::test]
 async fn conditional_reads_answer_not_modified() {
-    let server = Server::start().await;
+    let server = Server::start(1024 * 1024).await;
     let response = server.post("/fhir/Patient", &json!({"resourceType": "Patient"})).await;
     let etag = response.headers()["etag"].to_str().unwrap().to_owned();
     let last_modified = response.headers()["last-modified"].to_str().unwrap().to_owned();
@@ -356,7 +304,7 @@ async fn conditional_reads_answer_not_modified() {
 /// result exactly once.
 #[tokio::test]
 async fn next_links_percent_encode_values_and_walk_the_whole_result() {
-    let server = Server::start().await;
+    let server = Server::start(1024 * 1024).await;
     let patient = id_of(&server.created(json!({"resourceType": "Patient"})).await);
     // An identifier value with every character a query string can break on.
     let value = "A&B+C D,E|F=G%H";
