@@ -123,7 +123,21 @@ impl TestPatient {
     /// # Errors
     /// Signing and wrapping failures.
     pub fn onboard(&mut self, to: PracticeId, collection: Collection) -> Result<(Grant, Vec<Incoming>)> {
-        let grant = self.grant(to, &[collection], Access::ReadWrite, now().saturating_sub(60_000), None)?;
+        self.grant_with_share(to, collection, Access::ReadWrite)
+    }
+
+    /// A grant to `to` for `collection` with `access`, from now minus a
+    /// minute, plus its epoch-0 key share, ready for [`crate::Node::submit`].
+    ///
+    /// # Errors
+    /// Signing and wrapping failures.
+    pub fn grant_with_share(
+        &mut self,
+        to: PracticeId,
+        collection: Collection,
+        access: Access,
+    ) -> Result<(Grant, Vec<Incoming>)> {
+        let grant = self.grant(to, &[collection], access, now().saturating_sub(60_000), None)?;
         let share = self.share(collection, 0, Principal::Practice(to))?;
         let items = vec![
             Incoming::new(ItemKind::Grant, grant.encoded().to_vec()),

@@ -10,11 +10,10 @@ use futures::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::SwarmEvent;
 use libp2p::{StreamProtocol, SwarmBuilder, noise, tcp, yamux};
-use medmesh_crypto::{Access, Collection, EnvelopeId, PatientId, Principal, SecretIdentity, now};
+use medmesh_crypto::{Access, Collection, EnvelopeId, PatientId, SecretIdentity};
 use medmesh_node::repository::{self, Repository};
-use medmesh_node::store::ItemKind as NodeKind;
 use medmesh_node::testing::TestPatient;
-use medmesh_node::{Actor, Incoming, Node};
+use medmesh_node::{Actor, Node};
 use medmesh_sync::{
     AuditEntryWire, Backend, Config, ConsentView, Cursor, DisclosureRecord, IngestReport, InstanceId, Item,
     NodeBackend, PeerId, StoredEvent, StoredItem, SyncHandle, Transfer, TransferIngest,
@@ -331,22 +330,10 @@ async fn run(n: usize) -> Run {
     let (_, items) = patient.onboard(a_node.practice_id(), Collection::Labs).unwrap();
     a_node.submit(patient.id(), items).await.unwrap();
     let b_practice = b_key.practice_id().unwrap();
-    let gb = patient
-        .grant(b_practice, &[Collection::Labs], Access::Read, now() - 60_000, None)
+    let (_, items) = patient
+        .grant_with_share(b_practice, Collection::Labs, Access::Read)
         .unwrap();
-    let share = patient
-        .share(Collection::Labs, 0, Principal::Practice(b_practice))
-        .unwrap();
-    a_node
-        .submit(
-            patient.id(),
-            vec![
-                Incoming::new(NodeKind::Grant, gb.encoded().to_vec()),
-                Incoming::new(NodeKind::KeyShare, share.encoded().to_vec()),
-            ],
-        )
-        .await
-        .unwrap();
+    a_node.submit(patient.id(), items).await.unwrap();
 
     // History, through A's real write path (Repository → seal → sled).
     let no_auto = repository::Config {

@@ -107,6 +107,11 @@ impl<'a, B: Backend> Disclosures<'a, B> {
     }
 }
 
+/// The answer, or `Refused(Internal)` (logged) when serving it failed.
+fn answer(result: Result<(Response, Served)>, peer: &Requester, what: &'static str) -> (Response, Served) {
+    result.unwrap_or_else(|e| refuse(&e, peer, what))
+}
+
 fn refuse(err: &Error, peer: &Requester, what: &'static str) -> (Response, Served) {
     warn!(peer = %peer.peer_id(), cause = %err, "failed to serve {what}");
     (Response::Refused(RefusalCode::Internal), Served::default())
@@ -124,10 +129,11 @@ pub(crate) async fn pull<B: Backend>(
     snapshots: Option<&[[u8; 32]]>,
     now: Timestamp,
 ) -> (Response, Served) {
-    match pull_inner(backend, peer, cursor, limit, snapshots, now).await {
-        Ok(r) => r,
-        Err(e) => refuse(&e, &peer, "pull"),
-    }
+    answer(
+        pull_inner(backend, peer, cursor, limit, snapshots, now).await,
+        &peer,
+        "pull",
+    )
 }
 
 async fn pull_inner<B: Backend>(
@@ -236,10 +242,11 @@ pub(crate) async fn summary<B: Backend>(
     digests: &[(Collection, [u8; 32])],
     now: Timestamp,
 ) -> (Response, Served) {
-    match summary_inner(backend, peer, patient, digests, now).await {
-        Ok(r) => r,
-        Err(e) => refuse(&e, &peer, "summary"),
-    }
+    answer(
+        summary_inner(backend, peer, patient, digests, now).await,
+        &peer,
+        "summary",
+    )
 }
 
 async fn summary_inner<B: Backend>(
@@ -307,10 +314,11 @@ pub(crate) async fn snapshot<B: Backend>(
     collection: Collection,
     now: Timestamp,
 ) -> (Response, Served) {
-    match snapshot_inner(backend, peer, patient, collection, now).await {
-        Ok(r) => r,
-        Err(e) => refuse(&e, &peer, "snapshot"),
-    }
+    answer(
+        snapshot_inner(backend, peer, patient, collection, now).await,
+        &peer,
+        "snapshot",
+    )
 }
 
 async fn snapshot_inner<B: Backend>(
@@ -380,10 +388,7 @@ pub(crate) async fn fetch<B: Backend>(
     ids: &[medmesh_crypto::EnvelopeId],
     now: Timestamp,
 ) -> (Response, Served) {
-    match fetch_inner(backend, peer, ids, now).await {
-        Ok(r) => r,
-        Err(e) => refuse(&e, &peer, "fetch"),
-    }
+    answer(fetch_inner(backend, peer, ids, now).await, &peer, "fetch")
 }
 
 async fn fetch_inner<B: Backend>(
@@ -431,10 +436,7 @@ pub(crate) async fn audit<B: Backend>(
         debug!(peer = %peer.peer_id(), "audit query refused: the asker is not the patient");
         return (Response::Refused(RefusalCode::NotPatient), Served::default());
     }
-    match audit_inner(backend, patient, after, limit).await {
-        Ok(r) => r,
-        Err(e) => refuse(&e, &peer, "audit"),
-    }
+    answer(audit_inner(backend, patient, after, limit).await, &peer, "audit")
 }
 
 async fn audit_inner<B: Backend>(
@@ -493,12 +495,11 @@ fn truncate_text(text: &mut String, max: usize) {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-    use medmesh_crypto::{Access, Principal, SecretIdentity, now};
+    use medmesh_crypto::{Access, SecretIdentity, now};
     use medmesh_node::audit::Action;
     use medmesh_node::repository::{self, Repository};
-    use medmesh_node::store::ItemKind as NodeKind;
     use medmesh_node::testing::TestPatient;
-    use medmesh_node::{Actor, Incoming, Node};
+    use medmesh_node::{Actor, Node};
 
     use super::*;
     use crate::NodeBackend;
@@ -549,27 +550,10 @@ mod tests {
 
         let (b, c) = (SecretIdentity::generate().unwrap(), SecretIdentity::generate().unwrap());
         let requester = |k: &SecretIdentity| Requester::from_peer_id(&k.practice_id().unwrap().peer_id()).unwrap();
-        let gb = patient
-            .grant(
-                b.practice_id().unwrap(),
-                &[Collection::Labs],
-                Access::Read,
-                now() - 60_000,
-                None,
-            )
+        let (gb, items) = patient
+            .grant_with_share(b.practice_id().unwrap(), Collection::Labs, Access::Read)
             .unwrap();
-        let share = patient
-            .share(Collection::Labs, 0, Principal::Practice(b.practice_id().unwrap()))
-            .unwrap();
-        node.submit(
-            pid,
-            vec![
-                Incoming::new(NodeKind::Grant, gb.encoded().to_vec()),
-                Incoming::new(NodeKind::KeyShare, share.encoded().to_vec()),
-            ],
-        )
-        .await
-        .unwrap();
+        node.submit(pid, items).await.unwrap();
 
         // C: no grant, no transfer, no offer, nothing audited.
         let (r, _) = snapshot(&*backend, requester(&c), pid, Collection::Labs, now()).await;

@@ -65,22 +65,10 @@ async fn patient_reads_the_disclosures_about_them_and_no_one_else_can() {
     }
 
     // Grant B core; B pulls it from A.
-    let gb = patient
-        .grant(b.practice(), &[Collection::Core], Access::Read, now() - 60_000, None)
+    let (gb, items) = patient
+        .grant_with_share(b.practice(), Collection::Core, Access::Read)
         .unwrap();
-    let share_b = patient
-        .share(Collection::Core, 0, Principal::Practice(b.practice()))
-        .unwrap();
-    a.node
-        .submit(
-            patient.id(),
-            vec![
-                Incoming::new(NodeKind::Grant, gb.encoded().to_vec()),
-                Incoming::new(NodeKind::KeyShare, share_b.encoded().to_vec()),
-            ],
-        )
-        .await
-        .unwrap();
+    a.node.submit(patient.id(), items).await.unwrap();
     let a_addr = a.sync.listen_addrs().await.unwrap().remove(0);
     let a_peer = a.sync.local_peer_id();
     b.sync.dial(a_addr.clone()).await.unwrap();

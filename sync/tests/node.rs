@@ -64,22 +64,10 @@ async fn grant_moves_readable_history_between_real_nodes() {
     );
 
     // Grant B core only, submitted at A with B's epoch-0 core key share.
-    let gb = patient
-        .grant(b.practice(), &[Collection::Core], Access::Read, now() - 60_000, None)
+    let (_, items) = patient
+        .grant_with_share(b.practice(), Collection::Core, Access::Read)
         .unwrap();
-    let share = patient
-        .share(Collection::Core, 0, Principal::Practice(b.practice()))
-        .unwrap();
-    a.node
-        .submit(
-            patient.id(),
-            vec![
-                Incoming::new(NodeKind::Grant, gb.encoded().to_vec()),
-                Incoming::new(NodeKind::KeyShare, share.encoded().to_vec()),
-            ],
-        )
-        .await
-        .unwrap();
+    a.node.submit(patient.id(), items).await.unwrap();
 
     until("B holds A's core history, readable", || {
         b.node
@@ -163,22 +151,10 @@ async fn a_long_history_moves_as_a_snapshot_transfer() {
         envelope_bytes += a.node.item(&id.into()).await.unwrap().unwrap().bytes.len() as u64;
     }
 
-    let gb = patient
-        .grant(b.practice(), &[Collection::Labs], Access::Read, now() - 60_000, None)
+    let (_, items) = patient
+        .grant_with_share(b.practice(), Collection::Labs, Access::Read)
         .unwrap();
-    let share = patient
-        .share(Collection::Labs, 0, Principal::Practice(b.practice()))
-        .unwrap();
-    a.node
-        .submit(
-            pid,
-            vec![
-                Incoming::new(NodeKind::Grant, gb.encoded().to_vec()),
-                Incoming::new(NodeKind::KeyShare, share.encoded().to_vec()),
-            ],
-        )
-        .await
-        .unwrap();
+    a.node.submit(pid, items).await.unwrap();
     let a_addr = a.sync.listen_addrs().await.unwrap().remove(0);
     let a_peer = a.sync.local_peer_id();
     b.sync.dial(a_addr.clone()).await.unwrap();
