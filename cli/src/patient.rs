@@ -403,6 +403,22 @@ fn parse_expiry(args: &GrantArgs, now_ms: u64) -> Result<Option<u64>> {
     Ok(None)
 }
 
+/// Where the grantee can find the record: the node this grant goes to, then
+/// the nodes the patient's other live grants were submitted to (the
+/// practices that hold the data), without repeats, up to what a grant carries.
+fn address_hints(keystore: &Keystore, node: &str, now_ms: u64) -> Vec<String> {
+    let mut hints = vec![node.to_owned()];
+    for hint in keystore.live_grants(now_ms).flat_map(|g| &g.terms().address_hints) {
+        if hints.len() == medmesh_crypto::MAX_ADDRESS_HINTS {
+            break;
+        }
+        if !hints.contains(hint) {
+            hints.push(hint.clone());
+        }
+    }
+    hints
+}
+
 async fn grant(home: &Home, args: GrantArgs, out: &Output) -> Result<()> {
     let (mut keystore, passphrase) = open_keystore(home)?;
     let patient = keystore.patient();
@@ -433,10 +449,15 @@ async fn grant(home: &Home, args: GrantArgs, out: &Output) -> Result<()> {
         expires,
         purpose: args.purpose.clone(),
         issued_at: now_ms,
-        address_hints: vec![args.node.clone()],
+        address_hints: address_hints(&keystore, &args.node, now_ms),
     };
     let grant = Grant::sign(terms, keystore.identity()).map_err(|e| anyhow!("signing the grant: {e}"))?;
     let mut items = vec![Item::grant(&grant)];
+    // The node reached may know nothing of the patient's other practices (their
+    // grants were submitted elsewhere); a node forwards a patient's grants only to
+    // practices whose grant it knows, so without these it would tell no one and
+    // neither side would ever learn where the rest of the record is.
+    items.extend(keystore.live_grants(now_ms).map(Item::grant));
     let mut created = Vec::new();
     for collection in &collections {
         if keys_of(&keystore, *collection).is_empty() {
@@ -533,8 +554,11 @@ async fn revoke(home: &Home, node: &str, grant_id: &str, out: &Output) -> Result
         },
         keystore.identity(),
     )?;
-    // New epochs for every covered collection, shared with the remaining readers and the patient.
+    // The revoked grant and the others still live go along, so the node reached
+    // knows every practice it must forward the revocation to (see `grant`).
     let mut items = vec![Item::revocation(&revocation)];
+    items.extend(keystore.live_grants(now_ms).map(Item::grant));
+    // New epochs for every covered collection, shared with the remaining readers and the patient.
     let mut rotated = Vec::new();
     for collection in &grant.terms().collections {
         let next = keys_of(&keystore, *collection).last().map_or(0, |k| k.epoch + 1);

@@ -35,14 +35,7 @@ fn import_export_audit_and_bad_inputs() {
     // Three files: a Bundle whose Patient `--patient` links, a resource of that patient, and junk.
     let files = root.path().join("files");
     std::fs::create_dir(&files).unwrap();
-    let bundle = json!({"resourceType": "Bundle", "type": "collection", "entry": [
-        {"fullUrl": "urn:uuid:0b6c4a7e-58e2-4c4e-9d1a-3f2f1c0a9b01",
-         "resource": {"resourceType": "Patient", "name": [{"family": "Okafor"}], "birthDate": "1980-02-29"}},
-        {"resource": {"resourceType": "Observation", "status": "final",
-                      "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4", "display": "Heart rate"}]},
-                      "subject": {"reference": "urn:uuid:0b6c4a7e-58e2-4c4e-9d1a-3f2f1c0a9b01"},
-                      "valueQuantity": {"value": 72, "unit": "/min"}}}]});
-    std::fs::write(files.join("a-bundle.json"), bundle.to_string()).unwrap();
+    std::fs::write(files.join("a-bundle.json"), heart_rate_bundle(72).to_string()).unwrap();
     std::fs::write(files.join("b-broken.json"), "{\"resourceType\": \"Observation\", ").unwrap();
     std::fs::write(files.join("c-notes.txt"), "not FHIR, not .json: not read").unwrap();
     let out = medmesh(&practice)
@@ -179,6 +172,80 @@ fn import_export_audit_and_bad_inputs() {
     // An unreachable node (nothing listens on port 9): a clear error, after the keystore was saved whole.
     let unreachable = format!("/ip4/127.0.0.1/tcp/9/p2p/{}", node.peer_id);
     bad(&["patient", "records", "--node", &unreachable], "is the node running");
+}
+
+/// A collection Bundle of a Patient (linked by `fhir import --patient`) and
+/// one heart-rate Observation of them.
+fn heart_rate_bundle(rate: u32) -> Value {
+    json!({"resourceType": "Bundle", "type": "collection", "entry": [
+        {"fullUrl": "urn:uuid:0b6c4a7e-58e2-4c4e-9d1a-3f2f1c0a9b01",
+         "resource": {"resourceType": "Patient", "name": [{"family": "Okafor"}], "birthDate": "1980-02-29"}},
+        {"resource": {"resourceType": "Observation", "status": "final",
+                      "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4", "display": "Heart rate"}]},
+                      "subject": {"reference": "urn:uuid:0b6c4a7e-58e2-4c4e-9d1a-3f2f1c0a9b01"},
+                      "valueQuantity": {"value": rate, "unit": "/min"}}}]})
+}
+
+/// `patient grant --node B --to B` while the record lives at A (granted and
+/// written there): B learns A's grant from the CLI, A learns B's from B, and
+/// B ends up holding the record — nobody told either node about the other.
+#[test]
+fn grants_submitted_at_different_practices_meet() {
+    let root = tempfile::tempdir().unwrap();
+    let patient = root.path().join("patient");
+    let (home_a, home_b) = (root.path().join("a"), root.path().join("b"));
+    let (a, b) = (NodeProcess::start(&home_a), NodeProcess::start(&home_b));
+    let out = medmesh(&patient).args(["--json", "patient", "new"]).output().unwrap();
+    let did = json_lines(&out)[0]["did"].as_str().unwrap().to_owned();
+    let grant = |node: &NodeProcess, write: bool| {
+        let mut cmd = medmesh(&patient);
+        cmd.args([
+            "--json",
+            "patient",
+            "grant",
+            "--node",
+            &node.listen,
+            "--to",
+            &node.peer_id,
+        ]);
+        if write {
+            cmd.arg("--write");
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+    };
+    grant(&a, true);
+    let file = root.path().join("bundle.json");
+    std::fs::write(&file, heart_rate_bundle(64).to_string()).unwrap();
+    let out = medmesh(&home_a)
+        .args(["--json", "fhir", "import", "--patient", &did])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    grant(&b, false);
+    let deadline = std::time::Instant::now() + common::WAIT;
+    loop {
+        let out = medmesh(&patient)
+            .args([
+                "--json",
+                "patient",
+                "records",
+                "--node",
+                &b.listen,
+                "--type",
+                "Observation",
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        if let [found] = json_lines(&out).as_slice() {
+            assert_eq!(found["valueQuantity"]["value"].to_string(), "64");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "B never received A's record");
+    }
 }
 
 /// Runs the external FHIR R4 validator when CI (or a developer) installed it.

@@ -25,7 +25,8 @@ pub const MAX_REVOCATION_BYTES: usize = 64 * 1024;
 pub const NOT_BEFORE_SKEW_MS: u64 = 5 * 60 * 1000;
 
 const FORMAT_VERSION: u64 = 1;
-const MAX_HINTS: usize = 16;
+/// Most address hints a grant carries.
+pub const MAX_ADDRESS_HINTS: usize = 16;
 const MAX_HINT_LEN: usize = 256;
 const MAX_CUT_ACTORS: usize = 1024;
 const MAX_PURPOSE_LEN: usize = 32;
@@ -268,7 +269,7 @@ impl GrantTerms {
                 reason: "not after not-before",
             });
         }
-        if self.address_hints.len() > MAX_HINTS || self.address_hints.iter().any(|h| h.len() > MAX_HINT_LEN) {
+        if self.address_hints.len() > MAX_ADDRESS_HINTS || self.address_hints.iter().any(|h| h.len() > MAX_HINT_LEN) {
             return Err(Error::InvalidField {
                 field: "address hints",
                 reason: "too many or too long",
@@ -315,7 +316,7 @@ impl GrantTerms {
         let purpose = f.text(MAX_PURPOSE_LEN)?;
         let issued_at = f.uint()?;
         let address_hints = f
-            .array(MAX_HINTS)?
+            .array(MAX_ADDRESS_HINTS)?
             .into_iter()
             .map(|v| match v {
                 Value::Text(t) if t.len() <= MAX_HINT_LEN => Ok(t),

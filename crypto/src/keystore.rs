@@ -14,7 +14,7 @@ use zeroize::Zeroizing;
 
 use crate::canon::{self, Fields};
 use crate::consent::{Grant, Revocation};
-use crate::id::{PatientId, SecretIdentity};
+use crate::id::{PatientId, SecretIdentity, Timestamp};
 use crate::keys::{EpochKey, KeyId};
 use crate::{Error, Result};
 
@@ -95,6 +95,14 @@ impl Keystore {
     /// The patient.
     pub fn patient(&self) -> PatientId {
         self.identity.patient_id()
+    }
+
+    /// The grants issued here that are neither revoked nor expired at `now`
+    /// (one whose not-before is still ahead counts: it will come into force).
+    pub fn live_grants(&self, now: Timestamp) -> impl Iterator<Item = &Grant> {
+        self.grants.iter().filter(move |grant| {
+            !self.revocations.iter().any(|r| r.revokes(grant)) && grant.terms().expires.is_none_or(|e| now < e)
+        })
     }
 
     /// Writes a new keystore; refuses to overwrite an existing file.

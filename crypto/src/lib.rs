@@ -27,8 +27,8 @@ mod snapshot;
 mod vectors;
 
 pub use consent::{
-    Access, Collection, GRANT_TAG, Grant, GrantId, GrantTerms, MAX_GRANT_BYTES, MAX_REVOCATION_BYTES,
-    NOT_BEFORE_SKEW_MS, REVOCATION_TAG, Revocation, RevocationTerms,
+    Access, Collection, GRANT_TAG, Grant, GrantId, GrantTerms, MAX_ADDRESS_HINTS, MAX_GRANT_BYTES,
+    MAX_REVOCATION_BYTES, NOT_BEFORE_SKEW_MS, REVOCATION_TAG, Revocation, RevocationTerms,
 };
 pub use envelope::{
     Change, CompactHeader, ENVELOPE_AAD_TAG, ENVELOPE_TAG, Envelope, EnvelopeHeader, EnvelopeId,

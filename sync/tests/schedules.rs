@@ -77,13 +77,15 @@ enum Window {
 enum Op {
     /// The patient's CLI grants `to` the collections of `collections`
     /// (bit 0 core, bit 1 labs), submitted at the patient's home node
-    /// (see `World::home`).
+    /// (see `World::home`) or, with `at_grantee`, at the grantee's own node
+    /// (`patient grant --node B --to B`).
     Grant {
         patient: u8,
         to: u8,
         collections: u8,
         write: bool,
         window: Window,
+        at_grantee: bool,
     },
     /// The patient's CLI revokes one of its unrevoked grants: the cut from
     /// what the node it reaches holds, a new epoch for every covered
@@ -128,8 +130,8 @@ fn window() -> impl Strategy<Value = Window> {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        3 => (any::<u8>(), any::<u8>(), 1u8..=3, any::<bool>(), window()).prop_map(
-            |(patient, to, collections, write, window)| Op::Grant { patient, to, collections, write, window }
+        3 => (any::<u8>(), any::<u8>(), 1u8..=3, any::<bool>(), window(), any::<bool>()).prop_map(
+            |(patient, to, collections, write, window, at_grantee)| Op::Grant { patient, to, collections, write, window, at_grantee }
         ),
         1 => (any::<u8>(), any::<u8>()).prop_map(|(patient, pick)| Op::Revoke { patient, pick }),
         3 => (any::<u8>(), any::<u8>(), any::<bool>()).prop_map(|(patient, pick, update)| {
@@ -389,8 +391,11 @@ impl World {
                 collections,
                 write,
                 window,
+                at_grantee,
             } => {
-                self.grant(patient as usize % np, to as usize % n, collections, write, window, None)
+                let to = to as usize % n;
+                let at = at_grantee.then_some(to);
+                self.grant(patient as usize % np, to, collections, write, window, at)
                     .await
             }
             Op::Revoke { patient, pick } => self.revoke(patient as usize % np, pick).await,
@@ -1106,18 +1111,12 @@ fn random_schedules_keep_consent_and_converge() {
     }
 }
 
-/// A known gap, kept as the minimised case the schedules found before the
-/// patient's CLI was modelled as always reaching its home practice: a
-/// patient grants practice A core (submitted at A) and writes there, then
-/// grants B core submitted at B itself. A knows only its grant and B only
-/// its own; a node discloses a patient's grants only to practices whose
-/// grant it knows in force (filter rule 4), so neither ever learns of the
-/// other and B never receives the record, whatever the exchange. The CLI
-/// puts only `--node` in a grant's address hints. Fix candidates (not made
-/// here): the CLI submits its other live grants with each new one, or
-/// pushes a new grant to every practice holding a live grant.
+/// The minimised case the schedules once found: a patient grants practice A
+/// core (submitted at A) and writes there, then grants B core submitted at B
+/// itself. A node discloses a patient's grants only to practices whose grant
+/// it knows in force (filter rule 4), so B must learn A's grant from the
+/// patient: the CLI sends its other live grants with each new one.
 #[test]
-#[ignore = "known gap: grants submitted at nodes unaware of each other's grants never meet (reported in issue 9)"]
 fn consent_submitted_at_each_grantee_reaches_the_other_practice() {
     block_on(async {
         let mut w = World::new(2, 1).await;

@@ -223,6 +223,7 @@ impl Patient {
         )
         .unwrap();
         let mut items = vec![Item::grant(&grant)];
+        items.extend(self.live_grants());
         for c in collections {
             if !self.epochs.contains_key(c) {
                 self.epochs.insert(*c, 0);
@@ -242,6 +243,16 @@ impl Patient {
         };
         self.push(via, items, hints).await;
         grant
+    }
+
+    /// The CLI sends these with every grant and revocation, so the node it
+    /// reaches knows every practice to forward to.
+    fn live_grants(&self) -> Vec<Item> {
+        self.grants
+            .iter()
+            .filter(|g| !self.revoked.contains(&g.id()))
+            .map(Item::grant)
+            .collect()
     }
 
     /// `medmesh patient revoke --node via`: the cut from the envelopes
@@ -277,8 +288,9 @@ impl Patient {
             &self.keys.identity,
         )
         .unwrap();
-        self.revoked.insert(grant.id());
         let mut items = vec![Item::revocation(&revocation)];
+        items.extend(self.live_grants());
+        self.revoked.insert(grant.id());
         for c in &grant.terms().collections {
             let next = self.epochs.get(c).map_or(0, |e| e + 1);
             self.epochs.insert(*c, next);

@@ -224,6 +224,9 @@ impl CliPatient {
         )
         .unwrap();
         let mut items = vec![Item::grant(&grant)];
+        // As the CLI: the patient's other live grants go along, so the node
+        // reached learns every practice it must forward to.
+        items.extend(self.live_grants().map(Item::grant));
         for c in collections {
             if self.keys.get(c).is_none_or(Vec::is_empty) {
                 let key = EpochKey::generate(self.id(), *c, 0).unwrap();
@@ -239,6 +242,15 @@ impl CliPatient {
             revocation: None,
         });
         (self.grants.len() - 1, items)
+    }
+
+    /// As `Keystore::live_grants`: neither revoked nor expired now.
+    fn live_grants(&self) -> impl Iterator<Item = &Grant> {
+        let at = now();
+        self.grants
+            .iter()
+            .filter(move |g| g.revocation.is_none() && g.grant.terms().expires.is_none_or(|e| at < e))
+            .map(|g| &g.grant)
     }
 
     /// `medmesh patient revoke` of grant `index` with `cut`: the revocation
@@ -259,6 +271,7 @@ impl CliPatient {
         )
         .unwrap();
         let mut items = vec![Item::revocation(&revocation)];
+        items.extend(self.live_grants().map(Item::grant));
         for c in &grant.terms().collections {
             let next = self.keys.get(c).map_or(0, |k| k.len() as Epoch);
             let key = EpochKey::generate(self.id(), *c, next).unwrap();
