@@ -97,6 +97,17 @@ struct NodeRunArgs {
     /// Find peers' addresses with Kademlia lookups through known peers (off by default).
     #[arg(long)]
     kademlia: bool,
+    /// Behind NAT: reserve a circuit on this relay (repeatable; the relay's
+    /// multiaddr ending in /p2p/<PeerId>). Peers then reach this node at
+    /// <relay>/p2p-circuit/p2p/<this node>.
+    #[arg(long, value_name = "MULTIADDR")]
+    relay: Vec<String>,
+    /// Serve as a circuit relay for practices behind NAT (off by default; limits in docs/operations.md).
+    #[arg(long)]
+    relay_server: bool,
+    /// An address others reach this node at, e.g. its public address in front of a port forward (repeatable).
+    #[arg(long, value_name = "MULTIADDR")]
+    external_address: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -192,6 +203,17 @@ node: {}",
                 peers: if args.peer.is_empty() { config.peers } else { args.peer },
                 mdns: args.mdns || config.mdns,
                 kademlia: args.kademlia || config.kademlia,
+                relays: if args.relay.is_empty() {
+                    config.relays
+                } else {
+                    args.relay
+                },
+                relay_server: args.relay_server || config.relay_server,
+                external_addresses: if args.external_address.is_empty() {
+                    config.external_addresses
+                } else {
+                    args.external_address
+                },
                 allow_remote_gateway: args.allow_remote_gateway,
             };
             node_cmd::run(&dir, options, out)

@@ -35,6 +35,15 @@ pub(crate) struct NodeConfig {
     /// Kademlia lookups of peers' addresses (docs/operations.md).
     #[serde(default)]
     pub(crate) kademlia: bool,
+    /// Relays to reserve a circuit on, for a node behind NAT.
+    #[serde(default)]
+    pub(crate) relays: Vec<String>,
+    /// Serve as a circuit relay for other practices.
+    #[serde(default)]
+    pub(crate) relay_server: bool,
+    /// Addresses others reach this node at (announced; a relay hands them out).
+    #[serde(default)]
+    pub(crate) external_addresses: Vec<String>,
 }
 
 impl Default for NodeConfig {
@@ -48,6 +57,9 @@ impl Default for NodeConfig {
             peers: Vec::new(),
             mdns: false,
             kademlia: false,
+            relays: Vec::new(),
+            relay_server: false,
+            external_addresses: Vec::new(),
         }
     }
 }
@@ -147,6 +159,9 @@ pub(crate) struct RunOptions {
     pub(crate) peers: Vec<String>,
     pub(crate) mdns: bool,
     pub(crate) kademlia: bool,
+    pub(crate) relays: Vec<String>,
+    pub(crate) relay_server: bool,
+    pub(crate) external_addresses: Vec<String>,
     pub(crate) allow_remote_gateway: bool,
 }
 
@@ -290,10 +305,28 @@ fn sync_config(options: &RunOptions) -> Result<medmesh_sync::Config> {
         .map(|s| parse("--peer", s))
         .collect::<Result<_>>()?;
     for peer in &config.peers {
-        if !peer.iter().any(|p| matches!(p, medmesh_sync::Protocol::P2p(_))) {
+        if medmesh_sync::addressed_peer(peer).is_none() {
             bail!("--peer {peer} must end in /p2p/<PeerId> so the node knows whom it reaches");
         }
     }
+    config.relays = options
+        .relays
+        .iter()
+        .map(|s| parse("--relay", s))
+        .collect::<Result<_>>()?;
+    for relay in &config.relays {
+        if medmesh_sync::addressed_peer(relay).is_none()
+            || relay.iter().any(|p| p == medmesh_sync::Protocol::P2pCircuit)
+        {
+            bail!("--relay {relay} must be the relay's own address ending in /p2p/<PeerId>");
+        }
+    }
+    config.external_addrs = options
+        .external_addresses
+        .iter()
+        .map(|s| parse("--external-address", s))
+        .collect::<Result<_>>()?;
+    config.relay_server = options.relay_server;
     config.mdns = options.mdns;
     config.kademlia = options.kademlia;
     Ok(config)

@@ -205,6 +205,11 @@ impl Registry {
             .collect()
     }
 
+    /// Whether any grant names `peer` as its grantee.
+    pub(crate) fn names_grantee(&self, peer: &PracticeId) -> bool {
+        self.grants.values().any(|g| g.terms().grantee == *peer)
+    }
+
     /// Whether `peer` may receive an item with `meta` now (DESIGN §6).
     pub(crate) fn may_receive(&self, peer: &PracticeId, meta: &ItemMeta, now: Timestamp) -> bool {
         match meta.kind {

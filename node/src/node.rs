@@ -1641,6 +1641,12 @@ impl Node {
         self.registry().peers_with_grant_from(patient)
     }
 
+    /// Whether a grant held here (from any patient) names `peer` as its
+    /// grantee: sync pulls such peers unasked.
+    pub fn holds_grant_to(&self, peer: &PracticeId) -> bool {
+        self.registry().names_grantee(peer)
+    }
+
     /// Grants known from `patient`, newest first.
     pub fn grants(&self, patient: &PatientId) -> Vec<Grant> {
         self.registry().grants_of(patient)

@@ -10,13 +10,14 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use libp2p::core::transport::ListenerId;
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::behaviour::toggle::Toggle;
-use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
 use libp2p::{
-    Multiaddr, PeerId, StreamProtocol, Swarm, SwarmBuilder, connection_limits, identify, kad, mdns, noise, ping, tcp,
-    yamux,
+    Multiaddr, PeerId, StreamProtocol, Swarm, SwarmBuilder, connection_limits, dcutr, identify, kad, mdns, noise, ping,
+    relay, tcp, yamux,
 };
 use medmesh_crypto::{Collection, EnvelopeId, Grant, GrantId, PatientId, Principal, SecretIdentity, now};
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -25,14 +26,14 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::backend::{
     Backend, ConsentView, Cursor, DisclosureRecord, IngestReport, Item, ItemId, ItemKind, ItemMeta, StoredEvent,
 };
-use crate::config::{Config, Limits};
+use crate::config::{Config, Limits, RelayLimits};
 use crate::filter::{Requester, may_disclose};
 use crate::serve::{self, Served};
 use crate::wire::{
     Codec, MAX_FETCH_IDS, MAX_OFFERS_PER_PAGE, MAX_PUSH_ADDRS, Offer, PROTOCOL, RefusalCode, Request, Response,
     decode_compact_headers, summary_digest,
 };
-use crate::{Error, Result, Status, SyncReport};
+use crate::{Connection, Error, Result, Status, SyncReport};
 
 const COMMAND_CAPACITY: usize = 256;
 const LISTEN_SETUP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -49,6 +50,11 @@ struct Behaviour {
     ping: ping::Behaviour,
     mdns: Toggle<mdns::tokio::Behaviour>,
     kad: Toggle<kad::Behaviour<kad::store::MemoryStore>>,
+    /// Dials `/p2p-circuit` addresses and holds reservations on relays.
+    relay_client: relay::client::Behaviour,
+    /// Serves circuits for other nodes (`Config::relay_server`).
+    relay: Toggle<relay::Behaviour>,
+    dcutr: Toggle<dcutr::Behaviour>,
     sync: request_response::Behaviour<Codec>,
 }
 
@@ -101,6 +107,7 @@ pub(crate) enum Command {
         reply: oneshot::Sender<Result<PeerId>>,
     },
     ConnectedPeers(oneshot::Sender<Vec<PeerId>>),
+    Connections(oneshot::Sender<Vec<Connection>>),
     /// Connect to a PeerId: known addresses first, else a Kademlia lookup.
     DialPeer {
         peer: PeerId,
@@ -683,6 +690,16 @@ pub(crate) struct Actor<B: Backend> {
     dial_waiters: HashMap<PeerId, Vec<oneshot::Sender<Result<PeerId>>>>,
     /// Kademlia lookups under way, and the peer each is for.
     lookups: HashMap<kad::QueryId, PeerId>,
+    /// Peers the handle asked to connect to: pulled on connecting even
+    /// without a grant or cursor (see [`Actor::worth_pulling`]).
+    asked: HashSet<PeerId>,
+    /// Relays to hold a circuit reservation on (`Config::relays`).
+    relays: Vec<(PeerId, Multiaddr)>,
+    /// The `/p2p-circuit` listener of each relay (index into `relays`) that
+    /// holds or is asking for a reservation.
+    relay_listeners: HashMap<ListenerId, usize>,
+    /// Established connections: whose, and over which address.
+    connections: HashMap<ConnectionId, Connection>,
     last_synced: HashMap<PeerId, Instant>,
     /// Token buckets of peers that used some of theirs (full ones are
     /// pruned on every tick: absent means full).
@@ -692,12 +709,7 @@ pub(crate) struct Actor<B: Backend> {
     in_flight_total: usize,
 }
 
-fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
-    match addr.iter().last() {
-        Some(Protocol::P2p(peer)) => Some(peer),
-        _ => None,
-    }
-}
+use crate::addressed_peer as peer_of;
 
 /// The error for an answer that is not the one asked for: a refusal, or
 /// another kind of response.
@@ -726,6 +738,51 @@ fn echo_error(e: &Error, peer: PeerId) -> Error {
     }
 }
 
+fn relay_config(limits: &RelayLimits) -> relay::Config {
+    relay::Config {
+        max_reservations: limits.max_reservations,
+        max_reservations_per_peer: limits.max_reservations_per_peer,
+        reservation_duration: limits.reservation_duration,
+        max_circuits: limits.max_circuits,
+        max_circuits_per_peer: limits.max_circuits_per_peer,
+        max_circuit_duration: limits.max_circuit_duration,
+        max_circuit_bytes: limits.max_circuit_bytes,
+        // libp2p's rate limiters: per node and per IP address, a burst of 30
+        // (60) reservations and circuits refilled at one per 2 minutes (1).
+        ..relay::Config::default()
+    }
+}
+
+/// What a relay server logs: who reserved and who talks to whom through it
+/// (metadata the relay operator sees anyway; the traffic is Noise-encrypted
+/// end to end).
+#[allow(deprecated)] // libp2p 0.57 still emits the deprecated failure variants
+fn on_relay_event(event: relay::Event) {
+    match event {
+        relay::Event::ReservationReqAccepted { src_peer_id, renewed } => {
+            debug!(peer = %src_peer_id, renewed, "relay: reservation accepted");
+        }
+        relay::Event::ReservationReqDenied { src_peer_id, status } => {
+            info!(peer = %src_peer_id, ?status, "relay: reservation denied");
+        }
+        relay::Event::CircuitReqAccepted {
+            src_peer_id,
+            dst_peer_id,
+        } => debug!(src = %src_peer_id, dst = %dst_peer_id, "relay: circuit opened"),
+        relay::Event::CircuitReqDenied {
+            src_peer_id,
+            dst_peer_id,
+            status,
+        } => info!(src = %src_peer_id, dst = %dst_peer_id, ?status, "relay: circuit denied"),
+        relay::Event::CircuitClosed {
+            src_peer_id,
+            dst_peer_id,
+            error,
+        } => debug!(src = %src_peer_id, dst = %dst_peer_id, ?error, "relay: circuit closed"),
+        other => debug!(event = ?other, "relay"),
+    }
+}
+
 /// Builds the swarm, starts listening, and spawns the actor.
 pub(crate) async fn spawn<B: Backend>(
     config: Config,
@@ -739,6 +796,11 @@ pub(crate) async fn spawn<B: Backend>(
         let peer = peer_of(addr).ok_or_else(|| Error::MissingPeerId(addr.clone()))?;
         static_peers.push((peer, addr.clone()));
     }
+    let mut relays = Vec::new();
+    for addr in &config.relays {
+        let peer = peer_of(addr).ok_or_else(|| Error::MissingPeerId(addr.clone()))?;
+        relays.push((peer, addr.clone()));
+    }
     let limits = connection_limits::ConnectionLimits::default()
         .with_max_established(Some(config.max_connections))
         .with_max_established_per_peer(Some(config.max_connections_per_peer))
@@ -747,6 +809,8 @@ pub(crate) async fn spawn<B: Backend>(
     let rr_config = request_response::Config::default().with_request_timeout(config.request_timeout);
     let use_mdns = config.mdns;
     let use_kad = config.kademlia;
+    let use_dcutr = config.dcutr;
+    let relay_server = config.relay_server.then(|| relay_config(&config.relay_limits));
     let idle = config.idle_connection_timeout;
     let mut swarm = SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
@@ -757,34 +821,56 @@ pub(crate) async fn spawn<B: Backend>(
         )
         .map_err(transport)?
         .with_quic()
-        .with_behaviour(|key| -> Result<Behaviour, Box<dyn std::error::Error + Send + Sync>> {
-            let mdns = if use_mdns {
-                Some(mdns::tokio::Behaviour::new(
-                    mdns::Config::default(),
-                    key.public().to_peer_id(),
-                )?)
-            } else {
-                None
-            };
-            let kad = use_kad.then(|| {
+        .with_relay_client(noise::Config::new, yamux::Config::default)
+        .map_err(transport)?
+        .with_behaviour(
+            |key, relay_client| -> Result<Behaviour, Box<dyn std::error::Error + Send + Sync>> {
+                let mdns = if use_mdns {
+                    Some(mdns::tokio::Behaviour::new(
+                        mdns::Config::default(),
+                        key.public().to_peer_id(),
+                    )?)
+                } else {
+                    None
+                };
+                let kad = use_kad.then(|| {
+                    let id = key.public().to_peer_id();
+                    let mut kad = kad::Behaviour::with_config(
+                        id,
+                        kad::store::MemoryStore::new(id),
+                        kad::Config::new(KAD_PROTOCOL),
+                    );
+                    // Practices answer lookups whatever libp2p guesses about
+                    // their reachability: a LAN or loopback node has no
+                    // confirmed external address, yet others can reach it.
+                    kad.set_mode(Some(kad::Mode::Server));
+                    kad
+                });
                 let id = key.public().to_peer_id();
-                let mut kad =
-                    kad::Behaviour::with_config(id, kad::store::MemoryStore::new(id), kad::Config::new(KAD_PROTOCOL));
-                // Practices answer lookups whatever libp2p guesses about
-                // their reachability: a LAN or loopback node has no
-                // confirmed external address, yet others can reach it.
-                kad.set_mode(Some(kad::Mode::Server));
-                kad
-            });
-            Ok(Behaviour {
-                limits: connection_limits::Behaviour::new(limits),
-                identify: identify::Behaviour::new(identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())),
-                ping: ping::Behaviour::default(),
-                mdns: Toggle::from(mdns),
-                kad: Toggle::from(kad),
-                sync: request_response::Behaviour::with_codec(Codec, [(PROTOCOL, ProtocolSupport::Full)], rr_config),
-            })
-        })
+                let relay = relay_server.map(|config| {
+                    let mut relay = relay::Behaviour::new(id, config);
+                    // A relay serves whether or not libp2p has confirmed an
+                    // external address for it (it has none on a LAN or loopback).
+                    relay.set_status(Some(relay::Status::Enable));
+                    relay
+                });
+                Ok(Behaviour {
+                    limits: connection_limits::Behaviour::new(limits),
+                    identify: identify::Behaviour::new(identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())),
+                    ping: ping::Behaviour::default(),
+                    mdns: Toggle::from(mdns),
+                    kad: Toggle::from(kad),
+                    relay_client,
+                    relay: Toggle::from(relay),
+                    dcutr: Toggle::from(use_dcutr.then(|| dcutr::Behaviour::new(id))),
+                    sync: request_response::Behaviour::with_codec(
+                        Codec,
+                        [(PROTOCOL, ProtocolSupport::Full)],
+                        rr_config,
+                    ),
+                })
+            },
+        )
         .map_err(transport)?
         .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
         .build();
@@ -810,6 +896,17 @@ pub(crate) async fn spawn<B: Backend>(
     })
     .await
     .map_err(|_| Error::Transport("listeners did not start in time".into()))??;
+    for addr in &config.external_addrs {
+        swarm.add_external_address(addr.clone());
+    }
+    if config.relay_server && config.external_addrs.is_empty() {
+        // Reservations hand out the relay's external addresses; without a
+        // configured one, the addresses it listens on are the best guess.
+        let listening: Vec<Multiaddr> = swarm.listeners().cloned().collect();
+        for addr in listening {
+            swarm.add_external_address(addr);
+        }
+    }
 
     for (peer, addr) in &static_peers {
         swarm.add_peer_address(*peer, addr.clone());
@@ -844,6 +941,10 @@ pub(crate) async fn spawn<B: Backend>(
         nudging: HashMap::new(),
         dial_waiters: HashMap::new(),
         lookups: HashMap::new(),
+        asked: HashSet::new(),
+        relays,
+        relay_listeners: HashMap::new(),
+        connections: HashMap::new(),
         last_synced: HashMap::new(),
         buckets: HashMap::new(),
         in_flight: HashMap::new(),
@@ -858,6 +959,7 @@ impl<B: Backend> Actor<B> {
         let mut tick = tokio::time::interval(self.config.pull_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await; // the first tick fires at once; connections pull on establishment anyway
+        self.reserve_relays();
         let mut stored_open = true;
         let shutdown_reply = loop {
             tokio::select! {
@@ -896,11 +998,15 @@ impl<B: Backend> Actor<B> {
         match command {
             Command::ListenAddrs(reply) => {
                 let me = self.me;
-                let addrs = self
-                    .swarm
-                    .listeners()
-                    .map(|a| a.clone().with_p2p(me).unwrap_or_else(|a| a))
-                    .collect();
+                // Listeners first (callers take the first as "the" address),
+                // then external ones: configured, and relay circuits.
+                let mut addrs: Vec<Multiaddr> = Vec::new();
+                for a in self.swarm.listeners().chain(self.swarm.external_addresses()) {
+                    let a = a.clone().with_p2p(me).unwrap_or_else(|a| a);
+                    if !addrs.contains(&a) {
+                        addrs.push(a);
+                    }
+                }
                 let _ = reply.send(addrs);
             }
             Command::Dial { addr, reply } => {
@@ -908,6 +1014,7 @@ impl<B: Backend> Actor<B> {
                     let _ = reply.send(Err(Error::MissingPeerId(addr)));
                     return;
                 };
+                self.asked.insert(peer);
                 if self.swarm.is_connected(&peer) {
                     let _ = reply.send(Ok(peer));
                     return;
@@ -925,6 +1032,9 @@ impl<B: Backend> Actor<B> {
             }
             Command::ConnectedPeers(reply) => {
                 let _ = reply.send(self.swarm.connected_peers().copied().collect());
+            }
+            Command::Connections(reply) => {
+                let _ = reply.send(self.connections.values().cloned().collect());
             }
             Command::DialPeer { peer, reply } => self.dial_peer(peer, reply),
             Command::SyncNow { peer, reply } => self.start_pull(peer, Some(reply)),
@@ -1069,8 +1179,11 @@ impl<B: Backend> Actor<B> {
         self.buckets.retain(|_, b| !b.is_full(limits, at));
         let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
         for peer in peers {
-            self.start_pull(peer, None);
+            if self.worth_pulling(&peer) {
+                self.start_pull(peer, None);
+            }
         }
+        self.reserve_relays();
         let redial: Vec<Multiaddr> = self
             .static_peers
             .iter()
@@ -1084,32 +1197,117 @@ impl<B: Backend> Actor<B> {
         }
     }
 
+    /// Whether to pull `peer` unasked, on connecting and on every pull
+    /// tick: a static peer, a peer the handle asked to connect to, one this
+    /// node pulled before (it holds a cursor) or one a grant held here
+    /// names. A peer met only through a Kademlia lookup, mDNS or an inbound
+    /// connection shares nothing with this node yet; it is pulled once it
+    /// nudges or pushes. (Every connection pulling made Kademlia's lookups
+    /// swamp a 100-node simulation: docs/decisions.md.)
+    fn worth_pulling(&self, peer: &PeerId) -> bool {
+        self.static_peers.iter().any(|(p, _)| p == peer)
+            || self.asked.contains(peer)
+            || !matches!(self.backend().cursor(peer), Ok(None))
+            || self.backend().names_grantee(peer).unwrap_or(true)
+    }
+
+    /// Asks every configured relay without a reservation under way for one.
+    fn reserve_relays(&mut self) {
+        for (i, (relay, addr)) in self.relays.iter().enumerate() {
+            if self.relay_listeners.values().any(|j| *j == i) {
+                continue;
+            }
+            self.swarm.add_peer_address(*relay, addr.clone());
+            match self.swarm.listen_on(addr.clone().with(Protocol::P2pCircuit)) {
+                Ok(id) => {
+                    debug!(%relay, "asking relay for a reservation");
+                    self.relay_listeners.insert(id, i);
+                }
+                Err(e) => warn!(%relay, cause = %e, "cannot listen through relay"),
+            }
+        }
+    }
+
     fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
         match event {
             SwarmEvent::NewListenAddr { address, .. } => info!(%address, "listening"),
             SwarmEvent::ConnectionEstablished {
                 peer_id,
+                connection_id,
+                endpoint,
                 num_established,
                 ..
             } => {
+                let relayed = endpoint.is_relayed();
+                let addr = match &endpoint {
+                    libp2p::core::ConnectedPoint::Dialer { address, .. } => address.clone(),
+                    libp2p::core::ConnectedPoint::Listener { local_addr, .. } if relayed => local_addr.clone(),
+                    libp2p::core::ConnectedPoint::Listener { send_back_addr, .. } => send_back_addr.clone(),
+                };
+                debug!(peer = %peer_id, %addr, relayed, "connection established");
+                self.connections.insert(
+                    connection_id,
+                    Connection {
+                        peer: peer_id,
+                        addr,
+                        relayed,
+                    },
+                );
                 for w in self.dial_waiters.remove(&peer_id).unwrap_or_default() {
                     let _ = w.send(Ok(peer_id));
                 }
                 if num_established.get() == 1 {
-                    debug!(peer = %peer_id, "connected");
                     self.last_synced.insert(peer_id, Instant::now());
-                    self.start_pull(peer_id, None);
+                    if self.worth_pulling(&peer_id) {
+                        self.start_pull(peer_id, None);
+                    }
                 }
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
-                num_established: 0,
+                connection_id,
+                num_established,
                 ..
             } => {
-                debug!(peer = %peer_id, "disconnected");
-                self.last_synced.remove(&peer_id);
-                self.nudging.remove(&peer_id);
+                self.connections.remove(&connection_id);
+                if num_established == 0 {
+                    debug!(peer = %peer_id, "disconnected");
+                    self.last_synced.remove(&peer_id);
+                    self.nudging.remove(&peer_id);
+                    self.asked.remove(&peer_id);
+                }
             }
+            SwarmEvent::ListenerClosed {
+                listener_id, reason, ..
+            } => {
+                if let Some(i) = self.relay_listeners.remove(&listener_id) {
+                    let relay = self.relays.get(i).map(|(p, _)| *p);
+                    match reason {
+                        Ok(()) => info!(?relay, "relay reservation ended; renewing on the next tick"),
+                        Err(e) => warn!(?relay, cause = %e, "relay reservation failed; retrying on the next tick"),
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::RelayClient(event)) => match event {
+                relay::client::Event::ReservationReqAccepted {
+                    relay_peer_id, renewal, ..
+                } => {
+                    if !renewal {
+                        info!(relay = %relay_peer_id, "relay reservation accepted; reachable through its circuit");
+                    }
+                }
+                relay::client::Event::OutboundCircuitEstablished { relay_peer_id, .. } => {
+                    debug!(relay = %relay_peer_id, "circuit through relay established");
+                }
+                relay::client::Event::InboundCircuitEstablished { src_peer_id, .. } => {
+                    debug!(peer = %src_peer_id, "inbound circuit through our relay");
+                }
+            },
+            SwarmEvent::Behaviour(BehaviourEvent::Dcutr(dcutr::Event { remote_peer_id, result })) => match result {
+                Ok(_) => info!(peer = %remote_peer_id, "relayed connection upgraded to a direct one"),
+                Err(e) => debug!(peer = %remote_peer_id, cause = %e, "hole punching failed; staying relayed"),
+            },
+            SwarmEvent::Behaviour(BehaviourEvent::Relay(event)) => on_relay_event(event),
             SwarmEvent::OutgoingConnectionError {
                 peer_id: Some(peer),
                 error,
@@ -1160,6 +1358,7 @@ impl<B: Backend> Actor<B> {
             let _ = reply.send(Ok(peer));
             return;
         }
+        self.asked.insert(peer);
         let waiting = self.dial_waiters.contains_key(&peer);
         self.dial_waiters.entry(peer).or_default().push(reply);
         if waiting {

@@ -513,6 +513,20 @@ pub trait Backend: Send + Sync + 'static {
     /// Storage failures.
     fn set_cursor(&self, peer: &PeerId, cursor: Cursor) -> impl Future<Output = Result<()>> + Send;
 
+    /// Whether a grant this node holds names `peer` as its grantee: the
+    /// peer then shares a patient with this node, and is pulled when it
+    /// connects and on every pull tick. Other peers (met through Kademlia
+    /// lookups, mDNS or an inbound connection) are pulled only once there is
+    /// a reason: a cursor on them, a nudge, a push, a dial asked for. The
+    /// default, for a backend without a consent registry, is yes.
+    ///
+    /// # Errors
+    /// Storage failures.
+    fn names_grantee(&self, peer: &PeerId) -> Result<bool> {
+        let _ = peer;
+        Ok(true)
+    }
+
     /// The grants and revocations known for `patient`.
     ///
     /// # Errors

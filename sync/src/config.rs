@@ -43,6 +43,26 @@ pub struct Config {
     /// small, and every connection that makes starts a pull here, which
     /// swamped a 100-node simulation (docs/decisions.md).
     pub kademlia: bool,
+    /// Addresses others reach this node at (a public address in front of
+    /// NAT port forwarding, a relay server's public address), announced
+    /// through identify and Kademlia and, on a relay server, handed to the
+    /// nodes that reserve a circuit on it. Each without `/p2p/`.
+    pub external_addrs: Vec<Multiaddr>,
+    /// Relays to reserve a circuit on, each a full multiaddr ending in
+    /// `/p2p/<relay PeerId>`: a node behind NAT is then reachable at
+    /// `<relay>/p2p-circuit/p2p/<its PeerId>` (docs/operations.md). The
+    /// reservation is renewed while the connection lasts and made again on
+    /// the next pull tick after it drops.
+    pub relays: Vec<Multiaddr>,
+    /// Upgrade relayed connections to direct ones by hole punching (DCUtR)
+    /// when both sides can. On by default.
+    pub dcutr: bool,
+    /// Serve as a circuit relay (v2) for other nodes, within
+    /// [`Config::relay_limits`]. Off by default: a relay carries other
+    /// practices' (Noise-encrypted) traffic on its uplink.
+    pub relay_server: bool,
+    /// Limits of the relay server.
+    pub relay_limits: RelayLimits,
     /// Snapshot transfers (docs/protocol.md): when this node misses at least
     /// this many envelopes of a collection that a peer's local snapshot
     /// covers, it asks for the snapshot's document and compact headers
@@ -75,6 +95,44 @@ pub struct Limits {
     /// How many times a request answered `Busy` is asked again (with
     /// doubling waits from 250 ms) before the caller sees the refusal.
     pub busy_retries: u32,
+}
+
+/// What a relay server grants the nodes that use it (docs/operations.md,
+/// "Finding each other"). A circuit that reaches its byte or time limit is
+/// closed; the sync connection over it drops, and the next request opens a
+/// new circuit (pulls resume from their cursor).
+#[derive(Clone, Debug)]
+pub struct RelayLimits {
+    /// Reservations held at once, all nodes together.
+    pub max_reservations: usize,
+    /// Reservations one node may hold at once.
+    pub max_reservations_per_peer: usize,
+    /// How long a reservation lasts before its holder renews it.
+    pub reservation_duration: Duration,
+    /// Circuits open at once, all nodes together.
+    pub max_circuits: usize,
+    /// Circuits open at once with one node at either end.
+    pub max_circuits_per_peer: usize,
+    /// How long one circuit may stay open.
+    pub max_circuit_duration: Duration,
+    /// Bytes one circuit may carry (both directions together).
+    pub max_circuit_bytes: u64,
+}
+
+impl Default for RelayLimits {
+    fn default() -> Self {
+        Self {
+            max_reservations: 128,
+            max_reservations_per_peer: 4,
+            reservation_duration: Duration::from_secs(3600),
+            max_circuits: 64,
+            max_circuits_per_peer: 16,
+            max_circuit_duration: Duration::from_secs(10 * 60),
+            // Room for the largest request and response frames
+            // (docs/protocol.md §2), so a full page always gets through.
+            max_circuit_bytes: 32 * 1024 * 1024,
+        }
+    }
 }
 
 impl Default for Limits {
@@ -110,6 +168,11 @@ impl Default for Config {
             idle_connection_timeout: Duration::from_secs(120),
             consent_flows: true,
             kademlia: false,
+            external_addrs: Vec::new(),
+            relays: Vec::new(),
+            dcutr: true,
+            relay_server: false,
+            relay_limits: RelayLimits::default(),
             snapshot_min_envelopes: 64,
             limits: Limits::default(),
         }

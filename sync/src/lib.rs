@@ -47,7 +47,7 @@ pub use backend::{
     AuditEntryWire, Backend, ConsentView, Cursor, DisclosureRecord, IngestReport, InstanceId, Item, ItemId, ItemKind,
     ItemMeta, StoredEvent, StoredItem, Transfer, TransferIngest,
 };
-pub use config::{Config, Limits};
+pub use config::{Config, Limits, RelayLimits};
 pub use direct::serve_request;
 pub use error::{Error, Result};
 pub use filter::{Denied, Disclosure, Requester, may_disclose};
@@ -59,6 +59,29 @@ pub use serve::SCAN_BUDGET;
 /// Most audit entries [`SyncHandle::audit`] collects over all pages before
 /// it gives up on a node that keeps answering.
 pub const MAX_AUDIT_ENTRIES_TOTAL: usize = 1 << 20;
+
+/// The PeerId an address reaches: its final `/p2p/` component. A circuit
+/// address `/…/p2p/<relay>/p2p-circuit/p2p/<target>` reaches the target, not
+/// the relay; an address not ending in `/p2p/` names nobody.
+pub fn addressed_peer(addr: &Multiaddr) -> Option<PeerId> {
+    match addr.iter().last() {
+        Some(Protocol::P2p(peer)) => Some(peer),
+        _ => None,
+    }
+}
+
+/// One established connection.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct Connection {
+    /// The peer at the other end.
+    pub peer: PeerId,
+    /// The address it runs over: the one dialled, or for an inbound
+    /// connection the peer's; a relayed connection's names the relay and
+    /// ends in `/p2p-circuit`.
+    pub addr: Multiaddr,
+    /// Whether it runs through a circuit relay (docs/operations.md).
+    pub relayed: bool,
+}
 
 /// What one sync run (a pull to the end of a peer's log, or a
 /// reconciliation) did.
@@ -187,6 +210,15 @@ impl SyncHandle {
     /// [`Error::Stopped`].
     pub async fn connected_peers(&self) -> Result<Vec<PeerId>> {
         self.ask(actor::Command::ConnectedPeers).await
+    }
+
+    /// Every established connection (a peer may have two: a relayed one
+    /// and the direct one hole punching opened).
+    ///
+    /// # Errors
+    /// [`Error::Stopped`].
+    pub async fn connections(&self) -> Result<Vec<Connection>> {
+        self.ask(actor::Command::Connections).await
     }
 
     /// Pulls from `peer` to the end of its log now, and returns what that

@@ -322,6 +322,18 @@ impl Backend for MemoryBackend {
         Ok(())
     }
 
+    fn names_grantee(&self, peer: &PeerId) -> Result<bool> {
+        let Ok(practice) = medmesh_crypto::PracticeId::from_peer_id(peer) else {
+            return Ok(false);
+        };
+        let grantee = Some(Principal::Practice(practice));
+        Ok(self
+            .lock()
+            .log
+            .iter()
+            .any(|s| s.meta.kind == ItemKind::Grant && s.meta.recipient == grantee))
+    }
+
     fn consent(&self, patient: &PatientId) -> Result<ConsentView> {
         Ok(Self::view(&self.lock(), patient))
     }

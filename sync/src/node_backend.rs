@@ -298,6 +298,10 @@ impl Backend for NodeBackend {
         self.node.set_cursor(peer, cursor).await.map_err(backend_error)
     }
 
+    fn names_grantee(&self, peer: &PeerId) -> Result<bool> {
+        Ok(medmesh_crypto::PracticeId::from_peer_id(peer).is_ok_and(|p| self.node.holds_grant_to(&p)))
+    }
+
     fn consent(&self, patient: &PatientId) -> Result<ConsentView> {
         let grants = self.node.grants(patient);
         let revoked = grants

@@ -21,7 +21,7 @@ use medmesh_crypto::{
 };
 use medmesh_sync::memory::MemoryBackend;
 use medmesh_sync::wire::{self, Request, Response};
-use medmesh_sync::{Backend, Config, Cursor, InstanceId, Item, ItemId, ItemKind, ItemMeta, SyncHandle};
+use medmesh_sync::{Backend, Config, Cursor, InstanceId, Item, ItemId, ItemKind, ItemMeta, Protocol, SyncHandle};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -196,6 +196,12 @@ impl Patient {
 /// and a history written at A before anyone else has a grant.
 async fn home_practice(p: &mut Patient) -> (Node, Grant) {
     let a = Node::new().await;
+    let hint = a.addr.to_string();
+    home_practice_at(p, a, hint)
+}
+
+/// [`home_practice`] at a given node, whose grant hints at `hint`.
+fn home_practice_at(p: &mut Patient, a: Node, hint: String) -> (Node, Grant) {
     let all = [
         Collection::Core,
         Collection::Medications,
@@ -203,7 +209,7 @@ async fn home_practice(p: &mut Patient) -> (Node, Grant) {
         Collection::Documents,
         Collection::Sensitive,
     ];
-    let g = p.grant(&a, &all, Access::ReadWrite, vec![a.addr.to_string()]);
+    let g = p.grant(&a, &all, Access::ReadWrite, vec![hint]);
     a.store.write(Item::grant(&g)).unwrap();
     for s in p.shares(a.principal(), &all) {
         a.store.write(s).unwrap();
@@ -875,4 +881,124 @@ async fn kademlia_finds_a_peer_by_its_id_alone() {
         .await
         .expect("a lookup for an unknown peer must end");
     assert!(err.is_err(), "{err:?}");
+}
+
+/// A practice behind NAT, as loopback can show one: it listens nowhere and
+/// holds a circuit reservation on relay `r`, so it is reachable only as
+/// `<r>/p2p-circuit/p2p/<it>` (its `addr`).
+async fn behind_relay(r: &Node, dcutr: bool) -> Node {
+    let config = Config {
+        listen: Vec::new(),
+        relays: vec![r.addr.clone()],
+        dcutr,
+        ..config()
+    };
+    let key = SecretIdentity::generate().unwrap();
+    let store = Arc::new(MemoryBackend::new());
+    let sync = SyncHandle::spawn(config, &key, store.clone()).await.unwrap();
+    let addr = tokio::time::timeout(WAIT, async {
+        loop {
+            let addrs = sync.listen_addrs().await.unwrap();
+            if let Some(a) = addrs.into_iter().find(|a| a.iter().any(|p| p == Protocol::P2pCircuit)) {
+                break a;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the relay accepted a reservation");
+    Node {
+        peer: sync.local_peer_id(),
+        key,
+        store,
+        sync,
+        addr,
+    }
+}
+
+fn relay() -> Config {
+    Config {
+        relay_server: true,
+        ..config()
+    }
+}
+
+/// Relay R; practice A reachable only through its circuit on R (hole
+/// punching off, so nothing goes direct); practice B, granted core+labs,
+/// learns A's circuit address only from its grant's address hint. B gets
+/// exactly the granted history over relayed connections; C, connected
+/// through the same circuit without a grant, gets nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn granted_record_syncs_through_a_relay_circuit() {
+    let r = Node::start_with(
+        relay(),
+        SecretIdentity::generate().unwrap(),
+        Arc::new(MemoryBackend::new()),
+    )
+    .await;
+    let a = behind_relay(&r, false).await;
+    let circuit = a.addr.clone();
+    assert_eq!(
+        circuit.to_string(),
+        format!("{}/p2p-circuit/p2p/{}", r.addr, a.peer),
+        "A's address is its circuit on R"
+    );
+    let mut p = Patient::new();
+    let (a, _) = home_practice_at(&mut p, a, circuit.to_string());
+    let b = Node::new().await;
+    // The patient's grant for B, hinting at A's circuit, reaches both
+    // practices (A to serve B, B to know where to ask).
+    let g = p.grant(
+        &b,
+        &[Collection::Core, Collection::Labs],
+        Access::Read,
+        vec![circuit.to_string()],
+    );
+    for node in [&a, &b] {
+        node.store.write(Item::grant(&g)).unwrap();
+        for s in p.shares(b.principal(), &[Collection::Core, Collection::Labs]) {
+            node.store.write(s).unwrap();
+        }
+    }
+    until("B holds core and labs", || {
+        b.count(&p, Collection::Core) == 3 && b.count(&p, Collection::Labs) == 2
+    })
+    .await;
+    b.sync.sync_now(a.peer).await.unwrap();
+    b.sync.reconcile(a.peer, p.id()).await.unwrap();
+    assert_eq!(b.envelopes(&p), 5, "B holds exactly 3 core + 2 labs envelopes");
+    assert_eq!(
+        b.count(&p, Collection::Medications) + b.count(&p, Collection::Sensitive),
+        0
+    );
+    let to_a: Vec<_> = b
+        .sync
+        .connections()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|c| c.peer == a.peer)
+        .collect();
+    assert!(!to_a.is_empty(), "B is connected to A");
+    assert!(
+        to_a.iter()
+            .all(|c| c.relayed && c.addr.to_string().starts_with(&r.addr.to_string())),
+        "every connection between B and A runs through R: {to_a:?}"
+    );
+    let audit = a.store.disclosures();
+    assert!(
+        audit.iter().any(|d| d.peer == b.peer && d.grant == Some(g.id())),
+        "A audited its disclosures to B under B's grant"
+    );
+
+    // C reaches A through the same circuit but holds no grant.
+    let c = Node::new().await;
+    tokio::time::timeout(WAIT, c.sync.dial(circuit.clone()))
+        .await
+        .unwrap()
+        .unwrap();
+    c.sync.sync_now(a.peer).await.unwrap();
+    assert_eq!(c.sync.reconcile(a.peer, p.id()).await.unwrap().received, 0);
+    assert!(c.store.items().is_empty(), "C holds nothing of the patient");
+    assert!(a.store.disclosures().iter().all(|d| d.peer != c.peer));
 }
