@@ -37,6 +37,8 @@ use crate::{Connection, Error, Result, Status, SyncReport};
 
 const COMMAND_CAPACITY: usize = 256;
 const LISTEN_SETUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a stopping actor waits for its connections to close.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 const IDENTIFY_PROTOCOL: &str = "/medmesh/id/1";
 /// Our own Kademlia network: never the public IPFS DHT.
 const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/medmesh/kad/1");
@@ -984,10 +986,28 @@ impl<B: Backend> Actor<B> {
             }
         };
         info!("sync actor stopping");
+        self.close_connections().await;
         drop(self.swarm);
         if let Some(reply) = shutdown_reply {
             let _ = reply.send(());
         }
+    }
+
+    /// Closes every connection and lets the swarm send the closes. A swarm
+    /// dropped without that leaves its peers holding the connections until
+    /// their idle timeout — and a patient's next CLI session (same PeerId)
+    /// then finds its node's per-peer connection limit taken by them.
+    async fn close_connections(&mut self) {
+        let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+        for peer in peers {
+            let _ = self.swarm.disconnect_peer_id(peer);
+        }
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+            while self.swarm.network_info().num_peers() > 0 {
+                self.swarm.select_next_some().await;
+            }
+        })
+        .await;
     }
 
     fn backend(&self) -> &B {
