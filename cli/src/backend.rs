@@ -136,6 +136,9 @@ fn repo_error(err: repository::Error) -> ApiError {
         repository::Error::Node(medmesh_node::Error::NoWriteGrant { .. } | medmesh_node::Error::NoEpochKey { .. }) => {
             ApiError::Forbidden(format!("this node may not write there: {err}"))
         }
+        repository::Error::Node(medmesh_node::Error::ChangeTooLarge { max, .. }) => {
+            ApiError::PayloadTooLarge { limit_bytes: max }
+        }
         other => {
             tracing::error!(cause = %other, "repository error");
             ApiError::Internal
@@ -474,17 +477,17 @@ impl Backend for NodeBackend {
         })
     }
 
-    /// Checks every op before writing anything (patients resolve, grants and
-    /// keys are held, updated resources exist at the expected version), then
-    /// writes them in order. A failure in the check phase writes nothing. A
-    /// storage failure in the write phase can leave earlier ops written: the
-    /// node has no multi-change atomic batch yet (see the issue notes).
+    /// All or nothing: resolves every create's patient and re-checks every
+    /// conditional create (against the store and the transaction's earlier
+    /// creates), then hands every write to [`Repository::transaction`] — one
+    /// Automerge change per touched document, one atomic durable store
+    /// batch — and only then runs the reads and searches, which therefore
+    /// see every write of the transaction (the gateway puts GETs last, as
+    /// FHIR orders them).
     async fn transaction(&self, ops: Vec<TxOp>) -> Result<Vec<TxResult>, TxFailure> {
         let fail = |op: usize, error: ApiError| TxFailure { op, error };
         // The patient of the bundle: directory resources go with them.
         let mut context: Option<PatientId> = None;
-        let mut pending: HashMap<String, PatientId> = HashMap::new();
-        let mut placements: Vec<Option<(PatientId, medmesh_crypto::Collection)>> = vec![None; ops.len()];
         for op in &ops {
             if let TxOp::Create { resource, .. } = op
                 && let Some(did) = medmesh_node::records::linked_did(resource)
@@ -493,68 +496,13 @@ impl Backend for NodeBackend {
                 context.get_or_insert(patient);
             }
         }
-        for (i, op) in ops.iter().enumerate() {
-            match op {
-                TxOp::Create { id, resource, .. } => {
-                    let patient = self
-                        .repository
-                        .resolve_patient(resource, context, &pending)
-                        .await
-                        .map_err(|e| fail(i, repo_error(e)))?;
-                    context.get_or_insert(patient);
-                    let collection = medmesh_node::records::collection_of(resource);
-                    self.repository
-                        .check_writable(patient, collection)
-                        .map_err(|e| fail(i, repo_error(e)))?;
-                    let resource_type = resource.get("resourceType").and_then(Value::as_str).unwrap_or_default();
-                    pending.insert(format!("{resource_type}/{id}"), patient);
-                    placements[i] = Some((patient, collection));
-                }
-                TxOp::Update {
-                    resource_type,
-                    id,
-                    base_version,
-                    require_current,
-                    ..
-                } => {
-                    let current = self
-                        .repository
-                        .read(resource_type, id)
-                        .await
-                        .map_err(|e| fail(i, repo_error(e)))?;
-                    if *require_current
-                        && let Some(base) = base_version
-                        && *base != current.version_id
-                    {
-                        return Err(fail(
-                            i,
-                            ApiError::PreconditionFailed {
-                                expected: base.clone(),
-                                current: current.version_id.clone(),
-                            },
-                        ));
-                    }
-                    let (patient, collection) = self
-                        .repository
-                        .location(resource_type, id)
-                        .await
-                        .map_err(|e| fail(i, repo_error(e)))?;
-                    self.repository
-                        .check_writable(patient, collection)
-                        .map_err(|e| fail(i, repo_error(e)))?;
-                }
-                TxOp::Delete { resource_type, id } => {
-                    self.repository
-                        .read(resource_type, id)
-                        .await
-                        .map_err(|e| fail(i, repo_error(e)))?;
-                }
-                TxOp::Read { .. } | TxOp::Search(_) => {}
-            }
-        }
-        let mut results = Vec::with_capacity(ops.len());
+        let mut pending: HashMap<String, PatientId> = HashMap::new();
+        let mut writes = Vec::with_capacity(ops.len());
+        // Per write, the op it came from.
+        let mut write_ops = Vec::with_capacity(ops.len());
+        let mut reads = Vec::new();
         for (i, op) in ops.into_iter().enumerate() {
-            let result = match op {
+            let write = match op {
                 TxOp::Create {
                     id,
                     resource,
@@ -562,25 +510,33 @@ impl Backend for NodeBackend {
                 } => {
                     if let Some(search) = if_none_exist {
                         let found = self.search(&search).await.map_err(|e| fail(i, e))?;
-                        if !found.is_empty() {
+                        let created_here = writes.iter().any(|w| {
+                            matches!(w, repository::TxWrite::Create { resource, .. } if search.query.matches(resource))
+                        });
+                        if !found.is_empty() || created_here {
                             return Err(fail(
                                 i,
-                                ApiError::InvalidRequest(vec![Issue::error(
-                                    IssueType::MultipleMatches,
-                                    "a conditional create now matches an existing resource",
-                                )]),
+                                ApiError::MultipleMatches(
+                                    "a conditional create now matches an existing resource".to_owned(),
+                                ),
                             ));
                         }
                     }
-                    let Some((patient, collection)) = placements[i] else {
-                        return Err(fail(i, ApiError::Internal));
-                    };
-                    let written = self
+                    let patient = self
                         .repository
-                        .create_with_id(&id, resource, patient, collection, Self::actor())
+                        .resolve_patient(&resource, context, &pending)
                         .await
                         .map_err(|e| fail(i, repo_error(e)))?;
-                    TxResult::Written(written)
+                    context.get_or_insert(patient);
+                    let resource_type = resource.get("resourceType").and_then(Value::as_str).unwrap_or_default();
+                    pending.insert(format!("{resource_type}/{id}"), patient);
+                    let collection = medmesh_node::records::collection_of(&resource);
+                    repository::TxWrite::Create {
+                        id,
+                        resource,
+                        patient,
+                        collection,
+                    }
                 }
                 TxOp::Update {
                     resource_type,
@@ -588,39 +544,103 @@ impl Backend for NodeBackend {
                     resource,
                     base_version,
                     require_current,
-                } => {
-                    let before = self.repository.read(&resource_type, &id).await.ok();
-                    let after = self
-                        .update(&resource_type, &id, resource, base_version, require_current)
-                        .await
-                        .map_err(|e| fail(i, e))?;
-                    if before.is_some_and(|b| b.version_id == after.version_id) {
-                        TxResult::Unchanged(after)
-                    } else {
-                        TxResult::Written(after)
-                    }
+                } => repository::TxWrite::Update {
+                    resource_type,
+                    id,
+                    resource,
+                    base_version,
+                    require_current,
+                },
+                TxOp::Delete { resource_type, id } => repository::TxWrite::Delete { resource_type, id },
+                read @ (TxOp::Read { .. } | TxOp::Search(_)) => {
+                    reads.push((i, read));
+                    continue;
                 }
-                TxOp::Delete { resource_type, id } => {
-                    self.delete(&resource_type, &id).await.map_err(|e| fail(i, e))?;
-                    TxResult::Deleted
+            };
+            writes.push(write);
+            write_ops.push(i);
+        }
+        // A read that cannot succeed fails the transaction before anything is written.
+        for (i, op) in &reads {
+            let TxOp::Read {
+                resource_type,
+                id,
+                version_id,
+            } = op
+            else {
+                continue;
+            };
+            let written_here = writes.iter().find(|w| match w {
+                repository::TxWrite::Create { id: wid, resource, .. } => {
+                    wid == id && resource.get("resourceType").and_then(Value::as_str) == Some(resource_type.as_str())
                 }
+                repository::TxWrite::Update {
+                    resource_type: t,
+                    id: wid,
+                    ..
+                }
+                | repository::TxWrite::Delete {
+                    resource_type: t,
+                    id: wid,
+                } => t == resource_type && wid == id,
+            });
+            let found = match (written_here, version_id) {
+                (Some(repository::TxWrite::Delete { .. }), None) => Err(ApiError::Gone {
+                    resource_type: resource_type.clone(),
+                    id: id.clone(),
+                }),
+                (Some(_), None) => Ok(()),
+                (_, Some(v)) => self
+                    .repository
+                    .vread(resource_type, id, v)
+                    .await
+                    .map(drop)
+                    .map_err(repo_error),
+                (None, None) => self
+                    .repository
+                    .read(resource_type, id)
+                    .await
+                    .map(drop)
+                    .map_err(repo_error),
+            };
+            found.map_err(|e| fail(*i, e))?;
+        }
+        let count = write_ops.len() + reads.len();
+        let written = self
+            .repository
+            .transaction(writes, Self::actor())
+            .await
+            .map_err(|e| fail(write_ops.get(e.write).copied().unwrap_or_default(), repo_error(e.error)))?;
+        let mut results: Vec<Option<TxResult>> = vec![None; count];
+        for (i, outcome) in write_ops.into_iter().zip(written) {
+            results[i] = Some(match outcome {
+                repository::TxWritten::Created(r) | repository::TxWritten::Updated(r) => TxResult::Written(r),
+                repository::TxWritten::Unchanged(r) => TxResult::Unchanged(r),
+                repository::TxWritten::Deleted => TxResult::Deleted,
+            });
+        }
+        for (i, op) in reads {
+            results[i] = Some(match op {
                 TxOp::Read {
                     resource_type,
                     id,
                     version_id,
-                } => {
-                    let r = match version_id {
+                } => TxResult::Read(
+                    match version_id {
                         Some(v) => self.vread(&resource_type, &id, &v).await,
                         None => self.read(&resource_type, &id).await,
                     }
-                    .map_err(|e| fail(i, e))?;
-                    TxResult::Read(r)
-                }
+                    .map_err(|e| fail(i, e))?,
+                ),
                 TxOp::Search(request) => TxResult::Found(self.search(&request).await.map_err(|e| fail(i, e))?),
-            };
-            results.push(result);
+                _ => return Err(fail(i, ApiError::Internal)),
+            });
         }
-        Ok(results)
+        results
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| r.ok_or_else(|| fail(i, ApiError::Internal)))
+            .collect()
     }
 
     fn write_metrics(&self, out: &mut String) {

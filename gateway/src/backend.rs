@@ -207,10 +207,12 @@ pub trait Backend: Send + Sync + 'static {
     /// id already in use, and must be a FHIR id (`[A-Za-z0-9-.]{1,64}`).
     fn new_id(&self) -> String;
 
-    /// Runs `ops` in order, all or nothing: either every op succeeds and every
-    /// write is durable together (one store batch: one Automerge change per
-    /// written resource), or nothing is written and the error names the op
-    /// that failed. Reads and searches see the writes of earlier ops.
+    /// Runs `ops` all or nothing: either every op succeeds and every write is
+    /// durable together (one store batch: one Automerge change per touched
+    /// (patient, collection) document), or nothing is written and the error
+    /// names the op that failed. Reads and searches see every write of the
+    /// transaction (FHIR processes GETs after the writes, and the gateway
+    /// puts them last).
     ///
     /// The gateway has already validated the resources, assigned ids
     /// ([`new_id`](Self::new_id)), resolved conditional requests and rewritten
@@ -253,6 +255,10 @@ impl From<medmesh_node::records::Error> for ApiError {
                 }
             }
             E::AlreadyExists { key } => Self::Conflict(format!("{key} already exists")),
+            E::DuplicateEdit { key } => Self::InvalidRequest(vec![Issue::error(
+                IssueType::Duplicate,
+                format!("{key} is changed by more than one entry"),
+            )]),
             E::InvalidResource { key, reason } => Self::Unprocessable(vec![Issue::error(
                 IssueType::Invalid,
                 format!("invalid resource {key}: {reason}"),

@@ -443,14 +443,49 @@ async fn create<B: Backend>(
         ]));
     }
     validate(&resource).map_err(ApiError::Unprocessable)?;
-    let stored = state.backend.create(resource).await?;
+    let minimal = prefers_minimal(&headers);
+    // Conditional create (FHIR R4 §3.1.0.8.1): `If-None-Exist: identifier=…`.
+    let stored = match headers.get(IF_NONE_EXIST) {
+        None => state.backend.create(resource).await?,
+        Some(value) => {
+            let query = value
+                .to_str()
+                .ok()
+                .filter(|q| !q.trim().is_empty())
+                .ok_or_else(|| ApiError::InvalidParam {
+                    param: IF_NONE_EXIST.to_owned(),
+                    reason: "expected search parameters, e.g. identifier=system|value".to_owned(),
+                })?;
+            let context = crate::transaction::Context {
+                backend: state.backend.as_ref(),
+                base_url: &state.config.base_url,
+                max_count: state.config.max_count,
+                minimal,
+            };
+            use crate::transaction::{ConditionalCreate, conditional_create, create_if_none};
+            match conditional_create(&context, &resource_type, query.trim()).await? {
+                ConditionalCreate::Existing(existing) => {
+                    return Ok(resource_response(
+                        StatusCode::OK,
+                        &existing,
+                        &state.config.base_url,
+                        minimal,
+                    ));
+                }
+                ConditionalCreate::Create(request) => create_if_none(state.backend.as_ref(), resource, request).await?,
+            }
+        }
+    };
     Ok(resource_response(
         StatusCode::CREATED,
         &stored,
         &state.config.base_url,
-        prefers_minimal(&headers),
+        minimal,
     ))
 }
+
+/// The conditional-create header.
+pub(crate) const IF_NONE_EXIST: &str = "if-none-exist";
 
 async fn read<B: Backend>(
     State(state): Shared<B>,

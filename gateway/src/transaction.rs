@@ -196,6 +196,51 @@ async fn batch_entry<B: Backend>(
     }
 }
 
+/// What a conditional create (`If-None-Exist`, `ifNoneExist`) found.
+pub(crate) enum ConditionalCreate {
+    /// No match: create, with this search re-checked when the write runs.
+    Create(SearchRequest),
+    /// Exactly one match: answer it (`200`), write nothing.
+    Existing(Arc<RenderedResource>),
+}
+
+/// Searches for a conditional create; several matches are a `412`.
+///
+/// # Errors
+/// As [`conditional`], and [`ApiError::MultipleMatches`].
+pub(crate) async fn conditional_create<B: Backend>(
+    context: &Context<'_, B>,
+    resource_type: &str,
+    query: &str,
+) -> Result<ConditionalCreate, ApiError> {
+    let (request, mut found) = conditional(context, resource_type, query).await?;
+    match found.len() {
+        0 => Ok(ConditionalCreate::Create(request)),
+        1 => Ok(ConditionalCreate::Existing(found.remove(0))),
+        n => Err(multiple("ifNoneExist", n)),
+    }
+}
+
+/// Creates `resource` unless `request` matches something by the time it is
+/// written (then [`ApiError::MultipleMatches`]): a one-op transaction, so the
+/// backend re-checks the search under its write.
+pub(crate) async fn create_if_none<B: Backend>(
+    backend: &B,
+    resource: Value,
+    request: SearchRequest,
+) -> Result<Arc<RenderedResource>, ApiError> {
+    let op = TxOp::Create {
+        id: backend.new_id(),
+        resource,
+        if_none_exist: Some(request),
+    };
+    let mut results = backend.transaction(vec![op]).await.map_err(|failure| failure.error)?;
+    match results.pop() {
+        Some(TxResult::Written(created)) => Ok(created),
+        _ => Err(ApiError::Internal),
+    }
+}
+
 /// Searches for a conditional request: every parameter must be understood (an
 /// ignored one would widen the match).
 async fn conditional<B: Backend>(
@@ -265,16 +310,14 @@ async fn resolve<B: Backend>(
             let resource = entry.resource.take().ok_or(ApiError::Internal)?;
             let mut condition = None;
             if let Some(query) = &entry.if_none_exist {
-                let (request, found) = conditional(context, &resource_type, query).await?;
-                match found.as_slice() {
-                    [] => condition = Some(request),
-                    [existing] => {
+                match conditional_create(context, &resource_type, query).await? {
+                    ConditionalCreate::Create(request) => condition = Some(request),
+                    ConditionalCreate::Existing(existing) => {
                         plan.map_full_url(entry, &existing.key);
                         plan.answered
-                            .push((position, existing_response(context, existing, 200)));
+                            .push((position, existing_response(context, &existing, 200)));
                         return Ok(());
                     }
-                    more => return Err(multiple("ifNoneExist", more.len())),
                 }
             }
             let id = context.backend.new_id();

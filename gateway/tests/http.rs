@@ -146,6 +146,8 @@ async fn bad_requests_map_to_fhir_errors() {
         content_type: Option<&'static str>,
         body: String,
         status: u16,
+        /// One more request header.
+        header: Option<(&'static str, &'static str)>,
     }
     let row = |name, method, path: &str, token, content_type, body: String, status| Row {
         name,
@@ -155,6 +157,7 @@ async fn bad_requests_map_to_fhir_errors() {
         content_type,
         body,
         status,
+        header: None,
     };
     let fhir = Some("application/fhir+json");
     let rows = vec![
@@ -285,6 +288,42 @@ async fn bad_requests_map_to_fhir_errors() {
             json!({"resourceType": "Patient", "id": "nothere"}).to_string(),
             404,
         ),
+        Row {
+            header: Some(("if-none-exist", "name=Chalmers")),
+            ..row(
+                "If-None-Exist on a parameter the server cannot search",
+                "POST",
+                "/fhir/Patient",
+                Some(TOKEN),
+                fhir,
+                json!({"resourceType": "Patient"}).to_string(),
+                400,
+            )
+        },
+        Row {
+            header: Some(("if-none-exist", " ")),
+            ..row(
+                "empty If-None-Exist",
+                "POST",
+                "/fhir/Patient",
+                Some(TOKEN),
+                fhir,
+                json!({"resourceType": "Patient"}).to_string(),
+                400,
+            )
+        },
+        Row {
+            header: Some(("if-none-exist", "_count=abc")),
+            ..row(
+                "If-None-Exist with a bad value",
+                "POST",
+                "/fhir/Patient",
+                Some(TOKEN),
+                fhir,
+                json!({"resourceType": "Patient"}).to_string(),
+                400,
+            )
+        },
         row(
             "submit refused",
             "POST",
@@ -306,6 +345,9 @@ async fn bad_requests_map_to_fhir_errors() {
         }
         if let Some(ct) = row.content_type {
             request = request.header("content-type", ct);
+        }
+        if let Some((name, value)) = row.header {
+            request = request.header(name, value);
         }
         let response = request.send().await.unwrap();
         assert_eq!(response.status().as_u16(), row.status, "row {:?}", row.name);
@@ -800,6 +842,56 @@ async fn failing_transactions_write_nothing() {
         assert_eq!(total(&server, "/fhir/Patient").await, 2, "{name}: nothing deleted");
         let read = json_of(server.get(&format!("/fhir/Patient/{pid}")).await).await;
         assert_eq!(read, patient, "{name}: unchanged");
+    }
+}
+
+/// A transaction is all or nothing at the backend too: the Synthea Bundle
+/// with one more entry that only the backend can refuse (a stale `ifMatch`,
+/// checked before the writes; a GET of a missing resource, run after them)
+/// fails whole, and none of its 319 creates is left behind.
+#[tokio::test]
+async fn a_transaction_whose_last_entry_fails_leaves_no_earlier_entry() {
+    let server = Server::start(8 * 1024 * 1024).await;
+    let existing = json_of(
+        server
+            .post("/fhir/Patient", &json!({"resourceType": "Patient", "gender": "female"}))
+            .await,
+    )
+    .await;
+    let id = existing["id"].as_str().unwrap();
+    let total = |t: &'static str| {
+        let server = &server;
+        async move { json_of(server.get(&format!("/fhir/{t}?_count=1")).await).await["total"].clone() }
+    };
+    let failing_entries = [
+        (
+            json!({"resource": {"resourceType": "Patient", "id": id, "gender": "male"},
+                   "request": {"method": "PUT", "url": format!("Patient/{id}"), "ifMatch": "W/\"0000000000000000\""}}),
+            412,
+        ),
+        (json!({"request": {"method": "GET", "url": "Patient/not-there"}}), 404),
+    ];
+    for (last, status) in failing_entries {
+        let mut bundle = read_example("Bundle-synthea-Brekke496.json");
+        let entries = bundle["entry"].as_array_mut().unwrap();
+        entries.push(last);
+        let index = entries.len() - 1;
+        let response = server.post("/fhir", &bundle).await;
+        assert_eq!(response.status(), status);
+        let outcome = json_of(response).await;
+        assert!(
+            outcome["issue"][0]["diagnostics"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("entry {index}:")),
+            "{outcome}"
+        );
+        for t in ["Patient", "Observation", "Claim", "Encounter", "Organization"] {
+            let expected = if t == "Patient" { 1 } else { 0 };
+            assert_eq!(total(t).await, expected, "{t} left behind by a failed transaction");
+        }
+        let now = json_of(server.get(&format!("/fhir/Patient/{id}")).await).await;
+        assert_eq!(now, existing);
     }
 }
 

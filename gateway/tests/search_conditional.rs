@@ -211,6 +211,62 @@ async fn identifier_conditionals_in_transactions() {
     assert_eq!(server.search_ids("/fhir/Patient").await.len(), 2);
 }
 
+/// `If-None-Exist` on `POST /fhir/{type}`: no match creates (201), one match
+/// answers it (200, nothing written), several are 412; the
+/// CapabilityStatement says conditional create is supported.
+#[tokio::test]
+async fn if_none_exist_header_creates_once() {
+    let server = Server::start(1024 * 1024).await;
+    let post = |condition: String| {
+        let server = &server;
+        async move {
+            server
+                .client
+                .post(server.url("/fhir/Patient"))
+                .bearer_auth(TOKEN)
+                .header("content-type", "application/fhir+json")
+                .header("if-none-exist", condition)
+                .body(json!({"resourceType": "Patient", "identifier": [{"system": MRN, "value": "90"}]}).to_string())
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let condition = format!("identifier={MRN}|90");
+    let first = post(condition.clone()).await;
+    assert_eq!(first.status(), 201);
+    let first = json_of(first).await;
+    let again = post(condition.clone()).await;
+    assert_eq!(again.status(), 200);
+    assert!(again.headers().contains_key("etag"));
+    let again = json_of(again).await;
+    assert_eq!(again, first, "the existing resource, unchanged");
+    assert_eq!(server.search_ids("/fhir/Patient").await, [id_of(&first)]);
+    // Percent-encoded, as a client building a URL query would send it.
+    assert_eq!(post(format!("identifier={MRN}%7C90")).await.status(), 200);
+    let _twin = server
+        .created(json!({"resourceType": "Patient", "identifier": [{"system": MRN, "value": "90"}]}))
+        .await;
+    let several = post(condition).await;
+    assert_eq!(several.status(), 412);
+    assert_eq!(json_of(several).await["issue"][0]["code"], "multiple-matches");
+    assert_eq!(server.search_ids("/fhir/Patient").await.len(), 2);
+    let metadata = json_of(server.get("/fhir/metadata").await).await;
+    let resources = metadata["rest"][0]["resource"].as_array().unwrap();
+    let writable: Vec<&Value> = resources
+        .iter()
+        .filter(|r| {
+            r["interaction"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|i| i["code"] == "create")
+        })
+        .collect();
+    assert!(writable.len() > 10);
+    assert!(writable.iter().all(|r| r["conditionalCreate"] == true));
+}
+
 #[tokio::test]
 async fn conditional_reads_answer_not_modified() {
     let server = Server::start(1024 * 1024).await;

@@ -7,8 +7,14 @@
 //!    (patient-authored, sealed and signed, stored with real key shares):
 //!    disk size vs plaintext JSON, then in a fresh process RSS after open and
 //!    after the first read, and open-to-first-read time.
+//! 3. transaction import: a 5,000-resource patient Bundle's writes as one
+//!    `Repository::transaction` (one change per document, one atomic durable
+//!    batch) against the same writes entry by entry (one durable write each,
+//!    what a transaction cost before) and against the record documents' raw
+//!    write path (no node): resources/s, envelopes, and store bytes per resource.
 //!
-//! Run with `cargo bench -p medmesh-node --bench repository`.
+//! Run with `cargo bench -p medmesh-node --bench repository`;
+//! `MEDMESH_BENCH_ONLY=thousand,scale,import` picks parts (default: all).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::path::{Path, PathBuf};
@@ -570,6 +576,138 @@ fn open_child(data: PathBuf, key: String, patient: String) {
     });
 }
 
+// ----- 3. transaction import ----------------------------------------------
+
+/// A fresh node with a patient granted to it, and its repository.
+async fn import_node(dir: &Path) -> (Node, Repository, TestPatient) {
+    let node = Node::open(dir, SecretIdentity::generate().unwrap(), Config::default())
+        .await
+        .unwrap();
+    let mut patient = TestPatient::new().unwrap();
+    for c in [Collection::Core, Collection::Labs, Collection::Medications] {
+        let (_, items) = patient.onboard(node.practice_id(), c).unwrap();
+        node.submit(patient.id(), items).await.unwrap();
+    }
+    let repo = Repository::new(node.clone(), repository::Config::default()).unwrap();
+    (node, repo, patient)
+}
+
+/// The Bundle's writes: a Patient and `n - 1` resources of the realistic mix.
+fn import_writes(patient: &TestPatient, n: usize) -> Vec<repository::TxWrite> {
+    let patient_id = repository::new_resource_id().unwrap();
+    (0..n)
+        .map(|i| {
+            let (id, resource) = if i == 0 {
+                (patient_id.clone(), patient_json(&patient.id().to_string(), 0))
+            } else {
+                (
+                    repository::new_resource_id().unwrap(),
+                    resource(i, &format!("Patient/{patient_id}")),
+                )
+            };
+            repository::TxWrite::Create {
+                id,
+                collection: records::collection_of(&resource),
+                resource,
+                patient: patient.id(),
+            }
+        })
+        .collect()
+}
+
+/// Envelopes held, and the store's bytes on disk after close.
+async fn import_footprint(node: Node, repo: Repository, patient: &TestPatient, dir: &Path) -> (usize, u64) {
+    let envelopes = node.envelopes(&patient.id(), None).unwrap().len();
+    node.close().await;
+    drop(repo);
+    drop(node);
+    (envelopes, dir_bytes(&dir.join(medmesh_node::STORE_DIR)))
+}
+
+async fn import(quick: bool) {
+    let n = if quick { 200 } else { 5_000 };
+    let app = Actor::local_app("bench");
+    println!("\n## transaction import: {n} resources of one patient (3 collections), one Bundle");
+
+    // Entry by entry: one durable write (change, envelope, signature, flush wait) each.
+    let dir = tempfile::tempdir().unwrap();
+    let (node, repo, patient) = import_node(dir.path()).await;
+    let writes = import_writes(&patient, n);
+    let started = Instant::now();
+    for write in writes {
+        let repository::TxWrite::Create {
+            id,
+            resource,
+            patient,
+            collection,
+        } = write
+        else {
+            unreachable!()
+        };
+        repo.create_with_id(&id, resource, patient, collection, app.clone())
+            .await
+            .unwrap();
+    }
+    let one_by_one = started.elapsed().as_secs_f64();
+    let (envelopes, bytes) = import_footprint(node, repo, &patient, dir.path()).await;
+    println!(
+        "entry by entry:      {one_by_one:>7.3} s  {:>8.0} resources/s  {envelopes:>5} envelopes  {:>6} B/resource on disk",
+        n as f64 / one_by_one,
+        bytes / n as u64
+    );
+
+    // One transaction: one change per document, one atomic durable batch.
+    let mut best = f64::MAX;
+    for run in 0..3 {
+        let dir = tempfile::tempdir().unwrap();
+        let (node, repo, patient) = import_node(dir.path()).await;
+        let writes = import_writes(&patient, n);
+        let started = Instant::now();
+        let outcomes = repo.transaction(writes, app.clone()).await.unwrap();
+        let elapsed = started.elapsed().as_secs_f64();
+        assert_eq!(outcomes.len(), n);
+        best = best.min(elapsed);
+        let (envelopes, bytes) = import_footprint(node, repo, &patient, dir.path()).await;
+        println!(
+            "one transaction #{run}: {elapsed:>7.3} s  {:>8.0} resources/s  {envelopes:>5} envelopes  {:>6} B/resource on disk",
+            n as f64 / elapsed,
+            bytes / n as u64
+        );
+    }
+
+    // The record documents' raw write path: the same resources, one change each, no node.
+    let patient = TestPatient::new().unwrap();
+    let writes = import_writes(&patient, n);
+    let actor = records::actor_id(&[9; 32], [2; 8]);
+    let mut docs: std::collections::HashMap<Collection, RecordDoc> = std::collections::HashMap::new();
+    let started = Instant::now();
+    for write in &writes {
+        let repository::TxWrite::Create {
+            id,
+            resource,
+            collection,
+            ..
+        } = write
+        else {
+            unreachable!()
+        };
+        docs.entry(*collection)
+            .or_default()
+            .create(&actor, 1_700_000_000_000, id, resource)
+            .unwrap();
+    }
+    let raw = started.elapsed().as_secs_f64();
+    println!(
+        "records raw write path: {raw:>7.3} s  {:>8.0} resources/s",
+        n as f64 / raw
+    );
+    println!(
+        "one transaction (best) vs entry by entry: {:.1}x faster; vs raw write path: {:.2}x the time",
+        one_by_one / best,
+        best / raw
+    );
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(at) = args.iter().position(|a| a == "--open-child") {
@@ -583,8 +721,17 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(if quick { 50 } else { 10_000 });
     let rt = tokio::runtime::Runtime::new().unwrap();
+    let only = std::env::var("MEDMESH_BENCH_ONLY").unwrap_or_default();
+    let wanted = |part: &str| only.is_empty() || only.split(',').any(|p| p.trim() == part);
     rt.block_on(async {
-        thousand(quick).await;
-        scale(patients).await;
+        if wanted("thousand") {
+            thousand(quick).await;
+        }
+        if wanted("scale") {
+            scale(patients).await;
+        }
+        if wanted("import") {
+            import(quick).await;
+        }
     });
 }

@@ -9,7 +9,7 @@ use std::thread::JoinHandle;
 
 use tokio::sync::oneshot;
 
-use crate::store::{Batch, Committed, Store};
+use crate::store::{Batch, Committed, Op, Store};
 use crate::{Error, Result};
 
 struct Job {
@@ -106,6 +106,9 @@ fn run(store: &dyn Store, rx: &mpsc::Receiver<Job>, max_group: usize, poisoned: 
             let message = e.to_string();
             for (job, result) in jobs.iter().zip(results.iter_mut()) {
                 if job.durable && result.is_ok() {
+                    if let Ok(committed) = result {
+                        withdraw(store, &job.batch, committed, &message);
+                    }
                     *result = Err(Error::Storage(format!("flush failed: {message}")));
                 }
             }
@@ -117,5 +120,38 @@ fn run(store: &dyn Store, rx: &mpsc::Receiver<Job>, max_group: usize, poisoned: 
     }
     if let Err(e) = store.flush() {
         tracing::error!(cause = %e, "final flush failed");
+    }
+}
+
+/// Takes a local write whose flush failed back out of the store, so that
+/// nothing its writer was told failed is read, served to peers or (once a
+/// later flush or sled's own background flush writes this too) found after a
+/// reopen. Only batches of new items and their audit entries (local writes)
+/// are withdrawn: removing their items restores the state before them. An
+/// ingest batch also dequeues and re-indexes items, which removal would not
+/// undo; its items stay (a peer re-sends what it is not acknowledged for).
+/// The audit log keeps the write's entries and gains one per entry saying it
+/// was withdrawn.
+fn withdraw(store: &dyn Store, batch: &Batch, committed: &Committed, cause: &str) {
+    let local_write = batch
+        .ops
+        .iter()
+        .all(|op| matches!(op, Op::PutItem { .. } | Op::Audit(_)));
+    if !local_write || committed.items.is_empty() {
+        return;
+    }
+    let mut undo = Batch::new();
+    for (id, _) in &committed.items {
+        undo.push(Op::RemoveItem(*id));
+    }
+    for op in &batch.ops {
+        if let Op::Audit(record) = op {
+            let mut record = record.clone();
+            record.outcome = format!("withdrawn: not durable (flush failed: {cause})");
+            undo.push(Op::Audit(record));
+        }
+    }
+    if let Err(e) = store.commit(&undo) {
+        tracing::error!(cause = %e, "withdrawing a write whose flush failed failed too");
     }
 }

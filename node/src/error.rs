@@ -58,6 +58,19 @@ pub enum Error {
     /// The change's actor was not derived from this node's key.
     #[error("change actor does not belong to this node")]
     ForeignActor,
+    /// A sealed change larger than any peer accepts
+    /// ([`medmesh_crypto::MAX_ENVELOPE_BYTES`]): stored, it could never sync.
+    #[error("sealed change for {collection} of {patient} is {bytes} bytes, over the {max}-byte envelope limit")]
+    ChangeTooLarge {
+        /// Whose record.
+        patient: medmesh_crypto::PatientId,
+        /// Which collection.
+        collection: medmesh_crypto::Collection,
+        /// Its encoded size.
+        bytes: usize,
+        /// The limit.
+        max: usize,
+    },
     /// An item was refused permanently (and recorded as rejected).
     #[error("{kind} {id} rejected: {reason}")]
     Rejected {

@@ -5,8 +5,11 @@
 //! JSON cached beside them by [`RecordDoc`]. A local write makes one change
 //! in the cached document, then the node seals and appends it durably; if
 //! that fails the document is dropped from the cache, so what is served is
-//! always what is durable. Changes that arrive from peers are applied to the
-//! cached document as the node reports them readable.
+//! always what is durable. A FHIR transaction ([`Repository::transaction`])
+//! makes one change per touched document and stores them all as one atomic
+//! durable batch, holding those documents locked until it is durable.
+//! Changes that arrive from peers are applied to the cached document as the
+//! node reports them readable.
 //!
 //! A document whose history grew by [`Config::snapshot_every`] changes
 //! since its last snapshot is saved as a sealed local snapshot (see
@@ -29,7 +32,7 @@ use automerge::{ActorId as AmActorId, ChangeHash};
 use lru::LruCache;
 use medmesh_crypto::{ActorId, Change, Collection, EnvelopeId, PatientId};
 use serde_json::Value;
-use tokio::sync::Mutex as AsyncMutex;
+use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
 
 use crate::node::{Actor, Event, Node};
 use crate::records::{self, DecodedChange, Query, RecordDoc, RenderedResource, Version};
@@ -65,6 +68,68 @@ pub enum Error {
     /// Randomness for ids was unavailable.
     #[error("operating system randomness unavailable")]
     Random,
+}
+
+/// One write of a [`Repository::transaction`].
+#[derive(Debug, Clone)]
+pub enum TxWrite {
+    /// Create `resource` under `id` in (patient, collection), as
+    /// [`Repository::create_with_id`].
+    Create {
+        /// The server-assigned id.
+        id: String,
+        /// The resource.
+        resource: Value,
+        /// Its patient (resolved by the caller, see [`Repository::resolve_patient`]).
+        patient: PatientId,
+        /// Its collection ([`records::collection_of`]).
+        collection: Collection,
+    },
+    /// Three-way update, as [`Repository::update`].
+    Update {
+        /// Resource type.
+        resource_type: String,
+        /// Id.
+        id: String,
+        /// The submitted resource.
+        resource: Value,
+        /// The version the client read.
+        base_version: Option<String>,
+        /// Whether a stale base is a [`Error::VersionConflict`].
+        require_current: bool,
+    },
+    /// Delete, as [`Repository::delete`].
+    Delete {
+        /// Resource type.
+        resource_type: String,
+        /// Id.
+        id: String,
+    },
+}
+
+/// What one [`TxWrite`] did, at the same position.
+#[derive(Debug, Clone)]
+pub enum TxWritten {
+    /// Created: the resource as stored.
+    Created(Arc<RenderedResource>),
+    /// Updated: the resource as stored.
+    Updated(Arc<RenderedResource>),
+    /// An update that changed nothing: the current resource.
+    Unchanged(Arc<RenderedResource>),
+    /// Deleted.
+    Deleted,
+}
+
+/// A [`Repository::transaction`] that wrote nothing: the write at fault
+/// (its position) and why.
+#[derive(Debug, thiserror::Error)]
+#[error("transaction write {write}: {error}")]
+pub struct TxError {
+    /// Position of the write in the transaction.
+    pub write: usize,
+    /// Why.
+    #[source]
+    pub error: Error,
 }
 
 /// Result with [`Error`].
@@ -103,6 +168,9 @@ struct Cached {
     envelopes: HashMap<ChangeHash, EnvelopeId>,
     /// Changes applied since the last snapshot (or since loading one).
     since_snapshot: usize,
+    /// A write into this document failed after its change was made here: the
+    /// document left the cache, and whoever still holds it must load it again.
+    stale: bool,
 }
 
 struct Inner {
@@ -200,6 +268,7 @@ impl Repository {
             doc,
             envelopes,
             since_snapshot: replayed,
+            stale: false,
         };
         self.maybe_snapshot(key, &mut cached, false);
         let doc = Arc::new(AsyncMutex::new(cached));
@@ -302,6 +371,24 @@ impl Repository {
 
     fn evict(&self, key: &DocKey) {
         lock(&self.inner.docs).pop(key);
+    }
+
+    /// Drops a document holding a change that is not durable: out of the
+    /// cache, and marked so that a request already holding it loads it again.
+    fn discard(&self, key: &DocKey, cached: &mut Cached) {
+        cached.stale = true;
+        self.evict(key);
+    }
+
+    /// The cached document of (patient, collection), locked; never one that a
+    /// failed write left stale.
+    async fn locked(&self, key: DocKey) -> Result<OwnedMutexGuard<Cached>> {
+        loop {
+            let guard = self.doc(key).await?.lock_owned().await;
+            if !guard.stale {
+                return Ok(guard);
+            }
+        }
     }
 
     /// Where a resource lives, loading every readable document once if the
@@ -446,10 +533,10 @@ impl Repository {
         actor: Actor,
     ) -> Result<Arc<RenderedResource>> {
         let key = (patient, collection);
-        let doc = self.doc(key).await?;
-        let written = {
-            let mut doc = doc.lock().await;
-            doc.doc.create(&self.inner.actor, now_ms(), id, &resource)?
+        let (doc, written) = {
+            let mut cached = self.locked(key).await?;
+            let written = cached.doc.create(&self.inner.actor, now_ms(), id, &resource)?;
+            (OwnedMutexGuard::mutex(&cached).clone(), written)
         };
         self.persist(key, &doc, &written, actor).await?;
         self.index_on_disk(key, [written.key.as_str()]);
@@ -494,7 +581,7 @@ impl Repository {
                 Ok(())
             }
             Err(e) => {
-                self.evict(&key);
+                self.discard(&key, &mut *doc.lock().await);
                 Err(e.into())
             }
         }
@@ -507,8 +594,7 @@ impl Repository {
     pub async fn read(&self, resource_type: &str, id: &str) -> Result<Arc<RenderedResource>> {
         let key = records::resource_key(resource_type, id)?;
         let at = self.locate(&key).await?;
-        let doc = self.doc(at).await?;
-        let doc = doc.lock().await;
+        let doc = self.locked(at).await?;
         Ok(doc.doc.read(&key)?)
     }
 
@@ -527,8 +613,7 @@ impl Repository {
     /// Record-model errors.
     pub async fn vread(&self, resource_type: &str, id: &str, version_id: &str) -> Result<Arc<RenderedResource>> {
         let key = records::resource_key(resource_type, id)?;
-        let doc = self.doc(self.locate(&key).await?).await?;
-        let doc = doc.lock().await;
+        let doc = self.locked(self.locate(&key).await?).await?;
         Ok(doc.doc.vread(&key, version_id)?)
     }
 
@@ -543,8 +628,7 @@ impl Repository {
         id: &str,
     ) -> Result<Vec<(Version, Option<Arc<RenderedResource>>)>> {
         let key = records::resource_key(resource_type, id)?;
-        let doc = self.doc(self.locate(&key).await?).await?;
-        let doc = doc.lock().await;
+        let doc = self.locked(self.locate(&key).await?).await?;
         let doc = &doc.doc;
         let versions = doc.history(&key)?;
         Ok(versions
@@ -579,10 +663,9 @@ impl Repository {
     ) -> Result<Arc<RenderedResource>> {
         let key = records::resource_key(resource_type, id)?;
         let at = self.locate(&key).await?;
-        let doc = self.doc(at).await?;
+        let mut cached = self.locked(at).await?;
         let written = {
-            let mut doc = doc.lock().await;
-            let doc = &mut doc.doc;
+            let doc = &mut cached.doc;
             let current = doc.read(&key)?;
             let base = match base_version {
                 Some(v) if v != current.version_id => {
@@ -602,6 +685,8 @@ impl Repository {
                 None => return Ok(current),
             }
         };
+        let doc = OwnedMutexGuard::mutex(&cached).clone();
+        drop(cached);
         self.persist(at, &doc, &written, actor).await?;
         written.resource.ok_or_else(|| {
             records::Error::Corrupt {
@@ -619,12 +704,254 @@ impl Repository {
     pub async fn delete(&self, resource_type: &str, id: &str, actor: Actor) -> Result<()> {
         let key = records::resource_key(resource_type, id)?;
         let at = self.locate(&key).await?;
-        let doc = self.doc(at).await?;
-        let written = {
-            let mut doc = doc.lock().await;
-            doc.doc.delete(&self.inner.actor, now_ms(), &key)?
+        let (doc, written) = {
+            let mut cached = self.locked(at).await?;
+            let written = cached.doc.delete(&self.inner.actor, now_ms(), &key)?;
+            (OwnedMutexGuard::mutex(&cached).clone(), written)
         };
         self.persist(at, &doc, &written, actor).await
+    }
+
+    /// Writes a FHIR transaction's creates, updates and deletes **all or
+    /// nothing**: one Automerge change per touched (patient, collection)
+    /// document (every resource it touches gets that change's
+    /// `meta.versionId`), sealed and stored as one atomic, durable store
+    /// batch ([`Node::write_changes_by`]). Every refusal (no write grant, no
+    /// epoch key, a stale version, a resource that is missing, deleted or
+    /// already exists) is found before anything is written. The touched
+    /// documents stay locked until the batch is durable, so no read sees a
+    /// write that is not; if anything fails, every touched document is
+    /// dropped from the cache and nothing of the transaction is served.
+    ///
+    /// Outcomes come back in the order of `writes`.
+    ///
+    /// # Errors
+    /// [`TxError`] naming the write at fault: as [`Repository::create`],
+    /// [`Repository::update`] and [`Repository::delete`], and
+    /// `records::Error::DuplicateEdit` when two writes name one resource
+    /// (FHIR forbids it). Node errors of the durable write name the first
+    /// write of the document concerned.
+    pub async fn transaction(&self, writes: Vec<TxWrite>, actor: Actor) -> Result<Vec<TxWritten>, TxError> {
+        let at = |write: usize| move |error: Error| TxError { write, error };
+        // Where each write goes; FHIR allows one write per resource.
+        let mut keys = Vec::with_capacity(writes.len());
+        let mut docs: std::collections::BTreeMap<DocKey, Vec<usize>> = std::collections::BTreeMap::new();
+        let mut seen = std::collections::HashSet::with_capacity(writes.len());
+        for (i, write) in writes.iter().enumerate() {
+            let (key, place) = match write {
+                TxWrite::Create {
+                    id,
+                    resource,
+                    patient,
+                    collection,
+                } => {
+                    let resource_type = resource.get("resourceType").and_then(Value::as_str).unwrap_or_default();
+                    let key = records::resource_key(resource_type, id).map_err(|e| at(i)(e.into()))?;
+                    (key, (*patient, *collection))
+                }
+                TxWrite::Update { resource_type, id, .. } | TxWrite::Delete { resource_type, id } => {
+                    let key = records::resource_key(resource_type, id).map_err(|e| at(i)(e.into()))?;
+                    let place = self.locate(&key).await.map_err(at(i))?;
+                    (key, place)
+                }
+            };
+            if !seen.insert(key.clone()) {
+                return Err(at(i)(records::Error::DuplicateEdit { key }.into()));
+            }
+            docs.entry(place).or_default().push(i);
+            keys.push(key);
+        }
+        for (place, members) in &docs {
+            self.check_writable(place.0, place.1)
+                .map_err(at(members.first().copied().unwrap_or_default()))?;
+        }
+        // Locked in key order, so two transactions never wait on each other in a cycle.
+        let mut locked = Vec::with_capacity(docs.len());
+        for (place, members) in docs {
+            let first = members.first().copied().unwrap_or_default();
+            locked.push((place, members, self.locked(place).await.map_err(at(first))?));
+        }
+        let time = now_ms();
+        let mut made: Vec<(usize, records::MadeChange)> = Vec::with_capacity(locked.len());
+        let mut outcomes: Vec<Option<TxWritten>> = vec![None; writes.len()];
+        let mut failure = None;
+        for (n, (_, members, cached)) in locked.iter_mut().enumerate() {
+            match self.edit_locked(cached, members, &writes, &keys, time) {
+                Ok(edits) => {
+                    for (&i, edited) in members.iter().zip(edits.outcomes) {
+                        outcomes[i] = Some(match edited {
+                            records::Edited::Created(r) => TxWritten::Created(r),
+                            records::Edited::Updated(r) => TxWritten::Updated(r),
+                            records::Edited::Unchanged(r) => TxWritten::Unchanged(r),
+                            records::Edited::Deleted(_) => TxWritten::Deleted,
+                        });
+                    }
+                    if let Some(change) = edits.change {
+                        made.push((n, change));
+                    }
+                }
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        let result = match failure {
+            Some(e) => Err(e),
+            None => self.store_changes(&mut locked, &made, &writes, actor).await,
+        };
+        if let Err(e) = result {
+            for (n, _) in &made {
+                if let Some((place, _, cached)) = locked.get_mut(*n) {
+                    self.discard(place, cached);
+                }
+            }
+            return Err(e);
+        }
+        Ok(outcomes.into_iter().flatten().collect())
+    }
+
+    /// The one change of a transaction in one locked document: bases
+    /// resolved (and `If-Match` checked) for its updates, then
+    /// [`RecordDoc::edit`]. Nothing is changed on error.
+    fn edit_locked(
+        &self,
+        cached: &mut Cached,
+        members: &[usize],
+        writes: &[TxWrite],
+        keys: &[String],
+        time: i64,
+    ) -> Result<records::Edits, TxError> {
+        let at = |write: usize| move |error: Error| TxError { write, error };
+        let mut bases: Vec<Option<Value>> = Vec::with_capacity(members.len());
+        for &i in members {
+            let base = match (writes.get(i), keys.get(i)) {
+                (
+                    Some(TxWrite::Update {
+                        base_version,
+                        require_current,
+                        ..
+                    }),
+                    Some(key),
+                ) => {
+                    let current = cached.doc.read(key).map_err(|e| at(i)(e.into()))?;
+                    Some(match base_version {
+                        Some(v) if *v != current.version_id => {
+                            if *require_current {
+                                return Err(at(i)(Error::VersionConflict {
+                                    key: key.clone(),
+                                    expected: v.clone(),
+                                    current: current.version_id.clone(),
+                                }));
+                            }
+                            cached.doc.vread(key, v).map_err(|e| at(i)(e.into()))?.json.clone()
+                        }
+                        _ => current.json.clone(),
+                    })
+                }
+                _ => None,
+            };
+            bases.push(base);
+        }
+        let mut edits = Vec::with_capacity(members.len());
+        for (&i, base) in members.iter().zip(&bases) {
+            let (Some(write), Some(key)) = (writes.get(i), keys.get(i)) else {
+                continue;
+            };
+            edits.push(match write {
+                TxWrite::Create { id, resource, .. } => records::Edit::Create { id, resource },
+                TxWrite::Update { resource, .. } => records::Edit::Update {
+                    key,
+                    // Every update got its base above.
+                    base: base.as_ref().unwrap_or(resource),
+                    submitted: resource,
+                },
+                TxWrite::Delete { .. } => records::Edit::Delete { key },
+            });
+        }
+        cached
+            .doc
+            .edit(&self.inner.actor, time, &edits)
+            .map_err(|e| at(members.get(e.edit).copied().unwrap_or_default())(e.error.into()))
+    }
+
+    /// Seals the changes a transaction made in its locked documents and
+    /// stores them as one durable batch; then records their envelopes and the
+    /// created resources' locations.
+    async fn store_changes(
+        &self,
+        locked: &mut [(DocKey, Vec<usize>, OwnedMutexGuard<Cached>)],
+        made: &[(usize, records::MadeChange)],
+        writes: &[TxWrite],
+        actor: Actor,
+    ) -> Result<(), TxError> {
+        let first_of = |n: usize| {
+            locked
+                .get(n)
+                .and_then(|(_, members, _)| members.first().copied())
+                .unwrap_or_default()
+        };
+        let mut sealed = Vec::with_capacity(made.len());
+        for (n, change) in made {
+            let decoded = DecodedChange::from_bytes(&change.change).map_err(|e| TxError {
+                write: first_of(*n),
+                error: e.into(),
+            })?;
+            // Sealed compressed, as single writes are.
+            sealed.push((decoded.compressed_bytes(), decoded.hash().0, decoded.seq()));
+        }
+        let mut changes = Vec::with_capacity(made.len());
+        for ((n, _), (bytes, hash, seq)) in made.iter().zip(&sealed) {
+            let Some((place, _, _)) = locked.get(*n) else { continue };
+            changes.push((
+                place.0,
+                place.1,
+                Change {
+                    bytes,
+                    hash: *hash,
+                    actor: self.inner.actor_id,
+                    seq: *seq,
+                },
+            ));
+        }
+        let envelopes = self.inner.node.write_changes_by(actor, changes).await.map_err(|e| {
+            let at = match &e {
+                crate::Error::NoWriteGrant { patient, collection }
+                | crate::Error::NoEpochKey { patient, collection } => made
+                    .iter()
+                    .find(|(n, _)| locked.get(*n).is_some_and(|(p, _, _)| *p == (*patient, *collection)))
+                    .map_or(0, |(n, _)| first_of(*n)),
+                _ => made.first().map_or(0, |(n, _)| first_of(*n)),
+            };
+            TxError {
+                write: at,
+                error: e.into(),
+            }
+        })?;
+        for ((n, change), envelope) in made.iter().zip(envelopes) {
+            let Some((place, members, cached)) = locked.get_mut(*n) else {
+                continue;
+            };
+            cached.envelopes.insert(change.hash, envelope);
+            cached.since_snapshot += 1;
+            self.maybe_snapshot(*place, cached, false);
+            let created: Vec<String> = members
+                .iter()
+                .filter_map(|&i| match writes.get(i) {
+                    Some(TxWrite::Create { id, resource, .. }) => {
+                        let resource_type = resource.get("resourceType").and_then(Value::as_str)?;
+                        records::resource_key(resource_type, id).ok()
+                    }
+                    _ => None,
+                })
+                .collect();
+            self.index_on_disk(*place, created.iter().map(String::as_str));
+            let mut index = lock(&self.inner.index);
+            for key in created {
+                index.location.insert(key, *place);
+            }
+        }
+        Ok(())
     }
 
     /// Every live resource of a patient across the collections this node
@@ -638,8 +965,7 @@ impl Repository {
             if self.inner.node.current_epoch(&patient, collection).is_none() {
                 continue;
             }
-            let doc = self.doc((patient, collection)).await?;
-            let doc = doc.lock().await;
+            let doc = self.locked((patient, collection)).await?;
             out.extend(doc.doc.resources()?);
         }
         Ok(out)

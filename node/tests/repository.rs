@@ -3,14 +3,16 @@
 //! ingests the first node's envelopes.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
-use medmesh_crypto::{Collection, SecretIdentity};
-use medmesh_node::records::Query;
-use medmesh_node::repository::{self, Repository};
-use medmesh_node::store::ItemKind;
-use medmesh_node::testing::TestPatient;
+use medmesh_crypto::{Collection, PatientId, SecretIdentity};
+use medmesh_node::records::{Query, RenderedResource};
+use medmesh_node::repository::{self, Repository, TxWrite, TxWritten};
+use medmesh_node::store::{ItemKind, SledStore};
+use medmesh_node::testing::{FlushControl, TestPatient};
 use medmesh_node::{Actor, Config, Incoming, Node, Source};
 use serde_json::{Value, json};
 
@@ -542,4 +544,406 @@ async fn a_snapshot_transfer_rebuilds_the_authors_exact_envelopes() {
     let forged = medmesh_crypto::CompactHeader::decode(&forged).unwrap();
     let from_forged = b.restore_transfer(&transfer.sealed_doc, &[forged]).unwrap();
     assert_eq!((from_forged.envelopes.len(), from_forged.unrestored), (0, 1));
+}
+
+// ----- transactions: one atomic write ----------------------------------
+
+fn example(name: &str) -> Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/fhir/examples")
+        .join(name);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap()
+}
+
+/// A Synthea patient Bundle's resources as transaction creates for `patient`
+/// (the Patient linked to its did:key), each routed to its collection.
+fn synthea_writes(patient: &TestPatient) -> Vec<TxWrite> {
+    let bundle = example("Bundle-synthea-Brekke496.json");
+    bundle["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|entry| {
+            let mut resource = entry["resource"].clone();
+            if resource["resourceType"] == "Patient" {
+                resource["identifier"]
+                    .as_array_mut()
+                    .unwrap()
+                    .push(json!({"system": "urn:ietf:rfc:3986", "value": patient.id().to_string()}));
+            }
+            TxWrite::Create {
+                id: repository::new_resource_id().unwrap(),
+                collection: medmesh_node::records::collection_of(&resource),
+                resource,
+                patient: patient.id(),
+            }
+        })
+        .collect()
+}
+
+fn created(outcomes: &[TxWritten]) -> Vec<Arc<RenderedResource>> {
+    outcomes
+        .iter()
+        .map(|o| match o {
+            TxWritten::Created(r) => r.clone(),
+            other => panic!("expected a create, got {other:?}"),
+        })
+        .collect()
+}
+
+/// Envelopes held per (patient, collection).
+fn envelope_counts(node: &Node, patients: &[&TestPatient]) -> Vec<(String, Collection, usize)> {
+    let mut counts = Vec::new();
+    for p in patients {
+        for c in Collection::ALL {
+            let n = node.envelope_ids(&p.id(), c).unwrap().len();
+            if n > 0 {
+                counts.push((p.id().to_string(), c, n));
+            }
+        }
+    }
+    counts
+}
+
+/// A real Synthea Bundle (319 resources over four collections) plus a second
+/// patient's Condition, as one transaction: one envelope per touched
+/// document, one versionId per document, history and vread per resource; a
+/// later transaction updating and deleting across documents; all of it the
+/// same after reopen and on a second node that ingests the envelopes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multi_patient_transaction_is_one_change_per_document_and_survives_reopen() {
+    let (dir, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut ada = TestPatient::new().unwrap();
+    let mut bob = TestPatient::new().unwrap();
+    let collections = [
+        Collection::Core,
+        Collection::Labs,
+        Collection::Billing,
+        Collection::Medications,
+    ];
+    let node = open(dir.path(), 1).await;
+    onboard(&node, &mut ada, &collections).await;
+    onboard(&node, &mut bob, &[Collection::Core]).await;
+    let repo = Repository::new(node.clone(), repository::Config::default()).unwrap();
+    let seq_before = node.last_seq();
+
+    let mut writes = synthea_writes(&ada);
+    let synthea = writes.len();
+    let mut condition = example("Condition-example.json");
+    condition["subject"] = json!({"reference": "Patient/bob"});
+    writes.push(TxWrite::Create {
+        id: repository::new_resource_id().unwrap(),
+        resource: condition,
+        patient: bob.id(),
+        collection: Collection::Core,
+    });
+    let outcomes = created(&repo.transaction(writes, app()).await.unwrap());
+    assert_eq!(outcomes.len(), synthea + 1);
+    // One envelope per touched document, all stored by one batch.
+    let counts = envelope_counts(&node, &[&ada, &bob]);
+    assert_eq!(counts.len(), 5, "{counts:?}");
+    assert!(counts.iter().all(|(_, _, n)| *n == 1), "{counts:?}");
+    assert_eq!(node.last_seq(), seq_before + 5);
+    // Resources of one document share their change's versionId; documents differ.
+    let mut by_doc: HashMap<(PatientId, Collection), HashSet<String>> = HashMap::new();
+    for r in &outcomes {
+        let at = repo.location(r.resource_type(), r.id()).await.unwrap();
+        by_doc.entry(at).or_default().insert(r.version_id.clone());
+    }
+    assert_eq!(by_doc.len(), 5);
+    assert!(by_doc.values().all(|v| v.len() == 1), "{by_doc:?}");
+    let versions: HashSet<&String> = by_doc.values().flatten().collect();
+    assert_eq!(versions.len(), 5);
+
+    // A second transaction across two documents of Ada: update a lab and a core resource, delete another.
+    let lab = outcomes
+        .iter()
+        .find(|r| r.resource_type() == "Observation")
+        .unwrap()
+        .clone();
+    let encounter = outcomes
+        .iter()
+        .find(|r| r.resource_type() == "Encounter")
+        .unwrap()
+        .clone();
+    let goal = outcomes.iter().find(|r| r.resource_type() == "Goal").unwrap().clone();
+    let mut amended = lab.json.clone();
+    amended["status"] = json!("amended");
+    let mut finished = encounter.json.clone();
+    finished["status"] = json!("cancelled");
+    let second = repo
+        .transaction(
+            vec![
+                TxWrite::Update {
+                    resource_type: "Observation".into(),
+                    id: lab.id().into(),
+                    resource: amended,
+                    base_version: Some(lab.version_id.clone()),
+                    require_current: true,
+                },
+                TxWrite::Update {
+                    resource_type: "Encounter".into(),
+                    id: encounter.id().into(),
+                    resource: finished,
+                    base_version: None,
+                    require_current: false,
+                },
+                TxWrite::Delete {
+                    resource_type: "Goal".into(),
+                    id: goal.id().into(),
+                },
+            ],
+            app(),
+        )
+        .await
+        .unwrap();
+    let (TxWritten::Updated(lab2), TxWritten::Updated(encounter2), TxWritten::Deleted) =
+        (&second[0], &second[1], &second[2])
+    else {
+        panic!("{second:?}");
+    };
+    assert_eq!(lab2.json["status"], "amended");
+    assert_ne!(lab2.version_id, encounter2.version_id, "two documents, two changes");
+    assert_eq!(node.last_seq(), seq_before + 7);
+    let check = |repo: Repository| {
+        let (lab, lab2, encounter2, goal) = (lab.clone(), lab2.clone(), encounter2.clone(), goal.clone());
+        async move {
+            let history = repo.history("Observation", lab.id()).await.unwrap();
+            assert_eq!(
+                history.iter().map(|(v, _)| v.version_id.clone()).collect::<Vec<_>>(),
+                [lab.version_id.clone(), lab2.version_id.clone()]
+            );
+            let old = repo.vread("Observation", lab.id(), &lab.version_id).await.unwrap();
+            assert_eq!(old.json, lab.json);
+            assert_eq!(repo.read("Observation", lab.id()).await.unwrap().json, lab2.json);
+            assert_eq!(
+                repo.read("Encounter", encounter2.id()).await.unwrap().json,
+                encounter2.json
+            );
+            let gone = repo.read("Goal", goal.id()).await.unwrap_err();
+            assert!(
+                matches!(
+                    gone,
+                    repository::Error::Record(medmesh_node::records::Error::Deleted { .. })
+                ),
+                "{gone:?}"
+            );
+            assert_eq!(repo.history("Goal", goal.id()).await.unwrap().len(), 2);
+        }
+    };
+    check(repo.clone()).await;
+
+    // Reopen: every resource is served again with the same versionId.
+    node.close().await;
+    drop(repo);
+    drop(node);
+    let node = open(dir.path(), 1).await;
+    let repo = Repository::new(node.clone(), repository::Config::default()).unwrap();
+    for r in outcomes
+        .iter()
+        .filter(|r| ![lab.id(), encounter.id(), goal.id()].contains(&r.id()))
+    {
+        let again = repo.read(r.resource_type(), r.id()).await.unwrap();
+        assert_eq!((&again.json, &again.version_id), (&r.json, &r.version_id), "{}", r.key);
+    }
+    check(repo.clone()).await;
+
+    // A second node that ingests the envelopes shows the same versions.
+    let b = open(dir_b.path(), 2).await;
+    onboard(&b, &mut ada, &collections).await;
+    let repo_b = Repository::new(b.clone(), repository::Config::default()).unwrap();
+    let items: Vec<Incoming> = node
+        .items_after(0, 1000)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|i| matches!(i.meta.kind, ItemKind::Envelope | ItemKind::Grant) && i.meta.patient == ada.id())
+        .map(|i| Incoming::new(i.meta.kind, i.bytes.clone()))
+        .collect();
+    b.ingest(items, Source::Peer(node.practice_id().peer_id()))
+        .await
+        .unwrap();
+    check(repo_b.clone()).await;
+    let on_b = repo_b.read("Patient", outcomes[0].id()).await.unwrap();
+    assert_eq!(on_b.version_id, outcomes[0].version_id);
+}
+
+/// A transaction whose durable write fails leaves nothing: not served, not
+/// in the store after reopen; and the reopened store takes writes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_whose_flush_fails_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ada = TestPatient::new().unwrap();
+    let collections = [
+        Collection::Core,
+        Collection::Labs,
+        Collection::Billing,
+        Collection::Medications,
+    ];
+    let store = Arc::new(FlushControl::new(
+        SledStore::open(&dir.path().join(medmesh_node::STORE_DIR)).unwrap(),
+        Duration::ZERO,
+    ));
+    let node = Node::with_store(store.clone(), SecretIdentity::from_seed(&[1; 32]), Config::default())
+        .await
+        .unwrap();
+    onboard(&node, &mut ada, &collections).await;
+    let repo = Repository::new(node.clone(), repository::Config::default()).unwrap();
+    // Something durable first, cached, that the failed transaction updates.
+    let p = repo
+        .create(patient_resource(&ada.id().to_string()), None, app())
+        .await
+        .unwrap();
+    let before = envelope_counts(&node, &[&ada]);
+    let audit_before = node.audit_verify().unwrap();
+
+    let mut writes = synthea_writes(&ada);
+    let ids: Vec<(String, String)> = writes
+        .iter()
+        .map(|w| match w {
+            TxWrite::Create { id, resource, .. } => (resource["resourceType"].as_str().unwrap().to_owned(), id.clone()),
+            _ => unreachable!(),
+        })
+        .collect();
+    let mut renamed = p.json.clone();
+    renamed["name"] = json!([{"family": "Byron"}]);
+    writes.push(TxWrite::Update {
+        resource_type: "Patient".into(),
+        id: p.id().into(),
+        resource: renamed,
+        base_version: None,
+        require_current: false,
+    });
+    store.fail_flushes(true);
+    let err = repo.transaction(writes, app()).await.unwrap_err();
+    assert!(
+        matches!(err.error, repository::Error::Node(medmesh_node::Error::Storage(_))),
+        "{err:?}"
+    );
+    // Nothing of it is served: the update is not seen, no created resource is found.
+    assert_eq!(repo.read("Patient", p.id()).await.unwrap().json, p.json);
+    for (t, id) in &ids {
+        let missing = repo.read(t, id).await.unwrap_err();
+        assert!(
+            matches!(
+                missing,
+                repository::Error::Record(medmesh_node::records::Error::NotFound { .. })
+            ),
+            "{t}/{id}: {missing:?}"
+        );
+    }
+    assert_eq!(envelope_counts(&node, &[&ada]), before);
+    // Until reopened the store refuses writes (what reached the disk is unknown).
+    let poisoned = repo.create(patient_resource(&ada.id().to_string()), None, app()).await;
+    assert!(
+        matches!(poisoned, Err(repository::Error::Node(medmesh_node::Error::Poisoned))),
+        "{poisoned:?}"
+    );
+
+    store.fail_flushes(false);
+    node.close().await;
+    drop((repo, node, store));
+    let node = open(dir.path(), 1).await;
+    assert_eq!(envelope_counts(&node, &[&ada]), before);
+    // The audit log says what happened and still verifies.
+    assert!(node.audit_verify().unwrap() > audit_before);
+    let withdrawn = node
+        .audit_entries(Some(&ada.id()))
+        .unwrap()
+        .iter()
+        .filter(|e| e.outcome.starts_with("withdrawn"))
+        .count();
+    assert_eq!(withdrawn, 4, "one per document the transaction touched");
+    let repo = Repository::new(node.clone(), repository::Config::default()).unwrap();
+    assert_eq!(repo.read("Patient", p.id()).await.unwrap().json, p.json);
+    for (t, id) in &ids {
+        assert!(repo.read(t, id).await.is_err(), "{t}/{id} came back after reopen");
+    }
+    // The same transaction now goes through.
+    let outcomes = repo.transaction(synthea_writes(&ada), app()).await.unwrap();
+    assert_eq!(outcomes.len(), ids.len());
+}
+
+/// Refusals are found before anything is written: a document without a
+/// write grant, two writes of one resource, a stale `If-Match`.
+#[tokio::test]
+async fn a_refused_transaction_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ada = TestPatient::new().unwrap();
+    let node = open(dir.path(), 1).await;
+    onboard(&node, &mut ada, &[Collection::Core]).await;
+    let repo = Repository::new(node.clone(), repository::Config::default()).unwrap();
+    let p = repo
+        .create(patient_resource(&ada.id().to_string()), None, app())
+        .await
+        .unwrap();
+    let seq = node.last_seq();
+    let create = |resource: Value, collection| TxWrite::Create {
+        id: repository::new_resource_id().unwrap(),
+        resource,
+        patient: ada.id(),
+        collection,
+    };
+    let update = |base: Option<String>| TxWrite::Update {
+        resource_type: "Patient".into(),
+        id: p.id().into(),
+        resource: p.json.clone(),
+        base_version: base,
+        require_current: true,
+    };
+    // Labs: no grant. The Condition before it must not be written either.
+    let mut condition = example("Condition-example.json");
+    condition["subject"] = json!({"reference": format!("Patient/{}", p.id())});
+    let observation = example("Observation-example.json");
+    let err = repo
+        .transaction(
+            vec![
+                create(condition.clone(), Collection::Core),
+                create(observation, Collection::Labs),
+            ],
+            app(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.write, 1);
+    assert!(
+        matches!(
+            err.error,
+            repository::Error::Node(medmesh_node::Error::NoWriteGrant { .. })
+        ),
+        "{err:?}"
+    );
+    let err = repo
+        .transaction(
+            vec![create(condition.clone(), Collection::Core), update(None), update(None)],
+            app(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.write, 2);
+    assert!(
+        matches!(
+            err.error,
+            repository::Error::Record(medmesh_node::records::Error::DuplicateEdit { .. })
+        ),
+        "{err:?}"
+    );
+    let err = repo
+        .transaction(
+            vec![
+                create(condition, Collection::Core),
+                update(Some("0000000000000000".into())),
+            ],
+            app(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.write, 1);
+    assert!(
+        matches!(err.error, repository::Error::VersionConflict { .. }),
+        "{err:?}"
+    );
+    assert_eq!(node.last_seq(), seq);
+    assert_eq!(repo.patient_resources(ada.id()).await.unwrap().len(), 1);
 }

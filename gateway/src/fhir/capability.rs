@@ -71,7 +71,7 @@ pub fn capability_statement(base_url: &str, max_count: usize) -> Value {
             "versioning": "versioned",
             "readHistory": true,
             "updateCreate": false,
-            "conditionalCreate": false,
+            "conditionalCreate": true,
             "conditionalRead": "full-support",
             "conditionalUpdate": false,
             "conditionalDelete": "not-supported",
@@ -126,7 +126,9 @@ pub fn capability_statement(base_url: &str, max_count: usize) -> Value {
                  conditional create (ifNoneExist), conditional update and conditional delete are \
                  supported on the search parameters listed here (others are rejected with 400), \
                  ifMatch on PUT, and ifNoneMatch / ifModifiedSince on GET (304). Reads and vreads \
-                 answer If-None-Match and If-Modified-Since with 304 Not Modified.",
+                 answer If-None-Match and If-Modified-Since with 304 Not Modified. POST /{{type}} takes \
+                 If-None-Exist (conditional create: no match creates, one match answers it with 200, \
+                 several are 412).",
                 DEFAULT_COUNT.min(max_count)
             ),
             "security": {

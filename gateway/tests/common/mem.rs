@@ -1,7 +1,7 @@
 //! An in-memory [`Backend`] on one record document, shared by the HTTP tests
 //! and the benches (`#[path]`-included): every resource in one `RecordDoc`,
-//! ids `m1`, `m2`, …; a transaction is atomic by restoring a snapshot of the
-//! document when an op fails.
+//! ids `m1`, `m2`, …; a transaction's writes are one change of the document
+//! (`RecordDoc::edit`), as on the node.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::{Arc, Mutex};
@@ -10,7 +10,7 @@ use automerge::ActorId;
 use medmesh_gateway::fhir::outcome::ApiError;
 use medmesh_gateway::fhir::search_params::SearchRequest;
 use medmesh_gateway::{Backend, HistoryEntry, SignedKind, TxFailure, TxOp, TxResult};
-use medmesh_node::records::{RecordDoc, RenderedResource, actor_id};
+use medmesh_node::records::{Edit, Edited, RecordDoc, RenderedResource, actor_id};
 use serde_json::{Value, json};
 
 /// The in-memory backend.
@@ -49,6 +49,24 @@ impl MemBackend {
         written.resource.ok_or(ApiError::Internal)
     }
 
+    /// The version an update is based on: `base`, or the current one; with
+    /// `require_current`, a stale `base` is a 412.
+    fn base_of(doc: &RecordDoc, key: &str, base: Option<&str>, require_current: bool) -> Result<Value, ApiError> {
+        let current = doc.read(key)?;
+        match base {
+            Some(v) if v != current.version_id => {
+                if require_current {
+                    return Err(ApiError::PreconditionFailed {
+                        expected: v.to_owned(),
+                        current: current.version_id.clone(),
+                    });
+                }
+                Ok(doc.vread(key, v)?.json.clone())
+            }
+            _ => Ok(current.json.clone()),
+        }
+    }
+
     /// Returns the resource and whether a change was written.
     fn update_in(
         &self,
@@ -60,22 +78,10 @@ impl MemBackend {
         require_current: bool,
     ) -> Result<(Arc<RenderedResource>, bool), ApiError> {
         let key = format!("{t}/{id}");
-        let current = doc.read(&key)?;
-        let base_json = match &base {
-            Some(v) if *v != current.version_id => {
-                if require_current {
-                    return Err(ApiError::PreconditionFailed {
-                        expected: v.clone(),
-                        current: current.version_id.clone(),
-                    });
-                }
-                doc.vread(&key, v)?.json.clone()
-            }
-            _ => current.json.clone(),
-        };
+        let base_json = Self::base_of(doc, &key, base.as_deref(), require_current)?;
         match doc.update(&self.actor, Self::now(), &key, &base_json, resource)? {
             Some(written) => Ok((written.resource.ok_or(ApiError::Internal)?, true)),
-            None => Ok((current, false)),
+            None => Ok((doc.read(&key)?, false)),
         }
     }
 
@@ -86,37 +92,9 @@ impl MemBackend {
         ))
     }
 
-    fn apply(&self, doc: &mut RecordDoc, op: TxOp) -> Result<TxResult, ApiError> {
+    /// A read or search of a transaction.
+    fn read_op(doc: &RecordDoc, op: TxOp) -> Result<TxResult, ApiError> {
         Ok(match op {
-            TxOp::Create {
-                id,
-                resource,
-                if_none_exist,
-            } => {
-                if let Some(request) = if_none_exist {
-                    let found = Self::search_in(doc, &request)?.len();
-                    if found > 0 {
-                        return Err(ApiError::MultipleMatches(format!(
-                            "ifNoneExist now matches {found} resources"
-                        )));
-                    }
-                }
-                TxResult::Written(self.create_in(doc, &id, &resource)?)
-            }
-            TxOp::Update {
-                resource_type,
-                id,
-                resource,
-                base_version,
-                require_current,
-            } => match self.update_in(doc, &resource_type, &id, &resource, base_version, require_current)? {
-                (r, true) => TxResult::Written(r),
-                (r, false) => TxResult::Unchanged(r),
-            },
-            TxOp::Delete { resource_type, id } => {
-                doc.delete(&self.actor, Self::now(), &format!("{resource_type}/{id}"))?;
-                TxResult::Deleted
-            }
             TxOp::Read {
                 resource_type,
                 id,
@@ -129,6 +107,7 @@ impl MemBackend {
                 })
             }
             TxOp::Search(request) => TxResult::Found(Self::search_in(doc, &request)?),
+            _ => return Err(ApiError::Internal),
         })
     }
 }
@@ -205,17 +184,86 @@ impl Backend for MemBackend {
         format!("m{next}")
     }
 
+    /// As the node: every write of the transaction is one change of the
+    /// document (made only once every op checked out), then the reads run.
     async fn transaction(&self, ops: Vec<TxOp>) -> Result<Vec<TxResult>, TxFailure> {
         let mut doc = self.doc.lock().unwrap();
-        let writes = ops
+        let keys: Vec<String> = ops
             .iter()
-            .any(|op| matches!(op, TxOp::Create { .. } | TxOp::Update { .. } | TxOp::Delete { .. }));
-        // All or nothing: on failure the document goes back to this snapshot.
-        let snapshot = writes.then(|| doc.save());
-        let mut results = Vec::with_capacity(ops.len());
+            .map(|op| match op {
+                TxOp::Update { resource_type, id, .. } | TxOp::Delete { resource_type, id } => {
+                    format!("{resource_type}/{id}")
+                }
+                _ => String::new(),
+            })
+            .collect();
+        let mut bases = Vec::with_capacity(ops.len());
+        for (i, op) in ops.iter().enumerate() {
+            let fail = |error| TxFailure { op: i, error };
+            bases.push(match op {
+                TxOp::Create {
+                    if_none_exist: Some(request),
+                    ..
+                } => {
+                    let found = Self::search_in(&doc, request).map_err(fail)?.len();
+                    let here = ops[..i]
+                        .iter()
+                        .any(|o| matches!(o, TxOp::Create { resource, .. } if request.query.matches(resource)));
+                    if found > 0 || here {
+                        return Err(fail(ApiError::MultipleMatches(
+                            "ifNoneExist now matches a resource".to_owned(),
+                        )));
+                    }
+                    None
+                }
+                TxOp::Update {
+                    base_version,
+                    require_current,
+                    ..
+                } => Some(Self::base_of(&doc, &keys[i], base_version.as_deref(), *require_current).map_err(fail)?),
+                TxOp::Delete { .. } => {
+                    doc.read(&keys[i]).map_err(|e| fail(e.into()))?;
+                    None
+                }
+                _ => None,
+            });
+        }
+        let mut edits = Vec::new();
+        let mut edit_ops = Vec::new();
+        for (i, op) in ops.iter().enumerate() {
+            edits.push(match op {
+                TxOp::Create { id, resource, .. } => Edit::Create { id, resource },
+                TxOp::Update { resource, .. } => Edit::Update {
+                    key: &keys[i],
+                    base: bases[i].as_ref().unwrap(),
+                    submitted: resource,
+                },
+                TxOp::Delete { .. } => Edit::Delete { key: &keys[i] },
+                TxOp::Read { .. } | TxOp::Search(_) => continue,
+            });
+            edit_ops.push(i);
+        }
+        // A failed read must not leave the writes behind.
+        let snapshot = (!edits.is_empty() && edits.len() < ops.len()).then(|| doc.save());
+        let edited = doc.edit(&self.actor, Self::now(), &edits).map_err(|e| TxFailure {
+            op: edit_ops[e.edit],
+            error: e.error.into(),
+        })?;
+        drop(edits);
+        let mut results: Vec<Option<TxResult>> = vec![None; ops.len()];
+        for (i, outcome) in edit_ops.into_iter().zip(edited.outcomes) {
+            results[i] = Some(match outcome {
+                Edited::Created(r) | Edited::Updated(r) => TxResult::Written(r),
+                Edited::Unchanged(r) => TxResult::Unchanged(r),
+                Edited::Deleted(_) => TxResult::Deleted,
+            });
+        }
         for (i, op) in ops.into_iter().enumerate() {
-            match self.apply(&mut doc, op) {
-                Ok(result) => results.push(result),
+            if results[i].is_some() {
+                continue;
+            }
+            match Self::read_op(&doc, op) {
+                Ok(result) => results[i] = Some(result),
                 Err(error) => {
                     if let Some(snapshot) = snapshot {
                         *doc = RecordDoc::load(&snapshot).unwrap();
@@ -224,7 +272,7 @@ impl Backend for MemBackend {
                 }
             }
         }
-        Ok(results)
+        Ok(results.into_iter().map(Option::unwrap).collect())
     }
 
     async fn submit(&self, _kind: SignedKind, _bytes: Vec<u8>) -> Result<Value, ApiError> {

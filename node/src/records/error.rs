@@ -27,6 +27,13 @@ pub enum Error {
         /// The resource key.
         key: String,
     },
+    /// One change (a transaction) would write the same resource twice; FHIR
+    /// forbids two entries on one resource in a transaction.
+    #[error("resource {key} is written by more than one entry of one transaction")]
+    DuplicateEdit {
+        /// The resource key.
+        key: String,
+    },
     /// `vread` of a version the resource never had.
     #[error("version {version_id} of resource {key} not found")]
     VersionNotFound {
