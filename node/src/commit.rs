@@ -123,15 +123,16 @@ fn run(store: &dyn Store, rx: &mpsc::Receiver<Job>, max_group: usize, poisoned: 
     }
 }
 
-/// Takes a local write whose flush failed back out of the store, so that
-/// nothing its writer was told failed is read, served to peers or (once a
-/// later flush or sled's own background flush writes this too) found after a
-/// reopen. Only batches of new items and their audit entries (local writes)
-/// are withdrawn: removing their items restores the state before them. An
-/// ingest batch also dequeues and re-indexes items, which removal would not
-/// undo; its items stay (a peer re-sends what it is not acknowledged for).
-/// The audit log keeps the write's entries and gains one per entry saying it
-/// was withdrawn.
+/// Takes a batch whose flush failed back out of the store, so that nothing
+/// its writer was told failed is read, served to peers or (once a later
+/// flush or sled's own background flush writes this too) found after a
+/// reopen. Only batches of new items and their audit entries (every local
+/// write, and ingest pages that only add items) are withdrawn: removing
+/// their items restores the state before them. A batch that also dequeues,
+/// re-indexes or removes items is left as it is, since removal would not
+/// undo the rest (a peer re-sends what it was not acknowledged for). The
+/// audit log keeps the batch's entries and gains one per entry saying it was
+/// withdrawn.
 fn withdraw(store: &dyn Store, batch: &Batch, committed: &Committed, cause: &str) {
     let local_write = batch
         .ops
