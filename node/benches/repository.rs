@@ -6,7 +6,10 @@
 //!    scales it), built by a direct path that still makes real envelopes
 //!    (patient-authored, sealed and signed, stored with real key shares):
 //!    disk size vs plaintext JSON, then in a fresh process RSS after open and
-//!    after the first read, and open-to-first-read time.
+//!    after the first read, and open-to-first-read time. One change per
+//!    resource by default (an EMR writing as it goes); `MEDMESH_BENCH_IMPORT=1`
+//!    one change per patient and collection (a practice importing its patients'
+//!    Bundles as transactions).
 //! 3. transaction import: a 5,000-resource patient Bundle's writes as one
 //!    `Repository::transaction` (one change per document, one atomic durable
 //!    batch) against the same writes entry by entry (one durable write each,
@@ -258,6 +261,13 @@ async fn thousand(quick: bool) {
 
 // ----- 2. scale -------------------------------------------------------------
 
+/// `MEDMESH_BENCH_IMPORT=1`: each patient's resources written as a FHIR
+/// transaction import writes them (one change per collection), instead of
+/// one change per resource.
+fn imported() -> bool {
+    std::env::var_os("MEDMESH_BENCH_IMPORT").is_some()
+}
+
 /// Everything one patient contributes: items to store and resource keys.
 struct Built {
     batch: Batch,
@@ -289,13 +299,46 @@ fn build_patient(i: usize, node: &Principal) -> Built {
         ));
     }
     let time = now();
-    for (id, r) in resources {
-        built.json_bytes += serde_json::to_vec(&r).unwrap().len() as u64;
-        let collection: Collection = records::collection_of(&r);
-        let doc = docs.entry(collection).or_default();
-        let w = doc.create(&am_actor, time as i64, &id, &r).unwrap();
+    // (collection, raw change bytes, change hash) in write order.
+    let mut changes = Vec::new();
+    if imported() {
+        // As `fhir import` of the patient's Bundle: one transaction, one change per collection.
+        let mut by_collection: std::collections::BTreeMap<Collection, Vec<(String, Value)>> = Default::default();
+        for (id, r) in resources {
+            built.json_bytes += serde_json::to_vec(&r).unwrap().len() as u64;
+            by_collection
+                .entry(records::collection_of(&r))
+                .or_default()
+                .push((id, r));
+        }
+        for (collection, resources) in by_collection {
+            let edits: Vec<records::doc::Edit<'_>> = resources
+                .iter()
+                .map(|(id, resource)| records::doc::Edit::Create { id, resource })
+                .collect();
+            let doc = docs.entry(collection).or_default();
+            let made = doc.edit(&am_actor, time as i64, &edits).unwrap();
+            let change = made.change.unwrap();
+            for (id, resource) in &resources {
+                let key = records::resource_key(resource["resourceType"].as_str().unwrap(), id).unwrap();
+                built.keys.push((pid, collection, key));
+            }
+            changes.push((collection, change.change, change.hash));
+        }
+    } else {
+        // As an EMR screen writes: one resource per change.
+        for (id, r) in resources {
+            built.json_bytes += serde_json::to_vec(&r).unwrap().len() as u64;
+            let collection: Collection = records::collection_of(&r);
+            let doc = docs.entry(collection).or_default();
+            let w = doc.create(&am_actor, time as i64, &id, &r).unwrap();
+            built.keys.push((pid, collection, w.key));
+            changes.push((collection, w.change, w.hash));
+        }
+    }
+    for (collection, raw, hash) in changes {
         let key = patient.key(collection, 0).unwrap();
-        let change = medmesh_node::records::DecodedChange::from_bytes(&w.change).unwrap();
+        let change = medmesh_node::records::DecodedChange::from_bytes(&raw).unwrap();
         // As the repository seals it.
         let sealed_bytes = change.compressed_bytes();
         let e = Envelope::seal(
@@ -304,7 +347,7 @@ fn build_patient(i: usize, node: &Principal) -> Built {
             None,
             Change {
                 bytes: &sealed_bytes,
-                hash: w.hash.0,
+                hash: hash.0,
                 actor,
                 seq: change.seq(),
             },
@@ -338,7 +381,6 @@ fn build_patient(i: usize, node: &Principal) -> Built {
         });
         LOGICAL.fetch_add(e.encode().len() as u64, std::sync::atomic::Ordering::Relaxed);
         CHANGE.fetch_add(sealed_bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        built.keys.push((pid, collection, w.key));
         used.insert(collection);
     }
     for collection in &used {
