@@ -26,8 +26,35 @@ pub fn now() -> Timestamp {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+/// Keys each thread decompressed last (see [`verifying_key`]).
+const RECENT_KEYS: usize = 8;
+
+thread_local! {
+    static RECENT: std::cell::RefCell<(usize, [Option<VerifyingKey>; RECENT_KEYS])> =
+        const { std::cell::RefCell::new((0, [None; RECENT_KEYS])) };
+}
+
+/// The key for `bytes`, refusing bytes that are not an ed25519 point.
+///
+/// Decompressing the point costs about a fifth of a signature check, and a
+/// snapshot transfer, a page or a scan of the store names the same patient
+/// and author thousands of times: each thread keeps the last few keys it
+/// decompressed (public keys; a hit is the very result decompressing those
+/// bytes gives).
 fn verifying_key(bytes: &[u8; 32]) -> Result<VerifyingKey> {
-    VerifyingKey::from_bytes(bytes).map_err(|_| Error::InvalidPublicKey)
+    let hit = RECENT.with(|recent| recent.borrow().1.iter().flatten().find(|k| k.as_bytes() == bytes).copied());
+    if let Some(key) = hit {
+        return Ok(key);
+    }
+    let key = VerifyingKey::from_bytes(bytes).map_err(|_| Error::InvalidPublicKey)?;
+    RECENT.with(|recent| {
+        let (next, keys) = &mut *recent.borrow_mut();
+        if let Some(slot) = keys.get_mut(*next) {
+            *slot = Some(key);
+        }
+        *next = (*next + 1) % RECENT_KEYS;
+    });
+    Ok(key)
 }
 
 /// A patient: an ed25519 public key, printed as a W3C `did:key:z6Mk…`.
@@ -392,5 +419,40 @@ impl fmt::Debug for ActorId {
 impl fmt::Display for ActorId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&hex::encode(self.0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// The per-thread memo of decompressed keys answers exactly what
+    /// decompressing answers: valid keys (cached or not) give the same key,
+    /// bytes that are no point are refused however often valid keys were
+    /// looked up in between, also once the memo has wrapped around.
+    #[test]
+    fn remembered_keys_decide_like_decompression() {
+        let valid = SecretIdentity::generate().unwrap().public_bytes();
+        let candidates: Vec<[u8; 32]> = (0..=255u8).map(|b| [b; 32]).collect();
+        let invalid = candidates
+            .iter()
+            .filter(|c| VerifyingKey::from_bytes(c).is_err())
+            .count();
+        assert!(invalid > 0, "the candidates must include non-points");
+        for _round in 0..2 {
+            for c in &candidates {
+                assert_eq!(verifying_key(&valid).unwrap(), VerifyingKey::from_bytes(&valid).unwrap());
+                assert_eq!(
+                    PatientId::from_bytes(*c).is_ok(),
+                    VerifyingKey::from_bytes(c).is_ok(),
+                    "{c:?}"
+                );
+                if let Ok(key) = verifying_key(c) {
+                    assert_eq!(key.as_bytes(), c);
+                }
+            }
+        }
     }
 }
