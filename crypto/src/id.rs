@@ -42,7 +42,15 @@ thread_local! {
 /// decompressed (public keys; a hit is the very result decompressing those
 /// bytes gives).
 fn verifying_key(bytes: &[u8; 32]) -> Result<VerifyingKey> {
-    let hit = RECENT.with(|recent| recent.borrow().1.iter().flatten().find(|k| k.as_bytes() == bytes).copied());
+    let hit = RECENT.with(|recent| {
+        recent
+            .borrow()
+            .1
+            .iter()
+            .flatten()
+            .find(|k| k.as_bytes() == bytes)
+            .copied()
+    });
     if let Some(key) = hit {
         return Ok(key);
     }
@@ -443,7 +451,10 @@ mod tests {
         assert!(invalid > 0, "the candidates must include non-points");
         for _round in 0..2 {
             for c in &candidates {
-                assert_eq!(verifying_key(&valid).unwrap(), VerifyingKey::from_bytes(&valid).unwrap());
+                assert_eq!(
+                    verifying_key(&valid).unwrap(),
+                    VerifyingKey::from_bytes(&valid).unwrap()
+                );
                 assert_eq!(
                     PatientId::from_bytes(*c).is_ok(),
                     VerifyingKey::from_bytes(c).is_ok(),

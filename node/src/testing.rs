@@ -376,6 +376,9 @@ impl crate::store::Store for FlushControl {
     fn snapshot(&self, patient: &PatientId, collection: Collection) -> Result<Option<Vec<u8>>> {
         self.inner.snapshot(patient, collection)
     }
+    fn snapshot_head(&self, patient: &PatientId, collection: Collection, len: usize) -> Result<Option<(Vec<u8>, u64)>> {
+        self.inner.snapshot_head(patient, collection, len)
+    }
     fn put_snapshot(&self, patient: &PatientId, collection: Collection, sealed: &[u8]) -> Result<()> {
         self.inner.put_snapshot(patient, collection, sealed)
     }

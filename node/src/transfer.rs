@@ -12,13 +12,15 @@
 //! compresses a history column-wise; envelopes are one sealed change each),
 //! so a first sync of a long history moves a fraction of the bytes.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use medmesh_crypto::{Change, Collection, CompactHeader, Envelope, EnvelopeId, KeyId, PatientId, SealedSnapshot};
 use sha2::{Digest as _, Sha256};
 
 use crate::Node;
-use crate::records::{self, DecodedChange, RecordDoc};
+use crate::records::{self, RecordDoc, SavedDoc};
+use crate::snapshot::Covered;
+use crate::store::EnvelopeState;
 
 /// Tag, key id and nonce of a sealed snapshot (`medmesh_crypto::SealedSnapshot`).
 const SEALED_HEAD_LEN: usize = medmesh_crypto::SNAPSHOT_TAG.len() + 16 + 24;
@@ -96,6 +98,9 @@ pub struct Restored {
     /// not in the document, or the change is not the one signed for): the
     /// caller fetches those envelopes the ordinary way.
     pub unrestored: usize,
+    /// Each restored envelope's id with the Automerge hash of its change,
+    /// for [`OpenedTransfer::keep_as_snapshot`].
+    pub covered: Vec<Covered>,
 }
 
 impl Node {
@@ -108,13 +113,15 @@ impl Node {
         // Every seal draws a fresh random nonce, which sits in the sealed
         // snapshot's first bytes: hashing those (and the length) tells
         // snapshots apart without hashing megabytes on every pull.
-        Ok(self.raw_store().snapshot(&patient, collection)?.map(|sealed| {
-            let head = &sealed[..sealed.len().min(SEALED_HEAD_LEN)];
-            let mut h = Sha256::new();
-            h.update(head);
-            h.update((sealed.len() as u64).to_be_bytes());
-            h.finalize().into()
-        }))
+        Ok(self
+            .raw_store()
+            .snapshot_head(&patient, collection, SEALED_HEAD_LEN)?
+            .map(|(head, len)| {
+                let mut h = Sha256::new();
+                h.update(head);
+                h.update(len.to_be_bytes());
+                h.finalize().into()
+            }))
     }
 
     /// A snapshot transfer of (patient, collection) made from its local
@@ -195,27 +202,28 @@ impl Node {
         let key_id = SealedSnapshot::key_id(sealed_doc)?;
         let key = self.epoch_key(&key_id).ok_or(TransferError::NoKey(key_id))?;
         let doc = SealedSnapshot::open(&key, sealed_doc)?;
-        let changes = RecordDoc::changes_of_saved(&doc)?;
-        let by_actor_seq = changes
+        let saved = SavedDoc::load(&doc)?;
+        let by_actor_seq = saved
+            .changes()
             .iter()
             .enumerate()
             .map(|(i, c)| ((c.actor().to_bytes().to_vec(), c.seq()), i))
             .collect();
-        Ok(OpenedTransfer { changes, by_actor_seq })
+        Ok(OpenedTransfer { saved, by_actor_seq })
     }
 }
 
 /// A transfer's document, loaded: its changes by (actor, seq). Plaintext,
 /// in memory only.
 pub struct OpenedTransfer {
-    changes: Vec<DecodedChange>,
+    saved: SavedDoc,
     by_actor_seq: HashMap<(Vec<u8>, u64), usize>,
 }
 
 impl std::fmt::Debug for OpenedTransfer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("OpenedTransfer")
-            .field("changes", &self.changes.len())
+            .field("changes", &self.saved.changes().len())
             .finish_non_exhaustive()
     }
 }
@@ -237,8 +245,8 @@ impl OpenedTransfer {
                 .into_iter()
                 .map(|(len, w)| {
                     w.join().unwrap_or_else(|_| Restored {
-                        envelopes: Vec::new(),
                         unrestored: len,
+                        ..Restored::default()
                     })
                 })
                 .collect()
@@ -247,6 +255,7 @@ impl OpenedTransfer {
         for part in parts {
             restored.envelopes.extend(part.envelopes);
             restored.unrestored += part.unrestored;
+            restored.covered.extend(part.covered);
         }
         restored
     }
@@ -259,7 +268,7 @@ impl OpenedTransfer {
             let Some(change) = self
                 .by_actor_seq
                 .get(&(h.actor.0.to_vec(), h.seq))
-                .and_then(|i| self.changes.get(*i))
+                .and_then(|i| self.saved.changes().get(*i))
             else {
                 restored.unrestored += 1;
                 continue;
@@ -287,7 +296,10 @@ impl OpenedTransfer {
             // The node seals Automerge's compressed chunk; an author that
             // sealed the raw chunk is restored from that.
             match restore(&change.compressed_bytes()).or_else(|_| restore(change.raw_bytes())) {
-                Ok(envelope) => restored.envelopes.push(RestoredEnvelope(envelope)),
+                Ok(envelope) => {
+                    restored.covered.push((envelope.id(), hash));
+                    restored.envelopes.push(RestoredEnvelope(envelope));
+                }
                 Err(e) => {
                     tracing::debug!(cause = %e, "compact header does not restore");
                     restored.unrestored += 1;
@@ -295,5 +307,60 @@ impl OpenedTransfer {
             }
         }
         restored
+    }
+}
+
+impl OpenedTransfer {
+    /// Keeps the transfer's document as `node`'s sealed local snapshot of
+    /// (patient, collection), so that the first read after a first sync
+    /// loads it instead of replaying every change — only when the node
+    /// keeps none yet, every change in the document is one whose envelope
+    /// was restored (`covered`, from [`OpenedTransfer::restore`]) and is now
+    /// held readable (its signature verified, accepted by the validity
+    /// rules), and the record model accepts every change (the checks of
+    /// [`RecordDoc::load`]). A document holding anything else is never
+    /// kept. Returns whether it was kept.
+    ///
+    /// # Errors
+    /// Store and sealing failures.
+    pub fn keep_as_snapshot(
+        self,
+        node: &Node,
+        patient: PatientId,
+        collection: Collection,
+        covered: &[Covered],
+    ) -> Result<bool, TransferError> {
+        if node.snapshot_fingerprint(patient, collection)?.is_some() {
+            return Ok(false);
+        }
+        let readable: HashSet<EnvelopeId> = node
+            .envelopes(&patient, Some(collection))?
+            .into_iter()
+            .filter(|e| e.state == EnvelopeState::Readable)
+            .map(|e| e.id)
+            .collect();
+        // One envelope per change (an author may have sealed a change
+        // twice; the snapshot names one, the other is replayed on load).
+        let mut by_change: HashMap<[u8; 32], EnvelopeId> = HashMap::with_capacity(covered.len());
+        for (id, hash) in covered {
+            if readable.contains(id) {
+                by_change.entry(*hash).or_insert(*id);
+            }
+        }
+        let in_doc: HashSet<[u8; 32]> = self.saved.changes().iter().map(|c| c.hash().0).collect();
+        if in_doc.len() != by_change.len() || !in_doc.iter().all(|h| by_change.contains_key(h)) {
+            tracing::debug!(%collection, "transfer document holds changes not restored and accepted; not kept");
+            return Ok(false);
+        }
+        let doc = match self.saved.into_record_doc() {
+            Ok(doc) => doc,
+            Err(e) => {
+                tracing::debug!(%collection, cause = %e, "transfer document refused by the record model; not kept");
+                return Ok(false);
+            }
+        };
+        let covered: Vec<Covered> = by_change.into_iter().map(|(hash, id)| (id, hash)).collect();
+        let local = zeroize::Zeroizing::new(doc.save_local());
+        Ok(node.save_snapshot(patient, collection, &covered, &local)?)
     }
 }

@@ -947,3 +947,80 @@ async fn a_refused_transaction_writes_nothing() {
     assert_eq!(node.last_seq(), seq);
     assert_eq!(repo.patient_resources(ada.id()).await.unwrap().len(), 1);
 }
+
+// ----- snapshot transfers as the receiver's snapshot ----------------------
+
+/// B keeps a transfer's document as its local snapshot only once every
+/// change in it was restored from a signed header and is held readable;
+/// then B's first read replays nothing and shows what A shows. A document
+/// with a change B did not restore, or before the restored envelopes are
+/// ingested, or when B keeps a snapshot already, is not kept.
+#[tokio::test]
+async fn a_transfer_document_becomes_the_snapshot_only_when_every_change_is_held() {
+    let dir_a = tempfile::tempdir().unwrap();
+    let dir_b = tempfile::tempdir().unwrap();
+    let mut patient = TestPatient::new().unwrap();
+    let did = patient.id().to_string();
+    let pid = patient.id();
+    let a = open(dir_a.path(), 1).await;
+    let b = open(dir_b.path(), 2).await;
+    onboard(&a, &mut patient, &[Collection::Core, Collection::Labs]).await;
+    onboard(&b, &mut patient, &[Collection::Core, Collection::Labs]).await;
+    let repo = Repository::new(a.clone(), no_auto_snapshots()).unwrap();
+    let p = repo.create(patient_resource(&did), None, app()).await.unwrap();
+    for i in 0..40 {
+        repo.create(observation(p.id(), &format!("{i}.25")), None, app())
+            .await
+            .unwrap();
+    }
+    repo.save_snapshots().await;
+    let transfer = a.snapshot_transfer(pid, Collection::Labs).await.unwrap().unwrap();
+    let headers: Vec<_> = transfer.covered.iter().map(|(_, h)| h.clone()).collect();
+    let grants: Vec<Incoming> = a
+        .items_after(0, 1000)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|i| i.meta.kind == ItemKind::Grant)
+        .map(|i| Incoming::new(i.meta.kind, i.bytes))
+        .collect();
+    let from_a = Source::Peer(a.practice_id().peer_id());
+    b.ingest(grants, from_a.clone()).await.unwrap();
+    let keep = |restored: &medmesh_node::transfer::Restored| {
+        let opened = b.open_transfer(&transfer.sealed_doc).unwrap();
+        opened
+            .keep_as_snapshot(&b, pid, Collection::Labs, &restored.covered)
+            .unwrap()
+    };
+
+    // One change of the document restored from no header: not kept, even
+    // once everything restored is held.
+    let opened = b.open_transfer(&transfer.sealed_doc).unwrap();
+    let partial = opened.restore(&b, &headers[1..]);
+    assert_eq!(partial.covered.len(), headers.len() - 1);
+    b.ingest_restored(partial.envelopes.clone(), from_a.clone(), None)
+        .await
+        .unwrap();
+    assert!(!keep(&partial));
+    // Every change restored, but the envelope of one not held yet.
+    let all = b.restore_transfer(&transfer.sealed_doc, &headers).unwrap();
+    assert_eq!(all.covered.len(), headers.len());
+    assert!(!keep(&all));
+    assert!(b.load_snapshot(pid, Collection::Labs).unwrap().is_none());
+
+    // All held: kept; B's first read replays nothing and equals A's.
+    b.ingest_restored(all.envelopes.clone(), from_a, None).await.unwrap();
+    assert!(keep(&all));
+    let kept = b.load_snapshot(pid, Collection::Labs).unwrap().unwrap();
+    assert_eq!(kept.covered.len(), headers.len());
+    let load = b.load_collection(pid, Collection::Labs).await.unwrap();
+    assert!(load.snapshot.is_some() && load.changes.is_empty(), "nothing to replay");
+    let on_a: Vec<_> = render_all(&a, pid)
+        .await
+        .into_iter()
+        .filter(|r| r.0.starts_with("Observation"))
+        .collect();
+    assert_eq!(render_all(&b, pid).await, on_a);
+    // A snapshot B keeps already is not replaced.
+    assert!(!keep(&all));
+}

@@ -31,7 +31,7 @@ use crate::filter::{Requester, may_disclose};
 use crate::serve::{self, Served};
 use crate::wire::{
     Codec, MAX_FETCH_IDS, MAX_OFFERS_PER_PAGE, MAX_PUSH_ADDRS, Offer, PROTOCOL, RefusalCode, Request, Response,
-    decode_compact_headers, summary_digest,
+    summary_digest,
 };
 use crate::{Connection, Error, Result, Status, SyncReport};
 
@@ -550,20 +550,11 @@ async fn snapshot_task<B: Backend>(
     if restored_before(payload.source) {
         return Ok((report, TransferOutcome::Complete));
     }
-    let headers = decode_compact_headers(&payload.headers, payload.count)?;
-    if headers
-        .iter()
-        .any(|h| h.header().patient != patient || h.header().collection != collection)
-    {
-        return Err(Error::Wire {
-            message: "snapshot",
-            reason: "a header of another patient or collection",
-        });
-    }
+    let source = payload.source;
     let room = ctx.pending_room(peer)?;
     let Some(done) = ctx
         .backend
-        .restore_and_ingest(peer, payload.sealed_doc, headers, room)
+        .restore_and_ingest(peer, patient, collection, payload, room)
         .await?
     else {
         return Ok((report, TransferOutcome::Unavailable));
@@ -578,7 +569,7 @@ async fn snapshot_task<B: Backend>(
         .restored
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
-        .insert((peer, payload.source));
+        .insert((peer, source));
     Ok((report, TransferOutcome::Complete))
 }
 

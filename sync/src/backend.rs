@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use libp2p::PeerId;
 use medmesh_crypto::{
-    Collection, CompactHeader, Envelope, EnvelopeId, Grant, GrantId, KeyShare, MAX_ENVELOPE_BYTES, MAX_GRANT_BYTES,
+    Collection, Envelope, EnvelopeId, Grant, GrantId, KeyShare, MAX_ENVELOPE_BYTES, MAX_GRANT_BYTES,
     MAX_KEYSHARE_BYTES, MAX_REVOCATION_BYTES, PatientId, Principal, Revocation, Timestamp,
 };
 use medmesh_node::audit::{Action, ActorKind};
@@ -16,6 +16,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::broadcast;
 
 use crate::Result;
+use crate::wire::SnapshotPayload;
 
 /// The random id of one store instance. A restored or rebuilt store gets a
 /// new one, which resets the cursors peers hold on it.
@@ -585,23 +586,26 @@ pub trait Backend: Send + Sync + 'static {
         std::future::ready(Ok(None))
     }
 
-    /// Rebuilds the envelopes of a transfer received from `from` and
-    /// ingests them like envelopes of a page (parking at most `pending_room`
-    /// in the pending queue). `None`: this backend cannot (it holds no key
-    /// for the document), and the puller fetches the envelopes instead. The
-    /// default cannot.
+    /// Rebuilds the envelopes of the transfer of (patient, collection)
+    /// received from `from` (its headers: [`crate::wire::decode_transfer_headers`])
+    /// and ingests them like envelopes of a page (parking at most
+    /// `pending_room` in the pending queue). `None`: this backend cannot (it
+    /// holds no key for the document), and the puller fetches the envelopes
+    /// instead. The default cannot.
     ///
     /// # Errors
-    /// A document that does not open or load under the keys held; storage
-    /// failures.
+    /// [`crate::Error::Wire`] for headers that do not parse or name another
+    /// patient or collection; a document that does not open or load under
+    /// the keys held; storage failures.
     fn restore_and_ingest(
         &self,
         from: PeerId,
-        sealed_doc: Vec<u8>,
-        headers: Vec<CompactHeader>,
+        patient: PatientId,
+        collection: Collection,
+        payload: SnapshotPayload,
         pending_room: u64,
     ) -> impl Future<Output = Result<Option<TransferIngest>>> + Send {
-        let _ = (from, sealed_doc, headers, pending_room);
+        let _ = (from, patient, collection, payload, pending_room);
         std::future::ready(Ok(None))
     }
 

@@ -25,7 +25,7 @@ use crate::backend::{
     AuditEntryWire, Backend, ConsentView, Cursor, DisclosureRecord, IngestReport, InstanceId, Item, ItemId, ItemKind,
     ItemMeta, StoredEvent, StoredItem, Transfer, TransferIngest,
 };
-use crate::wire::encode_compact_headers;
+use crate::wire::{SnapshotPayload, decode_transfer_headers, encode_compact_headers};
 use crate::{Error, Result};
 
 const EVENT_CAPACITY: usize = 4096;
@@ -429,18 +429,29 @@ impl Backend for NodeBackend {
     async fn restore_and_ingest(
         &self,
         from: PeerId,
-        sealed_doc: Vec<u8>,
-        headers: Vec<CompactHeader>,
+        patient: PatientId,
+        collection: Collection,
+        payload: SnapshotPayload,
         pending_room: u64,
     ) -> Result<Option<TransferIngest>> {
         let blocking = |e: tokio::task::JoinError| Error::Backend(format!("restoring a snapshot transfer: {e}"));
         // Loading the document and re-sealing thousands of changes is CPU
-        // work: off the async workers.
+        // work: off the async workers. Loading the document takes one core
+        // for most of a second: the headers are decoded beside it.
+        let SnapshotPayload {
+            sealed_doc,
+            headers,
+            count,
+            ..
+        } = payload;
         let node = self.node.clone();
-        let opened = match tokio::task::spawn_blocking(move || node.open_transfer(&sealed_doc))
-            .await
-            .map_err(blocking)?
-        {
+        let opening = tokio::task::spawn_blocking(move || node.open_transfer(&sealed_doc));
+        let decoding =
+            tokio::task::spawn_blocking(move || decode_transfer_headers(&headers, count, patient, collection));
+        let headers = decoding.await.map_err(blocking)?;
+        let opened = opening.await.map_err(blocking)?;
+        let headers = Arc::new(headers?);
+        let opened = match opened {
             Ok(o) => Arc::new(o),
             Err(TransferError::NoKey(key)) => {
                 debug!(%key, "no key for a snapshot transfer's document");
@@ -448,7 +459,6 @@ impl Backend for NodeBackend {
             }
             Err(e) => return Err(Error::Backend(e.to_string())),
         };
-        let headers = Arc::new(headers);
         let restore_part = |range: std::ops::Range<usize>| {
             let (node, opened, headers) = (self.node.clone(), opened.clone(), headers.clone());
             tokio::task::spawn_blocking(move || opened.restore(&node, &headers[range]))
@@ -459,6 +469,7 @@ impl Backend for NodeBackend {
             .map(|start| start..(start + RESTORE_PART).min(headers.len()))
             .collect();
         let mut done = TransferIngest::default();
+        let mut covered = Vec::with_capacity(headers.len());
         let mut room = pending_room;
         let mut next = parts.first().cloned().map(restore_part);
         for i in 0..parts.len() {
@@ -467,6 +478,7 @@ impl Backend for NodeBackend {
             next = parts.get(i + 1).cloned().map(restore_part);
             done.restored += restored.envelopes.len() as u64;
             done.unrestored += restored.unrestored as u64;
+            covered.extend(restored.covered);
             let room_now = usize::try_from(room).unwrap_or(usize::MAX);
             let report = self
                 .node
@@ -475,6 +487,22 @@ impl Backend for NodeBackend {
                 .map_err(backend_error)?;
             room = room.saturating_sub(report.pending as u64);
             done.report.add(ingest_report(&report));
+        }
+        // The document, every change of which is now verified and held, is
+        // what the first read would otherwise rebuild from them: keep it as
+        // the local snapshot (only if that holds; see `keep_as_snapshot`).
+        if done.unrestored == 0
+            && let Ok(opened) = Arc::try_unwrap(opened)
+        {
+            let node = self.node.clone();
+            let kept =
+                tokio::task::spawn_blocking(move || opened.keep_as_snapshot(&node, patient, collection, &covered))
+                    .await
+                    .map_err(blocking)?;
+            match kept {
+                Ok(kept) => debug!(%collection, kept, "snapshot transfer as local snapshot"),
+                Err(e) => warn!(%collection, cause = %e, "keeping a transfer's document as the local snapshot failed"),
+            }
         }
         Ok(Some(done))
     }

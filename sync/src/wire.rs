@@ -267,6 +267,27 @@ pub fn decode_compact_headers(blob: &[u8], count: u32) -> Result<Vec<CompactHead
         .collect()
 }
 
+/// [`decode_compact_headers`] of a transfer of (patient, collection): every
+/// header must name them.
+///
+/// # Errors
+/// [`Error::Wire`].
+pub fn decode_transfer_headers(
+    blob: &[u8],
+    count: u32,
+    patient: PatientId,
+    collection: Collection,
+) -> Result<Vec<CompactHeader>> {
+    let headers = decode_compact_headers(blob, count)?;
+    if headers
+        .iter()
+        .any(|h| h.header().patient != patient || h.header().collection != collection)
+    {
+        return Err(wire("snapshot", "a header of another patient or collection"));
+    }
+    Ok(headers)
+}
+
 /// What the server answers.
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub enum Response {

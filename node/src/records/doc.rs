@@ -886,6 +886,116 @@ impl Default for RecordDoc {
     }
 }
 
+/// A saved document (e.g. from a peer's snapshot transfer), loaded by
+/// Automerge, with its changes listed but not yet checked against the
+/// record model: their bytes can be matched to signed envelope headers
+/// first, and the document becomes a [`RecordDoc`] only through
+/// [`SavedDoc::into_record_doc`], which checks every change like
+/// [`RecordDoc::apply_changes`] would.
+pub struct SavedDoc {
+    doc: Automerge,
+    /// Every change in `doc`, genesis excluded.
+    changes: Vec<DecodedChange>,
+    /// Whether `doc` holds the genesis change (every record document does).
+    has_genesis: bool,
+}
+
+impl std::fmt::Debug for SavedDoc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print content: only sizes.
+        f.debug_struct("SavedDoc")
+            .field("changes", &self.changes.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SavedDoc {
+    /// Loads a document made by [`RecordDoc::save`] and lists its changes.
+    ///
+    /// # Errors
+    /// [`Error::InvalidSnapshot`] if it does not load; [`Error::Panicked`]
+    /// if Automerge panicked.
+    pub fn load(bytes: &[u8]) -> Result<Self> {
+        let doc = catch_unwind(AssertUnwindSafe(|| {
+            Automerge::load_with_options(bytes, LoadOptions::new().on_partial_load(OnPartialLoad::Error))
+        }))
+        .map_err(|_| Error::Panicked("loading a snapshot"))?
+        .map_err(|_| Error::InvalidSnapshot {
+            reason: "does not load",
+        })?;
+        let all = catch_unwind(AssertUnwindSafe(|| doc.get_changes(&[])))
+            .map_err(|_| Error::Panicked("reading a snapshot"))?;
+        let mut has_genesis = false;
+        let mut changes = Vec::with_capacity(all.len());
+        for change in all {
+            let hash = change.hash();
+            if hash == GENESIS.1 {
+                has_genesis = true;
+            } else {
+                changes.push(DecodedChange { hash, change });
+            }
+        }
+        Ok(Self {
+            doc,
+            changes,
+            has_genesis,
+        })
+    }
+
+    /// Every change in the document, genesis excluded (Automerge's order).
+    pub fn changes(&self) -> &[DecodedChange] {
+        &self.changes
+    }
+
+    /// The document as a [`RecordDoc`], after checking every change in it
+    /// like [`RecordDoc::apply_changes`] would.
+    ///
+    /// # Errors
+    /// [`Error::InvalidSnapshot`] if it is not a record document, has
+    /// changes with missing dependencies or a change that breaks the record
+    /// model; [`Error::Panicked`] if Automerge panicked.
+    pub fn into_record_doc(self) -> Result<RecordDoc> {
+        let Self {
+            doc,
+            changes,
+            has_genesis,
+        } = self;
+        let missing = catch_unwind(AssertUnwindSafe(|| doc.get_missing_deps(&[])))
+            .map_err(|_| Error::Panicked("reading a snapshot"))?;
+        if !missing.is_empty() {
+            return Err(Error::InvalidSnapshot {
+                reason: "has changes with missing dependencies",
+            });
+        }
+        if !has_genesis {
+            return Err(Error::InvalidSnapshot {
+                reason: "is not a record document",
+            });
+        }
+        let mut index = Index::default();
+        index.applied.insert(GENESIS.1);
+        let rest: Vec<Change> = changes.into_iter().map(|c| c.change).collect();
+        let (ordered, blocked) = topo_order(rest, &index.applied);
+        if !blocked.is_empty() {
+            return Err(Error::InvalidSnapshot {
+                reason: "has changes with missing dependencies",
+            });
+        }
+        for change in &ordered {
+            let effects = index
+                .analyse(change, &Overlay::default())
+                .map_err(|reason| Error::InvalidSnapshot { reason })?;
+            index.commit(&effects);
+        }
+        Ok(RecordDoc {
+            doc,
+            index,
+            pending: HashMap::new(),
+            cache: Mutex::new(RenderCache::default()),
+        })
+    }
+}
+
 impl RecordDoc {
     /// An empty document (just the genesis change).
     pub fn new() -> Self {
@@ -907,46 +1017,7 @@ impl RecordDoc {
     /// changes with missing dependencies or a change that breaks the record model;
     /// [`Error::Panicked`] if Automerge panicked.
     pub fn load(bytes: &[u8]) -> Result<Self> {
-        let doc = catch_unwind(AssertUnwindSafe(|| {
-            Automerge::load_with_options(bytes, LoadOptions::new().on_partial_load(OnPartialLoad::Error))
-        }))
-        .map_err(|_| Error::Panicked("loading a snapshot"))?
-        .map_err(|_| Error::InvalidSnapshot {
-            reason: "does not load",
-        })?;
-        let (missing, changes) = catch_unwind(AssertUnwindSafe(|| (doc.get_missing_deps(&[]), doc.get_changes(&[]))))
-            .map_err(|_| Error::Panicked("reading a snapshot"))?;
-        if !missing.is_empty() {
-            return Err(Error::InvalidSnapshot {
-                reason: "has changes with missing dependencies",
-            });
-        }
-        if !changes.iter().any(|c| c.hash() == GENESIS.1) {
-            return Err(Error::InvalidSnapshot {
-                reason: "is not a record document",
-            });
-        }
-        let mut index = Index::default();
-        index.applied.insert(GENESIS.1);
-        let rest: Vec<Change> = changes.into_iter().filter(|c| c.hash() != GENESIS.1).collect();
-        let (ordered, blocked) = topo_order(rest, &index.applied);
-        if !blocked.is_empty() {
-            return Err(Error::InvalidSnapshot {
-                reason: "has changes with missing dependencies",
-            });
-        }
-        for change in &ordered {
-            let effects = index
-                .analyse(change, &Overlay::default())
-                .map_err(|reason| Error::InvalidSnapshot { reason })?;
-            index.commit(&effects);
-        }
-        Ok(Self {
-            doc,
-            index,
-            pending: HashMap::new(),
-            cache: Mutex::new(RenderCache::default()),
-        })
+        SavedDoc::load(bytes)?.into_record_doc()
     }
 
     /// The document and its change index, for a snapshot this node keeps
@@ -1020,30 +1091,12 @@ impl RecordDoc {
 
     /// Every change of a saved document (e.g. from a peer's snapshot
     /// transfer), genesis excluded, without checking them against the
-    /// record model: they are only matched to signed envelope headers and
-    /// then ingested and applied like any envelope.
+    /// record model: see [`SavedDoc::load`].
     ///
     /// # Errors
-    /// [`Error::InvalidSnapshot`] if it does not load; [`Error::Panicked`]
-    /// if Automerge panicked.
+    /// As [`SavedDoc::load`].
     pub fn changes_of_saved(bytes: &[u8]) -> Result<Vec<DecodedChange>> {
-        let doc = catch_unwind(AssertUnwindSafe(|| {
-            Automerge::load_with_options(bytes, LoadOptions::new().on_partial_load(OnPartialLoad::Error))
-        }))
-        .map_err(|_| Error::Panicked("loading a snapshot"))?
-        .map_err(|_| Error::InvalidSnapshot {
-            reason: "does not load",
-        })?;
-        let changes = catch_unwind(AssertUnwindSafe(|| doc.get_changes(&[])))
-            .map_err(|_| Error::Panicked("reading a snapshot"))?;
-        Ok(changes
-            .into_iter()
-            .filter(|c| c.hash() != GENESIS.1)
-            .map(|change| DecodedChange {
-                hash: change.hash(),
-                change,
-            })
-            .collect())
+        Ok(SavedDoc::load(bytes)?.changes)
     }
 
     /// Current heads of the document.

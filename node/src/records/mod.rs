@@ -33,7 +33,7 @@ use automerge::ActorId;
 pub use compartment::{Collection, collection_of, is_directory_type, linked_did, patient_references, supported_types};
 pub use doc::{
     AppliedChange, ApplyReport, DecodedChange, Edit, EditError, Edited, Edits, MadeChange, RecordDoc, RejectedChange,
-    RenderedResource, Version, Written, genesis_hash, resource_key, split_key,
+    RenderedResource, SavedDoc, Version, Written, genesis_hash, resource_key, split_key,
 };
 pub use error::{Error, Result};
 pub use search::Query;

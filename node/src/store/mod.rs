@@ -437,6 +437,19 @@ pub trait Store: Send + Sync + 'static {
         Ok(None)
     }
 
+    /// The first `len` bytes of the sealed snapshot of (patient,
+    /// collection) and its whole length, if one is kept: enough to tell
+    /// snapshots apart (`Node::snapshot_fingerprint`) without copying
+    /// megabytes on every pull. The default reads the whole snapshot.
+    ///
+    /// # Errors
+    /// Engine failures.
+    fn snapshot_head(&self, patient: &PatientId, collection: Collection, len: usize) -> Result<Option<(Vec<u8>, u64)>> {
+        Ok(self
+            .snapshot(patient, collection)?
+            .map(|s| (s[..s.len().min(len)].to_vec(), s.len() as u64)))
+    }
+
     /// Keeps `sealed` as the snapshot of (patient, collection), replacing
     /// any previous one. Not flushed: a lost snapshot costs a replay.
     ///

@@ -500,6 +500,14 @@ impl Store for SledStore {
             .map(|v| v.to_vec()))
     }
 
+    fn snapshot_head(&self, patient: &PatientId, collection: Collection, len: usize) -> Result<Option<(Vec<u8>, u64)>> {
+        Ok(self
+            .snapshots
+            .get(codec::envelope_prefix(patient, Some(collection)))
+            .map_err(storage)?
+            .map(|v| (v[..v.len().min(len)].to_vec(), v.len() as u64)))
+    }
+
     fn put_snapshot(&self, patient: &PatientId, collection: Collection, sealed: &[u8]) -> Result<()> {
         self.snapshots
             .insert(codec::envelope_prefix(patient, Some(collection)), sealed)
