@@ -875,6 +875,16 @@ async fn kademlia_finds_a_peer_by_its_id_alone() {
     .expect("C never found A");
     assert_eq!(found, a.peer);
     assert!(c.sync.connected_peers().await.unwrap().contains(&a.peer));
+    // Only the side that asked pulls: A shares no patient with B or C and
+    // asked for neither, so the connections they (and C's lookup) opened
+    // start no pull at A.
+    assert!(c.sync.sync_now(a.peer).await.unwrap().pages > 0);
+    b.sync.sync_now(a.peer).await.unwrap();
+    assert_eq!(
+        a.sync.status().await.unwrap().requests_sent,
+        0,
+        "A pulled peers it shares nothing with"
+    );
 
     let nobody = SecretIdentity::generate().unwrap().practice_id().unwrap().peer_id();
     let err = tokio::time::timeout(WAIT, c.sync.dial_peer(nobody))
