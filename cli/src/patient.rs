@@ -14,7 +14,7 @@ use medmesh_crypto::{
 };
 use medmesh_node::records::{DecodedChange, RecordDoc, RenderedResource};
 use medmesh_sync::memory::MemoryBackend;
-use medmesh_sync::{Item, ItemKind, Multiaddr, PeerId, Protocol, SyncHandle};
+use medmesh_sync::{Item, ItemKind, Multiaddr, PeerId, SyncHandle};
 use serde_json::{Value, json};
 use zeroize::Zeroizing;
 
@@ -204,12 +204,8 @@ fn addressed(spec: &str, flag: &str) -> Result<(Multiaddr, PeerId)> {
     let addr: Multiaddr = spec
         .parse()
         .map_err(|_| anyhow!("{flag} {spec:?} is not a multiaddr (e.g. /ip4/127.0.0.1/tcp/4001/p2p/12D3KooW…)"))?;
-    let peer = addr
-        .iter()
-        .find_map(|p| match p {
-            Protocol::P2p(peer) => Some(peer),
-            _ => None,
-        })
+    // The last /p2p/: a relay circuit (`…/p2p/RELAY/p2p-circuit/p2p/NODE`) names the node last.
+    let peer = medmesh_sync::addressed_peer(&addr)
         .ok_or_else(|| anyhow!("{flag} {spec:?} must end in /p2p/<PeerId> (print it with `medmesh node id`)"))?;
     Ok((addr, peer))
 }
@@ -778,4 +774,19 @@ async fn export(home: &Home, node: &str, output: &std::path::Path, out: &Output)
         ),
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_circuit_address_names_the_node_behind_the_relay() {
+        let (relay, node) = (PeerId::random(), PeerId::random());
+        let circuit = format!("/ip4/127.0.0.1/tcp/4001/p2p/{relay}/p2p-circuit/p2p/{node}");
+        assert_eq!(addressed(&circuit, "--node").unwrap().1, node);
+        let direct = format!("/ip4/127.0.0.1/tcp/4001/p2p/{node}");
+        assert_eq!(addressed(&direct, "--to").unwrap().1, node);
+        assert!(addressed("/ip4/127.0.0.1/tcp/4001", "--to").is_err());
+    }
 }

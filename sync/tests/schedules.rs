@@ -984,11 +984,21 @@ impl World {
                     out
                 };
                 let cold = by_collection(cold.patient_resources(patient).await.unwrap());
-                let live = by_collection(site.repo.patient_resources(patient).await.unwrap());
-                assert_eq!(
-                    cold, live,
-                    "site {i}: the repository that followed events differs from a cold load"
-                );
+                // The live repository applies the node's events on its own task:
+                // let it catch up (it runs when this task yields) before comparing.
+                let deadline = std::time::Instant::now() + common::WAIT;
+                loop {
+                    let live = by_collection(site.repo.patient_resources(patient).await.unwrap());
+                    if live == cold {
+                        break;
+                    }
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "site {i}: the repository that followed events differs from a cold load\n\
+                         cold: {cold:?}\nlive: {live:?}"
+                    );
+                    tokio::task::yield_now().await;
+                }
                 rendered.push(cold);
             }
             for c in COLLECTIONS {
