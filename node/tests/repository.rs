@@ -214,6 +214,37 @@ async fn a_second_node_shows_identical_resources() {
 
 // ----- sealed snapshots ----------------------------------------------
 
+/// Practices A and B, both onboarded for core and labs, and A's repository
+/// (no automatic snapshots) holding the patient's Patient resource: the
+/// setting of the snapshot-transfer tests.
+struct TransferPair {
+    patient: TestPatient,
+    a: Node,
+    b: Node,
+    repo: Repository,
+    patient_resource: Arc<RenderedResource>,
+}
+
+impl TransferPair {
+    async fn open(dir_a: &Path, dir_b: &Path) -> Self {
+        let mut patient = TestPatient::new().unwrap();
+        let a = open(dir_a, 1).await;
+        let b = open(dir_b, 2).await;
+        onboard(&a, &mut patient, &[Collection::Core, Collection::Labs]).await;
+        onboard(&b, &mut patient, &[Collection::Core, Collection::Labs]).await;
+        let repo = Repository::new(a.clone(), no_auto_snapshots()).unwrap();
+        let did = patient.id().to_string();
+        let patient_resource = repo.create(patient_resource(&did), None, app()).await.unwrap();
+        Self {
+            patient,
+            a,
+            b,
+            repo,
+            patient_resource,
+        }
+    }
+}
+
 fn no_auto_snapshots() -> repository::Config {
     repository::Config {
         snapshot_every: 0,
@@ -410,19 +441,17 @@ async fn snapshots_are_written_every_n_changes_and_dropped_on_exclusion() {
 /// other changes never yield an envelope.
 #[tokio::test]
 async fn a_snapshot_transfer_rebuilds_the_authors_exact_envelopes() {
-    let dir_a = tempfile::tempdir().unwrap();
-    let dir_b = tempfile::tempdir().unwrap();
+    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let dir_c = tempfile::tempdir().unwrap();
-    let mut patient = TestPatient::new().unwrap();
-    let did = patient.id().to_string();
+    let TransferPair {
+        patient,
+        a,
+        b,
+        repo,
+        patient_resource: p,
+    } = TransferPair::open(dirs.0.path(), dirs.1.path()).await;
     let pid = patient.id();
-    let a = open(dir_a.path(), 1).await;
-    let b = open(dir_b.path(), 2).await;
     let c = open(dir_c.path(), 3).await;
-    onboard(&a, &mut patient, &[Collection::Core, Collection::Labs]).await;
-    onboard(&b, &mut patient, &[Collection::Core, Collection::Labs]).await;
-    let repo = Repository::new(a.clone(), no_auto_snapshots()).unwrap();
-    let p = repo.create(patient_resource(&did), None, app()).await.unwrap();
     let mut ids = Vec::new();
     for i in 0..40 {
         let o = repo
@@ -957,17 +986,15 @@ async fn a_refused_transaction_writes_nothing() {
 /// ingested, or when B keeps a snapshot already, is not kept.
 #[tokio::test]
 async fn a_transfer_document_becomes_the_snapshot_only_when_every_change_is_held() {
-    let dir_a = tempfile::tempdir().unwrap();
-    let dir_b = tempfile::tempdir().unwrap();
-    let mut patient = TestPatient::new().unwrap();
-    let did = patient.id().to_string();
+    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let TransferPair {
+        patient,
+        a,
+        b,
+        repo,
+        patient_resource: p,
+    } = TransferPair::open(dirs.0.path(), dirs.1.path()).await;
     let pid = patient.id();
-    let a = open(dir_a.path(), 1).await;
-    let b = open(dir_b.path(), 2).await;
-    onboard(&a, &mut patient, &[Collection::Core, Collection::Labs]).await;
-    onboard(&b, &mut patient, &[Collection::Core, Collection::Labs]).await;
-    let repo = Repository::new(a.clone(), no_auto_snapshots()).unwrap();
-    let p = repo.create(patient_resource(&did), None, app()).await.unwrap();
     for i in 0..40 {
         repo.create(observation(p.id(), &format!("{i}.25")), None, app())
             .await
