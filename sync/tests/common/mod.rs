@@ -46,15 +46,18 @@ pub fn quiet_config() -> Config {
 /// still be held by a task that has not dropped its handle yet (sled's lock
 /// is per open file): retry, yielding to the runtime, until it is free.
 pub async fn open_node(dir: &std::path::Path, key: &SecretIdentity) -> Node {
-    let mut last = None;
-    for _ in 0..10_000 {
+    // A count of yields ran out under load (a slow actor's tasks still
+    // held the store); a deadline does not.
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
         match Node::open(dir, SecretIdentity::from_seed(&key.seed()), Default::default()).await {
             Ok(node) => return node,
-            Err(e) => last = Some(e),
+            Err(e) if std::time::Instant::now() >= deadline => {
+                panic!("node store in {} does not open within {WAIT:?}: {e:?}", dir.display())
+            }
+            Err(_) => tokio::task::yield_now().await,
         }
-        tokio::task::yield_now().await;
     }
-    panic!("node store in {} does not open: {last:?}", dir.display());
 }
 
 /// A practice's store on disk, its node and its sync backend.
