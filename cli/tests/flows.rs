@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{NodeProcess, json_lines, medmesh, stderr};
+use common::{NodeProcess, grant_to_node, json_lines, medmesh, new_patient, stderr};
 use serde_json::{Value, json};
 
 #[test]
@@ -15,22 +15,8 @@ fn import_export_audit_and_bad_inputs() {
     let (practice, patient) = (root.path().join("practice"), root.path().join("patient"));
     let node = NodeProcess::start(&practice);
 
-    let out = medmesh(&patient).args(["--json", "patient", "new"]).output().unwrap();
-    let did = json_lines(&out)[0]["did"].as_str().unwrap().to_owned();
-    let out = medmesh(&patient)
-        .args([
-            "--json",
-            "patient",
-            "grant",
-            "--node",
-            &node.listen,
-            "--to",
-            &node.peer_id,
-            "--write",
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
+    let did = new_patient(&patient);
+    grant_to_node(&patient, &node, true);
 
     // Three files: a Bundle whose Patient `--patient` links, a resource of that patient, and junk.
     let files = root.path().join("files");
@@ -195,26 +181,8 @@ fn grants_submitted_at_different_practices_meet() {
     let patient = root.path().join("patient");
     let (home_a, home_b) = (root.path().join("a"), root.path().join("b"));
     let (a, b) = (NodeProcess::start(&home_a), NodeProcess::start(&home_b));
-    let out = medmesh(&patient).args(["--json", "patient", "new"]).output().unwrap();
-    let did = json_lines(&out)[0]["did"].as_str().unwrap().to_owned();
-    let grant = |node: &NodeProcess, write: bool| {
-        let mut cmd = medmesh(&patient);
-        cmd.args([
-            "--json",
-            "patient",
-            "grant",
-            "--node",
-            &node.listen,
-            "--to",
-            &node.peer_id,
-        ]);
-        if write {
-            cmd.arg("--write");
-        }
-        let out = cmd.output().unwrap();
-        assert!(out.status.success(), "{}", stderr(&out));
-    };
-    grant(&a, true);
+    let did = new_patient(&patient);
+    grant_to_node(&patient, &a, true);
     let file = root.path().join("bundle.json");
     std::fs::write(&file, heart_rate_bundle(64).to_string()).unwrap();
     let out = medmesh(&home_a)
@@ -224,7 +192,7 @@ fn grants_submitted_at_different_practices_meet() {
         .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
 
-    grant(&b, false);
+    grant_to_node(&patient, &b, false);
     let deadline = std::time::Instant::now() + common::WAIT;
     loop {
         let out = medmesh(&patient)

@@ -8,7 +8,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{NodeProcess, PASS, json_lines, medmesh, stderr};
+use common::{NodeProcess, PASS, grant_to_node, json_lines, medmesh, new_patient, stderr};
 use medmesh_crypto::Keystore;
 use serde_json::Value;
 
@@ -31,27 +31,9 @@ fn patient_audit_shows_the_grant_the_node_received_and_the_patients_own_reads() 
     );
     let mut node = NodeProcess::start(&node_home);
 
-    let out = medmesh(&patient_home)
-        .args(["--json", "patient", "new"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
-    let did = json_lines(&out)[0]["did"].as_str().unwrap().to_owned();
-    let out = medmesh(&patient_home)
-        .args([
-            "--json",
-            "patient",
-            "grant",
-            "--node",
-            &node.listen,
-            "--to",
-            &node.peer_id,
-            "--write",
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "grant failed: {}", stderr(&out));
-    let grant_id = json_lines(&out)[0]["grant_id"].as_str().unwrap().to_owned();
+    let did = new_patient(&patient_home);
+    let granted = grant_to_node(&patient_home, &node, true);
+    let grant_id = granted["grant_id"].as_str().unwrap().to_owned();
 
     // The grant's item id, from the keystore.
     let keystore = Keystore::open(&patient_home.join("patient/keystore.mmks"), PASS.as_bytes()).unwrap();

@@ -111,3 +111,31 @@ impl Drop for NodeProcess {
         self.stop();
     }
 }
+
+/// `medmesh patient new` in `home`, asserted to succeed: the patient's did.
+pub fn new_patient(home: &Path) -> String {
+    let out = medmesh(home).args(["--json", "patient", "new"]).output().unwrap();
+    assert!(out.status.success(), "patient new: {}", stderr(&out));
+    json_lines(&out)[0]["did"].as_str().unwrap().to_owned()
+}
+
+/// `medmesh patient grant --node N --to N [--write]` (the patient grants the
+/// node it reaches), asserted to succeed: the command's JSON line.
+pub fn grant_to_node(patient: &Path, node: &NodeProcess, write: bool) -> Value {
+    let mut cmd = medmesh(patient);
+    cmd.args([
+        "--json",
+        "patient",
+        "grant",
+        "--node",
+        &node.listen,
+        "--to",
+        &node.peer_id,
+    ]);
+    if write {
+        cmd.arg("--write");
+    }
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "grant failed: {}", stderr(&out));
+    json_lines(&out).remove(0)
+}
