@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{NodeProcess, grant_to_node, json_lines, medmesh, new_patient, stderr};
+use common::{NodeProcess, grant_to_node, json_lines, medmesh, new_patient, patient_records, stderr};
 use serde_json::{Value, json};
 
 #[test]
@@ -58,19 +58,7 @@ fn import_export_audit_and_bad_inputs() {
     validate_if_possible(&export);
 
     // Records filtered by type.
-    let out = medmesh(&patient)
-        .args([
-            "--json",
-            "patient",
-            "records",
-            "--node",
-            &node.listen,
-            "--type",
-            "Observation",
-        ])
-        .output()
-        .unwrap();
-    let observations = json_lines(&out);
+    let observations = patient_records(&patient, &node, "Observation");
     assert_eq!(observations.len(), 1);
     assert_eq!(observations[0]["valueQuantity"]["value"].to_string(), "72");
 
@@ -196,20 +184,7 @@ fn grants_submitted_at_different_practices_meet() {
     grant_to_node(&patient, &b, false);
     let deadline = std::time::Instant::now() + common::WAIT;
     loop {
-        let out = medmesh(&patient)
-            .args([
-                "--json",
-                "patient",
-                "records",
-                "--node",
-                &b.listen,
-                "--type",
-                "Observation",
-            ])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", stderr(&out));
-        if let [found] = json_lines(&out).as_slice() {
+        if let [found] = patient_records(&patient, &b, "Observation").as_slice() {
             assert_eq!(found["valueQuantity"]["value"].to_string(), "64");
             break;
         }

@@ -139,3 +139,22 @@ pub fn grant_to_node(patient: &Path, node: &NodeProcess, write: bool) -> Value {
     assert!(out.status.success(), "grant failed: {}", stderr(&out));
     json_lines(&out).remove(0)
 }
+
+/// `medmesh patient records --node N --type T`, asserted to succeed: one JSON
+/// value per resource the patient reads from that node.
+pub fn patient_records(patient: &Path, node: &NodeProcess, resource_type: &str) -> Vec<Value> {
+    let out = medmesh(patient)
+        .args([
+            "--json",
+            "patient",
+            "records",
+            "--node",
+            &node.listen,
+            "--type",
+            resource_type,
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "patient records: {}", stderr(&out));
+    json_lines(&out)
+}
