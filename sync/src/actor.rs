@@ -19,7 +19,7 @@ use libp2p::{
     Multiaddr, PeerId, StreamProtocol, Swarm, SwarmBuilder, connection_limits, dcutr, identify, kad, mdns, noise, ping,
     relay, tcp, yamux,
 };
-use medmesh_crypto::{Collection, EnvelopeId, Grant, GrantId, PatientId, Principal, SecretIdentity, now};
+use medmesh_crypto::{Collection, EnvelopeId, Grant, GrantId, PatientId, Principal, SecretIdentity, Timestamp, now};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::{Instrument, debug, info, info_span, warn};
 
@@ -181,6 +181,11 @@ pub(crate) struct Ctx<B> {
     /// Snapshot transfers: one at a time per (peer, patient, collection),
     /// and the transfers (peer, source) already restored.
     transfers: Arc<Transfers>,
+    /// Reconciliations a peer asked for ([`Request::Reconcile`]) under way,
+    /// by (peer, patient); `true` when asked again meanwhile, so one more
+    /// round runs after it (the ask may come from a grant the running round
+    /// started too early to see).
+    asked_reconciles: Arc<Mutex<HashMap<(PeerId, PatientId), bool>>>,
 }
 
 /// Whose transfer: one at a time per key.
@@ -203,6 +208,7 @@ impl<B> Clone for Ctx<B> {
             parked: self.parked.clone(),
             snapshot_min: self.snapshot_min,
             transfers: self.transfers.clone(),
+            asked_reconciles: self.asked_reconciles.clone(),
         }
     }
 }
@@ -573,6 +579,69 @@ async fn snapshot_task<B: Backend>(
     Ok((report, TransferOutcome::Complete))
 }
 
+/// A reconciliation `peer` asked for ([`Request::Reconcile`]): run only when
+/// this node holds a grant in force from `patient`, so the ask cannot make
+/// it work for records it may not have; one round at a time per (peer,
+/// patient), asks meanwhile folded into one more round.
+async fn asked_reconcile<B: Backend>(ctx: &Ctx<B>, me: PeerId, peer: PeerId, patient: PatientId) {
+    let granted = ctx.backend.consent(&patient).is_ok_and(|view| {
+        let t = now();
+        view.grants
+            .iter()
+            .any(|g| g.terms().grantee.peer_id() == me && g.in_force(t, view.is_revoked(g)))
+    });
+    if !granted {
+        debug!(%peer, %patient, "asked to reconcile a patient without a grant in force here; ignored");
+        return;
+    }
+    let key = (peer, patient);
+    {
+        let mut asked = ctx.asked_reconciles.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(again) = asked.get_mut(&key) {
+            *again = true;
+            return;
+        }
+        asked.insert(key, false);
+    }
+    loop {
+        match reconcile_task(ctx, peer, patient).await {
+            Ok(r) => debug!(%peer, fetched = r.received, "reconciled when asked"),
+            Err(e) => debug!(%peer, cause = %e, "reconciling when asked failed"),
+        }
+        let mut asked = ctx.asked_reconciles.lock().unwrap_or_else(PoisonError::into_inner);
+        match asked.get_mut(&key) {
+            Some(again) if *again => *again = false,
+            _ => {
+                asked.remove(&key);
+                return;
+            }
+        }
+    }
+}
+
+/// Tells `grantee` that its grant from `patient` opened this node's
+/// envelopes to it, once the grant reaches not-before (DESIGN §6: a filter
+/// change triggers reconciliation). Without it a grantee that reconciled
+/// before this node stored its grant — the grant travels here from another
+/// holder — would wait for a later change that may never come.
+fn ask_to_reconcile<B: Backend>(ctx: &Ctx<B>, grantee: PeerId, patient: PatientId, not_before: Timestamp) {
+    let ctx = ctx.clone();
+    tokio::spawn(async move {
+        let wait = not_before.saturating_sub(now());
+        if wait > 0 {
+            tokio::time::sleep(Duration::from_millis(wait.saturating_add(1000))).await;
+        }
+        if let Err(e) = ctx.dial_peer(grantee).await {
+            debug!(peer = %grantee, cause = %e, "could not connect to ask for a reconciliation");
+        }
+        match ctx.request(grantee, Request::Reconcile { patient }).await {
+            Ok(Response::Ack) => {}
+            Ok(other) => debug!(peer = %grantee, answer = other.name(), "reconcile ask not acknowledged"),
+            Err(e) => debug!(peer = %grantee, cause = %e, "reconcile ask failed"),
+        }
+    });
+}
+
 /// Reconciles one patient with `peer`: learns its consent items and the
 /// envelope ids it may send, fetches the missing ones.
 async fn reconcile_task<B: Backend>(ctx: &Ctx<B>, peer: PeerId, patient: PatientId) -> Result<SyncReport> {
@@ -920,6 +989,7 @@ pub(crate) async fn spawn<B: Backend>(
         parked: Arc::new(Mutex::new(HashMap::new())),
         snapshot_min: config.snapshot_min_envelopes,
         transfers: Arc::default(),
+        asked_reconciles: Arc::default(),
     };
     let actor = Actor {
         swarm,
@@ -1522,6 +1592,12 @@ impl<B: Backend> Actor<B> {
                     self.start_pull(peer, None);
                 }
             }
+            Request::Reconcile { patient } => {
+                let _ = self.swarm.behaviour_mut().sync.send_response(channel, Response::Ack);
+                let ctx = self.ctx.clone();
+                let me = self.me;
+                tokio::spawn(async move { asked_reconcile(&ctx, me, peer, patient).await });
+            }
             Request::Pull {
                 cursor,
                 limit,
@@ -1600,7 +1676,8 @@ impl<B: Backend> Actor<B> {
         if !bucket.take(limits, at) {
             return false;
         }
-        if matches!(request, Request::Nudge { .. }) {
+        // Answered at once with an ack: no serving slot.
+        if matches!(request, Request::Nudge { .. } | Request::Reconcile { .. }) {
             return true;
         }
         let mine = self.in_flight.get(&peer).copied().unwrap_or(0);
@@ -1888,8 +1965,20 @@ async fn consent_flow<B: Backend>(ctx: &Ctx<B>, me: PeerId, connected: Vec<PeerI
                         });
                     }
                 });
-            } else if Some(grantee) != event.from {
-                push_filtered(ctx, &view, grantee, &item, meta).await?;
+            } else {
+                if Some(grantee) != event.from {
+                    push_filtered(ctx, &view, grantee, &item, meta).await?;
+                }
+                let mut holds_covered = false;
+                for collection in Collection::ALL.into_iter().filter(|c| grant.covers(*c)) {
+                    if !ctx.backend.envelope_ids(&meta.patient, collection)?.is_empty() {
+                        holds_covered = true;
+                        break;
+                    }
+                }
+                if holds_covered && Requester::from_peer_id(&grantee).is_ok() {
+                    ask_to_reconcile(ctx, grantee, meta.patient, grant.terms().not_before);
+                }
             }
             for peer in holders.into_iter().filter(|p| *p != grantee) {
                 push_filtered(ctx, &view, peer, &item, meta).await?;

@@ -107,6 +107,14 @@ pub enum Request {
         /// The collection.
         collection: Collection,
     },
+    /// "Your access to this patient's record here just opened (a grant
+    /// naming you arrived, or reached its not-before): reconcile it with
+    /// me." Acted on only by a peer holding a grant in force from that
+    /// patient; the answer is [`Response::Ack`] either way.
+    Reconcile {
+        /// The patient.
+        patient: PatientId,
+    },
     /// "The audit entries about me after `after`" (accounting of
     /// disclosures). Answered only when the asker is that patient.
     Audit {
@@ -356,6 +364,7 @@ impl Request {
             Self::Fetch { .. } => "fetch",
             Self::Snapshot { .. } => "snapshot",
             Self::Audit { .. } => "audit",
+            Self::Reconcile { .. } => "reconcile",
         }
     }
 }
@@ -509,6 +518,7 @@ impl Request {
                 bytes(patient.as_bytes()),
                 Value::Text(collection.as_str().into()),
             ]),
+            Self::Reconcile { patient } => Value::Array(vec![uint(7), bytes(patient.as_bytes())]),
             Self::Audit { patient, after, limit } => Value::Array(vec![
                 uint(5),
                 bytes(patient.as_bytes()),
@@ -632,6 +642,12 @@ impl Request {
                     .parse()
                     .map_err(|_| wire("snapshot", "unknown collection"))?;
                 Self::Snapshot { patient, collection }
+            }
+            7 => {
+                f.expect_len(2)?;
+                let patient =
+                    PatientId::from_bytes(f.fixed()?).map_err(|_| wire("reconcile", "patient key invalid"))?;
+                Self::Reconcile { patient }
             }
             _ => return Err(wire("request", "unknown message kind")),
         };
@@ -1171,6 +1187,7 @@ mod tests {
             Request::Fetch {
                 ids: vec![EnvelopeId([3; 32])],
             },
+            Request::Reconcile { patient },
             Request::Audit {
                 patient,
                 after: 17,
@@ -1318,6 +1335,14 @@ mod tests {
                 "audit missing limit",
                 hex::decode("83055820".to_owned() + &"ab".repeat(32)).unwrap(),
             ),
+            (
+                "reconcile patient not a key",
+                hex::decode(
+                    "8207 5820 0200000000000000000000000000000000000000000000000000000000000000".replace(' ', ""),
+                )
+                .unwrap(),
+            ),
+            ("reconcile without a patient", vec![0x81, 0x07]),
         ];
         for (name, frame) in cases {
             assert!(

@@ -305,6 +305,36 @@ async fn grant_moves_exactly_the_granted_collections_including_history() {
     }
 }
 
+/// B's grant reaches B first (the patient's CLI submitted it there), B
+/// reconciles with A and gets nothing — A does not know the grant yet —
+/// and B's cursor at A now lies past the history. When the grant reaches A
+/// later (forwarded by another holder, here written straight into A), A's
+/// filter opens to B: A asks B to reconcile, and the history moves
+/// (DESIGN §6: every filter change triggers reconciliation).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_reaching_a_holder_after_the_grantee_reconciled_still_moves_the_history() {
+    let mut p = Patient::new();
+    let (a, _) = home_practice(&mut p).await;
+    let b = Node::new().await;
+    b.connect(&a).await;
+    let g = p.grant(&b, &[Collection::Core, Collection::Labs], Access::Read, vec![]);
+    b.store.write(Item::grant(&g)).unwrap();
+    for s in p.shares(b.principal(), &[Collection::Core, Collection::Labs]) {
+        b.store.write(s).unwrap();
+    }
+    assert_eq!(b.sync.sync_now(a.peer).await.unwrap().received, 0);
+    assert_eq!(b.sync.reconcile(a.peer, p.id()).await.unwrap().received, 0);
+    assert_eq!(b.envelopes(&p), 0, "A served B before it knew B's grant");
+
+    a.store.write(Item::grant(&g)).unwrap();
+    until("B holds core and labs", || {
+        b.count(&p, Collection::Core) == 3 && b.count(&p, Collection::Labs) == 2
+    })
+    .await;
+    b.sync.reconcile(a.peer, p.id()).await.unwrap();
+    assert_eq!(b.envelopes(&p), 5, "B holds exactly 3 core + 2 labs envelopes");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nudge_delivers_a_new_write_and_revocation_stops_everything_new() {
     let mut p = Patient::new();
