@@ -72,7 +72,9 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(if quick { 300 } else { 10_000 });
     let runs = if quick { 1 } else { 5 };
+    let started = Instant::now();
     let (doc, changes) = build(n);
+    let built = started.elapsed();
     let json_bytes = serde_json::to_vec(&observation(0)).unwrap().len();
     let change_bytes: usize = changes.iter().map(Vec::len).sum();
     let snapshot = doc.save();
@@ -81,6 +83,11 @@ fn main() {
         snapshot.len()
     );
 
+    println!(
+        "  create {n} resources, one change each {}  ({:.0} µs per create)",
+        ms(built),
+        built.as_secs_f64() * 1e6 / n as f64
+    );
     let decode = || {
         changes
             .iter()

@@ -1535,8 +1535,8 @@ impl RecordDoc {
                         };
                         match p {
                             Planned::Create { key, body } => {
-                                let obj = tx.put_object(resources_obj(), key.as_str(), ObjType::Map).map_err(on)?;
-                                value::fill_map(tx, &obj, body).map_err(on)?;
+                                tx.batch_create_object(resources_obj(), key.as_str(), &value::hydrate_map(body), false)
+                                    .map_err(on)?;
                             }
                             Planned::Update { key, base, submitted } => {
                                 let Some((_, obj)) = tx.get(resources_obj(), key.as_str()).map_err(on)? else {
