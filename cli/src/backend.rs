@@ -666,6 +666,13 @@ impl Backend for NodeBackend {
                 ("items_pending", s.items_pending),
                 ("bytes_sent", s.bytes_sent),
                 ("bytes_received", s.bytes_received),
+                ("requests_sent", s.requests_sent),
+                ("requests_received", s.requests_received),
+                ("requests_refused_busy", s.refused_busy),
+                ("items_pending_refused", s.items_pending_refused),
+                ("forwards_dropped", s.dropped),
+                ("reconciliations", s.reconciliations),
+                ("reconciliations_failed", s.reconciliations_failed),
             ];
             for (name, value) in counters {
                 out.push_str(&format!(

@@ -75,6 +75,8 @@ pub(crate) struct Metrics {
     pub(crate) dropped: AtomicU64,
     pub(crate) requests_sent: AtomicU64,
     pub(crate) requests_received: AtomicU64,
+    pub(crate) reconciliations: AtomicU64,
+    pub(crate) reconciliations_failed: AtomicU64,
 }
 
 impl Metrics {
@@ -643,8 +645,18 @@ fn ask_to_reconcile<B: Backend>(ctx: &Ctx<B>, grantee: PeerId, patient: PatientI
 }
 
 /// Reconciles one patient with `peer`: learns its consent items and the
-/// envelope ids it may send, fetches the missing ones.
+/// envelope ids it may send, fetches the missing ones. Counted in
+/// [`crate::Status`] (run, failed).
 async fn reconcile_task<B: Backend>(ctx: &Ctx<B>, peer: PeerId, patient: PatientId) -> Result<SyncReport> {
+    Metrics::add(&ctx.metrics.reconciliations, 1);
+    let result = reconcile_once(ctx, peer, patient).await;
+    if result.is_err() {
+        Metrics::add(&ctx.metrics.reconciliations_failed, 1);
+    }
+    result
+}
+
+async fn reconcile_once<B: Backend>(ctx: &Ctx<B>, peer: PeerId, patient: PatientId) -> Result<SyncReport> {
     let mut report = SyncReport::default();
     // Digests of what is held, so collections already in step cost no ids.
     let mut digests = Vec::new();
@@ -1166,6 +1178,8 @@ impl<B: Backend> Actor<B> {
                     dropped: m.dropped.load(Ordering::Relaxed),
                     requests_sent: m.requests_sent.load(Ordering::Relaxed),
                     requests_received: m.requests_received.load(Ordering::Relaxed),
+                    reconciliations: m.reconciliations.load(Ordering::Relaxed),
+                    reconciliations_failed: m.reconciliations_failed.load(Ordering::Relaxed),
                 });
             }
             Command::Shutdown(reply) => {

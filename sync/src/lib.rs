@@ -140,6 +140,12 @@ pub struct Status {
     pub requests_sent: u64,
     /// Requests received from peers (answered, refused or dropped).
     pub requests_received: u64,
+    /// Per-patient reconciliations run with a peer (grant-triggered, asked
+    /// for by a peer, after a pull that left items pending, on demand).
+    pub reconciliations: u64,
+    /// Of those, the ones that failed (peer unreachable, refused, store
+    /// error); the next trigger repairs.
+    pub reconciliations_failed: u64,
 }
 
 /// A cheap, cloneable handle on one node's sync actor. The actor stops when

@@ -141,6 +141,8 @@ fn add_status(total: &mut Status, s: &Status) {
     total.requests_received += s.requests_received;
     total.refused_busy += s.refused_busy;
     total.dropped += s.dropped;
+    total.reconciliations += s.reconciliations;
+    total.reconciliations_failed += s.reconciliations_failed;
 }
 
 impl Sim {
@@ -808,10 +810,13 @@ async fn later_grant_whose_reconciliation_fails_still_gets_the_record() {
         b.node.grants(&patient).len() == 1 && b.node.cursor(&a_peer).ok().flatten().is_some_and(|c| c.seq >= a_end)
     })
     .await;
+    let b = sim.nodes[1].sync.clone().unwrap();
+    let failed_before = b.status().await.unwrap().reconciliations_failed;
     sim.stop_sync(0).await;
-    // B's reconciliation runs one second after not-before.
-    common::until("B's reconciliation at not-before has run", || {
-        now() > not_before + 2_000
+    // B's reconciliation runs one second after not-before, and fails: A is down.
+    common::until_async("B's reconciliation at not-before has failed", || {
+        let b = b.clone();
+        async move { b.status().await.unwrap().reconciliations_failed > failed_before }
     })
     .await;
     sim.start_sync(0).await;

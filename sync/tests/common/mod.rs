@@ -33,6 +33,21 @@ pub async fn until(what: &str, mut cond: impl FnMut() -> bool) {
     .unwrap_or_else(|_| panic!("timed out waiting for: {what}"));
 }
 
+/// Waits for the async `cond` inside [`WAIT`], polling.
+pub async fn until_async<F, Fut>(what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    tokio::time::timeout(WAIT, async {
+        while !cond().await {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out waiting for: {what}"));
+}
+
 /// Loopback TCP, no periodic pulls: only nudges, pushes, consent flows and
 /// explicit syncs move data.
 pub fn quiet_config() -> Config {
