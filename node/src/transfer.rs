@@ -11,11 +11,24 @@
 //! Why: a collection's document is far smaller than its envelopes (Automerge
 //! compresses a history column-wise; envelopes are one sealed change each),
 //! so a first sync of a long history moves a fraction of the bytes.
+//!
+//! The document discloses every change it holds at once, so it may hold only
+//! changes whose envelopes the node would send now (held readable: none a
+//! revocation's cut excluded since the snapshot was saved), and it opens only
+//! for a holder of the key of **every** epoch its changes were sealed under:
+//! it is sealed once per such epoch key, the oldest innermost. One key would
+//! not do: a practice the patient left out of an epoch's key shares (a
+//! revocation of one of its grants) may receive a later epoch's key again (a
+//! remaining reader at the next revocation), and a document sealed under that
+//! later key alone would show it the epoch it was left out of.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
-use medmesh_crypto::{Change, Collection, CompactHeader, Envelope, EnvelopeId, KeyId, PatientId, SealedSnapshot};
+use medmesh_crypto::{
+    Change, Collection, CompactHeader, Envelope, EnvelopeId, KeyId, PatientId, SNAPSHOT_TAG, SealedSnapshot,
+};
 use sha2::{Digest as _, Sha256};
+use zeroize::Zeroizing;
 
 use crate::Node;
 use crate::records::{self, RecordDoc, SavedDoc};
@@ -28,7 +41,7 @@ const SEALED_HEAD_LEN: usize = medmesh_crypto::SNAPSHOT_TAG.len() + 16 + 24;
 /// Why a snapshot transfer could not be made or used.
 #[derive(Debug, thiserror::Error)]
 pub enum TransferError {
-    /// The receiver does not hold the key the document is sealed under.
+    /// The receiver does not hold a key the document is sealed under.
     #[error("no epoch key {0} for the snapshot document")]
     NoKey(KeyId),
     /// The sealed document does not open or is not for this collection.
@@ -49,7 +62,8 @@ pub struct SnapshotTransfer {
     /// Which collection.
     pub collection: Collection,
     /// The collection's Automerge document (`save()`), sealed with
-    /// [`SealedSnapshot`] under the current epoch key.
+    /// [`SealedSnapshot`] under the key of every epoch its changes belong
+    /// to, one layer per key, the oldest epoch innermost.
     pub sealed_doc: Vec<u8>,
     /// Every envelope whose change the document holds, with its compact header.
     pub covered: Vec<(EnvelopeId, CompactHeader)>,
@@ -125,9 +139,14 @@ impl Node {
     }
 
     /// A snapshot transfer of (patient, collection) made from its local
-    /// snapshot, if one is kept and usable. Each covered envelope's header
-    /// is read back (one that does not parse is left out; the puller then
-    /// gets that envelope, if at all, as an envelope).
+    /// snapshot, if one is kept and usable: every envelope it covers is
+    /// held readable (a snapshot that covers one no longer readable — a
+    /// revocation's cut excluded it after the snapshot was saved — is
+    /// dropped, and no transfer made), and the document is sealed under
+    /// the key of every epoch those envelopes were sealed under (module
+    /// docs). Each covered envelope's header is read back (one that does
+    /// not parse is left out; the puller then gets that envelope, if at
+    /// all, as an envelope).
     ///
     /// # Errors
     /// [`TransferError::Crypto`] when sealing fails; store failures.
@@ -139,17 +158,38 @@ impl Node {
         let Some(source) = self.snapshot_fingerprint(patient, collection)? else {
             return Ok(None);
         };
-        let Some(key) = self.current_epoch_key(&patient, collection) else {
-            return Ok(None);
-        };
         let Some(snapshot) = self.load_snapshot(patient, collection)? else {
             return Ok(None);
         };
+        let readable: HashMap<EnvelopeId, _> = self
+            .envelopes(&patient, Some(collection))?
+            .into_iter()
+            .filter(|e| e.state == EnvelopeState::Readable)
+            .map(|e| (e.id, (e.epoch, e.key_id)))
+            .collect();
+        let mut epochs = BTreeSet::new();
+        for (id, _) in &snapshot.covered {
+            let Some(epoch) = readable.get(id) else {
+                tracing::info!(%collection, envelope = %id, "snapshot covers an envelope no longer readable; dropped, no transfer");
+                self.drop_snapshot(patient, collection)?;
+                return Ok(None);
+            };
+            epochs.insert(*epoch);
+        }
         let Some(doc) = RecordDoc::document_of_local(&snapshot.doc) else {
             tracing::warn!(%collection, "local snapshot holds no document; no transfer");
             return Ok(None);
         };
-        let sealed_doc = SealedSnapshot::seal(&key, doc)?;
+        let mut sealed_doc: Option<Vec<u8>> = None;
+        for (_, key_id) in epochs {
+            let Some(key) = self.epoch_key(&key_id) else {
+                return Ok(None);
+            };
+            sealed_doc = Some(SealedSnapshot::seal(&key, sealed_doc.as_deref().unwrap_or(doc))?);
+        }
+        let Some(sealed_doc) = sealed_doc else {
+            return Ok(None);
+        };
         let mut covered = Vec::with_capacity(snapshot.covered.len());
         let mut first_seq = u64::MAX;
         let store = self.raw_store();
@@ -192,16 +232,22 @@ impl Node {
     }
 
     /// Opens and loads a transfer's document, ready to restore headers
-    /// against it (in parts, so restoring can run beside ingesting).
+    /// against it (in parts, so restoring can run beside ingesting): peels
+    /// one sealing layer per epoch key (module docs) until the document.
     ///
     /// # Errors
-    /// [`TransferError::NoKey`], [`TransferError::Crypto`] (the document
-    /// does not open under that key), [`TransferError::Document`] (it does
-    /// not load).
+    /// [`TransferError::NoKey`] (a layer's key is not held),
+    /// [`TransferError::Crypto`] (a layer does not open under its key, or
+    /// names a key twice), [`TransferError::Document`] (it does not load).
     pub fn open_transfer(&self, sealed_doc: &[u8]) -> Result<OpenedTransfer, TransferError> {
-        let key_id = SealedSnapshot::key_id(sealed_doc)?;
-        let key = self.epoch_key(&key_id).ok_or(TransferError::NoKey(key_id))?;
-        let doc = SealedSnapshot::open(&key, sealed_doc)?;
+        let mut keys = HashSet::new();
+        let mut doc = self.open_layer(sealed_doc, &mut keys)?;
+        // An Automerge document starts with its own magic bytes, never
+        // with the sealing tag.
+        while doc.starts_with(SNAPSHOT_TAG) {
+            let inner = self.open_layer(&doc, &mut keys)?;
+            doc = inner;
+        }
         let saved = SavedDoc::load(&doc)?;
         let by_actor_seq = saved
             .changes()
@@ -210,6 +256,21 @@ impl Node {
             .map(|(i, c)| ((c.actor().to_bytes().to_vec(), c.seq()), i))
             .collect();
         Ok(OpenedTransfer { saved, by_actor_seq })
+    }
+
+    /// Opens one sealing layer of a transfer's document. Every layer needs
+    /// another key of this node's, which bounds how many a sender can make
+    /// it peel.
+    fn open_layer(&self, sealed: &[u8], keys: &mut HashSet<KeyId>) -> Result<Zeroizing<Vec<u8>>, TransferError> {
+        let key_id = SealedSnapshot::key_id(sealed)?;
+        if !keys.insert(key_id) {
+            return Err(TransferError::Crypto(medmesh_crypto::Error::Malformed {
+                kind: "snapshot",
+                reason: "a document sealed twice under one key",
+            }));
+        }
+        let key = self.epoch_key(&key_id).ok_or(TransferError::NoKey(key_id))?;
+        Ok(SealedSnapshot::open(&key, sealed)?)
     }
 }
 

@@ -1051,3 +1051,122 @@ async fn a_transfer_document_becomes_the_snapshot_only_when_every_change_is_held
     // A snapshot B keeps already is not replaced.
     assert!(!keep(&all));
 }
+
+/// A transfer's document opens only for a holder of the key of every epoch
+/// its changes were sealed under. B, left out of epoch 1's key shares (as
+/// the CLI leaves out a practice one of whose grants it revokes) but given
+/// epoch 2's again (a remaining reader at a later revocation, through
+/// another grant), must not read A's epoch-1 changes from a document of
+/// epochs 0–2 — it gets the envelopes of epoch 1 opaque, and so nothing of
+/// the transfer. C, holding all three keys, restores every envelope.
+#[tokio::test]
+async fn a_transfer_document_opens_only_with_the_key_of_every_epoch_it_holds() {
+    use medmesh_crypto::{Principal, SealedSnapshot};
+    use medmesh_node::transfer::TransferError;
+
+    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let dir_c = tempfile::tempdir().unwrap();
+    let TransferPair {
+        mut patient,
+        a,
+        b,
+        repo,
+        patient_resource: p,
+    } = TransferPair::open(dirs.0.path(), dirs.1.path()).await;
+    let pid = patient.id();
+    let c = open(dir_c.path(), 3).await;
+    onboard(&c, &mut patient, &[Collection::Labs]).await;
+    let share = |patient: &mut TestPatient, epoch, to: &Node| {
+        let share = patient
+            .share(Collection::Labs, epoch, Principal::Practice(to.practice_id()))
+            .unwrap();
+        vec![Incoming::new(ItemKind::KeyShare, share.encoded().to_vec())]
+    };
+    for epoch in 0..3 {
+        if epoch > 0 {
+            for to in [&a, &c] {
+                to.submit(pid, share(&mut patient, epoch, to)).await.unwrap();
+            }
+        }
+        for i in 0..4 {
+            repo.create(observation(p.id(), &format!("{epoch}.{i}")), None, app())
+                .await
+                .unwrap();
+        }
+    }
+    b.submit(pid, share(&mut patient, 2, &b)).await.unwrap();
+    let epochs: HashSet<u64> = a
+        .envelopes(&pid, Some(Collection::Labs))
+        .unwrap()
+        .iter()
+        .map(|e| e.epoch)
+        .collect();
+    assert_eq!(epochs, HashSet::from([0, 1, 2]), "A wrote under each epoch");
+    repo.save_snapshots().await;
+    let transfer = a.snapshot_transfer(pid, Collection::Labs).await.unwrap().unwrap();
+    let epoch_1 = patient.key(Collection::Labs, 1).unwrap().key_id;
+    assert_eq!(
+        SealedSnapshot::key_id(&transfer.sealed_doc).unwrap(),
+        patient.key(Collection::Labs, 2).unwrap().key_id,
+        "the newest epoch's layer is outermost"
+    );
+    match b.open_transfer(&transfer.sealed_doc) {
+        Err(TransferError::NoKey(k)) => assert_eq!(k, epoch_1),
+        Err(e) => panic!("B: {e}"),
+        Ok(opened) => panic!("B, without epoch 1's key, opened a document holding epoch 1: {opened:?}"),
+    }
+    let headers: Vec<_> = transfer.covered.iter().map(|(_, h)| h.clone()).collect();
+    let restored = c.restore_transfer(&transfer.sealed_doc, &headers).unwrap();
+    assert_eq!(restored.unrestored, 0);
+    assert_eq!(
+        restored.envelopes.len(),
+        a.envelope_ids(&pid, Collection::Labs).unwrap().len()
+    );
+}
+
+/// A local snapshot that covers an envelope a revocation's cut has since
+/// excluded — the repository saves its cached document when it next writes
+/// or stops, which may come before it hears of the exclusion — makes no
+/// transfer: its document would show the receiver a change this node no
+/// longer discloses. The snapshot is dropped, as a cold load drops it.
+#[tokio::test]
+async fn a_snapshot_covering_an_excluded_envelope_makes_no_transfer() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut patient = TestPatient::new().unwrap();
+    let pid = patient.id();
+    let node = open(dir.path(), 1).await;
+    let (grant, items) = patient.onboard(node.practice_id(), Collection::Labs).unwrap();
+    node.submit(pid, items).await.unwrap();
+    let repo = Repository::new(node.clone(), no_auto_snapshots()).unwrap();
+    for i in 0..6 {
+        repo.create(observation("example", &format!("{i}.5")), Some(pid), app())
+            .await
+            .unwrap();
+    }
+    repo.save_snapshots().await;
+    assert!(node.snapshot_transfer(pid, Collection::Labs).await.unwrap().is_some());
+    let saved = node.load_snapshot(pid, Collection::Labs).unwrap().unwrap();
+
+    let actor = node.envelopes(&pid, Some(Collection::Labs)).unwrap()[0].actor;
+    let revocation = patient
+        .revoke(&grant, std::collections::BTreeMap::from([(actor, 3)]))
+        .unwrap();
+    let report = node
+        .submit_revocation(pid, revocation.encoded().to_vec())
+        .await
+        .unwrap();
+    assert_eq!(report.excluded, 3);
+    // The repository's cached document, saved before the exclusion reached it.
+    assert!(
+        node.save_snapshot(pid, Collection::Labs, &saved.covered, &saved.doc)
+            .unwrap()
+    );
+    assert!(
+        node.snapshot_transfer(pid, Collection::Labs).await.unwrap().is_none(),
+        "a transfer of a document holding excluded changes"
+    );
+    assert!(
+        node.load_snapshot(pid, Collection::Labs).unwrap().is_none(),
+        "not dropped"
+    );
+}
