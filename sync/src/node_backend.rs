@@ -38,6 +38,8 @@ pub struct NodeBackend {
     /// Snapshot transfers made, by (patient, collection); each is reused
     /// while the local snapshot it was made from stays the same.
     transfers: Mutex<HashMap<(PatientId, Collection), Arc<Transfer>>>,
+    /// Fewest envelopes a transfer covers ([`MIN_TRANSFER_ENVELOPES`]).
+    min_transfer: usize,
 }
 
 /// Envelopes restored per part of a transfer (ingested while the next
@@ -162,6 +164,15 @@ impl NodeBackend {
     /// Wraps `node` and starts the task that turns its events into
     /// [`StoredEvent`]s. Call inside a tokio runtime.
     pub fn new(node: Node) -> Arc<Self> {
+        Self::with_min_transfer_envelopes(node, MIN_TRANSFER_ENVELOPES)
+    }
+
+    /// As [`NodeBackend::new`], serving snapshot transfers of collections
+    /// whose local snapshot covers at least `min` envelopes (instead of
+    /// [`MIN_TRANSFER_ENVELOPES`]). For tests whose histories are short
+    /// (the schedules property test) and for measuring where transfers
+    /// start to pay.
+    pub fn with_min_transfer_envelopes(node: Node, min: usize) -> Arc<Self> {
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
         let forwarder = tokio::spawn(forward_events(node.clone(), events.clone()));
         Arc::new(Self {
@@ -169,6 +180,7 @@ impl NodeBackend {
             events,
             forwarder,
             transfers: Mutex::new(HashMap::new()),
+            min_transfer: min,
         })
     }
 
@@ -398,7 +410,7 @@ impl Backend for NodeBackend {
         else {
             return Ok(None);
         };
-        if made.covered.len() < MIN_TRANSFER_ENVELOPES {
+        if made.covered.len() < self.min_transfer {
             return Ok(None);
         }
         let headers: Vec<CompactHeader> = made.covered.iter().map(|(_, h)| h.clone()).collect();

@@ -9,15 +9,31 @@
 //! duplicated or dropped; stores restart from disk; the clock jumps past
 //! not-before and expiry times.
 //!
+//! Snapshot transfers (protocol §8a) run too: every node keeps local
+//! snapshots often (its repository saves one every [`SNAPSHOT_EVERY`]
+//! changes, and on `SaveSnapshots` and restarts) and serves transfers of
+//! [`MIN_TRANSFER`] envelopes and more; some pulls take offers, and the
+//! client side asks `Snapshot` for each offer at the end of the pull and
+//! when a reconciliation misses [`SNAPSHOT_MIN`] envelopes of a
+//! collection, as the sync actor does. Answers travel through the same
+//! faulty network and are restored and ingested by the real receiving
+//! code (`Backend::restore_and_ingest`).
+//!
 //! Checked after every step:
 //! - §9.1, on what the serving code actually hands out: every envelope
-//!   (and every summary listing) of (patient X, collection C) sent to peer
-//!   P is covered by a grant the patient issued to P for C whose window
-//!   holds the clock, which the server holds and whose revocation (if the
-//!   patient issued one) the server does not hold; key shares go only to
-//!   their recipient; grants and revocations only to their grantee or to a
-//!   holder of a grant in force. Judged from the patient's ledger and the
-//!   server's store contents, not by calling the filter.
+//!   (and every summary listing, snapshot offer and transfer) of (patient
+//!   X, collection C) sent to peer P is covered by a grant the patient
+//!   issued to P for C whose window holds the clock, which the server holds
+//!   and whose revocation (if the patient issued one) the server does not
+//!   hold; key shares go only to their recipient; grants and revocations
+//!   only to their grantee or to a holder of a grant in force. Judged from
+//!   the patient's ledger and the server's store contents, not by calling
+//!   the filter. A transfer discloses every envelope it covers, and its
+//!   document — opened here with the patient's keys — holds only changes
+//!   of envelopes the server holds (so none a revocation's cut excluded),
+//!   and none of an epoch whose key the patient did not share with P if P
+//!   was given every key the document is sealed under (§9.6 too: what P
+//!   could read from it).
 //! - §9.6: a node holds readable only envelopes of epochs whose key the
 //!   patient shared with it, and its current key is such an epoch's.
 //!
@@ -32,7 +48,9 @@
 //!   and in the repository that followed the node's events.
 //!
 //! `PROPTEST_CASES` sets the number of schedules (default 16);
-//! `PROPTEST_RNG_SEED` another set of them (default: a fixed seed).
+//! `PROPTEST_RNG_SEED` another set of them (default: a fixed seed). The
+//! run fails if the schedules did not exercise each thing counted in
+//! `Coverage`, transfers included.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -42,13 +60,18 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use common::{CliPatient, Store, incoming};
-use medmesh_crypto::{Access, ActorId, Change, Collection, Envelope, PatientId, PracticeId, Principal, Timestamp, now};
+use medmesh_crypto::{
+    Access, ActorId, Change, Collection, Envelope, EnvelopeId, Epoch, PatientId, PracticeId, Principal, SNAPSHOT_TAG,
+    SealedSnapshot, Timestamp, now,
+};
 use medmesh_node::Actor;
 use medmesh_node::audit::Action;
 use medmesh_node::records::{self, DecodedChange, RecordDoc};
 use medmesh_node::repository::{self, Repository};
 use medmesh_node::store::{EnvelopeState, ItemId as NodeItemId};
-use medmesh_sync::wire::{MAX_FETCH_IDS, Request, Response};
+use medmesh_sync::wire::{
+    MAX_FETCH_IDS, MAX_OFFERS_PER_PAGE, Offer, Request, Response, SnapshotPayload, decode_transfer_headers,
+};
 use medmesh_sync::{Backend, Cursor, Item, ItemId, ItemKind, ItemMeta, PeerId, serve_request};
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, RngSeed, TestRunner};
@@ -60,6 +83,15 @@ const COLLECTIONS: [Collection; 2] = [Collection::Core, Collection::Labs];
 const UNIT: Timestamp = 10 * 60_000;
 /// Items per pull page: small, so schedules page.
 const PAGE: u32 = 4;
+/// A site's repository keeps a local snapshot every this many changes:
+/// often, so that most schedules have transfers to serve.
+const SNAPSHOT_EVERY: usize = 1;
+/// The fewest envelopes a site serves as a transfer (32 in production;
+/// schedules write a few dozen changes in all).
+const MIN_TRANSFER: usize = 2;
+/// A reconciliation missing this many envelopes of a collection asks for
+/// its transfer first (`Config::snapshot_min_envelopes`, 64 in production).
+const SNAPSHOT_MIN: usize = 2;
 
 // ---------------------------------------------------------------- schedule
 
@@ -94,18 +126,28 @@ enum Op {
     /// A practice that the patient gave a read-write grant in force (`pick`
     /// chooses the grant and collection) writes through its repository —
     /// creates, or updates one of the resources it can read — if its node
-    /// lets it (it may not know the grant yet, or know its revocation).
-    PracticeWrite { patient: u8, pick: u8, update: bool },
+    /// lets it (it may not know the grant yet, or know its revocation);
+    /// `count` times in a row (a visit), so histories grow long enough for
+    /// snapshot transfers.
+    PracticeWrite {
+        patient: u8,
+        pick: u8,
+        update: bool,
+        count: u8,
+    },
     /// The patient writes a resource of their own and submits the envelope
-    /// at a node holding a grant in force for that collection.
+    /// at a node holding a grant in force for that collection; `count`
+    /// times in a row.
     PatientWrite {
         patient: u8,
         collection: u8,
         update: bool,
         via: u8,
+        count: u8,
     },
-    /// `puller` asks `server` for a page after its cursor.
-    Pull { puller: u8, server: u8 },
+    /// `puller` asks `server` for a page after its cursor; with `offers`,
+    /// it takes snapshot offers (and asks for them after the last page).
+    Pull { puller: u8, server: u8, offers: bool },
     /// `puller` asks `server` for a patient's summary (then fetches).
     Reconcile { puller: u8, server: u8, patient: u8 },
     /// The network delivers one message in flight (any of them).
@@ -116,6 +158,9 @@ enum Op {
     Lose { pick: u8 },
     /// A node restarts from disk.
     Restart { node: u8 },
+    /// A node's repository saves a local snapshot of every cached
+    /// document changed since its last one (as on stop).
+    SaveSnapshots { node: u8 },
     /// The clock moves on.
     Advance { units: u8 },
 }
@@ -130,17 +175,21 @@ fn window() -> impl Strategy<Value = Window> {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        3 => (any::<u8>(), any::<u8>(), 1u8..=3, any::<bool>(), window(), any::<bool>()).prop_map(
+        4 => (any::<u8>(), any::<u8>(), 1u8..=3, any::<bool>(), window(), any::<bool>()).prop_map(
             |(patient, to, collections, write, window, at_grantee)| Op::Grant { patient, to, collections, write, window, at_grantee }
         ),
         1 => (any::<u8>(), any::<u8>()).prop_map(|(patient, pick)| Op::Revoke { patient, pick }),
-        3 => (any::<u8>(), any::<u8>(), any::<bool>()).prop_map(|(patient, pick, update)| {
-            Op::PracticeWrite { patient, pick, update }
+        4 => (any::<u8>(), any::<u8>(), any::<bool>(), 1u8..=5).prop_map(|(patient, pick, update, count)| {
+            Op::PracticeWrite { patient, pick, update, count }
         }),
-        2 => (any::<u8>(), any::<u8>(), any::<bool>(), any::<u8>()).prop_map(|(patient, collection, update, via)| {
-            Op::PatientWrite { patient, collection, update, via }
+        3 => (any::<u8>(), any::<u8>(), any::<bool>(), any::<u8>(), 1u8..=5).prop_map(
+            |(patient, collection, update, via, count)| Op::PatientWrite { patient, collection, update, via, count }
+        ),
+        4 => (any::<u8>(), any::<u8>(), any::<bool>()).prop_map(|(puller, server, offers)| Op::Pull {
+            puller,
+            server,
+            offers
         }),
-        4 => (any::<u8>(), any::<u8>()).prop_map(|(puller, server)| Op::Pull { puller, server }),
         2 => (any::<u8>(), any::<u8>(), any::<u8>()).prop_map(|(puller, server, patient)| Op::Reconcile {
             puller,
             server,
@@ -150,6 +199,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => any::<u8>().prop_map(|pick| Op::Duplicate { pick }),
         1 => any::<u8>().prop_map(|pick| Op::Lose { pick }),
         1 => any::<u8>().prop_map(|node| Op::Restart { node }),
+        1 => any::<u8>().prop_map(|node| Op::SaveSnapshots { node }),
         1 => (1u8..=2).prop_map(|units| Op::Advance { units }),
     ]
 }
@@ -162,7 +212,7 @@ struct Schedule {
 }
 
 fn schedule() -> impl Strategy<Value = Schedule> {
-    (3usize..=5, 1usize..=2, proptest::collection::vec(op(), 16..64)).prop_map(|(nodes, patients, ops)| Schedule {
+    (3usize..=5, 1usize..=2, proptest::collection::vec(op(), 24..80)).prop_map(|(nodes, patients, ops)| Schedule {
         nodes,
         patients,
         ops,
@@ -182,6 +232,20 @@ struct Coverage {
     requests: AtomicU64,
     envelopes_disclosed: AtomicU64,
     unlocked_later_epochs: AtomicU64,
+    /// Offers made to pullers that take them.
+    offers: AtomicU64,
+    /// Transfers served to a practice (`Response::Snapshot(Some(..))`).
+    transfers: AtomicU64,
+    /// Envelopes those transfers covered (each disclosed to the receiver).
+    transfer_envelopes: AtomicU64,
+    /// Transfers whose document is sealed under more than one epoch key.
+    multi_epoch_transfers: AtomicU64,
+    /// Transfers sealed under a key the patient did not give the receiver.
+    sealed_beyond_receiver: AtomicU64,
+    /// Transfers a receiver restored and ingested at least one envelope of.
+    transfers_restored: AtomicU64,
+    /// Schedules in which at least one transfer was served.
+    schedules_with_transfers: AtomicU64,
 }
 
 static COVERAGE: Coverage = Coverage {
@@ -193,6 +257,13 @@ static COVERAGE: Coverage = Coverage {
     requests: AtomicU64::new(0),
     envelopes_disclosed: AtomicU64::new(0),
     unlocked_later_epochs: AtomicU64::new(0),
+    offers: AtomicU64::new(0),
+    transfers: AtomicU64::new(0),
+    transfer_envelopes: AtomicU64::new(0),
+    multi_epoch_transfers: AtomicU64::new(0),
+    sealed_beyond_receiver: AtomicU64::new(0),
+    transfers_restored: AtomicU64::new(0),
+    schedules_with_transfers: AtomicU64::new(0),
 };
 
 fn count(counter: &AtomicU64) {
@@ -205,10 +276,17 @@ struct Site {
     repo: Repository,
 }
 
+fn repository_config() -> repository::Config {
+    repository::Config {
+        snapshot_every: SNAPSHOT_EVERY,
+        ..repository::Config::default()
+    }
+}
+
 impl Site {
     async fn create() -> Self {
-        let store = Store::create().await;
-        let repo = Repository::new(store.node.clone(), repository::Config::default()).unwrap();
+        let store = Store::with_min_transfer(MIN_TRANSFER).await;
+        let repo = Repository::new(store.node.clone(), repository_config()).unwrap();
         Self { store, repo }
     }
 
@@ -217,7 +295,7 @@ impl Site {
         let Self { store, repo } = self;
         drop(repo);
         let store = store.restart().await;
-        let repo = Repository::new(store.node.clone(), repository::Config::default()).unwrap();
+        let repo = Repository::new(store.node.clone(), repository_config()).unwrap();
         Self { store, repo }
     }
 
@@ -258,9 +336,24 @@ impl Patient {
 
 #[derive(Clone, Debug)]
 enum Flow {
-    Pull { cursor: Cursor },
-    Summary { patient: PatientId },
+    /// A pull page; `offers` collects the pull's snapshot offers (`None`:
+    /// the puller takes none).
+    Pull {
+        cursor: Cursor,
+        offers: Option<Vec<Offer>>,
+    },
+    Summary {
+        patient: PatientId,
+    },
     Fetch,
+    /// A snapshot transfer of (patient, collection), asked for because a
+    /// pull was offered it (`missing` empty) or because a reconciliation
+    /// misses these envelopes (fetched after the transfer, if still missing).
+    Transfer {
+        patient: PatientId,
+        collection: Collection,
+        missing: Vec<EnvelopeId>,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -279,6 +372,9 @@ enum Msg {
     },
 }
 
+/// A change by its Automerge actor (bytes) and sequence number.
+type ChangeId = (Vec<u8>, u64);
+
 struct World {
     sites: Vec<Option<Site>>,
     patients: Vec<Patient>,
@@ -288,6 +384,15 @@ struct World {
     start: Timestamp,
     /// Every item a server handed out: (server, requester, item id).
     disclosed: BTreeSet<(usize, PeerId, ItemId)>,
+    /// Every envelope any node ever held (recorded after each write, so
+    /// also those a revocation's cut later removed), by its change's
+    /// (Automerge actor, seq): its id and epoch.
+    written: BTreeMap<ChangeId, BTreeSet<(EnvelopeId, Epoch)>>,
+    /// The same envelopes by their nonce (random, 24 bytes), which a
+    /// transfer's compact headers carry: the id of each.
+    nonces: BTreeMap<[u8; 24], EnvelopeId>,
+    /// Transfers served in this schedule.
+    transfers: u64,
     writes: u64,
     requests: u64,
 }
@@ -334,6 +439,9 @@ impl World {
             t: start,
             start,
             disclosed: BTreeSet::new(),
+            written: BTreeMap::new(),
+            nonces: BTreeMap::new(),
+            transfers: 0,
             writes: 0,
             requests: 0,
         }
@@ -399,7 +507,12 @@ impl World {
                     .await
             }
             Op::Revoke { patient, pick } => self.revoke(patient as usize % np, pick).await,
-            Op::PracticeWrite { patient, pick, update } => {
+            Op::PracticeWrite {
+                patient,
+                pick,
+                update,
+                count,
+            } => {
                 let x = patient as usize % np;
                 let writers: Vec<(usize, Collection)> = self.patients[x]
                     .cli
@@ -413,7 +526,10 @@ impl World {
                     .collect();
                 if !writers.is_empty() {
                     let (i, c) = writers[pick as usize % writers.len()];
-                    self.practice_write(i, x, c, update).await;
+                    for _ in 0..count {
+                        self.practice_write(i, x, c, update).await;
+                    }
+                    self.note_written(i).await;
                 }
             }
             Op::PatientWrite {
@@ -421,14 +537,17 @@ impl World {
                 collection,
                 update,
                 via,
+                count,
             } => {
                 let c = COLLECTIONS[collection as usize % COLLECTIONS.len()];
-                self.patient_write(patient as usize % np, c, update, via).await
+                for _ in 0..count {
+                    self.patient_write(patient as usize % np, c, update, via).await;
+                }
             }
-            Op::Pull { puller, server } => {
+            Op::Pull { puller, server, offers } => {
                 let (client, server) = (puller as usize % n, server as usize % n);
                 if client != server {
-                    self.ask_pull(client, server);
+                    self.ask_pull(client, server, offers);
                 }
             }
             Op::Reconcile {
@@ -439,15 +558,7 @@ impl World {
                 let (client, server) = (puller as usize % n, server as usize % n);
                 if client != server {
                     let patient = self.patients[patient as usize % np].id();
-                    self.net.push(Msg::Ask {
-                        client,
-                        server,
-                        request: Request::Summary {
-                            patient,
-                            digests: Vec::new(),
-                        },
-                        flow: Flow::Summary { patient },
-                    });
+                    self.ask_summary(client, server, patient);
                 }
             }
             Op::Deliver { pick } => {
@@ -473,6 +584,7 @@ impl World {
                 let site = self.sites[i].take().unwrap();
                 self.sites[i] = Some(site.restart().await);
             }
+            Op::SaveSnapshots { node } => self.site(node as usize % n).repo.save_snapshots().await,
             Op::Advance { units } => self.t += u64::from(units) * UNIT,
         }
     }
@@ -549,7 +661,8 @@ impl World {
             let response = serve_request(&*self.site(at).store.backend, peer, request, self.t).await;
             self.requests += 1;
             count(&COVERAGE.requests);
-            self.observe(at, peer, &response, None, &Flow::Pull { cursor }).await;
+            self.observe(at, peer, &response, None, &Flow::Pull { cursor, offers: None })
+                .await;
             let Response::Page {
                 instance,
                 next,
@@ -649,11 +762,33 @@ impl World {
             .await
             .unwrap();
         count(&COVERAGE.patient_writes);
+        self.note_written(at).await;
+    }
+
+    /// Records every envelope site `i` holds in [`World::written`] and
+    /// [`World::nonces`].
+    async fn note_written(&mut self, i: usize) {
+        let node = self.site(i).store.node.clone();
+        let known: BTreeSet<EnvelopeId> = self.nonces.values().copied().collect();
+        for p in &self.patients {
+            for e in node.envelopes(&p.id(), None).unwrap() {
+                if known.contains(&e.id) {
+                    continue;
+                }
+                let item = node.item(&e.id.into()).await.unwrap().unwrap();
+                let envelope = Envelope::decode(&item.bytes).unwrap();
+                self.nonces.insert(envelope.header().nonce, e.id);
+                self.written
+                    .entry((e.actor.0.to_vec(), e.change_seq))
+                    .or_default()
+                    .insert((e.id, e.epoch));
+            }
+        }
     }
 
     // ---- the network
 
-    fn ask_pull(&mut self, client: usize, server: usize) {
+    fn ask_pull(&mut self, client: usize, server: usize, offers: bool) {
         let server_peer = self.peer(server);
         let cursor = self
             .site(client)
@@ -662,16 +797,77 @@ impl World {
             .cursor(&server_peer)
             .unwrap()
             .unwrap_or_default();
+        self.ask_page(client, server, cursor, offers.then(Vec::new));
+    }
+
+    /// A pull request after `cursor`, taking offers (and listing those
+    /// taken so far in this pull) if `offers` is some.
+    fn ask_page(&mut self, client: usize, server: usize, cursor: Cursor, offers: Option<Vec<Offer>>) {
         self.net.push(Msg::Ask {
             client,
             server,
             request: Request::Pull {
                 cursor,
                 limit: PAGE,
-                snapshots: None,
+                snapshots: offers.as_ref().map(|o| o.iter().map(|o| o.source).collect()),
             },
-            flow: Flow::Pull { cursor },
+            flow: Flow::Pull { cursor, offers },
         });
+    }
+
+    fn ask(&mut self, client: usize, server: usize, request: Request, flow: Flow) {
+        self.net.push(Msg::Ask {
+            client,
+            server,
+            request,
+            flow,
+        });
+    }
+
+    fn ask_summary(&mut self, client: usize, server: usize, patient: PatientId) {
+        let request = Request::Summary {
+            patient,
+            digests: Vec::new(),
+        };
+        self.ask(client, server, request, Flow::Summary { patient });
+    }
+
+    fn ask_transfer(
+        &mut self,
+        client: usize,
+        server: usize,
+        patient: PatientId,
+        collection: Collection,
+        missing: Vec<EnvelopeId>,
+    ) {
+        let flow = Flow::Transfer {
+            patient,
+            collection,
+            missing,
+        };
+        self.ask(client, server, Request::Snapshot { patient, collection }, flow);
+    }
+
+    /// Fetches those of `ids` that `client` does not hold, as the actor does.
+    fn ask_missing(
+        &mut self,
+        client: usize,
+        server: usize,
+        patient: PatientId,
+        collection: Collection,
+        ids: &[EnvelopeId],
+    ) {
+        let backend = self.site(client).store.backend.clone();
+        let held: BTreeSet<_> = backend
+            .envelope_ids(&patient, collection)
+            .unwrap()
+            .into_iter()
+            .collect();
+        let missing: Vec<EnvelopeId> = ids.iter().filter(|id| !held.contains(id)).copied().collect();
+        for chunk in missing.chunks(MAX_FETCH_IDS) {
+            let request = Request::Fetch { ids: chunk.to_vec() };
+            self.ask(client, server, request, Flow::Fetch);
+        }
     }
 
     async fn deliver(&mut self, m: Msg) {
@@ -709,7 +905,7 @@ impl World {
         let backend = self.site(client).store.backend.clone();
         match (flow, response) {
             (
-                Flow::Pull { cursor },
+                Flow::Pull { cursor, offers: taking },
                 Response::Page {
                     instance,
                     next,
@@ -718,10 +914,8 @@ impl World {
                     offers,
                 },
             ) => {
-                // The schedules' puller takes no snapshot transfers (their
-                // collections stay below `MIN_TRANSFER_ENVELOPES` anyway).
                 assert!(
-                    offers.is_empty(),
+                    taking.is_some() || offers.is_empty(),
                     "site {server} offered a transfer to a puller that takes none"
                 );
                 backend.ingest(from, items).await.unwrap();
@@ -730,40 +924,67 @@ impl World {
                 if held.instance != instance || next > held.seq {
                     backend.set_cursor(&from, Cursor { instance, seq: next }).await.unwrap();
                 }
+                let taking = taking.map(|mut taken| {
+                    for offer in offers {
+                        if !taken.contains(&offer) && taken.len() < MAX_OFFERS_PER_PAGE {
+                            taken.push(offer);
+                        }
+                    }
+                    taken
+                });
                 let same = instance == cursor.instance;
                 if more && !(same && next == cursor.seq) {
-                    let cursor = Cursor { instance, seq: next };
-                    self.net.push(Msg::Ask {
-                        client,
-                        server,
-                        request: Request::Pull {
-                            cursor,
-                            limit: PAGE,
-                            snapshots: None,
-                        },
-                        flow: Flow::Pull { cursor },
-                    });
+                    self.ask_page(client, server, Cursor { instance, seq: next }, taking);
+                } else {
+                    // The last page: by now the grants and key shares the
+                    // transfers need have arrived.
+                    for offer in taking.unwrap_or_default() {
+                        self.ask_transfer(client, server, offer.patient, offer.collection, Vec::new());
+                    }
                 }
             }
             (Flow::Summary { patient }, Response::Summary { consent, collections }) => {
                 backend.ingest(from, consent).await.unwrap();
-                let mut missing = BTreeSet::new();
                 for (c, ids) in collections {
                     let held: BTreeSet<_> = backend.envelope_ids(&patient, c).unwrap().into_iter().collect();
-                    missing.extend(ids.into_iter().filter(|id| !held.contains(id)));
-                }
-                let missing: Vec<_> = missing.into_iter().collect();
-                for chunk in missing.chunks(MAX_FETCH_IDS) {
-                    self.net.push(Msg::Ask {
-                        client,
-                        server,
-                        request: Request::Fetch { ids: chunk.to_vec() },
-                        flow: Flow::Fetch,
-                    });
+                    let missing: Vec<EnvelopeId> = ids.into_iter().filter(|id| !held.contains(id)).collect();
+                    if missing.len() >= SNAPSHOT_MIN {
+                        self.ask_transfer(client, server, patient, c, missing);
+                    } else {
+                        self.ask_missing(client, server, patient, c, &missing);
+                    }
                 }
             }
             (Flow::Fetch, Response::Fetched { items }) => {
                 backend.ingest(from, items).await.unwrap();
+            }
+            (
+                Flow::Transfer {
+                    patient,
+                    collection,
+                    missing,
+                },
+                Response::Snapshot(payload),
+            ) => {
+                let done = match payload {
+                    Some(payload) => backend
+                        .restore_and_ingest(from, patient, collection, payload, u64::MAX)
+                        .await
+                        .unwrap(),
+                    None => None,
+                };
+                if done.as_ref().is_some_and(|d| d.restored > 0) {
+                    count(&COVERAGE.transfers_restored);
+                }
+                let complete = done.is_some_and(|d| d.unrestored == 0);
+                if !missing.is_empty() {
+                    // A reconciliation's transfer: fetch what it did not bring.
+                    self.ask_missing(client, server, patient, collection, &missing);
+                } else if !complete {
+                    // An offer that did not (fully) restore: its envelopes
+                    // were left out of the pages, so reconcile.
+                    self.ask_summary(client, server, patient);
+                }
             }
             (flow, response) => panic!("{flow:?} answered {response:?}"),
         }
@@ -775,7 +996,36 @@ impl World {
     /// practice asking; `None` for the patient, who gets their own record).
     async fn observe(&mut self, server: usize, peer: PeerId, response: &Response, client: Option<usize>, flow: &Flow) {
         let items: &[Item] = match response {
-            Response::Page { items, .. } | Response::Fetched { items } => items,
+            Response::Page { items, offers, .. } => {
+                for offer in offers {
+                    count(&COVERAGE.offers);
+                    let client = client.expect("an offer to the patient, who takes none");
+                    let x = self.patient_index(&offer.patient);
+                    let c = offer.collection;
+                    assert!(
+                        self.may_have_envelopes(server, client, x, c).await,
+                        "§9.1: site {server} offered a {c} transfer of patient {x} to site {client} \
+                         without a grant in force at {}",
+                        self.t
+                    );
+                }
+                items
+            }
+            Response::Fetched { items } => items,
+            Response::Snapshot(payload) => {
+                if let (
+                    Some(payload),
+                    Flow::Transfer {
+                        patient, collection, ..
+                    },
+                ) = (payload, flow)
+                {
+                    let client = client.expect("a transfer to the patient, who asks for none");
+                    self.observe_transfer(server, client, *patient, *collection, payload)
+                        .await;
+                }
+                return;
+            }
             Response::Summary { consent, collections } => {
                 if let (Some(client), Flow::Summary { patient }) = (client, flow) {
                     let x = self.patients.iter().position(|p| p.id() == *patient).unwrap();
@@ -837,6 +1087,103 @@ impl World {
                 }
             }
         }
+    }
+
+    /// A transfer `server` handed `client`: it counts as disclosing every
+    /// envelope it covers (each must be one the server holds, under a grant
+    /// in force for the client), and its document — opened here with the
+    /// patient's keys — holds only changes of envelopes the server holds,
+    /// and, if the patient gave the client every key the document is sealed
+    /// under, none of an epoch whose key the client was not given.
+    async fn observe_transfer(
+        &mut self,
+        server: usize,
+        client: usize,
+        patient: PatientId,
+        c: Collection,
+        payload: &SnapshotPayload,
+    ) {
+        count(&COVERAGE.transfers);
+        self.transfers += 1;
+        let x = self.patient_index(&patient);
+        assert!(
+            self.may_have_envelopes(server, client, x, c).await,
+            "§9.1: site {server} sent a {c} transfer of patient {x} to site {client} without a grant in force at {}",
+            self.t
+        );
+        // Which envelopes it covers: those its compact headers name (by
+        // nonce), each one the server holds.
+        let headers = decode_transfer_headers(&payload.headers, payload.count, patient, c).unwrap();
+        let held: BTreeSet<EnvelopeId> = self
+            .site(server)
+            .store
+            .node
+            .envelope_ids(&patient, c)
+            .unwrap()
+            .into_iter()
+            .collect();
+        let peer = self.peer(client);
+        for h in &headers {
+            let id = *self
+                .nonces
+                .get(&h.header().nonce)
+                .expect("a transfer header of an envelope nobody wrote");
+            assert!(
+                held.contains(&id),
+                "site {server}'s {c} transfer covers an envelope it does not hold"
+            );
+            self.disclosed.insert((server, peer, ItemId(id.0)));
+        }
+        COVERAGE
+            .transfer_envelopes
+            .fetch_add(headers.len() as u64, Ordering::Relaxed);
+
+        let cli = &self.patients[x].cli;
+        let me = self.practice(client);
+        let mut layers = Vec::new();
+        let mut doc = payload.sealed_doc.clone();
+        loop {
+            let key_id = SealedSnapshot::key_id(&doc).unwrap();
+            let key = cli.keys[&c]
+                .iter()
+                .find(|k| k.key_id == key_id)
+                .expect("a transfer sealed under a key the patient did not make");
+            layers.push(key.epoch);
+            doc = SealedSnapshot::open(key, &doc).unwrap().to_vec();
+            if !doc.starts_with(SNAPSHOT_TAG) {
+                break;
+            }
+        }
+        if layers.len() > 1 {
+            count(&COVERAGE.multi_epoch_transfers);
+        }
+        let opens = layers.iter().all(|e| cli.shared(me, c, *e));
+        if !opens {
+            count(&COVERAGE.sealed_beyond_receiver);
+        }
+        for change in RecordDoc::changes_of_saved(&doc).unwrap() {
+            let envelopes = self
+                .written
+                .get(&(change.actor().to_bytes().to_vec(), change.seq()))
+                .unwrap_or_else(|| panic!("site {server}'s {c} transfer document holds a change no envelope carries"));
+            assert!(
+                envelopes.iter().any(|(id, _)| held.contains(id)),
+                "§9.1: site {server}'s {c} transfer to site {client} holds a change of patient {x} whose envelope \
+                 it does not hold (excluded by a revocation's cut?)"
+            );
+            if opens {
+                let epochs: Vec<Epoch> = envelopes.iter().map(|(_, e)| *e).collect();
+                assert!(
+                    epochs.iter().any(|e| cli.shared(me, c, *e)),
+                    "§9.6: site {server}'s {c} transfer (layers of epochs {layers:?}) lets site {client} read \
+                     a change of patient {x}'s epoch {epochs:?}, whose key the patient did not give it"
+                );
+            }
+        }
+    }
+
+    fn patient_index(&self, patient: &PatientId) -> usize {
+        self.patients.iter().position(|p| p.id() == *patient).unwrap()
     }
 
     async fn may_have_envelopes(&self, server: usize, client: usize, x: usize, c: Collection) -> bool {
@@ -905,22 +1252,15 @@ impl World {
     async fn settle(&mut self) {
         self.drain().await;
         let n = self.sites.len();
-        for _round in 0..8 {
+        for round in 0..8 {
             let before: u64 = (0..n).map(|i| self.site(i).store.node.last_seq()).sum();
             for client in 0..n {
                 for server in (0..n).filter(|s| *s != client) {
-                    self.ask_pull(client, server);
+                    // Half the pulls take offers.
+                    self.ask_pull(client, server, (client + server + round) % 2 == 0);
                     for p in 0..self.patients.len() {
                         let patient = self.patients[p].id();
-                        self.net.push(Msg::Ask {
-                            client,
-                            server,
-                            request: Request::Summary {
-                                patient,
-                                digests: Vec::new(),
-                            },
-                            flow: Flow::Summary { patient },
-                        });
+                        self.ask_summary(client, server, patient);
                     }
                     self.drain().await;
                 }
@@ -931,6 +1271,23 @@ impl World {
             }
         }
         panic!("the full exchange kept storing new items after 8 rounds");
+    }
+
+    /// Per site, patient and collection: envelopes held, `s` if a local
+    /// snapshot is kept (`SCHEDULE_DEBUG`: how often schedules can transfer).
+    fn holdings(&self) -> String {
+        let mut held = Vec::new();
+        for i in 0..self.sites.len() {
+            let node = &self.site(i).store.node;
+            for (x, p) in self.patients.iter().enumerate() {
+                for c in COLLECTIONS {
+                    let n = node.envelope_ids(&p.id(), c).unwrap().len();
+                    let kept = node.snapshot_fingerprint(p.id(), c).unwrap().is_some();
+                    held.push(format!("{i}/{x}/{c}:{n}{}", if kept { "s" } else { "" }));
+                }
+            }
+        }
+        format!("writes {} transfers {} held {held:?}", self.writes, self.transfers)
     }
 
     async fn drain(&mut self) {
@@ -1062,6 +1419,12 @@ async fn run_schedule(s: Schedule) {
         world.check_keys();
     }
     world.settle().await;
+    if world.transfers > 0 {
+        count(&COVERAGE.schedules_with_transfers);
+    }
+    if std::env::var("SCHEDULE_DEBUG").is_ok() {
+        eprintln!("{}", world.holdings());
+    }
     world.check_keys();
     world.check_audit();
     world.check_convergence().await;
@@ -1114,11 +1477,30 @@ fn random_schedules_keep_consent_and_converge() {
         ("requests served", get(&c.requests)),
         ("envelopes disclosed", get(&c.envelopes_disclosed)),
         ("readable envelopes of later epochs", get(&c.unlocked_later_epochs)),
+        ("snapshot offers", get(&c.offers)),
+        ("transfers", get(&c.transfers)),
+        ("envelopes covered by transfers", get(&c.transfer_envelopes)),
+        ("transfers sealed under several epochs", get(&c.multi_epoch_transfers)),
+        ("transfers restored", get(&c.transfers_restored)),
     ];
-    println!("{} schedules: {figures:?}", cases());
+    // Rare (a practice left out of an epoch it has a grant for): reported,
+    // not required; `a_transfer_never_shows_a_practice_an_epoch_it_was_left_out_of`
+    // builds the case.
+    let beyond = get(&c.sealed_beyond_receiver);
+    let with_transfers = get(&c.schedules_with_transfers);
+    println!(
+        "{} schedules ({with_transfers} with transfers): {figures:?}; \
+         transfers sealed under a key the receiver was not given: {beyond}",
+        cases()
+    );
     for (what, n) in figures {
         assert!(n > 0, "the schedules never exercised: {what}");
     }
+    assert!(
+        with_transfers * 2 >= u64::from(cases()),
+        "transfers ran in only {with_transfers} of {} schedules",
+        cases()
+    );
 }
 
 /// The minimised case the schedules once found: a patient grants practice A
@@ -1134,6 +1516,47 @@ fn consent_submitted_at_each_grantee_reaches_the_other_practice() {
         w.patient_write(0, Collection::Core, false, 0).await;
         w.grant(0, 1, 0b01, false, Window::Open, Some(1)).await;
         w.settle().await;
+        w.check_convergence().await;
+    });
+}
+
+/// The case the transfer checks above caught (200 random schedules build
+/// it under each seed tried; CI's 16 do not): the patient
+/// revokes one of the two core grants practice 1 holds, so epoch 1's key
+/// is not shared with it; revoking practice 2's grant later shares epoch
+/// 2's key with it again (its other grant is live). Practice 0 writes under
+/// epochs 0, 1 and 2 and keeps a snapshot; practice 1's first pull takes
+/// the offered transfer. A document sealed under epoch 2's key alone would
+/// show practice 1 the changes of epoch 1 (§9.6); sealed under every
+/// epoch's key, it does not open there, and practice 1 gets epoch 1's
+/// envelopes opaque like any others.
+#[test]
+fn a_transfer_never_shows_a_practice_an_epoch_it_was_left_out_of() {
+    block_on(async {
+        let mut w = World::new(3, 1).await;
+        let core = 0b01;
+        w.grant(0, 0, core, true, Window::Open, Some(0)).await;
+        w.grant(0, 1, core, false, Window::Open, None).await;
+        w.grant(0, 1, core, false, Window::Open, None).await;
+        w.grant(0, 2, core, false, Window::Open, None).await;
+        let write = |update| Op::PracticeWrite {
+            patient: 0,
+            pick: 0,
+            update,
+            count: 2,
+        };
+        w.run(&write(false)).await;
+        // Unrevoked grants in order: practice 0's, 1's two, 2's.
+        w.revoke(0, 1).await;
+        w.run(&write(false)).await;
+        w.revoke(0, 2).await;
+        w.run(&write(true)).await;
+        w.ask_pull(1, 0, true);
+        w.drain().await;
+        assert!(w.transfers > 0, "no transfer served");
+        w.settle().await;
+        w.check_keys();
+        w.check_audit();
         w.check_convergence().await;
     });
 }

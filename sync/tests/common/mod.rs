@@ -81,20 +81,29 @@ pub struct Store {
     pub node: Node,
     pub backend: Arc<NodeBackend>,
     pub dir: tempfile::TempDir,
+    /// The backend's smallest snapshot transfer, kept across restarts.
+    min_transfer: usize,
 }
 
 impl Store {
     /// A fresh practice key and an empty store.
     pub async fn create() -> Self {
+        Self::with_min_transfer(medmesh_sync::MIN_TRANSFER_ENVELOPES).await
+    }
+
+    /// As [`Store::create`], with a backend that serves snapshot transfers
+    /// covering at least `min` envelopes.
+    pub async fn with_min_transfer(min: usize) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let key = SecretIdentity::generate().unwrap();
         let node = open_node(dir.path(), &key).await;
-        let backend = NodeBackend::new(node.clone());
+        let backend = NodeBackend::with_min_transfer_envelopes(node.clone(), min);
         Self {
             key,
             node,
             backend,
             dir,
+            min_transfer: min,
         }
     }
 
@@ -115,15 +124,17 @@ impl Store {
             node,
             backend,
             dir,
+            min_transfer,
         } = self;
         drop((node, backend));
         let node = open_node(dir.path(), &key).await;
-        let backend = NodeBackend::new(node.clone());
+        let backend = NodeBackend::with_min_transfer_envelopes(node.clone(), min_transfer);
         Self {
             key,
             node,
             backend,
             dir,
+            min_transfer,
         }
     }
 }
