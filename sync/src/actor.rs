@@ -1902,9 +1902,10 @@ async fn push_task<B: Backend>(
 /// - a grant for another practice: push it to the grantee (dialing the
 ///   addresses known for it) and forward it to every other holder of a grant
 ///   from the patient;
-/// - a grant for this node: reconcile the patient with the connected peers
-///   and the nodes in its address hints, so history written before the
-///   grant arrives;
+/// - a grant for this node: reconcile the patient with the node it came
+///   from, the nodes in its address hints and the connected peers a grant
+///   from the patient names ([`reconcile_targets`]), so history written
+///   before the grant arrives;
 /// - a revocation: forward it to every holder of a grant from the patient;
 /// - a key share for another practice: push it to its recipient.
 async fn consent_flow<B: Backend>(ctx: &Ctx<B>, me: PeerId, connected: Vec<PeerId>, event: StoredEvent) -> Result<()> {
@@ -1945,6 +1946,7 @@ async fn consent_flow<B: Backend>(ctx: &Ctx<B>, me: PeerId, connected: Vec<PeerI
             }
             if grantee == me {
                 let patient = meta.patient;
+                let from = event.from;
                 let not_before = grant.terms().not_before;
                 let ctx = ctx.clone();
                 tokio::spawn(async move {
@@ -1954,11 +1956,10 @@ async fn consent_flow<B: Backend>(ctx: &Ctx<B>, me: PeerId, connected: Vec<PeerI
                     if wait > 0 {
                         tokio::time::sleep(Duration::from_millis(wait.saturating_add(1000))).await;
                     }
-                    let mut targets: HashSet<PeerId> = match ctx.connected_peers().await {
-                        Ok(peers) => peers.into_iter().collect(),
-                        Err(_) => return,
+                    let Ok(connected) = ctx.connected_peers().await else {
+                        return;
                     };
-                    targets.extend(hinted);
+                    let mut targets = reconcile_targets(&ctx, &patient, connected, hinted, from);
                     targets.remove(&me);
                     // The patient's own CLI serves nothing.
                     targets.retain(|p| Requester::from_peer_id(p).is_ok_and(|r| !r.is_patient(&patient)));
@@ -2019,6 +2020,36 @@ async fn consent_flow<B: Backend>(ctx: &Ctx<B>, me: PeerId, connected: Vec<PeerI
         }
     }
     Ok(())
+}
+
+/// Whom a node reconciles `patient` with once its own grant opens: the
+/// node the grant came from, the nodes in its address hints (where the
+/// patient's other grants were submitted), and the connected peers a grant
+/// from the patient names — the practices that can hold the patient's
+/// history. Any other connected peer holds none of it: with Kademlia most
+/// of the network is connected, and reconciling with all of it made every
+/// peer hold a cursor here, so every pull tick pulled the whole network
+/// (docs/decisions.md, "Kademlia"). A holder this node does not know of yet
+/// learns the grant and asks for the reconciliation itself
+/// ([`ask_to_reconcile`]).
+fn reconcile_targets<B: Backend>(
+    ctx: &Ctx<B>,
+    patient: &PatientId,
+    connected: Vec<PeerId>,
+    hinted: HashSet<PeerId>,
+    from: Option<PeerId>,
+) -> HashSet<PeerId> {
+    let holders: HashSet<PeerId> = ctx
+        .backend
+        .consent(patient)
+        .map(|view| view.grants.iter().map(|g| g.terms().grantee.peer_id()).collect())
+        .unwrap_or_default();
+    connected
+        .into_iter()
+        .filter(|p| holders.contains(p))
+        .chain(hinted)
+        .chain(from)
+        .collect()
 }
 
 /// Address suggestions in a push are honoured only from a patient pushing

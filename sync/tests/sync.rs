@@ -335,6 +335,34 @@ async fn a_grant_reaching_a_holder_after_the_grantee_reconciled_still_moves_the_
     assert_eq!(b.envelopes(&p), 5, "B holds exactly 3 core + 2 labs envelopes");
 }
 
+/// B's grant makes B reconcile with the practices that can hold the
+/// patient's history (A, which pushed the grant and is in its hints), not
+/// with every peer connected to it: with Kademlia that is most of the
+/// network, and a peer once pulled holds a cursor here, so every later pull
+/// tick pulled it again (docs/decisions.md, "Kademlia").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_reconciles_with_the_patients_practices_not_every_connected_peer() {
+    let mut p = Patient::new();
+    let (a, _) = home_practice(&mut p).await;
+    let b = Node::new().await;
+    // U shares no patient with B; it dialed B, so B has no reason to pull it.
+    let u = Node::new().await;
+    b.connect(&a).await;
+    u.connect(&b).await;
+    grant_core_labs(&p, &a, &b);
+    until("B holds core and labs", || {
+        b.count(&p, Collection::Core) == 3 && b.count(&p, Collection::Labs) == 2
+    })
+    .await;
+    // One pull at a time per peer: this one runs after any the grant started.
+    b.sync.sync_now(u.peer).await.unwrap();
+    assert_eq!(
+        u.sync.status().await.unwrap().requests_received,
+        1,
+        "B's grant made B pull or reconcile an unrelated connected peer"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nudge_delivers_a_new_write_and_revocation_stops_everything_new() {
     let mut p = Patient::new();
