@@ -202,7 +202,9 @@ impl PracticeId {
             .map_err(|_| Error::InvalidPeerId("undecodable key"))?
             .try_into_ed25519()
             .map_err(|_| Error::InvalidPeerId("not an ed25519 key"))?;
-        Self::from_bytes(key.to_bytes()).map_err(|_| Error::InvalidPeerId("invalid ed25519 point"))
+        // The decode above already checked the point; decompressing it again
+        // doubled the cost of a call the sync actor makes per connected peer.
+        Self::from_valid_key(key.to_bytes()).map_err(|_| Error::InvalidPeerId("invalid ed25519 point"))
     }
 }
 
