@@ -5,6 +5,7 @@
 //! actor through a weak sender, so the actor ends once every handle is gone.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -44,6 +45,21 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 const IDENTIFY_PROTOCOL: &str = "/medmesh/id/1";
 /// Our own Kademlia network: never the public IPFS DHT.
 const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/medmesh/kad/1");
+/// A node joins the Kademlia network by looking up the peers closest to its
+/// own id — this many: they and the peers met on the way add it to their
+/// routing tables, so a lookup for it ends at nodes that know it. It does
+/// so instead of libp2p-kad's bootstrap, which asks for the 20 closest of
+/// its own id and of one id in every farther bucket, again after every peer
+/// that joins a table of fewer than 20 — in a 100-node network every node
+/// contacted every other, twice per start (docs/decisions.md, "Kademlia").
+const KAD_JOIN_CLOSEST: NonZeroUsize = match NonZeroUsize::new(8) {
+    Some(n) => n,
+    None => NonZeroUsize::MIN,
+};
+/// How often the join lookup runs again (on the next identify report of a
+/// Kademlia peer after this long), to stay known near its id as nodes come
+/// and go.
+const KAD_REJOIN: Duration = Duration::from_secs(30 * 60);
 /// The first wait before asking a busy peer again.
 const BUSY_BACKOFF: Duration = Duration::from_millis(250);
 
@@ -766,6 +782,8 @@ pub(crate) struct Actor<B: Backend> {
     dial_waiters: HashMap<PeerId, Vec<oneshot::Sender<Result<PeerId>>>>,
     /// Kademlia lookups under way, and the peer each is for.
     lookups: HashMap<kad::QueryId, PeerId>,
+    /// When this node last looked up its own id ([`KAD_JOIN_CLOSEST`]).
+    kad_joined: Option<Instant>,
     /// Peers the handle asked to connect to: pulled on connecting even
     /// without a grant or cursor (see [`Actor::worth_pulling`]).
     asked: HashSet<PeerId>,
@@ -911,11 +929,11 @@ pub(crate) async fn spawn<B: Backend>(
                 };
                 let kad = use_kad.then(|| {
                     let id = key.public().to_peer_id();
-                    let mut kad = kad::Behaviour::with_config(
-                        id,
-                        kad::store::MemoryStore::new(id),
-                        kad::Config::new(KAD_PROTOCOL),
-                    );
+                    let mut kad_config = kad::Config::new(KAD_PROTOCOL);
+                    // The join lookup replaces libp2p's bootstrap, periodic
+                    // ones included (see `Actor::cut_kad_bootstraps`).
+                    kad_config.set_periodic_bootstrap_interval(None);
+                    let mut kad = kad::Behaviour::with_config(id, kad::store::MemoryStore::new(id), kad_config);
                     // Practices answer lookups whatever libp2p guesses about
                     // their reachability: a LAN or loopback node has no
                     // confirmed external address, yet others can reach it.
@@ -1018,6 +1036,7 @@ pub(crate) async fn spawn<B: Backend>(
         nudging: HashMap::new(),
         dial_waiters: HashMap::new(),
         lookups: HashMap::new(),
+        kad_joined: None,
         asked: HashSet::new(),
         relays,
         relay_listeners: HashMap::new(),
@@ -1045,7 +1064,10 @@ impl<B: Backend> Actor<B> {
                     Some(Command::Shutdown(reply)) => break Some(reply),
                     Some(command) => self.on_command(command),
                 },
-                event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                event = self.swarm.select_next_some() => {
+                    self.on_swarm_event(event);
+                    self.cut_kad_bootstraps();
+                }
                 event = self.stored.recv(), if stored_open => match event {
                     Ok(event) => self.on_stored(event),
                     Err(broadcast::error::RecvError::Lagged(n)) => {
@@ -1425,6 +1447,9 @@ impl<B: Backend> Actor<B> {
                     }
                     self.swarm.add_peer_address(peer_id, addr);
                 }
+                if speaks_kad {
+                    self.join_kademlia();
+                }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
                 id,
@@ -1444,6 +1469,41 @@ impl<B: Backend> Actor<B> {
             }
             SwarmEvent::Behaviour(BehaviourEvent::Sync(event)) => self.on_sync_event(event),
             _ => {}
+        }
+    }
+
+    /// Looks up the peers closest to this node's own id (see
+    /// [`KAD_JOIN_CLOSEST`]) unless it did so less than [`KAD_REJOIN`] ago:
+    /// at start, as soon as it knows a Kademlia peer.
+    fn join_kademlia(&mut self) {
+        if self.kad_joined.is_some_and(|t| t.elapsed() < KAD_REJOIN) {
+            return;
+        }
+        let me = self.me;
+        if let Some(kad) = self.swarm.behaviour_mut().kad.as_mut() {
+            debug!("joining Kademlia: looking up the peers closest to this node");
+            kad.get_n_closest_peers(me, KAD_JOIN_CLOSEST);
+            self.kad_joined = Some(Instant::now());
+        }
+    }
+
+    /// Ends every bootstrap libp2p-kad started on its own. libp2p-kad 0.49
+    /// starts one 500 ms after any peer joins a routing table of fewer than
+    /// 20 entries and offers no way to turn that off
+    /// (`Config::set_automatic_bootstrap_throttle` is `pub(crate)`); each
+    /// asks for the 20 closest peers of this node's id and of one id in
+    /// every bucket farther than its nearest neighbour. Finished at the
+    /// first swarm event after it starts, one costs the few requests of its
+    /// first step instead of a request to nearly every node of a
+    /// 100-node network (3 requests per bootstrap on average in the 100-node
+    /// simulation). [`Actor::join_kademlia`] does the joining.
+    fn cut_kad_bootstraps(&mut self) {
+        if let Some(kad) = self.swarm.behaviour_mut().kad.as_mut() {
+            for mut query in kad.iter_queries_mut() {
+                if matches!(query.info(), kad::QueryInfo::Bootstrap { .. }) {
+                    query.finish();
+                }
+            }
         }
     }
 

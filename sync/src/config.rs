@@ -38,10 +38,10 @@ pub struct Config {
     pub consent_flows: bool,
     /// Kademlia on `/medmesh/kad/1` (docs/operations.md): find a PeerId's
     /// addresses from the peers this node knows. No public bootstrap list:
-    /// the network is whatever peers the node was given or met. Off by
-    /// default: libp2p-kad bootstraps on every new peer while its table is
-    /// small, and every connection that makes starts a pull here, which
-    /// swamped a 100-node simulation (docs/decisions.md).
+    /// the network is whatever peers the node was given or met. A node
+    /// joins with one lookup of the peers closest to its own id (again
+    /// every 30 minutes) instead of libp2p-kad's bootstraps, which it cuts
+    /// short. Off by default for now (docs/decisions.md, "Kademlia").
     pub kademlia: bool,
     /// Addresses others reach this node at (a public address in front of
     /// NAT port forwarding, a relay server's public address), announced

@@ -35,10 +35,14 @@
 //!   and not after the node had stored that grant's revocation; every key
 //!   share disclosed went to its recipient.
 //!
-//! `small_simulation_converges` runs in CI (20 nodes);
-//! `hundred_node_simulation` (100 nodes, `#[ignore]`) prints time, requests
-//! and bytes per delivered envelope: `cargo test -p medmesh-sync --release
-//! --test sim -- --ignored --nocapture`.
+//! - With Kademlia on: nodes find peers they are not connected to by their
+//!   PeerId alone (`SyncHandle::dial_peer`), for random pairs.
+//!
+//! `small_simulation_converges` and `small_simulation_with_kademlia_converges`
+//! run in CI (20 nodes); `hundred_node_simulation` (100 nodes, `#[ignore]`)
+//! prints time, process CPU, requests and bytes per delivered envelope:
+//! `cargo test -p medmesh-sync --release --test sim -- --ignored --nocapture`,
+//! with Kademlia on when `SIM_KADEMLIA` is set.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -87,6 +91,8 @@ struct Scale {
     restarts: usize,
     partitioned: usize,
     wait: Duration,
+    /// Kademlia on every node (`Config::kademlia`).
+    kademlia: bool,
 }
 
 struct SimNode {
@@ -127,6 +133,7 @@ struct Sim {
     /// stay continuous, as one repository process's would.
     makers: HashMap<(usize, usize, Collection), ChangeMaker>,
     pull_interval: Duration,
+    kademlia: bool,
     client_requests: u64,
     phase: &'static str,
 }
@@ -151,10 +158,7 @@ impl Sim {
             listen: vec![node.addr.clone()],
             peers: node.peers.clone(),
             pull_interval: self.pull_interval,
-            // Off unless SIM_KADEMLIA is set: with it on, the 100-node run
-            // did not finish its schedule within 15 minutes here (2 cores,
-            // load ~6; 29 s without), reported in issue 9.
-            kademlia: std::env::var("SIM_KADEMLIA").is_ok(),
+            kademlia: self.kademlia,
             ..Config::loopback_tcp()
         }
     }
@@ -168,6 +172,7 @@ impl Sim {
             written: Vec::new(),
             makers: HashMap::new(),
             pull_interval: Duration::from_secs(5),
+            kademlia: scale.kademlia,
             client_requests: 0,
             phase: "start",
         };
@@ -582,6 +587,37 @@ impl Sim {
         total
     }
 
+    /// With Kademlia on: nodes connect to nodes they are not connected to
+    /// by PeerId alone (known addresses, else a lookup), a random one per
+    /// node in turn, up to `max` in all. Returns how many connected (none
+    /// when every node is connected to every other).
+    async fn check_lookups(&mut self, max: usize) -> usize {
+        let n = self.nodes.len();
+        let mut found = 0;
+        for i in (0..n).cycle().take(3 * n) {
+            if found == max {
+                break;
+            }
+            let sync = self.nodes[i].sync.clone().unwrap();
+            let connected = sync.connected_peers().await.unwrap();
+            let unconnected: Vec<usize> = (0..n)
+                .filter(|j| *j != i && !connected.contains(&self.store(*j).peer()))
+                .collect();
+            if unconnected.is_empty() {
+                continue;
+            }
+            let j = unconnected[self.rng.below(unconnected.len())];
+            let target = self.store(j).peer();
+            let peer = tokio::time::timeout(common::WAIT, sync.dial_peer(target))
+                .await
+                .unwrap_or_else(|_| panic!("node {i}'s lookup of node {j} did not end"))
+                .unwrap_or_else(|e| panic!("node {i} did not find node {j} by its PeerId: {e}"));
+            assert_eq!(peer, target);
+            found += 1;
+        }
+        found
+    }
+
     async fn shutdown(&mut self) {
         for i in 0..self.nodes.len() {
             self.stop_sync(i).await;
@@ -605,9 +641,26 @@ struct Figures {
     setup: Duration,
     active: Duration,
     converge: Duration,
+    /// CPU time of the whole test process until convergence (user and
+    /// system; meaningful when the test runs alone), where /proc says.
+    cpu: Option<Duration>,
+    kademlia: bool,
+    /// Peers found by their PeerId alone (Kademlia on).
+    lookups: usize,
+}
+
+/// User and system CPU time of this process so far, from /proc (Linux).
+fn process_cpu() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name; utime and stime are the
+    // 12th and 13th of them, in clock ticks (100 per second on Linux).
+    let fields: Vec<&str> = stat.get(stat.rfind(')')? + 2..)?.split(' ').collect();
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_millis(ticks * 10))
 }
 
 async fn simulate(scale: Scale, seed: u64) -> Figures {
+    let cpu0 = process_cpu();
     let t0 = Instant::now();
     let mut sim = Sim::new(scale, seed).await;
     let setup = t0.elapsed();
@@ -691,8 +744,14 @@ async fn simulate(scale: Scale, seed: u64) -> Figures {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let converge = t2.elapsed();
+    let cpu = process_cpu().zip(cpu0).map(|(now, start)| now.saturating_sub(start));
     sim.check_keys();
     let disclosures = sim.check_disclosures();
+    let lookups = if scale.kademlia {
+        sim.check_lookups(2 * scale.nodes).await
+    } else {
+        0
+    };
 
     let total = sim.totals().await;
     let held: u64 = (0..scale.nodes)
@@ -714,6 +773,9 @@ async fn simulate(scale: Scale, seed: u64) -> Figures {
         setup,
         active,
         converge,
+        cpu,
+        kademlia: scale.kademlia,
+        lookups,
     };
     sim.shutdown().await;
     figures
@@ -721,11 +783,13 @@ async fn simulate(scale: Scale, seed: u64) -> Figures {
 
 fn report(f: &Figures) {
     let per = |n: u64| n as f64 / f.delivered.max(1) as f64;
+    let cpu = f.cpu.map_or("n/a".into(), |c| format!("{:.1} s", c.as_secs_f64()));
     println!(
-        "sim: {} nodes, {} patients, {} changes written, {} envelope deliveries ({} disclosures audited)\n  \
-         setup {:.1} s, schedule {:.1} s, converged {:.1} s after the last operation\n  \
-         {} requests in all = {:.2} requests per delivered envelope; {:.0} item bytes sent per delivered envelope",
+        "sim: {} nodes{}, {} patients, {} changes written, {} envelope deliveries ({} disclosures audited)\n  \
+         setup {:.1} s, schedule {:.1} s, converged {:.1} s after the last operation; process CPU until then {cpu}\n  \
+         {} requests in all = {:.2} requests per delivered envelope; {:.0} item bytes sent per delivered envelope{}",
         f.nodes,
+        if f.kademlia { " with Kademlia" } else { "" },
         f.patients,
         f.written,
         f.delivered,
@@ -736,6 +800,11 @@ fn report(f: &Figures) {
         f.requests,
         per(f.requests),
         per(f.bytes),
+        if f.kademlia {
+            format!("\n  {} peers found by their PeerId alone", f.lookups)
+        } else {
+            String::new()
+        },
     );
 }
 
@@ -749,6 +818,29 @@ async fn small_simulation_converges() {
             restarts: 2,
             partitioned: 3,
             wait: Duration::from_secs(90),
+            kademlia: false,
+        },
+        7,
+    )
+    .await;
+    report(&f);
+    assert!(f.delivered > 0 && f.disclosures > 0, "nothing moved: {f:?}");
+}
+
+/// The same with Kademlia on every node: its join lookups, the bootstraps
+/// the actor cuts short, and lookups by PeerId alone at the end (of the
+/// pairs still unconnected: at 20 nodes the join lookups leave few).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_simulation_with_kademlia_converges() {
+    let f = simulate(
+        Scale {
+            nodes: 20,
+            patients: 8,
+            writes: 2,
+            restarts: 2,
+            partitioned: 3,
+            wait: Duration::from_secs(90),
+            kademlia: true,
         },
         7,
     )
@@ -768,6 +860,7 @@ async fn hundred_node_simulation() {
             restarts: 8,
             partitioned: 10,
             wait: Duration::from_secs(300),
+            kademlia: std::env::var("SIM_KADEMLIA").is_ok(),
         },
         2026,
     )
@@ -791,6 +884,7 @@ async fn later_grant_whose_reconciliation_fails_still_gets_the_record() {
         restarts: 0,
         partitioned: 0,
         wait: Duration::from_secs(30),
+        kademlia: false,
     };
     let mut sim = Sim::new(scale, 1).await;
     sim.patients.push(CliPatient::new());
