@@ -4,20 +4,19 @@
 //! poll a condition inside a timeout).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
-use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport};
-use libp2p::swarm::SwarmEvent;
-use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, SwarmBuilder, noise, tcp, yamux};
+use libp2p::{Multiaddr, PeerId};
 use medmesh_crypto::{
     Access, ActorId, Change, Collection, Envelope, EpochKey, Grant, GrantId, GrantTerms, PatientId, SecretIdentity, now,
 };
 use medmesh_sync::memory::MemoryBackend;
 use medmesh_sync::wire::{RefusalCode, Request, Response};
 use medmesh_sync::{Config, Cursor, InstanceId, Item, ItemKind, Limits, SyncHandle};
+
+mod common;
+use common::client::Client;
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -122,126 +121,6 @@ impl Patient {
     }
 }
 
-// ---- a client speaking /medmesh/sync/1 by hand ----
-
-#[derive(Clone, Default)]
-struct RawCodec;
-
-impl request_response::Codec for RawCodec {
-    type Protocol = StreamProtocol;
-    type Request = Vec<u8>;
-    type Response = Vec<u8>;
-
-    async fn read_request<T: AsyncRead + Unpin + Send>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-    ) -> io::Result<Vec<u8>> {
-        let mut v = Vec::new();
-        io.take(1 << 20).read_to_end(&mut v).await?;
-        Ok(v)
-    }
-
-    async fn read_response<T: AsyncRead + Unpin + Send>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-    ) -> io::Result<Vec<u8>> {
-        let mut v = Vec::new();
-        io.take(64 << 20).read_to_end(&mut v).await?;
-        Ok(v)
-    }
-
-    async fn write_request<T: AsyncWrite + Unpin + Send>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-        req: Vec<u8>,
-    ) -> io::Result<()> {
-        io.write_all(&req).await
-    }
-
-    async fn write_response<T: AsyncWrite + Unpin + Send>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-        res: Vec<u8>,
-    ) -> io::Result<()> {
-        io.write_all(&res).await
-    }
-}
-
-struct Client {
-    swarm: Swarm<request_response::Behaviour<RawCodec>>,
-}
-
-impl Client {
-    async fn connect(key: &SecretIdentity, target: &Node) -> Self {
-        let mut swarm = SwarmBuilder::with_existing_identity(key.to_libp2p().unwrap())
-            .with_tokio()
-            .with_tcp(tcp::Config::default(), noise::Config::new, yamux::Config::default)
-            .unwrap()
-            .with_behaviour(|_| {
-                request_response::Behaviour::with_codec(
-                    RawCodec,
-                    [(StreamProtocol::new("/medmesh/sync/1"), ProtocolSupport::Outbound)],
-                    request_response::Config::default()
-                        .with_request_timeout(Duration::from_secs(20))
-                        .with_max_concurrent_streams(1024),
-                )
-            })
-            .unwrap()
-            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
-            .build();
-        swarm.dial(target.addr.clone()).unwrap();
-        tokio::time::timeout(WAIT, async {
-            loop {
-                if let SwarmEvent::ConnectionEstablished { .. } = swarm.select_next_some().await {
-                    return;
-                }
-            }
-        })
-        .await
-        .unwrap();
-        Self { swarm }
-    }
-
-    /// Sends every request at once and collects the answers.
-    async fn burst(&mut self, peer: PeerId, requests: &[Request]) -> Vec<Response> {
-        let mut ids: Vec<OutboundRequestId> = requests
-            .iter()
-            .map(|r| self.swarm.behaviour_mut().send_request(&peer, r.encode()))
-            .collect();
-        let mut answers = Vec::new();
-        tokio::time::timeout(WAIT, async {
-            while !ids.is_empty() {
-                match self.swarm.select_next_some().await {
-                    SwarmEvent::Behaviour(request_response::Event::Message {
-                        message: request_response::Message::Response { request_id, response },
-                        ..
-                    }) if ids.contains(&request_id) => {
-                        ids.retain(|i| *i != request_id);
-                        answers.push(Response::decode(&response).unwrap());
-                    }
-                    SwarmEvent::Behaviour(request_response::Event::OutboundFailure { request_id, error, .. })
-                        if ids.contains(&request_id) =>
-                    {
-                        panic!("request failed: {error}");
-                    }
-                    _ => {}
-                }
-            }
-        })
-        .await
-        .unwrap();
-        answers
-    }
-
-    async fn request(&mut self, peer: PeerId, request: Request) -> Response {
-        self.burst(peer, &[request]).await.remove(0)
-    }
-}
-
 fn pull() -> Request {
     Request::Pull {
         cursor: Cursor {
@@ -287,7 +166,7 @@ async fn a_peer_hammering_pulls_is_refused_busy_and_a_well_behaved_peer_is_still
     .await;
 
     let mallory = SecretIdentity::generate().unwrap();
-    let mut m = Client::connect(&mallory, &a).await;
+    let mut m = Client::connect(&mallory, &a.addr).await;
     let answers = m.burst(a.peer, &vec![pull(); 100]).await;
     assert_eq!(answers.len(), 100);
     let refused = busy(&answers);
@@ -315,7 +194,7 @@ async fn the_request_rate_limit_resets_over_time() {
     };
     let a = Node::new(limits).await;
     let mallory = SecretIdentity::generate().unwrap();
-    let mut m = Client::connect(&mallory, &a).await;
+    let mut m = Client::connect(&mallory, &a.addr).await;
     let first = m.burst(a.peer, &vec![pull(); 20]).await;
     assert!(busy(&first) >= 10, "burst beyond the bucket is refused busy");
     assert!(pages(&first) >= 4, "the bucket's worth is served");
@@ -353,7 +232,7 @@ async fn a_peer_parks_at_most_its_share_of_the_pending_queue() {
     let from_m: Vec<Item> = (0..5).map(|_| p.envelope_by(Some(&mallory), Some(gm.id()))).collect();
     let from_e: Vec<Item> = (0..5).map(|_| p.envelope_by(Some(&eve), Some(ge.id()))).collect();
 
-    let mut m = Client::connect(&mallory, &a).await;
+    let mut m = Client::connect(&mallory, &a.addr).await;
     let push = |items: Vec<Item>| Request::Push { items, addrs: vec![] };
     let answer = m.request(a.peer, push(from_m.clone())).await;
     assert_eq!(answer, Response::Refused(RefusalCode::Busy), "beyond its share");
@@ -364,7 +243,7 @@ async fn a_peer_parks_at_most_its_share_of_the_pending_queue() {
     assert_eq!(a.store.pending_count(), 3);
 
     // Eve gets what is left of the total.
-    let mut e = Client::connect(&eve, &a).await;
+    let mut e = Client::connect(&eve, &a.addr).await;
     let answer = e.request(a.peer, push(from_e.clone())).await;
     assert_eq!(answer, Response::Refused(RefusalCode::Busy));
     assert_eq!(a.store.pending_count(), 5, "the total cap holds");

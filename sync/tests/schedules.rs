@@ -47,6 +47,21 @@
 //!   render the same FHIR resources (byte for byte), both from a cold load
 //!   and in the repository that followed the node's events.
 //!
+//! Adversaries (issue 15, DESIGN §9.7, §9.10): in
+//! `random_schedules_with_adversaries_keep_consent`, attackers' crafted,
+//! validly signed items are pushed into the nodes between the honest
+//! steps — self-made patients whose key shares and grants reuse an honest
+//! patient's key ids and grant ids, practices that write a seq 2^62
+//! envelope for a fresh actor while their grant is in force and keep
+//! writing (back-dated) after the patient revoked it, strangers' grants
+//! with address hints. The same checks must hold for every honest patient,
+//! and more after every step: a node's current key of an honest patient's
+//! collection is the very key the patient made (id, patient and secret),
+//! every envelope it holds readable of that patient is sealed under one of
+//! them, and no node ever holds an envelope written under a grant after
+//! its revocation. Disclosures of the attackers' own patients are not
+//! judged (they may consent to anything).
+//!
 //! `PROPTEST_CASES` sets the number of schedules (default 16);
 //! `PROPTEST_RNG_SEED` another set of them (default: a fixed seed). The
 //! run fails if the schedules did not exercise each thing counted in
@@ -59,10 +74,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use common::forge::{self, Terms};
 use common::{CliPatient, Store, incoming};
 use medmesh_crypto::{
-    Access, ActorId, Change, Collection, Envelope, EnvelopeId, Epoch, PatientId, PracticeId, Principal, SNAPSHOT_TAG,
-    SealedSnapshot, Timestamp, now,
+    Access, ActorId, Change, Collection, Envelope, EnvelopeId, Epoch, EpochKey, KeyShare, PatientId, PracticeId,
+    Principal, SNAPSHOT_TAG, SealedSnapshot, SecretIdentity, Timestamp, now,
 };
 use medmesh_node::Actor;
 use medmesh_node::audit::Action;
@@ -163,6 +179,36 @@ enum Op {
     SaveSnapshots { node: u8 },
     /// The clock moves on.
     Advance { units: u8 },
+    /// An attacker pushes crafted items to node `at` (only in schedules
+    /// with adversaries); `patient` and `pick` choose the honest patient
+    /// and the key, grant or writer it aims at.
+    Attack {
+        kind: Attack,
+        patient: u8,
+        pick: u8,
+        at: u8,
+    },
+}
+
+/// What an attacker does (issue 15).
+#[derive(Clone, Copy, Debug)]
+enum Attack {
+    /// A self-made patient Y pushes a key share addressed to the node whose
+    /// key id is one of the patient's (ids are in clear in every envelope
+    /// header), with a grant to the node reusing one of the patient's grant
+    /// ids.
+    CollidingShare,
+    /// A practice holding a read-write grant in force writes one envelope
+    /// for a fresh actor with seq 2^62, so that a cut taken as the highest
+    /// seq seen would admit anything of that actor.
+    InflatedSeq,
+    /// A practice whose grant the patient revoked keeps writing under the
+    /// last key it was given, back-dated before the revocation: for an
+    /// actor it inflated before, or a fresh one.
+    WriteAfterRevocation,
+    /// A self-made patient's grant to the node, with address hints, and its
+    /// key share.
+    StrangerGrant,
 }
 
 fn window() -> impl Strategy<Value = Window> {
@@ -173,7 +219,31 @@ fn window() -> impl Strategy<Value = Window> {
     ]
 }
 
-fn op() -> impl Strategy<Value = Op> {
+fn attack() -> impl Strategy<Value = Op> {
+    let kind = prop_oneof![
+        Just(Attack::CollidingShare),
+        Just(Attack::InflatedSeq),
+        Just(Attack::WriteAfterRevocation),
+        Just(Attack::StrangerGrant),
+    ];
+    (kind, any::<u8>(), any::<u8>(), any::<u8>()).prop_map(|(kind, patient, pick, at)| Op::Attack {
+        kind,
+        patient,
+        pick,
+        at,
+    })
+}
+
+/// The honest steps, and attacks among them when `adversaries`.
+fn op(adversaries: bool) -> BoxedStrategy<Op> {
+    if adversaries {
+        prop_oneof![6 => honest_op(), 1 => attack()].boxed()
+    } else {
+        honest_op().boxed()
+    }
+}
+
+fn honest_op() -> impl Strategy<Value = Op> {
     prop_oneof![
         4 => (any::<u8>(), any::<u8>(), 1u8..=3, any::<bool>(), window(), any::<bool>()).prop_map(
             |(patient, to, collections, write, window, at_grantee)| Op::Grant { patient, to, collections, write, window, at_grantee }
@@ -211,12 +281,13 @@ struct Schedule {
     ops: Vec<Op>,
 }
 
-fn schedule() -> impl Strategy<Value = Schedule> {
-    (3usize..=5, 1usize..=2, proptest::collection::vec(op(), 24..80)).prop_map(|(nodes, patients, ops)| Schedule {
-        nodes,
-        patients,
-        ops,
-    })
+fn schedule(adversaries: bool) -> impl Strategy<Value = Schedule> {
+    (
+        3usize..=5,
+        1usize..=2,
+        proptest::collection::vec(op(adversaries), 24..80),
+    )
+        .prop_map(|(nodes, patients, ops)| Schedule { nodes, patients, ops })
 }
 
 // ---------------------------------------------------------------- the world
@@ -264,6 +335,24 @@ static COVERAGE: Coverage = Coverage {
     sealed_beyond_receiver: AtomicU64::new(0),
     transfers_restored: AtomicU64::new(0),
     schedules_with_transfers: AtomicU64::new(0),
+};
+
+/// What the attackers did, over the schedules with adversaries.
+struct AttackCoverage {
+    colliding_shares: AtomicU64,
+    inflated_seqs: AtomicU64,
+    writes_after_revocation: AtomicU64,
+    /// Of those, for an actor whose seq the practice inflated before.
+    writes_after_inflated_cut: AtomicU64,
+    stranger_grants: AtomicU64,
+}
+
+static ATTACKS: AttackCoverage = AttackCoverage {
+    colliding_shares: AtomicU64::new(0),
+    inflated_seqs: AtomicU64::new(0),
+    writes_after_revocation: AtomicU64::new(0),
+    writes_after_inflated_cut: AtomicU64::new(0),
+    stranger_grants: AtomicU64::new(0),
 };
 
 fn count(counter: &AtomicU64) {
@@ -375,6 +464,22 @@ enum Msg {
 /// A change by its Automerge actor (bytes) and sequence number.
 type ChangeId = (Vec<u8>, u64);
 
+/// What the attackers did so far in a schedule.
+#[derive(Default)]
+struct Attacks {
+    /// Fresh actors a practice gave seq 2^62: (patient, index of the grant
+    /// in the patient's ledger, the key it wrote under, the actor).
+    inflated: Vec<(usize, usize, EpochKey, ActorId)>,
+    /// Envelopes written under a grant after the patient revoked it: no
+    /// node may ever hold one.
+    after_revocation: BTreeSet<EnvelopeId>,
+}
+
+/// The peer attackers push from (whoever signed the items).
+fn attacker_peer() -> PeerId {
+    SecretIdentity::from_seed(&[0xad; 32]).practice_id().unwrap().peer_id()
+}
+
 struct World {
     sites: Vec<Option<Site>>,
     patients: Vec<Patient>,
@@ -395,6 +500,7 @@ struct World {
     transfers: u64,
     writes: u64,
     requests: u64,
+    attacks: Attacks,
 }
 
 fn resource(collection: Collection, patient: &PatientId, n: u64) -> Value {
@@ -444,6 +550,7 @@ impl World {
             transfers: 0,
             writes: 0,
             requests: 0,
+            attacks: Attacks::default(),
         }
     }
 
@@ -586,7 +693,152 @@ impl World {
             }
             Op::SaveSnapshots { node } => self.site(node as usize % n).repo.save_snapshots().await,
             Op::Advance { units } => self.t += u64::from(units) * UNIT,
+            Op::Attack {
+                kind,
+                patient,
+                pick,
+                at,
+            } => {
+                let at = at as usize % n;
+                self.attack(kind, patient as usize % np, pick as usize, at).await;
+            }
         }
+    }
+
+    // ---- the adversaries
+
+    async fn attack(&mut self, kind: Attack, x: usize, pick: usize, at: usize) {
+        let items = match kind {
+            Attack::CollidingShare => self.colliding_share(x, pick, at),
+            Attack::InflatedSeq => self.inflated_seq(x, pick),
+            Attack::WriteAfterRevocation => self.write_after_revocation(x, pick),
+            Attack::StrangerGrant => {
+                let mut z = medmesh_node::testing::TestPatient::new().unwrap();
+                let hint = format!("/ip4/127.0.0.1/tcp/9/p2p/{}", self.peer(at));
+                let grant = forge::grant(
+                    &z.identity,
+                    Terms {
+                        address_hints: vec![hint],
+                        ..Terms::read_write(self.practice(at), &COLLECTIONS)
+                    },
+                );
+                let share = z
+                    .share(Collection::Core, 0, Principal::Practice(self.practice(at)))
+                    .unwrap();
+                count(&ATTACKS.stranger_grants);
+                vec![Item::grant(&grant), Item::key_share(&share)]
+            }
+        };
+        if !items.is_empty() {
+            let backend = self.site(at).store.backend.clone();
+            backend.ingest(attacker_peer(), items).await.unwrap();
+        }
+    }
+
+    fn colliding_share(&self, x: usize, pick: usize, at: usize) -> Vec<Item> {
+        let cli = &self.patients[x].cli;
+        let keys: Vec<&EpochKey> = cli.keys.values().flatten().collect();
+        if keys.is_empty() {
+            return Vec::new();
+        }
+        let victim = keys[pick % keys.len()];
+        let y = SecretIdentity::generate().unwrap();
+        let forged = forge::key_with_id(y.patient_id(), victim.collection, victim.epoch, victim.key_id);
+        let share = KeyShare::create(&forged, Principal::Practice(self.practice(at)), &y, now()).unwrap();
+        let mut items = vec![Item::key_share(&share)];
+        if let Some(g) = cli.grants.get(pick % cli.grants.len().max(1)) {
+            let grant = forge::grant(
+                &y,
+                Terms {
+                    id: g.grant.id(),
+                    ..Terms::read_write(self.practice(at), &COLLECTIONS)
+                },
+            );
+            items.insert(0, Item::grant(&grant));
+        }
+        count(&ATTACKS.colliding_shares);
+        items
+    }
+
+    fn inflated_seq(&mut self, x: usize, pick: usize) -> Vec<Item> {
+        let cli = &self.patients[x].cli;
+        let writers: Vec<(usize, Collection)> = (0..cli.grants.len())
+            .filter(|g| cli.grants[*g].in_force(self.t) && cli.grants[*g].grant.terms().access == Access::ReadWrite)
+            .flat_map(|g| cli.grants[g].grant.terms().collections.iter().map(move |c| (g, *c)))
+            .collect();
+        if writers.is_empty() {
+            return Vec::new();
+        }
+        let (g, c) = writers[pick % writers.len()];
+        let grant = cli.grants[g].grant.clone();
+        let Some(i) = self.index_of(&grant.terms().grantee) else {
+            return Vec::new();
+        };
+        let Some(key) = cli
+            .current_key(c)
+            .filter(|k| cli.shared(self.practice(i), c, k.epoch))
+            .cloned()
+        else {
+            return Vec::new();
+        };
+        let author = &self.site(i).store.key;
+        let actor = ActorId::generate(&author.public_bytes()).unwrap();
+        let change = forge::change_with_seq(actor, 1 << 62);
+        let created_at = self.t.max(grant.terms().not_before);
+        let envelope = Envelope::seal(&key, author, Some(grant.id()), change.as_change(), created_at).unwrap();
+        self.attacks.inflated.push((x, g, key, actor));
+        count(&ATTACKS.inflated_seqs);
+        vec![Item::envelope(&envelope)]
+    }
+
+    fn write_after_revocation(&mut self, x: usize, pick: usize) -> Vec<Item> {
+        let cli = &self.patients[x].cli;
+        let revoked: Vec<usize> = (0..cli.grants.len())
+            .filter(|g| cli.grants[*g].revocation.is_some() && cli.grants[*g].grant.terms().access == Access::ReadWrite)
+            .collect();
+        if revoked.is_empty() {
+            return Vec::new();
+        }
+        let g = revoked[pick % revoked.len()];
+        let issued = &cli.grants[g];
+        let grantee = issued.grant.terms().grantee;
+        let Some(i) = self.index_of(&grantee) else {
+            return Vec::new();
+        };
+        let inflated = self
+            .attacks
+            .inflated
+            .iter()
+            .find(|(px, pg, _, _)| *px == x && *pg == g)
+            .map(|(_, _, key, actor)| (key.clone(), *actor));
+        let (key, actor) = match inflated {
+            Some(found) => {
+                count(&ATTACKS.writes_after_inflated_cut);
+                found
+            }
+            None => {
+                // The last key of a covered collection the patient gave it.
+                let c = issued.grant.terms().collections[pick % issued.grant.terms().collections.len()];
+                let Some(key) = cli.keys[&c]
+                    .iter()
+                    .rev()
+                    .find(|k| cli.shared(grantee, c, k.epoch))
+                    .cloned()
+                else {
+                    return Vec::new();
+                };
+                let actor = ActorId::generate(&self.site(i).store.key.public_bytes()).unwrap();
+                (key, actor)
+            }
+        };
+        let revoked_at = issued.revocation.as_ref().unwrap().terms().issued_at;
+        let created_at = revoked_at.saturating_sub(1).max(issued.grant.terms().not_before);
+        let author = &self.site(i).store.key;
+        let change = forge::change_with_seq(actor, 1);
+        let envelope = Envelope::seal(&key, author, Some(issued.grant.id()), change.as_change(), created_at).unwrap();
+        self.attacks.after_revocation.insert(envelope.id());
+        count(&ATTACKS.writes_after_revocation);
+        vec![Item::envelope(&envelope)]
     }
 
     // ---- the patient's CLI
@@ -1000,7 +1252,9 @@ impl World {
                 for offer in offers {
                     count(&COVERAGE.offers);
                     let client = client.expect("an offer to the patient, who takes none");
-                    let x = self.patient_index(&offer.patient);
+                    let Some(x) = self.patient_index(&offer.patient) else {
+                        continue;
+                    };
                     let c = offer.collection;
                     assert!(
                         self.may_have_envelopes(server, client, x, c).await,
@@ -1028,7 +1282,7 @@ impl World {
             }
             Response::Summary { consent, collections } => {
                 if let (Some(client), Flow::Summary { patient }) = (client, flow) {
-                    let x = self.patients.iter().position(|p| p.id() == *patient).unwrap();
+                    let x = self.patient_index(patient).unwrap();
                     for (c, ids) in collections {
                         if !ids.is_empty() {
                             assert!(
@@ -1045,6 +1299,10 @@ impl World {
         };
         for item in items {
             let meta = ItemMeta::describe(item).unwrap();
+            // An attacker's own patient: not judged, nor audited here.
+            let Some(x) = self.patient_index(&meta.patient) else {
+                continue;
+            };
             self.disclosed.insert((server, peer, meta.id));
             let Some(client) = client else {
                 assert!(
@@ -1055,7 +1313,6 @@ impl World {
                 );
                 continue;
             };
-            let x = self.patients.iter().position(|p| p.id() == meta.patient).unwrap();
             match item.kind {
                 ItemKind::Envelope => {
                     count(&COVERAGE.envelopes_disclosed);
@@ -1103,9 +1360,11 @@ impl World {
         c: Collection,
         payload: &SnapshotPayload,
     ) {
+        let Some(x) = self.patient_index(&patient) else {
+            return;
+        };
         count(&COVERAGE.transfers);
         self.transfers += 1;
-        let x = self.patient_index(&patient);
         assert!(
             self.may_have_envelopes(server, client, x, c).await,
             "§9.1: site {server} sent a {c} transfer of patient {x} to site {client} without a grant in force at {}",
@@ -1182,8 +1441,9 @@ impl World {
         }
     }
 
-    fn patient_index(&self, patient: &PatientId) -> usize {
-        self.patients.iter().position(|p| p.id() == *patient).unwrap()
+    /// The honest patient's index; `None` for a patient an attacker made.
+    fn patient_index(&self, patient: &PatientId) -> Option<usize> {
+        self.patients.iter().position(|p| p.id() == *patient)
     }
 
     async fn may_have_envelopes(&self, server: usize, client: usize, x: usize, c: Collection) -> bool {
@@ -1216,18 +1476,32 @@ impl World {
     // ---- §9.6
 
     /// Every readable envelope (and the current key) of a node is of an
-    /// epoch whose key the patient shared with it.
+    /// epoch whose key the patient shared with it, sealed under (and being)
+    /// the very key the patient made for that epoch (§9.7: no share of
+    /// another patient can stand in for it); no node holds an envelope
+    /// written under a grant after its revocation.
     fn check_keys(&self) {
         for i in 0..self.sites.len() {
             let node = &self.site(i).store.node;
             let me = self.practice(i);
             for (x, p) in self.patients.iter().enumerate() {
+                let made = |c: Collection, epoch: Epoch| p.cli.keys.get(&c).and_then(|k| k.get(epoch as usize));
                 for c in COLLECTIONS {
                     for e in node.envelopes(&p.id(), Some(c)).unwrap() {
+                        assert!(
+                            !self.attacks.after_revocation.contains(&e.id),
+                            "site {i} holds a {c} envelope of patient {x} written under a grant after its revocation"
+                        );
                         if e.state == EnvelopeState::Readable {
                             assert!(
                                 p.cli.shared(me, c, e.epoch),
                                 "§9.6: site {i} reads patient {x}'s {c} epoch {} without a key share for it",
+                                e.epoch
+                            );
+                            assert_eq!(
+                                Some(e.key_id),
+                                made(c, e.epoch).map(|k| k.key_id),
+                                "§9.7: site {i} reads patient {x}'s {c} epoch {} under a key id the patient did not make",
                                 e.epoch
                             );
                         }
@@ -1237,6 +1511,16 @@ impl World {
                             p.cli.shared(me, c, key.epoch),
                             "§9.6: site {i} holds patient {x}'s {c} epoch {} key",
                             key.epoch
+                        );
+                        let genuine = made(c, key.epoch).expect("a current epoch the patient never made");
+                        assert!(
+                            key.patient == p.id()
+                                && key.collection == c
+                                && key.key_id == genuine.key_id
+                                && key.secret() == genuine.secret(),
+                            "§9.7: site {i}'s current {c} key of patient {x} is not the one the patient made \
+                             (a colliding share of patient {} replaced it)",
+                            key.patient
                         );
                     }
                 }
@@ -1305,8 +1589,9 @@ impl World {
     fn check_audit(&self) {
         for i in 0..self.sites.len() {
             let mut audited = BTreeSet::new();
+            let honest: BTreeSet<String> = self.patients.iter().map(|p| p.id().to_string()).collect();
             for e in self.site(i).store.node.audit_entries(None).unwrap() {
-                if e.action == Action::Disclose {
+                if e.action == Action::Disclose && e.patient.as_ref().is_some_and(|p| honest.contains(p)) {
                     for item in e.items {
                         audited.insert((e.actor_id.clone(), item));
                     }
@@ -1412,14 +1697,15 @@ impl World {
     }
 }
 
-async fn run_schedule(s: Schedule) {
+async fn run_schedule(s: Schedule, adversaries: bool) {
     let mut world = World::new(s.nodes, s.patients).await;
     for op in &s.ops {
         world.run(op).await;
         world.check_keys();
     }
     world.settle().await;
-    if world.transfers > 0 {
+    // The transfer ratio asserted below is the honest schedules'.
+    if world.transfers > 0 && !adversaries {
         count(&COVERAGE.schedules_with_transfers);
     }
     if std::env::var("SCHEDULE_DEBUG").is_ok() {
@@ -1461,8 +1747,8 @@ fn random_schedules_keep_consent_and_converge() {
     };
     let mut runner = TestRunner::new(config);
     runner
-        .run(&schedule(), |s| {
-            block_on(run_schedule(s));
+        .run(&schedule(false), |s| {
+            block_on(run_schedule(s, false));
             Ok(())
         })
         .unwrap();
@@ -1501,6 +1787,54 @@ fn random_schedules_keep_consent_and_converge() {
         "transfers ran in only {with_transfers} of {} schedules",
         cases()
     );
+}
+
+fn adversary_cases() -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(8)
+}
+
+/// Issue 15's property test: the random schedules with attackers' crafted
+/// items pushed into the nodes between the honest steps (see the module
+/// comment); §9.1 and §9.6 — and the key binding of §9.7 — hold for every
+/// honest patient after every step, and the nodes still converge.
+#[test]
+#[ignore = "issue 15: fails until key-id collision and seq gap / cut inflation are fixed"]
+fn random_schedules_with_adversaries_keep_consent() {
+    let config = ProptestConfig {
+        cases: adversary_cases(),
+        failure_persistence: None,
+        rng_seed: std::env::var("PROPTEST_RNG_SEED")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map_or(RngSeed::Fixed(15), RngSeed::Fixed),
+        ..ProptestConfig::default()
+    };
+    let mut runner = TestRunner::new(config);
+    runner
+        .run(&schedule(true), |s| {
+            block_on(run_schedule(s, true));
+            Ok(())
+        })
+        .unwrap();
+    let a = &ATTACKS;
+    let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    let figures = [
+        ("colliding key shares and grant ids", get(&a.colliding_shares)),
+        ("seq 2^62 envelopes", get(&a.inflated_seqs)),
+        ("writes after a revocation", get(&a.writes_after_revocation)),
+        (
+            "writes after a revocation by an inflated actor",
+            get(&a.writes_after_inflated_cut),
+        ),
+        ("strangers' grants with hints", get(&a.stranger_grants)),
+    ];
+    println!("{} schedules with adversaries: {figures:?}", adversary_cases());
+    for (what, n) in figures {
+        assert!(n > 0, "the schedules never attacked with: {what}");
+    }
 }
 
 /// The minimised case the schedules once found: a patient grants practice A

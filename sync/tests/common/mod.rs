@@ -17,7 +17,10 @@ use medmesh_crypto::{
 };
 use medmesh_node::store::ItemKind as NodeKind;
 use medmesh_node::{Incoming, Node};
-use medmesh_sync::{Config, Item, ItemKind, NodeBackend, PeerId, SyncHandle};
+use medmesh_sync::{Config, Item, ItemKind, Multiaddr, NodeBackend, PeerId, SyncHandle};
+
+pub mod client;
+pub mod forge;
 
 /// How long any wait may take before the test fails.
 pub const WAIT: Duration = Duration::from_secs(30);
@@ -163,6 +166,24 @@ impl Practice {
 
     pub fn practice(&self) -> PracticeId {
         self.key.practice_id().unwrap()
+    }
+
+    /// The address its swarm listens on (127.0.0.1).
+    pub async fn addr(&self) -> Multiaddr {
+        self.sync.listen_addrs().await.unwrap().remove(0)
+    }
+
+    /// Stops the sync actor, closes the store and starts both again from
+    /// the store's directory, as a node process restart does.
+    pub async fn restart(self) -> Self {
+        self.sync.shutdown().await.unwrap();
+        self.node.close().await;
+        let Self { key, node, sync, _dir } = self;
+        drop((node, sync));
+        let node = open_node(_dir.path(), &key).await;
+        let backend = NodeBackend::new(node.clone());
+        let sync = SyncHandle::spawn(quiet_config(), &key, backend).await.unwrap();
+        Self { key, node, sync, _dir }
     }
 }
 
