@@ -16,10 +16,11 @@ use serde_json::{Value, json};
 
 use crate::auth::Token;
 use crate::backend::{Backend, HistoryEntry, SignedKind};
-use crate::fhir::bundle::{SearchMode, Searchset};
+use crate::fhir::bundle::{SearchMode, Searchset, parse_request_bundle};
 use crate::fhir::capability::capability_statement;
 use crate::fhir::outcome::{ApiError, FHIR_JSON, Issue, IssueType, OperationOutcome, fhir_response};
-use crate::fhir::search_params::{SearchRequest, parse_search};
+use crate::fhir::search_params::{Page, SearchRequest, parse_search};
+use crate::fhir::shape;
 use crate::fhir::validate::{is_supported_type, validate};
 use crate::metrics::HttpMetrics;
 use medmesh_node::records::RenderedResource;
@@ -54,6 +55,8 @@ impl Config {
 
 struct AppState<B> {
     backend: Arc<B>,
+    /// Large bodies parsed and validated at once ([`AppState::off_thread`]).
+    parsers: Arc<tokio::sync::Semaphore>,
     /// Buffers that searchset Bundles are written into, reused.
     buffers: Arc<Buffers>,
     /// `GET /openapi.json`, serialized once.
@@ -68,8 +71,10 @@ type Shared<B> = State<Arc<AppState<B>>>;
 /// The whole gateway as an axum `Router`.
 pub fn router<B: Backend>(backend: Arc<B>, token: Token, config: Config) -> Router {
     let openapi = serde_json::to_vec(&crate::openapi::document(&config.base_url)).unwrap_or_default();
+    let parsers = std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get);
     let state = Arc::new(AppState {
         backend,
+        parsers: Arc::new(tokio::sync::Semaphore::new(parsers)),
         buffers: Arc::default(),
         openapi,
         token,
@@ -298,8 +303,8 @@ pub(crate) fn check_type(resource_type: &str) -> Result<(), ApiError> {
     }
 }
 
-/// Reads a JSON body: media type (415), size (413), syntax (400).
-async fn read_json(headers: &HeaderMap, body: Body, limit: usize) -> Result<Value, ApiError> {
+/// Reads a JSON body's bytes: media type (415), size (413).
+async fn read_json_bytes(headers: &HeaderMap, body: Body, limit: usize) -> Result<Vec<u8>, ApiError> {
     let media_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -310,12 +315,77 @@ async fn read_json(headers: &HeaderMap, body: Body, limit: usize) -> Result<Valu
     ) {
         return Err(ApiError::UnsupportedMediaType);
     }
-    let bytes = read_body(headers, body, limit).await?;
-    let value: Value = serde_json::from_slice(&bytes).map_err(|e| ApiError::malformed_json(&e))?;
+    read_body(headers, body, limit).await
+}
+
+/// Parses a JSON body: structural limits (413, before anything is built), syntax (400).
+fn parse_json(bytes: &[u8]) -> Result<Value, ApiError> {
+    shape::check(bytes).map_err(|exceeded| ApiError::TooComplex(exceeded.to_string()))?;
+    let value: Value = serde_json::from_slice(bytes).map_err(|e| ApiError::malformed_json(&e))?;
     if !value.is_object() {
         return Err(ApiError::MalformedBody("expected a JSON object".to_owned()));
     }
     Ok(value)
+}
+
+/// Bodies up to this size are parsed and validated where they are received:
+/// that takes well under a millisecond. Larger ones go to the blocking pool.
+const INLINE_BODY_BYTES: usize = 64 * 1024;
+
+impl<B> AppState<B> {
+    /// Runs `work` on a body of `len` bytes (parsing, validating) off the async
+    /// worker threads when the body is large, at most [`AppState::parsers`] at
+    /// once: a few large bodies must not stall every other request. The work
+    /// itself is bounded ([`shape`] limits, [`crate::fhir::validate::BUDGET`]),
+    /// so a request given up on by its timeout still frees its permit soon.
+    async fn off_thread<T: Send + 'static>(
+        &self,
+        len: usize,
+        work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        if len <= INLINE_BODY_BYTES {
+            return work();
+        }
+        let permit = Arc::clone(&self.parsers)
+            .acquire_owned()
+            .await
+            .map_err(|_| ApiError::Internal)?;
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            work()
+        })
+        .await
+        .map_err(|e| {
+            tracing::error!(cause = %e, "parsing a request body failed");
+            ApiError::Internal
+        })?
+    }
+
+    /// A resource body of `resource_type` (as in the URL), parsed, checked by
+    /// `check` and validated.
+    async fn read_resource(
+        &self,
+        headers: &HeaderMap,
+        body: Body,
+        resource_type: &str,
+        check: impl FnOnce(&Value) -> Result<(), ApiError> + Send + 'static,
+    ) -> Result<Value, ApiError> {
+        let bytes = read_json_bytes(headers, body, self.config.body_limit).await?;
+        let resource_type = resource_type.to_owned();
+        self.off_thread(bytes.len(), move || {
+            let resource = parse_json(&bytes)?;
+            if resource.get("resourceType").and_then(Value::as_str) != Some(resource_type.as_str()) {
+                return Err(ApiError::Unprocessable(vec![
+                    Issue::error(IssueType::Invalid, "resourceType does not match the URL")
+                        .at(format!("{resource_type}.resourceType")),
+                ]));
+            }
+            check(&resource)?;
+            validate(&resource).map_err(ApiError::Unprocessable)?;
+            Ok(resource)
+        })
+        .await
+    }
 }
 
 async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Vec<u8>, ApiError> {
@@ -417,7 +487,10 @@ async fn system_interaction<B: Backend>(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let bundle = read_json(&headers, body, state.config.body_limit).await?;
+    let bytes = read_json_bytes(&headers, body, state.config.body_limit).await?;
+    let bundle = state
+        .off_thread(bytes.len(), move || parse_request_bundle(parse_json(&bytes)?))
+        .await?;
     let context = crate::transaction::Context {
         backend: state.backend.as_ref(),
         base_url: &state.config.base_url,
@@ -435,14 +508,7 @@ async fn create<B: Backend>(
     body: Body,
 ) -> Result<Response, ApiError> {
     check_type(&resource_type)?;
-    let resource = read_json(&headers, body, state.config.body_limit).await?;
-    if resource.get("resourceType").and_then(Value::as_str) != Some(resource_type.as_str()) {
-        return Err(ApiError::Unprocessable(vec![
-            Issue::error(IssueType::Invalid, "resourceType does not match the URL")
-                .at(format!("{resource_type}.resourceType")),
-        ]));
-    }
-    validate(&resource).map_err(ApiError::Unprocessable)?;
+    let resource = state.read_resource(&headers, body, &resource_type, |_| Ok(())).await?;
     let minimal = prefers_minimal(&headers);
     // Conditional create (FHIR R4 §3.1.0.8.1): `If-None-Exist: identifier=…`.
     let stored = match headers.get(IF_NONE_EXIST) {
@@ -553,20 +619,18 @@ async fn update<B: Backend>(
 ) -> Result<Response, ApiError> {
     check_type(&resource_type)?;
     let explicit = if_match(&headers)?;
-    let resource = read_json(&headers, body, state.config.body_limit).await?;
-    if resource.get("resourceType").and_then(Value::as_str) != Some(resource_type.as_str()) {
-        return Err(ApiError::Unprocessable(vec![
-            Issue::error(IssueType::Invalid, "resourceType does not match the URL")
-                .at(format!("{resource_type}.resourceType")),
-        ]));
-    }
-    if resource.get("id").and_then(Value::as_str) != Some(id.as_str()) {
-        return Err(ApiError::InvalidRequest(vec![
-            Issue::error(IssueType::Invalid, "the body's id must equal the id in the URL")
-                .at(format!("{resource_type}.id")),
-        ]));
-    }
-    validate(&resource).map_err(ApiError::Unprocessable)?;
+    let (url_id, id_path) = (id.clone(), format!("{resource_type}.id"));
+    let resource = state
+        .read_resource(&headers, body, &resource_type, move |resource| {
+            if resource.get("id").and_then(Value::as_str) == Some(url_id.as_str()) {
+                Ok(())
+            } else {
+                Err(ApiError::InvalidRequest(vec![
+                    Issue::error(IssueType::Invalid, "the body's id must equal the id in the URL").at(id_path),
+                ]))
+            }
+        })
+        .await?;
     let body_version = resource
         .pointer("/meta/versionId")
         .and_then(Value::as_str)
@@ -646,38 +710,27 @@ async fn history<B: Backend>(state: &AppState<B>, resource_type: &str, id: &str)
     Ok(fhir_response(StatusCode::OK, &bundle))
 }
 
-/// `_count` and `_offset` of `$everything`.
-fn paging(query: &str, max_count: usize) -> Result<(usize, usize), ApiError> {
-    let mut count = crate::fhir::search_params::DEFAULT_COUNT.min(max_count);
-    let mut offset = 0;
+/// `_count` and `_offset` of `$everything`; other parameters are ignored.
+fn paging(query: &str, max_count: usize) -> Result<Page, ApiError> {
+    let mut page = Page::first(max_count);
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        let parse = |param: &str| {
-            value.parse::<usize>().map_err(|_| ApiError::InvalidParam {
-                param: param.to_owned(),
-                reason: "expected a non-negative integer".to_owned(),
-            })
-        };
-        match key {
-            "_count" => count = parse("_count")?.min(max_count),
-            "_offset" => offset = parse("_offset")?,
-            _ => {}
-        }
+        page.read(key, value, max_count)?;
     }
-    Ok((count, offset))
+    Ok(page)
 }
 
 async fn everything<B: Backend>(state: &AppState<B>, id: &str, query: &str) -> Result<Response, ApiError> {
-    let (count, offset) = paging(query, state.config.max_count)?;
+    let page = paging(query, state.config.max_count)?;
     let all = state.backend.everything(id).await?;
     let base = &state.config.base_url;
-    let link = |offset: usize| format!("{base}/Patient/{id}/$everything?_count={count}&_offset={offset}");
-    let mut bundle = Searchset::new(link(offset), base.as_str()).total(all.len());
-    if offset + count < all.len() {
-        bundle = bundle.next(link(offset + count));
+    let link = |offset: usize| format!("{base}/Patient/{id}/$everything?_count={}&_offset={offset}", page.count);
+    let mut bundle = Searchset::new(link(page.offset), base.as_str()).total(all.len());
+    if let Some(next) = page.next_offset(all.len()) {
+        bundle = bundle.next(link(next));
     }
     let mut bundle = bundle;
-    for resource in all.iter().skip(offset).take(count) {
+    for resource in page.of(&all) {
         let mode = if resource.resource_type() == "Patient" && resource.id() == id {
             SearchMode::Match
         } else {
@@ -717,12 +770,12 @@ async fn search<B: Backend>(
 pub(crate) fn searchset(base: &str, request: &SearchRequest, matches: &[Arc<RenderedResource>]) -> Searchset {
     let resource_type = &request.resource_type;
     let page = |offset: usize| format!("{base}/{resource_type}?{}", request.page_query(offset));
-    let mut bundle = Searchset::new(page(request.offset), base).total(matches.len());
-    if request.offset + request.count < matches.len() {
-        bundle = bundle.next(page(request.offset + request.count));
+    let mut bundle = Searchset::new(page(request.page.offset), base).total(matches.len());
+    if let Some(next) = request.page.next_offset(matches.len()) {
+        bundle = bundle.next(page(next));
     }
     let mut bundle = bundle;
-    for resource in matches.iter().skip(request.offset).take(request.count) {
+    for resource in request.page.of(matches) {
         bundle.push_rendered(Arc::clone(resource), SearchMode::Match);
     }
     if !request.unknown.is_empty() {

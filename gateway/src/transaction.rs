@@ -18,8 +18,8 @@ use serde_json::Value;
 
 use crate::backend::{Backend, TxFailure, TxOp, TxResult};
 use crate::fhir::bundle::{
-    BundleKind, EntryResponse, Method, RequestBundle, RequestEntry, parse_request_bundle, response_bundle,
-    rewrite_references, transaction_order,
+    BundleKind, EntryResponse, Method, RequestBundle, RequestEntry, response_bundle, rewrite_references,
+    transaction_order,
 };
 use crate::fhir::outcome::{ApiError, Issue, IssueType};
 use crate::fhir::primitive::{DateKind, PartialDateTime};
@@ -35,14 +35,14 @@ pub(crate) struct Context<'a, B> {
     pub(crate) minimal: bool,
 }
 
-/// Processes a `transaction` or `batch` Bundle; returns the response Bundle.
+/// Processes a `transaction` or `batch` Bundle, parsed and validated by
+/// [`crate::fhir::bundle::parse_request_bundle`]; returns the response Bundle.
 ///
 /// # Errors
 /// For a transaction, the first entry that cannot be honoured (its status,
-/// issues under `Bundle.entry[i]`); for either, a body that is not a
-/// transaction or batch Bundle.
-pub(crate) async fn process<B: Backend>(context: &Context<'_, B>, bundle: Value) -> Result<Value, ApiError> {
-    match parse_request_bundle(bundle)? {
+/// issues under `Bundle.entry[i]`).
+pub(crate) async fn process<B: Backend>(context: &Context<'_, B>, bundle: RequestBundle) -> Result<Value, ApiError> {
+    match bundle {
         RequestBundle::Transaction(entries) => transaction(context, entries).await,
         RequestBundle::Batch(entries) => Ok(batch(context, entries).await),
     }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use medmesh_node::records::RenderedResource;
 use serde_json::{Map, Value, json};
 
-use super::outcome::{ApiError, Issue, IssueType};
+use super::outcome::{ApiError, Issue, IssueType, cap_issues};
 use super::primitive;
 use super::validate::validate;
 
@@ -516,6 +516,7 @@ pub fn parse_request_bundle(bundle: Value) -> Result<RequestBundle, ApiError> {
                     }
                 }
             }
+            let issues = cap_issues(issues);
             match (issues.is_empty(), status) {
                 (true, _) => Ok(RequestBundle::Transaction(ok)),
                 (false, 400) => Err(ApiError::InvalidRequest(issues)),

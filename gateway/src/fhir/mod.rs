@@ -10,6 +10,7 @@ pub mod capability;
 pub mod outcome;
 pub mod primitive;
 pub mod search_params;
+pub mod shape;
 mod types;
 pub mod validate;
 

@@ -84,6 +84,8 @@ pub enum IssueType {
     Transient,
     /// More than one resource matched a conditional request.
     MultipleMatches,
+    /// `too-costly`: the work was stopped, or not begun, to protect the server.
+    TooCostly,
 }
 
 impl IssueType {
@@ -112,6 +114,7 @@ impl IssueType {
             Self::BusinessRule => "business-rule",
             Self::Transient => "transient",
             Self::MultipleMatches => "multiple-matches",
+            Self::TooCostly => "too-costly",
         }
     }
 }
@@ -148,6 +151,21 @@ impl Issue {
         }
     }
 
+    /// The note that ends a list cut at [`MAX_ISSUES`] errors.
+    pub fn truncation() -> Self {
+        Self {
+            severity: Severity::Information,
+            code: IssueType::TooCostly,
+            diagnostics: format!("validation stopped after {MAX_ISSUES} issues; there may be more"),
+            expression: Vec::new(),
+        }
+    }
+
+    /// Whether this is a [`Issue::truncation`] note (wherever it was re-rooted).
+    pub fn is_truncation(&self) -> bool {
+        self.severity == Severity::Information && self.code == IssueType::TooCostly
+    }
+
     /// Adds one FHIRPath expression.
     #[must_use]
     pub fn at(mut self, expression: impl Into<String>) -> Self {
@@ -168,6 +186,28 @@ impl Issue {
         }
         Value::Object(issue)
     }
+}
+
+/// Most issues one validation (a resource, or a transaction's entries together)
+/// reports: a body with a million bad elements must not answer a million issues.
+pub const MAX_ISSUES: usize = 100;
+
+/// The first [`MAX_ISSUES`] of `issues` (notes of earlier cuts dropped), then
+/// [`Issue::truncation`] when any was cut.
+pub fn cap_issues(issues: Vec<Issue>) -> Vec<Issue> {
+    let mut cut = false;
+    let mut kept = Vec::with_capacity(issues.len().min(MAX_ISSUES + 1));
+    for issue in issues {
+        if issue.is_truncation() || kept.len() == MAX_ISSUES {
+            cut = true;
+        } else {
+            kept.push(issue);
+        }
+    }
+    if cut {
+        kept.push(Issue::truncation());
+    }
+    kept
 }
 
 /// Builds an `OperationOutcome` resource.
@@ -292,6 +332,10 @@ pub enum ApiError {
         /// The limit in bytes.
         limit_bytes: usize,
     },
+    /// 413: the body crosses a structural limit (values, array items, depth);
+    /// it is refused before it is parsed or validated.
+    #[error("request body too complex: {0}")]
+    TooComplex(String),
     /// 415: the body is not `application/fhir+json` or `application/json`.
     #[error("unsupported media type")]
     UnsupportedMediaType,
@@ -337,7 +381,7 @@ impl ApiError {
             Self::Conflict(_) => 409,
             Self::Gone { .. } => 410,
             Self::PreconditionFailed { .. } | Self::MultipleMatches(_) => 412,
-            Self::PayloadTooLarge { .. } => 413,
+            Self::PayloadTooLarge { .. } | Self::TooComplex(_) => 413,
             Self::UnsupportedMediaType => 415,
             Self::Unprocessable(_) => 422,
             Self::InEntry { source, .. } => source.status(),
@@ -364,6 +408,7 @@ impl ApiError {
             Self::Conflict(_) | Self::PreconditionFailed { .. } => one(IssueType::Conflict, self.to_string()),
             Self::MultipleMatches(_) => one(IssueType::MultipleMatches, self.to_string()),
             Self::PayloadTooLarge { .. } => one(IssueType::TooLong, self.to_string()),
+            Self::TooComplex(_) => one(IssueType::TooCostly, self.to_string()),
             Self::InEntry { index, source } => {
                 let prefix = format!("entry {index}: ");
                 let at = format!("Bundle.entry[{index}]");
@@ -434,6 +479,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn issues_are_capped_with_one_note() {
+        let errors = |n: usize| (0..n).map(|i| Issue::error(IssueType::Value, format!("e{i}")));
+        assert_eq!(cap_issues(errors(MAX_ISSUES).collect()).len(), MAX_ISSUES);
+        let capped = cap_issues(errors(MAX_ISSUES + 1).collect());
+        assert_eq!(capped.len(), MAX_ISSUES + 1);
+        assert_eq!(capped.last(), Some(&Issue::truncation()));
+        // Two cut lists together: one note, at the end.
+        let mut both = cap_issues(errors(150).collect());
+        both.extend(cap_issues(errors(150).collect()));
+        let capped = cap_issues(both);
+        assert_eq!(capped.len(), MAX_ISSUES + 1);
+        assert_eq!(capped.iter().filter(|i| **i == Issue::truncation()).count(), 1);
+        assert_eq!(capped.last(), Some(&Issue::truncation()));
+        // A short list with a note keeps it.
+        let short = cap_issues(vec![Issue::error(IssueType::Value, "e"), Issue::truncation()]);
+        assert_eq!(short.len(), 2);
+    }
+
+    #[test]
     fn statuses_and_outcomes() {
         let cases: Vec<(ApiError, u16, &str)> = vec![
             (ApiError::MalformedBody("x".into()), 400, "structure"),
@@ -480,6 +544,7 @@ mod tests {
                 "conflict",
             ),
             (ApiError::PayloadTooLarge { limit_bytes: 10 }, 413, "too-long"),
+            (ApiError::TooComplex("deep".into()), 413, "too-costly"),
             (ApiError::UnsupportedMediaType, 415, "not-supported"),
             (
                 ApiError::Unprocessable(vec![Issue::error(IssueType::Value, "v").at("Patient.id")]),

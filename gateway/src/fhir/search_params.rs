@@ -8,9 +8,11 @@
 //!
 //! Here:
 //! - `_count` defaults to [`DEFAULT_COUNT`] and is capped at the server's maximum.
+//!   `_count=0` asks for the total only (FHIR's summary count): no entries, no `next`.
 //! - Paging is by offset: `_offset=N` skips the first N matches in the server's order.
 //!   Next links carry `_offset`. Offsets are not snapshots: writes between pages can
-//!   shift results by a few entries.
+//!   shift results by a few entries. Every offset sum saturates ([`Page`]): an offset
+//!   near `usize::MAX` is an empty last page, never a wrapped `next` link.
 //! - `_format` (json only) and `_pretty` are accepted.
 //! - Names and values are `application/x-www-form-urlencoded`-decoded (`+` is a
 //!   space, `%XX` a byte); links re-encode every character but the unreserved ones
@@ -30,15 +32,66 @@ use super::validate::is_supported_type;
 /// `_count` when the client gives none.
 pub const DEFAULT_COUNT: usize = 50;
 
+/// One page of a result list: `_count` and `_offset`, shared by searches and
+/// `$everything`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Page {
+    /// Page size, capped at the server maximum; 0 asks for the total only.
+    pub count: usize,
+    /// Matches to skip (the page cursor).
+    pub offset: usize,
+}
+
+impl Page {
+    /// The first page of the default size.
+    pub fn first(max_count: usize) -> Self {
+        Self {
+            count: DEFAULT_COUNT.min(max_count),
+            offset: 0,
+        }
+    }
+
+    /// Reads `_count` or `_offset` (decoded `value`); `Ok(false)` for any other name.
+    ///
+    /// # Errors
+    /// [`ApiError::InvalidParam`] for a value that is not a `usize`.
+    pub fn read(&mut self, name: &str, value: &str, max_count: usize) -> Result<bool, ApiError> {
+        let number = || {
+            value
+                .parse::<usize>()
+                .map_err(|_| invalid(name, "must be a non-negative integer"))
+        };
+        match name {
+            "_count" => self.count = number()?.min(max_count),
+            "_offset" => self.offset = number()?,
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// The offset of the page after this one, when `total` matches leave one.
+    /// None for `_count=0`, whose answer is the total alone: a `next` equal to
+    /// `self` would send clients that follow it round forever.
+    pub fn next_offset(&self, total: usize) -> Option<usize> {
+        let next = self.offset.saturating_add(self.count);
+        (self.count > 0 && next < total).then_some(next)
+    }
+
+    /// This page's share of `all` (empty past the end).
+    pub fn of<'a, T>(&self, all: &'a [T]) -> &'a [T] {
+        let start = self.offset.min(all.len());
+        let end = self.offset.saturating_add(self.count).min(all.len());
+        &all[start..end]
+    }
+}
+
 /// A parsed search request for one resource type.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SearchRequest {
     /// The resource type searched.
     pub resource_type: String,
-    /// Page size, capped at the server maximum.
-    pub count: usize,
-    /// Matches to skip (the page cursor).
-    pub offset: usize,
+    /// Which page of the matches to answer.
+    pub page: Page,
     /// What to match: the recognised parameters, parsed by the node's search.
     pub query: Query,
     /// The `patient` parameter as given, for the read-only views (Consent,
@@ -71,7 +124,7 @@ impl SearchRequest {
             .iter()
             .map(|(k, v)| format!("{}={}", encode(k), encode(v)))
             .collect();
-        parts.push(format!("_count={}", self.count));
+        parts.push(format!("_count={}", self.page.count));
         if offset > 0 {
             parts.push(format!("_offset={offset}"));
         }
@@ -117,8 +170,7 @@ pub fn parse_search(resource_type: &str, query: &str, max_count: usize) -> Resul
                 search::supports(resource_type, name)
             }
     };
-    let mut count = DEFAULT_COUNT.min(max_count);
-    let mut offset = 0;
+    let mut page = Page::first(max_count);
     let mut pretty = false;
     let mut unknown: Vec<String> = Vec::new();
     let mut kept = Vec::new();
@@ -145,14 +197,10 @@ pub fn parse_search(resource_type: &str, query: &str, max_count: usize) -> Resul
             ("patient" | "subject", None | Some("Patient")) | (_, None) => {}
             (_, Some(_)) => return Err(invalid(&name, "modifier not supported")),
         }
-        let parse_count = |param: &str| {
-            value
-                .parse::<usize>()
-                .map_err(|_| invalid(param, "must be a non-negative integer"))
-        };
+        if page.read(&name, &value, max_count)? {
+            continue;
+        }
         match name.as_str() {
-            "_count" => count = parse_count("_count")?.min(max_count),
-            "_offset" => offset = parse_count("_offset")?,
             "_format" => {
                 if !matches!(
                     value.as_str(),
@@ -186,8 +234,7 @@ pub fn parse_search(resource_type: &str, query: &str, max_count: usize) -> Resul
     };
     Ok(SearchRequest {
         resource_type: resource_type.to_owned(),
-        count,
-        offset,
+        page,
         query,
         view_patient,
         pretty,
@@ -249,14 +296,37 @@ mod tests {
     #[test]
     fn counts_and_paging() {
         let r = parse("Observation", "").unwrap();
-        assert_eq!((r.count, r.offset), (DEFAULT_COUNT, 0));
-        assert_eq!(parse("Observation", "_count=10&_offset=20").unwrap().count, 10);
-        assert_eq!(parse("Observation", "_count=10&_offset=20").unwrap().offset, 20);
-        assert_eq!(parse("Observation", "_count=100000").unwrap().count, 200);
-        assert_eq!(parse_search("Observation", "", 10).unwrap().count, 10);
+        assert_eq!(
+            r.page,
+            Page {
+                count: DEFAULT_COUNT,
+                offset: 0
+            }
+        );
+        assert_eq!(
+            parse("Observation", "_count=10&_offset=20").unwrap().page,
+            Page { count: 10, offset: 20 }
+        );
+        assert_eq!(parse("Observation", "_count=100000").unwrap().page.count, 200);
+        assert_eq!(parse_search("Observation", "", 10).unwrap().page.count, 10);
         assert_eq!(bad_param("Observation", "_count=-1"), "_count");
         assert_eq!(bad_param("Observation", "_count=abc"), "_count");
         assert_eq!(bad_param("Observation", "_offset=1.5"), "_offset");
+    }
+
+    #[test]
+    fn page_arithmetic_saturates() {
+        let page = |count, offset| Page { count, offset };
+        let all = [1, 2, 3];
+        assert_eq!(page(2, 0).next_offset(3), Some(2));
+        assert_eq!(page(2, 2).next_offset(3), None);
+        assert_eq!(page(0, 0).next_offset(3), None, "_count=0: the total only");
+        assert_eq!(page(20, usize::MAX - 1).next_offset(3), None);
+        assert_eq!(page(usize::MAX, 1).next_offset(usize::MAX), None);
+        assert_eq!(page(2, 1).of(&all), &[2, 3]);
+        assert_eq!(page(0, 0).of(&all), &[] as &[i32]);
+        assert_eq!(page(20, usize::MAX - 1).of(&all), &[] as &[i32]);
+        assert_eq!(page(usize::MAX, 2).of(&all), &[3]);
     }
 
     #[test]

@@ -25,10 +25,17 @@
 //! only when their type is not in the table) and must not contain resources themselves.
 //!
 //! Diagnostics name paths and, for code elements, the bad code; never other values.
+//!
+//! The work is bounded: the walk stops at [`MAX_ISSUES`] issues (the list then ends
+//! with [`Issue::truncation`]) and at [`BUDGET`] of time (an issue `too-costly`
+//! says so). Bodies are held to [`super::shape`]'s structural limits before they
+//! get here.
+
+use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
 
-use super::outcome::{Issue, IssueType};
+use super::outcome::{Issue, IssueType, MAX_ISSUES};
 use super::primitive::{self, DateKind};
 use super::types::{self, Rule};
 
@@ -41,8 +48,36 @@ pub use super::types::SUPPORTED_TYPES;
 /// All issues found, each with its issue-type code and the FHIRPath of the offending
 /// element.
 pub fn validate(resource: &Value) -> Result<(), Vec<Issue>> {
-    let mut v = Validator::default();
+    validate_until(resource, Instant::now() + BUDGET)
+}
+
+/// The time one validation may take. A resource within the structural limits
+/// validates in well under a second; this is a backstop, not a tuning knob.
+pub const BUDGET: Duration = Duration::from_secs(2);
+
+/// Elements visited between two looks at the clock.
+const CLOCK_EVERY: u32 = 1024;
+
+/// [`validate`] that stops at `deadline` with an issue `too-costly`.
+///
+/// # Errors
+/// As [`validate`].
+pub fn validate_until(resource: &Value, deadline: Instant) -> Result<(), Vec<Issue>> {
+    let mut v = Validator {
+        issues: Vec::new(),
+        deadline,
+        visited: 0,
+        stopped: None,
+    };
     v.resource(resource, None, true);
+    match v.stopped {
+        Some(Stop::Issues) => v.issues.push(Issue::truncation()),
+        Some(Stop::Deadline) => v.issues.push(Issue::error(
+            IssueType::TooCostly,
+            format!("validation stopped: it took longer than {} s", BUDGET.as_secs()),
+        )),
+        None => {}
+    }
     if v.issues.is_empty() { Ok(()) } else { Err(v.issues) }
 }
 
@@ -325,14 +360,41 @@ fn prim_of(name: &str, parent: &str) -> Option<Prim> {
     }
 }
 
-#[derive(Default)]
 struct Validator {
     issues: Vec<Issue>,
+    deadline: Instant,
+    /// Elements visited, for [`CLOCK_EVERY`].
+    visited: u32,
+    /// Why the walk stopped early, if it did.
+    stopped: Option<Stop>,
+}
+
+#[derive(Clone, Copy)]
+enum Stop {
+    Issues,
+    Deadline,
 }
 
 impl Validator {
     fn push(&mut self, code: IssueType, path: &str, diagnostics: impl Into<String>) {
-        self.issues.push(Issue::error(code, diagnostics).at(path));
+        self.add(Issue::error(code, diagnostics).at(path));
+    }
+
+    fn add(&mut self, issue: Issue) {
+        if self.issues.len() < MAX_ISSUES {
+            self.issues.push(issue);
+        } else {
+            self.stopped.get_or_insert(Stop::Issues);
+        }
+    }
+
+    /// Counts one element; whether the walk must stop (issues full, time up).
+    fn stop(&mut self) -> bool {
+        self.visited = self.visited.wrapping_add(1);
+        if self.visited.is_multiple_of(CLOCK_EVERY) && Instant::now() >= self.deadline {
+            self.stopped = Some(Stop::Deadline);
+        }
+        self.stopped.is_some()
     }
 
     /// Validates a resource at `path` (`None`: top level, path is its type).
@@ -343,7 +405,7 @@ impl Validator {
             if !at.is_empty() {
                 issue = issue.at(at);
             }
-            self.issues.push(issue);
+            self.add(issue);
             return;
         };
         let rt_path = path.map_or_else(|| "resourceType".to_owned(), |p| format!("{p}.resourceType"));
@@ -399,6 +461,9 @@ impl Validator {
         self.object(obj, &base, type_name.unwrap_or(""), true);
         if let Some(Value::Array(contained)) = obj.get("contained") {
             for (i, c) in contained.iter().enumerate() {
+                if self.stopped.is_some() {
+                    return;
+                }
                 let cp = format!("{base}.contained[{i}]");
                 if !top {
                     self.push(
@@ -423,6 +488,9 @@ impl Validator {
     fn object(&mut self, obj: &Map<String, Value>, path: &str, name: &str, is_resource: bool) {
         let mut choices: Vec<(&str, String)> = Vec::new();
         for (key, value) in obj {
+            if self.stop() {
+                return;
+            }
             if is_resource && (key == "resourceType" || key == "contained") {
                 if key == "contained" {
                     self.shape(value, &format!("{path}.contained"), true);
@@ -453,6 +521,9 @@ impl Validator {
                     let twin_key = if ext { elem.to_owned() } else { format!("_{elem}") };
                     let twin = obj.get(&twin_key).and_then(Value::as_array);
                     for (i, item) in items.iter().enumerate() {
+                        if self.stop() {
+                            return;
+                        }
                         let ip = format!("{child}[{i}]");
                         if item.is_null() {
                             if twin.and_then(|t| t.get(i)).is_none_or(Value::is_null) {
@@ -469,7 +540,7 @@ impl Validator {
         let mut seen: Vec<(&str, &str)> = Vec::new();
         for (prefix, child) in &choices {
             if let Some((_, first)) = seen.iter().find(|(p, _)| p == prefix) {
-                self.issues.push(
+                self.add(
                     Issue::error(
                         IssueType::Structure,
                         format!("only one alternative of {path}.{prefix}[x] may be present"),
@@ -1001,6 +1072,28 @@ mod tests {
             }
             assert_eq!(got, expected, "{name}");
         }
+    }
+
+    #[test]
+    fn stops_after_a_hundred_issues_and_says_so() {
+        let names = |n: usize| -> Vec<Value> { (0..n).map(|_| json!({})).collect() };
+        let exactly = validate(&json!({ "resourceType": "Patient", "name": names(MAX_ISSUES) })).unwrap_err();
+        assert_eq!(exactly.len(), MAX_ISSUES, "no note when nothing was cut");
+        let issues = validate(&json!({ "resourceType": "Patient", "name": names(5_000) })).unwrap_err();
+        assert_eq!(issues.len(), MAX_ISSUES + 1);
+        assert_eq!(issues.last(), Some(&Issue::truncation()));
+        assert_eq!(issues[MAX_ISSUES - 1].expression, ["Patient.name[99]"]);
+    }
+
+    #[test]
+    fn stops_at_its_deadline() {
+        let names: Vec<Value> = (0..5_000).map(|_| json!({ "family": "x" })).collect();
+        let patient = json!({ "resourceType": "Patient", "name": names });
+        assert_eq!(validate(&patient), Ok(()));
+        let issues = validate_until(&patient, Instant::now()).unwrap_err();
+        assert_eq!(issues.len(), 1, "{issues:?}");
+        assert_eq!(issues[0].code, IssueType::TooCostly);
+        assert_eq!(issues[0].severity, super::super::Severity::Error);
     }
 
     #[test]
