@@ -252,9 +252,11 @@ async fn key_id_collision_cannot_reseal_a_patients_writes() {
 /// The order reversed, and the node restarted (its registry rebuilt from
 /// the store): Y's share with the key id of X's core arrives at A first —
 /// X's epoch-0 key already exists (X's first practice used it) and Y read
-/// its id there — and X's genuine grant and share to A arrive after. A
-/// must still hold X's key: write X's core sealed as X and accept X's
-/// other practices' envelopes, before and after a restart.
+/// its id there — with an envelope that a practice M of Y's own making
+/// wrote under it (so the copied id is "in use" at A), and X's genuine
+/// grant and share to A arrive after. A must still hold X's key: write
+/// X's core sealed as X and accept X's other practices' envelopes, before
+/// and after a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_id_collision_arriving_first_does_not_cost_the_patient_its_key() {
     let a = Practice::start().await;
@@ -262,13 +264,20 @@ async fn key_id_collision_arriving_first_does_not_cost_the_patient_its_key() {
     let mut x = TestPatient::new().unwrap();
     let x_key = x.key(CORE, 0).unwrap();
     let y = TestPatient::new().unwrap();
+    let m = SecretIdentity::generate().unwrap();
     let y_key = forge::key_with_id(y.id(), CORE, 0, x_key.key_id);
     let y_share = KeyShare::create(&y_key, Principal::Practice(a.practice()), &y.identity, now()).unwrap();
-    let y_grant = forge::grant(&y.identity, Terms::read_write(a.practice(), &[CORE]));
+    let y_grant = forge::grant(&y.identity, Terms::read_write(m.practice_id().unwrap(), &[CORE]));
+    let in_use = sealed(&y_key, &m, &y_grant, &one_change(&m), now());
     let mut mallory = Peer::connect(&y.identity, &a).await;
-    mallory
-        .push(vec![Item::grant(&y_grant), Item::key_share(&y_share)])
+    let (accepted, _) = mallory
+        .pushed(vec![
+            Item::grant(&y_grant),
+            Item::key_share(&y_share),
+            Item::envelope(&in_use),
+        ])
         .await;
+    assert_eq!(accepted, 3, "Y's own record, on its own, is welcome at A");
 
     onboard(&a, &mut x, a.practice(), &[CORE]).await;
     let gb = onboard(&a, &mut x, b.practice_id().unwrap(), &[CORE]).await;
@@ -310,15 +319,16 @@ async fn check_holds_key(
     a
 }
 
-/// Item 1's grant half: Y signs a grant reusing the id of X's grant (ids
-/// are in clear in every envelope header). Arriving after X's, it is
-/// refused (DESIGN §9.7); X's record at A is untouched.
+/// Item 1's grant half: Y signs a grant reusing the id of X's grant, read
+/// from the header of an envelope A wrote under it. Arriving after X's, it
+/// is refused (DESIGN §9.7); X's record at A is untouched.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "issue 15: fails until grant-id collision is fixed"]
 async fn grant_id_collision_after_the_patients_grant_is_refused() {
     let a = Practice::start().await;
     let mut x = TestPatient::new().unwrap();
     let gx = onboard(&a, &mut x, a.practice(), &[CORE]).await;
+    check_serves_patient(&a, &x).await;
     let y = TestPatient::new().unwrap();
     let y_grant = forge::grant(
         &y.identity,
@@ -340,8 +350,9 @@ async fn grant_id_collision_after_the_patients_grant_is_refused() {
 
 /// The other order: Y's grant reusing an id arrives before the patient's
 /// genuine grant with that id (Y read it at another practice and raced it
-/// here). The patient's grant must still be stored, forwarded to its
-/// grantee and honoured: the attacker cannot make a grant id unusable.
+/// here), with an envelope written under it. The patient's grant must
+/// still be stored, forwarded to its grantee and honoured: the attacker
+/// cannot make a grant id unusable.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grant_id_collision_before_the_patients_grant_costs_the_patient_nothing() {
     let a = Practice::start().await;
@@ -349,19 +360,24 @@ async fn grant_id_collision_before_the_patients_grant_costs_the_patient_nothing(
     let mut x = TestPatient::new().unwrap();
     onboard(&a, &mut x, a.practice(), &[CORE]).await;
     // X's grant to B, signed; Y saw its id and races a grant of its own here.
+    // Y's grant with that id goes to a practice M of Y's own making, which
+    // writes Y's record under it: the copied id is "in use" at A.
     let terms = Terms::read_write(b.practice(), &[CORE]);
-    let y = TestPatient::new().unwrap();
+    let mut y = TestPatient::new().unwrap();
+    let m = SecretIdentity::generate().unwrap();
     let y_grant = forge::grant(
         &y.identity,
         Terms {
-            grantee: a.practice(),
+            grantee: m.practice_id().unwrap(),
             ..terms.clone()
         },
     );
-    Peer::connect(&y.identity, &a)
+    let in_use = sealed(&y.key(CORE, 0).unwrap(), &m, &y_grant, &one_change(&m), now());
+    let (accepted, _) = Peer::connect(&y.identity, &a)
         .await
-        .push(vec![Item::grant(&y_grant)])
+        .pushed(vec![Item::grant(&y_grant), Item::envelope(&in_use)])
         .await;
+    assert_eq!(accepted, 2, "Y's own record, on its own, is welcome at A");
     // X submits the grant to B at A, with B's address (`--to <multiaddr>`).
     let gb = forge::grant(&x.identity, terms);
     let share = x.share(CORE, 0, Principal::Practice(b.practice())).unwrap();
