@@ -700,3 +700,65 @@ async fn consent_item_flood_from_self_made_identities_is_bounded() {
             .is_some()
     );
 }
+
+/// Item 7, the grants that name the node itself: every self-made patient
+/// may grant A, and a grant to A is a relationship the node honours hints
+/// of (where the patient's history is). One stranger pushing many such
+/// grants, each hinting at another PeerId on a listener the test owns,
+/// must not make A a port scanner: A dials at most a small burst of them,
+/// and an honest patient's grant is still delivered (on today's code all
+/// 64 are dialled at once, and A's connection to the honest grantee then
+/// waits behind them for longer than the test's deadline).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "issue 15: fails until dials on behalf of remote input are rate-limited"]
+async fn hints_in_many_self_made_grants_to_the_node_are_dialled_at_most_a_burst() {
+    const GRANTS: usize = 64;
+    const BURST: usize = 16;
+    let a = Practice::start().await;
+    let b = Practice::start().await;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut flood = Vec::new();
+    for _ in 0..GRANTS {
+        let z = TestPatient::new().unwrap();
+        let target = SecretIdentity::generate().unwrap().practice_id().unwrap().peer_id();
+        flood.push(Item::grant(&forge::grant(
+            &z.identity,
+            Terms {
+                address_hints: vec![format!("/ip4/127.0.0.1/tcp/{port}/p2p/{target}")],
+                ..Terms::read_write(a.practice(), &[CORE])
+            },
+        )));
+    }
+    Peer::connect(&SecretIdentity::generate().unwrap(), &a)
+        .await
+        .push(flood)
+        .await;
+
+    // An honest patient of A grants B, with B's address: A delivers it.
+    let mut h = TestPatient::new().unwrap();
+    onboard(&a, &mut h, a.practice(), &[CORE]).await;
+    let gb = forge::grant(&h.identity, Terms::read_write(b.practice(), &[CORE]));
+    Peer::connect(&h.identity, &a)
+        .await
+        .push_with_addrs(vec![Item::grant(&gb)], vec![b.addr().await])
+        .await;
+    until("A delivers the honest grant to B", || {
+        b.node.grants(&h.id()).contains(&gb)
+    })
+    .await;
+
+    let mut dialled = 0;
+    loop {
+        match listener.accept() {
+            Ok(_) => dialled += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("listener: {e}"),
+        }
+    }
+    assert!(
+        dialled <= BURST,
+        "A dialled {dialled} of the {GRANTS} hints one stranger's self-made grants carried"
+    );
+}
