@@ -762,3 +762,80 @@ async fn hints_in_many_self_made_grants_to_the_node_are_dialled_at_most_a_burst(
         "A dialled {dialled} of the {GRANTS} hints one stranger's self-made grants carried"
     );
 }
+
+/// Item 2's queue, attacked: an envelope whose seq is not the next for its
+/// actor waits for the gap to fill, in a bounded queue. Strangers fill it
+/// with gap envelopes of their own self-made patients (seq 2^62 for fresh
+/// actors, validly written under grants they made), before and after an
+/// honest grantee's changes reach A out of order. Whatever the queue does
+/// when full, it must never cost the honest write: once the grantee sends
+/// again what A does not hold, all of it is held readable (an envelope
+/// refused for room is retried; one recorded as rejected never is).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gap_queue_flood_never_costs_an_honest_out_of_order_write() {
+    const PER_PEER: usize = 1024;
+    let a = Practice::start().await;
+    let b = SecretIdentity::generate().unwrap();
+    let mut x = TestPatient::new().unwrap();
+    onboard(&a, &mut x, a.practice(), &[CORE]).await;
+    let gb = onboard(&a, &mut x, b.practice_id().unwrap(), &[CORE]).await;
+    let key0 = x.key(CORE, 0).unwrap();
+    let mut maker = ChangeMaker::new(&b.public_bytes()).unwrap();
+    let honest: Vec<Envelope> = (0..3)
+        .map(|i| sealed(&key0, &b, &gb, &maker.put(&format!("k{i}"), "v").unwrap(), now()))
+        .collect();
+    let mut from_b = Peer::connect(&b, &a).await;
+
+    let flood = async |a: &Practice| {
+        let mut z = TestPatient::new().unwrap();
+        let m = SecretIdentity::generate().unwrap();
+        let grant = forge::grant(&z.identity, Terms::read_write(m.practice_id().unwrap(), &[CORE]));
+        let key = z.key(CORE, 0).unwrap();
+        let mut items = vec![Item::grant(&grant)];
+        for _ in 0..PER_PEER {
+            let actor = ActorId::generate(&m.public_bytes()).unwrap();
+            items.push(Item::envelope(&sealed(
+                &key,
+                &m,
+                &grant,
+                &forge::change_with_seq(actor, 1 << 62),
+                now(),
+            )));
+        }
+        let mut peer = Peer::connect(&m, a).await;
+        for chunk in items.chunks(256) {
+            peer.push(chunk.to_vec()).await;
+        }
+    };
+
+    // The last change first (a gap), the flood, then the first two.
+    from_b.push(vec![Item::envelope(&honest[2])]).await;
+    flood(&a).await;
+    flood(&a).await;
+    from_b
+        .push(vec![Item::envelope(&honest[0]), Item::envelope(&honest[1])])
+        .await;
+    // The grantee sends again whatever A does not hold yet.
+    let mut missing = Vec::new();
+    for e in &honest {
+        if stored(&a, e.id()).await.is_none() {
+            missing.push(Item::envelope(e));
+        }
+    }
+    if !missing.is_empty() {
+        from_b.push(missing).await;
+    }
+    let held: Vec<EnvelopeState> = a
+        .node
+        .envelopes(&x.id(), Some(CORE))
+        .unwrap()
+        .into_iter()
+        .filter(|e| honest.iter().any(|h| h.id() == e.id))
+        .map(|e| e.state)
+        .collect();
+    assert_eq!(
+        held,
+        vec![EnvelopeState::Readable; 3],
+        "an honest grantee's out-of-order changes were lost to a flood of strangers' gap envelopes"
+    );
+}
