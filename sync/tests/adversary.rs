@@ -839,3 +839,37 @@ async fn gap_queue_flood_never_costs_an_honest_out_of_order_write() {
         "an honest grantee's out-of-order changes were lost to a flood of strangers' gap envelopes"
     );
 }
+
+/// The gap queue across a restart: an honest grantee's second change
+/// reaches A before its first; A restarts; the first arrives. Both end
+/// readable, without the grantee sending the second again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_out_of_order_write_waits_across_a_restart() {
+    let a = Practice::start().await;
+    let b = SecretIdentity::generate().unwrap();
+    let mut x = TestPatient::new().unwrap();
+    onboard(&a, &mut x, a.practice(), &[CORE]).await;
+    let gb = onboard(&a, &mut x, b.practice_id().unwrap(), &[CORE]).await;
+    let key0 = x.key(CORE, 0).unwrap();
+    let mut maker = ChangeMaker::new(&b.public_bytes()).unwrap();
+    let first = sealed(&key0, &b, &gb, &maker.put("k1", "v").unwrap(), now());
+    let second = sealed(&key0, &b, &gb, &maker.put("k2", "v").unwrap(), now());
+    Peer::connect(&b, &a).await.push(vec![Item::envelope(&second)]).await;
+    let a = a.restart().await;
+    Peer::connect(&b, &a).await.push(vec![Item::envelope(&first)]).await;
+    for e in [&first, &second] {
+        let state = a
+            .node
+            .envelopes(&x.id(), Some(CORE))
+            .unwrap()
+            .into_iter()
+            .find(|h| h.id == e.id())
+            .map(|h| h.state);
+        assert_eq!(
+            state,
+            Some(EnvelopeState::Readable),
+            "seq {} of the grantee's actor is not held readable after the restart",
+            e.header().seq
+        );
+    }
+}
