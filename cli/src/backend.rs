@@ -127,7 +127,9 @@ fn parse_did(did: &str) -> Result<PatientId, ApiError> {
 fn repo_error(err: repository::Error) -> ApiError {
     match err {
         repository::Error::Record(e) => e.into(),
-        repository::Error::UnresolvedPatient { .. } => {
+        repository::Error::UnresolvedPatient { .. }
+        | repository::Error::PatientLink { .. }
+        | repository::Error::OtherPatient { .. } => {
             ApiError::Unprocessable(vec![Issue::error(IssueType::BusinessRule, err.to_string())])
         }
         repository::Error::VersionConflict { expected, current, .. } => {
@@ -330,6 +332,12 @@ impl Backend for NodeBackend {
         Ok(found)
     }
 
+    async fn patient_of(&self, patient_resource_id: &str) -> Result<Option<String>, ApiError> {
+        let key = medmesh_node::records::resource_key("Patient", patient_resource_id)?;
+        let patient = self.repository.patient_of_key(&key).await.map_err(repo_error)?;
+        Ok(patient.map(|p| p.to_string()))
+    }
+
     async fn everything(&self, patient_resource_id: &str) -> Result<Vec<Arc<RenderedResource>>, ApiError> {
         let all = self
             .repository
@@ -477,7 +485,10 @@ impl Backend for NodeBackend {
         })
     }
 
-    /// All or nothing: resolves every create's patient and re-checks every
+    /// All or nothing: resolves every create's patient (the one its
+    /// compartment references name; for a resource naming none, such as an
+    /// Organization, the one patient the transaction's other creates name, if
+    /// there is exactly one) and re-checks every
     /// conditional create (against the store and the transaction's earlier
     /// creates), then hands every write to [`Repository::transaction`] — one
     /// Automerge change per touched document, one atomic durable store
@@ -486,17 +497,38 @@ impl Backend for NodeBackend {
     /// FHIR orders them).
     async fn transaction(&self, ops: Vec<TxOp>) -> Result<Vec<TxResult>, TxFailure> {
         let fail = |op: usize, error: ApiError| TxFailure { op, error };
-        // The patient of the bundle: directory resources go with them.
-        let mut context: Option<PatientId> = None;
+        // The Patients created here first, so that references to them resolve
+        // whatever the entry order; then every create's own patient.
+        let mut pending: HashMap<String, PatientId> = HashMap::new();
         for op in &ops {
-            if let TxOp::Create { resource, .. } = op
-                && let Some(did) = medmesh_node::records::linked_did(resource)
-                && let Ok(patient) = did.parse::<PatientId>()
+            if let TxOp::Create { id, resource, .. } = op
+                && resource.get("resourceType").and_then(Value::as_str) == Some("Patient")
+                && let Ok(Some(patient)) = self.repository.named_patient(resource, &HashMap::new()).await
             {
-                context.get_or_insert(patient);
+                pending.insert(format!("Patient/{id}"), patient);
             }
         }
-        let mut pending: HashMap<String, PatientId> = HashMap::new();
+        let mut named: HashMap<usize, PatientId> = HashMap::new();
+        for (i, op) in ops.iter().enumerate() {
+            if let TxOp::Create { resource, .. } = op
+                && let Some(patient) = self
+                    .repository
+                    .named_patient(resource, &pending)
+                    .await
+                    .map_err(|e| fail(i, repo_error(e)))?
+            {
+                named.insert(i, patient);
+            }
+        }
+        // Resources that name no patient (directory resources) go with the one
+        // patient the transaction is about; with several, nothing is guessed.
+        let mut patients: Vec<PatientId> = named.values().copied().collect();
+        patients.sort_unstable();
+        patients.dedup();
+        let context = match patients.as_slice() {
+            [one] => Some(*one),
+            _ => None,
+        };
         let mut writes = Vec::with_capacity(ops.len());
         // Per write, the op it came from.
         let mut write_ops = Vec::with_capacity(ops.len());
@@ -522,14 +554,20 @@ impl Backend for NodeBackend {
                             ));
                         }
                     }
-                    let patient = self
-                        .repository
-                        .resolve_patient(&resource, context, &pending)
-                        .await
-                        .map_err(|e| fail(i, repo_error(e)))?;
-                    context.get_or_insert(patient);
-                    let resource_type = resource.get("resourceType").and_then(Value::as_str).unwrap_or_default();
-                    pending.insert(format!("{resource_type}/{id}"), patient);
+                    let patient = match named.get(&i).copied().or(context) {
+                        Some(patient) => patient,
+                        None => {
+                            let reason = format!(
+                                "{} names no patient and this transaction is about {} patients: it cannot be filed",
+                                resource.get("resourceType").and_then(Value::as_str).unwrap_or_default(),
+                                patients.len()
+                            );
+                            return Err(fail(
+                                i,
+                                ApiError::Unprocessable(vec![Issue::error(IssueType::BusinessRule, reason)]),
+                            ));
+                        }
+                    };
                     let collection = medmesh_node::records::collection_of(&resource);
                     repository::TxWrite::Create {
                         id,

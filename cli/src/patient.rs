@@ -689,10 +689,17 @@ async fn fetch_record(keystore: &Keystore, node: &str) -> Result<Vec<Arc<Rendere
         );
     }
     let mut resources = Vec::new();
-    for (_, changes) in by_collection {
+    let patient = keystore.patient();
+    for (collection, changes) in by_collection {
         let mut doc = RecordDoc::new();
         doc.apply_changes(changes);
-        resources.extend(doc.resources().map_err(|e| anyhow!("rendering your record: {e}"))?);
+        let rendered = doc.resources().map_err(|e| anyhow!("rendering your record: {e}"))?;
+        // What a grantee wrote against the record's rules is shown by no node; nor here.
+        resources.extend(
+            rendered
+                .into_iter()
+                .filter(|r| medmesh_node::records::belongs(&r.json, &patient, collection)),
+        );
     }
     Ok(resources)
 }

@@ -153,6 +153,23 @@ pub trait Backend: Send + Sync + 'static {
         request: &SearchRequest,
     ) -> impl Future<Output = Result<Vec<Arc<RenderedResource>>, ApiError>> + Send;
 
+    /// The patient that the Patient resource with this id belongs to, named as the
+    /// backend names patients (on a node, the did:key): what a reference to
+    /// `Patient/{id}` files a resource under. `None` when no such Patient is held.
+    /// The default reads the Patient and takes its did:key identifier, else its key.
+    fn patient_of(&self, patient_resource_id: &str) -> impl Future<Output = Result<Option<String>, ApiError>> + Send {
+        let id = patient_resource_id.to_owned();
+        async move {
+            match self.read("Patient", &id).await {
+                Ok(patient) => Ok(Some(
+                    medmesh_node::records::linked_did(&patient.json).unwrap_or_else(|| patient.key.clone()),
+                )),
+                Err(ApiError::NotFound { .. } | ApiError::Gone { .. }) => Ok(None),
+                Err(e) => Err(e),
+            }
+        }
+    }
+
     /// Every resource of the patient with this Patient resource id that the
     /// node can read, across collections; the Patient first.
     fn everything(

@@ -13,12 +13,12 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use medmesh_node::records::RenderedResource;
+use medmesh_node::records::{self, RenderedResource};
 use serde_json::Value;
 
 use crate::backend::{Backend, TxFailure, TxOp, TxResult};
 use crate::fhir::bundle::{
-    BundleKind, EntryResponse, Method, RequestBundle, RequestEntry, response_bundle, rewrite_references,
+    BundleKind, EntryResponse, Method, RequestBundle, RequestEntry, response_bundle, rewrite_entry_references,
     transaction_order,
 };
 use crate::fhir::outcome::{ApiError, Issue, IssueType};
@@ -76,6 +76,8 @@ struct Plan {
     answered: Vec<(usize, EntryResponse)>,
     /// `fullUrl` → `Type/id`.
     ids: HashMap<String, String>,
+    /// Entry position → its `fullUrl`, the base its relative references resolve against.
+    full_urls: HashMap<usize, String>,
     /// Keys written (updated or deleted) by an entry so far.
     written: HashSet<String>,
 }
@@ -117,6 +119,7 @@ async fn transaction<B: Backend>(context: &Context<'_, B>, mut entries: Vec<Requ
             .map_err(|e| e.in_entry(index))?;
     }
     rewrite(&mut plan)?;
+    check_patients(context, &plan).await?;
     let Plan {
         ops, steps, answered, ..
     } = plan;
@@ -181,6 +184,7 @@ async fn batch_entry<B: Backend>(
     resolve(context, entry, &mut plan).await?;
     plan.ids.clear();
     rewrite(&mut plan)?;
+    check_patients(context, &plan).await?;
     if let Some((_, response)) = plan.answered.pop() {
         return Ok(response);
     }
@@ -280,6 +284,9 @@ async fn resolve<B: Backend>(
     let position = entry.index;
     let resource_type = entry.url.resource_type.clone();
     check_type(&resource_type)?;
+    if let Some(full_url) = &entry.full_url {
+        plan.full_urls.insert(position, full_url.clone());
+    }
     match entry.method {
         Method::Delete => {
             let id = match (&entry.url.id, &entry.url.query) {
@@ -477,7 +484,7 @@ fn rewrite(plan: &mut Plan) -> Result<(), ApiError> {
             continue;
         };
         if !plan.ids.is_empty() {
-            rewrite_references(resource, &plan.ids);
+            rewrite_entry_references(resource, plan.full_urls.get(position).map(String::as_str), &plan.ids);
         }
         let mut dangling = Vec::new();
         let at = format!("Bundle.entry[{position}].resource");
@@ -497,6 +504,70 @@ fn rewrite(plan: &mut Plan) -> Result<(), ApiError> {
         }
     }
     Ok(())
+}
+
+/// Files nothing under a guessed patient (DESIGN §9.8): every Patient-compartment
+/// reference of a resource this Bundle writes must name a Patient the Bundle itself
+/// writes or one the backend holds, and all of them the same patient; otherwise the
+/// entry is a 422 naming its index and `fullUrl`. Run after [`rewrite`], so
+/// references between entries already read `Type/id`.
+async fn check_patients<B: Backend>(context: &Context<'_, B>, plan: &Plan) -> Result<(), ApiError> {
+    // The patient of each Patient written here, as the backend would name it.
+    let mut known: HashMap<String, Option<String>> = HashMap::new();
+    for op in &plan.ops {
+        let (key, resource) = match op {
+            TxOp::Create { id, resource, .. } => (format!("{}/{id}", type_of(resource)), resource),
+            TxOp::Update {
+                resource_type,
+                id,
+                resource,
+                ..
+            } => (format!("{resource_type}/{id}"), resource),
+            _ => continue,
+        };
+        if type_of(resource) == "Patient" {
+            let patient = records::linked_did(resource).unwrap_or_else(|| key.clone());
+            known.insert(key, Some(patient));
+        }
+    }
+    for (op, (position, _)) in plan.ops.iter().zip(&plan.steps) {
+        let (TxOp::Create { resource, .. } | TxOp::Update { resource, .. }) = op else {
+            continue;
+        };
+        let mut resolved = Vec::new();
+        for link in records::patient_links(resource) {
+            let patient = match &link.key {
+                None => None,
+                Some(key) => match known.get(key) {
+                    Some(patient) => patient.clone(),
+                    None => {
+                        let id = key.strip_prefix("Patient/").unwrap_or(key);
+                        let patient = context.backend.patient_of(id).await?;
+                        known.insert(key.clone(), patient.clone());
+                        patient
+                    }
+                },
+            };
+            resolved.push((link, patient));
+        }
+        if let Err(e) = records::one_patient(resolved) {
+            let full_url = plan
+                .full_urls
+                .get(position)
+                .map(|u| format!(" (fullUrl {u})"))
+                .unwrap_or_default();
+            let text = format!(
+                "{}{full_url} {e}: a resource is filed only under the one patient its compartment references name",
+                type_of(resource)
+            );
+            return Err(ApiError::Unprocessable(vec![Issue::error(IssueType::BusinessRule, text)]).in_entry(*position));
+        }
+    }
+    Ok(())
+}
+
+fn type_of(resource: &Value) -> &str {
+    resource.get("resourceType").and_then(Value::as_str).unwrap_or_default()
 }
 
 /// Collects the FHIRPath of every `reference` still starting with `urn:`.

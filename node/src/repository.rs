@@ -23,6 +23,14 @@
 //! ([`Node::locate_resource`]), which it fills as documents load and
 //! change. A key found in neither loads every readable document once
 //! (slow, logged), after which events keep the in-memory index complete.
+//!
+//! A key is bound to the first document this node finds it in and is
+//! never re-bound by another (issue 15: a peer may write any key into a
+//! document it can write); only keys whose type routes to the document's
+//! collection are bound at all. A document shows only the resources bound
+//! to it ([`records::belongs`] adds the rules every replica applies alike),
+//! so what a peer writes against these rules stays in the history but is
+//! served nowhere. See `docs/decisions.md`.
 
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
@@ -54,6 +62,22 @@ pub enum Error {
         resource_type: String,
         /// What was missing.
         reason: &'static str,
+    },
+    /// The resource's Patient-compartment references do not name exactly one
+    /// patient held here (a reference to an unknown patient, or to two).
+    #[error("{resource_type} {source}")]
+    PatientLink {
+        /// Type of the resource written.
+        resource_type: String,
+        /// How its references failed to name one patient.
+        #[source]
+        source: records::PatientLinkError,
+    },
+    /// A write names another patient than the one whose record it goes to.
+    #[error("{resource} references another patient than the one whose record it is written to")]
+    OtherPatient {
+        /// Resource key, or type of a resource being created.
+        resource: String,
     },
     /// `If-Match` named a version that is not the current one.
     #[error("version conflict on {key}: based on {expected}, current is {current}")]
@@ -256,14 +280,7 @@ impl Repository {
             return Ok(doc.clone());
         }
         let (doc, envelopes, replayed) = self.load(key).await?;
-        let keys = doc.keys();
-        self.index_on_disk(key, keys.iter().map(String::as_str));
-        {
-            let mut index = lock(&self.inner.index);
-            for k in keys {
-                index.location.insert(k, key);
-            }
-        }
+        self.bind(key, doc.keys().iter().map(String::as_str));
         let mut cached = Cached {
             doc,
             envelopes,
@@ -361,12 +378,65 @@ impl Repository {
         }
     }
 
-    /// Records resource keys in the node's blind index (logged on failure:
-    /// a missing entry only costs a scan).
-    fn index_on_disk<'k>(&self, at: DocKey, keys: impl IntoIterator<Item = &'k str>) {
-        if let Err(e) = self.inner.node.index_resources(at.0, at.1, keys) {
+    /// Binds resource keys found in the document `at` to it, in memory and in
+    /// the node's blind index on disk: each key whose type routes to `at`'s
+    /// collection ([`records::type_belongs`]) and that is bound to no other
+    /// document yet. A key bound elsewhere stays there (first binding wins,
+    /// and the disk index outlives restarts), so a peer's change can never
+    /// move another patient's resource into a document it writes; the
+    /// document shows only what is bound to it ([`Repository::patient_resources`]).
+    /// Disk failures are logged: a missing entry only costs a scan.
+    fn bind<'k>(&self, at: DocKey, keys: impl IntoIterator<Item = &'k str>) {
+        let mut index = lock(&self.inner.index);
+        let mut new = Vec::new();
+        let mut refused = 0usize;
+        for key in keys {
+            if !records::split_key(key).is_ok_and(|(t, _)| records::type_belongs(t, at.1)) {
+                refused += 1;
+                continue;
+            }
+            let bound = match index.location.get(key) {
+                Some(bound) => *bound,
+                None => {
+                    let bound = match self.inner.node.locate_resource(key) {
+                        Ok(Some(bound)) => bound,
+                        Ok(None) => {
+                            new.push(key);
+                            at
+                        }
+                        Err(e) => {
+                            // Unknown on disk: bound here in memory only, re-checked next load.
+                            tracing::warn!(cause = %e, "resource index lookup failed");
+                            at
+                        }
+                    };
+                    index.location.insert(key.to_owned(), bound);
+                    bound
+                }
+            };
+            if bound != at {
+                refused += 1;
+            }
+        }
+        drop(index);
+        if refused > 0 {
+            // Ids only in aggregate: keys are not logged (the disk index is blind too).
+            tracing::warn!(
+                collection = %at.1,
+                refused,
+                "resource keys of another document or collection written here; hidden from this document"
+            );
+        }
+        if let Err(e) = self.inner.node.index_resources(at.0, at.1, new) {
             tracing::warn!(cause = %e, "recording resource locations failed");
         }
+    }
+
+    /// Whether `resource`, read from the document `at`, is served from it:
+    /// its key is bound there ([`Repository::bind`]) and it satisfies
+    /// [`records::belongs`].
+    fn shown(index: &Index, at: DocKey, resource: &RenderedResource) -> bool {
+        index.location.get(&resource.key) == Some(&at) && records::belongs(&resource.json, &at.0, at.1)
     }
 
     fn evict(&self, key: &DocKey) {
@@ -455,25 +525,131 @@ impl Repository {
             resource_type: resource_type.clone(),
             reason,
         };
+        match context {
+            // The caller chose the record: nothing in the resource may name another patient.
+            Some(patient) => {
+                self.check_names(
+                    &resource_type,
+                    (patient, records::collection_of(resource)),
+                    resource,
+                    pending,
+                )
+                .await?;
+                Ok(patient)
+            }
+            None => self
+                .named_patient(resource, pending)
+                .await?
+                .ok_or_else(|| unresolved("no compartment reference to a Patient")),
+        }
+    }
+
+    /// The one patient a resource names (DESIGN §3, §9.8): a Patient by its
+    /// did:key identifier; any other resource through its Patient-compartment
+    /// references ([`records::patient_links`]), every one of which must name a
+    /// Patient in `pending` (written with it) or held here, all the same
+    /// patient. `None` when it has no such reference (a directory resource).
+    ///
+    /// # Errors
+    /// [`Error::UnresolvedPatient`] for a Patient without a valid did:key link,
+    /// [`Error::PatientLink`] for a reference to an unknown patient or to two.
+    pub async fn named_patient(
+        &self,
+        resource: &Value,
+        pending: &HashMap<String, PatientId>,
+    ) -> Result<Option<PatientId>> {
+        let resource_type = resource
+            .get("resourceType")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
         if resource_type == "Patient" {
+            let unresolved = |reason| Error::UnresolvedPatient {
+                resource_type: resource_type.clone(),
+                reason,
+            };
             let did = records::linked_did(resource)
                 .ok_or_else(|| unresolved("a Patient needs an identifier urn:ietf:rfc:3986 = did:key:…"))?;
             return did
                 .parse()
+                .map(Some)
                 .map_err(|_| unresolved("its did:key identifier is not valid"));
         }
-        for reference in records::patient_references(resource) {
-            if let Some(patient) = pending.get(&reference) {
-                return Ok(*patient);
-            }
-            if let Ok((patient, _)) = self.locate(&reference).await {
-                return Ok(patient);
+        let mut resolved = Vec::new();
+        for link in records::patient_links(resource) {
+            let patient = match &link.key {
+                None => None,
+                Some(key) => match pending.get(key) {
+                    Some(patient) => Some(*patient),
+                    None => self.patient_of_key(key).await?,
+                },
+            };
+            resolved.push((link, patient));
+        }
+        records::one_patient(resolved).map_err(|source| Error::PatientLink { resource_type, source })
+    }
+
+    /// The patient whose record holds the Patient resource `key`
+    /// (`Patient/{id}`), if this node holds it and it links that patient
+    /// ([`records::belongs`]).
+    ///
+    /// # Errors
+    /// Node and record-model errors.
+    pub async fn patient_of_key(&self, key: &str) -> Result<Option<PatientId>> {
+        let at = match self.locate(key).await {
+            Ok(at) => at,
+            Err(Error::Record(records::Error::NotFound { .. })) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let doc = self.locked(at).await?;
+        let linked = match doc.doc.read(key) {
+            Ok(patient) => records::belongs(&patient.json, &at.0, at.1),
+            // A deleted Patient still names its patient (its did is in its history).
+            Err(records::Error::Deleted { .. }) => true,
+            Err(records::Error::NotFound { .. }) => false,
+            Err(e) => return Err(e.into()),
+        };
+        Ok(linked.then_some(at.0))
+    }
+
+    /// Refuses to write `resource` (named `what` in the error) into the
+    /// record `at` when it names another patient than `at`'s (issue 15): a
+    /// Patient by its did:key, any other resource by the compartment references
+    /// that resolve (`pending`: Patients written with it). Used where the
+    /// record is decided already (an update, by where the resource is; a
+    /// create, by the caller), so references to patients not held here are
+    /// left alone.
+    ///
+    /// # Errors
+    /// [`Error::OtherPatient`].
+    async fn check_names(
+        &self,
+        what: &str,
+        at: DocKey,
+        resource: &Value,
+        pending: &HashMap<String, PatientId>,
+    ) -> Result<()> {
+        let other = || Error::OtherPatient {
+            resource: what.to_owned(),
+        };
+        if resource.get("resourceType").and_then(Value::as_str) == Some("Patient") {
+            return if records::belongs(resource, &at.0, at.1) {
+                Ok(())
+            } else {
+                Err(other())
+            };
+        }
+        for link in records::patient_links(resource) {
+            let Some(link_key) = &link.key else { continue };
+            let patient = match pending.get(link_key) {
+                Some(patient) => Some(*patient),
+                None => self.patient_of_key(link_key).await?,
+            };
+            if patient.is_some_and(|p| p != at.0) {
+                return Err(other());
             }
         }
-        if let Some(patient) = context {
-            return Ok(patient);
-        }
-        Err(unresolved("no compartment reference to a known Patient"))
+        Ok(())
     }
 
     /// Creates a resource with a server-assigned id (POST).
@@ -539,8 +715,7 @@ impl Repository {
             (OwnedMutexGuard::mutex(&cached).clone(), written)
         };
         self.persist(key, &doc, &written, actor).await?;
-        self.index_on_disk(key, [written.key.as_str()]);
-        lock(&self.inner.index).location.insert(written.key.clone(), key);
+        self.bind(key, [written.key.as_str()]);
         written.resource.ok_or_else(|| {
             records::Error::Corrupt {
                 key: written.key.clone(),
@@ -595,7 +770,11 @@ impl Repository {
         let key = records::resource_key(resource_type, id)?;
         let at = self.locate(&key).await?;
         let doc = self.locked(at).await?;
-        Ok(doc.doc.read(&key)?)
+        let resource = doc.doc.read(&key)?;
+        if !records::belongs(&resource.json, &at.0, at.1) {
+            return Err(records::Error::NotFound { key }.into());
+        }
+        Ok(resource)
     }
 
     /// Where `Type/id` lives: its patient and collection.
@@ -663,6 +842,7 @@ impl Repository {
     ) -> Result<Arc<RenderedResource>> {
         let key = records::resource_key(resource_type, id)?;
         let at = self.locate(&key).await?;
+        self.check_names(&key, at, &resource, &HashMap::new()).await?;
         let mut cached = self.locked(at).await?;
         let written = {
             let doc = &mut cached.doc;
@@ -737,6 +917,18 @@ impl Repository {
         let mut keys = Vec::with_capacity(writes.len());
         let mut docs: std::collections::BTreeMap<DocKey, Vec<usize>> = std::collections::BTreeMap::new();
         let mut seen = std::collections::HashSet::with_capacity(writes.len());
+        // Patients created here, for updates that reference them.
+        let created_patients: HashMap<String, PatientId> = writes
+            .iter()
+            .filter_map(|w| match w {
+                TxWrite::Create {
+                    id, resource, patient, ..
+                } if resource.get("resourceType").and_then(Value::as_str) == Some("Patient") => {
+                    Some((format!("Patient/{id}"), *patient))
+                }
+                _ => None,
+            })
+            .collect();
         for (i, write) in writes.iter().enumerate() {
             let (key, place) = match write {
                 TxWrite::Create {
@@ -755,6 +947,11 @@ impl Repository {
                     (key, place)
                 }
             };
+            if let TxWrite::Update { resource, .. } = write {
+                self.check_names(&key, place, resource, &created_patients)
+                    .await
+                    .map_err(at(i))?;
+            }
             if !seen.insert(key.clone()) {
                 return Err(at(i)(records::Error::DuplicateEdit { key }.into()));
             }
@@ -945,11 +1142,7 @@ impl Repository {
                     _ => None,
                 })
                 .collect();
-            self.index_on_disk(*place, created.iter().map(String::as_str));
-            let mut index = lock(&self.inner.index);
-            for key in created {
-                index.location.insert(key, *place);
-            }
+            self.bind(*place, created.iter().map(String::as_str));
         }
         Ok(())
     }
@@ -966,7 +1159,13 @@ impl Repository {
                 continue;
             }
             let doc = self.locked((patient, collection)).await?;
-            out.extend(doc.doc.resources()?);
+            let resources = doc.doc.resources()?;
+            let index = lock(&self.inner.index);
+            out.extend(
+                resources
+                    .into_iter()
+                    .filter(|r| Self::shown(&index, (patient, collection), r)),
+            );
         }
         Ok(out)
     }
@@ -1046,16 +1245,10 @@ impl Repository {
         cached.since_snapshot += report.applied.len();
         self.maybe_snapshot(key, &mut cached, false);
         drop(cached);
-        self.index_on_disk(
+        self.bind(
             key,
             report.applied.iter().flat_map(|a| a.keys.iter().map(String::as_str)),
         );
-        let mut index = lock(&self.inner.index);
-        for applied in &report.applied {
-            for k in &applied.keys {
-                index.location.insert(k.clone(), key);
-            }
-        }
     }
 }
 

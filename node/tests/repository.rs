@@ -120,10 +120,7 @@ async fn create_read_update_delete_search_and_reopen() {
         .create(observation("does-not-exist", "1"), None, app())
         .await
         .unwrap_err();
-    assert!(
-        matches!(orphan, repository::Error::UnresolvedPatient { .. }),
-        "{orphan:?}"
-    );
+    assert!(matches!(orphan, repository::Error::PatientLink { .. }), "{orphan:?}");
 
     repo.delete("Patient", p.id(), app()).await.unwrap();
     let gone = repo.read("Patient", p.id()).await.unwrap_err();
@@ -1169,4 +1166,184 @@ async fn a_snapshot_covering_an_excluded_envelope_makes_no_transfer() {
         node.load_snapshot(pid, Collection::Labs).unwrap().is_none(),
         "not dropped"
     );
+}
+
+// ----- resources bound to their patient (issue 15, item 4) -----------
+
+fn condition(patient_id: &str, text: &str) -> Value {
+    json!({
+        "resourceType": "Condition",
+        "code": {"text": text},
+        "subject": {"reference": format!("Patient/{patient_id}")}
+    })
+}
+
+/// What a read-write grantee of `patient` can write into one of its documents
+/// with its own node key, whatever resource keys and types it chooses: each
+/// resource created by one change of its own, sealed and stored at `by`.
+async fn craft_creates(by: &Node, patient: PatientId, collection: Collection, resources: &[(&str, Value)]) {
+    let actor = medmesh_node::records::actor_id(by.practice_id().as_bytes(), [9; 8]);
+    let mut doc = medmesh_node::records::RecordDoc::new();
+    for (i, (id, resource)) in resources.iter().enumerate() {
+        let written = doc.create(&actor, 1_700_000_000_000 + i as i64, id, resource).unwrap();
+        let decoded = medmesh_node::records::DecodedChange::from_bytes(&written.change).unwrap();
+        let change = medmesh_crypto::Change {
+            bytes: &written.change,
+            hash: decoded.hash().0,
+            actor: medmesh_crypto::ActorId(actor.to_bytes().try_into().unwrap()),
+            seq: decoded.seq(),
+        };
+        by.write_change_by(app(), patient, collection, change).await.unwrap();
+    }
+}
+
+/// Issue 15, item 4. Practice M, a read-write grantee of patient X only, writes
+/// into X's `core` document a Condition under the key of one of patient Y's
+/// Conditions, and an Observation (a `labs` type). Node A holds X and Y. Read
+/// cold on A, in any order, Y's Condition stays Y's (located, read and updated
+/// there); neither of M's resources shows in X's record; and an update whose
+/// compartment patient is not the document's patient is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_change_cannot_claim_another_patients_resource_or_a_foreign_type() {
+    let (dir_a, dir_m) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut x = TestPatient::new().unwrap();
+    let mut y = TestPatient::new().unwrap();
+    let a = open(dir_a.path(), 1).await;
+    let m = open(dir_m.path(), 3).await;
+    onboard(&a, &mut x, &[Collection::Core, Collection::Labs]).await;
+    onboard(&a, &mut y, &[Collection::Core]).await;
+    onboard(&m, &mut x, &[Collection::Core]).await;
+    let repo = Repository::new(a.clone(), no_auto_snapshots()).unwrap();
+    let px = repo
+        .create(patient_resource(&x.id().to_string()), None, app())
+        .await
+        .unwrap();
+    let py = repo
+        .create(patient_resource(&y.id().to_string()), None, app())
+        .await
+        .unwrap();
+    let cy = repo.create(condition(py.id(), "Y's own"), None, app()).await.unwrap();
+
+    craft_creates(
+        &m,
+        x.id(),
+        Collection::Core,
+        &[
+            (cy.id(), condition(px.id(), "M's claim")),
+            ("lab-in-core", observation(px.id(), "1")),
+        ],
+    )
+    .await;
+    let items = m.items_after(0, 1000).await.unwrap();
+    let incoming: Vec<Incoming> = items
+        .iter()
+        .filter(|i| matches!(i.meta.kind, ItemKind::Envelope | ItemKind::Grant))
+        .map(|i| Incoming::new(i.meta.kind, i.bytes.clone()))
+        .collect();
+    let report = a
+        .ingest(incoming, Source::Peer(m.practice_id().peer_id()))
+        .await
+        .unwrap();
+    assert!(
+        report.rejected.is_empty(),
+        "M's envelopes are validly sealed and signed"
+    );
+    assert_eq!(a.envelope_ids(&x.id(), Collection::Core).unwrap().len(), 3);
+
+    // Cold, X's record first (its document loads before anything asks for the key).
+    for x_first in [true, false] {
+        let cold = Repository::new(a.clone(), no_auto_snapshots()).unwrap();
+        if x_first {
+            let keys: Vec<String> = cold
+                .patient_resources(x.id())
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.key.clone())
+                .collect();
+            assert_eq!(
+                keys,
+                [px.key.clone()],
+                "case x_first={x_first}: M's resources hidden in X's record"
+            );
+        }
+        assert_eq!(
+            cold.location("Condition", cy.id()).await.unwrap(),
+            (y.id(), Collection::Core),
+            "case x_first={x_first}"
+        );
+        let read = cold.read("Condition", cy.id()).await.unwrap();
+        assert_eq!(read.json["code"]["text"], "Y's own", "case x_first={x_first}");
+        let lab = cold.read("Observation", "lab-in-core").await.unwrap_err();
+        assert!(
+            matches!(
+                lab,
+                repository::Error::Record(medmesh_node::records::Error::NotFound { .. })
+            ),
+            "case x_first={x_first}: {lab:?}"
+        );
+        let everything: Vec<String> = cold
+            .everything(px.id())
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.key.clone())
+            .collect();
+        assert_eq!(everything, [px.key.clone()], "case x_first={x_first}");
+    }
+
+    // A local update of Y's Condition lands in Y's record, not X's.
+    let cold = Repository::new(a.clone(), no_auto_snapshots()).unwrap();
+    cold.patient_resources(x.id()).await.unwrap();
+    let mut edited = cy.json.clone();
+    edited["code"]["text"] = json!("Y's own, amended");
+    cold.update("Condition", cy.id(), edited.clone(), None, false, app())
+        .await
+        .unwrap();
+    assert_eq!(a.envelope_ids(&x.id(), Collection::Core).unwrap().len(), 3);
+    assert_eq!(a.envelope_ids(&y.id(), Collection::Core).unwrap().len(), 3);
+    // An update that would move Y's Condition to X is refused.
+    let mut moved = edited;
+    moved["subject"]["reference"] = json!(format!("Patient/{}", px.id()));
+    let refused = cold
+        .update("Condition", cy.id(), moved, None, false, app())
+        .await
+        .unwrap_err();
+    assert!(matches!(refused, repository::Error::OtherPatient { .. }), "{refused:?}");
+}
+
+/// A resource is filed only under the one patient its compartment references
+/// name: references to two patients, or to a patient not held, are refused; a
+/// record chosen by the caller (`context`) never takes a resource that names
+/// another patient.
+#[tokio::test]
+async fn a_resource_naming_two_patients_or_an_unknown_one_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut x = TestPatient::new().unwrap();
+    let mut y = TestPatient::new().unwrap();
+    let node = open(dir.path(), 1).await;
+    onboard(&node, &mut x, &[Collection::Core, Collection::Labs]).await;
+    onboard(&node, &mut y, &[Collection::Core, Collection::Labs]).await;
+    let repo = Repository::new(node.clone(), repository::Config::default()).unwrap();
+    let px = repo
+        .create(patient_resource(&x.id().to_string()), None, app())
+        .await
+        .unwrap();
+    let py = repo
+        .create(patient_resource(&y.id().to_string()), None, app())
+        .await
+        .unwrap();
+    let mut both = observation(px.id(), "1");
+    both["performer"] = json!([{"reference": format!("Patient/{}", py.id())}]);
+    let err = repo.create(both.clone(), None, app()).await.unwrap_err();
+    assert!(matches!(err, repository::Error::PatientLink { .. }), "{err:?}");
+    let err = repo.create(both, Some(x.id()), app()).await.unwrap_err();
+    assert!(matches!(err, repository::Error::OtherPatient { .. }), "{err:?}");
+    let unknown = repo
+        .create(observation("someone-else", "1"), None, app())
+        .await
+        .unwrap_err();
+    assert!(matches!(unknown, repository::Error::PatientLink { .. }), "{unknown:?}");
+    assert!(node.envelope_ids(&x.id(), Collection::Labs).unwrap().is_empty());
+    assert!(node.envelope_ids(&y.id(), Collection::Labs).unwrap().is_empty());
 }

@@ -730,27 +730,92 @@ pub fn transaction_order(entries: &[RequestEntry]) -> Vec<usize> {
     order
 }
 
+/// Splits a RESTful reference or URL (`[root]Type/id[/_history/vid]`) into its root
+/// (empty for a relative reference, else ending in `/`) and `Type/id`, dropping any
+/// version; `None` for anything else (`urn:`, `#contained`, a query).
+fn restful(url: &str) -> Option<(&str, &str)> {
+    if url.contains(['?', '#']) {
+        return None;
+    }
+    let path = match url.find("/_history/") {
+        Some(at) => url.get(..at)?,
+        None => url,
+    };
+    let (rest, id) = path.rsplit_once('/')?;
+    let (root, resource_type) = match rest.rsplit_once('/') {
+        Some((root, t)) => (url.get(..=root.len())?, t),
+        None => ("", rest),
+    };
+    let relative_ok = root.is_empty() || root.contains("://");
+    (relative_ok && primitive::is_type_name(resource_type) && primitive::is_id(id))
+        .then(|| (root, path.get(root.len()..).unwrap_or_default()))
+}
+
+/// The `fullUrl` of the Bundle entry that `reference`, found in the entry whose
+/// `fullUrl` is `entry_full_url`, points to, following FHIR R4's rules for resolving
+/// references in Bundles (<https://hl7.org/fhir/R4/bundle.html#references>): a
+/// `urn:uuid:`/`urn:oid:` or absolute reference matches a `fullUrl` as it is
+/// (an absolute one without its `/_history/…`); a relative `Type/id` is first made
+/// absolute against the root of the entry's own RESTful `fullUrl` (a relative
+/// reference in an entry without one names a resource of this server). `None`
+/// when no entry matches.
+pub fn resolve_in_bundle(
+    reference: &str,
+    entry_full_url: Option<&str>,
+    is_full_url: impl Fn(&str) -> bool,
+) -> Option<String> {
+    if reference.starts_with("urn:") {
+        return is_full_url(reference).then(|| reference.to_owned());
+    }
+    let (root, key) = restful(reference)?;
+    let absolute = if root.is_empty() {
+        let (entry_root, _) = restful(entry_full_url?)?;
+        if entry_root.is_empty() {
+            return None;
+        }
+        format!("{entry_root}{key}")
+    } else {
+        format!("{root}{key}")
+    };
+    is_full_url(&absolute).then_some(absolute)
+}
+
 /// Replaces every `Reference.reference` in `resource` that is a key of `map` (e.g. a
 /// transaction's `urn:uuid:` fullUrls) by its value (e.g. `Patient/123`). Returns how
-/// many references were rewritten.
+/// many references were rewritten. See [`rewrite_entry_references`] for references
+/// relative to the entry's own `fullUrl`.
 pub fn rewrite_references(resource: &mut Value, map: &HashMap<String, String>) -> usize {
+    rewrite_entry_references(resource, None, map)
+}
+
+/// Replaces every `Reference.reference` in `resource`, the resource of the entry whose
+/// `fullUrl` is `full_url`, that resolves to a `fullUrl` of the Bundle
+/// ([`resolve_in_bundle`]) by the value `map` holds for that `fullUrl` (e.g.
+/// `Patient/123`, the id the transaction assigned). Returns how many references were
+/// rewritten.
+pub fn rewrite_entry_references(resource: &mut Value, full_url: Option<&str>, map: &HashMap<String, String>) -> usize {
     match resource {
         Value::Object(obj) => {
             let mut n = 0;
             for (key, value) in obj.iter_mut() {
                 if key == "reference"
                     && let Value::String(r) = value
-                    && let Some(new) = map.get(r.as_str())
                 {
-                    *r = new.clone();
-                    n += 1;
+                    if let Some(new) = resolve_in_bundle(r, full_url, |u| map.contains_key(u)).and_then(|u| map.get(&u))
+                    {
+                        *r = new.clone();
+                        n += 1;
+                    }
                 } else {
-                    n += rewrite_references(value, map);
+                    n += rewrite_entry_references(value, full_url, map);
                 }
             }
             n
         }
-        Value::Array(items) => items.iter_mut().map(|v| rewrite_references(v, map)).sum(),
+        Value::Array(items) => items
+            .iter_mut()
+            .map(|v| rewrite_entry_references(v, full_url, map))
+            .sum(),
         _ => 0,
     }
 }
@@ -771,6 +836,61 @@ mod tests {
 
     fn expressions(err: &ApiError) -> Vec<String> {
         err.issues().into_iter().flat_map(|i| i.expression).collect()
+    }
+
+    /// FHIR's own example of reference resolution in a Bundle
+    /// (<https://hl7.org/fhir/R4/bundle-references.json.html>), entry by entry.
+    #[test]
+    fn references_resolve_by_the_full_url_rules() {
+        let bundle = read("Bundle-bundle-references.json");
+        let entries = bundle["entry"].as_array().unwrap();
+        let full_urls: HashSet<&str> = entries.iter().filter_map(|e| e["fullUrl"].as_str()).collect();
+        let resolve = |entry: usize| {
+            let e = &entries[entry];
+            let mut refs = Vec::new();
+            collect_references(&e["resource"], &mut refs);
+            assert_eq!(refs.len(), 1, "case entry {entry}");
+            resolve_in_bundle(&refs[0], e["fullUrl"].as_str(), |u| full_urls.contains(u))
+        };
+        let patient_23 = Some("http://example.org/fhir/Patient/23".to_owned());
+        // Relative, against the entry's own base.
+        assert_eq!(resolve(2), patient_23, "case relative");
+        // Absolute, equal to a fullUrl.
+        assert_eq!(resolve(3), patient_23, "case absolute");
+        // urn:uuid.
+        assert_eq!(
+            resolve(4).as_deref(),
+            Some("urn:uuid:04121321-4af5-424c-a0e1-ed3aab1c349d"),
+            "case urn"
+        );
+        // Absolute, on another server: not in the Bundle.
+        assert_eq!(resolve(5), None, "case other server");
+        // Relative in an entry of another server: that server's Patient/23, not entry 0.
+        assert_eq!(resolve(6), None, "case relative on another base");
+        // Versioned: matched without the version.
+        assert_eq!(
+            resolve(9).as_deref(),
+            Some("http://example.org/fhir/Patient/45"),
+            "case versioned"
+        );
+        // No fullUrl: a relative reference names a resource of this server.
+        assert_eq!(resolve_in_bundle("Patient/23", None, |u| full_urls.contains(u)), None);
+        assert_eq!(resolve_in_bundle("#p1", None, |u| full_urls.contains(u)), None);
+    }
+
+    fn collect_references(value: &Value, out: &mut Vec<String>) {
+        match value {
+            Value::Object(obj) => {
+                for (k, v) in obj {
+                    match (k.as_str(), v) {
+                        ("reference", Value::String(r)) => out.push(r.clone()),
+                        _ => collect_references(v, out),
+                    }
+                }
+            }
+            Value::Array(items) => items.iter().for_each(|v| collect_references(v, out)),
+            _ => {}
+        }
     }
 
     #[test]

@@ -238,6 +238,86 @@ pub fn patient_references(resource: &Value) -> Vec<String> {
     out
 }
 
+/// A Patient-compartment reference of a resource that points to a Patient.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PatientLink {
+    /// The reference as written.
+    pub reference: String,
+    /// The resource key it names on this server (`Patient/{id}`, without any
+    /// `/_history/…`), when it is a relative reference; an absolute reference
+    /// names another server's Patient.
+    pub key: Option<String>,
+}
+
+/// The references that put this resource in a Patient's compartment and point to a
+/// Patient (DESIGN §3), in table order. Empty for a Patient itself, which is filed
+/// by its did:key identifier, not by the patients it links to.
+pub fn patient_links(resource: &Value) -> Vec<PatientLink> {
+    if resource.get("resourceType").and_then(Value::as_str) == Some("Patient") {
+        return Vec::new();
+    }
+    compartment_references(resource)
+        .into_iter()
+        .filter_map(|reference| {
+            let key = patient_of_reference(&reference)?;
+            let relative = !reference.contains(':');
+            Some(PatientLink {
+                key: relative.then_some(key),
+                reference,
+            })
+        })
+        .collect()
+}
+
+/// Why a resource's Patient-compartment references do not name exactly one patient.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PatientLinkError {
+    /// A reference names a Patient that is neither written with the resource nor held.
+    #[error("references {reference}, which is not a patient known here")]
+    Unknown {
+        /// The reference as written.
+        reference: String,
+    },
+    /// The references name two different patients.
+    #[error("references two different patients ({first} and {second})")]
+    Several {
+        /// A reference to the first patient.
+        first: String,
+        /// A reference to another patient.
+        second: String,
+    },
+}
+
+/// The one patient a resource's [`patient_links`] name, given what each resolved to
+/// (`None`: to no patient known here); `Ok(None)` when there are no links. A resource
+/// is filed under a patient only through this: never a guess, never a default.
+///
+/// # Errors
+/// [`PatientLinkError`].
+pub fn one_patient<P: PartialEq>(
+    resolved: impl IntoIterator<Item = (PatientLink, Option<P>)>,
+) -> Result<Option<P>, PatientLinkError> {
+    let mut found: Option<(String, P)> = None;
+    for (link, patient) in resolved {
+        let Some(patient) = patient else {
+            return Err(PatientLinkError::Unknown {
+                reference: link.reference,
+            });
+        };
+        match &found {
+            None => found = Some((link.reference, patient)),
+            Some((first, p)) if *p != patient => {
+                return Err(PatientLinkError::Several {
+                    first: first.clone(),
+                    second: link.reference,
+                });
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(found.map(|(_, p)| p))
+}
+
 /// The did:key a Patient resource is linked to: the value of an `identifier` whose
 /// system is `urn:ietf:rfc:3986` and whose value starts with `did:key:`.
 pub fn linked_did(patient_resource: &Value) -> Option<String> {
@@ -294,6 +374,26 @@ pub fn collection_of_type(t: &str) -> Collection {
     }
 }
 
+/// Whether resources of this type may live in a `collection` document (DESIGN §3):
+/// the collection its type routes to ([`collection_of_type`]: directory and other
+/// compartment types to `core`), or `sensitive`, which takes any type.
+pub fn type_belongs(resource_type: &str, collection: Collection) -> bool {
+    collection == Collection::Sensitive || collection_of_type(resource_type) == collection
+}
+
+/// Whether `resource`, read from `patient`'s `collection` document, is part of that
+/// record: its type may live there ([`type_belongs`]) and, if it is a Patient, it
+/// links `patient`'s did:key. A peer that can write a document can write anything
+/// into it; what breaks these rules stays in the history, served by no replica.
+pub fn belongs(resource: &Value, patient: &medmesh_crypto::PatientId, collection: Collection) -> bool {
+    let t = resource.get("resourceType").and_then(Value::as_str).unwrap_or_default();
+    type_belongs(t, collection)
+        && (t != "Patient"
+            || linked_did(resource)
+                .and_then(|did| did.parse::<medmesh_crypto::PatientId>().ok())
+                .is_some_and(|did| did == *patient))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -345,6 +445,48 @@ mod tests {
         let other = json!({"resourceType":"Condition","meta":{"security":[
             {"system":"http://example.org/labels","code":"R"}]}});
         assert_eq!(collection_of(&other), Collection::Core);
+    }
+
+    #[test]
+    fn patient_links_name_one_patient() {
+        let obs = json!({"resourceType":"Observation","subject":{"reference":"Patient/a/_history/2"},
+            "performer":[{"reference":"Practitioner/x"},{"reference":"https://other.org/fhir/Patient/b"}]});
+        let links = patient_links(&obs);
+        assert_eq!(
+            links,
+            [
+                PatientLink {
+                    reference: "Patient/a/_history/2".into(),
+                    key: Some("Patient/a".into())
+                },
+                PatientLink {
+                    reference: "https://other.org/fhir/Patient/b".into(),
+                    key: None
+                },
+            ]
+        );
+        let resolve = |known: &[(&str, u8)]| {
+            one_patient(links.iter().map(|l| {
+                let p = l
+                    .key
+                    .as_deref()
+                    .and_then(|k| known.iter().find(|(kk, _)| *kk == k).map(|(_, p)| *p));
+                (l.clone(), p)
+            }))
+        };
+        assert!(
+            matches!(resolve(&[("Patient/a", 1)]), Err(PatientLinkError::Unknown { reference }) if reference.starts_with("https:"))
+        );
+        let two = json!({"resourceType":"Observation","subject":{"reference":"Patient/a"},
+            "performer":[{"reference":"Patient/b"}]});
+        let links = patient_links(&two);
+        let resolved = |pa: u8, pb: u8| one_patient(links.iter().cloned().zip([Some(pa), Some(pb)]));
+        assert_eq!(resolved(1, 1), Ok(Some(1)));
+        assert!(matches!(resolved(1, 2), Err(PatientLinkError::Several { .. })));
+        assert_eq!(one_patient::<u8>([]), Ok(None));
+        assert!(
+            patient_links(&json!({"resourceType":"Patient","link":[{"other":{"reference":"Patient/b"}}]})).is_empty()
+        );
     }
 
     #[test]

@@ -30,7 +30,10 @@ mod tests;
 
 use automerge::ActorId;
 
-pub use compartment::{Collection, collection_of, is_directory_type, linked_did, patient_references, supported_types};
+pub use compartment::{
+    Collection, PatientLink, PatientLinkError, belongs, collection_of, is_directory_type, linked_did, one_patient,
+    patient_links, patient_references, supported_types, type_belongs,
+};
 pub use doc::{
     AppliedChange, ApplyReport, DecodedChange, Edit, EditError, Edited, Edits, MadeChange, RecordDoc, RejectedChange,
     RenderedResource, SavedDoc, Version, Written, genesis_hash, resource_key, split_key,
