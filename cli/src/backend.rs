@@ -554,19 +554,16 @@ impl Backend for NodeBackend {
                             ));
                         }
                     }
-                    let patient = match named.get(&i).copied().or(context) {
-                        Some(patient) => patient,
-                        None => {
-                            let reason = format!(
-                                "{} names no patient and this transaction is about {} patients: it cannot be filed",
-                                resource.get("resourceType").and_then(Value::as_str).unwrap_or_default(),
-                                patients.len()
-                            );
-                            return Err(fail(
-                                i,
-                                ApiError::Unprocessable(vec![Issue::error(IssueType::BusinessRule, reason)]),
-                            ));
-                        }
+                    let Some(patient) = named.get(&i).copied().or(context) else {
+                        let reason = format!(
+                            "{} names no patient and this transaction is about {} patients: it cannot be filed",
+                            resource.get("resourceType").and_then(Value::as_str).unwrap_or_default(),
+                            patients.len()
+                        );
+                        return Err(fail(
+                            i,
+                            ApiError::Unprocessable(vec![Issue::error(IssueType::BusinessRule, reason)]),
+                        ));
                     };
                     let collection = medmesh_node::records::collection_of(&resource);
                     repository::TxWrite::Create {

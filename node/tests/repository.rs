@@ -1263,7 +1263,7 @@ async fn a_peer_change_cannot_claim_another_patients_resource_or_a_foreign_type(
                 .collect();
             assert_eq!(
                 keys,
-                [px.key.clone()],
+                [px.key.as_str()],
                 "case x_first={x_first}: M's resources hidden in X's record"
             );
         }
@@ -1289,7 +1289,7 @@ async fn a_peer_change_cannot_claim_another_patients_resource_or_a_foreign_type(
             .iter()
             .map(|r| r.key.clone())
             .collect();
-        assert_eq!(everything, [px.key.clone()], "case x_first={x_first}");
+        assert_eq!(everything, [px.key.as_str()], "case x_first={x_first}");
     }
 
     // A local update of Y's Condition lands in Y's record, not X's.
