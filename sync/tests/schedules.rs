@@ -1036,6 +1036,15 @@ impl World {
             seq: decoded.seq(),
         };
         let envelope = Envelope::seal(&key, &p.cli.identity, None, change, now()).unwrap();
+        // Recorded as written now: the node it goes to may hold it back
+        // (its actor's previous change went to another node), so
+        // `note_written` would not see it there.
+        let h = envelope.header();
+        self.nonces.insert(h.nonce, envelope.id());
+        self.written
+            .entry((h.actor.0.to_vec(), h.seq))
+            .or_default()
+            .insert((envelope.id(), h.epoch));
         self.site(at)
             .store
             .node
