@@ -535,7 +535,8 @@ async fn revoke(home: &Home, node: &str, grant_id: &str, out: &Output) -> Result
             continue;
         };
         let h = envelope.header();
-        if h.author == Principal::Practice(grantee) && h.grant_id == Some(id) {
+        // The grant by (patient, id): another patient may reuse the id.
+        if h.patient == patient && h.author == Principal::Practice(grantee) && h.grant_id == Some(id) {
             let seq = cut.entry(h.actor).or_insert(0);
             *seq = (*seq).max(h.seq);
         }
@@ -666,7 +667,9 @@ async fn fetch_record(keystore: &Keystore, node: &str) -> Result<Vec<Arc<Rendere
             continue;
         };
         let h = envelope.header();
-        let Some(key) = keystore.keys.iter().find(|k| k.key_id == h.key_id) else {
+        // By the whole (patient, collection, epoch, key id): a key id alone
+        // is one any patient can copy.
+        let Some(key) = keystore.keys.iter().find(|k| k.key_ref() == h.key_ref()) else {
             unreadable += 1;
             continue;
         };

@@ -49,6 +49,7 @@ fn envelopes(c: &mut Criterion) {
         group.bench_function(BenchmarkId::new("seal+sign", &label), |b| {
             b.iter(|| {
                 Envelope::seal(
+                    (key.patient, key.collection),
                     &key,
                     &practice,
                     Some(GrantId([7; 16])),
@@ -58,9 +59,16 @@ fn envelopes(c: &mut Criterion) {
                 .unwrap()
             })
         });
-        let sealed = Envelope::seal(&key, &practice, Some(GrantId([7; 16])), mk(), 1_700_000_000_000)
-            .unwrap()
-            .encode();
+        let sealed = Envelope::seal(
+            (key.patient, key.collection),
+            &key,
+            &practice,
+            Some(GrantId([7; 16])),
+            mk(),
+            1_700_000_000_000,
+        )
+        .unwrap()
+        .encode();
         group.bench_function(BenchmarkId::new("decode+verify+open", &label), |b| {
             b.iter(|| {
                 let env = Envelope::decode(black_box(&sealed)).unwrap();

@@ -18,7 +18,7 @@ use zeroize::Zeroizing;
 use crate::canon::{self, Fields};
 use crate::consent::{Collection, GrantId};
 use crate::id::{ActorId, PatientId, Principal, SecretIdentity, Timestamp, verify};
-use crate::keys::{Epoch, EpochKey, KeyId};
+use crate::keys::{Epoch, EpochKey, KeyId, KeyRef};
 use crate::{Error, Result};
 
 /// Domain tag of an envelope header signature.
@@ -177,6 +177,16 @@ impl EnvelopeHeader {
         Ok(())
     }
 
+    /// What names the key it is sealed under.
+    pub fn key_ref(&self) -> KeyRef {
+        KeyRef {
+            patient: self.patient,
+            collection: self.collection,
+            epoch: self.epoch,
+            key_id: self.key_id,
+        }
+    }
+
     pub(crate) fn aad(&self) -> Vec<u8> {
         canon::tagged(ENVELOPE_AAD_TAG, &canon::encode(&self.to_value(Form::Aad)))
     }
@@ -257,7 +267,7 @@ impl SignedHeader {
     /// Whether `change_hash` is the change this header signs for; used to
     /// check changes that arrived inside a snapshot rather than sealed.
     pub fn matches_change(&self, key: &EpochKey, change_hash: &[u8; 32]) -> bool {
-        key.key_id == self.header.key_id && check_keyed_hash(key, change_hash, &self.header.keyed_change_hash)
+        key.key_ref() == self.header.key_ref() && check_keyed_hash(key, change_hash, &self.header.keyed_change_hash)
     }
 }
 
@@ -301,15 +311,19 @@ pub struct Envelope {
 }
 
 impl Envelope {
-    /// Seals `change` under `key` and signs the header as `author`.
+    /// Seals `change`, a change of the record `(patient, collection)`, under
+    /// `key` and signs the header as `author`. The header names the record
+    /// given here; `key` must be one of that record's keys.
     ///
     /// `grant_id` must be `None` when the author is the patient, and the
     /// grant the practice writes under otherwise.
     ///
     /// # Errors
-    /// [`Error::InvalidField`] for an inconsistent author, grant or actor;
-    /// [`Error::Random`].
+    /// [`Error::KeyNotOfRecord`] when `key` belongs to another patient or
+    /// collection; [`Error::InvalidField`] for an inconsistent author, grant
+    /// or actor; [`Error::Random`].
     pub fn seal(
+        record: (PatientId, Collection),
         key: &EpochKey,
         author: &SecretIdentity,
         grant_id: Option<GrantId>,
@@ -318,13 +332,17 @@ impl Envelope {
     ) -> Result<Self> {
         let mut nonce = [0u8; 24];
         getrandom::fill(&mut nonce).map_err(|_| Error::Random)?;
-        Self::seal_with_nonce(key, author, grant_id, change, created_at, nonce)
+        Self::seal_with_nonce(record, key, author, grant_id, change, created_at, nonce)
     }
 
     /// [`Envelope::seal`] with a given nonce, for test vectors. A nonce must
     /// never be reused under one key: production code calls `seal`.
+    ///
+    /// # Errors
+    /// As [`Envelope::seal`].
     #[doc(hidden)]
     pub fn seal_with_nonce(
+        (patient, collection): (PatientId, Collection),
         key: &EpochKey,
         author: &SecretIdentity,
         grant_id: Option<GrantId>,
@@ -332,14 +350,21 @@ impl Envelope {
         created_at: Timestamp,
         nonce: [u8; 24],
     ) -> Result<Self> {
-        let author_principal = if author.patient_id() == key.patient {
-            Principal::Patient(key.patient)
+        // The record decides whose envelope this is, never the key: a key
+        // found by an id another patient chose must not relabel the change.
+        if !key.is_of(&patient, collection) {
+            return Err(Error::KeyNotOfRecord {
+                collection: collection.as_str(),
+            });
+        }
+        let author_principal = if author.patient_id() == patient {
+            Principal::Patient(patient)
         } else {
             Principal::Practice(author.practice_id()?)
         };
         let mut header = EnvelopeHeader {
-            patient: key.patient,
-            collection: key.collection,
+            patient,
+            collection,
             epoch: key.epoch,
             key_id: key.key_id,
             author: author_principal,
@@ -407,8 +432,7 @@ impl Envelope {
     ) -> Result<Zeroizing<Vec<u8>>> {
         let h = &self.signed.header;
         let id = || self.signed.id.to_string();
-        if key.key_id != h.key_id || key.patient != h.patient || key.collection != h.collection || key.epoch != h.epoch
-        {
+        if key.key_ref() != h.key_ref() {
             return Err(Error::WrongKey { envelope: id() });
         }
         let cipher = XChaCha20Poly1305::new(key.secret().into());
@@ -565,8 +589,7 @@ impl CompactHeader {
     /// one the author signed for.
     pub fn restore(&self, key: &EpochKey, change: Change<'_>) -> Result<Envelope> {
         let h = &self.header;
-        if key.key_id != h.key_id || key.patient != h.patient || key.collection != h.collection || key.epoch != h.epoch
-        {
+        if key.key_ref() != h.key_ref() {
             return Err(Error::WrongKey {
                 envelope: "compact header".into(),
             });

@@ -96,6 +96,13 @@ pub enum Error {
         /// Envelope id (hex).
         envelope: String,
     },
+    /// Sealing a change of one record under the key of another: the key's
+    /// patient or collection is not the record's.
+    #[error("a {collection} change cannot be sealed under a key of another patient or collection")]
+    KeyNotOfRecord {
+        /// The record's collection.
+        collection: &'static str,
+    },
     /// The ciphertext does not hash to the value in the signed header.
     #[error("envelope {envelope}: ciphertext does not match its signed hash")]
     CiphertextHash {

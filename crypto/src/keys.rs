@@ -49,6 +49,24 @@ impl fmt::Debug for KeyId {
     }
 }
 
+/// What names one epoch key: its patient, collection, epoch and key id.
+///
+/// A key id alone names nothing: it is random, but any patient signs key
+/// shares with whatever id it likes, so another identity can copy a victim's
+/// key id (headers carry it in clear). Every lookup of a key goes by the
+/// whole tuple (DESIGN §9 invariant 7).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
+pub struct KeyRef {
+    /// Whose record.
+    pub patient: PatientId,
+    /// Which collection.
+    pub collection: Collection,
+    /// Which epoch.
+    pub epoch: Epoch,
+    /// The key's random id.
+    pub key_id: KeyId,
+}
+
 /// One collection key of one epoch. Zeroized on drop; `Debug` hides the key.
 #[derive(Clone)]
 pub struct EpochKey {
@@ -91,6 +109,21 @@ impl EpochKey {
             key_id,
             key,
         }
+    }
+
+    /// What names this key.
+    pub fn key_ref(&self) -> KeyRef {
+        KeyRef {
+            patient: self.patient,
+            collection: self.collection,
+            epoch: self.epoch,
+            key_id: self.key_id,
+        }
+    }
+
+    /// Whether this is a key of (patient, collection).
+    pub fn is_of(&self, patient: &PatientId, collection: Collection) -> bool {
+        self.patient == *patient && self.collection == collection
     }
 
     /// The secret key bytes, for sealing and for the keystore only.
@@ -165,6 +198,16 @@ fn x25519_public(recipient: &Principal) -> Result<<Kem as hpke::Kem>::PublicKey>
 }
 
 impl KeyShareTerms {
+    /// What names the key this share wraps.
+    pub fn key_ref(&self) -> KeyRef {
+        KeyRef {
+            patient: self.patient,
+            collection: self.collection,
+            epoch: self.epoch,
+            key_id: self.key_id,
+        }
+    }
+
     fn to_value(&self) -> Value {
         Value::Array(vec![
             canon::uint(FORMAT_VERSION),

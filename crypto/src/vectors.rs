@@ -183,6 +183,7 @@ impl Fixture {
         )
         .unwrap();
         let envelope_practice = Envelope::seal_with_nonce(
+            (key.patient, key.collection),
             &key,
             &practice_a,
             Some(GrantId(GRANT_ID)),
@@ -197,6 +198,7 @@ impl Fixture {
         )
         .unwrap();
         let envelope_patient = Envelope::seal_with_nonce(
+            (key.patient, key.collection),
             &key,
             &patient,
             None,

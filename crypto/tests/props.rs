@@ -90,6 +90,7 @@ fn fx() -> Fx {
     .unwrap();
     let share = KeyShare::create(&key, Principal::Practice(a.practice_id().unwrap()), &patient, NB).unwrap();
     let envelope = Envelope::seal(
+        (key.patient, key.collection),
         &key,
         &a,
         Some(grant.id()),
@@ -97,8 +98,15 @@ fn fx() -> Fx {
         NB + 10,
     )
     .unwrap();
-    let envelope_patient =
-        Envelope::seal(&key, &patient, None, change(b"patient change", actor_patient, 3), NB).unwrap();
+    let envelope_patient = Envelope::seal(
+        (key.patient, key.collection),
+        &key,
+        &patient,
+        None,
+        change(b"patient change", actor_patient, 3),
+        NB,
+    )
+    .unwrap();
     Fx {
         patient,
         other_patient,
@@ -219,7 +227,7 @@ proptest! {
     fn random_changes_seal_and_open(bytes in proptest::collection::vec(any::<u8>(), 0..4096), seq in any::<u64>(),
                                     created in any::<u64>()) {
         let f = fx();
-        let env = Envelope::seal(&f.key, &f.a, Some(f.grant.id()), change(&bytes, f.actor_a, seq), created).unwrap();
+        let env = Envelope::seal((f.key.patient, f.key.collection),&f.key, &f.a, Some(f.grant.id()), change(&bytes, f.actor_a, seq), created).unwrap();
         let back = Envelope::decode(&env.encode()).unwrap();
         prop_assert_eq!(&back.open(&f.key, |_| Some(HASH)).unwrap()[..], &bytes[..]);
         prop_assert_eq!(back.header().seq, seq);
@@ -627,12 +635,73 @@ fn admits_change_rules() {
 
 // ---------------------------------------------------------------- envelope header rules
 
+/// Issue 15 item 1: the record decides whose envelope it is. A key of
+/// another patient (found by a key id that patient copied) or of another
+/// collection is refused, never used to relabel the change.
+#[test]
+fn seal_refuses_a_key_of_another_record() {
+    let f = fx();
+    let x = f.patient.patient_id();
+    // Another patient's key with the very same key id.
+    let copied = key_for(&f.other_patient, Collection::Labs, 0, 0x11, 0x33);
+    assert_eq!(copied.key_id, f.key.key_id);
+    let refused = |r: Result<Envelope>| matches!(r, Err(Error::KeyNotOfRecord { collection: "labs" }));
+    assert!(refused(Envelope::seal(
+        (x, Collection::Labs),
+        &copied,
+        &f.a,
+        Some(f.grant.id()),
+        change(b"x", f.actor_a, 1),
+        NB
+    )));
+    // The record's patient, but the key of another collection.
+    let core = key_for(&f.patient, Collection::Core, 0, 0x11, 0x22);
+    assert!(refused(Envelope::seal(
+        (x, Collection::Labs),
+        &core,
+        &f.a,
+        Some(f.grant.id()),
+        change(b"x", f.actor_a, 1),
+        NB
+    )));
+    assert!(refused(Envelope::seal_with_nonce(
+        (x, Collection::Labs),
+        &copied,
+        &f.patient,
+        None,
+        change(b"x", f.actor_patient, 1),
+        NB,
+        [7; 24]
+    )));
+    // The record's own key: sealed as the record, and only that key opens it.
+    let sealed = Envelope::seal(
+        (x, Collection::Labs),
+        &f.key,
+        &f.a,
+        Some(f.grant.id()),
+        change(b"x", f.actor_a, 1),
+        NB,
+    )
+    .unwrap();
+    assert_eq!(
+        (sealed.header().patient, sealed.header().collection),
+        (x, Collection::Labs)
+    );
+    assert_eq!(sealed.header().key_ref(), f.key.key_ref());
+    assert!(matches!(
+        sealed.open(&copied, |_| Some(HASH)),
+        Err(Error::WrongKey { .. })
+    ));
+    assert!(sealed.open(&f.key, |_| Some(HASH)).is_ok());
+}
+
 #[test]
 fn envelope_header_rules() {
     let f = fx();
     let invalid = |r: Result<Envelope>| matches!(r, Err(Error::InvalidField { .. }));
     // A practice must name its grant; the patient must not.
     assert!(invalid(Envelope::seal(
+        (f.key.patient, f.key.collection),
         &f.key,
         &f.a,
         None,
@@ -640,6 +709,7 @@ fn envelope_header_rules() {
         NB
     )));
     assert!(invalid(Envelope::seal(
+        (f.key.patient, f.key.collection),
         &f.key,
         &f.patient,
         Some(f.grant.id()),
@@ -648,6 +718,7 @@ fn envelope_header_rules() {
     )));
     // The actor must belong to the author.
     assert!(invalid(Envelope::seal(
+        (f.key.patient, f.key.collection),
         &f.key,
         &f.a,
         Some(f.grant.id()),
@@ -655,6 +726,7 @@ fn envelope_header_rules() {
         NB
     )));
     assert!(invalid(Envelope::seal(
+        (f.key.patient, f.key.collection),
         &f.key,
         &f.patient,
         None,
@@ -732,7 +804,15 @@ fn compact_header_restores_the_exact_envelope() {
 #[test]
 fn ciphertext_swap_is_caught() {
     let f = fx();
-    let other = Envelope::seal(&f.key, &f.a, Some(f.grant.id()), change(b"other", f.actor_a, 2), NB).unwrap();
+    let other = Envelope::seal(
+        (f.key.patient, f.key.collection),
+        &f.key,
+        &f.a,
+        Some(f.grant.id()),
+        change(b"other", f.actor_a, 2),
+        NB,
+    )
+    .unwrap();
     // Header of one envelope with the ciphertext of another.
     let mut bytes = f.envelope.signed_header().encode();
     bytes[0] = 0x83;

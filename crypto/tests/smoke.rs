@@ -47,6 +47,7 @@ fn grant_keyshare_envelope_round_trip() {
 
     let actor = ActorId::for_author(&practice.public_bytes(), [0; 8]);
     let env = Envelope::seal(
+        (key.patient, key.collection),
         &key,
         &practice,
         Some(grant.id()),

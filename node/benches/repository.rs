@@ -342,6 +342,7 @@ fn build_patient(i: usize, node: &Principal) -> Built {
         // As the repository seals it.
         let sealed_bytes = change.compressed_bytes();
         let e = Envelope::seal(
+            (key.patient, key.collection),
             &key,
             &patient.identity,
             None,

@@ -124,7 +124,15 @@ async fn raw_writes(per_writer: usize) -> f64 {
         let identity = identity.clone();
         tasks.push(tokio::spawn(async move {
             for c in &changes {
-                let e = Envelope::seal(&key, &identity, Some(grant), c.as_change(), now()).unwrap();
+                let e = Envelope::seal(
+                    (key.patient, key.collection),
+                    &key,
+                    &identity,
+                    Some(grant),
+                    c.as_change(),
+                    now(),
+                )
+                .unwrap();
                 tree.insert(e.id().0, e.encode()).unwrap();
             }
         }));
@@ -205,7 +213,15 @@ fn append_only(groups: usize) -> Duration {
     let batches: Vec<Batch> = changes
         .iter()
         .map(|c| {
-            let e = Envelope::seal(&key, &identity, Some(grant), c.as_change(), now()).unwrap();
+            let e = Envelope::seal(
+                (key.patient, key.collection),
+                &key,
+                &identity,
+                Some(grant),
+                c.as_change(),
+                now(),
+            )
+            .unwrap();
             let h = e.header();
             let meta = ItemMeta {
                 kind: ItemKind::Envelope,

@@ -5,13 +5,21 @@
 //!
 //! Validity of an envelope depends only on signed data: its grant, the
 //! grant's window, and the cuts of every known revocation of that grant.
+//!
+//! Key ids and grant ids are random, but a patient signs whatever ids it
+//! likes, and every envelope header shows them in clear: any identity can
+//! copy another patient's ids into its own shares and grants. So nothing
+//! here is found by an id alone: keys by their [`KeyRef`] (patient,
+//! collection, epoch, key id), grants and revocations by (patient, grant
+//! id). The id indexes below only tell the node which other tuples claim
+//! an id, to refuse copies (DESIGN §9 invariant 7).
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::OnceLock;
 
 use medmesh_crypto::{
-    Access, Collection, EnvelopeHeader, Epoch, EpochKey, Grant, GrantId, KeyId, KeyShare, PatientId, PracticeId,
-    Principal, Revocation, SecretIdentity, Timestamp,
+    Access, Collection, EnvelopeHeader, Epoch, EpochKey, Grant, GrantId, KeyId, KeyRef, KeyShare, KeyShareTerms,
+    PatientId, PracticeId, Principal, Revocation, SecretIdentity, Timestamp,
 };
 
 use crate::store::{ItemKind, ItemMeta};
@@ -39,12 +47,17 @@ struct Current {
 #[derive(Default)]
 pub(crate) struct Registry {
     grants: HashMap<(PatientId, GrantId), Grant>,
+    /// The patients that hold a grant with this id (more than one: a copy).
+    grant_id_patients: HashMap<GrantId, BTreeSet<PatientId>>,
     revocations: HashMap<(PatientId, GrantId), Vec<Revocation>>,
-    keys: HashMap<KeyId, EpochKey>,
+    keys: HashMap<KeyRef, EpochKey>,
     /// Shares addressed to this node found at open, opened on first use
     /// (HPKE costs ~0.1 ms each; a node with 30k shares opens in seconds
     /// otherwise). A share that does not open stays `None` (logged once).
-    unopened: HashMap<KeyId, (KeyShare, OnceLock<Option<EpochKey>>)>,
+    unopened: HashMap<KeyRef, (KeyShare, OnceLock<Option<EpochKey>>)>,
+    /// The keys a key id names in the shares held (to anyone): one, unless
+    /// an id was copied.
+    key_id_bindings: HashMap<KeyId, BTreeSet<KeyRef>>,
     /// The node key that opens `unopened` shares.
     opener: Option<SecretIdentity>,
     current: HashMap<(PatientId, Collection), Current>,
@@ -58,9 +71,33 @@ impl Registry {
         match self.grants.get(&key) {
             Some(existing) if existing.encoded() <= grant.encoded() => {}
             _ => {
+                self.grant_id_patients.entry(key.1).or_default().insert(key.0);
                 self.grants.insert(key, grant);
             }
         }
+    }
+
+    /// Other patients that hold a grant whose id is `id`.
+    pub(crate) fn other_patients_with_grant_id(&self, patient: &PatientId, id: &GrantId) -> Vec<PatientId> {
+        self.grant_id_patients
+            .get(id)
+            .into_iter()
+            .flatten()
+            .filter(|p| *p != patient)
+            .copied()
+            .collect()
+    }
+
+    /// The keys other than the share's that its key id already names here.
+    pub(crate) fn other_keys_with_key_id(&self, share: &KeyShareTerms) -> Vec<KeyRef> {
+        let own = share.key_ref();
+        self.key_id_bindings
+            .get(&own.key_id)
+            .into_iter()
+            .flatten()
+            .filter(|r| **r != own)
+            .copied()
+            .collect()
     }
 
     /// Adds a revocation; false if it was already known.
@@ -77,6 +114,7 @@ impl Registry {
     /// Notes the epoch a share belongs to (any recipient).
     pub(crate) fn note_share(&mut self, share: &KeyShare) {
         let t = share.terms();
+        self.key_id_bindings.entry(t.key_id).or_default().insert(t.key_ref());
         let candidate = Current {
             epoch: t.epoch,
             issued_at: t.issued_at,
@@ -91,7 +129,7 @@ impl Registry {
     }
 
     pub(crate) fn add_key(&mut self, key: EpochKey) {
-        self.keys.insert(key.key_id, key);
+        self.keys.insert(key.key_ref(), key);
     }
 
     /// Keeps a share addressed to this node, to open with `opener` on first use.
@@ -99,29 +137,41 @@ impl Registry {
         if self.opener.is_none() {
             self.opener = Some(SecretIdentity::from_seed(&opener.seed()));
         }
-        let key_id = share.terms().key_id;
-        if !self.keys.contains_key(&key_id) {
-            self.unopened.insert(key_id, (share, OnceLock::new()));
+        let key_ref = share.terms().key_ref();
+        if !self.keys.contains_key(&key_ref) {
+            self.unopened.insert(key_ref, (share, OnceLock::new()));
         }
     }
 
-    pub(crate) fn key(&self, key_id: &KeyId) -> Option<&EpochKey> {
-        if let Some(k) = self.keys.get(key_id) {
+    /// The key named by `key_ref`, if this node holds it.
+    pub(crate) fn key(&self, key_ref: &KeyRef) -> Option<&EpochKey> {
+        if let Some(k) = self.keys.get(key_ref) {
             return Some(k);
         }
-        let (share, cell) = self.unopened.get(key_id)?;
+        let (share, cell) = self.unopened.get(key_ref)?;
         cell.get_or_init(|| {
             let opened = self.opener.as_ref().map(|identity| share.open(identity));
             match opened {
                 Some(Ok(key)) => Some(key),
                 Some(Err(e)) => {
-                    tracing::warn!(key_id = %key_id, cause = %e, "stored key share does not open");
+                    tracing::warn!(key_id = %key_ref.key_id, cause = %e, "stored key share does not open");
                     None
                 }
                 None => None,
             }
         })
         .as_ref()
+    }
+
+    /// The key of (patient, collection) with this id, whatever its epoch
+    /// (a sealed snapshot names its key by id only). A patient's key id
+    /// names one of its keys: a share binding it to a second is refused.
+    pub(crate) fn key_of(&self, patient: &PatientId, collection: Collection, key_id: &KeyId) -> Option<&EpochKey> {
+        self.key_id_bindings
+            .get(key_id)?
+            .iter()
+            .filter(|r| r.patient == *patient && r.collection == collection)
+            .find_map(|r| self.key(r))
     }
 
     pub(crate) fn grant(&self, patient: &PatientId, id: &GrantId) -> Option<&Grant> {
@@ -246,8 +296,13 @@ impl Registry {
 
     /// The current epoch key, if this node holds it.
     pub(crate) fn current_key(&self, patient: &PatientId, collection: Collection) -> Option<&EpochKey> {
-        let (_, key_id) = self.current_epoch(patient, collection)?;
-        self.key(&key_id)
+        let (epoch, key_id) = self.current_epoch(patient, collection)?;
+        self.key(&KeyRef {
+            patient: *patient,
+            collection,
+            epoch,
+            key_id,
+        })
     }
 
     /// Grants known for a patient, newest first.
@@ -260,5 +315,102 @@ impl Registry {
             .collect();
         out.sort_by_key(|g| std::cmp::Reverse((g.terms().issued_at, g.id())));
         out
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use medmesh_crypto::now;
+    use zeroize::Zeroizing;
+
+    use super::*;
+    use crate::testing::TestPatient;
+
+    /// Issue 15 item 1: a share of another patient with a copied key id is
+    /// held under its own patient's tuple; X's key, current key and keyed
+    /// lookups stay X's, whatever the order the two arrive in.
+    #[test]
+    fn a_copied_key_id_names_each_patients_own_key() {
+        let node = SecretIdentity::from_seed(&[4; 32]);
+        let me = Principal::Practice(node.practice_id().unwrap());
+        let mut x = TestPatient::new().unwrap();
+        let y = TestPatient::new().unwrap();
+        let x_key = x.key(Collection::Core, 0).unwrap();
+        let x_share = x.share(Collection::Core, 0, me).unwrap();
+        let copied = EpochKey::from_parts(y.id(), Collection::Core, 0, x_key.key_id, Zeroizing::new([9; 32]));
+        let y_share = KeyShare::create(&copied, me, &y.identity, now() + 1).unwrap();
+
+        for x_first in [true, false] {
+            let mut reg = Registry::default();
+            let mut shares = vec![(&x_share, x_key.clone()), (&y_share, copied.clone())];
+            if !x_first {
+                shares.reverse();
+            }
+            for (share, key) in shares {
+                reg.note_share(share);
+                reg.add_key(key);
+            }
+            let current = reg.current_key(&x.id(), Collection::Core).unwrap();
+            assert_eq!(current.patient, x.id());
+            assert_eq!(current.secret(), x_key.secret());
+            assert_eq!(reg.key(&x_key.key_ref()).unwrap().secret(), x_key.secret());
+            assert_eq!(reg.key(&copied.key_ref()).unwrap().secret(), copied.secret());
+            let of = reg.key_of(&x.id(), Collection::Core, &x_key.key_id).unwrap();
+            assert_eq!(of.patient, x.id());
+            assert!(reg.key_of(&x.id(), Collection::Labs, &x_key.key_id).is_none());
+            // Each share sees the other tuple its id is claimed by.
+            assert_eq!(reg.other_keys_with_key_id(y_share.terms()), vec![x_key.key_ref()]);
+            assert_eq!(reg.other_keys_with_key_id(x_share.terms()), vec![copied.key_ref()]);
+        }
+    }
+
+    /// Opened lazily (as at open) the same: by the whole tuple.
+    #[test]
+    fn unopened_shares_are_found_by_their_whole_tuple() {
+        let node = SecretIdentity::from_seed(&[5; 32]);
+        let me = Principal::Practice(node.practice_id().unwrap());
+        let mut x = TestPatient::new().unwrap();
+        let y = TestPatient::new().unwrap();
+        let x_key = x.key(Collection::Core, 0).unwrap();
+        let copied = EpochKey::from_parts(y.id(), Collection::Core, 0, x_key.key_id, Zeroizing::new([9; 32]));
+        let mut reg = Registry::default();
+        for share in [
+            x.share(Collection::Core, 0, me).unwrap(),
+            KeyShare::create(&copied, me, &y.identity, now()).unwrap(),
+        ] {
+            reg.note_share(&share);
+            reg.add_unopened_share(share, &node);
+        }
+        assert_eq!(
+            reg.current_key(&x.id(), Collection::Core).unwrap().secret(),
+            x_key.secret()
+        );
+        assert_eq!(
+            reg.current_key(&y.id(), Collection::Core).unwrap().secret(),
+            copied.secret()
+        );
+    }
+
+    /// Grants are found by (patient, grant id); a copied id is visible as
+    /// another patient's.
+    #[test]
+    fn a_copied_grant_id_names_each_patients_own_grant() {
+        let practice = SecretIdentity::from_seed(&[6; 32]).practice_id().unwrap();
+        let x = TestPatient::new().unwrap();
+        let y = TestPatient::new().unwrap();
+        let x_grant = x
+            .grant(practice, &[Collection::Core], Access::ReadWrite, now() - 1000, None)
+            .unwrap();
+        let mut terms = x_grant.terms().clone();
+        terms.patient = y.id();
+        let y_grant = Grant::sign(terms, &y.identity).unwrap();
+        let mut reg = Registry::default();
+        reg.add_grant(y_grant.clone());
+        reg.add_grant(x_grant.clone());
+        assert_eq!(reg.grant(&x.id(), &x_grant.id()), Some(&x_grant));
+        assert_eq!(reg.grant(&y.id(), &x_grant.id()), Some(&y_grant));
+        assert_eq!(reg.other_patients_with_grant_id(&y.id(), &x_grant.id()), vec![x.id()]);
+        assert!(reg.other_patients_with_grant_id(&x.id(), &GrantId([0; 16])).is_empty());
     }
 }

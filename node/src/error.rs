@@ -81,6 +81,19 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// A grant or key share whose id is already bound here to another
+    /// tuple: another patient's grant or key in use here, or another
+    /// collection or epoch of the same patient's. Ids are random, so this is
+    /// a copied id; refused for good (recorded as rejected).
+    #[error("{kind} {id} rejected: its id is already bound to {bound}")]
+    IdCollision {
+        /// Item kind.
+        kind: &'static str,
+        /// Hash of the item's bytes (hex).
+        id: String,
+        /// What the id is bound to.
+        bound: &'static str,
+    },
     /// No such envelope is held readable.
     #[error("envelope {0} is not held or not readable")]
     NotReadable(EnvelopeId),

@@ -8,8 +8,9 @@ use std::path::Path;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use medmesh_crypto::{
-    Access, Change, Collection, Envelope, EnvelopeHeader, EnvelopeId, Epoch, EpochKey, Grant, GrantId, KeyId, KeyShare,
-    MAX_ENVELOPE_BYTES, PatientId, PeerId, PracticeId, Principal, Revocation, SealedSnapshot, SecretIdentity, now,
+    Access, Change, Collection, Envelope, EnvelopeHeader, EnvelopeId, Epoch, EpochKey, Grant, GrantId, KeyId, KeyRef,
+    KeyShare, MAX_ENVELOPE_BYTES, PatientId, PeerId, PracticeId, Principal, Revocation, SealedSnapshot, SecretIdentity,
+    now,
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -627,7 +628,16 @@ impl Node {
                 .ok_or(Error::NoEpochKey { patient, collection })?;
             (key, grant)
         };
-        let envelope = Envelope::seal(&key, &self.inner.identity, Some(grant), change, time)?;
+        // Refused (typed) if the key found is not this record's: the header
+        // names the record the caller writes, never the key's.
+        let envelope = Envelope::seal(
+            (patient, collection),
+            &key,
+            &self.inner.identity,
+            Some(grant),
+            change,
+            time,
+        )?;
         let encoded = envelope.encode();
         if encoded.len() > MAX_ENVELOPE_BYTES {
             return Err(Error::ChangeTooLarge {
@@ -886,6 +896,30 @@ impl Node {
             report.duplicates += 1;
             return Ok(());
         }
+        if let Some(bound) = self.bound_elsewhere(&decoded)? {
+            phase.seen.remove(&hash);
+            let patient = match &decoded {
+                Decoded::Grant(g) => Some(g.terms().patient),
+                Decoded::KeyShare(s) => Some(s.terms().patient),
+                _ => None,
+            };
+            self.reject(
+                phase,
+                &mut report.rejected,
+                Refusal {
+                    kind: item.kind,
+                    key: hash,
+                    patient,
+                    error: Error::IdCollision {
+                        kind: item.kind.as_str(),
+                        id: hex::encode(hash),
+                        bound,
+                    },
+                },
+                actor,
+            );
+            return Ok(());
+        }
         let (meta, action, grant) = match &decoded {
             Decoded::Grant(g) => (
                 ItemMeta {
@@ -972,6 +1006,52 @@ impl Node {
         }
         report.accepted += 1;
         Ok(())
+    }
+
+    /// Whether a grant's or key share's id is already bound here to another
+    /// tuple, and to what (`docs/decisions.md`, "Copied key ids and grant
+    /// ids"): to another collection or epoch of the same patient (only that
+    /// patient signs both), or to another patient's grant or key in use here
+    /// (this node holds that patient's envelopes under it). A copy of an id
+    /// that no envelope here uses yet is held in its own scope: every lookup
+    /// goes by patient, so it reaches nothing of the other patient's, and
+    /// refusing it could refuse the genuine item instead of the copy.
+    fn bound_elsewhere(&self, decoded: &Decoded) -> Result<Option<&'static str>> {
+        match decoded {
+            Decoded::Grant(g) => {
+                let id = g.id();
+                let others = self.registry().other_patients_with_grant_id(&g.terms().patient, &id);
+                for other in others {
+                    if self
+                        .store()
+                        .envelopes(&other, None)?
+                        .iter()
+                        .any(|e| e.grant == Some(id))
+                    {
+                        return Ok(Some("another patient's grant in use here"));
+                    }
+                }
+            }
+            Decoded::KeyShare(share) => {
+                let t = share.terms();
+                let others = self.registry().other_keys_with_key_id(t);
+                for other in others {
+                    if other.patient == t.patient {
+                        return Ok(Some("another collection or epoch of its patient"));
+                    }
+                    let in_use = self
+                        .store()
+                        .envelopes(&other.patient, Some(other.collection))?
+                        .iter()
+                        .any(|e| e.epoch == other.epoch && e.key_id == other.key_id);
+                    if in_use {
+                        return Ok(Some("another patient's key in use here"));
+                    }
+                }
+            }
+            Decoded::Revocation(_) | Decoded::Envelope(_) => {}
+        }
+        Ok(None)
     }
 
     fn queue_pending(
@@ -1085,7 +1165,7 @@ impl Node {
         }
         let (validity, key) = {
             let reg = self.registry();
-            (reg.envelope_validity(h), reg.key(&h.key_id).cloned())
+            (reg.envelope_validity(h), reg.key(&h.key_ref()).cloned())
         };
         match validity {
             Validity::MissingGrant(grant) => {
@@ -1222,7 +1302,7 @@ impl Node {
         let entries = self.store().envelopes(&key.patient, Some(key.collection))?;
         for mut e in entries
             .into_iter()
-            .filter(|e| e.state == EnvelopeState::Opaque && e.key_id == key.key_id)
+            .filter(|e| e.state == EnvelopeState::Opaque && e.epoch == key.epoch && e.key_id == key.key_id)
         {
             if phase.seen.contains(&e.id.0) {
                 continue;
@@ -1623,7 +1703,7 @@ impl Node {
         // per envelope and dominate a cold load: spread them over the cores.
         let opened = crate::par::map(&items, 32, |(_, item)| match decode_item(item.meta.kind, &item.bytes) {
             Ok(Decoded::Envelope(envelope)) => {
-                let key = self.registry().key(&envelope.header().key_id).cloned();
+                let key = self.registry().key(&envelope.header().key_ref()).cloned();
                 key.map(|key| Opened::Checked(open_checked(&envelope, &key)))
             }
             Ok(_) => None,
@@ -1715,9 +1795,15 @@ impl Node {
         self.registry().current_key(patient, collection).cloned()
     }
 
-    /// The epoch key with this id, if this node holds it.
-    pub(crate) fn epoch_key(&self, key_id: &KeyId) -> Option<EpochKey> {
-        self.registry().key(key_id).cloned()
+    /// The epoch key `key_ref` names, if this node holds it.
+    pub(crate) fn epoch_key(&self, key_ref: &KeyRef) -> Option<EpochKey> {
+        self.registry().key(key_ref).cloned()
+    }
+
+    /// The key of (patient, collection) with this id, if this node holds it
+    /// (sealed snapshots name their key by id only).
+    pub(crate) fn epoch_key_of(&self, patient: &PatientId, collection: Collection, key_id: &KeyId) -> Option<EpochKey> {
+        self.registry().key_of(patient, collection, key_id).cloned()
     }
 
     // ----- sync support -----------------------------------------------

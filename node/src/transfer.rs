@@ -25,7 +25,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 
 use medmesh_crypto::{
-    Change, Collection, CompactHeader, Envelope, EnvelopeId, KeyId, PatientId, SNAPSHOT_TAG, SealedSnapshot,
+    Change, Collection, CompactHeader, Envelope, EnvelopeId, KeyId, KeyRef, PatientId, SNAPSHOT_TAG, SealedSnapshot,
 };
 use sha2::{Digest as _, Sha256};
 use zeroize::Zeroizing;
@@ -181,8 +181,14 @@ impl Node {
             return Ok(None);
         };
         let mut sealed_doc: Option<Vec<u8>> = None;
-        for (_, key_id) in epochs {
-            let Some(key) = self.epoch_key(&key_id) else {
+        for (epoch, key_id) in epochs {
+            let key_ref = KeyRef {
+                patient,
+                collection,
+                epoch,
+                key_id,
+            };
+            let Some(key) = self.epoch_key(&key_ref) else {
                 return Ok(None);
             };
             sealed_doc = Some(SealedSnapshot::seal(&key, sealed_doc.as_deref().unwrap_or(doc))?);
@@ -227,25 +233,39 @@ impl Node {
     /// # Errors
     /// As [`Node::open_transfer`]. Headers that do not restore are counted,
     /// not errors.
-    pub fn restore_transfer(&self, sealed_doc: &[u8], headers: &[CompactHeader]) -> Result<Restored, TransferError> {
-        Ok(self.open_transfer(sealed_doc)?.restore(self, headers))
+    pub fn restore_transfer(
+        &self,
+        patient: PatientId,
+        collection: Collection,
+        sealed_doc: &[u8],
+        headers: &[CompactHeader],
+    ) -> Result<Restored, TransferError> {
+        Ok(self
+            .open_transfer(patient, collection, sealed_doc)?
+            .restore(self, headers))
     }
 
-    /// Opens and loads a transfer's document, ready to restore headers
-    /// against it (in parts, so restoring can run beside ingesting): peels
-    /// one sealing layer per epoch key (module docs) until the document.
+    /// Opens and loads a transfer's document of (patient, collection), ready
+    /// to restore headers against it (in parts, so restoring can run beside
+    /// ingesting): peels one sealing layer per epoch key (module docs), each
+    /// a key of that patient's collection, until the document.
     ///
     /// # Errors
     /// [`TransferError::NoKey`] (a layer's key is not held),
     /// [`TransferError::Crypto`] (a layer does not open under its key, or
     /// names a key twice), [`TransferError::Document`] (it does not load).
-    pub fn open_transfer(&self, sealed_doc: &[u8]) -> Result<OpenedTransfer, TransferError> {
+    pub fn open_transfer(
+        &self,
+        patient: PatientId,
+        collection: Collection,
+        sealed_doc: &[u8],
+    ) -> Result<OpenedTransfer, TransferError> {
         let mut keys = HashSet::new();
-        let mut doc = self.open_layer(sealed_doc, &mut keys)?;
+        let mut doc = self.open_layer(patient, collection, sealed_doc, &mut keys)?;
         // An Automerge document starts with its own magic bytes, never
         // with the sealing tag.
         while doc.starts_with(SNAPSHOT_TAG) {
-            let inner = self.open_layer(&doc, &mut keys)?;
+            let inner = self.open_layer(patient, collection, &doc, &mut keys)?;
             doc = inner;
         }
         let saved = SavedDoc::load(&doc)?;
@@ -255,13 +275,24 @@ impl Node {
             .enumerate()
             .map(|(i, c)| ((c.actor().to_bytes().to_vec(), c.seq()), i))
             .collect();
-        Ok(OpenedTransfer { saved, by_actor_seq })
+        Ok(OpenedTransfer {
+            patient,
+            collection,
+            saved,
+            by_actor_seq,
+        })
     }
 
     /// Opens one sealing layer of a transfer's document. Every layer needs
     /// another key of this node's, which bounds how many a sender can make
     /// it peel.
-    fn open_layer(&self, sealed: &[u8], keys: &mut HashSet<KeyId>) -> Result<Zeroizing<Vec<u8>>, TransferError> {
+    fn open_layer(
+        &self,
+        patient: PatientId,
+        collection: Collection,
+        sealed: &[u8],
+        keys: &mut HashSet<KeyId>,
+    ) -> Result<Zeroizing<Vec<u8>>, TransferError> {
         let key_id = SealedSnapshot::key_id(sealed)?;
         if !keys.insert(key_id) {
             return Err(TransferError::Crypto(medmesh_crypto::Error::Malformed {
@@ -269,7 +300,9 @@ impl Node {
                 reason: "a document sealed twice under one key",
             }));
         }
-        let key = self.epoch_key(&key_id).ok_or(TransferError::NoKey(key_id))?;
+        let key = self
+            .epoch_key_of(&patient, collection, &key_id)
+            .ok_or(TransferError::NoKey(key_id))?;
         Ok(SealedSnapshot::open(&key, sealed)?)
     }
 }
@@ -277,6 +310,8 @@ impl Node {
 /// A transfer's document, loaded: its changes by (actor, seq). Plaintext,
 /// in memory only.
 pub struct OpenedTransfer {
+    patient: PatientId,
+    collection: Collection,
     saved: SavedDoc,
     by_actor_seq: HashMap<(Vec<u8>, u64), usize>,
 }
@@ -326,6 +361,11 @@ impl OpenedTransfer {
         let mut restored = Restored::default();
         for compact in headers {
             let h = compact.header();
+            // Only this document's own envelopes, under its own keys.
+            if h.patient != self.patient || h.collection != self.collection {
+                restored.unrestored += 1;
+                continue;
+            }
             let Some(change) = self
                 .by_actor_seq
                 .get(&(h.actor.0.to_vec(), h.seq))
@@ -334,10 +374,8 @@ impl OpenedTransfer {
                 restored.unrestored += 1;
                 continue;
             };
-            let key = keys
-                .entry(h.key_id)
-                .or_insert_with(|| node.epoch_key(&h.key_id))
-                .as_ref();
+            let key_ref = h.key_ref();
+            let key = keys.entry(key_ref).or_insert_with(|| node.epoch_key(&key_ref)).as_ref();
             let Some(key) = key else {
                 restored.unrestored += 1;
                 continue;

@@ -496,7 +496,9 @@ async fn a_snapshot_transfer_rebuilds_the_authors_exact_envelopes() {
     );
 
     // B (granted, holding the keys) rebuilds A's envelopes byte for byte.
-    let restored = b.restore_transfer(&transfer.sealed_doc, &headers).unwrap();
+    let restored = b
+        .restore_transfer(transfer.patient, transfer.collection, &transfer.sealed_doc, &headers)
+        .unwrap();
     assert_eq!(restored.unrestored, 0);
     assert_eq!(restored.envelopes.len(), held.len());
     for restored in &restored.envelopes {
@@ -549,26 +551,33 @@ async fn a_snapshot_transfer_rebuilds_the_authors_exact_envelopes() {
 
     // C holds no key for the collection: nothing to rebuild with.
     assert!(matches!(
-        c.restore_transfer(&transfer.sealed_doc, &headers),
+        c.restore_transfer(transfer.patient, transfer.collection, &transfer.sealed_doc, &headers),
         Err(medmesh_node::transfer::TransferError::NoKey(_))
     ));
     // A tampered document does not open.
     let mut bad = transfer.sealed_doc.clone();
     let last = bad.len() - 1;
     bad[last] ^= 1;
-    assert!(b.restore_transfer(&bad, &headers).is_err());
+    assert!(
+        b.restore_transfer(transfer.patient, transfer.collection, &bad, &headers)
+            .is_err()
+    );
     // Headers of changes the document does not hold, or headers swapped
     // between changes, rebuild nothing.
     let mut swapped = headers.clone();
     swapped.swap(0, 1);
-    let from_swapped = b.restore_transfer(&transfer.sealed_doc, &swapped).unwrap();
+    let from_swapped = b
+        .restore_transfer(transfer.patient, transfer.collection, &transfer.sealed_doc, &swapped)
+        .unwrap();
     assert_eq!(from_swapped.envelopes.len(), headers.len(), "order does not matter");
     let mut forged = headers[0].encode();
     // The nonce is near the end of the header, before the signature.
     let at = forged.len() - 70;
     forged[at] ^= 0x20;
     let forged = medmesh_crypto::CompactHeader::decode(&forged).unwrap();
-    let from_forged = b.restore_transfer(&transfer.sealed_doc, &[forged]).unwrap();
+    let from_forged = b
+        .restore_transfer(transfer.patient, transfer.collection, &transfer.sealed_doc, &[forged])
+        .unwrap();
     assert_eq!((from_forged.envelopes.len(), from_forged.unrestored), (0, 1));
 }
 
@@ -1011,7 +1020,9 @@ async fn a_transfer_document_becomes_the_snapshot_only_when_every_change_is_held
     let from_a = Source::Peer(a.practice_id().peer_id());
     b.ingest(grants, from_a.clone()).await.unwrap();
     let keep = |restored: &medmesh_node::transfer::Restored| {
-        let opened = b.open_transfer(&transfer.sealed_doc).unwrap();
+        let opened = b
+            .open_transfer(transfer.patient, transfer.collection, &transfer.sealed_doc)
+            .unwrap();
         opened
             .keep_as_snapshot(&b, pid, Collection::Labs, &restored.covered)
             .unwrap()
@@ -1019,7 +1030,9 @@ async fn a_transfer_document_becomes_the_snapshot_only_when_every_change_is_held
 
     // One change of the document restored from no header: not kept, even
     // once everything restored is held.
-    let opened = b.open_transfer(&transfer.sealed_doc).unwrap();
+    let opened = b
+        .open_transfer(transfer.patient, transfer.collection, &transfer.sealed_doc)
+        .unwrap();
     let partial = opened.restore(&b, &headers[1..]);
     assert_eq!(partial.covered.len(), headers.len() - 1);
     b.ingest_restored(partial.envelopes.clone(), from_a.clone(), None)
@@ -1027,7 +1040,9 @@ async fn a_transfer_document_becomes_the_snapshot_only_when_every_change_is_held
         .unwrap();
     assert!(!keep(&partial));
     // Every change restored, but the envelope of one not held yet.
-    let all = b.restore_transfer(&transfer.sealed_doc, &headers).unwrap();
+    let all = b
+        .restore_transfer(transfer.patient, transfer.collection, &transfer.sealed_doc, &headers)
+        .unwrap();
     assert_eq!(all.covered.len(), headers.len());
     assert!(!keep(&all));
     assert!(b.load_snapshot(pid, Collection::Labs).unwrap().is_none());
@@ -1107,13 +1122,15 @@ async fn a_transfer_document_opens_only_with_the_key_of_every_epoch_it_holds() {
         patient.key(Collection::Labs, 2).unwrap().key_id,
         "the newest epoch's layer is outermost"
     );
-    match b.open_transfer(&transfer.sealed_doc) {
+    match b.open_transfer(transfer.patient, transfer.collection, &transfer.sealed_doc) {
         Err(TransferError::NoKey(k)) => assert_eq!(k, epoch_1),
         Err(e) => panic!("B: {e}"),
         Ok(opened) => panic!("B, without epoch 1's key, opened a document holding epoch 1: {opened:?}"),
     }
     let headers: Vec<_> = transfer.covered.iter().map(|(_, h)| h.clone()).collect();
-    let restored = c.restore_transfer(&transfer.sealed_doc, &headers).unwrap();
+    let restored = c
+        .restore_transfer(transfer.patient, transfer.collection, &transfer.sealed_doc, &headers)
+        .unwrap();
     assert_eq!(restored.unrestored, 0);
     assert_eq!(
         restored.envelopes.len(),

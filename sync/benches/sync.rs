@@ -444,7 +444,10 @@ async fn run(n: usize) -> Run {
         let load = start.elapsed();
         drop(changes);
         let start = Instant::now();
-        let r = b.node.restore_transfer(&t.sealed_doc, &headers).unwrap();
+        let r = b
+            .node
+            .restore_transfer(pid, Collection::Labs, &t.sealed_doc, &headers)
+            .unwrap();
         assert_eq!((r.envelopes.len(), r.unrestored), (n, 0));
         restore = Some((load, start.elapsed()));
     }

@@ -242,7 +242,9 @@ mod tests {
             actor,
             seq: 1,
         };
-        ItemMeta::of_envelope(&Envelope::seal(&key, patient, None, change, NOW - HOUR).unwrap())
+        ItemMeta::of_envelope(
+            &Envelope::seal((key.patient, key.collection), &key, patient, None, change, NOW - HOUR).unwrap(),
+        )
     }
 
     fn share(patient: &SecretIdentity, to: &SecretIdentity) -> ItemMeta {

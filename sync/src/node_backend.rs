@@ -457,7 +457,7 @@ impl Backend for NodeBackend {
             ..
         } = payload;
         let node = self.node.clone();
-        let opening = tokio::task::spawn_blocking(move || node.open_transfer(&sealed_doc));
+        let opening = tokio::task::spawn_blocking(move || node.open_transfer(patient, collection, &sealed_doc));
         let decoding =
             tokio::task::spawn_blocking(move || decode_transfer_headers(&headers, count, patient, collection));
         let headers = decoding.await.map_err(blocking)?;

@@ -1673,10 +1673,17 @@ mod tests {
                     actor,
                     seq,
                 };
-                Envelope::seal(&key, &patient, None, change, 1_800_000_000_000 + seq)
-                    .unwrap()
-                    .signed_header()
-                    .compact()
+                Envelope::seal(
+                    (key.patient, key.collection),
+                    &key,
+                    &patient,
+                    None,
+                    change,
+                    1_800_000_000_000 + seq,
+                )
+                .unwrap()
+                .signed_header()
+                .compact()
             })
             .collect();
         let blob = encode_compact_headers(&headers);

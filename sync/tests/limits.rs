@@ -94,7 +94,17 @@ impl Patient {
             actor,
             seq: self.seq,
         };
-        Item::envelope(&Envelope::seal(&self.core, author, grant, change, now()).unwrap())
+        Item::envelope(
+            &Envelope::seal(
+                (self.core.patient, self.core.collection),
+                &self.core,
+                author,
+                grant,
+                change,
+                now(),
+            )
+            .unwrap(),
+        )
     }
 
     fn envelope(&mut self) -> Item {

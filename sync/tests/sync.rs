@@ -138,7 +138,8 @@ impl Patient {
             actor,
             seq: self.seq,
         };
-        Item::envelope(&Envelope::seal(&self.keys[&c], &self.key, None, change, now()).unwrap())
+        let key = &self.keys[&c];
+        Item::envelope(&Envelope::seal((key.patient, c), key, &self.key, None, change, now()).unwrap())
     }
 
     fn grant(&self, to: &Node, collections: &[Collection], access: Access, hints: Vec<String>) -> Grant {
@@ -466,7 +467,15 @@ async fn grants_and_revocations_reach_every_holder_and_write_back_converges() {
         actor,
         seq: 1,
     };
-    let env = Envelope::seal(&key, &c.key, Some(gc.id()), change, now()).unwrap();
+    let env = Envelope::seal(
+        (key.patient, key.collection),
+        &key,
+        &c.key,
+        Some(gc.id()),
+        change,
+        now(),
+    )
+    .unwrap();
     c.store.write(Item::envelope(&env)).unwrap();
     let id: ItemId = env.id().into();
     until("A holds C's write", || a.store.holds(&id)).await;
