@@ -29,8 +29,8 @@ use crate::store::{ItemKind, ItemMeta};
 pub enum Validity {
     /// Written by the patient, or under a grant that admits it.
     Valid,
-    /// Its grant is unknown here: wait.
-    MissingGrant(GrantId),
+    /// Its grant (the header's patient's, with this id) is unknown here: wait.
+    MissingGrant(PatientId, GrantId),
     /// Permanently invalid (reason without content).
     Invalid(&'static str),
 }
@@ -218,7 +218,7 @@ impl Registry {
             _ => return Validity::Invalid("author and grant do not fit"),
         };
         let Some(grant) = self.grant(&h.patient, &grant_id) else {
-            return Validity::MissingGrant(grant_id);
+            return Validity::MissingGrant(h.patient, grant_id);
         };
         if grant.terms().grantee != author {
             return Validity::Invalid("author is not the grantee");

@@ -772,7 +772,10 @@ impl Node {
         phase.pending_room = None;
         let mut released = Vec::new();
         for g in &effects.grants {
-            released.extend(self.store().pending(Some(PendingReason::MissingGrant(g.id())))?);
+            released.extend(
+                self.store()
+                    .pending(Some(PendingReason::MissingGrant(g.terms().patient, g.id())))?,
+            );
         }
         for p in released {
             self.judge_pending(p, &actor, &mut phase, &mut report)?;
@@ -1011,24 +1014,22 @@ impl Node {
     /// Whether a grant's or key share's id is already bound here to another
     /// tuple, and to what (`docs/decisions.md`, "Copied key ids and grant
     /// ids"): to another collection or epoch of the same patient (only that
-    /// patient signs both), or to another patient's grant or key in use here
-    /// (this node holds that patient's envelopes under it). A copy of an id
-    /// that no envelope here uses yet is held in its own scope: every lookup
-    /// goes by patient, so it reaches nothing of the other patient's, and
-    /// refusing it could refuse the genuine item instead of the copy.
+    /// patient signs both), or to another patient's grant or key that this
+    /// node has itself written under — a use no other identity can bring
+    /// about, so a copy can never take an id away from the patient whose
+    /// records this node writes. Any other copy is held in its own scope:
+    /// every lookup goes by patient, so it reaches nothing of the other
+    /// patient's, and refusing it might refuse the genuine item instead.
     fn bound_elsewhere(&self, decoded: &Decoded) -> Result<Option<&'static str>> {
+        let mine = |e: &EnvelopeEntry| e.actor.belongs_to(self.inner.me.as_bytes());
         match decoded {
             Decoded::Grant(g) => {
                 let id = g.id();
                 let others = self.registry().other_patients_with_grant_id(&g.terms().patient, &id);
                 for other in others {
-                    if self
-                        .store()
-                        .envelopes(&other, None)?
-                        .iter()
-                        .any(|e| e.grant == Some(id))
-                    {
-                        return Ok(Some("another patient's grant in use here"));
+                    let written = self.store().envelopes(&other, None)?;
+                    if written.iter().any(|e| e.grant == Some(id) && mine(e)) {
+                        return Ok(Some("another patient's grant this node writes under"));
                     }
                 }
             }
@@ -1039,13 +1040,12 @@ impl Node {
                     if other.patient == t.patient {
                         return Ok(Some("another collection or epoch of its patient"));
                     }
-                    let in_use = self
-                        .store()
-                        .envelopes(&other.patient, Some(other.collection))?
+                    let written = self.store().envelopes(&other.patient, Some(other.collection))?;
+                    if written
                         .iter()
-                        .any(|e| e.epoch == other.epoch && e.key_id == other.key_id);
-                    if in_use {
-                        return Ok(Some("another patient's key in use here"));
+                        .any(|e| e.epoch == other.epoch && e.key_id == other.key_id && mine(e))
+                    {
+                        return Ok(Some("another patient's key this node writes under"));
                     }
                 }
             }
@@ -1168,8 +1168,8 @@ impl Node {
             (reg.envelope_validity(h), reg.key(&h.key_ref()).cloned())
         };
         match validity {
-            Validity::MissingGrant(grant) => {
-                let reason = PendingReason::MissingGrant(grant);
+            Validity::MissingGrant(patient, grant) => {
+                let reason = PendingReason::MissingGrant(patient, grant);
                 if from_pending.map(|(r, _)| r) != Some(reason) {
                     dequeue(phase, from_pending);
                     self.queue_pending(

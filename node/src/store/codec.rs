@@ -252,20 +252,47 @@ pub(crate) fn envelope_from(key: &[u8], v: &[u8]) -> Result<EnvelopeEntry> {
     parse().ok_or_else(|| corrupt("envelope index entry", key))
 }
 
-/// pending key: reason tag (1) ‖ grant id or zeros (16) ‖ SHA-256 of the bytes (32).
+/// Length of a pending key: reason tag (1) ‖ patient or zeros (32) ‖ grant
+/// id or zeros (16) ‖ SHA-256 of the bytes (32).
+pub(crate) const PENDING_KEY_LEN: usize = 81;
+/// Length of a pending key of layout 1 (no patient), migrated at open.
+pub(crate) const PENDING_KEY_LEN_V1: usize = 49;
+
+/// pending key prefix: reason tag (1) ‖ patient or zeros (32) ‖ grant id or zeros (16).
 pub(crate) fn pending_prefix(reason: PendingReason) -> Vec<u8> {
-    let mut k = Vec::with_capacity(49);
+    let mut k = Vec::with_capacity(PENDING_KEY_LEN);
     match reason {
-        PendingReason::MissingGrant(g) => {
+        PendingReason::MissingGrant(patient, g) => {
             k.push(0);
+            k.extend_from_slice(patient.as_bytes());
             k.extend_from_slice(&g.0);
         }
         PendingReason::UnsupportedVersion => {
             k.push(1);
-            k.extend_from_slice(&[0; 16]);
+            k.extend_from_slice(&[0; 48]);
         }
     }
     k
+}
+
+/// The layout-2 key of a layout-1 pending entry (grant ids were not bound to
+/// their patient): the patient comes from the waiting envelope's header,
+/// parsed without verifying (it is verified when judged). `None` when the
+/// entry is not a layout-1 one or its envelope does not parse.
+pub(crate) fn pending_key_from_v1(key: &[u8], v: &[u8]) -> Option<Vec<u8>> {
+    if key.len() != PENDING_KEY_LEN_V1 {
+        return None;
+    }
+    let hash: [u8; 32] = key[17..].try_into().ok()?;
+    let reason = match key[0] {
+        0 => {
+            let header = medmesh_crypto::CompactHeader::of_stored_envelope(v.get(1..)?).ok()?;
+            PendingReason::MissingGrant(header.header().patient, GrantId(key[1..17].try_into().ok()?))
+        }
+        1 => PendingReason::UnsupportedVersion,
+        _ => return None,
+    };
+    Some(pending_key(reason, &hash))
 }
 
 pub(crate) fn pending_key(reason: PendingReason, hash: &[u8; 32]) -> Vec<u8> {
@@ -284,17 +311,20 @@ pub(crate) fn pending_value(p: &PendingItem) -> Vec<u8> {
 
 pub(crate) fn pending_from(key: &[u8], v: &[u8]) -> Result<PendingItem> {
     let parse = || -> Option<PendingItem> {
-        if key.len() != 49 || v.is_empty() {
+        if key.len() != PENDING_KEY_LEN || v.is_empty() {
             return None;
         }
         let reason = match key[0] {
-            0 => PendingReason::MissingGrant(GrantId(key[1..17].try_into().ok()?)),
+            0 => PendingReason::MissingGrant(
+                PatientId::from_bytes(key[1..33].try_into().ok()?).ok()?,
+                GrantId(key[33..49].try_into().ok()?),
+            ),
             1 => PendingReason::UnsupportedVersion,
             _ => return None,
         };
         Some(PendingItem {
             reason,
-            hash: key[17..].try_into().ok()?,
+            hash: key[49..].try_into().ok()?,
             kind: ItemKind::from_tag(v[0])?,
             bytes: v[1..].to_vec(),
         })

@@ -201,8 +201,10 @@ pub struct EnvelopeEntry {
 /// Why an item waits.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub enum PendingReason {
-    /// An envelope whose grant the node does not know yet.
-    MissingGrant(GrantId),
+    /// An envelope whose grant the node does not know yet: that patient's
+    /// grant with that id (another patient may sign a grant with a copy of
+    /// the id; it releases nothing here).
+    MissingGrant(PatientId, GrantId),
     /// A format version this build cannot read.
     UnsupportedVersion,
 }

@@ -26,7 +26,8 @@ use crate::{Error, Result};
 
 const INSTANCE_KEY: &[u8] = b"instance-id";
 const LAYOUT_KEY: &[u8] = b"layout-version";
-const LAYOUT_VERSION: &[u8] = b"1";
+/// 2: pending keys name the patient of the grant an envelope waits for.
+const LAYOUT_VERSION: &[u8] = b"2";
 /// sled page cache (bounds the store's share of RSS).
 const SLED_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 
@@ -60,6 +61,34 @@ pub struct SledStore {
 }
 
 impl SledStore {
+    /// Rewrites pending entries of layout 1, whose key named a grant by id
+    /// alone, with the patient of the envelope that waits (layout 2). An
+    /// entry whose envelope does not parse is dropped: reconciliation
+    /// fetches it again.
+    fn migrate_pending_v1(&self, meta: &sled::Tree) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        let mut moved = 0usize;
+        for entry in self.pending.iter() {
+            let (k, v) = entry.map_err(storage)?;
+            if k.len() != codec::PENDING_KEY_LEN_V1 {
+                continue;
+            }
+            batch.remove(k.as_ref());
+            match codec::pending_key_from_v1(&k, &v) {
+                Some(key) => batch.insert(key, v),
+                None => tracing::warn!(key = %hex::encode(&k), "pending entry of layout 1 does not parse; dropped"),
+            }
+            moved += 1;
+        }
+        if moved > 0 {
+            self.pending.apply_batch(batch).map_err(storage)?;
+            meta.insert(LAYOUT_KEY, LAYOUT_VERSION).map_err(storage)?;
+            self.db.flush().map_err(storage)?;
+            tracing::info!(entries = moved, "pending queue moved to store layout 2");
+        }
+        Ok(())
+    }
+
     /// Opens (or creates) the store in directory `path`.
     ///
     /// # Errors
@@ -108,6 +137,7 @@ impl SledStore {
                 audit_head: [0; 32],
             }),
         };
+        store.migrate_pending_v1(&meta)?;
         let next_seq = match store.seqlog.last().map_err(storage)? {
             Some((k, _)) => codec::seq_from_key(&k)? + 1,
             None => 1,
@@ -544,5 +574,55 @@ impl Store for SledStore {
             .remove(codec::envelope_prefix(patient, Some(collection)))
             .map(|_| ())
             .map_err(storage)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use medmesh_crypto::{Collection, Envelope, GrantId, SecretIdentity};
+
+    use super::*;
+    use crate::testing::{ChangeMaker, TestPatient};
+
+    /// A pending entry of layout 1 (grant id only) is found under its
+    /// envelope's patient after the store is reopened.
+    #[test]
+    fn pending_entries_of_layout_1_are_moved_to_their_patient() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut patient = TestPatient::new().unwrap();
+        let practice = SecretIdentity::from_seed(&[8; 32]);
+        let key = patient.key(Collection::Core, 0).unwrap();
+        let change = ChangeMaker::new(&practice.public_bytes()).unwrap().put("k", "v").unwrap();
+        let grant = GrantId([5; 16]);
+        let envelope = Envelope::seal(
+            (patient.id(), Collection::Core),
+            &key,
+            &practice,
+            Some(grant),
+            change.as_change(),
+            1,
+        )
+        .unwrap()
+        .encode();
+        let hash = [3; 32];
+        {
+            let store = SledStore::open(dir.path()).unwrap();
+            let mut v1 = vec![0];
+            v1.extend_from_slice(&grant.0);
+            v1.extend_from_slice(&hash);
+            let mut value = vec![ItemKind::Envelope.tag()];
+            value.extend_from_slice(&envelope);
+            store.pending.insert(v1, value).unwrap();
+            store.db.flush().unwrap();
+        }
+        let store = SledStore::open(dir.path()).unwrap();
+        let found = store
+            .pending(Some(PendingReason::MissingGrant(patient.id(), grant)))
+            .unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!((found[0].hash, found[0].kind), (hash, ItemKind::Envelope));
+        assert_eq!(found[0].bytes, envelope);
+        assert_eq!(store.pending(None).unwrap().len(), 1);
     }
 }
