@@ -157,7 +157,15 @@ async fn onboard(at: &Practice, x: &mut TestPatient, to: PracticeId, collections
 /// A practice's envelope for patient `x`, sealed under `key` and written
 /// under `grant`, created at `at`.
 fn sealed(key: &EpochKey, author: &SecretIdentity, grant: &Grant, change: &OwnedChange, at: Timestamp) -> Envelope {
-    Envelope::seal(key, author, Some(grant.id()), change.as_change(), at).unwrap()
+    Envelope::seal(
+        (key.patient, key.collection),
+        key,
+        author,
+        Some(grant.id()),
+        change.as_change(),
+        at,
+    )
+    .unwrap()
 }
 
 /// One change by a fresh actor of `author`.
@@ -174,7 +182,6 @@ fn one_change(author: &SecretIdentity) -> OwnedChange {
 /// readable by X, served to X and X's grantees and not to Y; a third
 /// practice's genuine core envelope for X is still accepted at A.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "issue 15: fails until key-id collision is fixed"]
 async fn key_id_collision_cannot_reseal_a_patients_writes() {
     let a = Practice::start().await;
     let c = SecretIdentity::generate().unwrap();
@@ -323,7 +330,6 @@ async fn check_holds_key(
 /// from the header of an envelope A wrote under it. Arriving after X's, it
 /// is refused (DESIGN §9.7); X's record at A is untouched.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "issue 15: fails until grant-id collision is fixed"]
 async fn grant_id_collision_after_the_patients_grant_is_refused() {
     let a = Practice::start().await;
     let mut x = TestPatient::new().unwrap();

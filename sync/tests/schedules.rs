@@ -809,7 +809,15 @@ impl World {
         let actor = ActorId::generate(&author.public_bytes()).unwrap();
         let change = forge::change_with_seq(actor, 1 << 62);
         let created_at = self.t.max(grant.terms().not_before);
-        let envelope = Envelope::seal(&key, author, Some(grant.id()), change.as_change(), created_at).unwrap();
+        let envelope = Envelope::seal(
+            (key.patient, key.collection),
+            &key,
+            author,
+            Some(grant.id()),
+            change.as_change(),
+            created_at,
+        )
+        .unwrap();
         self.attacks.inflated.push((x, g, key, actor));
         count(&ATTACKS.inflated_seqs);
         vec![Item::envelope(&envelope)]
@@ -864,7 +872,15 @@ impl World {
         let created_at = revoked_at.saturating_sub(1).max(issued.grant.terms().not_before);
         let author = &self.site(i).store.key;
         let change = forge::change_with_seq(actor, 1);
-        let envelope = Envelope::seal(&key, author, Some(issued.grant.id()), change.as_change(), created_at).unwrap();
+        let envelope = Envelope::seal(
+            (key.patient, key.collection),
+            &key,
+            author,
+            Some(issued.grant.id()),
+            change.as_change(),
+            created_at,
+        )
+        .unwrap();
         self.attacks.after_revocation.insert(envelope.id(), issued.grant.id());
         count(&ATTACKS.writes_after_revocation);
         vec![Item::envelope(&envelope)]

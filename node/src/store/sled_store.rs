@@ -593,7 +593,10 @@ mod tests {
         let mut patient = TestPatient::new().unwrap();
         let practice = SecretIdentity::from_seed(&[8; 32]);
         let key = patient.key(Collection::Core, 0).unwrap();
-        let change = ChangeMaker::new(&practice.public_bytes()).unwrap().put("k", "v").unwrap();
+        let change = ChangeMaker::new(&practice.public_bytes())
+            .unwrap()
+            .put("k", "v")
+            .unwrap();
         let grant = GrantId([5; 16]);
         let envelope = Envelope::seal(
             (patient.id(), Collection::Core),
