@@ -1051,7 +1051,15 @@ impl World {
             actor: p.actor,
             seq: decoded.seq(),
         };
-        let envelope = Envelope::seal((key.patient, key.collection), &key, &p.cli.identity, None, change, now()).unwrap();
+        let envelope = Envelope::seal(
+            (key.patient, key.collection),
+            &key,
+            &p.cli.identity,
+            None,
+            change,
+            now(),
+        )
+        .unwrap();
         // Recorded as written now: the node it goes to may hold it back
         // (its actor's previous change went to another node), so
         // `note_written` would not see it there.
