@@ -12,6 +12,7 @@ mod home;
 mod import;
 mod node_cmd;
 mod output;
+mod passphrase;
 mod patient;
 
 use std::path::PathBuf;
@@ -38,6 +39,11 @@ struct Cli {
     /// Less logging.
     #[arg(short, long, global = true, action = clap::ArgAction::Count, conflicts_with = "verbose")]
     quiet: u8,
+    /// A file holding the passphrase that seals the node key (its first line);
+    /// else `MEDMESH_NODE_PASSPHRASE`, else the systemd credential
+    /// `medmesh-node-passphrase` in `$CREDENTIALS_DIRECTORY`.
+    #[arg(long, global = true, value_name = "PATH")]
+    node_passphrase_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -171,6 +177,10 @@ fn main() -> std::process::ExitCode {
 
 fn run(cli: Cli, out: &Output) -> Result<()> {
     let home = Home::resolve(cli.home)?;
+    if !matches!(cli.command, Command::Completions { .. } | Command::Demo) {
+        home.secure()?;
+    }
+    node_cmd::passphrase_file(cli.node_passphrase_file);
     match cli.command {
         Command::Patient(cmd) => patient::run(cmd, &home, out),
         Command::Completions { shell } => {

@@ -2,12 +2,12 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use anyhow::{Context as _, Result, bail};
-use medmesh_crypto::{SecretIdentity, write_atomically};
-use medmesh_node::identity::{NODE_KEY_FILE, PASSPHRASE_ENV};
-use medmesh_node::{Node, Repository, load_or_create_identity};
+use medmesh_crypto::{KdfParams, SealedSecret, SecretIdentity, write_atomically};
+use medmesh_node::identity::{KeyFile, NODE_KEY_FILE, PASSPHRASE_ENV, open_identity};
+use medmesh_node::{Node, Repository};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use zeroize::Zeroizing;
@@ -73,19 +73,106 @@ pub(crate) struct Running {
     pub(crate) pid: u32,
 }
 
-fn node_passphrase() -> Option<Zeroizing<String>> {
-    std::env::var(PASSPHRASE_ENV)
-        .ok()
-        .filter(|p| !p.is_empty())
-        .map(Zeroizing::new)
+/// The systemd credential that holds the node passphrase
+/// (`LoadCredential=medmesh-node-passphrase:/etc/medmesh/node-passphrase`).
+pub(crate) const PASSPHRASE_CREDENTIAL: &str = "medmesh-node-passphrase";
+
+/// `--node-passphrase-file`, set once by `main` before any command runs.
+static PASSPHRASE_FILE: OnceLock<PathBuf> = OnceLock::new();
+
+/// Records `--node-passphrase-file` for the commands that open the node key.
+pub(crate) fn passphrase_file(path: Option<PathBuf>) {
+    if let Some(path) = path {
+        let _ = PASSPHRASE_FILE.set(path);
+    }
+}
+
+/// The passphrase that seals the node key: `--node-passphrase-file`, else
+/// `MEDMESH_NODE_PASSPHRASE`, else the systemd credential
+/// [`PASSPHRASE_CREDENTIAL`] in `$CREDENTIALS_DIRECTORY`; none of them: the key
+/// is plain.
+fn node_passphrase() -> Result<Option<Zeroizing<String>>> {
+    if let Some(path) = PASSPHRASE_FILE.get() {
+        return read_passphrase_file(path).map(Some);
+    }
+    if let Ok(value) = std::env::var(PASSPHRASE_ENV)
+        && !value.is_empty()
+    {
+        return Ok(Some(Zeroizing::new(value)));
+    }
+    if let Some(credentials) = std::env::var_os("CREDENTIALS_DIRECTORY") {
+        let path = Path::new(&credentials).join(PASSPHRASE_CREDENTIAL);
+        if path.exists() {
+            return read_passphrase_file(&path).map(Some);
+        }
+    }
+    Ok(None)
+}
+
+/// Longest passphrase file read: a passphrase, not a document.
+const MAX_PASSPHRASE_FILE: u64 = 4096;
+
+/// A passphrase file's content less one trailing newline (`echo` and editors add one).
+fn read_passphrase_file(path: &Path) -> Result<Zeroizing<String>> {
+    let len = std::fs::metadata(path)
+        .with_context(|| format!("reading the node passphrase file {}", path.display()))?
+        .len();
+    if len > MAX_PASSPHRASE_FILE {
+        bail!(
+            "the node passphrase file {} is {len} bytes; a passphrase file holds one line",
+            path.display()
+        );
+    }
+    let text = Zeroizing::new(
+        std::fs::read_to_string(path)
+            .with_context(|| format!("reading the node passphrase file {}", path.display()))?,
+    );
+    let line = text
+        .strip_suffix('\n')
+        .map_or(text.as_str(), |l| l.strip_suffix('\r').unwrap_or(l));
+    if line.is_empty() {
+        bail!("the node passphrase file {} is empty", path.display());
+    }
+    Ok(Zeroizing::new(line.to_owned()))
+}
+
+/// Opens (or creates) the node key with the node passphrase, if any. A plain key
+/// met with a passphrase is sealed in place under it, and the command says so:
+/// it never leaves a key plain that the operator asked to seal. Passphrases that
+/// seal are checked for strength; one that opens an existing sealed key is not.
+fn open_node_key(dir: &Path) -> Result<SecretIdentity> {
+    let passphrase = node_passphrase()?;
+    if let Some(p) = &passphrase
+        && node_key_needs_sealing(dir)
+    {
+        crate::passphrase::check_strength(p, "node passphrase")?;
+    }
+    let (identity, file) = open_identity(dir, passphrase.as_ref().map(|p| p.as_bytes()), KdfParams::DEFAULT)
+        .with_context(|| {
+            format!(
+                "loading the node key in {} (a sealed key needs its passphrase: --node-passphrase-file, {PASSPHRASE_ENV} or the credential {PASSPHRASE_CREDENTIAL})",
+                dir.display()
+            )
+        })?;
+    if file == KeyFile::SealedInPlace {
+        eprintln!(
+            "medmesh: the node key in {} was plain; it is now sealed under the node passphrase",
+            dir.display()
+        );
+    }
+    Ok(identity)
+}
+
+/// Whether opening the node key with a passphrase would seal something: no key
+/// yet, or a plain one.
+fn node_key_needs_sealing(dir: &Path) -> bool {
+    std::fs::read(dir.join(NODE_KEY_FILE)).map_or(true, |bytes| !SealedSecret::is_sealed(&bytes))
 }
 
 /// Creates (or loads) the node key, the gateway token and the config.
 pub(crate) fn init(dir: &Path) -> Result<SecretIdentity> {
     Home::ensure_private_dir(dir)?;
-    let passphrase = node_passphrase();
-    let identity = load_or_create_identity(dir, passphrase.as_ref().map(|p| p.as_bytes()))
-        .with_context(|| format!("loading the node key in {}", dir.display()))?;
+    let identity = open_node_key(dir)?;
     let token_path = dir.join(TOKEN_FILE);
     if !token_path.exists() {
         let mut raw = Zeroizing::new([0u8; 32]);
@@ -107,13 +194,7 @@ pub(crate) fn load_identity(dir: &Path) -> Result<SecretIdentity> {
     if !dir.join(NODE_KEY_FILE).exists() {
         bail!("no node in {}; create one with `medmesh node init`", dir.display());
     }
-    let passphrase = node_passphrase();
-    load_or_create_identity(dir, passphrase.as_ref().map(|p| p.as_bytes())).with_context(|| {
-        format!(
-            "loading the node key in {} (sealed keys need {PASSPHRASE_ENV})",
-            dir.display()
-        )
-    })
+    open_node_key(dir)
 }
 
 pub(crate) fn read_token(dir: &Path) -> Result<Zeroizing<String>> {
@@ -233,6 +314,9 @@ pub(crate) async fn start(dir: &Path, options: RunOptions) -> Result<StartedNode
                 dir.display()
             )
         })?;
+    // sled has just created its files 0644; the node dir (0700) kept them
+    // private meanwhile.
+    crate::home::restrict_new(dir)?;
     let repository = Repository::new(node.clone(), medmesh_node::repository::Config::default())
         .context("starting the record repository")?;
     let listener = tokio::net::TcpListener::bind(addr)

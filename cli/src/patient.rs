@@ -129,6 +129,7 @@ fn new(home: &Home, out: &Output) -> Result<()> {
         );
     }
     let passphrase = passphrase(true)?;
+    crate::passphrase::check_strength(&passphrase, "keystore passphrase")?;
     Home::ensure_private_dir(&home.patient_dir())?;
     let keystore = Keystore::new(SecretIdentity::generate()?, KdfParams::DEFAULT);
     keystore

@@ -75,6 +75,13 @@ fn patient_new_refuses_to_overwrite() {
 #[test]
 fn wrong_passphrase_and_missing_keystore_are_one_line_errors() {
     let home = tempfile::tempdir().unwrap();
+    // A home open to others gets a line of its own saying it was tightened
+    // (cli/tests/operator_safety.rs); this one is private already.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(home.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    }
     let out = medmesh(home.path()).args(["patient", "id"]).output().unwrap();
     assert!(!out.status.success());
     assert!(stderr(&out).contains("medmesh patient new"), "{}", stderr(&out));

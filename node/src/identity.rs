@@ -24,11 +24,22 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     }
 }
 
+/// What [`open_identity`] found or did to the key file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyFile {
+    /// There was none: a new key was written (sealed under the passphrase, if any).
+    Created,
+    /// The key was read as it was (sealed and opened, or plain without a passphrase).
+    Opened,
+    /// The key was plain and a passphrase was given: it is now sealed under it.
+    SealedInPlace,
+}
+
 /// Loads the node key from `dir/node.key`, or creates one (and `dir`).
 ///
-/// With `passphrase`, a new key is sealed under it and a sealed key is
-/// opened with it; an existing unsealed key is loaded as it is (re-run
-/// `node init` to seal it). Without one, a sealed key is refused.
+/// With `passphrase`, a new key is sealed under it, a sealed key is opened
+/// with it, and a plain key is sealed in place under it (atomically: a
+/// temporary file, fsync, rename). Without one, a sealed key is refused.
 ///
 /// # Errors
 /// [`Error::NodeKeySealed`], [`Error::Io`], [`Error::Crypto`] (wrong
@@ -42,11 +53,29 @@ pub fn load_or_create_identity(dir: &Path, passphrase: Option<&[u8]>) -> Result<
 /// # Errors
 /// As [`load_or_create_identity`].
 pub fn load_or_create_with(dir: &Path, passphrase: Option<&[u8]>, params: KdfParams) -> Result<SecretIdentity> {
+    open_identity(dir, passphrase, params).map(|(identity, _)| identity)
+}
+
+/// [`load_or_create_with`], saying what it found or did to the key file.
+///
+/// # Errors
+/// As [`load_or_create_identity`].
+pub fn open_identity(dir: &Path, passphrase: Option<&[u8]>, params: KdfParams) -> Result<(SecretIdentity, KeyFile)> {
     let path: PathBuf = dir.join(NODE_KEY_FILE);
     match std::fs::read(&path) {
         Ok(bytes) => {
             let bytes = Zeroizing::new(bytes);
-            decode(&path, &bytes, passphrase)
+            let identity = decode(&path, &bytes, passphrase)?;
+            match passphrase {
+                Some(p) if !SealedSecret::is_sealed(&bytes) => {
+                    // The operator asked for a sealed key: never go on with a plain one.
+                    let sealed = Zeroizing::new(SealedSecret::seal(identity.seed().as_ref(), p, params)?);
+                    write_atomically(&path, &sealed)?;
+                    tracing::info!(peer = %identity.practice_id()?, "sealed the plain node key in place");
+                    Ok((identity, KeyFile::SealedInPlace))
+                }
+                _ => Ok((identity, KeyFile::Opened)),
+            }
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             std::fs::create_dir_all(dir).map_err(io(dir))?;
@@ -63,7 +92,7 @@ pub fn load_or_create_with(dir: &Path, passphrase: Option<&[u8]>, params: KdfPar
             };
             write_atomically(&path, &file)?;
             tracing::info!(peer = %identity.practice_id()?, sealed = passphrase.is_some(), "created node key");
-            Ok(identity)
+            Ok((identity, KeyFile::Created))
         }
         Err(e) => Err(io(&path)(e)),
     }
@@ -117,6 +146,30 @@ mod tests {
                 .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
+    }
+
+    #[test]
+    fn a_plain_key_met_with_a_passphrase_is_sealed_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let (plain, file) = open_identity(dir.path(), None, CHEAP).unwrap();
+        assert_eq!(file, KeyFile::Created);
+        let (same, file) = open_identity(dir.path(), Some(b"pw"), CHEAP).unwrap();
+        assert_eq!(
+            (same.public_bytes(), file),
+            (plain.public_bytes(), KeyFile::SealedInPlace)
+        );
+        let raw = std::fs::read(dir.path().join(NODE_KEY_FILE)).unwrap();
+        assert!(SealedSecret::is_sealed(&raw));
+        assert!(
+            !raw.windows(32).any(|w| w == plain.seed().as_slice()),
+            "seed on disk in clear"
+        );
+        assert!(matches!(
+            open_identity(dir.path(), None, CHEAP),
+            Err(Error::NodeKeySealed(_))
+        ));
+        let (again, file) = open_identity(dir.path(), Some(b"pw"), CHEAP).unwrap();
+        assert_eq!((again.public_bytes(), file), (plain.public_bytes(), KeyFile::Opened));
     }
 
     #[test]
