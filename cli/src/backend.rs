@@ -708,6 +708,8 @@ impl Backend for NodeBackend {
                 ("forwards_dropped", s.dropped),
                 ("reconciliations", s.reconciliations),
                 ("reconciliations_failed", s.reconciliations_failed),
+                ("items_unwanted", s.items_unwanted),
+                ("dials_limited", s.dials_limited),
             ];
             for (name, value) in counters {
                 out.push_str(&format!(

@@ -31,6 +31,7 @@ mod par;
 pub mod records;
 pub mod repository;
 mod snapshot;
+mod strangers;
 pub mod store;
 pub mod testing;
 pub mod transfer;

@@ -21,6 +21,7 @@ use crate::audit::{self, Action, ActorKind, AuditEntry, AuditRecord};
 use crate::commit::Committer;
 use crate::consent::{Registry, Validity};
 use crate::snapshot::Snapshot;
+use crate::strangers::Strangers;
 use crate::store::{
     Batch, Committed, Cursor, EnvelopeEntry, EnvelopeState, InstanceId, ItemId, ItemKind, ItemMeta, Op, PendingItem,
     PendingReason, Seq, SledStore, Store, StoredItem,
@@ -40,6 +41,14 @@ pub struct Config {
     pub group_commit_max: usize,
     /// Capacity of the event broadcast; slow subscribers lag beyond it.
     pub event_capacity: usize,
+    /// Consent items (grants, revocations, key shares) kept for one patient
+    /// this node holds nothing of — no envelope, no grant to this node;
+    /// beyond it they are refused ([`IngestReport::unwanted`]). A grant to
+    /// this node is always taken: any patient's first one looks like that.
+    pub stranger_items_per_patient: usize,
+    /// As [`Config::stranger_items_per_patient`], over every such patient,
+    /// per source (a peer, a patient's CLI session).
+    pub stranger_items_per_source: usize,
 }
 
 impl Default for Config {
@@ -47,6 +56,8 @@ impl Default for Config {
         Self {
             group_commit_max: 1024,
             event_capacity: 4096,
+            stranger_items_per_patient: 32,
+            stranger_items_per_source: 1024,
         }
     }
 }
@@ -200,6 +211,10 @@ pub struct IngestReport {
     pub refused: usize,
     /// Items refused for good (each recorded once).
     pub rejected: Vec<RejectedItem>,
+    /// Consent items of patients this node holds nothing of, beyond the
+    /// caps ([`Config::stranger_items_per_patient`], per source): not kept
+    /// and not recorded as rejected — they are not invalid, only unwanted.
+    pub unwanted: usize,
     /// Items already held, already pending or already rejected.
     pub duplicates: usize,
     /// Previously accepted envelopes excluded by a revocation in this page.
@@ -235,6 +250,8 @@ struct Inner {
     committer: Committer,
     events: broadcast::Sender<Event>,
     ingest_lock: tokio::sync::Mutex<()>,
+    /// Consent items held of patients this node holds nothing of.
+    strangers: std::sync::Mutex<Strangers>,
 }
 
 /// A node's store, consent registry and audit log behind one cheap-`Clone`
@@ -349,6 +366,9 @@ enum Decoded {
 /// Consent items of one page, to apply to the registry after they are stored.
 #[derive(Default)]
 struct ConsentEffects {
+    /// On the page's first pass, the items of patients this node has no
+    /// relationship with yet, judged again after it ([`Node::welcome`]).
+    deferred: Option<Vec<Incoming>>,
     grants: Vec<Grant>,
     revocations: Vec<Revocation>,
     shares: Vec<KeyShare>,
@@ -409,9 +429,14 @@ impl Node {
                 committer,
                 events,
                 ingest_lock: tokio::sync::Mutex::new(()),
+                strangers: std::sync::Mutex::new(Strangers::new(
+                    config.stranger_items_per_patient,
+                    config.stranger_items_per_source,
+                )),
             }),
         };
         node.rebuild_registry().await?;
+        node.count_strangers()?;
         node.retry_all_pending().await?;
         tracing::info!(peer = %me, instance = %node.instance_id(), last_seq = node.last_seq(), "node store open");
         Ok(node)
@@ -463,9 +488,17 @@ impl Node {
     }
 
     fn publish_stored(&self, committed: &Committed, metas: &HashMap<ItemId, ItemMeta>, actor: Option<&Actor>) {
-        let from = actor
-            .filter(|a| a.kind == ActorKind::Peer)
-            .and_then(|a| a.id.parse::<PeerId>().ok());
+        let from = actor.and_then(|a| match a.kind {
+            ActorKind::Peer => a.id.parse::<PeerId>().ok(),
+            // The patient's CLI session speaks under the patient key.
+            ActorKind::Patient => a
+                .id
+                .parse::<PatientId>()
+                .ok()
+                .and_then(|p| PracticeId::from_bytes(*p.as_bytes()).ok())
+                .map(|k| k.peer_id()),
+            _ => None,
+        });
         for (id, seq) in &committed.items {
             if let Some(meta) = metas.get(id) {
                 self.publish(Event::Stored(ItemStored {
@@ -729,7 +762,14 @@ impl Node {
             pending_room,
             ..Phase::default()
         };
+        effects.deferred = Some(Vec::new());
         for item in consent {
+            self.judge_consent(item, &actor, &mut phase, &mut effects, &mut report)?;
+        }
+        // A grant to this node anywhere in the page makes its patient's
+        // other items welcome: those of patients without a relationship are
+        // judged once every grant of the page is ([`Node::welcome`]).
+        for item in effects.deferred.take().unwrap_or_default() {
             self.judge_consent(item, &actor, &mut phase, &mut effects, &mut report)?;
         }
         if !phase.batch.is_empty() {
@@ -740,6 +780,10 @@ impl Node {
             let mut reg = self.registry_mut();
             for g in &effects.grants {
                 reg.add_grant(g.clone());
+            }
+            let mut strangers = self.strangers();
+            for g in effects.grants.iter().filter(|g| g.terms().grantee == self.inner.me) {
+                strangers.release(&g.terms().patient);
             }
             for r in &effects.revocations {
                 reg.add_revocation(r.clone());
@@ -923,6 +967,14 @@ impl Node {
             );
             return Ok(());
         }
+        if !self.welcome(&decoded, actor, effects)? {
+            phase.seen.remove(&hash);
+            match effects.deferred.as_mut() {
+                Some(later) => later.push(item),
+                None => report.unwanted += 1,
+            }
+            return Ok(());
+        }
         let (meta, action, grant) = match &decoded {
             Decoded::Grant(g) => (
                 ItemMeta {
@@ -1052,6 +1104,81 @@ impl Node {
             Decoded::Revocation(_) | Decoded::Envelope(_) => {}
         }
         Ok(None)
+    }
+
+    fn strangers(&self) -> std::sync::MutexGuard<'_, Strangers> {
+        self.inner.strangers.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether this node has a relationship with `patient`: it holds
+    /// envelopes of theirs or a grant from them to itself (revoked or
+    /// expired included: the practice still takes part in that record's
+    /// consent flows). Sync follows a patient's address hints and forwards
+    /// their consent items only then, and only then keeps their consent
+    /// items without a cap.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub fn relates_to(&self, patient: &PatientId) -> Result<bool> {
+        let granted = self
+            .registry()
+            .peers_with_grant_from(patient)
+            .contains(&self.inner.me);
+        Ok(granted || !self.store().envelopes(patient, None)?.is_empty())
+    }
+
+    /// Whether to keep a new consent item from `actor` (flood limits,
+    /// docs/protocol.md §10a): always a grant to this node and any item of
+    /// a patient it has a relationship with (one made by a grant to it in
+    /// this page included); other items within the caps of [`Strangers`],
+    /// counted only on the page's second pass (`effects.deferred` is
+    /// `None`), when every grant of the page is known. Items the node
+    /// itself or a local app (with the gateway's token) submits are not
+    /// capped.
+    fn welcome(&self, decoded: &Decoded, actor: &Actor, effects: &ConsentEffects) -> Result<bool> {
+        let me = self.inner.me;
+        let patient = match decoded {
+            Decoded::Grant(g) if g.terms().grantee == me => return Ok(true),
+            Decoded::Grant(g) => g.terms().patient,
+            Decoded::Revocation(r) => r.terms().patient,
+            Decoded::KeyShare(s) => s.terms().patient,
+            Decoded::Envelope(e) => e.header().patient,
+        };
+        if !matches!(actor.kind, ActorKind::Peer | ActorKind::Patient) {
+            return Ok(true);
+        }
+        let granted_in_page = effects
+            .grants
+            .iter()
+            .any(|g| g.terms().patient == patient && g.terms().grantee == me);
+        if granted_in_page || self.relates_to(&patient)? {
+            self.strangers().release(&patient);
+            return Ok(true);
+        }
+        if effects.deferred.is_some() {
+            return Ok(false);
+        }
+        let admitted = self.strangers().admit(patient, &actor.id);
+        if !admitted {
+            tracing::debug!(source = %actor.id, "consent item of a patient this node holds nothing of, over the cap; refused");
+        }
+        Ok(admitted)
+    }
+
+    /// Counts the consent items held of patients this node holds nothing
+    /// of, at open (their sources are not stored: they count for their
+    /// patient only).
+    fn count_strangers(&self) -> Result<()> {
+        let mut per_patient: HashMap<PatientId, usize> = HashMap::new();
+        for item in self.store().consent_items()? {
+            *per_patient.entry(item.meta.patient).or_default() += 1;
+        }
+        for (patient, items) in per_patient {
+            if !self.relates_to(&patient)? {
+                self.strangers().note_held(patient, items);
+            }
+        }
+        Ok(())
     }
 
     fn queue_pending(

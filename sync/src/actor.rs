@@ -95,6 +95,8 @@ pub(crate) struct Metrics {
     pub(crate) requests_received: AtomicU64,
     pub(crate) reconciliations: AtomicU64,
     pub(crate) reconciliations_failed: AtomicU64,
+    pub(crate) items_unwanted: AtomicU64,
+    pub(crate) dials_limited: AtomicU64,
 }
 
 impl Metrics {
@@ -112,6 +114,7 @@ impl Metrics {
         Self::add(&self.items_rejected, report.rejected);
         Self::add(&self.items_pending, report.pending);
         Self::add(&self.items_pending_refused, report.refused);
+        Self::add(&self.items_unwanted, report.unwanted);
     }
 
     fn sent(&self, served: Served) {
@@ -182,6 +185,13 @@ pub(crate) enum Command {
         peer: PeerId,
         addr: Multiaddr,
     },
+    /// May a consent flow contact `peer` for input from `source`
+    /// ([`DialBudget`])?
+    MayDial {
+        peer: PeerId,
+        source: PeerId,
+        reply: oneshot::Sender<bool>,
+    },
 }
 
 /// What tasks need: the store, a way back to the actor, the counters.
@@ -233,7 +243,40 @@ impl<B> Clone for Ctx<B> {
     }
 }
 
-/// A peer's token bucket for inbound requests.
+/// A token bucket's refill rate and size.
+#[derive(Clone, Copy, Debug)]
+struct Rate {
+    per_second: f64,
+    burst: f64,
+}
+
+impl Rate {
+    /// Inbound requests of one peer.
+    fn requests(limits: &Limits) -> Self {
+        Self {
+            per_second: f64::from(limits.requests_per_second),
+            burst: f64::from(limits.request_burst),
+        }
+    }
+
+    /// Dials made on behalf of one source.
+    fn dials_per_source(limits: &Limits) -> Self {
+        Self {
+            per_second: f64::from(limits.dials_per_minute_per_source) / 60.0,
+            burst: f64::from(limits.dial_burst_per_source),
+        }
+    }
+
+    /// Dials made on behalf of any remote input.
+    fn dials(limits: &Limits) -> Self {
+        Self {
+            per_second: f64::from(limits.dials_per_minute) / 60.0,
+            burst: f64::from(limits.dial_burst),
+        }
+    }
+}
+
+/// A token bucket: a peer's inbound requests, or dials on someone's behalf.
 #[derive(Clone, Copy, Debug)]
 struct Bucket {
     tokens: f64,
@@ -241,23 +284,19 @@ struct Bucket {
 }
 
 impl Bucket {
-    fn full(limits: &Limits, at: Instant) -> Self {
-        Self {
-            tokens: f64::from(limits.request_burst),
-            at,
-        }
+    fn full(rate: Rate, at: Instant) -> Self {
+        Self { tokens: rate.burst, at }
     }
 
-    fn refill(&mut self, limits: &Limits, at: Instant) {
+    fn refill(&mut self, rate: Rate, at: Instant) {
         let elapsed = at.saturating_duration_since(self.at).as_secs_f64();
-        let burst = f64::from(limits.request_burst);
-        self.tokens = (self.tokens + elapsed * f64::from(limits.requests_per_second)).min(burst);
+        self.tokens = (self.tokens + elapsed * rate.per_second).min(rate.burst);
         self.at = at;
     }
 
     /// Takes one token if there is one.
-    fn take(&mut self, limits: &Limits, at: Instant) -> bool {
-        self.refill(limits, at);
+    fn take(&mut self, rate: Rate, at: Instant) -> bool {
+        self.refill(rate, at);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             true
@@ -266,10 +305,48 @@ impl Bucket {
         }
     }
 
-    fn is_full(&self, limits: &Limits, at: Instant) -> bool {
+    fn is_full(&self, rate: Rate, at: Instant) -> bool {
         let mut b = *self;
-        b.refill(limits, at);
-        b.tokens >= f64::from(limits.request_burst)
+        b.refill(rate, at);
+        b.tokens >= rate.burst
+    }
+}
+
+/// Dials the node makes on behalf of remote input (consent flows of items
+/// a peer or a patient's session brought): a bucket per source and one for
+/// all (docs/protocol.md §10a). Connected and static peers cost nothing.
+struct DialBudget {
+    per_source: HashMap<PeerId, Bucket>,
+    all: Bucket,
+}
+
+impl DialBudget {
+    fn new(limits: &Limits, at: Instant) -> Self {
+        Self {
+            per_source: HashMap::new(),
+            all: Bucket::full(Rate::dials(limits), at),
+        }
+    }
+
+    /// Takes a token from `source`'s bucket and from the global one, or
+    /// from neither.
+    fn take(&mut self, limits: &Limits, source: PeerId, at: Instant) -> bool {
+        let (mine, all) = (Rate::dials_per_source(limits), Rate::dials(limits));
+        let bucket = self.per_source.entry(source).or_insert_with(|| Bucket::full(mine, at));
+        bucket.refill(mine, at);
+        self.all.refill(all, at);
+        if bucket.tokens < 1.0 || self.all.tokens < 1.0 {
+            return false;
+        }
+        bucket.tokens -= 1.0;
+        self.all.tokens -= 1.0;
+        true
+    }
+
+    /// Forgets the full buckets (absent means full).
+    fn prune(&mut self, limits: &Limits, at: Instant) {
+        let mine = Rate::dials_per_source(limits);
+        self.per_source.retain(|_, b| !b.is_full(mine, at));
     }
 }
 
@@ -291,6 +368,17 @@ impl<B: Backend> Ctx<B> {
         let (reply, rx) = oneshot::channel();
         self.send(Command::SyncNow { peer, reply }).await?;
         rx.await.map_err(|_| Error::Stopped)?
+    }
+
+    /// Whether a consent flow may contact `peer` for input that `source`
+    /// brought (`None`: a local write, never limited).
+    async fn may_dial(&self, peer: PeerId, source: Option<PeerId>) -> Result<bool> {
+        let Some(source) = source else {
+            return Ok(true);
+        };
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::MayDial { peer, source, reply }).await?;
+        rx.await.map_err(|_| Error::Stopped)
     }
 
     async fn connected_peers(&self) -> Result<Vec<PeerId>> {
@@ -644,12 +732,21 @@ async fn asked_reconcile<B: Backend>(ctx: &Ctx<B>, me: PeerId, peer: PeerId, pat
 /// change triggers reconciliation). Without it a grantee that reconciled
 /// before this node stored its grant — the grant travels here from another
 /// holder — would wait for a later change that may never come.
-fn ask_to_reconcile<B: Backend>(ctx: &Ctx<B>, grantee: PeerId, patient: PatientId, not_before: Timestamp) {
+fn ask_to_reconcile<B: Backend>(
+    ctx: &Ctx<B>,
+    grantee: PeerId,
+    patient: PatientId,
+    not_before: Timestamp,
+    source: Option<PeerId>,
+) {
     let ctx = ctx.clone();
     tokio::spawn(async move {
         let wait = not_before.saturating_sub(now());
         if wait > 0 {
             tokio::time::sleep(Duration::from_millis(wait.saturating_add(1000))).await;
+        }
+        if !ctx.may_dial(grantee, source).await.unwrap_or(false) {
+            return;
         }
         if let Err(e) = ctx.dial_peer(grantee).await {
             debug!(peer = %grantee, cause = %e, "could not connect to ask for a reconciliation");
@@ -801,6 +898,7 @@ pub(crate) struct Actor<B: Backend> {
     /// Inbound requests being served, per peer (only non-zero entries).
     in_flight: HashMap<PeerId, usize>,
     in_flight_total: usize,
+    dial_budget: DialBudget,
 }
 
 use crate::addressed_peer as peer_of;
@@ -1011,6 +1109,7 @@ pub(crate) async fn spawn<B: Backend>(
 
     let (tx, commands) = mpsc::channel(COMMAND_CAPACITY);
     let metrics = Arc::new(Metrics::default());
+    let config_limits = config.limits.clone();
     let stored = backend.subscribe();
     let ctx = Ctx {
         backend,
@@ -1045,6 +1144,7 @@ pub(crate) async fn spawn<B: Backend>(
         buckets: HashMap::new(),
         in_flight: HashMap::new(),
         in_flight_total: 0,
+        dial_budget: DialBudget::new(&config_limits, Instant::now()),
     };
     tokio::spawn(actor.run().instrument(info_span!("sync actor", peer = %me)));
     Ok((tx, me, metrics))
@@ -1204,6 +1304,8 @@ impl<B: Backend> Actor<B> {
                     requests_received: m.requests_received.load(Ordering::Relaxed),
                     reconciliations: m.reconciliations.load(Ordering::Relaxed),
                     reconciliations_failed: m.reconciliations_failed.load(Ordering::Relaxed),
+                    items_unwanted: m.items_unwanted.load(Ordering::Relaxed),
+                    dials_limited: m.dials_limited.load(Ordering::Relaxed),
                 });
             }
             Command::Shutdown(reply) => {
@@ -1226,6 +1328,15 @@ impl<B: Backend> Actor<B> {
             Command::Forward { peer, item } => self.forward(peer, item),
             Command::Nudge { peer, seq } => self.nudge(peer, seq),
             Command::AddAddress { peer, addr } => self.swarm.add_peer_address(peer, addr),
+            Command::MayDial { peer, source, reply } => {
+                let free = self.swarm.is_connected(&peer) || self.static_peers.iter().any(|(p, _)| *p == peer);
+                let allowed = free || self.dial_budget.take(&self.config.limits, source, Instant::now());
+                if !allowed {
+                    Metrics::add(&self.ctx.metrics.dials_limited, 1);
+                    debug!(%peer, %source, "dial on behalf of a source over its dial budget; skipped");
+                }
+                let _ = reply.send(allowed);
+            }
         }
     }
 
@@ -1295,7 +1406,8 @@ impl<B: Backend> Actor<B> {
     fn on_tick(&mut self) {
         let at = Instant::now();
         let limits = &self.config.limits;
-        self.buckets.retain(|_, b| !b.is_full(limits, at));
+        self.buckets.retain(|_, b| !b.is_full(Rate::requests(limits), at));
+        self.dial_budget.prune(limits, at);
         let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
         for peer in peers {
             if self.worth_pulling(&peer) {
@@ -1706,7 +1818,7 @@ impl<B: Backend> Actor<B> {
             Request::Push { items, addrs } => {
                 // Before ingesting: the consent flows that the stored items
                 // trigger may need to dial these addresses.
-                for (p, a) in adoptable_addrs(&requester, &items, addrs) {
+                for (p, a) in adoptable_addrs(self.backend(), self.me, &requester, &items, addrs) {
                     self.swarm.add_peer_address(p, a);
                 }
                 let ctx = self.ctx.clone();
@@ -1748,8 +1860,9 @@ impl<B: Backend> Actor<B> {
     fn admit(&mut self, peer: PeerId, request: &Request) -> bool {
         let limits = &self.config.limits;
         let at = Instant::now();
-        let bucket = self.buckets.entry(peer).or_insert_with(|| Bucket::full(limits, at));
-        if !bucket.take(limits, at) {
+        let rate = Rate::requests(limits);
+        let bucket = self.buckets.entry(peer).or_insert_with(|| Bucket::full(rate, at));
+        if !bucket.take(rate, at) {
             return false;
         }
         // Answered at once with an ack: no serving slot.
@@ -1869,12 +1982,16 @@ async fn push_filtered<B: Backend>(
     view: &ConsentView,
     peer: PeerId,
     item: &Item,
-    meta: &ItemMeta,
+    event: &StoredEvent,
 ) -> Result<()> {
+    let meta = &event.meta;
     let requester = Requester::from_peer_id(&peer)?;
     let decision = may_disclose(meta, &requester, view, now());
     if !decision.allowed() {
         debug!(%peer, item = %meta.id, ?decision, "not forwarding");
+        return Ok(());
+    }
+    if !ctx.may_dial(peer, event.from).await? {
         return Ok(());
     }
     ctx.backend
@@ -1953,7 +2070,7 @@ async fn push_task<B: Backend>(
             duplicates,
             pending,
             rejected,
-            refused: 0,
+            ..IngestReport::default()
         }),
         other => Err(unexpected(peer, "push", &other)),
     }
@@ -1972,6 +2089,14 @@ async fn push_task<B: Backend>(
 /// - a key share for another practice: push it to its recipient.
 async fn consent_flow<B: Backend>(ctx: &Ctx<B>, me: PeerId, connected: Vec<PeerId>, event: StoredEvent) -> Result<()> {
     let meta = &event.meta;
+    // A patient this node holds nothing of (no envelope, no grant to it)
+    // is none of its business: a self-made identity's grants would make it
+    // dial whatever their hints name. Its envelopes go only to connected
+    // peers (nudges) and need no such gate.
+    if meta.kind != ItemKind::Envelope && !ctx.backend.relates_to(&meta.patient, &me)? {
+        debug!(kind = meta.kind.as_str(), "consent item of a patient without a relationship here; not followed");
+        return Ok(());
+    }
     let view = ctx.backend.consent(&meta.patient)?;
     let holders: Vec<PeerId> = view
         .grants
@@ -2038,6 +2163,9 @@ async fn consent_flow<B: Backend>(ctx: &Ctx<B>, me: PeerId, connected: Vec<PeerI
                     // The patient's own CLI serves nothing.
                     targets.retain(|p| Requester::from_peer_id(p).is_ok_and(|r| !r.is_patient(&patient)));
                     for peer in targets {
+                        if !ctx.may_dial(peer, from).await.unwrap_or(false) {
+                            continue;
+                        }
                         let ctx = ctx.clone();
                         tokio::spawn(async move {
                             // Pull first (joining a pull under way): what the
@@ -2056,7 +2184,7 @@ async fn consent_flow<B: Backend>(ctx: &Ctx<B>, me: PeerId, connected: Vec<PeerI
                 });
             } else {
                 if Some(grantee) != event.from {
-                    push_filtered(ctx, &view, grantee, &item, meta).await?;
+                    push_filtered(ctx, &view, grantee, &item, &event).await?;
                 }
                 let mut holds_covered = false;
                 for collection in Collection::ALL.into_iter().filter(|c| grant.covers(*c)) {
@@ -2066,11 +2194,11 @@ async fn consent_flow<B: Backend>(ctx: &Ctx<B>, me: PeerId, connected: Vec<PeerI
                     }
                 }
                 if holds_covered && Requester::from_peer_id(&grantee).is_ok() {
-                    ask_to_reconcile(ctx, grantee, meta.patient, grant.terms().not_before);
+                    ask_to_reconcile(ctx, grantee, meta.patient, grant.terms().not_before, event.from);
                 }
             }
             for peer in holders.into_iter().filter(|p| *p != grantee) {
-                push_filtered(ctx, &view, peer, &item, meta).await?;
+                push_filtered(ctx, &view, peer, &item, &event).await?;
             }
         }
         ItemKind::Revocation => {
@@ -2078,7 +2206,7 @@ async fn consent_flow<B: Backend>(ctx: &Ctx<B>, me: PeerId, connected: Vec<PeerI
                 return Ok(());
             };
             for peer in holders {
-                push_filtered(ctx, &view, peer, &item, meta).await?;
+                push_filtered(ctx, &view, peer, &item, &event).await?;
             }
         }
         ItemKind::KeyShare => {
@@ -2088,7 +2216,7 @@ async fn consent_flow<B: Backend>(ctx: &Ctx<B>, me: PeerId, connected: Vec<PeerI
                     && Some(peer) != event.from
                     && let Some(item) = item_at(ctx, event.seq).await?
                 {
-                    push_filtered(ctx, &view, peer, &item, meta).await?;
+                    push_filtered(ctx, &view, peer, &item, &event).await?;
                 }
             }
         }
@@ -2127,16 +2255,31 @@ fn reconcile_targets<B: Backend>(
 }
 
 /// Address suggestions in a push are honoured only from a patient pushing
-/// their own grant (the CLI passing the grantee's address), and only full
-/// `/p2p/` multiaddrs.
-fn adoptable_addrs(requester: &Requester, items: &[Item], addrs: Vec<Multiaddr>) -> Vec<(PeerId, Multiaddr)> {
+/// their own grant (the CLI passing the grantee's address) who has a
+/// relationship with this node (envelopes held, or a grant to it held or in
+/// this push: [`Backend::relates_to`]), and only full `/p2p/` multiaddrs.
+fn adoptable_addrs<B: Backend>(
+    backend: &B,
+    me: PeerId,
+    requester: &Requester,
+    items: &[Item],
+    addrs: Vec<Multiaddr>,
+) -> Vec<(PeerId, Multiaddr)> {
     if addrs.is_empty() {
         return Vec::new();
     }
-    let from_patient = items.iter().any(|i| {
-        i.kind == ItemKind::Grant && Grant::decode(&i.bytes).is_ok_and(|g| requester.is_patient(&g.terms().patient))
-    });
-    if !from_patient {
+    let grants: Vec<Grant> = items
+        .iter()
+        .filter(|i| i.kind == ItemKind::Grant)
+        .filter_map(|i| Grant::decode(&i.bytes).ok())
+        .filter(|g| requester.is_patient(&g.terms().patient))
+        .collect();
+    let Some(patient) = grants.first().map(|g| g.terms().patient) else {
+        return Vec::new();
+    };
+    let related = grants.iter().any(|g| g.terms().grantee.peer_id() == me)
+        || backend.relates_to(&patient, &me).unwrap_or(false);
+    if !related {
         return Vec::new();
     }
     addrs.into_iter().filter_map(|a| peer_of(&a).map(|p| (p, a))).collect()

@@ -309,6 +309,9 @@ pub struct IngestReport {
     /// up (flood limits); nothing of them was kept, they can be sent again
     /// once their grant is here.
     pub refused: u64,
+    /// Consent items of patients this node holds nothing of, refused over
+    /// the node's caps (docs/protocol.md §10a): not kept, not rejected.
+    pub unwanted: u64,
 }
 
 impl IngestReport {
@@ -319,6 +322,7 @@ impl IngestReport {
         self.pending += other.pending;
         self.rejected += other.rejected;
         self.refused += other.refused;
+        self.unwanted += other.unwanted;
     }
 }
 
@@ -526,6 +530,26 @@ pub trait Backend: Send + Sync + 'static {
     fn names_grantee(&self, peer: &PeerId) -> Result<bool> {
         let _ = peer;
         Ok(true)
+    }
+
+    /// Whether this node (`me`) has a relationship with `patient`: it holds
+    /// envelopes of theirs or a grant from them naming `me`. Only then do
+    /// the consent flows follow that patient's address hints and forward
+    /// their consent items. The default asks [`Backend::consent`] and
+    /// [`Backend::envelope_ids`].
+    ///
+    /// # Errors
+    /// Storage failures.
+    fn relates_to(&self, patient: &PatientId, me: &PeerId) -> Result<bool> {
+        if self.consent(patient)?.grants.iter().any(|g| g.terms().grantee.peer_id() == *me) {
+            return Ok(true);
+        }
+        for collection in Collection::ALL {
+            if !self.envelope_ids(patient, collection)?.is_empty() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// The grants and revocations known for `patient`.

@@ -95,6 +95,17 @@ pub struct Limits {
     /// How many times a request answered `Busy` is asked again (with
     /// doubling waits from 250 ms) before the caller sees the refusal.
     pub busy_retries: u32,
+    /// Dials the consent flows may make on behalf of one source (the peer
+    /// or patient session whose item they follow) in a burst; dials to
+    /// connected and static peers are free. Beyond it the contact is
+    /// skipped (`Status::dials_limited`); pulls and reconciliation repair.
+    pub dial_burst_per_source: u32,
+    /// The refill of a source's dial bucket, per minute.
+    pub dials_per_minute_per_source: u32,
+    /// As [`Limits::dial_burst_per_source`], all sources together.
+    pub dial_burst: u32,
+    /// The refill of the global dial bucket, per minute.
+    pub dials_per_minute: u32,
 }
 
 /// What a relay server grants the nodes that use it (docs/operations.md,
@@ -146,6 +157,10 @@ impl Default for Limits {
             max_pending: 8192,
             max_outbound: 4096,
             busy_retries: 3,
+            dial_burst_per_source: 8,
+            dials_per_minute_per_source: 6,
+            dial_burst: 32,
+            dials_per_minute: 60,
         }
     }
 }

@@ -146,6 +146,12 @@ pub struct Status {
     /// Of those, the ones that failed (peer unreachable, refused, store
     /// error); the next trigger repairs.
     pub reconciliations_failed: u64,
+    /// Received consent items of patients this node holds nothing of,
+    /// refused over the node's caps (docs/protocol.md §10a).
+    pub items_unwanted: u64,
+    /// Dials a consent flow skipped because the source of its input (or
+    /// all sources together) used up the dial budget (§10a).
+    pub dials_limited: u64,
 }
 
 /// A cheap, cloneable handle on one node's sync actor. The actor stops when

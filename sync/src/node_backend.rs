@@ -120,6 +120,7 @@ fn ingest_report(report: &medmesh_node::IngestReport) -> IngestReport {
         pending: report.pending as u64,
         rejected: report.rejected.len() as u64,
         refused: report.refused as u64,
+        unwanted: report.unwanted as u64,
     }
 }
 
@@ -318,6 +319,12 @@ impl Backend for NodeBackend {
 
     fn names_grantee(&self, peer: &PeerId) -> Result<bool> {
         Ok(medmesh_crypto::PracticeId::from_peer_id(peer).is_ok_and(|p| self.node.holds_grant_to(&p)))
+    }
+
+    fn relates_to(&self, patient: &PatientId, me: &PeerId) -> Result<bool> {
+        // The node's own definition; `me` is its PeerId.
+        let _ = me;
+        self.node.relates_to(patient).map_err(backend_error)
     }
 
     fn consent(&self, patient: &PatientId) -> Result<ConsentView> {

@@ -5,15 +5,17 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use libp2p::{Multiaddr, PeerId};
 use medmesh_crypto::{
-    Access, ActorId, Change, Collection, Envelope, EpochKey, Grant, GrantId, GrantTerms, PatientId, SecretIdentity, now,
+    Access, ActorId, Change, Collection, Envelope, EpochKey, Grant, GrantId, GrantTerms, KeyShare, PatientId,
+    PracticeId, Principal, SecretIdentity, now,
 };
 use medmesh_sync::memory::MemoryBackend;
 use medmesh_sync::wire::{RefusalCode, Request, Response};
-use medmesh_sync::{Config, Cursor, InstanceId, Item, ItemKind, Limits, SyncHandle};
+use medmesh_sync::{Config, Cursor, InstanceId, Item, ItemKind, Limits, NodeBackend, SyncHandle};
 
 mod common;
 use common::client::Client;
@@ -288,4 +290,286 @@ async fn a_peer_parks_at_most_its_share_of_the_pending_queue() {
     assert!(matches!(answer, Response::Pushed { .. }), "{answer:?}");
     assert_eq!(a.store.count(&p.id(), ItemKind::Envelope), 10);
     assert_eq!(a.store.pending_count(), 0);
+}
+
+// ---- dialling and storage only for relationships (issue 15, item 7) ----
+
+/// A practice over a real node store (sled in a temporary directory).
+struct Practice {
+    node: medmesh_node::Node,
+    sync: SyncHandle,
+    peer: PeerId,
+    addr: Multiaddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Practice {
+    async fn new(node_config: medmesh_node::Config, limits: Limits) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let key = SecretIdentity::generate().unwrap();
+        let node = medmesh_node::Node::open(dir.path(), SecretIdentity::from_seed(&key.seed()), node_config)
+            .await
+            .unwrap();
+        let sync = SyncHandle::spawn(config(limits), &key, NodeBackend::new(node.clone()))
+            .await
+            .unwrap();
+        let addr = sync.listen_addrs().await.unwrap().remove(0);
+        Self {
+            node,
+            peer: sync.local_peer_id(),
+            sync,
+            addr,
+            _dir: dir,
+        }
+    }
+
+    fn practice(&self) -> PracticeId {
+        PracticeId::from_peer_id(&self.peer).unwrap()
+    }
+}
+
+/// A TCP listener on 127.0.0.1 that counts the connections made to it (a
+/// port a node must not be made to probe, or a control that it does dial).
+struct Listener {
+    port: u16,
+    connections: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Listener {
+    async fn new() -> Self {
+        let socket = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = socket.local_addr().unwrap().port();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let seen = connections.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = socket.accept().await {
+                seen.fetch_add(1, Ordering::SeqCst);
+                drop(stream);
+            }
+        });
+        Self {
+            port,
+            connections,
+            task,
+        }
+    }
+
+    /// This listener's address as a hint naming `peer`.
+    fn hint(&self, peer: &PracticeId) -> String {
+        format!("/ip4/127.0.0.1/tcp/{}/p2p/{}", self.port, peer.peer_id())
+    }
+
+    fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn some_practice() -> PracticeId {
+    SecretIdentity::generate().unwrap().practice_id().unwrap()
+}
+
+/// A grant from `patient` to `grantee` carrying `hints`.
+fn grant_with_hints(patient: &SecretIdentity, grantee: PracticeId, hints: Vec<String>) -> Grant {
+    Grant::sign(
+        GrantTerms {
+            id: GrantId::generate().unwrap(),
+            patient: patient.patient_id(),
+            grantee,
+            collections: vec![Collection::Core],
+            access: Access::ReadWrite,
+            not_before: now() - 60_000,
+            expires: None,
+            purpose: "treatment".into(),
+            issued_at: now(),
+            address_hints: hints,
+        },
+        patient,
+    )
+    .unwrap()
+}
+
+fn push(items: Vec<Item>) -> Request {
+    Request::Push { items, addrs: vec![] }
+}
+
+fn accepted(answer: &Response) -> u64 {
+    match answer {
+        Response::Pushed { accepted, .. } => *accepted,
+        other => panic!("push not taken: {other:?}"),
+    }
+}
+
+/// A patient the node has a relationship with: their first grant, to the
+/// node itself, submitted by their CLI (a session under the patient key).
+async fn onboarded(at: &Practice) -> (SecretIdentity, Client) {
+    let patient = SecretIdentity::generate().unwrap();
+    let mut cli = Client::connect(&patient, &at.addr).await;
+    let first = grant_with_hints(&patient, at.practice(), vec![]);
+    let answer = cli.request(at.peer, push(vec![Item::grant(&first)])).await;
+    assert_eq!(accepted(&answer), 1, "a first grant to the node is accepted");
+    (patient, cli)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stranger_patients_grant_never_makes_the_node_dial_its_hints() {
+    let a = Practice::new(medmesh_node::Config::default(), Limits::default()).await;
+    let trap = Listener::new().await;
+    let control = Listener::new().await;
+
+    // A self-made identity pushes its own grant to some other practice,
+    // the hints (and the push's address suggestions) pointing at a port of
+    // the node's network; a peer relays another such grant.
+    let stranger = SecretIdentity::generate().unwrap();
+    let z = some_practice();
+    let lure = grant_with_hints(&stranger, z, vec![trap.hint(&z)]);
+    let mut s = Client::connect(&stranger, &a.addr).await;
+    let answer = s
+        .request(
+            a.peer,
+            Request::Push {
+                items: vec![Item::grant(&lure)],
+                addrs: vec![trap.hint(&z).parse().unwrap()],
+            },
+        )
+        .await;
+    assert_eq!(accepted(&answer), 1);
+    let other = SecretIdentity::generate().unwrap();
+    let y = some_practice();
+    let relayed = grant_with_hints(&other, y, vec![trap.hint(&y)]);
+    let mallory = SecretIdentity::generate().unwrap();
+    let mut m = Client::connect(&mallory, &a.addr).await;
+    assert_eq!(accepted(&m.request(a.peer, push(vec![Item::grant(&relayed)])).await), 1);
+
+    // Control: a patient of this node shares with another practice; the
+    // node does dial that one.
+    let (patient, mut cli) = onboarded(&a).await;
+    let w = some_practice();
+    let share = grant_with_hints(&patient, w, vec![control.hint(&w)]);
+    assert_eq!(accepted(&cli.request(a.peer, push(vec![Item::grant(&share)])).await), 1);
+    until("the node dials the grantee of its own patient's grant", async || {
+        control.connections() > 0
+    })
+    .await;
+    assert_eq!(trap.connections(), 0, "a stranger's grant made the node dial its hints");
+}
+
+/// The caps on consent items of patients the node holds nothing of
+/// (`caps_config`).
+const PER_PATIENT: usize = 8;
+const PER_SOURCE: usize = 20;
+
+fn caps_config() -> medmesh_node::Config {
+    medmesh_node::Config {
+        stranger_items_per_patient: PER_PATIENT,
+        stranger_items_per_source: PER_SOURCE,
+        ..medmesh_node::Config::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_consent_items_from_self_made_patients_is_capped_and_real_patients_still_get_in() {
+    let a = Practice::new(caps_config(), Limits::default()).await;
+
+    // One self-made patient pushes three times its cap of grants to
+    // practices this node has nothing to do with.
+    let flooder = SecretIdentity::generate().unwrap();
+    let mut f = Client::connect(&flooder, &a.addr).await;
+    let grants: Vec<Item> = (0..3 * PER_PATIENT)
+        .map(|_| Item::grant(&grant_with_hints(&flooder, some_practice(), vec![])))
+        .collect();
+    let answer = f.request(a.peer, push(grants)).await;
+    assert_eq!(accepted(&answer), PER_PATIENT as u64, "{answer:?}");
+    assert_eq!(a.node.grants(&flooder.patient_id()).len(), PER_PATIENT);
+
+    // A peer pushes one grant each of many self-made patients: its own cap.
+    let mallory = SecretIdentity::generate().unwrap();
+    let mut m = Client::connect(&mallory, &a.addr).await;
+    let patients: Vec<SecretIdentity> = (0..PER_SOURCE + 10)
+        .map(|_| SecretIdentity::generate().unwrap())
+        .collect();
+    let grants: Vec<Item> = patients
+        .iter()
+        .map(|p| Item::grant(&grant_with_hints(p, some_practice(), vec![])))
+        .collect();
+    let answer = m.request(a.peer, push(grants)).await;
+    assert_eq!(accepted(&answer), PER_SOURCE as u64, "{answer:?}");
+    let held: usize = patients.iter().map(|p| a.node.grants(&p.patient_id()).len()).sum();
+    assert_eq!(held, PER_SOURCE);
+    // Refused, not rejected: nothing is recorded about them one by one;
+    // counted.
+    assert_eq!(a.node.rejected_count().unwrap(), 0);
+    let unwanted = (2 * PER_PATIENT + 10) as u64;
+    assert_eq!(a.sync.status().await.unwrap().items_unwanted, unwanted);
+
+    // A real patient's first grant to this node and its key shares are
+    // still accepted, whoever brings them: the patient's CLI...
+    let real = SecretIdentity::generate().unwrap();
+    let key = EpochKey::generate(real.patient_id(), Collection::Core, 0).unwrap();
+    let items = vec![
+        Item::grant(&grant_with_hints(&real, a.practice(), vec![])),
+        Item::key_share(&KeyShare::create(&key, Principal::Practice(a.practice()), &real, now()).unwrap()),
+        Item::key_share(&KeyShare::create(&key, Principal::Patient(real.patient_id()), &real, now()).unwrap()),
+    ];
+    let mut cli = Client::connect(&real, &a.addr).await;
+    assert_eq!(accepted(&cli.request(a.peer, push(items)).await), 3);
+    // ...or the peer over its cap (a grant to this node is always welcome),
+    // and then the rest of that patient's items too.
+    let forwarded = SecretIdentity::generate().unwrap();
+    let to_a = grant_with_hints(&forwarded, a.practice(), vec![]);
+    let to_b = grant_with_hints(&forwarded, some_practice(), vec![]);
+    let answer = m
+        .request(a.peer, push(vec![Item::grant(&to_b), Item::grant(&to_a)]))
+        .await;
+    assert_eq!(accepted(&answer), 2, "{answer:?}");
+    assert_eq!(a.node.grants(&forwarded.patient_id()).len(), 2);
+    assert_eq!(a.sync.status().await.unwrap().items_unwanted, unwanted);
+}
+
+fn dial_limits() -> Limits {
+    Limits {
+        dial_burst_per_source: 2,
+        dials_per_minute_per_source: 1,
+        ..Limits::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dials_on_behalf_of_one_source_are_rate_limited() {
+    let a = Practice::new(medmesh_node::Config::default(), dial_limits()).await;
+    // A self-made identity's grant to this node (which it must take: any
+    // new patient's first grant looks like that) names five addresses.
+    let traps = [
+        Listener::new().await,
+        Listener::new().await,
+        Listener::new().await,
+        Listener::new().await,
+        Listener::new().await,
+    ];
+    let hints = traps.iter().map(|t| t.hint(&some_practice())).collect();
+    let scanner = SecretIdentity::generate().unwrap();
+    let mut s = Client::connect(&scanner, &a.addr).await;
+    let lure = grant_with_hints(&scanner, a.practice(), hints);
+    assert_eq!(accepted(&s.request(a.peer, push(vec![Item::grant(&lure)])).await), 1);
+
+    // Control: another patient's grant to this node, from another source:
+    // its one hint is followed.
+    let control = Listener::new().await;
+    let patient = SecretIdentity::generate().unwrap();
+    let mut cli = Client::connect(&patient, &a.addr).await;
+    let grant = grant_with_hints(&patient, a.practice(), vec![control.hint(&some_practice())]);
+    assert_eq!(accepted(&cli.request(a.peer, push(vec![Item::grant(&grant)])).await), 1);
+    until("the node follows the second patient's hint", async || {
+        control.connections() > 0
+    })
+    .await;
+    let dialled: usize = traps.iter().map(Listener::connections).sum();
+    assert!(dialled <= 2, "one source made the node dial {dialled} addresses");
+    assert!(a.sync.status().await.unwrap().dials_limited >= 3);
 }
