@@ -31,8 +31,8 @@ mod par;
 pub mod records;
 pub mod repository;
 mod snapshot;
-mod strangers;
 pub mod store;
+mod strangers;
 pub mod testing;
 pub mod transfer;
 

@@ -21,11 +21,11 @@ use crate::audit::{self, Action, ActorKind, AuditEntry, AuditRecord};
 use crate::commit::Committer;
 use crate::consent::{Registry, Validity};
 use crate::snapshot::Snapshot;
-use crate::strangers::Strangers;
 use crate::store::{
     Batch, Committed, Cursor, EnvelopeEntry, EnvelopeState, InstanceId, ItemId, ItemKind, ItemMeta, Op, PendingItem,
     PendingReason, Seq, SledStore, Store, StoredItem,
 };
+use crate::strangers::Strangers;
 use crate::{Error, Result};
 
 /// Directory of the sled store inside the data directory.
@@ -57,7 +57,7 @@ impl Default for Config {
             group_commit_max: 1024,
             event_capacity: 4096,
             stranger_items_per_patient: 32,
-            stranger_items_per_source: 1024,
+            stranger_items_per_source: 128,
         }
     }
 }
@@ -491,12 +491,12 @@ impl Node {
         let from = actor.and_then(|a| match a.kind {
             ActorKind::Peer => a.id.parse::<PeerId>().ok(),
             // The patient's CLI session speaks under the patient key.
-            ActorKind::Patient => a
-                .id
-                .parse::<PatientId>()
-                .ok()
-                .and_then(|p| PracticeId::from_bytes(*p.as_bytes()).ok())
-                .map(|k| k.peer_id()),
+            ActorKind::Patient => {
+                a.id.parse::<PatientId>()
+                    .ok()
+                    .and_then(|p| PracticeId::from_bytes(*p.as_bytes()).ok())
+                    .map(|k| k.peer_id())
+            }
             _ => None,
         });
         for (id, seq) in &committed.items {
@@ -1107,7 +1107,10 @@ impl Node {
     }
 
     fn strangers(&self) -> std::sync::MutexGuard<'_, Strangers> {
-        self.inner.strangers.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.inner
+            .strangers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Whether this node has a relationship with `patient`: it holds
@@ -1120,10 +1123,7 @@ impl Node {
     /// # Errors
     /// Store failures.
     pub fn relates_to(&self, patient: &PatientId) -> Result<bool> {
-        let granted = self
-            .registry()
-            .peers_with_grant_from(patient)
-            .contains(&self.inner.me);
+        let granted = self.registry().peers_with_grant_from(patient).contains(&self.inner.me);
         Ok(granted || !self.store().envelopes(patient, None)?.is_empty())
     }
 

@@ -43,14 +43,24 @@ impl Strangers {
         if of_patient >= self.per_patient || of_source >= self.per_source {
             return false;
         }
-        *self.held.entry(patient).or_default().entry(source.to_owned()).or_default() += 1;
+        *self
+            .held
+            .entry(patient)
+            .or_default()
+            .entry(source.to_owned())
+            .or_default() += 1;
         *self.by_source.entry(source.to_owned()).or_default() += 1;
         true
     }
 
     /// Items of `patient` already held when the node opened.
     pub(crate) fn note_held(&mut self, patient: PatientId, items: usize) {
-        *self.held.entry(patient).or_default().entry(EARLIER.to_owned()).or_default() += items;
+        *self
+            .held
+            .entry(patient)
+            .or_default()
+            .entry(EARLIER.to_owned())
+            .or_default() += items;
     }
 
     /// The node now has a relationship with `patient`: its items no longer

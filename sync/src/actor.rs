@@ -1109,7 +1109,7 @@ pub(crate) async fn spawn<B: Backend>(
 
     let (tx, commands) = mpsc::channel(COMMAND_CAPACITY);
     let metrics = Arc::new(Metrics::default());
-    let config_limits = config.limits.clone();
+    let dial_budget = DialBudget::new(&config.limits, Instant::now());
     let stored = backend.subscribe();
     let ctx = Ctx {
         backend,
@@ -1144,7 +1144,7 @@ pub(crate) async fn spawn<B: Backend>(
         buckets: HashMap::new(),
         in_flight: HashMap::new(),
         in_flight_total: 0,
-        dial_budget: DialBudget::new(&config_limits, Instant::now()),
+        dial_budget,
     };
     tokio::spawn(actor.run().instrument(info_span!("sync actor", peer = %me)));
     Ok((tx, me, metrics))
@@ -2094,7 +2094,10 @@ async fn consent_flow<B: Backend>(ctx: &Ctx<B>, me: PeerId, connected: Vec<PeerI
     // dial whatever their hints name. Its envelopes go only to connected
     // peers (nudges) and need no such gate.
     if meta.kind != ItemKind::Envelope && !ctx.backend.relates_to(&meta.patient, &me)? {
-        debug!(kind = meta.kind.as_str(), "consent item of a patient without a relationship here; not followed");
+        debug!(
+            kind = meta.kind.as_str(),
+            "consent item of a patient without a relationship here; not followed"
+        );
         return Ok(());
     }
     let view = ctx.backend.consent(&meta.patient)?;
@@ -2277,8 +2280,8 @@ fn adoptable_addrs<B: Backend>(
     let Some(patient) = grants.first().map(|g| g.terms().patient) else {
         return Vec::new();
     };
-    let related = grants.iter().any(|g| g.terms().grantee.peer_id() == me)
-        || backend.relates_to(&patient, &me).unwrap_or(false);
+    let related =
+        grants.iter().any(|g| g.terms().grantee.peer_id() == me) || backend.relates_to(&patient, &me).unwrap_or(false);
     if !related {
         return Vec::new();
     }

@@ -541,7 +541,12 @@ pub trait Backend: Send + Sync + 'static {
     /// # Errors
     /// Storage failures.
     fn relates_to(&self, patient: &PatientId, me: &PeerId) -> Result<bool> {
-        if self.consent(patient)?.grants.iter().any(|g| g.terms().grantee.peer_id() == *me) {
+        if self
+            .consent(patient)?
+            .grants
+            .iter()
+            .any(|g| g.terms().grantee.peer_id() == *me)
+        {
             return Ok(true);
         }
         for collection in Collection::ALL {

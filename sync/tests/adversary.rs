@@ -617,7 +617,6 @@ async fn resource_key_claimed_across_patients_stays_with_its_patient() {
 /// stranger. A must not dial it. Checked after an honest grant pushed
 /// later has made its whole way through A to practice B.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "issue 15: fails until address hints from strangers are ignored"]
 async fn address_hints_from_a_stranger_are_not_dialled() {
     let a = Practice::start().await;
     let b = Practice::start().await;
@@ -663,7 +662,6 @@ async fn address_hints_from_a_stranger_are_not_dialled() {
 /// them (not recording each as a rejection), and an honest patient's first
 /// grant to A is still accepted afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "issue 15: fails until consent item floods are capped"]
 async fn consent_item_flood_from_self_made_identities_is_bounded() {
     const PATIENTS: usize = 256;
     let a = Practice::start().await;
@@ -800,7 +798,6 @@ async fn a_flood_of_self_made_grants_naming_the_node_is_bounded() {
 /// 64 are dialled at once, and A's connection to the honest grantee then
 /// waits behind them for longer than the test's deadline).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "issue 15: fails until dials on behalf of remote input are rate-limited"]
 async fn hints_in_many_self_made_grants_to_the_node_are_dialled_at_most_a_burst() {
     const GRANTS: usize = 64;
     const BURST: usize = 16;
