@@ -729,3 +729,95 @@ impl Backend for NodeBackend {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use medmesh_crypto::{Collection, SecretIdentity};
+    use medmesh_node::testing::TestPatient;
+
+    fn patient_resource(patient: &PatientId) -> Value {
+        json!({"resourceType": "Patient",
+               "identifier": [{"system": "urn:ietf:rfc:3986", "value": patient.to_string()}]})
+    }
+
+    fn observation(subject: &str) -> Value {
+        json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+               "subject": {"reference": subject}})
+    }
+
+    fn create(id: &str, resource: Value) -> TxOp {
+        TxOp::Create {
+            id: id.to_owned(),
+            resource,
+            if_none_exist: None,
+        }
+    }
+
+    /// Issue 15 item 5 on a real node: a transaction files each create under
+    /// the patient its compartment references name, whatever the entry order;
+    /// a reference to a patient not held is a 422 at that op, nothing written;
+    /// a resource naming no patient goes with the transaction's one patient,
+    /// and with two patients it cannot be filed.
+    #[tokio::test]
+    async fn a_transaction_files_nothing_under_a_guessed_patient() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = Node::open(
+            dir.path(),
+            SecretIdentity::from_seed(&[1; 32]),
+            medmesh_node::Config::default(),
+        )
+        .await
+        .unwrap();
+        let mut x = TestPatient::new().unwrap();
+        let mut y = TestPatient::new().unwrap();
+        for p in [&mut x, &mut y] {
+            for c in [Collection::Core, Collection::Labs] {
+                let (_, items) = p.onboard(node.practice_id(), c).unwrap();
+                node.submit(p.id(), items).await.unwrap();
+            }
+        }
+        let repository = Repository::new(node.clone(), repository::Config::default()).unwrap();
+        let backend = NodeBackend::new(node.clone(), repository.clone(), None, dir.path().to_path_buf());
+        let organization = json!({"resourceType": "Organization", "name": "Clinic"});
+
+        let unknown = backend
+            .transaction(vec![
+                create("px", patient_resource(&x.id())),
+                create("o1", observation("Patient/someone-else")),
+            ])
+            .await
+            .unwrap_err();
+        assert_eq!((unknown.op, unknown.error.status()), (1, 422), "{unknown:?}");
+        assert!(node.envelope_ids(&x.id(), Collection::Core).unwrap().is_empty());
+
+        backend
+            .transaction(vec![
+                create("o2", observation("Patient/px")),
+                create("px", patient_resource(&x.id())),
+                create("org1", organization.clone()),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(
+            repository.location("Observation", "o2").await.unwrap(),
+            (x.id(), Collection::Labs)
+        );
+        assert_eq!(
+            repository.location("Organization", "org1").await.unwrap(),
+            (x.id(), Collection::Core)
+        );
+
+        let two = backend
+            .transaction(vec![
+                create("py", patient_resource(&y.id())),
+                create("o3", observation("Patient/py")),
+                create("o4", observation("Patient/px")),
+                create("org2", organization),
+            ])
+            .await
+            .unwrap_err();
+        assert_eq!((two.op, two.error.status()), (3, 422), "{two:?}");
+        assert!(node.envelope_ids(&y.id(), Collection::Core).unwrap().is_empty());
+    }
+}
