@@ -49,6 +49,9 @@ pub struct Config {
     /// As [`Config::stranger_items_per_patient`], over every such patient,
     /// per source (a peer, a patient's CLI session).
     pub stranger_items_per_source: usize,
+    /// As [`Config::stranger_items_per_patient`], over every such patient
+    /// and every source together (a source costs nothing to make).
+    pub stranger_items_total: usize,
 }
 
 impl Default for Config {
@@ -58,6 +61,7 @@ impl Default for Config {
             event_capacity: 4096,
             stranger_items_per_patient: 32,
             stranger_items_per_source: 128,
+            stranger_items_total: 256,
         }
     }
 }
@@ -432,6 +436,7 @@ impl Node {
                 strangers: std::sync::Mutex::new(Strangers::new(
                     config.stranger_items_per_patient,
                     config.stranger_items_per_source,
+                    config.stranger_items_total,
                 )),
             }),
         };

@@ -19,6 +19,9 @@ const EARLIER: &str = "";
 pub(crate) struct Strangers {
     per_patient: usize,
     per_source: usize,
+    total: usize,
+    /// Items held of every stranger patient together.
+    count: usize,
     /// Items held per stranger patient, by the source that brought them.
     held: HashMap<PatientId, HashMap<String, usize>>,
     /// Items held per source, over every stranger patient.
@@ -26,23 +29,27 @@ pub(crate) struct Strangers {
 }
 
 impl Strangers {
-    pub(crate) fn new(per_patient: usize, per_source: usize) -> Self {
+    pub(crate) fn new(per_patient: usize, per_source: usize, total: usize) -> Self {
         Self {
             per_patient,
             per_source,
+            total,
+            count: 0,
             held: HashMap::new(),
             by_source: HashMap::new(),
         }
     }
 
-    /// Counts one more item of `patient` from `source` if neither cap is
-    /// reached; `false` (and nothing counted) if one is.
+    /// Counts one more item of `patient` from `source` if no cap (per
+    /// patient, per source, all together) is reached; `false` (and nothing
+    /// counted) if one is.
     pub(crate) fn admit(&mut self, patient: PatientId, source: &str) -> bool {
         let of_patient: usize = self.held.get(&patient).map_or(0, |by| by.values().sum());
         let of_source = self.by_source.get(source).copied().unwrap_or(0);
-        if of_patient >= self.per_patient || of_source >= self.per_source {
+        if of_patient >= self.per_patient || of_source >= self.per_source || self.count >= self.total {
             return false;
         }
+        self.count += 1;
         *self
             .held
             .entry(patient)
@@ -55,6 +62,7 @@ impl Strangers {
 
     /// Items of `patient` already held when the node opened.
     pub(crate) fn note_held(&mut self, patient: PatientId, items: usize) {
+        self.count += items;
         *self
             .held
             .entry(patient)
@@ -70,6 +78,7 @@ impl Strangers {
             return;
         };
         for (source, n) in by {
+            self.count = self.count.saturating_sub(n);
             if let Some(total) = self.by_source.get_mut(&source) {
                 *total = total.saturating_sub(n);
                 if *total == 0 {
@@ -92,7 +101,7 @@ mod tests {
 
     #[test]
     fn caps_hold_per_patient_and_per_source_and_release_frees_both() {
-        let mut s = Strangers::new(2, 3);
+        let mut s = Strangers::new(2, 3, 100);
         let (p, q) = (patient(), patient());
         assert!(s.admit(p, "m"));
         assert!(s.admit(p, "e"));
@@ -107,8 +116,20 @@ mod tests {
     }
 
     #[test]
+    fn the_total_cap_holds_over_every_source() {
+        let mut s = Strangers::new(10, 10, 3);
+        let p = patient();
+        s.note_held(p, 1);
+        assert!(s.admit(patient(), "m"));
+        assert!(s.admit(patient(), "e"));
+        assert!(!s.admit(patient(), "f"), "three held in all");
+        s.release(&p);
+        assert!(s.admit(patient(), "f"));
+    }
+
+    #[test]
     fn items_held_at_open_count_for_their_patient_only() {
-        let mut s = Strangers::new(2, 1);
+        let mut s = Strangers::new(2, 1, 100);
         let p = patient();
         s.note_held(p, 2);
         assert!(!s.admit(p, "m"));

@@ -754,7 +754,6 @@ async fn one_strangers_share(a: &Practice) -> usize {
 /// stores of self-made patients must stay bounded overall, not grow with
 /// the number of sources.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "issue 15: fails until strangers' consent items are capped overall, not only per source"]
 async fn consent_item_flood_from_many_self_made_sources_is_bounded() {
     const SOURCES: usize = 4;
     let a = Practice::start().await;
