@@ -959,3 +959,33 @@ async fn an_out_of_order_write_waits_across_a_restart() {
         );
     }
 }
+
+/// Item 7's overall cap, attacked: strangers fill what A keeps of patients
+/// it has no relationship with. An honest patient of none of A's
+/// practices, using A as the node it reaches (`patient grant --node A --to
+/// B <B's address>`), must still have its grant and share taken there and
+/// delivered to B.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "issue 15: fails since the overall stranger cap — strangers fill it in a second, then a patient's own grant for another practice is dropped (Pushed { accepted: 0 }, nothing refused)"]
+async fn strangers_filling_the_overall_cap_do_not_cost_a_patients_own_submission() {
+    let a = Practice::start().await;
+    let b = Practice::start().await;
+    for _ in 0..4 {
+        one_strangers_share(&a).await;
+    }
+    let mut h = TestPatient::new().unwrap();
+    let gb = forge::grant(&h.identity, Terms::read_write(b.practice(), &[CORE]));
+    let share = h.share(CORE, 0, Principal::Practice(b.practice())).unwrap();
+    let answer = Peer::connect(&h.identity, &a)
+        .await
+        .push_with_addrs(vec![Item::grant(&gb), Item::key_share(&share)], vec![b.addr().await])
+        .await;
+    assert!(
+        matches!(answer, Response::Pushed { accepted: 2, .. }),
+        "A refused a patient's own grant for another practice once strangers filled its cap: {answer:?}"
+    );
+    until("A delivers the patient's grant to B", || {
+        b.node.grants(&h.id()).contains(&gb)
+    })
+    .await;
+}
