@@ -1,6 +1,7 @@
 //! `medmesh audit verify|show`: the node's hash-chained audit log, through
 //! the running node's gateway when one runs (sled allows one process), else
-//! on the store directly.
+//! on the store directly. `verify` checks every link and that the log still
+//! reaches the latest checkpoint the node signed (kept apart from the log).
 
 use anyhow::{Context as _, Result, bail};
 use medmesh_crypto::PatientId;
@@ -31,49 +32,88 @@ async fn open_offline(home: &Home) -> Result<medmesh_node::Node> {
         .with_context(|| format!("opening the store in {}", dir.display()))
 }
 
+/// What `audit verify` found: intact (with the checkpoint the log reaches,
+/// if one is kept) or broken, and why.
+enum Verdict {
+    Intact { entries: u64, checkpoint: Option<u64> },
+    Broken { report: Value, reason: String },
+}
+
+fn verdict_of(result: medmesh_node::Result<medmesh_node::AuditVerified>) -> Result<Verdict> {
+    use medmesh_node::Error;
+    Ok(match result {
+        Ok(v) => Verdict::Intact {
+            entries: v.entries,
+            checkpoint: v.checkpoint,
+        },
+        Err(e @ Error::AuditBroken(at)) => Verdict::Broken {
+            report: json!({"intact": false, "broken_at": at.seq}),
+            reason: format!("{e}: it or its link was altered"),
+        },
+        Err(e @ Error::AuditTruncated { entries, checkpoint }) => Verdict::Broken {
+            report: json!({"intact": false, "entries": entries, "checkpoint": checkpoint}),
+            reason: e.to_string(),
+        },
+        Err(e @ Error::AuditRewritten { seq }) => Verdict::Broken {
+            report: json!({"intact": false, "checkpoint": seq}),
+            reason: e.to_string(),
+        },
+        Err(e) => return Err(e).context("reading the audit log"),
+    })
+}
+
 pub(crate) fn verify(home: &Home, out: &Output) -> Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async {
         let dir = home.node_dir();
-        let outcome: Result<u64, u64> = match node_cmd::running(&dir) {
+        let verdict = match node_cmd::running(&dir) {
             Some(running) => {
                 let token = node_cmd::read_token(&dir)?;
                 let (status, body) = get(&running.gateway, &token, "/api/audit/verify").await?;
-                match (
-                    status,
-                    body.get("entries").and_then(Value::as_u64),
-                    body.get("broken_at").and_then(Value::as_u64),
-                ) {
-                    (200, Some(n), _) => Ok(n),
-                    (_, _, Some(seq)) => Err(seq),
+                match (status, body.get("intact").and_then(Value::as_bool)) {
+                    (200, Some(true)) => Verdict::Intact {
+                        entries: body.get("entries").and_then(Value::as_u64).unwrap_or(0),
+                        checkpoint: body.get("checkpoint").and_then(Value::as_u64),
+                    },
+                    (200, Some(false)) => Verdict::Broken {
+                        reason: body
+                            .get("reason")
+                            .and_then(Value::as_str)
+                            .unwrap_or("the audit chain is broken")
+                            .to_owned(),
+                        report: body,
+                    },
                     _ => bail!("the running node answered {status} to an audit check: {body}"),
                 }
             }
             None => {
                 let node = open_offline(home).await?;
-                let result = match node.audit_verify() {
-                    Ok(n) => Ok(n),
-                    Err(medmesh_node::Error::AuditBroken(at)) => Err(at.seq),
-                    Err(e) => return Err(e).context("reading the audit log"),
-                };
+                let verdict = verdict_of(node.audit_verify());
                 node.close().await;
-                result
+                verdict?
             }
         };
-        match outcome {
-            Ok(entries) => {
+        match verdict {
+            Verdict::Intact { entries, checkpoint } => {
+                let human = match checkpoint {
+                    Some(seq) => format!(
+                        "audit log intact: {entries} entries, every link verified, \
+                         reaching the node-signed checkpoint at entry {seq}"
+                    ),
+                    None => format!(
+                        "audit log intact: {entries} entries, every link verified; \
+                         no signed checkpoint is kept, so a cut of its last entries would not show"
+                    ),
+                };
                 out.result(
-                    &json!({"intact": true, "entries": entries}),
-                    &format!("audit log intact: {entries} entries, every link verified"),
+                    &json!({"intact": true, "entries": entries, "checkpoint": checkpoint}),
+                    &human,
                 );
                 Ok(())
             }
-            Err(seq) => {
-                out.result(
-                    &json!({"intact": false, "broken_at": seq}),
-                    &format!("audit log BROKEN at entry {seq}: it or its link was altered"),
-                );
-                bail!("audit chain broken at entry {seq}")
+            Verdict::Broken { report, reason } => {
+                out.result(&report, &format!("audit log BROKEN: {reason}"));
+                bail!("{reason}")
             }
         }
     })

@@ -90,8 +90,10 @@ impl NodeBackend {
         Actor::local_app(APP)
     }
 
-    /// Records a read of a patient's data by the practice's apps.
-    async fn audit_read(&self, resources: &[Arc<RenderedResource>]) {
+    /// Records a read of a patient's data by the practice's apps, durably,
+    /// before the caller returns the data: a read the log cannot record is
+    /// refused (503), never served unrecorded.
+    async fn audit_read(&self, resources: &[Arc<RenderedResource>]) -> Result<(), ApiError> {
         let mut patients: Vec<PatientId> = Vec::new();
         for r in resources {
             if let Ok((patient, _)) = self.repository.location(r.resource_type(), r.id()).await
@@ -111,9 +113,11 @@ impl NodeBackend {
                 outcome: "ok".to_owned(),
             };
             if let Err(e) = self.node.audit(record).await {
-                tracing::error!(cause = %e, "audit append failed");
+                tracing::error!(cause = %e, "audit append failed; the read is refused");
+                return Err(ApiError::AuditUnavailable);
             }
         }
+        Ok(())
     }
 }
 
@@ -274,7 +278,7 @@ impl Backend for NodeBackend {
 
     async fn read(&self, resource_type: &str, id: &str) -> Result<Arc<RenderedResource>, ApiError> {
         let resource = self.repository.read(resource_type, id).await.map_err(repo_error)?;
-        self.audit_read(std::slice::from_ref(&resource)).await;
+        self.audit_read(std::slice::from_ref(&resource)).await?;
         Ok(resource)
     }
 
@@ -284,14 +288,14 @@ impl Backend for NodeBackend {
             .vread(resource_type, id, version_id)
             .await
             .map_err(repo_error)?;
-        self.audit_read(std::slice::from_ref(&resource)).await;
+        self.audit_read(std::slice::from_ref(&resource)).await?;
         Ok(resource)
     }
 
     async fn history(&self, resource_type: &str, id: &str) -> Result<Vec<HistoryEntry>, ApiError> {
         let versions = self.repository.history(resource_type, id).await.map_err(repo_error)?;
         let rendered: Vec<Arc<RenderedResource>> = versions.iter().filter_map(|(_, r)| r.clone()).collect();
-        self.audit_read(&rendered).await;
+        self.audit_read(&rendered).await?;
         Ok(versions
             .into_iter()
             .map(|(version, resource)| HistoryEntry { version, resource })
@@ -328,7 +332,7 @@ impl Backend for NodeBackend {
 
     async fn search(&self, request: &SearchRequest) -> Result<Vec<Arc<RenderedResource>>, ApiError> {
         let found = self.repository.search(&request.query).await.map_err(repo_error)?;
-        self.audit_read(&found).await;
+        self.audit_read(&found).await?;
         Ok(found)
     }
 
@@ -345,7 +349,7 @@ impl Backend for NodeBackend {
             .await
             .map_err(repo_error)?;
         if let Some(first) = all.first() {
-            self.audit_read(std::slice::from_ref(first)).await;
+            self.audit_read(std::slice::from_ref(first)).await?;
         }
         Ok(all)
     }
@@ -471,8 +475,16 @@ impl Backend for NodeBackend {
 
     async fn audit_verify(&self) -> Result<Value, ApiError> {
         match self.node.audit_verify() {
-            Ok(entries) => Ok(json!({ "intact": true, "entries": entries })),
-            Err(medmesh_node::Error::AuditBroken(at)) => Ok(json!({ "intact": false, "broken_at": at.seq })),
+            Ok(v) => Ok(json!({ "intact": true, "entries": v.entries, "checkpoint": v.checkpoint })),
+            Err(e @ medmesh_node::Error::AuditBroken(at)) => {
+                Ok(json!({ "intact": false, "broken_at": at.seq, "reason": e.to_string() }))
+            }
+            Err(e @ medmesh_node::Error::AuditTruncated { entries, checkpoint }) => Ok(json!({
+                "intact": false, "entries": entries, "checkpoint": checkpoint, "reason": e.to_string()
+            })),
+            Err(e @ medmesh_node::Error::AuditRewritten { seq }) => {
+                Ok(json!({ "intact": false, "checkpoint": seq, "reason": e.to_string() }))
+            }
             Err(e) => Err(node_error(e)),
         }
     }
@@ -819,5 +831,116 @@ mod tests {
             .unwrap_err();
         assert_eq!((two.op, two.error.status()), (3, 422), "{two:?}");
         assert!(node.envelope_ids(&y.id(), Collection::Core).unwrap().is_empty());
+    }
+}
+
+#[cfg(test)]
+mod audit_fail_closed {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::time::Duration;
+
+    use medmesh_crypto::{Collection, SecretIdentity};
+    use medmesh_node::store::SledStore;
+    use medmesh_node::testing::{FlushControl, TestPatient};
+
+    use super::*;
+
+    /// Issue 15, item 8 (fail closed): once the audit log cannot take an
+    /// entry durably (here every flush fails), a read, a search and
+    /// `$everything` of a patient's record answer 503 with an
+    /// OperationOutcome and carry none of the record.
+    #[tokio::test]
+    async fn a_read_whose_audit_entry_cannot_be_written_is_refused_with_503() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(FlushControl::new(
+            SledStore::open(&dir.path().join("store")).unwrap(),
+            Duration::ZERO,
+        ));
+        let node = Node::with_store(
+            store.clone(),
+            SecretIdentity::from_seed(&[21; 32]),
+            medmesh_node::Config::default(),
+        )
+        .await
+        .unwrap();
+        let mut patient = TestPatient::new().unwrap();
+        let (_, items) = patient.onboard(node.practice_id(), Collection::Core).unwrap();
+        node.submit(patient.id(), items).await.unwrap();
+        let repository = Repository::new(node.clone(), repository::Config::default()).unwrap();
+        let backend = Arc::new(NodeBackend::new(
+            node.clone(),
+            repository,
+            None,
+            dir.path().join("store"),
+        ));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let router = medmesh_gateway::router(
+            backend,
+            medmesh_gateway::Token::new("secret"),
+            medmesh_gateway::Config::for_addr(addr),
+        );
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(medmesh_gateway::serve(listener, router, async move {
+            let _ = stopped.await;
+        }));
+        let client = reqwest::Client::new();
+        let base = format!("http://{addr}/fhir");
+
+        let created = client
+            .post(format!("{base}/Patient"))
+            .bearer_auth("secret")
+            .header("content-type", "application/fhir+json")
+            .body(
+                json!({
+                    "resourceType": "Patient",
+                    "identifier": [{"system": "urn:ietf:rfc:3986", "value": patient.id().to_string()}],
+                    "name": [{"family": "Lovelace"}]
+                })
+                .to_string(),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(created.status(), 201);
+        let id = created.json::<Value>().await.unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let read = client
+            .get(format!("{base}/Patient/{id}"))
+            .bearer_auth("secret")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(read.status(), 200);
+
+        store.fail_flushes(true);
+        for path in [
+            format!("Patient/{id}"),
+            format!("Patient?_id={id}"),
+            format!("Patient/{id}/$everything"),
+        ] {
+            let response = client
+                .get(format!("{base}/{path}"))
+                .bearer_auth("secret")
+                .send()
+                .await
+                .unwrap();
+            let status = response.status();
+            let body = response.text().await.unwrap();
+            assert_eq!(
+                status, 503,
+                "GET {path} was served although its read could not be audited: {body}"
+            );
+            assert!(
+                body.contains("OperationOutcome") && !body.contains("Lovelace"),
+                "{body}"
+            );
+        }
+        let _ = stop.send(());
+        server.await.unwrap().unwrap();
+        node.close().await;
     }
 }

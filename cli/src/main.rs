@@ -5,6 +5,7 @@
 //! It is the only place that uses `anyhow`, prints to stdout, or reads
 //! passphrases; libraries below it return typed errors and never print.
 
+mod audit_anchor;
 mod audit_cmd;
 mod backend;
 mod demo;

@@ -292,11 +292,18 @@ impl Session {
 /// `patient audit`: asks the node, as the patient, for the audit entries
 /// about the patient (disclosures, reads, writes, consent items received)
 /// and prints one line (or JSON object) per entry. The node answers only
-/// the patient's own key, and records the query as a read.
+/// the patient's own key, and records the query as a read. Then checks
+/// what it received against checkpoints the node signs (see
+/// [`crate::audit_anchor`]) and the one kept from the previous query of
+/// that node: a log that lost entries or was rewritten is reported loudly
+/// and the command fails; otherwise the new checkpoint is kept.
 async fn audit(home: &Home, node: &str, out: &Output) -> Result<()> {
-    let (keystore, _) = open_keystore(home)?;
+    let (mut keystore, passphrase) = open_keystore(home)?;
     let patient = keystore.patient();
     let session = Session::open(&keystore, node).await?;
+    let node_peer = session.node;
+    let node_practice = PracticeId::from_peer_id(&node_peer).context("the node's peer id names no ed25519 key")?;
+    let kept = keystore.audit_checkpoint(&node_practice).cloned();
     let mut attempt = 1;
     let result = loop {
         match session.sync.audit(session.node, patient).await {
@@ -309,7 +316,16 @@ async fn audit(home: &Home, node: &str, out: &Output) -> Result<()> {
             other => break other,
         }
     };
-    let node_peer = session.node;
+    // After the entries, so that the signed head covers every one of them.
+    let checkpoints = match &result {
+        Ok(_) => session
+            .sync
+            .audit_checkpoints(node_peer, patient, kept.as_ref().map(|k| k.terms().seq))
+            .await
+            .map_err(|e| tracing::debug!(cause = %e, "the node signed no audit checkpoint"))
+            .ok(),
+        Err(_) => None,
+    };
     session.close().await;
     let entries = match result {
         Ok(entries) => entries,
@@ -318,6 +334,7 @@ async fn audit(home: &Home, node: &str, out: &Output) -> Result<()> {
         }
         Err(e) => return Err(e).context("fetching your audit entries from the node"),
     };
+    let verdict = crate::audit_anchor::check(&patient, &entries, kept.as_ref(), checkpoints);
     let did = patient.to_string();
     let own_peer = PracticeId::from_bytes(*patient.as_bytes())
         .map(|p| p.peer_id().to_string())
@@ -368,7 +385,40 @@ async fn audit(home: &Home, node: &str, out: &Output) -> Result<()> {
     if !out.is_json() {
         println!("{} entries about you at node {node_peer}", entries.len());
     }
+    out.result(&verdict.to_json(kept.as_ref()), &anchor_text(&verdict));
+    if verdict.flagged() {
+        bail!(
+            "node {node_peer}'s audit log does not hold what it showed you before ({}): {}",
+            verdict.status,
+            verdict.problems.join("; ")
+        );
+    }
+    if let Some(keep) = verdict.keep {
+        keystore.remember_audit_checkpoint(keep);
+        save_keystore(home, &keystore, &passphrase)?;
+    }
     Ok(())
+}
+
+/// The human line for a verdict: loud when something is wrong.
+fn anchor_text(verdict: &crate::audit_anchor::Verdict) -> String {
+    match (verdict.flagged(), verdict.head) {
+        (true, _) => format!(
+            "WARNING: THIS NODE'S AUDIT LOG LOST OR CHANGED ENTRIES ({}):\n  {}",
+            verdict.status.to_uppercase(),
+            verdict.problems.join("\n  ")
+        ),
+        (false, Some((seq, _))) => format!(
+            "checked: {} entries rehashed, the log runs to the node-signed checkpoint at entry {seq}, \
+             kept to compare with your next query",
+            verdict.verified
+        ),
+        (false, None) => format!(
+            "note: this node signs no audit checkpoints (an older version); {} entries rehashed, \
+             but a removal of entries would not show",
+            verdict.verified
+        ),
+    }
 }
 
 fn keys_of(keystore: &Keystore, collection: Collection) -> Vec<&EpochKey> {

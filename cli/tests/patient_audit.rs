@@ -12,13 +12,38 @@ use common::{NodeProcess, PASS, grant_to_node, json_lines, medmesh, new_patient,
 use medmesh_crypto::Keystore;
 use serde_json::Value;
 
-fn audit(home: &Path, node: &str) -> Vec<Value> {
+/// One `patient audit --json` run: its exit, the entries and the checkpoint verdict.
+struct AuditRun {
+    success: bool,
+    entries: Vec<Value>,
+    checkpoint: Value,
+    stderr: String,
+}
+
+fn audit_run(home: &Path, node: &str) -> AuditRun {
     let out = medmesh(home)
         .args(["--json", "patient", "audit", "--node", node])
         .output()
         .unwrap();
-    assert!(out.status.success(), "patient audit failed: {}", stderr(&out));
-    json_lines(&out)
+    let (checkpoint, entries): (Vec<Value>, Vec<Value>) = json_lines(&out)
+        .into_iter()
+        .partition(|l| l.get("checkpoint").is_some());
+    AuditRun {
+        success: out.status.success(),
+        entries,
+        checkpoint: checkpoint
+            .into_iter()
+            .next()
+            .map_or(Value::Null, |c| c["checkpoint"].clone()),
+        stderr: stderr(&out),
+    }
+}
+
+fn audit(home: &Path, node: &str) -> Vec<Value> {
+    let run = audit_run(home, node);
+    assert!(run.success, "patient audit failed: {}", run.stderr);
+    assert_eq!(run.checkpoint["status"], "ok", "{}", run.checkpoint);
+    run.entries
 }
 
 #[test]
@@ -121,4 +146,127 @@ fn patient_audit_shows_the_grant_the_node_received_and_the_patients_own_reads() 
 
     let status = node.stop().expect("the node did not stop on SIGTERM");
     assert!(status.success(), "node exited with {status}");
+}
+
+/// The node's store, opened as someone holding its data directory would
+/// (the node process is stopped: sled allows one process).
+fn node_store(node_home: &Path) -> medmesh_node::store::SledStore {
+    medmesh_node::store::SledStore::open(&node_home.join("node").join(medmesh_node::STORE_DIR)).unwrap()
+}
+
+/// Issue 15, item 8: between two queries, someone holding the node's data
+/// directory (not its key) cuts the last entries of its audit log. The
+/// second `patient audit` compares with the checkpoint the first one kept,
+/// says so loudly and fails; so does every later run, and `audit verify`
+/// on the node's side.
+#[test]
+fn a_cut_of_the_audit_log_between_two_patient_queries_is_flagged() {
+    use medmesh_node::store::Store as _;
+    let root = tempfile::tempdir().unwrap();
+    let (node_home, patient_home) = (root.path().join("node"), root.path().join("patient"));
+    let mut node = NodeProcess::start(&node_home);
+    new_patient(&patient_home);
+    grant_to_node(&patient_home, &node, true);
+    let first = audit_run(&patient_home, &node.listen);
+    assert!(first.success, "{}", first.stderr);
+    assert_eq!(first.checkpoint["status"], "ok", "{}", first.checkpoint);
+    let kept = first.checkpoint["head_seq"].as_u64().unwrap();
+    assert!(
+        first.checkpoint["verified_entries"].as_u64().unwrap() >= 3,
+        "{}",
+        first.checkpoint
+    );
+    assert!(node.stop().is_some());
+
+    // The patient's read, the grant and its key shares at least: remove
+    // the last two entries the patient's checkpoint covers.
+    assert!(kept >= 4, "{}", first.checkpoint);
+    let store = node_store(&node_home);
+    store.raw_truncate_audit(kept - 1).unwrap();
+    drop(store);
+
+    let mut node = NodeProcess::start(&node_home);
+    let second = audit_run(&patient_home, &node.listen);
+    assert!(!second.success, "a cut audit log passed: {}", second.checkpoint);
+    assert_eq!(second.checkpoint["status"], "regression", "{}", second.checkpoint);
+    assert_eq!(second.checkpoint["kept_seq"], kept);
+    assert!(second.stderr.contains("removed"), "{}", second.stderr);
+    // The human form says it loudly.
+    let out = medmesh(&patient_home)
+        .args(["patient", "audit", "--node", &node.listen])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("WARNING"), "{text}");
+    // The node's own check finds its signed checkpoint above the log's end.
+    let out = medmesh(&node_home).args(["audit", "verify"]).output().unwrap();
+    assert!(!out.status.success(), "audit verify passed a cut log");
+    assert!(stderr(&out).contains("were removed"), "{}", stderr(&out));
+    assert!(node.stop().is_some());
+}
+
+/// Whoever holds the node key as well can rewrite the log and re-sign its
+/// checkpoint, so the node's own `audit verify` passes; the checkpoint the
+/// patient kept still names the old entry, and the next query reports a
+/// fork.
+#[test]
+fn a_rewrite_with_the_node_key_is_flagged_as_a_fork_by_the_patient() {
+    use medmesh_node::audit::{Action, ActorKind, AuditRecord};
+    use medmesh_node::store::{Batch, Op, Store as _};
+    let root = tempfile::tempdir().unwrap();
+    let (node_home, patient_home) = (root.path().join("node"), root.path().join("patient"));
+    let mut node = NodeProcess::start(&node_home);
+    new_patient(&patient_home);
+    grant_to_node(&patient_home, &node, true);
+    let first = audit_run(&patient_home, &node.listen);
+    assert!(first.success, "{}", first.stderr);
+    let kept = first.checkpoint["head_seq"].as_u64().unwrap();
+    assert!(node.stop().is_some());
+
+    let identity = medmesh_node::load_or_create_identity(&node_home.join("node"), None).unwrap();
+    let store = node_store(&node_home);
+    store.raw_truncate_audit(kept - 1).unwrap();
+    drop(store);
+    let store = node_store(&node_home);
+    let mut batch = Batch::new();
+    for _ in 0..3 {
+        batch.push(Op::Audit(AuditRecord {
+            actor_kind: ActorKind::Node,
+            actor_id: "rewritten".into(),
+            action: Action::Read,
+            patient: None,
+            items: vec![],
+            grant: None,
+            outcome: "ok".into(),
+        }));
+    }
+    store.commit(&batch).unwrap();
+    let (seq, head) = store.audit_head();
+    let resigned = medmesh_crypto::AuditCheckpoint::sign(
+        medmesh_crypto::AuditCheckpointTerms {
+            node: identity.practice_id().unwrap(),
+            seq,
+            head,
+            time: medmesh_crypto::now(),
+        },
+        &identity,
+    )
+    .unwrap();
+    store.put_audit_checkpoint(resigned.encoded()).unwrap();
+    store.flush().unwrap();
+    drop(store);
+
+    let mut node = NodeProcess::start(&node_home);
+    let out = medmesh(&node_home).args(["audit", "verify"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "the node's own check cannot tell: {}",
+        stderr(&out)
+    );
+    let second = audit_run(&patient_home, &node.listen);
+    assert!(!second.success, "a rewritten audit log passed: {}", second.checkpoint);
+    assert_eq!(second.checkpoint["status"], "fork", "{}", second.checkpoint);
+    assert!(second.stderr.contains("rewritten"), "{}", second.stderr);
+    assert!(node.stop().is_some());
 }

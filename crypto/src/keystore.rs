@@ -1,5 +1,6 @@
-//! The patient's keystore: their secret key, their collection keys and
-//! the grants and revocations they issued, in one file encrypted under a
+//! The patient's keystore: their secret key, their collection keys, the
+//! grants and revocations they issued and the last audit checkpoint each
+//! node showed them, in one file encrypted under a
 //! passphrase (Argon2id → XChaCha20-Poly1305), written atomically, mode 0600.
 
 use std::fs;
@@ -13,8 +14,9 @@ use ciborium::Value;
 use zeroize::Zeroizing;
 
 use crate::canon::{self, Fields};
+use crate::checkpoint::AuditCheckpoint;
 use crate::consent::{Grant, Revocation};
-use crate::id::{PatientId, SecretIdentity, Timestamp};
+use crate::id::{PatientId, PracticeId, SecretIdentity, Timestamp};
 use crate::keys::{EpochKey, KeyId};
 use crate::{Error, Result};
 
@@ -72,6 +74,9 @@ pub struct Keystore {
     pub grants: Vec<Grant>,
     /// Every revocation the patient issued.
     pub revocations: Vec<Revocation>,
+    /// The last audit checkpoint each node showed the patient (one per
+    /// node), to tell a later answer that lost entries or forked.
+    pub audit_checkpoints: Vec<AuditCheckpoint>,
     params: KdfParams,
 }
 
@@ -83,8 +88,21 @@ impl Keystore {
             keys: Vec::new(),
             grants: Vec::new(),
             revocations: Vec::new(),
+            audit_checkpoints: Vec::new(),
             params,
         }
+    }
+
+    /// The audit checkpoint last remembered for `node`.
+    pub fn audit_checkpoint(&self, node: &PracticeId) -> Option<&AuditCheckpoint> {
+        self.audit_checkpoints.iter().find(|c| c.terms().node == *node)
+    }
+
+    /// Remembers `checkpoint` as its node's last, replacing the previous one.
+    pub fn remember_audit_checkpoint(&mut self, checkpoint: AuditCheckpoint) {
+        self.audit_checkpoints
+            .retain(|c| c.terms().node != checkpoint.terms().node);
+        self.audit_checkpoints.push(checkpoint);
     }
 
     /// The patient's secret identity.
@@ -217,12 +235,17 @@ impl Keystore {
     /// An upper bound on the encoded contents, so the buffer never reallocates.
     fn contents_capacity(&self) -> usize {
         let blobs: usize = self.grants.iter().map(|g| g.encoded().len() + 9).sum::<usize>()
-            + self.revocations.iter().map(|r| r.encoded().len() + 9).sum::<usize>();
+            + self.revocations.iter().map(|r| r.encoded().len() + 9).sum::<usize>()
+            + self
+                .audit_checkpoints
+                .iter()
+                .map(|c| c.encoded().len() + 9)
+                .sum::<usize>();
         64 + 96 * self.keys.len() + blobs
     }
 
     fn contents_value(&self) -> Value {
-        Value::Array(vec![
+        let mut fields = vec![
             canon::bytes(self.identity.seed().as_ref()),
             Value::Array(
                 self.keys
@@ -239,11 +262,26 @@ impl Keystore {
             ),
             Value::Array(self.grants.iter().map(|g| canon::bytes(g.encoded())).collect()),
             Value::Array(self.revocations.iter().map(|r| canon::bytes(r.encoded())).collect()),
-        ])
+        ];
+        // A fifth field only when there is something in it, so keystores
+        // without checkpoints keep the four-field layout older CLIs read.
+        if !self.audit_checkpoints.is_empty() {
+            fields.push(Value::Array(
+                self.audit_checkpoints
+                    .iter()
+                    .map(|c| canon::bytes(c.encoded()))
+                    .collect(),
+            ));
+        }
+        Value::Array(fields)
     }
 
     fn from_contents(value: Value, params: KdfParams) -> Result<Self> {
-        let mut f = Fields::new("keystore contents", value, 4)?;
+        let len = match &value {
+            Value::Array(a) if a.len() == 5 => 5,
+            _ => 4,
+        };
+        let mut f = Fields::new("keystore contents", value, len)?;
         let seed = f.secret_bytes::<32>()?;
         let identity = SecretIdentity::from_seed(&seed);
         let patient = identity.patient_id();
@@ -276,11 +314,20 @@ impl Keystore {
             .into_iter()
             .map(|v| Revocation::decode(&blob(v)?))
             .collect::<Result<Vec<_>>>()?;
+        let audit_checkpoints = if len == 5 {
+            f.array(MAX_ITEMS)?
+                .into_iter()
+                .map(|v| AuditCheckpoint::decode(&blob(v)?))
+                .collect::<Result<Vec<_>>>()?
+        } else {
+            Vec::new()
+        };
         Ok(Self {
             identity,
             keys,
             grants,
             revocations,
+            audit_checkpoints,
             params,
         })
     }

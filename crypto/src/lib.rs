@@ -1,7 +1,7 @@
 //! medmesh-crypto owns every byte medmesh signs, seals or wraps: patient and
 //! practice identities, consent grants and revocations with their validity
 //! rules, key shares (HPKE), envelopes (XChaCha20-Poly1305 + ed25519),
-//! sealed local snapshots, the canonical encoding they share, and the
+//! node-signed audit checkpoints, sealed local snapshots, the canonical encoding they share, and the
 //! patient's passphrase-sealed keystore.
 //!
 //! It is pure: no async, no network, no I/O except the keystore file. It
@@ -15,6 +15,7 @@
 //! formats are specified with test vectors in `docs/formats.md`.
 
 mod canon;
+mod checkpoint;
 mod consent;
 mod envelope;
 mod error;
@@ -26,6 +27,7 @@ mod snapshot;
 #[cfg(test)]
 mod vectors;
 
+pub use checkpoint::{AUDIT_CHECKPOINT_TAG, AuditCheckpoint, AuditCheckpointTerms, MAX_AUDIT_CHECKPOINT_BYTES};
 pub use consent::{
     Access, Collection, GRANT_TAG, Grant, GrantId, GrantTerms, MAX_ADDRESS_HINTS, MAX_GRANT_BYTES,
     MAX_REVOCATION_BYTES, NOT_BEFORE_SKEW_MS, REVOCATION_TAG, Revocation, RevocationTerms,

@@ -85,6 +85,7 @@ pub(crate) struct Fixture {
     pub(crate) share_patient: KeyShare,
     pub(crate) envelope_practice: Envelope,
     pub(crate) envelope_patient: Envelope,
+    pub(crate) checkpoint: AuditCheckpoint,
 }
 
 pub(crate) const PATIENT_SEED: [u8; 32] = [0x01; 32];
@@ -104,6 +105,8 @@ const NONCE_PRACTICE: [u8; 24] = [0x55; 24];
 const CHANGE_PATIENT: &[u8] = b"medmesh test change by the patient";
 const CHANGE_PATIENT_HASH: [u8; 32] = [0x66; 32];
 const NONCE_PATIENT: [u8; 24] = [0x77; 24];
+const CHECKPOINT_SEQ: u64 = 42;
+const CHECKPOINT_HEAD: [u8; 32] = [0xcc; 32];
 const KEYSTORE_SALT: [u8; 16] = [0x88; 16];
 const KEYSTORE_NONCE: [u8; 24] = [0x99; 24];
 const KEYSTORE_PASSPHRASE: &str = "correct horse battery staple";
@@ -212,7 +215,18 @@ impl Fixture {
             NONCE_PATIENT,
         )
         .unwrap();
+        let checkpoint = AuditCheckpoint::sign(
+            AuditCheckpointTerms {
+                node: a,
+                seq: CHECKPOINT_SEQ,
+                head: CHECKPOINT_HEAD,
+                time: 1_700_000_300_000,
+            },
+            &practice_a,
+        )
+        .unwrap();
         Self {
+            checkpoint,
             patient,
             practice_a,
             practice_b,
@@ -404,6 +418,13 @@ fn compute() -> Vec<(String, String, String)> {
         &CHANGE_PATIENT_HASH,
         &PATIENT_SEED,
     );
+    let case = "audit-checkpoint";
+    let t = f.checkpoint.terms();
+    o.text(case, "node", t.node);
+    o.text(case, "seq", t.seq);
+    o.hex(case, "head", &t.head);
+    o.text(case, "time", t.time);
+    signed(&mut o, case, AUDIT_CHECKPOINT_TAG, f.checkpoint.encoded());
     let case = "keystore";
     o.text(case, "passphrase", KEYSTORE_PASSPHRASE);
     o.text(case, "m-cost-kib", SMALL_KDF.m_cost_kib);
@@ -630,6 +651,20 @@ fn file_bytes_decode_and_verify() {
         assert_eq!(restored.encode(), bytes, "case {case}: restored byte for byte");
         assert_eq!(env.encode(), bytes, "case {case}: re-encodes identically");
     }
+    let bytes = get_hex(&m, "audit-checkpoint", "encoded");
+    let cp = AuditCheckpoint::decode(&bytes).unwrap_or_else(|e| panic!("case audit-checkpoint: {e}"));
+    assert_eq!(cp.encoded(), &bytes[..], "case audit-checkpoint");
+    assert_eq!(
+        cp.terms().node,
+        practice_a.practice_id().unwrap(),
+        "case audit-checkpoint"
+    );
+    assert_eq!(cp.terms().seq, CHECKPOINT_SEQ, "case audit-checkpoint");
+    assert_eq!(
+        cp.terms().head.to_vec(),
+        get_hex(&m, "audit-checkpoint", "head"),
+        "case audit-checkpoint"
+    );
     let passphrase = &m[&("keystore".into(), "passphrase".into())];
     let ks = Keystore::unseal(&get_hex(&m, "keystore", "file"), passphrase.as_bytes())
         .unwrap_or_else(|e| panic!("case keystore: {e}"));
@@ -658,6 +693,7 @@ fn signatures_in_the_file_verify_with_dalek_directly() {
         ("keyshare-patient", &patient_pk),
         ("envelope-practice-a", &a_pk),
         ("envelope-patient", &patient_pk),
+        ("audit-checkpoint", &a_pk),
     ] {
         let msg = get_hex(&m, case, "signed-message");
         let sig = Signature::from_bytes(&arr(get_hex(&m, case, "signature")));
@@ -685,7 +721,8 @@ fn every_single_bit_flip_is_rejected() {
             "case {case}: unflipped opens"
         );
     }
-    let objects: [(&str, Vec<u8>); 7] = [
+    let objects: [(&str, Vec<u8>); 8] = [
+        ("audit-checkpoint", f.checkpoint.encoded().to_vec()),
         ("grant", f.grant.encoded().to_vec()),
         ("grant-read", f.grant_read.encoded().to_vec()),
         ("revocation", f.revocation.encoded().to_vec()),
@@ -703,6 +740,7 @@ fn every_single_bit_flip_is_rejected() {
                 "revocation" => Revocation::decode(&b).is_ok(),
                 "keyshare" => KeyShare::decode(&b).and_then(|s| s.open(&f.practice_a)).is_ok(),
                 "signed-header" => SignedHeader::decode(&b).is_ok(),
+                "audit-checkpoint" => AuditCheckpoint::decode(&b).is_ok(),
                 _ => Envelope::decode(&b)
                     .and_then(|e| e.open(&f.key, |_| Some(hash_of(case))))
                     .is_ok(),

@@ -8,12 +8,21 @@
 //! `hash = SHA-256("medmesh/audit/v1" ‖ CBOR of the first ten fields)` and
 //! `prev hash` is the previous entry's `hash` (32 zero bytes for the first).
 //! [`verify_chain`] recomputes every hash and link and names the first entry
-//! that does not fit. The chain is not anchored outside the store: whoever
-//! can write the disk can rewrite the whole tail consistently or truncate
-//! it; what the chain catches is an edit of one entry in place.
+//! that does not fit.
+//!
+//! The chain alone catches an edit of one entry in place, not a cut of its
+//! tail or a consistent rewrite. So after every group commit that appended
+//! entries, the committer signs an [`AuditCheckpoint`] of the head (seq and
+//! hash) with the node key and keeps the latest apart from the log (written
+//! before the flush that makes the entries durable): [`check_anchor`] then
+//! tells a log that lost entries after its checkpoint, or whose checkpointed
+//! entry changed. Whoever also holds the node key can re-sign a rewritten
+//! log; only checkpoints kept elsewhere (the patient's CLI) catch that.
 
 use ciborium::Value;
-use medmesh_crypto::{GrantId, PatientId, Timestamp};
+use medmesh_crypto::{
+    AuditCheckpoint, AuditCheckpointTerms, GrantId, PatientId, PracticeId, SecretIdentity, Timestamp,
+};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -187,6 +196,12 @@ fn hash_body(body: &[Value]) -> [u8; 32] {
     h.finalize().into()
 }
 
+/// The hash of entry `seq` holding `record` after `prev`: what the node
+/// stores, and what a patient recomputes from the fields it received.
+pub fn entry_hash(seq: u64, time: Timestamp, record: &AuditRecord, prev: &[u8; 32]) -> [u8; 32] {
+    hash_body(&body_values(seq, time, record, prev))
+}
+
 /// Encodes entry `seq` and returns its bytes and hash.
 pub(crate) fn seal(seq: u64, time: Timestamp, record: &AuditRecord, prev: &[u8; 32]) -> (Vec<u8>, [u8; 32]) {
     let mut values = body_values(seq, time, record, prev);
@@ -321,4 +336,135 @@ pub fn verify_chain(raw: &[(u64, Vec<u8>)]) -> Result<u64, BrokenAt> {
         expected_seq += 1;
     }
     Ok(expected_seq - 1)
+}
+
+/// The hash of entry `seq` as stored, if the entry decodes and its hash
+/// matches its content.
+fn verified_hash(seq: u64, bytes: &[u8]) -> Option<[u8; 32]> {
+    decode(seq, bytes)
+        .filter(|d| d.computed_hash == d.stored_hash)
+        .map(|d| d.stored_hash)
+}
+
+/// How the log stands against the latest checkpoint kept.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub enum Anchor {
+    /// No checkpoint is kept (a store from before checkpoints, or one whose
+    /// checkpoint was removed): nothing local tells a cut tail.
+    Unanchored,
+    /// The log reaches the checkpoint, and its entry there has the hash the
+    /// checkpoint signed.
+    Intact(AuditCheckpoint),
+    /// The log ends at `entries`, before the checkpoint's seq.
+    Truncated {
+        /// Entries the log holds.
+        entries: u64,
+        /// The checkpoint kept.
+        checkpoint: AuditCheckpoint,
+    },
+    /// The entry at the checkpoint's seq is not the one it signed.
+    Rewritten(AuditCheckpoint),
+}
+
+/// Compares the log with the latest checkpoint kept.
+///
+/// # Errors
+/// [`Error::Corrupt`] for a kept checkpoint that does not decode, does not
+/// verify or names another node; store failures.
+pub(crate) fn check_anchor(store: &dyn crate::store::Store, me: PracticeId) -> Result<Anchor> {
+    let Some(bytes) = store.audit_checkpoint()? else {
+        return Ok(Anchor::Unanchored);
+    };
+    let corrupt = || Error::Corrupt {
+        what: "audit checkpoint",
+        key: "audit-checkpoint/last".into(),
+    };
+    let checkpoint = AuditCheckpoint::decode(&bytes).map_err(|_| corrupt())?;
+    let terms = *checkpoint.terms();
+    if terms.node != me {
+        return Err(corrupt());
+    }
+    let (entries, _) = store.audit_head();
+    if entries < terms.seq {
+        return Ok(Anchor::Truncated { entries, checkpoint });
+    }
+    let at = match terms.seq {
+        0 => Some([0; 32]),
+        seq => store.audit_entry(seq)?.and_then(|b| verified_hash(seq, &b)),
+    };
+    Ok(if at == Some(terms.head) {
+        Anchor::Intact(checkpoint)
+    } else {
+        Anchor::Rewritten(checkpoint)
+    })
+}
+
+/// Signs checkpoints of this node's log.
+pub(crate) struct Checkpointer {
+    identity: SecretIdentity,
+    me: PracticeId,
+    /// The seq of the latest checkpoint kept: the next is signed once the
+    /// head moves past it.
+    signed: u64,
+}
+
+impl Checkpointer {
+    /// A signer for a log whose latest kept checkpoint is at `signed`.
+    pub(crate) fn new(identity: &SecretIdentity, me: PracticeId, signed: u64) -> Self {
+        Self {
+            identity: SecretIdentity::from_seed(&identity.seed()),
+            me,
+            signed,
+        }
+    }
+
+    /// Signs (seq, head) of this node's log now.
+    ///
+    /// # Errors
+    /// Signing errors (none for a node's own key).
+    pub(crate) fn sign(&self, seq: u64, head: [u8; 32]) -> Result<AuditCheckpoint> {
+        Ok(AuditCheckpoint::sign(
+            AuditCheckpointTerms {
+                node: self.me,
+                seq,
+                head,
+                time: medmesh_crypto::now(),
+            },
+            &self.identity,
+        )?)
+    }
+
+    /// After a commit: if the head moved, signs it and keeps the checkpoint
+    /// (the caller's flush makes it durable with the entries it covers).
+    pub(crate) fn after_commit(&mut self, store: &dyn crate::store::Store) {
+        let (seq, head) = store.audit_head();
+        if seq <= self.signed {
+            return;
+        }
+        match self
+            .sign(seq, head)
+            .and_then(|cp| store.put_audit_checkpoint(cp.encoded()))
+        {
+            Ok(()) => self.signed = seq,
+            Err(e) => tracing::error!(cause = %e, seq, "audit checkpoint not written"),
+        }
+    }
+}
+
+/// Signs a checkpoint of entry `seq` as the log holds it now (`None` when
+/// the log no longer holds it, or it does not verify): what a patient asks
+/// to compare with the checkpoint it kept.
+///
+/// # Errors
+/// Store failures.
+pub(crate) fn checkpoint_at(
+    store: &dyn crate::store::Store,
+    signer: &Checkpointer,
+    seq: u64,
+) -> Result<Option<AuditCheckpoint>> {
+    let head = match seq {
+        0 => Some([0; 32]),
+        seq => store.audit_entry(seq)?.and_then(|b| verified_hash(seq, &b)),
+    };
+    head.map(|head| signer.sign(seq, head)).transpose()
 }

@@ -9,6 +9,7 @@ use std::thread::JoinHandle;
 
 use tokio::sync::oneshot;
 
+use crate::audit::Checkpointer;
 use crate::store::{Batch, Committed, Op, Store};
 use crate::{Error, Result};
 
@@ -27,15 +28,18 @@ pub(crate) struct Committer {
 
 impl Committer {
     /// Starts the thread; `max_group` batches at most share one flush
-    /// (1 = one flush per batch).
-    pub(crate) fn start(store: Arc<dyn Store>, max_group: usize) -> Result<Self> {
+    /// (1 = one flush per batch). With `checkpoints`, every group that
+    /// appended audit entries also writes a signed checkpoint of the new
+    /// head before its flush (none when the log no longer reaches its last
+    /// checkpoint: that one stays as the evidence).
+    pub(crate) fn start(store: Arc<dyn Store>, max_group: usize, checkpoints: Option<Checkpointer>) -> Result<Self> {
         let (tx, rx) = mpsc::channel::<Job>();
         let poisoned = Arc::new(AtomicBool::new(false));
         let flag = poisoned.clone();
         let max_group = max_group.max(1);
         let thread = std::thread::Builder::new()
             .name("medmesh-committer".into())
-            .spawn(move || run(&*store, &rx, max_group, &flag))
+            .spawn(move || run(&*store, &rx, max_group, &flag, checkpoints))
             .map_err(|e| Error::Storage(format!("cannot start committer: {e}")))?;
         Ok(Self {
             tx: Mutex::new(Some(tx)),
@@ -80,7 +84,13 @@ impl Drop for Committer {
     }
 }
 
-fn run(store: &dyn Store, rx: &mpsc::Receiver<Job>, max_group: usize, poisoned: &AtomicBool) {
+fn run(
+    store: &dyn Store,
+    rx: &mpsc::Receiver<Job>,
+    max_group: usize,
+    poisoned: &AtomicBool,
+    mut checkpoints: Option<Checkpointer>,
+) {
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
         while jobs.len() < max_group {
@@ -99,6 +109,9 @@ fn run(store: &dyn Store, rx: &mpsc::Receiver<Job>, max_group: usize, poisoned: 
                 Err(_) => batches.iter().map(|b| store.commit(b)).collect(),
             }
         };
+        if let Some(c) = checkpoints.as_mut() {
+            c.after_commit(store);
+        }
         let needs_flush = jobs.iter().zip(&results).any(|(j, r)| j.durable && r.is_ok());
         if needs_flush && let Err(e) = store.flush() {
             poisoned.store(true, Ordering::Release);

@@ -114,6 +114,23 @@ pub enum Error {
     /// The audit chain does not verify.
     #[error(transparent)]
     AuditBroken(#[from] crate::audit::BrokenAt),
+    /// The audit log ends before its latest signed checkpoint.
+    #[error(
+        "audit log ends at entry {entries}, but the node signed a checkpoint at entry {checkpoint}: \
+         entries after {entries} were removed"
+    )]
+    AuditTruncated {
+        /// Entries the log holds.
+        entries: u64,
+        /// The checkpoint's seq.
+        checkpoint: u64,
+    },
+    /// The audit entry at the latest checkpoint is not the one it signed.
+    #[error("audit entry {seq} is not the one the node's signed checkpoint names: the log was rewritten")]
+    AuditRewritten {
+        /// The checkpoint's seq.
+        seq: u64,
+    },
     /// A crypto operation failed.
     #[error(transparent)]
     Crypto(#[from] medmesh_crypto::Error),

@@ -39,8 +39,8 @@ pub mod transfer;
 pub use error::{Error, Result};
 pub use identity::load_or_create_identity;
 pub use node::{
-    Actor, CollectionLoad, Config, Event, Holdings, Incoming, IngestReport, ItemStored, Node, RejectedItem, STORE_DIR,
-    Source,
+    Actor, AuditCheckpoints, AuditVerified, CollectionLoad, Config, Event, Holdings, Incoming, IngestReport,
+    ItemStored, Node, RejectedItem, STORE_DIR, Source,
 };
 pub use repository::Repository;
 pub use snapshot::{Covered, Snapshot};

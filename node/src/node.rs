@@ -252,6 +252,8 @@ struct Inner {
     me_text: String,
     registry: RwLock<Registry>,
     committer: Committer,
+    /// Signs audit checkpoints asked for (the committer has its own).
+    checkpoints: audit::Checkpointer,
     events: broadcast::Sender<Event>,
     ingest_lock: tokio::sync::Mutex<()>,
     /// Consent items held of patients this node holds nothing of.
@@ -414,7 +416,34 @@ impl Node {
     /// Store errors.
     pub async fn with_store(store: Arc<dyn Store>, identity: SecretIdentity, config: Config) -> Result<Self> {
         let me = identity.practice_id()?;
-        let committer = Committer::start(store.clone(), config.group_commit_max)?;
+        let anchor = audit::check_anchor(&*store, me)?;
+        let signed = match &anchor {
+            audit::Anchor::Unanchored => Some(0),
+            audit::Anchor::Intact(cp) => Some(cp.terms().seq),
+            audit::Anchor::Truncated { entries, checkpoint } => {
+                tracing::error!(
+                    entries,
+                    checkpoint = checkpoint.terms().seq,
+                    "the audit log ends before its last signed checkpoint: entries were removed; \
+                     no new checkpoint is signed until it is examined (`medmesh audit verify`)"
+                );
+                None
+            }
+            audit::Anchor::Rewritten(cp) => {
+                tracing::error!(
+                    seq = cp.terms().seq,
+                    "the audit log's entry at its last signed checkpoint changed: the log was rewritten; \
+                     no new checkpoint is signed until it is examined (`medmesh audit verify`)"
+                );
+                None
+            }
+        };
+        let committer = Committer::start(
+            store.clone(),
+            config.group_commit_max,
+            signed.map(|s| audit::Checkpointer::new(&identity, me, s)),
+        )?;
+        let checkpoints = audit::Checkpointer::new(&identity, me, 0);
         let (events, _) = broadcast::channel(config.event_capacity.max(1));
         let index_key = {
             let mut h = Sha256::new();
@@ -431,6 +460,7 @@ impl Node {
                 me_text: me.to_string(),
                 registry: RwLock::new(Registry::default()),
                 committer,
+                checkpoints,
                 events,
                 ingest_lock: tokio::sync::Mutex::new(()),
                 strangers: std::sync::Mutex::new(Strangers::new(
@@ -2141,13 +2171,59 @@ impl Node {
         .await
     }
 
-    /// Checks the audit chain; the number of entries.
+    /// Checks the audit chain, and that it still reaches the latest signed
+    /// checkpoint with the hash signed there.
     ///
     /// # Errors
-    /// [`Error::AuditBroken`] naming the first bad entry; store failures.
-    pub fn audit_verify(&self) -> Result<u64> {
+    /// [`Error::AuditBroken`] naming the first bad entry;
+    /// [`Error::AuditTruncated`] when entries after the checkpoint's seq are
+    /// missing; [`Error::AuditRewritten`] when the checkpointed entry
+    /// changed; [`Error::Corrupt`] for a checkpoint that does not verify;
+    /// store failures.
+    pub fn audit_verify(&self) -> Result<AuditVerified> {
         let raw = self.store().audit_raw(1)?;
-        audit::verify_chain(&raw).map_err(Error::AuditBroken)
+        let entries = audit::verify_chain(&raw).map_err(Error::AuditBroken)?;
+        match audit::check_anchor(self.store(), self.inner.me)? {
+            audit::Anchor::Unanchored => Ok(AuditVerified {
+                entries,
+                checkpoint: None,
+            }),
+            audit::Anchor::Intact(cp) => Ok(AuditVerified {
+                entries,
+                checkpoint: Some(cp.terms().seq),
+            }),
+            audit::Anchor::Truncated { entries, checkpoint } => Err(Error::AuditTruncated {
+                entries,
+                checkpoint: checkpoint.terms().seq,
+            }),
+            audit::Anchor::Rewritten(cp) => Err(Error::AuditRewritten { seq: cp.terms().seq }),
+        }
+    }
+
+    /// Checkpoints for a patient's audit query: one signed now of the log's
+    /// head, the latest kept (which a cut tail leaves above the head), and,
+    /// if asked, one of entry `anchor` as the log holds it now, to compare
+    /// with a checkpoint the patient kept from an earlier query.
+    ///
+    /// # Errors
+    /// [`Error::Corrupt`] for a kept checkpoint that does not verify; store
+    /// failures.
+    pub fn audit_checkpoints(&self, anchor: Option<u64>) -> Result<AuditCheckpoints> {
+        let store = self.store();
+        let (seq, head) = store.audit_head();
+        let latest = match audit::check_anchor(store, self.inner.me)? {
+            audit::Anchor::Unanchored => None,
+            audit::Anchor::Intact(cp) | audit::Anchor::Rewritten(cp) => Some(cp),
+            audit::Anchor::Truncated { checkpoint, .. } => Some(checkpoint),
+        };
+        Ok(AuditCheckpoints {
+            head: self.inner.checkpoints.sign(seq, head)?,
+            latest,
+            anchor: anchor
+                .map(|s| audit::checkpoint_at(store, &self.inner.checkpoints, s))
+                .transpose()?
+                .flatten(),
+        })
     }
 
     /// Audit entries, all or those about one patient.
@@ -2165,6 +2241,27 @@ impl Node {
                 .collect(),
         })
     }
+}
+
+/// What [`Node::audit_verify`] found.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct AuditVerified {
+    /// Entries in the log, every hash and link checked.
+    pub entries: u64,
+    /// The seq of the latest signed checkpoint, which the log reaches with
+    /// the hash signed there; `None` when none is kept (not anchored).
+    pub checkpoint: Option<u64>,
+}
+
+/// What [`Node::audit_checkpoints`] returns.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct AuditCheckpoints {
+    /// Signed now, of the log's last entry.
+    pub head: medmesh_crypto::AuditCheckpoint,
+    /// The latest checkpoint kept apart from the log.
+    pub latest: Option<medmesh_crypto::AuditCheckpoint>,
+    /// Signed now, of the entry asked for, if the log holds it.
+    pub anchor: Option<medmesh_crypto::AuditCheckpoint>,
 }
 
 /// What [`Node::load_collection`] returns.

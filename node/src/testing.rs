@@ -373,6 +373,21 @@ impl crate::store::Store for FlushControl {
     fn raw_replace_audit(&self, seq: u64, bytes: &[u8]) -> Result<()> {
         self.inner.raw_replace_audit(seq, bytes)
     }
+    fn audit_head(&self) -> (u64, [u8; 32]) {
+        self.inner.audit_head()
+    }
+    fn audit_entry(&self, seq: u64) -> Result<Option<Vec<u8>>> {
+        self.inner.audit_entry(seq)
+    }
+    fn audit_checkpoint(&self) -> Result<Option<Vec<u8>>> {
+        self.inner.audit_checkpoint()
+    }
+    fn put_audit_checkpoint(&self, signed: &[u8]) -> Result<()> {
+        self.inner.put_audit_checkpoint(signed)
+    }
+    fn raw_truncate_audit(&self, from: u64) -> Result<()> {
+        self.inner.raw_truncate_audit(from)
+    }
     fn snapshot(&self, patient: &PatientId, collection: Collection) -> Result<Option<Vec<u8>>> {
         self.inner.snapshot(patient, collection)
     }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use medmesh_crypto::{Access, Collection, Envelope, EnvelopeId, Grant, PatientId, Principal, SecretIdentity, now};
 use medmesh_node::audit::{Action, ActorKind, AuditRecord};
 use medmesh_node::repository::{self, Repository};
-use medmesh_node::store::{ItemId, ItemKind, SledStore, StoredItem};
+use medmesh_node::store::{ItemId, ItemKind, SledStore, Store as _, StoredItem};
 use medmesh_node::testing::{ChangeMaker, FlushControl, TestPatient};
 use medmesh_node::{Config, Error, Event, Incoming, Node, Source};
 
@@ -84,7 +84,7 @@ async fn write_read_back_holdings_and_audit() {
     let actions: Vec<Action> = entries.iter().map(|e| e.action).collect();
     assert_eq!(actions, [Action::Grant, Action::KeyShare, Action::Write, Action::Read]);
     assert_eq!(entries[2].grant, Some(grant.id().to_string()));
-    assert_eq!(node.audit_verify().unwrap(), 4);
+    assert_eq!(node.audit_verify().unwrap().entries, 4);
 }
 
 #[tokio::test]
@@ -180,7 +180,7 @@ async fn concurrent_writers_all_durable_and_survive_reopen() {
     let mut maker = ChangeMaker::new(node.practice_id().as_bytes()).unwrap();
     let c = maker.put("after", "reopen").unwrap();
     node.write_change(patient.id(), CORE, c.as_change()).await.unwrap();
-    assert_eq!(node.audit_verify().unwrap(), 2 + 256 + 1);
+    assert_eq!(node.audit_verify().unwrap().entries, 2 + 256 + 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -568,7 +568,7 @@ async fn audit_tampering_is_located() {
         let c = maker.put("k", &i.to_string()).unwrap();
         node.write_change(patient.id(), CORE, c.as_change()).await.unwrap();
     }
-    assert_eq!(node.audit_verify().unwrap(), 5);
+    assert_eq!(node.audit_verify().unwrap().entries, 5);
     let store = node.raw_store();
     let raw = store.audit_raw(3).unwrap();
     let mut third = raw[0].1.clone();
@@ -579,6 +579,85 @@ async fn audit_tampering_is_located() {
         Err(Error::AuditBroken(b)) => assert_eq!(b.seq, 3),
         other => panic!("{other:?}"),
     }
+}
+
+/// Issue 15, item 8: someone holding the data directory but not the node
+/// key removes the last audit entries of a stopped node (the chain that is
+/// left is whole). The checkpoint the node signed and kept apart from the
+/// log names the true head, so `audit verify` fails and says what is gone.
+#[tokio::test]
+async fn audit_tail_cut_on_a_stopped_node_fails_against_its_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut patient = TestPatient::new().unwrap();
+    let (node, _) = onboarded(dir.path(), 14, &mut patient).await;
+    let mut maker = ChangeMaker::new(node.practice_id().as_bytes()).unwrap();
+    for i in 0..3 {
+        let c = maker.put("k", &i.to_string()).unwrap();
+        node.write_change(patient.id(), CORE, c.as_change()).await.unwrap();
+    }
+    let before = node.audit_verify().unwrap();
+    assert_eq!(before.checkpoint, Some(before.entries), "every commit is checkpointed");
+    node.close().await;
+    drop(node);
+
+    let store = SledStore::open(&dir.path().join(medmesh_node::STORE_DIR)).unwrap();
+    store.raw_truncate_audit(before.entries - 1).unwrap();
+    drop(store);
+
+    let node = open(dir.path(), 14).await;
+    match node.audit_verify() {
+        Err(e @ Error::AuditTruncated { entries, checkpoint }) => {
+            assert_eq!((entries, checkpoint), (before.entries - 2, before.entries));
+            assert!(e.to_string().contains("were removed"), "{e}");
+        }
+        other => panic!("audit verify passed a log whose last two entries were removed: {other:?}"),
+    }
+    // What the node signs for a patient tells the cut too: the kept
+    // checkpoint is above the head, and the removed entry has no anchor.
+    let cps = node.audit_checkpoints(Some(before.entries)).unwrap();
+    assert_eq!(cps.head.terms().seq, before.entries - 2);
+    assert_eq!(cps.latest.map(|c| c.terms().seq), Some(before.entries));
+    assert!(cps.anchor.is_none());
+    node.close().await;
+}
+
+/// The checkpointed entry replaced by another whose chain verifies (the
+/// whole log re-chained without the node key): the checkpoint's head no
+/// longer matches.
+#[tokio::test]
+async fn audit_rewrite_below_the_checkpoint_fails_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut patient = TestPatient::new().unwrap();
+    let (node, _) = onboarded(dir.path(), 15, &mut patient).await;
+    let before = node.audit_verify().unwrap();
+    node.close().await;
+    drop(node);
+    // Re-chain: drop the last entry and append a different one in its place,
+    // through the store's own writer, so every hash and link is right.
+    let store = SledStore::open(&dir.path().join(medmesh_node::STORE_DIR)).unwrap();
+    store.raw_truncate_audit(before.entries).unwrap();
+    drop(store);
+    let store = SledStore::open(&dir.path().join(medmesh_node::STORE_DIR)).unwrap();
+    let mut batch = medmesh_node::store::Batch::new();
+    batch.push(medmesh_node::store::Op::Audit(AuditRecord {
+        actor_kind: ActorKind::Node,
+        actor_id: "someone else".into(),
+        action: Action::Read,
+        patient: None,
+        items: vec![],
+        grant: None,
+        outcome: "ok".into(),
+    }));
+    store.commit(&batch).unwrap();
+    store.flush().unwrap();
+    drop(store);
+
+    let node = open(dir.path(), 15).await;
+    match node.audit_verify() {
+        Err(Error::AuditRewritten { seq }) => assert_eq!(seq, before.entries),
+        other => panic!("audit verify passed a rewritten log: {other:?}"),
+    }
+    node.close().await;
 }
 
 // ----- invariant 5: no plaintext at rest or in logs ---------------------

@@ -1815,6 +1815,11 @@ impl<B: Backend> Actor<B> {
                     serve::audit(&*b, requester, patient, after, limit).await
                 });
             }
+            Request::Checkpoint { patient, anchor } => {
+                self.spawn_serve(peer, channel, move |b| async move {
+                    serve::checkpoint(&*b, requester, patient, anchor).await
+                });
+            }
             Request::Push { items, addrs } => {
                 // Before ingesting: the consent flows that the stored items
                 // trigger may need to dial these addresses.

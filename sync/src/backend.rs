@@ -638,6 +638,20 @@ pub trait Backend: Send + Sync + 'static {
         std::future::ready(Ok(None))
     }
 
+    /// Checkpoints of this node's audit log for a patient's query (see
+    /// `medmesh_node::Node::audit_checkpoints`); `None` from a backend that
+    /// signs none (the default, and the in-memory test store).
+    ///
+    /// # Errors
+    /// Storage failures.
+    fn audit_checkpoints(
+        &self,
+        anchor: Option<u64>,
+    ) -> impl Future<Output = Result<Option<medmesh_node::AuditCheckpoints>>> + Send {
+        let _ = anchor;
+        async { Ok(None) }
+    }
+
     /// Appends "the patient read the audit entries about them" to the audit
     /// log, durably, before they are sent. The default records nothing.
     ///

@@ -35,6 +35,7 @@ pub async fn serve_request<B: Backend>(backend: &B, peer: PeerId, request: Reque
         }
         Request::Fetch { ids } => serve::fetch(backend, requester, &ids, now).await,
         Request::Audit { patient, after, limit } => serve::audit(backend, requester, patient, after, limit).await,
+        Request::Checkpoint { patient, anchor } => serve::checkpoint(backend, requester, patient, anchor).await,
         _ => return Response::Refused(RefusalCode::Internal),
     };
     response

@@ -281,6 +281,64 @@ impl SyncHandle {
         .await?
     }
 
+    /// Checkpoints of `peer`'s audit log signed by its node key: of its
+    /// head now, and of entry `anchor` as its log holds it now (to compare
+    /// with a checkpoint kept from an earlier query). Each verified as
+    /// signed by `peer`. Answered only to the patient, as [`Self::audit`].
+    ///
+    /// # Errors
+    /// [`Error::Refused`]; [`Error::Wire`] for a checkpoint of another node
+    /// or an anchor at another seq; transport failures (a node that
+    /// predates checkpoints cannot decode the request), [`Error::Stopped`].
+    pub async fn audit_checkpoints(
+        &self,
+        peer: PeerId,
+        patient: PatientId,
+        anchor: Option<u64>,
+    ) -> Result<medmesh_node::AuditCheckpoints> {
+        let request = wire::Request::Checkpoint { patient, anchor };
+        let response = self
+            .ask(|reply| actor::Command::Request { peer, request, reply })
+            .await??;
+        let checkpoints = match response {
+            wire::Response::Checkpoint(c) => *c,
+            wire::Response::Refused(code) => {
+                return Err(Error::Refused {
+                    peer,
+                    reason: code.as_str(),
+                });
+            }
+            other => {
+                return Err(Error::UnexpectedResponse {
+                    peer,
+                    request: "checkpoint",
+                    answer: other.name(),
+                });
+            }
+        };
+        let by_peer = |c: &medmesh_crypto::AuditCheckpoint| c.terms().node.peer_id() == peer;
+        if !by_peer(&checkpoints.head)
+            || !checkpoints.latest.iter().all(by_peer)
+            || !checkpoints.anchor.iter().all(by_peer)
+        {
+            return Err(Error::Wire {
+                message: "checkpoint",
+                reason: "a checkpoint signed by another node",
+            });
+        }
+        if checkpoints
+            .anchor
+            .as_ref()
+            .is_some_and(|a| Some(a.terms().seq) != anchor)
+        {
+            return Err(Error::Wire {
+                message: "checkpoint",
+                reason: "an anchor at another entry than asked",
+            });
+        }
+        Ok(checkpoints)
+    }
+
     /// The audit entries about `patient` that `peer` holds (accounting of
     /// disclosures), every page of them in sequence order. `peer` answers
     /// only when this handle's identity is the patient's own key (the

@@ -526,6 +526,15 @@ impl Backend for NodeBackend {
         Ok(Some(done))
     }
 
+    async fn audit_checkpoints(&self, anchor: Option<u64>) -> Result<Option<medmesh_node::AuditCheckpoints>> {
+        let node = self.node.clone();
+        tokio::task::spawn_blocking(move || node.audit_checkpoints(anchor))
+            .await
+            .map_err(|e| Error::Backend(format!("signing audit checkpoints: {e}")))?
+            .map(Some)
+            .map_err(backend_error)
+    }
+
     async fn record_audit_read(&self, patient: &PatientId) -> Result<()> {
         self.node
             .audit(AuditRecord {

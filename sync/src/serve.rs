@@ -469,6 +469,25 @@ async fn audit_inner<B: Backend>(
     Ok((Response::Audit { entries, more }, Served::default()))
 }
 
+/// Answers a patient's checkpoint query: checkpoints of this node's audit
+/// log signed by its key, only to that patient (as [`audit`]).
+pub(crate) async fn checkpoint<B: Backend>(
+    backend: &B,
+    peer: Requester,
+    patient: PatientId,
+    anchor: Option<u64>,
+) -> (Response, Served) {
+    if !peer.is_patient(&patient) {
+        debug!(peer = %peer.peer_id(), "checkpoint query refused: the asker is not the patient");
+        return (Response::Refused(RefusalCode::NotPatient), Served::default());
+    }
+    let result = backend.audit_checkpoints(anchor).await.and_then(|c| {
+        c.map(|c| (Response::Checkpoint(Box::new(c)), Served::default()))
+            .ok_or_else(|| Error::Backend("this store signs no audit checkpoints".into()))
+    });
+    answer(result, &peer, "checkpoint")
+}
+
 /// Brings a stored entry within the wire caps: at most
 /// [`MAX_AUDIT_ITEMS_PER_ENTRY`] item ids (the count stays whole) and texts
 /// cut at their caps. The node writes none that large; this keeps one odd

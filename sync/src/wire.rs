@@ -8,7 +8,10 @@ use std::io;
 use ciborium::Value;
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::{Multiaddr, StreamProtocol};
-use medmesh_crypto::{Collection, CompactHeader, EnvelopeId, GrantId, PatientId};
+use medmesh_crypto::{
+    AuditCheckpoint, Collection, CompactHeader, EnvelopeId, GrantId, MAX_AUDIT_CHECKPOINT_BYTES, PatientId,
+};
+use medmesh_node::AuditCheckpoints;
 use medmesh_node::audit::{Action, ActorKind};
 
 use crate::backend::{AuditEntryWire, Cursor, InstanceId, Item, ItemId, ItemKind};
@@ -124,6 +127,18 @@ pub enum Request {
         after: u64,
         /// Most entries wanted (1..=[`MAX_AUDIT_ENTRIES_PER_MESSAGE`]).
         limit: u32,
+    },
+    /// "Sign me checkpoints of your audit log": of its head now, and of
+    /// entry `anchor` (the seq of the checkpoint the patient kept from an
+    /// earlier query), to tell a log that lost entries or forked. Answered
+    /// only when the asker is that patient. Added after `Audit`: a node
+    /// that predates it cannot decode it, and the CLI reports its audit
+    /// unanchored.
+    Checkpoint {
+        /// The patient; must be the asker's own key.
+        patient: PatientId,
+        /// The seq of a checkpoint to compare with, if the patient kept one.
+        anchor: Option<u64>,
     },
 }
 
@@ -351,6 +366,9 @@ pub enum Response {
         /// Whether more entries follow the last one sent.
         more: bool,
     },
+    /// Audit checkpoints signed by the answering node (see
+    /// `medmesh_node::Node::audit_checkpoints`).
+    Checkpoint(Box<AuditCheckpoints>),
 }
 
 impl Request {
@@ -364,6 +382,7 @@ impl Request {
             Self::Fetch { .. } => "fetch",
             Self::Snapshot { .. } => "snapshot",
             Self::Audit { .. } => "audit",
+            Self::Checkpoint { .. } => "checkpoint",
             Self::Reconcile { .. } => "reconcile",
         }
     }
@@ -381,6 +400,7 @@ impl Response {
             Self::Refused(_) => "refused",
             Self::Snapshot(_) => "snapshot",
             Self::Audit { .. } => "audit",
+            Self::Checkpoint(_) => "checkpoint",
         }
     }
 }
@@ -525,6 +545,11 @@ impl Request {
                 uint(*after),
                 uint(u64::from(*limit)),
             ]),
+            Self::Checkpoint { patient, anchor } => Value::Array(vec![
+                uint(8),
+                bytes(patient.as_bytes()),
+                anchor.map_or(Value::Null, uint),
+            ]),
         };
         to_bytes(&v)
     }
@@ -649,6 +674,17 @@ impl Request {
                     PatientId::from_bytes(f.fixed()?).map_err(|_| wire("reconcile", "patient key invalid"))?;
                 Self::Reconcile { patient }
             }
+            8 => {
+                f.expect_len(3)?;
+                let patient =
+                    PatientId::from_bytes(f.fixed()?).map_err(|_| wire("checkpoint", "patient key invalid"))?;
+                let anchor = match f.next()? {
+                    Value::Null => None,
+                    Value::Integer(i) => Some(u64::try_from(i).map_err(|_| wire("checkpoint", "anchor out of range"))?),
+                    _ => return Err(wire("checkpoint", "anchor is not a number")),
+                };
+                Self::Checkpoint { patient, anchor }
+            }
             _ => return Err(wire("request", "unknown message kind")),
         };
         Ok(req)
@@ -736,6 +772,10 @@ impl Response {
                 Value::Array(entries.iter().map(audit_entry_value).collect()),
                 Value::Bool(*more),
             ]),
+            Self::Checkpoint(c) => {
+                let opt = |c: &Option<AuditCheckpoint>| c.as_ref().map_or(Value::Null, |c| bytes(c.encoded()));
+                Value::Array(vec![uint(8), bytes(c.head.encoded()), opt(&c.latest), opt(&c.anchor)])
+            }
         };
         to_bytes(&v)
     }
@@ -879,6 +919,24 @@ impl Response {
                         }))
                     }
                 }
+            }
+            8 => {
+                f.expect_len(4)?;
+                let checkpoint = |v: Value| match v {
+                    Value::Bytes(b) if b.len() <= MAX_AUDIT_CHECKPOINT_BYTES => {
+                        AuditCheckpoint::decode(&b).map_err(|_| wire("checkpoint", "checkpoint does not verify"))
+                    }
+                    _ => Err(wire("checkpoint", "expected a checkpoint")),
+                };
+                let opt = |v: Value| match v {
+                    Value::Null => Ok(None),
+                    v => checkpoint(v).map(Some),
+                };
+                Self::Checkpoint(Box::new(AuditCheckpoints {
+                    head: checkpoint(f.next()?)?,
+                    latest: opt(f.next()?)?,
+                    anchor: opt(f.next()?)?,
+                }))
             }
             _ => return Err(wire("response", "unknown message kind")),
         };
@@ -1193,6 +1251,11 @@ mod tests {
                 after: 17,
                 limit: MAX_AUDIT_ENTRIES_PER_MESSAGE as u32,
             },
+            Request::Checkpoint { patient, anchor: None },
+            Request::Checkpoint {
+                patient,
+                anchor: Some(u64::MAX),
+            },
         ];
         for req in cases {
             assert_eq!(Request::decode(&req.encode()).unwrap(), req, "case {}", req.name());
@@ -1265,10 +1328,48 @@ mod tests {
                 ],
                 more: true,
             },
+            Response::Checkpoint(Box::new(AuditCheckpoints {
+                head: checkpoint(9),
+                latest: None,
+                anchor: None,
+            })),
+            Response::Checkpoint(Box::new(AuditCheckpoints {
+                head: checkpoint(9),
+                latest: Some(checkpoint(12)),
+                anchor: Some(checkpoint(3)),
+            })),
         ];
         for resp in cases {
             assert_eq!(Response::decode(&resp.encode()).unwrap(), resp, "case {}", resp.name());
         }
+    }
+
+    fn checkpoint(seq: u64) -> AuditCheckpoint {
+        let node = medmesh_crypto::SecretIdentity::from_seed(&[4; 32]);
+        AuditCheckpoint::sign(
+            medmesh_crypto::AuditCheckpointTerms {
+                node: node.practice_id().unwrap(),
+                seq,
+                head: [seq as u8; 32],
+                time: 1,
+            },
+            &node,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_checkpoint_answer_with_an_altered_checkpoint_is_an_error() {
+        let good = Response::Checkpoint(Box::new(AuditCheckpoints {
+            head: checkpoint(9),
+            latest: None,
+            anchor: None,
+        }))
+        .encode();
+        let at = good.len() - 70;
+        let mut bad = good.clone();
+        bad[at] ^= 1;
+        assert!(Response::decode(&bad).is_err());
     }
 
     #[test]

@@ -355,6 +355,10 @@ pub enum ApiError {
     /// 500: an internal error. The details go to the log, not to the client.
     #[error("internal error")]
     Internal,
+    /// 503: the read could not be written to the audit log, so it is not
+    /// served (reads fail closed, issue 15).
+    #[error("the audit log cannot record this read now, so it is not served; try again later")]
+    AuditUnavailable,
 }
 
 impl ApiError {
@@ -386,6 +390,7 @@ impl ApiError {
             Self::Unprocessable(_) => 422,
             Self::InEntry { source, .. } => source.status(),
             Self::Internal => 500,
+            Self::AuditUnavailable => 503,
         }
     }
 
@@ -426,6 +431,7 @@ impl ApiError {
                     })
                     .collect()
             }
+            Self::AuditUnavailable => one(IssueType::Transient, self.to_string()),
             Self::Internal => vec![Issue {
                 severity: Severity::Fatal,
                 ..Issue::error(IssueType::Exception, "internal error")

@@ -429,6 +429,37 @@ pub trait Store: Send + Sync + 'static {
     /// Engine failures.
     fn raw_replace_audit(&self, seq: u64, bytes: &[u8]) -> Result<()>;
 
+    /// The last audit entry's seq and hash (0 and zeros when the log is
+    /// empty), as the single writer last appended them.
+    fn audit_head(&self) -> (u64, [u8; 32]);
+
+    /// One raw audit entry.
+    ///
+    /// # Errors
+    /// Engine failures.
+    fn audit_entry(&self, seq: u64) -> Result<Option<Vec<u8>>>;
+
+    /// The latest signed audit checkpoint kept, if any (kept apart from the
+    /// log, so a cut of the log's tail does not remove it).
+    ///
+    /// # Errors
+    /// Engine failures.
+    fn audit_checkpoint(&self) -> Result<Option<Vec<u8>>>;
+
+    /// Keeps `signed` as the latest audit checkpoint. Not flushed: the
+    /// committer writes it before the flush that makes its entries durable.
+    ///
+    /// # Errors
+    /// Engine failures.
+    fn put_audit_checkpoint(&self, signed: &[u8]) -> Result<()>;
+
+    /// Removes every audit entry with seq ≥ `from`, without any check, for
+    /// tests of tail truncation on a stopped node (reopen the store after).
+    ///
+    /// # Errors
+    /// Engine failures.
+    fn raw_truncate_audit(&self, from: u64) -> Result<()>;
+
     /// The sealed snapshot of (patient, collection), if one is kept. A
     /// store without snapshot support keeps none (the default).
     ///

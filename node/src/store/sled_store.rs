@@ -28,6 +28,9 @@ const INSTANCE_KEY: &[u8] = b"instance-id";
 const LAYOUT_KEY: &[u8] = b"layout-version";
 /// 2: pending keys name the patient of the grant an envelope waits for.
 const LAYOUT_VERSION: &[u8] = b"2";
+/// Key of the one checkpoint kept (the latest) in the `audit-checkpoint` tree.
+const CHECKPOINT_KEY: &[u8] = b"last";
+
 /// sled page cache (bounds the store's share of RSS).
 const SLED_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 
@@ -53,6 +56,9 @@ pub struct SledStore {
     rejected: sled::Tree,
     cursors: sled::Tree,
     audit: sled::Tree,
+    // Apart from `audit`, so that cutting the log's tail leaves the
+    // checkpoint that names its true head.
+    audit_checkpoint: sled::Tree,
     snapshots: sled::Tree,
     resources: sled::Tree,
     instance: InstanceId,
@@ -127,6 +133,7 @@ impl SledStore {
             rejected: tree("rejected")?,
             cursors: tree("cursors")?,
             audit: tree("audit")?,
+            audit_checkpoint: tree("audit-checkpoint")?,
             snapshots: tree("snapshots")?,
             resources: tree("resources")?,
             db,
@@ -519,6 +526,37 @@ impl Store for SledStore {
 
     fn raw_replace_audit(&self, seq: u64, bytes: &[u8]) -> Result<()> {
         self.audit.insert(seq_key(seq), bytes).map_err(storage)?;
+        self.flush()
+    }
+
+    fn audit_head(&self) -> (u64, [u8; 32]) {
+        self.heads
+            .lock()
+            .map_or((0, [0; 32]), |h| (h.next_audit - 1, h.audit_head))
+    }
+
+    fn audit_entry(&self, seq: u64) -> Result<Option<Vec<u8>>> {
+        Ok(self.audit.get(seq_key(seq)).map_err(storage)?.map(|v| v.to_vec()))
+    }
+
+    fn audit_checkpoint(&self) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .audit_checkpoint
+            .get(CHECKPOINT_KEY)
+            .map_err(storage)?
+            .map(|v| v.to_vec()))
+    }
+
+    fn put_audit_checkpoint(&self, signed: &[u8]) -> Result<()> {
+        self.audit_checkpoint.insert(CHECKPOINT_KEY, signed).map_err(storage)?;
+        Ok(())
+    }
+
+    fn raw_truncate_audit(&self, from: u64) -> Result<()> {
+        for entry in self.audit.range(seq_key(from)..) {
+            let (k, _) = entry.map_err(storage)?;
+            self.audit.remove(k).map_err(storage)?;
+        }
         self.flush()
     }
 
