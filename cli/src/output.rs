@@ -25,6 +25,16 @@ impl Output {
         }
     }
 
+    /// Tells the user something a command did besides its result, on
+    /// stderr: `value` as one JSON line, or `human` as text.
+    pub(crate) fn notice(&self, value: &Value, human: &str) {
+        if self.json {
+            eprintln!("{value}");
+        } else {
+            eprintln!("{human}");
+        }
+    }
+
     pub(crate) fn error(&self, err: &anyhow::Error) {
         let chain: Vec<String> = err.chain().map(ToString::to_string).collect();
         if self.json {

@@ -9,8 +9,8 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, anyhow, bail};
 use clap::{Args, Subcommand};
 use medmesh_crypto::{
-    Access, ActorId, Collection, Envelope, EpochKey, Error as CryptoError, Grant, GrantId, GrantTerms, KdfParams,
-    KeyShare, Keystore, PracticeId, Principal, Revocation, RevocationTerms, SecretIdentity, now,
+    Access, Collection, Envelope, EpochKey, Error as CryptoError, Grant, GrantId, GrantTerms, KdfParams, KeyShare,
+    Keystore, PracticeId, Principal, Revocation, RevocationTerms, SecretIdentity, now, revocation_cut,
 };
 use medmesh_node::records::{DecodedChange, RecordDoc, RenderedResource};
 use medmesh_sync::memory::MemoryBackend;
@@ -299,6 +299,7 @@ impl Session {
 /// and the command fails; otherwise the new checkpoint is kept.
 async fn audit(home: &Home, node: &str, out: &Output) -> Result<()> {
     let (mut keystore, passphrase) = open_keystore(home)?;
+    end_expired_grants(home, &mut keystore, &passphrase, node, out).await?;
     let patient = keystore.patient();
     let session = Session::open(&keystore, node).await?;
     let node_peer = session.node;
@@ -468,6 +469,7 @@ fn address_hints(keystore: &Keystore, node: &str, now_ms: u64) -> Vec<String> {
 
 async fn grant(home: &Home, args: GrantArgs, out: &Output) -> Result<()> {
     let (mut keystore, passphrase) = open_keystore(home)?;
+    let expired = end_expired_grants(home, &mut keystore, &passphrase, &args.node, out).await?;
     let patient = keystore.patient();
     let (grantee_peer, grantee_addr) = if args.to.starts_with('/') {
         let (addr, peer) = addressed(&args.to, "--to")?;
@@ -543,6 +545,7 @@ async fn grant(home: &Home, args: GrantArgs, out: &Output) -> Result<()> {
             "access": grant.terms().access.as_str(),
             "node": node_peer.to_string(),
             "accepted": report.accepted,
+            "expired": expired,
         }),
         &format!(
             "grant {id}\n  to:          {grantee}\n  collections: {}\n  access:      {}{}\n  submitted to {node_peer}",
@@ -560,7 +563,7 @@ async fn grant(home: &Home, args: GrantArgs, out: &Output) -> Result<()> {
 
 async fn revoke(home: &Home, node: &str, grant_id: &str, out: &Output) -> Result<()> {
     let (mut keystore, passphrase) = open_keystore(home)?;
-    let patient = keystore.patient();
+    let expired = end_expired_grants(home, &mut keystore, &passphrase, node, out).await?;
     let id: GrantId = grant_id
         .parse()
         .map_err(|_| anyhow!("{grant_id:?} is not a grant id (32 hex digits; see `medmesh patient grants`)"))?;
@@ -570,15 +573,53 @@ async fn revoke(home: &Home, node: &str, grant_id: &str, out: &Output) -> Result
         .find(|g| g.id() == id)
         .cloned()
         .ok_or_else(|| anyhow!("no grant {id} in your keystore (see `medmesh patient grants`)"))?;
+    if expired.iter().any(|e| e["expired_grant"] == id.to_string()) {
+        out.result(
+            &json!({"revoked": id.to_string(), "grantee": grant.terms().grantee.to_string(), "expired": expired}),
+            &format!("grant {id} had expired; it is revoked now"),
+        );
+        return Ok(());
+    }
     if is_revoked(&keystore, &grant) {
         bail!("grant {id} is already revoked");
     }
     let session = Session::open(&keystore, node).await?;
-    // The cut: the highest change of each of the grantee's actors that the
-    // node holds under this grant. Later changes from that practice are invalid.
+    let pulled = session.pull().await?;
+    let now_ms = now();
+    let revocation = revocation_of(&keystore, &grant, &pulled, now_ms)?;
+    keystore.revocations.push(revocation.clone());
+    let mut items = vec![Item::revocation(&revocation)];
+    let rotated = rotate(&mut keystore, &grant.terms().collections, now_ms, &mut items)?;
+    // The revoked grant and the others still live go along, so the node reached
+    // knows every practice it must forward the revocation to (see `grant`).
+    items.push(Item::grant(&grant));
+    items.extend(keystore.live_grants(now_ms).map(Item::grant));
+    save_keystore(home, &keystore, &passphrase)?;
+    let result = session.push(items, Vec::new()).await;
+    session.close().await;
+    result?;
     let grantee = grant.terms().grantee;
-    let mut cut: BTreeMap<ActorId, u64> = BTreeMap::new();
-    for stored in session.pull().await? {
+    let notice = "copies of your record that this practice already received remain with it; \
+                  it receives nothing new and cannot read anything written from now on";
+    out.result(
+        &json!({"revoked": id.to_string(), "grantee": grantee.to_string(), "rotated": rotated, "notice": notice, "expired": expired}),
+        &format!("revoked grant {id} of {grantee}\nrotated keys: {}\nNote: {notice}.", rotated_text(&rotated)),
+    );
+    Ok(())
+}
+
+/// The revocation of `grant`, signed now, whose cut holds the changes of the
+/// grantee under it among `pulled` (what the node reached holds) up to each
+/// actor's first gap: an envelope with a far-ahead seq inflates nothing.
+fn revocation_of(
+    keystore: &Keystore,
+    grant: &Grant,
+    pulled: &[medmesh_sync::StoredItem],
+    now_ms: u64,
+) -> Result<Revocation> {
+    let grantee = Principal::Practice(grant.terms().grantee);
+    let mut held = Vec::new();
+    for stored in pulled {
         if stored.item.kind != ItemKind::Envelope {
             continue;
         }
@@ -587,41 +628,41 @@ async fn revoke(home: &Home, node: &str, grant_id: &str, out: &Output) -> Result
         };
         let h = envelope.header();
         // The grant by (patient, id): another patient may reuse the id.
-        if h.patient == patient && h.author == Principal::Practice(grantee) && h.grant_id == Some(id) {
-            let seq = cut.entry(h.actor).or_insert(0);
-            *seq = (*seq).max(h.seq);
+        if h.patient == keystore.patient() && h.author == grantee && h.grant_id == Some(grant.id()) {
+            held.push((h.collection, h.actor, h.seq));
         }
     }
-    let now_ms = now();
-    let revocation = Revocation::sign(
+    Revocation::sign(
         RevocationTerms {
-            patient,
-            grant_id: id,
+            patient: keystore.patient(),
+            grant_id: grant.id(),
             issued_at: now_ms,
-            cut,
+            cut: revocation_cut(held),
         },
         keystore.identity(),
-    )?;
-    // The revoked grant and the others still live go along, so the node reached
-    // knows every practice it must forward the revocation to (see `grant`).
-    let mut items = vec![Item::revocation(&revocation)];
-    items.extend(keystore.live_grants(now_ms).map(Item::grant));
-    // New epochs for every covered collection, shared with the remaining readers and the patient.
+    )
+    .map_err(|e| anyhow!("signing the revocation of grant {}: {e}", grant.id()))
+}
+
+/// Makes a new epoch of each collection, shared with the patient and with
+/// the grantee of every grant still live that covers it, and adds the key
+/// shares to `items`; one JSON object per collection rotated.
+fn rotate(
+    keystore: &mut Keystore,
+    collections: &[Collection],
+    now_ms: u64,
+    items: &mut Vec<Item>,
+) -> Result<Vec<Value>> {
+    let patient = keystore.patient();
     let mut rotated = Vec::new();
-    for collection in &grant.terms().collections {
-        let next = keys_of(&keystore, *collection).last().map_or(0, |k| k.epoch + 1);
+    for collection in collections {
+        let next = keys_of(keystore, *collection).last().map_or(0, |k| k.epoch + 1);
         let key = EpochKey::generate(patient, *collection, next)?;
-        let mut readers: BTreeSet<PracticeId> = BTreeSet::new();
-        for other in &keystore.grants {
-            if other.id() != id
-                && other.terms().grantee != grantee
-                && other.covers(*collection)
-                && !is_revoked(&keystore, other)
-                && other.terms().expires.is_none_or(|e| e > now_ms)
-            {
-                readers.insert(other.terms().grantee);
-            }
-        }
+        let readers: BTreeSet<PracticeId> = keystore
+            .live_grants(now_ms)
+            .filter(|g| g.covers(*collection))
+            .map(|g| g.terms().grantee)
+            .collect();
         items.push(Item::key_share(&KeyShare::create(
             &key,
             Principal::Patient(patient),
@@ -639,25 +680,91 @@ async fn revoke(home: &Home, node: &str, grant_id: &str, out: &Output) -> Result
         rotated.push(json!({"collection": collection.as_str(), "epoch": next, "readers": readers.len()}));
         keystore.keys.push(key);
     }
-    keystore.revocations.push(revocation);
-    save_keystore(home, &keystore, &passphrase)?;
-    let result = session.push(items, Vec::new()).await;
+    Ok(rotated)
+}
+
+fn rotated_text(rotated: &[Value]) -> String {
+    rotated
+        .iter()
+        .map(|r| format!("{} (epoch {})", r["collection"].as_str().unwrap_or("?"), r["epoch"]))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Ends every grant in the keystore that has expired and was not ended yet
+/// (issue 15): nodes stop serving an expired grant, but its holder can still
+/// sign changes dated inside the window. So each one gets a revocation whose
+/// cut holds what `node` has of its changes (any later change, however
+/// dated, is invalid on every node), and the collections they covered get a
+/// new epoch for the grants still live. Says so on stderr; returns one JSON
+/// object per grant ended, for commands that print JSON. Reaches `node` only
+/// when there is something to end.
+async fn end_expired_grants(
+    home: &Home,
+    keystore: &mut Keystore,
+    passphrase: &str,
+    node: &str,
+    out: &Output,
+) -> Result<Vec<Value>> {
+    let now_ms = now();
+    let expired: Vec<Grant> = keystore
+        .grants
+        .iter()
+        .filter(|g| g.terms().expires.is_some_and(|e| e <= now_ms) && !is_revoked(keystore, g))
+        .cloned()
+        .collect();
+    if expired.is_empty() {
+        return Ok(Vec::new());
+    }
+    let session = Session::open(keystore, node).await?;
+    let result = async {
+        let pulled = session.pull().await?;
+        let mut items = Vec::new();
+        let mut collections = BTreeSet::new();
+        let mut ended = Vec::new();
+        for grant in &expired {
+            let revocation = revocation_of(keystore, grant, &pulled, now_ms)?;
+            items.push(Item::revocation(&revocation));
+            keystore.revocations.push(revocation);
+            collections.extend(grant.terms().collections.iter().copied());
+            ended.push(grant);
+        }
+        let collections: Vec<Collection> = collections.into_iter().collect();
+        let rotated = rotate(keystore, &collections, now_ms, &mut items)?;
+        // The expired grants go along: the node reached forwards the
+        // revocations to the practices whose grants it knows.
+        items.extend(expired.iter().map(Item::grant));
+        items.extend(keystore.live_grants(now_ms).map(Item::grant));
+        save_keystore(home, keystore, passphrase)?;
+        session.push(items, Vec::new()).await?;
+        let mut notices = Vec::new();
+        for grant in ended {
+            let t = grant.terms();
+            let expires = t.expires.unwrap_or_default();
+            let at = medmesh_node::records::format_instant(i64::try_from(expires).unwrap_or(i64::MAX));
+            let notice = json!({
+                "expired_grant": grant.id().to_string(),
+                "grantee": t.grantee.to_string(),
+                "expired_at": at,
+                "revoked": true,
+                "rotated": rotated,
+            });
+            out.notice(
+                &notice,
+                &format!(
+                    "grant {} of {} expired at {at}: revoked (its later changes are invalid everywhere); rotated keys: {}",
+                    grant.id(),
+                    t.grantee,
+                    rotated_text(&rotated)
+                ),
+            );
+            notices.push(notice);
+        }
+        Ok::<_, anyhow::Error>(notices)
+    }
+    .await;
     session.close().await;
-    result?;
-    let notice = "copies of your record that this practice already received remain with it; \
-                  it receives nothing new and cannot read anything written from now on";
-    out.result(
-        &json!({"revoked": id.to_string(), "grantee": grantee.to_string(), "rotated": rotated, "notice": notice}),
-        &format!(
-            "revoked grant {id} of {grantee}\nrotated keys: {}\nNote: {notice}.",
-            rotated
-                .iter()
-                .map(|r| format!("{} (epoch {})", r["collection"].as_str().unwrap_or("?"), r["epoch"]))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-    );
-    Ok(())
+    result.context("ending expired grants")
 }
 
 fn grants(home: &Home, node: Option<&str>, out: &Output) -> Result<()> {
@@ -759,7 +866,8 @@ async fn fetch_record(keystore: &Keystore, node: &str) -> Result<Vec<Arc<Rendere
 }
 
 async fn records(home: &Home, node: &str, resource_type: Option<&str>, out: &Output) -> Result<()> {
-    let (keystore, _) = open_keystore(home)?;
+    let (mut keystore, passphrase) = open_keystore(home)?;
+    end_expired_grants(home, &mut keystore, &passphrase, node, out).await?;
     let resources = fetch_record(&keystore, node).await?;
     let mut shown = 0;
     for r in resources
@@ -812,7 +920,8 @@ fn summary(resource: &Value) -> String {
 }
 
 async fn export(home: &Home, node: &str, output: &std::path::Path, out: &Output) -> Result<()> {
-    let (keystore, _) = open_keystore(home)?;
+    let (mut keystore, passphrase) = open_keystore(home)?;
+    end_expired_grants(home, &mut keystore, &passphrase, node, out).await?;
     let resources = fetch_record(&keystore, node).await?;
     let entries: Vec<Value> = resources
         .iter()

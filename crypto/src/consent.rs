@@ -436,9 +436,10 @@ impl Grant {
     /// Whether a change authored by the grantee under this grant is valid,
     /// judged on signed data alone: its signed created-at inside the window
     /// (with [`NOT_BEFORE_SKEW_MS`] before not-before), and, if the grant
-    /// was revoked, its (actor, seq) inside the revocation's cut. A
-    /// revocation that does not revoke this grant (other grant id or other
-    /// patient) admits nothing.
+    /// was revoked, its (actor, seq) inside the revocation's cut and its
+    /// created-at not after the revocation's issued-at. A revocation that
+    /// does not revoke this grant (other grant id or other patient) admits
+    /// nothing.
     pub fn admits_change(
         &self,
         collection: Collection,
@@ -452,7 +453,7 @@ impl Grant {
             && created_at.saturating_add(NOT_BEFORE_SKEW_MS) >= self.terms.not_before
             && self.terms.expires.is_none_or(|e| created_at < e)
             && actor.belongs_to(self.terms.grantee.as_bytes())
-            && revocation.is_none_or(|r| r.revokes(self) && r.cut_admits(actor, seq))
+            && revocation.is_none_or(|r| r.revokes(self) && created_at <= r.terms.issued_at && r.cut_admits(actor, seq))
     }
 }
 
@@ -591,4 +592,34 @@ impl Revocation {
     pub fn revokes(&self, grant: &Grant) -> bool {
         self.terms.grant_id == grant.id() && self.terms.patient == grant.terms().patient
     }
+}
+
+/// The cut a revocation carries, from the changes of the revoked grantee
+/// that a node holds, each as (collection, actor, seq): per actor, the
+/// highest seq n such that its changes 1..=n of one collection are all
+/// held (the highest over collections, since a cut names actors only). A
+/// change whose predecessors are missing, such as one claiming seq 2^62
+/// for a fresh actor, inflates nothing; an actor without seq 1 is left out.
+pub fn revocation_cut(held: impl IntoIterator<Item = (Collection, ActorId, u64)>) -> BTreeMap<ActorId, u64> {
+    let mut seqs: BTreeMap<(ActorId, Collection), Vec<u64>> = BTreeMap::new();
+    for (collection, actor, seq) in held {
+        seqs.entry((actor, collection)).or_default().push(seq);
+    }
+    let mut cut: BTreeMap<ActorId, u64> = BTreeMap::new();
+    for ((actor, _), mut list) in seqs {
+        list.sort_unstable();
+        let mut contiguous = 0u64;
+        for seq in list {
+            if seq == contiguous.saturating_add(1) {
+                contiguous = seq;
+            } else if seq > contiguous {
+                break;
+            }
+        }
+        if contiguous > 0 {
+            let max = cut.entry(actor).or_insert(0);
+            *max = (*max).max(contiguous);
+        }
+    }
+    cut
 }

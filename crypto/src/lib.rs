@@ -30,7 +30,7 @@ mod vectors;
 pub use checkpoint::{AUDIT_CHECKPOINT_TAG, AuditCheckpoint, AuditCheckpointTerms, MAX_AUDIT_CHECKPOINT_BYTES};
 pub use consent::{
     Access, Collection, GRANT_TAG, Grant, GrantId, GrantTerms, MAX_ADDRESS_HINTS, MAX_GRANT_BYTES,
-    MAX_REVOCATION_BYTES, NOT_BEFORE_SKEW_MS, REVOCATION_TAG, Revocation, RevocationTerms,
+    MAX_REVOCATION_BYTES, NOT_BEFORE_SKEW_MS, REVOCATION_TAG, Revocation, RevocationTerms, revocation_cut,
 };
 pub use envelope::{
     Change, CompactHeader, ENVELOPE_AAD_TAG, ENVELOPE_TAG, Envelope, EnvelopeHeader, EnvelopeId,

@@ -601,6 +601,16 @@ fn admits_change_rules() {
         !g.admits_change(Collection::Labs, NB + 1, &a2, 1, r),
         "actor not in the cut"
     );
+    // Issue 15: a change signed after the revocation is outside it, whatever its seq.
+    let issued = f.revocation.terms().issued_at;
+    assert!(
+        g.admits_change(Collection::Labs, issued, &a, 1, r),
+        "signed at the revocation"
+    );
+    assert!(
+        !g.admits_change(Collection::Labs, issued + 1, &a, 1, r),
+        "signed after the revocation, inside the cut's seq"
+    );
     // A revocation of another grant does not count as this grant's cut.
     let other = Revocation::sign(
         RevocationTerms {
@@ -631,6 +641,38 @@ fn admits_change_rules() {
     t.access = Access::Read;
     let read = Grant::sign(t, &f.patient).unwrap();
     assert!(!read.admits_change(Collection::Labs, NB + 1, &a, 1, None), "read-only");
+}
+
+/// Issue 15: one envelope with a huge seq for a fresh actor must not
+/// inflate the cut; the cut stops at the first gap of each actor, per
+/// collection.
+#[test]
+fn revocation_cut_is_contiguous() {
+    let f = fx();
+    let a = f.actor_a;
+    let fresh = ActorId::for_author(&f.a.public_bytes(), [0xd; 8]);
+    let held = [
+        (Collection::Labs, a, 1),
+        (Collection::Labs, a, 3),
+        (Collection::Labs, a, 2),
+        (Collection::Labs, a, 5),
+        (Collection::Labs, fresh, 1 << 62),
+    ];
+    let cut = revocation_cut(held);
+    assert_eq!(cut.get(&a), Some(&3), "up to the first gap");
+    assert_eq!(cut.get(&fresh), None, "an actor without seq 1 is not in the cut");
+    // Per collection: core 1..=2 and labs 1..=4 give 4, never core's 7 after a gap.
+    let per_collection = revocation_cut([
+        (Collection::Core, a, 1),
+        (Collection::Core, a, 2),
+        (Collection::Core, a, 7),
+        (Collection::Labs, a, 1),
+        (Collection::Labs, a, 2),
+        (Collection::Labs, a, 3),
+        (Collection::Labs, a, 4),
+        (Collection::Labs, a, 4),
+    ]);
+    assert_eq!(per_collection.get(&a), Some(&4));
 }
 
 // ---------------------------------------------------------------- envelope header rules

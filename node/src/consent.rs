@@ -19,7 +19,7 @@ use std::sync::OnceLock;
 
 use medmesh_crypto::{
     Access, Collection, EnvelopeHeader, Epoch, EpochKey, Grant, GrantId, KeyId, KeyRef, KeyShare, KeyShareTerms,
-    PatientId, PracticeId, Principal, Revocation, SecretIdentity, Timestamp,
+    NOT_BEFORE_SKEW_MS, PatientId, PracticeId, Principal, Revocation, SecretIdentity, Timestamp,
 };
 
 use crate::store::{ItemKind, ItemMeta};
@@ -212,6 +212,10 @@ impl Registry {
 
     /// DESIGN §5 on signed data only.
     pub(crate) fn envelope_validity(&self, h: &EnvelopeHeader) -> Validity {
+        if h.seq == 0 {
+            // An actor's changes count from 1: seq 0 could never follow a held change.
+            return Validity::Invalid("change seq 0");
+        }
         let (author, grant_id) = match (h.author, h.grant_id) {
             (Principal::Patient(p), None) if p == h.patient => return Validity::Valid,
             (Principal::Practice(author), Some(g)) => (author, g),
@@ -241,6 +245,25 @@ impl Registry {
         } else {
             Validity::Invalid("outside the grant's window, access or revocation cut")
         }
+    }
+
+    /// Whether `h` was written under a grant that expired more than
+    /// [`NOT_BEFORE_SKEW_MS`] before `now` and that no known revocation ends
+    /// yet. Such an envelope, first seen now, is refused (not kept, not
+    /// rejected): once the patient's CLI revokes the expired grant, the cut
+    /// decides on signed data alone (docs/decisions.md).
+    pub(crate) fn expired_unrevoked(&self, h: &EnvelopeHeader, now: Timestamp) -> bool {
+        let Some(grant_id) = h.grant_id else {
+            return false;
+        };
+        let Some(grant) = self.grant(&h.patient, &grant_id) else {
+            return false;
+        };
+        grant
+            .terms()
+            .expires
+            .is_some_and(|e| now >= e.saturating_add(NOT_BEFORE_SKEW_MS))
+            && !self.is_revoked(&h.patient, &grant_id)
     }
 
     /// Every grantee of any grant from `patient`, revoked or not (so the

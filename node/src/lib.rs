@@ -22,6 +22,7 @@
 //! See `docs/storage.md`.
 
 pub mod audit;
+mod chains;
 mod commit;
 pub mod consent;
 mod error;
@@ -40,7 +41,7 @@ pub use error::{Error, Result};
 pub use identity::load_or_create_identity;
 pub use node::{
     Actor, AuditCheckpoints, AuditVerified, CollectionLoad, Config, Event, Holdings, Incoming, IngestReport,
-    ItemStored, Node, RejectedItem, STORE_DIR, Source,
+    ItemStored, MAX_SEQ_GAPS_PER_AUTHOR, Node, RejectedItem, STORE_DIR, Source,
 };
 pub use repository::Repository;
 pub use snapshot::{Covered, Snapshot};

@@ -8,9 +8,9 @@ use std::path::Path;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use medmesh_crypto::{
-    Access, Change, Collection, Envelope, EnvelopeHeader, EnvelopeId, Epoch, EpochKey, Grant, GrantId, KeyId, KeyRef,
-    KeyShare, MAX_ENVELOPE_BYTES, PatientId, PeerId, PracticeId, Principal, Revocation, SealedSnapshot, SecretIdentity,
-    now,
+    Access, ActorId, Change, Collection, Envelope, EnvelopeHeader, EnvelopeId, Epoch, EpochKey, Grant, GrantId, KeyId,
+    KeyRef, KeyShare, MAX_ENVELOPE_BYTES, PatientId, PeerId, PracticeId, Principal, Revocation, SealedSnapshot,
+    SecretIdentity, now,
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -18,6 +18,7 @@ use tokio::sync::broadcast;
 use zeroize::Zeroizing;
 
 use crate::audit::{self, Action, ActorKind, AuditEntry, AuditRecord};
+use crate::chains::{Chains, Doc};
 use crate::commit::Committer;
 use crate::consent::{Registry, Validity};
 use crate::snapshot::Snapshot;
@@ -32,6 +33,10 @@ use crate::{Error, Result};
 pub const STORE_DIR: &str = "store";
 /// Domain tag of the blind resource index key (derived from the node seed).
 const INDEX_KEY_TAG: &[u8] = b"medmesh/resource-index-key/v1";
+/// Most envelopes of one patient that may wait for an earlier change of one
+/// author's actors ([`PendingReason::SeqGap`]); beyond it they are refused
+/// (not kept, sent again later), see `docs/decisions.md`.
+pub const MAX_SEQ_GAPS_PER_AUTHOR: usize = 1024;
 
 /// Tuning of a [`Node`].
 #[derive(Clone, Debug)]
@@ -251,6 +256,8 @@ struct Inner {
     /// `me` as text, for audit entries (formatting a PeerId costs a base58 encode).
     me_text: String,
     registry: RwLock<Registry>,
+    /// Which changes of each actor are held, per document (seq gaps).
+    chains: std::sync::Mutex<Chains>,
     committer: Committer,
     /// Signs audit checkpoints asked for (the committer has its own).
     checkpoints: audit::Checkpointer,
@@ -392,6 +399,16 @@ struct Phase {
     excluded: BTreeMap<(PatientId, Collection), Vec<EnvelopeId>>,
     /// How many more new items this ingest may park (`None`: no cap).
     pending_room: Option<usize>,
+    /// Changes accepted in this phase, (patient, collection, actor, seq).
+    changes: HashSet<(PatientId, Collection, ActorId, u64)>,
+    /// Of those, the ones whose successor has not been looked for yet.
+    to_release: Vec<(PatientId, Collection, ActorId, u64)>,
+    /// Envelopes parked for a seq gap in this phase (not in the store yet).
+    parked_gaps: HashMap<PendingReason, Vec<([u8; 32], Vec<u8>)>>,
+    /// How many of those per (patient, author).
+    gaps_per_author: HashMap<(PatientId, [u8; 16]), usize>,
+    /// Documents some envelopes of which this phase removes.
+    removed_from: HashSet<Doc>,
 }
 
 impl Node {
@@ -459,6 +476,7 @@ impl Node {
                 me,
                 me_text: me.to_string(),
                 registry: RwLock::new(Registry::default()),
+                chains: std::sync::Mutex::new(Chains::default()),
                 committer,
                 checkpoints,
                 events,
@@ -647,7 +665,10 @@ impl Node {
         let mut batch = Batch::new();
         let mut metas = HashMap::with_capacity(envelopes.len());
         let mut ids = Vec::with_capacity(envelopes.len());
+        let mut written = Vec::with_capacity(envelopes.len());
         for (envelope, encoded) in envelopes {
+            let h = envelope.header();
+            written.push((h.patient, h.collection, h.actor, h.seq));
             let id = envelope.id();
             let meta = envelope_meta(&envelope);
             batch.push(Op::PutItem {
@@ -668,6 +689,7 @@ impl Node {
             ids.push(id);
         }
         let committed = self.commit(batch, true).await?;
+        self.note_held(&written, &HashSet::new());
         tracing::debug!(envelopes = ids.len(), "changes stored");
         self.publish_stored(&committed, &metas, None);
         Ok(ids)
@@ -772,8 +794,13 @@ impl Node {
             pending_room,
             ..Phase::default()
         };
-        for restored in envelopes {
-            let envelope = restored.into_envelope();
+        let mut envelopes: Vec<Envelope> = envelopes
+            .into_iter()
+            .map(crate::transfer::RestoredEnvelope::into_envelope)
+            .collect();
+        // A document's changes in seq order, so that each follows its predecessor.
+        envelopes.sort_by_key(|e| e.header().seq);
+        for envelope in envelopes {
             let bytes = envelope.encode();
             let hash = sha256(&bytes);
             if self.already_rejected(&phase, &hash)? {
@@ -782,6 +809,7 @@ impl Node {
             }
             self.judge_decoded(&envelope, &bytes, hash, None, true, &actor, &mut phase, &mut report)?;
         }
+        self.release_successors(&actor, &mut phase, &mut report)?;
         self.finish_phase(phase, &actor).await?;
         Ok(report)
     }
@@ -843,9 +871,8 @@ impl Node {
         for k in &effects.keys {
             self.unlock(k, &mut phase, &mut report)?;
         }
-        for item in envelopes {
-            self.judge_envelope(&item.bytes, None, &actor, &mut phase, &mut report)?;
-        }
+        let page = envelopes.into_iter().map(|item| (item.bytes, None)).collect();
+        self.judge_envelopes(page, &actor, &mut phase, &mut report)?;
         // Released items were parked already: moving them between reasons
         // parks nothing new.
         phase.pending_room = None;
@@ -856,9 +883,18 @@ impl Node {
                     .pending(Some(PendingReason::MissingGrant(g.terms().patient, g.id())))?,
             );
         }
-        for p in released {
-            self.judge_pending(p, &actor, &mut phase, &mut report)?;
+        // Envelopes waiting for a change that a new revocation puts beyond
+        // its cut are judged again: they are rejected now, not left waiting.
+        for r in &effects.revocations {
+            released.extend(self.seq_gaps_under(r)?);
         }
+        let released = released
+            .into_iter()
+            .filter(|p| p.kind == ItemKind::Envelope)
+            .map(|p| (p.bytes, Some((p.reason, p.hash))))
+            .collect();
+        self.judge_envelopes(released, &actor, &mut phase, &mut report)?;
+        self.release_successors(&actor, &mut phase, &mut report)?;
         self.finish_phase(phase, &actor).await?;
         tracing::debug!(
             accepted = report.accepted,
@@ -886,6 +922,8 @@ impl Node {
             return Ok(());
         }
         let committed = self.commit(std::mem::take(&mut phase.batch), true).await?;
+        let accepted: Vec<_> = phase.changes.drain().collect();
+        self.note_held(&accepted, &phase.removed_from);
         self.publish_stored(&committed, &phase.metas, Some(actor));
         for ((patient, collection), ids) in phase.excluded {
             // The snapshot may hold excluded changes; loads check coverage too.
@@ -1248,29 +1286,46 @@ impl Node {
         Ok(())
     }
 
-    fn judge_pending(&self, p: PendingItem, actor: &Actor, phase: &mut Phase, report: &mut IngestReport) -> Result<()> {
-        // Consent items wait only for a newer build; `retry_all_pending` handles them.
-        if p.kind == ItemKind::Envelope {
-            self.judge_envelope(&p.bytes, Some((p.reason, p.hash)), actor, phase, report)?;
+    /// Judges envelopes (of a page, or released from the pending queue) in
+    /// change seq order, so that a page carrying an actor's changes out of
+    /// order still lands whole.
+    fn judge_envelopes(
+        &self,
+        items: Vec<(Vec<u8>, Option<(PendingReason, [u8; 32])>)>,
+        actor: &Actor,
+        phase: &mut Phase,
+        report: &mut IngestReport,
+    ) -> Result<()> {
+        let mut decoded = Vec::with_capacity(items.len());
+        for (bytes, from_pending) in items {
+            if let Some((envelope, hash)) = self.decode_envelope(&bytes, from_pending, actor, phase, report)? {
+                decoded.push((envelope, bytes, hash, from_pending));
+            }
+        }
+        decoded.sort_by_key(|(envelope, ..)| envelope.header().seq);
+        for (envelope, bytes, hash, from_pending) in decoded {
+            self.judge_decoded(&envelope, &bytes, hash, from_pending, false, actor, phase, report)?;
         }
         Ok(())
     }
 
-    fn judge_envelope(
+    /// Decodes (signature first) an envelope to judge; `None` when it is
+    /// already rejected, waits for a newer build, or is rejected now.
+    fn decode_envelope(
         &self,
         bytes: &[u8],
         from_pending: Option<(PendingReason, [u8; 32])>,
         actor: &Actor,
         phase: &mut Phase,
         report: &mut IngestReport,
-    ) -> Result<()> {
+    ) -> Result<Option<(Envelope, [u8; 32])>> {
         let hash = sha256(bytes);
         if from_pending.is_none() && self.already_rejected(phase, &hash)? {
             report.duplicates += 1;
-            return Ok(());
+            return Ok(None);
         }
-        let envelope = match Envelope::decode(bytes) {
-            Ok(e) => e,
+        match Envelope::decode(bytes) {
+            Ok(e) => Ok(Some((e, hash))),
             Err(medmesh_crypto::Error::UnsupportedVersion { .. }) => {
                 if from_pending.is_none() {
                     self.queue_pending(
@@ -1281,7 +1336,7 @@ impl Node {
                         Incoming::new(ItemKind::Envelope, bytes.to_vec()),
                     )?;
                 }
-                return Ok(());
+                Ok(None)
             }
             Err(e) => {
                 dequeue(phase, from_pending);
@@ -1296,13 +1351,150 @@ impl Node {
                     },
                     actor,
                 );
-                return Ok(());
+                Ok(None)
             }
-        };
-        self.judge_decoded(&envelope, bytes, hash, from_pending, false, actor, phase, report)
+        }
     }
 
-    /// [`Node::judge_envelope`] once the envelope decoded and verified.
+    /// Whether change `seq` of `actor` in `doc` is held, committed or
+    /// accepted earlier in this phase.
+    fn holds_change(&self, phase: &Phase, doc: Doc, actor: &ActorId, seq: u64) -> Result<bool> {
+        if phase.changes.contains(&(doc.0, doc.1, *actor, seq)) {
+            return Ok(true);
+        }
+        let mut chains = self
+            .inner
+            .chains
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !chains.is_loaded(&doc) {
+            let held = self.store().envelopes(&doc.0, Some(doc.1))?;
+            chains.load(doc, held.into_iter().map(|e| (e.actor, e.change_seq)));
+        }
+        Ok(chains.holds(&doc, actor, seq).unwrap_or(false))
+    }
+
+    /// Notes committed envelopes in the chains, after forgetting the
+    /// documents envelopes were removed from.
+    fn note_held(&self, held: &[(PatientId, Collection, ActorId, u64)], removed_from: &HashSet<Doc>) {
+        let mut chains = self
+            .inner
+            .chains
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for doc in removed_from {
+            chains.forget(doc);
+        }
+        for (patient, collection, actor, seq) in held {
+            chains.insert(&(*patient, *collection), *actor, *seq);
+        }
+    }
+
+    /// Parks a valid envelope whose change does not follow one held here,
+    /// until the gap fills; refuses it (keeps nothing) when its author
+    /// already has [`MAX_SEQ_GAPS_PER_AUTHOR`] waiting for this patient.
+    fn park_gap(
+        &self,
+        h: &EnvelopeHeader,
+        bytes: &[u8],
+        hash: [u8; 32],
+        from_pending: Option<(PendingReason, [u8; 32])>,
+        phase: &mut Phase,
+        report: &mut IngestReport,
+    ) -> Result<()> {
+        let reason = PendingReason::SeqGap {
+            patient: h.patient,
+            actor: h.actor,
+            collection: h.collection,
+            seq: h.seq,
+        };
+        if from_pending.map(|(r, _)| r) == Some(reason) {
+            // Still waiting.
+            return Ok(());
+        }
+        dequeue(phase, from_pending);
+        let mut author = [0u8; 16];
+        author.copy_from_slice(&h.actor.0[..16]);
+        let in_phase = phase.gaps_per_author.get(&(h.patient, author)).copied().unwrap_or(0);
+        if self.store().seq_gaps_of(&h.patient, &author)? + in_phase >= MAX_SEQ_GAPS_PER_AUTHOR {
+            tracing::info!(envelope = %hex::encode(hash), "seq gaps of this author full; envelope refused");
+            report.refused += 1;
+            return Ok(());
+        }
+        let before = report.pending;
+        self.queue_pending(
+            phase,
+            report,
+            reason,
+            hash,
+            Incoming::new(ItemKind::Envelope, bytes.to_vec()),
+        )?;
+        if report.pending > before {
+            *phase.gaps_per_author.entry((h.patient, author)).or_default() += 1;
+            phase
+                .parked_gaps
+                .entry(reason)
+                .or_default()
+                .push((hash, bytes.to_vec()));
+        }
+        Ok(())
+    }
+
+    /// Judges again the envelopes waiting for the successor of each change
+    /// accepted in this phase, until no more follow.
+    fn release_successors(&self, actor: &Actor, phase: &mut Phase, report: &mut IngestReport) -> Result<()> {
+        while let Some((patient, collection, change_actor, seq)) = phase.to_release.pop() {
+            let Some(next) = seq.checked_add(1) else {
+                continue;
+            };
+            let reason = PendingReason::SeqGap {
+                patient,
+                actor: change_actor,
+                collection,
+                seq: next,
+            };
+            let mut waiting: Vec<([u8; 32], Vec<u8>)> = self
+                .store()
+                .pending(Some(reason))?
+                .into_iter()
+                .map(|p| (p.hash, p.bytes))
+                .collect();
+            if let Some(parked) = phase.parked_gaps.remove(&reason) {
+                report.pending = report.pending.saturating_sub(parked.len());
+                waiting.extend(parked);
+            }
+            let items = waiting
+                .into_iter()
+                .map(|(hash, bytes)| (bytes, Some((reason, hash))))
+                .collect();
+            self.judge_envelopes(items, actor, phase, report)?;
+        }
+        Ok(())
+    }
+
+    /// The envelopes waiting for a seq gap that `revocation`'s grantee wrote
+    /// for its patient.
+    fn seq_gaps_under(&self, revocation: &Revocation) -> Result<Vec<PendingItem>> {
+        let patient = revocation.terms().patient;
+        let Some(grantee) = self
+            .registry()
+            .grant(&patient, &revocation.grant_id())
+            .map(|g| g.terms().grantee)
+        else {
+            return Ok(Vec::new());
+        };
+        Ok(self
+            .store()
+            .pending(None)?
+            .into_iter()
+            .filter(|p| {
+                matches!(p.reason, PendingReason::SeqGap { patient: q, actor, .. }
+                    if q == patient && actor.belongs_to(grantee.as_bytes()))
+            })
+            .collect())
+    }
+
+    /// [`Node::judge_envelopes`] once the envelope decoded and verified.
     /// `change_checked`: its change was already matched to the signed
     /// keyed change hash, actor and seq (a restored envelope), so a held key
     /// makes it readable without opening it again.
@@ -1325,10 +1517,17 @@ impl Node {
             report.duplicates += 1;
             return Ok(());
         }
-        let (validity, key) = {
+        let (validity, key, expired) = {
             let reg = self.registry();
-            (reg.envelope_validity(h), reg.key(&h.key_ref()).cloned())
+            (
+                reg.envelope_validity(h),
+                reg.key(&h.key_ref()).cloned(),
+                reg.expired_unrevoked(h, now()),
+            )
         };
+        // First seen now, after its grant expired (envelopes waiting for a
+        // seq gap were seen when they were parked).
+        let first_seen_now = !matches!(from_pending, Some((PendingReason::SeqGap { .. }, _)));
         match validity {
             Validity::MissingGrant(patient, grant) => {
                 let reason = PendingReason::MissingGrant(patient, grant);
@@ -1361,6 +1560,16 @@ impl Node {
                     },
                     actor,
                 );
+            }
+            Validity::Valid if expired && first_seen_now => {
+                dequeue(phase, from_pending);
+                tracing::info!(envelope = %id, "first seen after its grant expired; refused until a revocation decides");
+                report.refused += 1;
+            }
+            Validity::Valid
+                if h.seq > 1 && !self.holds_change(phase, (h.patient, h.collection), &h.actor, h.seq - 1)? =>
+            {
+                self.park_gap(h, bytes, hash, from_pending, phase, report)?;
             }
             Validity::Valid => {
                 let state = match key.as_ref() {
@@ -1395,6 +1604,8 @@ impl Node {
                 phase.seen.insert(id.0);
                 phase.metas.insert(meta.id, meta);
                 phase.received.entry(h.patient).or_default().push(id.into());
+                phase.changes.insert((h.patient, h.collection, h.actor, h.seq));
+                phase.to_release.push((h.patient, h.collection, h.actor, h.seq));
                 report.accepted += 1;
                 match state {
                     EnvelopeState::Readable => {
@@ -1453,6 +1664,7 @@ impl Node {
                 outcome: "excluded: beyond revocation cut".into(),
             }));
             phase.seen.insert(e.id.0);
+            phase.removed_from.insert((patient, e.collection));
             phase.excluded.entry((patient, e.collection)).or_default().push(e.id);
             report.excluded += 1;
         }
@@ -1485,6 +1697,7 @@ impl Node {
                 Err(error) => {
                     let actor = self.node_actor();
                     phase.batch.push(Op::RemoveItem(e.id.into()));
+                    phase.removed_from.insert((e.patient, e.collection));
                     self.reject(
                         phase,
                         &mut report.rejected,
@@ -1572,9 +1785,12 @@ impl Node {
         let _guard = self.inner.ingest_lock.lock().await;
         let mut phase = Phase::default();
         let mut report = IngestReport::default();
-        for p in envelopes {
-            self.judge_pending(p, &actor, &mut phase, &mut report)?;
-        }
+        let envelopes = envelopes
+            .into_iter()
+            .map(|p| (p.bytes, Some((p.reason, p.hash))))
+            .collect();
+        self.judge_envelopes(envelopes, &actor, &mut phase, &mut report)?;
+        self.release_successors(&actor, &mut phase, &mut report)?;
         self.finish_phase(phase, &actor).await
     }
 
@@ -1597,6 +1813,7 @@ impl Node {
         }));
         self.commit(batch, true).await?;
         if let (ItemKind::Envelope, Some(collection)) = (meta.kind, meta.collection) {
+            self.note_held(&[], &HashSet::from([(meta.patient, collection)]));
             if let Err(e) = self.drop_snapshot(meta.patient, collection) {
                 tracing::warn!(%collection, cause = %e, "dropping a snapshot failed");
             }

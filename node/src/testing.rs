@@ -172,6 +172,27 @@ impl OwnedChange {
     }
 }
 
+impl OwnedChange {
+    /// This change re-encoded with another seq (so another hash): what an
+    /// author who skips seqs signs, for tests of the seq rules.
+    ///
+    /// # Errors
+    /// Automerge failures (reported as storage errors; test code only).
+    pub fn with_seq(&self, seq: u64) -> Result<OwnedChange> {
+        let change = automerge::Change::try_from(self.bytes.as_slice())
+            .map_err(|e| Error::Storage(format!("automerge: {e}")))?;
+        let mut expanded = change.decode();
+        expanded.seq = seq;
+        let mut rebuilt = automerge::Change::from(expanded);
+        Ok(OwnedChange {
+            bytes: rebuilt.bytes().to_vec(),
+            hash: rebuilt.hash().0,
+            actor: self.actor,
+            seq,
+        })
+    }
+}
+
 /// Makes real Automerge changes, one per call, for one actor.
 pub struct ChangeMaker {
     doc: AutoCommit,
@@ -351,6 +372,9 @@ impl crate::store::Store for FlushControl {
     }
     fn pending(&self, reason: Option<crate::store::PendingReason>) -> Result<Vec<crate::store::PendingItem>> {
         self.inner.pending(reason)
+    }
+    fn seq_gaps_of(&self, patient: &PatientId, author: &[u8; 16]) -> Result<usize> {
+        self.inner.seq_gaps_of(patient, author)
     }
     fn rejected(&self, key: &[u8; 32]) -> Result<Option<crate::store::Rejection>> {
         self.inner.rejected(key)

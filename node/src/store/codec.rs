@@ -257,10 +257,15 @@ pub(crate) fn envelope_from(key: &[u8], v: &[u8]) -> Result<EnvelopeEntry> {
 pub(crate) const PENDING_KEY_LEN: usize = 81;
 /// Length of a pending key of layout 1 (no patient), migrated at open.
 pub(crate) const PENDING_KEY_LEN_V1: usize = 49;
+/// Length of a seq-gap pending key: tag 2 ‖ patient (32) ‖ actor (24) ‖
+/// collection tag (1) ‖ seq (8, BE) ‖ SHA-256 of the bytes (32), so the gaps
+/// of one author's actors for one patient share a prefix ([`seq_gap_prefix`]).
+const SEQ_GAP_KEY_LEN: usize = 1 + 32 + 24 + 1 + 8 + 32;
 
-/// pending key prefix: reason tag (1) ‖ patient or zeros (32) ‖ grant id or zeros (16).
+/// pending key prefix: reason tag (1) ‖ patient or zeros (32) ‖ grant id or
+/// zeros (16); for a seq gap, all of its key but the hash.
 pub(crate) fn pending_prefix(reason: PendingReason) -> Vec<u8> {
-    let mut k = Vec::with_capacity(PENDING_KEY_LEN);
+    let mut k = Vec::with_capacity(SEQ_GAP_KEY_LEN);
     match reason {
         PendingReason::MissingGrant(patient, g) => {
             k.push(0);
@@ -270,6 +275,18 @@ pub(crate) fn pending_prefix(reason: PendingReason) -> Vec<u8> {
         PendingReason::UnsupportedVersion => {
             k.push(1);
             k.extend_from_slice(&[0; 48]);
+        }
+        PendingReason::SeqGap {
+            patient,
+            actor,
+            collection,
+            seq,
+        } => {
+            k.push(2);
+            k.extend_from_slice(patient.as_bytes());
+            k.extend_from_slice(&actor.0);
+            k.push(collection_tag(collection));
+            k.extend_from_slice(&seq.to_be_bytes());
         }
     }
     k
@@ -295,6 +312,16 @@ pub(crate) fn pending_key_from_v1(key: &[u8], v: &[u8]) -> Option<Vec<u8>> {
     Some(pending_key(reason, &hash))
 }
 
+/// The pending keys of every seq gap of `patient` for the actors of one
+/// author (the first 16 bytes of its actor ids).
+pub(crate) fn seq_gap_prefix(patient: &PatientId, author: &[u8; 16]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(49);
+    k.push(2);
+    k.extend_from_slice(patient.as_bytes());
+    k.extend_from_slice(author);
+    k
+}
+
 pub(crate) fn pending_key(reason: PendingReason, hash: &[u8; 32]) -> Vec<u8> {
     let mut k = pending_prefix(reason);
     k.extend_from_slice(hash);
@@ -311,7 +338,12 @@ pub(crate) fn pending_value(p: &PendingItem) -> Vec<u8> {
 
 pub(crate) fn pending_from(key: &[u8], v: &[u8]) -> Result<PendingItem> {
     let parse = || -> Option<PendingItem> {
-        if key.len() != PENDING_KEY_LEN || v.is_empty() {
+        let expected = if key.first() == Some(&2) {
+            SEQ_GAP_KEY_LEN
+        } else {
+            PENDING_KEY_LEN
+        };
+        if key.len() != expected || v.is_empty() {
             return None;
         }
         let reason = match key[0] {
@@ -320,11 +352,17 @@ pub(crate) fn pending_from(key: &[u8], v: &[u8]) -> Result<PendingItem> {
                 GrantId(key[33..49].try_into().ok()?),
             ),
             1 => PendingReason::UnsupportedVersion,
+            2 => PendingReason::SeqGap {
+                patient: PatientId::from_bytes(key[1..33].try_into().ok()?).ok()?,
+                actor: ActorId(key[33..57].try_into().ok()?),
+                collection: collection_from_tag(key[57])?,
+                seq: u64::from_be_bytes(key[58..66].try_into().ok()?),
+            },
             _ => return None,
         };
         Some(PendingItem {
             reason,
-            hash: key[49..].try_into().ok()?,
+            hash: key[key.len() - 32..].try_into().ok()?,
             kind: ItemKind::from_tag(v[0])?,
             bytes: v[1..].to_vec(),
         })

@@ -207,6 +207,21 @@ pub enum PendingReason {
     MissingGrant(PatientId, GrantId),
     /// A format version this build cannot read.
     UnsupportedVersion,
+    /// An envelope whose change is not the next of its actor in its
+    /// document: change `seq - 1` of `actor` in (patient, collection) is not
+    /// held yet. Every field comes from the envelope's own signed header and
+    /// the actor belongs to its author, so no other identity can release or
+    /// evict it.
+    SeqGap {
+        /// Whose record.
+        patient: PatientId,
+        /// The change's actor.
+        actor: ActorId,
+        /// Which collection.
+        collection: Collection,
+        /// The change's seq (it waits for `seq - 1`).
+        seq: u64,
+    },
 }
 
 /// An item in the pending queue, kept as received.
@@ -383,6 +398,23 @@ pub trait Store: Send + Sync + 'static {
     /// # Errors
     /// Engine failures, [`crate::Error::Corrupt`].
     fn pending(&self, reason: Option<PendingReason>) -> Result<Vec<PendingItem>>;
+
+    /// How many envelopes of `patient` wait in the pending queue for an
+    /// earlier change of an actor of the author whose actor ids begin with
+    /// `author` ([`PendingReason::SeqGap`]). The default counts the whole queue.
+    ///
+    /// # Errors
+    /// Engine failures, [`crate::Error::Corrupt`].
+    fn seq_gaps_of(&self, patient: &PatientId, author: &[u8; 16]) -> Result<usize> {
+        Ok(self
+            .pending(None)?
+            .iter()
+            .filter(|p| {
+                matches!(p.reason, PendingReason::SeqGap { patient: q, actor, .. }
+                    if q == *patient && actor.0[..16] == author[..])
+            })
+            .count())
+    }
 
     /// The rejection recorded under `key`, if any.
     ///

@@ -467,6 +467,15 @@ impl Store for SledStore {
             .collect()
     }
 
+    fn seq_gaps_of(&self, patient: &PatientId, author: &[u8; 16]) -> Result<usize> {
+        let mut n = 0;
+        for key in self.pending.scan_prefix(codec::seq_gap_prefix(patient, author)).keys() {
+            key.map_err(storage)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
     fn rejected(&self, key: &[u8; 32]) -> Result<Option<Rejection>> {
         self.rejected
             .get(key)

@@ -348,19 +348,19 @@ impl CliPatient {
     }
 
     /// The cut the CLI computes from what a node serves the patient: for
-    /// the grantee's actors, the highest change written under `grant`.
+    /// the grantee's actors, the highest change written under `grant`
+    /// without a gap (`medmesh_crypto::revocation_cut`).
     pub fn cut_from(grant: &Grant, served: &[Item]) -> BTreeMap<ActorId, u64> {
         let grantee = grant.terms().grantee;
-        let mut cut: BTreeMap<ActorId, u64> = BTreeMap::new();
+        let mut held = Vec::new();
         for item in served.iter().filter(|i| i.kind == ItemKind::Envelope) {
             let envelope = Envelope::decode(&item.bytes).unwrap();
             let h = envelope.header();
             if h.author == Principal::Practice(grantee) && h.grant_id == Some(grant.id()) {
-                let seq = cut.entry(h.actor).or_insert(0);
-                *seq = (*seq).max(h.seq);
+                held.push((h.collection, h.actor, h.seq));
             }
         }
-        cut
+        medmesh_crypto::revocation_cut(held)
     }
 
     /// Whether the patient shared the key of (collection, epoch) with `practice`.
