@@ -388,6 +388,13 @@ struct ConsentEffects {
     keys: Vec<EpochKey>,
 }
 
+/// An item taken from the pending queue to judge again: its reason and hash
+/// there (`None` for a new arrival).
+type FromPending = Option<(PendingReason, [u8; 32])>;
+
+/// An envelope parked in this phase: its hash and bytes.
+type Parked = ([u8; 32], Vec<u8>);
+
 /// Work of one ingest's second phase.
 #[derive(Default)]
 struct Phase {
@@ -404,7 +411,7 @@ struct Phase {
     /// Of those, the ones whose successor has not been looked for yet.
     to_release: Vec<(PatientId, Collection, ActorId, u64)>,
     /// Envelopes parked for a seq gap in this phase (not in the store yet).
-    parked_gaps: HashMap<PendingReason, Vec<([u8; 32], Vec<u8>)>>,
+    parked_gaps: HashMap<PendingReason, Vec<Parked>>,
     /// How many of those per (patient, author).
     gaps_per_author: HashMap<(PatientId, [u8; 16]), usize>,
     /// Documents some envelopes of which this phase removes.
@@ -1291,7 +1298,7 @@ impl Node {
     /// order still lands whole.
     fn judge_envelopes(
         &self,
-        items: Vec<(Vec<u8>, Option<(PendingReason, [u8; 32])>)>,
+        items: Vec<(Vec<u8>, FromPending)>,
         actor: &Actor,
         phase: &mut Phase,
         report: &mut IngestReport,
@@ -1453,7 +1460,7 @@ impl Node {
                 collection,
                 seq: next,
             };
-            let mut waiting: Vec<([u8; 32], Vec<u8>)> = self
+            let mut waiting: Vec<Parked> = self
                 .store()
                 .pending(Some(reason))?
                 .into_iter()
