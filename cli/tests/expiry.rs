@@ -94,7 +94,15 @@ fn an_expired_grant_is_revoked_on_the_next_run_and_back_dated_writes_are_rejecte
     // Back-dated changes signed by the practice after expiry.
     let mut maker = ChangeMaker::new(practice.practice_id().unwrap().as_bytes()).unwrap();
     let back_dated = |change: &medmesh_node::testing::OwnedChange| {
-        Envelope::seal(&key, &practice, Some(grant.id()), change.as_change(), expires - 1000).unwrap()
+        Envelope::seal(
+            (key.patient, key.collection),
+            &key,
+            &practice,
+            Some(grant.id()),
+            change.as_change(),
+            expires - 1000,
+        )
+        .unwrap()
     };
     let first = back_dated(&maker.put("note", "before the patient's next run").unwrap());
     let second = back_dated(&maker.put("note", "after the patient's next run").unwrap());

@@ -180,6 +180,7 @@ async fn a_far_ahead_seq_is_never_readable_nor_in_the_cut_and_a_revocation_rejec
     // Writing on with the fresh actor after the revocation gets nowhere either.
     let next = fresh.put("k", "more").unwrap().with_seq((1 << 62) + 1).unwrap();
     let late = Envelope::seal(
+        (p.pid(), CORE),
         &p.patient.key(CORE, 0).unwrap(),
         &SecretIdentity::from_seed(&[A_SEED; 32]),
         Some(p.a_grant.id()),
@@ -208,6 +209,7 @@ async fn a_change_signed_after_the_revocation_is_outside_it_whatever_its_seq() {
         .unwrap();
     let c2 = maker.put("k", "2").unwrap();
     let after = Envelope::seal(
+        (p.pid(), CORE),
         &p.patient.key(CORE, 0).unwrap(),
         &SecretIdentity::from_seed(&[A_SEED; 32]),
         Some(p.a_grant.id()),

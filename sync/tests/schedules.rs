@@ -1869,7 +1869,6 @@ fn adversary_cases() -> u32 {
 /// comment); §9.1 and §9.6 — and the key binding of §9.7 — hold for every
 /// honest patient after every step, and the nodes still converge.
 #[test]
-#[ignore = "issue 15: fails until seq gap / cut inflation is fixed (passes with SCHEDULE_ATTACKS=CollidingShare,StrangerGrant,WriteAfterRevocation)"]
 fn random_schedules_with_adversaries_keep_consent() {
     let config = ProptestConfig {
         cases: adversary_cases(),
