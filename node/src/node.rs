@@ -842,10 +842,14 @@ impl Node {
         for item in effects.deferred.take().unwrap_or_default() {
             self.judge_consent(item, &actor, &mut phase, &mut effects, &mut report)?;
         }
-        if !phase.batch.is_empty() {
-            let committed = self.commit(std::mem::take(&mut phase.batch), true).await?;
-            self.publish_stored(&committed, &phase.metas, Some(&actor));
-        }
+        let committed = if phase.batch.is_empty() {
+            None
+        } else {
+            Some(self.commit(std::mem::take(&mut phase.batch), true).await?)
+        };
+        // The registry learns the page's consent items before anyone hears
+        // they were stored: sync decides on a `Stored` event whether to
+        // follow a grant (`relates_to`), and must see the grant it heard of.
         {
             let mut reg = self.registry_mut();
             for g in &effects.grants {
@@ -864,6 +868,9 @@ impl Node {
             for k in &effects.keys {
                 reg.add_key(k.clone());
             }
+        }
+        if let Some(committed) = committed {
+            self.publish_stored(&committed, &phase.metas, Some(&actor));
         }
 
         // Phase 2: envelopes of the page, released pending ones, exclusions, unlocks.
