@@ -418,6 +418,14 @@ impl ActorId {
     pub fn belongs_to(&self, author: &[u8; 32]) -> bool {
         self.0[..16] == Sha256::digest(author)[..16]
     }
+
+    /// The part derived from the author's key, shared by all of that
+    /// author's actors (one per process start).
+    pub fn author_tag(&self) -> [u8; 16] {
+        let mut tag = [0u8; 16];
+        tag.copy_from_slice(&self.0[..16]);
+        tag
+    }
 }
 
 impl fmt::Debug for ActorId {

@@ -412,8 +412,9 @@ struct Phase {
     to_release: Vec<(PatientId, Collection, ActorId, u64)>,
     /// Envelopes parked for a seq gap in this phase (not in the store yet).
     parked_gaps: HashMap<PendingReason, Vec<Parked>>,
-    /// How many of those per (patient, author).
-    gaps_per_author: HashMap<(PatientId, [u8; 16]), usize>,
+    /// Per (patient, author): seq-gap entries this phase added minus those
+    /// it released (the store's count changes only at commit).
+    gaps_per_author: HashMap<(PatientId, [u8; 16]), isize>,
     /// Documents some envelopes of which this phase removes.
     removed_from: HashSet<Doc>,
 }
@@ -1427,10 +1428,11 @@ impl Node {
             return Ok(());
         }
         dequeue(phase, from_pending);
-        let mut author = [0u8; 16];
-        author.copy_from_slice(&h.actor.0[..16]);
+        let author = h.actor.author_tag();
         let in_phase = phase.gaps_per_author.get(&(h.patient, author)).copied().unwrap_or(0);
-        if self.store().seq_gaps_of(&h.patient, &author)? + in_phase >= MAX_SEQ_GAPS_PER_AUTHOR {
+        let stored = isize::try_from(self.store().seq_gaps_of(&h.patient, &author)?).unwrap_or(isize::MAX);
+        let cap = isize::try_from(MAX_SEQ_GAPS_PER_AUTHOR).unwrap_or(isize::MAX);
+        if stored.saturating_add(in_phase) >= cap {
             tracing::info!(envelope = %hex::encode(hash), "seq gaps of this author full; envelope refused");
             report.refused += 1;
             return Ok(());
@@ -1476,6 +1478,14 @@ impl Node {
             if let Some(parked) = phase.parked_gaps.remove(&reason) {
                 report.pending = report.pending.saturating_sub(parked.len());
                 waiting.extend(parked);
+            }
+            // Released now: they no longer count against their author's
+            // share, or one long page that parks and releases more than the
+            // share in turn would refuse the rest of an honest history.
+            let author = change_actor.author_tag();
+            let released = isize::try_from(waiting.len()).unwrap_or(isize::MAX);
+            if released > 0 {
+                *phase.gaps_per_author.entry((patient, author)).or_default() -= released;
             }
             let items = waiting
                 .into_iter()
@@ -2297,17 +2307,18 @@ impl Node {
         self.store().envelopes(patient, collection)
     }
 
-    /// Ids of the envelopes held for (patient, collection).
+    /// Ids of the envelopes held for (patient, collection), in change order:
+    /// each actor's changes by ascending seq. A peer that fetches them in this
+    /// order receives every change after its predecessor, so none waits for
+    /// a seq gap (the store's own order, by id, would park almost all of a
+    /// long history and overflow the gap queue).
     ///
     /// # Errors
     /// Store failures.
     pub fn envelope_ids(&self, patient: &PatientId, collection: Collection) -> Result<Vec<EnvelopeId>> {
-        Ok(self
-            .store()
-            .envelopes(patient, Some(collection))?
-            .into_iter()
-            .map(|e| e.id)
-            .collect())
+        let mut held = self.store().envelopes(patient, Some(collection))?;
+        held.sort_unstable_by_key(|e| (e.change_seq, e.actor, e.id));
+        Ok(held.into_iter().map(|e| e.id).collect())
     }
 
     /// Patients with envelopes held here.

@@ -215,6 +215,10 @@ impl Node {
                 None => tracing::debug!(envelope = %id, "covered envelope not held"),
             }
         }
+        // In change order (each actor's changes by ascending seq): a
+        // receiver restores and ingests a long history in parts, and a part
+        // whose changes lack their predecessors would wait on seq gaps.
+        covered.sort_unstable_by_key(|(id, h)| (h.header().seq, h.header().actor, *id));
         Ok(Some(SnapshotTransfer {
             patient,
             collection,

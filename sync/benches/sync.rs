@@ -409,16 +409,28 @@ async fn run(n: usize) -> Run {
         let b_sync = b.sync.clone();
         tokio::spawn(async move { b_sync.sync_now(a_peer).await.unwrap() })
     };
+    // `MEDMESH_BENCH_WAIT=<s>` shortens the wait (diagnosing a stall).
+    let wait = Duration::from_secs(
+        std::env::var("MEDMESH_BENCH_WAIT")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(600),
+    );
     let mut readable = 0usize;
     while readable < n {
-        match tokio::time::timeout(Duration::from_secs(600), events.recv()).await {
+        match tokio::time::timeout(wait, events.recv()).await {
             Ok(Ok(medmesh_node::Event::Readable { patient, ids, .. })) if patient == pid => readable += ids.len(),
             Ok(Ok(_)) => {}
             Ok(Err(broadcast::error::RecvError::Lagged(_))) => {
                 readable = b.node.holdings(&pid).unwrap().readable as usize;
             }
             Ok(Err(broadcast::error::RecvError::Closed)) | Err(_) => {
-                panic!("B never held all: {:?}", b.node.holdings(&pid).unwrap())
+                panic!(
+                    "B never held all: {:?}; pending {:?}; {:?}",
+                    b.node.holdings(&pid),
+                    b.node.pending_count(),
+                    b.sync.status().await
+                )
             }
         }
     }

@@ -816,12 +816,14 @@ async fn reconcile_once<B: Backend>(ctx: &Ctx<B>, peer: PeerId, patient: Patient
             local = held(&wanted)?;
         }
     }
+    // In the order the peer listed them (each actor's changes by ascending
+    // seq, `Backend::envelope_ids`), so that fetched changes follow their
+    // predecessors instead of waiting for seq gaps.
     let mut missing = Vec::new();
+    let mut listed = HashSet::new();
     for (_, ids) in collections {
-        missing.extend(ids.into_iter().filter(|id| !local.contains(id)));
+        missing.extend(ids.into_iter().filter(|id| !local.contains(id) && listed.insert(*id)));
     }
-    missing.sort();
-    missing.dedup();
     for chunk in missing.chunks(MAX_FETCH_IDS) {
         // A pull running beside this reconciliation (a new grant starts both)
         // may have delivered part of the chunk meanwhile: ask only for the rest.

@@ -563,7 +563,9 @@ pub trait Backend: Send + Sync + 'static {
     /// Storage failures.
     fn consent(&self, patient: &PatientId) -> Result<ConsentView>;
 
-    /// The ids of every envelope held for (patient, collection).
+    /// The ids of every envelope held for (patient, collection), each
+    /// actor's changes by ascending seq (a summary lists them in this order,
+    /// and a fetch in it never leaves a change waiting for its predecessor).
     ///
     /// # Errors
     /// Storage failures.

@@ -469,7 +469,11 @@ impl Backend for NodeBackend {
             tokio::task::spawn_blocking(move || decode_transfer_headers(&headers, count, patient, collection));
         let headers = decoding.await.map_err(blocking)?;
         let opened = opening.await.map_err(blocking)?;
-        let headers = Arc::new(headers?);
+        // Parts are ingested one after another: each must carry the
+        // predecessors of its changes, whatever order the sender chose.
+        let mut headers = headers?;
+        headers.sort_unstable_by_key(|h| (h.header().seq, h.header().actor));
+        let headers = Arc::new(headers);
         let opened = match opened {
             Ok(o) => Arc::new(o),
             Err(TransferError::NoKey(key)) => {

@@ -206,3 +206,67 @@ async fn a_long_history_moves_as_a_snapshot_transfer() {
     c.sync.reconcile(a_peer, pid).await.unwrap();
     assert_eq!(c.node.holdings(&pid).unwrap().envelopes, 0);
 }
+
+/// A history longer than one author's share of the seq-gap queue (1,024)
+/// and than one restore part reaches a new grantee whole, by snapshot
+/// transfer: the transfer's headers, listed by envelope id, once made every
+/// restore part but the first wait on seq gaps until the share overflowed
+/// and the rest was refused (the 10k first sync never finished).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_history_longer_than_the_seq_gap_share_arrives_whole() {
+    use medmesh_node::repository::{self, Repository};
+    const N: usize = 1_500;
+    let mut patient = TestPatient::new().unwrap();
+    let pid = patient.id();
+    let a = Practice::start().await;
+    let b = Practice::start().await;
+    let (_, items) = patient.onboard(a.practice(), Collection::Labs).unwrap();
+    a.node.submit(pid, items).await.unwrap();
+    let repo = Repository::new(
+        a.node.clone(),
+        repository::Config {
+            snapshot_every: 0,
+            ..repository::Config::default()
+        },
+    )
+    .unwrap();
+    let app = medmesh_node::Actor::local_app("test");
+    let writers: Vec<_> = (0..8)
+        .map(|w| {
+            let (repo, app) = (repo.clone(), app.clone());
+            tokio::spawn(async move {
+                for i in (w..N).step_by(8) {
+                    let observation = serde_json::json!({
+                        "resourceType": "Observation",
+                        "status": "final",
+                        "code": {"coding": [{"system": "http://loinc.org", "code": "8480-6"}]},
+                        "valueQuantity": {"value": i, "unit": "mmHg"}
+                    });
+                    repo.create(observation, Some(pid), app.clone()).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.await.unwrap();
+    }
+    repo.save_snapshots().await;
+
+    let (_, items) = patient
+        .grant_with_share(b.practice(), Collection::Labs, Access::Read)
+        .unwrap();
+    a.node.submit(pid, items).await.unwrap();
+    let a_peer = a.sync.local_peer_id();
+    b.sync.dial(a.addr().await).await.unwrap();
+    b.sync.sync_now(a_peer).await.unwrap();
+    until("B holds A's whole history, readable", || {
+        b.node.holdings(&pid).is_ok_and(|h| h.readable == N as u64)
+    })
+    .await;
+    let status = b.sync.status().await.unwrap();
+    assert_eq!(
+        status.items_pending_refused, 0,
+        "B refused part of an honest history: {status:?}"
+    );
+    assert_eq!(b.node.pending_count().unwrap(), 0, "B still waits on seq gaps");
+}

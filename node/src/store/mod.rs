@@ -411,7 +411,7 @@ pub trait Store: Send + Sync + 'static {
             .iter()
             .filter(|p| {
                 matches!(p.reason, PendingReason::SeqGap { patient: q, actor, .. }
-                    if q == *patient && actor.0[..16] == author[..])
+                    if q == *patient && actor.author_tag() == *author)
             })
             .count())
     }
