@@ -272,6 +272,17 @@ impl Session {
                 report.pending
             );
         }
+        // What the node took, waits on or held already: the rest it did
+        // not keep (the reply over the wire carries no count of refused
+        // items). A node keeps little of a patient it holds nothing of.
+        let kept = report.accepted + report.duplicates + report.pending;
+        if kept < count {
+            bail!(
+                "the node kept {kept} of {count} items: a node that holds none of your records and no \
+                 grant from you keeps only a few of your items (flood limits); submit through one of \
+                 your practices with --node"
+            );
+        }
         Ok(report)
     }
 

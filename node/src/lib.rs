@@ -29,6 +29,7 @@ mod error;
 pub mod identity;
 mod node;
 mod par;
+pub mod rate;
 pub mod records;
 pub mod repository;
 mod snapshot;

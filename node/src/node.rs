@@ -21,6 +21,7 @@ use crate::audit::{self, Action, ActorKind, AuditEntry, AuditRecord};
 use crate::chains::{Chains, Doc};
 use crate::commit::Committer;
 use crate::consent::{Registry, Validity};
+use crate::rate::Rate;
 use crate::snapshot::Snapshot;
 use crate::store::{
     Batch, Committed, Cursor, EnvelopeEntry, EnvelopeState, InstanceId, ItemId, ItemKind, ItemMeta, Op, PendingItem,
@@ -57,6 +58,12 @@ pub struct Config {
     /// As [`Config::stranger_items_per_patient`], over every such patient
     /// and every source together (a source costs nothing to make).
     pub stranger_items_total: usize,
+    /// Grants naming this node brought by anyone but their patient's own
+    /// session (a peer forwarding a patient's grant): each makes the node
+    /// keep a new patient's record, so each source may do it at this rate.
+    pub introductions_per_source: Rate,
+    /// As [`Config::introductions_per_source`], over every source together.
+    pub introductions: Rate,
 }
 
 impl Default for Config {
@@ -67,6 +74,8 @@ impl Default for Config {
             stranger_items_per_patient: 32,
             stranger_items_per_source: 128,
             stranger_items_total: 256,
+            introductions_per_source: Rate::per_minute(6, 64),
+            introductions: Rate::per_minute(60, 512),
         }
     }
 }
@@ -490,9 +499,14 @@ impl Node {
                 events,
                 ingest_lock: tokio::sync::Mutex::new(()),
                 strangers: std::sync::Mutex::new(Strangers::new(
-                    config.stranger_items_per_patient,
-                    config.stranger_items_per_source,
-                    config.stranger_items_total,
+                    crate::strangers::Limits {
+                        per_patient: config.stranger_items_per_patient,
+                        per_source: config.stranger_items_per_source,
+                        total: config.stranger_items_total,
+                        introductions_per_source: config.introductions_per_source,
+                        introductions: config.introductions,
+                    },
+                    std::time::Instant::now(),
                 )),
             }),
         };
@@ -1216,30 +1230,46 @@ impl Node {
     }
 
     /// Whether to keep a new consent item from `actor` (flood limits,
-    /// docs/protocol.md §10a): always a grant to this node and any item of
-    /// a patient it has a relationship with (one made by a grant to it in
-    /// this page included); other items within the caps of [`Strangers`],
-    /// counted only on the page's second pass (`effects.deferred` is
-    /// `None`), when every grant of the page is known. Items the node
-    /// itself or a local app (with the gateway's token) submits are not
-    /// capped.
+    /// docs/protocol.md §10a, [`Strangers`]): any item of a patient the
+    /// node has a relationship with (one made by a grant to it in this page
+    /// included); a grant naming this node from its patient's own session
+    /// always, from anyone else at the introduction rate; other items
+    /// within the caps of [`Strangers`], counted only on the page's second pass
+    /// (`effects.deferred` is `None`), when every grant of the page is
+    /// known. Items the node itself or a local app (with the gateway's
+    /// token) submits are not capped.
     fn welcome(&self, decoded: &Decoded, actor: &Actor, effects: &ConsentEffects) -> Result<bool> {
         let me = self.inner.me;
-        let patient = match decoded {
-            Decoded::Grant(g) if g.terms().grantee == me => return Ok(true),
-            Decoded::Grant(g) => g.terms().patient,
-            Decoded::Revocation(r) => r.terms().patient,
-            Decoded::KeyShare(s) => s.terms().patient,
-            Decoded::Envelope(e) => e.header().patient,
+        let (patient, names_me) = match decoded {
+            Decoded::Grant(g) => (g.terms().patient, g.terms().grantee == me),
+            Decoded::Revocation(r) => (r.terms().patient, false),
+            Decoded::KeyShare(s) => (s.terms().patient, false),
+            Decoded::Envelope(e) => (e.header().patient, false),
         };
         if !matches!(actor.kind, ActorKind::Peer | ActorKind::Patient) {
             return Ok(true);
+        }
+        // The Noise handshake proved the session's patient identity.
+        let own_session = actor.kind == ActorKind::Patient && actor.id == patient.to_string();
+        if names_me && own_session {
+            return Ok(true);
+        }
+        if self.relates_to(&patient)? {
+            self.strangers().release(&patient);
+            return Ok(true);
+        }
+        if names_me {
+            let introduced = self.strangers().introduce(&actor.id, std::time::Instant::now());
+            if !introduced {
+                tracing::info!(source = %actor.id, "grant naming this node for a patient it holds nothing of, over the introduction rate; refused");
+            }
+            return Ok(introduced);
         }
         let granted_in_page = effects
             .grants
             .iter()
             .any(|g| g.terms().patient == patient && g.terms().grantee == me);
-        if granted_in_page || self.relates_to(&patient)? {
+        if granted_in_page {
             self.strangers().release(&patient);
             return Ok(true);
         }

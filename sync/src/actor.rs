@@ -37,6 +37,7 @@ use crate::wire::{
     summary_digest,
 };
 use crate::{Connection, Error, Result, Status, SyncReport};
+use medmesh_node::rate::Bucket;
 
 const COMMAND_CAPACITY: usize = 256;
 const LISTEN_SETUP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -243,72 +244,25 @@ impl<B> Clone for Ctx<B> {
     }
 }
 
-/// A token bucket's refill rate and size.
-#[derive(Clone, Copy, Debug)]
-struct Rate {
-    per_second: f64,
-    burst: f64,
-}
+/// The token-bucket rates of sync's limits.
+mod rates {
+    use medmesh_node::rate::Rate;
 
-impl Rate {
+    use crate::config::Limits;
+
     /// Inbound requests of one peer.
-    fn requests(limits: &Limits) -> Self {
-        Self {
-            per_second: f64::from(limits.requests_per_second),
-            burst: f64::from(limits.request_burst),
-        }
+    pub(super) fn requests(limits: &Limits) -> Rate {
+        Rate::per_second(limits.requests_per_second, limits.request_burst)
     }
 
     /// Dials made on behalf of one source.
-    fn dials_per_source(limits: &Limits) -> Self {
-        Self {
-            per_second: f64::from(limits.dials_per_minute_per_source) / 60.0,
-            burst: f64::from(limits.dial_burst_per_source),
-        }
+    pub(super) fn dials_per_source(limits: &Limits) -> Rate {
+        Rate::per_minute(limits.dials_per_minute_per_source, limits.dial_burst_per_source)
     }
 
     /// Dials made on behalf of any remote input.
-    fn dials(limits: &Limits) -> Self {
-        Self {
-            per_second: f64::from(limits.dials_per_minute) / 60.0,
-            burst: f64::from(limits.dial_burst),
-        }
-    }
-}
-
-/// A token bucket: a peer's inbound requests, or dials on someone's behalf.
-#[derive(Clone, Copy, Debug)]
-struct Bucket {
-    tokens: f64,
-    at: Instant,
-}
-
-impl Bucket {
-    fn full(rate: Rate, at: Instant) -> Self {
-        Self { tokens: rate.burst, at }
-    }
-
-    fn refill(&mut self, rate: Rate, at: Instant) {
-        let elapsed = at.saturating_duration_since(self.at).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * rate.per_second).min(rate.burst);
-        self.at = at;
-    }
-
-    /// Takes one token if there is one.
-    fn take(&mut self, rate: Rate, at: Instant) -> bool {
-        self.refill(rate, at);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-
-    fn is_full(&self, rate: Rate, at: Instant) -> bool {
-        let mut b = *self;
-        b.refill(rate, at);
-        b.tokens >= rate.burst
+    pub(super) fn dials(limits: &Limits) -> Rate {
+        Rate::per_minute(limits.dials_per_minute, limits.dial_burst)
     }
 }
 
@@ -324,28 +278,21 @@ impl DialBudget {
     fn new(limits: &Limits, at: Instant) -> Self {
         Self {
             per_source: HashMap::new(),
-            all: Bucket::full(Rate::dials(limits), at),
+            all: Bucket::full(rates::dials(limits), at),
         }
     }
 
     /// Takes a token from `source`'s bucket and from the global one, or
     /// from neither.
     fn take(&mut self, limits: &Limits, source: PeerId, at: Instant) -> bool {
-        let (mine, all) = (Rate::dials_per_source(limits), Rate::dials(limits));
+        let (mine, all) = (rates::dials_per_source(limits), rates::dials(limits));
         let bucket = self.per_source.entry(source).or_insert_with(|| Bucket::full(mine, at));
-        bucket.refill(mine, at);
-        self.all.refill(all, at);
-        if bucket.tokens < 1.0 || self.all.tokens < 1.0 {
-            return false;
-        }
-        bucket.tokens -= 1.0;
-        self.all.tokens -= 1.0;
-        true
+        Bucket::take_both((bucket, mine), (&mut self.all, all), at)
     }
 
     /// Forgets the full buckets (absent means full).
     fn prune(&mut self, limits: &Limits, at: Instant) {
-        let mine = Rate::dials_per_source(limits);
+        let mine = rates::dials_per_source(limits);
         self.per_source.retain(|_, b| !b.is_full(mine, at));
     }
 }
@@ -1408,7 +1355,7 @@ impl<B: Backend> Actor<B> {
     fn on_tick(&mut self) {
         let at = Instant::now();
         let limits = &self.config.limits;
-        self.buckets.retain(|_, b| !b.is_full(Rate::requests(limits), at));
+        self.buckets.retain(|_, b| !b.is_full(rates::requests(limits), at));
         self.dial_budget.prune(limits, at);
         let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
         for peer in peers {
@@ -1867,7 +1814,7 @@ impl<B: Backend> Actor<B> {
     fn admit(&mut self, peer: PeerId, request: &Request) -> bool {
         let limits = &self.config.limits;
         let at = Instant::now();
-        let rate = Rate::requests(limits);
+        let rate = rates::requests(limits);
         let bucket = self.buckets.entry(peer).or_insert_with(|| Bucket::full(rate, at));
         if !bucket.take(rate, at) {
             return false;

