@@ -436,7 +436,10 @@ impl Repository {
     /// its key is bound there ([`Repository::bind`]) and it satisfies
     /// [`records::belongs`].
     fn shown(index: &Index, at: DocKey, resource: &RenderedResource) -> bool {
-        index.location.get(&resource.key) == Some(&at) && records::belongs(&resource.json, &at.0, at.1)
+        // Rendering takes `resourceType` from the key, so the key's type is the JSON's.
+        let resource_type = resource.key.split_once('/').map_or("", |(t, _)| t);
+        index.location.get(&resource.key) == Some(&at)
+            && records::belongs_as(resource_type, &resource.json, &at.0, at.1)
     }
 
     fn evict(&self, key: &DocKey) {

@@ -387,8 +387,20 @@ pub fn type_belongs(resource_type: &str, collection: Collection) -> bool {
 /// into it; what breaks these rules stays in the history, served by no replica.
 pub fn belongs(resource: &Value, patient: &medmesh_crypto::PatientId, collection: Collection) -> bool {
     let t = resource.get("resourceType").and_then(Value::as_str).unwrap_or_default();
-    type_belongs(t, collection)
-        && (t != "Patient"
+    belongs_as(t, resource, patient, collection)
+}
+
+/// [`belongs`] for a resource whose type is known already (a rendered
+/// resource's key names it): listing a document asks this of every resource,
+/// and looking `resourceType` up in the JSON cost more than the rest of it.
+pub fn belongs_as(
+    resource_type: &str,
+    resource: &Value,
+    patient: &medmesh_crypto::PatientId,
+    collection: Collection,
+) -> bool {
+    type_belongs(resource_type, collection)
+        && (resource_type != "Patient"
             || linked_did(resource)
                 .and_then(|did| did.parse::<medmesh_crypto::PatientId>().ok())
                 .is_some_and(|did| did == *patient))
