@@ -164,6 +164,10 @@ fn init_tracing(verbose: u8, quiet: u8) {
 }
 
 fn main() -> std::process::ExitCode {
+    // Everything this process creates is its owner's alone: the node's store
+    // (sled makes its files 0644 by itself, and more of them while it runs),
+    // the keystore, exports of a patient's record.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let cli = Cli::parse();
     init_tracing(cli.verbose, cli.quiet);
     let out = Output::new(cli.json);

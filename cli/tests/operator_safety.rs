@@ -193,3 +193,58 @@ fn the_node_passphrase_comes_from_a_file_or_a_systemd_credential() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("is empty"), "{}", stderr(&out));
 }
+
+/// Files the running node creates later are its owner's alone too: a large
+/// document makes sled write a blob file (values over 128 KiB) while the
+/// node runs, long after the home was tightened at start. sled creates its
+/// files 0644 by itself; the process umask (0077) keeps them private.
+#[test]
+fn files_a_running_node_creates_are_private() {
+    let root = tempfile::tempdir().unwrap();
+    let (practice, patient) = (root.path().join("practice"), root.path().join("patient"));
+    let node = NodeProcess::start(&practice);
+    let did = common::new_patient(&patient);
+    common::grant_to_node(&patient, &node, true);
+    // Incompressible (Automerge deflates a change's columns): base64 of a xorshift stream.
+    const B64: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut x = 0x9e37_79b9_7f4a_7c15_u64;
+    let data: String = (0..300 * 1024)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(B64[(x % 64) as usize])
+        })
+        .collect();
+    let bundle = serde_json::json!({"resourceType": "Bundle", "type": "collection", "entry": [
+        {"fullUrl": "urn:uuid:6f1c2a9e-0d3b-4f7a-8c21-5b9e4d7a1c02",
+         "resource": {"resourceType": "Patient", "name": [{"family": "Lindqvist"}]}},
+        {"resource": {"resourceType": "DocumentReference", "status": "current",
+                      "subject": {"reference": "urn:uuid:6f1c2a9e-0d3b-4f7a-8c21-5b9e4d7a1c02"},
+                      "content": [{"attachment": {"contentType": "application/pdf", "data": data}}]}}]});
+    let file = root.path().join("bundle.json");
+    std::fs::write(&file, bundle.to_string()).unwrap();
+    let out = medmesh(&practice)
+        .args(["--json", "fhir", "import", "--patient", &did])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let mut pending = vec![practice.join("node/store")];
+    let mut blobs = 0;
+    while let Some(path) = pending.pop() {
+        let m = mode(&path);
+        assert_eq!(m & 0o077, 0, "{} is mode {m:o}", path.display());
+        if path.is_dir() {
+            pending.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+        } else if path.parent().is_some_and(|p| p.ends_with("blobs")) {
+            blobs += 1;
+        }
+    }
+    assert!(
+        blobs > 0,
+        "sled wrote no blob file: the test checks nothing it created while running"
+    );
+    drop(node);
+}
