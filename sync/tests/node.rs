@@ -7,7 +7,8 @@
 
 use std::sync::Arc;
 
-use medmesh_crypto::{Access, Collection, Principal, now};
+use medmesh_crypto::{Access, Collection, PatientId, Principal, now};
+use medmesh_node::repository::{self, Repository};
 use medmesh_node::testing::{ChangeMaker, TestPatient};
 use medmesh_node::{Incoming, store::ItemKind as NodeKind};
 
@@ -114,7 +115,6 @@ async fn grant_moves_readable_history_between_real_nodes() {
 /// grant gets no transfer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_history_moves_as_a_snapshot_transfer() {
-    use medmesh_node::repository::{self, Repository};
     const N: usize = 80;
     let mut patient = TestPatient::new().unwrap();
     let pid = patient.id();
@@ -123,29 +123,8 @@ async fn a_long_history_moves_as_a_snapshot_transfer() {
     let c = Practice::start().await;
     let (_, items) = patient.onboard(a.practice(), Collection::Labs).unwrap();
     a.node.submit(pid, items).await.unwrap();
-    let repo = Repository::new(
-        a.node.clone(),
-        repository::Config {
-            snapshot_every: 0,
-            ..repository::Config::default()
-        },
-    )
-    .unwrap();
-    let app = medmesh_node::Actor::local_app("test");
-    let observation = |i: usize| {
-        serde_json::json!({
-            "resourceType": "Observation",
-            "status": "final",
-            "code": {"coding": [{"system": "http://loinc.org", "code": "8480-6"}]},
-            "subject": {"reference": "Patient/example"},
-            "effectiveDateTime": format!("2024-01-{:02}", 1 + i % 28),
-            "valueQuantity": {"value": 100 + i, "unit": "mmHg"}
-        })
-    };
-    for i in 0..N {
-        repo.create(observation(i), Some(pid), app.clone()).await.unwrap();
-    }
-    repo.save_snapshots().await;
+    let repo = labs_repository(&a.node);
+    write_observations(&repo, pid, 0..N, 1).await;
     let mut envelope_bytes = 0;
     for id in a.node.envelope_ids(&pid, Collection::Labs).unwrap() {
         envelope_bytes += a.node.item(&id.into()).await.unwrap().unwrap().bytes.len() as u64;
@@ -190,8 +169,7 @@ async fn a_long_history_moves_as_a_snapshot_transfer() {
 
     // One more write (and a new local snapshot covering it): B gets the one
     // envelope, not the transfer again.
-    repo.create(observation(N), Some(pid), app.clone()).await.unwrap();
-    repo.save_snapshots().await;
+    write_observations(&repo, pid, N..N + 1, 1).await;
     let before = b.sync.status().await.unwrap();
     until("B holds the new write", || {
         b.node.holdings(&pid).is_ok_and(|h| h.readable == N as u64 + 1)
@@ -214,7 +192,6 @@ async fn a_long_history_moves_as_a_snapshot_transfer() {
 /// and the rest was refused (the 10k first sync never finished).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_history_longer_than_the_seq_gap_share_arrives_whole() {
-    use medmesh_node::repository::{self, Repository};
     const N: usize = 1_500;
     let mut patient = TestPatient::new().unwrap();
     let pid = patient.id();
@@ -222,35 +199,7 @@ async fn a_history_longer_than_the_seq_gap_share_arrives_whole() {
     let b = Practice::start().await;
     let (_, items) = patient.onboard(a.practice(), Collection::Labs).unwrap();
     a.node.submit(pid, items).await.unwrap();
-    let repo = Repository::new(
-        a.node.clone(),
-        repository::Config {
-            snapshot_every: 0,
-            ..repository::Config::default()
-        },
-    )
-    .unwrap();
-    let app = medmesh_node::Actor::local_app("test");
-    let writers: Vec<_> = (0..8)
-        .map(|w| {
-            let (repo, app) = (repo.clone(), app.clone());
-            tokio::spawn(async move {
-                for i in (w..N).step_by(8) {
-                    let observation = serde_json::json!({
-                        "resourceType": "Observation",
-                        "status": "final",
-                        "code": {"coding": [{"system": "http://loinc.org", "code": "8480-6"}]},
-                        "valueQuantity": {"value": i, "unit": "mmHg"}
-                    });
-                    repo.create(observation, Some(pid), app.clone()).await.unwrap();
-                }
-            })
-        })
-        .collect();
-    for w in writers {
-        w.await.unwrap();
-    }
-    repo.save_snapshots().await;
+    write_observations(&labs_repository(&a.node), pid, 0..N, 8).await;
 
     let (_, items) = patient
         .grant_with_share(b.practice(), Collection::Labs, Access::Read)
@@ -269,4 +218,42 @@ async fn a_history_longer_than_the_seq_gap_share_arrives_whole() {
         "B refused part of an honest history: {status:?}"
     );
     assert_eq!(b.node.pending_count().unwrap(), 0, "B still waits on seq gaps");
+}
+
+/// A Repository over `node` that keeps snapshots only when asked.
+fn labs_repository(node: &medmesh_node::Node) -> Repository {
+    let config = repository::Config {
+        snapshot_every: 0,
+        ..repository::Config::default()
+    };
+    Repository::new(node.clone(), config).unwrap()
+}
+
+/// Writes Observations `range` of `patient` through the node's real write
+/// path (`writers` at once, as an EMR's screens would), then keeps a local
+/// snapshot (which a snapshot transfer is made from).
+async fn write_observations(repo: &Repository, patient: PatientId, range: std::ops::Range<usize>, writers: usize) {
+    let tasks: Vec<_> = (0..writers)
+        .map(|w| {
+            let repo = repo.clone();
+            let range = range.clone();
+            tokio::spawn(async move {
+                let app = medmesh_node::Actor::local_app("test");
+                for i in range.skip(w).step_by(writers) {
+                    let observation = serde_json::json!({
+                        "resourceType": "Observation",
+                        "status": "final",
+                        "code": {"coding": [{"system": "http://loinc.org", "code": "8480-6"}]},
+                        "effectiveDateTime": format!("2024-01-{:02}", 1 + i % 28),
+                        "valueQuantity": {"value": 100 + i, "unit": "mmHg"}
+                    });
+                    repo.create(observation, Some(patient), app.clone()).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    repo.save_snapshots().await;
 }

@@ -7,14 +7,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
-use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
-use libp2p::request_response::{self, ProtocolSupport};
-use libp2p::swarm::SwarmEvent;
-use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, SwarmBuilder, noise, tcp, yamux};
+use libp2p::{Multiaddr, PeerId};
 use medmesh_crypto::{
     Access, ActorId, Change, Collection, Envelope, EnvelopeId, EpochKey, Grant, GrantId, GrantTerms, KeyShare,
     PatientId, Principal, Revocation, RevocationTerms, SecretIdentity, now,
@@ -23,7 +19,9 @@ use medmesh_sync::memory::MemoryBackend;
 use medmesh_sync::wire::{self, Request, Response};
 use medmesh_sync::{Backend, Config, Cursor, InstanceId, Item, ItemId, ItemKind, ItemMeta, Protocol, SyncHandle};
 
-const WAIT: Duration = Duration::from_secs(30);
+mod common;
+use common::WAIT;
+use common::client::Client;
 
 /// Waits for `cond`, polling the backends, inside a timeout.
 async fn until(what: &str, mut cond: impl FnMut() -> bool) {
@@ -538,121 +536,6 @@ async fn restart_resumes_from_the_cursor_and_a_new_instance_resets_it() {
 
 // ---- an adversarial client speaking /medmesh/sync/1 by hand ----
 
-#[derive(Clone, Default)]
-struct RawCodec;
-
-impl request_response::Codec for RawCodec {
-    type Protocol = StreamProtocol;
-    type Request = Vec<u8>;
-    type Response = Vec<u8>;
-
-    async fn read_request<T: AsyncRead + Unpin + Send>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-    ) -> io::Result<Vec<u8>> {
-        let mut v = Vec::new();
-        io.take(1 << 20).read_to_end(&mut v).await?;
-        Ok(v)
-    }
-
-    async fn read_response<T: AsyncRead + Unpin + Send>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-    ) -> io::Result<Vec<u8>> {
-        let mut v = Vec::new();
-        io.take(64 << 20).read_to_end(&mut v).await?;
-        Ok(v)
-    }
-
-    async fn write_request<T: AsyncWrite + Unpin + Send>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-        req: Vec<u8>,
-    ) -> io::Result<()> {
-        io.write_all(&req).await
-    }
-
-    async fn write_response<T: AsyncWrite + Unpin + Send>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-        res: Vec<u8>,
-    ) -> io::Result<()> {
-        io.write_all(&res).await
-    }
-}
-
-struct Adversary {
-    swarm: Swarm<request_response::Behaviour<RawCodec>>,
-}
-
-impl Adversary {
-    async fn connect(key: &SecretIdentity, target: &Node) -> Self {
-        let mut swarm = SwarmBuilder::with_existing_identity(key.to_libp2p().unwrap())
-            .with_tokio()
-            .with_tcp(tcp::Config::default(), noise::Config::new, yamux::Config::default)
-            .unwrap()
-            .with_behaviour(|_| {
-                request_response::Behaviour::with_codec(
-                    RawCodec,
-                    [(StreamProtocol::new("/medmesh/sync/1"), ProtocolSupport::Outbound)],
-                    request_response::Config::default().with_request_timeout(Duration::from_secs(20)),
-                )
-            })
-            .unwrap()
-            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
-            .build();
-        swarm.dial(target.addr.clone()).unwrap();
-        tokio::time::timeout(WAIT, async {
-            loop {
-                if let SwarmEvent::ConnectionEstablished { .. } = swarm.select_next_some().await {
-                    return;
-                }
-            }
-        })
-        .await
-        .unwrap();
-        Self { swarm }
-    }
-
-    /// Sends raw bytes; the raw answer, or the failure as text.
-    async fn ask(&mut self, peer: PeerId, frame: Vec<u8>) -> Result<Vec<u8>, String> {
-        let id = self.swarm.behaviour_mut().send_request(&peer, frame);
-        tokio::time::timeout(WAIT, async {
-            loop {
-                match self.swarm.select_next_some().await {
-                    SwarmEvent::Behaviour(request_response::Event::Message {
-                        message: request_response::Message::Response { request_id, response },
-                        ..
-                    }) if request_id == id => {
-                        // A stream the server dropped reads as an empty answer.
-                        return if response.is_empty() {
-                            Err("no answer".into())
-                        } else {
-                            Ok(response)
-                        };
-                    }
-                    SwarmEvent::Behaviour(request_response::Event::OutboundFailure { request_id, error, .. })
-                        if request_id == id =>
-                    {
-                        return Err(error.to_string());
-                    }
-                    _ => {}
-                }
-            }
-        })
-        .await
-        .unwrap()
-    }
-
-    async fn request(&mut self, peer: PeerId, req: &Request) -> Response {
-        Response::decode(&self.ask(peer, req.encode()).await.unwrap()).unwrap()
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn adversarial_client_gets_nothing_and_the_node_stays_up() {
     let mut p = Patient::new();
@@ -663,7 +546,7 @@ async fn adversarial_client_gets_nothing_and_the_node_stays_up() {
     until("B holds the history", || b.envelopes(&p) == 5).await;
 
     let mallory_key = SecretIdentity::generate().unwrap();
-    let mut m = Adversary::connect(&mallory_key, &a).await;
+    let mut m = Client::connect(&mallory_key, &a.addr).await;
 
     // Oversize frame and garbage: no answer, the node lives on.
     let oversize = vec![0x80; wire::MAX_REQUEST_BYTES + 10];
@@ -685,7 +568,7 @@ async fn adversarial_client_gets_nothing_and_the_node_stays_up() {
         let page = m
             .request(
                 a.peer,
-                &Request::Pull {
+                Request::Pull {
                     cursor: Cursor { instance, seq: 0 },
                     limit: 1024,
                     snapshots: None,
@@ -701,7 +584,7 @@ async fn adversarial_client_gets_nothing_and_the_node_stays_up() {
     match m
         .request(
             a.peer,
-            &Request::Summary {
+            Request::Summary {
                 patient: p.id(),
                 digests: vec![],
             },
@@ -720,7 +603,7 @@ async fn adversarial_client_gets_nothing_and_the_node_stays_up() {
         .filter(|s| s.meta.kind == ItemKind::Envelope)
         .map(|s| EnvelopeId(s.meta.id.0))
         .collect();
-    match m.request(a.peer, &Request::Fetch { ids: ids.clone() }).await {
+    match m.request(a.peer, Request::Fetch { ids: ids.clone() }).await {
         Response::Fetched { items } => assert!(items.is_empty()),
         other => panic!("unexpected {other:?}"),
     }
@@ -771,7 +654,7 @@ async fn adversarial_client_gets_nothing_and_the_node_stays_up() {
         ],
         addrs: vec![],
     };
-    match m.request(a.peer, &push).await {
+    match m.request(a.peer, push.clone()).await {
         Response::Pushed {
             accepted,
             duplicates,
@@ -785,7 +668,7 @@ async fn adversarial_client_gets_nothing_and_the_node_stays_up() {
         other => panic!("unexpected {other:?}"),
     }
     // Still nothing for mallory after all that.
-    match m.request(a.peer, &Request::Fetch { ids }).await {
+    match m.request(a.peer, Request::Fetch { ids }).await {
         Response::Fetched { items } => assert!(items.is_empty()),
         other => panic!("unexpected {other:?}"),
     }

@@ -131,4 +131,34 @@ impl Client {
     pub async fn request(&mut self, peer: PeerId, request: Request) -> Response {
         self.burst(peer, &[request]).await.remove(0)
     }
+
+    /// Sends raw bytes (any frame, well-formed or not); the raw answer, or
+    /// the failure as text. A stream the server dropped reads as "no answer".
+    pub async fn ask(&mut self, peer: PeerId, frame: Vec<u8>) -> Result<Vec<u8>, String> {
+        let id = self.swarm.behaviour_mut().send_request(&peer, frame);
+        tokio::time::timeout(WAIT, async {
+            loop {
+                match self.swarm.select_next_some().await {
+                    SwarmEvent::Behaviour(request_response::Event::Message {
+                        message: request_response::Message::Response { request_id, response },
+                        ..
+                    }) if request_id == id => {
+                        return if response.is_empty() {
+                            Err("no answer".into())
+                        } else {
+                            Ok(response)
+                        };
+                    }
+                    SwarmEvent::Behaviour(request_response::Event::OutboundFailure { request_id, error, .. })
+                        if request_id == id =>
+                    {
+                        return Err(error.to_string());
+                    }
+                    _ => {}
+                }
+            }
+        })
+        .await
+        .unwrap()
+    }
 }
