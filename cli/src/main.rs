@@ -75,13 +75,24 @@ enum Command {
 #[derive(Debug, Subcommand)]
 enum NodeCommand {
     /// Create the node's identity key, gateway token and config (never overwrites).
-    Init,
+    Init(NodeInitArgs),
     /// Run the node: store, sync and gateway.
     Run(NodeRunArgs),
     /// Print the node's PeerId.
     Id,
     /// Print the gateway bearer token alone on stdout.
     Token,
+}
+
+/// The fixed ports a new node's config keeps (free ones are chosen when not given).
+#[derive(Debug, Args)]
+struct NodeInitArgs {
+    /// libp2p port, TCP and QUIC (UDP) alike.
+    #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    p2p_port: Option<u16>,
+    /// Gateway port (on 127.0.0.1).
+    #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    gateway_port: Option<u16>,
 }
 
 #[derive(Debug, Args)]
@@ -192,8 +203,12 @@ fn run(cli: Cli, out: &Output) -> Result<()> {
             clap_complete::generate(shell, &mut Cli::command(), "medmesh", &mut std::io::stdout());
             Ok(())
         }
-        Command::Node(NodeCommand::Init) => {
-            let identity = node_cmd::init(&home.node_dir())?;
+        Command::Node(NodeCommand::Init(args)) => {
+            let ports = node_cmd::Ports {
+                p2p: args.p2p_port,
+                gateway: args.gateway_port,
+            };
+            let identity = node_cmd::init(&home.node_dir(), ports)?;
             let peer_id = identity.practice_id()?.to_string();
             out.result(
                 &serde_json::json!({ "peer_id": peer_id }),
@@ -207,6 +222,9 @@ node: {}",
         }
         Command::Node(NodeCommand::Run(args)) => {
             let dir = home.node_dir();
+            // A first run initialises the node: its config (fixed ports) is
+            // written before it is read, so this run uses the ports the next keeps.
+            node_cmd::ensure_config(&dir, node_cmd::Ports::default())?;
             let config = node_cmd::read_config(&dir)?;
             let options = node_cmd::RunOptions {
                 listen: if args.listen.is_empty() {

@@ -170,7 +170,67 @@ fn node_key_needs_sealing(dir: &Path) -> bool {
 }
 
 /// Creates (or loads) the node key, the gateway token and the config.
-pub(crate) fn init(dir: &Path) -> Result<SecretIdentity> {
+/// Ports for a new node's config; `None`: a free one, chosen now.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Ports {
+    pub(crate) p2p: Option<u16>,
+    pub(crate) gateway: Option<u16>,
+}
+
+/// A port free for both TCP and UDP on `ip` now (libp2p listens on TCP and
+/// QUIC with one number), chosen by the kernel.
+fn free_p2p_port(ip: std::net::IpAddr) -> Result<u16> {
+    for _ in 0..32 {
+        let tcp = std::net::TcpListener::bind((ip, 0)).context("finding a free port")?;
+        let port = tcp.local_addr().context("finding a free port")?.port();
+        if std::net::UdpSocket::bind((ip, port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("found no port free for both TCP and UDP; pass --p2p-port")
+}
+
+/// The config of a new node, with fixed ports: the addresses that grants,
+/// patients' address books and peers keep stay true across restarts.
+fn initial_config(ports: Ports) -> Result<NodeConfig> {
+    let loopback = std::net::IpAddr::from([127, 0, 0, 1]);
+    let p2p = match ports.p2p {
+        Some(port) => port,
+        None => free_p2p_port(loopback)?,
+    };
+    let gateway = match ports.gateway {
+        Some(port) => port,
+        None => loop {
+            let probe = std::net::TcpListener::bind((loopback, 0)).context("finding a free gateway port")?;
+            let port = probe.local_addr().context("finding a free gateway port")?.port();
+            if port != p2p {
+                break port;
+            }
+        },
+    };
+    Ok(NodeConfig {
+        listen: vec![
+            format!("/ip4/127.0.0.1/tcp/{p2p}"),
+            format!("/ip4/127.0.0.1/udp/{p2p}/quic-v1"),
+        ],
+        gateway: format!("127.0.0.1:{gateway}"),
+        ..NodeConfig::default()
+    })
+}
+
+/// Writes a new node's config (fixed ports) unless one exists.
+pub(crate) fn ensure_config(dir: &Path, ports: Ports) -> Result<()> {
+    Home::ensure_private_dir(dir)?;
+    let config_path = dir.join(CONFIG_FILE);
+    if !config_path.exists() {
+        let text = serde_json::to_vec_pretty(&initial_config(ports)?)?;
+        write_atomically(&config_path, &text)
+            .with_context(|| format!("writing the node config at {}", config_path.display()))?;
+    }
+    Ok(())
+}
+
+pub(crate) fn init(dir: &Path, ports: Ports) -> Result<SecretIdentity> {
     Home::ensure_private_dir(dir)?;
     let identity = open_node_key(dir)?;
     let token_path = dir.join(TOKEN_FILE);
@@ -181,12 +241,7 @@ pub(crate) fn init(dir: &Path) -> Result<SecretIdentity> {
         write_atomically(&token_path, token.as_bytes())
             .with_context(|| format!("writing the gateway token at {}", token_path.display()))?;
     }
-    let config_path = dir.join(CONFIG_FILE);
-    if !config_path.exists() {
-        let text = serde_json::to_vec_pretty(&NodeConfig::default())?;
-        write_atomically(&config_path, &text)
-            .with_context(|| format!("writing the node config at {}", config_path.display()))?;
-    }
+    ensure_config(dir, ports)?;
     Ok(identity)
 }
 
@@ -300,7 +355,7 @@ fn gateway_addr(spec: &str, allow_remote: bool) -> Result<SocketAddr> {
 /// Starts a node in `dir`: initialises it if needed, opens the store,
 /// starts the gateway. Used by `node run` and by the demo.
 pub(crate) async fn start(dir: &Path, options: RunOptions) -> Result<StartedNode> {
-    let identity = init(dir)?;
+    let identity = init(dir, Ports::default())?;
     let peer_id = identity.practice_id()?.to_string();
     let token = read_token(dir)?;
     let addr = gateway_addr(&options.gateway, options.allow_remote_gateway)?;

@@ -868,6 +868,33 @@ fn unexpected(peer: PeerId, request: &'static str, answer: &Response) -> Error {
     }
 }
 
+/// Fails with [`Error::AddressInUse`] when `addr` names a fixed TCP or UDP
+/// port that something listens on already. libp2p-tcp sets SO_REUSEPORT on
+/// its listeners, so a second node would bind the same port and the kernel
+/// would split connections between the two: a probe bound without it fails
+/// instead while the port is held. Port 0 and other transports pass.
+fn refuse_taken_port(addr: &Multiaddr) -> Result<()> {
+    let mut ip = None;
+    let mut taken = None;
+    for part in addr.iter() {
+        match part {
+            Protocol::Ip4(a) => ip = Some(std::net::IpAddr::V4(a)),
+            Protocol::Ip6(a) => ip = Some(std::net::IpAddr::V6(a)),
+            Protocol::Tcp(port) if port != 0 => {
+                taken = ip.map(|ip| std::net::TcpListener::bind((ip, port)).err());
+            }
+            Protocol::Udp(port) if port != 0 => {
+                taken = ip.map(|ip| std::net::UdpSocket::bind((ip, port)).err());
+            }
+            _ => {}
+        }
+    }
+    match taken.flatten() {
+        Some(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(Error::AddressInUse { addr: addr.clone() }),
+        _ => Ok(()),
+    }
+}
+
 fn transport(e: impl std::fmt::Display) -> Error {
     Error::Transport(e.to_string())
 }
@@ -1018,6 +1045,7 @@ pub(crate) async fn spawn<B: Backend>(
 
     let mut waiting = HashSet::new();
     for addr in &config.listen {
+        refuse_taken_port(addr)?;
         waiting.insert(swarm.listen_on(addr.clone()).map_err(transport)?);
     }
     // Wait until every listener has an address, so `listen_addrs` is

@@ -72,6 +72,14 @@ pub enum Error {
     /// Building the swarm or listening failed.
     #[error("transport setup: {0}")]
     Transport(String),
+    /// A listen address's port is taken: another node (libp2p's listeners
+    /// share ports with each other by SO_REUSEPORT, so the kernel would let
+    /// a second node bind it too) or another program listens there.
+    #[error("listen address {addr} is already in use (another node or program listens on that port)")]
+    AddressInUse {
+        /// The address asked for.
+        addr: Multiaddr,
+    },
     /// Dialing failed immediately.
     #[error("dialing {addr} failed: {reason}")]
     Dial {

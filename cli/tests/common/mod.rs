@@ -40,15 +40,23 @@ pub struct NodeProcess {
     child: Child,
     pub peer_id: String,
     pub listen: String,
+    /// The gateway's base URL.
+    pub gateway: String,
 }
 
 impl NodeProcess {
     pub fn start(home: &Path) -> Self {
+        Self::start_with(home, &["--listen", "/ip4/127.0.0.1/tcp/0"])
+    }
+
+    /// `node run` with these arguments (none: the addresses of the node's config).
+    pub fn start_with(home: &Path, args: &[&str]) -> Self {
         let exe: PathBuf = assert_cmd::cargo::cargo_bin("medmesh");
         let mut child = StdCommand::new(exe)
             .arg("--home")
             .arg(home)
-            .args(["--json", "node", "run", "--listen", "/ip4/127.0.0.1/tcp/0"])
+            .args(["--json", "node", "run"])
+            .args(args)
             .env_remove("MEDMESH_HOME")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -66,12 +74,14 @@ impl NodeProcess {
             child,
             peer_id: String::new(),
             listen: String::new(),
+            gateway: String::new(),
         };
         let line = rx
             .recv_timeout(WAIT)
             .expect("the node did not print its ready line in time");
         let ready: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("ready line {line:?}: {e}"));
         node.peer_id = ready["peer_id"].as_str().unwrap().to_owned();
+        node.gateway = ready["gateway"].as_str().unwrap_or_default().to_owned();
         node.listen = ready["listen"]
             .as_array()
             .unwrap()
