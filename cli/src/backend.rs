@@ -437,6 +437,7 @@ impl Backend for NodeBackend {
                     "bytes_sent": s.bytes_sent,
                     "bytes_received": s.bytes_received,
                     "sync_lag_seconds": s.sync_lag.map(|d| d.as_secs_f64()),
+                    "outbox": s.outbox,
                 });
             }
         }
@@ -731,6 +732,10 @@ impl Backend for NodeBackend {
             out.push_str(&format!(
                 "# TYPE medmesh_sync_peers gauge\nmedmesh_sync_peers {}\n",
                 s.peers
+            ));
+            out.push_str(&format!(
+                "# TYPE medmesh_sync_outbox_items gauge\nmedmesh_sync_outbox_items {}\n",
+                s.outbox
             ));
             if let Some(lag) = s.sync_lag {
                 out.push_str(&format!(

@@ -2328,6 +2328,30 @@ impl Node {
         self.commit(batch, false).await.map(|_| ())
     }
 
+    /// The consent items this node owes peers (issue 16, durable delivery).
+    ///
+    /// # Errors
+    /// Store failures.
+    pub fn outbox(&self) -> Result<Vec<crate::store::OutboxEntry>> {
+        self.store().outbox()
+    }
+
+    /// Records debts, durably (flushed before this returns).
+    ///
+    /// # Errors
+    /// Store failures.
+    pub fn put_outbox(&self, entries: &[crate::store::OutboxEntry]) -> Result<()> {
+        self.store().put_outbox(entries)
+    }
+
+    /// Clears debts by (peer bytes, item).
+    ///
+    /// # Errors
+    /// Store failures.
+    pub fn remove_outbox(&self, keys: &[(Vec<u8>, ItemId)]) -> Result<()> {
+        self.store().remove_outbox(keys)
+    }
+
     /// Index entries of the envelopes held for (patient, collection), or
     /// all collections: the summaries reconciliation exchanges.
     ///

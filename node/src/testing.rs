@@ -430,4 +430,13 @@ impl crate::store::Store for FlushControl {
     fn remove_snapshot(&self, patient: &PatientId, collection: Collection) -> Result<()> {
         self.inner.remove_snapshot(patient, collection)
     }
+    fn outbox(&self) -> Result<Vec<crate::store::OutboxEntry>> {
+        self.inner.outbox()
+    }
+    fn put_outbox(&self, entries: &[crate::store::OutboxEntry]) -> Result<()> {
+        self.inner.put_outbox(entries)
+    }
+    fn remove_outbox(&self, keys: &[(Vec<u8>, crate::store::ItemId)]) -> Result<()> {
+        self.inner.remove_outbox(keys)
+    }
 }

@@ -160,6 +160,22 @@ impl Backend for Timed {
         self.inner.envelope_ids(patient, collection)
     }
 
+    async fn item(&self, id: &medmesh_sync::ItemId) -> medmesh_sync::Result<Option<StoredItem>> {
+        self.inner.item(id).await
+    }
+
+    fn outbox(&self) -> medmesh_sync::Result<Vec<medmesh_sync::Owed>> {
+        self.inner.outbox()
+    }
+
+    fn put_outbox(&self, owed: &[medmesh_sync::Owed]) -> medmesh_sync::Result<()> {
+        self.inner.put_outbox(owed)
+    }
+
+    fn remove_outbox(&self, settled: &[(PeerId, medmesh_sync::ItemId)]) -> medmesh_sync::Result<()> {
+        self.inner.remove_outbox(settled)
+    }
+
     async fn envelopes(&self, ids: &[EnvelopeId]) -> medmesh_sync::Result<Vec<StoredItem>> {
         let start = Instant::now();
         let r = self.inner.envelopes(ids).await;

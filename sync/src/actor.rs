@@ -27,14 +27,14 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::backend::{
-    Backend, ConsentView, Cursor, DisclosureRecord, IngestReport, Item, ItemId, ItemKind, ItemMeta, StoredEvent,
+    Backend, ConsentView, Cursor, DisclosureRecord, IngestReport, Item, ItemId, ItemKind, ItemMeta, Owed, StoredEvent,
 };
 use crate::config::{Config, Limits, RelayLimits};
 use crate::filter::{Requester, may_disclose};
 use crate::serve::{self, Served};
 use crate::wire::{
-    Codec, MAX_FETCH_IDS, MAX_OFFERS_PER_PAGE, MAX_PUSH_ADDRS, Offer, PROTOCOL, RefusalCode, Request, Response,
-    summary_digest,
+    Codec, MAX_FETCH_IDS, MAX_ITEMS_PER_MESSAGE, MAX_OFFERS_PER_PAGE, MAX_PUSH_ADDRS, Offer, PROTOCOL, RefusalCode,
+    Request, Response, summary_digest,
 };
 use crate::{Connection, Error, Result, Status, SyncReport};
 use medmesh_node::rate::Bucket;
@@ -176,6 +176,7 @@ pub(crate) enum Command {
     },
     Forward {
         peer: PeerId,
+        id: ItemId,
         item: Item,
     },
     Nudge {
@@ -185,6 +186,11 @@ pub(crate) enum Command {
     AddAddress {
         peer: PeerId,
         addr: Multiaddr,
+    },
+    /// The addresses this node knows for `peer` (kept with what it owes it).
+    KnownAddrs {
+        peer: PeerId,
+        reply: oneshot::Sender<Vec<Multiaddr>>,
     },
     /// May a consent flow contact `peer` for input from `source`
     /// ([`DialBudget`])?
@@ -217,6 +223,8 @@ pub(crate) struct Ctx<B> {
     /// round runs after it (the ask may come from a grant the running round
     /// started too early to see).
     asked_reconciles: Arc<Mutex<HashMap<(PeerId, PatientId), bool>>>,
+    /// A tick's redelivery round is under way.
+    redelivering: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Whose transfer: one at a time per key.
@@ -240,6 +248,7 @@ impl<B> Clone for Ctx<B> {
             snapshot_min: self.snapshot_min,
             transfers: self.transfers.clone(),
             asked_reconciles: self.asked_reconciles.clone(),
+            redelivering: self.redelivering.clone(),
         }
     }
 }
@@ -325,6 +334,12 @@ impl<B: Backend> Ctx<B> {
         };
         let (reply, rx) = oneshot::channel();
         self.send(Command::MayDial { peer, source, reply }).await?;
+        rx.await.map_err(|_| Error::Stopped)
+    }
+
+    async fn known_addrs(&self, peer: PeerId) -> Result<Vec<Multiaddr>> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::KnownAddrs { peer, reply }).await?;
         rx.await.map_err(|_| Error::Stopped)
     }
 
@@ -809,7 +824,8 @@ struct PullSlot {
 enum Outbound {
     Reply(oneshot::Sender<Result<Response>>),
     Nudge(PeerId),
-    Forward(PeerId),
+    /// A consent item owed to the peer ([`Owed`]): settled by its answer.
+    Forward(PeerId, ItemId),
 }
 
 pub(crate) struct Actor<B: Backend> {
@@ -821,6 +837,8 @@ pub(crate) struct Actor<B: Backend> {
     me: PeerId,
     static_peers: Vec<(PeerId, Multiaddr)>,
     outbound: HashMap<OutboundRequestId, Outbound>,
+    /// Addresses learned for peers (hints, pushes, dials that worked).
+    known_addrs: HashMap<PeerId, Vec<Multiaddr>>,
     pulls: HashMap<PeerId, PullSlot>,
     /// Peers with a nudge in flight, and the sequence number of a follow-up
     /// to send when it returns.
@@ -1098,6 +1116,7 @@ pub(crate) async fn spawn<B: Backend>(
         snapshot_min: config.snapshot_min_envelopes,
         transfers: Arc::default(),
         asked_reconciles: Arc::default(),
+        redelivering: Arc::default(),
     };
     let actor = Actor {
         swarm,
@@ -1108,6 +1127,7 @@ pub(crate) async fn spawn<B: Backend>(
         me,
         static_peers,
         outbound: HashMap::new(),
+        known_addrs: HashMap::new(),
         pulls: HashMap::new(),
         nudging: HashMap::new(),
         dial_waiters: HashMap::new(),
@@ -1132,6 +1152,10 @@ impl<B: Backend> Actor<B> {
         let mut tick = tokio::time::interval(self.config.pull_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await; // the first tick fires at once; connections pull on establishment anyway
+        // The outbox is looked at every second (a scan of a small tree);
+        // the first round, at once, takes over what a previous run owed.
+        let mut redelivery = tokio::time::interval(REDELIVERY_TICK);
+        redelivery.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         self.reserve_relays();
         let mut stored_open = true;
         let shutdown_reply = loop {
@@ -1157,6 +1181,7 @@ impl<B: Backend> Actor<B> {
                     Err(broadcast::error::RecvError::Closed) => stored_open = false,
                 },
                 _ = tick.tick() => self.on_tick(),
+                _ = redelivery.tick(), if self.config.consent_flows => self.redeliver(None),
             }
         };
         info!("sync actor stopping");
@@ -1283,6 +1308,7 @@ impl<B: Backend> Actor<B> {
                     reconciliations_failed: m.reconciliations_failed.load(Ordering::Relaxed),
                     items_unwanted: m.items_unwanted.load(Ordering::Relaxed),
                     dials_limited: m.dials_limited.load(Ordering::Relaxed),
+                    outbox: self.backend().outbox().map_or(0, |o| o.len() as u64),
                 });
             }
             Command::Shutdown(reply) => {
@@ -1302,9 +1328,12 @@ impl<B: Backend> Actor<B> {
             }
             Command::PullDone { peer, result } => self.on_pull_done(peer, result),
             Command::Pushed { peer } => self.start_pull(peer, None),
-            Command::Forward { peer, item } => self.forward(peer, item),
+            Command::Forward { peer, id, item } => self.forward(peer, id, item),
             Command::Nudge { peer, seq } => self.nudge(peer, seq),
-            Command::AddAddress { peer, addr } => self.swarm.add_peer_address(peer, addr),
+            Command::AddAddress { peer, addr } => self.note_addr(peer, addr),
+            Command::KnownAddrs { peer, reply } => {
+                let _ = reply.send(self.known_addrs.get(&peer).cloned().unwrap_or_default());
+            }
             Command::MayDial { peer, source, reply } => {
                 let free = self.swarm.is_connected(&peer) || self.static_peers.iter().any(|(p, _)| *p == peer);
                 let allowed = free || self.dial_budget.take(&self.config.limits, source, Instant::now());
@@ -1464,8 +1493,18 @@ impl<B: Backend> Actor<B> {
                 for w in self.dial_waiters.remove(&peer_id).unwrap_or_default() {
                     let _ = w.send(Ok(peer_id));
                 }
+                if let libp2p::core::ConnectedPoint::Dialer { address, .. } = &endpoint
+                    && !relayed
+                {
+                    // An address that just worked: kept with what this node owes the peer.
+                    self.remember_addr(peer_id, address.clone());
+                }
                 if num_established.get() == 1 {
                     self.last_synced.insert(peer_id, Instant::now());
+                    if self.config.consent_flows {
+                        // Back (or new): whatever it is owed goes now.
+                        self.redeliver(Some(peer_id));
+                    }
                     if self.worth_pulling(&peer_id) {
                         self.start_pull(peer_id, None);
                     }
@@ -1690,7 +1729,14 @@ impl<B: Backend> Actor<B> {
                     let _ = reply.send(Ok(response));
                 }
                 Some(Outbound::Nudge(p)) => self.nudge_done(p),
-                Some(Outbound::Forward(p)) => debug!(peer = %p, answer = response.name(), "push delivered"),
+                Some(Outbound::Forward(p, item)) => {
+                    debug!(peer = %p, answer = response.name(), "push delivered");
+                    let outcome = match response {
+                        Response::Pushed { .. } => Ok(()),
+                        other => Err(format!("answered {}", other.name())),
+                    };
+                    self.settle_forward(p, item, outcome);
+                }
                 None => debug!(%peer, "response to an unknown request"),
             },
             Event::OutboundFailure {
@@ -1713,7 +1759,10 @@ impl<B: Backend> Actor<B> {
                 Some(Outbound::Nudge(p)) => {
                     self.nudging.remove(&p);
                 }
-                Some(Outbound::Forward(p)) => warn!(peer = %p, cause = %error, "push failed"),
+                Some(Outbound::Forward(p, item)) => {
+                    warn!(peer = %p, cause = %error, "push failed; kept in the outbox");
+                    self.settle_forward(p, item, Err(error.to_string()));
+                }
                 None => {}
             },
             Event::InboundFailure { peer, error, .. } => {
@@ -1801,7 +1850,7 @@ impl<B: Backend> Actor<B> {
                 // Before ingesting: the consent flows that the stored items
                 // trigger may need to dial these addresses.
                 for (p, a) in adoptable_addrs(self.backend(), self.me, &requester, &items, addrs) {
-                    self.swarm.add_peer_address(p, a);
+                    self.note_addr(p, a);
                 }
                 let ctx = self.ctx.clone();
                 tokio::spawn(async move {
@@ -1933,10 +1982,10 @@ impl<B: Backend> Actor<B> {
         });
     }
 
-    fn forward(&mut self, peer: PeerId, item: Item) {
+    fn forward(&mut self, peer: PeerId, item_id: ItemId, item: Item) {
         if self.outbound.len() >= self.config.limits.max_outbound {
             Metrics::add(&self.ctx.metrics.dropped, 1);
-            warn!(%peer, outbound = self.outbound.len(), "outbound requests at their cap; forward dropped");
+            warn!(%peer, outbound = self.outbound.len(), "outbound requests at their cap; forward left to redelivery");
             return;
         }
         let request = Request::Push {
@@ -1945,7 +1994,60 @@ impl<B: Backend> Actor<B> {
         };
         let id = self.swarm.behaviour_mut().sync.send_request(&peer, request);
         Metrics::add(&self.ctx.metrics.requests_sent, 1);
-        self.outbound.insert(id, Outbound::Forward(peer));
+        self.outbound.insert(id, Outbound::Forward(peer, item_id));
+    }
+
+    /// Adds an address for `peer` to the swarm and to what this node knows.
+    fn note_addr(&mut self, peer: PeerId, addr: Multiaddr) {
+        self.remember_addr(peer, addr.clone());
+        self.swarm.add_peer_address(peer, addr);
+    }
+
+    /// Remembers an address of `peer` (the newest few per peer, for a
+    /// bounded number of peers).
+    fn remember_addr(&mut self, peer: PeerId, addr: Multiaddr) {
+        const PER_PEER: usize = 4;
+        const PEERS: usize = 4096;
+        if self.known_addrs.len() >= PEERS && !self.known_addrs.contains_key(&peer) {
+            return;
+        }
+        let addrs = self.known_addrs.entry(peer).or_default();
+        addrs.retain(|a| *a != addr);
+        addrs.insert(0, addr);
+        addrs.truncate(PER_PEER);
+    }
+
+    /// A forward's outcome: the debt is settled, or its next try scheduled.
+    fn settle_forward(&self, peer: PeerId, item: ItemId, outcome: std::result::Result<(), String>) {
+        let ctx = self.ctx.clone();
+        let max_backoff = self.config.redelivery_max_backoff;
+        tokio::task::spawn_blocking(move || {
+            let result = match outcome {
+                Ok(()) => ctx.backend.remove_outbox(&[(peer, item)]),
+                Err(error) => reschedule(&ctx, &[(peer, item)], &error, max_backoff),
+            };
+            if let Err(e) = result {
+                warn!(%peer, cause = %e, "updating the outbox failed");
+            }
+        });
+    }
+
+    /// Delivers what the outbox owes: the debts due now, or every debt of
+    /// `peer` (it has just connected). One round at a time for the tick.
+    fn redeliver(&self, peer: Option<PeerId>) {
+        if peer.is_none() && self.ctx.redelivering.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let ctx = self.ctx.clone();
+        let max_backoff = self.config.redelivery_max_backoff;
+        tokio::spawn(async move {
+            if let Err(e) = redeliver(&ctx, peer, max_backoff).await {
+                warn!(cause = %e, "redelivering the outbox failed");
+            }
+            if peer.is_none() {
+                ctx.redelivering.store(false, Ordering::Release);
+            }
+        });
     }
 }
 
@@ -1988,11 +2090,185 @@ async fn push_filtered<B: Backend>(
         items: 1,
         bytes: item.bytes.len() as u64,
     });
+    let addrs = ctx.known_addrs(peer).await?;
+    owe(ctx, peer, meta, addrs)?;
     ctx.send(Command::Forward {
         peer,
+        id: meta.id,
         item: item.clone(),
     })
     .await
+}
+
+/// How often the outbox is looked at for debts due.
+const REDELIVERY_TICK: Duration = Duration::from_secs(1);
+
+/// First try of a redelivery after a failure, doubled per failure up to
+/// `Config::redelivery_max_backoff`.
+const REDELIVERY_FIRST_BACKOFF: Duration = Duration::from_secs(2);
+/// A debt older than this is given up (the peer is gone for good); the
+/// patient's next grant or revocation, pulls and reconciliation remain.
+const OUTBOX_MAX_AGE: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Most debts kept; beyond, new ones are not recorded (forwarded once, as
+/// before the outbox) and counted as dropped.
+const OUTBOX_MAX: usize = 65_536;
+/// Most debts kept for one patient: a real patient's grants name a handful
+/// of practices; a self-made one's must not fill the outbox.
+const OUTBOX_MAX_PER_PATIENT: usize = 256;
+/// Peers not connected that one redelivery round (each second) dials: a
+/// debt names whatever PeerId a patient's grant names, so redelivery must
+/// not make the node dial on request at any rate (the ones left wait for
+/// the next round; fewest failed tries go first).
+const REDELIVERY_DIALS_PER_ROUND: usize = 4;
+
+/// Records that `meta`'s item is owed to `peer` until it answers a push of
+/// it, durably, before the first try.
+fn owe<B: Backend>(ctx: &Ctx<B>, peer: PeerId, meta: &ItemMeta, addrs: Vec<Multiaddr>) -> Result<()> {
+    let owed = ctx.backend.outbox()?;
+    if owed.iter().any(|o| o.peer == peer && o.item == meta.id) {
+        return Ok(());
+    }
+    if owed.len() >= OUTBOX_MAX || owed.iter().filter(|o| o.patient == meta.patient).count() >= OUTBOX_MAX_PER_PATIENT {
+        Metrics::add(&ctx.metrics.dropped, 1);
+        warn!(%peer, "outbox full; this item is forwarded once, not kept for redelivery");
+        return Ok(());
+    }
+    let t = now();
+    ctx.backend.put_outbox(&[Owed {
+        peer,
+        item: meta.id,
+        patient: meta.patient,
+        since: t,
+        attempts: 0,
+        next_at: t.saturating_add(millis(REDELIVERY_FIRST_BACKOFF)),
+        last_error: String::new(),
+        addrs,
+    }])
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Counts a failed try of these debts and schedules the next one.
+fn reschedule<B: Backend>(ctx: &Ctx<B>, debts: &[(PeerId, ItemId)], error: &str, max_backoff: Duration) -> Result<()> {
+    let t = now();
+    let updated: Vec<Owed> = ctx
+        .backend
+        .outbox()?
+        .into_iter()
+        .filter(|o| debts.contains(&(o.peer, o.item)))
+        .map(|mut o| {
+            o.attempts = o.attempts.saturating_add(1);
+            let wait = REDELIVERY_FIRST_BACKOFF
+                .saturating_mul(1u32.checked_shl(o.attempts.min(20)).unwrap_or(u32::MAX))
+                .min(max_backoff);
+            o.next_at = t.saturating_add(millis(wait));
+            o.last_error = error.chars().take(200).collect();
+            o
+        })
+        .collect();
+    ctx.backend.put_outbox(&updated)
+}
+
+/// One redelivery round: every debt due (or every debt of `only`), grouped
+/// by peer, each peer's sent in one push after the consent filter decides
+/// again (what it would not send now is given up, as are debts older than
+/// [`OUTBOX_MAX_AGE`]). A push answered settles what it carried.
+async fn redeliver<B: Backend>(ctx: &Ctx<B>, only: Option<PeerId>, max_backoff: Duration) -> Result<()> {
+    let t = now();
+    let mut due: BTreeMap<PeerId, Vec<Owed>> = BTreeMap::new();
+    let mut given_up = Vec::new();
+    for o in ctx.backend.outbox()? {
+        if t.saturating_sub(o.since) > millis(OUTBOX_MAX_AGE) {
+            warn!(peer = %o.peer, attempts = o.attempts, "an item owed for 30 days is given up");
+            given_up.push((o.peer, o.item));
+        } else if only.map_or(o.next_at <= t, |p| p == o.peer) {
+            due.entry(o.peer).or_default().push(o);
+        }
+    }
+    let connected: HashSet<PeerId> = ctx.connected_peers().await?.into_iter().collect();
+    let mut due: Vec<(PeerId, Vec<Owed>)> = due.into_iter().collect();
+    due.sort_by_key(|(peer, debts)| {
+        (
+            !connected.contains(peer),
+            debts.iter().map(|o| o.attempts).min().unwrap_or(0),
+        )
+    });
+    let mut dials = 0;
+    for (peer, debts) in due {
+        if !connected.contains(&peer) {
+            if dials >= REDELIVERY_DIALS_PER_ROUND {
+                continue;
+            }
+            dials += 1;
+        }
+        let Ok(requester) = Requester::from_peer_id(&peer) else {
+            given_up.extend(debts.iter().map(|o| (o.peer, o.item)));
+            continue;
+        };
+        let mut items = Vec::new();
+        let mut carried = Vec::new();
+        for o in debts.iter().take(MAX_ITEMS_PER_MESSAGE) {
+            let Some(stored) = ctx.backend.item(&o.item).await? else {
+                given_up.push((peer, o.item));
+                continue;
+            };
+            let view = ctx.backend.consent(&stored.meta.patient)?;
+            if may_disclose(&stored.meta, &requester, &view, t).allowed() {
+                carried.push((peer, o.item));
+                items.push(stored.item);
+            } else {
+                given_up.push((peer, o.item));
+            }
+        }
+        if items.is_empty() {
+            continue;
+        }
+        // The addresses known when the debt arose (a restart forgets the
+        // swarm's): the peer may be back where it was.
+        let mut addrs: Vec<&Multiaddr> = debts.iter().flat_map(|o| &o.addrs).collect();
+        addrs.sort();
+        addrs.dedup();
+        for addr in addrs {
+            ctx.send(Command::AddAddress {
+                peer,
+                addr: addr.clone(),
+            })
+            .await?;
+        }
+        if let Err(e) = ctx.dial_peer(peer).await {
+            debug!(%peer, cause = %e, "could not connect to redeliver");
+        }
+        let outcome = match ctx
+            .request(
+                peer,
+                Request::Push {
+                    items,
+                    addrs: Vec::new(),
+                },
+            )
+            .await
+        {
+            Ok(Response::Pushed { .. }) => Ok(()),
+            Ok(other) => Err(format!("answered {}", other.name())),
+            Err(e) => Err(e.to_string()),
+        };
+        match outcome {
+            Ok(()) => {
+                info!(%peer, items = carried.len(), "owed consent items delivered");
+                ctx.backend.remove_outbox(&carried)?;
+            }
+            Err(error) => {
+                debug!(%peer, cause = %error, "redelivery failed; tried again later");
+                reschedule(ctx, &carried, &error, max_backoff)?;
+            }
+        }
+    }
+    if !given_up.is_empty() {
+        ctx.backend.remove_outbox(&given_up)?;
+    }
+    Ok(())
 }
 
 /// A push asked for through the handle. Items of the local identity's own

@@ -6,7 +6,7 @@ use std::collections::{BTreeSet, HashSet};
 use std::fmt;
 use std::sync::Arc;
 
-use libp2p::PeerId;
+use libp2p::{Multiaddr, PeerId};
 use medmesh_crypto::{
     Collection, Envelope, EnvelopeId, Grant, GrantId, KeyShare, MAX_ENVELOPE_BYTES, MAX_GRANT_BYTES,
     MAX_KEYSHARE_BYTES, MAX_REVOCATION_BYTES, PatientId, Principal, Revocation, Timestamp,
@@ -437,6 +437,28 @@ pub struct Transfer {
     pub first_seq: u64,
 }
 
+/// A consent item this node owes a peer until the peer answers a push of it
+/// (durable delivery, docs/protocol.md §8a). Metadata only.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct Owed {
+    /// The peer owed.
+    pub peer: PeerId,
+    /// The item owed.
+    pub item: ItemId,
+    /// Whose item.
+    pub patient: PatientId,
+    /// When the debt arose (ms since the Unix epoch).
+    pub since: Timestamp,
+    /// Deliveries tried and failed so far.
+    pub attempts: u32,
+    /// Not tried again before this time (ms since the Unix epoch).
+    pub next_at: Timestamp,
+    /// Why the last attempt failed.
+    pub last_error: String,
+    /// Where the peer was known to listen when the debt arose.
+    pub addrs: Vec<Multiaddr>,
+}
+
 /// The operations sync needs from a node's store. Cheap lookups are plain
 /// functions (called from the actor); the ones that may touch the disk or
 /// wait for a flush are futures, run in spawned tasks.
@@ -562,6 +584,30 @@ pub trait Backend: Send + Sync + 'static {
     /// # Errors
     /// Storage failures.
     fn consent(&self, patient: &PatientId) -> Result<ConsentView>;
+
+    /// Any stored item by id (a grant, revocation, key share or envelope).
+    ///
+    /// # Errors
+    /// Storage failures.
+    fn item(&self, id: &ItemId) -> impl Future<Output = Result<Option<StoredItem>>> + Send;
+
+    /// Every consent item this node owes a peer ([`Owed`]).
+    ///
+    /// # Errors
+    /// Storage failures.
+    fn outbox(&self) -> Result<Vec<Owed>>;
+
+    /// Records debts (replacing any of the same (peer, item)), durably.
+    ///
+    /// # Errors
+    /// Storage failures.
+    fn put_outbox(&self, owed: &[Owed]) -> Result<()>;
+
+    /// Clears debts, delivered or given up.
+    ///
+    /// # Errors
+    /// Storage failures.
+    fn remove_outbox(&self, settled: &[(PeerId, ItemId)]) -> Result<()>;
 
     /// The ids of every envelope held for (patient, collection), each
     /// actor's changes by ascending seq (a summary lists them in this order,

@@ -70,6 +70,10 @@ pub struct Config {
     pub snapshot_min_envelopes: usize,
     /// Flood limits on what peers may ask of this node.
     pub limits: Limits,
+    /// Durable delivery (docs/protocol.md §8a): a consent item owed to a
+    /// peer that did not answer is tried again after 2 s, doubling per
+    /// failure up to this wait; a peer that connects gets its debts at once.
+    pub redelivery_max_backoff: Duration,
 }
 
 /// Flood limits (docs/protocol.md, "Flood limits"). Requests over a limit
@@ -190,6 +194,7 @@ impl Default for Config {
             relay_limits: RelayLimits::default(),
             snapshot_min_envelopes: 64,
             limits: Limits::default(),
+            redelivery_max_backoff: Duration::from_secs(300),
         }
     }
 }

@@ -45,7 +45,7 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use backend::{
     AuditEntryWire, Backend, ConsentView, Cursor, DisclosureRecord, IngestReport, InstanceId, Item, ItemId, ItemKind,
-    ItemMeta, StoredEvent, StoredItem, Transfer, TransferIngest,
+    ItemMeta, Owed, StoredEvent, StoredItem, Transfer, TransferIngest,
 };
 pub use config::{Config, Limits, RelayLimits};
 pub use direct::serve_request;
@@ -152,6 +152,9 @@ pub struct Status {
     /// Dials a consent flow skipped because the source of its input (or
     /// all sources together) used up the dial budget (§10a).
     pub dials_limited: u64,
+    /// Consent items owed to peers that have not answered yet (durable
+    /// delivery, docs/protocol.md §8a).
+    pub outbox: u64,
 }
 
 /// A cheap, cloneable handle on one node's sync actor. The actor stops when

@@ -5,7 +5,7 @@
 //! and is retried when more items arrive. It does not decrypt or apply
 //! changes: that is the node store's business.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Mutex, MutexGuard};
 
 use libp2p::PeerId;
@@ -15,7 +15,7 @@ use tokio::sync::broadcast;
 
 use crate::backend::{
     AuditEntryWire, Backend, ConsentView, Cursor, DisclosureRecord, IngestReport, InstanceId, Item, ItemId, ItemKind,
-    ItemMeta, StoredEvent, StoredItem,
+    ItemMeta, Owed, StoredEvent, StoredItem,
 };
 use crate::{Error, Result};
 
@@ -30,6 +30,7 @@ struct State {
     cursors: HashMap<PeerId, Cursor>,
     /// Disclosures with the time they were recorded.
     audit: Vec<(Timestamp, DisclosureRecord)>,
+    outbox: BTreeMap<(PeerId, ItemId), Owed>,
 }
 
 /// A store in memory. Cheap to share through an `Arc`.
@@ -359,6 +360,30 @@ impl Backend for MemoryBackend {
             .filter(|s| s.meta.kind == ItemKind::Envelope && wanted.contains(&s.meta.id))
             .cloned()
             .collect())
+    }
+
+    async fn item(&self, id: &ItemId) -> Result<Option<StoredItem>> {
+        Ok(self.lock().log.iter().find(|s| s.meta.id == *id).cloned())
+    }
+
+    fn outbox(&self) -> Result<Vec<Owed>> {
+        Ok(self.lock().outbox.values().cloned().collect())
+    }
+
+    fn put_outbox(&self, owed: &[Owed]) -> Result<()> {
+        let mut state = self.lock();
+        for o in owed {
+            state.outbox.insert((o.peer, o.item), o.clone());
+        }
+        Ok(())
+    }
+
+    fn remove_outbox(&self, settled: &[(PeerId, ItemId)]) -> Result<()> {
+        let mut state = self.lock();
+        for key in settled {
+            state.outbox.remove(key);
+        }
+        Ok(())
     }
 
     async fn record_disclosure(&self, record: &DisclosureRecord) -> Result<()> {

@@ -23,7 +23,7 @@ use tracing::{debug, warn};
 
 use crate::backend::{
     AuditEntryWire, Backend, ConsentView, Cursor, DisclosureRecord, IngestReport, InstanceId, Item, ItemId, ItemKind,
-    ItemMeta, StoredEvent, StoredItem, Transfer, TransferIngest,
+    ItemMeta, Owed, StoredEvent, StoredItem, Transfer, TransferIngest,
 };
 use crate::wire::{SnapshotPayload, decode_transfer_headers, encode_compact_headers};
 use crate::{Error, Result};
@@ -346,6 +346,59 @@ impl Backend for NodeBackend {
 
     fn envelope_ids(&self, patient: &PatientId, collection: Collection) -> Result<Vec<EnvelopeId>> {
         self.node.envelope_ids(patient, collection).map_err(backend_error)
+    }
+
+    async fn item(&self, id: &ItemId) -> Result<Option<StoredItem>> {
+        Ok(self
+            .node
+            .item(&node_store::ItemId(id.0))
+            .await
+            .map_err(backend_error)?
+            .map(stored_from_node))
+    }
+
+    fn outbox(&self) -> Result<Vec<Owed>> {
+        let entries = self.node.outbox().map_err(backend_error)?;
+        Ok(entries
+            .into_iter()
+            .filter_map(|e| {
+                Some(Owed {
+                    peer: PeerId::from_bytes(&e.peer).ok()?,
+                    item: ItemId(e.item.0),
+                    patient: e.patient,
+                    since: e.since,
+                    attempts: e.attempts,
+                    next_at: e.next_at,
+                    last_error: e.last_error,
+                    addrs: e.addrs.iter().filter_map(|a| a.parse().ok()).collect(),
+                })
+            })
+            .collect())
+    }
+
+    fn put_outbox(&self, owed: &[Owed]) -> Result<()> {
+        let entries: Vec<node_store::OutboxEntry> = owed
+            .iter()
+            .map(|o| node_store::OutboxEntry {
+                peer: o.peer.to_bytes(),
+                item: node_store::ItemId(o.item.0),
+                patient: o.patient,
+                since: o.since,
+                attempts: o.attempts,
+                next_at: o.next_at,
+                last_error: o.last_error.clone(),
+                addrs: o.addrs.iter().map(ToString::to_string).collect(),
+            })
+            .collect();
+        self.node.put_outbox(&entries).map_err(backend_error)
+    }
+
+    fn remove_outbox(&self, settled: &[(PeerId, ItemId)]) -> Result<()> {
+        let keys: Vec<(Vec<u8>, node_store::ItemId)> = settled
+            .iter()
+            .map(|(peer, item)| (peer.to_bytes(), node_store::ItemId(item.0)))
+            .collect();
+        self.node.remove_outbox(&keys).map_err(backend_error)
     }
 
     async fn envelopes(&self, ids: &[EnvelopeId]) -> Result<Vec<StoredItem>> {

@@ -5,8 +5,8 @@ use ciborium::Value;
 use medmesh_crypto::{ActorId, Collection, EnvelopeId, GrantId, KeyId, PatientId, PracticeId, Principal};
 
 use super::{
-    Cursor, EnvelopeEntry, EnvelopeState, InstanceId, ItemId, ItemKind, ItemMeta, PendingItem, PendingReason,
-    Rejection, Seq,
+    Cursor, EnvelopeEntry, EnvelopeState, InstanceId, ItemId, ItemKind, ItemMeta, OutboxEntry, PendingItem,
+    PendingReason, Rejection, Seq,
 };
 use crate::{Error, Result};
 
@@ -405,4 +405,56 @@ pub(crate) fn cursor_from(key: &[u8], v: &[u8]) -> Result<Cursor> {
         instance: InstanceId(instance),
         seq: seq_from_key(&v[16..])?,
     })
+}
+
+/// Outbox key: peer length (1) ‖ peer (PeerId bytes) ‖ item id (32), so a
+/// peer's entries share a prefix.
+pub(crate) fn outbox_key(peer: &[u8], item: &ItemId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + peer.len() + 32);
+    k.push(u8::try_from(peer.len()).unwrap_or(u8::MAX));
+    k.extend_from_slice(peer);
+    k.extend_from_slice(&item.0);
+    k
+}
+
+/// Outbox value: patient (32) ‖ since (8, BE) ‖ attempts (4, BE) ‖
+/// next_at (8, BE) ‖ error length (2, BE) ‖ last error (UTF-8) ‖ the
+/// peer's addresses (UTF-8 multiaddrs, one per line).
+pub(crate) fn outbox_value(e: &OutboxEntry) -> Vec<u8> {
+    let error = &e.last_error.as_bytes()[..e.last_error.len().min(usize::from(u16::MAX))];
+    let addrs = e.addrs.join("\n");
+    let mut v = Vec::with_capacity(54 + error.len() + addrs.len());
+    v.extend_from_slice(e.patient.as_bytes());
+    v.extend_from_slice(&e.since.to_be_bytes());
+    v.extend_from_slice(&e.attempts.to_be_bytes());
+    v.extend_from_slice(&e.next_at.to_be_bytes());
+    v.extend_from_slice(&u16::try_from(error.len()).unwrap_or(u16::MAX).to_be_bytes());
+    v.extend_from_slice(error);
+    v.extend_from_slice(addrs.as_bytes());
+    v
+}
+
+pub(crate) fn outbox_entry(key: &[u8], v: &[u8]) -> Result<OutboxEntry> {
+    let parse = || -> Option<OutboxEntry> {
+        let (&len, rest) = key.split_first()?;
+        let len = usize::from(len);
+        if rest.len() != len + 32 || v.len() < 54 {
+            return None;
+        }
+        let patient = PatientId::from_bytes(v[..32].try_into().ok()?).ok()?;
+        let error_len = usize::from(u16::from_be_bytes(v[52..54].try_into().ok()?));
+        let error = v.get(54..54 + error_len)?;
+        let addrs = std::str::from_utf8(v.get(54 + error_len..)?).ok()?;
+        Some(OutboxEntry {
+            peer: rest[..len].to_vec(),
+            item: ItemId(rest[len..].try_into().ok()?),
+            patient,
+            since: u64::from_be_bytes(v[32..40].try_into().ok()?),
+            attempts: u32::from_be_bytes(v[40..44].try_into().ok()?),
+            next_at: u64::from_be_bytes(v[44..52].try_into().ok()?),
+            last_error: String::from_utf8_lossy(error).into_owned(),
+            addrs: addrs.split('\n').filter(|a| !a.is_empty()).map(str::to_owned).collect(),
+        })
+    };
+    parse().ok_or_else(|| corrupt("outbox entry", key))
 }

@@ -237,6 +237,30 @@ pub struct PendingItem {
     pub bytes: Vec<u8>,
 }
 
+/// A consent item this node owes a peer (issue 16: durable delivery): a
+/// grant to its grantee, a grant or revocation to another holder of the
+/// patient's grants, a key share to its recipient. Kept until the peer
+/// answers a push of it, across restarts; metadata only, no PHI.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct OutboxEntry {
+    /// The peer owed (PeerId bytes).
+    pub peer: Vec<u8>,
+    /// The item owed.
+    pub item: ItemId,
+    /// Whose item.
+    pub patient: PatientId,
+    /// When the debt arose (ms since the Unix epoch).
+    pub since: u64,
+    /// Deliveries tried and failed so far.
+    pub attempts: u32,
+    /// Not before this time is it tried again (ms since the Unix epoch).
+    pub next_at: u64,
+    /// Why the last attempt failed (no content of the item).
+    pub last_error: String,
+    /// Where the peer was known to listen (multiaddrs as text).
+    pub addrs: Vec<String>,
+}
+
 /// One logical mutation; a [`Batch`] of them is applied atomically.
 #[derive(Clone, Debug)]
 pub enum Op {
@@ -552,6 +576,34 @@ pub trait Store: Send + Sync + 'static {
     /// Engine failures.
     fn remove_snapshot(&self, patient: &PatientId, collection: Collection) -> Result<()> {
         let _ = (patient, collection);
+        Ok(())
+    }
+
+    /// Every entry of the delivery outbox ([`OutboxEntry`]); a store
+    /// without one has none (the default).
+    ///
+    /// # Errors
+    /// Engine failures, [`crate::Error::Corrupt`].
+    fn outbox(&self) -> Result<Vec<OutboxEntry>> {
+        Ok(Vec::new())
+    }
+
+    /// Records (or replaces, by (peer, item)) outbox entries, durably: a
+    /// debt must outlive a crash right after the item it is for.
+    ///
+    /// # Errors
+    /// Engine failures.
+    fn put_outbox(&self, entries: &[OutboxEntry]) -> Result<()> {
+        let _ = entries;
+        Ok(())
+    }
+
+    /// Removes outbox entries by (peer, item); absent ones are ignored.
+    ///
+    /// # Errors
+    /// Engine failures.
+    fn remove_outbox(&self, keys: &[(Vec<u8>, ItemId)]) -> Result<()> {
+        let _ = keys;
         Ok(())
     }
 }

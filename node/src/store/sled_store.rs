@@ -18,8 +18,8 @@ use sled::transaction::{ConflictableTransactionError, TransactionError, Transact
 
 use super::codec::{self, seq_key};
 use super::{
-    Batch, Committed, Cursor, EnvelopeEntry, InstanceId, ItemId, ItemKind, Op, PendingItem, PendingReason, Rejection,
-    Seq, Store, StoredItem,
+    Batch, Committed, Cursor, EnvelopeEntry, InstanceId, ItemId, ItemKind, Op, OutboxEntry, PendingItem, PendingReason,
+    Rejection, Seq, Store, StoredItem,
 };
 use crate::audit;
 use crate::{Error, Result};
@@ -61,6 +61,7 @@ pub struct SledStore {
     audit_checkpoint: sled::Tree,
     snapshots: sled::Tree,
     resources: sled::Tree,
+    outbox: sled::Tree,
     instance: InstanceId,
     // Commits are serialised: seqs and the audit chain need one writer.
     heads: Mutex<Heads>,
@@ -136,6 +137,7 @@ impl SledStore {
             audit_checkpoint: tree("audit-checkpoint")?,
             snapshots: tree("snapshots")?,
             resources: tree("resources")?,
+            outbox: tree("outbox")?,
             db,
             instance,
             heads: Mutex::new(Heads {
@@ -621,6 +623,32 @@ impl Store for SledStore {
             .remove(codec::envelope_prefix(patient, Some(collection)))
             .map(|_| ())
             .map_err(storage)
+    }
+
+    fn outbox(&self) -> Result<Vec<OutboxEntry>> {
+        let mut out = Vec::new();
+        for kv in &self.outbox {
+            let (k, v) = kv.map_err(storage)?;
+            out.push(codec::outbox_entry(&k, &v)?);
+        }
+        Ok(out)
+    }
+
+    fn put_outbox(&self, entries: &[OutboxEntry]) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        for e in entries {
+            batch.insert(codec::outbox_key(&e.peer, &e.item), codec::outbox_value(e));
+        }
+        self.outbox.apply_batch(batch).map_err(storage)?;
+        self.outbox.flush().map(|_| ()).map_err(storage)
+    }
+
+    fn remove_outbox(&self, keys: &[(Vec<u8>, ItemId)]) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        for (peer, item) in keys {
+            batch.remove(codec::outbox_key(peer, item));
+        }
+        self.outbox.apply_batch(batch).map_err(storage)
     }
 }
 
