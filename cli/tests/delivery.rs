@@ -68,3 +68,72 @@ fn a_grant_to_a_practice_that_is_down_reaches_it_when_it_is_back() {
         "B holds a collection it was not granted"
     );
 }
+
+/// The Observations B's own apps find at B's gateway (B holds no Patient:
+/// a search without a patient scans what B can read).
+fn observations_at(node: &NodeProcess) -> usize {
+    let (status, bundle) = node.get("/fhir/Observation");
+    assert_eq!(status, 200, "{bundle}");
+    bundle["entry"].as_array().map_or(0, Vec::len)
+}
+
+/// Imports one glucose Observation (and its Patient, linked to `did`) at the node of `home`.
+fn import_lab(root: &std::path::Path, home: &std::path::Path, did: &str, value: f64) {
+    let bundle = json!({"resourceType": "Bundle", "type": "collection", "entry": [
+        {"fullUrl": "urn:uuid:8a1e3c55-7b2d-4f09-b6a4-2d9c0e5f7a13",
+         "resource": {"resourceType": "Patient", "name": [{"family": "Adeyemi"}]}},
+        {"resource": {"resourceType": "Observation", "status": "final",
+                      "code": {"coding": [{"system": "http://loinc.org", "code": "2345-7"}]},
+                      "subject": {"reference": "urn:uuid:8a1e3c55-7b2d-4f09-b6a4-2d9c0e5f7a13"},
+                      "valueQuantity": {"value": value, "unit": "mmol/L"}}}]});
+    let file = root.join(format!("lab-{value}.json"));
+    std::fs::write(&file, bundle.to_string()).unwrap();
+    let out = medmesh(home)
+        .args(["--json", "fhir", "import", "--patient", did])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+/// Revoking one of two grants a practice holds for the same collection
+/// rotates that collection's key: the practice's other grant is still in
+/// force, so it must get the new epoch's key and read what is written after.
+#[test]
+fn revoking_one_of_two_grants_to_a_practice_keeps_the_other_readable() {
+    let root = tempfile::tempdir().unwrap();
+    let patient = root.path().join("patient");
+    let (home_a, home_b) = (root.path().join("a"), root.path().join("b"));
+    let (a, b) = (NodeProcess::start(&home_a), NodeProcess::start(&home_b));
+    let did = new_patient(&patient);
+    grant_to_node(&patient, &a, true);
+    import_lab(root.path(), &home_a, &did, 5.4);
+
+    let mut ids = Vec::new();
+    for collections in ["labs", "labs,core"] {
+        let out = medmesh(&patient)
+            .args(["--json", "patient", "grant", "--node", &a.listen, "--to", &b.listen])
+            .args(["--collections", collections])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        ids.push(common::json_lines(&out)[0]["grant_id"].as_str().unwrap().to_owned());
+    }
+    let deadline = std::time::Instant::now() + common::WAIT;
+    while observations_at(&b) < 1 {
+        assert!(std::time::Instant::now() < deadline, "B never read the first lab");
+    }
+
+    let out = medmesh(&patient)
+        .args(["--json", "patient", "revoke", "--node", &a.listen, &ids[1]])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    import_lab(root.path(), &home_a, &did, 6.1);
+    while observations_at(&b) < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "B, still granted labs, cannot read the lab written after the other grant's revocation"
+        );
+    }
+}

@@ -42,6 +42,7 @@ pub struct NodeProcess {
     pub listen: String,
     /// The gateway's base URL.
     pub gateway: String,
+    home: PathBuf,
 }
 
 impl NodeProcess {
@@ -75,6 +76,7 @@ impl NodeProcess {
             peer_id: String::new(),
             listen: String::new(),
             gateway: String::new(),
+            home: home.to_owned(),
         };
         let line = rx
             .recv_timeout(WAIT)
@@ -92,6 +94,32 @@ impl NodeProcess {
             .to_owned();
         assert!(node.listen.starts_with("/ip4/127.0.0.1/"), "{}", node.listen);
         node
+    }
+
+    /// `GET path` on this node's gateway with its bearer token (HTTP/1.1 by
+    /// hand over a std TcpStream: the body as JSON, and the status).
+    pub fn get(&self, path: &str) -> (u16, Value) {
+        use std::io::{Read as _, Write as _};
+        let token = std::fs::read_to_string(self.home.join("node/gateway.token")).unwrap();
+        let host = self.gateway.trim_start_matches("http://").to_owned();
+        let mut stream = std::net::TcpStream::connect(&host).unwrap();
+        stream.set_read_timeout(Some(WAIT)).unwrap();
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {}\r\nAccept: application/fhir+json\r\nConnection: close\r\n\r\n",
+            token.trim()
+        )
+        .unwrap();
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).unwrap();
+        let text = String::from_utf8(raw).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
+        assert!(
+            !head.to_ascii_lowercase().contains("transfer-encoding: chunked"),
+            "a chunked answer: {head}"
+        );
+        (status, serde_json::from_str(body).unwrap_or(Value::Null))
     }
 
     /// SIGTERM (the `kill` command: no unsafe here), then wait for the exit.
