@@ -37,6 +37,15 @@ pub(crate) enum PatientCommand {
         /// The grant id (as printed by `patient grant` or `patient grants`).
         grant_id: String,
     },
+    /// Submit again a grant no node has taken yet (`patient grants` lists it
+    /// as "not submitted"), with its key shares.
+    Submit {
+        /// The node to reach (multiaddr ending in /p2p/<PeerId>).
+        #[arg(long, value_name = "MULTIADDR")]
+        node: String,
+        /// The grant id.
+        grant_id: String,
+    },
     /// The grants you issued, with their status.
     Grants {
         /// Also check what a node knows (not needed: your keystore remembers every grant).
@@ -106,6 +115,7 @@ pub(crate) fn run(cmd: PatientCommand, home: &Home, out: &Output) -> Result<()> 
         PatientCommand::Grant(args) => block_on(grant(home, args, out)),
         PatientCommand::Revoke { node, grant_id } => block_on(revoke(home, &node, &grant_id, out)),
         PatientCommand::Grants { node } => grants(home, node.as_deref(), out),
+        PatientCommand::Submit { node, grant_id } => block_on(submit(home, &node, &grant_id, out)),
         PatientCommand::Records { node, resource_type } => {
             block_on(records(home, &node, resource_type.as_deref(), out))
         }
@@ -539,13 +549,17 @@ async fn grant(home: &Home, args: GrantArgs, out: &Output) -> Result<()> {
         }
     }
     keystore.grants.push(grant.clone());
+    // Not in force anywhere until a node takes it: `patient grants` says so,
+    // and no other command sends it along meanwhile.
+    keystore.unsubmitted.push(grant.id());
     // Saved before anything leaves: a key a node holds must never be missing here.
     save_keystore(home, &keystore, &passphrase)?;
-    let session = Session::open(&keystore, &args.node).await?;
     let hints = grantee_addr.into_iter().collect();
-    let result = session.push(items, hints).await;
-    session.close().await;
-    let report = result?;
+    let report = hand_over(&keystore, &args.node, items, hints)
+        .await
+        .with_context(|| not_submitted(&grant, &args.node))?;
+    keystore.unsubmitted.retain(|g| *g != grant.id());
+    save_keystore(home, &keystore, &passphrase)?;
     let id = grant.id().to_string();
     let names: Vec<&str> = collections.iter().map(Collection::as_str).collect();
     out.result(
@@ -572,6 +586,70 @@ async fn grant(home: &Home, args: GrantArgs, out: &Output) -> Result<()> {
     Ok(())
 }
 
+/// Pushes `items` to `node` in one session.
+async fn hand_over(
+    keystore: &Keystore,
+    node: &str,
+    items: Vec<Item>,
+    hints: Vec<Multiaddr>,
+) -> Result<medmesh_sync::IngestReport> {
+    let session = Session::open(keystore, node).await?;
+    let result = session.push(items, hints).await;
+    session.close().await;
+    result
+}
+
+/// What a failed submission leaves behind, and how to finish it.
+fn not_submitted(grant: &Grant, node: &str) -> String {
+    format!(
+        "grant {id} was not taken by the node; your keystore keeps it as not submitted \
+         (`medmesh patient grants`); submit it again with `medmesh patient submit --node {node} {id}`",
+        id = grant.id()
+    )
+}
+
+/// `patient submit`: a grant no node took, with its key shares for every
+/// epoch of the collections it covers and the patient's live grants (as
+/// `patient grant` sends them).
+async fn submit(home: &Home, node: &str, grant_id: &str, out: &Output) -> Result<()> {
+    let (mut keystore, passphrase) = open_keystore(home)?;
+    let id: GrantId = grant_id
+        .parse()
+        .map_err(|_| anyhow!("{grant_id:?} is not a grant id (32 hex digits; see `medmesh patient grants`)"))?;
+    let grant = keystore
+        .grants
+        .iter()
+        .find(|g| g.id() == id)
+        .cloned()
+        .ok_or_else(|| anyhow!("no grant {id} in your keystore (see `medmesh patient grants`)"))?;
+    if is_revoked(&keystore, &grant) {
+        bail!("grant {id} is revoked");
+    }
+    if keystore.is_submitted(&grant) {
+        bail!("grant {id} was submitted already; `medmesh patient grants` shows it");
+    }
+    let now_ms = now();
+    let grantee = grant.terms().grantee;
+    let mut items = vec![Item::grant(&grant)];
+    items.extend(keystore.live_grants(now_ms).map(Item::grant));
+    for collection in &grant.terms().collections {
+        for key in keys_of(&keystore, *collection) {
+            let share = KeyShare::create(key, Principal::Practice(grantee), keystore.identity(), now_ms)?;
+            items.push(Item::key_share(&share));
+        }
+    }
+    hand_over(&keystore, node, items, Vec::new())
+        .await
+        .with_context(|| not_submitted(&grant, node))?;
+    keystore.unsubmitted.retain(|g| *g != id);
+    save_keystore(home, &keystore, &passphrase)?;
+    out.result(
+        &json!({"grant_id": id.to_string(), "grantee": grantee.to_string(), "submitted": true}),
+        &format!("grant {id} submitted; the node delivers it to {grantee}"),
+    );
+    Ok(())
+}
+
 async fn revoke(home: &Home, node: &str, grant_id: &str, out: &Output) -> Result<()> {
     let (mut keystore, passphrase) = open_keystore(home)?;
     let expired = end_expired_grants(home, &mut keystore, &passphrase, node, out).await?;
@@ -593,6 +671,28 @@ async fn revoke(home: &Home, node: &str, grant_id: &str, out: &Output) -> Result
     }
     if is_revoked(&keystore, &grant) {
         bail!("grant {id} is already revoked");
+    }
+    if !keystore.is_submitted(&grant) {
+        // No node ever took it: revoked here, nothing to tell anyone, no key to rotate.
+        let revocation = Revocation::sign(
+            RevocationTerms {
+                patient: keystore.patient(),
+                grant_id: id,
+                issued_at: now(),
+                cut: BTreeMap::new(),
+            },
+            keystore.identity(),
+        )
+        .map_err(|e| anyhow!("signing the revocation of grant {id}: {e}"))?;
+        keystore.revocations.push(revocation);
+        keystore.unsubmitted.retain(|g| *g != id);
+        save_keystore(home, &keystore, &passphrase)?;
+        let notice = "no node ever took this grant; it is revoked in your keystore only";
+        out.result(
+            &json!({"revoked": id.to_string(), "grantee": grant.terms().grantee.to_string(), "rotated": [], "notice": notice, "expired": expired}),
+            &format!("revoked grant {id}\nNote: {notice}."),
+        );
+        return Ok(());
     }
     let session = Session::open(&keystore, node).await?;
     let pulled = session.pull().await?;
@@ -721,7 +821,9 @@ async fn end_expired_grants(
     let expired: Vec<Grant> = keystore
         .grants
         .iter()
-        .filter(|g| g.terms().expires.is_some_and(|e| e <= now_ms) && !is_revoked(keystore, g))
+        .filter(|g| {
+            g.terms().expires.is_some_and(|e| e <= now_ms) && !is_revoked(keystore, g) && keystore.is_submitted(g)
+        })
         .cloned()
         .collect();
     if expired.is_empty() {
@@ -790,6 +892,8 @@ fn grants(home: &Home, node: Option<&str>, out: &Output) -> Result<()> {
             "revoked"
         } else if t.expires.is_some_and(|e| e <= now_ms) {
             "expired"
+        } else if !keystore.is_submitted(grant) {
+            "not submitted"
         } else if now_ms < t.not_before {
             "not yet in force"
         } else {

@@ -137,3 +137,62 @@ fn revoking_one_of_two_grants_to_a_practice_keeps_the_other_readable() {
         );
     }
 }
+
+fn grant_status(patient: &std::path::Path, id: &str) -> String {
+    let out = medmesh(patient).args(["--json", "patient", "grants"]).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    common::json_lines(&out)
+        .into_iter()
+        .find(|g| g["grant_id"] == id)
+        .map(|g| g["status"].as_str().unwrap().to_owned())
+        .unwrap()
+}
+
+/// A grant the CLI could not hand to any node is not "in force": the
+/// command fails saying how to finish, `patient grants` lists it as not
+/// submitted, no other command sends it along, and `patient submit` hands
+/// it over once the node is up.
+#[test]
+fn a_grant_that_could_not_be_submitted_is_kept_as_not_submitted() {
+    let root = tempfile::tempdir().unwrap();
+    let patient = root.path().join("patient");
+    let home = root.path().join("practice");
+    let mut node = NodeProcess::start_with(&home, &[]);
+    let (addr, peer) = (node.listen.clone(), node.peer_id.clone());
+    node.stop();
+    let did = new_patient(&patient);
+
+    let out = medmesh(&patient)
+        .args(["--json", "patient", "grant", "--node", &addr, "--to", &peer, "--write"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a grant to a node that is down reported success");
+    let said = stderr(&out);
+    assert!(
+        said.contains("not submitted") && said.contains("patient submit"),
+        "{said}"
+    );
+    let id = said
+        .split("grant ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap()
+        .to_owned();
+    assert_eq!(grant_status(&patient, &id), "not submitted");
+
+    let node = NodeProcess::start_with(&home, &[]);
+    let out = medmesh(&patient)
+        .args(["--json", "patient", "submit", "--node", &node.listen, &id])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(common::json_lines(&out)[0]["submitted"], true);
+    assert_eq!(grant_status(&patient, &id), "in force");
+    // The node took it.
+    let (status, consents) = node.get(&format!("/fhir/Consent?patient={did}"));
+    assert_eq!(status, 200, "{consents}");
+    assert!(
+        consents.to_string().contains(&id),
+        "the node does not show the grant: {consents}"
+    );
+}

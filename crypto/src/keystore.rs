@@ -15,7 +15,7 @@ use zeroize::Zeroizing;
 
 use crate::canon::{self, Fields};
 use crate::checkpoint::AuditCheckpoint;
-use crate::consent::{Grant, Revocation};
+use crate::consent::{Grant, GrantId, Revocation};
 use crate::id::{PatientId, PracticeId, SecretIdentity, Timestamp};
 use crate::keys::{EpochKey, KeyId};
 use crate::{Error, Result};
@@ -77,6 +77,10 @@ pub struct Keystore {
     /// The last audit checkpoint each node showed the patient (one per
     /// node), to tell a later answer that lost entries or forked.
     pub audit_checkpoints: Vec<AuditCheckpoint>,
+    /// Grants signed here that no node has taken yet (the node was down,
+    /// or refused): in force nowhere, so not live, not sent along with
+    /// other commands, and given no new keys until submitted.
+    pub unsubmitted: Vec<GrantId>,
     params: KdfParams,
 }
 
@@ -89,6 +93,7 @@ impl Keystore {
             grants: Vec::new(),
             revocations: Vec::new(),
             audit_checkpoints: Vec::new(),
+            unsubmitted: Vec::new(),
             params,
         }
     }
@@ -119,8 +124,15 @@ impl Keystore {
     /// (one whose not-before is still ahead counts: it will come into force).
     pub fn live_grants(&self, now: Timestamp) -> impl Iterator<Item = &Grant> {
         self.grants.iter().filter(move |grant| {
-            !self.revocations.iter().any(|r| r.revokes(grant)) && grant.terms().expires.is_none_or(|e| now < e)
+            !self.revocations.iter().any(|r| r.revokes(grant))
+                && grant.terms().expires.is_none_or(|e| now < e)
+                && !self.unsubmitted.contains(&grant.id())
         })
+    }
+
+    /// Whether some node has taken `grant` (see [`Keystore::unsubmitted`]).
+    pub fn is_submitted(&self, grant: &Grant) -> bool {
+        !self.unsubmitted.contains(&grant.id())
     }
 
     /// Writes a new keystore; refuses to overwrite an existing file.
@@ -241,7 +253,7 @@ impl Keystore {
                 .iter()
                 .map(|c| c.encoded().len() + 9)
                 .sum::<usize>();
-        64 + 96 * self.keys.len() + blobs
+        64 + 96 * self.keys.len() + 24 * self.unsubmitted.len() + blobs
     }
 
     fn contents_value(&self) -> Value {
@@ -263,9 +275,10 @@ impl Keystore {
             Value::Array(self.grants.iter().map(|g| canon::bytes(g.encoded())).collect()),
             Value::Array(self.revocations.iter().map(|r| canon::bytes(r.encoded())).collect()),
         ];
-        // A fifth field only when there is something in it, so keystores
-        // without checkpoints keep the four-field layout older CLIs read.
-        if !self.audit_checkpoints.is_empty() {
+        // A fifth and a sixth field only when there is something in them, so
+        // keystores without checkpoints or unsubmitted grants keep the
+        // layout older CLIs read.
+        if !self.audit_checkpoints.is_empty() || !self.unsubmitted.is_empty() {
             fields.push(Value::Array(
                 self.audit_checkpoints
                     .iter()
@@ -273,12 +286,17 @@ impl Keystore {
                     .collect(),
             ));
         }
+        if !self.unsubmitted.is_empty() {
+            fields.push(Value::Array(
+                self.unsubmitted.iter().map(|id| canon::bytes(&id.0)).collect(),
+            ));
+        }
         Value::Array(fields)
     }
 
     fn from_contents(value: Value, params: KdfParams) -> Result<Self> {
         let len = match &value {
-            Value::Array(a) if a.len() == 5 => 5,
+            Value::Array(a) if (5..=6).contains(&a.len()) => a.len(),
             _ => 4,
         };
         let mut f = Fields::new("keystore contents", value, len)?;
@@ -314,10 +332,24 @@ impl Keystore {
             .into_iter()
             .map(|v| Revocation::decode(&blob(v)?))
             .collect::<Result<Vec<_>>>()?;
-        let audit_checkpoints = if len == 5 {
+        let audit_checkpoints = if len >= 5 {
             f.array(MAX_ITEMS)?
                 .into_iter()
                 .map(|v| AuditCheckpoint::decode(&blob(v)?))
+                .collect::<Result<Vec<_>>>()?
+        } else {
+            Vec::new()
+        };
+        let unsubmitted = if len == 6 {
+            f.array(MAX_ITEMS)?
+                .into_iter()
+                .map(|v| {
+                    let id: [u8; 16] = blob(v)?.try_into().map_err(|_| Error::Malformed {
+                        kind: "keystore contents",
+                        reason: "a grant id is 16 bytes",
+                    })?;
+                    Ok(GrantId(id))
+                })
                 .collect::<Result<Vec<_>>>()?
         } else {
             Vec::new()
@@ -328,6 +360,7 @@ impl Keystore {
             grants,
             revocations,
             audit_checkpoints,
+            unsubmitted,
             params,
         })
     }

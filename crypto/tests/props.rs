@@ -943,6 +943,14 @@ fn keystore_round_trip_passphrase_and_permissions() {
     ks.keys.push(key_for(&f.patient, Collection::Labs, 1, 0x12, 0x23));
     ks.save(&path, b"new").unwrap();
     assert_eq!(Keystore::open(&path, b"new").unwrap().keys.len(), 2);
+    // An unsubmitted grant survives a save (a sixth field) and is not live.
+    let mut ks = Keystore::open(&path, b"new").unwrap();
+    ks.unsubmitted.push(f.grant.id());
+    ks.save(&path, b"new").unwrap();
+    let back = Keystore::open(&path, b"new").unwrap();
+    assert_eq!(back.unsubmitted, vec![f.grant.id()]);
+    assert!(!back.is_submitted(&f.grant));
+    assert_eq!(back.live_grants(0).count(), 0);
     assert!(matches!(Keystore::open(&path, b"right"), Err(Error::KeystoreLocked)));
     // Missing file: an I/O error, not a panic.
     assert!(matches!(
