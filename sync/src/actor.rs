@@ -444,8 +444,13 @@ async fn pull_task<B: Backend>(ctx: &Ctx<B>, peer: PeerId) -> Result<SyncReport>
     // past while its own grant had not started, or whose reconciliation
     // failed. Reconciling with the peer asks for it again.
     let mut waiting: Vec<PatientId> = Vec::new();
+    let mut cursor = ctx.backend.cursor(&peer)?.unwrap_or_default();
+    // Pages that offer a snapshot transfer carry no envelopes of it: the
+    // stored cursor stays before the first of them until the transfers (or
+    // the reconciliations replacing them) are done, so a restart in between
+    // pulls those pages again instead of skipping their envelopes for good.
+    let mut held = false;
     loop {
-        let cursor = ctx.backend.cursor(&peer)?.unwrap_or_default();
         let limit = ctx.page_limit;
         let snapshots = (ctx.snapshot_min > 0).then(|| offers.iter().map(|o| o.source).collect());
         let response = ctx
@@ -513,10 +518,15 @@ async fn pull_task<B: Backend>(ctx: &Ctx<B>, peer: PeerId) -> Result<SyncReport>
         }
         report.ingest.add(ingested);
         let new = Cursor { instance, seq: next };
-        ctx.backend.set_cursor(&peer, new).await?;
+        held |= !offers.is_empty();
+        if !held {
+            ctx.backend.set_cursor(&peer, new).await?;
+        }
         // Stop on the server's word, or when it makes no progress (a peer
         // that lies about `more` must not keep us looping).
-        if !more || (same_instance && next == cursor.seq) {
+        let stalled = same_instance && next == cursor.seq;
+        cursor = new;
+        if !more || stalled {
             break;
         }
     }
@@ -547,6 +557,9 @@ async fn pull_task<B: Backend>(ctx: &Ctx<B>, peer: PeerId) -> Result<SyncReport>
     reconcile.dedup();
     for patient in reconcile {
         report.add(reconcile_task(ctx, peer, patient).await?);
+    }
+    if held {
+        ctx.backend.set_cursor(&peer, cursor).await?;
     }
     Ok(report)
 }

@@ -15,7 +15,7 @@ use medmesh_sync::memory::MemoryBackend;
 use medmesh_sync::{Config, Item, ItemKind, Multiaddr, NodeBackend, SyncHandle};
 
 mod common;
-use common::{open_node, until, until_async};
+use common::{labs_repository, open_node, until, until_async, write_observations};
 
 /// A practice whose store lives in `dir` and whose swarm listens on `listen`.
 struct Site {
@@ -147,5 +147,173 @@ async fn a_grant_to_a_practice_that_was_down_reaches_it_when_it_is_back() {
     })
     .await;
     until_async("A owes B nothing", async || a.sync.status().await.unwrap().outbox == 0).await;
+    let _ = (a.stop().await, b.stop().await);
+}
+
+/// B's backend, whose snapshot restores wait until `crash` is notified and
+/// then end their task as a crash would (a panic drops everything the task
+/// held): the process dying there (SIGTERM or kill -9 during a first sync).
+struct Stuck {
+    inner: Arc<NodeBackend>,
+    crash: tokio::sync::Notify,
+}
+
+mod stuck {
+    use super::*;
+    use medmesh_crypto::{EnvelopeId, PatientId};
+    use medmesh_sync::wire::SnapshotPayload;
+    use medmesh_sync::{
+        AuditEntryWire, Backend, ConsentView, Cursor, DisclosureRecord, IngestReport, InstanceId, ItemId, Owed, PeerId,
+        Result, StoredEvent, StoredItem, Transfer, TransferIngest,
+    };
+    use tokio::sync::broadcast;
+
+    impl Backend for Stuck {
+        fn instance_id(&self) -> InstanceId {
+            self.inner.instance_id()
+        }
+        async fn items_after(&self, after: u64, limit: usize) -> Result<Vec<StoredItem>> {
+            self.inner.items_after(after, limit).await
+        }
+        async fn scan_after(&self, after: u64, limit: usize) -> Result<Vec<StoredItem>> {
+            self.inner.scan_after(after, limit).await
+        }
+        async fn check(&self, item: &StoredItem) -> Result<bool> {
+            self.inner.check(item).await
+        }
+        async fn ingest(&self, from: PeerId, items: Vec<Item>) -> Result<IngestReport> {
+            self.inner.ingest(from, items).await
+        }
+        async fn ingest_capped(&self, from: PeerId, items: Vec<Item>, pending_room: u64) -> Result<IngestReport> {
+            self.inner.ingest_capped(from, items, pending_room).await
+        }
+        fn pending_total(&self) -> Result<u64> {
+            self.inner.pending_total()
+        }
+        fn cursor(&self, peer: &PeerId) -> Result<Option<Cursor>> {
+            self.inner.cursor(peer)
+        }
+        async fn set_cursor(&self, peer: &PeerId, cursor: Cursor) -> Result<()> {
+            self.inner.set_cursor(peer, cursor).await
+        }
+        fn names_grantee(&self, peer: &PeerId) -> Result<bool> {
+            self.inner.names_grantee(peer)
+        }
+        fn relates_to(&self, patient: &PatientId, me: &PeerId) -> Result<bool> {
+            self.inner.relates_to(patient, me)
+        }
+        fn consent(&self, patient: &PatientId) -> Result<ConsentView> {
+            self.inner.consent(patient)
+        }
+        async fn item(&self, id: &ItemId) -> Result<Option<StoredItem>> {
+            self.inner.item(id).await
+        }
+        fn outbox(&self) -> Result<Vec<Owed>> {
+            self.inner.outbox()
+        }
+        fn put_outbox(&self, owed: &[Owed]) -> Result<()> {
+            self.inner.put_outbox(owed)
+        }
+        fn remove_outbox(&self, settled: &[(PeerId, ItemId)]) -> Result<()> {
+            self.inner.remove_outbox(settled)
+        }
+        fn envelope_ids(&self, patient: &PatientId, collection: Collection) -> Result<Vec<EnvelopeId>> {
+            self.inner.envelope_ids(patient, collection)
+        }
+        async fn envelopes(&self, ids: &[EnvelopeId]) -> Result<Vec<StoredItem>> {
+            self.inner.envelopes(ids).await
+        }
+        async fn record_disclosure(&self, record: &DisclosureRecord) -> Result<()> {
+            self.inner.record_disclosure(record).await
+        }
+        fn subscribe(&self) -> broadcast::Receiver<StoredEvent> {
+            self.inner.subscribe()
+        }
+        async fn audit_entries(&self, patient: &PatientId, after: u64, limit: usize) -> Result<Vec<AuditEntryWire>> {
+            self.inner.audit_entries(patient, after, limit).await
+        }
+        async fn snapshot_transfer(
+            &self,
+            patient: &PatientId,
+            collection: Collection,
+        ) -> Result<Option<Arc<Transfer>>> {
+            self.inner.snapshot_transfer(patient, collection).await
+        }
+        async fn restore_and_ingest(
+            &self,
+            from: PeerId,
+            patient: PatientId,
+            collection: Collection,
+            payload: SnapshotPayload,
+            pending_room: u64,
+        ) -> Result<Option<TransferIngest>> {
+            let _ = (from, patient, collection, payload, pending_room);
+            self.crash.notified().await;
+            panic!("simulated crash in the middle of a snapshot transfer");
+        }
+        async fn audit_checkpoints(&self, anchor: Option<u64>) -> Result<Option<medmesh_node::AuditCheckpoints>> {
+            self.inner.audit_checkpoints(anchor).await
+        }
+        async fn record_audit_read(&self, patient: &PatientId) -> Result<()> {
+            self.inner.record_audit_read(patient).await
+        }
+    }
+}
+
+/// A first sync that stops between its pages and the snapshot transfer
+/// they offered (the process dies there) completes after a restart: the
+/// stored cursor had moved past pages whose envelopes only the transfer
+/// carried, so the restarted node pulled nothing and held part of the
+/// record for good (issue 16: 68 of 124 envelopes after a SIGTERM).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_sync_cut_before_its_snapshot_transfer_completes_after_a_restart() {
+    const N: usize = 120;
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let key_a = SecretIdentity::generate().unwrap();
+    let key_b = SecretIdentity::generate().unwrap();
+    let mut patient = TestPatient::new().unwrap();
+    let pid = patient.id();
+    let a = Site::start(dir_a.path(), &key_a, any_port()).await;
+    let (_, items) = patient.onboard(a.key.practice_id().unwrap(), Collection::Labs).unwrap();
+    a.node.submit(pid, items).await.unwrap();
+    write_observations(&labs_repository(&a.node), pid, 0..N, 1).await;
+    let (_, items) = patient
+        .grant_with_share(key_b.practice_id().unwrap(), Collection::Labs, Access::Read)
+        .unwrap();
+    a.node.submit(pid, items).await.unwrap();
+
+    // B's first pull takes the pages, then hangs in the transfer: stopped there.
+    let node_b = open_node(dir_b.path(), &key_b).await;
+    let stuck = Arc::new(Stuck {
+        inner: NodeBackend::new(node_b.clone()),
+        crash: tokio::sync::Notify::new(),
+    });
+    let sync_b = SyncHandle::spawn(config(any_port()), &key_b, stuck.clone())
+        .await
+        .unwrap();
+    let a_peer = a.sync.local_peer_id();
+    sync_b.dial(a.addr().await).await.unwrap();
+    until("B took the pages (the grant and its key)", || {
+        node_b.grants(&pid).len() == 2
+    })
+    .await;
+    let _ = tokio::time::timeout(Duration::from_millis(500), sync_b.sync_now(a_peer)).await;
+    assert!(
+        node_b.holdings(&pid).unwrap().readable < N as u64,
+        "the transfer was not cut"
+    );
+    stuck.crash.notify_one();
+    sync_b.shutdown().await.unwrap();
+    drop(stuck);
+    node_b.close().await;
+    drop(node_b);
+
+    // Restarted: the record completes without a new grant.
+    let b = Site::start(dir_b.path(), &key_b, any_port()).await;
+    b.sync.dial(a.addr().await).await.unwrap();
+    until("B holds the whole record after its restart", || {
+        b.node.holdings(&pid).is_ok_and(|h| h.readable == N as u64)
+    })
+    .await;
     let _ = (a.stop().await, b.stop().await);
 }

@@ -7,13 +7,12 @@
 
 use std::sync::Arc;
 
-use medmesh_crypto::{Access, Collection, PatientId, Principal, now};
-use medmesh_node::repository::{self, Repository};
+use medmesh_crypto::{Access, Collection, Principal, now};
 use medmesh_node::testing::{ChangeMaker, TestPatient};
 use medmesh_node::{Incoming, store::ItemKind as NodeKind};
 
 mod common;
-use common::{Practice, until};
+use common::{Practice, labs_repository, until, write_observations};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grant_moves_readable_history_between_real_nodes() {
@@ -218,42 +217,4 @@ async fn a_history_longer_than_the_seq_gap_share_arrives_whole() {
         "B refused part of an honest history: {status:?}"
     );
     assert_eq!(b.node.pending_count().unwrap(), 0, "B still waits on seq gaps");
-}
-
-/// A Repository over `node` that keeps snapshots only when asked.
-fn labs_repository(node: &medmesh_node::Node) -> Repository {
-    let config = repository::Config {
-        snapshot_every: 0,
-        ..repository::Config::default()
-    };
-    Repository::new(node.clone(), config).unwrap()
-}
-
-/// Writes Observations `range` of `patient` through the node's real write
-/// path (`writers` at once, as an EMR's screens would), then keeps a local
-/// snapshot (which a snapshot transfer is made from).
-async fn write_observations(repo: &Repository, patient: PatientId, range: std::ops::Range<usize>, writers: usize) {
-    let tasks: Vec<_> = (0..writers)
-        .map(|w| {
-            let repo = repo.clone();
-            let range = range.clone();
-            tokio::spawn(async move {
-                let app = medmesh_node::Actor::local_app("test");
-                for i in range.skip(w).step_by(writers) {
-                    let observation = serde_json::json!({
-                        "resourceType": "Observation",
-                        "status": "final",
-                        "code": {"coding": [{"system": "http://loinc.org", "code": "8480-6"}]},
-                        "effectiveDateTime": format!("2024-01-{:02}", 1 + i % 28),
-                        "valueQuantity": {"value": 100 + i, "unit": "mmHg"}
-                    });
-                    repo.create(observation, Some(patient), app.clone()).await.unwrap();
-                }
-            })
-        })
-        .collect();
-    for t in tasks {
-        t.await.unwrap();
-    }
-    repo.save_snapshots().await;
 }

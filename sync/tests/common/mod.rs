@@ -384,3 +384,46 @@ pub fn incoming(items: &[Item]) -> Vec<Incoming> {
         })
         .collect()
 }
+
+/// A Repository over `node` that keeps snapshots only when asked.
+pub fn labs_repository(node: &medmesh_node::Node) -> medmesh_node::Repository {
+    let config = medmesh_node::repository::Config {
+        snapshot_every: 0,
+        ..medmesh_node::repository::Config::default()
+    };
+    medmesh_node::Repository::new(node.clone(), config).unwrap()
+}
+
+/// Writes Observations `range` of `patient` through the node's real write
+/// path (`writers` at once, as an EMR's screens would), then keeps a local
+/// snapshot (which a snapshot transfer is made from).
+pub async fn write_observations(
+    repo: &medmesh_node::Repository,
+    patient: PatientId,
+    range: std::ops::Range<usize>,
+    writers: usize,
+) {
+    let tasks: Vec<_> = (0..writers)
+        .map(|w| {
+            let repo = repo.clone();
+            let range = range.clone();
+            tokio::spawn(async move {
+                let app = medmesh_node::Actor::local_app("test");
+                for i in range.skip(w).step_by(writers) {
+                    let observation = serde_json::json!({
+                        "resourceType": "Observation",
+                        "status": "final",
+                        "code": {"coding": [{"system": "http://loinc.org", "code": "8480-6"}]},
+                        "effectiveDateTime": format!("2024-01-{:02}", 1 + i % 28),
+                        "valueQuantity": {"value": 100 + i, "unit": "mmHg"}
+                    });
+                    repo.create(observation, Some(patient), app.clone()).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    repo.save_snapshots().await;
+}
