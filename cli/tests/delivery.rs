@@ -67,6 +67,12 @@ fn a_grant_to_a_practice_that_is_down_reaches_it_when_it_is_back() {
         patient_records(&patient, &b, "Condition").is_empty(),
         "B holds a collection it was not granted"
     );
+    // B's apps find the labs by the patient's did: B holds no Patient resource.
+    let (status, found) = b.get(&format!("/fhir/Observation?patient={did}"));
+    assert_eq!(status, 200, "{found}");
+    assert_eq!(found["entry"].as_array().map_or(0, Vec::len), 1, "{found}");
+    let (status, none) = b.get(&format!("/fhir/Observation?patient=Patient/{}", "x"));
+    assert_eq!((status, none["entry"].as_array().map_or(0, Vec::len)), (200, 0));
 }
 
 /// The Observations B's own apps find at B's gateway (B holds no Patient:

@@ -1198,7 +1198,18 @@ impl Repository {
     /// # Errors
     /// Node and record-model errors.
     pub async fn search(&self, query: &Query) -> Result<Vec<Arc<RenderedResource>>> {
-        let resources = match query.patient() {
+        let resources = match (query.patient_did(), query.patient()) {
+            // By the patient's did:key: their records here, Patient held or not.
+            (Some(did), _) => self.patient_resources(did).await?,
+            (None, patient) => self.search_by_patient_resource(patient).await?,
+        };
+        let mut found = records::search::search(resources.iter(), query);
+        found.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(found)
+    }
+
+    async fn search_by_patient_resource(&self, patient: Option<&str>) -> Result<Vec<Arc<RenderedResource>>> {
+        Ok(match patient {
             Some(id) => match self.location("Patient", id).await {
                 Ok((patient, _)) => self.patient_resources(patient).await?,
                 Err(Error::Record(records::Error::NotFound { .. })) => Vec::new(),
@@ -1211,10 +1222,7 @@ impl Repository {
                 }
                 all
             }
-        };
-        let mut found = records::search::search(resources.iter(), query);
-        found.sort_by(|a, b| a.key.cmp(&b.key));
-        Ok(found)
+        })
     }
 
     async fn on_readable(&self, patient: PatientId, collection: Collection, ids: &[medmesh_crypto::EnvelopeId]) {

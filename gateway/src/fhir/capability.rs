@@ -119,7 +119,8 @@ pub fn capability_statement(base_url: &str, max_count: usize) -> Value {
             "documentation": format!(
                 "medmesh peer-to-peer health record node. Every request needs the node's bearer token. \
                  Search results are paged with _count (default {}, capped at {max_count}) and _offset; \
-                 searches are scoped to a patient with patient= or subject=. Unknown search parameters \
+                 searches are scoped to a patient with patient= or subject= (a Patient reference, or the \
+                 patient's did:key). Unknown search parameters \
                  are reported in the Bundle, or rejected with 400 under Prefer: handling=strict. \
                  POST assigns ids; update-as-create is not supported. POST to the base takes transaction \
                  (all or nothing, urn:uuid: references rewritten) and batch Bundles; inside them, \

@@ -262,6 +262,11 @@ enum Param {
     Identifier(Vec<Token>),
     /// `Patient/{id}`.
     Patient(String),
+    /// The medmesh patient itself (`patient=did:key:…`): every resource of
+    /// the type in that patient's records, whether or not this node holds
+    /// their Patient resource (a labs-only practice holds none). The scope is
+    /// the caller's ([`Query::patient_did`]); as a condition it holds.
+    PatientDid(medmesh_crypto::PatientId),
 }
 
 /// A parsed search over one resource type.
@@ -323,6 +328,15 @@ impl Query {
                     let [value] = values.as_slice() else {
                         return Err(invalid());
                     };
+                    if value.starts_with("did:key:") {
+                        let did: medmesh_crypto::PatientId = value.parse().map_err(|_| invalid())?;
+                        if patient.as_deref().is_some_and(|p| p != value) {
+                            return Err(invalid());
+                        }
+                        patient = Some(value.clone());
+                        params.push(Param::PatientDid(did));
+                        continue;
+                    }
                     let id = match value.split_once('/') {
                         Some(("Patient", id)) => id,
                         Some(_) => return Err(invalid()),
@@ -353,6 +367,14 @@ impl Query {
     pub fn patient(&self) -> Option<&str> {
         self.params.iter().find_map(|p| match p {
             Param::Patient(reference) => reference.strip_prefix("Patient/"),
+            _ => None,
+        })
+    }
+
+    /// The medmesh patient a `patient=did:key:…` parameter scopes the search to.
+    pub fn patient_did(&self) -> Option<medmesh_crypto::PatientId> {
+        self.params.iter().find_map(|p| match p {
+            Param::PatientDid(did) => Some(*did),
             _ => None,
         })
     }
@@ -516,6 +538,7 @@ fn param_matches(rtype: &str, p: &Param, r: &Value) -> bool {
                 .any(|v| tokens.iter().any(|t| identifier_matches(v, t)))
         }
         Param::Patient(reference) => patient_references(r).contains(reference),
+        Param::PatientDid(_) => true,
     }
 }
 
@@ -741,6 +764,22 @@ mod tests {
             &[("patient", "a,b")][..],
             &[("patient", "a"), ("subject", "b")],
             &[("subject", "Group/1")],
+        ] {
+            assert!(Query::parse("Observation", pairs).is_err(), "{pairs:?}");
+        }
+    }
+
+    #[test]
+    fn patient_by_did() {
+        let did = medmesh_crypto::SecretIdentity::generate().unwrap().patient_id();
+        let text = did.to_string();
+        let scoped = q("Observation", &[("patient", text.as_str())]);
+        assert_eq!(scoped.patient_did(), Some(did));
+        assert_eq!(scoped.patient(), None);
+        assert!(scoped.matches(&json!({"resourceType":"Observation"})));
+        for pairs in [
+            &[("patient", "did:key:z6Mknot")][..],
+            &[("patient", text.as_str()), ("subject", "Patient/a")],
         ] {
             assert!(Query::parse("Observation", pairs).is_err(), "{pairs:?}");
         }
