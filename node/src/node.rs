@@ -1229,6 +1229,12 @@ impl Node {
         Ok(granted || !self.store().envelopes(patient, None)?.is_empty())
     }
 
+    /// The patients whose records this node and `peer` may both read now
+    /// (a grant in force names each): what anti-entropy compares with it.
+    pub fn patients_shared_with(&self, peer: &PracticeId) -> Vec<PatientId> {
+        self.registry().patients_shared(&self.inner.me, peer, now())
+    }
+
     /// Whether to keep a new consent item from `actor` (flood limits,
     /// docs/protocol.md §10a, [`Strangers`]): any item of a patient the
     /// node has a relationship with (one made by a grant to it in this page

@@ -225,6 +225,8 @@ pub(crate) struct Ctx<B> {
     asked_reconciles: Arc<Mutex<HashMap<(PeerId, PatientId), bool>>>,
     /// A tick's redelivery round is under way.
     redelivering: Arc<std::sync::atomic::AtomicBool>,
+    /// Peers an anti-entropy round runs with.
+    anti_entropy: Arc<Mutex<HashSet<PeerId>>>,
 }
 
 /// Whose transfer: one at a time per key.
@@ -249,6 +251,7 @@ impl<B> Clone for Ctx<B> {
             transfers: self.transfers.clone(),
             asked_reconciles: self.asked_reconciles.clone(),
             redelivering: self.redelivering.clone(),
+            anti_entropy: self.anti_entropy.clone(),
         }
     }
 }
@@ -660,6 +663,36 @@ async fn snapshot_task<B: Backend>(
         .unwrap_or_else(PoisonError::into_inner)
         .insert((peer, source));
     Ok((report, TransferOutcome::Complete))
+}
+
+/// Most patients one anti-entropy round reconciles with one peer.
+const ANTI_ENTROPY_PATIENTS: usize = 1024;
+
+/// Reconciles with `peer` every patient both may read (summaries carry
+/// per-collection digests, so a collection in step costs no ids): a page
+/// lost, a transfer cut by a restart, a nudge missed, items refused by a
+/// full queue — whatever left a gap is found and fetched without a new
+/// grant. Stops at the first failure (the peer left).
+async fn anti_entropy<B: Backend>(ctx: &Ctx<B>, peer: PeerId) {
+    let patients = match ctx.backend.patients_shared_with(&peer) {
+        Ok(p) => p,
+        Err(e) => {
+            warn!(%peer, cause = %e, "anti-entropy: listing shared patients failed");
+            return;
+        }
+    };
+    for patient in patients.into_iter().take(ANTI_ENTROPY_PATIENTS) {
+        match reconcile_task(ctx, peer, patient).await {
+            Ok(r) if r.ingest.accepted > 0 => {
+                info!(%peer, accepted = r.ingest.accepted, "anti-entropy repaired a gap");
+            }
+            Ok(_) => {}
+            Err(e) => {
+                debug!(%peer, cause = %e, "anti-entropy round stopped");
+                return;
+            }
+        }
+    }
 }
 
 /// A reconciliation `peer` asked for ([`Request::Reconcile`]): run only when
@@ -1130,6 +1163,7 @@ pub(crate) async fn spawn<B: Backend>(
         transfers: Arc::default(),
         asked_reconciles: Arc::default(),
         redelivering: Arc::default(),
+        anti_entropy: Arc::default(),
     };
     let actor = Actor {
         swarm,
@@ -1169,6 +1203,9 @@ impl<B: Backend> Actor<B> {
         // the first round, at once, takes over what a previous run owed.
         let mut redelivery = tokio::time::interval(REDELIVERY_TICK);
         redelivery.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut anti_entropy = tokio::time::interval(self.config.anti_entropy_interval);
+        anti_entropy.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        anti_entropy.tick().await; // connections start their own round
         self.reserve_relays();
         let mut stored_open = true;
         let shutdown_reply = loop {
@@ -1195,6 +1232,12 @@ impl<B: Backend> Actor<B> {
                 },
                 _ = tick.tick() => self.on_tick(),
                 _ = redelivery.tick(), if self.config.consent_flows => self.redeliver(None),
+                _ = anti_entropy.tick(), if self.config.consent_flows => {
+                    let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+                    for peer in peers {
+                        self.start_anti_entropy(peer);
+                    }
+                }
             }
         };
         info!("sync actor stopping");
@@ -1515,8 +1558,10 @@ impl<B: Backend> Actor<B> {
                 if num_established.get() == 1 {
                     self.last_synced.insert(peer_id, Instant::now());
                     if self.config.consent_flows {
-                        // Back (or new): whatever it is owed goes now.
+                        // Back (or new): whatever it is owed goes now, and
+                        // what either missed meanwhile is found.
                         self.redeliver(Some(peer_id));
+                        self.start_anti_entropy(peer_id);
                     }
                     if self.worth_pulling(&peer_id) {
                         self.start_pull(peer_id, None);
@@ -2042,6 +2087,27 @@ impl<B: Backend> Actor<B> {
             if let Err(e) = result {
                 warn!(%peer, cause = %e, "updating the outbox failed");
             }
+        });
+    }
+
+    /// One anti-entropy round with `peer`, unless one runs already.
+    fn start_anti_entropy(&self, peer: PeerId) {
+        if !self
+            .ctx
+            .anti_entropy
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(peer)
+        {
+            return;
+        }
+        let ctx = self.ctx.clone();
+        tokio::spawn(async move {
+            anti_entropy(&ctx, peer).await;
+            ctx.anti_entropy
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&peer);
         });
     }
 

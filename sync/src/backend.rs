@@ -585,6 +585,16 @@ pub trait Backend: Send + Sync + 'static {
     /// Storage failures.
     fn consent(&self, patient: &PatientId) -> Result<ConsentView>;
 
+    /// The patients whose records this node and `peer` may both read now
+    /// (anti-entropy reconciles those with it). The default: none.
+    ///
+    /// # Errors
+    /// Storage failures.
+    fn patients_shared_with(&self, peer: &PeerId) -> Result<Vec<PatientId>> {
+        let _ = peer;
+        Ok(Vec::new())
+    }
+
     /// Any stored item by id (a grant, revocation, key share or envelope).
     ///
     /// # Errors

@@ -74,6 +74,11 @@ pub struct Config {
     /// peer that did not answer is tried again after 2 s, doubling per
     /// failure up to this wait; a peer that connects gets its debts at once.
     pub redelivery_max_backoff: Duration,
+    /// Anti-entropy (docs/protocol.md §8): every this often, and whenever a
+    /// peer connects, the node reconciles with each connected peer every
+    /// patient both may read (summaries with per-collection digests: a
+    /// collection in step costs no ids), so any gap is found and repaired.
+    pub anti_entropy_interval: Duration,
 }
 
 /// Flood limits (docs/protocol.md, "Flood limits"). Requests over a limit
@@ -195,6 +200,7 @@ impl Default for Config {
             snapshot_min_envelopes: 64,
             limits: Limits::default(),
             redelivery_max_backoff: Duration::from_secs(300),
+            anti_entropy_interval: Duration::from_secs(600),
         }
     }
 }

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use libp2p::PeerId;
-use medmesh_crypto::{Collection, CompactHeader, EnvelopeId, GrantId, PatientId};
+use medmesh_crypto::{Collection, CompactHeader, EnvelopeId, GrantId, PatientId, PracticeId};
 use medmesh_node::audit::{Action, ActorKind, AuditEntry, AuditRecord};
 use medmesh_node::store::{self as node_store};
 use medmesh_node::transfer::TransferError;
@@ -346,6 +346,12 @@ impl Backend for NodeBackend {
 
     fn envelope_ids(&self, patient: &PatientId, collection: Collection) -> Result<Vec<EnvelopeId>> {
         self.node.envelope_ids(patient, collection).map_err(backend_error)
+    }
+
+    fn patients_shared_with(&self, peer: &PeerId) -> Result<Vec<PatientId>> {
+        Ok(PracticeId::from_peer_id(peer)
+            .map(|p| self.node.patients_shared_with(&p))
+            .unwrap_or_default())
     }
 
     async fn item(&self, id: &ItemId) -> Result<Option<StoredItem>> {

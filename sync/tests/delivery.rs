@@ -317,3 +317,65 @@ async fn a_first_sync_cut_before_its_snapshot_transfer_completes_after_a_restart
     .await;
     let _ = (a.stop().await, b.stop().await);
 }
+
+/// Anti-entropy: a node whose cursor on a peer is past items it never
+/// received (a page lost, a store restored) finds and fetches them when it
+/// connects — by comparing per-collection digests of every patient both may
+/// read — without a new grant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gap_behind_the_cursor_is_repaired_when_the_peers_connect() {
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let key_a = SecretIdentity::generate().unwrap();
+    let key_b = SecretIdentity::generate().unwrap();
+    let mut patient = TestPatient::new().unwrap();
+    let pid = patient.id();
+    let a = Site::start(dir_a.path(), &key_a, any_port()).await;
+    let b = Site::start(dir_b.path(), &key_b, any_port()).await;
+    let (a_grant, items) = patient.onboard(a.key.practice_id().unwrap(), Collection::Labs).unwrap();
+    a.node.submit(pid, items).await.unwrap();
+    let mut labs = ChangeMaker::new(&key_a.public_bytes()).unwrap();
+    for i in 0..5 {
+        let change = labs.put(&format!("lab{i}"), "v").unwrap();
+        a.node
+            .write_change(pid, Collection::Labs, change.as_change())
+            .await
+            .unwrap();
+    }
+    // Both know both grants (as after a first sync's first pages); B's
+    // cursor on A is past everything A holds, as if the pages that carried
+    // the labs were lost.
+    let (_, items) = patient
+        .grant_with_share(key_b.practice_id().unwrap(), Collection::Labs, Access::Read)
+        .unwrap();
+    a.node.submit(pid, items.clone()).await.unwrap();
+    b.node.submit(pid, items).await.unwrap();
+    b.node
+        .submit(
+            pid,
+            vec![medmesh_node::Incoming::new(
+                medmesh_node::store::ItemKind::Grant,
+                a_grant.encoded().to_vec(),
+            )],
+        )
+        .await
+        .unwrap();
+    let a_peer = a.sync.local_peer_id();
+    b.node
+        .set_cursor(
+            &a_peer,
+            medmesh_node::store::Cursor {
+                instance: a.node.instance_id(),
+                seq: a.node.last_seq(),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(b.node.holdings(&pid).unwrap().envelopes, 0);
+
+    b.sync.dial(a.addr().await).await.unwrap();
+    until("B repairs the gap when it connects", || {
+        b.node.holdings(&pid).is_ok_and(|h| h.readable == 5)
+    })
+    .await;
+    let _ = (a.stop().await, b.stop().await);
+}
