@@ -336,6 +336,26 @@ impl Backend for NodeBackend {
         Ok(found)
     }
 
+    async fn unreadable_here(&self, request: &SearchRequest) -> Result<Option<String>, ApiError> {
+        let patient = match (request.patient_did(), request.patient()) {
+            (Some(did), _) => did,
+            (None, Some(id)) => match self.patient_of(id).await?.and_then(|did| did.parse::<PatientId>().ok()) {
+                Some(did) => did,
+                None => return Ok(None),
+            },
+            (None, None) => return Ok(None),
+        };
+        let collection = medmesh_node::records::collection_of_type(&request.resource_type);
+        if self.node.current_epoch(&patient, collection).is_some() {
+            return Ok(None);
+        }
+        Ok(Some(format!(
+            "this node cannot read this patient's {collection} collection (no grant to it here, or its key has \
+             not arrived yet): {} resources of theirs held at other practices are not in this result",
+            request.resource_type
+        )))
+    }
+
     async fn patient_of(&self, patient_resource_id: &str) -> Result<Option<String>, ApiError> {
         let key = medmesh_node::records::resource_key("Patient", patient_resource_id)?;
         let patient = self.repository.patient_of_key(&key).await.map_err(repo_error)?;

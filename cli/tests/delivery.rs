@@ -73,6 +73,27 @@ fn a_grant_to_a_practice_that_is_down_reaches_it_when_it_is_back() {
     assert_eq!(found["entry"].as_array().map_or(0, Vec::len), 1, "{found}");
     let (status, none) = b.get(&format!("/fhir/Observation?patient=Patient/{}", "x"));
     assert_eq!((status, none["entry"].as_array().map_or(0, Vec::len)), (200, 0));
+    // Nothing of the conditions here, and the answer says why: not granted.
+    let outcome = |bundle: &serde_json::Value| {
+        bundle["entry"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| e["search"]["mode"] == "outcome")
+            .map(|e| e["resource"].to_string())
+            .collect::<String>()
+    };
+    let (status, conditions) = b.get(&format!("/fhir/Condition?patient={did}"));
+    assert_eq!(status, 200, "{conditions}");
+    assert_eq!(conditions["total"], 0, "{conditions}");
+    assert!(
+        outcome(&conditions).contains("cannot read this patient's core collection"),
+        "{conditions}"
+    );
+    assert!(
+        outcome(&found).is_empty(),
+        "a readable collection explained away: {found}"
+    );
 }
 
 /// The Observations B's own apps find at B's gateway (B holds no Patient:

@@ -153,6 +153,18 @@ pub trait Backend: Send + Sync + 'static {
         request: &SearchRequest,
     ) -> impl Future<Output = Result<Vec<Arc<RenderedResource>>, ApiError>> + Send;
 
+    /// Why a search scoped to a patient may miss what the patient's record
+    /// holds elsewhere: this node cannot read the collection the searched
+    /// type lives in (no grant to it here, or its key has not arrived).
+    /// `None` when it can, or the backend does not know. The default: `None`.
+    fn unreadable_here(
+        &self,
+        request: &SearchRequest,
+    ) -> impl Future<Output = Result<Option<String>, ApiError>> + Send {
+        let _ = request;
+        async { Ok(None) }
+    }
+
     /// The patient that the Patient resource with this id belongs to, named as the
     /// backend names patients (on a node, the did:key): what a reference to
     /// `Patient/{id}` files a resource under. `None` when no such Patient is held.

@@ -762,7 +762,13 @@ async fn search<B: Backend>(
         });
     }
     let matches = state.backend.search(&request).await?;
-    Ok(state.buffers.respond(searchset(base, &request, &matches)))
+    let mut bundle = searchset(base, &request, &matches);
+    if let Some(why) = state.backend.unreadable_here(&request).await? {
+        bundle.push_outcome(
+            OperationOutcome::from_issues([Issue::information(IssueType::Informational, why)]).to_value(),
+        );
+    }
+    Ok(state.buffers.respond(bundle))
 }
 
 /// One page of a search's matches as a `searchset` Bundle, with `next`

@@ -151,6 +151,14 @@ impl Issue {
         }
     }
 
+    /// A note that does not bear on the success of the request.
+    pub fn information(code: IssueType, diagnostics: impl Into<String>) -> Self {
+        Self {
+            severity: Severity::Information,
+            ..Self::error(code, diagnostics)
+        }
+    }
+
     /// The note that ends a list cut at [`MAX_ISSUES`] errors.
     pub fn truncation() -> Self {
         Self {

@@ -116,6 +116,11 @@ impl SearchRequest {
         self.query.patient()
     }
 
+    /// The medmesh patient (`patient=did:key:…`) the search is scoped to, if any.
+    pub fn patient_did(&self) -> Option<medmesh_crypto::PatientId> {
+        self.query.patient_did()
+    }
+
     /// The query string (without `?`) for the page starting at `offset`: the
     /// recognised parameters, then `_count` and `_offset`, each percent-encoded.
     pub fn page_query(&self, offset: usize) -> String {
