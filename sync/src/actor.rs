@@ -2154,9 +2154,6 @@ async fn push_filtered<B: Backend>(
         debug!(%peer, item = %meta.id, ?decision, "not forwarding");
         return Ok(());
     }
-    if !ctx.may_dial(peer, event.from).await? {
-        return Ok(());
-    }
     ctx.backend
         .record_disclosure(&DisclosureRecord {
             peer,
@@ -2165,12 +2162,17 @@ async fn push_filtered<B: Backend>(
             items: vec![meta.id],
         })
         .await?;
+    // Owed first, whether or not it goes now: a contact the dial budget
+    // skips is tried again by redelivery (at its own bounded rate).
+    let addrs = ctx.known_addrs(peer).await?;
+    owe(ctx, peer, meta, addrs)?;
+    if !ctx.may_dial(peer, event.from).await? {
+        return Ok(());
+    }
     ctx.metrics.sent(Served {
         items: 1,
         bytes: item.bytes.len() as u64,
     });
-    let addrs = ctx.known_addrs(peer).await?;
-    owe(ctx, peer, meta, addrs)?;
     ctx.send(Command::Forward {
         peer,
         id: meta.id,

@@ -99,15 +99,27 @@ impl NodeProcess {
     /// `GET path` on this node's gateway with its bearer token (HTTP/1.1 by
     /// hand over a std TcpStream: the body as JSON, and the status).
     pub fn get(&self, path: &str) -> (u16, Value) {
+        self.http("GET", path, None)
+    }
+
+    /// `POST path` with a FHIR JSON body on this node's gateway.
+    pub fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        self.http("POST", path, Some(body))
+    }
+
+    fn http(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
         use std::io::{Read as _, Write as _};
         let token = std::fs::read_to_string(self.home.join("node/gateway.token")).unwrap();
         let host = self.gateway.trim_start_matches("http://").to_owned();
         let mut stream = std::net::TcpStream::connect(&host).unwrap();
         stream.set_read_timeout(Some(WAIT)).unwrap();
+        let body = body.map(Value::to_string).unwrap_or_default();
         write!(
             stream,
-            "GET {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {}\r\nAccept: application/fhir+json\r\nConnection: close\r\n\r\n",
-            token.trim()
+            "{method} {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {}\r\nAccept: application/fhir+json\r\n\
+             Content-Type: application/fhir+json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            token.trim(),
+            body.len()
         )
         .unwrap();
         let mut raw = Vec::new();
@@ -120,6 +132,12 @@ impl NodeProcess {
             "a chunked answer: {head}"
         );
         (status, serde_json::from_str(body).unwrap_or(Value::Null))
+    }
+
+    /// SIGKILL (kill -9): no shutdown at all.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// SIGTERM (the `kill` command: no unsafe here), then wait for the exit.
