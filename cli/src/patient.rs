@@ -608,20 +608,26 @@ fn not_submitted(grant: &Grant, node: &str) -> String {
     )
 }
 
+/// The keystore's grant with the id `grant_id` (as the user typed it).
+fn grant_named(keystore: &Keystore, grant_id: &str) -> Result<Grant> {
+    let id: GrantId = grant_id
+        .parse()
+        .map_err(|_| anyhow!("{grant_id:?} is not a grant id (32 hex digits; see `medmesh patient grants`)"))?;
+    keystore
+        .grants
+        .iter()
+        .find(|g| g.id() == id)
+        .cloned()
+        .ok_or_else(|| anyhow!("no grant {id} in your keystore (see `medmesh patient grants`)"))
+}
+
 /// `patient submit`: a grant no node took, with its key shares for every
 /// epoch of the collections it covers and the patient's live grants (as
 /// `patient grant` sends them).
 async fn submit(home: &Home, node: &str, grant_id: &str, out: &Output) -> Result<()> {
     let (mut keystore, passphrase) = open_keystore(home)?;
-    let id: GrantId = grant_id
-        .parse()
-        .map_err(|_| anyhow!("{grant_id:?} is not a grant id (32 hex digits; see `medmesh patient grants`)"))?;
-    let grant = keystore
-        .grants
-        .iter()
-        .find(|g| g.id() == id)
-        .cloned()
-        .ok_or_else(|| anyhow!("no grant {id} in your keystore (see `medmesh patient grants`)"))?;
+    let grant = grant_named(&keystore, grant_id)?;
+    let id = grant.id();
     if is_revoked(&keystore, &grant) {
         bail!("grant {id} is revoked");
     }
@@ -653,15 +659,8 @@ async fn submit(home: &Home, node: &str, grant_id: &str, out: &Output) -> Result
 async fn revoke(home: &Home, node: &str, grant_id: &str, out: &Output) -> Result<()> {
     let (mut keystore, passphrase) = open_keystore(home)?;
     let expired = end_expired_grants(home, &mut keystore, &passphrase, node, out).await?;
-    let id: GrantId = grant_id
-        .parse()
-        .map_err(|_| anyhow!("{grant_id:?} is not a grant id (32 hex digits; see `medmesh patient grants`)"))?;
-    let grant = keystore
-        .grants
-        .iter()
-        .find(|g| g.id() == id)
-        .cloned()
-        .ok_or_else(|| anyhow!("no grant {id} in your keystore (see `medmesh patient grants`)"))?;
+    let grant = grant_named(&keystore, grant_id)?;
+    let id = grant.id();
     if expired.iter().any(|e| e["expired_grant"] == id.to_string()) {
         out.result(
             &json!({"revoked": id.to_string(), "grantee": grant.terms().grantee.to_string(), "expired": expired}),

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{NodeProcess, grant_to_node, medmesh, new_patient, patient_records, stderr};
+use common::{NodeProcess, grant_status, grant_to_node, medmesh, new_patient, patient_records, stderr};
 use serde_json::json;
 
 #[test]
@@ -163,16 +163,6 @@ fn revoking_one_of_two_grants_to_a_practice_keeps_the_other_readable() {
             "B, still granted labs, cannot read the lab written after the other grant's revocation"
         );
     }
-}
-
-fn grant_status(patient: &std::path::Path, id: &str) -> String {
-    let out = medmesh(patient).args(["--json", "patient", "grants"]).output().unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
-    common::json_lines(&out)
-        .into_iter()
-        .find(|g| g["grant_id"] == id)
-        .map(|g| g["status"].as_str().unwrap().to_owned())
-        .unwrap()
 }
 
 /// A grant the CLI could not hand to any node is not "in force": the

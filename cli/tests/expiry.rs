@@ -10,7 +10,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{NodeProcess, PASS, WAIT, json_lines, medmesh, new_patient, stderr};
+use common::{NodeProcess, PASS, WAIT, grant_status, json_lines, medmesh, new_patient, stderr};
 use medmesh_crypto::{Collection, Envelope, Keystore, SecretIdentity};
 use medmesh_node::testing::ChangeMaker;
 use medmesh_sync::memory::MemoryBackend;
@@ -32,16 +32,6 @@ async fn relay(node: &NodeProcess, carrier: &SecretIdentity, envelope: &Envelope
         .unwrap();
     let _ = relay.shutdown().await;
     (report.accepted, report.rejected)
-}
-
-fn grant_status(patient: &std::path::Path, id: &str) -> String {
-    let out = medmesh(patient).args(["--json", "patient", "grants"]).output().unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
-    json_lines(&out)
-        .into_iter()
-        .find(|g| g["grant_id"] == id)
-        .map(|g| g["status"].as_str().unwrap().to_owned())
-        .unwrap()
 }
 
 #[test]

@@ -86,6 +86,25 @@ async fn submit(patient: &TestPatient, node: &Site, items: &[medmesh_node::Incom
     cli.shutdown().await.unwrap();
 }
 
+/// The patient's first grant (labs, read-write) at `site`, and `n` lab
+/// changes written there by it; the grant.
+async fn labs_written_at(site: &Site, patient: &mut TestPatient, n: usize) -> medmesh_crypto::Grant {
+    let pid = patient.id();
+    let (grant, items) = patient
+        .onboard(site.key.practice_id().unwrap(), Collection::Labs)
+        .unwrap();
+    site.node.submit(pid, items).await.unwrap();
+    let mut labs = ChangeMaker::new(&site.key.public_bytes()).unwrap();
+    for i in 0..n {
+        let change = labs.put(&format!("lab{i}"), "v").unwrap();
+        site.node
+            .write_change(pid, Collection::Labs, change.as_change())
+            .await
+            .unwrap();
+    }
+    grant
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grant_to_a_practice_that_was_down_reaches_it_when_it_is_back() {
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
@@ -96,16 +115,7 @@ async fn a_grant_to_a_practice_that_was_down_reaches_it_when_it_is_back() {
 
     // A holds the patient's labs, written by A.
     let a = Site::start(dir_a.path(), &key_a, any_port()).await;
-    let (_, items) = patient.onboard(a.key.practice_id().unwrap(), Collection::Labs).unwrap();
-    a.node.submit(pid, items).await.unwrap();
-    let mut labs = ChangeMaker::new(&key_a.public_bytes()).unwrap();
-    for i in 0..3 {
-        let change = labs.put(&format!("lab{i}"), "v").unwrap();
-        a.node
-            .write_change(pid, Collection::Labs, change.as_change())
-            .await
-            .unwrap();
-    }
+    labs_written_at(&a, &mut patient, 3).await;
 
     // B was up once (its address is what the patient passes), and is down now.
     let b = Site::start(dir_b.path(), &key_b, any_port()).await;
@@ -331,16 +341,7 @@ async fn a_gap_behind_the_cursor_is_repaired_when_the_peers_connect() {
     let pid = patient.id();
     let a = Site::start(dir_a.path(), &key_a, any_port()).await;
     let b = Site::start(dir_b.path(), &key_b, any_port()).await;
-    let (a_grant, items) = patient.onboard(a.key.practice_id().unwrap(), Collection::Labs).unwrap();
-    a.node.submit(pid, items).await.unwrap();
-    let mut labs = ChangeMaker::new(&key_a.public_bytes()).unwrap();
-    for i in 0..5 {
-        let change = labs.put(&format!("lab{i}"), "v").unwrap();
-        a.node
-            .write_change(pid, Collection::Labs, change.as_change())
-            .await
-            .unwrap();
-    }
+    let a_grant = labs_written_at(&a, &mut patient, 5).await;
     // Both know both grants (as after a first sync's first pages); B's
     // cursor on A is past everything A holds, as if the pages that carried
     // the labs were lost.

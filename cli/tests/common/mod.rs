@@ -214,3 +214,14 @@ pub fn patient_records(patient: &Path, node: &NodeProcess, resource_type: &str) 
     assert!(out.status.success(), "patient records: {}", stderr(&out));
     json_lines(&out)
 }
+
+/// The status `patient grants` shows for grant `id` ("in force", "revoked", …).
+pub fn grant_status(patient: &Path, id: &str) -> String {
+    let out = medmesh(patient).args(["--json", "patient", "grants"]).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    json_lines(&out)
+        .into_iter()
+        .find(|g| g["grant_id"] == id)
+        .map(|g| g["status"].as_str().unwrap().to_owned())
+        .unwrap()
+}
