@@ -164,6 +164,35 @@ impl Backend for Timed {
         self.inner.item(id).await
     }
 
+    // The trait's defaults answer for a backend that cannot tell: the
+    // node's answers are what the bench must measure.
+    async fn ingest_capped(&self, from: PeerId, items: Vec<Item>, room: u64) -> medmesh_sync::Result<IngestReport> {
+        self.inner.ingest_capped(from, items, room).await
+    }
+
+    fn pending_total(&self) -> medmesh_sync::Result<u64> {
+        self.inner.pending_total()
+    }
+
+    fn names_grantee(&self, peer: &PeerId) -> medmesh_sync::Result<bool> {
+        self.inner.names_grantee(peer)
+    }
+
+    fn relates_to(&self, patient: &PatientId, me: &PeerId) -> medmesh_sync::Result<bool> {
+        self.inner.relates_to(patient, me)
+    }
+
+    fn patients_shared_with(&self, peer: &PeerId) -> medmesh_sync::Result<Vec<PatientId>> {
+        self.inner.patients_shared_with(peer)
+    }
+
+    async fn audit_checkpoints(
+        &self,
+        anchor: Option<u64>,
+    ) -> medmesh_sync::Result<Option<medmesh_node::AuditCheckpoints>> {
+        self.inner.audit_checkpoints(anchor).await
+    }
+
     fn outbox(&self) -> medmesh_sync::Result<Vec<medmesh_sync::Owed>> {
         self.inner.outbox()
     }
@@ -906,4 +935,80 @@ async fn main() {
             "  100k not run by default (writing 100k resources through the write path takes ~5 min, the whole run ~9 min); MEDMESH_BENCH_DELTA_100K=1 or MEDMESH_BENCH_N=100000 adds it"
         );
     }
+
+    // 5. Anti-entropy over records in step.
+    let patients = if quick { 100 } else { 1_000 };
+    anti_entropy_cost(patients).await;
+}
+
+/// Anti-entropy (issue 16): `patients` patients whose labs A and B both
+/// hold, in step (each granted A read-write and B read, two changes written
+/// at A, pulled by B); then one round of B with A, which finds nothing to
+/// fetch: bytes (items counted by sync, and loopback) and wall time per
+/// patient, against the issue's target of <= 1 KiB and <= 1 ms.
+async fn anti_entropy_cost(patients: usize) {
+    let (a_key, a_node, a_dir) = Practice::open().await;
+    let (b_key, b_node, b_dir) = Practice::open().await;
+    let b_practice = b_key.practice_id().unwrap();
+    for _ in 0..patients {
+        let mut patient = TestPatient::new().unwrap();
+        let pid = patient.id();
+        let (grant_a, items_a) = patient.onboard(a_node.practice_id(), Collection::Labs).unwrap();
+        a_node.submit(pid, items_a).await.unwrap();
+        let (_, items_b) = patient
+            .grant_with_share(b_practice, Collection::Labs, Access::Read)
+            .unwrap();
+        a_node.submit(pid, items_b.clone()).await.unwrap();
+        let mut at_b = items_b;
+        at_b.push(medmesh_node::Incoming::new(
+            medmesh_node::store::ItemKind::Grant,
+            grant_a.encoded().to_vec(),
+        ));
+        b_node.submit(pid, at_b).await.unwrap();
+        let mut labs = medmesh_node::testing::ChangeMaker::new(&a_key.public_bytes()).unwrap();
+        for i in 0..2 {
+            let change = labs.put(&format!("lab{i}"), "v").unwrap();
+            a_node
+                .write_change(pid, Collection::Labs, change.as_change())
+                .await
+                .unwrap();
+        }
+    }
+    let a = Practice::start(a_key, a_node, a_dir).await;
+    let b = Practice::start(b_key, b_node, b_dir).await;
+    let a_peer = a.sync.local_peer_id();
+    b.sync
+        .dial(a.sync.listen_addrs().await.unwrap().remove(0))
+        .await
+        .unwrap();
+    // In step: B pulled everything, and the round on connection ran.
+    b.sync.sync_now(a_peer).await.unwrap();
+    let settle = b.sync.anti_entropy(a_peer).await.unwrap();
+    let before = b.sync.status().await.unwrap();
+    let lo = lo_bytes();
+    let start = Instant::now();
+    let round = b.sync.anti_entropy(a_peer).await.unwrap();
+    let wall = start.elapsed();
+    let lo = lo_delta(lo);
+    let after = b.sync.status().await.unwrap();
+    let items = after.bytes_received - before.bytes_received;
+    let per = |x: f64| x / patients as f64;
+    println!(
+        "\n== anti-entropy: one round over {patients} patients in step (issue 16 target: <= 1 KiB and <= 1 ms per patient) =="
+    );
+    println!(
+        "  settling round fetched {} items; the measured round: {} requests' answers, {} items fetched",
+        settle.ingest.accepted, round.pages, round.ingest.accepted
+    );
+    println!(
+        "  per patient: {:.0} B of items received (the patient's grants in each Summary answer), loopback {} B both ways incl. framing, Noise, Yamux; wall {:.3} ms (both nodes in this process)",
+        per(items as f64),
+        lo.map_or_else(|| "n/a".to_owned(), |l| format!("{:.0}", per(l as f64))),
+        per(wall.as_secs_f64() * 1e3)
+    );
+    println!(
+        "  bytes target: {}; time target: {}",
+        verdict(lo.map_or(per(items as f64), |l| per(l as f64)) <= 1024.0),
+        verdict(per(wall.as_secs_f64() * 1e3) <= 1.0)
+    );
 }

@@ -148,6 +148,10 @@ pub(crate) enum Command {
         patient: PatientId,
         reply: oneshot::Sender<Result<SyncReport>>,
     },
+    AntiEntropy {
+        peer: PeerId,
+        reply: oneshot::Sender<Result<SyncReport>>,
+    },
     Request {
         peer: PeerId,
         request: Request,
@@ -673,26 +677,17 @@ const ANTI_ENTROPY_PATIENTS: usize = 1024;
 /// lost, a transfer cut by a restart, a nudge missed, items refused by a
 /// full queue — whatever left a gap is found and fetched without a new
 /// grant. Stops at the first failure (the peer left).
-async fn anti_entropy<B: Backend>(ctx: &Ctx<B>, peer: PeerId) {
-    let patients = match ctx.backend.patients_shared_with(&peer) {
-        Ok(p) => p,
-        Err(e) => {
-            warn!(%peer, cause = %e, "anti-entropy: listing shared patients failed");
-            return;
-        }
-    };
-    for patient in patients.into_iter().take(ANTI_ENTROPY_PATIENTS) {
-        match reconcile_task(ctx, peer, patient).await {
-            Ok(r) if r.ingest.accepted > 0 => {
-                info!(%peer, accepted = r.ingest.accepted, "anti-entropy repaired a gap");
-            }
-            Ok(_) => {}
-            Err(e) => {
-                debug!(%peer, cause = %e, "anti-entropy round stopped");
-                return;
-            }
-        }
+async fn anti_entropy<B: Backend>(ctx: &Ctx<B>, peer: PeerId) -> Result<SyncReport> {
+    let mut report = SyncReport::default();
+    for patient in ctx
+        .backend
+        .patients_shared_with(&peer)?
+        .into_iter()
+        .take(ANTI_ENTROPY_PATIENTS)
+    {
+        report.add(reconcile_task(ctx, peer, patient).await?);
     }
+    Ok(report)
 }
 
 /// A reconciliation `peer` asked for ([`Request::Reconcile`]): run only when
@@ -1317,6 +1312,12 @@ impl<B: Backend> Actor<B> {
                 let ctx = self.ctx.clone();
                 tokio::spawn(async move {
                     let _ = reply.send(reconcile_task(&ctx, peer, patient).await);
+                });
+            }
+            Command::AntiEntropy { peer, reply } => {
+                let ctx = self.ctx.clone();
+                tokio::spawn(async move {
+                    let _ = reply.send(anti_entropy(&ctx, peer).await);
                 });
             }
             Command::Push {
@@ -2103,7 +2104,13 @@ impl<B: Backend> Actor<B> {
         }
         let ctx = self.ctx.clone();
         tokio::spawn(async move {
-            anti_entropy(&ctx, peer).await;
+            match anti_entropy(&ctx, peer).await {
+                Ok(r) if r.ingest.accepted > 0 => {
+                    info!(%peer, accepted = r.ingest.accepted, "anti-entropy repaired a gap");
+                }
+                Ok(_) => {}
+                Err(e) => debug!(%peer, cause = %e, "anti-entropy round stopped"),
+            }
             ctx.anti_entropy
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)

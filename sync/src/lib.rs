@@ -256,6 +256,16 @@ impl SyncHandle {
             .await?
     }
 
+    /// One anti-entropy round with `peer` now (docs/protocol.md §8): every
+    /// patient both may read is reconciled with it. The node runs one on
+    /// every connection and every `Config::anti_entropy_interval` anyway.
+    ///
+    /// # Errors
+    /// As [`SyncHandle::reconcile`]; the round stops at the first failure.
+    pub async fn anti_entropy(&self, peer: PeerId) -> Result<SyncReport> {
+        self.ask(|reply| actor::Command::AntiEntropy { peer, reply }).await?
+    }
+
     /// Pushes signed items to `peer` (the patient CLI submitting a grant and
     /// key shares, or a node delivering them). `addrs` are full multiaddrs
     /// the receiver may dial to pass the items on (e.g. the grantee's); a
