@@ -229,8 +229,10 @@ pub(crate) struct Ctx<B> {
     asked_reconciles: Arc<Mutex<HashMap<(PeerId, PatientId), bool>>>,
     /// A tick's redelivery round is under way.
     redelivering: Arc<std::sync::atomic::AtomicBool>,
-    /// Peers an anti-entropy round runs with.
-    anti_entropy: Arc<Mutex<HashSet<PeerId>>>,
+    /// When the last anti-entropy round with each peer ended (`None`
+    /// while one runs), so a peer that reconnects over and over costs at
+    /// most one round per [`ANTI_ENTROPY_MIN_GAP`].
+    anti_entropy: Arc<Mutex<HashMap<PeerId, Option<Instant>>>>,
 }
 
 /// Whose transfer: one at a time per key.
@@ -671,6 +673,10 @@ async fn snapshot_task<B: Backend>(
 
 /// Most patients one anti-entropy round reconciles with one peer.
 const ANTI_ENTROPY_PATIENTS: usize = 1024;
+/// Least time between two rounds with one peer started by connections or
+/// the interval (a peer cycling its connection must not make this node
+/// send a thousand summaries each time).
+const ANTI_ENTROPY_MIN_GAP: Duration = Duration::from_secs(60);
 
 /// Reconciles with `peer` every patient both may read (summaries carry
 /// per-collection digests, so a collection in step costs no ids): a page
@@ -2091,16 +2097,17 @@ impl<B: Backend> Actor<B> {
         });
     }
 
-    /// One anti-entropy round with `peer`, unless one runs already.
+    /// One anti-entropy round with `peer`, unless one runs already or the
+    /// last ended less than [`ANTI_ENTROPY_MIN_GAP`] ago.
     fn start_anti_entropy(&self, peer: PeerId) {
-        if !self
-            .ctx
-            .anti_entropy
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(peer)
         {
-            return;
+            let mut rounds = self.ctx.anti_entropy.lock().unwrap_or_else(PoisonError::into_inner);
+            let now = Instant::now();
+            rounds.retain(|_, last| last.is_none_or(|t| now.saturating_duration_since(t) < ANTI_ENTROPY_MIN_GAP));
+            if rounds.contains_key(&peer) {
+                return;
+            }
+            rounds.insert(peer, None);
         }
         let ctx = self.ctx.clone();
         tokio::spawn(async move {
@@ -2114,7 +2121,7 @@ impl<B: Backend> Actor<B> {
             ctx.anti_entropy
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .remove(&peer);
+                .insert(peer, Some(Instant::now()));
         });
     }
 
