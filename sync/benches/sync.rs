@@ -374,28 +374,22 @@ struct Run {
     delta_lo: Option<u64>,
 }
 
-/// Writes `n` Observations at A (32 writers, as the repository bench), then
-/// a fresh B granted read on labs pulls them; then A writes one more.
-async fn run(n: usize) -> Run {
-    let mut patient = TestPatient::new().unwrap();
-    let (a_key, a_node, a_dir) = Practice::open().await;
-    let (b_key, b_node, b_dir) = Practice::open().await;
-    let (_, items) = patient.onboard(a_node.practice_id(), Collection::Labs).unwrap();
-    a_node.submit(patient.id(), items).await.unwrap();
-    let b_practice = b_key.practice_id().unwrap();
-    let (_, items) = patient
-        .grant_with_share(b_practice, Collection::Labs, Access::Read)
-        .unwrap();
-    a_node.submit(patient.id(), items).await.unwrap();
-
-    // History, through A's real write path (Repository → seal → sled).
-    let no_auto = repository::Config {
+/// A repository that keeps snapshots only when asked.
+fn no_auto_snapshots() -> repository::Config {
+    repository::Config {
         snapshot_every: 0,
         ..repository::Config::default()
-    };
-    let repo = Repository::new(a_node.clone(), no_auto.clone()).unwrap();
+    }
+}
+
+/// `n` Observations of `pid` written at `node` through its real write path
+/// (Repository → seal → sled; 32 writers, as the repository bench), then
+/// the sealed local snapshot a node keeps every `snapshot_every` changes
+/// and on stop (which a snapshot transfer is made from): one resource id,
+/// the write time and the snapshot time, with the repository.
+async fn write_history(node: &Node, pid: PatientId, n: usize) -> (Repository, String, Duration, Duration) {
+    let repo = Repository::new(node.clone(), no_auto_snapshots()).unwrap();
     let app = Actor::local_app("bench");
-    let pid = patient.id();
     let start = Instant::now();
     let mut tasks = Vec::new();
     let writers = 32.min(n);
@@ -417,13 +411,30 @@ async fn run(n: usize) -> Run {
             some_id.get_or_insert(id);
         }
     }
-    let some_id = some_id.unwrap();
     let write = start.elapsed();
-    // What a node does every `snapshot_every` changes and on stop: keep a
-    // sealed local snapshot, which a snapshot transfer is made from.
     let start = Instant::now();
     repo.save_snapshots().await;
-    let snapshot_save = start.elapsed();
+    (repo, some_id.unwrap(), write, start.elapsed())
+}
+
+/// Writes `n` Observations at A (32 writers, as the repository bench), then
+/// a fresh B granted read on labs pulls them; then A writes one more.
+async fn run(n: usize) -> Run {
+    let mut patient = TestPatient::new().unwrap();
+    let (a_key, a_node, a_dir) = Practice::open().await;
+    let (b_key, b_node, b_dir) = Practice::open().await;
+    let (_, items) = patient.onboard(a_node.practice_id(), Collection::Labs).unwrap();
+    a_node.submit(patient.id(), items).await.unwrap();
+    let b_practice = b_key.practice_id().unwrap();
+    let (_, items) = patient
+        .grant_with_share(b_practice, Collection::Labs, Access::Read)
+        .unwrap();
+    a_node.submit(patient.id(), items).await.unwrap();
+
+    let pid = patient.id();
+    let no_auto = no_auto_snapshots();
+    let (repo, some_id, write, snapshot_save) = write_history(&a_node, pid, n).await;
+    let app = Actor::local_app("bench");
 
     let a = Practice::start(a_key, a_node, a_dir).await;
     let transfer = a
@@ -939,6 +950,120 @@ async fn main() {
     // 5. Anti-entropy over records in step.
     let patients = if quick { 100 } else { 1_000 };
     anti_entropy_cost(patients).await;
+
+    // 6. A practice that was down when the patient granted it (opt-in:
+    // `MEDMESH_BENCH_BACK_ONLINE=1`; the process then hangs at exit in a
+    // sled flush of a store dropped after `Node::close`, to be found).
+    if std::env::var_os("MEDMESH_BENCH_BACK_ONLINE").is_some() {
+        back_online(big).await;
+    }
+}
+
+/// Issue 16: B is down when the patient grants it labs at A (A holds `n`
+/// envelopes and a local snapshot); A owes B the grant. B comes back on its
+/// address: time until A redelivers (B holds the grant) and until B holds
+/// all `n` envelopes readable. A's first retry is due 2 s after the failed
+/// push (the outbox's first backoff), so that is the floor.
+async fn back_online(n: usize) {
+    let mut patient = TestPatient::new().unwrap();
+    let pid = patient.id();
+    let (a_key, a_node, a_dir) = Practice::open().await;
+    // B, down: a key and a port nothing listens on (what the patient passes).
+    let b_key = SecretIdentity::generate().unwrap();
+    let b_dir = tempfile::tempdir().unwrap();
+    let b_practice = b_key.practice_id().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let b_addr: libp2p::Multiaddr = format!("/ip4/127.0.0.1/tcp/{port}/p2p/{}", b_practice.peer_id())
+        .parse()
+        .unwrap();
+    let (_, items) = patient.onboard(a_node.practice_id(), Collection::Labs).unwrap();
+    a_node.submit(pid, items).await.unwrap();
+    write_history(&a_node, pid, n).await;
+    let a = Practice::start(a_key, a_node, a_dir).await;
+
+    // The patient grants B at A, passing B's address: A's push fails.
+    let (_, items) = patient
+        .grant_with_share(b_practice, Collection::Labs, Access::Read)
+        .unwrap();
+    let cli = SyncHandle::spawn(
+        Config::client(),
+        &patient.identity,
+        Arc::new(medmesh_sync::memory::MemoryBackend::new()),
+    )
+    .await
+    .unwrap();
+    let a_peer = cli.dial(a.sync.listen_addrs().await.unwrap().remove(0)).await.unwrap();
+    let items = items
+        .into_iter()
+        .map(|i| Item {
+            kind: match i.kind {
+                medmesh_node::store::ItemKind::Grant => medmesh_sync::ItemKind::Grant,
+                _ => medmesh_sync::ItemKind::KeyShare,
+            },
+            bytes: i.bytes,
+        })
+        .collect();
+    cli.push(a_peer, items, vec![b_addr.clone()]).await.unwrap();
+    cli.shutdown().await.unwrap();
+    while a.sync.status().await.unwrap().outbox < 2 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // B back where it was.
+    let b_node = Node::open(
+        b_dir.path(),
+        SecretIdentity::from_seed(&b_key.seed()),
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    let listen: libp2p::Multiaddr = b_addr
+        .iter()
+        .filter(|p| !matches!(p, libp2p::multiaddr::Protocol::P2p(_)))
+        .collect();
+    let mut events = b_node.subscribe();
+    let start = Instant::now();
+    let config = Config {
+        listen: vec![listen],
+        pull_interval: Duration::from_secs(3600),
+        ..Config::loopback_tcp()
+    };
+    let b_sync = SyncHandle::spawn(config, &b_key, NodeBackend::new(b_node.clone()))
+        .await
+        .unwrap();
+    let mut granted = None;
+    let mut readable = 0usize;
+    while readable < n {
+        match tokio::time::timeout(Duration::from_secs(600), events.recv()).await {
+            Ok(Ok(medmesh_node::Event::Readable { patient, ids, .. })) if patient == pid => readable += ids.len(),
+            Ok(Ok(_)) => {}
+            Ok(Err(broadcast::error::RecvError::Lagged(_))) => {
+                readable = b_node.holdings(&pid).unwrap().readable as usize;
+            }
+            Ok(Err(broadcast::error::RecvError::Closed)) | Err(_) => {
+                panic!("B never completed after coming back: {:?}", b_node.holdings(&pid))
+            }
+        }
+        if granted.is_none() && !b_node.grants(&pid).is_empty() {
+            granted = Some(start.elapsed());
+        }
+    }
+    let complete = start.elapsed();
+    println!("\n== a practice down at grant time, back online ({n} envelopes owed by transfer or pages) ==");
+    println!(
+        "  from B's start: grant redelivered by A after {}, record complete after {} (A's first retry is due 2 s after its failed push)",
+        granted.map_or_else(|| "n/a".to_owned(), ms),
+        ms(complete)
+    );
+    // Stopped as a node process stops (actors first, then the stores).
+    b_sync.shutdown().await.unwrap();
+    b_node.close().await;
+    a.sync.shutdown().await.unwrap();
+    a.node.close().await;
 }
 
 /// Anti-entropy (issue 16): `patients` patients whose labs A and B both
