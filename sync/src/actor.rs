@@ -2256,7 +2256,10 @@ fn reschedule<B: Backend>(ctx: &Ctx<B>, debts: &[(PeerId, ItemId)], error: &str,
         .map(|mut o| {
             o.attempts = o.attempts.saturating_add(1);
             let wait = REDELIVERY_FIRST_BACKOFF
-                .saturating_mul(1u32.checked_shl(o.attempts.saturating_sub(1).min(20)).unwrap_or(u32::MAX))
+                .saturating_mul(
+                    1u32.checked_shl(o.attempts.saturating_sub(1).min(20))
+                        .unwrap_or(u32::MAX),
+                )
                 .min(max_backoff);
             o.next_at = t.saturating_add(millis(wait));
             o.last_error = error.chars().take(200).collect();
