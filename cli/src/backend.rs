@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use medmesh_crypto::{Access, Grant, PatientId};
+use medmesh_crypto::{Access, Collection, Grant, PatientId};
 use medmesh_gateway::fhir::outcome::{ApiError, Issue, IssueType};
 use medmesh_gateway::fhir::search_params::SearchRequest;
 use medmesh_gateway::{Backend, HistoryEntry, SignedKind, TxFailure, TxOp, TxResult};
@@ -34,6 +34,8 @@ pub(crate) struct NodeBackend {
 struct Gauges {
     sync: Option<medmesh_sync::Status>,
     store_bytes: u64,
+    /// (patient, collection) records granted here and not yet complete.
+    incomplete_records: u64,
 }
 
 /// How often the gauges behind `/metrics` are refreshed.
@@ -62,6 +64,7 @@ impl NodeBackend {
         let gauges = Arc::new(std::sync::Mutex::new(Gauges::default()));
         let weak = Arc::downgrade(&gauges);
         let handle = sync.clone();
+        let counted = node.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(GAUGE_REFRESH);
             loop {
@@ -73,9 +76,17 @@ impl NodeBackend {
                 };
                 let dir = store_dir.clone();
                 let bytes = tokio::task::spawn_blocking(move || dir_bytes(&dir)).await.unwrap_or(0);
+                let node = counted.clone();
+                let incomplete = tokio::task::spawn_blocking(move || node.incomplete_records())
+                    .await
+                    .ok()
+                    .and_then(Result::ok);
                 let mut g = gauges.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                 g.sync = status;
                 g.store_bytes = bytes;
+                if let Some(n) = incomplete {
+                    g.incomplete_records = n;
+                }
             }
         });
         Self {
@@ -88,6 +99,29 @@ impl NodeBackend {
 
     fn actor() -> Actor {
         Actor::local_app(APP)
+    }
+
+    /// The patient a search is scoped to, by did (`patient=did:key:…`) or by
+    /// a Patient resource this node holds; `None` otherwise.
+    async fn searched_patient(&self, request: &SearchRequest) -> Result<Option<PatientId>, ApiError> {
+        Ok(match (request.patient_did(), request.patient()) {
+            (Some(did), _) => Some(did),
+            (None, Some(id)) => self.patient_of(id).await?.and_then(|did| did.parse::<PatientId>().ok()),
+            (None, None) => None,
+        })
+    }
+
+    /// One warning per collection of `patient`'s record (only `only`, when
+    /// given) that this node is granted and does not hold complete yet.
+    fn incomplete(&self, patient: &PatientId, only: Option<Collection>) -> Result<Vec<String>, ApiError> {
+        Ok(self
+            .node
+            .completeness(patient)
+            .map_err(node_error)?
+            .iter()
+            .filter(|c| only.is_none_or(|o| o == c.collection))
+            .filter_map(medmesh_node::completeness::CollectionCompleteness::warning)
+            .collect())
     }
 
     /// Records a read of a patient's data by the practice's apps, durably,
@@ -337,13 +371,8 @@ impl Backend for NodeBackend {
     }
 
     async fn unreadable_here(&self, request: &SearchRequest) -> Result<Option<String>, ApiError> {
-        let patient = match (request.patient_did(), request.patient()) {
-            (Some(did), _) => did,
-            (None, Some(id)) => match self.patient_of(id).await?.and_then(|did| did.parse::<PatientId>().ok()) {
-                Some(did) => did,
-                None => return Ok(None),
-            },
-            (None, None) => return Ok(None),
+        let Some(patient) = self.searched_patient(request).await? else {
+            return Ok(None);
         };
         let collection = medmesh_node::records::collection_of_type(&request.resource_type);
         if self.node.current_epoch(&patient, collection).is_some() {
@@ -354,6 +383,25 @@ impl Backend for NodeBackend {
              not arrived yet): {} resources of theirs held at other practices are not in this result",
             request.resource_type
         )))
+    }
+
+    async fn incomplete_search(&self, request: &SearchRequest) -> Result<Vec<String>, ApiError> {
+        let Some(patient) = self.searched_patient(request).await? else {
+            return Ok(Vec::new());
+        };
+        let collection = medmesh_node::records::collection_of_type(&request.resource_type);
+        self.incomplete(&patient, Some(collection))
+    }
+
+    async fn incomplete_everything(&self, patient_resource_id: &str) -> Result<Vec<String>, ApiError> {
+        match self
+            .patient_of(patient_resource_id)
+            .await?
+            .and_then(|did| did.parse::<PatientId>().ok())
+        {
+            Some(patient) => self.incomplete(&patient, None),
+            None => Ok(Vec::new()),
+        }
     }
 
     async fn patient_of(&self, patient_resource_id: &str) -> Result<Option<String>, ApiError> {
@@ -724,6 +772,10 @@ impl Backend for NodeBackend {
         out.push_str(&format!(
             "# TYPE medmesh_node_store_bytes gauge\n# UNIT medmesh_node_store_bytes bytes\nmedmesh_node_store_bytes {}\n",
             gauges.store_bytes
+        ));
+        out.push_str(&format!(
+            "# TYPE medmesh_node_records_incomplete gauge\nmedmesh_node_records_incomplete {}\n",
+            gauges.incomplete_records
         ));
         if let Some(s) = &gauges.sync {
             let counters = [

@@ -2,7 +2,10 @@
 //! stopped (SIGTERM or kill -9, alternately) at a different point of the
 //! sync in each of ten runs, and restarted on its port. Every run must end
 //! with the whole record at the receiver, without a new grant (before:
-//! 68 of 124 envelopes for good after one SIGTERM).
+//! 68 of 124 envelopes for good after one SIGTERM), and an app searching
+//! the receiver's labs meanwhile must be told, every time it gets fewer
+//! than all, that the record is incomplete (or not readable yet); once
+//! complete, the warning goes.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -20,6 +23,42 @@ fn labs_at(node: &NodeProcess, did: &str) -> u64 {
     let (status, holdings) = node.get(&format!("/api/holdings?patient={did}"));
     assert_eq!(status, 200, "{holdings}");
     holdings["by_collection"]["labs"].as_u64().unwrap_or(0)
+}
+
+/// What an app searching `node`'s labs of `did` sees: how many, and whether
+/// the searchset warns that the record is incomplete here (an
+/// OperationOutcome issue `incomplete`) or says it cannot read labs yet.
+fn labs_search(node: &NodeProcess, did: &str) -> (u64, bool, String) {
+    let (status, bundle) = node.get(&format!("/fhir/Observation?patient={did}&_count=1"));
+    assert_eq!(status, 200, "{bundle}");
+    let issues: Vec<&serde_json::Value> = bundle["entry"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["search"]["mode"] == "outcome")
+        .flat_map(|e| e["resource"]["issue"].as_array().into_iter().flatten())
+        .collect();
+    let told = issues.iter().any(|i| {
+        (i["severity"] == "warning" && i["code"] == "incomplete")
+            || (i["code"] == "informational" && i["diagnostics"].as_str().is_some_and(|d| d.contains("cannot read")))
+    });
+    let said = issues
+        .iter()
+        .filter_map(|i| i["diagnostics"].as_str())
+        .collect::<Vec<_>>()
+        .join(" | ");
+    (bundle["total"].as_u64().unwrap_or(0), told, said)
+}
+
+/// Fails unless an app that got fewer than all labs was told so; returns
+/// whether it got a warning.
+fn check_told(node: &NodeProcess, did: &str, run: u64) -> (u64, bool, String) {
+    let (found, told, said) = labs_search(node, did);
+    assert!(
+        found == LABS as u64 || told,
+        "run {run}: a search found {found} of {LABS} labs with no word that the record is incomplete"
+    );
+    (found, told, said)
 }
 
 #[test]
@@ -54,7 +93,9 @@ fn a_receiver_stopped_during_its_first_sync_completes_after_a_restart() {
     a.stop();
     let a = NodeProcess::start_with(&home_a, &[]);
 
+    let mut warned_runs = 0;
     for run in 0..10u64 {
+        let mut warned = false;
         let home_b = root.path().join(format!("b{run}"));
         let mut b = NodeProcess::start_with(&home_b, &[]);
         let out = medmesh(&patient)
@@ -68,7 +109,7 @@ fn a_receiver_stopped_during_its_first_sync_completes_after_a_restart() {
         let deadline = Instant::now() + common::WAIT;
         while labs_at(&b, &did) < cut_at {
             assert!(Instant::now() < deadline, "run {run}: B's first sync never started");
-            std::thread::sleep(Duration::from_millis(1));
+            warned |= check_told(&b, &did, run).1;
         }
         if run % 2 == 0 {
             b.kill();
@@ -79,14 +120,29 @@ fn a_receiver_stopped_during_its_first_sync_completes_after_a_restart() {
         let deadline = Instant::now() + common::WAIT;
         loop {
             let held = labs_at(&b, &did);
-            if held == LABS as u64 {
+            let (found, told, said) = check_told(&b, &did, run);
+            warned |= told;
+            // Complete, and said so: the warning is gone.
+            if held == LABS as u64 && found == LABS as u64 && !told {
                 break;
             }
             assert!(
                 Instant::now() < deadline,
-                "run {run} (cut after {cut_at}): B holds {held} of {LABS} labs after its restart"
+                "run {run} (cut after {cut_at}): B holds {held} of {LABS} labs after its restart, \
+                 a search finds {found}, and says: {said}"
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+        warned_runs += u32::from(warned);
+        // Holdings say the same.
+        let (_, holdings) = b.get(&format!("/api/holdings?patient={did}"));
+        assert_eq!(
+            holdings["completeness"]["labs"]["complete"], true,
+            "run {run}: {holdings}"
+        );
     }
+    assert!(
+        warned_runs > 0,
+        "no run ever showed an app the incomplete-record warning"
+    );
 }

@@ -165,6 +165,26 @@ pub trait Backend: Send + Sync + 'static {
         async { Ok(None) }
     }
 
+    /// What a search scoped to a patient may still miss because this node
+    /// does not yet hold the searched collection of the record complete (a
+    /// first sync not done, changes a peer listed not arrived, changes
+    /// waiting): one sentence per collection. Empty when complete or unknown
+    /// (the default).
+    fn incomplete_search(&self, request: &SearchRequest) -> impl Future<Output = Result<Vec<String>, ApiError>> + Send {
+        let _ = request;
+        async { Ok(Vec::new()) }
+    }
+
+    /// The same for `$everything` of the Patient with this resource id,
+    /// over every collection this node is granted. The default: none.
+    fn incomplete_everything(
+        &self,
+        patient_resource_id: &str,
+    ) -> impl Future<Output = Result<Vec<String>, ApiError>> + Send {
+        let _ = patient_resource_id;
+        async { Ok(Vec::new()) }
+    }
+
     /// The patient that the Patient resource with this id belongs to, named as the
     /// backend names patients (on a node, the did:key): what a reference to
     /// `Patient/{id}` files a resource under. `None` when no such Patient is held.

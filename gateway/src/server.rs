@@ -722,6 +722,9 @@ fn paging(query: &str, max_count: usize) -> Result<Page, ApiError> {
 
 async fn everything<B: Backend>(state: &AppState<B>, id: &str, query: &str) -> Result<Response, ApiError> {
     let page = paging(query, state.config.max_count)?;
+    // Judged before the read: a record completing in between then warns
+    // once too often, never once too few.
+    let incomplete = state.backend.incomplete_everything(id).await?;
     let all = state.backend.everything(id).await?;
     let base = &state.config.base_url;
     let link = |offset: usize| format!("{base}/Patient/{id}/$everything?_count={}&_offset={offset}", page.count);
@@ -738,7 +741,24 @@ async fn everything<B: Backend>(state: &AppState<B>, id: &str, query: &str) -> R
         };
         bundle.push_rendered(Arc::clone(resource), mode);
     }
+    push_incomplete(&mut bundle, incomplete);
     Ok(state.buffers.respond(bundle))
+}
+
+/// An OperationOutcome entry warning that the record read is incomplete
+/// here (issue 16), one issue per collection still arriving.
+fn push_incomplete(bundle: &mut Searchset, warnings: Vec<String>) {
+    if warnings.is_empty() {
+        return;
+    }
+    bundle.push_outcome(
+        OperationOutcome::from_issues(
+            warnings
+                .into_iter()
+                .map(|why| Issue::warning(IssueType::Incomplete, why)),
+        )
+        .to_value(),
+    );
 }
 
 async fn search<B: Backend>(
@@ -761,6 +781,8 @@ async fn search<B: Backend>(
             reason: "not supported for this type (Prefer: handling=strict)".to_owned(),
         });
     }
+    // Judged before the read, as for `$everything`.
+    let incomplete = state.backend.incomplete_search(&request).await?;
     let matches = state.backend.search(&request).await?;
     let mut bundle = searchset(base, &request, &matches);
     if let Some(why) = state.backend.unreadable_here(&request).await? {
@@ -768,6 +790,7 @@ async fn search<B: Backend>(
             OperationOutcome::from_issues([Issue::information(IssueType::Informational, why)]).to_value(),
         );
     }
+    push_incomplete(&mut bundle, incomplete);
     Ok(state.buffers.respond(bundle))
 }
 

@@ -281,16 +281,18 @@ impl Registry {
     /// The patients whose records both `me` and `peer` may read now: a grant
     /// in force (any collection) names each. Anti-entropy compares those.
     pub(crate) fn patients_shared(&self, me: &PracticeId, peer: &PracticeId, now: Timestamp) -> Vec<PatientId> {
-        let in_force_for = |who: &PracticeId| -> BTreeSet<PatientId> {
-            self.grants
-                .values()
-                .filter(|g| g.terms().grantee == *who)
-                .filter(|g| g.in_force(now, self.is_revoked(&g.terms().patient, &g.id())))
-                .map(|g| g.terms().patient)
-                .collect()
-        };
-        let mine = in_force_for(me);
-        in_force_for(peer).intersection(&mine).copied().collect()
+        let mine = self.patients_granting(me, now);
+        self.patients_granting(peer, now).intersection(&mine).copied().collect()
+    }
+
+    /// The patients with a grant in force to `who` (any collection).
+    pub(crate) fn patients_granting(&self, who: &PracticeId, now: Timestamp) -> BTreeSet<PatientId> {
+        self.grants
+            .values()
+            .filter(|g| g.terms().grantee == *who)
+            .filter(|g| g.in_force(now, self.is_revoked(&g.terms().patient, &g.id())))
+            .map(|g| g.terms().patient)
+            .collect()
     }
 
     /// Whether any grant names `peer` as its grantee.

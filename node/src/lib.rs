@@ -24,6 +24,7 @@
 pub mod audit;
 mod chains;
 mod commit;
+pub mod completeness;
 pub mod consent;
 mod error;
 pub mod identity;

@@ -20,12 +20,13 @@ use zeroize::Zeroizing;
 use crate::audit::{self, Action, ActorKind, AuditEntry, AuditRecord};
 use crate::chains::{Chains, Doc};
 use crate::commit::Committer;
+use crate::completeness::CollectionCompleteness;
 use crate::consent::{Registry, Validity};
 use crate::rate::Rate;
 use crate::snapshot::Snapshot;
 use crate::store::{
     Batch, Committed, Cursor, EnvelopeEntry, EnvelopeState, InstanceId, ItemId, ItemKind, ItemMeta, Op, PendingItem,
-    PendingReason, Seq, SledStore, Store, StoredItem,
+    PendingReason, Seq, SledStore, Store, StoredItem, SyncCheck,
 };
 use crate::strangers::Strangers;
 use crate::{Error, Result};
@@ -254,6 +255,10 @@ pub struct Holdings {
     pub opaque: u64,
     /// Envelopes per collection name.
     pub by_collection: BTreeMap<String, u64>,
+    /// Whether each collection granted to this node is complete here, by
+    /// name ([`Node::completeness`]).
+    #[serde(default)]
+    pub completeness: BTreeMap<String, CollectionCompleteness>,
 }
 
 struct Inner {
@@ -2426,6 +2431,11 @@ impl Node {
             readable: 0,
             opaque: 0,
             by_collection: BTreeMap::new(),
+            completeness: self
+                .completeness(patient)?
+                .into_iter()
+                .map(|c| (c.collection.as_str().to_owned(), c))
+                .collect(),
         };
         for e in self.store().envelopes(patient, None)? {
             h.envelopes += 1;
@@ -2436,6 +2446,145 @@ impl Node {
             *h.by_collection.entry(e.collection.as_str().to_owned()).or_default() += 1;
         }
         Ok(h)
+    }
+
+    /// Whether this node holds each collection of `patient`'s record it is
+    /// granted complete ([`crate::completeness`]), in [`Collection::ALL`]
+    /// order; empty when no grant in force names this node.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub fn completeness(&self, patient: &PatientId) -> Result<Vec<CollectionCompleteness>> {
+        let t = now();
+        let me = self.inner.me;
+        let grants = self.registry().grants_of(patient);
+        let revoked: Vec<bool> = {
+            let registry = self.registry();
+            grants.iter().map(|g| registry.is_revoked(patient, &g.id())).collect()
+        };
+        let mine: Vec<&Grant> = grants
+            .iter()
+            .zip(&revoked)
+            .filter(|(g, revoked)| g.terms().grantee == me && g.in_force(t, **revoked))
+            .map(|(g, _)| g)
+            .collect();
+        if mine.is_empty() {
+            return Ok(Vec::new());
+        }
+        let store = self.store();
+        let checks = store.sync_checks(patient)?;
+        let mut pending: HashMap<Collection, u64> = HashMap::new();
+        for item in store.pending_of(patient)? {
+            let collection = match item.reason {
+                PendingReason::SeqGap { collection, .. } => Some(collection),
+                _ => medmesh_crypto::CompactHeader::of_stored_envelope(&item.bytes)
+                    .ok()
+                    .map(|h| h.header().collection),
+            };
+            if let Some(c) = collection {
+                *pending.entry(c).or_default() += 1;
+            }
+        }
+        let still_missing = |check: &SyncCheck| -> u64 {
+            let remembered = check.missing_ids.len() as u64;
+            let lacking = check
+                .missing_ids
+                .iter()
+                .filter(|id| {
+                    !store.contains(&ItemId::from(**id)).unwrap_or(false)
+                        && !store.rejected(&id.0).is_ok_and(|r| r.is_some())
+                })
+                .count() as u64;
+            // Ids beyond those remembered are taken as still lacking.
+            lacking + check.missing.saturating_sub(remembered)
+        };
+        let peer_name =
+            |bytes: &[u8]| PeerId::from_bytes(bytes).map_or_else(|_| "unknown".to_owned(), |p| p.to_string());
+        let mut out = Vec::new();
+        for collection in Collection::ALL {
+            let Some(since) = mine
+                .iter()
+                .filter(|g| g.covers(collection))
+                .map(|g| g.terms().issued_at)
+                .min()
+            else {
+                continue;
+            };
+            let earlier_holders: Vec<Vec<u8>> = grants
+                .iter()
+                .zip(&revoked)
+                .filter(|(g, revoked)| {
+                    let terms = g.terms();
+                    terms.grantee != me && g.covers(collection) && terms.issued_at < since && g.in_force(t, **revoked)
+                })
+                .map(|(g, _)| g.terms().grantee.peer_id().to_bytes())
+                .chain(
+                    // The nodes the patient handed this node's grants to hold
+                    // the record: their addresses end in `/p2p/<PeerId>`. This
+                    // node may know of them before it learns their own grants.
+                    mine.iter()
+                        .filter(|g| g.covers(collection))
+                        .flat_map(|g| &g.terms().address_hints)
+                        .filter_map(|hint| hint.rsplit_once("/p2p/")?.1.parse::<PeerId>().ok())
+                        .filter(|peer| *peer != me.peer_id())
+                        .map(|peer| peer.to_bytes()),
+                )
+                .collect();
+            let of_collection: Vec<SyncCheck> = checks.iter().filter(|c| c.collection == collection).cloned().collect();
+            out.push(CollectionCompleteness::judge(
+                collection,
+                &of_collection,
+                still_missing,
+                pending.get(&collection).copied().unwrap_or(0),
+                &earlier_holders,
+                peer_name,
+            ));
+        }
+        Ok(out)
+    }
+
+    /// How many (patient, collection) records granted to this node are
+    /// incomplete here (`/metrics`).
+    ///
+    /// # Errors
+    /// Store failures.
+    pub fn incomplete_records(&self) -> Result<u64> {
+        let patients = self.registry().patients_granting(&self.inner.me, now());
+        let mut n = 0;
+        for patient in patients {
+            n += self.completeness(&patient)?.iter().filter(|c| !c.complete).count() as u64;
+        }
+        Ok(n)
+    }
+
+    /// The address hints (multiaddr text) of the grants in force to this
+    /// node, its own addresses left out, without repeats: where the
+    /// practices holding the records it is granted were reached by the
+    /// patient. Sync reconnects to them after a restart.
+    pub fn holder_addresses(&self) -> Vec<String> {
+        let me = self.inner.me;
+        let mine = format!("/p2p/{}", me.peer_id());
+        let t = now();
+        let registry = self.registry();
+        let mut out: Vec<String> = registry
+            .patients_granting(&me, t)
+            .iter()
+            .flat_map(|patient| registry.grants_of(patient))
+            .filter(|g| g.terms().grantee == me && g.in_force(t, registry.is_revoked(&g.terms().patient, &g.id())))
+            .flat_map(|g| g.terms().address_hints.clone())
+            .filter(|hint| !hint.ends_with(&mine))
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    /// Records what a reconciliation with a peer found ([`SyncCheck`]).
+    ///
+    /// # Errors
+    /// Store failures.
+    pub fn note_sync_check(&self, check: &SyncCheck) -> Result<()> {
+        self.store().put_sync_check(check)
     }
 
     /// Appends an audit entry (gateway reads, sync disclosures), durably;

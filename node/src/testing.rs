@@ -439,4 +439,13 @@ impl crate::store::Store for FlushControl {
     fn remove_outbox(&self, keys: &[(Vec<u8>, crate::store::ItemId)]) -> Result<()> {
         self.inner.remove_outbox(keys)
     }
+    fn pending_of(&self, patient: &PatientId) -> Result<Vec<crate::store::PendingItem>> {
+        self.inner.pending_of(patient)
+    }
+    fn sync_checks(&self, patient: &PatientId) -> Result<Vec<crate::store::SyncCheck>> {
+        self.inner.sync_checks(patient)
+    }
+    fn put_sync_check(&self, check: &crate::store::SyncCheck) -> Result<()> {
+        self.inner.put_sync_check(check)
+    }
 }

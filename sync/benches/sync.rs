@@ -186,6 +186,21 @@ impl Backend for Timed {
         self.inner.patients_shared_with(peer)
     }
 
+    fn holder_addresses(&self) -> medmesh_sync::Result<Vec<String>> {
+        self.inner.holder_addresses()
+    }
+
+    fn note_reconciled(
+        &self,
+        peer: &PeerId,
+        patient: &PatientId,
+        collection: Collection,
+        listed: u64,
+        missing: &[EnvelopeId],
+    ) -> medmesh_sync::Result<()> {
+        self.inner.note_reconciled(peer, patient, collection, listed, missing)
+    }
+
     async fn audit_checkpoints(
         &self,
         anchor: Option<u64>,

@@ -671,6 +671,8 @@ async fn snapshot_task<B: Backend>(
     Ok((report, TransferOutcome::Complete))
 }
 
+/// Most holders [`Actor::reach_holders`] dials per round.
+const HOLDER_DIALS: usize = 16;
 /// Most patients one anti-entropy round reconciles with one peer.
 const ANTI_ENTROPY_PATIENTS: usize = 1024;
 /// Least time between two rounds with one peer started by connections or
@@ -806,6 +808,18 @@ async fn reconcile_once<B: Backend>(ctx: &Ctx<B>, peer: PeerId, patient: Patient
     };
     let wanted: HashSet<medmesh_crypto::Collection> = collections.iter().map(|(c, _)| *c).collect();
     let mut local = held(&wanted)?;
+    // What the peer listed and this node lacks, kept before fetching: a
+    // crash or a cut connection from here on leaves the record known
+    // incomplete until a later reconciliation closes the check.
+    let note = |local: &HashSet<EnvelopeId>| -> Result<()> {
+        for (collection, ids) in &collections {
+            let lacking: Vec<EnvelopeId> = ids.iter().filter(|id| !local.contains(id)).copied().collect();
+            ctx.backend
+                .note_reconciled(&peer, &patient, *collection, ids.len() as u64, &lacking)?;
+        }
+        Ok(())
+    };
+    note(&local)?;
     if ctx.snapshot_min > 0 {
         let mut took_snapshot = false;
         for (collection, ids) in &collections {
@@ -830,8 +844,12 @@ async fn reconcile_once<B: Backend>(ctx: &Ctx<B>, peer: PeerId, patient: Patient
     // predecessors instead of waiting for seq gaps.
     let mut missing = Vec::new();
     let mut listed = HashSet::new();
-    for (_, ids) in collections {
-        missing.extend(ids.into_iter().filter(|id| !local.contains(id) && listed.insert(*id)));
+    for (_, ids) in &collections {
+        missing.extend(
+            ids.iter()
+                .filter(|id| !local.contains(id) && listed.insert(**id))
+                .copied(),
+        );
     }
     for chunk in missing.chunks(MAX_FETCH_IDS) {
         // A pull running beside this reconciliation (a new grant starts both)
@@ -859,6 +877,7 @@ async fn reconcile_once<B: Backend>(ctx: &Ctx<B>, peer: PeerId, patient: Patient
         report.received += items.len() as u64;
         report.ingest.add(ctx.ingest(peer, items).await?);
     }
+    note(&held(&wanted)?)?;
     Ok(report)
 }
 
@@ -1208,6 +1227,9 @@ impl<B: Backend> Actor<B> {
         anti_entropy.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         anti_entropy.tick().await; // connections start their own round
         self.reserve_relays();
+        if self.config.consent_flows {
+            self.reach_holders();
+        }
         let mut stored_open = true;
         let shutdown_reply = loop {
             tokio::select! {
@@ -1238,6 +1260,7 @@ impl<B: Backend> Actor<B> {
                     for peer in peers {
                         self.start_anti_entropy(peer);
                     }
+                    self.reach_holders();
                 }
             }
         };
@@ -1724,6 +1747,38 @@ impl<B: Backend> Actor<B> {
                 self.lookups.insert(query, peer);
             }
             None => self.fail_dial(peer, "no known address and Kademlia is off"),
+        }
+    }
+
+    /// Dials the practices that hold the records this node is granted (its
+    /// grants' address hints) when not connected to them, at most
+    /// [`HOLDER_DIALS`] per round: at start and every anti-entropy interval.
+    /// A node back from a restart would otherwise wait until one of them
+    /// dials it, and anti-entropy, which runs on connection, would not find
+    /// what a sync cut short left missing (nor close its completeness check).
+    fn reach_holders(&mut self) {
+        let hints = match self.backend().holder_addresses() {
+            Ok(h) => h,
+            Err(e) => {
+                debug!(cause = %e, "could not list the holders to reach");
+                return;
+            }
+        };
+        let me = *self.swarm.local_peer_id();
+        let mut dialed = HashSet::new();
+        for hint in hints {
+            let Ok(addr) = hint.parse::<Multiaddr>() else { continue };
+            let Some(peer) = peer_of(&addr) else { continue };
+            if peer == me || self.swarm.is_connected(&peer) {
+                continue;
+            }
+            self.note_addr(peer, addr);
+            if dialed.len() < HOLDER_DIALS
+                && dialed.insert(peer)
+                && let Err(e) = self.swarm.dial(peer)
+            {
+                debug!(%peer, cause = %e, "could not dial a holder");
+            }
         }
     }
 

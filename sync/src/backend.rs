@@ -595,6 +595,35 @@ pub trait Backend: Send + Sync + 'static {
         Ok(Vec::new())
     }
 
+    /// Records what a reconciliation with `peer` found for (patient,
+    /// collection): it listed `listed` envelopes, and these ids of them are
+    /// not held here (issue 16: completeness; the node keeps the last per
+    /// peer and tells apps while any stays missing). The default keeps nothing.
+    ///
+    /// # Errors
+    /// Storage failures.
+    fn note_reconciled(
+        &self,
+        peer: &PeerId,
+        patient: &PatientId,
+        collection: Collection,
+        listed: u64,
+        missing: &[EnvelopeId],
+    ) -> Result<()> {
+        let _ = (peer, patient, collection, listed, missing);
+        Ok(())
+    }
+
+    /// Addresses (multiaddr text ending in `/p2p/<PeerId>`) of the practices
+    /// holding the records this node is granted, to reconnect to after a
+    /// restart. The default: none.
+    ///
+    /// # Errors
+    /// Storage failures.
+    fn holder_addresses(&self) -> Result<Vec<String>> {
+        Ok(Vec::new())
+    }
+
     /// Any stored item by id (a grant, revocation, key share or envelope).
     ///
     /// # Errors

@@ -354,6 +354,32 @@ impl Backend for NodeBackend {
             .unwrap_or_default())
     }
 
+    fn holder_addresses(&self) -> Result<Vec<String>> {
+        Ok(self.node.holder_addresses())
+    }
+
+    fn note_reconciled(
+        &self,
+        peer: &PeerId,
+        patient: &PatientId,
+        collection: Collection,
+        listed: u64,
+        missing: &[EnvelopeId],
+    ) -> Result<()> {
+        let remembered = &missing[..missing.len().min(node_store::SyncCheck::REMEMBERED)];
+        self.node
+            .note_sync_check(&node_store::SyncCheck {
+                patient: *patient,
+                collection,
+                peer: peer.to_bytes(),
+                at: medmesh_crypto::now(),
+                listed,
+                missing: missing.len() as u64,
+                missing_ids: remembered.to_vec(),
+            })
+            .map_err(backend_error)
+    }
+
     async fn item(&self, id: &ItemId) -> Result<Option<StoredItem>> {
         Ok(self
             .node

@@ -45,6 +45,21 @@ pub struct NodeProcess {
     home: PathBuf,
 }
 
+/// Where a node's log goes: nowhere, unless `MEDMESH_TEST_LOGS` is set (to
+/// debug a failing test: then `node.log` in its home, appended across restarts).
+fn node_log(home: &Path) -> Stdio {
+    if std::env::var_os("MEDMESH_TEST_LOGS").is_none() {
+        return Stdio::null();
+    }
+    std::fs::create_dir_all(home).unwrap();
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(home.join("node.log"))
+        .unwrap();
+    Stdio::from(file)
+}
+
 impl NodeProcess {
     pub fn start(home: &Path) -> Self {
         Self::start_with(home, &["--listen", "/ip4/127.0.0.1/tcp/0"])
@@ -61,7 +76,7 @@ impl NodeProcess {
             .env_remove("MEDMESH_HOME")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(node_log(home))
             .spawn()
             .unwrap();
         let stdout = child.stdout.take().unwrap();

@@ -82,6 +82,8 @@ pub enum IssueType {
     BusinessRule,
     /// `transient`: a temporary problem; the client may retry.
     Transient,
+    /// `incomplete`: not all the data asked for is available (yet).
+    Incomplete,
     /// More than one resource matched a conditional request.
     MultipleMatches,
     /// `too-costly`: the work was stopped, or not begun, to protect the server.
@@ -113,6 +115,7 @@ impl IssueType {
             Self::Security => "security",
             Self::BusinessRule => "business-rule",
             Self::Transient => "transient",
+            Self::Incomplete => "incomplete",
             Self::MultipleMatches => "multiple-matches",
             Self::TooCostly => "too-costly",
         }

@@ -6,7 +6,7 @@ use medmesh_crypto::{ActorId, Collection, EnvelopeId, GrantId, KeyId, PatientId,
 
 use super::{
     Cursor, EnvelopeEntry, EnvelopeState, InstanceId, ItemId, ItemKind, ItemMeta, OutboxEntry, PendingItem,
-    PendingReason, Rejection, Seq,
+    PendingReason, Rejection, Seq, SyncCheck,
 };
 use crate::{Error, Result};
 
@@ -457,4 +457,49 @@ pub(crate) fn outbox_entry(key: &[u8], v: &[u8]) -> Result<OutboxEntry> {
         })
     };
     parse().ok_or_else(|| corrupt("outbox entry", key))
+}
+
+/// Sync-check key: patient (32) ‖ collection tag (1) ‖ peer (PeerId bytes),
+/// so a patient's checks share a prefix.
+pub(crate) fn sync_check_key(patient: &PatientId, collection: Collection, peer: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(33 + peer.len());
+    k.extend_from_slice(patient.as_bytes());
+    k.push(collection_tag(collection));
+    k.extend_from_slice(peer);
+    k
+}
+
+/// Sync-check value: at (8, BE) ‖ listed (8, BE) ‖ missing (8, BE) ‖ the
+/// remembered missing ids (32 each).
+pub(crate) fn sync_check_value(c: &SyncCheck) -> Vec<u8> {
+    let ids = &c.missing_ids[..c.missing_ids.len().min(SyncCheck::REMEMBERED)];
+    let mut v = Vec::with_capacity(24 + 32 * ids.len());
+    v.extend_from_slice(&c.at.to_be_bytes());
+    v.extend_from_slice(&c.listed.to_be_bytes());
+    v.extend_from_slice(&c.missing.to_be_bytes());
+    for id in ids {
+        v.extend_from_slice(&id.0);
+    }
+    v
+}
+
+pub(crate) fn sync_check(key: &[u8], v: &[u8]) -> Result<SyncCheck> {
+    let parse = || -> Option<SyncCheck> {
+        if key.len() < 34 || v.len() < 24 || !(v.len() - 24).is_multiple_of(32) {
+            return None;
+        }
+        Some(SyncCheck {
+            patient: PatientId::from_bytes(key[..32].try_into().ok()?).ok()?,
+            collection: collection_from_tag(key[32])?,
+            peer: key[33..].to_vec(),
+            at: u64::from_be_bytes(v[..8].try_into().ok()?),
+            listed: u64::from_be_bytes(v[8..16].try_into().ok()?),
+            missing: u64::from_be_bytes(v[16..24].try_into().ok()?),
+            missing_ids: v[24..]
+                .chunks_exact(32)
+                .map(|c| c.try_into().ok().map(EnvelopeId))
+                .collect::<Option<Vec<_>>>()?,
+        })
+    };
+    parse().ok_or_else(|| corrupt("sync check", key))
 }

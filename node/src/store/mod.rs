@@ -261,6 +261,36 @@ pub struct OutboxEntry {
     pub addrs: Vec<String>,
 }
 
+/// What the last reconciliation with one peer found for one (patient,
+/// collection) (issue 16: completeness): how many envelopes the peer listed
+/// and which of them this node still lacked when it ended. Kept across
+/// restarts, so a record cut short by a crash is still known incomplete
+/// when the node comes back; replaced by the next reconciliation with that
+/// peer. Envelope ids and counts only, no PHI.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct SyncCheck {
+    /// Whose record.
+    pub patient: PatientId,
+    /// Which collection.
+    pub collection: Collection,
+    /// The peer that listed its holdings (PeerId bytes).
+    pub peer: Vec<u8>,
+    /// When the reconciliation ended (ms since the Unix epoch).
+    pub at: u64,
+    /// Envelopes the peer listed for the collection.
+    pub listed: u64,
+    /// Of those, how many this node lacked at `at`.
+    pub missing: u64,
+    /// The first [`SyncCheck::REMEMBERED`] of the ids lacking, so a later
+    /// arrival (by a pull, or from another peer) is seen without asking.
+    pub missing_ids: Vec<EnvelopeId>,
+}
+
+impl SyncCheck {
+    /// Most lacking ids a check remembers (32 KiB of ids); beyond, only the count.
+    pub const REMEMBERED: usize = 1024;
+}
+
 /// One logical mutation; a [`Batch`] of them is applied atomically.
 #[derive(Clone, Debug)]
 pub enum Op {
@@ -604,6 +634,42 @@ pub trait Store: Send + Sync + 'static {
     /// Engine failures.
     fn remove_outbox(&self, keys: &[(Vec<u8>, ItemId)]) -> Result<()> {
         let _ = keys;
+        Ok(())
+    }
+
+    /// The pending items of `patient` (waiting for a grant of theirs or for
+    /// a seq gap in their record). The default filters the whole queue.
+    ///
+    /// # Errors
+    /// Engine failures, [`crate::Error::Corrupt`].
+    fn pending_of(&self, patient: &PatientId) -> Result<Vec<PendingItem>> {
+        Ok(self
+            .pending(None)?
+            .into_iter()
+            .filter(|p| match p.reason {
+                PendingReason::MissingGrant(q, _) | PendingReason::SeqGap { patient: q, .. } => q == *patient,
+                PendingReason::UnsupportedVersion => false,
+            })
+            .collect())
+    }
+
+    /// The last reconciliation checks of `patient`'s record, every peer and
+    /// collection ([`SyncCheck`]); a store without them has none (the default).
+    ///
+    /// # Errors
+    /// Engine failures, [`crate::Error::Corrupt`].
+    fn sync_checks(&self, patient: &PatientId) -> Result<Vec<SyncCheck>> {
+        let _ = patient;
+        Ok(Vec::new())
+    }
+
+    /// Records a check, replacing the one of the same (patient, collection,
+    /// peer).
+    ///
+    /// # Errors
+    /// Engine failures.
+    fn put_sync_check(&self, check: &SyncCheck) -> Result<()> {
+        let _ = check;
         Ok(())
     }
 }

@@ -19,7 +19,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError, Transact
 use super::codec::{self, seq_key};
 use super::{
     Batch, Committed, Cursor, EnvelopeEntry, InstanceId, ItemId, ItemKind, Op, OutboxEntry, PendingItem, PendingReason,
-    Rejection, Seq, Store, StoredItem,
+    Rejection, Seq, Store, StoredItem, SyncCheck,
 };
 use crate::audit;
 use crate::{Error, Result};
@@ -62,6 +62,7 @@ pub struct SledStore {
     snapshots: sled::Tree,
     resources: sled::Tree,
     outbox: sled::Tree,
+    sync_checks: sled::Tree,
     instance: InstanceId,
     // Commits are serialised: seqs and the audit chain need one writer.
     heads: Mutex<Heads>,
@@ -138,6 +139,7 @@ impl SledStore {
             snapshots: tree("snapshots")?,
             resources: tree("resources")?,
             outbox: tree("outbox")?,
+            sync_checks: tree("sync-checks")?,
             db,
             instance,
             heads: Mutex::new(Heads {
@@ -649,6 +651,39 @@ impl Store for SledStore {
             batch.remove(codec::outbox_key(peer, item));
         }
         self.outbox.apply_batch(batch).map_err(storage)
+    }
+
+    fn pending_of(&self, patient: &PatientId) -> Result<Vec<PendingItem>> {
+        let mut out = Vec::new();
+        for tag in [0u8, 2] {
+            let mut prefix = vec![tag];
+            prefix.extend_from_slice(patient.as_bytes());
+            for entry in self.pending.scan_prefix(prefix) {
+                let (k, v) = entry.map_err(storage)?;
+                out.push(codec::pending_from(&k, &v)?);
+            }
+        }
+        Ok(out)
+    }
+
+    fn sync_checks(&self, patient: &PatientId) -> Result<Vec<SyncCheck>> {
+        self.sync_checks
+            .scan_prefix(patient.as_bytes())
+            .map(|entry| {
+                let (k, v) = entry.map_err(storage)?;
+                codec::sync_check(&k, &v)
+            })
+            .collect()
+    }
+
+    fn put_sync_check(&self, check: &SyncCheck) -> Result<()> {
+        self.sync_checks
+            .insert(
+                codec::sync_check_key(&check.patient, check.collection, &check.peer),
+                codec::sync_check_value(check),
+            )
+            .map(|_| ())
+            .map_err(storage)
     }
 }
 
