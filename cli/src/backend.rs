@@ -38,6 +38,10 @@ struct Gauges {
     incomplete_records: u64,
 }
 
+/// Longest a patient-scoped read waits for the record caches to apply what
+/// the store already holds ([`medmesh_node::Repository::settle`]).
+const CACHE_SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// How often the gauges behind `/metrics` are refreshed.
 const GAUGE_REFRESH: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -113,15 +117,26 @@ impl NodeBackend {
 
     /// One warning per collection of `patient`'s record (only `only`, when
     /// given) that this node is granted and does not hold complete yet.
-    fn incomplete(&self, patient: &PatientId, only: Option<Collection>) -> Result<Vec<String>, ApiError> {
-        Ok(self
+    /// Judged on the store; then the record caches are let catch up with it
+    /// (they follow the store's events a moment behind), so the read that
+    /// follows shows at least what was judged — or says it may not.
+    async fn incomplete(&self, patient: &PatientId, only: Option<Collection>) -> Result<Vec<String>, ApiError> {
+        let mut warnings: Vec<String> = self
             .node
             .completeness(patient)
             .map_err(node_error)?
             .iter()
             .filter(|c| only.is_none_or(|o| o == c.collection))
             .filter_map(medmesh_node::completeness::CollectionCompleteness::warning)
-            .collect())
+            .collect();
+        if !self.repository.settle(CACHE_SETTLE).await {
+            warnings.push(
+                "changes this node received moments ago are still being applied and may be missing from this \
+                 result; repeat the request to see them"
+                    .to_owned(),
+            );
+        }
+        Ok(warnings)
     }
 
     /// Records a read of a patient's data by the practice's apps, durably,
@@ -390,7 +405,7 @@ impl Backend for NodeBackend {
             return Ok(Vec::new());
         };
         let collection = medmesh_node::records::collection_of_type(&request.resource_type);
-        self.incomplete(&patient, Some(collection))
+        self.incomplete(&patient, Some(collection)).await
     }
 
     async fn incomplete_everything(&self, patient_resource_id: &str) -> Result<Vec<String>, ApiError> {
@@ -399,7 +414,7 @@ impl Backend for NodeBackend {
             .await?
             .and_then(|did| did.parse::<PatientId>().ok())
         {
-            Some(patient) => self.incomplete(&patient, None),
+            Some(patient) => self.incomplete(&patient, None).await,
             None => Ok(Vec::new()),
         }
     }

@@ -370,7 +370,7 @@ async fn demo(root: &Path, out: &Output) -> Result<()> {
     // with the revocation: B is granted nothing any more).
     let held = |h: &Value| ["envelopes", "readable", "opaque", "by_collection"].map(|k| h[k].clone());
     if holdings_of(&after_a, "labs") != labs + 1 || held(&after_b) != held(&at_b) {
-        bail!("after the revocation B's holdings changed: before {at_b}, after {after_b}");
+        bail!("after the revocation and A's new lab: A holds {after_a}; B held {at_b}, holds {after_b}");
     }
     d.say(
         "A wrote a new lab; B pulled from A and received nothing new",

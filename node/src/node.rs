@@ -276,6 +276,10 @@ struct Inner {
     /// Signs audit checkpoints asked for (the committer has its own).
     checkpoints: audit::Checkpointer,
     events: broadcast::Sender<Event>,
+    /// [`Event::Readable`] and [`Event::Excluded`] published so far: a
+    /// reader of the record caches waits until they caught up with it
+    /// ([`crate::Repository::settle`]).
+    record_events: std::sync::atomic::AtomicU64,
     ingest_lock: tokio::sync::Mutex<()>,
     /// Consent items held of patients this node holds nothing of.
     strangers: std::sync::Mutex<Strangers>,
@@ -502,6 +506,7 @@ impl Node {
                 committer,
                 checkpoints,
                 events,
+                record_events: std::sync::atomic::AtomicU64::new(0),
                 ingest_lock: tokio::sync::Mutex::new(()),
                 strangers: std::sync::Mutex::new(Strangers::new(
                     crate::strangers::Limits {
@@ -563,8 +568,22 @@ impl Node {
     }
 
     fn publish(&self, event: Event) {
+        if matches!(event, Event::Readable { .. } | Event::Excluded { .. }) {
+            // Counted before it is sent: a waiter that reads the count then
+            // waits for this event too.
+            self.inner
+                .record_events
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
         // No subscriber is fine.
         let _ = self.inner.events.send(event);
+    }
+
+    /// How many [`Event::Readable`] and [`Event::Excluded`] this node has
+    /// published (what a cache of readable records must have applied to
+    /// show everything readable so far).
+    pub fn record_events_published(&self) -> u64 {
+        self.inner.record_events.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     fn publish_stored(&self, committed: &Committed, metas: &HashMap<ItemId, ItemMeta>, actor: Option<&Actor>) {

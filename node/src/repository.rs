@@ -207,6 +207,10 @@ struct Inner {
     index: Mutex<Index>,
     /// Serialises cold loads so two requests never decrypt one document twice.
     loading: AsyncMutex<()>,
+    /// Record events of the node applied to the caches so far, and a wake-up
+    /// for [`Repository::settle`].
+    events_applied: std::sync::atomic::AtomicU64,
+    applied: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -256,10 +260,18 @@ impl Repository {
                 docs: Mutex::new(LruCache::new(capacity)),
                 index: Mutex::new(Index::default()),
                 loading: AsyncMutex::new(()),
+                events_applied: std::sync::atomic::AtomicU64::new(0),
+                applied: tokio::sync::Notify::new(),
                 node,
             }),
         };
         let events = repository.inner.node.subscribe();
+        // What was published before subscribing is in the store, which the
+        // caches load from: counted as applied.
+        repository.inner.events_applied.store(
+            repository.inner.node.record_events_published(),
+            std::sync::atomic::Ordering::SeqCst,
+        );
         let weak = Arc::downgrade(&repository.inner);
         tokio::spawn(async move { follow_events(weak, events).await });
         Ok(repository)
@@ -1271,6 +1283,29 @@ fn holds_exactly(doc: &RecordDoc, covered: &[crate::Covered]) -> bool {
     listed.len() == covered.len() && listed == doc.change_hashes()
 }
 
+impl Repository {
+    /// Waits, up to `within`, until the caches have applied every record
+    /// event the node published before this call, so that a read after it
+    /// shows at least what the store held readable then (the caches follow
+    /// the node's events asynchronously, ~0.1–0.2 s behind under load).
+    /// `false` when the time ran out first.
+    pub async fn settle(&self, within: std::time::Duration) -> bool {
+        let target = self.inner.node.record_events_published();
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            // Created before the check: `notify_waiters` wakes it even
+            // before its first poll.
+            let woken = self.inner.applied.notified();
+            if self.inner.events_applied.load(std::sync::atomic::Ordering::SeqCst) >= target {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, woken).await.is_err() {
+                return false;
+            }
+        }
+    }
+}
+
 async fn follow_events(inner: std::sync::Weak<Inner>, mut events: tokio::sync::broadcast::Receiver<Event>) {
     use tokio::sync::broadcast::error::RecvError;
     loop {
@@ -1282,6 +1317,14 @@ async fn follow_events(inner: std::sync::Weak<Inner>, mut events: tokio::sync::b
                 if let Some(inner) = inner.upgrade() {
                     lock(&inner.docs).clear();
                     *lock(&inner.index) = Index::default();
+                    // Cleared caches reload from the store: everything
+                    // published so far is reflected. (Events still queued
+                    // then count twice: `settle` may return early once.)
+                    let published = inner.node.record_events_published();
+                    inner
+                        .events_applied
+                        .fetch_max(published, std::sync::atomic::Ordering::SeqCst);
+                    inner.applied.notify_waiters();
                 }
                 continue;
             }
@@ -1305,7 +1348,12 @@ async fn follow_events(inner: std::sync::Weak<Inner>, mut events: tokio::sync::b
                     .retain(|_, at| *at != (patient, collection));
                 lock(&repository.inner.index).complete = false;
             }
-            Event::Stored(_) => {}
+            Event::Stored(_) => continue,
         }
+        repository
+            .inner
+            .events_applied
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        repository.inner.applied.notify_waiters();
     }
 }

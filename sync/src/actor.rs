@@ -910,6 +910,9 @@ pub(crate) struct Actor<B: Backend> {
     /// to send when it returns.
     nudging: HashMap<PeerId, Option<u64>>,
     dial_waiters: HashMap<PeerId, Vec<oneshot::Sender<Result<PeerId>>>>,
+    /// Peers dialled at addresses the swarm knew while Kademlia is on: if
+    /// those fail (the peer moved), the dial falls back to a lookup once.
+    dials_before_lookup: HashSet<PeerId>,
     /// Kademlia lookups under way, and the peer each is for.
     lookups: HashMap<kad::QueryId, PeerId>,
     /// When this node last looked up its own id ([`KAD_JOIN_CLOSEST`]).
@@ -1198,6 +1201,7 @@ pub(crate) async fn spawn<B: Backend>(
         pulls: HashMap::new(),
         nudging: HashMap::new(),
         dial_waiters: HashMap::new(),
+        dials_before_lookup: HashSet::new(),
         lookups: HashMap::new(),
         kad_joined: None,
         asked: HashSet::new(),
@@ -1648,6 +1652,12 @@ impl<B: Backend> Actor<B> {
                 error,
                 ..
             } if !self.swarm.is_connected(&peer) => {
+                // The addresses known may be stale (the peer came back on
+                // another port): ask the network once before giving up.
+                if self.dials_before_lookup.remove(&peer) && self.dial_waiters.contains_key(&peer) {
+                    self.look_up(peer, "its known addresses failed");
+                    return;
+                }
                 for w in self.dial_waiters.remove(&peer).unwrap_or_default() {
                     let _ = w.send(Err(Error::Request {
                         peer,
@@ -1738,15 +1748,25 @@ impl<B: Backend> Actor<B> {
             return;
         }
         if self.swarm.dial(peer).is_ok() {
+            if self.swarm.behaviour().kad.is_enabled() {
+                self.dials_before_lookup.insert(peer);
+            }
             return;
         }
+        self.look_up(peer, "no known address");
+    }
+
+    /// Asks the Kademlia network for `peer`'s addresses (the dial waiters
+    /// are answered when the lookup ends), or fails the waiters when
+    /// Kademlia is off.
+    fn look_up(&mut self, peer: PeerId, why: &str) {
         match self.swarm.behaviour_mut().kad.as_mut() {
             Some(kad) => {
-                debug!(%peer, "no known address; looking it up");
+                debug!(%peer, why, "looking the peer up");
                 let query = kad.get_closest_peers(peer);
                 self.lookups.insert(query, peer);
             }
-            None => self.fail_dial(peer, "no known address and Kademlia is off"),
+            None => self.fail_dial(peer, &format!("{why} and Kademlia is off")),
         }
     }
 
