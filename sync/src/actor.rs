@@ -1045,6 +1045,10 @@ pub(crate) async fn spawn<B: Backend>(
     let use_dcutr = config.dcutr;
     let relay_server = config.relay_server.then(|| relay_config(&config.relay_limits));
     let idle = config.idle_connection_timeout;
+    // Configured external addresses are where others must reach this node
+    // (a port forward, a proxy): announcing the listen addresses beside
+    // them would have peers dial around it.
+    let hide_listen_addrs = !config.external_addrs.is_empty();
     let mut swarm = SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_tcp(
@@ -1089,7 +1093,10 @@ pub(crate) async fn spawn<B: Backend>(
                 });
                 Ok(Behaviour {
                     limits: connection_limits::Behaviour::new(limits),
-                    identify: identify::Behaviour::new(identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())),
+                    identify: identify::Behaviour::new(
+                        identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
+                            .with_hide_listen_addrs(hide_listen_addrs),
+                    ),
                     ping: ping::Behaviour::default(),
                     mdns: Toggle::from(mdns),
                     kad: Toggle::from(kad),
