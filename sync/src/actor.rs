@@ -175,6 +175,8 @@ pub(crate) enum Command {
         peer: PeerId,
         result: Result<SyncReport>,
     },
+    /// A pull that failed, or was cut off with its connection, is due again.
+    RetryPull(PeerId),
     Pushed {
         peer: PeerId,
     },
@@ -906,6 +908,9 @@ pub(crate) struct Actor<B: Backend> {
     /// Addresses learned for peers (hints, pushes, dials that worked).
     known_addrs: HashMap<PeerId, Vec<Multiaddr>>,
     pulls: HashMap<PeerId, PullSlot>,
+    /// Peers whose pulls failed in a row (or whose connection broke), and
+    /// how many times: each is pulled again after [`pull_retry_wait`].
+    pull_retries: HashMap<PeerId, u32>,
     /// Peers with a nudge in flight, and the sequence number of a follow-up
     /// to send when it returns.
     nudging: HashMap<PeerId, Option<u64>>,
@@ -1067,6 +1072,10 @@ pub(crate) async fn spawn<B: Backend>(
     let use_dcutr = config.dcutr;
     let relay_server = config.relay_server.then(|| relay_config(&config.relay_limits));
     let idle = config.idle_connection_timeout;
+    // Configured external addresses are where others must reach this node
+    // (a port forward, a proxy): announcing the listen addresses beside
+    // them would have peers dial around it.
+    let hide_listen_addrs = !config.external_addrs.is_empty();
     let mut swarm = SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_tcp(
@@ -1111,7 +1120,10 @@ pub(crate) async fn spawn<B: Backend>(
                 });
                 Ok(Behaviour {
                     limits: connection_limits::Behaviour::new(limits),
-                    identify: identify::Behaviour::new(identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())),
+                    identify: identify::Behaviour::new(
+                        identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
+                            .with_hide_listen_addrs(hide_listen_addrs),
+                    ),
                     ping: ping::Behaviour::default(),
                     mdns: Toggle::from(mdns),
                     kad: Toggle::from(kad),
@@ -1199,6 +1211,7 @@ pub(crate) async fn spawn<B: Backend>(
         outbound: HashMap::new(),
         known_addrs: HashMap::new(),
         pulls: HashMap::new(),
+        pull_retries: HashMap::new(),
         nudging: HashMap::new(),
         dial_waiters: HashMap::new(),
         dials_before_lookup: HashSet::new(),
@@ -1417,6 +1430,7 @@ impl<B: Backend> Actor<B> {
                 }
             }
             Command::PullDone { peer, result } => self.on_pull_done(peer, result),
+            Command::RetryPull(peer) => self.start_pull(peer, None),
             Command::Pushed { peer } => self.start_pull(peer, None),
             Command::Forward { peer, id, item } => self.forward(peer, id, item),
             Command::Nudge { peer, seq } => self.nudge(peer, seq),
@@ -1485,6 +1499,7 @@ impl<B: Backend> Actor<B> {
         };
         match result {
             Ok(_) => {
+                self.pull_retries.remove(&peer);
                 debug!(%peer, pages = slot.report.pages, received = slot.report.received, "pull done");
                 for w in slot.waiters {
                     let _ = w.send(Ok(slot.report));
@@ -1495,8 +1510,30 @@ impl<B: Backend> Actor<B> {
                 for w in slot.waiters {
                     let _ = w.send(Err(echo_error(&e, peer)));
                 }
+                self.retry_pull_later(peer);
             }
         }
+    }
+
+    /// Pulls `peer` again after a backoff ([`pull_retry_wait`]), dialing it
+    /// if need be: a first sync cut off with its connection, or a nudge lost
+    /// with one, is otherwise left until something else connects the two
+    /// (the pull tick pulls connected peers only). Given up after
+    /// [`PULL_RETRIES`] failures in a row; a success starts the count again.
+    fn retry_pull_later(&mut self, peer: PeerId) {
+        let tries = self.pull_retries.entry(peer).or_default();
+        if *tries >= PULL_RETRIES {
+            self.pull_retries.remove(&peer);
+            warn!(%peer, "pulls failed {PULL_RETRIES} times in a row; left to the next connection");
+            return;
+        }
+        let wait = pull_retry_wait(*tries, self.config.pull_interval);
+        *tries += 1;
+        let ctx = self.ctx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(wait).await;
+            let _ = ctx.send(Command::RetryPull(peer)).await;
+        });
     }
 
     fn on_tick(&mut self) {
@@ -1606,11 +1643,20 @@ impl<B: Backend> Actor<B> {
                 peer_id,
                 connection_id,
                 num_established,
+                cause,
                 ..
             } => {
                 self.connections.remove(&connection_id);
                 if num_established == 0 {
                     debug!(peer = %peer_id, "disconnected");
+                    // A connection that broke (not closed, not idle) may
+                    // have taken a nudge with it, or a pull's last page:
+                    // a peer this node syncs with is pulled again soon
+                    // (a pull under way retries when it fails).
+                    let broke = matches!(cause, Some(libp2p::swarm::ConnectionError::IO(_)));
+                    if broke && !self.pulls.contains_key(&peer_id) && self.worth_pulling(&peer_id) {
+                        self.retry_pull_later(peer_id);
+                    }
                     self.last_synced.remove(&peer_id);
                     self.nudging.remove(&peer_id);
                     self.asked.remove(&peer_id);
@@ -2268,6 +2314,16 @@ async fn push_filtered<B: Backend>(
         item: item.clone(),
     })
     .await
+}
+
+/// Pulls tried again after failing in a row before the node waits for the
+/// next connection ([`Actor::retry_pull_later`]).
+const PULL_RETRIES: u32 = 6;
+
+/// The wait before the pull retry that follows `tries` failures: 1 s,
+/// doubling, at most the pull interval.
+fn pull_retry_wait(tries: u32, pull_interval: Duration) -> Duration {
+    Duration::from_secs(1u64 << tries.min(16)).min(pull_interval)
 }
 
 /// How often the outbox is looked at for debts due.

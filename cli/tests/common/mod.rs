@@ -122,6 +122,11 @@ impl NodeProcess {
         self.http("POST", path, Some(body))
     }
 
+    /// `PUT path` (an update) with a FHIR JSON body on this node's gateway.
+    pub fn put(&self, path: &str, body: &Value) -> (u16, Value) {
+        self.http("PUT", path, Some(body))
+    }
+
     fn http(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
         use std::io::{Read as _, Write as _};
         let token = std::fs::read_to_string(self.home.join("node/gateway.token")).unwrap();
