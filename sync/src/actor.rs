@@ -34,7 +34,7 @@ use crate::filter::{Requester, may_disclose};
 use crate::serve::{self, Served};
 use crate::wire::{
     Codec, MAX_FETCH_IDS, MAX_ITEMS_PER_MESSAGE, MAX_OFFERS_PER_PAGE, MAX_PUSH_ADDRS, Offer, PROTOCOL, RefusalCode,
-    Request, Response, summary_digest,
+    OutboxReport, Request, Response, summary_digest,
 };
 use crate::{Connection, Error, Result, Status, SyncReport};
 use medmesh_node::rate::Bucket;
@@ -164,6 +164,11 @@ pub(crate) enum Command {
         reply: oneshot::Sender<Result<IngestReport>>,
     },
     Status(oneshot::Sender<Status>),
+    /// What this node owes others of a patient's consent items.
+    Outbox {
+        patient: PatientId,
+        reply: oneshot::Sender<Result<OutboxReport>>,
+    },
     Shutdown(oneshot::Sender<()>),
     Respond {
         peer: PeerId,
@@ -233,6 +238,45 @@ pub(crate) struct Ctx<B> {
     /// while one runs), so a peer that reconnects over and over costs at
     /// most one round per [`ANTI_ENTROPY_MIN_GAP`].
     anti_entropy: Arc<Mutex<HashMap<PeerId, Option<Instant>>>>,
+    /// Consent flows under way, per patient ([`Following`]).
+    following: Arc<Mutex<HashMap<PatientId, usize>>>,
+    /// The highest seq of a stored item handed to the consent flows: below
+    /// the store's last seq, stored items still wait for theirs.
+    followed: Arc<AtomicU64>,
+}
+
+/// One consent flow under way for a patient, counted in
+/// [`Ctx::following`] until dropped: an outbox report made meanwhile may
+/// miss the debts the flow is about to record, and says so.
+struct Following {
+    counts: Arc<Mutex<HashMap<PatientId, usize>>>,
+    patient: PatientId,
+}
+
+impl Following {
+    fn start(counts: &Arc<Mutex<HashMap<PatientId, usize>>>, patient: PatientId) -> Self {
+        *counts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(patient)
+            .or_default() += 1;
+        Self {
+            counts: counts.clone(),
+            patient,
+        }
+    }
+}
+
+impl Drop for Following {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = counts.get_mut(&self.patient) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                counts.remove(&self.patient);
+            }
+        }
+    }
 }
 
 /// Whose transfer: one at a time per key.
@@ -258,6 +302,8 @@ impl<B> Clone for Ctx<B> {
             asked_reconciles: self.asked_reconciles.clone(),
             redelivering: self.redelivering.clone(),
             anti_entropy: self.anti_entropy.clone(),
+            following: self.following.clone(),
+            followed: self.followed.clone(),
         }
     }
 }
@@ -1153,6 +1199,9 @@ pub(crate) async fn spawn<B: Backend>(
     let metrics = Arc::new(Metrics::default());
     let dial_budget = DialBudget::new(&config.limits, Instant::now());
     let stored = backend.subscribe();
+    // What a previous run stored was followed then (or is owed in the
+    // outbox): only items stored from now on are waited for.
+    let followed = Arc::new(AtomicU64::new(backend.last_seq()));
     let ctx = Ctx {
         backend,
         tx: tx.downgrade(),
@@ -1165,6 +1214,8 @@ pub(crate) async fn spawn<B: Backend>(
         asked_reconciles: Arc::default(),
         redelivering: Arc::default(),
         anti_entropy: Arc::default(),
+        following: Arc::default(),
+        followed,
     };
     let actor = Actor {
         swarm,
@@ -1224,6 +1275,8 @@ impl<B: Backend> Actor<B> {
                     Ok(event) => self.on_stored(event),
                     Err(broadcast::error::RecvError::Lagged(n)) => {
                         warn!(missed = n, "missed item-stored events; nudging every connected peer");
+                        // Their flows will not run: nothing to wait for.
+                        self.ctx.followed.fetch_max(self.backend().last_seq(), Ordering::AcqRel);
                         let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
                         for peer in peers {
                             self.nudge(peer, u64::MAX);
@@ -1336,6 +1389,13 @@ impl<B: Backend> Actor<B> {
                 let me = self.me;
                 tokio::spawn(async move {
                     let _ = reply.send(push_task(&ctx, me, peer, items, addrs).await);
+                });
+            }
+            Command::Outbox { patient, reply } => {
+                let settling = self.settling(&patient);
+                let backend = self.ctx.backend.clone();
+                tokio::task::spawn_blocking(move || {
+                    let _ = reply.send(serve::outbox_report(&*backend, &patient, settling));
                 });
             }
             Command::Request { peer, request, reply } => {
@@ -1911,6 +1971,12 @@ impl<B: Backend> Actor<B> {
                     serve::checkpoint(&*b, requester, patient, anchor).await
                 });
             }
+            Request::Outbox { patient } => {
+                let settling = self.settling(&patient);
+                self.spawn_serve(peer, channel, move |b| async move {
+                    serve::outbox(&*b, requester, patient, settling)
+                });
+            }
             Request::Push { items, addrs } => {
                 // Before ingesting: the consent flows that the stored items
                 // trigger may need to dial these addresses.
@@ -2034,17 +2100,36 @@ impl<B: Backend> Actor<B> {
     /// Hands a stored item to the consent-flow task (which needs the store's
     /// async API) with a snapshot of the connected peers.
     fn on_stored(&mut self, event: StoredEvent) {
+        self.ctx.followed.fetch_max(event.seq, Ordering::AcqRel);
         if !self.config.consent_flows {
             return;
         }
         let connected: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
         let ctx = self.ctx.clone();
         let me = self.me;
+        let following = Following::start(&self.ctx.following, event.meta.patient);
         tokio::spawn(async move {
+            let _following = following;
             if let Err(e) = consent_flow(&ctx, me, connected, event).await {
                 warn!(cause = %e, "consent flow failed");
             }
         });
+    }
+
+    /// Whether an outbox report on `patient` made now may miss debts:
+    /// stored items not yet handed to the consent flows, or flows of the
+    /// patient under way.
+    fn settling(&self, patient: &PatientId) -> bool {
+        if !self.config.consent_flows {
+            return false;
+        }
+        self.backend().last_seq() > self.ctx.followed.load(Ordering::Acquire)
+            || self
+                .ctx
+                .following
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .contains_key(patient)
     }
 
     fn forward(&mut self, peer: PeerId, item_id: ItemId, item: Item) {
