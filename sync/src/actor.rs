@@ -33,8 +33,8 @@ use crate::config::{Config, Limits, RelayLimits};
 use crate::filter::{Requester, may_disclose};
 use crate::serve::{self, Served};
 use crate::wire::{
-    Codec, MAX_FETCH_IDS, MAX_ITEMS_PER_MESSAGE, MAX_OFFERS_PER_PAGE, MAX_PUSH_ADDRS, Offer, PROTOCOL, RefusalCode,
-    OutboxReport, Request, Response, summary_digest,
+    Codec, MAX_FETCH_IDS, MAX_ITEMS_PER_MESSAGE, MAX_OFFERS_PER_PAGE, MAX_PUSH_ADDRS, Offer, OutboxReport, PROTOCOL,
+    RefusalCode, Request, Response, summary_digest,
 };
 use crate::{Connection, Error, Result, Status, SyncReport};
 use medmesh_node::rate::Bucket;

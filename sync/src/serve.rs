@@ -492,13 +492,17 @@ pub(crate) async fn checkpoint<B: Backend>(
 /// the patient's consent items ([`outbox_report`]), only to that patient
 /// (as [`audit`]). `settling` comes from the actor, which alone knows
 /// whether stored items still wait for their consent flows.
-pub(crate) fn outbox<B: Backend>(backend: &B, peer: Requester, patient: PatientId, settling: bool) -> (Response, Served) {
+pub(crate) fn outbox<B: Backend>(
+    backend: &B,
+    peer: Requester,
+    patient: PatientId,
+    settling: bool,
+) -> (Response, Served) {
     if !peer.is_patient(&patient) {
         debug!(peer = %peer.peer_id(), "outbox query refused: the asker is not the patient");
         return (Response::Refused(RefusalCode::NotPatient), Served::default());
     }
-    let result =
-        outbox_report(backend, &patient, settling).map(|r| (Response::Outbox(Box::new(r)), Served::default()));
+    let result = outbox_report(backend, &patient, settling).map(|r| (Response::Outbox(Box::new(r)), Served::default()));
     answer(result, &peer, "outbox")
 }
 

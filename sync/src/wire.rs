@@ -1919,11 +1919,13 @@ mod tests {
             next_at: 2,
             last_error,
         };
-        let report = |owed: Vec<OwedItem>| Response::Outbox(Box::new(OutboxReport {
-            settling: false,
-            owed,
-            held: vec![],
-        }));
+        let report = |owed: Vec<OwedItem>| {
+            Response::Outbox(Box::new(OutboxReport {
+                settling: false,
+                owed,
+                held: vec![],
+            }))
+        };
         let fine = report(vec![owed("x".repeat(MAX_OUTBOX_ERROR_LEN))]);
         assert_eq!(Response::decode(&fine.encode()).unwrap(), fine);
         let bad_peer = to_bytes(&Value::Array(vec![
@@ -1940,8 +1942,14 @@ mod tests {
             Value::Array(vec![]),
         ]));
         for (name, frame) in [
-            ("error over its cap", report(vec![owed("x".repeat(MAX_OUTBOX_ERROR_LEN + 1))]).encode()),
-            ("too many debts", report(vec![owed(String::new()); MAX_OUTBOX_OWED + 1]).encode()),
+            (
+                "error over its cap",
+                report(vec![owed("x".repeat(MAX_OUTBOX_ERROR_LEN + 1))]).encode(),
+            ),
+            (
+                "too many debts",
+                report(vec![owed(String::new()); MAX_OUTBOX_OWED + 1]).encode(),
+            ),
             ("peer not a PeerId", bad_peer),
             ("short item id", hex::decode("8409f480814100").unwrap()),
             ("missing held list", hex::decode("8309f480").unwrap()),
