@@ -352,19 +352,15 @@ impl Session {
         Ok(report)
     }
 
-    /// Where delivery of `items` (all of the patient's when `None`) to each
-    /// of `targets` stands at the node, asked until the node has followed
-    /// what it stored and — with `first_try` — made its first try to every
-    /// target, or until [`DELIVERY_WAIT`] has passed. The node reached
-    /// itself took what was pushed: delivered. A node that cannot answer
-    /// (an older version) makes this an error text, not a failure.
-    async fn deliveries(
-        &self,
-        patient: medmesh_crypto::PatientId,
-        targets: &[PeerId],
-        items: Option<&[ItemId]>,
-        first_try: bool,
-    ) -> Deliveries {
+    /// Where delivery of `items` to each of `targets` stands at the node,
+    /// asked until the node has followed what it stored and made its first
+    /// try to the first target (the practice the command is about; the
+    /// others, holders the node forwards to, are reported as they stand
+    /// then: a patient with practices down would otherwise wait for each),
+    /// or until [`DELIVERY_WAIT`] has passed. The node reached itself took
+    /// what was pushed: delivered. A node that cannot answer (an older
+    /// version) makes this an error text, not a failure.
+    async fn deliveries(&self, patient: medmesh_crypto::PatientId, targets: &[PeerId], items: &[ItemId]) -> Deliveries {
         let deadline = tokio::time::Instant::now() + DELIVERY_WAIT;
         loop {
             let report = self.sync.outbox_of(self.node, patient).await.map_err(outbox_error)?;
@@ -374,12 +370,12 @@ impl Session {
                     let d = if *t == self.node {
                         Delivery::Delivered
                     } else {
-                        Delivery::of(&report, *t, items)
+                        Delivery::of(&report, *t, Some(items))
                     };
                     (*t, d)
                 })
                 .collect();
-            let settled = !report.settling && (!first_try || per.iter().all(|(_, d)| d.settled()));
+            let settled = !report.settling && per.first().is_none_or(|(_, d)| d.settled());
             let now = tokio::time::Instant::now();
             if settled || now >= deadline {
                 return Ok(per);
@@ -694,7 +690,7 @@ async fn hand_over(
     let session = Session::open(keystore, node).await?;
     let result = session.push(items, hints).await;
     let deliveries = match &result {
-        Ok(_) => session.deliveries(keystore.patient(), targets, Some(&ids), true).await,
+        Ok(_) => session.deliveries(keystore.patient(), targets, &ids).await,
         Err(_) => Err(String::new()),
     };
     session.close().await;
@@ -815,7 +811,7 @@ async fn revoke(home: &Home, node: &str, grant_id: &str, out: &Output) -> Result
     let targets = delivery_targets(&keystore, node, grantee, now_ms)?;
     let result = session.push(items, Vec::new()).await;
     let deliveries = match &result {
-        Ok(_) => session.deliveries(keystore.patient(), &targets, Some(&ids), true).await,
+        Ok(_) => session.deliveries(keystore.patient(), &targets, &ids).await,
         Err(_) => Err(String::new()),
     };
     session.close().await;
