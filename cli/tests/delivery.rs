@@ -312,6 +312,21 @@ fn a_grant_to_a_practice_that_is_down_is_reported_pending_with_a_reason_then_del
         "{outbox}"
     );
 
+    // A node that cannot be reached: the list comes from the keystore all the same.
+    let out = medmesh(&patient)
+        .args(["--json", "patient", "grants", "--node", &b_addr])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let offline = common::json_lines(&out);
+    assert!(
+        offline
+            .iter()
+            .any(|g| g["grant_id"] == id && g["status"] == "in force" && g.get("delivery").is_none()),
+        "{offline:?}"
+    );
+    assert!(stderr(&out).contains("delivery_error"), "{}", stderr(&out));
+
     // B is back on its port: A delivers, and says so.
     let b = NodeProcess::start_with(&home_b, &[]);
     assert_eq!(b.listen, b_addr);
