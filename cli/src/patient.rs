@@ -14,6 +14,7 @@ use medmesh_crypto::{
 };
 use medmesh_node::records::{DecodedChange, RecordDoc, RenderedResource};
 use medmesh_sync::memory::MemoryBackend;
+use medmesh_sync::wire::OutboxReport;
 use medmesh_sync::{Item, ItemId, ItemKind, Multiaddr, PeerId, SyncHandle};
 use serde_json::{Value, json};
 use zeroize::Zeroizing;
@@ -361,24 +362,39 @@ impl Session {
     /// what was pushed: delivered. A node that cannot answer (an older
     /// version) makes this an error text, not a failure.
     async fn deliveries(&self, patient: medmesh_crypto::PatientId, targets: &[PeerId], items: &[ItemId]) -> Deliveries {
-        let deadline = tokio::time::Instant::now() + DELIVERY_WAIT;
-        loop {
-            let report = self.sync.outbox_of(self.node, patient).await.map_err(outbox_error)?;
-            let per: Vec<(PeerId, Delivery)> = targets
+        let per = |report: &OutboxReport| -> Vec<(PeerId, Delivery)> {
+            targets
                 .iter()
                 .map(|t| {
                     let d = if *t == self.node {
                         Delivery::Delivered
                     } else {
-                        Delivery::of(&report, *t, Some(items))
+                        Delivery::of(report, *t, Some(items))
                     };
                     (*t, d)
                 })
-                .collect();
-            let settled = !report.settling && per.first().is_none_or(|(_, d)| d.settled());
+                .collect()
+        };
+        let report = self
+            .outbox_when(patient, |r| per(r).first().is_none_or(|(_, d)| d.settled()))
+            .await?;
+        Ok(per(&report))
+    }
+
+    /// The node's outbox report on `patient`, asked every
+    /// [`DELIVERY_POLL`] until it is not settling and `done` says so, or
+    /// until [`DELIVERY_WAIT`] has passed (then as it stands).
+    async fn outbox_when(
+        &self,
+        patient: medmesh_crypto::PatientId,
+        done: impl Fn(&OutboxReport) -> bool,
+    ) -> std::result::Result<OutboxReport, String> {
+        let deadline = tokio::time::Instant::now() + DELIVERY_WAIT;
+        loop {
+            let report = self.sync.outbox_of(self.node, patient).await.map_err(outbox_error)?;
             let now = tokio::time::Instant::now();
-            if settled || now >= deadline {
-                return Ok(per);
+            if (!report.settling && done(&report)) || now >= deadline {
+                return Ok(report);
             }
             tokio::time::sleep(DELIVERY_POLL.min(deadline - now)).await;
         }
@@ -1061,9 +1077,9 @@ async fn grants(home: &Home, node: Option<&str>, out: &Output) -> Result<()> {
 /// it does not hold the grant (submitted elsewhere).
 async fn grant_deliveries(keystore: &Keystore, node: &str) -> Result<BTreeMap<GrantId, Delivery>> {
     let session = Session::open(keystore, node).await?;
-    let report = session.sync.outbox_of(session.node, keystore.patient()).await;
+    let report = session.outbox_when(keystore.patient(), |_| true).await;
     session.close().await;
-    let report = report.map_err(|e| anyhow!(outbox_error(e)))?;
+    let report = report.map_err(|e| anyhow!(e))?;
     let mut per = BTreeMap::new();
     for grant in keystore.grants.iter().filter(|g| keystore.is_submitted(g)) {
         let item = ItemId::digest(Item::grant(grant).bytes.as_slice());
