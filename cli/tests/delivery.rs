@@ -1,7 +1,9 @@
 //! Issue 16, with real node processes: a grant to a practice that is down
 //! when the patient grants reaches it once it is back on its (fixed) port —
 //! the node the patient reached owes it the grant and tries again — and
-//! the practice then holds exactly the granted collection.
+//! the practice then holds exactly the granted collection; and the patient's
+//! CLI says per practice whether it is delivered or pending, since when and
+//! why (the node's outbox, asked over `/medmesh/sync/1` by the patient only).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
