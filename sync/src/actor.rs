@@ -937,6 +937,10 @@ pub(crate) struct Actor<B: Backend> {
     /// to send when it returns.
     nudging: HashMap<PeerId, Option<u64>>,
     dial_waiters: HashMap<PeerId, Vec<oneshot::Sender<Result<PeerId>>>>,
+    /// Why the last dial of each peer failed ([`dial_reason`]), until it
+    /// connects: the reason a forward's debt keeps (request-response only
+    /// says "Failed to dial the requested peer").
+    dial_errors: HashMap<PeerId, String>,
     /// Kademlia lookups under way, and the peer each is for.
     lookups: HashMap<kad::QueryId, PeerId>,
     /// When this node last looked up its own id ([`KAD_JOIN_CLOSEST`]).
@@ -1003,6 +1007,34 @@ fn refuse_taken_port(addr: &Multiaddr) -> Result<()> {
     match taken.flatten() {
         Some(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(Error::AddressInUse { addr: addr.clone() }),
         _ => Ok(()),
+    }
+}
+
+/// Peers whose last dial error is kept (see `Actor::dial_errors`).
+const MAX_DIAL_ERRORS: usize = 4096;
+
+/// Why a dial failed, short: the transport's error per address tried
+/// (e.g. "Connection refused"), or that no address is known. libp2p's own
+/// text nests each cause behind an empty one and repeats the PeerId.
+fn dial_reason(error: &libp2p::swarm::DialError) -> String {
+    use libp2p::TransportError;
+    use libp2p::swarm::DialError;
+    match error {
+        DialError::NoAddresses => "no known address".to_owned(),
+        DialError::Transport(tried) => {
+            let each: Vec<String> = tried
+                .iter()
+                .map(|(addr, e)| {
+                    let addr: Multiaddr = addr.iter().filter(|p| !matches!(p, Protocol::P2p(_))).collect();
+                    match e {
+                        TransportError::MultiaddrNotSupported(_) => format!("{addr}: address not supported"),
+                        TransportError::Other(io) => format!("{addr}: {io}"),
+                    }
+                })
+                .collect();
+            format!("could not connect: {}", each.join("; "))
+        }
+        other => other.to_string(),
     }
 }
 
@@ -1230,6 +1262,7 @@ pub(crate) async fn spawn<B: Backend>(
         pulls: HashMap::new(),
         nudging: HashMap::new(),
         dial_waiters: HashMap::new(),
+        dial_errors: HashMap::new(),
         lookups: HashMap::new(),
         kad_joined: None,
         asked: HashSet::new(),
@@ -1605,6 +1638,7 @@ impl<B: Backend> Actor<B> {
                     libp2p::core::ConnectedPoint::Listener { send_back_addr, .. } => send_back_addr.clone(),
                 };
                 debug!(peer = %peer_id, %addr, relayed, "connection established");
+                self.dial_errors.remove(&peer_id);
                 self.connections.insert(
                     connection_id,
                     Connection {
@@ -1685,11 +1719,15 @@ impl<B: Backend> Actor<B> {
                 error,
                 ..
             } if !self.swarm.is_connected(&peer) => {
+                let reason = dial_reason(&error);
                 for w in self.dial_waiters.remove(&peer).unwrap_or_default() {
                     let _ = w.send(Err(Error::Request {
                         peer,
-                        reason: error.to_string(),
+                        reason: reason.clone(),
                     }));
+                }
+                if self.dial_errors.len() < MAX_DIAL_ERRORS || self.dial_errors.contains_key(&peer) {
+                    self.dial_errors.insert(peer, reason);
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
@@ -1886,7 +1924,11 @@ impl<B: Backend> Actor<B> {
                 }
                 Some(Outbound::Forward(p, item)) => {
                     warn!(peer = %p, cause = %error, "push failed; kept in the outbox");
-                    self.settle_forward(p, item, Err(error.to_string()));
+                    let reason = match error {
+                        request_response::OutboundFailure::DialFailure => self.dial_errors.get(&p).cloned(),
+                        _ => None,
+                    };
+                    self.settle_forward(p, item, Err(reason.unwrap_or_else(|| error.to_string())));
                 }
                 None => {}
             },
@@ -2420,8 +2462,14 @@ async fn redeliver<B: Backend>(ctx: &Ctx<B>, only: Option<PeerId>, max_backoff: 
             })
             .await?;
         }
-        if let Err(e) = ctx.dial_peer(peer).await {
-            debug!(%peer, cause = %e, "could not connect to redeliver");
+        // Why the dial failed says more than the push failing after it.
+        let dial_failed = match ctx.dial_peer(peer).await {
+            Err(Error::Request { reason, .. }) => Some(reason),
+            Err(e) => Some(e.to_string()),
+            Ok(_) => None,
+        };
+        if let Some(cause) = &dial_failed {
+            debug!(%peer, %cause, "could not connect to redeliver");
         }
         let outcome = match ctx
             .request(
@@ -2435,7 +2483,7 @@ async fn redeliver<B: Backend>(ctx: &Ctx<B>, only: Option<PeerId>, max_backoff: 
         {
             Ok(Response::Pushed { .. }) => Ok(()),
             Ok(other) => Err(format!("answered {}", other.name())),
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(dial_failed.unwrap_or_else(|| e.to_string())),
         };
         match outcome {
             Ok(()) => {
