@@ -467,6 +467,19 @@ impl Backend for NodeBackend {
         serde_json::to_value(holdings).map_err(|_| ApiError::Internal)
     }
 
+    async fn outbox(&self, patient_did: &str) -> Result<Value, ApiError> {
+        let patient = parse_did(patient_did)?;
+        let report = match &self.sync {
+            Some(sync) => sync.outbox(patient).await.map_err(|e| {
+                tracing::error!(cause = %e, "reading the outbox failed");
+                ApiError::Internal
+            })?,
+            // No sync, no delivery: nothing is owed from here.
+            None => medmesh_sync::wire::OutboxReport::default(),
+        };
+        Ok(crate::delivery::report_json(&patient, &report))
+    }
+
     async fn consents(&self, patient_did: &str) -> Result<Vec<Value>, ApiError> {
         let patient = parse_did(patient_did)?;
         let now = medmesh_crypto::now();

@@ -8,6 +8,7 @@
 mod audit_anchor;
 mod audit_cmd;
 mod backend;
+mod delivery;
 mod demo;
 mod home;
 mod import;

@@ -14,10 +14,12 @@ use medmesh_crypto::{
 };
 use medmesh_node::records::{DecodedChange, RecordDoc, RenderedResource};
 use medmesh_sync::memory::MemoryBackend;
-use medmesh_sync::{Item, ItemKind, Multiaddr, PeerId, SyncHandle};
+use medmesh_sync::wire::OutboxReport;
+use medmesh_sync::{Item, ItemId, ItemKind, Multiaddr, PeerId, SyncHandle};
 use serde_json::{Value, json};
 use zeroize::Zeroizing;
 
+use crate::delivery::Delivery;
 use crate::home::Home;
 use crate::output::Output;
 
@@ -46,9 +48,9 @@ pub(crate) enum PatientCommand {
         /// The grant id.
         grant_id: String,
     },
-    /// The grants you issued, with their status.
+    /// The grants you issued, with their status (from your keystore).
     Grants {
-        /// Also check what a node knows (not needed: your keystore remembers every grant).
+        /// Also ask this node how delivery of each grant to its practice stands.
         #[arg(long, value_name = "MULTIADDR")]
         node: Option<String>,
     },
@@ -114,7 +116,7 @@ pub(crate) fn run(cmd: PatientCommand, home: &Home, out: &Output) -> Result<()> 
         }
         PatientCommand::Grant(args) => block_on(grant(home, args, out)),
         PatientCommand::Revoke { node, grant_id } => block_on(revoke(home, &node, &grant_id, out)),
-        PatientCommand::Grants { node } => grants(home, node.as_deref(), out),
+        PatientCommand::Grants { node } => block_on(grants(home, node.as_deref(), out)),
         PatientCommand::Submit { node, grant_id } => block_on(submit(home, &node, &grant_id, out)),
         PatientCommand::Records { node, resource_type } => {
             block_on(records(home, &node, resource_type.as_deref(), out))
@@ -231,6 +233,61 @@ struct Session {
     addr: Multiaddr,
 }
 
+/// How long a command waits for the node's first tries to deliver what it
+/// submitted before it reports them as they stand.
+const DELIVERY_WAIT: Duration = Duration::from_secs(10);
+/// How often the node is asked meanwhile.
+const DELIVERY_POLL: Duration = Duration::from_millis(100);
+
+/// Per target, where delivery of what a command submitted stands; or why
+/// the node could not say.
+type Deliveries = std::result::Result<Vec<(PeerId, Delivery)>, String>;
+
+/// Adds the delivery per target to a command's JSON (`delivery`, or
+/// `delivery_error` when the node could not say) and returns its text.
+fn delivery_output(value: &mut Value, deliveries: &Deliveries) -> String {
+    match deliveries {
+        Ok(per) => {
+            value["delivery"] = Value::Array(per.iter().map(|(peer, d)| d.to_json(*peer)).collect());
+            per.iter()
+                .map(|(peer, d)| format!("\n  delivery to {peer}: {}", d.text()))
+                .collect()
+        }
+        Err(why) => {
+            value["delivery_error"] = json!(why);
+            format!("\n  delivery: unknown: {why}")
+        }
+    }
+}
+
+/// The practices a submission to `node` about `first`'s grant concerns:
+/// `first`, then the grantees of the patient's other live grants (the node
+/// forwards a patient's grants and revocations to them) but `node` itself,
+/// once each.
+fn delivery_targets(keystore: &Keystore, node: &str, first: PracticeId, now_ms: u64) -> Result<Vec<PeerId>> {
+    let (_, node) = addressed(node, "--node")?;
+    let mut targets = vec![first.peer_id()];
+    for grant in keystore.live_grants(now_ms) {
+        let peer = grant.terms().grantee.peer_id();
+        if peer != node && !targets.contains(&peer) {
+            targets.push(peer);
+        }
+    }
+    Ok(targets)
+}
+
+/// Why a node did not answer an outbox query, for people.
+fn outbox_error(e: medmesh_sync::Error) -> String {
+    match e {
+        medmesh_sync::Error::Refused { reason, .. } => format!("the node refused to say ({reason})"),
+        other => format!("the node could not say ({other}); a node older than this question cannot answer it"),
+    }
+}
+
+fn item_ids(items: &[Item]) -> Vec<ItemId> {
+    items.iter().map(|i| ItemId::digest(&i.bytes)).collect()
+}
+
 /// Tries a request to the node, re-dialling once if the connection dropped
 /// under it (a node restarting, or a connection replaced by a newer one).
 /// Pushes and pulls are idempotent: items are identified by their hash.
@@ -294,6 +351,53 @@ impl Session {
             );
         }
         Ok(report)
+    }
+
+    /// Where delivery of `items` to each of `targets` stands at the node,
+    /// asked until the node has followed what it stored and made its first
+    /// try to the first target (the practice the command is about; the
+    /// others, holders the node forwards to, are reported as they stand
+    /// then: a patient with practices down would otherwise wait for each),
+    /// or until [`DELIVERY_WAIT`] has passed. The node reached itself took
+    /// what was pushed: delivered. A node that cannot answer (an older
+    /// version) makes this an error text, not a failure.
+    async fn deliveries(&self, patient: medmesh_crypto::PatientId, targets: &[PeerId], items: &[ItemId]) -> Deliveries {
+        let per = |report: &OutboxReport| -> Vec<(PeerId, Delivery)> {
+            targets
+                .iter()
+                .map(|t| {
+                    let d = if *t == self.node {
+                        Delivery::Delivered
+                    } else {
+                        Delivery::of(report, *t, Some(items))
+                    };
+                    (*t, d)
+                })
+                .collect()
+        };
+        let report = self
+            .outbox_when(patient, |r| per(r).first().is_none_or(|(_, d)| d.settled()))
+            .await?;
+        Ok(per(&report))
+    }
+
+    /// The node's outbox report on `patient`, asked every
+    /// [`DELIVERY_POLL`] until it is not settling and `done` says so, or
+    /// until [`DELIVERY_WAIT`] has passed (then as it stands).
+    async fn outbox_when(
+        &self,
+        patient: medmesh_crypto::PatientId,
+        done: impl Fn(&OutboxReport) -> bool,
+    ) -> std::result::Result<OutboxReport, String> {
+        let deadline = tokio::time::Instant::now() + DELIVERY_WAIT;
+        loop {
+            let report = self.sync.outbox_of(self.node, patient).await.map_err(outbox_error)?;
+            let now = tokio::time::Instant::now();
+            if (!report.settling && done(&report)) || now >= deadline {
+                return Ok(report);
+            }
+            tokio::time::sleep(DELIVERY_POLL.min(deadline - now)).await;
+        }
     }
 
     /// Pulls every item of this patient the node holds.
@@ -555,25 +659,28 @@ async fn grant(home: &Home, args: GrantArgs, out: &Output) -> Result<()> {
     // Saved before anything leaves: a key a node holds must never be missing here.
     save_keystore(home, &keystore, &passphrase)?;
     let hints = grantee_addr.into_iter().collect();
-    let report = hand_over(&keystore, &args.node, items, hints)
+    let targets = delivery_targets(&keystore, &args.node, grantee, now_ms)?;
+    let (report, deliveries) = hand_over(&keystore, &args.node, items, hints, &targets)
         .await
         .with_context(|| not_submitted(&grant, &args.node))?;
     keystore.unsubmitted.retain(|g| *g != grant.id());
     save_keystore(home, &keystore, &passphrase)?;
     let id = grant.id().to_string();
     let names: Vec<&str> = collections.iter().map(Collection::as_str).collect();
+    let mut value = json!({
+        "grant_id": id,
+        "grantee": grantee.to_string(),
+        "collections": names,
+        "access": grant.terms().access.as_str(),
+        "node": node_peer.to_string(),
+        "accepted": report.accepted,
+        "expired": expired,
+    });
+    let delivery = delivery_output(&mut value, &deliveries);
     out.result(
-        &json!({
-            "grant_id": id,
-            "grantee": grantee.to_string(),
-            "collections": names,
-            "access": grant.terms().access.as_str(),
-            "node": node_peer.to_string(),
-            "accepted": report.accepted,
-            "expired": expired,
-        }),
+        &value,
         &format!(
-            "grant {id}\n  to:          {grantee}\n  collections: {}\n  access:      {}{}\n  submitted to {node_peer}",
+            "grant {id}\n  to:          {grantee}\n  collections: {}\n  access:      {}{}\n  submitted to {node_peer}{delivery}",
             names.join(","),
             grant.terms().access.as_str(),
             if created.is_empty() {
@@ -586,17 +693,24 @@ async fn grant(home: &Home, args: GrantArgs, out: &Output) -> Result<()> {
     Ok(())
 }
 
-/// Pushes `items` to `node` in one session.
+/// Pushes `items` to `node` in one session, then asks it how their
+/// delivery to `targets` stands ([`Session::deliveries`]).
 async fn hand_over(
     keystore: &Keystore,
     node: &str,
     items: Vec<Item>,
     hints: Vec<Multiaddr>,
-) -> Result<medmesh_sync::IngestReport> {
+    targets: &[PeerId],
+) -> Result<(medmesh_sync::IngestReport, Deliveries)> {
+    let ids = item_ids(&items);
     let session = Session::open(keystore, node).await?;
     let result = session.push(items, hints).await;
+    let deliveries = match &result {
+        Ok(_) => session.deliveries(keystore.patient(), targets, &ids).await,
+        Err(_) => Err(String::new()),
+    };
     session.close().await;
-    result
+    Ok((result?, deliveries))
 }
 
 /// What a failed submission leaves behind, and how to finish it.
@@ -644,14 +758,17 @@ async fn submit(home: &Home, node: &str, grant_id: &str, out: &Output) -> Result
             items.push(Item::key_share(&share));
         }
     }
-    hand_over(&keystore, node, items, Vec::new())
+    let targets = delivery_targets(&keystore, node, grantee, now_ms)?;
+    let (_, deliveries) = hand_over(&keystore, node, items, Vec::new(), &targets)
         .await
         .with_context(|| not_submitted(&grant, node))?;
     keystore.unsubmitted.retain(|g| *g != id);
     save_keystore(home, &keystore, &passphrase)?;
+    let mut value = json!({"grant_id": id.to_string(), "grantee": grantee.to_string(), "submitted": true});
+    let delivery = delivery_output(&mut value, &deliveries);
     out.result(
-        &json!({"grant_id": id.to_string(), "grantee": grantee.to_string(), "submitted": true}),
-        &format!("grant {id} submitted; the node delivers it to {grantee}"),
+        &value,
+        &format!("grant {id} submitted; the node delivers it to {grantee}{delivery}"),
     );
     Ok(())
 }
@@ -705,15 +822,26 @@ async fn revoke(home: &Home, node: &str, grant_id: &str, out: &Output) -> Result
     items.push(Item::grant(&grant));
     items.extend(keystore.live_grants(now_ms).map(Item::grant));
     save_keystore(home, &keystore, &passphrase)?;
+    let grantee = grant.terms().grantee;
+    let ids = item_ids(&items);
+    let targets = delivery_targets(&keystore, node, grantee, now_ms)?;
     let result = session.push(items, Vec::new()).await;
+    let deliveries = match &result {
+        Ok(_) => session.deliveries(keystore.patient(), &targets, &ids).await,
+        Err(_) => Err(String::new()),
+    };
     session.close().await;
     result?;
-    let grantee = grant.terms().grantee;
     let notice = "copies of your record that this practice already received remain with it; \
                   it receives nothing new and cannot read anything written from now on";
+    let mut value = json!({"revoked": id.to_string(), "grantee": grantee.to_string(), "rotated": rotated, "notice": notice, "expired": expired});
+    let delivery = delivery_output(&mut value, &deliveries);
     out.result(
-        &json!({"revoked": id.to_string(), "grantee": grantee.to_string(), "rotated": rotated, "notice": notice, "expired": expired}),
-        &format!("revoked grant {id} of {grantee}\nrotated keys: {}\nNote: {notice}.", rotated_text(&rotated)),
+        &value,
+        &format!(
+            "revoked grant {id} of {grantee}\nrotated keys: {}{delivery}\nNote: {notice}.",
+            rotated_text(&rotated)
+        ),
     );
     Ok(())
 }
@@ -879,12 +1007,27 @@ async fn end_expired_grants(
     result.context("ending expired grants")
 }
 
-fn grants(home: &Home, node: Option<&str>, out: &Output) -> Result<()> {
-    if node.is_some() {
-        tracing::info!("--node is not needed: the keystore remembers every grant you issued");
-    }
+/// `patient grants`: every grant of the keystore with its status; with
+/// `--node`, also how delivery of each to its practice stands at that node
+/// (a node that cannot be reached or cannot say is noted on stderr, and the
+/// list comes from the keystore all the same).
+async fn grants(home: &Home, node: Option<&str>, out: &Output) -> Result<()> {
     let (keystore, _) = open_keystore(home)?;
     let now_ms = now();
+    let deliveries = match node {
+        Some(node) => match grant_deliveries(&keystore, node).await {
+            Ok(per) => Some(per),
+            Err(e) => {
+                let why = format!("{e:#}");
+                out.notice(
+                    &json!({"delivery_error": why}),
+                    &format!("delivery unknown: {why}; listing from your keystore"),
+                );
+                None
+            }
+        },
+        None => None,
+    };
     for grant in &keystore.grants {
         let t = grant.terms();
         let status = if is_revoked(&keystore, grant) {
@@ -899,18 +1042,24 @@ fn grants(home: &Home, node: Option<&str>, out: &Output) -> Result<()> {
             "in force"
         };
         let names: Vec<&str> = t.collections.iter().map(Collection::as_str).collect();
+        let mut value = json!({
+            "grant_id": grant.id().to_string(),
+            "grantee": t.grantee.to_string(),
+            "collections": names,
+            "access": t.access.as_str(),
+            "purpose": t.purpose,
+            "status": status,
+            "expires": t.expires,
+        });
+        let mut delivery = String::new();
+        if let Some(d) = deliveries.as_ref().and_then(|per| per.get(&grant.id())) {
+            value["delivery"] = d.to_json(t.grantee.peer_id());
+            delivery = format!("  {}", d.text());
+        }
         out.result(
-            &json!({
-                "grant_id": grant.id().to_string(),
-                "grantee": t.grantee.to_string(),
-                "collections": names,
-                "access": t.access.as_str(),
-                "purpose": t.purpose,
-                "status": status,
-                "expires": t.expires,
-            }),
+            &value,
             &format!(
-                "{}  {:<17} {}  {}  {}",
+                "{}  {:<17} {}  {}  {}{delivery}",
                 grant.id(),
                 status,
                 t.grantee,
@@ -920,6 +1069,29 @@ fn grants(home: &Home, node: Option<&str>, out: &Output) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// How delivery of each submitted grant to its grantee stands at `node`:
+/// pending while the node owes the grantee any of the patient's consent
+/// items; delivered when it holds the grant and owes nothing; unknown when
+/// it does not hold the grant (submitted elsewhere).
+async fn grant_deliveries(keystore: &Keystore, node: &str) -> Result<BTreeMap<GrantId, Delivery>> {
+    let session = Session::open(keystore, node).await?;
+    let report = session.outbox_when(keystore.patient(), |_| true).await;
+    session.close().await;
+    let report = report.map_err(|e| anyhow!(e))?;
+    let mut per = BTreeMap::new();
+    for grant in keystore.grants.iter().filter(|g| keystore.is_submitted(g)) {
+        let item = ItemId::digest(Item::grant(grant).bytes.as_slice());
+        let holds = report.held.contains(&item) || report.owed.iter().any(|o| o.item == item);
+        let grantee = grant.terms().grantee.peer_id();
+        let d = match Delivery::of(&report, grantee, None) {
+            Delivery::Delivered if !holds => Delivery::Unknown,
+            d => d,
+        };
+        per.insert(grant.id(), d);
+    }
+    Ok(per)
 }
 
 /// Decrypts every envelope of this patient that the node holds with the

@@ -1,7 +1,9 @@
 //! Issue 16, with real node processes: a grant to a practice that is down
 //! when the patient grants reaches it once it is back on its (fixed) port —
 //! the node the patient reached owes it the grant and tries again — and
-//! the practice then holds exactly the granted collection.
+//! the practice then holds exactly the granted collection; and the patient's
+//! CLI says per practice whether it is delivered or pending, since when and
+//! why (the node's outbox, asked over `/medmesh/sync/1` by the patient only).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -169,6 +171,13 @@ fn revoking_one_of_two_grants_to_a_practice_keeps_the_other_readable() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
+    // B is up: the revocation reached it, and the command says so.
+    let revoked = common::json_lines(&out).remove(0);
+    assert_eq!(
+        revoked["delivery"],
+        json!([{"peer": b.peer_id, "status": "delivered"}]),
+        "{revoked}"
+    );
     import_lab(root.path(), &home_a, &did, 6.1);
     while observations_at(&b) < 2 {
         assert!(
@@ -216,7 +225,13 @@ fn a_grant_that_could_not_be_submitted_is_kept_as_not_submitted() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(common::json_lines(&out)[0]["submitted"], true);
+    let submitted = common::json_lines(&out).remove(0);
+    assert_eq!(submitted["submitted"], true);
+    assert_eq!(
+        submitted["delivery"],
+        json!([{"peer": peer, "status": "delivered"}]),
+        "the node reached took its own grant: {submitted}"
+    );
     assert_eq!(grant_status(&patient, &id), "in force");
     // The node took it.
     let (status, consents) = node.get(&format!("/fhir/Consent?patient={did}"));
@@ -225,4 +240,173 @@ fn a_grant_that_could_not_be_submitted_is_kept_as_not_submitted() {
         consents.to_string().contains(&id),
         "the node does not show the grant: {consents}"
     );
+}
+
+/// The delivery `patient grants --node` reports for grant `id` (its
+/// `delivery` object: status, and since/attempts/error while pending).
+fn grant_delivery(patient: &std::path::Path, node: &NodeProcess, id: &str) -> serde_json::Value {
+    let out = medmesh(patient)
+        .args(["--json", "patient", "grants", "--node", &node.listen])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    common::json_lines(&out)
+        .into_iter()
+        .find(|g| g["grant_id"] == id)
+        .map(|g| g["delivery"].clone())
+        .unwrap()
+}
+
+/// Issue 16, "the CLI reports per target: delivered, or pending since when
+/// and why": a grant to a practice that is down is reported pending with
+/// the node's reason (by `grant`, `grants --node` and the practice's
+/// `/api/outbox`); once the practice is back, delivered.
+#[test]
+fn a_grant_to_a_practice_that_is_down_is_reported_pending_with_a_reason_then_delivered() {
+    let root = tempfile::tempdir().unwrap();
+    let patient = root.path().join("patient");
+    let (home_a, home_b) = (root.path().join("a"), root.path().join("b"));
+    let a = NodeProcess::start_with(&home_a, &[]);
+    let mut b = NodeProcess::start_with(&home_b, &[]);
+    let (b_addr, b_peer) = (b.listen.clone(), b.peer_id.clone());
+    b.stop();
+    let did = new_patient(&patient);
+    // A grant to the node reached: A took it, nothing to deliver elsewhere.
+    let first = grant_to_node(&patient, &a, true);
+    assert_eq!(
+        first["delivery"],
+        json!([{"peer": a.peer_id, "status": "delivered"}]),
+        "{first}"
+    );
+
+    let out = medmesh(&patient)
+        .args(["--json", "patient", "grant", "--node", &a.listen, "--to", &b_addr])
+        .args(["--collections", "labs"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let granted = common::json_lines(&out).remove(0);
+    let id = granted["grant_id"].as_str().unwrap().to_owned();
+    let to_b = granted["delivery"]
+        .as_array()
+        .and_then(|d| d.iter().find(|t| t["peer"] == b_peer))
+        .cloned()
+        .unwrap_or_else(|| panic!("no delivery to B reported: {granted}"));
+    assert_eq!(to_b["status"], "pending", "{granted}");
+    assert!(
+        to_b["attempts"].as_u64().unwrap() >= 1,
+        "the first try never settled: {granted}"
+    );
+    let why = to_b["error"].as_str().unwrap();
+    // Why, as the transport saw it: B's port refuses connections.
+    assert!(why.starts_with("could not connect: /ip4/127.0.0.1/"), "{granted}");
+    assert!(
+        to_b["since"].as_u64().unwrap() > 0 && to_b["since_at"].is_string(),
+        "{granted}"
+    );
+    // The same in text: "pending since <time>: <why>".
+    let pending = grant_delivery(&patient, &a, &id);
+    assert_eq!(pending["status"], "pending", "{pending}");
+    let out = medmesh(&patient)
+        .args(["patient", "grants", "--node", &a.listen])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let line = text.lines().find(|l| l.starts_with(&id)).unwrap();
+    assert!(line.contains("pending since ") && line.contains(why), "{line}");
+    // The practice's staff see it at A's management API.
+    let (status, outbox) = a.get(&format!("/api/outbox?patient={did}"));
+    assert_eq!(status, 200, "{outbox}");
+    let owed_b: Vec<&serde_json::Value> = outbox["owed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|o| o["peer"] == b_peer)
+        .collect();
+    assert!(
+        !owed_b.is_empty() && owed_b.iter().all(|o| o["attempts"].as_u64() >= Some(1)),
+        "{outbox}"
+    );
+
+    // A node that cannot be reached: the list comes from the keystore all the same.
+    let out = medmesh(&patient)
+        .args(["--json", "patient", "grants", "--node", &b_addr])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let offline = common::json_lines(&out);
+    assert!(
+        offline
+            .iter()
+            .any(|g| g["grant_id"] == id && g["status"] == "in force" && g.get("delivery").is_none()),
+        "{offline:?}"
+    );
+    assert!(stderr(&out).contains("delivery_error"), "{}", stderr(&out));
+
+    // B is back on its port: A delivers, and says so.
+    let b = NodeProcess::start_with(&home_b, &[]);
+    assert_eq!(b.listen, b_addr);
+    let deadline = std::time::Instant::now() + common::WAIT;
+    loop {
+        let delivery = grant_delivery(&patient, &a, &id);
+        if delivery["status"] == "delivered" {
+            assert_eq!(delivery["peer"], b_peer);
+            break;
+        }
+        assert_eq!(delivery["status"], "pending", "{delivery}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "A never delivered the grant to B: {delivery}"
+        );
+    }
+    let (status, outbox) = a.get(&format!("/api/outbox?patient={did}"));
+    assert_eq!(status, 200, "{outbox}");
+    assert!(
+        outbox["owed"].as_array().unwrap().iter().all(|o| o["peer"] != b_peer),
+        "{outbox}"
+    );
+    // Without --node, the keystore alone: no delivery field, same status.
+    assert_eq!(common::grant_status(&patient, &id), "in force");
+}
+
+/// The outbox report is the patient's alone: another patient's key asking
+/// a node about this patient is refused, and learns nothing.
+#[test]
+fn a_foreign_identity_is_refused_the_delivery_report() {
+    use std::sync::Arc;
+
+    use medmesh_crypto::{Keystore, PatientId};
+    use medmesh_sync::memory::MemoryBackend;
+    use medmesh_sync::{Multiaddr, SyncHandle};
+
+    let root = tempfile::tempdir().unwrap();
+    let (patient, stranger) = (root.path().join("patient"), root.path().join("stranger"));
+    let a = NodeProcess::start(&root.path().join("a"));
+    let did: PatientId = new_patient(&patient).parse().unwrap();
+    grant_to_node(&patient, &a, true);
+    let own: PatientId = new_patient(&stranger).parse().unwrap();
+    let keystore = Keystore::open(&stranger.join("patient").join("keystore.mmks"), common::PASS.as_bytes()).unwrap();
+    let identity = medmesh_crypto::SecretIdentity::from_seed(&keystore.identity().seed());
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let sync = SyncHandle::spawn(
+            medmesh_sync::Config::client(),
+            &identity,
+            Arc::new(MemoryBackend::new()),
+        )
+        .await
+        .unwrap();
+        let node = sync.dial(a.listen.parse::<Multiaddr>().unwrap()).await.unwrap();
+        match sync.outbox_of(node, did).await {
+            Err(medmesh_sync::Error::Refused { reason, .. }) => {
+                assert!(reason.contains("only the patient"), "{reason}");
+            }
+            other => panic!("another patient's key got an answer about this patient: {other:?}"),
+        }
+        // Its own question is answered (it has nothing there).
+        let mine = sync.outbox_of(node, own).await.unwrap();
+        assert!(mine.owed.is_empty() && mine.held.is_empty(), "{mine:?}");
+        let _ = sync.shutdown().await;
+    });
 }

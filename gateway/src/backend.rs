@@ -216,6 +216,14 @@ pub trait Backend: Send + Sync + 'static {
     /// What the node holds for a patient (did:key), as the holdings JSON.
     fn holdings(&self, patient_did: &str) -> impl Future<Output = Result<Value, ApiError>> + Send;
 
+    /// What the node still owes others of a patient's (did:key) consent
+    /// items, as the outbox JSON (docs/http-api.md). The default, for a
+    /// node without sync, owes nothing.
+    fn outbox(&self, patient_did: &str) -> impl Future<Output = Result<Value, ApiError>> + Send {
+        let patient = patient_did.to_owned();
+        async move { Ok(serde_json::json!({ "patient": patient, "settling": false, "owed": [], "held": [] })) }
+    }
+
     /// The patient's grants as FHIR Consent resources.
     fn consents(&self, patient_did: &str) -> impl Future<Output = Result<Vec<Value>, ApiError>> + Send;
 

@@ -312,6 +312,22 @@ pub(crate) const OPS: &[Op] = &[
         produces: JSON,
     },
     Op {
+        method: "GET",
+        path: "/api/outbox",
+        route: "/api/outbox",
+        id: "outbox",
+        summary: "What the node still owes others of a patient's consent items",
+        description: "Per (item, peer): pending since (ms), attempts, next try, last error; the patient's grants \
+                      the node holds and owes nobody (delivered, or never owed); `settling` while stored items \
+                      wait for their consent flows.",
+        public: false,
+        body: None,
+        params: &[(Where::Query, "patient", "The patient's did:key (required).")],
+        ok: "200",
+        ok_description: "Outbox JSON.",
+        produces: JSON,
+    },
+    Op {
         method: "POST",
         path: "/api/grants",
         route: "/api/grants",

@@ -127,6 +127,7 @@ fn handlers<B: Backend>(route: &str) -> MethodRouter<Arc<AppState<B>>> {
         "/fhir/{type}/{id}/{op}" => get(instance_operation::<B>),
         "/fhir/{type}/{id}/_history/{vid}" => get(vread::<B>),
         "/api/holdings" => get(holdings::<B>),
+        "/api/outbox" => get(outbox::<B>),
         "/api/grants" => post(submit_grant::<B>),
         "/api/revocations" => post(submit_revocation::<B>),
         "/api/keyshares" => post(submit_keyshare::<B>),
@@ -894,6 +895,13 @@ async fn holdings<B: Backend>(State(state): Shared<B>, RawQuery(query): RawQuery
     let query = query.unwrap_or_default();
     let patient = required_patient(&query)?;
     let value = state.backend.holdings(&patient).await?;
+    Ok(axum::Json(value).into_response())
+}
+
+async fn outbox<B: Backend>(State(state): Shared<B>, RawQuery(query): RawQuery) -> Result<Response, ApiError> {
+    let query = query.unwrap_or_default();
+    let patient = required_patient(&query)?;
+    let value = state.backend.outbox(&patient).await?;
     Ok(axum::Json(value).into_response())
 }
 

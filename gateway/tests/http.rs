@@ -973,7 +973,7 @@ async fn openapi_documents_every_route() {
             }
         }
     }
-    assert_eq!(checked, 21);
+    assert_eq!(checked, 22);
 }
 
 /// The ```` ```sh runnable ```` blocks of `docs/http-api.md`, in order, as one

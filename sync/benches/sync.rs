@@ -186,6 +186,10 @@ impl Backend for Timed {
         self.inner.patients_shared_with(peer)
     }
 
+    fn last_seq(&self) -> u64 {
+        self.inner.last_seq()
+    }
+
     fn holder_addresses(&self) -> medmesh_sync::Result<Vec<String>> {
         self.inner.holder_addresses()
     }

@@ -33,8 +33,8 @@ use crate::config::{Config, Limits, RelayLimits};
 use crate::filter::{Requester, may_disclose};
 use crate::serve::{self, Served};
 use crate::wire::{
-    Codec, MAX_FETCH_IDS, MAX_ITEMS_PER_MESSAGE, MAX_OFFERS_PER_PAGE, MAX_PUSH_ADDRS, Offer, PROTOCOL, RefusalCode,
-    Request, Response, summary_digest,
+    Codec, MAX_FETCH_IDS, MAX_ITEMS_PER_MESSAGE, MAX_OFFERS_PER_PAGE, MAX_PUSH_ADDRS, Offer, OutboxReport, PROTOCOL,
+    RefusalCode, Request, Response, summary_digest,
 };
 use crate::{Connection, Error, Result, Status, SyncReport};
 use medmesh_node::rate::Bucket;
@@ -164,6 +164,11 @@ pub(crate) enum Command {
         reply: oneshot::Sender<Result<IngestReport>>,
     },
     Status(oneshot::Sender<Status>),
+    /// What this node owes others of a patient's consent items.
+    Outbox {
+        patient: PatientId,
+        reply: oneshot::Sender<Result<OutboxReport>>,
+    },
     Shutdown(oneshot::Sender<()>),
     Respond {
         peer: PeerId,
@@ -235,6 +240,45 @@ pub(crate) struct Ctx<B> {
     /// while one runs), so a peer that reconnects over and over costs at
     /// most one round per [`ANTI_ENTROPY_MIN_GAP`].
     anti_entropy: Arc<Mutex<HashMap<PeerId, Option<Instant>>>>,
+    /// Consent flows under way, per patient ([`Following`]).
+    following: Arc<Mutex<HashMap<PatientId, usize>>>,
+    /// The highest seq of a stored item handed to the consent flows: below
+    /// the store's last seq, stored items still wait for theirs.
+    followed: Arc<AtomicU64>,
+}
+
+/// One consent flow under way for a patient, counted in
+/// [`Ctx::following`] until dropped: an outbox report made meanwhile may
+/// miss the debts the flow is about to record, and says so.
+struct Following {
+    counts: Arc<Mutex<HashMap<PatientId, usize>>>,
+    patient: PatientId,
+}
+
+impl Following {
+    fn start(counts: &Arc<Mutex<HashMap<PatientId, usize>>>, patient: PatientId) -> Self {
+        *counts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(patient)
+            .or_default() += 1;
+        Self {
+            counts: counts.clone(),
+            patient,
+        }
+    }
+}
+
+impl Drop for Following {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = counts.get_mut(&self.patient) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                counts.remove(&self.patient);
+            }
+        }
+    }
 }
 
 /// Whose transfer: one at a time per key.
@@ -260,6 +304,8 @@ impl<B> Clone for Ctx<B> {
             asked_reconciles: self.asked_reconciles.clone(),
             redelivering: self.redelivering.clone(),
             anti_entropy: self.anti_entropy.clone(),
+            following: self.following.clone(),
+            followed: self.followed.clone(),
         }
     }
 }
@@ -918,6 +964,10 @@ pub(crate) struct Actor<B: Backend> {
     /// Peers dialled at addresses the swarm knew while Kademlia is on: if
     /// those fail (the peer moved), the dial falls back to a lookup once.
     dials_before_lookup: HashSet<PeerId>,
+    /// Why the last dial of each peer failed ([`dial_reason`]), until it
+    /// connects: the reason a forward's debt keeps (request-response only
+    /// says "Failed to dial the requested peer").
+    dial_errors: HashMap<PeerId, String>,
     /// Kademlia lookups under way, and the peer each is for.
     lookups: HashMap<kad::QueryId, PeerId>,
     /// When this node last looked up its own id ([`KAD_JOIN_CLOSEST`]).
@@ -984,6 +1034,34 @@ fn refuse_taken_port(addr: &Multiaddr) -> Result<()> {
     match taken.flatten() {
         Some(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(Error::AddressInUse { addr: addr.clone() }),
         _ => Ok(()),
+    }
+}
+
+/// Peers whose last dial error is kept (see `Actor::dial_errors`).
+const MAX_DIAL_ERRORS: usize = 4096;
+
+/// Why a dial failed, short: the transport's error per address tried
+/// (e.g. "Connection refused"), or that no address is known. libp2p's own
+/// text nests each cause behind an empty one and repeats the PeerId.
+fn dial_reason(error: &libp2p::swarm::DialError) -> String {
+    use libp2p::TransportError;
+    use libp2p::swarm::DialError;
+    match error {
+        DialError::NoAddresses => "no known address".to_owned(),
+        DialError::Transport(tried) => {
+            let each: Vec<String> = tried
+                .iter()
+                .map(|(addr, e)| {
+                    let addr: Multiaddr = addr.iter().filter(|p| !matches!(p, Protocol::P2p(_))).collect();
+                    match e {
+                        TransportError::MultiaddrNotSupported(_) => format!("{addr}: address not supported"),
+                        TransportError::Other(io) => format!("{addr}: {io}"),
+                    }
+                })
+                .collect();
+            format!("could not connect: {}", each.join("; "))
+        }
+        other => other.to_string(),
     }
 }
 
@@ -1187,6 +1265,9 @@ pub(crate) async fn spawn<B: Backend>(
     let metrics = Arc::new(Metrics::default());
     let dial_budget = DialBudget::new(&config.limits, Instant::now());
     let stored = backend.subscribe();
+    // What a previous run stored was followed then (or is owed in the
+    // outbox): only items stored from now on are waited for.
+    let followed = Arc::new(AtomicU64::new(backend.last_seq()));
     let ctx = Ctx {
         backend,
         tx: tx.downgrade(),
@@ -1199,6 +1280,8 @@ pub(crate) async fn spawn<B: Backend>(
         asked_reconciles: Arc::default(),
         redelivering: Arc::default(),
         anti_entropy: Arc::default(),
+        following: Arc::default(),
+        followed,
     };
     let actor = Actor {
         swarm,
@@ -1215,6 +1298,7 @@ pub(crate) async fn spawn<B: Backend>(
         nudging: HashMap::new(),
         dial_waiters: HashMap::new(),
         dials_before_lookup: HashSet::new(),
+        dial_errors: HashMap::new(),
         lookups: HashMap::new(),
         kad_joined: None,
         asked: HashSet::new(),
@@ -1263,6 +1347,8 @@ impl<B: Backend> Actor<B> {
                     Ok(event) => self.on_stored(event),
                     Err(broadcast::error::RecvError::Lagged(n)) => {
                         warn!(missed = n, "missed item-stored events; nudging every connected peer");
+                        // Their flows will not run: nothing to wait for.
+                        self.ctx.followed.fetch_max(self.backend().last_seq(), Ordering::AcqRel);
                         let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
                         for peer in peers {
                             self.nudge(peer, u64::MAX);
@@ -1376,6 +1462,13 @@ impl<B: Backend> Actor<B> {
                 let me = self.me;
                 tokio::spawn(async move {
                     let _ = reply.send(push_task(&ctx, me, peer, items, addrs).await);
+                });
+            }
+            Command::Outbox { patient, reply } => {
+                let settling = self.settling(&patient);
+                let backend = self.ctx.backend.clone();
+                tokio::task::spawn_blocking(move || {
+                    let _ = reply.send(serve::outbox_report(&*backend, &patient, settling));
                 });
             }
             Command::Request { peer, request, reply } => {
@@ -1609,6 +1702,7 @@ impl<B: Backend> Actor<B> {
                     libp2p::core::ConnectedPoint::Listener { send_back_addr, .. } => send_back_addr.clone(),
                 };
                 debug!(peer = %peer_id, %addr, relayed, "connection established");
+                self.dial_errors.remove(&peer_id);
                 self.connections.insert(
                     connection_id,
                     Connection {
@@ -1698,6 +1792,10 @@ impl<B: Backend> Actor<B> {
                 error,
                 ..
             } if !self.swarm.is_connected(&peer) => {
+                let reason = dial_reason(&error);
+                if self.dial_errors.len() < MAX_DIAL_ERRORS || self.dial_errors.contains_key(&peer) {
+                    self.dial_errors.insert(peer, reason.clone());
+                }
                 // The addresses known may be stale (the peer came back on
                 // another port): ask the network once before giving up.
                 if self.dials_before_lookup.remove(&peer) && self.dial_waiters.contains_key(&peer) {
@@ -1707,7 +1805,7 @@ impl<B: Backend> Actor<B> {
                 for w in self.dial_waiters.remove(&peer).unwrap_or_default() {
                     let _ = w.send(Err(Error::Request {
                         peer,
-                        reason: error.to_string(),
+                        reason: reason.clone(),
                     }));
                 }
             }
@@ -1947,7 +2045,11 @@ impl<B: Backend> Actor<B> {
                 }
                 Some(Outbound::Forward(p, item)) => {
                     warn!(peer = %p, cause = %error, "push failed; kept in the outbox");
-                    self.settle_forward(p, item, Err(error.to_string()));
+                    let reason = match error {
+                        request_response::OutboundFailure::DialFailure => self.dial_errors.get(&p).cloned(),
+                        _ => None,
+                    };
+                    self.settle_forward(p, item, Err(reason.unwrap_or_else(|| error.to_string())));
                 }
                 None => {}
             },
@@ -2030,6 +2132,12 @@ impl<B: Backend> Actor<B> {
             Request::Checkpoint { patient, anchor } => {
                 self.spawn_serve(peer, channel, move |b| async move {
                     serve::checkpoint(&*b, requester, patient, anchor).await
+                });
+            }
+            Request::Outbox { patient } => {
+                let settling = self.settling(&patient);
+                self.spawn_serve(peer, channel, move |b| async move {
+                    serve::outbox(&*b, requester, patient, settling)
                 });
             }
             Request::Push { items, addrs } => {
@@ -2155,17 +2263,36 @@ impl<B: Backend> Actor<B> {
     /// Hands a stored item to the consent-flow task (which needs the store's
     /// async API) with a snapshot of the connected peers.
     fn on_stored(&mut self, event: StoredEvent) {
+        self.ctx.followed.fetch_max(event.seq, Ordering::AcqRel);
         if !self.config.consent_flows {
             return;
         }
         let connected: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
         let ctx = self.ctx.clone();
         let me = self.me;
+        let following = Following::start(&self.ctx.following, event.meta.patient);
         tokio::spawn(async move {
+            let _following = following;
             if let Err(e) = consent_flow(&ctx, me, connected, event).await {
                 warn!(cause = %e, "consent flow failed");
             }
         });
+    }
+
+    /// Whether an outbox report on `patient` made now may miss debts:
+    /// stored items not yet handed to the consent flows, or flows of the
+    /// patient under way.
+    fn settling(&self, patient: &PatientId) -> bool {
+        if !self.config.consent_flows {
+            return false;
+        }
+        self.backend().last_seq() > self.ctx.followed.load(Ordering::Acquire)
+            || self
+                .ctx
+                .following
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .contains_key(patient)
     }
 
     fn forward(&mut self, peer: PeerId, item_id: ItemId, item: Item) {
@@ -2466,8 +2593,14 @@ async fn redeliver<B: Backend>(ctx: &Ctx<B>, only: Option<PeerId>, max_backoff: 
             })
             .await?;
         }
-        if let Err(e) = ctx.dial_peer(peer).await {
-            debug!(%peer, cause = %e, "could not connect to redeliver");
+        // Why the dial failed says more than the push failing after it.
+        let dial_failed = match ctx.dial_peer(peer).await {
+            Err(Error::Request { reason, .. }) => Some(reason),
+            Err(e) => Some(e.to_string()),
+            Ok(_) => None,
+        };
+        if let Some(cause) = &dial_failed {
+            debug!(%peer, %cause, "could not connect to redeliver");
         }
         let outcome = match ctx
             .request(
@@ -2481,7 +2614,7 @@ async fn redeliver<B: Backend>(ctx: &Ctx<B>, only: Option<PeerId>, max_backoff: 
         {
             Ok(Response::Pushed { .. }) => Ok(()),
             Ok(other) => Err(format!("answered {}", other.name())),
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(dial_failed.unwrap_or_else(|| e.to_string())),
         };
         match outcome {
             Ok(()) => {

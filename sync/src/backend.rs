@@ -630,6 +630,13 @@ pub trait Backend: Send + Sync + 'static {
     /// Storage failures.
     fn item(&self, id: &ItemId) -> impl Future<Output = Result<Option<StoredItem>>> + Send;
 
+    /// The seq of the newest stored item (0 when empty). The default, for
+    /// stores that do not keep one, is 0: an outbox report then never
+    /// waits for stored items to be followed.
+    fn last_seq(&self) -> u64 {
+        0
+    }
+
     /// Every consent item this node owes a peer ([`Owed`]).
     ///
     /// # Errors

@@ -15,7 +15,7 @@ use crate::wire::{RefusalCode, Request, Response};
 
 /// Answers `request` from `peer` (as its Noise handshake would have proven
 /// it) with `backend`'s store at time `now`: Pull, Summary, Fetch, Snapshot
-/// and Audit as the node's actor serves them, disclosures audited first. Nudges and
+/// Audit, Checkpoint and Outbox as the node's actor serves them, disclosures audited first. Nudges and
 /// pushes change the caller's own state (a pull to start, items to ingest
 /// with [`Backend::ingest`]), so they are answered `Refused(Internal)` here;
 /// so is a `peer` whose PeerId is not an ed25519 key (`Refused(BadIdentity)`).
@@ -36,6 +36,8 @@ pub async fn serve_request<B: Backend>(backend: &B, peer: PeerId, request: Reque
         Request::Fetch { ids } => serve::fetch(backend, requester, &ids, now).await,
         Request::Audit { patient, after, limit } => serve::audit(backend, requester, patient, after, limit).await,
         Request::Checkpoint { patient, anchor } => serve::checkpoint(backend, requester, patient, anchor).await,
+        // Nothing here follows stored items: nothing is settling.
+        Request::Outbox { patient } => serve::outbox(backend, requester, patient, false),
         _ => return Response::Refused(RefusalCode::Internal),
     };
     response

@@ -411,6 +411,42 @@ impl SyncHandle {
         }
     }
 
+    /// What `peer` still owes others of `patient`'s consent items (issue
+    /// 16: delivery per target). Answered only when this handle's identity
+    /// is the patient's own key (the patient CLI).
+    ///
+    /// # Errors
+    /// [`Error::Refused`] (this identity is not the patient, or the node's
+    /// store failed); transport failures — a node that predates the request
+    /// cannot decode it and drops the stream; [`Error::Stopped`].
+    pub async fn outbox_of(&self, peer: PeerId, patient: PatientId) -> Result<wire::OutboxReport> {
+        let request = wire::Request::Outbox { patient };
+        let response = self
+            .ask(|reply| actor::Command::Request { peer, request, reply })
+            .await??;
+        match response {
+            wire::Response::Outbox(report) => Ok(*report),
+            wire::Response::Refused(code) => Err(Error::Refused {
+                peer,
+                reason: code.as_str(),
+            }),
+            other => Err(Error::UnexpectedResponse {
+                peer,
+                request: "outbox",
+                answer: other.name(),
+            }),
+        }
+    }
+
+    /// What this node owes others of `patient`'s consent items (the
+    /// report [`Self::outbox_of`] gets from a node), for its operator.
+    ///
+    /// # Errors
+    /// Storage failures, [`Error::Stopped`].
+    pub async fn outbox(&self, patient: PatientId) -> Result<wire::OutboxReport> {
+        self.ask(|reply| actor::Command::Outbox { patient, reply }).await?
+    }
+
     /// Counters and peer count.
     ///
     /// # Errors

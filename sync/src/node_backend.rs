@@ -389,6 +389,10 @@ impl Backend for NodeBackend {
             .map(stored_from_node))
     }
 
+    fn last_seq(&self) -> u64 {
+        self.node.last_seq()
+    }
+
     fn outbox(&self) -> Result<Vec<Owed>> {
         let entries = self.node.outbox().map_err(backend_error)?;
         Ok(entries

@@ -16,8 +16,8 @@ use crate::backend::{
 use crate::filter::{Disclosure, Requester, may_disclose};
 use crate::wire::{
     MAX_AUDIT_ACTOR_ID_LEN, MAX_AUDIT_ENTRIES_PER_MESSAGE, MAX_AUDIT_ITEMS_PER_ENTRY, MAX_AUDIT_OUTCOME_LEN,
-    MAX_OFFERS_PER_PAGE, MAX_SUMMARY_IDS, Offer, PAGE_BYTE_BUDGET, RefusalCode, Response, SnapshotPayload,
-    summary_digest,
+    MAX_OFFERS_PER_PAGE, MAX_OUTBOX_ERROR_LEN, MAX_OUTBOX_HELD, MAX_OUTBOX_OWED, MAX_SUMMARY_IDS, Offer, OutboxReport,
+    OwedItem, PAGE_BYTE_BUDGET, RefusalCode, Response, SnapshotPayload, summary_digest,
 };
 use crate::{Error, Result};
 
@@ -486,6 +486,62 @@ pub(crate) async fn checkpoint<B: Backend>(
             .ok_or_else(|| Error::Backend("this store signs no audit checkpoints".into()))
     });
     answer(result, &peer, "checkpoint")
+}
+
+/// Answers a patient's outbox query: what this node still owes others of
+/// the patient's consent items ([`outbox_report`]), only to that patient
+/// (as [`audit`]). `settling` comes from the actor, which alone knows
+/// whether stored items still wait for their consent flows.
+pub(crate) fn outbox<B: Backend>(
+    backend: &B,
+    peer: Requester,
+    patient: PatientId,
+    settling: bool,
+) -> (Response, Served) {
+    if !peer.is_patient(&patient) {
+        debug!(peer = %peer.peer_id(), "outbox query refused: the asker is not the patient");
+        return (Response::Refused(RefusalCode::NotPatient), Served::default());
+    }
+    let result = outbox_report(backend, &patient, settling).map(|r| (Response::Outbox(Box::new(r)), Served::default()));
+    answer(result, &peer, "outbox")
+}
+
+/// What this node owes others of `patient`'s consent items, per (item,
+/// peer), oldest first, within the wire caps; and the patient's grants and
+/// revocations it holds that it owes nobody.
+///
+/// # Errors
+/// Storage failures.
+pub(crate) fn outbox_report<B: Backend>(backend: &B, patient: &PatientId, settling: bool) -> Result<OutboxReport> {
+    let mut owed: Vec<OwedItem> = backend
+        .outbox()?
+        .into_iter()
+        .filter(|o| o.patient == *patient)
+        .map(|o| {
+            let mut last_error = o.last_error;
+            truncate_text(&mut last_error, MAX_OUTBOX_ERROR_LEN);
+            OwedItem {
+                item: o.item,
+                peer: o.peer,
+                since: o.since,
+                attempts: o.attempts,
+                next_at: o.next_at,
+                last_error,
+            }
+        })
+        .collect();
+    owed.sort_by_key(|o| (o.since, o.peer, o.item));
+    owed.truncate(MAX_OUTBOX_OWED);
+    let view = backend.consent(patient)?;
+    let held = view
+        .grants
+        .iter()
+        .map(|g| ItemMeta::of_grant(g).id)
+        .chain(view.revocations.iter().map(|r| ItemMeta::of_revocation(r).id))
+        .filter(|id| !owed.iter().any(|o| o.item == *id))
+        .take(MAX_OUTBOX_HELD)
+        .collect();
+    Ok(OutboxReport { settling, owed, held })
 }
 
 /// Brings a stored entry within the wire caps: at most

@@ -53,6 +53,15 @@ pub const MAX_OFFERS_PER_PAGE: usize = 64;
 pub const MAX_TRANSFER_HEADERS: usize = 200_000;
 /// Most bytes the compact headers of one transfer may inflate to.
 pub const MAX_INFLATED_HEADERS_BYTES: usize = 64 * 1024 * 1024;
+/// Most debts one outbox report lists (a node keeps at most 256 per
+/// patient; the rest of a larger list is left out).
+pub const MAX_OUTBOX_OWED: usize = 1024;
+/// Most held consent items one outbox report lists.
+pub const MAX_OUTBOX_HELD: usize = 1024;
+/// Longest failure text of one debt in an outbox report, in bytes.
+pub const MAX_OUTBOX_ERROR_LEN: usize = 256;
+/// Longest PeerId in an outbox report, in bytes (an ed25519 PeerId is 38).
+const MAX_PEER_ID_LEN: usize = 64;
 /// A server offers a transfer only if its answer fits a response with this
 /// much room to spare.
 const TRANSFER_SLACK: usize = 4096;
@@ -140,6 +149,46 @@ pub enum Request {
         /// The seq of a checkpoint to compare with, if the patient kept one.
         anchor: Option<u64>,
     },
+    /// "What do you still owe others of my consent items?" (issue 16: the
+    /// CLI reports delivery per target). Answered only when the asker is
+    /// that patient. Added after `Checkpoint`: a node that predates it
+    /// cannot decode it and drops the stream (the asker sees a failed
+    /// request, not an answer).
+    Outbox {
+        /// The patient; must be the asker's own key.
+        patient: PatientId,
+    },
+}
+
+/// One consent item a node owes a peer, as an outbox report shows it.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct OwedItem {
+    /// The item owed.
+    pub item: ItemId,
+    /// The peer it is owed to.
+    pub peer: libp2p::PeerId,
+    /// When the debt arose (ms since the Unix epoch).
+    pub since: u64,
+    /// Deliveries tried and failed so far (0: the first is under way or due).
+    pub attempts: u32,
+    /// Not tried again before this time (ms since the Unix epoch).
+    pub next_at: u64,
+    /// Why the last try failed (at most [`MAX_OUTBOX_ERROR_LEN`] bytes;
+    /// empty before the first failure).
+    pub last_error: String,
+}
+
+/// What a node still owes others of one patient's consent items.
+#[derive(Clone, PartialEq, Eq, Debug, Default)]
+pub struct OutboxReport {
+    /// Items of the patient stored but not yet followed by the consent
+    /// flows (the debts they make may not be listed yet): ask again.
+    pub settling: bool,
+    /// Every debt of the patient's items, per (item, peer).
+    pub owed: Vec<OwedItem>,
+    /// The patient's grants and revocations this node holds that it owes
+    /// nobody any more: delivered, or never owed.
+    pub held: Vec<ItemId>,
 }
 
 /// Why a server refused.
@@ -369,6 +418,9 @@ pub enum Response {
     /// Audit checkpoints signed by the answering node (see
     /// `medmesh_node::Node::audit_checkpoints`).
     Checkpoint(Box<AuditCheckpoints>),
+    /// What the answering node still owes others of the asking patient's
+    /// consent items.
+    Outbox(Box<OutboxReport>),
 }
 
 impl Request {
@@ -384,6 +436,7 @@ impl Request {
             Self::Audit { .. } => "audit",
             Self::Checkpoint { .. } => "checkpoint",
             Self::Reconcile { .. } => "reconcile",
+            Self::Outbox { .. } => "outbox",
         }
     }
 }
@@ -401,6 +454,7 @@ impl Response {
             Self::Snapshot(_) => "snapshot",
             Self::Audit { .. } => "audit",
             Self::Checkpoint(_) => "checkpoint",
+            Self::Outbox(_) => "outbox",
         }
     }
 }
@@ -550,6 +604,7 @@ impl Request {
                 bytes(patient.as_bytes()),
                 anchor.map_or(Value::Null, uint),
             ]),
+            Self::Outbox { patient } => Value::Array(vec![uint(9), bytes(patient.as_bytes())]),
         };
         to_bytes(&v)
     }
@@ -685,6 +740,11 @@ impl Request {
                 };
                 Self::Checkpoint { patient, anchor }
             }
+            9 => {
+                f.expect_len(2)?;
+                let patient = PatientId::from_bytes(f.fixed()?).map_err(|_| wire("outbox", "patient key invalid"))?;
+                Self::Outbox { patient }
+            }
             _ => return Err(wire("request", "unknown message kind")),
         };
         Ok(req)
@@ -776,6 +836,27 @@ impl Response {
                 let opt = |c: &Option<AuditCheckpoint>| c.as_ref().map_or(Value::Null, |c| bytes(c.encoded()));
                 Value::Array(vec![uint(8), bytes(c.head.encoded()), opt(&c.latest), opt(&c.anchor)])
             }
+            Self::Outbox(report) => Value::Array(vec![
+                uint(9),
+                Value::Bool(report.settling),
+                Value::Array(
+                    report
+                        .owed
+                        .iter()
+                        .map(|o| {
+                            Value::Array(vec![
+                                bytes(&o.item.0),
+                                bytes(&o.peer.to_bytes()),
+                                uint(o.since),
+                                uint(u64::from(o.attempts)),
+                                uint(o.next_at),
+                                Value::Text(o.last_error.clone()),
+                            ])
+                        })
+                        .collect(),
+                ),
+                Value::Array(report.held.iter().map(|i| bytes(&i.0)).collect()),
+            ]),
         };
         to_bytes(&v)
     }
@@ -938,6 +1019,21 @@ impl Response {
                     anchor: opt(f.next()?)?,
                 }))
             }
+            9 => {
+                f.expect_len(4)?;
+                let settling = f.bool()?;
+                let owed = f
+                    .array(MAX_OUTBOX_OWED)?
+                    .into_iter()
+                    .map(decode_owed_item)
+                    .collect::<Result<Vec<_>>>()?;
+                let held = f
+                    .array(MAX_OUTBOX_HELD)?
+                    .into_iter()
+                    .map(|v| fixed_of::<32>("outbox", v).map(ItemId))
+                    .collect::<Result<Vec<_>>>()?;
+                Self::Outbox(Box::new(OutboxReport { settling, owed, held }))
+            }
             _ => return Err(wire("response", "unknown message kind")),
         };
         Ok(resp)
@@ -998,6 +1094,28 @@ fn decode_audit_entry(value: Value) -> Result<AuditEntryWire> {
         outcome,
         prev_hash: f.fixed()?,
         hash: f.fixed()?,
+    })
+}
+
+fn decode_owed_item(value: Value) -> Result<OwedItem> {
+    const M: &str = "outbox";
+    let mut f = Fields::nested(M, value, 6)?;
+    let item = ItemId(f.fixed()?);
+    let peer = match f.next()? {
+        Value::Bytes(b) if b.len() <= MAX_PEER_ID_LEN => {
+            libp2p::PeerId::from_bytes(&b).map_err(|_| wire(M, "peer is not a PeerId"))?
+        }
+        _ => return Err(wire(M, "peer is not a short byte string")),
+    };
+    let since = f.uint()?;
+    let attempts = u32::try_from(f.uint()?).map_err(|_| wire(M, "attempts out of range"))?;
+    Ok(OwedItem {
+        item,
+        peer,
+        since,
+        attempts,
+        next_at: f.uint()?,
+        last_error: f.text(MAX_OUTBOX_ERROR_LEN)?,
     })
 }
 
@@ -1256,6 +1374,7 @@ mod tests {
                 patient,
                 anchor: Some(u64::MAX),
             },
+            Request::Outbox { patient },
         ];
         for req in cases {
             assert_eq!(Request::decode(&req.encode()).unwrap(), req, "case {}", req.name());
@@ -1337,6 +1456,19 @@ mod tests {
                 head: checkpoint(9),
                 latest: Some(checkpoint(12)),
                 anchor: Some(checkpoint(3)),
+            })),
+            Response::Outbox(Box::default()),
+            Response::Outbox(Box::new(OutboxReport {
+                settling: true,
+                owed: vec![OwedItem {
+                    item: ItemId([3; 32]),
+                    peer: libp2p::PeerId::random(),
+                    since: 1_700_000_000_000,
+                    attempts: u32::MAX,
+                    next_at: u64::MAX,
+                    last_error: "é".repeat(MAX_OUTBOX_ERROR_LEN / 2),
+                }],
+                held: vec![ItemId([4; 32]); MAX_OUTBOX_HELD],
             })),
         ];
         for resp in cases {
@@ -1754,9 +1886,78 @@ mod tests {
                 .encode(),
                 "830680f4",
             ),
+            (
+                "outbox",
+                Request::Outbox { patient: patient() }.encode(),
+                "82095820fd1724385aa0c75b64fb78cd602fa1d991fdebf76b13c58ed702eac835e9f618",
+            ),
+            (
+                "outbox answer",
+                Response::Outbox(Box::new(OutboxReport {
+                    settling: false,
+                    owed: vec![],
+                    held: vec![ItemId([0xab; 32])],
+                }))
+                .encode(),
+                "8409f480 815820abababababababababababababababababababababababababababababababab",
+            ),
         ];
         for (name, bytes, expected) in cases {
             assert_eq!(hex::encode(bytes), expected.replace(' ', ""), "case {name}");
+        }
+    }
+
+    /// Every bound of an outbox answer is checked: a longer failure text,
+    /// more debts than the cap, a peer that is no PeerId, a short item id.
+    #[test]
+    fn bad_outbox_answers_are_typed_errors() {
+        let owed = |last_error: String| OwedItem {
+            item: ItemId([1; 32]),
+            peer: libp2p::PeerId::random(),
+            since: 1,
+            attempts: 1,
+            next_at: 2,
+            last_error,
+        };
+        let report = |owed: Vec<OwedItem>| {
+            Response::Outbox(Box::new(OutboxReport {
+                settling: false,
+                owed,
+                held: vec![],
+            }))
+        };
+        let fine = report(vec![owed("x".repeat(MAX_OUTBOX_ERROR_LEN))]);
+        assert_eq!(Response::decode(&fine.encode()).unwrap(), fine);
+        let bad_peer = to_bytes(&Value::Array(vec![
+            uint(9),
+            Value::Bool(false),
+            Value::Array(vec![Value::Array(vec![
+                bytes(&[1; 32]),
+                bytes(&[1, 2, 3]),
+                uint(1),
+                uint(1),
+                uint(2),
+                Value::Text(String::new()),
+            ])]),
+            Value::Array(vec![]),
+        ]));
+        for (name, frame) in [
+            (
+                "error over its cap",
+                report(vec![owed("x".repeat(MAX_OUTBOX_ERROR_LEN + 1))]).encode(),
+            ),
+            (
+                "too many debts",
+                report(vec![owed(String::new()); MAX_OUTBOX_OWED + 1]).encode(),
+            ),
+            ("peer not a PeerId", bad_peer),
+            ("short item id", hex::decode("8409f480814100").unwrap()),
+            ("missing held list", hex::decode("8309f480").unwrap()),
+        ] {
+            assert!(
+                matches!(Response::decode(&frame), Err(Error::Wire { .. })),
+                "case {name}"
+            );
         }
     }
 

@@ -380,3 +380,68 @@ async fn a_gap_behind_the_cursor_is_repaired_when_the_peers_connect() {
     .await;
     let _ = (a.stop().await, b.stop().await);
 }
+
+/// The patient asks the node what it owes right after a push (as the CLI
+/// does after `patient grant`): the answer never shows "owed nothing" for a
+/// grant whose debt the node's consent flow is still about to record — it
+/// lists the debt, or says it is settling. Each round grants a new practice
+/// that is down, so each round makes a new debt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outbox_answer_right_after_a_push_never_hides_a_debt_being_recorded() {
+    const ROUNDS: usize = 12;
+    let dir = tempfile::tempdir().unwrap();
+    let mut patient = TestPatient::new().unwrap();
+    let pid = patient.id();
+    let a = Site::start(dir.path(), &SecretIdentity::generate().unwrap(), any_port()).await;
+    labs_written_at(&a, &mut patient, 1).await;
+    let cli = SyncHandle::spawn(Config::client(), &patient.identity, Arc::new(MemoryBackend::new()))
+        .await
+        .unwrap();
+    let node = cli.dial(a.addr().await).await.unwrap();
+    let mut settling = 0;
+    for round in 0..ROUNDS {
+        // A practice nobody can reach: no address, no Kademlia.
+        let down = SecretIdentity::generate().unwrap().practice_id().unwrap();
+        let (grant, items) = patient.grant_with_share(down, Collection::Labs, Access::Read).unwrap();
+        let items: Vec<Item> = items
+            .iter()
+            .map(|i| Item {
+                kind: if i.kind == medmesh_node::store::ItemKind::Grant {
+                    ItemKind::Grant
+                } else {
+                    ItemKind::KeyShare
+                },
+                bytes: i.bytes.clone(),
+            })
+            .collect();
+        let report = cli.push(node, items, Vec::new()).await.unwrap();
+        assert_eq!(report.accepted, 2, "{report:?}");
+        let owed = cli.outbox_of(node, pid).await.unwrap();
+        let grant_item = medmesh_sync::ItemId::digest(grant.encoded());
+        let listed = owed
+            .owed
+            .iter()
+            .any(|o| o.item == grant_item && o.peer == down.peer_id());
+        assert!(
+            listed || owed.settling,
+            "round {round}: the grant to a practice that is down shows as owed nothing: {owed:?}"
+        );
+        settling += usize::from(owed.settling);
+    }
+    println!("{settling} of {ROUNDS} answers were settling");
+    // Then each debt's first try fails, and says why: nobody knows where
+    // these practices are. (Each grant is owed
+    // to its grantee with its key share, and to the earlier grantees, as
+    // holders of the patient's grants.)
+    until_async("every first try failed", async || {
+        let r = cli.outbox_of(node, pid).await.unwrap();
+        !r.settling
+            && r.owed.len() >= 2 * ROUNDS
+            && r.owed
+                .iter()
+                .all(|o| o.attempts >= 1 && o.last_error.starts_with("no known address"))
+    })
+    .await;
+    cli.shutdown().await.unwrap();
+    let _ = a.stop().await;
+}
