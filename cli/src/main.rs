@@ -249,6 +249,7 @@ node: {}",
                     args.external_address
                 },
                 allow_remote_gateway: args.allow_remote_gateway,
+                redelivery_max_backoff: config.redelivery_max_backoff_secs.map(std::time::Duration::from_secs),
             };
             node_cmd::run(&dir, options, out)
         }

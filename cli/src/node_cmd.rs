@@ -44,6 +44,10 @@ pub(crate) struct NodeConfig {
     /// Addresses others reach this node at (announced; a relay hands them out).
     #[serde(default)]
     pub(crate) external_addresses: Vec<String>,
+    /// Longest wait between two tries to deliver what this node owes a
+    /// practice that is down (seconds; default 300). Not written unless set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) redelivery_max_backoff_secs: Option<u64>,
 }
 
 impl Default for NodeConfig {
@@ -60,6 +64,7 @@ impl Default for NodeConfig {
             relays: Vec::new(),
             relay_server: false,
             external_addresses: Vec::new(),
+            redelivery_max_backoff_secs: None,
         }
     }
 }
@@ -299,6 +304,7 @@ pub(crate) struct RunOptions {
     pub(crate) relay_server: bool,
     pub(crate) external_addresses: Vec<String>,
     pub(crate) allow_remote_gateway: bool,
+    pub(crate) redelivery_max_backoff: Option<std::time::Duration>,
 }
 
 /// A started node: store, repository, gateway (and sync when wired).
@@ -468,6 +474,12 @@ fn sync_config(options: &RunOptions) -> Result<medmesh_sync::Config> {
     config.relay_server = options.relay_server;
     config.mdns = options.mdns;
     config.kademlia = options.kademlia;
+    if let Some(max) = options.redelivery_max_backoff {
+        if max.is_zero() {
+            bail!("redelivery_max_backoff_secs must be at least 1");
+        }
+        config.redelivery_max_backoff = max;
+    }
     Ok(config)
 }
 

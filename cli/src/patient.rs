@@ -15,7 +15,7 @@ use medmesh_crypto::{
 use medmesh_node::records::{DecodedChange, RecordDoc, RenderedResource};
 use medmesh_sync::memory::MemoryBackend;
 use medmesh_sync::wire::OutboxReport;
-use medmesh_sync::{Item, ItemId, ItemKind, Multiaddr, PeerId, SyncHandle};
+use medmesh_sync::{AddressRecord, Item, ItemId, ItemKind, Multiaddr, PeerId, SyncHandle};
 use serde_json::{Value, json};
 use zeroize::Zeroizing;
 
@@ -51,6 +51,14 @@ pub(crate) enum PatientCommand {
     /// The grants you issued, with their status (from your keystore).
     Grants {
         /// Also ask this node how delivery of each grant to its practice stands.
+        #[arg(long, value_name = "MULTIADDR")]
+        node: Option<String>,
+    },
+    /// The practices your grants name and where they last said they are
+    /// (your address book of their signed address records).
+    Practices {
+        /// First refresh the address book from this node (it keeps the
+        /// records the practices signed; each is checked by its signature).
         #[arg(long, value_name = "MULTIADDR")]
         node: Option<String>,
     },
@@ -118,6 +126,7 @@ pub(crate) fn run(cmd: PatientCommand, home: &Home, out: &Output) -> Result<()> 
         PatientCommand::Revoke { node, grant_id } => block_on(revoke(home, &node, &grant_id, out)),
         PatientCommand::Grants { node } => block_on(grants(home, node.as_deref(), out)),
         PatientCommand::Submit { node, grant_id } => block_on(submit(home, &node, &grant_id, out)),
+        PatientCommand::Practices { node } => block_on(practices(home, node.as_deref(), out)),
         PatientCommand::Records { node, resource_type } => {
             block_on(records(home, &node, resource_type.as_deref(), out))
         }
@@ -604,7 +613,12 @@ async fn grant(home: &Home, args: GrantArgs, out: &Output) -> Result<()> {
             .to
             .parse()
             .map_err(|_| anyhow!("--to {:?} is not a PeerId or multiaddr", args.to))?;
-        (peer, None)
+        // Where the practice last said it is, from the address book.
+        let known = address_book(&keystore)
+            .remove(&peer)
+            .and_then(|r| r.addrs.into_iter().next())
+            .map(|a| a.with(medmesh_sync::Protocol::P2p(peer)));
+        (peer, known)
     };
     let grantee = PracticeId::from_peer_id(&grantee_peer).map_err(|e| anyhow!("--to: {e}"))?;
     let (_, node_peer) = addressed(&args.node, "--node")?;
@@ -1065,6 +1079,89 @@ async fn grants(home: &Home, node: Option<&str>, out: &Output) -> Result<()> {
                 t.grantee,
                 names.join(","),
                 t.access.as_str()
+            ),
+        );
+    }
+    Ok(())
+}
+
+/// The address book: the newest verified signed address record of each
+/// practice kept in the keystore (a record that no longer verifies is left out).
+fn address_book(keystore: &Keystore) -> BTreeMap<PeerId, AddressRecord> {
+    let mut book: BTreeMap<PeerId, AddressRecord> = BTreeMap::new();
+    for record in keystore.practices.iter().filter_map(|b| AddressRecord::verify(b)) {
+        if book.get(&record.peer).is_none_or(|kept| kept.seq < record.seq) {
+            book.insert(record.peer, record);
+        }
+    }
+    book
+}
+
+/// Keeps in the address book the records of `fetched` that are newer than
+/// those kept, for practices the patient's grants name only (a node cannot
+/// fill the book with others). Returns whether anything changed.
+fn remember_addresses(keystore: &mut Keystore, fetched: Vec<AddressRecord>) -> bool {
+    let grantees: BTreeSet<PeerId> = keystore.grants.iter().map(|g| g.terms().grantee.peer_id()).collect();
+    let mut book = address_book(keystore);
+    let mut changed = false;
+    for record in fetched.into_iter().filter(|r| grantees.contains(&r.peer)) {
+        if book.get(&record.peer).is_none_or(|kept| kept.seq < record.seq) {
+            book.insert(record.peer, record);
+            changed = true;
+        }
+    }
+    if changed {
+        keystore.practices = book.into_values().map(|r| r.signed).collect();
+    }
+    changed
+}
+
+/// `patient practices`: every practice the patient's grants name, with the
+/// collections its live grants cover and where it last said it is.
+async fn practices(home: &Home, node: Option<&str>, out: &Output) -> Result<()> {
+    let (mut keystore, passphrase) = open_keystore(home)?;
+    if let Some(node) = node {
+        let session = Session::open(&keystore, node).await?;
+        let fetched = session.sync.practices_of(session.node, keystore.patient()).await;
+        session.close().await;
+        let fetched = fetched.with_context(|| format!("asking {node} where your practices are"))?;
+        if remember_addresses(&mut keystore, fetched) {
+            save_keystore(home, &keystore, &passphrase)?;
+        }
+    }
+    let now_ms = now();
+    let book = address_book(&keystore);
+    let mut seen = BTreeSet::new();
+    for grant in &keystore.grants {
+        let peer = grant.terms().grantee.peer_id();
+        if !seen.insert(peer) {
+            continue;
+        }
+        let live: BTreeSet<&str> = keystore
+            .live_grants(now_ms)
+            .filter(|g| g.terms().grantee.peer_id() == peer)
+            .flat_map(|g| g.terms().collections.iter().map(Collection::as_str))
+            .collect();
+        let record = book.get(&peer);
+        let addrs: Vec<String> = record
+            .map(|r| r.addrs.iter().map(ToString::to_string).collect())
+            .unwrap_or_default();
+        let signed_at = record.map(|r| {
+            medmesh_node::records::format_instant(i64::try_from(r.seq.saturating_mul(1000)).unwrap_or(i64::MAX))
+        });
+        let where_text = match (&signed_at, addrs.first()) {
+            (Some(at), Some(first)) => format!("{first} (signed {at})"),
+            _ => "address unknown (refresh with --node)".to_owned(),
+        };
+        out.result(
+            &json!({"peer": peer.to_string(), "collections": live, "addresses": addrs, "signed_at": signed_at}),
+            &format!(
+                "{peer}  {}  {where_text}",
+                if live.is_empty() {
+                    "(no live grant)".to_owned()
+                } else {
+                    live.into_iter().collect::<Vec<_>>().join(",")
+                }
             ),
         );
     }

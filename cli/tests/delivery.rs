@@ -24,24 +24,7 @@ fn a_grant_to_a_practice_that_is_down_reaches_it_when_it_is_back() {
     // The patient's record at A: a Patient, a lab and a condition.
     let did = new_patient(&patient);
     grant_to_node(&patient, &a, true);
-    let bundle = json!({"resourceType": "Bundle", "type": "collection", "entry": [
-        {"fullUrl": "urn:uuid:5d0c7b8e-2f4a-4d3b-9a61-0e8f2c7d1b34",
-         "resource": {"resourceType": "Patient", "name": [{"family": "Adeyemi"}]}},
-        {"resource": {"resourceType": "Observation", "status": "final",
-                      "code": {"coding": [{"system": "http://loinc.org", "code": "2345-7", "display": "Glucose"}]},
-                      "subject": {"reference": "urn:uuid:5d0c7b8e-2f4a-4d3b-9a61-0e8f2c7d1b34"},
-                      "valueQuantity": {"value": 5.4, "unit": "mmol/L"}}},
-        {"resource": {"resourceType": "Condition",
-                      "code": {"text": "Type 2 diabetes"},
-                      "subject": {"reference": "urn:uuid:5d0c7b8e-2f4a-4d3b-9a61-0e8f2c7d1b34"}}}]});
-    let file = root.path().join("bundle.json");
-    std::fs::write(&file, bundle.to_string()).unwrap();
-    let out = medmesh(&home_a)
-        .args(["--json", "fhir", "import", "--patient", &did])
-        .arg(&file)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
+    import_lab(root.path(), &home_a, &did, 5.4, true);
 
     // B is down: the grant of labs is taken at A all the same.
     let out = medmesh(&patient)
@@ -120,14 +103,24 @@ fn observations_at(node: &NodeProcess) -> usize {
 }
 
 /// Imports one glucose Observation (and its Patient, linked to `did`) at the node of `home`.
-fn import_lab(root: &std::path::Path, home: &std::path::Path, did: &str, value: f64) {
-    let bundle = json!({"resourceType": "Bundle", "type": "collection", "entry": [
-        {"fullUrl": "urn:uuid:8a1e3c55-7b2d-4f09-b6a4-2d9c0e5f7a13",
-         "resource": {"resourceType": "Patient", "name": [{"family": "Adeyemi"}]}},
-        {"resource": {"resourceType": "Observation", "status": "final",
-                      "code": {"coding": [{"system": "http://loinc.org", "code": "2345-7"}]},
-                      "subject": {"reference": "urn:uuid:8a1e3c55-7b2d-4f09-b6a4-2d9c0e5f7a13"},
-                      "valueQuantity": {"value": value, "unit": "mmol/L"}}}]});
+/// Imports at `home`'s node, for `did`: a Patient and a glucose lab of
+/// `value` (labs), and with `condition` a Condition too (core).
+fn import_lab(root: &std::path::Path, home: &std::path::Path, did: &str, value: f64, condition: bool) {
+    let subject = "urn:uuid:8a1e3c55-7b2d-4f09-b6a4-2d9c0e5f7a13";
+    let mut entries = vec![
+        json!({"fullUrl": subject, "resource": {"resourceType": "Patient", "name": [{"family": "Adeyemi"}]}}),
+        json!({"resource": {"resourceType": "Observation", "status": "final",
+                            "code": {"coding": [{"system": "http://loinc.org", "code": "2345-7", "display": "Glucose"}]},
+                            "subject": {"reference": subject},
+                            "valueQuantity": {"value": value, "unit": "mmol/L"}}}),
+    ];
+    if condition {
+        entries.push(
+            json!({"resource": {"resourceType": "Condition", "code": {"text": "Type 2 diabetes"},
+                                         "subject": {"reference": subject}}}),
+        );
+    }
+    let bundle = json!({"resourceType": "Bundle", "type": "collection", "entry": entries});
     let file = root.join(format!("lab-{value}.json"));
     std::fs::write(&file, bundle.to_string()).unwrap();
     let out = medmesh(home)
@@ -149,7 +142,7 @@ fn revoking_one_of_two_grants_to_a_practice_keeps_the_other_readable() {
     let (a, b) = (NodeProcess::start(&home_a), NodeProcess::start(&home_b));
     let did = new_patient(&patient);
     grant_to_node(&patient, &a, true);
-    import_lab(root.path(), &home_a, &did, 5.4);
+    import_lab(root.path(), &home_a, &did, 5.4, false);
 
     let mut ids = Vec::new();
     for collections in ["labs", "labs,core"] {
@@ -178,7 +171,7 @@ fn revoking_one_of_two_grants_to_a_practice_keeps_the_other_readable() {
         json!([{"peer": b.peer_id, "status": "delivered"}]),
         "{revoked}"
     );
-    import_lab(root.path(), &home_a, &did, 6.1);
+    import_lab(root.path(), &home_a, &did, 6.1, false);
     while observations_at(&b) < 2 {
         assert!(
             std::time::Instant::now() < deadline,
@@ -409,4 +402,119 @@ fn a_foreign_identity_is_refused_the_delivery_report() {
         assert!(mine.owed.is_empty() && mine.held.is_empty(), "{mine:?}");
         let _ = sync.shutdown().await;
     });
+}
+
+/// Issue 16: a grant to practices that stay down for an hour reaches them
+/// when they come back — one on its port, one on a new port that only the
+/// Kademlia network (through a third node) can tell — and each holds
+/// exactly the collection granted.
+///
+/// The hour is simulated by what it leaves behind at A: twelve failed
+/// tries of each debt at the longest wait between tries (an hour of the
+/// default five minutes), with that wait set to 1 s in A's config so the
+/// test takes seconds. What must hold after it: the debt is still owed, the
+/// known address of the moved practice is stale, and the next try finds it.
+#[test]
+fn practices_down_for_an_hour_get_their_grant_on_the_same_port_and_on_a_new_one() {
+    const TRIES_IN_AN_HOUR: u64 = 12;
+    let root = tempfile::tempdir().unwrap();
+    let patient = root.path().join("patient");
+    let home = |name: &str| root.path().join(name);
+    // TCP only: a dial to a practice that is down fails at once (a QUIC
+    // dial waits out its handshake timeout), so an hour's tries take seconds.
+    const TCP: [&str; 2] = ["--listen", "/ip4/127.0.0.1/tcp/0"];
+    // C: a node both sides know, to look peers up through.
+    let c = NodeProcess::start_with(&home("c"), &[&TCP[..], &["--kademlia"]].concat());
+    let joined = [&TCP[..], &["--kademlia", "--peer", c.listen.as_str()]].concat();
+    let out = medmesh(&home("a")).args(["--json", "node", "init"]).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let config_path = home("a").join("node/config.json");
+    let mut config: serde_json::Value = serde_json::from_slice(&std::fs::read(&config_path).unwrap()).unwrap();
+    config["redelivery_max_backoff_secs"] = json!(1);
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let a = NodeProcess::start_with(&home("a"), &joined);
+    let (mut same, mut moved) = (
+        NodeProcess::start_with(&home("same"), &joined),
+        NodeProcess::start_with(&home("moved"), &joined),
+    );
+    let (same_addr, moved_addr) = (same.listen.clone(), moved.listen.clone());
+    same.stop();
+    moved.stop();
+
+    let did = new_patient(&patient);
+    grant_to_node(&patient, &a, true);
+    import_lab(root.path(), &home("a"), &did, 7.2, true);
+    for to in [&same_addr, &moved_addr] {
+        let out = medmesh(&patient)
+            .args(["--json", "patient", "grant", "--node", &a.listen, "--to", to])
+            .args(["--collections", "labs"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+
+    // An hour of failed tries at A.
+    let deadline = std::time::Instant::now() + common::WAIT;
+    loop {
+        let (status, outbox) = a.get(&format!("/api/outbox?patient={did}"));
+        assert_eq!(status, 200, "{outbox}");
+        let least_tries = [&same_addr, &moved_addr]
+            .iter()
+            .map(|addr| {
+                outbox["owed"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|d| addr.ends_with(d["peer"].as_str().unwrap_or("?")))
+                    .filter_map(|d| d["attempts"].as_u64())
+                    .min()
+                    .unwrap_or(0)
+            })
+            .min()
+            .unwrap_or(0);
+        if least_tries >= TRIES_IN_AN_HOUR {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "A stopped trying: {outbox}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+
+    // Back: one where it was, one on another port.
+    let same_port = same_addr.split("/p2p/").next().unwrap();
+    let same = NodeProcess::start_with(
+        &home("same"),
+        &["--listen", same_port, "--kademlia", "--peer", c.listen.as_str()],
+    );
+    assert_eq!(same.listen, same_addr);
+    let moved = NodeProcess::start_with(&home("moved"), &joined);
+    assert_ne!(moved.listen, moved_addr, "the moved practice is on a new port");
+    for node in [&same, &moved] {
+        let deadline = std::time::Instant::now() + common::WAIT;
+        loop {
+            if let [lab] = patient_records(&patient, node, "Observation").as_slice() {
+                assert_eq!(lab["valueQuantity"]["value"].to_string(), "7.2");
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} never received the labs granted an hour before",
+                node.listen
+            );
+        }
+        assert!(
+            patient_records(&patient, node, "Condition").is_empty(),
+            "{} holds a collection it was not granted",
+            node.listen
+        );
+    }
+    // Nothing is owed any more.
+    let deadline = std::time::Instant::now() + common::WAIT;
+    loop {
+        let (_, outbox) = a.get(&format!("/api/outbox?patient={did}"));
+        if outbox["owed"].as_array().is_some_and(Vec::is_empty) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "A still owes: {outbox}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }

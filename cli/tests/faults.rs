@@ -525,6 +525,27 @@ fn a_proxy_that_delays_cuts_and_stalls_connections_during_a_first_sync_loses_and
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    // And B knows it holds them complete: holdings say so, and its apps'
+    // reads carry no incomplete-record warning any more.
+    let told = Instant::now() + READ_DEADLINE;
+    loop {
+        let (_, h) = b.get(&format!("/api/holdings?patient={did}"));
+        let (_, everything) = b.get(&format!("/fhir/Patient/{patient_id}/$everything?_count=1"));
+        let warned = everything["entry"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|e| e["search"]["mode"] == "outcome" && e["resource"].to_string().contains("incomplete"));
+        if h["completeness"]["core"]["complete"] == true && h["completeness"]["labs"]["complete"] == true && !warned {
+            break;
+        }
+        assert!(
+            Instant::now() < told,
+            "seed {seed}: B holds all of core and labs but does not say it is complete: {}",
+            h["completeness"]
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let (status, medications) = b.get(&format!("/fhir/MedicationRequest?patient={did}"));
     assert_eq!((status, medications["total"].as_u64()), (200, Some(0)), "{medications}");
 

@@ -93,7 +93,7 @@ fn a_receiver_stopped_during_its_first_sync_completes_after_a_restart() {
     a.stop();
     let a = NodeProcess::start_with(&home_a, &[]);
 
-    let mut warned_runs = 0;
+    let mut warned_runs = 0u32;
     for run in 0..10u64 {
         let mut warned = false;
         let home_b = root.path().join(format!("b{run}"));
@@ -141,8 +141,71 @@ fn a_receiver_stopped_during_its_first_sync_completes_after_a_restart() {
             "run {run}: {holdings}"
         );
     }
-    assert!(
-        warned_runs > 0,
-        "no run ever showed an app the incomplete-record warning"
+    // Whether a poll fell inside a run's incomplete window depends on
+    // timing (a snapshot transfer brings the labs at once); the test below
+    // holds one open on purpose.
+    println!("{warned_runs} of 10 runs showed an app the incomplete-record warning");
+}
+
+/// A practice granted while the record's only holder is down holds the
+/// grant and nothing else: its apps are told the labs are incomplete (not
+/// "none"), until the holder is back and the first sync is done.
+#[test]
+fn a_practice_granted_while_the_holder_is_down_warns_its_apps_until_its_first_sync() {
+    let root = tempfile::tempdir().unwrap();
+    let patient = root.path().join("patient");
+    let home_a = root.path().join("a");
+    let mut a = NodeProcess::start_with(&home_a, &[]);
+    let did = new_patient(&patient);
+    grant_to_node(&patient, &a, true);
+    let (status, created) = a.post(
+        "/fhir/Patient",
+        &json!({"resourceType": "Patient", "identifier": [{"system": "urn:ietf:rfc:3986", "value": did}]}),
     );
+    assert_eq!(status, 201, "{created}");
+    let subject = format!("Patient/{}", created["id"].as_str().unwrap());
+    for i in 0..3 {
+        let (status, body) = a.post(
+            "/fhir/Observation",
+            &json!({"resourceType": "Observation", "status": "final",
+                    "code": {"coding": [{"system": "http://loinc.org", "code": "2345-7"}]},
+                    "subject": {"reference": subject},
+                    "valueQuantity": {"value": i, "unit": "mmol/L"}}),
+        );
+        assert_eq!(status, 201, "{body}");
+    }
+    a.stop();
+    // The patient hands D its grant directly (A is down): D's grant names A
+    // in its address hints, as the node that holds the record.
+    let d = NodeProcess::start_with(&root.path().join("d"), &[]);
+    let out = medmesh(&patient)
+        .args(["--json", "patient", "grant", "--node", &d.listen, "--to", &d.listen])
+        .args(["--collections", "labs"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (found, told, said) = labs_search(&d, &did);
+    assert_eq!(found, 0);
+    assert!(
+        told && said.contains("incomplete"),
+        "D holds a grant to labs and none of them, and says: {said:?}"
+    );
+    let (_, holdings) = d.get(&format!("/api/holdings?patient={did}"));
+    assert_eq!(
+        holdings["completeness"]["labs"]["awaiting_first_sync"], true,
+        "{holdings}"
+    );
+
+    // A is back: D syncs, and the warning goes.
+    let _a = NodeProcess::start_with(&home_a, &[]);
+    let deadline = Instant::now() + common::WAIT;
+    loop {
+        let (found, told, said) = labs_search(&d, &did);
+        if found == 3 && !told {
+            break;
+        }
+        assert!(found == 3 || told, "D found {found} of 3 labs and said nothing");
+        assert!(Instant::now() < deadline, "D found {found} of 3 labs, saying: {said}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

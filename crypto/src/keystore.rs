@@ -64,6 +64,10 @@ impl KdfParams {
     }
 }
 
+/// Largest signed address record (a practice's addresses, signed by it)
+/// that a keystore, a node or a sync message carries.
+pub const MAX_ADDRESS_RECORD_BYTES: usize = 4096;
+
 /// What a patient's keystore holds, in memory.
 #[derive(Debug)]
 pub struct Keystore {
@@ -81,6 +85,11 @@ pub struct Keystore {
     /// or refused): in force nowhere, so not live, not sent along with
     /// other commands, and given no new keys until submitted.
     pub unsubmitted: Vec<GrantId>,
+    /// The patient's address book: the newest signed address record of
+    /// each practice, as a node handed it over (a libp2p signed peer
+    /// record; the CLI verifies it before keeping it and again before use —
+    /// this crate only stores the bytes).
+    pub practices: Vec<Vec<u8>>,
     params: KdfParams,
 }
 
@@ -94,6 +103,7 @@ impl Keystore {
             revocations: Vec::new(),
             audit_checkpoints: Vec::new(),
             unsubmitted: Vec::new(),
+            practices: Vec::new(),
             params,
         }
     }
@@ -253,7 +263,8 @@ impl Keystore {
                 .iter()
                 .map(|c| c.encoded().len() + 9)
                 .sum::<usize>();
-        64 + 96 * self.keys.len() + 24 * self.unsubmitted.len() + blobs
+        let records: usize = self.practices.iter().map(|r| r.len() + 9).sum();
+        64 + 96 * self.keys.len() + 24 * self.unsubmitted.len() + blobs + records
     }
 
     fn contents_value(&self) -> Value {
@@ -275,10 +286,11 @@ impl Keystore {
             Value::Array(self.grants.iter().map(|g| canon::bytes(g.encoded())).collect()),
             Value::Array(self.revocations.iter().map(|r| canon::bytes(r.encoded())).collect()),
         ];
-        // A fifth and a sixth field only when there is something in them, so
-        // keystores without checkpoints or unsubmitted grants keep the
-        // layout older CLIs read.
-        if !self.audit_checkpoints.is_empty() || !self.unsubmitted.is_empty() {
+        // A fifth, sixth and seventh field only when there is something in
+        // them (or in a later one), so keystores without checkpoints,
+        // unsubmitted grants or an address book keep the layout older CLIs read.
+        let book = !self.practices.is_empty();
+        if !self.audit_checkpoints.is_empty() || !self.unsubmitted.is_empty() || book {
             fields.push(Value::Array(
                 self.audit_checkpoints
                     .iter()
@@ -286,17 +298,20 @@ impl Keystore {
                     .collect(),
             ));
         }
-        if !self.unsubmitted.is_empty() {
+        if !self.unsubmitted.is_empty() || book {
             fields.push(Value::Array(
                 self.unsubmitted.iter().map(|id| canon::bytes(&id.0)).collect(),
             ));
+        }
+        if book {
+            fields.push(Value::Array(self.practices.iter().map(|r| canon::bytes(r)).collect()));
         }
         Value::Array(fields)
     }
 
     fn from_contents(value: Value, params: KdfParams) -> Result<Self> {
         let len = match &value {
-            Value::Array(a) if (5..=6).contains(&a.len()) => a.len(),
+            Value::Array(a) if (5..=7).contains(&a.len()) => a.len(),
             _ => 4,
         };
         let mut f = Fields::new("keystore contents", value, len)?;
@@ -340,7 +355,7 @@ impl Keystore {
         } else {
             Vec::new()
         };
-        let unsubmitted = if len == 6 {
+        let unsubmitted = if len >= 6 {
             f.array(MAX_ITEMS)?
                 .into_iter()
                 .map(|v| {
@@ -354,6 +369,20 @@ impl Keystore {
         } else {
             Vec::new()
         };
+        let practices = if len == 7 {
+            f.array(MAX_ITEMS)?
+                .into_iter()
+                .map(|v| match blob(v)? {
+                    b if b.len() <= MAX_ADDRESS_RECORD_BYTES => Ok(b),
+                    _ => Err(Error::Malformed {
+                        kind: "keystore contents",
+                        reason: "an address record is at most 4 KiB",
+                    }),
+                })
+                .collect::<Result<Vec<_>>>()?
+        } else {
+            Vec::new()
+        };
         Ok(Self {
             identity,
             keys,
@@ -361,6 +390,7 @@ impl Keystore {
             revocations,
             audit_checkpoints,
             unsubmitted,
+            practices,
             params,
         })
     }

@@ -39,6 +39,6 @@ pub use envelope::{
 pub use error::{Error, Result};
 pub use id::{ActorId, PatientId, PeerId, PracticeId, Principal, SecretIdentity, Timestamp, now};
 pub use keys::{Epoch, EpochKey, KEYSHARE_TAG, KeyId, KeyRef, KeyShare, KeyShareTerms, MAX_KEYSHARE_BYTES};
-pub use keystore::{KdfParams, Keystore, MAX_KEYSTORE_BYTES, write_atomically};
+pub use keystore::{KdfParams, Keystore, MAX_ADDRESS_RECORD_BYTES, MAX_KEYSTORE_BYTES, write_atomically};
 pub use sealed::SealedSecret;
 pub use snapshot::{MAX_SNAPSHOT_BYTES, SNAPSHOT_TAG, SealedSnapshot};

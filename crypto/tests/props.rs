@@ -951,6 +951,20 @@ fn keystore_round_trip_passphrase_and_permissions() {
     assert_eq!(back.unsubmitted, vec![f.grant.id()]);
     assert!(!back.is_submitted(&f.grant));
     assert_eq!(back.live_grants(0).count(), 0);
+    // An address book survives too (a seventh field), the unsubmitted grant
+    // with it; and with no unsubmitted grant, the sixth field is kept empty.
+    let mut ks = back;
+    ks.practices.push(vec![0xAB; 120]);
+    ks.save(&path, b"new").unwrap();
+    let mut back = Keystore::open(&path, b"new").unwrap();
+    assert_eq!(
+        (back.practices.clone(), back.unsubmitted.clone()),
+        (vec![vec![0xAB; 120]], vec![f.grant.id()])
+    );
+    back.unsubmitted.clear();
+    back.save(&path, b"new").unwrap();
+    let back = Keystore::open(&path, b"new").unwrap();
+    assert_eq!((back.practices.len(), back.unsubmitted.len()), (1, 0));
     assert!(matches!(Keystore::open(&path, b"right"), Err(Error::KeystoreLocked)));
     // Missing file: an I/O error, not a panic.
     assert!(matches!(

@@ -43,7 +43,7 @@ pub use error::{Error, Result};
 pub use identity::load_or_create_identity;
 pub use node::{
     Actor, AuditCheckpoints, AuditVerified, CollectionLoad, Config, Event, Holdings, Incoming, IngestReport,
-    ItemStored, MAX_SEQ_GAPS_PER_AUTHOR, Node, RejectedItem, STORE_DIR, Source,
+    ItemStored, MAX_ADDRESS_RECORDS, MAX_SEQ_GAPS_PER_AUTHOR, Node, RejectedItem, STORE_DIR, Source,
 };
 pub use repository::Repository;
 pub use snapshot::{Covered, Snapshot};

@@ -242,6 +242,9 @@ pub struct IngestReport {
     pub unlocked: usize,
 }
 
+/// Most peers whose signed address record a node keeps.
+pub const MAX_ADDRESS_RECORDS: usize = 4096;
+
 /// How many envelopes the node holds for a patient (`GET /api/holdings`).
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub struct Holdings {
@@ -2596,6 +2599,56 @@ impl Node {
         out.sort_unstable();
         out.dedup();
         out
+    }
+
+    /// Keeps `peer`'s signed address record (issue 16: a practice whose
+    /// address changed is found again after this node restarts, and the
+    /// patient's CLI learns where its practices are) when it is newer than
+    /// the one kept and the peer is a practice some grant held here names
+    /// (so a stranger cannot fill the table). The caller verified the
+    /// signature and that it is `peer`'s; this node keeps the bytes as
+    /// received, so whoever reads them can verify again. At most
+    /// [`MAX_ADDRESS_RECORDS`] peers. Returns whether it was kept.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub fn note_address_record(&self, peer: &PracticeId, seq: u64, signed: &[u8]) -> Result<bool> {
+        if signed.len() > medmesh_crypto::MAX_ADDRESS_RECORD_BYTES || !self.registry().names_grantee(peer) {
+            return Ok(false);
+        }
+        let key = peer.peer_id().to_bytes();
+        let kept = self.store().address_records()?;
+        match kept.iter().find(|r| r.peer == key) {
+            // Seqs count seconds: a record signed in the same second as the
+            // kept one (a node that announced before its listeners were up,
+            // then again) replaces it if it differs.
+            Some(old) if old.seq > seq || (old.seq == seq && old.signed == signed) => return Ok(false),
+            None if kept.len() >= MAX_ADDRESS_RECORDS => return Ok(false),
+            _ => {}
+        }
+        self.store().put_address_record(&key, seq, signed)?;
+        Ok(true)
+    }
+
+    /// The signed address records kept ([`Node::note_address_record`]):
+    /// (peer, signed bytes); only of `peers` when given.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub fn address_records(&self, peers: Option<&[PracticeId]>) -> Result<Vec<(PracticeId, Vec<u8>)>> {
+        let mut out = Vec::new();
+        for record in self.store().address_records()? {
+            let Ok(peer) = PeerId::from_bytes(&record.peer) else {
+                continue;
+            };
+            let Ok(practice) = PracticeId::from_peer_id(&peer) else {
+                continue;
+            };
+            if peers.is_none_or(|wanted| wanted.contains(&practice)) {
+                out.push((practice, record.signed));
+            }
+        }
+        Ok(out)
     }
 
     /// Records what a reconciliation with a peer found ([`SyncCheck`]).

@@ -448,4 +448,10 @@ impl crate::store::Store for FlushControl {
     fn put_sync_check(&self, check: &crate::store::SyncCheck) -> Result<()> {
         self.inner.put_sync_check(check)
     }
+    fn address_records(&self) -> Result<Vec<crate::store::KeptAddressRecord>> {
+        self.inner.address_records()
+    }
+    fn put_address_record(&self, peer: &[u8], seq: u64, signed: &[u8]) -> Result<()> {
+        self.inner.put_address_record(peer, seq, signed)
+    }
 }

@@ -190,6 +190,14 @@ impl Backend for Timed {
         self.inner.last_seq()
     }
 
+    fn note_address_record(&self, peer: &PeerId, seq: u64, signed: &[u8]) -> medmesh_sync::Result<bool> {
+        self.inner.note_address_record(peer, seq, signed)
+    }
+
+    fn address_records(&self, peers: Option<&[PeerId]>) -> medmesh_sync::Result<Vec<Vec<u8>>> {
+        self.inner.address_records(peers)
+    }
+
     fn holder_addresses(&self) -> medmesh_sync::Result<Vec<String>> {
         self.inner.holder_addresses()
     }

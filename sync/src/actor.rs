@@ -1199,8 +1199,13 @@ pub(crate) async fn spawn<B: Backend>(
                 Ok(Behaviour {
                     limits: connection_limits::Behaviour::new(limits),
                     identify: identify::Behaviour::new(
-                        identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
-                            .with_hide_listen_addrs(hide_listen_addrs),
+                        // Signed peer records: a practice's addresses, signed
+                        // by its key, that peers keep and hand to patients
+                        // (issue 16: a moved practice is found again).
+                        identify::Config::new_with_signed_peer_record(IDENTIFY_PROTOCOL.into(), key)
+                            .with_hide_listen_addrs(hide_listen_addrs)
+                            // Connected peers hear of a new address at once.
+                            .with_push_listen_addr_updates(true),
                     ),
                     ping: ping::Behaviour::default(),
                     mdns: Toggle::from(mdns),
@@ -1328,6 +1333,7 @@ impl<B: Backend> Actor<B> {
         anti_entropy.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         anti_entropy.tick().await; // connections start their own round
         self.reserve_relays();
+        self.learn_kept_addresses();
         if self.config.consent_flows {
             self.reach_holders();
         }
@@ -1810,6 +1816,9 @@ impl<B: Backend> Actor<B> {
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
+                if let Some(signed) = info.signed_peer_record.clone() {
+                    self.keep_address_record(peer_id, signed);
+                }
                 let speaks_kad = info.protocols.contains(&KAD_PROTOCOL);
                 for addr in info.listen_addrs.into_iter().take(MAX_PUSH_ADDRS) {
                     if speaks_kad && let Some(kad) = self.swarm.behaviour_mut().kad.as_mut() {
@@ -1911,6 +1920,46 @@ impl<B: Backend> Actor<B> {
                 self.lookups.insert(query, peer);
             }
             None => self.fail_dial(peer, &format!("{why} and Kademlia is off")),
+        }
+    }
+
+    /// Keeps a peer's signed address record (identify verified it is
+    /// `peer`'s: libp2p-identify drops a record another key signed).
+    fn keep_address_record(&mut self, peer: PeerId, signed: libp2p::core::SignedEnvelope) {
+        let Some(record) = crate::AddressRecord::of_envelope(signed) else {
+            return;
+        };
+        // A record without addresses (sent before the peer's listeners were
+        // up) tells nothing, and must not replace one that does.
+        if record.peer != peer || record.addrs.is_empty() {
+            return;
+        }
+        match self.backend().note_address_record(&peer, record.seq, &record.signed) {
+            Ok(true) => debug!(%peer, seq = record.seq, "kept a newer signed address record"),
+            Ok(false) => {}
+            Err(e) => debug!(%peer, cause = %e, "could not keep an address record"),
+        }
+    }
+
+    /// Adds the addresses of every kept signed address record to the swarm,
+    /// at start: a practice that moved while this node was down is dialled
+    /// where it last said it is, not where a grant's hint or a debt's
+    /// address put it.
+    fn learn_kept_addresses(&mut self) {
+        let records = match self.backend().address_records(None) {
+            Ok(r) => r,
+            Err(e) => {
+                debug!(cause = %e, "could not read the kept address records");
+                return;
+            }
+        };
+        for bytes in records {
+            let Some(record) = crate::AddressRecord::verify(&bytes) else {
+                continue;
+            };
+            for addr in record.addrs.into_iter().take(MAX_PUSH_ADDRS) {
+                self.note_addr(record.peer, addr);
+            }
         }
     }
 
@@ -2140,6 +2189,11 @@ impl<B: Backend> Actor<B> {
                     serve::outbox(&*b, requester, patient, settling)
                 });
             }
+            Request::Practices { patient } => {
+                self.spawn_serve(peer, channel, move |b| async move {
+                    serve::practices(&*b, requester, patient)
+                });
+            }
             Request::Push { items, addrs } => {
                 // Before ingesting: the consent flows that the stored items
                 // trigger may need to dial these addresses.
@@ -2359,17 +2413,29 @@ impl<B: Backend> Actor<B> {
         }
         let ctx = self.ctx.clone();
         tokio::spawn(async move {
-            match anti_entropy(&ctx, peer).await {
-                Ok(r) if r.ingest.accepted > 0 => {
-                    info!(%peer, accepted = r.ingest.accepted, "anti-entropy repaired a gap");
+            let finished = match anti_entropy(&ctx, peer).await {
+                Ok(r) => {
+                    if r.ingest.accepted > 0 {
+                        info!(%peer, accepted = r.ingest.accepted, "anti-entropy repaired a gap");
+                    }
+                    // A round with no patient in common (the connection came
+                    // before the grant) compared nothing either.
+                    r.pages > 0
                 }
-                Ok(_) => {}
-                Err(e) => debug!(%peer, cause = %e, "anti-entropy round stopped"),
+                Err(e) => {
+                    debug!(%peer, cause = %e, "anti-entropy round stopped");
+                    false
+                }
+            };
+            let mut rounds = ctx.anti_entropy.lock().unwrap_or_else(PoisonError::into_inner);
+            if finished {
+                rounds.insert(peer, Some(Instant::now()));
+            } else {
+                // A round cut short (the connection broke) or empty compared
+                // nothing: the next connection runs one at once. A cut round
+                // costs at most one Summary per connection.
+                rounds.remove(&peer);
             }
-            ctx.anti_entropy
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .insert(peer, Some(Instant::now()));
         });
     }
 

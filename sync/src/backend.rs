@@ -614,6 +614,28 @@ pub trait Backend: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Keeps `peer`'s signed address record (libp2p `PeerRecord` in its
+    /// signed envelope, verified by the caller) if newer than the one kept
+    /// and `peer` is a practice this node has a relationship with. Returns
+    /// whether it was kept. The default keeps nothing.
+    ///
+    /// # Errors
+    /// Storage failures.
+    fn note_address_record(&self, peer: &PeerId, seq: u64, signed: &[u8]) -> Result<bool> {
+        let _ = (peer, seq, signed);
+        Ok(false)
+    }
+
+    /// The signed address records kept, as received; only of `peers` when
+    /// given. The default: none.
+    ///
+    /// # Errors
+    /// Storage failures.
+    fn address_records(&self, peers: Option<&[PeerId]>) -> Result<Vec<Vec<u8>>> {
+        let _ = peers;
+        Ok(Vec::new())
+    }
+
     /// Addresses (multiaddr text ending in `/p2p/<PeerId>`) of the practices
     /// holding the records this node is granted, to reconnect to after a
     /// restart. The default: none.

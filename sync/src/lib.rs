@@ -27,6 +27,7 @@
 //! ```
 
 mod actor;
+mod address;
 mod backend;
 mod config;
 mod direct;
@@ -43,6 +44,7 @@ use std::time::Duration;
 use medmesh_crypto::{PatientId, SecretIdentity};
 use tokio::sync::{mpsc, oneshot};
 
+pub use address::AddressRecord;
 pub use backend::{
     AuditEntryWire, Backend, ConsentView, Cursor, DisclosureRecord, IngestReport, InstanceId, Item, ItemId, ItemKind,
     ItemMeta, Owed, StoredEvent, StoredItem, Transfer, TransferIngest,
@@ -433,6 +435,38 @@ impl SyncHandle {
             other => Err(Error::UnexpectedResponse {
                 peer,
                 request: "outbox",
+                answer: other.name(),
+            }),
+        }
+    }
+
+    /// Asks node `peer` for the signed address records it keeps of the
+    /// practices `patient`'s grants name (issue 16: the patient's address
+    /// book). Answered only to the patient's own key. Records whose
+    /// signature does not verify are dropped.
+    ///
+    /// # Errors
+    /// [`Error::Refused`]; transport failures (a node that predates the
+    /// request drops the stream); [`Error::Stopped`].
+    pub async fn practices_of(&self, peer: PeerId, patient: PatientId) -> Result<Vec<AddressRecord>> {
+        let request = wire::Request::Practices { patient };
+        let response = self
+            .ask(|reply| actor::Command::Request { peer, request, reply })
+            .await??;
+        match response {
+            // Each record stands on its own signature: one that does not
+            // verify is dropped, whoever relayed it.
+            wire::Response::Practices { records } => Ok(records
+                .iter()
+                .filter_map(|bytes| AddressRecord::verify(bytes))
+                .collect()),
+            wire::Response::Refused(code) => Err(Error::Refused {
+                peer,
+                reason: code.as_str(),
+            }),
+            other => Err(Error::UnexpectedResponse {
+                peer,
+                request: "practices",
                 answer: other.name(),
             }),
         }

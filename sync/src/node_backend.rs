@@ -354,6 +354,27 @@ impl Backend for NodeBackend {
             .unwrap_or_default())
     }
 
+    fn note_address_record(&self, peer: &PeerId, seq: u64, signed: &[u8]) -> Result<bool> {
+        let Ok(practice) = PracticeId::from_peer_id(peer) else {
+            return Ok(false);
+        };
+        self.node
+            .note_address_record(&practice, seq, signed)
+            .map_err(backend_error)
+    }
+
+    fn address_records(&self, peers: Option<&[PeerId]>) -> Result<Vec<Vec<u8>>> {
+        let wanted: Option<Vec<PracticeId>> =
+            peers.map(|ps| ps.iter().filter_map(|p| PracticeId::from_peer_id(p).ok()).collect());
+        Ok(self
+            .node
+            .address_records(wanted.as_deref())
+            .map_err(backend_error)?
+            .into_iter()
+            .map(|(_, signed)| signed)
+            .collect())
+    }
+
     fn holder_addresses(&self) -> Result<Vec<String>> {
         Ok(self.node.holder_addresses())
     }

@@ -506,6 +506,27 @@ pub(crate) fn outbox<B: Backend>(
     answer(result, &peer, "outbox")
 }
 
+/// Answers a patient's `Practices` request: the signed address records
+/// kept of the practices its grants name (none to anyone else).
+pub(crate) fn practices<B: Backend>(backend: &B, peer: Requester, patient: PatientId) -> (Response, Served) {
+    if !peer.is_patient(&patient) {
+        debug!(peer = %peer.peer_id(), "practices query refused: the asker is not the patient");
+        return (Response::Refused(RefusalCode::NotPatient), Served::default());
+    }
+    let result = (|| -> Result<(Response, Served)> {
+        let grantees: Vec<libp2p::PeerId> = backend
+            .consent(&patient)?
+            .grants
+            .iter()
+            .map(|g| g.terms().grantee.peer_id())
+            .collect();
+        let mut records = backend.address_records(Some(&grantees))?;
+        records.truncate(crate::wire::MAX_PRACTICE_RECORDS);
+        Ok((Response::Practices { records }, Served::default()))
+    })();
+    answer(result, &peer, "practices")
+}
+
 /// What this node owes others of `patient`'s consent items, per (item,
 /// peer), oldest first, within the wire caps; and the patient's grants and
 /// revocations it holds that it owes nobody.

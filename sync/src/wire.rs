@@ -158,7 +158,20 @@ pub enum Request {
         /// The patient; must be the asker's own key.
         patient: PatientId,
     },
+    /// "Where are my practices?" (issue 16: the patient's address book): the
+    /// signed address records this node keeps of the practices the
+    /// patient's grants name. Answered only when the asker is that patient.
+    /// Added after `Outbox`, like it unknown to older nodes.
+    Practices {
+        /// The patient; must be the asker's own key.
+        patient: PatientId,
+    },
 }
+
+/// Most signed address records one `Practices` answer carries.
+pub const MAX_PRACTICE_RECORDS: usize = 256;
+/// Largest signed address record on the wire (the node keeps none larger).
+pub use medmesh_crypto::MAX_ADDRESS_RECORD_BYTES;
 
 /// One consent item a node owes a peer, as an outbox report shows it.
 #[derive(Clone, PartialEq, Eq, Debug)]
@@ -421,6 +434,12 @@ pub enum Response {
     /// What the answering node still owes others of the asking patient's
     /// consent items.
     Outbox(Box<OutboxReport>),
+    /// Signed address records (libp2p `PeerRecord` envelopes, protobuf
+    /// bytes, each verifiable by itself) of the asking patient's practices.
+    Practices {
+        /// The records, as the node received them.
+        records: Vec<Vec<u8>>,
+    },
 }
 
 impl Request {
@@ -437,6 +456,7 @@ impl Request {
             Self::Checkpoint { .. } => "checkpoint",
             Self::Reconcile { .. } => "reconcile",
             Self::Outbox { .. } => "outbox",
+            Self::Practices { .. } => "practices",
         }
     }
 }
@@ -455,6 +475,7 @@ impl Response {
             Self::Audit { .. } => "audit",
             Self::Checkpoint(_) => "checkpoint",
             Self::Outbox(_) => "outbox",
+            Self::Practices { .. } => "practices",
         }
     }
 }
@@ -605,6 +626,7 @@ impl Request {
                 anchor.map_or(Value::Null, uint),
             ]),
             Self::Outbox { patient } => Value::Array(vec![uint(9), bytes(patient.as_bytes())]),
+            Self::Practices { patient } => Value::Array(vec![uint(10), bytes(patient.as_bytes())]),
         };
         to_bytes(&v)
     }
@@ -745,6 +767,12 @@ impl Request {
                 let patient = PatientId::from_bytes(f.fixed()?).map_err(|_| wire("outbox", "patient key invalid"))?;
                 Self::Outbox { patient }
             }
+            10 => {
+                f.expect_len(2)?;
+                let patient =
+                    PatientId::from_bytes(f.fixed()?).map_err(|_| wire("practices", "patient key invalid"))?;
+                Self::Practices { patient }
+            }
             _ => return Err(wire("request", "unknown message kind")),
         };
         Ok(req)
@@ -857,6 +885,9 @@ impl Response {
                 ),
                 Value::Array(report.held.iter().map(|i| bytes(&i.0)).collect()),
             ]),
+            Self::Practices { records } => {
+                Value::Array(vec![uint(10), Value::Array(records.iter().map(|r| bytes(r)).collect())])
+            }
         };
         to_bytes(&v)
     }
@@ -1033,6 +1064,18 @@ impl Response {
                     .map(|v| fixed_of::<32>("outbox", v).map(ItemId))
                     .collect::<Result<Vec<_>>>()?;
                 Self::Outbox(Box::new(OutboxReport { settling, owed, held }))
+            }
+            10 => {
+                f.expect_len(2)?;
+                let records = f
+                    .array(MAX_PRACTICE_RECORDS)?
+                    .into_iter()
+                    .map(|v| match v {
+                        Value::Bytes(b) if b.len() <= MAX_ADDRESS_RECORD_BYTES => Ok(b),
+                        _ => Err(wire("practices", "expected a signed record of at most 4 KiB")),
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Self::Practices { records }
             }
             _ => return Err(wire("response", "unknown message kind")),
         };

@@ -493,7 +493,17 @@ async fn grant_via_a_moves_exactly_core_and_labs_to_b_and_nothing_to_c() {
     // An explicit pull and reconciliation bring nothing more.
     b.sync.sync_now(a.peer()).await.unwrap();
     b.sync.reconcile(a.peer(), patient.id()).await.unwrap();
-    assert_eq!(b.holdings(patient), h, "B's holdings moved after a full pull");
+    let after = b.holdings(patient);
+    assert_eq!(
+        (after.envelopes, after.readable, after.opaque, &after.by_collection),
+        (h.envelopes, h.readable, h.opaque, &h.by_collection),
+        "B's holdings moved after a full pull"
+    );
+    // And B knows it: the reconciliation with A found nothing missing.
+    assert!(
+        after.completeness.values().all(|c| c.complete) && after.completeness.len() == 2,
+        "B after reconciling with A: {after:?}"
+    );
 
     // Exactly those resources, nothing of medications.
     let mut served: Vec<String> = b

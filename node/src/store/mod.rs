@@ -291,6 +291,18 @@ impl SyncCheck {
     pub const REMEMBERED: usize = 1024;
 }
 
+/// A practice's signed address record as a node keeps it (issue 16): the
+/// bytes as received, so whoever reads them verifies them again.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct KeptAddressRecord {
+    /// The practice (PeerId bytes).
+    pub peer: Vec<u8>,
+    /// The record's sequence number (seconds when signed).
+    pub seq: u64,
+    /// The signed record.
+    pub signed: Vec<u8>,
+}
+
 /// One logical mutation; a [`Batch`] of them is applied atomically.
 #[derive(Clone, Debug)]
 pub enum Op {
@@ -670,6 +682,24 @@ pub trait Store: Send + Sync + 'static {
     /// Engine failures.
     fn put_sync_check(&self, check: &SyncCheck) -> Result<()> {
         let _ = check;
+        Ok(())
+    }
+
+    /// Every kept address record ([`KeptAddressRecord`]). A store without
+    /// them has none (the default).
+    ///
+    /// # Errors
+    /// Engine failures, [`crate::Error::Corrupt`].
+    fn address_records(&self) -> Result<Vec<KeptAddressRecord>> {
+        Ok(Vec::new())
+    }
+
+    /// Keeps `peer`'s signed address record, replacing the one kept.
+    ///
+    /// # Errors
+    /// Engine failures.
+    fn put_address_record(&self, peer: &[u8], seq: u64, signed: &[u8]) -> Result<()> {
+        let _ = (peer, seq, signed);
         Ok(())
     }
 }

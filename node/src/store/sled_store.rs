@@ -18,8 +18,8 @@ use sled::transaction::{ConflictableTransactionError, TransactionError, Transact
 
 use super::codec::{self, seq_key};
 use super::{
-    Batch, Committed, Cursor, EnvelopeEntry, InstanceId, ItemId, ItemKind, Op, OutboxEntry, PendingItem, PendingReason,
-    Rejection, Seq, Store, StoredItem, SyncCheck,
+    Batch, Committed, Cursor, EnvelopeEntry, InstanceId, ItemId, ItemKind, KeptAddressRecord, Op, OutboxEntry,
+    PendingItem, PendingReason, Rejection, Seq, Store, StoredItem, SyncCheck,
 };
 use crate::audit;
 use crate::{Error, Result};
@@ -63,6 +63,7 @@ pub struct SledStore {
     resources: sled::Tree,
     outbox: sled::Tree,
     sync_checks: sled::Tree,
+    address_records: sled::Tree,
     instance: InstanceId,
     // Commits are serialised: seqs and the audit chain need one writer.
     heads: Mutex<Heads>,
@@ -140,6 +141,7 @@ impl SledStore {
             resources: tree("resources")?,
             outbox: tree("outbox")?,
             sync_checks: tree("sync-checks")?,
+            address_records: tree("address-records")?,
             db,
             instance,
             heads: Mutex::new(Heads {
@@ -674,6 +676,32 @@ impl Store for SledStore {
                 codec::sync_check(&k, &v)
             })
             .collect()
+    }
+
+    fn address_records(&self) -> Result<Vec<KeptAddressRecord>> {
+        let mut out = Vec::new();
+        for entry in &self.address_records {
+            let (k, v) = entry.map_err(storage)?;
+            let Some((seq, signed)) = v.split_first_chunk::<8>() else {
+                return Err(Error::Corrupt {
+                    what: "address record",
+                    key: hex::encode(&k),
+                });
+            };
+            out.push(KeptAddressRecord {
+                peer: k.to_vec(),
+                seq: u64::from_be_bytes(*seq),
+                signed: signed.to_vec(),
+            });
+        }
+        Ok(out)
+    }
+
+    fn put_address_record(&self, peer: &[u8], seq: u64, signed: &[u8]) -> Result<()> {
+        let mut v = Vec::with_capacity(8 + signed.len());
+        v.extend_from_slice(&seq.to_be_bytes());
+        v.extend_from_slice(signed);
+        self.address_records.insert(peer, v).map(|_| ()).map_err(storage)
     }
 
     fn put_sync_check(&self, check: &SyncCheck) -> Result<()> {
