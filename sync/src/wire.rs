@@ -1418,6 +1418,7 @@ mod tests {
                 anchor: Some(u64::MAX),
             },
             Request::Outbox { patient },
+            Request::Practices { patient },
         ];
         for req in cases {
             assert_eq!(Request::decode(&req.encode()).unwrap(), req, "case {}", req.name());
@@ -1513,10 +1514,26 @@ mod tests {
                 }],
                 held: vec![ItemId([4; 32]); MAX_OUTBOX_HELD],
             })),
+            Response::Practices { records: vec![] },
+            Response::Practices {
+                records: vec![vec![7; MAX_ADDRESS_RECORD_BYTES]; MAX_PRACTICE_RECORDS],
+            },
         ];
         for resp in cases {
             assert_eq!(Response::decode(&resp.encode()).unwrap(), resp, "case {}", resp.name());
         }
+    }
+
+    #[test]
+    fn practices_answers_over_their_caps_are_refused() {
+        let too_big = Response::Practices {
+            records: vec![vec![7; MAX_ADDRESS_RECORD_BYTES + 1]],
+        };
+        assert!(Response::decode(&too_big.encode()).is_err());
+        let too_many = Response::Practices {
+            records: vec![vec![7; 8]; MAX_PRACTICE_RECORDS + 1],
+        };
+        assert!(Response::decode(&too_many.encode()).is_err());
     }
 
     fn checkpoint(seq: u64) -> AuditCheckpoint {
