@@ -674,10 +674,11 @@ async fn grant(home: &Home, args: GrantArgs, out: &Output) -> Result<()> {
     save_keystore(home, &keystore, &passphrase)?;
     let hints = grantee_addr.into_iter().collect();
     let targets = delivery_targets(&keystore, &args.node, grantee, now_ms)?;
-    let (report, deliveries) = hand_over(&keystore, &args.node, items, hints, &targets)
+    let (report, deliveries, records) = hand_over(&keystore, &args.node, items, hints, &targets)
         .await
         .with_context(|| not_submitted(&grant, &args.node))?;
     keystore.unsubmitted.retain(|g| *g != grant.id());
+    remember_addresses(&mut keystore, records);
     save_keystore(home, &keystore, &passphrase)?;
     let id = grant.id().to_string();
     let names: Vec<&str> = collections.iter().map(Collection::as_str).collect();
@@ -708,23 +709,33 @@ async fn grant(home: &Home, args: GrantArgs, out: &Output) -> Result<()> {
 }
 
 /// Pushes `items` to `node` in one session, then asks it how their
-/// delivery to `targets` stands ([`Session::deliveries`]).
+/// delivery to `targets` stands ([`Session::deliveries`]) and where the
+/// patient's practices are (their signed address records, for the address
+/// book: refreshed from every node a submission reaches; none from a node
+/// that cannot say).
 async fn hand_over(
     keystore: &Keystore,
     node: &str,
     items: Vec<Item>,
     hints: Vec<Multiaddr>,
     targets: &[PeerId],
-) -> Result<(medmesh_sync::IngestReport, Deliveries)> {
+) -> Result<(medmesh_sync::IngestReport, Deliveries, Vec<AddressRecord>)> {
     let ids = item_ids(&items);
     let session = Session::open(keystore, node).await?;
     let result = session.push(items, hints).await;
-    let deliveries = match &result {
-        Ok(_) => session.deliveries(keystore.patient(), targets, &ids).await,
-        Err(_) => Err(String::new()),
+    let (deliveries, records) = match &result {
+        Ok(_) => (
+            session.deliveries(keystore.patient(), targets, &ids).await,
+            session
+                .sync
+                .practices_of(session.node, keystore.patient())
+                .await
+                .unwrap_or_default(),
+        ),
+        Err(_) => (Err(String::new()), Vec::new()),
     };
     session.close().await;
-    Ok((result?, deliveries))
+    Ok((result?, deliveries, records))
 }
 
 /// What a failed submission leaves behind, and how to finish it.
@@ -773,10 +784,11 @@ async fn submit(home: &Home, node: &str, grant_id: &str, out: &Output) -> Result
         }
     }
     let targets = delivery_targets(&keystore, node, grantee, now_ms)?;
-    let (_, deliveries) = hand_over(&keystore, node, items, Vec::new(), &targets)
+    let (_, deliveries, records) = hand_over(&keystore, node, items, Vec::new(), &targets)
         .await
         .with_context(|| not_submitted(&grant, node))?;
     keystore.unsubmitted.retain(|g| *g != id);
+    remember_addresses(&mut keystore, records);
     save_keystore(home, &keystore, &passphrase)?;
     let mut value = json!({"grant_id": id.to_string(), "grantee": grantee.to_string(), "submitted": true});
     let delivery = delivery_output(&mut value, &deliveries);
