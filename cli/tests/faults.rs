@@ -26,6 +26,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use common::{NodeProcess, medmesh, new_patient, stderr};
+use rand::rngs::StdRng;
+use rand::{RngExt as _, SeedableRng as _};
 use serde_json::{Value, json};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
@@ -59,19 +61,6 @@ const FAULT_DEADLINE: Duration = Duration::from_secs(15);
 const SETTLE_DEADLINE: Duration = Duration::from_secs(30);
 const READ_DEADLINE: Duration = Duration::from_secs(5);
 
-/// splitmix64: a small seeded generator for the fault schedule.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-}
-
 /// What the proxy does to one connection once enough bytes went through
 /// it while faulting is on.
 #[derive(Debug, Clone, Copy)]
@@ -82,7 +71,8 @@ enum Plan {
 
 /// The fault schedule both proxies draw from, its switch and its tally.
 struct Faults {
-    rng: Mutex<Rng>,
+    /// Seeded: the same seed draws the same schedule.
+    rng: Mutex<StdRng>,
     on: watch::Sender<bool>,
     connections: AtomicU64,
     cuts: AtomicU64,
@@ -93,7 +83,7 @@ struct Faults {
 impl Faults {
     fn new(seed: u64) -> Self {
         Self {
-            rng: Mutex::new(Rng(seed)),
+            rng: Mutex::new(StdRng::seed_from_u64(seed)),
             on: watch::Sender::new(false),
             connections: AtomicU64::new(0),
             cuts: AtomicU64::new(0),
@@ -104,7 +94,7 @@ impl Faults {
 
     /// A number in `0..n`.
     fn draw(&self, n: u64) -> u64 {
-        self.rng.lock().unwrap().next() % n
+        self.rng.lock().unwrap().random_range(0..n)
     }
 
     fn plan(&self) -> Plan {

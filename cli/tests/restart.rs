@@ -25,6 +25,28 @@ fn labs_at(node: &NodeProcess, did: &str) -> u64 {
     holdings["by_collection"]["labs"].as_u64().unwrap_or(0)
 }
 
+/// Writes at `node`, for `did`, a Patient and `n` glucose Observations, one
+/// write (envelope) each.
+fn write_labs(node: &NodeProcess, did: &str, n: usize) {
+    let (status, created) = node.post(
+        "/fhir/Patient",
+        &json!({"resourceType": "Patient", "name": [{"family": "Okonkwo"}],
+                "identifier": [{"system": "urn:ietf:rfc:3986", "value": did}]}),
+    );
+    assert_eq!(status, 201, "{created}");
+    let subject = format!("Patient/{}", created["id"].as_str().unwrap());
+    for i in 0..n {
+        let (status, body) = node.post(
+            "/fhir/Observation",
+            &json!({"resourceType": "Observation", "status": "final",
+                    "code": {"coding": [{"system": "http://loinc.org", "code": "2345-7"}]},
+                    "subject": {"reference": subject},
+                    "valueQuantity": {"value": i, "unit": "mmol/L"}}),
+        );
+        assert_eq!(status, 201, "{body}");
+    }
+}
+
 /// What an app searching `node`'s labs of `did` sees: how many, and whether
 /// the searchset warns that the record is incomplete here (an
 /// OperationOutcome issue `incomplete`) or says it cannot read labs yet.
@@ -69,24 +91,7 @@ fn a_receiver_stopped_during_its_first_sync_completes_after_a_restart() {
     let a = NodeProcess::start_with(&home_a, &[]);
     let did = new_patient(&patient);
     grant_to_node(&patient, &a, true);
-    // A's record: a Patient and LABS Observations, one write (envelope) each.
-    let (status, created) = a.post(
-        "/fhir/Patient",
-        &json!({"resourceType": "Patient", "name": [{"family": "Okonkwo"}],
-                "identifier": [{"system": "urn:ietf:rfc:3986", "value": did}]}),
-    );
-    assert_eq!(status, 201, "{created}");
-    let subject = format!("Patient/{}", created["id"].as_str().unwrap());
-    for i in 0..LABS {
-        let (status, body) = a.post(
-            "/fhir/Observation",
-            &json!({"resourceType": "Observation", "status": "final",
-                    "code": {"coding": [{"system": "http://loinc.org", "code": "2345-7"}]},
-                    "subject": {"reference": subject},
-                    "valueQuantity": {"value": i, "unit": "mmol/L"}}),
-        );
-        assert_eq!(status, 201, "{body}");
-    }
+    write_labs(&a, &did, LABS);
     // Stopped and started once: A keeps a local snapshot on stop, so a
     // first sync from it is offered as a snapshot transfer too.
     let mut a = a;
@@ -158,22 +163,7 @@ fn a_practice_granted_while_the_holder_is_down_warns_its_apps_until_its_first_sy
     let mut a = NodeProcess::start_with(&home_a, &[]);
     let did = new_patient(&patient);
     grant_to_node(&patient, &a, true);
-    let (status, created) = a.post(
-        "/fhir/Patient",
-        &json!({"resourceType": "Patient", "identifier": [{"system": "urn:ietf:rfc:3986", "value": did}]}),
-    );
-    assert_eq!(status, 201, "{created}");
-    let subject = format!("Patient/{}", created["id"].as_str().unwrap());
-    for i in 0..3 {
-        let (status, body) = a.post(
-            "/fhir/Observation",
-            &json!({"resourceType": "Observation", "status": "final",
-                    "code": {"coding": [{"system": "http://loinc.org", "code": "2345-7"}]},
-                    "subject": {"reference": subject},
-                    "valueQuantity": {"value": i, "unit": "mmol/L"}}),
-        );
-        assert_eq!(status, 201, "{body}");
-    }
+    write_labs(&a, &did, 3);
     a.stop();
     // The patient hands D its grant directly (A is down): D's grant names A
     // in its address hints, as the node that holds the record.
