@@ -889,6 +889,14 @@ fn print_run(r: &Run, raw: (Duration, Option<u64>)) {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let quick = !std::env::args().any(|a| a == "--bench");
+    // Part 5 alone: `MEDMESH_BENCH_ONLY=anti_entropy` (with
+    // `MEDMESH_BENCH_PATIENTS=100,1000` to choose the sizes).
+    if std::env::var("MEDMESH_BENCH_ONLY").is_ok_and(|v| v == "anti_entropy") {
+        for patients in anti_entropy_sizes(quick) {
+            anti_entropy_cost(patients).await;
+        }
+        return;
+    }
     let big: usize = std::env::var("MEDMESH_BENCH_N")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -967,8 +975,9 @@ async fn main() {
     }
 
     // 5. Anti-entropy over records in step.
-    let patients = if quick { 100 } else { 1_000 };
-    anti_entropy_cost(patients).await;
+    for patients in anti_entropy_sizes(quick) {
+        anti_entropy_cost(patients).await;
+    }
 
     // 6. A practice that was down when the patient granted it (opt-in:
     // `MEDMESH_BENCH_BACK_ONLINE=1`; the process then hangs at exit in a
@@ -1085,6 +1094,27 @@ async fn back_online(n: usize) {
     a.node.close().await;
 }
 
+/// The patient counts of part 5: `MEDMESH_BENCH_PATIENTS` (comma-separated),
+/// else 100 quick and 1,000 under `cargo bench`.
+fn anti_entropy_sizes(quick: bool) -> Vec<usize> {
+    std::env::var("MEDMESH_BENCH_PATIENTS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect::<Vec<usize>>())
+        .filter(|sizes| !sizes.is_empty())
+        .unwrap_or_else(|| vec![if quick { 100 } else { 1_000 }])
+}
+
+/// CPU time this process has used (user + system), from `/proc/self/stat`
+/// (clock ticks of 10 ms).
+fn process_cpu() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_millis(ticks * 10))
+}
+
 /// Anti-entropy (issue 16): `patients` patients whose labs A and B both
 /// hold, in step (each granted A read-write and B read, two changes written
 /// at A, pulled by B); then one round of B with A, which finds nothing to
@@ -1129,12 +1159,16 @@ async fn anti_entropy_cost(patients: usize) {
     b.sync.sync_now(a_peer).await.unwrap();
     let settle = b.sync.anti_entropy(a_peer).await.unwrap();
     let before = b.sync.status().await.unwrap();
+    let a_before = a.sync.status().await.unwrap();
     let lo = lo_bytes();
+    let cpu = process_cpu();
     let start = Instant::now();
     let round = b.sync.anti_entropy(a_peer).await.unwrap();
     let wall = start.elapsed();
+    let cpu = cpu.and_then(|c| Some(process_cpu()?.saturating_sub(c)));
     let lo = lo_delta(lo);
     let after = b.sync.status().await.unwrap();
+    let a_after = a.sync.status().await.unwrap();
     let items = after.bytes_received - before.bytes_received;
     let per = |x: f64| x / patients as f64;
     println!(
@@ -1151,8 +1185,18 @@ async fn anti_entropy_cost(patients: usize) {
         per(wall.as_secs_f64() * 1e3)
     );
     println!(
+        "  CPU (both nodes, user + system): {} ms per patient; requests B sent {}, A answered {}",
+        cpu.map_or_else(|| "n/a".to_owned(), |c| format!("{:.3}", per(c.as_secs_f64() * 1e3))),
+        after.requests_sent - before.requests_sent,
+        a_after.requests_received - a_before.requests_received
+    );
+    println!(
         "  bytes target: {}; time target: {}",
         verdict(lo.map_or(per(items as f64), |l| per(l as f64)) <= 1024.0),
         verdict(per(wall.as_secs_f64() * 1e3) <= 1.0)
     );
+    b.sync.shutdown().await.unwrap();
+    a.sync.shutdown().await.unwrap();
+    b.node.close().await;
+    a.node.close().await;
 }

@@ -33,6 +33,8 @@ pub const MAX_FETCH_IDS: usize = 256;
 pub const MAX_SUMMARY_IDS: usize = 200_000;
 /// Most consent items (grants and revocations) in one summary.
 pub const MAX_SUMMARY_CONSENT_ITEMS: usize = 1024;
+/// Most patients in one digest request (one anti-entropy round's worth).
+pub const MAX_DIGEST_PATIENTS: usize = 1024;
 /// Most address suggestions in one push.
 pub const MAX_PUSH_ADDRS: usize = 16;
 /// Longest address suggestion, in bytes.
@@ -157,6 +159,16 @@ pub enum Request {
     Outbox {
         /// The patient; must be the asker's own key.
         patient: PatientId,
+    },
+    /// "Which of these patients differ from what you would disclose to me?"
+    /// (anti-entropy, docs/protocol.md §8): per patient, the
+    /// [`patient_digest`] of what the asker holds of it. Answered with
+    /// [`Response::Differing`]. Added after `Outbox`: a node that predates
+    /// it cannot decode it and drops the stream, and the asker falls back
+    /// to one `Summary` per patient.
+    Digests {
+        /// (patient, digest), 1..=[`MAX_DIGEST_PATIENTS`], no patient twice.
+        patients: Vec<(PatientId, [u8; 32])>,
     },
 }
 
@@ -293,6 +305,45 @@ pub fn summary_digest(ids: &[EnvelopeId]) -> [u8; 32] {
     h.finalize().into()
 }
 
+/// What a [`patient_digest`] covers, in the order it hashes them.
+#[derive(Clone, PartialEq, Eq, Debug, Default)]
+pub struct DigestParts {
+    /// The ids of the patient's consent items, each with whether the grant
+    /// it is (or revokes) is known revoked.
+    pub consent: Vec<(ItemId, bool)>,
+    /// Per collection compared, the [`summary_digest`] of the envelope ids
+    /// held (the digest of no ids where none are).
+    pub collections: Vec<(Collection, [u8; 32])>,
+}
+
+/// The digest of one patient in a [`Request::Digests`]: SHA-256 of
+/// `medmesh/patient-digest/v1`, the number of consent items (u32, big
+/// endian), each consent item as its 32-byte id and one byte (1 when its
+/// grant is known revoked, else 0) in ascending id order, then each
+/// collection compared, in [`Collection::ALL`] order, as its name's length
+/// (one byte), its name and its [`summary_digest`].
+pub fn patient_digest(parts: &DigestParts) -> [u8; 32] {
+    use sha2::{Digest as _, Sha256};
+    let mut consent: Vec<&(ItemId, bool)> = parts.consent.iter().collect();
+    consent.sort_unstable();
+    let mut collections: Vec<&(Collection, [u8; 32])> = parts.collections.iter().collect();
+    collections.sort_by_key(|(c, _)| Collection::ALL.iter().position(|a| a == c));
+    let mut h = Sha256::new();
+    h.update(b"medmesh/patient-digest/v1");
+    h.update(u32::try_from(consent.len()).unwrap_or(u32::MAX).to_be_bytes());
+    for (id, revoked) in consent {
+        h.update(id.0);
+        h.update([u8::from(*revoked)]);
+    }
+    for (collection, digest) in collections {
+        let name = collection.as_str().as_bytes();
+        h.update([u8::try_from(name.len()).unwrap_or(u8::MAX)]);
+        h.update(name);
+        h.update(digest);
+    }
+    h.finalize().into()
+}
+
 /// Compact headers as a transfer carries them: the CBOR array of their
 /// encodings, DEFLATE-compressed (they repeat patient, collection, key id,
 /// author and grant, which compress away).
@@ -421,6 +472,11 @@ pub enum Response {
     /// What the answering node still owes others of the asking patient's
     /// consent items.
     Outbox(Box<OutboxReport>),
+    /// The answer to [`Request::Digests`]: the positions in the request
+    /// (ascending) of the patients whose digest differs from what this node
+    /// would disclose to the asker — or of whom it would disclose nothing,
+    /// which reads the same. Every other patient is in step.
+    Differing(Vec<u32>),
 }
 
 impl Request {
@@ -437,6 +493,7 @@ impl Request {
             Self::Checkpoint { .. } => "checkpoint",
             Self::Reconcile { .. } => "reconcile",
             Self::Outbox { .. } => "outbox",
+            Self::Digests { .. } => "digests",
         }
     }
 }
@@ -455,6 +512,7 @@ impl Response {
             Self::Audit { .. } => "audit",
             Self::Checkpoint(_) => "checkpoint",
             Self::Outbox(_) => "outbox",
+            Self::Differing(_) => "differing",
         }
     }
 }
@@ -605,6 +663,15 @@ impl Request {
                 anchor.map_or(Value::Null, uint),
             ]),
             Self::Outbox { patient } => Value::Array(vec![uint(9), bytes(patient.as_bytes())]),
+            Self::Digests { patients } => Value::Array(vec![
+                uint(10),
+                Value::Array(
+                    patients
+                        .iter()
+                        .map(|(p, d)| Value::Array(vec![bytes(p.as_bytes()), bytes(d)]))
+                        .collect(),
+                ),
+            ]),
         };
         to_bytes(&v)
     }
@@ -745,6 +812,24 @@ impl Request {
                 let patient = PatientId::from_bytes(f.fixed()?).map_err(|_| wire("outbox", "patient key invalid"))?;
                 Self::Outbox { patient }
             }
+            10 => {
+                f.expect_len(2)?;
+                let mut patients: Vec<(PatientId, [u8; 32])> = Vec::new();
+                let mut seen = std::collections::HashSet::new();
+                for v in f.array(MAX_DIGEST_PATIENTS)? {
+                    let mut e = Fields::nested("digests", v, 2)?;
+                    let patient =
+                        PatientId::from_bytes(e.fixed()?).map_err(|_| wire("digests", "patient key invalid"))?;
+                    if !seen.insert(patient) {
+                        return Err(wire("digests", "patient listed twice"));
+                    }
+                    patients.push((patient, e.fixed()?));
+                }
+                if patients.is_empty() {
+                    return Err(wire("digests", "no patients"));
+                }
+                Self::Digests { patients }
+            }
             _ => return Err(wire("request", "unknown message kind")),
         };
         Ok(req)
@@ -856,6 +941,10 @@ impl Response {
                         .collect(),
                 ),
                 Value::Array(report.held.iter().map(|i| bytes(&i.0)).collect()),
+            ]),
+            Self::Differing(positions) => Value::Array(vec![
+                uint(10),
+                Value::Array(positions.iter().map(|i| uint(u64::from(*i))).collect()),
             ]),
         };
         to_bytes(&v)
@@ -1033,6 +1122,24 @@ impl Response {
                     .map(|v| fixed_of::<32>("outbox", v).map(ItemId))
                     .collect::<Result<Vec<_>>>()?;
                 Self::Outbox(Box::new(OutboxReport { settling, owed, held }))
+            }
+            10 => {
+                f.expect_len(2)?;
+                let positions = f
+                    .array(MAX_DIGEST_PATIENTS)?
+                    .into_iter()
+                    .map(|v| match v {
+                        Value::Integer(i) => u32::try_from(i)
+                            .ok()
+                            .filter(|i| (*i as usize) < MAX_DIGEST_PATIENTS)
+                            .ok_or_else(|| wire("differing", "position out of range")),
+                        _ => Err(wire("differing", "position is not a number")),
+                    })
+                    .collect::<Result<Vec<u32>>>()?;
+                if positions.windows(2).any(|w| w[0] >= w[1]) {
+                    return Err(wire("differing", "positions not ascending"));
+                }
+                Self::Differing(positions)
             }
             _ => return Err(wire("response", "unknown message kind")),
         };
@@ -1375,6 +1482,14 @@ mod tests {
                 anchor: Some(u64::MAX),
             },
             Request::Outbox { patient },
+            Request::Digests {
+                patients: vec![(patient, [5; 32])],
+            },
+            Request::Digests {
+                patients: (1..=3u8)
+                    .map(|i| (medmesh_crypto::SecretIdentity::from_seed(&[i; 32]).patient_id(), [i; 32]))
+                    .collect(),
+            },
         ];
         for req in cases {
             assert_eq!(Request::decode(&req.encode()).unwrap(), req, "case {}", req.name());
@@ -1470,6 +1585,8 @@ mod tests {
                 }],
                 held: vec![ItemId([4; 32]); MAX_OUTBOX_HELD],
             })),
+            Response::Differing(vec![]),
+            Response::Differing(vec![0, 7, MAX_DIGEST_PATIENTS as u32 - 1]),
         ];
         for resp in cases {
             assert_eq!(Response::decode(&resp.encode()).unwrap(), resp, "case {}", resp.name());
@@ -1901,9 +2018,66 @@ mod tests {
                 .encode(),
                 "8409f480 815820abababababababababababababababababababababababababababababababab",
             ),
+            (
+                "digests",
+                Request::Digests {
+                    patients: vec![(patient(), [0xcd; 32])],
+                }
+                .encode(),
+                "820a81825820fd1724385aa0c75b64fb78cd602fa1d991fdebf76b13c58ed702eac835e9f618 \
+                 5820cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd",
+            ),
+            ("differing", Response::Differing(vec![]).encode(), "820a80"),
+            ("differing 0 and 300", Response::Differing(vec![0, 300]).encode(), "820a820019012c"),
+            (
+                "patient digest",
+                patient_digest(&DigestParts {
+                    consent: vec![(ItemId([0x01; 32]), false)],
+                    collections: vec![(Collection::Labs, summary_digest(&[]))],
+                })
+                .to_vec(),
+                "93cf77e301d9d0ec7107166a2aa0d907c572ddd86d4e5ab5a22f1105c8546904",
+            ),
         ];
         for (name, bytes, expected) in cases {
-            assert_eq!(hex::encode(bytes), expected.replace(' ', ""), "case {name}");
+            let expected: String = expected.split_whitespace().collect();
+            assert_eq!(hex::encode(bytes), expected, "case {name}");
+        }
+    }
+
+    /// A digest request names each patient once, at least one and at most
+    /// [`MAX_DIGEST_PATIENTS`]; an answer's positions ascend within the cap.
+    #[test]
+    fn bad_digest_messages_are_typed_errors() {
+        let entry = |seed: u8| {
+            Value::Array(vec![
+                bytes(medmesh_crypto::SecretIdentity::from_seed(&[seed; 32]).patient_id().as_bytes()),
+                bytes(&[0; 32]),
+            ])
+        };
+        let request = |entries: Vec<Value>| to_bytes(&Value::Array(vec![uint(10), Value::Array(entries)]));
+        let answer = |positions: Vec<Value>| to_bytes(&Value::Array(vec![uint(10), Value::Array(positions)]));
+        assert!(Request::decode(&request(vec![entry(1), entry(2)])).is_ok());
+        for (name, frame) in [
+            ("no patients", request(vec![])),
+            ("a patient twice", request(vec![entry(1), entry(1)])),
+            ("too many patients", request(vec![entry(1); MAX_DIGEST_PATIENTS + 1])),
+            (
+                "short digest",
+                request(vec![Value::Array(vec![bytes(patient().as_bytes()), bytes(&[0; 31])])]),
+            ),
+        ] {
+            assert!(matches!(Request::decode(&frame), Err(Error::Wire { .. })), "case {name}");
+        }
+        assert!(Response::decode(&answer(vec![uint(0), uint(3)])).is_ok());
+        for (name, frame) in [
+            ("descending", answer(vec![uint(3), uint(0)])),
+            ("repeated", answer(vec![uint(3), uint(3)])),
+            ("beyond the cap", answer(vec![uint(MAX_DIGEST_PATIENTS as u64)])),
+            ("not a number", answer(vec![Value::Null])),
+            ("too many", answer((0..=MAX_DIGEST_PATIENTS as u64).map(uint).collect())),
+        ] {
+            assert!(matches!(Response::decode(&frame), Err(Error::Wire { .. })), "case {name}");
         }
     }
 
