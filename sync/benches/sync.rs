@@ -1099,7 +1099,11 @@ async fn back_online(n: usize) {
 fn anti_entropy_sizes(quick: bool) -> Vec<usize> {
     std::env::var("MEDMESH_BENCH_PATIENTS")
         .ok()
-        .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect::<Vec<usize>>())
+        .map(|v| {
+            v.split(',')
+                .filter_map(|n| n.trim().parse().ok())
+                .collect::<Vec<usize>>()
+        })
         .filter(|sizes| !sizes.is_empty())
         .unwrap_or_else(|| vec![if quick { 100 } else { 1_000 }])
 }

@@ -772,9 +772,9 @@ async fn compare_digests<B: Backend>(
     patients: &[PatientId],
     report: &mut SyncReport,
 ) -> Result<Vec<PatientId>> {
-    let (me, holder) = match (Requester::from_peer_id(&ctx.me), PracticeId::from_peer_id(&peer)) {
-        (Ok(me), Ok(holder)) => (me, holder),
-        _ => return Ok(patients.to_vec()),
+    // Both ed25519 keys (a node's own identity is; a peer sharing patients is).
+    let (Ok(me), Ok(holder)) = (Requester::from_peer_id(&ctx.me), PracticeId::from_peer_id(&peer)) else {
+        return Ok(patients.to_vec());
     };
     let t = now();
     let mut parts = Vec::with_capacity(patients.len());

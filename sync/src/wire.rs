@@ -1487,7 +1487,12 @@ mod tests {
             },
             Request::Digests {
                 patients: (1..=3u8)
-                    .map(|i| (medmesh_crypto::SecretIdentity::from_seed(&[i; 32]).patient_id(), [i; 32]))
+                    .map(|i| {
+                        (
+                            medmesh_crypto::SecretIdentity::from_seed(&[i; 32]).patient_id(),
+                            [i; 32],
+                        )
+                    })
                     .collect(),
             },
         ];
@@ -2028,7 +2033,11 @@ mod tests {
                  5820cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd",
             ),
             ("differing", Response::Differing(vec![]).encode(), "820a80"),
-            ("differing 0 and 300", Response::Differing(vec![0, 300]).encode(), "820a820019012c"),
+            (
+                "differing 0 and 300",
+                Response::Differing(vec![0, 300]).encode(),
+                "820a820019012c",
+            ),
             (
                 "patient digest",
                 patient_digest(&DigestParts {
@@ -2051,7 +2060,11 @@ mod tests {
     fn bad_digest_messages_are_typed_errors() {
         let entry = |seed: u8| {
             Value::Array(vec![
-                bytes(medmesh_crypto::SecretIdentity::from_seed(&[seed; 32]).patient_id().as_bytes()),
+                bytes(
+                    medmesh_crypto::SecretIdentity::from_seed(&[seed; 32])
+                        .patient_id()
+                        .as_bytes(),
+                ),
                 bytes(&[0; 32]),
             ])
         };
@@ -2067,7 +2080,10 @@ mod tests {
                 request(vec![Value::Array(vec![bytes(patient().as_bytes()), bytes(&[0; 31])])]),
             ),
         ] {
-            assert!(matches!(Request::decode(&frame), Err(Error::Wire { .. })), "case {name}");
+            assert!(
+                matches!(Request::decode(&frame), Err(Error::Wire { .. })),
+                "case {name}"
+            );
         }
         assert!(Response::decode(&answer(vec![uint(0), uint(3)])).is_ok());
         for (name, frame) in [
@@ -2077,7 +2093,10 @@ mod tests {
             ("not a number", answer(vec![Value::Null])),
             ("too many", answer((0..=MAX_DIGEST_PATIENTS as u64).map(uint).collect())),
         ] {
-            assert!(matches!(Response::decode(&frame), Err(Error::Wire { .. })), "case {name}");
+            assert!(
+                matches!(Response::decode(&frame), Err(Error::Wire { .. })),
+                "case {name}"
+            );
         }
     }
 

@@ -131,7 +131,10 @@ async fn a_round_sends_one_digest_request_and_reconciles_only_the_patient_that_d
     let (last, labs) = patients.last_mut().unwrap();
     let last = last.id();
     write_lab(&a.store, last, labs, 2).await;
-    let disclosed: Vec<usize> = pids.iter().map(|p| disclosed_to(a.node(), p, &b.store.peer())).collect();
+    let disclosed: Vec<usize> = pids
+        .iter()
+        .map(|p| disclosed_to(a.node(), p, &b.store.peer()))
+        .collect();
 
     let (b_before, a_before) = (b.sync.status().await.unwrap(), a.sync.status().await.unwrap());
     let round = tokio::time::timeout(WAIT, b.sync.anti_entropy(a_peer))
@@ -228,7 +231,12 @@ async fn a_peer_not_granted_a_patient_learns_nothing_from_digests() {
                 },
             )
             .await;
-        assert_eq!(answer, Response::Differing(vec![0, 1]), "digest {}", hex::encode(digest));
+        assert_eq!(
+            answer,
+            Response::Differing(vec![0, 1]),
+            "digest {}",
+            hex::encode(digest)
+        );
     }
     assert_eq!(disclosed_to(a.node(), &pid, &stranger_peer), 0);
 }
