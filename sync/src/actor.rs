@@ -794,6 +794,13 @@ async fn compare_digests<B: Backend>(
         other => return Err(unexpected(peer, "digests", &other)),
     };
     report.pages += 1;
+    // Ascending (checked by the decoder), and about the patients asked.
+    if positions.last().is_some_and(|p| *p as usize >= patients.len()) {
+        return Err(Error::Wire {
+            message: "differing",
+            reason: "position beyond the patients asked about",
+        });
+    }
     let mut differing = Vec::new();
     let mut next = positions.iter().map(|p| *p as usize).peekable();
     for (i, (patient, parts)) in patients.iter().zip(parts).enumerate() {
@@ -809,12 +816,6 @@ async fn compare_digests<B: Backend>(
             let held = ctx.backend.envelope_ids(patient, *collection)?.len() as u64;
             ctx.backend.note_reconciled(&peer, patient, *collection, held, &[])?;
         }
-    }
-    if next.next().is_some() {
-        return Err(Error::Wire {
-            message: "differing",
-            reason: "position beyond the patients asked about",
-        });
     }
     Ok(differing)
 }
