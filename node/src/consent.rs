@@ -14,7 +14,7 @@
 //! id). The id indexes below only tell the node which other tuples claim
 //! an id, to refuse copies (DESIGN §9 invariant 7).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::OnceLock;
 
 use medmesh_crypto::{
@@ -46,7 +46,10 @@ struct Current {
 /// Grants, revocations, key shares and held keys.
 #[derive(Default)]
 pub(crate) struct Registry {
-    grants: HashMap<(PatientId, GrantId), Grant>,
+    /// Ordered by patient, so one patient's grants are a range: the
+    /// questions asked per patient (anti-entropy asks them of every shared
+    /// patient each round) cost that patient's grants, not every grant held.
+    grants: BTreeMap<(PatientId, GrantId), Grant>,
     /// The patients that hold a grant with this id (more than one: a copy).
     grant_id_patients: HashMap<GrantId, BTreeSet<PatientId>>,
     revocations: HashMap<(PatientId, GrantId), Vec<Revocation>>,
@@ -178,6 +181,13 @@ impl Registry {
         self.grants.get(&(*patient, *id))
     }
 
+    /// Every grant from `patient`.
+    fn grants_from(&self, patient: &PatientId) -> impl Iterator<Item = &Grant> {
+        self.grants
+            .range((*patient, GrantId([0; 16]))..=(*patient, GrantId([0xff; 16])))
+            .map(|(_, g)| g)
+    }
+
     pub(crate) fn revocations_of(&self, patient: &PatientId, id: &GrantId) -> &[Revocation] {
         self.revocations.get(&(*patient, *id)).map_or(&[], Vec::as_slice)
     }
@@ -196,12 +206,10 @@ impl Registry {
         access: Access,
         now: Timestamp,
     ) -> Option<&Grant> {
-        self.grants
-            .values()
+        self.grants_from(patient)
             .filter(|g| {
                 let t = g.terms();
-                t.patient == *patient
-                    && t.grantee == *peer
+                t.grantee == *peer
                     && g.covers(collection)
                     && (access == Access::Read || t.access == Access::ReadWrite)
                     && g.in_force(now, self.is_revoked(patient, &t.id))
@@ -269,9 +277,7 @@ impl Registry {
     /// Every grantee of any grant from `patient`, revoked or not (so the
     /// revoked practice also learns of its revocation).
     pub(crate) fn peers_with_grant_from(&self, patient: &PatientId) -> Vec<PracticeId> {
-        self.grants
-            .values()
-            .filter(|g| g.terms().patient == *patient)
+        self.grants_from(patient)
             .map(|g| g.terms().grantee)
             .collect::<BTreeSet<_>>()
             .into_iter()
@@ -306,10 +312,9 @@ impl Registry {
             ItemKind::Envelope => meta
                 .collection
                 .is_some_and(|c| self.grant_in_force(&meta.patient, c, peer, Access::Read, now).is_some()),
-            ItemKind::Grant | ItemKind::Revocation => self
-                .grants
-                .values()
-                .any(|g| g.terms().patient == meta.patient && g.terms().grantee == *peer),
+            ItemKind::Grant | ItemKind::Revocation => {
+                self.grants_from(&meta.patient).any(|g| g.terms().grantee == *peer)
+            }
             ItemKind::KeyShare => meta.principal == Some(Principal::Practice(*peer)),
         }
     }
@@ -347,12 +352,7 @@ impl Registry {
 
     /// Grants known for a patient, newest first.
     pub(crate) fn grants_of(&self, patient: &PatientId) -> Vec<Grant> {
-        let mut out: Vec<Grant> = self
-            .grants
-            .values()
-            .filter(|g| g.terms().patient == *patient)
-            .cloned()
-            .collect();
+        let mut out: Vec<Grant> = self.grants_from(patient).cloned().collect();
         out.sort_by_key(|g| std::cmp::Reverse((g.terms().issued_at, g.id())));
         out
     }

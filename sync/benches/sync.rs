@@ -1,4 +1,4 @@
-//! Sync-at-scale benchmarks (issue 9), printed as figures and ratios: first sync of 1k and 10k ~1 KiB Observations between real node stores over loopback TCP, the same bytes over a raw libp2p request-response pair, medmesh vs automerge-repo's published figures, and the delta of one change after 1k vs 10k (100k with `MEDMESH_BENCH_DELTA_100K=1`). `cargo bench -p medmesh-sync --bench sync`; `MEDMESH_BENCH_N=<n>` replaces the 10k size (the 1k size becomes min(1k, n/10)).
+//! Sync-at-scale benchmarks (issue 9), printed as figures and ratios: first sync of 1k and 10k ~1 KiB Observations between real node stores over loopback TCP, the same bytes over a raw libp2p request-response pair, medmesh vs automerge-repo's published figures, and the delta of one change after 1k vs 10k (100k with `MEDMESH_BENCH_DELTA_100K=1`). `cargo bench -p medmesh-sync --bench sync`; `MEDMESH_BENCH_N=<n>` replaces the 10k size (the 1k size becomes min(1k, n/10)); `MEDMESH_BENCH_ONLY=anti_entropy` runs part 5 (anti-entropy over patients in step) alone, at `MEDMESH_BENCH_PATIENTS=100,1000` patients.
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
@@ -897,6 +897,14 @@ fn print_run(r: &Run, raw: (Duration, Option<u64>)) {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let quick = !std::env::args().any(|a| a == "--bench");
+    // Part 5 alone: `MEDMESH_BENCH_ONLY=anti_entropy` (with
+    // `MEDMESH_BENCH_PATIENTS=100,1000` to choose the sizes).
+    if std::env::var("MEDMESH_BENCH_ONLY").is_ok_and(|v| v == "anti_entropy") {
+        for patients in anti_entropy_sizes(quick) {
+            anti_entropy_cost(patients).await;
+        }
+        return;
+    }
     let big: usize = std::env::var("MEDMESH_BENCH_N")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -975,8 +983,9 @@ async fn main() {
     }
 
     // 5. Anti-entropy over records in step.
-    let patients = if quick { 100 } else { 1_000 };
-    anti_entropy_cost(patients).await;
+    for patients in anti_entropy_sizes(quick) {
+        anti_entropy_cost(patients).await;
+    }
 
     // 6. A practice that was down when the patient granted it (opt-in:
     // `MEDMESH_BENCH_BACK_ONLINE=1`; the process then hangs at exit in a
@@ -1093,6 +1102,32 @@ async fn back_online(n: usize) {
     a.node.close().await;
 }
 
+/// The patient counts of part 5: `MEDMESH_BENCH_PATIENTS` (comma-separated),
+/// else 100 quick and 1,000 under `cargo bench`.
+fn anti_entropy_sizes(quick: bool) -> Vec<usize> {
+    std::env::var("MEDMESH_BENCH_PATIENTS")
+        .ok()
+        .map(|v| {
+            v.split(',')
+                .filter_map(|n| n.trim().parse().ok())
+                .collect::<Vec<usize>>()
+        })
+        .filter(|sizes| !sizes.is_empty())
+        .unwrap_or_else(|| vec![if quick { 100 } else { 1_000 }])
+}
+
+/// CPU time the live threads of this process have run, in ns, from each
+/// thread's `/proc/self/task/<tid>/schedstat` (threads that exit meanwhile
+/// are missed; the runtime's and sled's threads live on).
+fn process_cpu() -> Option<Duration> {
+    let mut ns = 0u64;
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let stat = std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
+        ns += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(Duration::from_nanos(ns))
+}
+
 /// Anti-entropy (issue 16): `patients` patients whose labs A and B both
 /// hold, in step (each granted A read-write and B read, two changes written
 /// at A, pulled by B); then one round of B with A, which finds nothing to
@@ -1136,31 +1171,63 @@ async fn anti_entropy_cost(patients: usize) {
     // In step: B pulled everything, and the round on connection ran.
     b.sync.sync_now(a_peer).await.unwrap();
     let settle = b.sync.anti_entropy(a_peer).await.unwrap();
+    // Quiet: the consent flows of the setup (each node forwarding and
+    // delivering the grants it was handed) done, no request in 0.5 s.
+    let mut last = (u64::MAX, u64::MAX);
+    loop {
+        let (sa, sb) = (a.sync.status().await.unwrap(), b.sync.status().await.unwrap());
+        let now = (sa.requests_sent, sb.requests_sent);
+        if sa.outbox == 0 && sb.outbox == 0 && now == last {
+            break;
+        }
+        last = now;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     let before = b.sync.status().await.unwrap();
+    let a_before = a.sync.status().await.unwrap();
+    // Several rounds, averaged: a round over 100 patients is a few ms, as
+    // long as the connection's own rounds and pulls that may overlap it.
+    const ROUNDS: usize = 5;
     let lo = lo_bytes();
+    let cpu = process_cpu();
     let start = Instant::now();
-    let round = b.sync.anti_entropy(a_peer).await.unwrap();
-    let wall = start.elapsed();
-    let lo = lo_delta(lo);
+    let mut round = medmesh_sync::SyncReport::default();
+    for _ in 0..ROUNDS {
+        round.add(b.sync.anti_entropy(a_peer).await.unwrap());
+    }
+    let wall = start.elapsed() / ROUNDS as u32;
+    let cpu = cpu.and_then(|c| Some(process_cpu()?.saturating_sub(c) / ROUNDS as u32));
+    let lo = lo_delta(lo).map(|l| l / ROUNDS as u64);
     let after = b.sync.status().await.unwrap();
-    let items = after.bytes_received - before.bytes_received;
+    let a_after = a.sync.status().await.unwrap();
+    let items = (after.bytes_received - before.bytes_received) / ROUNDS as u64;
     let per = |x: f64| x / patients as f64;
     println!(
         "\n== anti-entropy: one round over {patients} patients in step (issue 16 target: <= 1 KiB and <= 1 ms per patient) =="
     );
     println!(
-        "  settling round fetched {} items; the measured round: {} requests' answers, {} items fetched",
+        "  settling round fetched {} items; the {ROUNDS} measured rounds: {} requests' answers, {} items fetched",
         settle.ingest.accepted, round.pages, round.ingest.accepted
     );
     println!(
-        "  per patient: {:.0} B of items received (the patient's grants in each Summary answer), loopback {} B both ways incl. framing, Noise, Yamux; wall {:.3} ms (both nodes in this process)",
+        "  per patient and round: {:.0} B of items received (consent items answering a summary), loopback {} B both ways incl. framing, Noise, Yamux; wall {:.3} ms (both nodes in this process)",
         per(items as f64),
         lo.map_or_else(|| "n/a".to_owned(), |l| format!("{:.0}", per(l as f64))),
         per(wall.as_secs_f64() * 1e3)
+    );
+    println!(
+        "  CPU (both nodes, every thread): {} ms per patient and round; in {ROUNDS} rounds B sent {} requests, A answered {}",
+        cpu.map_or_else(|| "n/a".to_owned(), |c| format!("{:.4}", per(c.as_secs_f64() * 1e3))),
+        after.requests_sent - before.requests_sent,
+        a_after.requests_received - a_before.requests_received
     );
     println!(
         "  bytes target: {}; time target: {}",
         verdict(lo.map_or(per(items as f64), |l| per(l as f64)) <= 1024.0),
         verdict(per(wall.as_secs_f64() * 1e3) <= 1.0)
     );
+    b.sync.shutdown().await.unwrap();
+    a.sync.shutdown().await.unwrap();
+    b.node.close().await;
+    a.node.close().await;
 }

@@ -33,8 +33,8 @@ use crate::config::{Config, Limits, RelayLimits};
 use crate::filter::{Requester, may_disclose};
 use crate::serve::{self, Served};
 use crate::wire::{
-    Codec, MAX_FETCH_IDS, MAX_ITEMS_PER_MESSAGE, MAX_OFFERS_PER_PAGE, MAX_PUSH_ADDRS, Offer, OutboxReport, PROTOCOL,
-    RefusalCode, Request, Response, summary_digest,
+    Codec, MAX_DIGEST_PATIENTS, MAX_FETCH_IDS, MAX_ITEMS_PER_MESSAGE, MAX_OFFERS_PER_PAGE, MAX_PUSH_ADDRS, Offer,
+    OutboxReport, PROTOCOL, RefusalCode, Request, Response, patient_digest, summary_digest,
 };
 use crate::{Connection, Error, Result, Status, SyncReport};
 use medmesh_node::rate::Bucket;
@@ -215,6 +215,8 @@ pub(crate) enum Command {
 /// What tasks need: the store, a way back to the actor, the counters.
 pub(crate) struct Ctx<B> {
     backend: Arc<B>,
+    /// This node's PeerId.
+    me: PeerId,
     tx: mpsc::WeakSender<Command>,
     metrics: Arc<Metrics>,
     page_limit: u32,
@@ -294,6 +296,7 @@ impl<B> Clone for Ctx<B> {
     fn clone(&self) -> Self {
         Self {
             backend: self.backend.clone(),
+            me: self.me,
             tx: self.tx.clone(),
             metrics: self.metrics.clone(),
             page_limit: self.page_limit,
@@ -728,22 +731,93 @@ const ANTI_ENTROPY_PATIENTS: usize = 1024;
 /// send a thousand summaries each time).
 const ANTI_ENTROPY_MIN_GAP: Duration = Duration::from_secs(60);
 
-/// Reconciles with `peer` every patient both may read (summaries carry
-/// per-collection digests, so a collection in step costs no ids): a page
-/// lost, a transfer cut by a restart, a nudge missed, items refused by a
-/// full queue — whatever left a gap is found and fetched without a new
-/// grant. Stops at the first failure (the peer left).
+/// Reconciles with `peer` every patient both may read: a page lost, a
+/// transfer cut by a restart, a nudge missed, items refused by a full
+/// queue — whatever left a gap is found and fetched without a new grant.
+/// One [`Request::Digests`] compares them all at once; only the patients
+/// that differ are reconciled one by one ([`reconcile_task`]), and those in
+/// step get their sync checks noted as a reconciliation would. A peer that
+/// does not answer the digests (one that predates them) gets every patient
+/// reconciled one by one. Stops at the first failure (the peer left).
 async fn anti_entropy<B: Backend>(ctx: &Ctx<B>, peer: PeerId) -> Result<SyncReport> {
-    let mut report = SyncReport::default();
-    for patient in ctx
+    let patients: Vec<PatientId> = ctx
         .backend
         .patients_shared_with(&peer)?
         .into_iter()
         .take(ANTI_ENTROPY_PATIENTS)
-    {
-        report.add(reconcile_task(ctx, peer, patient).await?);
+        .collect();
+    let mut report = SyncReport::default();
+    for batch in patients.chunks(MAX_DIGEST_PATIENTS) {
+        let differing = match compare_digests(ctx, peer, batch, &mut report).await {
+            Ok(differing) => differing,
+            Err(e) => {
+                debug!(%peer, cause = %e, "digests not answered; reconciling each patient");
+                batch.to_vec()
+            }
+        };
+        for patient in differing {
+            report.add(reconcile_task(ctx, peer, patient).await?);
+        }
     }
     Ok(report)
+}
+
+/// Asks `peer` which of `patients` differ ([`Request::Digests`]) and notes
+/// a sync check, per collection compared, for each patient in step (as a
+/// reconciliation that found nothing missing would: completeness, §8b).
+/// Returns the patients that differ.
+async fn compare_digests<B: Backend>(
+    ctx: &Ctx<B>,
+    peer: PeerId,
+    patients: &[PatientId],
+    report: &mut SyncReport,
+) -> Result<Vec<PatientId>> {
+    // Both ed25519 keys (a node's own identity is; a peer sharing patients is).
+    let (Ok(me), Ok(holder)) = (Requester::from_peer_id(&ctx.me), PracticeId::from_peer_id(&peer)) else {
+        return Ok(patients.to_vec());
+    };
+    let t = now();
+    let mut parts = Vec::with_capacity(patients.len());
+    for patient in patients {
+        let view = ctx.backend.consent(patient)?;
+        parts.push(serve::digest_parts(&*ctx.backend, &view, patient, &me, &holder, t)?);
+    }
+    let digests = patients
+        .iter()
+        .zip(&parts)
+        // A patient this node may read nothing of here (its grant lapsed
+        // since the list was made) cannot be in step: any digest will do.
+        .map(|(p, parts)| (*p, parts.as_ref().map_or([0; 32], patient_digest)))
+        .collect();
+    let positions = match ctx.request(peer, Request::Digests { patients: digests }).await? {
+        Response::Differing(positions) => positions,
+        other => return Err(unexpected(peer, "digests", &other)),
+    };
+    report.pages += 1;
+    // Ascending (checked by the decoder), and about the patients asked.
+    if positions.last().is_some_and(|p| *p as usize >= patients.len()) {
+        return Err(Error::Wire {
+            message: "differing",
+            reason: "position beyond the patients asked about",
+        });
+    }
+    let mut differing = Vec::new();
+    let mut next = positions.iter().map(|p| *p as usize).peekable();
+    for (i, (patient, parts)) in patients.iter().zip(parts).enumerate() {
+        if next.next_if_eq(&i).is_some() {
+            differing.push(*patient);
+            continue;
+        }
+        let Some(parts) = parts else {
+            differing.push(*patient);
+            continue;
+        };
+        for (collection, _) in &parts.collections {
+            let held = ctx.backend.envelope_ids(patient, *collection)?.len() as u64;
+            ctx.backend.note_reconciled(&peer, patient, *collection, held, &[])?;
+        }
+    }
+    Ok(differing)
 }
 
 /// A reconciliation `peer` asked for ([`Request::Reconcile`]): run only when
@@ -1275,6 +1349,7 @@ pub(crate) async fn spawn<B: Backend>(
     let followed = Arc::new(AtomicU64::new(backend.last_seq()));
     let ctx = Ctx {
         backend,
+        me,
         tx: tx.downgrade(),
         metrics: metrics.clone(),
         page_limit: config.page_limit.clamp(1, crate::wire::MAX_ITEMS_PER_MESSAGE as u32),
@@ -2173,6 +2248,18 @@ impl<B: Backend> Actor<B> {
                     serve::fetch(&*b, requester, &ids, now()).await
                 });
             }
+            Request::Digests { patients } => match PracticeId::from_peer_id(&self.me) {
+                Ok(me) => self.spawn_serve(peer, channel, move |b| async move {
+                    serve::digests(&*b, requester, me, &patients, now()).await
+                }),
+                Err(_) => {
+                    let _ = self
+                        .swarm
+                        .behaviour_mut()
+                        .sync
+                        .send_response(channel, Response::Refused(RefusalCode::Internal));
+                }
+            },
             Request::Audit { patient, after, limit } => {
                 self.spawn_serve(peer, channel, move |b| async move {
                     serve::audit(&*b, requester, patient, after, limit).await

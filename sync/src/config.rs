@@ -76,8 +76,8 @@ pub struct Config {
     pub redelivery_max_backoff: Duration,
     /// Anti-entropy (docs/protocol.md §8): every this often, and whenever a
     /// peer connects, the node reconciles with each connected peer every
-    /// patient both may read (summaries with per-collection digests: a
-    /// collection in step costs no ids), so any gap is found and repaired.
+    /// patient both may read (one digest request for them all, a summary
+    /// only for those that differ), so any gap is found and repaired.
     pub anti_entropy_interval: Duration,
 }
 

@@ -17,8 +17,10 @@ use crate::wire::{RefusalCode, Request, Response};
 /// it) with `backend`'s store at time `now`: Pull, Summary, Fetch, Snapshot
 /// Audit, Checkpoint and Outbox as the node's actor serves them, disclosures audited first. Nudges and
 /// pushes change the caller's own state (a pull to start, items to ingest
-/// with [`Backend::ingest`]), so they are answered `Refused(Internal)` here;
-/// so is a `peer` whose PeerId is not an ed25519 key (`Refused(BadIdentity)`).
+/// with [`Backend::ingest`]), so they are answered `Refused(Internal)` here,
+/// as are Digests (their answer depends on the serving node's own identity,
+/// which a backend does not know); a `peer` whose PeerId is not an ed25519
+/// key gets `Refused(BadIdentity)`.
 pub async fn serve_request<B: Backend>(backend: &B, peer: PeerId, request: Request, now: Timestamp) -> Response {
     let Ok(requester) = Requester::from_peer_id(&peer) else {
         return Response::Refused(RefusalCode::BadIdentity);

@@ -259,8 +259,9 @@ impl SyncHandle {
     }
 
     /// One anti-entropy round with `peer` now (docs/protocol.md §8): every
-    /// patient both may read is reconciled with it. The node runs one on
-    /// every connection and every `Config::anti_entropy_interval` anyway.
+    /// patient both may read is compared with it in one digest request, and
+    /// those that differ are reconciled. The node runs one on every
+    /// connection and every `Config::anti_entropy_interval` anyway.
     ///
     /// # Errors
     /// As [`SyncHandle::reconcile`]; the round stops at the first failure.

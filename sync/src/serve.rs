@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use medmesh_crypto::{Collection, EnvelopeId, GrantId, PatientId, Timestamp};
+use medmesh_crypto::{Collection, EnvelopeId, GrantId, PatientId, PracticeId, Timestamp};
 use tracing::{debug, warn};
 
 use crate::backend::{
@@ -15,9 +15,10 @@ use crate::backend::{
 };
 use crate::filter::{Disclosure, Requester, may_disclose};
 use crate::wire::{
-    MAX_AUDIT_ACTOR_ID_LEN, MAX_AUDIT_ENTRIES_PER_MESSAGE, MAX_AUDIT_ITEMS_PER_ENTRY, MAX_AUDIT_OUTCOME_LEN,
-    MAX_OFFERS_PER_PAGE, MAX_OUTBOX_ERROR_LEN, MAX_OUTBOX_HELD, MAX_OUTBOX_OWED, MAX_SUMMARY_IDS, Offer, OutboxReport,
-    OwedItem, PAGE_BYTE_BUDGET, RefusalCode, Response, SnapshotPayload, summary_digest,
+    DigestParts, MAX_AUDIT_ACTOR_ID_LEN, MAX_AUDIT_ENTRIES_PER_MESSAGE, MAX_AUDIT_ITEMS_PER_ENTRY,
+    MAX_AUDIT_OUTCOME_LEN, MAX_OFFERS_PER_PAGE, MAX_OUTBOX_ERROR_LEN, MAX_OUTBOX_HELD, MAX_OUTBOX_OWED,
+    MAX_SUMMARY_IDS, Offer, OutboxReport, OwedItem, PAGE_BYTE_BUDGET, RefusalCode, Response, SnapshotPayload,
+    patient_digest, summary_digest,
 };
 use crate::{Error, Result};
 
@@ -301,6 +302,84 @@ async fn summary_inner<B: Backend>(
         bytes: bytes as u64,
     };
     Ok((Response::Summary { consent, collections }, served))
+}
+
+/// Answers a digest request (anti-entropy, docs/protocol.md §8): the
+/// positions of the patients whose [`patient_digest`] differs from the one
+/// this node (`me`) computes of what it would disclose to the asker, or of
+/// whom it would disclose nothing. Nothing is sent but positions, so nothing
+/// is audited: a match tells the asker only that this node holds what the
+/// asker holds already (docs/threat-model.md).
+pub(crate) async fn digests<B: Backend>(
+    backend: &B,
+    peer: Requester,
+    me: PracticeId,
+    patients: &[(PatientId, [u8; 32])],
+    now: Timestamp,
+) -> (Response, Served) {
+    let result = (|| {
+        let mut differing = Vec::new();
+        for (position, (patient, digest)) in (0u32..).zip(patients) {
+            let view = backend.consent(patient)?;
+            let parts = digest_parts(backend, &view, patient, &peer, &me, now)?;
+            if parts.is_none_or(|p| patient_digest(&p) != *digest) {
+                differing.push(position);
+            }
+        }
+        Ok((Response::Differing(differing), Served::default()))
+    })();
+    answer(result, &peer, "digests")
+}
+
+/// What the [`patient_digest`] of `patient` covers between a node that may
+/// read (`reader`, the asker) and one that holds (`holder`, the answering
+/// node), from `backend`'s store and consent view — computed alike on both
+/// sides, so two nodes holding the same agree:
+/// - the patient's consent items `reader` may receive ([`may_disclose`]),
+///   each with whether its grant is known revoked;
+/// - per collection whose envelopes `reader` may receive and that a grant
+///   from the patient to `holder` covers (in any state: it may hold that
+///   collection's history), the [`summary_digest`] of the ids held here. A
+///   collection `holder` was never granted is left out, so two practices
+///   granted different collections are still in step.
+///
+/// `None` when `reader` may receive nothing of the patient: the answer is
+/// then "differs" whatever the asker sent, as for a patient not held.
+///
+/// # Errors
+/// Storage failures.
+pub(crate) fn digest_parts<B: Backend>(
+    backend: &B,
+    view: &ConsentView,
+    patient: &PatientId,
+    reader: &Requester,
+    holder: &PracticeId,
+    now: Timestamp,
+) -> Result<Option<DigestParts>> {
+    let mut parts = DigestParts::default();
+    for grant in &view.grants {
+        let meta = ItemMeta::of_grant(grant);
+        if may_disclose(&meta, reader, view, now).allowed() {
+            parts.consent.push((meta.id, view.is_revoked(grant)));
+        }
+    }
+    for revocation in &view.revocations {
+        let meta = ItemMeta::of_revocation(revocation);
+        if may_disclose(&meta, reader, view, now).allowed() {
+            parts.consent.push((meta.id, true));
+        }
+    }
+    for collection in Collection::ALL {
+        let held_by_holder = view
+            .grants
+            .iter()
+            .any(|g| g.terms().patient == *patient && g.terms().grantee == *holder && g.covers(collection));
+        if held_by_holder && may_disclose(&envelope_probe(*patient, collection), reader, view, now).allowed() {
+            let ids = backend.envelope_ids(patient, collection)?;
+            parts.collections.push((collection, summary_digest(&ids)));
+        }
+    }
+    Ok((!parts.consent.is_empty() || !parts.collections.is_empty()).then_some(parts))
 }
 
 /// Answers a snapshot request: the transfer of (patient, collection) if the

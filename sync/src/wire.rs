@@ -33,6 +33,8 @@ pub const MAX_FETCH_IDS: usize = 256;
 pub const MAX_SUMMARY_IDS: usize = 200_000;
 /// Most consent items (grants and revocations) in one summary.
 pub const MAX_SUMMARY_CONSENT_ITEMS: usize = 1024;
+/// Most patients in one digest request (one anti-entropy round's worth).
+pub const MAX_DIGEST_PATIENTS: usize = 1024;
 /// Most address suggestions in one push.
 pub const MAX_PUSH_ADDRS: usize = 16;
 /// Longest address suggestion, in bytes.
@@ -161,10 +163,20 @@ pub enum Request {
     /// "Where are my practices?" (issue 16: the patient's address book): the
     /// signed address records this node keeps of the practices the
     /// patient's grants name. Answered only when the asker is that patient.
-    /// Added after `Outbox`, like it unknown to older nodes.
+    /// Added after `Digests`, like it unknown to older nodes.
     Practices {
         /// The patient; must be the asker's own key.
         patient: PatientId,
+    },
+    /// "Which of these patients differ from what you would disclose to me?"
+    /// (anti-entropy, docs/protocol.md §8): per patient, the
+    /// [`patient_digest`] of what the asker holds of it. Answered with
+    /// [`Response::Differing`]. Added after `Outbox`: a node that predates
+    /// it cannot decode it and drops the stream, and the asker falls back
+    /// to one `Summary` per patient.
+    Digests {
+        /// (patient, digest), 1..=[`MAX_DIGEST_PATIENTS`], no patient twice.
+        patients: Vec<(PatientId, [u8; 32])>,
     },
 }
 
@@ -306,6 +318,45 @@ pub fn summary_digest(ids: &[EnvelopeId]) -> [u8; 32] {
     h.finalize().into()
 }
 
+/// What a [`patient_digest`] covers, in the order it hashes them.
+#[derive(Clone, PartialEq, Eq, Debug, Default)]
+pub struct DigestParts {
+    /// The ids of the patient's consent items, each with whether the grant
+    /// it is (or revokes) is known revoked.
+    pub consent: Vec<(ItemId, bool)>,
+    /// Per collection compared, the [`summary_digest`] of the envelope ids
+    /// held (the digest of no ids where none are).
+    pub collections: Vec<(Collection, [u8; 32])>,
+}
+
+/// The digest of one patient in a [`Request::Digests`]: SHA-256 of
+/// `medmesh/patient-digest/v1`, the number of consent items (u32, big
+/// endian), each consent item as its 32-byte id and one byte (1 when its
+/// grant is known revoked, else 0) in ascending id order, then each
+/// collection compared, in [`Collection::ALL`] order, as its name's length
+/// (one byte), its name and its [`summary_digest`].
+pub fn patient_digest(parts: &DigestParts) -> [u8; 32] {
+    use sha2::{Digest as _, Sha256};
+    let mut consent: Vec<&(ItemId, bool)> = parts.consent.iter().collect();
+    consent.sort_unstable();
+    let mut collections: Vec<&(Collection, [u8; 32])> = parts.collections.iter().collect();
+    collections.sort_by_key(|(c, _)| Collection::ALL.iter().position(|a| a == c));
+    let mut h = Sha256::new();
+    h.update(b"medmesh/patient-digest/v1");
+    h.update(u32::try_from(consent.len()).unwrap_or(u32::MAX).to_be_bytes());
+    for (id, revoked) in consent {
+        h.update(id.0);
+        h.update([u8::from(*revoked)]);
+    }
+    for (collection, digest) in collections {
+        let name = collection.as_str().as_bytes();
+        h.update([u8::try_from(name.len()).unwrap_or(u8::MAX)]);
+        h.update(name);
+        h.update(digest);
+    }
+    h.finalize().into()
+}
+
 /// Compact headers as a transfer carries them: the CBOR array of their
 /// encodings, DEFLATE-compressed (they repeat patient, collection, key id,
 /// author and grant, which compress away).
@@ -440,6 +491,11 @@ pub enum Response {
         /// The records, as the node received them.
         records: Vec<Vec<u8>>,
     },
+    /// The answer to [`Request::Digests`]: the positions in the request
+    /// (ascending) of the patients whose digest differs from what this node
+    /// would disclose to the asker — or of whom it would disclose nothing,
+    /// which reads the same. Every other patient is in step.
+    Differing(Vec<u32>),
 }
 
 impl Request {
@@ -457,6 +513,7 @@ impl Request {
             Self::Reconcile { .. } => "reconcile",
             Self::Outbox { .. } => "outbox",
             Self::Practices { .. } => "practices",
+            Self::Digests { .. } => "digests",
         }
     }
 }
@@ -476,6 +533,7 @@ impl Response {
             Self::Checkpoint(_) => "checkpoint",
             Self::Outbox(_) => "outbox",
             Self::Practices { .. } => "practices",
+            Self::Differing(_) => "differing",
         }
     }
 }
@@ -626,7 +684,16 @@ impl Request {
                 anchor.map_or(Value::Null, uint),
             ]),
             Self::Outbox { patient } => Value::Array(vec![uint(9), bytes(patient.as_bytes())]),
-            Self::Practices { patient } => Value::Array(vec![uint(10), bytes(patient.as_bytes())]),
+            Self::Practices { patient } => Value::Array(vec![uint(11), bytes(patient.as_bytes())]),
+            Self::Digests { patients } => Value::Array(vec![
+                uint(10),
+                Value::Array(
+                    patients
+                        .iter()
+                        .map(|(p, d)| Value::Array(vec![bytes(p.as_bytes()), bytes(d)]))
+                        .collect(),
+                ),
+            ]),
         };
         to_bytes(&v)
     }
@@ -769,6 +836,24 @@ impl Request {
             }
             10 => {
                 f.expect_len(2)?;
+                let mut patients: Vec<(PatientId, [u8; 32])> = Vec::new();
+                let mut seen = std::collections::HashSet::new();
+                for v in f.array(MAX_DIGEST_PATIENTS)? {
+                    let mut e = Fields::nested("digests", v, 2)?;
+                    let patient =
+                        PatientId::from_bytes(e.fixed()?).map_err(|_| wire("digests", "patient key invalid"))?;
+                    if !seen.insert(patient) {
+                        return Err(wire("digests", "patient listed twice"));
+                    }
+                    patients.push((patient, e.fixed()?));
+                }
+                if patients.is_empty() {
+                    return Err(wire("digests", "no patients"));
+                }
+                Self::Digests { patients }
+            }
+            11 => {
+                f.expect_len(2)?;
                 let patient =
                     PatientId::from_bytes(f.fixed()?).map_err(|_| wire("practices", "patient key invalid"))?;
                 Self::Practices { patient }
@@ -886,8 +971,12 @@ impl Response {
                 Value::Array(report.held.iter().map(|i| bytes(&i.0)).collect()),
             ]),
             Self::Practices { records } => {
-                Value::Array(vec![uint(10), Value::Array(records.iter().map(|r| bytes(r)).collect())])
+                Value::Array(vec![uint(11), Value::Array(records.iter().map(|r| bytes(r)).collect())])
             }
+            Self::Differing(positions) => Value::Array(vec![
+                uint(10),
+                Value::Array(positions.iter().map(|i| uint(u64::from(*i))).collect()),
+            ]),
         };
         to_bytes(&v)
     }
@@ -1066,6 +1155,24 @@ impl Response {
                 Self::Outbox(Box::new(OutboxReport { settling, owed, held }))
             }
             10 => {
+                f.expect_len(2)?;
+                let positions = f
+                    .array(MAX_DIGEST_PATIENTS)?
+                    .into_iter()
+                    .map(|v| match v {
+                        Value::Integer(i) => u32::try_from(i)
+                            .ok()
+                            .filter(|i| (*i as usize) < MAX_DIGEST_PATIENTS)
+                            .ok_or_else(|| wire("differing", "position out of range")),
+                        _ => Err(wire("differing", "position is not a number")),
+                    })
+                    .collect::<Result<Vec<u32>>>()?;
+                if positions.windows(2).any(|w| w[0] >= w[1]) {
+                    return Err(wire("differing", "positions not ascending"));
+                }
+                Self::Differing(positions)
+            }
+            11 => {
                 f.expect_len(2)?;
                 let records = f
                     .array(MAX_PRACTICE_RECORDS)?
@@ -1419,6 +1526,19 @@ mod tests {
             },
             Request::Outbox { patient },
             Request::Practices { patient },
+            Request::Digests {
+                patients: vec![(patient, [5; 32])],
+            },
+            Request::Digests {
+                patients: (1..=3u8)
+                    .map(|i| {
+                        (
+                            medmesh_crypto::SecretIdentity::from_seed(&[i; 32]).patient_id(),
+                            [i; 32],
+                        )
+                    })
+                    .collect(),
+            },
         ];
         for req in cases {
             assert_eq!(Request::decode(&req.encode()).unwrap(), req, "case {}", req.name());
@@ -1518,6 +1638,8 @@ mod tests {
             Response::Practices {
                 records: vec![vec![7; MAX_ADDRESS_RECORD_BYTES]; MAX_PRACTICE_RECORDS],
             },
+            Response::Differing(vec![]),
+            Response::Differing(vec![0, 7, MAX_DIGEST_PATIENTS as u32 - 1]),
         ];
         for resp in cases {
             assert_eq!(Response::decode(&resp.encode()).unwrap(), resp, "case {}", resp.name());
@@ -1961,9 +2083,80 @@ mod tests {
                 .encode(),
                 "8409f480 815820abababababababababababababababababababababababababababababababab",
             ),
+            (
+                "digests",
+                Request::Digests {
+                    patients: vec![(patient(), [0xcd; 32])],
+                }
+                .encode(),
+                "820a81825820fd1724385aa0c75b64fb78cd602fa1d991fdebf76b13c58ed702eac835e9f618 \
+                 5820cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd",
+            ),
+            ("differing", Response::Differing(vec![]).encode(), "820a80"),
+            (
+                "differing 0 and 300",
+                Response::Differing(vec![0, 300]).encode(),
+                "820a820019012c",
+            ),
+            (
+                "patient digest",
+                patient_digest(&DigestParts {
+                    consent: vec![(ItemId([0x01; 32]), false)],
+                    collections: vec![(Collection::Labs, summary_digest(&[]))],
+                })
+                .to_vec(),
+                "93cf77e301d9d0ec7107166a2aa0d907c572ddd86d4e5ab5a22f1105c8546904",
+            ),
         ];
         for (name, bytes, expected) in cases {
-            assert_eq!(hex::encode(bytes), expected.replace(' ', ""), "case {name}");
+            let expected: String = expected.split_whitespace().collect();
+            assert_eq!(hex::encode(bytes), expected, "case {name}");
+        }
+    }
+
+    /// A digest request names each patient once, at least one and at most
+    /// [`MAX_DIGEST_PATIENTS`]; an answer's positions ascend within the cap.
+    #[test]
+    fn bad_digest_messages_are_typed_errors() {
+        let entry = |seed: u8| {
+            Value::Array(vec![
+                bytes(
+                    medmesh_crypto::SecretIdentity::from_seed(&[seed; 32])
+                        .patient_id()
+                        .as_bytes(),
+                ),
+                bytes(&[0; 32]),
+            ])
+        };
+        let request = |entries: Vec<Value>| to_bytes(&Value::Array(vec![uint(10), Value::Array(entries)]));
+        let answer = |positions: Vec<Value>| to_bytes(&Value::Array(vec![uint(10), Value::Array(positions)]));
+        assert!(Request::decode(&request(vec![entry(1), entry(2)])).is_ok());
+        for (name, frame) in [
+            ("no patients", request(vec![])),
+            ("a patient twice", request(vec![entry(1), entry(1)])),
+            ("too many patients", request(vec![entry(1); MAX_DIGEST_PATIENTS + 1])),
+            (
+                "short digest",
+                request(vec![Value::Array(vec![bytes(patient().as_bytes()), bytes(&[0; 31])])]),
+            ),
+        ] {
+            assert!(
+                matches!(Request::decode(&frame), Err(Error::Wire { .. })),
+                "case {name}"
+            );
+        }
+        assert!(Response::decode(&answer(vec![uint(0), uint(3)])).is_ok());
+        for (name, frame) in [
+            ("descending", answer(vec![uint(3), uint(0)])),
+            ("repeated", answer(vec![uint(3), uint(3)])),
+            ("beyond the cap", answer(vec![uint(MAX_DIGEST_PATIENTS as u64)])),
+            ("not a number", answer(vec![Value::Null])),
+            ("too many", answer((0..=MAX_DIGEST_PATIENTS as u64).map(uint).collect())),
+        ] {
+            assert!(
+                matches!(Response::decode(&frame), Err(Error::Wire { .. })),
+                "case {name}"
+            );
         }
     }
 
