@@ -78,6 +78,11 @@ fn a_grant_to_a_practice_that_is_down_reaches_it_when_it_is_back() {
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
     };
+    // The same by the identifier that links a Patient to its patient.
+    let (status, by_identifier) = b.get(&format!(
+        "/fhir/Observation?subject:identifier=urn:ietf:rfc:3986%7C{did}"
+    ));
+    assert_eq!((status, &by_identifier["total"]), (200, &json!(1)), "{by_identifier}");
     let (status, none) = b.get(&format!("/fhir/Observation?patient=Patient/{}", "x"));
     assert_eq!((status, none["entry"].as_array().map_or(0, Vec::len)), (200, 0));
     // Nothing of the conditions here, and the answer says why: not granted.

@@ -20,7 +20,8 @@
 //! - A parameter with an empty value is ignored. Unknown parameters (and parameters the
 //!   type does not have) are collected by name in [`SearchRequest::unknown`]: the
 //!   handler adds a warning to the Bundle, or fails with 400 under
-//!   `Prefer: handling=strict`. Modifiers other than `:Patient` on `patient`/`subject`
+//!   `Prefer: handling=strict`. Modifiers other than `:Patient` and `:identifier` (a
+//!   patient's did) on `patient`/`subject`
 //!   are rejected (400).
 
 use medmesh_node::records::{Query, search};
@@ -156,6 +157,27 @@ fn invalid(param: &str, reason: impl Into<String>) -> ApiError {
     }
 }
 
+/// The did:key of a `:identifier` token naming a medmesh patient:
+/// `urn:ietf:rfc:3986|did:key:…`, the identifier that links a Patient to its
+/// patient. Other identifier systems would need the Patient resource, which
+/// a node granted only some collections does not hold: refused (400).
+fn linked_did(param: &str, token: &str) -> Result<String, ApiError> {
+    let (system, value) = token.split_once('|').unwrap_or(("", token));
+    if system != medmesh_node::records::DID_SYSTEM {
+        return Err(invalid(
+            param,
+            format!(
+                ":identifier searches the patient's did: {}|did:key:…",
+                medmesh_node::records::DID_SYSTEM
+            ),
+        ));
+    }
+    value
+        .parse::<medmesh_crypto::PatientId>()
+        .map(|did| did.to_string())
+        .map_err(|_| invalid(param, "not a did:key of a patient"))
+}
+
 /// Parses the query string of `GET /fhir/{resource_type}?{query}`.
 ///
 /// # Errors
@@ -200,6 +222,14 @@ pub fn parse_search(resource_type: &str, query: &str, max_count: usize) -> Resul
         }
         match (name.as_str(), modifier.as_deref()) {
             ("patient" | "subject", None | Some("Patient")) | (_, None) => {}
+            // `subject:identifier=urn:ietf:rfc:3986|did:key:…`: the resources of
+            // the Patient linked to that medmesh patient (DESIGN §3), whether or
+            // not this node holds the Patient — as `patient=did:key:…`.
+            ("patient" | "subject", Some("identifier")) if !read_only => {
+                pairs.push(("patient".to_owned(), linked_did(&name, &value)?));
+                kept.push((key, value));
+                continue;
+            }
             (_, Some(_)) => return Err(invalid(&name, "modifier not supported")),
         }
         if page.read(&name, &value, max_count)? {
@@ -352,6 +382,31 @@ mod tests {
         assert_eq!(bad_param("Observation", "patient:missing=true"), "patient");
         // Immunization has `patient` but no `subject` in R4.
         assert_eq!(parse("Immunization", "subject=1").unwrap().unknown, ["subject"]);
+    }
+
+    #[test]
+    fn identifier_of_a_patient_did() {
+        let did = medmesh_crypto::SecretIdentity::from_seed(&[3; 32]).patient_id();
+        for q in [
+            format!("subject:identifier=urn:ietf:rfc:3986|{did}"),
+            format!("patient:identifier=urn:ietf:rfc:3986%7C{did}"),
+        ] {
+            let r = parse("Observation", &q).unwrap();
+            assert_eq!(r.patient_did(), Some(did), "{q}");
+            assert!(r.page_query(0).contains("identifier="), "the self link keeps it: {q}");
+        }
+        assert_eq!(
+            bad_param("Observation", &format!("subject:identifier={did}")),
+            "subject"
+        );
+        assert_eq!(
+            bad_param("Observation", "subject:identifier=http://mrn|12345"),
+            "subject"
+        );
+        assert_eq!(
+            bad_param("Observation", "subject:identifier=urn:ietf:rfc:3986|nope"),
+            "subject"
+        );
     }
 
     #[test]

@@ -31,7 +31,7 @@ mod tests;
 use automerge::ActorId;
 
 pub use compartment::{
-    Collection, PatientLink, PatientLinkError, belongs, belongs_as, collection_of, collection_of_type,
+    Collection, DID_SYSTEM, PatientLink, PatientLinkError, belongs, belongs_as, collection_of, collection_of_type,
     is_directory_type, linked_did, one_patient, patient_links, patient_references, supported_types, type_belongs,
 };
 pub use doc::{
