@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use medmesh_crypto::{Access, Collection, Grant, PatientId};
 use medmesh_gateway::fhir::outcome::{ApiError, Issue, IssueType};
 use medmesh_gateway::fhir::search_params::SearchRequest;
-use medmesh_gateway::{Backend, HistoryEntry, SignedKind, TxFailure, TxOp, TxResult};
+use medmesh_gateway::{Backend, HistoryEntry, SearchNotes, SignedKind, TxFailure, TxOp, TxResult};
 use medmesh_node::audit::{Action, ActorKind, AuditEntry, AuditRecord};
 use medmesh_node::records::RenderedResource;
 use medmesh_node::repository::{self, Repository};
@@ -385,27 +385,22 @@ impl Backend for NodeBackend {
         Ok(found)
     }
 
-    async fn unreadable_here(&self, request: &SearchRequest) -> Result<Option<String>, ApiError> {
+    async fn search_notes(&self, request: &SearchRequest) -> Result<SearchNotes, ApiError> {
         let Some(patient) = self.searched_patient(request).await? else {
-            return Ok(None);
+            return Ok(SearchNotes::default());
         };
         let collection = medmesh_node::records::collection_of_type(&request.resource_type);
-        if self.node.current_epoch(&patient, collection).is_some() {
-            return Ok(None);
-        }
-        Ok(Some(format!(
-            "this node cannot read this patient's {collection} collection (no grant to it here, or its key has \
-             not arrived yet): {} resources of theirs held at other practices are not in this result",
-            request.resource_type
-        )))
-    }
-
-    async fn incomplete_search(&self, request: &SearchRequest) -> Result<Vec<String>, ApiError> {
-        let Some(patient) = self.searched_patient(request).await? else {
-            return Ok(Vec::new());
-        };
-        let collection = medmesh_node::records::collection_of_type(&request.resource_type);
-        self.incomplete(&patient, Some(collection)).await
+        let unreadable = self.node.current_epoch(&patient, collection).is_none().then(|| {
+            format!(
+                "this node cannot read this patient's {collection} collection (no grant to it here, or its key has \
+                 not arrived yet): {} resources of theirs held at other practices are not in this result",
+                request.resource_type
+            )
+        });
+        Ok(SearchNotes {
+            unreadable,
+            incomplete: self.incomplete(&patient, Some(collection)).await?,
+        })
     }
 
     async fn incomplete_everything(&self, patient_resource_id: &str) -> Result<Vec<String>, ApiError> {

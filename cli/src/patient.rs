@@ -1117,7 +1117,13 @@ fn remember_addresses(keystore: &mut Keystore, fetched: Vec<AddressRecord>) -> b
     let mut book = address_book(keystore);
     let mut changed = false;
     for record in fetched.into_iter().filter(|r| grantees.contains(&r.peer)) {
-        if book.get(&record.peer).is_none_or(|kept| kept.seq < record.seq) {
+        // Seqs count seconds: a practice that restarted within the second of
+        // its last record signs another with the same seq. The node hands
+        // over the one it kept last, so at a tie the fetched record wins.
+        if book
+            .get(&record.peer)
+            .is_none_or(|kept| kept.seq < record.seq || (kept.seq == record.seq && kept.signed != record.signed))
+        {
             book.insert(record.peer, record);
             changed = true;
         }

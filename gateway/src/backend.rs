@@ -104,6 +104,19 @@ pub struct TxFailure {
     pub error: ApiError,
 }
 
+/// What a search scoped to a patient tells the app beside its matches.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SearchNotes {
+    /// Why the result may miss what the record holds elsewhere: this node
+    /// cannot read the collection the searched type lives in (no grant to
+    /// it here, or its key has not arrived). Informational.
+    pub unreadable: Option<String>,
+    /// One sentence per collection searched that this node is granted but
+    /// does not hold complete yet (a first sync not done, changes a peer
+    /// listed not arrived, changes waiting). A warning.
+    pub incomplete: Vec<String>,
+}
+
 /// The node operations behind the HTTP routes. Every method is called only
 /// after the caller's bearer token was checked.
 pub trait Backend: Send + Sync + 'static {
@@ -153,30 +166,17 @@ pub trait Backend: Send + Sync + 'static {
         request: &SearchRequest,
     ) -> impl Future<Output = Result<Vec<Arc<RenderedResource>>, ApiError>> + Send;
 
-    /// Why a search scoped to a patient may miss what the patient's record
-    /// holds elsewhere: this node cannot read the collection the searched
-    /// type lives in (no grant to it here, or its key has not arrived).
-    /// `None` when it can, or the backend does not know. The default: `None`.
-    fn unreadable_here(
-        &self,
-        request: &SearchRequest,
-    ) -> impl Future<Output = Result<Option<String>, ApiError>> + Send {
+    /// What a search scoped to a patient should tell the app beside its
+    /// matches ([`SearchNotes`]), judged before the search runs. The
+    /// default: nothing.
+    fn search_notes(&self, request: &SearchRequest) -> impl Future<Output = Result<SearchNotes, ApiError>> + Send {
         let _ = request;
-        async { Ok(None) }
+        async { Ok(SearchNotes::default()) }
     }
 
-    /// What a search scoped to a patient may still miss because this node
-    /// does not yet hold the searched collection of the record complete (a
-    /// first sync not done, changes a peer listed not arrived, changes
-    /// waiting): one sentence per collection. Empty when complete or unknown
-    /// (the default).
-    fn incomplete_search(&self, request: &SearchRequest) -> impl Future<Output = Result<Vec<String>, ApiError>> + Send {
-        let _ = request;
-        async { Ok(Vec::new()) }
-    }
-
-    /// The same for `$everything` of the Patient with this resource id,
-    /// over every collection this node is granted. The default: none.
+    /// What `$everything` of the Patient with this resource id may still
+    /// miss ([`SearchNotes::incomplete`]), over every collection this node
+    /// is granted. The default: none.
     fn incomplete_everything(
         &self,
         patient_resource_id: &str,

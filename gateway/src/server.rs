@@ -783,15 +783,15 @@ async fn search<B: Backend>(
         });
     }
     // Judged before the read, as for `$everything`.
-    let incomplete = state.backend.incomplete_search(&request).await?;
+    let notes = state.backend.search_notes(&request).await?;
     let matches = state.backend.search(&request).await?;
     let mut bundle = searchset(base, &request, &matches);
-    if let Some(why) = state.backend.unreadable_here(&request).await? {
+    if let Some(why) = notes.unreadable {
         bundle.push_outcome(
             OperationOutcome::from_issues([Issue::information(IssueType::Informational, why)]).to_value(),
         );
     }
-    push_incomplete(&mut bundle, incomplete);
+    push_incomplete(&mut bundle, notes.incomplete);
     Ok(state.buffers.respond(bundle))
 }
 

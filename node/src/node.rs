@@ -2617,13 +2617,12 @@ impl Node {
             return Ok(false);
         }
         let key = peer.peer_id().to_bytes();
-        let kept = self.store().address_records()?;
-        match kept.iter().find(|r| r.peer == key) {
+        match self.store().address_record(&key)? {
             // Seqs count seconds: a record signed in the same second as the
             // kept one (a node that announced before its listeners were up,
             // then again) replaces it if it differs.
             Some(old) if old.seq > seq || (old.seq == seq && old.signed == signed) => return Ok(false),
-            None if kept.len() >= MAX_ADDRESS_RECORDS => return Ok(false),
+            None if self.store().address_record_count()? >= MAX_ADDRESS_RECORDS => return Ok(false),
             _ => {}
         }
         self.store().put_address_record(&key, seq, signed)?;

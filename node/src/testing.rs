@@ -451,6 +451,12 @@ impl crate::store::Store for FlushControl {
     fn address_records(&self) -> Result<Vec<crate::store::KeptAddressRecord>> {
         self.inner.address_records()
     }
+    fn address_record(&self, peer: &[u8]) -> Result<Option<crate::store::KeptAddressRecord>> {
+        self.inner.address_record(peer)
+    }
+    fn address_record_count(&self) -> Result<usize> {
+        self.inner.address_record_count()
+    }
     fn put_address_record(&self, peer: &[u8], seq: u64, signed: &[u8]) -> Result<()> {
         self.inner.put_address_record(peer, seq, signed)
     }

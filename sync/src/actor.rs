@@ -1776,6 +1776,8 @@ impl<B: Backend> Actor<B> {
                 num_established,
                 ..
             } => {
+                // Connected: a failure of this dial no longer calls for a lookup.
+                self.dials_before_lookup.remove(&peer_id);
                 let relayed = endpoint.is_relayed();
                 let addr = match &endpoint {
                     libp2p::core::ConnectedPoint::Dialer { address, .. } => address.clone(),

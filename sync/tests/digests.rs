@@ -6,12 +6,9 @@
 //! swarms on 127.0.0.1; waits poll inside a deadline.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::time::Duration;
-
 use futures::StreamExt as _;
 use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::SwarmEvent;
-use libp2p::{StreamProtocol, SwarmBuilder, noise, tcp, yamux};
 use medmesh_crypto::{Access, Collection, PatientId, SecretIdentity, now};
 use medmesh_node::Node;
 use medmesh_node::audit::Action;
@@ -21,7 +18,7 @@ use medmesh_sync::wire::{DigestParts, Request, Response, patient_digest, summary
 use medmesh_sync::{Config, ItemId, Multiaddr, PeerId, Protocol, SyncHandle, serve_request};
 
 mod common;
-use common::client::{Client, RawCodec};
+use common::client::{Client, raw_swarm};
 use common::{Store, WAIT, quiet_config};
 
 /// No consent flows: no nudges and no rounds on connection, so the only
@@ -245,20 +242,7 @@ async fn a_peer_not_granted_a_patient_learns_nothing_from_digests() {
 /// request it cannot decode (as an older node's codec does) and answers
 /// every other request as a node does ([`serve_request`]).
 async fn legacy_node(store: &Store) -> Multiaddr {
-    let mut swarm = SwarmBuilder::with_existing_identity(store.key.to_libp2p().unwrap())
-        .with_tokio()
-        .with_tcp(tcp::Config::default(), noise::Config::new, yamux::Config::default)
-        .unwrap()
-        .with_behaviour(|_| {
-            request_response::Behaviour::with_codec(
-                RawCodec,
-                [(StreamProtocol::new("/medmesh/sync/1"), ProtocolSupport::Inbound)],
-                request_response::Config::default(),
-            )
-        })
-        .unwrap()
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
-        .build();
+    let mut swarm = raw_swarm(&store.key, ProtocolSupport::Inbound);
     swarm.listen_on("/ip4/127.0.0.1/tcp/0".parse().unwrap()).unwrap();
     let addr = loop {
         if let SwarmEvent::NewListenAddr { address, .. } = swarm.select_next_some().await {

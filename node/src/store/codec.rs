@@ -5,8 +5,8 @@ use ciborium::Value;
 use medmesh_crypto::{ActorId, Collection, EnvelopeId, GrantId, KeyId, PatientId, PracticeId, Principal};
 
 use super::{
-    Cursor, EnvelopeEntry, EnvelopeState, InstanceId, ItemId, ItemKind, ItemMeta, OutboxEntry, PendingItem,
-    PendingReason, Rejection, Seq, SyncCheck,
+    Cursor, EnvelopeEntry, EnvelopeState, InstanceId, ItemId, ItemKind, ItemMeta, KeptAddressRecord, OutboxEntry,
+    PendingItem, PendingReason, Rejection, Seq, SyncCheck,
 };
 use crate::{Error, Result};
 
@@ -502,4 +502,24 @@ pub(crate) fn sync_check(key: &[u8], v: &[u8]) -> Result<SyncCheck> {
         })
     };
     parse().ok_or_else(|| corrupt("sync check", key))
+}
+
+/// Address-record value: seq (8, BE) ‖ the signed record as received; the
+/// key is the peer's PeerId bytes.
+pub(crate) fn address_record_value(seq: u64, signed: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(8 + signed.len());
+    v.extend_from_slice(&seq.to_be_bytes());
+    v.extend_from_slice(signed);
+    v
+}
+
+pub(crate) fn address_record(key: &[u8], v: &[u8]) -> Result<KeptAddressRecord> {
+    let (seq, signed) = v
+        .split_first_chunk::<8>()
+        .ok_or_else(|| corrupt("address record", key))?;
+    Ok(KeptAddressRecord {
+        peer: key.to_vec(),
+        seq: u64::from_be_bytes(*seq),
+        signed: signed.to_vec(),
+    })
 }

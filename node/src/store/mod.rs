@@ -694,6 +694,23 @@ pub trait Store: Send + Sync + 'static {
         Ok(Vec::new())
     }
 
+    /// The kept address record of `peer` (PeerId bytes), if any. The
+    /// default searches [`Store::address_records`].
+    ///
+    /// # Errors
+    /// Engine failures, [`crate::Error::Corrupt`].
+    fn address_record(&self, peer: &[u8]) -> Result<Option<KeptAddressRecord>> {
+        Ok(self.address_records()?.into_iter().find(|r| r.peer == peer))
+    }
+
+    /// How many address records are kept.
+    ///
+    /// # Errors
+    /// Engine failures, [`crate::Error::Corrupt`].
+    fn address_record_count(&self) -> Result<usize> {
+        Ok(self.address_records()?.len())
+    }
+
     /// Keeps `peer`'s signed address record, replacing the one kept.
     ///
     /// # Errors

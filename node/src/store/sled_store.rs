@@ -679,29 +679,32 @@ impl Store for SledStore {
     }
 
     fn address_records(&self) -> Result<Vec<KeptAddressRecord>> {
-        let mut out = Vec::new();
-        for entry in &self.address_records {
-            let (k, v) = entry.map_err(storage)?;
-            let Some((seq, signed)) = v.split_first_chunk::<8>() else {
-                return Err(Error::Corrupt {
-                    what: "address record",
-                    key: hex::encode(&k),
-                });
-            };
-            out.push(KeptAddressRecord {
-                peer: k.to_vec(),
-                seq: u64::from_be_bytes(*seq),
-                signed: signed.to_vec(),
-            });
-        }
-        Ok(out)
+        self.address_records
+            .iter()
+            .map(|entry| {
+                let (k, v) = entry.map_err(storage)?;
+                codec::address_record(&k, &v)
+            })
+            .collect()
+    }
+
+    fn address_record(&self, peer: &[u8]) -> Result<Option<KeptAddressRecord>> {
+        self.address_records
+            .get(peer)
+            .map_err(storage)?
+            .map(|v| codec::address_record(peer, &v))
+            .transpose()
+    }
+
+    fn address_record_count(&self) -> Result<usize> {
+        Ok(self.address_records.len())
     }
 
     fn put_address_record(&self, peer: &[u8], seq: u64, signed: &[u8]) -> Result<()> {
-        let mut v = Vec::with_capacity(8 + signed.len());
-        v.extend_from_slice(&seq.to_be_bytes());
-        v.extend_from_slice(signed);
-        self.address_records.insert(peer, v).map(|_| ()).map_err(storage)
+        self.address_records
+            .insert(peer, codec::address_record_value(seq, signed))
+            .map(|_| ())
+            .map_err(storage)
     }
 
     fn put_sync_check(&self, check: &SyncCheck) -> Result<()> {

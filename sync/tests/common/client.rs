@@ -65,25 +65,32 @@ pub struct Client {
     swarm: Swarm<request_response::Behaviour<RawCodec>>,
 }
 
+/// A TCP swarm as `key` speaking `/medmesh/sync/1` with raw frames (no
+/// codec checks): `Outbound` to send crafted requests, `Inbound` to play a
+/// node that answers by hand.
+pub fn raw_swarm(key: &SecretIdentity, support: ProtocolSupport) -> Swarm<request_response::Behaviour<RawCodec>> {
+    SwarmBuilder::with_existing_identity(key.to_libp2p().unwrap())
+        .with_tokio()
+        .with_tcp(tcp::Config::default(), noise::Config::new, yamux::Config::default)
+        .unwrap()
+        .with_behaviour(|_| {
+            request_response::Behaviour::with_codec(
+                RawCodec,
+                [(StreamProtocol::new("/medmesh/sync/1"), support)],
+                request_response::Config::default()
+                    .with_request_timeout(Duration::from_secs(20))
+                    .with_max_concurrent_streams(1024),
+            )
+        })
+        .unwrap()
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        .build()
+}
+
 impl Client {
     /// Connects to the node listening on `addr`, as `key`.
     pub async fn connect(key: &SecretIdentity, addr: &Multiaddr) -> Self {
-        let mut swarm = SwarmBuilder::with_existing_identity(key.to_libp2p().unwrap())
-            .with_tokio()
-            .with_tcp(tcp::Config::default(), noise::Config::new, yamux::Config::default)
-            .unwrap()
-            .with_behaviour(|_| {
-                request_response::Behaviour::with_codec(
-                    RawCodec,
-                    [(StreamProtocol::new("/medmesh/sync/1"), ProtocolSupport::Outbound)],
-                    request_response::Config::default()
-                        .with_request_timeout(Duration::from_secs(20))
-                        .with_max_concurrent_streams(1024),
-                )
-            })
-            .unwrap()
-            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
-            .build();
+        let mut swarm = raw_swarm(key, ProtocolSupport::Outbound);
         swarm.dial(addr.clone()).unwrap();
         tokio::time::timeout(WAIT, async {
             loop {
