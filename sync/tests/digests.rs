@@ -295,3 +295,27 @@ async fn a_peer_that_predates_digests_gets_a_summary_per_patient() {
         assert_eq!(b.node().envelope_ids(pid, Collection::Labs).unwrap().len(), 2);
     }
 }
+
+/// The `Practices` request (the patient's address book, protocol §9c) is
+/// answered only to the patient's own key: a practice granted the patient,
+/// and a stranger, are refused; the patient gets the node's kept records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_patient_learns_where_its_practices_are() {
+    let (a, b) = (Site::start().await, Store::create().await);
+    let (patient, _) = shared_patient(&a.store, &b, 1).await;
+    let pid = patient.id();
+    let a_peer = a.store.peer();
+    let stranger = SecretIdentity::generate().unwrap();
+    for key in [&b.key, &stranger] {
+        let mut c = Client::connect(key, &a.addr().await).await;
+        let answer = c.request(a_peer, Request::Practices { patient: pid }).await;
+        assert_eq!(
+            answer,
+            Response::Refused(medmesh_sync::wire::RefusalCode::NotPatient),
+            "a key that is not the patient's asked"
+        );
+    }
+    let mut own = Client::connect(&patient.identity, &a.addr().await).await;
+    let answer = own.request(a_peer, Request::Practices { patient: pid }).await;
+    assert!(matches!(answer, Response::Practices { .. }), "{answer:?}");
+}
