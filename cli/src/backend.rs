@@ -10,12 +10,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use medmesh_crypto::{Access, Collection, Grant, PatientId};
 use medmesh_gateway::fhir::outcome::{ApiError, Issue, IssueType};
 use medmesh_gateway::fhir::search_params::SearchRequest;
-use medmesh_gateway::{Backend, HistoryEntry, SearchNotes, SignedKind, TxFailure, TxOp, TxResult};
+use medmesh_gateway::{Backend, HistoryEntry, SearchNotes, TxFailure, TxOp, TxResult};
 use medmesh_node::audit::{Action, ActorKind, AuditEntry, AuditRecord};
+use medmesh_node::item::Item;
 use medmesh_node::records::RenderedResource;
 use medmesh_node::repository::{self, Repository};
 use medmesh_node::store::ItemKind;
-use medmesh_node::{Actor, Incoming, Node, Source};
+use medmesh_node::{Actor, Node, Source};
 use serde_json::{Value, json};
 
 /// Every gateway caller holds the node's one bearer token: the practice's apps.
@@ -432,15 +433,10 @@ impl Backend for NodeBackend {
         Ok(all)
     }
 
-    async fn submit(&self, kind: SignedKind, bytes: Vec<u8>) -> Result<Value, ApiError> {
-        let kind = match kind {
-            SignedKind::Grant => ItemKind::Grant,
-            SignedKind::Revocation => ItemKind::Revocation,
-            SignedKind::KeyShare => ItemKind::KeyShare,
-        };
+    async fn submit(&self, kind: ItemKind, bytes: Vec<u8>) -> Result<Value, ApiError> {
         let report = self
             .node
-            .ingest(vec![Incoming::new(kind, bytes)], Source::LocalApp(APP.to_owned()))
+            .ingest(vec![Item::new(kind, bytes)], Source::LocalApp(APP.to_owned()))
             .await
             .map_err(node_error)?;
         if let Some(rejected) = report.rejected.first() {
@@ -450,9 +446,9 @@ impl Backend for NodeBackend {
             )]));
         }
         Ok(json!({
-            "accepted": report.accepted,
-            "pending": report.pending,
-            "duplicates": report.duplicates,
+            "accepted": report.counts.accepted,
+            "pending": report.counts.pending,
+            "duplicates": report.counts.duplicates,
         }))
     }
 

@@ -5,6 +5,7 @@
 use std::future::Future;
 use std::sync::Arc;
 
+use medmesh_node::item::ItemKind;
 use medmesh_node::records::{RenderedResource, Version};
 use serde_json::Value;
 
@@ -19,17 +20,6 @@ pub struct HistoryEntry {
     pub version: Version,
     /// The resource at that version; `None` when the version is a delete.
     pub resource: Option<Arc<RenderedResource>>,
-}
-
-/// A signed consent item submitted through the management API.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SignedKind {
-    /// A grant.
-    Grant,
-    /// A revocation.
-    Revocation,
-    /// A key share.
-    KeyShare,
 }
 
 /// One operation of a transaction, as the gateway resolved it.
@@ -211,7 +201,7 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Accepts a signed grant, revocation or key share; returns a JSON
     /// summary of what the node did with it.
-    fn submit(&self, kind: SignedKind, bytes: Vec<u8>) -> impl Future<Output = Result<Value, ApiError>> + Send;
+    fn submit(&self, kind: ItemKind, bytes: Vec<u8>) -> impl Future<Output = Result<Value, ApiError>> + Send;
 
     /// What the node holds for a patient (did:key), as the holdings JSON.
     fn holdings(&self, patient_did: &str) -> impl Future<Output = Result<Value, ApiError>> + Send;

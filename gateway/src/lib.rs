@@ -18,5 +18,5 @@ mod server;
 mod transaction;
 
 pub use auth::Token;
-pub use backend::{Backend, HistoryEntry, SearchNotes, SignedKind, TxFailure, TxOp, TxResult};
+pub use backend::{Backend, HistoryEntry, SearchNotes, TxFailure, TxOp, TxResult};
 pub use server::{Config, router, serve};

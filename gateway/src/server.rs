@@ -15,7 +15,9 @@ use axum::routing::{MethodRouter, get, post};
 use serde_json::{Value, json};
 
 use crate::auth::Token;
-use crate::backend::{Backend, HistoryEntry, SignedKind};
+use medmesh_node::item::ItemKind;
+
+use crate::backend::{Backend, HistoryEntry};
 use crate::fhir::bundle::{SearchMode, Searchset, parse_request_bundle};
 use crate::fhir::capability::capability_statement;
 use crate::fhir::outcome::{ApiError, FHIR_JSON, Issue, IssueType, OperationOutcome, fhir_response};
@@ -907,7 +909,7 @@ async fn outbox<B: Backend>(State(state): Shared<B>, RawQuery(query): RawQuery) 
 
 async fn submit<B: Backend>(
     state: &AppState<B>,
-    kind: SignedKind,
+    kind: ItemKind,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -921,7 +923,7 @@ async fn submit_grant<B: Backend>(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    submit(&state, SignedKind::Grant, &headers, body).await
+    submit(&state, ItemKind::Grant, &headers, body).await
 }
 
 async fn submit_revocation<B: Backend>(
@@ -929,7 +931,7 @@ async fn submit_revocation<B: Backend>(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    submit(&state, SignedKind::Revocation, &headers, body).await
+    submit(&state, ItemKind::Revocation, &headers, body).await
 }
 
 async fn submit_keyshare<B: Backend>(
@@ -937,7 +939,7 @@ async fn submit_keyshare<B: Backend>(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    submit(&state, SignedKind::KeyShare, &headers, body).await
+    submit(&state, ItemKind::KeyShare, &headers, body).await
 }
 
 async fn sync_with<B: Backend>(State(state): Shared<B>, Path(peer): Path<String>) -> Result<Response, ApiError> {

@@ -11,9 +11,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use medmesh_crypto::{Collection, Envelope, Principal, SecretIdentity, now};
+use medmesh_node::item::Item;
 use medmesh_node::store::{Batch, EnvelopeEntry, ItemKind, SledStore, Store};
 use medmesh_node::testing::{ChangeMaker, FlushControl, OwnedChange, TestPatient};
-use medmesh_node::{Config, Incoming, Node, Source};
+use medmesh_node::{Config, Node, Source};
 
 const WRITERS: usize = 64;
 /// fsync latency modelled for a disk slower than this machine's (cloud block
@@ -168,13 +169,13 @@ async fn ingest_page(n: usize) -> (f64, Duration) {
     for t in tasks {
         t.await.unwrap();
     }
-    let page: Vec<Incoming> = a
+    let page: Vec<Item> = a
         .items_after(0, n + 10)
         .await
         .unwrap()
         .into_iter()
         .filter(|i| i.meta.kind == ItemKind::Envelope)
-        .map(|i| Incoming::new(ItemKind::Envelope, i.bytes))
+        .map(|i| Item::new(ItemKind::Envelope, i.item.bytes))
         .collect();
     assert_eq!(page.len(), n);
     let b = Node::open(db.path(), SecretIdentity::generate().unwrap(), Config::default())
@@ -184,8 +185,8 @@ async fn ingest_page(n: usize) -> (f64, Duration) {
     b.submit(
         patient.id(),
         vec![
-            Incoming::new(ItemKind::Grant, grant.encoded().to_vec()),
-            Incoming::new(ItemKind::KeyShare, share.encoded().to_vec()),
+            Item::new(ItemKind::Grant, grant.encoded().to_vec()),
+            Item::new(ItemKind::KeyShare, share.encoded().to_vec()),
         ],
     )
     .await
@@ -193,7 +194,7 @@ async fn ingest_page(n: usize) -> (f64, Duration) {
     let start = Instant::now();
     let report = b.ingest(page, Source::Peer(a.practice_id().peer_id())).await.unwrap();
     let elapsed = start.elapsed();
-    assert_eq!(report.readable, n, "{report:?}");
+    assert_eq!(report.counts.readable, n as u64, "{report:?}");
     (n as f64 / elapsed.as_secs_f64(), elapsed)
 }
 

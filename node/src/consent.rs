@@ -19,21 +19,11 @@ use std::sync::OnceLock;
 
 use medmesh_crypto::{
     Access, Collection, EnvelopeHeader, Epoch, EpochKey, Grant, GrantId, KeyId, KeyRef, KeyShare, KeyShareTerms,
-    NOT_BEFORE_SKEW_MS, PatientId, PracticeId, Principal, Revocation, SecretIdentity, Timestamp,
+    NOT_BEFORE_SKEW_MS, PatientId, PracticeId, Revocation, SecretIdentity, Timestamp,
 };
 
-use crate::store::{ItemKind, ItemMeta};
-
-/// The verdict on an envelope's header.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub enum Validity {
-    /// Written by the patient, or under a grant that admits it.
-    Valid,
-    /// Its grant (the header's patient's, with this id) is unknown here: wait.
-    MissingGrant(PatientId, GrantId),
-    /// Permanently invalid (reason without content).
-    Invalid(&'static str),
-}
+pub use crate::policy::Validity;
+use crate::policy::{self, ConsentView};
 
 /// Highest epoch seen per collection, from any key share (to anyone).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -218,41 +208,12 @@ impl Registry {
             .max_by_key(|g| (g.terms().issued_at, g.id()))
     }
 
-    /// DESIGN §5 on signed data only.
+    /// DESIGN §5 on signed data only: [`policy::admits`] under the grant
+    /// and revocations held for the header's patient and grant id.
     pub(crate) fn envelope_validity(&self, h: &EnvelopeHeader) -> Validity {
-        if h.seq == 0 {
-            // An actor's changes count from 1: seq 0 could never follow a held change.
-            return Validity::Invalid("change seq 0");
-        }
-        let (author, grant_id) = match (h.author, h.grant_id) {
-            (Principal::Patient(p), None) if p == h.patient => return Validity::Valid,
-            (Principal::Practice(author), Some(g)) => (author, g),
-            _ => return Validity::Invalid("author and grant do not fit"),
-        };
-        let Some(grant) = self.grant(&h.patient, &grant_id) else {
-            return Validity::MissingGrant(h.patient, grant_id);
-        };
-        if grant.terms().grantee != author {
-            return Validity::Invalid("author is not the grantee");
-        }
-        if !h.actor.belongs_to(author.as_bytes()) {
-            return Validity::Invalid("actor does not belong to the author");
-        }
-        let revocations = self.revocations_of(&h.patient, &grant_id);
-        let admitted = if revocations.is_empty() {
-            grant.admits_change(h.collection, h.created_at, &h.actor, h.seq, None)
-        } else {
-            revocations
-                .iter()
-                .all(|r| grant.admits_change(h.collection, h.created_at, &h.actor, h.seq, Some(r)))
-        };
-        if admitted {
-            Validity::Valid
-        } else if revocations.is_empty() {
-            Validity::Invalid("outside the grant's window or access")
-        } else {
-            Validity::Invalid("outside the grant's window, access or revocation cut")
-        }
+        let grant = h.grant_id.and_then(|id| self.grant(&h.patient, &id));
+        let revocations = h.grant_id.map_or(&[][..], |id| self.revocations_of(&h.patient, &id));
+        policy::admits(h, grant, revocations)
     }
 
     /// Whether `h` was written under a grant that expired more than
@@ -306,32 +267,15 @@ impl Registry {
         self.grants.values().any(|g| g.terms().grantee == *peer)
     }
 
-    /// Whether `peer` may receive an item with `meta` now (DESIGN §6).
-    pub(crate) fn may_receive(&self, peer: &PracticeId, meta: &ItemMeta, now: Timestamp) -> bool {
-        match meta.kind {
-            ItemKind::Envelope => meta
-                .collection
-                .is_some_and(|c| self.grant_in_force(&meta.patient, c, peer, Access::Read, now).is_some()),
-            ItemKind::Grant | ItemKind::Revocation => {
-                self.grants_from(&meta.patient).any(|g| g.terms().grantee == *peer)
-            }
-            ItemKind::KeyShare => meta.principal == Some(Principal::Practice(*peer)),
-        }
-    }
-
-    /// Peers that may receive an item now.
-    pub(crate) fn peers_that_may_receive(&self, meta: &ItemMeta, now: Timestamp) -> Vec<PracticeId> {
-        match meta.kind {
-            ItemKind::KeyShare => match meta.principal {
-                Some(Principal::Practice(p)) => vec![p],
-                _ => Vec::new(),
-            },
-            _ => self
-                .peers_with_grant_from(&meta.patient)
-                .into_iter()
-                .filter(|p| self.may_receive(p, meta, now))
-                .collect(),
-        }
+    /// What the node holds of `patient`'s consent: every grant and every
+    /// revocation of one, for [`policy::may_disclose`].
+    pub(crate) fn view(&self, patient: &PatientId) -> ConsentView {
+        let grants = self.grants_of(patient);
+        let revocations = grants
+            .iter()
+            .flat_map(|g| self.revocations_of(patient, &g.id()).iter().cloned())
+            .collect();
+        ConsentView { grants, revocations }
     }
 
     /// Current epoch of a collection and its key id.
@@ -361,7 +305,7 @@ impl Registry {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use medmesh_crypto::now;
+    use medmesh_crypto::{Principal, now};
     use zeroize::Zeroizing;
 
     use super::*;

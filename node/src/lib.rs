@@ -28,8 +28,10 @@ pub mod completeness;
 pub mod consent;
 mod error;
 pub mod identity;
+pub mod item;
 mod node;
 mod par;
+pub mod policy;
 pub mod rate;
 pub mod records;
 pub mod repository;
@@ -41,9 +43,10 @@ pub mod transfer;
 
 pub use error::{Error, Result};
 pub use identity::load_or_create_identity;
+pub use item::ItemStored;
 pub use node::{
-    Actor, AuditCheckpoints, AuditVerified, CollectionLoad, Config, Event, Holdings, Incoming, IngestReport,
-    ItemStored, MAX_ADDRESS_RECORDS, MAX_SEQ_GAPS_PER_AUTHOR, Node, RejectedItem, STORE_DIR, Source,
+    Actor, AuditCheckpoints, AuditVerified, CollectionLoad, Config, Event, Holdings, Ingested, MAX_ADDRESS_RECORDS,
+    MAX_SEQ_GAPS_PER_AUTHOR, Node, RejectedItem, STORE_DIR, Source,
 };
 pub use repository::Repository;
 pub use snapshot::{Covered, Snapshot};

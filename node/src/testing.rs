@@ -11,7 +11,7 @@ use medmesh_crypto::{
     Principal, Revocation, RevocationTerms, SecretIdentity, Timestamp, now,
 };
 
-use crate::node::Incoming;
+use crate::item::Item;
 use crate::store::ItemKind;
 use crate::{Error, Result};
 
@@ -122,7 +122,7 @@ impl TestPatient {
     ///
     /// # Errors
     /// Signing and wrapping failures.
-    pub fn onboard(&mut self, to: PracticeId, collection: Collection) -> Result<(Grant, Vec<Incoming>)> {
+    pub fn onboard(&mut self, to: PracticeId, collection: Collection) -> Result<(Grant, Vec<Item>)> {
         self.grant_with_share(to, collection, Access::ReadWrite)
     }
 
@@ -136,12 +136,12 @@ impl TestPatient {
         to: PracticeId,
         collection: Collection,
         access: Access,
-    ) -> Result<(Grant, Vec<Incoming>)> {
+    ) -> Result<(Grant, Vec<Item>)> {
         let grant = self.grant(to, &[collection], access, now().saturating_sub(60_000), None)?;
         let share = self.share(collection, 0, Principal::Practice(to))?;
         let items = vec![
-            Incoming::new(ItemKind::Grant, grant.encoded().to_vec()),
-            Incoming::new(ItemKind::KeyShare, share.encoded().to_vec()),
+            Item::new(ItemKind::Grant, grant.encoded().to_vec()),
+            Item::new(ItemKind::KeyShare, share.encoded().to_vec()),
         ];
         Ok((grant, items))
     }

@@ -205,7 +205,7 @@ impl Node {
             // fails to restore there and is fetched as an envelope, which
             // quarantines it here.
             match store.item(&(*id).into())? {
-                Some(item) => match CompactHeader::of_stored_envelope(&item.bytes) {
+                Some(item) => match CompactHeader::of_stored_envelope(&item.item.bytes) {
                     Ok(compact) => {
                         first_seq = first_seq.min(item.seq);
                         covered.push((*id, compact));

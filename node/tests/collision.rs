@@ -11,9 +11,10 @@ use medmesh_crypto::{
     Access, Collection, Envelope, EpochKey, Grant, GrantId, GrantTerms, KeyShare, Principal, SecretIdentity, now,
 };
 use medmesh_node::audit::Action;
+use medmesh_node::item::Item;
 use medmesh_node::store::{ItemKind, StoredItem};
 use medmesh_node::testing::{ChangeMaker, TestPatient};
-use medmesh_node::{Config, Incoming, IngestReport, Node, Source};
+use medmesh_node::{Config, Ingested, Node, Source};
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
@@ -57,10 +58,10 @@ impl Forgery {
         Self { y, share, grant }
     }
 
-    fn items(&self) -> Vec<Incoming> {
+    fn items(&self) -> Vec<Item> {
         vec![
-            Incoming::new(ItemKind::Grant, self.grant.encoded().to_vec()),
-            Incoming::new(ItemKind::KeyShare, self.share.encoded().to_vec()),
+            Item::new(ItemKind::Grant, self.grant.encoded().to_vec()),
+            Item::new(ItemKind::KeyShare, self.share.encoded().to_vec()),
         ]
     }
 
@@ -72,11 +73,11 @@ impl Forgery {
     }
 }
 
-fn stored_envelopes(items: &[StoredItem]) -> Vec<Incoming> {
+fn stored_envelopes(items: &[StoredItem]) -> Vec<Item> {
     items
         .iter()
         .filter(|i| i.meta.kind == ItemKind::Envelope)
-        .map(|i| Incoming::new(i.meta.kind, i.bytes.clone()))
+        .map(|i| Item::new(i.meta.kind, i.item.bytes.clone()))
         .collect()
 }
 
@@ -85,7 +86,7 @@ async fn write_for(node: &Node, x: &TestPatient, maker: &mut ChangeMaker, value:
     let change = maker.put("note", value).unwrap();
     let id = node.write_change(x.id(), CORE, change.as_change()).await.unwrap();
     let item = node.item(&id.into()).await.unwrap().unwrap();
-    Envelope::decode(&item.bytes).unwrap()
+    Envelope::decode(&item.item.bytes).unwrap()
 }
 
 /// The envelope is X's, sealed under X's own core key, and X's key opens it.
@@ -100,8 +101,11 @@ fn assert_sealed_for_x(envelope: &Envelope, x_key: &EpochKey) {
         .expect("X's own key opens A's write for X");
 }
 
-fn assert_rejected_and_audited(a: &Node, forgery: &Forgery, report: &IngestReport) {
-    assert_eq!(report.accepted, 0, "Y's colliding items were accepted: {report:?}");
+fn assert_rejected_and_audited(a: &Node, forgery: &Forgery, report: &Ingested) {
+    assert_eq!(
+        report.counts.accepted, 0,
+        "Y's colliding items were accepted: {report:?}"
+    );
     assert_eq!(report.rejected.len(), 2, "{report:?}");
     for hash in forgery.hashes() {
         assert!(
@@ -130,9 +134,9 @@ async fn a_colliding_share_and_grant_of_another_patient_change_nothing_of_x() {
     let a = open(da.path(), 1).await;
     let c = open(dc.path(), 3).await;
     let (x_grant_a, items) = x.onboard(a.practice_id(), CORE).unwrap();
-    assert_eq!(a.submit(x.id(), items).await.unwrap().accepted, 2);
+    assert_eq!(a.submit(x.id(), items).await.unwrap().counts.accepted, 2);
     let (_, items) = x.onboard(c.practice_id(), CORE).unwrap();
-    assert_eq!(c.submit(x.id(), items).await.unwrap().accepted, 2);
+    assert_eq!(c.submit(x.id(), items).await.unwrap().counts.accepted, 2);
     let x_key = x.key(CORE, 0).unwrap();
     let mut at_a = ChangeMaker::new(a.practice_id().as_bytes()).unwrap();
     write_for(&a, &x, &mut at_a, "before").await;
@@ -151,21 +155,21 @@ async fn a_colliding_share_and_grant_of_another_patient_change_nothing_of_x() {
     let mut at_c = ChangeMaker::new(c.practice_id().as_bytes()).unwrap();
     write_for(&c, &x, &mut at_c, "from C").await;
     let from_c = c.items_after(0, 100).await.unwrap();
-    let mut page: Vec<Incoming> = from_c
+    let mut page: Vec<Item> = from_c
         .iter()
         .filter(|i| i.meta.kind == ItemKind::Grant)
-        .map(|i| Incoming::new(i.meta.kind, i.bytes.clone()))
+        .map(|i| Item::new(i.meta.kind, i.item.bytes.clone()))
         .collect();
     page.extend(stored_envelopes(&from_c));
     let r = a.ingest(page, Source::Peer(c.practice_id().peer_id())).await.unwrap();
     assert!(r.rejected.is_empty(), "{r:?}");
-    assert_eq!((r.accepted, r.readable), (2, 1), "{r:?}");
+    assert_eq!((r.counts.accepted, r.counts.readable), (2, 1), "{r:?}");
     assert_eq!(a.readable_changes(x.id(), CORE).await.unwrap().len(), 3);
 
     assert_rejected_and_audited(&a, &forgery, &report);
     // Sent again: a duplicate of a rejection, not a second audit entry.
     let again = a.ingest(forgery.items(), from_y).await.unwrap();
-    assert_eq!((again.accepted, again.duplicates), (0, 2), "{again:?}");
+    assert_eq!((again.counts.accepted, again.counts.duplicates), (0, 2), "{again:?}");
     assert_rejected_and_audited(&a, &forgery, &report);
 
     // The same after a restart (the registry is rebuilt from the store).
@@ -194,7 +198,7 @@ async fn a_colliding_share_and_grant_that_arrive_first_do_not_cost_x_service() {
 
     let r = a.submit(x.id(), x_items).await.unwrap();
     assert!(r.rejected.is_empty(), "X's own grant and share refused: {r:?}");
-    assert_eq!(r.accepted, 2, "{r:?}");
+    assert_eq!(r.counts.accepted, 2, "{r:?}");
     let mut at_a = ChangeMaker::new(a.practice_id().as_bytes()).unwrap();
     let written = write_for(&a, &x, &mut at_a, "first").await;
     assert_sealed_for_x(&written, &x_key);
@@ -206,7 +210,7 @@ async fn a_colliding_share_and_grant_that_arrive_first_do_not_cost_x_service() {
     let r = a.ingest(vec![again.items().remove(1)], from_y.clone()).await.unwrap();
     let written = write_for(&a, &x, &mut at_a, "second").await;
     assert_sealed_for_x(&written, &x_key);
-    assert_eq!((r.accepted, r.rejected.len()), (0, 1), "{r:?}");
+    assert_eq!((r.counts.accepted, r.rejected.len()), (0, 1), "{r:?}");
 
     // C's genuine core envelope for X is accepted and readable at A.
     let (_, items) = x.onboard(c.practice_id(), CORE).unwrap();
@@ -214,15 +218,15 @@ async fn a_colliding_share_and_grant_that_arrive_first_do_not_cost_x_service() {
     let mut at_c = ChangeMaker::new(c.practice_id().as_bytes()).unwrap();
     write_for(&c, &x, &mut at_c, "from C").await;
     let from_c = c.items_after(0, 100).await.unwrap();
-    let mut page: Vec<Incoming> = from_c
+    let mut page: Vec<Item> = from_c
         .iter()
         .filter(|i| i.meta.kind == ItemKind::Grant)
-        .map(|i| Incoming::new(i.meta.kind, i.bytes.clone()))
+        .map(|i| Item::new(i.meta.kind, i.item.bytes.clone()))
         .collect();
     page.extend(stored_envelopes(&from_c));
     let r = a.ingest(page, Source::Peer(c.practice_id().peer_id())).await.unwrap();
     assert!(r.rejected.is_empty(), "{r:?}");
-    assert_eq!(r.readable, 1, "{r:?}");
+    assert_eq!(r.counts.readable, 1, "{r:?}");
     assert_eq!(a.readable_changes(x.id(), CORE).await.unwrap().len(), 3);
     // Nothing of X's is filed under Y.
     assert_eq!(a.holdings(&forgery.y.id()).unwrap().envelopes, 0);

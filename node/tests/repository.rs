@@ -9,11 +9,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use medmesh_crypto::{Collection, PatientId, SecretIdentity};
+use medmesh_node::item::Item;
 use medmesh_node::records::{Query, RenderedResource};
 use medmesh_node::repository::{self, Repository, TxWrite, TxWritten};
 use medmesh_node::store::{ItemKind, SledStore};
 use medmesh_node::testing::{FlushControl, TestPatient};
-use medmesh_node::{Actor, Config, Incoming, Node, Source};
+use medmesh_node::{Actor, Config, Node, Source};
 use serde_json::{Value, json};
 
 async fn open(dir: &Path, seed: u8) -> Node {
@@ -174,10 +175,10 @@ async fn a_second_node_shows_identical_resources() {
     let deliver = |from: Node, to: Node, after: u64| async move {
         let items = from.items_after(after, 1000).await.unwrap();
         // What sync would serve B: A's grants (so B can judge A's envelopes) and the envelopes.
-        let envelopes: Vec<Incoming> = items
+        let envelopes: Vec<Item> = items
             .iter()
             .filter(|i| matches!(i.meta.kind, ItemKind::Envelope | ItemKind::Grant))
-            .map(|i| Incoming::new(i.meta.kind, i.bytes.clone()))
+            .map(|i| Item::new(i.meta.kind, i.item.bytes.clone()))
             .collect();
         to.ingest(envelopes, Source::Peer(from.practice_id().peer_id()))
             .await
@@ -414,7 +415,7 @@ async fn snapshots_are_written_every_n_changes_and_dropped_on_exclusion() {
         .submit_revocation(patient.id(), revocation.encoded().to_vec())
         .await
         .unwrap();
-    assert_eq!(report.excluded, 4);
+    assert_eq!(report.counts.excluded, 4);
     assert!(store.snapshot(&patient.id(), Collection::Core).unwrap().is_none());
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
@@ -484,7 +485,7 @@ async fn a_snapshot_transfer_rebuilds_the_authors_exact_envelopes() {
     let envelope_bytes: usize = {
         let mut total = 0;
         for id in &held {
-            total += a.item(&(*id).into()).await.unwrap().unwrap().bytes.len();
+            total += a.item(&(*id).into()).await.unwrap().unwrap().item.bytes.len();
         }
         total
     };
@@ -504,16 +505,16 @@ async fn a_snapshot_transfer_rebuilds_the_authors_exact_envelopes() {
     for restored in &restored.envelopes {
         let envelope = restored.envelope();
         let original = a.item(&envelope.id().into()).await.unwrap().unwrap();
-        assert_eq!(envelope.encode(), original.bytes);
+        assert_eq!(envelope.encode(), original.item.bytes);
     }
     // B ingests them (with A's grant, as sync delivers it) and shows what A shows.
-    let grants: Vec<Incoming> = a
+    let grants: Vec<Item> = a
         .items_after(0, 1000)
         .await
         .unwrap()
         .into_iter()
         .filter(|i| i.meta.kind == ItemKind::Grant)
-        .map(|i| Incoming::new(i.meta.kind, i.bytes))
+        .map(|i| Item::new(i.meta.kind, i.item.bytes))
         .collect();
     let from_a = Source::Peer(a.practice_id().peer_id());
     b.ingest(grants, from_a.clone()).await.unwrap();
@@ -526,13 +527,13 @@ async fn a_snapshot_transfer_rebuilds_the_authors_exact_envelopes() {
         .ingest(
             first
                 .iter()
-                .map(|e| Incoming::new(ItemKind::Envelope, e.envelope().encode()))
+                .map(|e| Item::new(ItemKind::Envelope, e.envelope().encode()))
                 .collect(),
             from_a.clone(),
         )
         .await
         .unwrap();
-    assert_eq!((report.accepted, report.readable), (5, 5), "{report:?}");
+    assert_eq!((report.counts.accepted, report.counts.readable), (5, 5), "{report:?}");
     // ... and the restored-envelope ingest, which skips re-verifying; both
     // see duplicates the same way.
     let report = b
@@ -540,8 +541,8 @@ async fn a_snapshot_transfer_rebuilds_the_authors_exact_envelopes() {
         .await
         .unwrap();
     assert_eq!(
-        (report.accepted, report.readable, report.duplicates),
-        (rest.len(), rest.len(), 5),
+        (report.counts.accepted, report.counts.readable, report.counts.duplicates),
+        (rest.len() as u64, rest.len() as u64, 5),
         "{report:?}"
     );
     let on_a: Vec<_> = render_all(&a, pid)
@@ -791,13 +792,13 @@ async fn a_multi_patient_transaction_is_one_change_per_document_and_survives_reo
     let b = open(dir_b.path(), 2).await;
     onboard(&b, &mut ada, &collections).await;
     let repo_b = Repository::new(b.clone(), repository::Config::default()).unwrap();
-    let items: Vec<Incoming> = node
+    let items: Vec<Item> = node
         .items_after(0, 1000)
         .await
         .unwrap()
         .iter()
         .filter(|i| matches!(i.meta.kind, ItemKind::Envelope | ItemKind::Grant) && i.meta.patient == ada.id())
-        .map(|i| Incoming::new(i.meta.kind, i.bytes.clone()))
+        .map(|i| Item::new(i.meta.kind, i.item.bytes.clone()))
         .collect();
     b.ingest(items, Source::Peer(node.practice_id().peer_id()))
         .await
@@ -1012,13 +1013,13 @@ async fn a_transfer_document_becomes_the_snapshot_only_when_every_change_is_held
     repo.save_snapshots().await;
     let transfer = a.snapshot_transfer(pid, Collection::Labs).await.unwrap().unwrap();
     let headers: Vec<_> = transfer.covered.iter().map(|(_, h)| h.clone()).collect();
-    let grants: Vec<Incoming> = a
+    let grants: Vec<Item> = a
         .items_after(0, 1000)
         .await
         .unwrap()
         .into_iter()
         .filter(|i| i.meta.kind == ItemKind::Grant)
-        .map(|i| Incoming::new(i.meta.kind, i.bytes))
+        .map(|i| Item::new(i.meta.kind, i.item.bytes))
         .collect();
     let from_a = Source::Peer(a.practice_id().peer_id());
     b.ingest(grants, from_a.clone()).await.unwrap();
@@ -1095,7 +1096,7 @@ async fn a_transfer_document_opens_only_with_the_key_of_every_epoch_it_holds() {
         let share = patient
             .share(Collection::Labs, epoch, Principal::Practice(to.practice_id()))
             .unwrap();
-        vec![Incoming::new(ItemKind::KeyShare, share.encoded().to_vec())]
+        vec![Item::new(ItemKind::KeyShare, share.encoded().to_vec())]
     };
     for epoch in 0..3 {
         if epoch > 0 {
@@ -1172,7 +1173,7 @@ async fn a_snapshot_covering_an_excluded_envelope_makes_no_transfer() {
         .submit_revocation(pid, revocation.encoded().to_vec())
         .await
         .unwrap();
-    assert_eq!(report.excluded, 3);
+    assert_eq!(report.counts.excluded, 3);
     // The repository's cached document, saved before the exclusion reached it.
     assert!(
         node.save_snapshot(pid, Collection::Labs, &saved.covered, &saved.doc)
@@ -1255,10 +1256,10 @@ async fn a_peer_change_cannot_claim_another_patients_resource_or_a_foreign_type(
     )
     .await;
     let items = m.items_after(0, 1000).await.unwrap();
-    let incoming: Vec<Incoming> = items
+    let incoming: Vec<Item> = items
         .iter()
         .filter(|i| matches!(i.meta.kind, ItemKind::Envelope | ItemKind::Grant))
-        .map(|i| Incoming::new(i.meta.kind, i.bytes.clone()))
+        .map(|i| Item::new(i.meta.kind, i.item.bytes.clone()))
         .collect();
     let report = a
         .ingest(incoming, Source::Peer(m.practice_id().peer_id()))

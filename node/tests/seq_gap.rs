@@ -8,9 +8,10 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use medmesh_crypto::{Access, Collection, Envelope, EnvelopeId, Grant, PatientId, SecretIdentity, now, revocation_cut};
+use medmesh_node::item::Item;
 use medmesh_node::store::ItemKind;
 use medmesh_node::testing::{ChangeMaker, OwnedChange, TestPatient};
-use medmesh_node::{Config, Incoming, Node, Source};
+use medmesh_node::{Config, Node, Source};
 
 const CORE: Collection = Collection::Core;
 const A_SEED: u8 = 21;
@@ -41,9 +42,9 @@ impl Pair {
         let (a_grant, items) = patient.onboard(a.practice_id(), CORE).unwrap();
         a.submit(patient.id(), items).await.unwrap();
         let (_, mut items) = patient.grant_with_share(b.practice_id(), CORE, Access::Read).unwrap();
-        items.push(Incoming::new(ItemKind::Grant, a_grant.encoded().to_vec()));
+        items.push(Item::new(ItemKind::Grant, a_grant.encoded().to_vec()));
         let r = b.submit(patient.id(), items).await.unwrap();
-        assert_eq!(r.accepted, 3, "{r:?}");
+        assert_eq!(r.counts.accepted, 3, "{r:?}");
         Self {
             patient,
             a,
@@ -60,15 +61,15 @@ impl Pair {
     /// A writes `change` (its write path seals whatever seq it is given).
     async fn write_at_a(&self, change: &OwnedChange) -> (EnvelopeId, Vec<u8>) {
         let id = self.a.write_change(self.pid(), CORE, change.as_change()).await.unwrap();
-        let bytes = self.a.item(&id.into()).await.unwrap().unwrap().bytes;
+        let bytes = self.a.item(&id.into()).await.unwrap().unwrap().item.bytes;
         (id, bytes)
     }
 
     /// B ingests envelopes from A, in one page.
-    async fn to_b(&self, envelopes: &[&[u8]]) -> medmesh_node::IngestReport {
+    async fn to_b(&self, envelopes: &[&[u8]]) -> medmesh_node::Ingested {
         let items = envelopes
             .iter()
-            .map(|e| Incoming::new(ItemKind::Envelope, e.to_vec()))
+            .map(|e| Item::new(ItemKind::Envelope, e.to_vec()))
             .collect();
         self.b
             .ingest(items, Source::Peer(self.a.practice_id().peer_id()))
@@ -98,12 +99,16 @@ async fn a_change_after_a_gap_waits_until_the_gap_fills() {
     }
 
     let r = p.to_b(&[&sent[0], &sent[2]]).await;
-    assert_eq!((r.accepted, r.pending), (1, 1), "seq 3 waits for seq 2: {r:?}");
+    assert_eq!(
+        (r.counts.accepted, r.counts.pending),
+        (1, 1),
+        "seq 3 waits for seq 2: {r:?}"
+    );
     assert_eq!(p.b.holdings(&p.pid()).unwrap().readable, 1);
     assert_eq!(p.b.readable_changes(p.pid(), CORE).await.unwrap().len(), 1);
 
     let r = p.to_b(&[&sent[1]]).await;
-    assert_eq!(r.accepted, 2, "seq 2 lands and releases seq 3: {r:?}");
+    assert_eq!(r.counts.accepted, 2, "seq 2 lands and releases seq 3: {r:?}");
     assert_eq!(p.b.pending_count().unwrap(), 0);
     assert_eq!(p.b.holdings(&p.pid()).unwrap().readable, 3);
 }
@@ -118,11 +123,11 @@ async fn a_page_out_of_order_lands_whole_and_a_restart_releases() {
         sent.push(p.write_at_a(&c).await.1);
     }
     let r = p.to_b(&[&sent[2], &sent[1], &sent[0]]).await;
-    assert_eq!((r.accepted, r.pending), (3, 0), "{r:?}");
+    assert_eq!((r.counts.accepted, r.counts.pending), (3, 0), "{r:?}");
 
     // Seq 5 waits; B restarts; seq 4 then releases it.
     let r = p.to_b(&[&sent[4]]).await;
-    assert_eq!(r.pending, 1, "{r:?}");
+    assert_eq!(r.counts.pending, 1, "{r:?}");
     let Pair { a, b, _dirs: dirs, .. } = p;
     b.close().await;
     drop(b);
@@ -130,12 +135,12 @@ async fn a_page_out_of_order_lands_whole_and_a_restart_releases() {
     assert_eq!(b.pending_count().unwrap(), 1);
     let r = b
         .ingest(
-            vec![Incoming::new(ItemKind::Envelope, sent[3].clone())],
+            vec![Item::new(ItemKind::Envelope, sent[3].clone())],
             Source::Peer(a.practice_id().peer_id()),
         )
         .await
         .unwrap();
-    assert_eq!(r.accepted, 2, "{r:?}");
+    assert_eq!(r.counts.accepted, 2, "{r:?}");
     assert_eq!(b.pending_count().unwrap(), 0);
 }
 
@@ -151,7 +156,7 @@ async fn a_far_ahead_seq_is_never_readable_nor_in_the_cut_and_a_revocation_rejec
     let (far_id, e_far) = p.write_at_a(&far).await;
 
     let r = p.to_b(&[&e1, &e_far]).await;
-    assert_eq!((r.accepted, r.pending), (1, 1), "{r:?}");
+    assert_eq!((r.counts.accepted, r.counts.pending), (1, 1), "{r:?}");
     let h = p.b.holdings(&p.pid()).unwrap();
     assert_eq!((h.envelopes, h.readable), (1, 1), "the far-ahead change is not held");
     assert!(!p.b.envelope_ids(&p.pid(), CORE).unwrap().contains(&far_id));
@@ -189,7 +194,7 @@ async fn a_far_ahead_seq_is_never_readable_nor_in_the_cut_and_a_revocation_rejec
     )
     .unwrap();
     let r = p.to_b(&[&late.encode()]).await;
-    assert_eq!((r.accepted, r.rejected.len()), (0, 1), "{r:?}");
+    assert_eq!((r.counts.accepted, r.rejected.len()), (0, 1), "{r:?}");
 }
 
 #[tokio::test]
@@ -198,7 +203,7 @@ async fn a_change_signed_after_the_revocation_is_outside_it_whatever_its_seq() {
     let mut maker = ChangeMaker::new(p.a.practice_id().as_bytes()).unwrap();
     let c1 = maker.put("k", "1").unwrap();
     let (_, e1) = p.write_at_a(&c1).await;
-    assert_eq!(p.to_b(&[&e1]).await.accepted, 1);
+    assert_eq!(p.to_b(&[&e1]).await.counts.accepted, 1);
     // A generous cut (as an older CLI made it): seq 2 is inside by seq alone.
     let revocation = p
         .patient
@@ -218,6 +223,6 @@ async fn a_change_signed_after_the_revocation_is_outside_it_whatever_its_seq() {
     )
     .unwrap();
     let r = p.to_b(&[&after.encode()]).await;
-    assert_eq!((r.accepted, r.rejected.len()), (0, 1), "{r:?}");
+    assert_eq!((r.counts.accepted, r.rejected.len()), (0, 1), "{r:?}");
     assert_eq!(p.b.holdings(&p.pid()).unwrap().envelopes, 1);
 }

@@ -8,10 +8,11 @@ use std::sync::Arc;
 
 use medmesh_crypto::{Access, Collection, Envelope, EnvelopeId, Grant, PatientId, Principal, SecretIdentity, now};
 use medmesh_node::audit::{Action, ActorKind, AuditRecord};
+use medmesh_node::item::Item;
 use medmesh_node::repository::{self, Repository};
 use medmesh_node::store::{ItemId, ItemKind, SledStore, Store as _, StoredItem};
 use medmesh_node::testing::{ChangeMaker, FlushControl, TestPatient};
-use medmesh_node::{Config, Error, Event, Incoming, Node, Source};
+use medmesh_node::{Config, Error, Event, Node, Source};
 
 const CORE: Collection = Collection::Core;
 
@@ -26,15 +27,15 @@ async fn onboarded(dir: &Path, seed: u8, patient: &mut TestPatient) -> (Node, Gr
     let node = open(dir, seed).await;
     let (grant, items) = patient.onboard(node.practice_id(), CORE).unwrap();
     let report = node.submit(patient.id(), items).await.unwrap();
-    assert_eq!(report.accepted, 2, "{report:?}");
+    assert_eq!(report.counts.accepted, 2, "{report:?}");
     (node, grant)
 }
 
-fn envelopes_of(items: &[StoredItem]) -> Vec<Incoming> {
+fn envelopes_of(items: &[StoredItem]) -> Vec<Item> {
     items
         .iter()
         .filter(|i| i.meta.kind == ItemKind::Envelope)
-        .map(|i| Incoming::new(i.meta.kind, i.bytes.clone()))
+        .map(|i| Item::new(i.meta.kind, i.item.bytes.clone()))
         .collect()
 }
 
@@ -50,10 +51,11 @@ async fn write_read_back_holdings_and_audit() {
 
     match events.recv().await.unwrap() {
         Event::Stored(s) => {
-            assert_eq!(s.id, ItemId::from(id));
-            assert_eq!(s.kind, ItemKind::Envelope);
-            assert_eq!(s.patient, patient.id());
-            assert_eq!(s.collection, Some(CORE));
+            assert_eq!(s.meta.id, ItemId::from(id));
+            assert_eq!(s.meta.kind, ItemKind::Envelope);
+            assert_eq!(s.meta.patient, patient.id());
+            assert_eq!(s.meta.collection, Some(CORE));
+            assert_eq!(s.meta.grant, Some(grant.id()), "the grant it was written under");
             assert_eq!(s.seq, node.last_seq());
         }
         other => panic!("unexpected {other:?}"),
@@ -123,8 +125,8 @@ async fn write_refused_without_grant_or_key() {
     node.submit(
         patient.id(),
         vec![
-            Incoming::new(ItemKind::Grant, read.encoded().to_vec()),
-            Incoming::new(ItemKind::KeyShare, share.encoded().to_vec()),
+            Item::new(ItemKind::Grant, read.encoded().to_vec()),
+            Item::new(ItemKind::KeyShare, share.encoded().to_vec()),
         ],
     )
     .await
@@ -242,19 +244,23 @@ async fn ingest_opaque_then_unlocked_pending_then_released() {
 
     // Envelopes first: A's grant is unknown at B, so they wait.
     let r = b.ingest(envelopes_of(&all), from.clone()).await.unwrap();
-    assert_eq!((r.accepted, r.pending), (0, 5), "{r:?}");
+    assert_eq!((r.counts.accepted, r.counts.pending), (0, 5), "{r:?}");
     assert_eq!(b.pending_count().unwrap(), 5);
     // Same page again: duplicates, still pending once.
     let r = b.ingest(envelopes_of(&all), from.clone()).await.unwrap();
-    assert_eq!((r.pending, r.duplicates), (0, 5));
+    assert_eq!((r.counts.pending, r.counts.duplicates), (0, 5));
 
     // A's grant arrives: released, opaque (B holds no key).
     let grant = all.iter().find(|i| i.meta.kind == ItemKind::Grant).unwrap();
     let r = b
-        .ingest(vec![Incoming::new(ItemKind::Grant, grant.bytes.clone())], from.clone())
+        .ingest(vec![Item::new(ItemKind::Grant, grant.item.bytes.clone())], from.clone())
         .await
         .unwrap();
-    assert_eq!((r.accepted, r.opaque, r.readable), (6, 5, 0), "{r:?}");
+    assert_eq!(
+        (r.counts.accepted, r.counts.opaque, r.counts.readable),
+        (6, 5, 0),
+        "{r:?}"
+    );
     assert_eq!(b.pending_count().unwrap(), 0);
     let h = b.holdings(&patient.id()).unwrap();
     assert_eq!((h.envelopes, h.readable, h.opaque), (5, 0, 5));
@@ -269,13 +275,13 @@ async fn ingest_opaque_then_unlocked_pending_then_released() {
         .submit(
             patient.id(),
             vec![
-                Incoming::new(ItemKind::Grant, read.encoded().to_vec()),
-                Incoming::new(ItemKind::KeyShare, share.encoded().to_vec()),
+                Item::new(ItemKind::Grant, read.encoded().to_vec()),
+                Item::new(ItemKind::KeyShare, share.encoded().to_vec()),
             ],
         )
         .await
         .unwrap();
-    assert_eq!(r.unlocked, 5, "{r:?}");
+    assert_eq!(r.counts.unlocked, 5, "{r:?}");
     let h = b.holdings(&patient.id()).unwrap();
     assert_eq!((h.envelopes, h.readable, h.opaque), (5, 5, 0));
     let mut readable = Vec::new();
@@ -289,8 +295,8 @@ async fn ingest_opaque_then_unlocked_pending_then_released() {
     assert_eq!(changes.len(), 5);
     // Consent checks for serving.
     let env_meta = &all.iter().find(|i| i.meta.kind == ItemKind::Envelope).unwrap().meta;
-    assert!(!a.may_receive(&b.practice_id().peer_id(), env_meta));
-    assert!(b.may_receive(&a.practice_id().peer_id(), env_meta));
+    assert!(!a.may_disclose(&b.practice_id().peer_id(), env_meta).allowed());
+    assert!(b.may_disclose(&a.practice_id().peer_id(), env_meta).allowed());
     assert_eq!(b.peers_with_grant_from(&patient.id()).len(), 2);
 }
 
@@ -313,7 +319,7 @@ async fn scenario(reader: &SecretIdentity) -> Scenario {
     for i in 0..6 {
         let c = maker.put("k", &i.to_string()).unwrap();
         let id = a.write_change(patient.id(), CORE, c.as_change()).await.unwrap();
-        let bytes = a.item(&id.into()).await.unwrap().unwrap().bytes;
+        let bytes = a.item(&id.into()).await.unwrap().unwrap().item.bytes;
         envelopes.push((bytes, id, c.seq <= 3));
     }
     let revocation = patient.revoke(&grant, BTreeMap::from([(maker.actor(), 3)])).unwrap();
@@ -337,18 +343,18 @@ async fn revocation_excludes_envelopes_beyond_the_cut() {
     let b = Node::open(dir.path(), SecretIdentity::from_seed(&[7; 32]), Config::default())
         .await
         .unwrap();
-    let mut items = vec![Incoming::new(ItemKind::Grant, s.grant.clone())];
-    items.extend(s.shares.iter().map(|x| Incoming::new(ItemKind::KeyShare, x.clone())));
+    let mut items = vec![Item::new(ItemKind::Grant, s.grant.clone())];
+    items.extend(s.shares.iter().map(|x| Item::new(ItemKind::KeyShare, x.clone())));
     items.extend(
         s.envelopes
             .iter()
-            .map(|(b, _, _)| Incoming::new(ItemKind::Envelope, b.clone())),
+            .map(|(b, _, _)| Item::new(ItemKind::Envelope, b.clone())),
     );
     let r = b.ingest(items, Source::Patient(s.patient)).await.unwrap();
-    assert_eq!(r.readable, 6, "{r:?}");
+    assert_eq!(r.counts.readable, 6, "{r:?}");
     let mut events = b.subscribe();
     let r = b.submit_revocation(s.patient, s.revocation.clone()).await.unwrap();
-    assert_eq!(r.excluded, 3);
+    assert_eq!(r.counts.excluded, 3);
     let held = b.envelope_ids(&s.patient, CORE).unwrap();
     for (_, id, inside) in &s.envelopes {
         assert_eq!(held.contains(id), *inside);
@@ -363,9 +369,9 @@ async fn revocation_excludes_envelopes_beyond_the_cut() {
     assert_eq!(excluded, 3);
     assert_eq!(b.readable_changes(s.patient, CORE).await.unwrap().len(), 3);
     // A late envelope beyond the cut is rejected at once, once.
-    let late = Incoming::new(ItemKind::Envelope, s.envelopes[5].0.clone());
+    let late = Item::new(ItemKind::Envelope, s.envelopes[5].0.clone());
     let r = b.ingest(vec![late], Source::Patient(s.patient)).await.unwrap();
-    assert_eq!((r.accepted, r.duplicates), (0, 1));
+    assert_eq!((r.counts.accepted, r.counts.duplicates), (0, 1));
 }
 
 mod order {
@@ -387,15 +393,15 @@ mod order {
     /// items, and returns the (held, readable) envelope ids.
     fn deliver(order: &[usize], page: usize) -> (Vec<EnvelopeId>, u64) {
         let s = fixed();
-        let mut all = vec![Incoming::new(ItemKind::Grant, s.grant.clone())];
-        all.extend(s.shares.iter().map(|x| Incoming::new(ItemKind::KeyShare, x.clone())));
-        all.push(Incoming::new(ItemKind::Revocation, s.revocation.clone()));
+        let mut all = vec![Item::new(ItemKind::Grant, s.grant.clone())];
+        all.extend(s.shares.iter().map(|x| Item::new(ItemKind::KeyShare, x.clone())));
+        all.push(Item::new(ItemKind::Revocation, s.revocation.clone()));
         all.extend(
             s.envelopes
                 .iter()
-                .map(|(b, _, _)| Incoming::new(ItemKind::Envelope, b.clone())),
+                .map(|(b, _, _)| Item::new(ItemKind::Envelope, b.clone())),
         );
-        let items: Vec<Incoming> = order.iter().map(|i| all[*i].clone()).collect();
+        let items: Vec<Item> = order.iter().map(|i| all[*i].clone()).collect();
         runtime().block_on(async {
             let dir = tempfile::tempdir().unwrap();
             let b = Node::open(dir.path(), SecretIdentity::from_seed(&[8; 32]), Config::default())
@@ -432,14 +438,14 @@ mod order {
     }
 }
 
-fn flip_all(bytes: &[u8]) -> Vec<Incoming> {
+fn flip_all(bytes: &[u8]) -> Vec<Item> {
     (0..bytes.len() * 8)
         .map(|i| {
             let mut b = bytes.to_vec();
             b[i / 8] ^= 1 << (i % 8);
             b
         })
-        .map(|b| Incoming::new(ItemKind::Envelope, b))
+        .map(|b| Item::new(ItemKind::Envelope, b))
         .collect()
 }
 
@@ -452,8 +458,8 @@ async fn every_bit_flip_of_received_items_is_refused() {
         .await
         .unwrap();
     // The node knows the grant and key, so only the flip can stop an item.
-    let mut base = vec![Incoming::new(ItemKind::Grant, s.grant.clone())];
-    base.extend(s.shares.iter().map(|x| Incoming::new(ItemKind::KeyShare, x.clone())));
+    let mut base = vec![Item::new(ItemKind::Grant, s.grant.clone())];
+    base.extend(s.shares.iter().map(|x| Item::new(ItemKind::KeyShare, x.clone())));
     b.ingest(base, Source::Patient(s.patient)).await.unwrap();
     let cases: Vec<(ItemKind, Vec<u8>)> = vec![
         (ItemKind::Envelope, s.envelopes[0].0.clone()),
@@ -462,16 +468,22 @@ async fn every_bit_flip_of_received_items_is_refused() {
         (ItemKind::KeyShare, s.shares[0].clone()),
     ];
     for (kind, bytes) in cases {
-        let flipped: Vec<Incoming> = flip_all(&bytes)
-            .into_iter()
-            .map(|i| Incoming::new(kind, i.bytes))
-            .collect();
+        let flipped: Vec<Item> = flip_all(&bytes).into_iter().map(|i| Item::new(kind, i.bytes)).collect();
         let n = flipped.len();
         let r = b.ingest(flipped, Source::Patient(s.patient)).await.unwrap();
-        assert_eq!(r.accepted, 0, "{kind:?}: a flipped item was accepted");
+        assert_eq!(r.counts.accepted, 0, "{kind:?}: a flipped item was accepted");
         // Only flips of the format version field may wait (a newer format).
-        assert!(r.pending <= 8, "{kind:?}: {} pending", r.pending);
-        assert_eq!(r.rejected.len() + r.pending + r.duplicates, n, "{kind:?}");
+        assert!(r.counts.pending <= 8, "{kind:?}: {} pending", r.counts.pending);
+        assert_eq!(
+            r.counts.rejected + r.counts.pending + r.counts.duplicates,
+            n as u64,
+            "{kind:?}"
+        );
+        assert_eq!(
+            r.counts.rejected,
+            r.rejected.len() as u64,
+            "{kind:?}: one count, one reason per rejection"
+        );
         for x in &r.rejected {
             assert!(
                 matches!(x.error, Error::Crypto(_) | Error::Rejected { .. }),
@@ -483,12 +495,12 @@ async fn every_bit_flip_of_received_items_is_refused() {
     // The genuine envelope is still accepted afterwards: no flip poisoned its id.
     let r = b
         .ingest(
-            vec![Incoming::new(ItemKind::Envelope, s.envelopes[0].0.clone())],
+            vec![Item::new(ItemKind::Envelope, s.envelopes[0].0.clone())],
             Source::Patient(s.patient),
         )
         .await
         .unwrap();
-    assert_eq!(r.readable, 1, "{r:?}");
+    assert_eq!(r.counts.readable, 1, "{r:?}");
 }
 
 #[tokio::test]
@@ -515,12 +527,12 @@ async fn bit_flips_at_rest_are_caught_and_repairable() {
         // Repair from a good copy (as reconciliation would).
         let r = node
             .ingest(
-                vec![Incoming::new(ItemKind::Envelope, original.clone())],
+                vec![Item::new(ItemKind::Envelope, original.clone())],
                 Source::Patient(patient.id()),
             )
             .await
             .unwrap();
-        assert_eq!(r.readable, 1, "bit {i}: {r:?}");
+        assert_eq!(r.counts.readable, 1, "bit {i}: {r:?}");
     }
     let actions: Vec<Action> = node.audit_entries(None).unwrap().iter().map(|e| e.action).collect();
     assert!(actions.contains(&Action::Quarantine));
@@ -712,9 +724,9 @@ fn no_plaintext_at_rest_or_in_logs() {
             }
             // B relays them opaque, then can read them too.
             let items = a.items_after(0, 100).await.unwrap();
-            let page: Vec<Incoming> = items
+            let page: Vec<Item> = items
                 .iter()
-                .map(|i| Incoming::new(i.meta.kind, i.bytes.clone()))
+                .map(|i| Item::new(i.meta.kind, i.item.bytes.clone()))
                 .collect();
             b.ingest(page, Source::Peer(a.practice_id().peer_id())).await.unwrap();
             let share = patient.share(CORE, 0, Principal::Practice(b.practice_id())).unwrap();
@@ -724,8 +736,8 @@ fn no_plaintext_at_rest_or_in_logs() {
             b.submit(
                 patient.id(),
                 vec![
-                    Incoming::new(ItemKind::Grant, read.encoded().to_vec()),
-                    Incoming::new(ItemKind::KeyShare, share.encoded().to_vec()),
+                    Item::new(ItemKind::Grant, read.encoded().to_vec()),
+                    Item::new(ItemKind::KeyShare, share.encoded().to_vec()),
                 ],
             )
             .await
@@ -805,7 +817,7 @@ async fn envelope_decoder_sanity() {
     let c = maker.put("k", "v").unwrap();
     let id = node.write_change(patient.id(), CORE, c.as_change()).await.unwrap();
     let item = node.item(&id.into()).await.unwrap().unwrap();
-    assert_eq!(Envelope::decode(&item.bytes).unwrap().id(), id);
+    assert_eq!(Envelope::decode(&item.item.bytes).unwrap().id(), id);
     assert_eq!(item.meta.patient, patient.id());
     assert_eq!(node.cursor(&node.practice_id().peer_id()).unwrap(), None);
 }
@@ -826,11 +838,19 @@ async fn ingest_capped_parks_no_more_than_the_room_given() {
 
     // Room for 2: two wait, three are refused and not kept.
     let r = b.ingest_capped(envelopes_of(&all), from.clone(), 2).await.unwrap();
-    assert_eq!((r.accepted, r.pending, r.refused), (0, 2, 3), "{r:?}");
+    assert_eq!(
+        (r.counts.accepted, r.counts.pending, r.counts.refused),
+        (0, 2, 3),
+        "{r:?}"
+    );
     assert_eq!(b.pending_count().unwrap(), 2);
     // No room: the parked two are duplicates, the others refused again.
     let r = b.ingest_capped(envelopes_of(&all), from.clone(), 0).await.unwrap();
-    assert_eq!((r.pending, r.duplicates, r.refused), (0, 2, 3), "{r:?}");
+    assert_eq!(
+        (r.counts.pending, r.counts.duplicates, r.counts.refused),
+        (0, 2, 3),
+        "{r:?}"
+    );
     assert_eq!(b.pending_count().unwrap(), 2);
 
     // The grant releases the parked two (a cap of 0 does not hold them back);
@@ -838,15 +858,19 @@ async fn ingest_capped_parks_no_more_than_the_room_given() {
     let grant = all.iter().find(|i| i.meta.kind == ItemKind::Grant).unwrap();
     let r = b
         .ingest_capped(
-            vec![Incoming::new(ItemKind::Grant, grant.bytes.clone())],
+            vec![Item::new(ItemKind::Grant, grant.item.bytes.clone())],
             from.clone(),
             0,
         )
         .await
         .unwrap();
-    assert_eq!((r.accepted, r.refused), (3, 0), "{r:?}");
+    assert_eq!((r.counts.accepted, r.counts.refused), (3, 0), "{r:?}");
     assert_eq!(b.pending_count().unwrap(), 0);
     let r = b.ingest_capped(envelopes_of(&all), from, 0).await.unwrap();
-    assert_eq!((r.accepted, r.duplicates, r.refused), (3, 2, 0), "{r:?}");
+    assert_eq!(
+        (r.counts.accepted, r.counts.duplicates, r.counts.refused),
+        (3, 2, 0),
+        "{r:?}"
+    );
     assert_eq!(b.holdings(&patient.id()).unwrap().envelopes, 5);
 }

@@ -15,8 +15,8 @@ use medmesh_node::repository::{self, Repository};
 use medmesh_node::testing::TestPatient;
 use medmesh_node::{Actor, Node};
 use medmesh_sync::{
-    AuditEntryWire, Backend, Config, ConsentView, Cursor, DisclosureRecord, IngestReport, InstanceId, Item,
-    NodeBackend, PeerId, StoredEvent, StoredItem, SyncHandle, Transfer, TransferIngest,
+    AuditEntryWire, Backend, Config, ConsentView, Cursor, DisclosureRecord, IngestReport, InstanceId, Item, ItemStored,
+    NodeBackend, PeerId, StoredItem, SyncHandle, Transfer, TransferIngest,
 };
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
@@ -246,7 +246,7 @@ impl Backend for Timed {
         r
     }
 
-    fn subscribe(&self) -> broadcast::Receiver<StoredEvent> {
+    fn subscribe(&self) -> broadcast::Receiver<ItemStored> {
         self.inner.subscribe()
     }
 
@@ -1033,16 +1033,6 @@ async fn back_online(n: usize) {
     .await
     .unwrap();
     let a_peer = cli.dial(a.sync.listen_addrs().await.unwrap().remove(0)).await.unwrap();
-    let items = items
-        .into_iter()
-        .map(|i| Item {
-            kind: match i.kind {
-                medmesh_node::store::ItemKind::Grant => medmesh_sync::ItemKind::Grant,
-                _ => medmesh_sync::ItemKind::KeyShare,
-            },
-            bytes: i.bytes,
-        })
-        .collect();
     cli.push(a_peer, items, vec![b_addr.clone()]).await.unwrap();
     cli.shutdown().await.unwrap();
     while a.sync.status().await.unwrap().outbox < 2 {
@@ -1147,10 +1137,7 @@ async fn anti_entropy_cost(patients: usize) {
             .unwrap();
         a_node.submit(pid, items_b.clone()).await.unwrap();
         let mut at_b = items_b;
-        at_b.push(medmesh_node::Incoming::new(
-            medmesh_node::store::ItemKind::Grant,
-            grant_a.encoded().to_vec(),
-        ));
+        at_b.push(Item::new(medmesh_sync::ItemKind::Grant, grant_a.encoded().to_vec()));
         b_node.submit(pid, at_b).await.unwrap();
         let mut labs = medmesh_node::testing::ChangeMaker::new(&a_key.public_bytes()).unwrap();
         for i in 0..2 {

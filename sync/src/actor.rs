@@ -27,16 +27,16 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::backend::{
-    Backend, ConsentView, Cursor, DisclosureRecord, IngestReport, Item, ItemId, ItemKind, ItemMeta, Owed, StoredEvent,
+    Backend, ConsentView, Cursor, DisclosureRecord, IngestReport, Item, ItemId, ItemKind, ItemMeta, ItemStored, Owed,
 };
 use crate::config::{Config, Limits, RelayLimits};
-use crate::filter::{Requester, may_disclose};
 use crate::serve::{self, Served};
 use crate::wire::{
     Codec, MAX_DIGEST_PATIENTS, MAX_FETCH_IDS, MAX_ITEMS_PER_MESSAGE, MAX_OFFERS_PER_PAGE, MAX_PUSH_ADDRS, Offer,
     OutboxReport, PROTOCOL, RefusalCode, Request, Response, patient_digest, summary_digest,
 };
 use crate::{Connection, Error, Result, Status, SyncReport};
+use medmesh_node::policy::{Requester, may_disclose};
 use medmesh_node::rate::Bucket;
 
 const COMMAND_CAPACITY: usize = 256;
@@ -1020,7 +1020,7 @@ pub(crate) struct Actor<B: Backend> {
     swarm: Swarm<Behaviour>,
     ctx: Ctx<B>,
     commands: mpsc::Receiver<Command>,
-    stored: broadcast::Receiver<StoredEvent>,
+    stored: broadcast::Receiver<ItemStored>,
     config: Config,
     me: PeerId,
     static_peers: Vec<(PeerId, Multiaddr)>,
@@ -2405,7 +2405,7 @@ impl<B: Backend> Actor<B> {
 
     /// Hands a stored item to the consent-flow task (which needs the store's
     /// async API) with a snapshot of the connected peers.
-    fn on_stored(&mut self, event: StoredEvent) {
+    fn on_stored(&mut self, event: ItemStored) {
         self.ctx.followed.fetch_max(event.seq, Ordering::AcqRel);
         if !self.config.consent_flows {
             return;
@@ -2562,7 +2562,7 @@ async fn push_filtered<B: Backend>(
     view: &ConsentView,
     peer: PeerId,
     item: &Item,
-    event: &StoredEvent,
+    event: &ItemStored,
 ) -> Result<()> {
     let meta = &event.meta;
     let requester = Requester::from_peer_id(&peer)?;
@@ -2862,7 +2862,7 @@ async fn push_task<B: Backend>(
 ///   before the grant arrives;
 /// - a revocation: forward it to every holder of a grant from the patient;
 /// - a key share for another practice: push it to its recipient.
-async fn consent_flow<B: Backend>(ctx: &Ctx<B>, me: PeerId, connected: Vec<PeerId>, event: StoredEvent) -> Result<()> {
+async fn consent_flow<B: Backend>(ctx: &Ctx<B>, me: PeerId, connected: Vec<PeerId>, event: ItemStored) -> Result<()> {
     let meta = &event.meta;
     // A patient this node holds nothing of (no envelope, no grant to it)
     // is none of its business: a self-made identity's grants would make it
@@ -2988,7 +2988,7 @@ async fn consent_flow<B: Backend>(ctx: &Ctx<B>, me: PeerId, connected: Vec<PeerI
             }
         }
         ItemKind::KeyShare => {
-            if let Some(Principal::Practice(recipient)) = meta.recipient {
+            if let Some(Principal::Practice(recipient)) = meta.recipient() {
                 let peer = recipient.peer_id();
                 if peer != me
                     && Some(peer) != event.from

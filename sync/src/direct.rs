@@ -9,9 +9,9 @@ use libp2p::PeerId;
 use medmesh_crypto::Timestamp;
 
 use crate::backend::Backend;
-use crate::filter::Requester;
 use crate::serve;
 use crate::wire::{RefusalCode, Request, Response};
+use medmesh_node::policy::Requester;
 
 /// Answers `request` from `peer` (as its Noise handshake would have proven
 /// it) with `backend`'s store at time `now`: Pull, Summary, Fetch, Snapshot

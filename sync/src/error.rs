@@ -101,3 +101,9 @@ pub enum Error {
 
 /// Result with [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl From<medmesh_node::policy::NotEd25519> for Error {
+    fn from(e: medmesh_node::policy::NotEd25519) -> Self {
+        Self::NotEd25519(e.0)
+    }
+}

@@ -32,7 +32,6 @@ mod backend;
 mod config;
 mod direct;
 mod error;
-mod filter;
 pub mod memory;
 mod node_backend;
 mod serve;
@@ -47,14 +46,14 @@ use tokio::sync::{mpsc, oneshot};
 pub use address::AddressRecord;
 pub use backend::{
     AuditEntryWire, Backend, ConsentView, Cursor, DisclosureRecord, IngestReport, InstanceId, Item, ItemId, ItemKind,
-    ItemMeta, Owed, StoredEvent, StoredItem, Transfer, TransferIngest,
+    ItemMeta, ItemStored, Owed, StoredItem, Transfer, TransferIngest,
 };
 pub use config::{Config, Limits, RelayLimits};
 pub use direct::serve_request;
 pub use error::{Error, Result};
-pub use filter::{Denied, Disclosure, Requester, may_disclose};
 pub use libp2p::multiaddr::Protocol;
 pub use libp2p::{Multiaddr, PeerId};
+pub use medmesh_node::policy::{Denied, Disclosure, Requester, may_disclose};
 pub use node_backend::{MIN_TRANSFER_ENVELOPES, NodeBackend};
 pub use serve::SCAN_BUDGET;
 

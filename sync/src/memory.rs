@@ -11,11 +11,12 @@ use std::sync::{Mutex, MutexGuard};
 use libp2p::PeerId;
 use medmesh_crypto::{Collection, Envelope, EnvelopeId, Error as CryptoError, PatientId, Principal, Timestamp, now};
 use medmesh_node::audit::{Action, ActorKind};
+use medmesh_node::policy::{self, Validity};
 use tokio::sync::broadcast;
 
 use crate::backend::{
     AuditEntryWire, Backend, ConsentView, Cursor, DisclosureRecord, IngestReport, InstanceId, Item, ItemId, ItemKind,
-    ItemMeta, Owed, StoredEvent, StoredItem,
+    ItemMeta, ItemStored, Owed, StoredItem,
 };
 use crate::{Error, Result};
 
@@ -37,7 +38,7 @@ struct State {
 pub struct MemoryBackend {
     instance: InstanceId,
     state: Mutex<State>,
-    events: broadcast::Sender<StoredEvent>,
+    events: broadcast::Sender<ItemStored>,
 }
 
 impl Default for MemoryBackend {
@@ -118,7 +119,7 @@ impl MemoryBackend {
     fn judge(&self, state: &State, item: &Item) -> Verdict {
         let meta = match ItemMeta::describe(item) {
             Ok(m) => m,
-            Err(Error::Crypto(CryptoError::UnsupportedVersion { .. })) => return Verdict::Pending,
+            Err(CryptoError::UnsupportedVersion { .. }) => return Verdict::Pending,
             Err(_) => return Verdict::Reject(ItemId::digest(&item.bytes)),
         };
         if state.ids.contains(&meta.id) {
@@ -130,24 +131,14 @@ impl MemoryBackend {
         let Ok(envelope) = Envelope::decode(&item.bytes) else {
             return Verdict::Reject(meta.id);
         };
+        // The node's own rule (DESIGN §5), on what this store holds.
         let h = envelope.header();
-        match (h.author, h.grant_id) {
-            (Principal::Patient(p), None) if p == h.patient => Verdict::Accept(Box::new(meta)),
-            (Principal::Practice(author), Some(grant_id)) => {
-                let view = Self::view(state, &h.patient);
-                let Some(grant) = view.grant(grant_id) else {
-                    return Verdict::Pending;
-                };
-                let revocation = view.revocations.iter().find(|r| r.revokes(grant));
-                if grant.terms().grantee == author
-                    && grant.admits_change(h.collection, h.created_at, &h.actor, h.seq, revocation)
-                {
-                    Verdict::Accept(Box::new(meta))
-                } else {
-                    Verdict::Reject(meta.id)
-                }
-            }
-            _ => Verdict::Reject(meta.id),
+        let view = Self::view(state, &h.patient);
+        let grant = h.grant_id.and_then(|id| view.grant(id));
+        match policy::admits(h, grant, &view.revocations) {
+            Validity::Valid => Verdict::Accept(Box::new(meta)),
+            Validity::MissingGrant(..) => Verdict::Pending,
+            Validity::Invalid(_) => Verdict::Reject(meta.id),
         }
     }
 
@@ -160,7 +151,7 @@ impl MemoryBackend {
             item,
         });
         // No subscriber is fine.
-        let _ = self.events.send(StoredEvent { seq, meta, from });
+        let _ = self.events.send(ItemStored { seq, meta, from });
         seq
     }
 
@@ -332,7 +323,7 @@ impl Backend for MemoryBackend {
             .lock()
             .log
             .iter()
-            .any(|s| s.meta.kind == ItemKind::Grant && s.meta.recipient == grantee))
+            .any(|s| s.meta.kind == ItemKind::Grant && s.meta.recipient() == grantee))
     }
 
     fn consent(&self, patient: &PatientId) -> Result<ConsentView> {
@@ -418,7 +409,7 @@ impl Backend for MemoryBackend {
             .collect())
     }
 
-    fn subscribe(&self) -> broadcast::Receiver<StoredEvent> {
+    fn subscribe(&self) -> broadcast::Receiver<ItemStored> {
         self.events.subscribe()
     }
 }

@@ -1,12 +1,8 @@
 //! The adapter that puts a real node store behind sync:
 //! [`NodeBackend`] implements [`Backend`] on `medmesh_node::Node`.
 //!
-//! The node publishes "item stored" with ids only; the adapter looks each
-//! stored item up once to add the signed metadata the consent flows need
-//! (grant, author, recipient) and republishes it as a [`StoredEvent`]. The
-//! node does not say which peer an item came from, so `from` is `None`: a
-//! node may nudge or push back to the peer it just received from, which
-//! costs a duplicate, never a disclosure (the filter still decides).
+//! The node publishes "item stored" with the item's signed metadata; the
+//! adapter passes those events on to the sync actor unchanged.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -16,14 +12,14 @@ use medmesh_crypto::{Collection, CompactHeader, EnvelopeId, GrantId, PatientId, 
 use medmesh_node::audit::{Action, ActorKind, AuditEntry, AuditRecord};
 use medmesh_node::store::{self as node_store};
 use medmesh_node::transfer::TransferError;
-use medmesh_node::{Event, Incoming, Node, Source};
+use medmesh_node::{Event, Node, Source};
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
 use crate::backend::{
-    AuditEntryWire, Backend, ConsentView, Cursor, DisclosureRecord, IngestReport, InstanceId, Item, ItemId, ItemKind,
-    ItemMeta, Owed, StoredEvent, StoredItem, Transfer, TransferIngest,
+    AuditEntryWire, Backend, ConsentView, Cursor, DisclosureRecord, IngestReport, InstanceId, Item, ItemId, ItemMeta,
+    ItemStored, Owed, StoredItem, Transfer, TransferIngest,
 };
 use crate::wire::{SnapshotPayload, decode_transfer_headers, encode_compact_headers};
 use crate::{Error, Result};
@@ -33,7 +29,7 @@ const EVENT_CAPACITY: usize = 4096;
 /// A `medmesh_node::Node` as a sync [`Backend`].
 pub struct NodeBackend {
     node: Node,
-    events: broadcast::Sender<StoredEvent>,
+    events: broadcast::Sender<ItemStored>,
     forwarder: JoinHandle<()>,
     /// Snapshot transfers made, by (patient, collection); each is reused
     /// while the local snapshot it was made from stays the same.
@@ -64,64 +60,6 @@ impl Drop for NodeBackend {
 
 fn backend_error(e: medmesh_node::Error) -> Error {
     Error::Backend(e.to_string())
-}
-
-fn kind_from_node(kind: node_store::ItemKind) -> ItemKind {
-    match kind {
-        node_store::ItemKind::Envelope => ItemKind::Envelope,
-        node_store::ItemKind::Grant => ItemKind::Grant,
-        node_store::ItemKind::Revocation => ItemKind::Revocation,
-        node_store::ItemKind::KeyShare => ItemKind::KeyShare,
-    }
-}
-
-fn kind_to_node(kind: ItemKind) -> node_store::ItemKind {
-    match kind {
-        ItemKind::Envelope => node_store::ItemKind::Envelope,
-        ItemKind::Grant => node_store::ItemKind::Grant,
-        ItemKind::Revocation => node_store::ItemKind::Revocation,
-        ItemKind::KeyShare => node_store::ItemKind::KeyShare,
-    }
-}
-
-fn meta_from_node(meta: &node_store::ItemMeta) -> ItemMeta {
-    let kind = kind_from_node(meta.kind);
-    let (author, recipient) = match kind {
-        ItemKind::Envelope => (meta.principal, None),
-        ItemKind::Grant | ItemKind::KeyShare => (None, meta.principal),
-        ItemKind::Revocation => (None, None),
-    };
-    ItemMeta {
-        kind,
-        id: ItemId(meta.id.0),
-        patient: meta.patient,
-        collection: meta.collection,
-        grant: meta.grant,
-        author,
-        recipient,
-    }
-}
-
-fn stored_from_node(item: node_store::StoredItem) -> StoredItem {
-    StoredItem {
-        seq: item.seq,
-        meta: meta_from_node(&item.meta),
-        item: Item {
-            kind: kind_from_node(item.meta.kind),
-            bytes: item.bytes,
-        },
-    }
-}
-
-fn ingest_report(report: &medmesh_node::IngestReport) -> IngestReport {
-    IngestReport {
-        accepted: report.accepted as u64,
-        duplicates: report.duplicates as u64,
-        pending: report.pending as u64,
-        rejected: report.rejected.len() as u64,
-        refused: report.refused as u64,
-        unwanted: report.unwanted as u64,
-    }
 }
 
 /// The outcome written when a patient reads the audit entries about them.
@@ -163,7 +101,7 @@ fn audit_to_wire(e: AuditEntry) -> Result<AuditEntryWire> {
 
 impl NodeBackend {
     /// Wraps `node` and starts the task that turns its events into
-    /// [`StoredEvent`]s. Call inside a tokio runtime.
+    /// [`ItemStored`]s. Call inside a tokio runtime.
     pub fn new(node: Node) -> Arc<Self> {
         Self::with_min_transfer_envelopes(node, MIN_TRANSFER_ENVELOPES)
     }
@@ -191,31 +129,15 @@ impl NodeBackend {
     }
 }
 
-async fn forward_events(node: Node, events: broadcast::Sender<StoredEvent>) {
+async fn forward_events(node: Node, events: broadcast::Sender<ItemStored>) {
     let mut rx = node.subscribe();
     loop {
         match rx.recv().await {
             Ok(Event::Stored(stored)) => {
-                // Only the metadata, which the node wrote when it stored the
-                // item after verifying it: reading the item back through
-                // `Node::item` would verify its signature again, one ed25519
-                // check per stored item (a restored transfer's 10k took half
-                // a core-second from the restore they compete with). What is
-                // served is checked again before it leaves (`Backend::check`).
-                let meta = match node.raw_store().item(&stored.id) {
-                    Ok(Some(item)) => meta_from_node(&item.meta),
-                    Ok(None) => continue,
-                    Err(e) => {
-                        warn!(item = %stored.id, cause = %e, "stored item does not read back");
-                        continue;
-                    }
-                };
-                // No subscriber is fine.
-                let _ = events.send(StoredEvent {
-                    seq: stored.seq,
-                    meta,
-                    from: stored.from,
-                });
+                // The node's event carries the signed metadata it stored:
+                // nothing is read back (a read would verify the signature
+                // again, one ed25519 check per item). No subscriber is fine.
+                let _ = events.send(*stored);
             }
             Ok(_) => {}
             Err(broadcast::error::RecvError::Lagged(n)) => {
@@ -249,31 +171,20 @@ fn source_of(from: PeerId, first: &Option<Item>) -> Source {
 
 impl Backend for NodeBackend {
     fn instance_id(&self) -> InstanceId {
-        InstanceId(self.node.instance_id().0)
+        self.node.instance_id()
     }
 
     async fn items_after(&self, after: u64, limit: usize) -> Result<Vec<StoredItem>> {
-        let items = self.node.items_after(after, limit).await.map_err(backend_error)?;
-        Ok(items.into_iter().map(stored_from_node).collect())
+        self.node.items_after(after, limit).await.map_err(backend_error)
     }
 
     async fn scan_after(&self, after: u64, limit: usize) -> Result<Vec<StoredItem>> {
-        let items = self.node.scan_after(after, limit).map_err(backend_error)?;
-        Ok(items.into_iter().map(stored_from_node).collect())
+        self.node.scan_after(after, limit).map_err(backend_error)
     }
 
     async fn check(&self, item: &StoredItem) -> Result<bool> {
-        let m = &item.meta;
-        let meta = node_store::ItemMeta {
-            kind: kind_to_node(m.kind),
-            id: node_store::ItemId(m.id.0),
-            patient: m.patient,
-            collection: m.collection,
-            grant: m.grant,
-            principal: m.author.or(m.recipient),
-        };
         self.node
-            .check_stored(&meta, &item.item.bytes)
+            .check_stored(&item.meta, &item.item.bytes)
             .await
             .map_err(backend_error)
     }
@@ -284,18 +195,14 @@ impl Backend for NodeBackend {
 
     async fn ingest_capped(&self, from: PeerId, items: Vec<Item>, pending_room: u64) -> Result<IngestReport> {
         let first = items.first().cloned();
-        let incoming = items
-            .into_iter()
-            .map(|i| Incoming::new(kind_to_node(i.kind), i.bytes))
-            .collect();
         let room = usize::try_from(pending_room).unwrap_or(usize::MAX);
         let source = source_of(from, &first);
         let report = self
             .node
-            .ingest_capped(incoming, source, room)
+            .ingest_capped(items, source, room)
             .await
             .map_err(backend_error)?;
-        Ok(ingest_report(&report))
+        Ok(report.counts)
     }
 
     fn pending_total(&self) -> Result<u64> {
@@ -303,17 +210,10 @@ impl Backend for NodeBackend {
     }
 
     fn cursor(&self, peer: &PeerId) -> Result<Option<Cursor>> {
-        Ok(self.node.cursor(peer).map_err(backend_error)?.map(|c| Cursor {
-            instance: InstanceId(c.instance.0),
-            seq: c.seq,
-        }))
+        self.node.cursor(peer).map_err(backend_error)
     }
 
     async fn set_cursor(&self, peer: &PeerId, cursor: Cursor) -> Result<()> {
-        let cursor = node_store::Cursor {
-            instance: node_store::InstanceId(cursor.instance.0),
-            seq: cursor.seq,
-        };
         self.node.set_cursor(peer, cursor).await.map_err(backend_error)
     }
 
@@ -328,20 +228,7 @@ impl Backend for NodeBackend {
     }
 
     fn consent(&self, patient: &PatientId) -> Result<ConsentView> {
-        let grants = self.node.grants(patient);
-        let revoked = grants
-            .iter()
-            .map(|g| g.id())
-            .filter(|id| self.node.is_revoked(patient, id))
-            .collect();
-        Ok(ConsentView {
-            grants,
-            revoked,
-            // The node keeps revocations in its registry by grant id only;
-            // summaries then carry grants, and revocations travel by push
-            // and pull.
-            revocations: Vec::new(),
-        })
+        Ok(self.node.consent_view(patient))
     }
 
     fn envelope_ids(&self, patient: &PatientId, collection: Collection) -> Result<Vec<EnvelopeId>> {
@@ -402,12 +289,7 @@ impl Backend for NodeBackend {
     }
 
     async fn item(&self, id: &ItemId) -> Result<Option<StoredItem>> {
-        Ok(self
-            .node
-            .item(&node_store::ItemId(id.0))
-            .await
-            .map_err(backend_error)?
-            .map(stored_from_node))
+        self.node.item(id).await.map_err(backend_error)
     }
 
     fn last_seq(&self) -> u64 {
@@ -461,8 +343,8 @@ impl Backend for NodeBackend {
     async fn envelopes(&self, ids: &[EnvelopeId]) -> Result<Vec<StoredItem>> {
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
-            match self.node.item(&node_store::ItemId(id.0)).await {
-                Ok(Some(item)) => out.push(stored_from_node(item)),
+            match self.node.item(&ItemId::from(*id)).await {
+                Ok(Some(item)) => out.push(item),
                 Ok(None) => {}
                 Err(e) => warn!(envelope = %id, cause = %e, "skipped"),
             }
@@ -479,7 +361,7 @@ impl Backend for NodeBackend {
             .map_err(backend_error)
     }
 
-    fn subscribe(&self) -> broadcast::Receiver<StoredEvent> {
+    fn subscribe(&self) -> broadcast::Receiver<ItemStored> {
         self.events.subscribe()
     }
 
@@ -618,8 +500,8 @@ impl Backend for NodeBackend {
                 .ingest_restored(restored.envelopes, Source::Peer(from), Some(room_now))
                 .await
                 .map_err(backend_error)?;
-            room = room.saturating_sub(report.pending as u64);
-            done.report.add(ingest_report(&report));
+            room = room.saturating_sub(report.counts.pending);
+            done.report.add(report.counts);
         }
         // The document, every change of which is now verified and held, is
         // what the first read would otherwise rebuild from them: keep it as

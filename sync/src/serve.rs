@@ -13,7 +13,6 @@ use crate::backend::{
     AuditEntryWire, Backend, ConsentView, Cursor, DisclosureRecord, Item, ItemId, ItemKind, ItemMeta, StoredItem,
     Transfer,
 };
-use crate::filter::{Disclosure, Requester, may_disclose};
 use crate::wire::{
     DigestParts, MAX_AUDIT_ACTOR_ID_LEN, MAX_AUDIT_ENTRIES_PER_MESSAGE, MAX_AUDIT_ITEMS_PER_ENTRY,
     MAX_AUDIT_OUTCOME_LEN, MAX_OFFERS_PER_PAGE, MAX_OUTBOX_ERROR_LEN, MAX_OUTBOX_HELD, MAX_OUTBOX_OWED,
@@ -21,6 +20,7 @@ use crate::wire::{
     patient_digest, summary_digest,
 };
 use crate::{Error, Result};
+use medmesh_node::policy::{Disclosure, Requester, may_disclose};
 
 /// Most log entries one pull scans (allowed or not), so a peer that may
 /// receive little does not make the server read its whole log per request.
@@ -455,8 +455,7 @@ fn envelope_probe(patient: PatientId, collection: Collection) -> ItemMeta {
         patient,
         collection: Some(collection),
         grant: None,
-        author: None,
-        recipient: None,
+        principal: None,
     }
 }
 

@@ -552,7 +552,7 @@ fn items_value(items: &[Item]) -> Value {
     Value::Array(
         items
             .iter()
-            .map(|i| Value::Array(vec![uint(i.kind.wire()), bytes(&i.bytes)]))
+            .map(|i| Value::Array(vec![uint(i.kind.code().into()), bytes(&i.bytes)]))
             .collect(),
     )
 }
@@ -1274,7 +1274,7 @@ fn decode_items(message: &'static str, values: Vec<Value>) -> Result<Vec<Item>> 
         .into_iter()
         .map(|v| {
             let mut f = Fields::nested(message, v, 2)?;
-            let kind = ItemKind::from_wire(f.uint()?).ok_or_else(|| wire(message, "unknown item kind"))?;
+            let kind = ItemKind::from_code(f.uint()?).ok_or_else(|| wire(message, "unknown item kind"))?;
             let bytes = match f.next()? {
                 Value::Bytes(b) if !b.is_empty() && b.len() <= kind.max_bytes() => b,
                 Value::Bytes(_) => return Err(wire(message, "item empty or over its kind's cap")),

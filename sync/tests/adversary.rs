@@ -15,11 +15,11 @@ use medmesh_crypto::{
     Access, ActorId, Collection, Envelope, EnvelopeId, EpochKey, Grant, KeyShare, PatientId, PracticeId, Principal,
     SecretIdentity, Timestamp, now,
 };
+use medmesh_node::Actor;
 use medmesh_node::records::{DecodedChange, RecordDoc};
 use medmesh_node::repository::{self, Repository};
-use medmesh_node::store::{EnvelopeState, ItemKind as NodeKind};
+use medmesh_node::store::EnvelopeState;
 use medmesh_node::testing::{ChangeMaker, OwnedChange, TestPatient};
-use medmesh_node::{Actor, Incoming};
 use medmesh_sync::wire::{Request, Response};
 use medmesh_sync::{Cursor, Item, ItemKind, Multiaddr, PeerId};
 use serde_json::{Value, json};
@@ -122,15 +122,15 @@ fn opens(envelope: &Envelope, key: &EpochKey) -> bool {
 
 async fn stored(at: &Practice, id: EnvelopeId) -> Option<Envelope> {
     let item = at.node.item(&id.into()).await.unwrap()?;
-    Some(Envelope::decode(&item.bytes).unwrap())
+    Some(Envelope::decode(&item.item.bytes).unwrap())
 }
 
-fn incoming_grant(grant: &Grant) -> Incoming {
-    Incoming::new(NodeKind::Grant, grant.encoded().to_vec())
+fn incoming_grant(grant: &Grant) -> Item {
+    Item::new(ItemKind::Grant, grant.encoded().to_vec())
 }
 
-fn incoming_share(share: &KeyShare) -> Incoming {
-    Incoming::new(NodeKind::KeyShare, share.encoded().to_vec())
+fn incoming_share(share: &KeyShare) -> Item {
+    Item::new(ItemKind::KeyShare, share.encoded().to_vec())
 }
 
 /// What the patient's CLI submits at `at` for a grant: the grant signed
@@ -444,7 +444,7 @@ async fn seq_gap_cannot_inflate_a_revocation_cut() {
     let cut = CliPatient::cut_from(&gm, &served);
     let revocation = x.revoke(&gm, cut).unwrap();
     let items = vec![
-        Incoming::new(NodeKind::Revocation, revocation.encoded().to_vec()),
+        Item::new(ItemKind::Revocation, revocation.encoded().to_vec()),
         incoming_share(&x.share(CORE, 1, Principal::Patient(x.id())).unwrap()),
         incoming_share(&x.share(CORE, 1, Principal::Practice(a.practice())).unwrap()),
     ];

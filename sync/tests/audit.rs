@@ -11,10 +11,9 @@ use std::sync::Arc;
 use medmesh_crypto::{Access, Collection, Principal, SecretIdentity, now};
 use medmesh_node::audit::{Action, ActorKind, AuditRecord};
 use medmesh_node::testing::{ChangeMaker, TestPatient};
-use medmesh_node::{Incoming, store::ItemKind as NodeKind};
 use medmesh_sync::memory::MemoryBackend;
 use medmesh_sync::wire::MAX_AUDIT_ENTRIES_PER_MESSAGE;
-use medmesh_sync::{Config, Error, ItemId, SyncHandle};
+use medmesh_sync::{Config, Error, Item, ItemId, ItemKind, SyncHandle};
 
 mod common;
 use common::{Practice, until};
@@ -49,8 +48,8 @@ async fn patient_reads_the_disclosures_about_them_and_no_one_else_can() {
         .submit(
             patient.id(),
             vec![
-                Incoming::new(NodeKind::Grant, ga.encoded().to_vec()),
-                Incoming::new(NodeKind::KeyShare, share_a.encoded().to_vec()),
+                Item::new(ItemKind::Grant, ga.encoded().to_vec()),
+                Item::new(ItemKind::KeyShare, share_a.encoded().to_vec()),
             ],
         )
         .await

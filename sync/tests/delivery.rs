@@ -63,25 +63,12 @@ fn any_port() -> Multiaddr {
 }
 
 /// The patient's CLI: pushes its items to a node, with the grantee's address.
-async fn submit(patient: &TestPatient, node: &Site, items: &[medmesh_node::Incoming], addrs: Vec<Multiaddr>) {
+async fn submit(patient: &TestPatient, node: &Site, items: &[Item], addrs: Vec<Multiaddr>) {
     let cli = SyncHandle::spawn(Config::client(), &patient.identity, Arc::new(MemoryBackend::new()))
         .await
         .unwrap();
     let peer = cli.dial(node.addr().await).await.unwrap();
-    let items = items
-        .iter()
-        .map(|i| match i.kind {
-            medmesh_node::store::ItemKind::Grant => Item {
-                kind: ItemKind::Grant,
-                bytes: i.bytes.clone(),
-            },
-            _ => Item {
-                kind: ItemKind::KeyShare,
-                bytes: i.bytes.clone(),
-            },
-        })
-        .collect();
-    let report = cli.push(peer, items, addrs).await.unwrap();
+    let report = cli.push(peer, items.to_vec(), addrs).await.unwrap();
     assert_eq!(report.rejected, 0, "{report:?}");
     cli.shutdown().await.unwrap();
 }
@@ -173,8 +160,8 @@ mod stuck {
     use medmesh_crypto::{EnvelopeId, PatientId};
     use medmesh_sync::wire::SnapshotPayload;
     use medmesh_sync::{
-        AuditEntryWire, Backend, ConsentView, Cursor, DisclosureRecord, IngestReport, InstanceId, ItemId, Owed, PeerId,
-        Result, StoredEvent, StoredItem, Transfer, TransferIngest,
+        AuditEntryWire, Backend, ConsentView, Cursor, DisclosureRecord, IngestReport, InstanceId, ItemId, ItemStored,
+        Owed, PeerId, Result, StoredItem, Transfer, TransferIngest,
     };
     use tokio::sync::broadcast;
 
@@ -236,7 +223,7 @@ mod stuck {
         async fn record_disclosure(&self, record: &DisclosureRecord) -> Result<()> {
             self.inner.record_disclosure(record).await
         }
-        fn subscribe(&self) -> broadcast::Receiver<StoredEvent> {
+        fn subscribe(&self) -> broadcast::Receiver<ItemStored> {
             self.inner.subscribe()
         }
         async fn audit_entries(&self, patient: &PatientId, after: u64, limit: usize) -> Result<Vec<AuditEntryWire>> {
@@ -351,13 +338,7 @@ async fn a_gap_behind_the_cursor_is_repaired_when_the_peers_connect() {
     a.node.submit(pid, items.clone()).await.unwrap();
     b.node.submit(pid, items).await.unwrap();
     b.node
-        .submit(
-            pid,
-            vec![medmesh_node::Incoming::new(
-                medmesh_node::store::ItemKind::Grant,
-                a_grant.encoded().to_vec(),
-            )],
-        )
+        .submit(pid, vec![Item::new(ItemKind::Grant, a_grant.encoded().to_vec())])
         .await
         .unwrap();
     let a_peer = a.sync.local_peer_id();
@@ -406,7 +387,7 @@ async fn an_outbox_answer_right_after_a_push_never_hides_a_debt_being_recorded()
         let items: Vec<Item> = items
             .iter()
             .map(|i| Item {
-                kind: if i.kind == medmesh_node::store::ItemKind::Grant {
+                kind: if i.kind == ItemKind::Grant {
                     ItemKind::Grant
                 } else {
                     ItemKind::KeyShare

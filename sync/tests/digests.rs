@@ -12,10 +12,9 @@ use libp2p::swarm::SwarmEvent;
 use medmesh_crypto::{Access, Collection, PatientId, SecretIdentity, now};
 use medmesh_node::Node;
 use medmesh_node::audit::Action;
-use medmesh_node::store::ItemKind as NodeKind;
 use medmesh_node::testing::{ChangeMaker, TestPatient};
 use medmesh_sync::wire::{DigestParts, Request, Response, patient_digest, summary_digest};
-use medmesh_sync::{Config, ItemId, Multiaddr, PeerId, Protocol, SyncHandle, serve_request};
+use medmesh_sync::{Config, Item, ItemId, ItemKind, Multiaddr, PeerId, Protocol, SyncHandle, serve_request};
 
 mod common;
 use common::client::{Client, raw_swarm};
@@ -65,7 +64,7 @@ async fn shared_patient(a: &Store, b: &Store, changes: usize) -> (TestPatient, C
         .grant_with_share(b.practice(), Collection::Labs, Access::Read)
         .unwrap();
     a.node.submit(pid, items_b.clone()).await.unwrap();
-    items_b.push(medmesh_node::Incoming::new(NodeKind::Grant, grant_a.encoded().to_vec()));
+    items_b.push(Item::new(ItemKind::Grant, grant_a.encoded().to_vec()));
     b.node.submit(pid, items_b).await.unwrap();
     let mut labs = ChangeMaker::new(&a.key.public_bytes()).unwrap();
     for i in 0..changes {

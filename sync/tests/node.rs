@@ -8,8 +8,8 @@
 use std::sync::Arc;
 
 use medmesh_crypto::{Access, Collection, Principal, now};
+use medmesh_node::item::{Item, ItemKind};
 use medmesh_node::testing::{ChangeMaker, TestPatient};
-use medmesh_node::{Incoming, store::ItemKind as NodeKind};
 
 mod common;
 use common::{Practice, labs_repository, until, write_observations};
@@ -32,10 +32,10 @@ async fn grant_moves_readable_history_between_real_nodes() {
             None,
         )
         .unwrap();
-    items.push(Incoming::new(NodeKind::Grant, ga.encoded().to_vec()));
+    items.push(Item::new(ItemKind::Grant, ga.encoded().to_vec()));
     for c in [Collection::Core, Collection::Labs] {
         let share = patient.share(c, 0, Principal::Practice(a.practice())).unwrap();
-        items.push(Incoming::new(NodeKind::KeyShare, share.encoded().to_vec()));
+        items.push(Item::new(ItemKind::KeyShare, share.encoded().to_vec()));
     }
     a.node.submit(patient.id(), items).await.unwrap();
     let mut core = ChangeMaker::new(&a.key.public_bytes()).unwrap();
@@ -126,7 +126,7 @@ async fn a_long_history_moves_as_a_snapshot_transfer() {
     write_observations(&repo, pid, 0..N, 1).await;
     let mut envelope_bytes = 0;
     for id in a.node.envelope_ids(&pid, Collection::Labs).unwrap() {
-        envelope_bytes += a.node.item(&id.into()).await.unwrap().unwrap().bytes.len() as u64;
+        envelope_bytes += a.node.item(&id.into()).await.unwrap().unwrap().item.bytes.len() as u64;
     }
 
     let (_, items) = patient

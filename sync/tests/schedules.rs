@@ -76,7 +76,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use common::forge::{self, Terms};
-use common::{CliPatient, Store, incoming};
+use common::{CliPatient, Store};
 use medmesh_crypto::{
     Access, ActorId, Change, Collection, Envelope, EnvelopeId, Epoch, EpochKey, GrantId, KeyShare, PatientId,
     PracticeId, Principal, SNAPSHOT_TAG, SealedSnapshot, SecretIdentity, Timestamp, now,
@@ -908,12 +908,7 @@ impl World {
         let (_, items) = p.grant(grantee, &covered, access, not_before, expires, Vec::new());
         count(&COVERAGE.grants);
         let patient = p.id();
-        self.site(at)
-            .store
-            .node
-            .submit(patient, incoming(&items))
-            .await
-            .unwrap();
+        self.site(at).store.node.submit(patient, items.clone()).await.unwrap();
     }
 
     async fn revoke(&mut self, x: usize, pick: u8) {
@@ -936,12 +931,7 @@ impl World {
         let items = p.revoke(g, cut, t);
         count(&COVERAGE.revocations);
         let patient = p.id();
-        self.site(at)
-            .store
-            .node
-            .submit(patient, incoming(&items))
-            .await
-            .unwrap();
+        self.site(at).store.node.submit(patient, items.clone()).await.unwrap();
     }
 
     /// Everything node `at` serves the patient (rule 1), page by page.
@@ -1072,7 +1062,7 @@ impl World {
         self.site(at)
             .store
             .node
-            .submit(patient, incoming(&[Item::envelope(&envelope)]))
+            .submit(patient, vec![Item::envelope(&envelope)])
             .await
             .unwrap();
         count(&COVERAGE.patient_writes);
@@ -1090,7 +1080,7 @@ impl World {
                     continue;
                 }
                 let item = node.item(&e.id.into()).await.unwrap().unwrap();
-                let envelope = Envelope::decode(&item.bytes).unwrap();
+                let envelope = Envelope::decode(&item.item.bytes).unwrap();
                 self.nonces.insert(envelope.header().nonce, e.id);
                 self.written
                     .entry((e.actor.0.to_vec(), e.change_seq))
@@ -1387,7 +1377,7 @@ impl World {
                     );
                 }
                 ItemKind::KeyShare => assert_eq!(
-                    meta.recipient,
+                    meta.recipient(),
                     Some(Principal::Practice(self.practice(client))),
                     "site {server} gave site {client} a key share for someone else"
                 ),

@@ -361,7 +361,7 @@ impl Sim {
                         let change = maker.put(&format!("k{}", self.written.len()), "v").unwrap();
                         let id = node.write_change(patient, c, change.as_change()).await.unwrap();
                         let stored = node.item(&medmesh_node::store::ItemId(id.0)).await.unwrap().unwrap();
-                        let envelope = medmesh_crypto::Envelope::decode(&stored.bytes).unwrap();
+                        let envelope = medmesh_crypto::Envelope::decode(&stored.item.bytes).unwrap();
                         self.written.push(Written {
                             patient: x,
                             collection: c,
@@ -402,7 +402,7 @@ impl Sim {
             let stored = node.item(&medmesh_node::store::ItemId(e.id.0)).await.unwrap().unwrap();
             served.push(Item {
                 kind: medmesh_sync::ItemKind::Envelope,
-                bytes: stored.bytes,
+                bytes: stored.item.bytes,
             });
         }
         let cut = CliPatient::cut_from(&grant, &served);

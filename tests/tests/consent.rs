@@ -28,9 +28,8 @@ use medmesh_crypto::{
 };
 use medmesh_node::records::RenderedResource;
 use medmesh_node::repository::{self, Repository};
-use medmesh_node::store::ItemKind as NodeKind;
 use medmesh_node::testing::TestPatient;
-use medmesh_node::{Actor, Holdings, Incoming, Node, Source};
+use medmesh_node::{Actor, Holdings, Node, Source};
 use medmesh_sync::memory::MemoryBackend;
 use medmesh_sync::{Config, Item, ItemKind, Multiaddr, NodeBackend, PeerId, SyncHandle};
 use serde_json::{Value, json};
@@ -598,9 +597,9 @@ async fn revoke_b_via_a_stops_everything_new_and_b_cannot_read_the_new_epoch() {
         .await
         .unwrap();
     let new_items = a.node.items_after(a_seq, 100).await.unwrap();
-    let new_envelopes: Vec<_> = new_items.iter().filter(|i| i.meta.kind == NodeKind::Envelope).collect();
+    let new_envelopes: Vec<_> = new_items.iter().filter(|i| i.meta.kind == ItemKind::Envelope).collect();
     assert_eq!(new_envelopes.len(), 1, "one write, one envelope");
-    let envelope = new_envelopes[0].bytes.clone();
+    let envelope = new_envelopes[0].item.bytes.clone();
     let header = Envelope::decode(&envelope).unwrap().header().clone();
     assert_eq!((header.collection, header.epoch), (Collection::Labs, 1));
 
@@ -622,7 +621,7 @@ async fn revoke_b_via_a_stops_everything_new_and_b_cannot_read_the_new_epoch() {
         .await
         .unwrap()
         .into_iter()
-        .filter(|i| i.meta.kind == NodeKind::Envelope || i.meta.kind == NodeKind::KeyShare)
+        .filter(|i| i.meta.kind == ItemKind::Envelope || i.meta.kind == ItemKind::KeyShare)
         .map(|i| i.meta.kind)
         .collect();
     assert!(b_new.is_empty(), "B stored new envelopes or key shares: {b_new:?}");
@@ -630,28 +629,25 @@ async fn revoke_b_via_a_stops_everything_new_and_b_cannot_read_the_new_epoch() {
     // Handed the new envelope directly, B cannot read it.
     let report = b
         .node
-        .ingest(
-            vec![Incoming::new(NodeKind::Envelope, envelope)],
-            Source::Peer(a.peer()),
-        )
+        .ingest(vec![Item::new(ItemKind::Envelope, envelope)], Source::Peer(a.peer()))
         .await;
     if let Ok(report) = &report {
-        assert_eq!(report.readable, 0, "B opened a new-epoch envelope: {report:?}");
+        assert_eq!(report.counts.readable, 0, "B opened a new-epoch envelope: {report:?}");
     }
     // Nor with every item A stored since the revocation, the new epoch's
     // key shares (for A and the patient) included.
-    let handed: Vec<Incoming> = a
+    let handed: Vec<Item> = a
         .node
         .items_after(a_before_revocation, 100)
         .await
         .unwrap()
         .into_iter()
-        .map(|i| Incoming::new(i.meta.kind, i.bytes))
+        .map(|i| i.item)
         .collect();
-    assert!(handed.iter().filter(|i| i.kind == NodeKind::KeyShare).count() >= 2);
+    assert!(handed.iter().filter(|i| i.kind == ItemKind::KeyShare).count() >= 2);
     let report = b.node.ingest(handed, Source::Peer(a.peer())).await;
     if let Ok(report) = &report {
-        assert_eq!((report.readable, report.unlocked), (0, 0), "{report:?}");
+        assert_eq!((report.counts.readable, report.counts.unlocked), (0, 0), "{report:?}");
     }
     let after = b.holdings(&g.patient);
     assert_eq!(after.readable, before.readable, "B holdings {after:?}");

@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex};
 use automerge::ActorId;
 use medmesh_gateway::fhir::outcome::ApiError;
 use medmesh_gateway::fhir::search_params::SearchRequest;
-use medmesh_gateway::{Backend, HistoryEntry, SignedKind, TxFailure, TxOp, TxResult};
+use medmesh_gateway::{Backend, HistoryEntry, TxFailure, TxOp, TxResult};
+use medmesh_node::item::ItemKind;
 use medmesh_node::records::{Edit, Edited, RecordDoc, RenderedResource, actor_id};
 use serde_json::{Value, json};
 
@@ -275,7 +276,7 @@ impl Backend for MemBackend {
         Ok(results.into_iter().map(Option::unwrap).collect())
     }
 
-    async fn submit(&self, _kind: SignedKind, _bytes: Vec<u8>) -> Result<Value, ApiError> {
+    async fn submit(&self, _kind: ItemKind, _bytes: Vec<u8>) -> Result<Value, ApiError> {
         Err(ApiError::Forbidden(
             "no consent registry in this test backend".to_owned(),
         ))

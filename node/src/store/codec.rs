@@ -37,7 +37,7 @@ pub(crate) fn encode(value: &Value) -> Vec<u8> {
     out
 }
 
-fn decode(bytes: &[u8]) -> Option<Vec<Value>> {
+pub(crate) fn decode(bytes: &[u8]) -> Option<Vec<Value>> {
     match ciborium::de::from_reader::<Value, _>(bytes).ok()? {
         Value::Array(a) => Some(a),
         _ => None,
@@ -48,11 +48,11 @@ fn bytes(b: &[u8]) -> Value {
     Value::Bytes(b.to_vec())
 }
 
-fn uint(v: u64) -> Value {
+pub(crate) fn uint(v: u64) -> Value {
     Value::Integer(v.into())
 }
 
-fn get_uint(v: &Value) -> Option<u64> {
+pub(crate) fn get_uint(v: &Value) -> Option<u64> {
     match v {
         Value::Integer(i) => u64::try_from(*i).ok(),
         _ => None,
@@ -105,10 +105,10 @@ pub(crate) fn seq_from_key(key: &[u8]) -> Result<Seq> {
     Ok(u64::from_be_bytes(b))
 }
 
-/// items value: kind tag ‖ seq (8, BE) ‖ wire bytes.
+/// items value: kind code ‖ seq (8, BE) ‖ wire bytes.
 pub(crate) fn item_value(kind: ItemKind, seq: Seq, wire: &[u8]) -> Vec<u8> {
     let mut v = Vec::with_capacity(9 + wire.len());
-    v.push(kind.tag());
+    v.push(kind.code());
     v.extend_from_slice(&seq.to_be_bytes());
     v.extend_from_slice(wire);
     v
@@ -118,7 +118,7 @@ pub(crate) fn split_item_value<'a>(id: &ItemId, v: &'a [u8]) -> Result<(ItemKind
     if v.len() < 9 {
         return Err(corrupt("item", &id.0));
     }
-    let kind = ItemKind::from_tag(v[0]).ok_or_else(|| corrupt("item", &id.0))?;
+    let kind = ItemKind::from_code(v[0].into()).ok_or_else(|| corrupt("item", &id.0))?;
     let seq = seq_from_key(&v[1..9])?;
     Ok((kind, seq, &v[9..]))
 }
@@ -153,7 +153,7 @@ pub(crate) fn split_consent_value<'a>(key: &[u8], v: &'a [u8]) -> Result<(ItemMe
 
 pub(crate) fn meta_value(m: &ItemMeta) -> Vec<u8> {
     encode(&Value::Array(vec![
-        uint(m.kind.tag().into()),
+        uint(m.kind.code().into()),
         bytes(&m.id.0),
         bytes(m.patient.as_bytes()),
         m.collection.map_or(Value::Null, |c| uint(collection_tag(c).into())),
@@ -168,7 +168,7 @@ pub(crate) fn meta_from(key: &[u8], v: &[u8]) -> Result<ItemMeta> {
         if a.len() != 6 {
             return None;
         }
-        let kind = ItemKind::from_tag(u8::try_from(get_uint(&a[0])?).ok()?)?;
+        let kind = ItemKind::from_code(get_uint(&a[0])?)?;
         let collection = match &a[3] {
             Value::Null => None,
             other => Some(collection_from_tag(u8::try_from(get_uint(other)?).ok()?)?),
@@ -328,10 +328,10 @@ pub(crate) fn pending_key(reason: PendingReason, hash: &[u8; 32]) -> Vec<u8> {
     k
 }
 
-/// pending value: kind tag ‖ bytes as received.
+/// pending value: kind code ‖ bytes as received.
 pub(crate) fn pending_value(p: &PendingItem) -> Vec<u8> {
     let mut v = Vec::with_capacity(1 + p.bytes.len());
-    v.push(p.kind.tag());
+    v.push(p.kind.code());
     v.extend_from_slice(&p.bytes);
     v
 }
@@ -363,7 +363,7 @@ pub(crate) fn pending_from(key: &[u8], v: &[u8]) -> Result<PendingItem> {
         Some(PendingItem {
             reason,
             hash: key[key.len() - 32..].try_into().ok()?,
-            kind: ItemKind::from_tag(v[0])?,
+            kind: ItemKind::from_code(v[0].into())?,
             bytes: v[1..].to_vec(),
         })
     };
@@ -522,4 +522,56 @@ pub(crate) fn address_record(key: &[u8], v: &[u8]) -> Result<KeptAddressRecord> 
         seq: u64::from_be_bytes(*seq),
         signed: signed.to_vec(),
     })
+}
+
+/// Layouts 1 and 2 numbered item kinds 1 envelope, 2 grant, 3 revocation,
+/// 4 key share; layout 3 writes [`ItemKind::code`], the wire's numbering.
+fn kind_code_from_v2(tag: u64) -> Option<u8> {
+    let kind = match tag {
+        1 => ItemKind::Envelope,
+        2 => ItemKind::Grant,
+        3 => ItemKind::Revocation,
+        4 => ItemKind::KeyShare,
+        _ => return None,
+    };
+    Some(kind.code())
+}
+
+/// A layout-2 value of `tree` with its item kind renumbered for layout 3;
+/// `None` leaves the value as it is (it does not parse as layout 2, and
+/// reading it reports it).
+pub(crate) fn kind_renumbered_from_v2(tree: &str, v: &[u8]) -> Option<Vec<u8>> {
+    let first_byte = |v: &[u8]| -> Option<Vec<u8>> {
+        let (tag, rest) = v.split_first()?;
+        let mut out = vec![kind_code_from_v2((*tag).into())?];
+        out.extend_from_slice(rest);
+        Some(out)
+    };
+    let meta = |v: &[u8]| -> Option<Vec<u8>> {
+        let mut a = decode(v)?;
+        let code = kind_code_from_v2(get_uint(a.first()?)?)?;
+        a[0] = uint(code.into());
+        Some(encode(&Value::Array(a)))
+    };
+    match tree {
+        "items" | "pending" => first_byte(v),
+        "seqlog" => meta(v),
+        "consent" => {
+            let (tag, rest) = v.split_first()?;
+            let (len, rest) = rest.split_first_chunk::<4>()?;
+            let len = usize::try_from(u32::from_be_bytes(*len)).ok()?;
+            if *tag != 2 || rest.len() < len {
+                return None;
+            }
+            let (m, wire) = rest.split_at(len);
+            let m = meta(m)?;
+            let mut out = Vec::with_capacity(5 + m.len() + wire.len());
+            out.push(2);
+            out.extend_from_slice(&u32::try_from(m.len()).ok()?.to_be_bytes());
+            out.extend_from_slice(&m);
+            out.extend_from_slice(wire);
+            Some(out)
+        }
+        _ => None,
+    }
 }

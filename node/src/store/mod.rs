@@ -22,9 +22,7 @@
 mod codec;
 mod sled_store;
 
-use std::fmt;
-
-use medmesh_crypto::{ActorId, Collection, EnvelopeId, Epoch, GrantId, KeyId, PatientId, Principal, Timestamp};
+use medmesh_crypto::{ActorId, Collection, EnvelopeId, Epoch, GrantId, KeyId, PatientId, Timestamp};
 
 use crate::Result;
 use crate::audit::AuditRecord;
@@ -32,134 +30,7 @@ use crate::audit::AuditRecord;
 pub(crate) use codec::encode as encode_value;
 pub use sled_store::SledStore;
 
-/// A local sequence number: every stored item gets the next one. 0 means
-/// "before the first item".
-pub type Seq = u64;
-
-/// An item's id: the envelope id for envelopes, SHA-256 of the signed
-/// bytes for grants, revocations and key shares.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ItemId(pub [u8; 32]);
-
-impl From<EnvelopeId> for ItemId {
-    fn from(id: EnvelopeId) -> Self {
-        Self(id.0)
-    }
-}
-
-impl fmt::Display for ItemId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&hex::encode(self.0))
-    }
-}
-
-impl fmt::Debug for ItemId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "ItemId({self})")
-    }
-}
-
-/// Random 16 bytes made when a store is created: a cursor from another
-/// instance (a restored or rebuilt store) is void (DESIGN §6).
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct InstanceId(pub [u8; 16]);
-
-impl fmt::Display for InstanceId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&hex::encode(self.0))
-    }
-}
-
-impl fmt::Debug for InstanceId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "InstanceId({self})")
-    }
-}
-
-/// What a stored item is.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum ItemKind {
-    /// A sealed, signed change.
-    Envelope,
-    /// A consent grant.
-    Grant,
-    /// A revocation of a grant.
-    Revocation,
-    /// A collection key wrapped for one recipient.
-    KeyShare,
-}
-
-impl ItemKind {
-    /// Wire/disk tag.
-    pub fn tag(self) -> u8 {
-        match self {
-            Self::Envelope => 1,
-            Self::Grant => 2,
-            Self::Revocation => 3,
-            Self::KeyShare => 4,
-        }
-    }
-
-    /// From a disk tag.
-    pub fn from_tag(tag: u8) -> Option<Self> {
-        match tag {
-            1 => Some(Self::Envelope),
-            2 => Some(Self::Grant),
-            3 => Some(Self::Revocation),
-            4 => Some(Self::KeyShare),
-            _ => None,
-        }
-    }
-
-    /// Lowercase name for logs and audit entries.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Envelope => "envelope",
-            Self::Grant => "grant",
-            Self::Revocation => "revocation",
-            Self::KeyShare => "key share",
-        }
-    }
-}
-
-/// Signed metadata of a stored item, enough to filter by consent without
-/// decoding the item again.
-#[derive(Clone, PartialEq, Eq, Debug)]
-pub struct ItemMeta {
-    /// Kind.
-    pub kind: ItemKind,
-    /// Id.
-    pub id: ItemId,
-    /// Whose record (every item names one patient).
-    pub patient: PatientId,
-    /// Collection (envelopes and key shares).
-    pub collection: Option<Collection>,
-    /// The envelope's grant, the grant's own id, or the revoked grant.
-    pub grant: Option<GrantId>,
-    /// The envelope's author, the grant's grantee or the key share's recipient.
-    pub principal: Option<Principal>,
-}
-
-/// An item as stored: its seq, metadata and signed wire bytes.
-#[derive(Clone, PartialEq, Eq, Debug)]
-pub struct StoredItem {
-    /// Local sequence number.
-    pub seq: Seq,
-    /// Metadata.
-    pub meta: ItemMeta,
-    /// The signed wire bytes.
-    pub bytes: Vec<u8>,
-}
-
-/// A sync cursor: the puller has everything of `instance` up to `seq`.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub struct Cursor {
-    /// The serving store's instance.
-    pub instance: InstanceId,
-    /// Last seq received.
-    pub seq: Seq,
-}
+pub use crate::item::{Cursor, InstanceId, Item, ItemId, ItemKind, ItemMeta, Seq, StoredItem};
 
 /// Whether the node can read an envelope it holds.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, serde::Serialize, serde::Deserialize)]

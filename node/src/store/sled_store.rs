@@ -18,7 +18,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError, Transact
 
 use super::codec::{self, seq_key};
 use super::{
-    Batch, Committed, Cursor, EnvelopeEntry, InstanceId, ItemId, ItemKind, KeptAddressRecord, Op, OutboxEntry,
+    Batch, Committed, Cursor, EnvelopeEntry, InstanceId, Item, ItemId, ItemKind, KeptAddressRecord, Op, OutboxEntry,
     PendingItem, PendingReason, Rejection, Seq, Store, StoredItem, SyncCheck,
 };
 use crate::audit;
@@ -27,7 +27,10 @@ use crate::{Error, Result};
 const INSTANCE_KEY: &[u8] = b"instance-id";
 const LAYOUT_KEY: &[u8] = b"layout-version";
 /// 2: pending keys name the patient of the grant an envelope waits for.
-const LAYOUT_VERSION: &[u8] = b"2";
+/// 3: item kinds are written with their one number ([`ItemKind::code`]).
+const LAYOUT_VERSION: &[u8] = b"3";
+/// Entries rewritten per transaction when a store moves to layout 3.
+const MIGRATION_CHUNK: usize = 512;
 /// Key of the one checkpoint kept (the latest) in the `audit-checkpoint` tree.
 const CHECKPOINT_KEY: &[u8] = b"last";
 
@@ -74,7 +77,7 @@ impl SledStore {
     /// alone, with the patient of the envelope that waits (layout 2). An
     /// entry whose envelope does not parse is dropped: reconciliation
     /// fetches it again.
-    fn migrate_pending_v1(&self, meta: &sled::Tree) -> Result<()> {
+    fn migrate_pending_v1(&self) -> Result<()> {
         let mut batch = sled::Batch::default();
         let mut moved = 0usize;
         for entry in self.pending.iter() {
@@ -91,10 +94,65 @@ impl SledStore {
         }
         if moved > 0 {
             self.pending.apply_batch(batch).map_err(storage)?;
-            meta.insert(LAYOUT_KEY, LAYOUT_VERSION).map_err(storage)?;
             self.db.flush().map_err(storage)?;
             tracing::info!(entries = moved, "pending queue moved to store layout 2");
         }
+        Ok(())
+    }
+
+    /// Renumbers the item kinds written by layouts 1 and 2 (layout 3). Each
+    /// chunk of entries is rewritten in one transaction with the key it got
+    /// to, so a crash mid-way resumes where it stopped and never renumbers
+    /// an entry twice.
+    fn migrate_kinds_v2(&self, meta: &sled::Tree) -> Result<()> {
+        let trees = [
+            ("items", &self.items),
+            ("seqlog", &self.seqlog),
+            ("consent", &self.consent),
+            ("pending", &self.pending),
+        ];
+        let mut moved = 0usize;
+        for (name, tree) in trees {
+            let progress_key = format!("layout-3-progress/{name}");
+            loop {
+                let entries = match meta.get(&progress_key).map_err(storage)? {
+                    Some(after) => {
+                        tree.range::<&[u8], _>((std::ops::Bound::Excluded(after.as_ref()), std::ops::Bound::Unbounded))
+                    }
+                    None => tree.iter(),
+                };
+                let mut chunk = Vec::with_capacity(MIGRATION_CHUNK);
+                for entry in entries.take(MIGRATION_CHUNK) {
+                    let (k, v) = entry.map_err(storage)?;
+                    chunk.push((k, codec::kind_renumbered_from_v2(name, &v)));
+                }
+                let Some((last, _)) = chunk.last() else {
+                    break;
+                };
+                let last = last.clone();
+                (tree, meta)
+                    .transaction(|(t, m)| {
+                        for (k, v) in &chunk {
+                            if let Some(v) = v {
+                                t.insert(k, v.as_slice())?;
+                            }
+                        }
+                        m.insert(progress_key.as_bytes(), &last)?;
+                        Ok::<_, ConflictableTransactionError<Error>>(())
+                    })
+                    .map_err(|e| match e {
+                        TransactionError::Abort(e) => e,
+                        TransactionError::Storage(e) => storage(e),
+                    })?;
+                moved += chunk.len();
+            }
+        }
+        meta.insert(LAYOUT_KEY, LAYOUT_VERSION).map_err(storage)?;
+        for name in ["items", "seqlog", "consent", "pending"] {
+            meta.remove(format!("layout-3-progress/{name}")).map_err(storage)?;
+        }
+        self.db.flush().map_err(storage)?;
+        tracing::info!(entries = moved, "item kinds renumbered for store layout 3");
         Ok(())
     }
 
@@ -150,7 +208,12 @@ impl SledStore {
                 audit_head: [0; 32],
             }),
         };
-        store.migrate_pending_v1(&meta)?;
+        // A store from before layout 2 kept no layout key.
+        let layout = meta.get(LAYOUT_KEY).map_err(storage)?;
+        if layout.as_deref() != Some(LAYOUT_VERSION) {
+            store.migrate_pending_v1()?;
+            store.migrate_kinds_v2(&meta)?;
+        }
         let next_seq = match store.seqlog.last().map_err(storage)? {
             Some((k, _)) => codec::seq_from_key(&k)? + 1,
             None => 1,
@@ -363,7 +426,7 @@ impl Store for SledStore {
         let Some(value) = self.items.get(id.0).map_err(storage)? else {
             return Ok(None);
         };
-        let (_, seq, wire) = codec::split_item_value(id, &value)?;
+        let (kind, seq, wire) = codec::split_item_value(id, &value)?;
         let Some(meta) = self.seqlog.get(seq_key(seq)).map_err(storage)? else {
             return Err(Error::Corrupt {
                 what: "sequence log",
@@ -373,7 +436,7 @@ impl Store for SledStore {
         Ok(Some(StoredItem {
             seq,
             meta: codec::meta_from(&seq_key(seq), &meta)?,
-            bytes: wire.to_vec(),
+            item: Item::new(kind, wire.to_vec()),
         }))
     }
 
@@ -390,10 +453,10 @@ impl Store for SledStore {
             let Some(value) = self.items.get(meta.id.0).map_err(storage)? else {
                 continue;
             };
-            let (_, _, wire) = codec::split_item_value(&meta.id, &value)?;
+            let (kind, _, wire) = codec::split_item_value(&meta.id, &value)?;
             out.push(StoredItem {
                 seq,
-                bytes: wire.to_vec(),
+                item: Item::new(kind, wire.to_vec()),
                 meta,
             });
         }
@@ -418,8 +481,8 @@ impl Store for SledStore {
             let (meta, wire) = codec::split_consent_value(&k, &v)?;
             out.push(StoredItem {
                 seq: codec::seq_from_key(&k)?,
+                item: Item::new(meta.kind, wire.to_vec()),
                 meta,
-                bytes: wire.to_vec(),
             });
         }
         Ok(out)
@@ -754,11 +817,13 @@ mod tests {
         let mut v1 = vec![0];
         v1.extend_from_slice(&grant.0);
         v1.extend_from_slice(&hash);
-        let mut value = vec![ItemKind::Envelope.tag()];
+        // Layouts 1 and 2 numbered an envelope 1.
+        let mut value = vec![1];
         value.extend_from_slice(&envelope);
         store.pending.insert(v1, value).unwrap();
         // What `open` does (reopening here would race sled's own lock release).
-        store.migrate_pending_v1(&store.db.open_tree("meta").unwrap()).unwrap();
+        store.migrate_pending_v1().unwrap();
+        store.migrate_kinds_v2(&store.db.open_tree("meta").unwrap()).unwrap();
         let found = store
             .pending(Some(PendingReason::MissingGrant(patient.id(), grant)))
             .unwrap();
@@ -766,5 +831,96 @@ mod tests {
         assert_eq!((found[0].hash, found[0].kind), (hash, ItemKind::Envelope));
         assert_eq!(found[0].bytes, envelope);
         assert_eq!(store.pending(None).unwrap().len(), 1);
+    }
+
+    /// The kind numbers of layout 2 (1 envelope, 2 grant, 3 revocation, 4
+    /// key share), put back into a layout-3 store's trees.
+    fn write_layout_2(store: &SledStore) {
+        let v2 = |kind: ItemKind| match kind {
+            ItemKind::Envelope => 1u8,
+            ItemKind::Grant => 2,
+            ItemKind::Revocation => 3,
+            ItemKind::KeyShare => 4,
+        };
+        for (k, v) in store.items.iter().map(Result::unwrap) {
+            let mut v = v.to_vec();
+            v[0] = v2(ItemKind::from_code(v[0].into()).unwrap());
+            store.items.insert(k, v).unwrap();
+        }
+        let meta_v2 = |v: &[u8]| {
+            let mut a = codec::decode(v).unwrap();
+            let kind = ItemKind::from_code(codec::get_uint(&a[0]).unwrap()).unwrap();
+            a[0] = codec::uint(v2(kind).into());
+            codec::encode(&ciborium::Value::Array(a))
+        };
+        for (k, v) in store.seqlog.iter().map(Result::unwrap) {
+            store.seqlog.insert(k, meta_v2(&v)).unwrap();
+        }
+        for (k, v) in store.consent.iter().map(Result::unwrap) {
+            let (meta, wire) = codec::split_consent_value(&k, &v).unwrap();
+            let m = meta_v2(&codec::meta_value(&meta));
+            let mut out = vec![2];
+            out.extend_from_slice(&u32::try_from(m.len()).unwrap().to_be_bytes());
+            out.extend_from_slice(&m);
+            out.extend_from_slice(wire);
+            store.consent.insert(k, out).unwrap();
+        }
+        store.db.open_tree("meta").unwrap().insert(LAYOUT_KEY, b"2").unwrap();
+    }
+
+    /// A store of layout 2 reads the same once its kinds are renumbered,
+    /// also when the move was cut off after its first chunk (it resumes
+    /// where it stopped and renumbers nothing twice).
+    #[test]
+    fn a_layout_2_store_moves_to_layout_3_and_resumes_a_cut_off_move() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let mut patient = TestPatient::new().unwrap();
+        let mut batch = Batch::new();
+        // More grants and shares than one migration chunk.
+        for n in 0..(MIGRATION_CHUNK / 2 + 10) {
+            let practice = SecretIdentity::from_seed(&[u8::try_from(n % 250).unwrap() + 1; 32]);
+            let (_, items) = patient
+                .onboard(practice.practice_id().unwrap(), Collection::Core)
+                .unwrap();
+            for item in items {
+                let meta = crate::item::ItemMeta::describe(&item).unwrap();
+                batch.push(Op::PutItem {
+                    meta,
+                    bytes: item.bytes,
+                    envelope: None,
+                });
+            }
+        }
+        store.commit(&batch).unwrap();
+        let before = store.items_after(0, usize::MAX).unwrap();
+        let consent_before = store.consent_items().unwrap();
+        assert!(before.len() > MIGRATION_CHUNK, "{}", before.len());
+        assert!(before.iter().any(|i| i.meta.kind == ItemKind::Grant));
+        assert!(before.iter().any(|i| i.meta.kind == ItemKind::KeyShare));
+
+        write_layout_2(&store);
+        let meta = store.db.open_tree("meta").unwrap();
+        // A move cut off after the first chunk of `items`: those entries
+        // are renumbered already and the progress key names the last.
+        let first: Vec<_> = store.items.iter().take(MIGRATION_CHUNK).map(Result::unwrap).collect();
+        for (k, v) in &first {
+            store
+                .items
+                .insert(k, codec::kind_renumbered_from_v2("items", v).unwrap())
+                .unwrap();
+        }
+        meta.insert("layout-3-progress/items", &first.last().unwrap().0)
+            .unwrap();
+        assert!(
+            store.items_after(0, usize::MAX).is_err() || store.items_after(0, usize::MAX).unwrap() != before,
+            "the layout-2 numbers must not read as layout 3"
+        );
+
+        store.migrate_kinds_v2(&meta).unwrap();
+        assert_eq!(store.items_after(0, usize::MAX).unwrap(), before);
+        assert_eq!(store.consent_items().unwrap(), consent_before);
+        assert_eq!(meta.get(LAYOUT_KEY).unwrap().as_deref(), Some(LAYOUT_VERSION));
+        assert!(meta.scan_prefix("layout-3-progress/").next().is_none());
     }
 }

@@ -15,8 +15,7 @@ use medmesh_crypto::{
     Access, ActorId, Collection, Envelope, Epoch, EpochKey, Grant, GrantId, GrantTerms, KeyShare, PatientId,
     PracticeId, Principal, Revocation, RevocationTerms, SecretIdentity, Timestamp, now,
 };
-use medmesh_node::store::ItemKind as NodeKind;
-use medmesh_node::{Incoming, Node};
+use medmesh_node::Node;
 use medmesh_sync::{Config, Item, ItemKind, Multiaddr, NodeBackend, PeerId, SyncHandle};
 
 pub mod client;
@@ -367,22 +366,6 @@ impl CliPatient {
     pub fn shared(&self, practice: PracticeId, collection: Collection, epoch: Epoch) -> bool {
         self.shares.contains(&(practice, collection, epoch))
     }
-}
-
-/// Items as the node's ingest API takes them.
-pub fn incoming(items: &[Item]) -> Vec<Incoming> {
-    items
-        .iter()
-        .map(|i| {
-            let kind = match i.kind {
-                ItemKind::Grant => NodeKind::Grant,
-                ItemKind::Revocation => NodeKind::Revocation,
-                ItemKind::KeyShare => NodeKind::KeyShare,
-                ItemKind::Envelope => NodeKind::Envelope,
-            };
-            Incoming::new(kind, i.bytes.clone())
-        })
-        .collect()
 }
 
 /// A Repository over `node` that keeps snapshots only when asked.

@@ -1,11 +1,46 @@
-//! The serve-time consent filter: the one function that decides whether an
-//! item may leave this node for a peer (DESIGN §6, invariant 1).
+//! The consent policy, written once (DESIGN §5, §6; invariants 1, 6, 7):
+//! [`may_disclose`] decides whether an item may leave this node for a
+//! peer, [`admits`] whether an envelope's signed header is valid under its
+//! grant. Sync's serving and consent flows, the node's ingest and every
+//! in-memory test backend call these two; nothing else decides consent.
+//! Both are pure: signed data and the clock in, a verdict with its reason
+//! out.
 
-use libp2p::PeerId;
-use medmesh_crypto::{GrantId, PatientId, PracticeId, Principal, Timestamp};
+use medmesh_crypto::{EnvelopeHeader, Grant, GrantId, PatientId, PeerId, PracticeId, Principal, Revocation, Timestamp};
 
-use crate::backend::{ConsentView, ItemKind, ItemMeta};
-use crate::{Error, Result};
+use crate::item::{ItemKind, ItemMeta};
+
+/// The consent items a node holds for one patient: verified grants and the
+/// revocations of them, both bound to that patient.
+#[derive(Clone, Debug, Default)]
+pub struct ConsentView {
+    /// Every grant from this patient the node holds.
+    pub grants: Vec<Grant>,
+    /// Every revocation of one of them the node holds.
+    pub revocations: Vec<Revocation>,
+}
+
+impl ConsentView {
+    /// Whether the node holds a revocation of `grant`.
+    pub fn is_revoked(&self, grant: &Grant) -> bool {
+        self.revocations.iter().any(|r| r.revokes(grant))
+    }
+
+    /// The grant with this id, if held.
+    pub fn grant(&self, id: GrantId) -> Option<&Grant> {
+        self.grants.iter().find(|g| g.id() == id)
+    }
+
+    /// The revocations held of `grant`.
+    pub fn revocations_of<'a>(&'a self, grant: &'a Grant) -> impl Iterator<Item = &'a Revocation> {
+        self.revocations.iter().filter(|r| r.revokes(grant))
+    }
+}
+
+/// A PeerId that does not inline an ed25519 key: no practice or patient.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, thiserror::Error)]
+#[error("peer {0} has no ed25519 key")]
+pub struct NotEd25519(pub PeerId);
 
 /// The peer asking, as proven by its Noise handshake: an ed25519 key. The
 /// same key is a practice (its PeerId) and, if it equals a patient's key,
@@ -19,11 +54,11 @@ impl Requester {
     /// The requester behind a connected peer's PeerId.
     ///
     /// # Errors
-    /// [`Error::NotEd25519`] for a PeerId that does not inline an ed25519 key.
-    pub fn from_peer_id(peer: &PeerId) -> Result<Self> {
+    /// [`NotEd25519`] for a PeerId that does not inline an ed25519 key.
+    pub fn from_peer_id(peer: &PeerId) -> Result<Self, NotEd25519> {
         PracticeId::from_peer_id(peer)
             .map(|key| Self { key })
-            .map_err(|_| Error::NotEd25519(*peer))
+            .map_err(|_| NotEd25519(*peer))
     }
 
     /// The requester as a practice.
@@ -133,7 +168,7 @@ pub fn may_disclose(item: &ItemMeta, peer: &Requester, consent: &ConsentView, no
                 Disclosure::Deny(Denied::NoGrant)
             }
         }
-        ItemKind::KeyShare => match item.recipient {
+        ItemKind::KeyShare => match item.recipient() {
             Some(r) if peer.is(&r) => Disclosure::ToRecipient,
             Some(_) => Disclosure::Deny(Denied::NotRecipient),
             None => Disclosure::Deny(Denied::Incomplete),
@@ -144,7 +179,7 @@ pub fn may_disclose(item: &ItemMeta, peer: &Requester, consent: &ConsentView, no
             };
             // The grant the item is (or revokes) names the peer.
             let own = match item.kind {
-                ItemKind::Grant => item.recipient.is_some_and(|r| peer.is(&r)),
+                ItemKind::Grant => item.recipient().is_some_and(|r| peer.is(&r)),
                 _ => peer_grants().any(|g| g.id() == subject),
             };
             if own {
@@ -156,6 +191,66 @@ pub fn may_disclose(item: &ItemMeta, peer: &Requester, consent: &ConsentView, no
                 None => Disclosure::Deny(Denied::NoGrant),
             }
         }
+    }
+}
+
+/// The verdict on an envelope's signed header.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Validity {
+    /// Written by the patient, or under a grant that admits it.
+    Valid,
+    /// Its grant (the header's patient's, with this id) is not held: wait.
+    MissingGrant(PatientId, GrantId),
+    /// Permanently invalid (reason without content).
+    Invalid(&'static str),
+}
+
+/// Is the envelope with header `h` valid (DESIGN §5)? Decided on signed
+/// data only, so every node decides the same whatever the arrival order:
+/// the patient wrote it, or its author is the grantee of `grant` (the
+/// header's patient's grant with the header's grant id, as held), its actor
+/// belongs to that author, and its signed created-at lies inside the
+/// grant's window with read-write access to its collection; if the grant
+/// is revoked, its change must lie inside *every* held revocation's cut.
+pub fn admits<'a>(
+    h: &EnvelopeHeader,
+    grant: Option<&Grant>,
+    revocations: impl IntoIterator<Item = &'a Revocation>,
+) -> Validity {
+    if h.seq == 0 {
+        // An actor's changes count from 1: seq 0 could never follow a held change.
+        return Validity::Invalid("change seq 0");
+    }
+    let (author, grant_id) = match (h.author, h.grant_id) {
+        (Principal::Patient(p), None) if p == h.patient => return Validity::Valid,
+        (Principal::Practice(author), Some(g)) => (author, g),
+        _ => return Validity::Invalid("author and grant do not fit"),
+    };
+    let Some(grant) = grant else {
+        return Validity::MissingGrant(h.patient, grant_id);
+    };
+    let t = grant.terms();
+    if t.patient != h.patient || t.id != grant_id {
+        // The caller looked up the wrong grant; never judge under it.
+        return Validity::MissingGrant(h.patient, grant_id);
+    }
+    if t.grantee != author {
+        return Validity::Invalid("author is not the grantee");
+    }
+    if !h.actor.belongs_to(author.as_bytes()) {
+        return Validity::Invalid("actor does not belong to the author");
+    }
+    let mut revoked = false;
+    for r in revocations.into_iter().filter(|r| r.revokes(grant)) {
+        revoked = true;
+        if !grant.admits_change(h.collection, h.created_at, &h.actor, h.seq, Some(r)) {
+            return Validity::Invalid("outside the grant's window, access or revocation cut");
+        }
+    }
+    if revoked || grant.admits_change(h.collection, h.created_at, &h.actor, h.seq, None) {
+        Validity::Valid
+    } else {
+        Validity::Invalid("outside the grant's window or access")
     }
 }
 
@@ -274,13 +369,11 @@ mod tests {
         let view = ConsentView {
             grants: vec![core_labs.clone(), future.clone(), expired.clone(), revoked.clone()],
             revocations: vec![revocation.clone()],
-            ..Default::default()
         };
         let empty = ConsentView::default();
         let by_id = ConsentView {
             grants: vec![revoked.clone()],
-            revoked: [revoked.id()].into_iter().collect(),
-            ..Default::default()
+            revocations: vec![revocation.clone()],
         };
         let core = envelope(&w.patient, Collection::Core);
         let labs = envelope(&w.patient, Collection::Labs);
@@ -356,7 +449,6 @@ mod tests {
         let view = ConsentView {
             grants: vec![g1.clone(), g2.clone()],
             revocations: vec![revoke(&w.patient, &g1)],
-            ..Default::default()
         };
         let core = envelope(&w.patient, Collection::Core);
         assert_eq!(
@@ -391,5 +483,98 @@ mod tests {
             may_disclose(&core, &req(&w.b), &view, NOW),
             Disclosure::Deny(Denied::Incomplete)
         );
+    }
+
+    fn write_grant(patient: &SecretIdentity, to: &SecretIdentity, id: GrantId, access: Access) -> Grant {
+        Grant::sign(
+            GrantTerms {
+                id,
+                patient: patient.patient_id(),
+                grantee: to.practice_id().unwrap(),
+                collections: vec![Collection::Labs],
+                access,
+                not_before: NOW - HOUR,
+                expires: None,
+                purpose: "treatment".into(),
+                issued_at: NOW - HOUR,
+                address_hints: vec![],
+            },
+            patient,
+        )
+        .unwrap()
+    }
+
+    fn revoke_at(patient: &SecretIdentity, g: &Grant, cut: &[(ActorId, u64)]) -> Revocation {
+        Revocation::sign(
+            RevocationTerms {
+                patient: patient.patient_id(),
+                grant_id: g.id(),
+                issued_at: NOW,
+                cut: cut.iter().copied().collect(),
+            },
+            patient,
+        )
+        .unwrap()
+    }
+
+    /// An envelope header of change `seq` of `actor`, by `author` under `grant`.
+    fn header(
+        patient: &SecretIdentity,
+        author: &SecretIdentity,
+        grant: Option<GrantId>,
+        actor: ActorId,
+        seq: u64,
+    ) -> medmesh_crypto::EnvelopeHeader {
+        let key = EpochKey::generate(patient.patient_id(), Collection::Labs, 0).unwrap();
+        let change = Change {
+            bytes: b"change",
+            hash: [7; 32],
+            actor,
+            seq,
+        };
+        Envelope::seal((key.patient, key.collection), &key, author, grant, change, NOW - 60_000)
+            .unwrap()
+            .header()
+            .clone()
+    }
+
+    /// `admits`, the rule ingest and every test backend apply, case by case.
+    #[test]
+    fn admits_table() {
+        let w = world();
+        let id = GrantId::generate().unwrap();
+        let rw = write_grant(&w.patient, &w.b, id, Access::ReadWrite);
+        let read_only = write_grant(&w.patient, &w.b, id, Access::Read);
+        // Another patient's grant that copies the id.
+        let copy = write_grant(&w.other_patient, &w.b, id, Access::ReadWrite);
+        let b_actor = ActorId::for_author(&w.b.public_bytes(), [1; 8]);
+        let c_actor = ActorId::for_author(&w.c.public_bytes(), [1; 8]);
+        let p_actor = ActorId::for_author(&w.patient.public_bytes(), [1; 8]);
+        let by_b = header(&w.patient, &w.b, Some(id), b_actor, 3);
+        let by_c = header(&w.patient, &w.c, Some(id), c_actor, 1);
+        let by_patient = header(&w.patient, &w.patient, None, p_actor, 1);
+        let seq_0 = header(&w.patient, &w.b, Some(id), b_actor, 0);
+        let up_to_3 = revoke_at(&w.patient, &rw, &[(b_actor, 3)]);
+        let up_to_2 = revoke_at(&w.patient, &rw, &[(b_actor, 2)]);
+        let none: [&Revocation; 0] = [];
+
+        use Validity::*;
+        type Case<'a> = (&'a str, &'a medmesh_crypto::EnvelopeHeader, Option<&'a Grant>, Vec<&'a Revocation>, Validity);
+        #[rustfmt::skip]
+        let cases: Vec<Case<'_>> = vec![
+            ("the patient writes",                 &by_patient,     None,             vec![],                  Valid),
+            ("the grantee under its grant",        &by_b,           Some(&rw),        vec![],                  Valid),
+            ("its grant not held yet",             &by_b,           None,             vec![],                  MissingGrant(w.patient.patient_id(), id)),
+            ("another patient's grant, same id",   &by_b,           Some(&copy),      vec![],                  MissingGrant(w.patient.patient_id(), id)),
+            ("a read-only grant",                  &by_b,           Some(&read_only), vec![],                  Invalid("outside the grant's window or access")),
+            ("not the grantee",                    &by_c,           Some(&rw),        vec![],                  Invalid("author is not the grantee")),
+            ("change seq 0",                       &seq_0,          Some(&rw),        vec![],                  Invalid("change seq 0")),
+            ("inside the revocation's cut",        &by_b,           Some(&rw),        vec![&up_to_3],          Valid),
+            ("beyond one of two revocations' cut", &by_b,           Some(&rw),        vec![&up_to_3, &up_to_2], Invalid("outside the grant's window, access or revocation cut")),
+        ];
+        for (label, h, grant, revocations, expected) in cases {
+            assert_eq!(admits(h, grant, revocations), expected, "case {label}");
+        }
+        assert_eq!(admits(&by_b, Some(&rw), none), Valid, "no revocations");
     }
 }
