@@ -559,7 +559,13 @@ mod tests {
         let none: [&Revocation; 0] = [];
 
         use Validity::*;
-        type Case<'a> = (&'a str, &'a medmesh_crypto::EnvelopeHeader, Option<&'a Grant>, Vec<&'a Revocation>, Validity);
+        type Case<'a> = (
+            &'a str,
+            &'a medmesh_crypto::EnvelopeHeader,
+            Option<&'a Grant>,
+            Vec<&'a Revocation>,
+            Validity,
+        );
         #[rustfmt::skip]
         let cases: Vec<Case<'_>> = vec![
             ("the patient writes",                 &by_patient,     None,             vec![],                  Valid),
