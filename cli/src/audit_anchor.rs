@@ -9,8 +9,8 @@
 
 use medmesh_crypto::{AuditCheckpoint, PatientId};
 use medmesh_node::AuditCheckpoints;
-use medmesh_node::audit::{AuditRecord, entry_hash};
-use medmesh_sync::AuditEntryWire;
+use medmesh_node::audit::entry_hash;
+use medmesh_sync::AuditEntry;
 use medmesh_sync::wire::{MAX_AUDIT_ACTOR_ID_LEN, MAX_AUDIT_OUTCOME_LEN};
 use serde_json::{Value, json};
 
@@ -54,7 +54,7 @@ impl Verdict {
 
 /// Whether an entry reached us whole (the server cuts item lists and long
 /// texts to fit the wire; those cannot be rehashed).
-fn whole(e: &AuditEntryWire) -> bool {
+fn whole(e: &AuditEntry) -> bool {
     e.item_count == e.items.len() as u64
         && e.actor_id.len() < MAX_AUDIT_ACTOR_ID_LEN.saturating_sub(4)
         && e.outcome.len() < MAX_AUDIT_OUTCOME_LEN.saturating_sub(4)
@@ -64,23 +64,14 @@ fn whole(e: &AuditEntryWire) -> bool {
 /// node signed none) and the checkpoint `kept` from the previous query.
 pub(crate) fn check(
     patient: &PatientId,
-    entries: &[AuditEntryWire],
+    entries: &[AuditEntry],
     kept: Option<&AuditCheckpoint>,
     checkpoints: Option<AuditCheckpoints>,
 ) -> Verdict {
     let mut problems: Vec<(&'static str, String)> = Vec::new();
     let mut verified = 0;
     for e in entries.iter().filter(|e| whole(e)) {
-        let record = AuditRecord {
-            actor_kind: e.actor_kind,
-            actor_id: e.actor_id.clone(),
-            action: e.action,
-            patient: Some(*patient),
-            items: e.items.iter().map(|i| medmesh_node::store::ItemId(i.0)).collect(),
-            grant: e.grant,
-            outcome: e.outcome.clone(),
-        };
-        if entry_hash(e.seq, e.time, &record, &e.prev_hash) == e.hash {
+        if entry_hash(e.seq, e.time, &e.record(Some(*patient)), &e.prev_hash) == e.hash {
             verified += 1;
         } else {
             problems.push((

@@ -304,13 +304,14 @@ fn audit_event_of(entry: &AuditEntry, node_peer: &str) -> Value {
     let mut entities: Vec<Value> = entry
         .items
         .iter()
-        .map(|id| json!({"what": {"identifier": {"system": "urn:medmesh:item-id", "value": id}}}))
+        .map(|id| json!({"what": {"identifier": {"system": "urn:medmesh:item-id", "value": id.to_string()}}}))
         .collect();
     if let Some(patient) = &entry.patient {
-        entities.push(json!({"what": {"identifier": {"system": "urn:ietf:rfc:3986", "value": patient}}, "role": {"system": "http://terminology.hl7.org/CodeSystem/object-role", "code": "1"}}));
+        entities.push(json!({"what": {"identifier": {"system": "urn:ietf:rfc:3986", "value": patient.to_string()}}, "role": {"system": "http://terminology.hl7.org/CodeSystem/object-role", "code": "1"}}));
     }
     if let Some(grant) = &entry.grant {
-        entities.push(json!({"what": {"identifier": {"system": "urn:medmesh:grant-id", "value": grant}}}));
+        entities
+            .push(json!({"what": {"identifier": {"system": "urn:medmesh:grant-id", "value": hex::encode(grant.0)}}}));
     }
     if !entities.is_empty() {
         event["entity"] = Value::Array(entities);

@@ -26,7 +26,7 @@ use medmesh_crypto::{
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::store::ItemId;
+use crate::item::ItemId;
 use crate::{Error, Result};
 
 const AUDIT_TAG: &[u8] = b"medmesh/audit/v1";
@@ -146,7 +146,9 @@ pub struct AuditRecord {
     pub outcome: String,
 }
 
-/// One entry as stored.
+/// One entry as stored, and as it travels to a patient (sync's Audit
+/// answer) and to local tools (`GET /api/audit`, as JSON with ids in hex and
+/// the patient as did:key). One type for all three.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize)]
 pub struct AuditEntry {
     /// Position in the log, from 1.
@@ -155,22 +157,69 @@ pub struct AuditEntry {
     pub time: Timestamp,
     /// Who acted.
     pub actor_kind: ActorKind,
-    /// Their id.
+    /// Their id: a PeerId, a did:key, an app name, or the node's PeerId.
     pub actor_id: String,
     /// What they did.
     pub action: Action,
-    /// Whose data (did:key).
-    pub patient: Option<String>,
-    /// Item ids (hex).
-    pub items: Vec<String>,
-    /// Grant id (hex).
-    pub grant: Option<String>,
-    /// Outcome.
+    /// Whose data. `None` in a patient's audit answer, whose query names
+    /// the patient (sync leaves it out on the wire).
+    #[serde(serialize_with = "as_display_opt")]
+    pub patient: Option<PatientId>,
+    /// The item ids concerned (envelope ids, item hashes). A server may cut
+    /// the list to fit the wire; `item_count` keeps the stored number.
+    #[serde(serialize_with = "as_hex_items")]
+    pub items: Vec<ItemId>,
+    /// How many items the stored entry names.
+    pub item_count: u64,
+    /// The grant concerned, if any.
+    #[serde(serialize_with = "as_hex_grant")]
+    pub grant: Option<GrantId>,
+    /// `ok`, `refused: …`, `rejected: …`: a reason, never content.
     pub outcome: String,
-    /// Hash of the previous entry (hex).
-    pub prev_hash: String,
-    /// Hash of this entry (hex).
-    pub hash: String,
+    /// Hash of the previous entry (all zero for the first).
+    #[serde(serialize_with = "as_hex")]
+    pub prev_hash: [u8; 32],
+    /// Hash of this entry as stored.
+    #[serde(serialize_with = "as_hex")]
+    pub hash: [u8; 32],
+}
+
+impl AuditEntry {
+    /// The record this entry holds for `patient` (what [`entry_hash`]
+    /// hashes with the seq, time and previous hash).
+    pub fn record(&self, patient: Option<PatientId>) -> AuditRecord {
+        AuditRecord {
+            actor_kind: self.actor_kind,
+            actor_id: self.actor_id.clone(),
+            action: self.action,
+            patient,
+            items: self.items.clone(),
+            grant: self.grant,
+            outcome: self.outcome.clone(),
+        }
+    }
+}
+
+fn as_hex<S: serde::Serializer>(bytes: &[u8; 32], s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(&hex::encode(bytes))
+}
+
+fn as_hex_items<S: serde::Serializer>(items: &[ItemId], s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.collect_seq(items.iter().map(ToString::to_string))
+}
+
+fn as_hex_grant<S: serde::Serializer>(grant: &Option<GrantId>, s: S) -> std::result::Result<S::Ok, S::Error> {
+    match grant {
+        Some(g) => s.serialize_some(&hex::encode(g.0)),
+        None => s.serialize_none(),
+    }
+}
+
+fn as_display_opt<S: serde::Serializer>(patient: &Option<PatientId>, s: S) -> std::result::Result<S::Ok, S::Error> {
+    match patient {
+        Some(p) => s.serialize_some(&p.to_string()),
+        None => s.serialize_none(),
+    }
 }
 
 fn body_values(seq: u64, time: Timestamp, r: &AuditRecord, prev: &[u8; 32]) -> Vec<Value> {
@@ -243,14 +292,14 @@ fn decode(seq_key: u64, bytes: &[u8]) -> Option<Decoded> {
     }
     let patient = match &values[5] {
         Value::Null => None,
-        Value::Bytes(b) => Some(PatientId::from_bytes(b.as_slice().try_into().ok()?).ok()?.to_string()),
+        Value::Bytes(b) => Some(PatientId::from_bytes(b.as_slice().try_into().ok()?).ok()?),
         _ => return None,
     };
     let items = match &values[6] {
         Value::Array(a) => a
             .iter()
             .map(|v| match v {
-                Value::Bytes(b) => Some(hex::encode(b)),
+                Value::Bytes(b) => Some(ItemId(b.as_slice().try_into().ok()?)),
                 _ => None,
             })
             .collect::<Option<Vec<_>>>()?,
@@ -258,7 +307,7 @@ fn decode(seq_key: u64, bytes: &[u8]) -> Option<Decoded> {
     };
     let grant = match &values[7] {
         Value::Null => None,
-        Value::Bytes(b) => Some(hex::encode(b)),
+        Value::Bytes(b) => Some(GrantId(b.as_slice().try_into().ok()?)),
         _ => return None,
     };
     let prev: [u8; 32] = match &values[9] {
@@ -273,11 +322,12 @@ fn decode(seq_key: u64, bytes: &[u8]) -> Option<Decoded> {
             actor_id: text(&values[3])?,
             action: Action::from_str(&text(&values[4])?)?,
             patient,
+            item_count: items.len() as u64,
             items,
             grant,
             outcome: text(&values[8])?,
-            prev_hash: hex::encode(prev),
-            hash: hex::encode(stored_hash),
+            prev_hash: prev,
+            hash: stored_hash,
         },
         prev,
         stored_hash,

@@ -85,7 +85,7 @@ async fn write_read_back_holdings_and_audit() {
     let entries = node.audit_entries(Some(&patient.id())).unwrap();
     let actions: Vec<Action> = entries.iter().map(|e| e.action).collect();
     assert_eq!(actions, [Action::Grant, Action::KeyShare, Action::Write, Action::Read]);
-    assert_eq!(entries[2].grant, Some(grant.id().to_string()));
+    assert_eq!(entries[2].grant, Some(grant.id()));
     assert_eq!(node.audit_verify().unwrap().entries, 4);
 }
 

@@ -15,8 +15,8 @@ use medmesh_node::repository::{self, Repository};
 use medmesh_node::testing::TestPatient;
 use medmesh_node::{Actor, Node};
 use medmesh_sync::{
-    AuditEntryWire, Backend, Config, ConsentView, Cursor, DisclosureRecord, IngestReport, InstanceId, Item, ItemStored,
-    NodeBackend, PeerId, StoredItem, SyncHandle, Transfer, TransferIngest,
+    Backend, Config, ConsentView, Cursor, DisclosureRecord, IngestReport, InstanceId, Item, ItemStored, NodeBackend,
+    PeerId, StoredItem, SyncHandle, Transfer, TransferIngest,
 };
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
@@ -255,7 +255,7 @@ impl Backend for Timed {
         patient: &PatientId,
         after: u64,
         limit: usize,
-    ) -> medmesh_sync::Result<Vec<AuditEntryWire>> {
+    ) -> medmesh_sync::Result<Vec<medmesh_sync::AuditEntry>> {
         self.inner.audit_entries(patient, after, limit).await
     }
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use libp2p::{Multiaddr, PeerId};
 use medmesh_crypto::{Collection, EnvelopeId, GrantId, PatientId, Timestamp};
-use medmesh_node::audit::{Action, ActorKind};
+pub use medmesh_node::audit::AuditEntry;
 use tokio::sync::broadcast;
 
 pub use medmesh_node::item::{
@@ -31,37 +31,6 @@ pub struct DisclosureRecord {
     pub grant: Option<GrantId>,
     /// What was sent.
     pub items: Vec<ItemId>,
-}
-
-/// One audit-log entry about a patient, as the patient's audit query
-/// carries it: ids and actions only, never record content. The fields are
-/// those of `medmesh_node::audit::AuditEntry` (less the patient, which the
-/// query names) in binary form.
-#[derive(Clone, PartialEq, Eq, Debug)]
-pub struct AuditEntryWire {
-    /// Position in the node's audit log, from 1.
-    pub seq: u64,
-    /// When it was appended (ms since the Unix epoch).
-    pub time: Timestamp,
-    /// Who acted.
-    pub actor_kind: ActorKind,
-    /// Their id: a PeerId, a did:key, an app name, or the node's PeerId.
-    pub actor_id: String,
-    /// What they did.
-    pub action: Action,
-    /// How many items the stored entry names; `items` holds at most
-    /// [`crate::wire::MAX_AUDIT_ITEMS_PER_ENTRY`] of them.
-    pub item_count: u64,
-    /// The item ids concerned (envelope ids, item hashes).
-    pub items: Vec<ItemId>,
-    /// The grant concerned, if any.
-    pub grant: Option<GrantId>,
-    /// `ok`, `refused: …`, `rejected: …`: a reason, never content.
-    pub outcome: String,
-    /// Hash of the previous entry in the node's log (all zero for the first).
-    pub prev_hash: [u8; 32],
-    /// Hash of this entry as stored.
-    pub hash: [u8; 32],
 }
 
 /// What restoring and ingesting a received transfer did.
@@ -378,7 +347,7 @@ pub trait Backend: Send + Sync + 'static {
         patient: &PatientId,
         after: u64,
         limit: usize,
-    ) -> impl Future<Output = Result<Vec<AuditEntryWire>>> + Send {
+    ) -> impl Future<Output = Result<Vec<AuditEntry>>> + Send {
         let _ = (patient, after, limit);
         std::future::ready(Ok(Vec::new()))
     }

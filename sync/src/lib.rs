@@ -45,7 +45,7 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use address::AddressRecord;
 pub use backend::{
-    AuditEntryWire, Backend, ConsentView, Cursor, DisclosureRecord, IngestReport, InstanceId, Item, ItemId, ItemKind,
+    AuditEntry, Backend, ConsentView, Cursor, DisclosureRecord, IngestReport, InstanceId, Item, ItemId, ItemKind,
     ItemMeta, ItemStored, Owed, StoredItem, Transfer, TransferIngest,
 };
 pub use config::{Config, Limits, RelayLimits};
@@ -364,9 +364,9 @@ impl SyncHandle {
     /// patient, or its store failed); [`Error::Wire`] for an answer that
     /// breaks the paging rules or runs past [`MAX_AUDIT_ENTRIES_TOTAL`];
     /// transport failures, [`Error::Stopped`].
-    pub async fn audit(&self, peer: PeerId, patient: PatientId) -> Result<Vec<AuditEntryWire>> {
+    pub async fn audit(&self, peer: PeerId, patient: PatientId) -> Result<Vec<AuditEntry>> {
         let limit = wire::MAX_AUDIT_ENTRIES_PER_MESSAGE as u32;
-        let mut all: Vec<AuditEntryWire> = Vec::new();
+        let mut all: Vec<AuditEntry> = Vec::new();
         let mut after = 0u64;
         loop {
             let request = wire::Request::Audit { patient, after, limit };

@@ -15,10 +15,11 @@ use medmesh_node::policy::{self, Validity};
 use tokio::sync::broadcast;
 
 use crate::backend::{
-    AuditEntryWire, Backend, ConsentView, Cursor, DisclosureRecord, IngestReport, InstanceId, Item, ItemId, ItemKind,
-    ItemMeta, ItemStored, Owed, StoredItem,
+    Backend, ConsentView, Cursor, DisclosureRecord, IngestReport, InstanceId, Item, ItemId, ItemKind, ItemMeta,
+    ItemStored, Owed, StoredItem,
 };
 use crate::{Error, Result};
+use medmesh_node::audit::AuditEntry;
 
 const EVENT_CAPACITY: usize = 4096;
 
@@ -385,7 +386,7 @@ impl Backend for MemoryBackend {
     /// The disclosures of `patient`'s items, numbered by their place in the
     /// disclosure log. The memory store keeps no hash chain: both hashes
     /// are zero.
-    async fn audit_entries(&self, patient: &PatientId, after: u64, limit: usize) -> Result<Vec<AuditEntryWire>> {
+    async fn audit_entries(&self, patient: &PatientId, after: u64, limit: usize) -> Result<Vec<AuditEntry>> {
         Ok(self
             .lock()
             .audit
@@ -393,12 +394,13 @@ impl Backend for MemoryBackend {
             .zip(1u64..)
             .filter(|((_, r), seq)| *seq > after && r.patient == *patient)
             .take(limit)
-            .map(|((time, r), seq)| AuditEntryWire {
+            .map(|((time, r), seq)| AuditEntry {
                 seq,
                 time: *time,
                 actor_kind: ActorKind::Peer,
                 actor_id: r.peer.to_string(),
                 action: Action::Disclose,
+                patient: None,
                 item_count: r.items.len() as u64,
                 items: r.items.clone(),
                 grant: r.grant,

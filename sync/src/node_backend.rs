@@ -8,8 +8,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use libp2p::PeerId;
-use medmesh_crypto::{Collection, CompactHeader, EnvelopeId, GrantId, PatientId, PracticeId};
-use medmesh_node::audit::{Action, ActorKind, AuditEntry, AuditRecord};
+use medmesh_crypto::{Collection, CompactHeader, EnvelopeId, PatientId, PracticeId};
+use medmesh_node::audit::{Action, ActorKind, AuditRecord};
 use medmesh_node::store::{self as node_store};
 use medmesh_node::transfer::TransferError;
 use medmesh_node::{Event, Node, Source};
@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
 use crate::backend::{
-    AuditEntryWire, Backend, ConsentView, Cursor, DisclosureRecord, IngestReport, InstanceId, Item, ItemId, ItemMeta,
+    AuditEntry, Backend, ConsentView, Cursor, DisclosureRecord, IngestReport, InstanceId, Item, ItemId, ItemMeta,
     ItemStored, Owed, StoredItem, Transfer, TransferIngest,
 };
 use crate::wire::{SnapshotPayload, decode_transfer_headers, encode_compact_headers};
@@ -64,40 +64,6 @@ fn backend_error(e: medmesh_node::Error) -> Error {
 
 /// The outcome written when a patient reads the audit entries about them.
 const AUDIT_READ_OUTCOME: &str = "ok: audit log";
-
-fn hex_array<const N: usize>(seq: u64, hex_text: &str) -> Result<[u8; N]> {
-    let mut out = [0u8; N];
-    hex::decode_to_slice(hex_text, &mut out)
-        .map_err(|_| Error::Backend(format!("audit entry {seq} holds an id that is not {N} bytes of hex")))?;
-    Ok(out)
-}
-
-/// The node's display form of an entry (hex strings) in binary wire form.
-fn audit_to_wire(e: AuditEntry) -> Result<AuditEntryWire> {
-    let seq = e.seq;
-    let items = e
-        .items
-        .iter()
-        .map(|i| hex_array::<32>(seq, i).map(ItemId))
-        .collect::<Result<Vec<_>>>()?;
-    Ok(AuditEntryWire {
-        seq,
-        time: e.time,
-        actor_kind: e.actor_kind,
-        actor_id: e.actor_id,
-        action: e.action,
-        item_count: items.len() as u64,
-        items,
-        grant: e
-            .grant
-            .as_deref()
-            .map(|g| hex_array::<16>(seq, g).map(GrantId))
-            .transpose()?,
-        outcome: e.outcome,
-        prev_hash: hex_array(seq, &e.prev_hash)?,
-        hash: hex_array(seq, &e.hash)?,
-    })
-}
 
 impl NodeBackend {
     /// Wraps `node` and starts the task that turns its events into
@@ -365,7 +331,7 @@ impl Backend for NodeBackend {
         self.events.subscribe()
     }
 
-    async fn audit_entries(&self, patient: &PatientId, after: u64, limit: usize) -> Result<Vec<AuditEntryWire>> {
+    async fn audit_entries(&self, patient: &PatientId, after: u64, limit: usize) -> Result<Vec<AuditEntry>> {
         // The node reads and decodes its whole log from sled: off the
         // async workers.
         let node = self.node.clone();
@@ -374,12 +340,12 @@ impl Backend for NodeBackend {
             .await
             .map_err(|e| Error::Backend(format!("reading the audit log: {e}")))?
             .map_err(backend_error)?;
-        entries
+        Ok(entries
             .into_iter()
             .filter(|e| e.seq > after)
             .take(limit)
-            .map(audit_to_wire)
-            .collect()
+            .map(|e| AuditEntry { patient: None, ..e })
+            .collect())
     }
 
     async fn snapshot_transfer(&self, patient: &PatientId, collection: Collection) -> Result<Option<Arc<Transfer>>> {

@@ -10,8 +10,7 @@ use medmesh_crypto::{Collection, EnvelopeId, GrantId, PatientId, PracticeId, Tim
 use tracing::{debug, warn};
 
 use crate::backend::{
-    AuditEntryWire, Backend, ConsentView, Cursor, DisclosureRecord, Item, ItemId, ItemKind, ItemMeta, StoredItem,
-    Transfer,
+    Backend, ConsentView, Cursor, DisclosureRecord, Item, ItemId, ItemKind, ItemMeta, StoredItem, Transfer,
 };
 use crate::wire::{
     DigestParts, MAX_AUDIT_ACTOR_ID_LEN, MAX_AUDIT_ENTRIES_PER_MESSAGE, MAX_AUDIT_ITEMS_PER_ENTRY,
@@ -20,6 +19,7 @@ use crate::wire::{
     patient_digest, summary_digest,
 };
 use crate::{Error, Result};
+use medmesh_node::audit::AuditEntry;
 use medmesh_node::policy::{Disclosure, Requester, may_disclose};
 
 /// Most log entries one pull scans (allowed or not), so a peer that may
@@ -527,7 +527,7 @@ async fn audit_inner<B: Backend>(
     // One more than asked, to know whether more follow.
     let fetched = backend.audit_entries(&patient, after, limit + 1).await?;
     let mut more = fetched.len() > limit;
-    let mut entries: Vec<AuditEntryWire> = Vec::with_capacity(fetched.len().min(limit));
+    let mut entries: Vec<AuditEntry> = Vec::with_capacity(fetched.len().min(limit));
     let mut bytes = 0usize;
     let mut last = after;
     for entry in fetched.into_iter().take(limit) {
@@ -540,7 +540,7 @@ async fn audit_inner<B: Backend>(
             more = true;
             break;
         }
-        bytes += entry.encoded_size_bound();
+        bytes += crate::wire::audit_entry_size_bound(&entry);
         entries.push(entry);
     }
     backend.record_audit_read(&patient).await?;
@@ -647,7 +647,7 @@ pub(crate) fn outbox_report<B: Backend>(backend: &B, patient: &PatientId, settli
 /// [`MAX_AUDIT_ITEMS_PER_ENTRY`] item ids (the count stays whole) and texts
 /// cut at their caps. The node writes none that large; this keeps one odd
 /// entry from making the whole audit unanswerable.
-fn fit_to_wire(mut entry: AuditEntryWire) -> AuditEntryWire {
+fn fit_to_wire(mut entry: AuditEntry) -> AuditEntry {
     entry.item_count = entry.item_count.max(entry.items.len() as u64);
     entry.items.truncate(MAX_AUDIT_ITEMS_PER_ENTRY);
     truncate_text(&mut entry.actor_id, MAX_AUDIT_ACTOR_ID_LEN);

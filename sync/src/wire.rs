@@ -14,8 +14,9 @@ use medmesh_crypto::{
 use medmesh_node::AuditCheckpoints;
 use medmesh_node::audit::{Action, ActorKind};
 
-use crate::backend::{AuditEntryWire, Cursor, InstanceId, Item, ItemId, ItemKind};
 use crate::{Error, Result};
+use medmesh_node::audit::AuditEntry;
+use medmesh_node::item::{Cursor, InstanceId, Item, ItemId, ItemKind};
 
 /// The protocol name.
 pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/medmesh/sync/1");
@@ -475,7 +476,7 @@ pub enum Response {
     Audit {
         /// Entries in increasing `seq`, all after the request's `after`, at
         /// most its `limit`.
-        entries: Vec<AuditEntryWire>,
+        entries: Vec<AuditEntry>,
         /// Whether more entries follow the last one sent.
         more: bool,
     },
@@ -588,7 +589,7 @@ const ACTIONS: [Action; 10] = [
     Action::Quarantine,
 ];
 
-fn audit_entry_value(e: &AuditEntryWire) -> Value {
+fn audit_entry_value(e: &AuditEntry) -> Value {
     Value::Array(vec![
         uint(e.seq),
         uint(e.time),
@@ -604,14 +605,12 @@ fn audit_entry_value(e: &AuditEntryWire) -> Value {
     ])
 }
 
-impl AuditEntryWire {
-    /// An upper bound of this entry's encoded size, for a server's page
-    /// byte budget.
-    pub fn encoded_size_bound(&self) -> usize {
-        // 11 fields: heads of at most 9 bytes each, the items' 35-byte
-        // encodings, the texts, the grant and both hashes.
-        11 * 9 + self.items.len() * 35 + self.actor_id.len() + self.outcome.len() + 16 + 2 * 34 + 16
-    }
+/// An upper bound of `e`'s encoded size in an Audit answer, for a server's
+/// page byte budget.
+pub fn audit_entry_size_bound(e: &AuditEntry) -> usize {
+    // 11 fields: heads of at most 9 bytes each, the items' 35-byte
+    // encodings, the texts, the grant and both hashes.
+    11 * 9 + e.items.len() * 35 + e.actor_id.len() + e.outcome.len() + 16 + 2 * 34 + 16
 }
 
 fn to_bytes(value: &Value) -> Vec<u8> {
@@ -1201,7 +1200,7 @@ fn fixed_of<const N: usize>(message: &'static str, v: Value) -> Result<[u8; N]> 
     }
 }
 
-fn decode_audit_entry(value: Value) -> Result<AuditEntryWire> {
+fn decode_audit_entry(value: Value) -> Result<AuditEntry> {
     const M: &str = "audit";
     let mut f = Fields::nested(M, value, 11)?;
     let seq = f.uint()?;
@@ -1232,12 +1231,14 @@ fn decode_audit_entry(value: Value) -> Result<AuditEntryWire> {
         v => Some(GrantId(fixed_of::<16>(M, v)?)),
     };
     let outcome = f.text(MAX_AUDIT_OUTCOME_LEN)?;
-    Ok(AuditEntryWire {
+    Ok(AuditEntry {
         seq,
         time,
         actor_kind,
         actor_id,
         action,
+        // The query named the patient; the answer does not repeat it.
+        patient: None,
         item_count,
         items,
         grant,
@@ -1448,13 +1449,14 @@ mod tests {
         }
     }
 
-    fn audit_entry(seq: u64, items: usize) -> AuditEntryWire {
-        AuditEntryWire {
+    fn audit_entry(seq: u64, items: usize) -> AuditEntry {
+        AuditEntry {
             seq,
             time: 1_700_000_000_000 + seq,
             actor_kind: ActorKind::Peer,
             actor_id: "12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN".into(),
             action: Action::Disclose,
+            patient: None,
             item_count: items as u64,
             items: (0..items).map(|i| ItemId([i as u8; 32])).collect(),
             grant: Some(GrantId([7; 16])),
@@ -1597,14 +1599,14 @@ mod tests {
             Response::Audit {
                 entries: vec![
                     audit_entry(1, 0),
-                    AuditEntryWire {
+                    AuditEntry {
                         actor_kind: ActorKind::Patient,
                         action: Action::Read,
                         grant: None,
                         outcome: "ok: audit log".into(),
                         ..audit_entry(5, 3)
                     },
-                    AuditEntryWire {
+                    AuditEntry {
                         item_count: 100_000,
                         ..audit_entry(9, MAX_AUDIT_ITEMS_PER_ENTRY)
                     },
@@ -1769,7 +1771,7 @@ mod tests {
 
     #[test]
     fn bad_audit_answers_are_typed_errors() {
-        let answer = |entries: Vec<AuditEntryWire>| Response::Audit { entries, more: false }.encode();
+        let answer = |entries: Vec<AuditEntry>| Response::Audit { entries, more: false }.encode();
         let too_many = (1..=MAX_AUDIT_ENTRIES_PER_MESSAGE as u64 + 1)
             .map(|s| audit_entry(s, 0))
             .collect();
@@ -1780,14 +1782,14 @@ mod tests {
             ("seq zero", answer(vec![audit_entry(0, 0)])),
             (
                 "count below the list",
-                answer(vec![AuditEntryWire {
+                answer(vec![AuditEntry {
                     item_count: 1,
                     ..audit_entry(1, 2)
                 }]),
             ),
             (
                 "count above a short list",
-                answer(vec![AuditEntryWire {
+                answer(vec![AuditEntry {
                     item_count: 5,
                     ..audit_entry(1, 2)
                 }]),
@@ -1798,14 +1800,14 @@ mod tests {
             ),
             (
                 "long outcome",
-                answer(vec![AuditEntryWire {
+                answer(vec![AuditEntry {
                     outcome: "x".repeat(MAX_AUDIT_OUTCOME_LEN + 1),
                     ..audit_entry(1, 0)
                 }]),
             ),
             (
                 "long actor id",
-                answer(vec![AuditEntryWire {
+                answer(vec![AuditEntry {
                     actor_id: "x".repeat(MAX_AUDIT_ACTOR_ID_LEN + 1),
                     ..audit_entry(1, 0)
                 }]),
@@ -1873,7 +1875,7 @@ mod tests {
             assert!(!ACTIONS[..i].contains(a), "{} listed twice", a.as_str());
         }
         for k in ACTOR_KINDS {
-            let e = AuditEntryWire {
+            let e = AuditEntry {
                 actor_kind: k,
                 ..audit_entry(1, 0)
             };
@@ -1889,7 +1891,7 @@ mod tests {
     fn a_full_audit_page_fits_the_frame_cap() {
         // The server's byte budget stops a page at PAGE_BYTE_BUDGET plus one
         // entry; the largest entry must leave that under the cap.
-        let largest = AuditEntryWire {
+        let largest = AuditEntry {
             actor_id: "x".repeat(MAX_AUDIT_ACTOR_ID_LEN),
             outcome: "y".repeat(MAX_AUDIT_OUTCOME_LEN),
             seq: u64::MAX,
@@ -1903,8 +1905,8 @@ mod tests {
         }
         .encode()
         .len();
-        assert!(one <= largest.encoded_size_bound() + 16, "bound {one}");
-        assert!(PAGE_BYTE_BUDGET + largest.encoded_size_bound() + 16 < MAX_RESPONSE_BYTES);
+        assert!(one <= audit_entry_size_bound(&largest) + 16, "bound {one}");
+        assert!(PAGE_BYTE_BUDGET + audit_entry_size_bound(&largest) + 16 < MAX_RESPONSE_BYTES);
     }
 
     #[test]

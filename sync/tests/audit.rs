@@ -102,7 +102,7 @@ async fn patient_reads_the_disclosures_about_them_and_no_one_else_can() {
     // The same entries as the node shows locally (same seqs and hashes).
     let local = a.node.audit_entries(Some(&patient.id())).unwrap();
     let wire_hashes: Vec<String> = entries.iter().map(|e| hex::encode(e.hash)).collect();
-    let local_hashes: Vec<String> = local.iter().take(entries.len()).map(|e| e.hash.clone()).collect();
+    let local_hashes: Vec<String> = local.iter().take(entries.len()).map(|e| hex::encode(e.hash)).collect();
     assert_eq!(wire_hashes, local_hashes);
 
     // The query itself is audited as a read by the patient.

@@ -160,8 +160,8 @@ mod stuck {
     use medmesh_crypto::{EnvelopeId, PatientId};
     use medmesh_sync::wire::SnapshotPayload;
     use medmesh_sync::{
-        AuditEntryWire, Backend, ConsentView, Cursor, DisclosureRecord, IngestReport, InstanceId, ItemId, ItemStored,
-        Owed, PeerId, Result, StoredItem, Transfer, TransferIngest,
+        Backend, ConsentView, Cursor, DisclosureRecord, IngestReport, InstanceId, ItemId, ItemStored, Owed, PeerId,
+        Result, StoredItem, Transfer, TransferIngest,
     };
     use tokio::sync::broadcast;
 
@@ -226,7 +226,12 @@ mod stuck {
         fn subscribe(&self) -> broadcast::Receiver<ItemStored> {
             self.inner.subscribe()
         }
-        async fn audit_entries(&self, patient: &PatientId, after: u64, limit: usize) -> Result<Vec<AuditEntryWire>> {
+        async fn audit_entries(
+            &self,
+            patient: &PatientId,
+            after: u64,
+            limit: usize,
+        ) -> Result<Vec<medmesh_sync::AuditEntry>> {
             self.inner.audit_entries(patient, after, limit).await
         }
         async fn snapshot_transfer(

@@ -1647,11 +1647,11 @@ impl World {
     fn check_audit(&self) {
         for i in 0..self.sites.len() {
             let mut audited = BTreeSet::new();
-            let honest: BTreeSet<String> = self.patients.iter().map(|p| p.id().to_string()).collect();
+            let honest: BTreeSet<PatientId> = self.patients.iter().map(|p| p.id()).collect();
             for e in self.site(i).store.node.audit_entries(None).unwrap() {
                 if e.action == Action::Disclose && e.patient.as_ref().is_some_and(|p| honest.contains(p)) {
                     for item in e.items {
-                        audited.insert((e.actor_id.clone(), item));
+                        audited.insert((e.actor_id.clone(), item.to_string()));
                     }
                 }
             }

@@ -540,14 +540,12 @@ impl Sim {
             for e in self.store(i).node.audit_entries(None).unwrap() {
                 match e.action {
                     Action::Revoke => {
-                        revoked_here.extend(e.grant.clone());
+                        revoked_here.extend(e.grant.map(|g| hex::encode(g.0)));
                     }
                     Action::Disclose => {
                         let to: PeerId = e.actor_id.parse().unwrap();
                         for item in &e.items {
-                            let mut id = [0u8; 32];
-                            hex::decode_to_slice(item, &mut id).unwrap();
-                            let Some((x, c)) = envelopes.get(&EnvelopeId(id)).copied() else {
+                            let Some((x, c)) = envelopes.get(&EnvelopeId(item.0)).copied() else {
                                 continue;
                             };
                             count += 1;

@@ -120,13 +120,9 @@ impl Node {
     /// [`Error::Corrupt`] for an entry that does not decode; store failures.
     pub fn audit_entries(&self, patient: Option<&PatientId>) -> Result<Vec<AuditEntry>> {
         let entries = audit::decode_entries(self.store().audit_raw(1)?)?;
-        let did = patient.map(ToString::to_string);
-        Ok(match did {
+        Ok(match patient {
             None => entries,
-            Some(did) => entries
-                .into_iter()
-                .filter(|e| e.patient.as_deref() == Some(did.as_str()))
-                .collect(),
+            Some(p) => entries.into_iter().filter(|e| e.patient.as_ref() == Some(p)).collect(),
         })
     }
 }
