@@ -387,6 +387,17 @@ impl Grant {
         })
     }
 
+    /// The patient an encoded grant names, read **without** checking its
+    /// signature: only for saying who is acting where the claim grants
+    /// nothing (a peer whose own key is the named patient is that patient).
+    ///
+    /// # Errors
+    /// Any decoding error.
+    pub fn claimed_patient(bytes: &[u8]) -> Result<PatientId> {
+        let (body, _, _) = split_signed("grant", bytes, MAX_GRANT_BYTES, 64)?;
+        Ok(GrantTerms::from_value(body)?.patient)
+    }
+
     /// Parses and verifies a grant; the signature is checked before any
     /// field is trusted.
     ///
@@ -545,6 +556,16 @@ impl Revocation {
             encoded: signed_wire(body, &signature),
             terms,
         })
+    }
+
+    /// The patient an encoded revocation names, read **without** checking
+    /// its signature ([`Grant::claimed_patient`]).
+    ///
+    /// # Errors
+    /// Any decoding error.
+    pub fn claimed_patient(bytes: &[u8]) -> Result<PatientId> {
+        let (body, _, _) = split_signed("revocation", bytes, MAX_REVOCATION_BYTES, 8 + 3 * MAX_CUT_ACTORS)?;
+        Ok(RevocationTerms::from_value(body)?.patient)
     }
 
     /// Parses and verifies a revocation.

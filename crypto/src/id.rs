@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use sha2::{Digest, Sha256};
@@ -377,6 +378,15 @@ impl fmt::Debug for SecretIdentity {
     }
 }
 
+/// Signature checks this process has made (every one goes through
+/// [`verify`]). Tests count them: a received item is checked once.
+static SIGNATURE_CHECKS: AtomicU64 = AtomicU64::new(0);
+
+/// How many signatures this process has checked so far.
+pub fn signature_checks() -> u64 {
+    SIGNATURE_CHECKS.load(Ordering::Relaxed)
+}
+
 pub(crate) fn verify(
     key: &VerifyingKey,
     tag: &[u8],
@@ -384,6 +394,7 @@ pub(crate) fn verify(
     signature: &[u8; 64],
     kind: &'static str,
 ) -> Result<()> {
+    SIGNATURE_CHECKS.fetch_add(1, Ordering::Relaxed);
     key.verify_strict(&crate::canon::tagged(tag, body), &Signature::from_bytes(signature))
         .map_err(|_| Error::BadSignature { kind })
 }

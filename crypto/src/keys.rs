@@ -332,6 +332,16 @@ impl KeyShare {
         })
     }
 
+    /// The patient an encoded key share names, read **without** checking
+    /// its signature (`Grant::claimed_patient`).
+    ///
+    /// # Errors
+    /// Any decoding error.
+    pub fn claimed_patient(bytes: &[u8]) -> Result<PatientId> {
+        let (body, _, _) = split_signed("key share", bytes, MAX_KEYSHARE_BYTES, 32)?;
+        Ok(KeyShareTerms::from_value(body)?.patient)
+    }
+
     /// Parses and verifies a key share (the patient's signature).
     ///
     /// # Errors

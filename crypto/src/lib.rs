@@ -37,7 +37,7 @@ pub use envelope::{
     MAX_COMPACT_HEADER_BYTES, MAX_ENVELOPE_BYTES, MAX_SIGNED_HEADER_BYTES, SignedHeader, keyed_change_hash,
 };
 pub use error::{Error, Result};
-pub use id::{ActorId, PatientId, PeerId, PracticeId, Principal, SecretIdentity, Timestamp, now};
+pub use id::{ActorId, PatientId, PeerId, PracticeId, Principal, SecretIdentity, Timestamp, now, signature_checks};
 pub use keys::{Epoch, EpochKey, KEYSHARE_TAG, KeyId, KeyRef, KeyShare, KeyShareTerms, MAX_KEYSHARE_BYTES};
 pub use keystore::{KdfParams, Keystore, MAX_ADDRESS_RECORD_BYTES, MAX_KEYSTORE_BYTES, write_atomically};
 pub use sealed::SealedSecret;

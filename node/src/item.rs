@@ -117,6 +117,20 @@ impl Item {
     pub fn envelope(envelope: &Envelope) -> Self {
         Self::new(ItemKind::Envelope, envelope.encode())
     }
+
+    /// The patient the item names, read **without** checking its signature
+    /// (ingest checks it, once): only to say who is acting, where a false
+    /// claim grants nothing. `None` when it does not parse.
+    pub fn claimed_patient(&self) -> Option<PatientId> {
+        match self.kind {
+            ItemKind::Grant => Grant::claimed_patient(&self.bytes).ok(),
+            ItemKind::Revocation => Revocation::claimed_patient(&self.bytes).ok(),
+            ItemKind::KeyShare => KeyShare::claimed_patient(&self.bytes).ok(),
+            ItemKind::Envelope => medmesh_crypto::CompactHeader::of_stored_envelope(&self.bytes)
+                .ok()
+                .map(|h| h.header().patient),
+        }
+    }
 }
 
 /// An item's id: the envelope id for envelopes, SHA-256 of the canonical

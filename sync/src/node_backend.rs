@@ -18,8 +18,8 @@ use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
 use crate::backend::{
-    AuditEntry, Backend, ConsentView, Cursor, DisclosureRecord, IngestReport, InstanceId, Item, ItemId, ItemMeta,
-    ItemStored, Owed, StoredItem, Transfer, TransferIngest,
+    AuditEntry, Backend, ConsentView, Cursor, DisclosureRecord, IngestReport, InstanceId, Item, ItemId, ItemStored,
+    Owed, StoredItem, Transfer, TransferIngest,
 };
 use crate::wire::{SnapshotPayload, decode_transfer_headers, encode_compact_headers};
 use crate::{Error, Result};
@@ -127,8 +127,10 @@ fn source_of(from: PeerId, first: &Option<Item>) -> Source {
     let as_patient = medmesh_crypto::PracticeId::from_peer_id(&from)
         .ok()
         .and_then(|key| medmesh_crypto::PatientId::from_bytes(*key.as_bytes()).ok());
+    // Unverified: a peer whose own key is the claimed patient is that
+    // patient whatever the item holds, and ingest checks the signature.
     if let (Some(patient), Some(item)) = (as_patient, first)
-        && ItemMeta::describe(item).is_ok_and(|meta| meta.patient == patient)
+        && item.claimed_patient() == Some(patient)
     {
         return Source::Patient(patient);
     }

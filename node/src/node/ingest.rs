@@ -89,8 +89,8 @@ impl Node {
         // A grant to this node anywhere in the page makes its patient's
         // other items welcome: those of patients without a relationship are
         // judged once every grant of the page is ([`Node::welcome`]).
-        for item in effects.deferred.take().unwrap_or_default() {
-            self.judge_consent(item, &actor, &mut phase, &mut effects, &mut report)?;
+        for checked in effects.deferred.take().unwrap_or_default() {
+            self.judge_consent_decoded(checked, &actor, &mut phase, &mut effects, &mut report)?;
         }
         let committed = if phase.batch.is_empty() {
             None

@@ -37,6 +37,22 @@ impl Node {
                 return Ok(());
             }
         };
+        let checked = CheckedItem { item, hash, decoded };
+        self.judge_consent_decoded(checked, actor, phase, effects, report)
+    }
+
+    /// [`Node::judge_consent`] after decoding (which checked the signature):
+    /// a deferred item comes back here with what was decoded, so no item's
+    /// signature is checked twice.
+    pub(super) fn judge_consent_decoded(
+        &self,
+        checked: CheckedItem,
+        actor: &Actor,
+        phase: &mut Phase,
+        effects: &mut ConsentEffects,
+        report: &mut Ingested,
+    ) -> Result<()> {
+        let CheckedItem { item, hash, decoded } = checked;
         let id = ItemId(hash);
         if self.store().contains(&id)? || !phase.seen.insert(hash) {
             report.counts.duplicates += 1;
@@ -69,7 +85,7 @@ impl Node {
         if !self.welcome(&decoded, actor, effects)? {
             phase.seen.remove(&hash);
             match effects.deferred.as_mut() {
-                Some(later) => later.push(item),
+                Some(later) => later.push(CheckedItem { item, hash, decoded }),
                 None => report.counts.unwanted += 1,
             }
             return Ok(());

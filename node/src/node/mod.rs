@@ -366,12 +366,20 @@ enum Decoded {
     KeyShare(KeyShare),
 }
 
+/// An item whose signature was checked: its bytes, their SHA-256 and what
+/// they decoded to.
+struct CheckedItem {
+    item: Item,
+    hash: [u8; 32],
+    decoded: Decoded,
+}
+
 /// Consent items of one page, to apply to the registry after they are stored.
 #[derive(Default)]
 struct ConsentEffects {
     /// On the page's first pass, the items of patients this node has no
     /// relationship with yet, judged again after it ([`Node::welcome`]).
-    deferred: Option<Vec<Item>>,
+    deferred: Option<Vec<CheckedItem>>,
     grants: Vec<Grant>,
     revocations: Vec<Revocation>,
     shares: Vec<KeyShare>,
