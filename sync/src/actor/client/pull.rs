@@ -1,0 +1,147 @@
+//! Pulling a peer's log page by page.
+
+use libp2p::PeerId;
+use medmesh_crypto::PatientId;
+use tracing::{debug, info};
+
+use crate::actor::client::reconcile::reconcile_task;
+use crate::actor::client::transfer::{TransferFor, TransferOutcome, snapshot_task};
+use crate::actor::ctx::{Ctx, unexpected};
+use crate::backend::{Backend, Cursor, ItemKind};
+use crate::wire::{MAX_OFFERS_PER_PAGE, Offer, Request, Response};
+use crate::{Error, Result, SyncReport};
+
+/// Pulls pages from `peer` until its log is exhausted; the cursor is stored
+/// only after the page it covers was ingested.
+///
+/// Snapshot offers collected on the way are taken at the end, when the
+/// pages have brought the grants and key shares they need; a collection
+/// whose transfer fails is reconciled instead (its envelopes were left out
+/// of the pages).
+pub(crate) async fn pull_task<B: Backend>(ctx: &Ctx<B>, peer: PeerId) -> Result<SyncReport> {
+    let mut report = SyncReport::default();
+    let mut offers: Vec<Offer> = Vec::new();
+    // Patients of pages that left envelopes pending: the peer holds them,
+    // so it may well hold the grant they wait for — one this node scanned
+    // past while its own grant had not started, or whose reconciliation
+    // failed. Reconciling with the peer asks for it again.
+    let mut waiting: Vec<PatientId> = Vec::new();
+    let mut cursor = ctx.backend.cursor(&peer)?.unwrap_or_default();
+    // Pages that offer a snapshot transfer carry no envelopes of it: the
+    // stored cursor stays before the first of them until the transfers (or
+    // the reconciliations replacing them) are done, so a restart in between
+    // pulls those pages again instead of skipping their envelopes for good.
+    let mut held = false;
+    loop {
+        let limit = ctx.page_limit;
+        let snapshots = (ctx.snapshot_min > 0).then(|| offers.iter().map(|o| o.source).collect());
+        let response = ctx
+            .request(
+                peer,
+                Request::Pull {
+                    cursor,
+                    limit,
+                    snapshots,
+                },
+            )
+            .await?;
+        let (instance, next, more, items, page_offers) = match response {
+            Response::Page {
+                instance,
+                next,
+                more,
+                items,
+                offers,
+            } => (instance, next, more, items, offers),
+            other => return Err(unexpected(peer, "pull", &other)),
+        };
+        if items.len() > limit as usize {
+            return Err(Error::Wire {
+                message: "page",
+                reason: "more items than the limit asked for",
+            });
+        }
+        if !page_offers.is_empty() && ctx.snapshot_min == 0 {
+            return Err(Error::Wire {
+                message: "page",
+                reason: "snapshot offers to a puller that takes none",
+            });
+        }
+        for offer in page_offers {
+            if !offers.contains(&offer) && offers.len() < MAX_OFFERS_PER_PAGE {
+                offers.push(offer);
+            }
+        }
+        let same_instance = instance == cursor.instance;
+        if same_instance && next < cursor.seq {
+            return Err(Error::Wire {
+                message: "page",
+                reason: "cursor went backwards",
+            });
+        }
+        if !same_instance {
+            info!(%peer, %instance, "peer store instance changed; cursor reset");
+        }
+        report.pages += 1;
+        report.received += items.len() as u64;
+        // Who the page's envelopes belong to, read without verifying (the
+        // ingest verifies; this only picks whom to reconcile).
+        let mut envelope_patients: Vec<PatientId> = Vec::new();
+        for item in items.iter().filter(|i| i.kind == ItemKind::Envelope) {
+            if let Ok(h) = medmesh_crypto::CompactHeader::of_stored_envelope(&item.bytes)
+                && !envelope_patients.contains(&h.header().patient)
+            {
+                envelope_patients.push(h.header().patient);
+            }
+        }
+        let ingested = ctx.ingest(peer, items).await?;
+        if ingested.pending > 0 {
+            waiting.extend(envelope_patients);
+        }
+        report.ingest.add(ingested);
+        let new = Cursor { instance, seq: next };
+        held |= !offers.is_empty();
+        if !held {
+            ctx.backend.set_cursor(&peer, new).await?;
+        }
+        // Stop on the server's word, or when it makes no progress (a peer
+        // that lies about `more` must not keep us looping).
+        let stalled = same_instance && next == cursor.seq;
+        cursor = new;
+        if !more || stalled {
+            break;
+        }
+    }
+    let mut reconcile = waiting;
+    for offer in offers {
+        match snapshot_task(
+            ctx,
+            peer,
+            offer.patient,
+            offer.collection,
+            TransferFor::Offer(offer.source),
+        )
+        .await
+        {
+            Ok((r, TransferOutcome::Complete)) => report.add(r),
+            Ok((r, outcome)) => {
+                debug!(%peer, collection = %offer.collection, ?outcome, "snapshot transfer incomplete; reconciling");
+                report.add(r);
+                reconcile.push(offer.patient);
+            }
+            Err(e) => {
+                debug!(%peer, collection = %offer.collection, cause = %e, "snapshot transfer failed; reconciling");
+                reconcile.push(offer.patient);
+            }
+        }
+    }
+    reconcile.sort_unstable();
+    reconcile.dedup();
+    for patient in reconcile {
+        report.add(reconcile_task(ctx, peer, patient).await?);
+    }
+    if held {
+        ctx.backend.set_cursor(&peer, cursor).await?;
+    }
+    Ok(report)
+}

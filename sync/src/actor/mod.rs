@@ -1,0 +1,724 @@
+//! The sync actor: one task owns the libp2p `Swarm` and every piece of
+//! connection state; [`crate::SyncHandle`] drives it through a bounded
+//! channel of commands that carry their reply senders (STYLE §3). Multi-step
+//! work (pulling pages, reconciling) runs in spawned tasks that talk to the
+//! actor through a weak sender, so the actor ends once every handle is gone.
+//!
+//! This file holds the actor's state and its loop (commands, swarm events,
+//! stored-item events, ticks); the jobs live in the modules below.
+
+mod client;
+mod ctx;
+mod dial;
+mod flows;
+pub(crate) mod messages;
+mod outbox;
+mod pulls;
+mod rates;
+mod requests;
+mod swarm;
+
+pub(crate) use ctx::Metrics;
+pub(crate) use messages::Command;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use libp2p::core::transport::ListenerId;
+use libp2p::request_response::OutboundRequestId;
+use libp2p::swarm::{ConnectionId, SwarmEvent};
+use libp2p::{Multiaddr, PeerId, Swarm, dcutr, identify, kad, mdns, relay};
+use medmesh_crypto::{PatientId, SecretIdentity};
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::addressed_peer as peer_of;
+use crate::backend::{Backend, Item, ItemId, StoredEvent};
+use crate::config::Config;
+use crate::serve::{self};
+use crate::wire::{MAX_PUSH_ADDRS, Request, Response};
+use crate::{Connection, Error, Result, Status};
+use medmesh_node::rate::Bucket;
+
+use crate::actor::client::anti_entropy::{ANTI_ENTROPY_MIN_GAP, anti_entropy};
+use crate::actor::client::reconcile::reconcile_task;
+use crate::actor::ctx::{Ctx, Following};
+use crate::actor::dial::{DialBudget, MAX_DIAL_ERRORS, dial_reason};
+use crate::actor::flows::{consent_flow, push_task};
+use crate::actor::outbox::REDELIVERY_TICK;
+use crate::actor::pulls::PullSlot;
+use crate::actor::swarm::{Behaviour, BehaviourEvent, KAD_PROTOCOL, on_relay_event};
+
+pub(crate) const COMMAND_CAPACITY: usize = 256;
+
+/// How long a stopping actor waits for its connections to close.
+pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub(crate) enum Outbound {
+    Reply(oneshot::Sender<Result<Response>>),
+    Nudge(PeerId),
+    /// A consent item owed to the peer ([`Owed`]): settled by its answer.
+    Forward(PeerId, ItemId),
+}
+
+pub(crate) struct Actor<B: Backend> {
+    swarm: Swarm<Behaviour>,
+    ctx: Ctx<B>,
+    commands: mpsc::Receiver<Command>,
+    stored: broadcast::Receiver<StoredEvent>,
+    config: Config,
+    me: PeerId,
+    static_peers: Vec<(PeerId, Multiaddr)>,
+    outbound: HashMap<OutboundRequestId, Outbound>,
+    /// Addresses learned for peers (hints, pushes, dials that worked).
+    known_addrs: HashMap<PeerId, Vec<Multiaddr>>,
+    pulls: HashMap<PeerId, PullSlot>,
+    /// Peers whose pulls failed in a row (or whose connection broke), and
+    /// how many times: each is pulled again after [`pull_retry_wait`].
+    pull_retries: HashMap<PeerId, u32>,
+    /// Peers with a nudge in flight, and the sequence number of a follow-up
+    /// to send when it returns.
+    nudging: HashMap<PeerId, Option<u64>>,
+    dial_waiters: HashMap<PeerId, Vec<oneshot::Sender<Result<PeerId>>>>,
+    /// Peers dialled at addresses the swarm knew while Kademlia is on: if
+    /// those fail (the peer moved), the dial falls back to a lookup once.
+    dials_before_lookup: HashSet<PeerId>,
+    /// Why the last dial of each peer failed ([`dial_reason`]), until it
+    /// connects: the reason a forward's debt keeps (request-response only
+    /// says "Failed to dial the requested peer").
+    dial_errors: HashMap<PeerId, String>,
+    /// Kademlia lookups under way, and the peer each is for.
+    lookups: HashMap<kad::QueryId, PeerId>,
+    /// When this node last looked up its own id ([`KAD_JOIN_CLOSEST`]).
+    kad_joined: Option<Instant>,
+    /// Peers the handle asked to connect to: pulled on connecting even
+    /// without a grant or cursor (see [`Actor::worth_pulling`]).
+    asked: HashSet<PeerId>,
+    /// Relays to hold a circuit reservation on (`Config::relays`).
+    relays: Vec<(PeerId, Multiaddr)>,
+    /// The `/p2p-circuit` listener of each relay (index into `relays`) that
+    /// holds or is asking for a reservation.
+    relay_listeners: HashMap<ListenerId, usize>,
+    /// Established connections: whose, and over which address.
+    connections: HashMap<ConnectionId, Connection>,
+    last_synced: HashMap<PeerId, Instant>,
+    /// Token buckets of peers that used some of theirs (full ones are
+    /// pruned on every tick: absent means full).
+    buckets: HashMap<PeerId, Bucket>,
+    /// Inbound requests being served, per peer (only non-zero entries).
+    in_flight: HashMap<PeerId, usize>,
+    in_flight_total: usize,
+    dial_budget: DialBudget,
+}
+
+/// Builds the swarm, starts listening, and spawns the actor.
+pub(crate) async fn spawn<B: Backend>(
+    config: Config,
+    identity: &SecretIdentity,
+    backend: Arc<B>,
+) -> Result<(mpsc::Sender<Command>, PeerId, Arc<Metrics>)> {
+    let keypair = identity.to_libp2p()?;
+    let me = keypair.public().to_peer_id();
+    let mut static_peers = Vec::new();
+    for addr in &config.peers {
+        let peer = peer_of(addr).ok_or_else(|| Error::MissingPeerId(addr.clone()))?;
+        static_peers.push((peer, addr.clone()));
+    }
+    let mut relays = Vec::new();
+    for addr in &config.relays {
+        let peer = peer_of(addr).ok_or_else(|| Error::MissingPeerId(addr.clone()))?;
+        relays.push((peer, addr.clone()));
+    }
+    let swarm = swarm::build(&config, keypair, &static_peers).await?;
+
+    let (tx, commands) = mpsc::channel(COMMAND_CAPACITY);
+    let metrics = Arc::new(Metrics::default());
+    let dial_budget = DialBudget::new(&config.limits, Instant::now());
+    let stored = backend.subscribe();
+    // What a previous run stored was followed then (or is owed in the
+    // outbox): only items stored from now on are waited for.
+    let followed = Arc::new(AtomicU64::new(backend.last_seq()));
+    let ctx = Ctx {
+        backend,
+        me,
+        tx: tx.downgrade(),
+        metrics: metrics.clone(),
+        page_limit: config.page_limit.clamp(1, crate::wire::MAX_ITEMS_PER_MESSAGE as u32),
+        limits: Arc::new(config.limits.clone()),
+        parked: Arc::new(Mutex::new(HashMap::new())),
+        snapshot_min: config.snapshot_min_envelopes,
+        transfers: Arc::default(),
+        asked_reconciles: Arc::default(),
+        redelivering: Arc::default(),
+        anti_entropy: Arc::default(),
+        following: Arc::default(),
+        followed,
+    };
+    let actor = Actor {
+        swarm,
+        ctx,
+        commands,
+        stored,
+        config,
+        me,
+        static_peers,
+        outbound: HashMap::new(),
+        known_addrs: HashMap::new(),
+        pulls: HashMap::new(),
+        pull_retries: HashMap::new(),
+        nudging: HashMap::new(),
+        dial_waiters: HashMap::new(),
+        dials_before_lookup: HashSet::new(),
+        dial_errors: HashMap::new(),
+        lookups: HashMap::new(),
+        kad_joined: None,
+        asked: HashSet::new(),
+        relays,
+        relay_listeners: HashMap::new(),
+        connections: HashMap::new(),
+        last_synced: HashMap::new(),
+        buckets: HashMap::new(),
+        in_flight: HashMap::new(),
+        in_flight_total: 0,
+        dial_budget,
+    };
+    tokio::spawn(actor.run().instrument(info_span!("sync actor", peer = %me)));
+    Ok((tx, me, metrics))
+}
+
+impl<B: Backend> Actor<B> {
+    async fn run(mut self) {
+        let mut tick = tokio::time::interval(self.config.pull_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await; // the first tick fires at once; connections pull on establishment anyway
+        // The outbox is looked at every second (a scan of a small tree);
+        // the first round, at once, takes over what a previous run owed.
+        let mut redelivery = tokio::time::interval(REDELIVERY_TICK);
+        redelivery.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut anti_entropy = tokio::time::interval(self.config.anti_entropy_interval);
+        anti_entropy.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        anti_entropy.tick().await; // connections start their own round
+        self.reserve_relays();
+        self.learn_kept_addresses();
+        if self.config.consent_flows {
+            self.reach_holders();
+        }
+        let mut stored_open = true;
+        let shutdown_reply = loop {
+            tokio::select! {
+                command = self.commands.recv() => match command {
+                    None => break None,
+                    Some(Command::Shutdown(reply)) => break Some(reply),
+                    Some(command) => self.on_command(command),
+                },
+                event = self.swarm.select_next_some() => {
+                    self.on_swarm_event(event);
+                    self.cut_kad_bootstraps();
+                }
+                event = self.stored.recv(), if stored_open => match event {
+                    Ok(event) => self.on_stored(event),
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        warn!(missed = n, "missed item-stored events; nudging every connected peer");
+                        // Their flows will not run: nothing to wait for.
+                        self.ctx.followed.fetch_max(self.backend().last_seq(), Ordering::AcqRel);
+                        let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+                        for peer in peers {
+                            self.nudge(peer, u64::MAX);
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Closed) => stored_open = false,
+                },
+                _ = tick.tick() => self.on_tick(),
+                _ = redelivery.tick(), if self.config.consent_flows => self.redeliver(None),
+                _ = anti_entropy.tick(), if self.config.consent_flows => {
+                    let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+                    for peer in peers {
+                        self.start_anti_entropy(peer);
+                    }
+                    self.reach_holders();
+                }
+            }
+        };
+        info!("sync actor stopping");
+        self.close_connections().await;
+        drop(self.swarm);
+        if let Some(reply) = shutdown_reply {
+            let _ = reply.send(());
+        }
+    }
+
+    /// Closes every connection and lets the swarm send the closes. A swarm
+    /// dropped without that leaves its peers holding the connections until
+    /// their idle timeout — and a patient's next CLI session (same PeerId)
+    /// then finds its node's per-peer connection limit taken by them.
+    async fn close_connections(&mut self) {
+        let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+        for peer in peers {
+            let _ = self.swarm.disconnect_peer_id(peer);
+        }
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+            while self.swarm.network_info().num_peers() > 0 {
+                self.swarm.select_next_some().await;
+            }
+        })
+        .await;
+    }
+
+    fn backend(&self) -> &B {
+        &self.ctx.backend
+    }
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::ListenAddrs(reply) => {
+                let me = self.me;
+                // Listeners first (callers take the first as "the" address),
+                // then external ones: configured, and relay circuits.
+                let mut addrs: Vec<Multiaddr> = Vec::new();
+                for a in self.swarm.listeners().chain(self.swarm.external_addresses()) {
+                    let a = a.clone().with_p2p(me).unwrap_or_else(|a| a);
+                    if !addrs.contains(&a) {
+                        addrs.push(a);
+                    }
+                }
+                let _ = reply.send(addrs);
+            }
+            Command::Dial { addr, reply } => {
+                let Some(peer) = peer_of(&addr) else {
+                    let _ = reply.send(Err(Error::MissingPeerId(addr)));
+                    return;
+                };
+                self.asked.insert(peer);
+                if self.swarm.is_connected(&peer) {
+                    let _ = reply.send(Ok(peer));
+                    return;
+                }
+                self.swarm.add_peer_address(peer, addr.clone());
+                match self.swarm.dial(addr.clone()) {
+                    Ok(()) => self.dial_waiters.entry(peer).or_default().push(reply),
+                    Err(e) => {
+                        let _ = reply.send(Err(Error::Dial {
+                            addr,
+                            reason: e.to_string(),
+                        }));
+                    }
+                }
+            }
+            Command::ConnectedPeers(reply) => {
+                let _ = reply.send(self.swarm.connected_peers().copied().collect());
+            }
+            Command::Connections(reply) => {
+                let _ = reply.send(self.connections.values().cloned().collect());
+            }
+            Command::DialPeer { peer, reply } => self.dial_peer(peer, reply),
+            Command::SyncNow { peer, reply } => self.start_pull(peer, Some(reply)),
+            Command::Reconcile { peer, patient, reply } => {
+                let ctx = self.ctx.clone();
+                tokio::spawn(async move {
+                    let _ = reply.send(reconcile_task(&ctx, peer, patient).await);
+                });
+            }
+            Command::AntiEntropy { peer, reply } => {
+                let ctx = self.ctx.clone();
+                tokio::spawn(async move {
+                    let _ = reply.send(anti_entropy(&ctx, peer).await);
+                });
+            }
+            Command::Push {
+                peer,
+                items,
+                addrs,
+                reply,
+            } => {
+                let ctx = self.ctx.clone();
+                let me = self.me;
+                tokio::spawn(async move {
+                    let _ = reply.send(push_task(&ctx, me, peer, items, addrs).await);
+                });
+            }
+            Command::Outbox { patient, reply } => {
+                let settling = self.settling(&patient);
+                let backend = self.ctx.backend.clone();
+                tokio::task::spawn_blocking(move || {
+                    let _ = reply.send(serve::outbox_report(&*backend, &patient, settling));
+                });
+            }
+            Command::Request { peer, request, reply } => {
+                let id = self.swarm.behaviour_mut().sync.send_request(&peer, request);
+                Metrics::add(&self.ctx.metrics.requests_sent, 1);
+                self.outbound.insert(id, Outbound::Reply(reply));
+            }
+            Command::Status(reply) => {
+                let m = &self.ctx.metrics;
+                let now = Instant::now();
+                let sync_lag = self
+                    .swarm
+                    .connected_peers()
+                    .filter_map(|p| self.last_synced.get(p))
+                    .map(|t| now.saturating_duration_since(*t))
+                    .max();
+                let _ = reply.send(Status {
+                    peers: self.swarm.connected_peers().count(),
+                    items_sent: m.items_sent.load(Ordering::Relaxed),
+                    items_received: m.items_received.load(Ordering::Relaxed),
+                    items_accepted: m.items_accepted.load(Ordering::Relaxed),
+                    items_rejected: m.items_rejected.load(Ordering::Relaxed),
+                    items_pending: m.items_pending.load(Ordering::Relaxed),
+                    bytes_sent: m.bytes_sent.load(Ordering::Relaxed),
+                    bytes_received: m.bytes_received.load(Ordering::Relaxed),
+                    sync_lag,
+                    refused_busy: m.refused_busy.load(Ordering::Relaxed),
+                    items_pending_refused: m.items_pending_refused.load(Ordering::Relaxed),
+                    dropped: m.dropped.load(Ordering::Relaxed),
+                    requests_sent: m.requests_sent.load(Ordering::Relaxed),
+                    requests_received: m.requests_received.load(Ordering::Relaxed),
+                    reconciliations: m.reconciliations.load(Ordering::Relaxed),
+                    reconciliations_failed: m.reconciliations_failed.load(Ordering::Relaxed),
+                    items_unwanted: m.items_unwanted.load(Ordering::Relaxed),
+                    dials_limited: m.dials_limited.load(Ordering::Relaxed),
+                    outbox: self.backend().outbox().map_or(0, |o| o.len() as u64),
+                });
+            }
+            Command::Shutdown(reply) => {
+                // Handled in `run`; kept for exhaustiveness.
+                let _ = reply.send(());
+            }
+            Command::Respond {
+                peer,
+                channel,
+                response,
+                served,
+            } => {
+                self.served_one(peer);
+                if self.swarm.behaviour_mut().sync.send_response(channel, response).is_ok() {
+                    self.ctx.metrics.sent(served);
+                }
+            }
+            Command::PullDone { peer, result } => self.on_pull_done(peer, result),
+            Command::RetryPull(peer) => self.start_pull(peer, None),
+            Command::Pushed { peer } => self.start_pull(peer, None),
+            Command::Forward { peer, id, item } => self.forward(peer, id, item),
+            Command::Nudge { peer, seq } => self.nudge(peer, seq),
+            Command::AddAddress { peer, addr } => self.note_addr(peer, addr),
+            Command::KnownAddrs { peer, reply } => {
+                let _ = reply.send(self.known_addrs.get(&peer).cloned().unwrap_or_default());
+            }
+            Command::MayDial { peer, source, reply } => {
+                let free = self.swarm.is_connected(&peer) || self.static_peers.iter().any(|(p, _)| *p == peer);
+                let allowed = free || self.dial_budget.take(&self.config.limits, source, Instant::now());
+                if !allowed {
+                    Metrics::add(&self.ctx.metrics.dials_limited, 1);
+                    debug!(%peer, %source, "dial on behalf of a source over its dial budget; skipped");
+                }
+                let _ = reply.send(allowed);
+            }
+        }
+    }
+
+    fn on_tick(&mut self) {
+        let at = Instant::now();
+        let limits = &self.config.limits;
+        self.buckets.retain(|_, b| !b.is_full(rates::requests(limits), at));
+        self.dial_budget.prune(limits, at);
+        let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+        for peer in peers {
+            if self.worth_pulling(&peer) {
+                self.start_pull(peer, None);
+            }
+        }
+        self.reserve_relays();
+        let redial: Vec<Multiaddr> = self
+            .static_peers
+            .iter()
+            .filter(|(p, _)| !self.swarm.is_connected(p))
+            .map(|(_, a)| a.clone())
+            .collect();
+        for addr in redial {
+            if let Err(e) = self.swarm.dial(addr) {
+                debug!(cause = %e, "redialing static peer failed");
+            }
+        }
+    }
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => info!(%address, "listening"),
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                connection_id,
+                endpoint,
+                num_established,
+                ..
+            } => {
+                // Connected: a failure of this dial no longer calls for a lookup.
+                self.dials_before_lookup.remove(&peer_id);
+                let relayed = endpoint.is_relayed();
+                let addr = match &endpoint {
+                    libp2p::core::ConnectedPoint::Dialer { address, .. } => address.clone(),
+                    libp2p::core::ConnectedPoint::Listener { local_addr, .. } if relayed => local_addr.clone(),
+                    libp2p::core::ConnectedPoint::Listener { send_back_addr, .. } => send_back_addr.clone(),
+                };
+                debug!(peer = %peer_id, %addr, relayed, "connection established");
+                self.dial_errors.remove(&peer_id);
+                self.connections.insert(
+                    connection_id,
+                    Connection {
+                        peer: peer_id,
+                        addr,
+                        relayed,
+                    },
+                );
+                for w in self.dial_waiters.remove(&peer_id).unwrap_or_default() {
+                    let _ = w.send(Ok(peer_id));
+                }
+                if let libp2p::core::ConnectedPoint::Dialer { address, .. } = &endpoint
+                    && !relayed
+                {
+                    // An address that just worked: kept with what this node owes the peer.
+                    self.remember_addr(peer_id, address.clone());
+                }
+                if num_established.get() == 1 {
+                    self.last_synced.insert(peer_id, Instant::now());
+                    if self.config.consent_flows {
+                        // Back (or new): whatever it is owed goes now, and
+                        // what either missed meanwhile is found.
+                        self.redeliver(Some(peer_id));
+                        self.start_anti_entropy(peer_id);
+                    }
+                    if self.worth_pulling(&peer_id) {
+                        self.start_pull(peer_id, None);
+                    }
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                connection_id,
+                num_established,
+                cause,
+                ..
+            } => {
+                self.connections.remove(&connection_id);
+                if num_established == 0 {
+                    debug!(peer = %peer_id, "disconnected");
+                    // A connection that broke (not closed, not idle) may
+                    // have taken a nudge with it, or a pull's last page:
+                    // a peer this node syncs with is pulled again soon
+                    // (a pull under way retries when it fails).
+                    let broke = matches!(cause, Some(libp2p::swarm::ConnectionError::IO(_)));
+                    if broke && !self.pulls.contains_key(&peer_id) && self.worth_pulling(&peer_id) {
+                        self.retry_pull_later(peer_id);
+                    }
+                    self.last_synced.remove(&peer_id);
+                    self.nudging.remove(&peer_id);
+                    self.asked.remove(&peer_id);
+                }
+            }
+            SwarmEvent::ListenerClosed {
+                listener_id, reason, ..
+            } => {
+                if let Some(i) = self.relay_listeners.remove(&listener_id) {
+                    let relay = self.relays.get(i).map(|(p, _)| *p);
+                    match reason {
+                        Ok(()) => info!(?relay, "relay reservation ended; renewing on the next tick"),
+                        Err(e) => warn!(?relay, cause = %e, "relay reservation failed; retrying on the next tick"),
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::RelayClient(event)) => match event {
+                relay::client::Event::ReservationReqAccepted {
+                    relay_peer_id, renewal, ..
+                } => {
+                    if !renewal {
+                        info!(relay = %relay_peer_id, "relay reservation accepted; reachable through its circuit");
+                    }
+                }
+                relay::client::Event::OutboundCircuitEstablished { relay_peer_id, .. } => {
+                    debug!(relay = %relay_peer_id, "circuit through relay established");
+                }
+                relay::client::Event::InboundCircuitEstablished { src_peer_id, .. } => {
+                    debug!(peer = %src_peer_id, "inbound circuit through our relay");
+                }
+            },
+            SwarmEvent::Behaviour(BehaviourEvent::Dcutr(dcutr::Event { remote_peer_id, result })) => match result {
+                Ok(_) => info!(peer = %remote_peer_id, "relayed connection upgraded to a direct one"),
+                Err(e) => debug!(peer = %remote_peer_id, cause = %e, "hole punching failed; staying relayed"),
+            },
+            SwarmEvent::Behaviour(BehaviourEvent::Relay(event)) => on_relay_event(event),
+            SwarmEvent::OutgoingConnectionError {
+                peer_id: Some(peer),
+                error,
+                ..
+            } if !self.swarm.is_connected(&peer) => {
+                let reason = dial_reason(&error);
+                if self.dial_errors.len() < MAX_DIAL_ERRORS || self.dial_errors.contains_key(&peer) {
+                    self.dial_errors.insert(peer, reason.clone());
+                }
+                // The addresses known may be stale (the peer came back on
+                // another port): ask the network once before giving up.
+                if self.dials_before_lookup.remove(&peer) && self.dial_waiters.contains_key(&peer) {
+                    self.look_up(peer, "its known addresses failed");
+                    return;
+                }
+                for w in self.dial_waiters.remove(&peer).unwrap_or_default() {
+                    let _ = w.send(Err(Error::Request {
+                        peer,
+                        reason: reason.clone(),
+                    }));
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
+                if let Some(signed) = info.signed_peer_record.clone() {
+                    self.keep_address_record(peer_id, signed);
+                }
+                let speaks_kad = info.protocols.contains(&KAD_PROTOCOL);
+                for addr in info.listen_addrs.into_iter().take(MAX_PUSH_ADDRS) {
+                    if speaks_kad && let Some(kad) = self.swarm.behaviour_mut().kad.as_mut() {
+                        kad.add_address(&peer_id, addr.clone());
+                    }
+                    self.swarm.add_peer_address(peer_id, addr);
+                }
+                if speaks_kad {
+                    self.join_kademlia();
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                id,
+                result: kad::QueryResult::GetClosestPeers(result),
+                step,
+                ..
+            })) => self.on_lookup(id, result, step.last),
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
+                for (peer, addr) in found {
+                    self.swarm.add_peer_address(peer, addr);
+                    if !self.swarm.is_connected(&peer)
+                        && let Err(e) = self.swarm.dial(peer)
+                    {
+                        debug!(%peer, cause = %e, "dialing mDNS peer failed");
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Sync(event)) => self.on_sync_event(event),
+            _ => {}
+        }
+    }
+
+    /// Tells `peer` that our log reached `seq`; at most one nudge per peer
+    /// is in flight, later ones are folded into one follow-up.
+    fn nudge(&mut self, peer: PeerId, seq: u64) {
+        if peer == self.me {
+            return;
+        }
+        if let Some(again) = self.nudging.get_mut(&peer) {
+            *again = Some(again.map_or(seq, |s| s.max(seq)));
+            return;
+        }
+        let instance = self.backend().instance_id();
+        let id = self
+            .swarm
+            .behaviour_mut()
+            .sync
+            .send_request(&peer, Request::Nudge { instance, seq });
+        Metrics::add(&self.ctx.metrics.requests_sent, 1);
+        self.nudging.insert(peer, None);
+        self.outbound.insert(id, Outbound::Nudge(peer));
+    }
+
+    fn nudge_done(&mut self, peer: PeerId) {
+        if let Some(Some(seq)) = self.nudging.remove(&peer) {
+            self.nudge(peer, seq);
+        }
+    }
+
+    /// Hands a stored item to the consent-flow task (which needs the store's
+    /// async API) with a snapshot of the connected peers.
+    fn on_stored(&mut self, event: StoredEvent) {
+        self.ctx.followed.fetch_max(event.seq, Ordering::AcqRel);
+        if !self.config.consent_flows {
+            return;
+        }
+        let connected: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+        let ctx = self.ctx.clone();
+        let me = self.me;
+        let following = Following::start(&self.ctx.following, event.meta.patient);
+        tokio::spawn(async move {
+            let _following = following;
+            if let Err(e) = consent_flow(&ctx, me, connected, event).await {
+                warn!(cause = %e, "consent flow failed");
+            }
+        });
+    }
+
+    /// Whether an outbox report on `patient` made now may miss debts:
+    /// stored items not yet handed to the consent flows, or flows of the
+    /// patient under way.
+    fn settling(&self, patient: &PatientId) -> bool {
+        if !self.config.consent_flows {
+            return false;
+        }
+        self.backend().last_seq() > self.ctx.followed.load(Ordering::Acquire)
+            || self
+                .ctx
+                .following
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .contains_key(patient)
+    }
+
+    fn forward(&mut self, peer: PeerId, item_id: ItemId, item: Item) {
+        if self.outbound.len() >= self.config.limits.max_outbound {
+            Metrics::add(&self.ctx.metrics.dropped, 1);
+            warn!(%peer, outbound = self.outbound.len(), "outbound requests at their cap; forward left to redelivery");
+            return;
+        }
+        let request = Request::Push {
+            items: vec![item],
+            addrs: Vec::new(),
+        };
+        let id = self.swarm.behaviour_mut().sync.send_request(&peer, request);
+        Metrics::add(&self.ctx.metrics.requests_sent, 1);
+        self.outbound.insert(id, Outbound::Forward(peer, item_id));
+    }
+
+    /// One anti-entropy round with `peer`, unless one runs already or the
+    /// last ended less than [`ANTI_ENTROPY_MIN_GAP`] ago.
+    fn start_anti_entropy(&self, peer: PeerId) {
+        {
+            let mut rounds = self.ctx.anti_entropy.lock().unwrap_or_else(PoisonError::into_inner);
+            let now = Instant::now();
+            rounds.retain(|_, last| last.is_none_or(|t| now.saturating_duration_since(t) < ANTI_ENTROPY_MIN_GAP));
+            if rounds.contains_key(&peer) {
+                return;
+            }
+            rounds.insert(peer, None);
+        }
+        let ctx = self.ctx.clone();
+        tokio::spawn(async move {
+            let finished = match anti_entropy(&ctx, peer).await {
+                Ok(r) => {
+                    if r.ingest.accepted > 0 {
+                        info!(%peer, accepted = r.ingest.accepted, "anti-entropy repaired a gap");
+                    }
+                    // A round with no patient in common (the connection came
+                    // before the grant) compared nothing either.
+                    r.pages > 0
+                }
+                Err(e) => {
+                    debug!(%peer, cause = %e, "anti-entropy round stopped");
+                    false
+                }
+            };
+            let mut rounds = ctx.anti_entropy.lock().unwrap_or_else(PoisonError::into_inner);
+            if finished {
+                rounds.insert(peer, Some(Instant::now()));
+            } else {
+                // A round cut short (the connection broke) or empty compared
+                // nothing: the next connection runs one at once. A cut round
+                // costs at most one Summary per connection.
+                rounds.remove(&peer);
+            }
+        });
+    }
+}
