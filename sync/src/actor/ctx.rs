@@ -10,7 +10,7 @@ use medmesh_crypto::{Collection, PatientId};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
-use crate::actor::messages::Command;
+use crate::actor::messages::Internal;
 use crate::backend::{Backend, IngestReport, Item};
 use crate::config::Limits;
 use crate::serve::Served;
@@ -70,7 +70,10 @@ pub(crate) struct Ctx<B> {
     pub(crate) backend: Arc<B>,
     /// This node's PeerId.
     pub(crate) me: PeerId,
-    pub(crate) tx: mpsc::WeakSender<Command>,
+    /// The actor's channel for its tasks. A strong sender: tasks do not
+    /// outlive the actor (they run in its `JoinSet`), and the actor stops
+    /// on its handles' channel, not on this one.
+    pub(crate) tx: mpsc::Sender<Internal>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) page_limit: u32,
     pub(crate) limits: Arc<Limits>,
@@ -167,22 +170,21 @@ impl<B> Clone for Ctx<B> {
 }
 
 impl<B: Backend> Ctx<B> {
-    pub(crate) async fn send(&self, command: Command) -> Result<()> {
-        let tx = self.tx.upgrade().ok_or(Error::Stopped)?;
-        tx.send(command).await.map_err(|_| Error::Stopped)
+    pub(crate) async fn send(&self, message: Internal) -> Result<()> {
+        self.tx.send(message).await.map_err(|_| Error::Stopped)
     }
 
     /// Connects to `peer` (known addresses, else Kademlia).
     pub(crate) async fn dial_peer(&self, peer: PeerId) -> Result<PeerId> {
         let (reply, rx) = oneshot::channel();
-        self.send(Command::DialPeer { peer, reply }).await?;
+        self.send(Internal::DialPeer { peer, reply }).await?;
         rx.await.map_err(|_| Error::Stopped)?
     }
 
     /// A pull from `peer`, joining one under way (as [`crate::SyncHandle::sync_now`]).
     pub(crate) async fn sync_now(&self, peer: PeerId) -> Result<SyncReport> {
         let (reply, rx) = oneshot::channel();
-        self.send(Command::SyncNow { peer, reply }).await?;
+        self.send(Internal::SyncNow { peer, reply }).await?;
         rx.await.map_err(|_| Error::Stopped)?
     }
 
@@ -193,19 +195,19 @@ impl<B: Backend> Ctx<B> {
             return Ok(true);
         };
         let (reply, rx) = oneshot::channel();
-        self.send(Command::MayDial { peer, source, reply }).await?;
+        self.send(Internal::MayDial { peer, source, reply }).await?;
         rx.await.map_err(|_| Error::Stopped)
     }
 
     pub(crate) async fn known_addrs(&self, peer: PeerId) -> Result<Vec<Multiaddr>> {
         let (reply, rx) = oneshot::channel();
-        self.send(Command::KnownAddrs { peer, reply }).await?;
+        self.send(Internal::KnownAddrs { peer, reply }).await?;
         rx.await.map_err(|_| Error::Stopped)
     }
 
     pub(crate) async fn connected_peers(&self) -> Result<Vec<PeerId>> {
         let (reply, rx) = oneshot::channel();
-        self.send(Command::ConnectedPeers(reply)).await?;
+        self.send(Internal::ConnectedPeers(reply)).await?;
         rx.await.map_err(|_| Error::Stopped)
     }
 
@@ -240,7 +242,7 @@ impl<B: Backend> Ctx<B> {
 
     pub(crate) async fn request_once(&self, peer: PeerId, request: Request) -> Result<Response> {
         let (reply, rx) = oneshot::channel();
-        self.send(Command::Request { peer, request, reply }).await?;
+        self.send(Internal::Request { peer, request, reply }).await?;
         rx.await.map_err(|_| Error::Stopped)?
     }
 

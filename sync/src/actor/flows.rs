@@ -9,7 +9,7 @@ use tracing::debug;
 
 use crate::actor::client::reconcile::reconcile_task;
 use crate::actor::ctx::{Ctx, unexpected};
-use crate::actor::messages::Command;
+use crate::actor::messages::Internal;
 use crate::actor::outbox::owe;
 use crate::addressed_peer as peer_of;
 use crate::backend::{
@@ -63,7 +63,7 @@ pub(crate) async fn push_filtered<B: Backend>(
         items: 1,
         bytes: item.bytes.len() as u64,
     });
-    ctx.send(Command::Forward {
+    ctx.send(Internal::Forward {
         peer,
         id: meta.id,
         item: item.clone(),
@@ -189,7 +189,7 @@ pub(crate) async fn consent_flow<B: Backend>(
                 .filter(|p| Some(*p) != event.from && (holders.contains(p) || Some(*p) == patient));
             for peer in candidates {
                 if Requester::from_peer_id(&peer).is_ok_and(|r| may_disclose(meta, &r, &view, t).allowed()) {
-                    ctx.send(Command::Nudge { peer, seq: event.seq }).await?;
+                    ctx.send(Internal::Nudge { peer, seq: event.seq }).await?;
                 }
             }
         }
@@ -206,7 +206,7 @@ pub(crate) async fn consent_flow<B: Backend>(
                     && peer != me
                 {
                     hinted.insert(peer);
-                    ctx.send(Command::AddAddress { peer, addr }).await?;
+                    ctx.send(Internal::AddAddress { peer, addr }).await?;
                 }
             }
             if grantee == me {

@@ -1,4 +1,6 @@
-//! The messages the actor receives: from handles and from its own tasks.
+//! The messages the actor receives: [`Command`]s from handles, [`Internal`]
+//! messages from its own tasks — two types on two channels, so that the
+//! actor stops when the last handle is gone whatever its tasks still hold.
 
 use libp2p::request_response::ResponseChannel;
 use libp2p::{Multiaddr, PeerId};
@@ -10,8 +12,8 @@ use crate::serve::Served;
 use crate::wire::{OutboxReport, Request, Response};
 use crate::{Connection, Result, Status, SyncReport};
 
-/// Messages to the actor: from handles (with reply senders) and from its own
-/// tasks.
+/// What a [`crate::SyncHandle`] asks of the actor; each carries its reply
+/// sender.
 pub(crate) enum Command {
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
     Dial {
@@ -56,6 +58,46 @@ pub(crate) enum Command {
         reply: oneshot::Sender<Result<OutboxReport>>,
     },
     Shutdown(oneshot::Sender<()>),
+}
+
+/// What the actor's own tasks send it: results to act on, and the few
+/// things only the owner of the swarm can do for them.
+pub(crate) enum Internal {
+    /// Send one request over the swarm; the answer (or the failure) goes to
+    /// `reply`.
+    Request {
+        peer: PeerId,
+        request: Request,
+        reply: oneshot::Sender<Result<Response>>,
+    },
+    /// As [`Command::DialPeer`].
+    DialPeer {
+        peer: PeerId,
+        reply: oneshot::Sender<Result<PeerId>>,
+    },
+    /// As [`Command::SyncNow`]: a pull, joining one under way.
+    SyncNow {
+        peer: PeerId,
+        reply: oneshot::Sender<Result<SyncReport>>,
+    },
+    ConnectedPeers(oneshot::Sender<Vec<PeerId>>),
+    /// The addresses this node knows for `peer` (kept with what it owes it).
+    KnownAddrs {
+        peer: PeerId,
+        reply: oneshot::Sender<Vec<Multiaddr>>,
+    },
+    /// May a consent flow contact `peer` for input from `source`
+    /// ([`super::dial::DialBudget`])?
+    MayDial {
+        peer: PeerId,
+        source: PeerId,
+        reply: oneshot::Sender<bool>,
+    },
+    AddAddress {
+        peer: PeerId,
+        addr: Multiaddr,
+    },
+    /// A served request's answer, to send on its channel.
     Respond {
         peer: PeerId,
         channel: ResponseChannel<Response>,
@@ -68,9 +110,11 @@ pub(crate) enum Command {
     },
     /// A pull that failed, or was cut off with its connection, is due again.
     RetryPull(PeerId),
+    /// `peer` pushed to us: pull it.
     Pushed {
         peer: PeerId,
     },
+    /// Push a consent item owed to `peer` ([`crate::Owed`]).
     Forward {
         peer: PeerId,
         id: ItemId,
@@ -79,21 +123,5 @@ pub(crate) enum Command {
     Nudge {
         peer: PeerId,
         seq: u64,
-    },
-    AddAddress {
-        peer: PeerId,
-        addr: Multiaddr,
-    },
-    /// The addresses this node knows for `peer` (kept with what it owes it).
-    KnownAddrs {
-        peer: PeerId,
-        reply: oneshot::Sender<Vec<Multiaddr>>,
-    },
-    /// May a consent flow contact `peer` for input from `source`
-    /// ([`DialBudget`])?
-    MayDial {
-        peer: PeerId,
-        source: PeerId,
-        reply: oneshot::Sender<bool>,
     },
 }

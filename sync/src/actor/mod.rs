@@ -1,8 +1,8 @@
 //! The sync actor: one task owns the libp2p `Swarm` and every piece of
 //! connection state; [`crate::SyncHandle`] drives it through a bounded
 //! channel of commands that carry their reply senders (STYLE §3). Multi-step
-//! work (pulling pages, reconciling) runs in spawned tasks that talk to the
-//! actor through a weak sender, so the actor ends once every handle is gone.
+//! work (pulling pages, reconciling) runs in tasks that talk to the actor on
+//! a channel of their own, so the actor ends once every handle is gone.
 //!
 //! This file holds the actor's state and its loop (commands, swarm events,
 //! stored-item events, ticks); the jobs live in the modules below.
@@ -20,6 +20,7 @@ mod swarm;
 
 pub(crate) use ctx::Metrics;
 pub(crate) use messages::Command;
+use messages::Internal;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -67,7 +68,10 @@ pub(crate) enum Outbound {
 pub(crate) struct Actor<B: Backend> {
     swarm: Swarm<Behaviour>,
     ctx: Ctx<B>,
+    /// From handles: closed when the last one is dropped, which stops the actor.
     commands: mpsc::Receiver<Command>,
+    /// From the actor's own tasks (their senders are in [`Ctx`]).
+    internal: mpsc::Receiver<Internal>,
     stored: broadcast::Receiver<StoredEvent>,
     config: Config,
     me: PeerId,
@@ -135,6 +139,7 @@ pub(crate) async fn spawn<B: Backend>(
     let swarm = swarm::build(&config, keypair, &static_peers).await?;
 
     let (tx, commands) = mpsc::channel(COMMAND_CAPACITY);
+    let (internal_tx, internal) = mpsc::channel(COMMAND_CAPACITY);
     let metrics = Arc::new(Metrics::default());
     let dial_budget = DialBudget::new(&config.limits, Instant::now());
     let stored = backend.subscribe();
@@ -144,7 +149,7 @@ pub(crate) async fn spawn<B: Backend>(
     let ctx = Ctx {
         backend,
         me,
-        tx: tx.downgrade(),
+        tx: internal_tx,
         metrics: metrics.clone(),
         page_limit: config.page_limit.clamp(1, crate::wire::MAX_ITEMS_PER_MESSAGE as u32),
         limits: Arc::new(config.limits.clone()),
@@ -161,6 +166,7 @@ pub(crate) async fn spawn<B: Backend>(
         swarm,
         ctx,
         commands,
+        internal,
         stored,
         config,
         me,
@@ -231,6 +237,7 @@ impl<B: Backend> Actor<B> {
                     }
                     Err(broadcast::error::RecvError::Closed) => stored_open = false,
                 },
+                Some(message) = self.internal.recv() => self.on_internal(message),
                 _ = tick.tick() => self.on_tick(),
                 _ = redelivery.tick(), if self.config.consent_flows => self.redeliver(None),
                 _ = anti_entropy.tick(), if self.config.consent_flows => {
@@ -346,11 +353,7 @@ impl<B: Backend> Actor<B> {
                     let _ = reply.send(serve::outbox_report(&*backend, &patient, settling));
                 });
             }
-            Command::Request { peer, request, reply } => {
-                let id = self.swarm.behaviour_mut().sync.send_request(&peer, request);
-                Metrics::add(&self.ctx.metrics.requests_sent, 1);
-                self.outbound.insert(id, Outbound::Reply(reply));
-            }
+            Command::Request { peer, request, reply } => self.send_request(peer, request, reply),
             Command::Status(reply) => {
                 let m = &self.ctx.metrics;
                 let now = Instant::now();
@@ -386,7 +389,19 @@ impl<B: Backend> Actor<B> {
                 // Handled in `run`; kept for exhaustiveness.
                 let _ = reply.send(());
             }
-            Command::Respond {
+        }
+    }
+
+    /// What the actor's tasks report or ask for.
+    fn on_internal(&mut self, message: Internal) {
+        match message {
+            Internal::Request { peer, request, reply } => self.send_request(peer, request, reply),
+            Internal::DialPeer { peer, reply } => self.dial_peer(peer, reply),
+            Internal::SyncNow { peer, reply } => self.start_pull(peer, Some(reply)),
+            Internal::ConnectedPeers(reply) => {
+                let _ = reply.send(self.swarm.connected_peers().copied().collect());
+            }
+            Internal::Respond {
                 peer,
                 channel,
                 response,
@@ -397,16 +412,16 @@ impl<B: Backend> Actor<B> {
                     self.ctx.metrics.sent(served);
                 }
             }
-            Command::PullDone { peer, result } => self.on_pull_done(peer, result),
-            Command::RetryPull(peer) => self.start_pull(peer, None),
-            Command::Pushed { peer } => self.start_pull(peer, None),
-            Command::Forward { peer, id, item } => self.forward(peer, id, item),
-            Command::Nudge { peer, seq } => self.nudge(peer, seq),
-            Command::AddAddress { peer, addr } => self.note_addr(peer, addr),
-            Command::KnownAddrs { peer, reply } => {
+            Internal::PullDone { peer, result } => self.on_pull_done(peer, result),
+            Internal::RetryPull(peer) => self.start_pull(peer, None),
+            Internal::Pushed { peer } => self.start_pull(peer, None),
+            Internal::Forward { peer, id, item } => self.forward(peer, id, item),
+            Internal::Nudge { peer, seq } => self.nudge(peer, seq),
+            Internal::AddAddress { peer, addr } => self.note_addr(peer, addr),
+            Internal::KnownAddrs { peer, reply } => {
                 let _ = reply.send(self.known_addrs.get(&peer).cloned().unwrap_or_default());
             }
-            Command::MayDial { peer, source, reply } => {
+            Internal::MayDial { peer, source, reply } => {
                 let free = self.swarm.is_connected(&peer) || self.static_peers.iter().any(|(p, _)| *p == peer);
                 let allowed = free || self.dial_budget.take(&self.config.limits, source, Instant::now());
                 if !allowed {
@@ -416,6 +431,13 @@ impl<B: Backend> Actor<B> {
                 let _ = reply.send(allowed);
             }
         }
+    }
+
+    /// Sends one request over the swarm; its answer goes to `reply`.
+    fn send_request(&mut self, peer: PeerId, request: Request, reply: oneshot::Sender<Result<Response>>) {
+        let id = self.swarm.behaviour_mut().sync.send_request(&peer, request);
+        Metrics::add(&self.ctx.metrics.requests_sent, 1);
+        self.outbound.insert(id, Outbound::Reply(reply));
     }
 
     fn on_tick(&mut self) {

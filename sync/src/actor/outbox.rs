@@ -10,7 +10,7 @@ use tracing::{debug, info, warn};
 
 use crate::actor::Actor;
 use crate::actor::ctx::{Ctx, Metrics};
-use crate::actor::messages::Command;
+use crate::actor::messages::Internal;
 use crate::backend::{Backend, ItemId, ItemMeta, Owed};
 use crate::filter::{Requester, may_disclose};
 use crate::wire::{MAX_ITEMS_PER_MESSAGE, Request, Response};
@@ -159,7 +159,7 @@ pub(crate) async fn redeliver<B: Backend>(ctx: &Ctx<B>, only: Option<PeerId>, ma
         addrs.sort();
         addrs.dedup();
         for addr in addrs {
-            ctx.send(Command::AddAddress {
+            ctx.send(Internal::AddAddress {
                 peer,
                 addr: addr.clone(),
             })

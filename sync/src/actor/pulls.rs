@@ -8,7 +8,7 @@ use tracing::{debug, warn};
 
 use crate::actor::Actor;
 use crate::actor::client::pull::pull_task;
-use crate::actor::messages::Command;
+use crate::actor::messages::Internal;
 use crate::backend::Backend;
 use crate::{Error, Result, SyncReport};
 
@@ -63,7 +63,7 @@ impl<B: Backend> Actor<B> {
         let ctx = self.ctx.clone();
         tokio::spawn(async move {
             let result = pull_task(&ctx, peer).await;
-            let _ = ctx.send(Command::PullDone { peer, result }).await;
+            let _ = ctx.send(Internal::PullDone { peer, result }).await;
         });
     }
 
@@ -118,7 +118,7 @@ impl<B: Backend> Actor<B> {
         let ctx = self.ctx.clone();
         tokio::spawn(async move {
             tokio::time::sleep(wait).await;
-            let _ = ctx.send(Command::RetryPull(peer)).await;
+            let _ = ctx.send(Internal::RetryPull(peer)).await;
         });
     }
 

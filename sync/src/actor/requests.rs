@@ -11,7 +11,7 @@ use tracing::{debug, warn};
 use crate::Error;
 use crate::actor::client::reconcile::asked_reconcile;
 use crate::actor::ctx::Metrics;
-use crate::actor::messages::Command;
+use crate::actor::messages::Internal;
 use crate::actor::rates;
 use crate::actor::{Actor, Outbound};
 use crate::addressed_peer as peer_of;
@@ -240,14 +240,14 @@ impl<B: Backend> Actor<B> {
                     };
                     let served = Served::default();
                     let _ = ctx
-                        .send(Command::Respond {
+                        .send(Internal::Respond {
                             peer,
                             channel,
                             response,
                             served,
                         })
                         .await;
-                    let _ = ctx.send(Command::Pushed { peer }).await;
+                    let _ = ctx.send(Internal::Pushed { peer }).await;
                 });
             }
         }
@@ -297,7 +297,7 @@ impl<B: Backend> Actor<B> {
         tokio::spawn(async move {
             let (response, served) = f(ctx.backend.clone()).await;
             let _ = ctx
-                .send(Command::Respond {
+                .send(Internal::Respond {
                     peer,
                     channel,
                     response,
