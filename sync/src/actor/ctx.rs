@@ -174,6 +174,15 @@ impl<B: Backend> Ctx<B> {
         self.tx.send(message).await.map_err(|_| Error::Stopped)
     }
 
+    /// Has the actor run `task` beside this one, in its task set (so that
+    /// shutdown ends it too).
+    ///
+    /// # Errors
+    /// [`Error::Stopped`]: the actor is gone, and `task` with it.
+    pub(crate) async fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) -> Result<()> {
+        self.send(Internal::Spawn(Box::pin(task))).await
+    }
+
     /// Connects to `peer` (known addresses, else Kademlia).
     pub(crate) async fn dial_peer(&self, peer: PeerId) -> Result<PeerId> {
         let (reply, rx) = oneshot::channel();

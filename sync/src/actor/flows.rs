@@ -213,8 +213,9 @@ pub(crate) async fn consent_flow<B: Backend>(
                 let patient = meta.patient;
                 let from = event.from;
                 let not_before = grant.terms().not_before;
-                let ctx = ctx.clone();
-                tokio::spawn(async move {
+                let flow = ctx.clone();
+                ctx.spawn(async move {
+                    let ctx = flow;
                     // A grant that starts later opens nothing yet: reconcile
                     // when it reaches not-before.
                     let wait = not_before.saturating_sub(now());
@@ -232,8 +233,9 @@ pub(crate) async fn consent_flow<B: Backend>(
                         if !ctx.may_dial(peer, from).await.unwrap_or(false) {
                             continue;
                         }
-                        let ctx = ctx.clone();
-                        tokio::spawn(async move {
+                        let task = ctx.clone();
+                        let spawned = ctx.spawn(async move {
+                            let ctx = task;
                             // Pull first (joining a pull under way): what the
                             // peer discloses now comes that way, transfers
                             // included, and the summary then lists only
@@ -246,8 +248,12 @@ pub(crate) async fn consent_flow<B: Backend>(
                                 Err(e) => debug!(%peer, cause = %e, "reconcile after grant failed"),
                             }
                         });
+                        if spawned.await.is_err() {
+                            return;
+                        }
                     }
-                });
+                })
+                .await?;
             } else {
                 if Some(grantee) != event.from {
                     push_filtered(ctx, &view, grantee, &item, &event).await?;
@@ -260,7 +266,7 @@ pub(crate) async fn consent_flow<B: Backend>(
                     }
                 }
                 if holds_covered && Requester::from_peer_id(&grantee).is_ok() {
-                    ask_to_reconcile(ctx, grantee, meta.patient, grant.terms().not_before, event.from);
+                    ask_to_reconcile(ctx, grantee, meta.patient, grant.terms().not_before, event.from).await?;
                 }
             }
             for peer in holders.into_iter().filter(|p| *p != grantee) {
@@ -325,15 +331,16 @@ pub(crate) fn reconcile_targets<B: Backend>(
 /// change triggers reconciliation). Without it a grantee that reconciled
 /// before this node stored its grant — the grant travels here from another
 /// holder — would wait for a later change that may never come.
-pub(crate) fn ask_to_reconcile<B: Backend>(
+pub(crate) async fn ask_to_reconcile<B: Backend>(
     ctx: &Ctx<B>,
     grantee: PeerId,
     patient: PatientId,
     not_before: Timestamp,
     source: Option<PeerId>,
-) {
-    let ctx = ctx.clone();
-    tokio::spawn(async move {
+) -> Result<()> {
+    let task = ctx.clone();
+    ctx.spawn(async move {
+        let ctx = task;
         let wait = not_before.saturating_sub(now());
         if wait > 0 {
             tokio::time::sleep(Duration::from_millis(wait.saturating_add(1000))).await;
@@ -349,5 +356,6 @@ pub(crate) fn ask_to_reconcile<B: Backend>(
             Ok(other) => debug!(peer = %grantee, answer = other.name(), "reconcile ask not acknowledged"),
             Err(e) => debug!(peer = %grantee, cause = %e, "reconcile ask failed"),
         }
-    });
+    })
+    .await
 }

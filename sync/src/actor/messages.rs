@@ -60,9 +60,15 @@ pub(crate) enum Command {
     Shutdown(oneshot::Sender<()>),
 }
 
+/// A task for the actor to run ([`Internal::Spawn`]).
+pub(crate) type Task = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
 /// What the actor's own tasks send it: results to act on, and the few
 /// things only the owner of the swarm can do for them.
 pub(crate) enum Internal {
+    /// Run this in the actor's task set (tasks that start tasks: a consent
+    /// flow's reconciliations, a reconciliation ask waiting for not-before).
+    Spawn(Task),
     /// Send one request over the swarm; the answer (or the failure) goes to
     /// `reply`.
     Request {

@@ -34,6 +34,7 @@ use libp2p::swarm::{ConnectionId, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, Swarm, dcutr, identify, kad, mdns, relay};
 use medmesh_crypto::{PatientId, SecretIdentity};
 use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::task::JoinSet;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::addressed_peer as peer_of;
@@ -116,6 +117,12 @@ pub(crate) struct Actor<B: Backend> {
     in_flight: HashMap<PeerId, usize>,
     in_flight_total: usize,
     dial_budget: DialBudget,
+    /// Every task this actor started (pulls, serving, reconciliations,
+    /// consent flows, redelivery, timers), and those its tasks asked it to
+    /// start ([`Internal::Spawn`]): reaped as they finish, aborted and
+    /// awaited when the actor stops, so no task of a stopped node still
+    /// holds its store or writes to it (STYLE §3).
+    tasks: JoinSet<()>,
 }
 
 /// Builds the swarm, starts listening, and spawns the actor.
@@ -190,7 +197,10 @@ pub(crate) async fn spawn<B: Backend>(
         in_flight: HashMap::new(),
         in_flight_total: 0,
         dial_budget,
+        tasks: JoinSet::new(),
     };
+    // The actor itself is the one detached task: it owns every other, and
+    // stops (after them) on `Shutdown` or when the last handle is dropped.
     tokio::spawn(actor.run().instrument(info_span!("sync actor", peer = %me)));
     Ok((tx, me, metrics))
 }
@@ -238,6 +248,13 @@ impl<B: Backend> Actor<B> {
                     Err(broadcast::error::RecvError::Closed) => stored_open = false,
                 },
                 Some(message) = self.internal.recv() => self.on_internal(message),
+                Some(done) = self.tasks.join_next() => {
+                    if let Err(e) = done
+                        && e.is_panic()
+                    {
+                        warn!(cause = %e, "a sync task panicked");
+                    }
+                }
                 _ = tick.tick() => self.on_tick(),
                 _ = redelivery.tick(), if self.config.consent_flows => self.redeliver(None),
                 _ = anti_entropy.tick(), if self.config.consent_flows => {
@@ -250,6 +267,11 @@ impl<B: Backend> Actor<B> {
             }
         };
         info!("sync actor stopping");
+        // Tasks first: aborted at their next await (a blocking one runs to
+        // its end), and awaited, so that when `shutdown` returns nothing of
+        // this node runs any more.
+        self.tasks.abort_all();
+        while self.tasks.join_next().await.is_some() {}
         self.close_connections().await;
         drop(self.swarm);
         if let Some(reply) = shutdown_reply {
@@ -324,13 +346,13 @@ impl<B: Backend> Actor<B> {
             Command::SyncNow { peer, reply } => self.start_pull(peer, Some(reply)),
             Command::Reconcile { peer, patient, reply } => {
                 let ctx = self.ctx.clone();
-                tokio::spawn(async move {
+                self.spawn_task(async move {
                     let _ = reply.send(reconcile_task(&ctx, peer, patient).await);
                 });
             }
             Command::AntiEntropy { peer, reply } => {
                 let ctx = self.ctx.clone();
-                tokio::spawn(async move {
+                self.spawn_task(async move {
                     let _ = reply.send(anti_entropy(&ctx, peer).await);
                 });
             }
@@ -342,14 +364,14 @@ impl<B: Backend> Actor<B> {
             } => {
                 let ctx = self.ctx.clone();
                 let me = self.me;
-                tokio::spawn(async move {
+                self.spawn_task(async move {
                     let _ = reply.send(push_task(&ctx, me, peer, items, addrs).await);
                 });
             }
             Command::Outbox { patient, reply } => {
                 let settling = self.settling(&patient);
                 let backend = self.ctx.backend.clone();
-                tokio::task::spawn_blocking(move || {
+                self.tasks.spawn_blocking(move || {
                     let _ = reply.send(serve::outbox_report(&*backend, &patient, settling));
                 });
             }
@@ -392,9 +414,15 @@ impl<B: Backend> Actor<B> {
         }
     }
 
+    /// Runs `task` in the actor's [`JoinSet`], in the actor's span.
+    fn spawn_task(&mut self, task: impl Future<Output = ()> + Send + 'static) {
+        self.tasks.spawn(task.in_current_span());
+    }
+
     /// What the actor's tasks report or ask for.
     fn on_internal(&mut self, message: Internal) {
         match message {
+            Internal::Spawn(task) => self.spawn_task(task),
             Internal::Request { peer, request, reply } => self.send_request(peer, request, reply),
             Internal::DialPeer { peer, reply } => self.dial_peer(peer, reply),
             Internal::SyncNow { peer, reply } => self.start_pull(peer, Some(reply)),
@@ -665,7 +693,7 @@ impl<B: Backend> Actor<B> {
         let ctx = self.ctx.clone();
         let me = self.me;
         let following = Following::start(&self.ctx.following, event.meta.patient);
-        tokio::spawn(async move {
+        self.spawn_task(async move {
             let _following = following;
             if let Err(e) = consent_flow(&ctx, me, connected, event).await {
                 warn!(cause = %e, "consent flow failed");
@@ -706,7 +734,7 @@ impl<B: Backend> Actor<B> {
 
     /// One anti-entropy round with `peer`, unless one runs already or the
     /// last ended less than [`ANTI_ENTROPY_MIN_GAP`] ago.
-    fn start_anti_entropy(&self, peer: PeerId) {
+    fn start_anti_entropy(&mut self, peer: PeerId) {
         {
             let mut rounds = self.ctx.anti_entropy.lock().unwrap_or_else(PoisonError::into_inner);
             let now = Instant::now();
@@ -717,7 +745,7 @@ impl<B: Backend> Actor<B> {
             rounds.insert(peer, None);
         }
         let ctx = self.ctx.clone();
-        tokio::spawn(async move {
+        self.spawn_task(async move {
             let finished = match anti_entropy(&ctx, peer).await {
                 Ok(r) => {
                     if r.ingest.accepted > 0 {

@@ -207,10 +207,10 @@ pub(crate) async fn redeliver<B: Backend>(ctx: &Ctx<B>, only: Option<PeerId>, ma
 
 impl<B: Backend> Actor<B> {
     /// A forward's outcome: the debt is settled, or its next try scheduled.
-    pub(crate) fn settle_forward(&self, peer: PeerId, item: ItemId, outcome: std::result::Result<(), String>) {
+    pub(crate) fn settle_forward(&mut self, peer: PeerId, item: ItemId, outcome: std::result::Result<(), String>) {
         let ctx = self.ctx.clone();
         let max_backoff = self.config.redelivery_max_backoff;
-        tokio::task::spawn_blocking(move || {
+        self.tasks.spawn_blocking(move || {
             let result = match outcome {
                 Ok(()) => ctx.backend.remove_outbox(&[(peer, item)]),
                 Err(error) => reschedule(&ctx, &[(peer, item)], &error, max_backoff),
@@ -223,13 +223,13 @@ impl<B: Backend> Actor<B> {
 
     /// Delivers what the outbox owes: the debts due now, or every debt of
     /// `peer` (it has just connected). One round at a time for the tick.
-    pub(crate) fn redeliver(&self, peer: Option<PeerId>) {
+    pub(crate) fn redeliver(&mut self, peer: Option<PeerId>) {
         if peer.is_none() && self.ctx.redelivering.swap(true, Ordering::AcqRel) {
             return;
         }
         let ctx = self.ctx.clone();
         let max_backoff = self.config.redelivery_max_backoff;
-        tokio::spawn(async move {
+        self.spawn_task(async move {
             if let Err(e) = redeliver(&ctx, peer, max_backoff).await {
                 warn!(cause = %e, "redelivering the outbox failed");
             }

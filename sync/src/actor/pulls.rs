@@ -59,9 +59,9 @@ impl<B: Backend> Actor<B> {
         self.spawn_pull(peer);
     }
 
-    pub(crate) fn spawn_pull(&self, peer: PeerId) {
+    pub(crate) fn spawn_pull(&mut self, peer: PeerId) {
         let ctx = self.ctx.clone();
-        tokio::spawn(async move {
+        self.spawn_task(async move {
             let result = pull_task(&ctx, peer).await;
             let _ = ctx.send(Internal::PullDone { peer, result }).await;
         });
@@ -116,7 +116,7 @@ impl<B: Backend> Actor<B> {
         let wait = pull_retry_wait(*tries, self.config.pull_interval);
         *tries += 1;
         let ctx = self.ctx.clone();
-        tokio::spawn(async move {
+        self.spawn_task(async move {
             tokio::time::sleep(wait).await;
             let _ = ctx.send(Internal::RetryPull(peer)).await;
         });

@@ -155,7 +155,7 @@ impl<B: Backend> Actor<B> {
                 let _ = self.swarm.behaviour_mut().sync.send_response(channel, Response::Ack);
                 let ctx = self.ctx.clone();
                 let me = self.me;
-                tokio::spawn(async move { asked_reconcile(&ctx, me, peer, patient).await });
+                self.spawn_task(async move { asked_reconcile(&ctx, me, peer, patient).await });
             }
             Request::Pull {
                 cursor,
@@ -221,7 +221,7 @@ impl<B: Backend> Actor<B> {
                     self.note_addr(p, a);
                 }
                 let ctx = self.ctx.clone();
-                tokio::spawn(async move {
+                self.spawn_task(async move {
                     let response = match ctx.ingest(peer, items).await {
                         Ok(r) if r.refused > 0 => {
                             Metrics::add(&ctx.metrics.refused_busy, 1);
@@ -288,13 +288,13 @@ impl<B: Backend> Actor<B> {
         }
     }
 
-    pub(crate) fn spawn_serve<F, Fut>(&self, peer: PeerId, channel: ResponseChannel<Response>, f: F)
+    pub(crate) fn spawn_serve<F, Fut>(&mut self, peer: PeerId, channel: ResponseChannel<Response>, f: F)
     where
         F: FnOnce(Arc<B>) -> Fut + Send + 'static,
         Fut: Future<Output = (Response, Served)> + Send + 'static,
     {
         let ctx = self.ctx.clone();
-        tokio::spawn(async move {
+        self.spawn_task(async move {
             let (response, served) = f(ctx.backend.clone()).await;
             let _ = ctx
                 .send(Internal::Respond {
