@@ -29,11 +29,13 @@
 mod actor;
 mod address;
 mod backend;
+pub mod client;
 mod config;
 mod direct;
 mod error;
 mod filter;
 pub mod memory;
+mod metrics;
 mod node_backend;
 mod serve;
 pub mod wire;

@@ -7,14 +7,14 @@ use libp2p::{Multiaddr, PeerId};
 use medmesh_crypto::{Collection, Grant, GrantId, PatientId, PracticeId, Principal, Timestamp, now};
 use tracing::debug;
 
-use crate::actor::client::reconcile::reconcile_task;
-use crate::actor::ctx::{Ctx, unexpected};
+use crate::actor::ctx::Ctx;
 use crate::actor::messages::Internal;
 use crate::actor::outbox::owe;
 use crate::addressed_peer as peer_of;
 use crate::backend::{
     Backend, ConsentView, DisclosureRecord, IngestReport, Item, ItemId, ItemKind, ItemMeta, StoredEvent,
 };
+use crate::client::unexpected;
 use crate::filter::{Requester, may_disclose};
 use crate::serve::Served;
 use crate::wire::{Request, Response};
@@ -243,7 +243,7 @@ pub(crate) async fn consent_flow<B: Backend>(
                             if let Err(e) = ctx.sync_now(peer).await {
                                 debug!(%peer, cause = %e, "pull before reconciling failed");
                             }
-                            match reconcile_task(&ctx, peer, patient).await {
+                            match ctx.client.reconcile(peer, patient).await {
                                 Ok(r) => debug!(%peer, fetched = r.received, "reconciled after grant"),
                                 Err(e) => debug!(%peer, cause = %e, "reconcile after grant failed"),
                             }

@@ -7,7 +7,6 @@
 //! This file holds the actor's state and its loop (commands, swarm events,
 //! stored-item events, ticks); the jobs live in the modules below.
 
-mod client;
 mod ctx;
 mod dial;
 mod flows;
@@ -18,13 +17,13 @@ mod rates;
 mod requests;
 mod swarm;
 
-pub(crate) use ctx::Metrics;
+pub(crate) use crate::metrics::Metrics;
 pub(crate) use messages::Command;
 use messages::Internal;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -45,14 +44,13 @@ use crate::wire::{MAX_PUSH_ADDRS, Request, Response};
 use crate::{Connection, Error, Result, Status};
 use medmesh_node::rate::Bucket;
 
-use crate::actor::client::anti_entropy::{ANTI_ENTROPY_MIN_GAP, anti_entropy};
-use crate::actor::client::reconcile::reconcile_task;
-use crate::actor::ctx::{Ctx, Following};
+use crate::actor::ctx::{Ctx, Following, Swarmed};
 use crate::actor::dial::{DialBudget, MAX_DIAL_ERRORS, dial_reason};
 use crate::actor::flows::{consent_flow, push_task};
 use crate::actor::outbox::REDELIVERY_TICK;
 use crate::actor::pulls::PullSlot;
 use crate::actor::swarm::{Behaviour, BehaviourEvent, KAD_PROTOCOL, on_relay_event};
+use crate::client::Client;
 
 pub(crate) const COMMAND_CAPACITY: usize = 256;
 
@@ -65,6 +63,11 @@ pub(crate) enum Outbound {
     /// A consent item owed to the peer ([`Owed`]): settled by its answer.
     Forward(PeerId, ItemId),
 }
+
+/// Least time between two rounds with one peer started by connections or
+/// the interval (a peer cycling its connection must not make this node
+/// send a thousand summaries each time).
+pub(crate) const ANTI_ENTROPY_MIN_GAP: Duration = Duration::from_secs(60);
 
 pub(crate) struct Actor<B: Backend> {
     swarm: Swarm<Behaviour>,
@@ -153,16 +156,17 @@ pub(crate) async fn spawn<B: Backend>(
     // What a previous run stored was followed then (or is owed in the
     // outbox): only items stored from now on are waited for.
     let followed = Arc::new(AtomicU64::new(backend.last_seq()));
+    let link = Swarmed {
+        tx: internal_tx.clone(),
+        limits: Arc::new(config.limits.clone()),
+    };
+    let client = Client::with_metrics(backend.clone(), link, me, &config, metrics.clone());
     let ctx = Ctx {
         backend,
         me,
         tx: internal_tx,
         metrics: metrics.clone(),
-        page_limit: config.page_limit.clamp(1, crate::wire::MAX_ITEMS_PER_MESSAGE as u32),
-        limits: Arc::new(config.limits.clone()),
-        parked: Arc::new(Mutex::new(HashMap::new())),
-        snapshot_min: config.snapshot_min_envelopes,
-        transfers: Arc::default(),
+        client,
         asked_reconciles: Arc::default(),
         redelivering: Arc::default(),
         anti_entropy: Arc::default(),
@@ -347,13 +351,13 @@ impl<B: Backend> Actor<B> {
             Command::Reconcile { peer, patient, reply } => {
                 let ctx = self.ctx.clone();
                 self.spawn_task(async move {
-                    let _ = reply.send(reconcile_task(&ctx, peer, patient).await);
+                    let _ = reply.send(ctx.client.reconcile(peer, patient).await);
                 });
             }
             Command::AntiEntropy { peer, reply } => {
                 let ctx = self.ctx.clone();
                 self.spawn_task(async move {
-                    let _ = reply.send(anti_entropy(&ctx, peer).await);
+                    let _ = reply.send(ctx.client.anti_entropy(peer).await);
                 });
             }
             Command::Push {
@@ -746,7 +750,7 @@ impl<B: Backend> Actor<B> {
         }
         let ctx = self.ctx.clone();
         self.spawn_task(async move {
-            let finished = match anti_entropy(&ctx, peer).await {
+            let finished = match ctx.client.anti_entropy(peer).await {
                 Ok(r) => {
                     if r.ingest.accepted > 0 {
                         info!(%peer, accepted = r.ingest.accepted, "anti-entropy repaired a gap");

@@ -9,10 +9,11 @@ use medmesh_crypto::now;
 use tracing::{debug, info, warn};
 
 use crate::actor::Actor;
-use crate::actor::ctx::{Ctx, Metrics};
+use crate::actor::ctx::Ctx;
 use crate::actor::messages::Internal;
 use crate::backend::{Backend, ItemId, ItemMeta, Owed};
 use crate::filter::{Requester, may_disclose};
+use crate::metrics::Metrics;
 use crate::wire::{MAX_ITEMS_PER_MESSAGE, Request, Response};
 use crate::{Error, Result};
 

@@ -7,7 +7,6 @@ use tokio::sync::oneshot;
 use tracing::{debug, warn};
 
 use crate::actor::Actor;
-use crate::actor::client::pull::pull_task;
 use crate::actor::messages::Internal;
 use crate::backend::Backend;
 use crate::{Error, Result, SyncReport};
@@ -62,7 +61,7 @@ impl<B: Backend> Actor<B> {
     pub(crate) fn spawn_pull(&mut self, peer: PeerId) {
         let ctx = self.ctx.clone();
         self.spawn_task(async move {
-            let result = pull_task(&ctx, peer).await;
+            let result = ctx.client.pull(peer).await;
             let _ = ctx.send(Internal::PullDone { peer, result }).await;
         });
     }

@@ -9,17 +9,19 @@ use medmesh_crypto::{Grant, PracticeId, now};
 use tracing::{debug, warn};
 
 use crate::Error;
-use crate::actor::client::reconcile::asked_reconcile;
-use crate::actor::ctx::Metrics;
+use crate::actor::ctx::Ctx;
 use crate::actor::messages::Internal;
 use crate::actor::rates;
 use crate::actor::{Actor, Outbound};
 use crate::addressed_peer as peer_of;
 use crate::backend::{Backend, Item, ItemKind};
 use crate::filter::Requester;
+use crate::metrics::Metrics;
 use crate::serve::{self, Served};
 use crate::wire::{RefusalCode, Request, Response};
+use medmesh_crypto::PatientId;
 use medmesh_node::rate::Bucket;
+use std::sync::PoisonError;
 
 /// Address suggestions in a push are honoured only from a patient pushing
 /// their own grant (the CLI passing the grantee's address) who has a
@@ -305,5 +307,45 @@ impl<B: Backend> Actor<B> {
                 })
                 .await;
         });
+    }
+}
+
+/// A reconciliation `peer` asked for ([`Request::Reconcile`]): run only when
+/// this node holds a grant in force from `patient`, so the ask cannot make
+/// it work for records it may not have; one round at a time per (peer,
+/// patient), asks meanwhile folded into one more round.
+pub(crate) async fn asked_reconcile<B: Backend>(ctx: &Ctx<B>, me: PeerId, peer: PeerId, patient: PatientId) {
+    let granted = ctx.backend.consent(&patient).is_ok_and(|view| {
+        let t = now();
+        view.grants
+            .iter()
+            .any(|g| g.terms().grantee.peer_id() == me && g.in_force(t, view.is_revoked(g)))
+    });
+    if !granted {
+        debug!(%peer, %patient, "asked to reconcile a patient without a grant in force here; ignored");
+        return;
+    }
+    let key = (peer, patient);
+    {
+        let mut asked = ctx.asked_reconciles.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(again) = asked.get_mut(&key) {
+            *again = true;
+            return;
+        }
+        asked.insert(key, false);
+    }
+    loop {
+        match ctx.client.reconcile(peer, patient).await {
+            Ok(r) => debug!(%peer, fetched = r.received, "reconciled when asked"),
+            Err(e) => debug!(%peer, cause = %e, "reconciling when asked failed"),
+        }
+        let mut asked = ctx.asked_reconciles.lock().unwrap_or_else(PoisonError::into_inner);
+        match asked.get_mut(&key) {
+            Some(again) if *again => *again = false,
+            _ => {
+                asked.remove(&key);
+                return;
+            }
+        }
     }
 }

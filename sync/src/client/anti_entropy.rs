@@ -1,14 +1,12 @@
 //! Anti-entropy (docs/protocol.md §8): all shared patients compared in one digest request.
 
-use std::time::Duration;
-
 use libp2p::PeerId;
 use medmesh_crypto::{PatientId, PracticeId, now};
 use tracing::debug;
 
-use crate::actor::client::reconcile::reconcile_task;
-use crate::actor::ctx::{Ctx, unexpected};
 use crate::backend::Backend;
+use crate::client::reconcile::reconcile;
+use crate::client::{Client, Link, unexpected};
 use crate::filter::Requester;
 use crate::serve::{self};
 use crate::wire::{MAX_DIGEST_PATIENTS, Request, Response, patient_digest};
@@ -17,21 +15,16 @@ use crate::{Error, Result, SyncReport};
 /// Most patients one anti-entropy round reconciles with one peer.
 pub(crate) const ANTI_ENTROPY_PATIENTS: usize = 1024;
 
-/// Least time between two rounds with one peer started by connections or
-/// the interval (a peer cycling its connection must not make this node
-/// send a thousand summaries each time).
-pub(crate) const ANTI_ENTROPY_MIN_GAP: Duration = Duration::from_secs(60);
-
 /// Reconciles with `peer` every patient both may read: a page lost, a
 /// transfer cut by a restart, a nudge missed, items refused by a full
 /// queue — whatever left a gap is found and fetched without a new grant.
 /// One [`Request::Digests`] compares them all at once; only the patients
-/// that differ are reconciled one by one ([`reconcile_task`]), and those in
+/// that differ are reconciled one by one ([`reconcile()`]), and those in
 /// step get their sync checks noted as a reconciliation would. A peer that
 /// does not answer the digests (one that predates them) gets every patient
 /// reconciled one by one. Stops at the first failure (the peer left).
-pub(crate) async fn anti_entropy<B: Backend>(ctx: &Ctx<B>, peer: PeerId) -> Result<SyncReport> {
-    let patients: Vec<PatientId> = ctx
+pub(crate) async fn anti_entropy<B: Backend, L: Link>(client: &Client<B, L>, peer: PeerId) -> Result<SyncReport> {
+    let patients: Vec<PatientId> = client
         .backend
         .patients_shared_with(&peer)?
         .into_iter()
@@ -39,7 +32,7 @@ pub(crate) async fn anti_entropy<B: Backend>(ctx: &Ctx<B>, peer: PeerId) -> Resu
         .collect();
     let mut report = SyncReport::default();
     for batch in patients.chunks(MAX_DIGEST_PATIENTS) {
-        let differing = match compare_digests(ctx, peer, batch, &mut report).await {
+        let differing = match compare_digests(client, peer, batch, &mut report).await {
             Ok(differing) => differing,
             Err(e) => {
                 debug!(%peer, cause = %e, "digests not answered; reconciling each patient");
@@ -47,7 +40,7 @@ pub(crate) async fn anti_entropy<B: Backend>(ctx: &Ctx<B>, peer: PeerId) -> Resu
             }
         };
         for patient in differing {
-            report.add(reconcile_task(ctx, peer, patient).await?);
+            report.add(reconcile(client, peer, patient).await?);
         }
     }
     Ok(report)
@@ -57,21 +50,21 @@ pub(crate) async fn anti_entropy<B: Backend>(ctx: &Ctx<B>, peer: PeerId) -> Resu
 /// a sync check, per collection compared, for each patient in step (as a
 /// reconciliation that found nothing missing would: completeness, §8b).
 /// Returns the patients that differ.
-pub(crate) async fn compare_digests<B: Backend>(
-    ctx: &Ctx<B>,
+pub(crate) async fn compare_digests<B: Backend, L: Link>(
+    client: &Client<B, L>,
     peer: PeerId,
     patients: &[PatientId],
     report: &mut SyncReport,
 ) -> Result<Vec<PatientId>> {
     // Both ed25519 keys (a node's own identity is; a peer sharing patients is).
-    let (Ok(me), Ok(holder)) = (Requester::from_peer_id(&ctx.me), PracticeId::from_peer_id(&peer)) else {
+    let (Ok(me), Ok(holder)) = (Requester::from_peer_id(&client.me), PracticeId::from_peer_id(&peer)) else {
         return Ok(patients.to_vec());
     };
     let t = now();
     let mut parts = Vec::with_capacity(patients.len());
     for patient in patients {
-        let view = ctx.backend.consent(patient)?;
-        parts.push(serve::digest_parts(&*ctx.backend, &view, patient, &me, &holder, t)?);
+        let view = client.backend.consent(patient)?;
+        parts.push(serve::digest_parts(&*client.backend, &view, patient, &me, &holder, t)?);
     }
     let digests = patients
         .iter()
@@ -80,7 +73,7 @@ pub(crate) async fn compare_digests<B: Backend>(
         // since the list was made) cannot be in step: any digest will do.
         .map(|(p, parts)| (*p, parts.as_ref().map_or([0; 32], patient_digest)))
         .collect();
-    let positions = match ctx.request(peer, Request::Digests { patients: digests }).await? {
+    let positions = match client.request(peer, Request::Digests { patients: digests }).await? {
         Response::Differing(positions) => positions,
         other => return Err(unexpected(peer, "digests", &other)),
     };
@@ -104,8 +97,8 @@ pub(crate) async fn compare_digests<B: Backend>(
             continue;
         };
         for (collection, _) in &parts.collections {
-            let held = ctx.backend.envelope_ids(patient, *collection)?.len() as u64;
-            ctx.backend.note_reconciled(&peer, patient, *collection, held, &[])?;
+            let held = client.backend.envelope_ids(patient, *collection)?.len() as u64;
+            client.backend.note_reconciled(&peer, patient, *collection, held, &[])?;
         }
     }
     Ok(differing)

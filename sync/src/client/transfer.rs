@@ -1,15 +1,25 @@
 //! Snapshot transfers (docs/protocol.md §8a): asked for, restored and ingested.
 
-use std::collections::HashSet;
-use std::sync::PoisonError;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use libp2p::PeerId;
 use medmesh_crypto::{Collection, EnvelopeId, PatientId};
 
-use crate::actor::ctx::{Ctx, Metrics, unexpected};
 use crate::backend::Backend;
+use crate::client::{Client, Link, unexpected};
+use crate::metrics::Metrics;
 use crate::wire::{Request, Response};
 use crate::{Result, SyncReport};
+
+/// Whose transfer: one at a time per key.
+pub(crate) type TransferKey = (PeerId, PatientId, Collection);
+
+#[derive(Default)]
+pub(crate) struct Transfers {
+    pub(crate) locks: Mutex<HashMap<TransferKey, Arc<tokio::sync::Mutex<()>>>>,
+    pub(crate) restored: Mutex<HashSet<(PeerId, [u8; 32])>>,
+}
 
 /// How a snapshot transfer went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,15 +46,15 @@ pub(crate) enum TransferFor<'a> {
 
 /// Asks `peer` for the snapshot transfer of (patient, collection), rebuilds
 /// the envelopes and ingests them like any envelopes.
-pub(crate) async fn snapshot_task<B: Backend>(
-    ctx: &Ctx<B>,
+pub(crate) async fn transfer<B: Backend, L: Link>(
+    client: &Client<B, L>,
     peer: PeerId,
     patient: PatientId,
     collection: Collection,
     why: TransferFor<'_>,
 ) -> Result<(SyncReport, TransferOutcome)> {
     let mut report = SyncReport::default();
-    let lock = ctx
+    let lock = client
         .transfers
         .locks
         .lock()
@@ -54,7 +64,8 @@ pub(crate) async fn snapshot_task<B: Backend>(
         .clone();
     let _one_at_a_time = lock.lock().await;
     let restored_before = |source: [u8; 32]| {
-        ctx.transfers
+        client
+            .transfers
             .restored
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -65,43 +76,44 @@ pub(crate) async fn snapshot_task<B: Backend>(
     let done = match why {
         TransferFor::Offer(source) => restored_before(source),
         TransferFor::Missing(ids) => {
-            let held: HashSet<EnvelopeId> = ctx.backend.envelope_ids(&patient, collection)?.into_iter().collect();
-            ids.iter().filter(|id| !held.contains(id)).count() < ctx.snapshot_min
+            let held: HashSet<EnvelopeId> = client.backend.envelope_ids(&patient, collection)?.into_iter().collect();
+            ids.iter().filter(|id| !held.contains(id)).count() < client.snapshot_min
         }
     };
     if done {
         return Ok((report, TransferOutcome::Complete));
     }
-    let payload = match ctx.request(peer, Request::Snapshot { patient, collection }).await? {
+    let payload = match client.request(peer, Request::Snapshot { patient, collection }).await? {
         Response::Snapshot(Some(p)) => p,
         Response::Snapshot(None) => return Ok((report, TransferOutcome::Unavailable)),
         other => return Err(unexpected(peer, "snapshot", &other)),
     };
     report.pages += 1;
-    Metrics::add(&ctx.metrics.items_received, u64::from(payload.count));
+    Metrics::add(&client.metrics.items_received, u64::from(payload.count));
     Metrics::add(
-        &ctx.metrics.bytes_received,
+        &client.metrics.bytes_received,
         (payload.sealed_doc.len() + payload.headers.len()) as u64,
     );
     if restored_before(payload.source) {
         return Ok((report, TransferOutcome::Complete));
     }
     let source = payload.source;
-    let room = ctx.pending_room(peer)?;
-    let Some(done) = ctx
+    let room = client.pending_room(peer)?;
+    let Some(done) = client
         .backend
         .restore_and_ingest(peer, patient, collection, payload, room)
         .await?
     else {
         return Ok((report, TransferOutcome::Unavailable));
     };
-    ctx.note_ingested(peer, &done.report);
+    client.note_ingested(peer, &done.report);
     report.received += done.restored;
     report.ingest.add(done.report);
     if done.unrestored > 0 {
         return Ok((report, TransferOutcome::Partial));
     }
-    ctx.transfers
+    client
+        .transfers
         .restored
         .lock()
         .unwrap_or_else(PoisonError::into_inner)

@@ -1,51 +1,59 @@
 //! Per-patient reconciliation: summaries compared, missing envelopes fetched.
 
 use std::collections::HashSet;
-use std::sync::PoisonError;
 
 use libp2p::PeerId;
-use medmesh_crypto::{Collection, EnvelopeId, PatientId, now};
+use medmesh_crypto::{Collection, EnvelopeId, PatientId};
 use tracing::debug;
 
-use crate::actor::client::transfer::{TransferFor, snapshot_task};
-use crate::actor::ctx::{Ctx, Metrics, unexpected};
 use crate::backend::Backend;
+use crate::client::transfer::{TransferFor, transfer};
+use crate::client::{Client, Link, unexpected};
+use crate::metrics::Metrics;
 use crate::wire::{MAX_FETCH_IDS, Request, Response, summary_digest};
 use crate::{Error, Result, SyncReport};
 
 /// Reconciles one patient with `peer`: learns its consent items and the
 /// envelope ids it may send, fetches the missing ones. Counted in
 /// [`crate::Status`] (run, failed).
-pub(crate) async fn reconcile_task<B: Backend>(ctx: &Ctx<B>, peer: PeerId, patient: PatientId) -> Result<SyncReport> {
-    Metrics::add(&ctx.metrics.reconciliations, 1);
-    let result = reconcile_once(ctx, peer, patient).await;
+pub(crate) async fn reconcile<B: Backend, L: Link>(
+    client: &Client<B, L>,
+    peer: PeerId,
+    patient: PatientId,
+) -> Result<SyncReport> {
+    Metrics::add(&client.metrics.reconciliations, 1);
+    let result = reconcile_once(client, peer, patient).await;
     if result.is_err() {
-        Metrics::add(&ctx.metrics.reconciliations_failed, 1);
+        Metrics::add(&client.metrics.reconciliations_failed, 1);
     }
     result
 }
 
-pub(crate) async fn reconcile_once<B: Backend>(ctx: &Ctx<B>, peer: PeerId, patient: PatientId) -> Result<SyncReport> {
+pub(crate) async fn reconcile_once<B: Backend, L: Link>(
+    client: &Client<B, L>,
+    peer: PeerId,
+    patient: PatientId,
+) -> Result<SyncReport> {
     let mut report = SyncReport::default();
     // Digests of what is held, so collections already in step cost no ids.
     let mut digests = Vec::new();
     for collection in Collection::ALL {
-        let ids = ctx.backend.envelope_ids(&patient, collection)?;
+        let ids = client.backend.envelope_ids(&patient, collection)?;
         if !ids.is_empty() {
             digests.push((collection, summary_digest(&ids)));
         }
     }
-    let (consent, collections) = match ctx.request(peer, Request::Summary { patient, digests }).await? {
+    let (consent, collections) = match client.request(peer, Request::Summary { patient, digests }).await? {
         Response::Summary { consent, collections } => (consent, collections),
         other => return Err(unexpected(peer, "summary", &other)),
     };
     report.pages += 1;
     report.received += consent.len() as u64;
-    report.ingest.add(ctx.ingest(peer, consent).await?);
+    report.ingest.add(client.ingest(peer, consent).await?);
     let held = |collections: &HashSet<medmesh_crypto::Collection>| -> Result<HashSet<medmesh_crypto::EnvelopeId>> {
         let mut local = HashSet::new();
         for collection in collections {
-            local.extend(ctx.backend.envelope_ids(&patient, *collection)?);
+            local.extend(client.backend.envelope_ids(&patient, *collection)?);
         }
         Ok(local)
     };
@@ -57,18 +65,19 @@ pub(crate) async fn reconcile_once<B: Backend>(ctx: &Ctx<B>, peer: PeerId, patie
     let note = |local: &HashSet<EnvelopeId>| -> Result<()> {
         for (collection, ids) in &collections {
             let lacking: Vec<EnvelopeId> = ids.iter().filter(|id| !local.contains(id)).copied().collect();
-            ctx.backend
+            client
+                .backend
                 .note_reconciled(&peer, &patient, *collection, ids.len() as u64, &lacking)?;
         }
         Ok(())
     };
     note(&local)?;
-    if ctx.snapshot_min > 0 {
+    if client.snapshot_min > 0 {
         let mut took_snapshot = false;
         for (collection, ids) in &collections {
             let missing = ids.iter().filter(|id| !local.contains(id)).count();
-            if missing >= ctx.snapshot_min {
-                match snapshot_task(ctx, peer, patient, *collection, TransferFor::Missing(ids)).await {
+            if missing >= client.snapshot_min {
+                match transfer(client, peer, patient, *collection, TransferFor::Missing(ids)).await {
                     Ok((r, outcome)) => {
                         debug!(%peer, %collection, ?outcome, "snapshot transfer while reconciling");
                         report.add(r);
@@ -106,7 +115,7 @@ pub(crate) async fn reconcile_once<B: Backend>(ctx: &Ctx<B>, peer: PeerId, patie
         if chunk.is_empty() {
             continue;
         }
-        let items = match ctx.request(peer, Request::Fetch { ids: chunk.clone() }).await? {
+        let items = match client.request(peer, Request::Fetch { ids: chunk.clone() }).await? {
             Response::Fetched { items } => items,
             other => return Err(unexpected(peer, "fetch", &other)),
         };
@@ -118,48 +127,8 @@ pub(crate) async fn reconcile_once<B: Backend>(ctx: &Ctx<B>, peer: PeerId, patie
         }
         report.pages += 1;
         report.received += items.len() as u64;
-        report.ingest.add(ctx.ingest(peer, items).await?);
+        report.ingest.add(client.ingest(peer, items).await?);
     }
     note(&held(&wanted)?)?;
     Ok(report)
-}
-
-/// A reconciliation `peer` asked for ([`Request::Reconcile`]): run only when
-/// this node holds a grant in force from `patient`, so the ask cannot make
-/// it work for records it may not have; one round at a time per (peer,
-/// patient), asks meanwhile folded into one more round.
-pub(crate) async fn asked_reconcile<B: Backend>(ctx: &Ctx<B>, me: PeerId, peer: PeerId, patient: PatientId) {
-    let granted = ctx.backend.consent(&patient).is_ok_and(|view| {
-        let t = now();
-        view.grants
-            .iter()
-            .any(|g| g.terms().grantee.peer_id() == me && g.in_force(t, view.is_revoked(g)))
-    });
-    if !granted {
-        debug!(%peer, %patient, "asked to reconcile a patient without a grant in force here; ignored");
-        return;
-    }
-    let key = (peer, patient);
-    {
-        let mut asked = ctx.asked_reconciles.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(again) = asked.get_mut(&key) {
-            *again = true;
-            return;
-        }
-        asked.insert(key, false);
-    }
-    loop {
-        match reconcile_task(ctx, peer, patient).await {
-            Ok(r) => debug!(%peer, fetched = r.received, "reconciled when asked"),
-            Err(e) => debug!(%peer, cause = %e, "reconciling when asked failed"),
-        }
-        let mut asked = ctx.asked_reconciles.lock().unwrap_or_else(PoisonError::into_inner);
-        match asked.get_mut(&key) {
-            Some(again) if *again => *again = false,
-            _ => {
-                asked.remove(&key);
-                return;
-            }
-        }
-    }
 }

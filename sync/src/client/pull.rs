@@ -4,10 +4,10 @@ use libp2p::PeerId;
 use medmesh_crypto::PatientId;
 use tracing::{debug, info};
 
-use crate::actor::client::reconcile::reconcile_task;
-use crate::actor::client::transfer::{TransferFor, TransferOutcome, snapshot_task};
-use crate::actor::ctx::{Ctx, unexpected};
 use crate::backend::{Backend, Cursor, ItemKind};
+use crate::client::reconcile::reconcile;
+use crate::client::transfer::{TransferFor, TransferOutcome, transfer};
+use crate::client::{Client, Link, unexpected};
 use crate::wire::{MAX_OFFERS_PER_PAGE, Offer, Request, Response};
 use crate::{Error, Result, SyncReport};
 
@@ -18,7 +18,7 @@ use crate::{Error, Result, SyncReport};
 /// pages have brought the grants and key shares they need; a collection
 /// whose transfer fails is reconciled instead (its envelopes were left out
 /// of the pages).
-pub(crate) async fn pull_task<B: Backend>(ctx: &Ctx<B>, peer: PeerId) -> Result<SyncReport> {
+pub(crate) async fn pull<B: Backend, L: Link>(client: &Client<B, L>, peer: PeerId) -> Result<SyncReport> {
     let mut report = SyncReport::default();
     let mut offers: Vec<Offer> = Vec::new();
     // Patients of pages that left envelopes pending: the peer holds them,
@@ -26,16 +26,16 @@ pub(crate) async fn pull_task<B: Backend>(ctx: &Ctx<B>, peer: PeerId) -> Result<
     // past while its own grant had not started, or whose reconciliation
     // failed. Reconciling with the peer asks for it again.
     let mut waiting: Vec<PatientId> = Vec::new();
-    let mut cursor = ctx.backend.cursor(&peer)?.unwrap_or_default();
+    let mut cursor = client.backend.cursor(&peer)?.unwrap_or_default();
     // Pages that offer a snapshot transfer carry no envelopes of it: the
     // stored cursor stays before the first of them until the transfers (or
     // the reconciliations replacing them) are done, so a restart in between
     // pulls those pages again instead of skipping their envelopes for good.
     let mut held = false;
     loop {
-        let limit = ctx.page_limit;
-        let snapshots = (ctx.snapshot_min > 0).then(|| offers.iter().map(|o| o.source).collect());
-        let response = ctx
+        let limit = client.page_limit;
+        let snapshots = (client.snapshot_min > 0).then(|| offers.iter().map(|o| o.source).collect());
+        let response = client
             .request(
                 peer,
                 Request::Pull {
@@ -61,7 +61,7 @@ pub(crate) async fn pull_task<B: Backend>(ctx: &Ctx<B>, peer: PeerId) -> Result<
                 reason: "more items than the limit asked for",
             });
         }
-        if !page_offers.is_empty() && ctx.snapshot_min == 0 {
+        if !page_offers.is_empty() && client.snapshot_min == 0 {
             return Err(Error::Wire {
                 message: "page",
                 reason: "snapshot offers to a puller that takes none",
@@ -94,7 +94,7 @@ pub(crate) async fn pull_task<B: Backend>(ctx: &Ctx<B>, peer: PeerId) -> Result<
                 envelope_patients.push(h.header().patient);
             }
         }
-        let ingested = ctx.ingest(peer, items).await?;
+        let ingested = client.ingest(peer, items).await?;
         if ingested.pending > 0 {
             waiting.extend(envelope_patients);
         }
@@ -102,7 +102,7 @@ pub(crate) async fn pull_task<B: Backend>(ctx: &Ctx<B>, peer: PeerId) -> Result<
         let new = Cursor { instance, seq: next };
         held |= !offers.is_empty();
         if !held {
-            ctx.backend.set_cursor(&peer, new).await?;
+            client.backend.set_cursor(&peer, new).await?;
         }
         // Stop on the server's word, or when it makes no progress (a peer
         // that lies about `more` must not keep us looping).
@@ -112,10 +112,10 @@ pub(crate) async fn pull_task<B: Backend>(ctx: &Ctx<B>, peer: PeerId) -> Result<
             break;
         }
     }
-    let mut reconcile = waiting;
+    let mut to_reconcile = waiting;
     for offer in offers {
-        match snapshot_task(
-            ctx,
+        match transfer(
+            client,
             peer,
             offer.patient,
             offer.collection,
@@ -127,21 +127,21 @@ pub(crate) async fn pull_task<B: Backend>(ctx: &Ctx<B>, peer: PeerId) -> Result<
             Ok((r, outcome)) => {
                 debug!(%peer, collection = %offer.collection, ?outcome, "snapshot transfer incomplete; reconciling");
                 report.add(r);
-                reconcile.push(offer.patient);
+                to_reconcile.push(offer.patient);
             }
             Err(e) => {
                 debug!(%peer, collection = %offer.collection, cause = %e, "snapshot transfer failed; reconciling");
-                reconcile.push(offer.patient);
+                to_reconcile.push(offer.patient);
             }
         }
     }
-    reconcile.sort_unstable();
-    reconcile.dedup();
-    for patient in reconcile {
-        report.add(reconcile_task(ctx, peer, patient).await?);
+    to_reconcile.sort_unstable();
+    to_reconcile.dedup();
+    for patient in to_reconcile {
+        report.add(reconcile(client, peer, patient).await?);
     }
     if held {
-        ctx.backend.set_cursor(&peer, cursor).await?;
+        client.backend.set_cursor(&peer, cursor).await?;
     }
     Ok(report)
 }
