@@ -10,7 +10,7 @@ use tracing::debug;
 
 use crate::actor::Actor;
 use crate::actor::rates;
-use crate::actor::swarm::{KAD_JOIN_CLOSEST, KAD_REJOIN};
+use crate::actor::swarm::{KAD_JOIN_CLOSEST, KAD_PROTOCOL, KAD_REJOIN};
 use crate::addressed_peer as peer_of;
 use crate::backend::Backend;
 use crate::config::Limits;
@@ -293,5 +293,55 @@ impl<B: Backend> Actor<B> {
         addrs.retain(|a| *a != addr);
         addrs.insert(0, addr);
         addrs.truncate(PER_PEER);
+    }
+
+    /// A dial failed: its reason is kept, and its waiters get it — unless
+    /// Kademlia may still find the peer elsewhere.
+    pub(crate) fn on_dial_failed(&mut self, peer: PeerId, error: &libp2p::swarm::DialError) {
+        let reason = dial_reason(error);
+        if self.dial_errors.len() < MAX_DIAL_ERRORS || self.dial_errors.contains_key(&peer) {
+            self.dial_errors.insert(peer, reason.clone());
+        }
+        // The addresses known may be stale (the peer came back on
+        // another port): ask the network once before giving up.
+        if self.dials_before_lookup.remove(&peer) && self.dial_waiters.contains_key(&peer) {
+            self.look_up(peer, "its known addresses failed");
+            return;
+        }
+        for w in self.dial_waiters.remove(&peer).unwrap_or_default() {
+            let _ = w.send(Err(Error::Request {
+                peer,
+                reason: reason.clone(),
+            }));
+        }
+    }
+
+    /// Identify told us a peer's addresses, protocols and signed record.
+    pub(crate) fn on_identified(&mut self, peer_id: PeerId, info: libp2p::identify::Info) {
+        if let Some(signed) = info.signed_peer_record.clone() {
+            self.keep_address_record(peer_id, signed);
+        }
+        let speaks_kad = info.protocols.contains(&KAD_PROTOCOL);
+        for addr in info.listen_addrs.into_iter().take(MAX_PUSH_ADDRS) {
+            if speaks_kad && let Some(kad) = self.swarm.behaviour_mut().kad.as_mut() {
+                kad.add_address(&peer_id, addr.clone());
+            }
+            self.swarm.add_peer_address(peer_id, addr);
+        }
+        if speaks_kad {
+            self.join_kademlia();
+        }
+    }
+
+    /// mDNS found peers on the LAN: dialled.
+    pub(crate) fn on_mdns_discovered(&mut self, found: Vec<(PeerId, Multiaddr)>) {
+        for (peer, addr) in found {
+            self.swarm.add_peer_address(peer, addr);
+            if !self.swarm.is_connected(&peer)
+                && let Err(e) = self.swarm.dial(peer)
+            {
+                debug!(%peer, cause = %e, "dialing mDNS peer failed");
+            }
+        }
     }
 }

@@ -7,6 +7,7 @@
 //! This file holds the actor's state and its loop (commands, swarm events,
 //! stored-item events, ticks); the jobs live in the modules below.
 
+mod connections;
 mod ctx;
 mod dial;
 mod flows;
@@ -30,7 +31,7 @@ use futures::StreamExt;
 use libp2p::core::transport::ListenerId;
 use libp2p::request_response::OutboundRequestId;
 use libp2p::swarm::{ConnectionId, SwarmEvent};
-use libp2p::{Multiaddr, PeerId, Swarm, dcutr, identify, kad, mdns, relay};
+use libp2p::{Multiaddr, PeerId, Swarm, identify, kad, mdns};
 use medmesh_crypto::{PatientId, SecretIdentity};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinSet;
@@ -40,16 +41,16 @@ use crate::addressed_peer as peer_of;
 use crate::backend::{Backend, Item, ItemId, StoredEvent};
 use crate::config::Config;
 use crate::serve::{self};
-use crate::wire::{MAX_PUSH_ADDRS, Request, Response};
+use crate::wire::{Request, Response};
 use crate::{Connection, Error, Result, Status};
 use medmesh_node::rate::Bucket;
 
 use crate::actor::ctx::{Ctx, Following, Swarmed};
-use crate::actor::dial::{DialBudget, MAX_DIAL_ERRORS, dial_reason};
+use crate::actor::dial::DialBudget;
 use crate::actor::flows::{consent_flow, push_task};
 use crate::actor::outbox::REDELIVERY_TICK;
 use crate::actor::pulls::PullSlot;
-use crate::actor::swarm::{Behaviour, BehaviourEvent, KAD_PROTOCOL, on_relay_event};
+use crate::actor::swarm::{Behaviour, BehaviourEvent, on_dcutr_event, on_relay_client_event, on_relay_event};
 use crate::client::Client;
 
 pub(crate) const COMMAND_CAPACITY: usize = 256;
@@ -497,6 +498,7 @@ impl<B: Backend> Actor<B> {
         }
     }
 
+    /// Routes a swarm event to the part of the actor it concerns.
     fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
         match event {
             SwarmEvent::NewListenAddr { address, .. } => info!(%address, "listening"),
@@ -506,137 +508,27 @@ impl<B: Backend> Actor<B> {
                 endpoint,
                 num_established,
                 ..
-            } => {
-                // Connected: a failure of this dial no longer calls for a lookup.
-                self.dials_before_lookup.remove(&peer_id);
-                let relayed = endpoint.is_relayed();
-                let addr = match &endpoint {
-                    libp2p::core::ConnectedPoint::Dialer { address, .. } => address.clone(),
-                    libp2p::core::ConnectedPoint::Listener { local_addr, .. } if relayed => local_addr.clone(),
-                    libp2p::core::ConnectedPoint::Listener { send_back_addr, .. } => send_back_addr.clone(),
-                };
-                debug!(peer = %peer_id, %addr, relayed, "connection established");
-                self.dial_errors.remove(&peer_id);
-                self.connections.insert(
-                    connection_id,
-                    Connection {
-                        peer: peer_id,
-                        addr,
-                        relayed,
-                    },
-                );
-                for w in self.dial_waiters.remove(&peer_id).unwrap_or_default() {
-                    let _ = w.send(Ok(peer_id));
-                }
-                if let libp2p::core::ConnectedPoint::Dialer { address, .. } = &endpoint
-                    && !relayed
-                {
-                    // An address that just worked: kept with what this node owes the peer.
-                    self.remember_addr(peer_id, address.clone());
-                }
-                if num_established.get() == 1 {
-                    self.last_synced.insert(peer_id, Instant::now());
-                    if self.config.consent_flows {
-                        // Back (or new): whatever it is owed goes now, and
-                        // what either missed meanwhile is found.
-                        self.redeliver(Some(peer_id));
-                        self.start_anti_entropy(peer_id);
-                    }
-                    if self.worth_pulling(&peer_id) {
-                        self.start_pull(peer_id, None);
-                    }
-                }
-            }
+            } => self.on_connected(peer_id, connection_id, &endpoint, num_established.get()),
             SwarmEvent::ConnectionClosed {
                 peer_id,
                 connection_id,
                 num_established,
                 cause,
                 ..
-            } => {
-                self.connections.remove(&connection_id);
-                if num_established == 0 {
-                    debug!(peer = %peer_id, "disconnected");
-                    // A connection that broke (not closed, not idle) may
-                    // have taken a nudge with it, or a pull's last page:
-                    // a peer this node syncs with is pulled again soon
-                    // (a pull under way retries when it fails).
-                    let broke = matches!(cause, Some(libp2p::swarm::ConnectionError::IO(_)));
-                    if broke && !self.pulls.contains_key(&peer_id) && self.worth_pulling(&peer_id) {
-                        self.retry_pull_later(peer_id);
-                    }
-                    self.last_synced.remove(&peer_id);
-                    self.nudging.remove(&peer_id);
-                    self.asked.remove(&peer_id);
-                }
-            }
+            } => self.on_disconnected(peer_id, connection_id, num_established, cause.as_ref()),
             SwarmEvent::ListenerClosed {
                 listener_id, reason, ..
-            } => {
-                if let Some(i) = self.relay_listeners.remove(&listener_id) {
-                    let relay = self.relays.get(i).map(|(p, _)| *p);
-                    match reason {
-                        Ok(()) => info!(?relay, "relay reservation ended; renewing on the next tick"),
-                        Err(e) => warn!(?relay, cause = %e, "relay reservation failed; retrying on the next tick"),
-                    }
-                }
-            }
-            SwarmEvent::Behaviour(BehaviourEvent::RelayClient(event)) => match event {
-                relay::client::Event::ReservationReqAccepted {
-                    relay_peer_id, renewal, ..
-                } => {
-                    if !renewal {
-                        info!(relay = %relay_peer_id, "relay reservation accepted; reachable through its circuit");
-                    }
-                }
-                relay::client::Event::OutboundCircuitEstablished { relay_peer_id, .. } => {
-                    debug!(relay = %relay_peer_id, "circuit through relay established");
-                }
-                relay::client::Event::InboundCircuitEstablished { src_peer_id, .. } => {
-                    debug!(peer = %src_peer_id, "inbound circuit through our relay");
-                }
-            },
-            SwarmEvent::Behaviour(BehaviourEvent::Dcutr(dcutr::Event { remote_peer_id, result })) => match result {
-                Ok(_) => info!(peer = %remote_peer_id, "relayed connection upgraded to a direct one"),
-                Err(e) => debug!(peer = %remote_peer_id, cause = %e, "hole punching failed; staying relayed"),
-            },
+            } => self.on_listener_closed(listener_id, reason),
+            SwarmEvent::Behaviour(BehaviourEvent::RelayClient(event)) => on_relay_client_event(event),
+            SwarmEvent::Behaviour(BehaviourEvent::Dcutr(event)) => on_dcutr_event(event),
             SwarmEvent::Behaviour(BehaviourEvent::Relay(event)) => on_relay_event(event),
             SwarmEvent::OutgoingConnectionError {
                 peer_id: Some(peer),
                 error,
                 ..
-            } if !self.swarm.is_connected(&peer) => {
-                let reason = dial_reason(&error);
-                if self.dial_errors.len() < MAX_DIAL_ERRORS || self.dial_errors.contains_key(&peer) {
-                    self.dial_errors.insert(peer, reason.clone());
-                }
-                // The addresses known may be stale (the peer came back on
-                // another port): ask the network once before giving up.
-                if self.dials_before_lookup.remove(&peer) && self.dial_waiters.contains_key(&peer) {
-                    self.look_up(peer, "its known addresses failed");
-                    return;
-                }
-                for w in self.dial_waiters.remove(&peer).unwrap_or_default() {
-                    let _ = w.send(Err(Error::Request {
-                        peer,
-                        reason: reason.clone(),
-                    }));
-                }
-            }
+            } if !self.swarm.is_connected(&peer) => self.on_dial_failed(peer, &error),
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
-                if let Some(signed) = info.signed_peer_record.clone() {
-                    self.keep_address_record(peer_id, signed);
-                }
-                let speaks_kad = info.protocols.contains(&KAD_PROTOCOL);
-                for addr in info.listen_addrs.into_iter().take(MAX_PUSH_ADDRS) {
-                    if speaks_kad && let Some(kad) = self.swarm.behaviour_mut().kad.as_mut() {
-                        kad.add_address(&peer_id, addr.clone());
-                    }
-                    self.swarm.add_peer_address(peer_id, addr);
-                }
-                if speaks_kad {
-                    self.join_kademlia();
-                }
+                self.on_identified(peer_id, info);
             }
             SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
                 id,
@@ -645,14 +537,7 @@ impl<B: Backend> Actor<B> {
                 ..
             })) => self.on_lookup(id, result, step.last),
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
-                for (peer, addr) in found {
-                    self.swarm.add_peer_address(peer, addr);
-                    if !self.swarm.is_connected(&peer)
-                        && let Err(e) = self.swarm.dial(peer)
-                    {
-                        debug!(%peer, cause = %e, "dialing mDNS peer failed");
-                    }
-                }
+                self.on_mdns_discovered(found)
             }
             SwarmEvent::Behaviour(BehaviourEvent::Sync(event)) => self.on_sync_event(event),
             _ => {}

@@ -291,3 +291,49 @@ pub(crate) async fn build(
     }
     Ok(swarm)
 }
+
+/// What the relay client reports (reservations and circuits), logged.
+pub(crate) fn on_relay_client_event(event: relay::client::Event) {
+    match event {
+        relay::client::Event::ReservationReqAccepted {
+            relay_peer_id, renewal, ..
+        } => {
+            if !renewal {
+                info!(relay = %relay_peer_id, "relay reservation accepted; reachable through its circuit");
+            }
+        }
+        relay::client::Event::OutboundCircuitEstablished { relay_peer_id, .. } => {
+            debug!(relay = %relay_peer_id, "circuit through relay established");
+        }
+        relay::client::Event::InboundCircuitEstablished { src_peer_id, .. } => {
+            debug!(peer = %src_peer_id, "inbound circuit through our relay");
+        }
+    }
+}
+
+/// Hole punching's outcome, logged.
+pub(crate) fn on_dcutr_event(event: dcutr::Event) {
+    let dcutr::Event { remote_peer_id, result } = event;
+    match result {
+        Ok(_) => info!(peer = %remote_peer_id, "relayed connection upgraded to a direct one"),
+        Err(e) => debug!(peer = %remote_peer_id, cause = %e, "hole punching failed; staying relayed"),
+    }
+}
+
+impl<B: Backend> Actor<B> {
+    /// A listener closed: a relay's, whose reservation is asked for again
+    /// on the next tick.
+    pub(crate) fn on_listener_closed(
+        &mut self,
+        listener_id: libp2p::core::transport::ListenerId,
+        reason: std::result::Result<(), std::io::Error>,
+    ) {
+        if let Some(i) = self.relay_listeners.remove(&listener_id) {
+            let relay = self.relays.get(i).map(|(p, _)| *p);
+            match reason {
+                Ok(()) => info!(?relay, "relay reservation ended; renewing on the next tick"),
+                Err(e) => warn!(?relay, cause = %e, "relay reservation failed; retrying on the next tick"),
+            }
+        }
+    }
+}
