@@ -44,7 +44,7 @@ pub(crate) struct Ctx<B> {
     pub(crate) redelivering: Arc<std::sync::atomic::AtomicBool>,
     /// When the last anti-entropy round with each peer ended (`None`
     /// while one runs), so a peer that reconnects over and over costs at
-    /// most one round per [`ANTI_ENTROPY_MIN_GAP`].
+    /// most one round per [`super::ANTI_ENTROPY_MIN_GAP`].
     pub(crate) anti_entropy: Arc<Mutex<HashMap<PeerId, Option<Instant>>>>,
     /// Consent flows under way, per patient ([`Following`]).
     pub(crate) following: Arc<Mutex<HashMap<PatientId, usize>>>,

@@ -61,7 +61,7 @@ pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 pub(crate) enum Outbound {
     Reply(oneshot::Sender<Result<Response>>),
     Nudge(PeerId),
-    /// A consent item owed to the peer ([`Owed`]): settled by its answer.
+    /// A consent item owed to the peer ([`crate::Owed`]): settled by its answer.
     Forward(PeerId, ItemId),
 }
 
@@ -86,7 +86,7 @@ pub(crate) struct Actor<B: Backend> {
     known_addrs: HashMap<PeerId, Vec<Multiaddr>>,
     pulls: HashMap<PeerId, PullSlot>,
     /// Peers whose pulls failed in a row (or whose connection broke), and
-    /// how many times: each is pulled again after [`pull_retry_wait`].
+    /// how many times: each is pulled again after [`pulls::pull_retry_wait`].
     pull_retries: HashMap<PeerId, u32>,
     /// Peers with a nudge in flight, and the sequence number of a follow-up
     /// to send when it returns.
@@ -95,13 +95,13 @@ pub(crate) struct Actor<B: Backend> {
     /// Peers dialled at addresses the swarm knew while Kademlia is on: if
     /// those fail (the peer moved), the dial falls back to a lookup once.
     dials_before_lookup: HashSet<PeerId>,
-    /// Why the last dial of each peer failed ([`dial_reason`]), until it
+    /// Why the last dial of each peer failed ([`dial::dial_reason`]), until it
     /// connects: the reason a forward's debt keeps (request-response only
     /// says "Failed to dial the requested peer").
     dial_errors: HashMap<PeerId, String>,
     /// Kademlia lookups under way, and the peer each is for.
     lookups: HashMap<kad::QueryId, PeerId>,
-    /// When this node last looked up its own id ([`KAD_JOIN_CLOSEST`]).
+    /// When this node last looked up its own id ([`swarm::KAD_JOIN_CLOSEST`]).
     kad_joined: Option<Instant>,
     /// Peers the handle asked to connect to: pulled on connecting even
     /// without a grant or cursor (see [`Actor::worth_pulling`]).
