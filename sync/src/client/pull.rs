@@ -68,8 +68,17 @@ pub(crate) async fn pull<B: Backend, L: Link>(client: &Client<B, L>, peer: PeerI
             });
         }
         for offer in page_offers {
-            if !offers.contains(&offer) && offers.len() < MAX_OFFERS_PER_PAGE {
+            if offers.contains(&offer) {
+                continue;
+            }
+            if offers.len() < MAX_OFFERS_PER_PAGE {
                 offers.push(offer);
+            } else {
+                // Over what one pull takes (the request lists at most this
+                // many): the page left the transfer's envelopes out all the
+                // same, so the patient is reconciled instead — else the
+                // cursor would move past them for good.
+                waiting.push(offer.patient);
             }
         }
         let same_instance = instance == cursor.instance;
@@ -144,4 +153,95 @@ pub(crate) async fn pull<B: Backend, L: Link>(client: &Client<B, L>, peer: PeerI
         client.backend.set_cursor(&peer, cursor).await?;
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::collections::BTreeSet;
+    use std::sync::{Arc, Mutex};
+
+    use libp2p::PeerId;
+    use medmesh_crypto::{Collection, PatientId, SecretIdentity};
+
+    use crate::backend::{Cursor, InstanceId};
+    use crate::client::{Client, Link};
+    use crate::config::Config;
+    use crate::memory::MemoryBackend;
+    use crate::wire::{MAX_OFFERS_PER_PAGE, Offer, Request, Response};
+
+    /// A peer whose one page offers more transfers than a pull takes, has
+    /// none to give when asked, and lists nothing in summaries; it keeps
+    /// the requests it got.
+    struct Offering {
+        offers: Vec<Offer>,
+        asked: Mutex<Vec<Request>>,
+    }
+
+    impl Link for Offering {
+        async fn request(&self, _peer: PeerId, request: Request) -> crate::Result<Response> {
+            self.asked.lock().unwrap().push(request.clone());
+            Ok(match request {
+                Request::Pull { .. } => Response::Page {
+                    instance: InstanceId([7; 16]),
+                    next: 1,
+                    more: false,
+                    items: Vec::new(),
+                    offers: self.offers.clone(),
+                },
+                Request::Snapshot { .. } => Response::Snapshot(None),
+                Request::Summary { .. } => Response::Summary {
+                    consent: Vec::new(),
+                    collections: Vec::new(),
+                },
+                other => panic!("unexpected request {other:?}"),
+            })
+        }
+    }
+
+    /// Every offered transfer's envelopes were left out of the page: a
+    /// patient whose offer did not fit in what the pull takes is reconciled
+    /// like one whose transfer failed, so nothing is skipped for good.
+    #[tokio::test]
+    async fn offers_beyond_what_a_pull_takes_are_reconciled() {
+        let patients: Vec<PatientId> = (0..=MAX_OFFERS_PER_PAGE)
+            .map(|_| SecretIdentity::generate().unwrap().patient_id())
+            .collect();
+        let offers = patients
+            .iter()
+            .enumerate()
+            .map(|(i, p)| Offer {
+                patient: *p,
+                collection: Collection::Core,
+                source: [u8::try_from(i).unwrap(); 32],
+            })
+            .collect();
+        let link = Offering {
+            offers,
+            asked: Mutex::new(Vec::new()),
+        };
+        let me = SecretIdentity::generate().unwrap().practice_id().unwrap().peer_id();
+        let peer = SecretIdentity::generate().unwrap().practice_id().unwrap().peer_id();
+        let backend = Arc::new(MemoryBackend::new());
+        let client = Client::new(backend.clone(), link, me, &Config::default());
+        client.pull(peer).await.unwrap();
+
+        let asked = client.link.asked.lock().unwrap();
+        let reconciled: BTreeSet<PatientId> = asked
+            .iter()
+            .filter_map(|r| match r {
+                Request::Summary { patient, .. } => Some(*patient),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(reconciled, patients.iter().copied().collect::<BTreeSet<_>>());
+        assert_eq!(
+            crate::Backend::cursor(&*backend, &peer).unwrap(),
+            Some(Cursor {
+                instance: InstanceId([7; 16]),
+                seq: 1
+            })
+        );
+    }
 }
