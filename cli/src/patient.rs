@@ -9,8 +9,8 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, anyhow, bail};
 use clap::{Args, Subcommand};
 use medmesh_crypto::{
-    Access, Collection, Envelope, EpochKey, Error as CryptoError, Grant, GrantId, GrantTerms, KdfParams, KeyShare,
-    Keystore, PracticeId, Principal, Revocation, RevocationTerms, SecretIdentity, now, revocation_cut,
+    Access, ActorId, Collection, Envelope, Error as CryptoError, Grant, GrantId, GrantRequest, KdfParams, Keystore,
+    PracticeId, Principal, SecretIdentity, now,
 };
 use medmesh_node::records::{DecodedChange, RecordDoc, RenderedResource};
 use medmesh_sync::memory::MemoryBackend;
@@ -556,16 +556,6 @@ fn anchor_text(verdict: &crate::audit_anchor::Verdict) -> String {
     }
 }
 
-fn keys_of(keystore: &Keystore, collection: Collection) -> Vec<&EpochKey> {
-    let mut keys: Vec<&EpochKey> = keystore.keys.iter().filter(|k| k.collection == collection).collect();
-    keys.sort_by_key(|k| k.epoch);
-    keys
-}
-
-fn is_revoked(keystore: &Keystore, grant: &Grant) -> bool {
-    keystore.revocations.iter().any(|r| r.revokes(grant))
-}
-
 fn parse_expiry(args: &GrantArgs, now_ms: u64) -> Result<Option<u64>> {
     if let Some(d) = &args.duration {
         let d = humantime::parse_duration(d).map_err(|e| anyhow!("--for {d:?}: {e} (e.g. 30d, 12h)"))?;
@@ -585,26 +575,9 @@ fn parse_expiry(args: &GrantArgs, now_ms: u64) -> Result<Option<u64>> {
     Ok(None)
 }
 
-/// Where the grantee can find the record: the node this grant goes to, then
-/// the nodes the patient's other live grants were submitted to (the
-/// practices that hold the data), without repeats, up to what a grant carries.
-fn address_hints(keystore: &Keystore, node: &str, now_ms: u64) -> Vec<String> {
-    let mut hints = vec![node.to_owned()];
-    for hint in keystore.live_grants(now_ms).flat_map(|g| &g.terms().address_hints) {
-        if hints.len() == medmesh_crypto::MAX_ADDRESS_HINTS {
-            break;
-        }
-        if !hints.contains(hint) {
-            hints.push(hint.clone());
-        }
-    }
-    hints
-}
-
 async fn grant(home: &Home, args: GrantArgs, out: &Output) -> Result<()> {
     let (mut keystore, passphrase) = open_keystore(home)?;
     let expired = end_expired_grants(home, &mut keystore, &passphrase, &args.node, out).await?;
-    let patient = keystore.patient();
     let (grantee_peer, grantee_addr) = if args.to.starts_with('/') {
         let (addr, peer) = addressed(&args.to, "--to")?;
         (peer, Some(addr))
@@ -627,49 +600,29 @@ async fn grant(home: &Home, args: GrantArgs, out: &Output) -> Result<()> {
     let expires = parse_expiry(&args, now_ms)?;
     // A minute back, so a node whose clock is a little behind still sees it in force.
     let not_before = now_ms.saturating_sub(60_000);
-    let terms = GrantTerms {
-        id: GrantId::generate()?,
-        patient,
-        grantee,
-        collections: collections.clone(),
-        access: if args.write { Access::ReadWrite } else { Access::Read },
-        not_before,
-        expires,
-        purpose: args.purpose.clone(),
-        issued_at: now_ms,
-        address_hints: address_hints(&keystore, &args.node, now_ms),
-    };
-    let grant = Grant::sign(terms, keystore.identity()).map_err(|e| anyhow!("signing the grant: {e}"))?;
+    let granted = keystore
+        .grant(
+            GrantRequest {
+                grantee,
+                collections: collections.clone(),
+                access: if args.write { Access::ReadWrite } else { Access::Read },
+                not_before,
+                expires,
+                purpose: args.purpose.clone(),
+                address_hints: vec![args.node.clone()],
+            },
+            now_ms,
+        )
+        .map_err(|e| anyhow!("signing the grant and its key shares: {e}"))?;
+    let grant = granted.grant;
+    let created: Vec<&str> = granted.created.iter().map(|c| c.as_str()).collect();
     let mut items = vec![Item::grant(&grant)];
     // The node reached may know nothing of the patient's other practices (their
     // grants were submitted elsewhere); a node forwards a patient's grants only to
     // practices whose grant it knows, so without these it would tell no one and
     // neither side would ever learn where the rest of the record is.
     items.extend(keystore.live_grants(now_ms).map(Item::grant));
-    let mut created = Vec::new();
-    for collection in &collections {
-        if keys_of(&keystore, *collection).is_empty() {
-            let key = EpochKey::generate(patient, *collection, 0)?;
-            // The patient's own share: any node holding the record can hand the key back.
-            items.push(Item::key_share(&KeyShare::create(
-                &key,
-                Principal::Patient(patient),
-                keystore.identity(),
-                now_ms,
-            )?));
-            keystore.keys.push(key);
-            created.push(collection.as_str());
-        }
-        // Every epoch, so the grantee can read the history too.
-        for key in keys_of(&keystore, *collection) {
-            let share = KeyShare::create(key, Principal::Practice(grantee), keystore.identity(), now_ms)?;
-            items.push(Item::key_share(&share));
-        }
-    }
-    keystore.grants.push(grant.clone());
-    // Not in force anywhere until a node takes it: `patient grants` says so,
-    // and no other command sends it along meanwhile.
-    keystore.unsubmitted.push(grant.id());
+    items.extend(granted.shares.iter().map(Item::key_share));
     // Saved before anything leaves: a key a node holds must never be missing here.
     save_keystore(home, &keystore, &passphrase)?;
     let hints = grantee_addr.into_iter().collect();
@@ -767,7 +720,7 @@ async fn submit(home: &Home, node: &str, grant_id: &str, out: &Output) -> Result
     let (mut keystore, passphrase) = open_keystore(home)?;
     let grant = grant_named(&keystore, grant_id)?;
     let id = grant.id();
-    if is_revoked(&keystore, &grant) {
+    if keystore.is_revoked(&grant) {
         bail!("grant {id} is revoked");
     }
     if keystore.is_submitted(&grant) {
@@ -777,12 +730,7 @@ async fn submit(home: &Home, node: &str, grant_id: &str, out: &Output) -> Result
     let grantee = grant.terms().grantee;
     let mut items = vec![Item::grant(&grant)];
     items.extend(keystore.live_grants(now_ms).map(Item::grant));
-    for collection in &grant.terms().collections {
-        for key in keys_of(&keystore, *collection) {
-            let share = KeyShare::create(key, Principal::Practice(grantee), keystore.identity(), now_ms)?;
-            items.push(Item::key_share(&share));
-        }
-    }
+    items.extend(keystore.grantee_shares(&grant, now_ms)?.iter().map(Item::key_share));
     let targets = delivery_targets(&keystore, node, grantee, now_ms)?;
     let (_, deliveries, records) = hand_over(&keystore, node, items, Vec::new(), &targets)
         .await
@@ -811,23 +759,14 @@ async fn revoke(home: &Home, node: &str, grant_id: &str, out: &Output) -> Result
         );
         return Ok(());
     }
-    if is_revoked(&keystore, &grant) {
+    if keystore.is_revoked(&grant) {
         bail!("grant {id} is already revoked");
     }
     if !keystore.is_submitted(&grant) {
         // No node ever took it: revoked here, nothing to tell anyone, no key to rotate.
-        let revocation = Revocation::sign(
-            RevocationTerms {
-                patient: keystore.patient(),
-                grant_id: id,
-                issued_at: now(),
-                cut: BTreeMap::new(),
-            },
-            keystore.identity(),
-        )
-        .map_err(|e| anyhow!("signing the revocation of grant {id}: {e}"))?;
-        keystore.revocations.push(revocation);
-        keystore.unsubmitted.retain(|g| *g != id);
+        keystore
+            .revoke(&grant, [], now())
+            .map_err(|e| anyhow!("signing the revocation of grant {id}: {e}"))?;
         save_keystore(home, &keystore, &passphrase)?;
         let notice = "no node ever took this grant; it is revoked in your keystore only";
         out.result(
@@ -839,8 +778,9 @@ async fn revoke(home: &Home, node: &str, grant_id: &str, out: &Output) -> Result
     let session = Session::open(&keystore, node).await?;
     let pulled = session.pull().await?;
     let now_ms = now();
-    let revocation = revocation_of(&keystore, &grant, &pulled, now_ms)?;
-    keystore.revocations.push(revocation.clone());
+    let revocation = keystore
+        .revoke(&grant, held_under(&keystore, &grant, &pulled), now_ms)
+        .map_err(|e| anyhow!("signing the revocation of grant {id}: {e}"))?;
     let mut items = vec![Item::revocation(&revocation)];
     let rotated = rotate(&mut keystore, &grant.terms().collections, now_ms, &mut items)?;
     // The revoked grant and the others still live go along, so the node reached
@@ -872,79 +812,49 @@ async fn revoke(home: &Home, node: &str, grant_id: &str, out: &Output) -> Result
     Ok(())
 }
 
-/// The revocation of `grant`, signed now, whose cut holds the changes of the
-/// grantee under it among `pulled` (what the node reached holds) up to each
-/// actor's first gap: an envelope with a far-ahead seq inflates nothing.
-fn revocation_of(
+/// The changes of `grant`'s grantee written under it among `pulled` (what
+/// the node reached holds), as (collection, actor, seq), for the cut of its
+/// revocation ([`Keystore::revoke`]).
+fn held_under(
     keystore: &Keystore,
     grant: &Grant,
     pulled: &[medmesh_sync::StoredItem],
-    now_ms: u64,
-) -> Result<Revocation> {
+) -> Vec<(Collection, ActorId, u64)> {
     let grantee = Principal::Practice(grant.terms().grantee);
-    let mut held = Vec::new();
-    for stored in pulled {
-        if stored.item.kind != ItemKind::Envelope {
-            continue;
-        }
-        let Ok(envelope) = Envelope::decode(&stored.item.bytes) else {
-            continue;
-        };
-        let h = envelope.header();
-        // The grant by (patient, id): another patient may reuse the id.
-        if h.patient == keystore.patient() && h.author == grantee && h.grant_id == Some(grant.id()) {
-            held.push((h.collection, h.actor, h.seq));
-        }
-    }
-    Revocation::sign(
-        RevocationTerms {
-            patient: keystore.patient(),
-            grant_id: grant.id(),
-            issued_at: now_ms,
-            cut: revocation_cut(held),
-        },
-        keystore.identity(),
-    )
-    .map_err(|e| anyhow!("signing the revocation of grant {}: {e}", grant.id()))
+    pulled
+        .iter()
+        .filter(|stored| stored.item.kind == ItemKind::Envelope)
+        .filter_map(|stored| Envelope::decode(&stored.item.bytes).ok())
+        .filter_map(|envelope| {
+            let h = envelope.header();
+            // The grant by (patient, id): another patient may reuse the id.
+            (h.patient == keystore.patient() && h.author == grantee && h.grant_id == Some(grant.id())).then_some((
+                h.collection,
+                h.actor,
+                h.seq,
+            ))
+        })
+        .collect()
 }
 
-/// Makes a new epoch of each collection, shared with the patient and with
-/// the grantee of every grant still live that covers it, and adds the key
-/// shares to `items`; one JSON object per collection rotated.
+/// [`Keystore::rotate`], its key shares added to `items`; one JSON object
+/// per collection rotated.
 fn rotate(
     keystore: &mut Keystore,
     collections: &[Collection],
     now_ms: u64,
     items: &mut Vec<Item>,
 ) -> Result<Vec<Value>> {
-    let patient = keystore.patient();
-    let mut rotated = Vec::new();
-    for collection in collections {
-        let next = keys_of(keystore, *collection).last().map_or(0, |k| k.epoch + 1);
-        let key = EpochKey::generate(patient, *collection, next)?;
-        let readers: BTreeSet<PracticeId> = keystore
-            .live_grants(now_ms)
-            .filter(|g| g.covers(*collection))
-            .map(|g| g.terms().grantee)
-            .collect();
-        items.push(Item::key_share(&KeyShare::create(
-            &key,
-            Principal::Patient(patient),
-            keystore.identity(),
-            now_ms,
-        )?));
-        for reader in &readers {
-            items.push(Item::key_share(&KeyShare::create(
-                &key,
-                Principal::Practice(*reader),
-                keystore.identity(),
-                now_ms,
-            )?));
-        }
-        rotated.push(json!({"collection": collection.as_str(), "epoch": next, "readers": readers.len()}));
-        keystore.keys.push(key);
-    }
-    Ok(rotated)
+    let rotated = keystore
+        .rotate(collections, now_ms)
+        .context("making the new epoch keys")?;
+    Ok(rotated
+        .into_iter()
+        .map(|r| {
+            items.extend(r.shares.iter().map(Item::key_share));
+            json!({"collection": r.collection.as_str(), "epoch": r.epoch, "readers": r.readers.len()})
+        })
+        .collect())
 }
 
 fn rotated_text(rotated: &[Value]) -> String {
@@ -975,7 +885,7 @@ async fn end_expired_grants(
         .grants
         .iter()
         .filter(|g| {
-            g.terms().expires.is_some_and(|e| e <= now_ms) && !is_revoked(keystore, g) && keystore.is_submitted(g)
+            g.terms().expires.is_some_and(|e| e <= now_ms) && !keystore.is_revoked(g) && keystore.is_submitted(g)
         })
         .cloned()
         .collect();
@@ -989,9 +899,11 @@ async fn end_expired_grants(
         let mut collections = BTreeSet::new();
         let mut ended = Vec::new();
         for grant in &expired {
-            let revocation = revocation_of(keystore, grant, &pulled, now_ms)?;
+            let held = held_under(keystore, grant, &pulled);
+            let revocation = keystore
+                .revoke(grant, held, now_ms)
+                .map_err(|e| anyhow!("signing the revocation of grant {}: {e}", grant.id()))?;
             items.push(Item::revocation(&revocation));
-            keystore.revocations.push(revocation);
             collections.extend(grant.terms().collections.iter().copied());
             ended.push(grant);
         }
@@ -1056,7 +968,7 @@ async fn grants(home: &Home, node: Option<&str>, out: &Output) -> Result<()> {
     };
     for grant in &keystore.grants {
         let t = grant.terms();
-        let status = if is_revoked(&keystore, grant) {
+        let status = if keystore.is_revoked(grant) {
             "revoked"
         } else if t.expires.is_some_and(|e| e <= now_ms) {
             "expired"

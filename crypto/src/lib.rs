@@ -22,6 +22,7 @@ mod error;
 mod id;
 mod keys;
 mod keystore;
+mod patient;
 mod sealed;
 mod snapshot;
 #[cfg(test)]
@@ -40,5 +41,6 @@ pub use error::{Error, Result};
 pub use id::{ActorId, PatientId, PeerId, PracticeId, Principal, SecretIdentity, Timestamp, now, signature_checks};
 pub use keys::{Epoch, EpochKey, KEYSHARE_TAG, KeyId, KeyRef, KeyShare, KeyShareTerms, MAX_KEYSHARE_BYTES};
 pub use keystore::{KdfParams, Keystore, MAX_ADDRESS_RECORD_BYTES, MAX_KEYSTORE_BYTES, write_atomically};
+pub use patient::{GrantRequest, Granted, Rotated};
 pub use sealed::SealedSecret;
 pub use snapshot::{MAX_SNAPSHOT_BYTES, SNAPSHOT_TAG, SealedSnapshot};

@@ -29,10 +29,12 @@
 mod actor;
 mod address;
 mod backend;
+pub mod client;
 mod config;
 mod direct;
 mod error;
 pub mod memory;
+mod metrics;
 mod node_backend;
 mod serve;
 pub mod wire;

@@ -4,20 +4,28 @@
 //! is the network: every request is answered by the real serving code
 //! ([`medmesh_sync::serve_request`]: page building, summaries and fetches
 //! through `may_disclose`, audited first) at a simulated clock, and every
-//! answer is ingested by the real ingest (`Backend::ingest`) when — and if
-//! — the schedule delivers it. Messages are delivered in any order,
-//! duplicated or dropped; stores restart from disk; the clock jumps past
-//! not-before and expiry times.
+//! request is made — and every answer taken — by the real client code, the
+//! very functions the sync actor runs (`medmesh_sync::client::Client`: pull
+//! with its cursor and held offers, reconciliation with digests, snapshot
+//! transfers, ingest within the pending-queue share), over a `Link` into
+//! this simulated network. A client step runs as a task on the test's
+//! current-thread runtime until it waits on a request; the schedule then
+//! delivers messages in any order, duplicates them (a duplicated request is
+//! served twice, the first answer wins) or drops them (the step then fails
+//! as over a broken connection); a restart aborts the node's client steps
+//! and reopens its store from disk; the clock jumps past not-before and
+//! expiry times. Only one step runs at a time, so a schedule replays the
+//! same way every run.
 //!
 //! Snapshot transfers (protocol §8a) run too: every node keeps local
 //! snapshots often (its repository saves one every [`SNAPSHOT_EVERY`]
 //! changes, and on `SaveSnapshots` and restarts) and serves transfers of
-//! [`MIN_TRANSFER`] envelopes and more; some pulls take offers, and the
-//! client side asks `Snapshot` for each offer at the end of the pull and
-//! when a reconciliation misses [`SNAPSHOT_MIN`] envelopes of a
-//! collection, as the sync actor does. Answers travel through the same
-//! faulty network and are restored and ingested by the real receiving
-//! code (`Backend::restore_and_ingest`).
+//! [`MIN_TRANSFER`] envelopes and more; some pulls take offers (a client
+//! with `snapshot_min_envelopes` [`SNAPSHOT_MIN`]), which the client asks
+//! for at the end of the pull, and a reconciliation missing
+//! [`SNAPSHOT_MIN`] envelopes of a collection asks for its transfer.
+//! Answers travel through the same faulty network and are restored and
+//! ingested by the real receiving code (`Backend::restore_and_ingest`).
 //!
 //! Checked after every step:
 //! - §9.1, on what the serving code actually hands out: every envelope
@@ -72,8 +80,8 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use common::forge::{self, Terms};
 use common::{CliPatient, Store};
@@ -86,13 +94,16 @@ use medmesh_node::audit::Action;
 use medmesh_node::records::{self, DecodedChange, RecordDoc};
 use medmesh_node::repository::{self, Repository};
 use medmesh_node::store::{EnvelopeState, ItemId as NodeItemId};
-use medmesh_sync::wire::{
-    MAX_FETCH_IDS, MAX_OFFERS_PER_PAGE, Offer, Request, Response, SnapshotPayload, decode_transfer_headers,
+use medmesh_sync::client::{Client, Link};
+use medmesh_sync::wire::{Request, Response, SnapshotPayload, decode_transfer_headers};
+use medmesh_sync::{
+    Backend, Config, Cursor, Item, ItemId, ItemKind, ItemMeta, NodeBackend, PeerId, SyncReport, serve_request,
 };
-use medmesh_sync::{Backend, Cursor, Item, ItemId, ItemKind, ItemMeta, PeerId, serve_request};
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, RngSeed, TestRunner};
 use serde_json::{Value, json};
+use tokio::sync::oneshot;
+use tokio::task::JoinSet;
 
 /// The collections schedules write to and grant.
 const COLLECTIONS: [Collection; 2] = [Collection::Core, Collection::Labs];
@@ -422,7 +433,7 @@ struct Patient {
 impl Patient {
     fn new() -> Self {
         let cli = CliPatient::new();
-        let actor = ActorId::generate(&cli.identity.public_bytes()).unwrap();
+        let actor = ActorId::generate(&cli.identity().public_bytes()).unwrap();
         Self {
             am_actor: automerge::ActorId::from(actor.0.to_vec()),
             actor,
@@ -437,42 +448,106 @@ impl Patient {
     }
 }
 
-#[derive(Clone, Debug)]
-enum Flow {
-    /// A pull page; `offers` collects the pull's snapshot offers (`None`:
-    /// the puller takes none).
-    Pull {
-        cursor: Cursor,
-        offers: Option<Vec<Offer>>,
-    },
-    Summary {
-        patient: PatientId,
-    },
-    Fetch,
-    /// A snapshot transfer of (patient, collection), asked for because a
-    /// pull was offered it (`missing` empty) or because a reconciliation
-    /// misses these envelopes (fetched after the transfer, if still missing).
-    Transfer {
-        patient: PatientId,
-        collection: Collection,
-        missing: Vec<EnvelopeId>,
-    },
-}
+/// Where a request's answer goes: the client task that asked, parked on
+/// it. Shared by the copies of a duplicated message (the first answer
+/// delivered wins); when the last copy is lost the sender drops with it and
+/// the client's request fails as over a broken connection.
+type Reply = Arc<Mutex<Option<oneshot::Sender<medmesh_sync::Result<Response>>>>>;
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 enum Msg {
     Ask {
         client: usize,
         server: usize,
         request: Request,
-        flow: Flow,
+        reply: Reply,
     },
     Answer {
         client: usize,
-        server: usize,
+        request: Request,
         response: Response,
-        flow: Flow,
+        reply: Reply,
     },
+}
+
+/// The simulated network between the client tasks and the World: messages
+/// in flight, and how many client tasks are alive, parked on a request, or
+/// woken by an answer (or a loss) and not yet past it — the World steps the
+/// tasks until they are all parked (or done) before the next op.
+#[derive(Default)]
+struct Net {
+    msgs: Vec<Msg>,
+    live: usize,
+    parked: usize,
+    woken: usize,
+    /// Client errors other than a lost request: the test fails on them.
+    unexpected: Vec<String>,
+}
+
+type SharedNet = Arc<Mutex<Net>>;
+
+fn lock(net: &SharedNet) -> std::sync::MutexGuard<'_, Net> {
+    net.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Counts a client task parked on a request until dropped (its answer came,
+/// or the task was aborted with its node's restart).
+struct Parked(SharedNet);
+
+impl Drop for Parked {
+    fn drop(&mut self) {
+        lock(&self.0).parked -= 1;
+    }
+}
+
+/// Counts a client task alive until dropped.
+struct Live(SharedNet);
+
+impl Live {
+    fn new(net: &SharedNet) -> Self {
+        lock(net).live += 1;
+        Self(net.clone())
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        lock(&self.0).live -= 1;
+    }
+}
+
+/// The schedules' [`Link`]: a request becomes a message in flight that the
+/// schedule delivers (to the real serving code), duplicates or loses; its
+/// answer comes back the same way.
+#[derive(Clone)]
+struct SimLink {
+    net: SharedNet,
+    client: usize,
+    peers: Arc<Vec<PeerId>>,
+}
+
+impl Link for SimLink {
+    async fn request(&self, peer: PeerId, request: Request) -> medmesh_sync::Result<Response> {
+        let Some(server) = self.peers.iter().position(|p| *p == peer) else {
+            return Err(medmesh_sync::Error::ConnectionLost { peer });
+        };
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut net = lock(&self.net);
+            net.parked += 1;
+            net.msgs.push(Msg::Ask {
+                client: self.client,
+                server,
+                request,
+                reply: Arc::new(Mutex::new(Some(tx))),
+            });
+        }
+        let parked = Parked(self.net.clone());
+        let answer = rx.await;
+        lock(&self.net).woken -= 1;
+        drop(parked);
+        answer.unwrap_or(Err(medmesh_sync::Error::ConnectionLost { peer }))
+    }
 }
 
 /// A change by its Automerge actor (bytes) and sequence number.
@@ -497,7 +572,10 @@ fn attacker_peer() -> PeerId {
 struct World {
     sites: Vec<Option<Site>>,
     patients: Vec<Patient>,
-    net: Vec<Msg>,
+    net: SharedNet,
+    /// The client steps running on each site's behalf (aborted when it
+    /// restarts).
+    tasks: Vec<JoinSet<()>>,
     /// The simulated clock the servers judge grants by.
     t: Timestamp,
     start: Timestamp,
@@ -553,9 +631,10 @@ impl World {
         }
         let start = now();
         Self {
+            tasks: (0..nodes).map(|_| JoinSet::new()).collect(),
             sites,
             patients: (0..patients).map(|_| Patient::new()).collect(),
-            net: Vec::new(),
+            net: SharedNet::default(),
             t: start,
             start,
             disclosed: BTreeSet::new(),
@@ -566,6 +645,28 @@ impl World {
             requests: 0,
             attacks: Attacks::default(),
         }
+    }
+
+    /// A client of site `i` over its current store, as its sync actor builds
+    /// one (page size; snapshot threshold if it takes `offers`, else none),
+    /// with a link into the simulated network. One per step: a node's steps
+    /// share one client (its transfer locks), but a step waiting on another's
+    /// lock would be neither parked on the network nor running, and the
+    /// schedule could not tell when the tasks have settled.
+    fn client(&self, i: usize, offers: bool) -> Client<NodeBackend, SimLink> {
+        let peers: Arc<Vec<PeerId>> = Arc::new((0..self.sites.len()).map(|j| self.peer(j)).collect());
+        let link = SimLink {
+            net: self.net.clone(),
+            client: i,
+            peers,
+        };
+        let backend = self.site(i).store.backend.clone();
+        let config = Config {
+            page_limit: PAGE,
+            snapshot_min_envelopes: if offers { SNAPSHOT_MIN } else { 0 },
+            ..Config::default()
+        };
+        Client::new(backend, link, self.peer(i), &config)
     }
 
     fn site(&self, i: usize) -> &Site {
@@ -668,7 +769,7 @@ impl World {
             Op::Pull { puller, server, offers } => {
                 let (client, server) = (puller as usize % n, server as usize % n);
                 if client != server {
-                    self.ask_pull(client, server, offers);
+                    self.start_pull(client, server, offers).await;
                 }
             }
             Op::Reconcile {
@@ -679,29 +780,50 @@ impl World {
                 let (client, server) = (puller as usize % n, server as usize % n);
                 if client != server {
                     let patient = self.patients[patient as usize % np].id();
-                    self.ask_summary(client, server, patient);
+                    self.start_reconcile(client, server, patient).await;
                 }
             }
             Op::Deliver { pick } => {
-                if !self.net.is_empty() {
-                    let m = self.net.remove(pick as usize % self.net.len());
+                let m = {
+                    let mut net = lock(&self.net);
+                    let len = net.msgs.len();
+                    (len > 0).then(|| net.msgs.remove(pick as usize % len))
+                };
+                if let Some(m) = m {
                     self.deliver(m).await;
                 }
             }
             Op::Duplicate { pick } => {
-                if !self.net.is_empty() {
-                    let m = self.net[pick as usize % self.net.len()].clone();
-                    self.net.push(m);
+                let mut net = lock(&self.net);
+                if !net.msgs.is_empty() {
+                    let len = net.msgs.len();
+                    let m = net.msgs[pick as usize % len].clone();
+                    net.msgs.push(m);
                 }
             }
             Op::Lose { pick } => {
-                if !self.net.is_empty() {
-                    self.net.remove(pick as usize % self.net.len());
+                let lost = {
+                    let mut net = lock(&self.net);
+                    let len = net.msgs.len();
+                    (len > 0).then(|| net.msgs.remove(pick as usize % len))
+                };
+                if let Some(m) = lost {
+                    self.lose(m).await;
                 }
             }
             Op::Restart { node } => {
                 count(&COVERAGE.restarts);
                 let i = node as usize % n;
+                // The node's client tasks die with it (and let go of its
+                // store); answers still in flight to them go nowhere.
+                self.tasks[i].abort_all();
+                while let Some(done) = self.tasks[i].join_next().await {
+                    if let Err(e) = done
+                        && e.is_panic()
+                    {
+                        std::panic::resume_unwind(e.into_panic());
+                    }
+                }
                 let site = self.sites[i].take().unwrap();
                 self.sites[i] = Some(site.restart().await);
             }
@@ -925,10 +1047,10 @@ impl World {
         // The cut, as the CLI makes it: from what the reached node serves
         // the patient.
         let served = self.pull_as_patient(x, at).await;
-        let cut = CliPatient::cut_from(&grant, &served);
+        let held = CliPatient::held_under(&grant, &served);
         let t = self.t;
         let p = &mut self.patients[x].cli;
-        let items = p.revoke(g, cut, t);
+        let items = p.revoke(g, held, t);
         count(&COVERAGE.revocations);
         let patient = p.id();
         self.site(at).store.node.submit(patient, items.clone()).await.unwrap();
@@ -945,11 +1067,10 @@ impl World {
                 limit: 64,
                 snapshots: None,
             };
-            let response = serve_request(&*self.site(at).store.backend, peer, request, self.t).await;
+            let response = serve_request(&*self.site(at).store.backend, peer, request.clone(), self.t).await;
             self.requests += 1;
             count(&COVERAGE.requests);
-            self.observe(at, peer, &response, None, &Flow::Pull { cursor, offers: None })
-                .await;
+            self.observe(at, peer, &response, None, &request).await;
             let Response::Page {
                 instance,
                 next,
@@ -1044,7 +1165,7 @@ impl World {
         let envelope = Envelope::seal(
             (key.patient, key.collection),
             &key,
-            &p.cli.identity,
+            p.cli.identity(),
             None,
             change,
             now(),
@@ -1092,85 +1213,100 @@ impl World {
 
     // ---- the network
 
-    fn ask_pull(&mut self, client: usize, server: usize, offers: bool) {
-        let server_peer = self.peer(server);
-        let cursor = self
-            .site(client)
-            .store
-            .backend
-            .cursor(&server_peer)
-            .unwrap()
-            .unwrap_or_default();
-        self.ask_page(client, server, cursor, offers.then(Vec::new));
+    /// Starts site `client`'s pull of `server` (the real client code,
+    /// `Client::pull`), taking snapshot offers if `offers`, and runs it
+    /// until it waits on the network.
+    async fn start_pull(&mut self, client: usize, server: usize, offers: bool) {
+        let c = self.client(client, offers);
+        let peer = self.peer(server);
+        self.start(client, async move { c.pull(peer).await }).await;
     }
 
-    /// A pull request after `cursor`, taking offers (and listing those
-    /// taken so far in this pull) if `offers` is some.
-    fn ask_page(&mut self, client: usize, server: usize, cursor: Cursor, offers: Option<Vec<Offer>>) {
-        self.net.push(Msg::Ask {
-            client,
-            server,
-            request: Request::Pull {
-                cursor,
-                limit: PAGE,
-                snapshots: offers.as_ref().map(|o| o.iter().map(|o| o.source).collect()),
-            },
-            flow: Flow::Pull { cursor, offers },
+    /// Starts site `client`'s reconciliation of `patient` with `server`
+    /// (`Client::reconcile`, transfers taken) until it waits on the network.
+    async fn start_reconcile(&mut self, client: usize, server: usize, patient: PatientId) {
+        let c = self.client(client, true);
+        let peer = self.peer(server);
+        self.start(client, async move { c.reconcile(peer, patient).await })
+            .await;
+    }
+
+    /// Runs a client step of site `client` as a task of that site until it
+    /// waits on the network (or ends). A step may fail only because the
+    /// network lost one of its messages.
+    async fn start<F>(&mut self, client: usize, step: F)
+    where
+        F: Future<Output = medmesh_sync::Result<SyncReport>> + Send + 'static,
+    {
+        let live = Live::new(&self.net);
+        let net = self.net.clone();
+        self.tasks[client].spawn(async move {
+            let _live = live;
+            match step.await {
+                Ok(_) | Err(medmesh_sync::Error::ConnectionLost { .. }) => {}
+                Err(e) => lock(&net)
+                    .unexpected
+                    .push(format!("site {client}'s client step failed: {e}")),
+            }
         });
+        self.quiesce().await;
     }
 
-    fn ask(&mut self, client: usize, server: usize, request: Request, flow: Flow) {
-        self.net.push(Msg::Ask {
-            client,
-            server,
-            request,
-            flow,
-        });
+    /// Lets the client tasks run until each is parked on a request or done:
+    /// only one ever runs at a time (each op wakes at most one), so the
+    /// order of the messages they send is the schedule's alone.
+    async fn quiesce(&mut self) {
+        let deadline = std::time::Instant::now() + common::WAIT;
+        loop {
+            {
+                let net = lock(&self.net);
+                if net.live == net.parked && net.woken == 0 {
+                    break;
+                }
+            }
+            assert!(std::time::Instant::now() < deadline, "client tasks did not settle");
+            tokio::task::yield_now().await;
+        }
+        for tasks in &mut self.tasks {
+            while let Some(done) = tasks.try_join_next() {
+                if let Err(e) = done
+                    && e.is_panic()
+                {
+                    std::panic::resume_unwind(e.into_panic());
+                }
+            }
+        }
+        let unexpected = std::mem::take(&mut lock(&self.net).unexpected);
+        assert!(unexpected.is_empty(), "{unexpected:?}");
     }
 
-    fn ask_summary(&mut self, client: usize, server: usize, patient: PatientId) {
-        let request = Request::Summary {
-            patient,
-            digests: Vec::new(),
+    /// Hands a response (or, with `None`, the news that it is lost) to the
+    /// client task parked on it, if it still waits, and lets it run.
+    async fn answer(&mut self, reply: &Reply, response: Option<Response>) {
+        let sender = reply.lock().unwrap().take();
+        let Some(sender) = sender else {
+            return;
         };
-        self.ask(client, server, request, Flow::Summary { patient });
+        if sender.is_closed() {
+            return;
+        }
+        lock(&self.net).woken += 1;
+        match response {
+            Some(response) => {
+                // The receiver is alive: it is parked in `SimLink::request`.
+                let _ = sender.send(Ok(response));
+            }
+            None => drop(sender),
+        }
+        self.quiesce().await;
     }
 
-    fn ask_transfer(
-        &mut self,
-        client: usize,
-        server: usize,
-        patient: PatientId,
-        collection: Collection,
-        missing: Vec<EnvelopeId>,
-    ) {
-        let flow = Flow::Transfer {
-            patient,
-            collection,
-            missing,
-        };
-        self.ask(client, server, Request::Snapshot { patient, collection }, flow);
-    }
-
-    /// Fetches those of `ids` that `client` does not hold, as the actor does.
-    fn ask_missing(
-        &mut self,
-        client: usize,
-        server: usize,
-        patient: PatientId,
-        collection: Collection,
-        ids: &[EnvelopeId],
-    ) {
-        let backend = self.site(client).store.backend.clone();
-        let held: BTreeSet<_> = backend
-            .envelope_ids(&patient, collection)
-            .unwrap()
-            .into_iter()
-            .collect();
-        let missing: Vec<EnvelopeId> = ids.iter().filter(|id| !held.contains(id)).copied().collect();
-        for chunk in missing.chunks(MAX_FETCH_IDS) {
-            let request = Request::Fetch { ids: chunk.to_vec() };
-            self.ask(client, server, request, Flow::Fetch);
+    /// The network loses `m`: if no copy of it is left in flight, the client
+    /// waiting on it learns that its request failed.
+    async fn lose(&mut self, m: Msg) {
+        let (Msg::Ask { reply, .. } | Msg::Answer { reply, .. }) = m;
+        if Arc::strong_count(&reply) == 1 {
+            self.answer(&reply, None).await;
         }
     }
 
@@ -1180,117 +1316,42 @@ impl World {
                 client,
                 server,
                 request,
-                flow,
+                reply,
             } => {
                 let peer = self.peer(client);
-                let response = serve_request(&*self.site(server).store.backend, peer, request, self.t).await;
+                let response = serve_request(&*self.site(server).store.backend, peer, request.clone(), self.t).await;
                 self.requests += 1;
                 count(&COVERAGE.requests);
-                self.observe(server, peer, &response, Some(client), &flow).await;
-                self.net.push(Msg::Answer {
+                self.observe(server, peer, &response, Some(client), &request).await;
+                lock(&self.net).msgs.push(Msg::Answer {
                     client,
-                    server,
+                    request,
                     response,
-                    flow,
+                    reply,
                 });
             }
             Msg::Answer {
                 client,
-                server,
+                request,
                 response,
-                flow,
-            } => self.take(client, server, response, flow).await,
-        }
-    }
-
-    /// The client side, as the sync actor runs it.
-    async fn take(&mut self, client: usize, server: usize, response: Response, flow: Flow) {
-        let from = self.peer(server);
-        let backend = self.site(client).store.backend.clone();
-        match (flow, response) {
-            (
-                Flow::Pull { cursor, offers: taking },
-                Response::Page {
-                    instance,
-                    next,
-                    more,
-                    items,
-                    offers,
-                },
-            ) => {
-                assert!(
-                    taking.is_some() || offers.is_empty(),
-                    "site {server} offered a transfer to a puller that takes none"
-                );
-                backend.ingest(from, items).await.unwrap();
-                let held = backend.cursor(&from).unwrap().unwrap_or_default();
-                // A late or duplicated page never moves the cursor back.
-                if held.instance != instance || next > held.seq {
-                    backend.set_cursor(&from, Cursor { instance, seq: next }).await.unwrap();
-                }
-                let taking = taking.map(|mut taken| {
-                    for offer in offers {
-                        if !taken.contains(&offer) && taken.len() < MAX_OFFERS_PER_PAGE {
-                            taken.push(offer);
-                        }
+                reply,
+            } => {
+                // A transfer the client restores shows as envelopes it holds
+                // once its step has run on.
+                let transfer = match (&request, &response) {
+                    (Request::Snapshot { patient, collection }, Response::Snapshot(Some(_))) => {
+                        Some((*patient, *collection))
                     }
-                    taken
-                });
-                let same = instance == cursor.instance;
-                if more && !(same && next == cursor.seq) {
-                    self.ask_page(client, server, Cursor { instance, seq: next }, taking);
-                } else {
-                    // The last page: by now the grants and key shares the
-                    // transfers need have arrived.
-                    for offer in taking.unwrap_or_default() {
-                        self.ask_transfer(client, server, offer.patient, offer.collection, Vec::new());
-                    }
-                }
-            }
-            (Flow::Summary { patient }, Response::Summary { consent, collections }) => {
-                backend.ingest(from, consent).await.unwrap();
-                for (c, ids) in collections {
-                    let held: BTreeSet<_> = backend.envelope_ids(&patient, c).unwrap().into_iter().collect();
-                    let missing: Vec<EnvelopeId> = ids.into_iter().filter(|id| !held.contains(id)).collect();
-                    if missing.len() >= SNAPSHOT_MIN {
-                        self.ask_transfer(client, server, patient, c, missing);
-                    } else {
-                        self.ask_missing(client, server, patient, c, &missing);
-                    }
-                }
-            }
-            (Flow::Fetch, Response::Fetched { items }) => {
-                backend.ingest(from, items).await.unwrap();
-            }
-            (
-                Flow::Transfer {
-                    patient,
-                    collection,
-                    missing,
-                },
-                Response::Snapshot(payload),
-            ) => {
-                let done = match payload {
-                    Some(payload) => backend
-                        .restore_and_ingest(from, patient, collection, payload, u64::MAX)
-                        .await
-                        .unwrap(),
-                    None => None,
+                    _ => None,
                 };
-                if done.as_ref().is_some_and(|d| d.restored > 0) {
+                let held =
+                    |w: &Self| transfer.map(|(p, c)| w.site(client).store.backend.envelope_ids(&p, c).unwrap().len());
+                let before = held(self);
+                self.answer(&reply, Some(response)).await;
+                if held(self) > before {
                     count(&COVERAGE.transfers_restored);
                 }
-                let complete = done.is_some_and(|d| d.unrestored == 0);
-                if !missing.is_empty() {
-                    // A reconciliation's transfer: fetch what it did not bring.
-                    self.ask_missing(client, server, patient, collection, &missing);
-                } else if !complete {
-                    // An offer that did not (fully) restore: its envelopes
-                    // were left out of the pages, so reconcile.
-                    self.ask_summary(client, server, patient);
-                }
             }
-            (flow, response) => panic!("{flow:?} answered {response:?}"),
         }
     }
 
@@ -1298,9 +1359,20 @@ impl World {
 
     /// Records and judges one answer of `server` to `peer` (`client` is the
     /// practice asking; `None` for the patient, who gets their own record).
-    async fn observe(&mut self, server: usize, peer: PeerId, response: &Response, client: Option<usize>, flow: &Flow) {
+    async fn observe(
+        &mut self,
+        server: usize,
+        peer: PeerId,
+        response: &Response,
+        client: Option<usize>,
+        request: &Request,
+    ) {
         let items: &[Item] = match response {
             Response::Page { items, offers, .. } => {
+                assert!(
+                    offers.is_empty() || matches!(request, Request::Pull { snapshots: Some(_), .. }),
+                    "site {server} offered a transfer to a puller that takes none"
+                );
                 for offer in offers {
                     count(&COVERAGE.offers);
                     let client = client.expect("an offer to the patient, who takes none");
@@ -1319,13 +1391,7 @@ impl World {
             }
             Response::Fetched { items } => items,
             Response::Snapshot(payload) => {
-                if let (
-                    Some(payload),
-                    Flow::Transfer {
-                        patient, collection, ..
-                    },
-                ) = (payload, flow)
-                {
+                if let (Some(payload), Request::Snapshot { patient, collection }) = (payload, request) {
                     let client = client.expect("a transfer to the patient, who asks for none");
                     self.observe_transfer(server, client, *patient, *collection, payload)
                         .await;
@@ -1333,7 +1399,7 @@ impl World {
                 return;
             }
             Response::Summary { consent, collections } => {
-                if let (Some(client), Flow::Summary { patient }) = (client, flow) {
+                if let (Some(client), Request::Summary { patient, .. }) = (client, request) {
                     let x = self.patient_index(patient).unwrap();
                     for (c, ids) in collections {
                         if !ids.is_empty() {
@@ -1599,10 +1665,11 @@ impl World {
             for client in 0..n {
                 for server in (0..n).filter(|s| *s != client) {
                     // Half the pulls take offers.
-                    self.ask_pull(client, server, (client + server + round) % 2 == 0);
+                    self.start_pull(client, server, (client + server + round) % 2 == 0)
+                        .await;
                     for p in 0..self.patients.len() {
                         let patient = self.patients[p].id();
-                        self.ask_summary(client, server, patient);
+                        self.start_reconcile(client, server, patient).await;
                     }
                     self.drain().await;
                 }
@@ -1632,14 +1699,25 @@ impl World {
         format!("writes {} transfers {} held {held:?}", self.writes, self.transfers)
     }
 
+    /// Delivers every message in flight, oldest first, until none is
+    /// left; then every client step has ended.
     async fn drain(&mut self) {
         let mut budget = 1_000_000;
-        while !self.net.is_empty() {
-            let m = self.net.remove(0);
+        loop {
+            let m = {
+                let mut net = lock(&self.net);
+                (!net.msgs.is_empty()).then(|| net.msgs.remove(0))
+            };
+            let Some(m) = m else { break };
             self.deliver(m).await;
             budget -= 1;
             assert!(budget > 0, "messages keep coming");
         }
+        assert_eq!(
+            lock(&self.net).live,
+            0,
+            "client steps wait on messages no longer in flight"
+        );
     }
 
     /// What the servers' audit logs say they disclosed equals what the test
@@ -1960,7 +2038,7 @@ fn a_transfer_never_shows_a_practice_an_epoch_it_was_left_out_of() {
         w.run(&write(false)).await;
         w.revoke(0, 2).await;
         w.run(&write(true)).await;
-        w.ask_pull(1, 0, true);
+        w.start_pull(1, 0, true).await;
         w.drain().await;
         assert!(w.transfers > 0, "no transfer served");
         w.settle().await;

@@ -265,7 +265,7 @@ impl Sim {
     /// A CLI session of patient `x` submitting `items` at node `at` (with
     /// the grantee's address for a grant), as `medmesh patient` does.
     async fn submit(&mut self, x: usize, at: usize, items: Vec<Item>, grantee: Option<usize>) {
-        let identity = &self.patients[x].identity;
+        let identity = self.patients[x].identity();
         let client = SyncHandle::spawn(Config::client(), identity, Arc::new(MemoryBackend::new()))
             .await
             .unwrap();
@@ -405,8 +405,8 @@ impl Sim {
                 bytes: stored.item.bytes,
             });
         }
-        let cut = CliPatient::cut_from(&grant, &served);
-        let items = self.patients[x].revoke(g, cut, now());
+        let held = CliPatient::held_under(&grant, &served);
+        let items = self.patients[x].revoke(g, held, now());
         self.submit(x, home, items, None).await;
     }
 

@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use medmesh_crypto::{
-    Access, ActorId, Collection, Envelope, Epoch, EpochKey, Grant, GrantId, GrantTerms, KeyShare, PatientId,
-    PracticeId, Principal, Revocation, RevocationTerms, SecretIdentity, Timestamp, now,
+    Access, ActorId, Collection, Envelope, Epoch, EpochKey, Grant, GrantRequest, KdfParams, KeyShare, Keystore,
+    PatientId, PracticeId, Principal, Revocation, SecretIdentity, Timestamp, now,
 };
 use medmesh_node::Node;
 use medmesh_sync::{Config, Item, ItemKind, Multiaddr, NodeBackend, PeerId, SyncHandle};
@@ -199,12 +199,15 @@ impl IssuedGrant {
     }
 }
 
-/// What the patient's CLI keystore holds (`cli/src/patient.rs`): epoch keys
-/// per collection, every grant issued, and — for the tests' ledger — every
-/// key share made for a practice. `grant` and `revoke` follow the CLI's
-/// rules for which key shares go with them.
+/// The patient's CLI as the tests drive it: a real `Keystore` whose
+/// patient-side rules (`Keystore::grant`, `revoke`, `rotate`, the library
+/// code `medmesh patient` calls) decide what a grant or revocation carries,
+/// plus the tests' ledger: every grant issued with its revocation, and every
+/// key share made for a practice.
 pub struct CliPatient {
-    pub identity: SecretIdentity,
+    keystore: Keystore,
+    /// Every epoch key made, per collection, oldest first (a view of the
+    /// keystore's keys, refreshed after each grant and revocation).
     pub keys: BTreeMap<Collection, Vec<EpochKey>>,
     pub grants: Vec<IssuedGrant>,
     /// (recipient, collection, epoch) of every key share made for a practice.
@@ -214,27 +217,40 @@ pub struct CliPatient {
 impl CliPatient {
     pub fn new() -> Self {
         Self {
-            identity: SecretIdentity::generate().unwrap(),
+            keystore: Keystore::new(SecretIdentity::generate().unwrap(), KdfParams::DEFAULT),
             keys: BTreeMap::new(),
             grants: Vec::new(),
             shares: BTreeSet::new(),
         }
     }
 
+    pub fn identity(&self) -> &SecretIdentity {
+        self.keystore.identity()
+    }
+
     pub fn id(&self) -> PatientId {
-        self.identity.patient_id()
+        self.keystore.patient()
     }
 
     /// The patient's key as a libp2p peer: the CLI session's identity.
     pub fn peer(&self) -> PeerId {
-        self.identity.practice_id().unwrap().peer_id()
+        self.identity().practice_id().unwrap().peer_id()
     }
 
-    fn share(&mut self, key: &EpochKey, to: Principal) -> Item {
-        if let Principal::Practice(p) = to {
-            self.shares.insert((p, key.collection, key.epoch));
+    /// Notes the shares made for practices and refreshes [`CliPatient::keys`].
+    fn record(&mut self, shares: &[KeyShare]) -> Vec<Item> {
+        for share in shares {
+            let t = share.terms();
+            if let Principal::Practice(p) = t.recipient {
+                self.shares.insert((p, t.collection, t.epoch));
+            }
         }
-        Item::key_share(&KeyShare::create(key, to, &self.identity, now()).unwrap())
+        self.keys = Collection::ALL
+            .into_iter()
+            .map(|c| (c, self.keystore.keys_of(c).into_iter().cloned().collect::<Vec<_>>()))
+            .filter(|(_, k)| !k.is_empty())
+            .collect();
+        shares.iter().map(Item::key_share).collect()
     }
 
     /// The current key of `collection`, if any grant made one.
@@ -243,9 +259,11 @@ impl CliPatient {
     }
 
     /// `medmesh patient grant`: the signed grant (its index in
-    /// [`CliPatient::grants`]) and the items the CLI submits — the grant, an
-    /// epoch-0 key and the patient's own share for a collection granted for
-    /// the first time, and the grantee's shares of every epoch.
+    /// [`CliPatient::grants`]) and the items the CLI submits: the grant, the
+    /// patient's other live grants, and what `Keystore::grant` made (an
+    /// epoch-0 key with the patient's own share for a collection granted for
+    /// the first time, the grantee's shares of every epoch). `address_hints`
+    /// come first among the grant's hints, as the node reached does in the CLI.
     #[allow(clippy::too_many_arguments)]
     pub fn grant(
         &mut self,
@@ -256,36 +274,35 @@ impl CliPatient {
         expires: Option<Timestamp>,
         address_hints: Vec<String>,
     ) -> (usize, Vec<Item>) {
-        let grant = Grant::sign(
-            GrantTerms {
-                id: GrantId::generate().unwrap(),
-                patient: self.id(),
-                grantee,
-                collections: collections.to_vec(),
-                access,
-                not_before,
-                expires,
-                purpose: "treatment".into(),
-                issued_at: now(),
-                address_hints,
-            },
-            &self.identity,
-        )
-        .unwrap();
+        let at = now();
+        let granted = self
+            .keystore
+            .grant(
+                GrantRequest {
+                    grantee,
+                    collections: collections.to_vec(),
+                    access,
+                    not_before,
+                    expires,
+                    purpose: "treatment".into(),
+                    address_hints,
+                },
+                at,
+            )
+            .unwrap();
+        let grant = granted.grant;
+        // Submitted as it is made (the tests hand the items over).
+        self.keystore.unsubmitted.retain(|g| *g != grant.id());
         let mut items = vec![Item::grant(&grant)];
         // As the CLI: the patient's other live grants go along, so the node
         // reached learns every practice it must forward to.
-        items.extend(self.live_grants().map(Item::grant));
-        for c in collections {
-            if self.keys.get(c).is_none_or(Vec::is_empty) {
-                let key = EpochKey::generate(self.id(), *c, 0).unwrap();
-                items.push(self.share(&key, Principal::Patient(self.id())));
-                self.keys.entry(*c).or_default().push(key);
-            }
-            for key in self.keys[c].clone() {
-                items.push(self.share(&key, Principal::Practice(grantee)));
-            }
-        }
+        items.extend(
+            self.keystore
+                .live_grants(at)
+                .filter(|g| g.id() != grant.id())
+                .map(Item::grant),
+        );
+        items.extend(self.record(&granted.shares));
         self.grants.push(IssuedGrant {
             grant,
             revocation: None,
@@ -293,63 +310,27 @@ impl CliPatient {
         (self.grants.len() - 1, items)
     }
 
-    /// As `Keystore::live_grants`: neither revoked nor expired now.
-    fn live_grants(&self) -> impl Iterator<Item = &Grant> {
-        let at = now();
-        self.grants
-            .iter()
-            .filter(move |g| g.revocation.is_none() && g.grant.terms().expires.is_none_or(|e| at < e))
-            .map(|g| &g.grant)
-    }
-
-    /// `medmesh patient revoke` of grant `index` with `cut`: the revocation
-    /// and, for every collection it covered, a new epoch shared with the
-    /// patient and the remaining readers (other grantees with an unrevoked,
-    /// unexpired grant covering it at `at`).
-    pub fn revoke(&mut self, index: usize, cut: BTreeMap<ActorId, u64>, at: Timestamp) -> Vec<Item> {
+    /// `medmesh patient revoke` of grant `index`, its cut made from `held`
+    /// ((collection, actor, seq) of the grantee's changes under it that the
+    /// node reached holds: [`CliPatient::held_under`]), with a new epoch of
+    /// every collection it covered for the patient and the readers still
+    /// live at `at` (`Keystore::revoke` and `Keystore::rotate`).
+    pub fn revoke(&mut self, index: usize, held: Vec<(Collection, ActorId, u64)>, at: Timestamp) -> Vec<Item> {
         let grant = self.grants[index].grant.clone();
-        let grantee = grant.terms().grantee;
-        let revocation = Revocation::sign(
-            RevocationTerms {
-                patient: self.id(),
-                grant_id: grant.id(),
-                issued_at: now(),
-                cut,
-            },
-            &self.identity,
-        )
-        .unwrap();
+        let revocation = self.keystore.revoke(&grant, held, now()).unwrap();
         let mut items = vec![Item::revocation(&revocation)];
-        items.extend(self.live_grants().map(Item::grant));
-        for c in &grant.terms().collections {
-            let next = self.keys.get(c).map_or(0, |k| k.len() as Epoch);
-            let key = EpochKey::generate(self.id(), *c, next).unwrap();
-            let readers: BTreeSet<PracticeId> = self
-                .grants
-                .iter()
-                .filter(|o| {
-                    o.grant.id() != grant.id()
-                        && o.grant.terms().grantee != grantee
-                        && o.grant.covers(*c)
-                        && o.revocation.is_none()
-                        && o.grant.terms().expires.is_none_or(|e| e > at)
-                })
-                .map(|o| o.grant.terms().grantee)
-                .collect();
-            items.push(self.share(&key, Principal::Patient(self.id())));
-            for reader in readers {
-                items.push(self.share(&key, Principal::Practice(reader)));
-            }
-            self.keys.entry(*c).or_default().push(key);
-        }
+        items.extend(self.keystore.live_grants(now()).map(Item::grant));
+        let rotated = self.keystore.rotate(&grant.terms().collections, at).unwrap();
+        let shares: Vec<KeyShare> = rotated.into_iter().flat_map(|r| r.shares).collect();
+        items.extend(self.record(&shares));
         self.grants[index].revocation = Some(revocation);
         items
     }
 
-    /// The cut the CLI computes from what a node serves the patient: for
-    /// the grantee's actors, the highest change written under `grant`
-    /// without a gap (`medmesh_crypto::revocation_cut`).
-    pub fn cut_from(grant: &Grant, served: &[Item]) -> BTreeMap<ActorId, u64> {
+    /// What the CLI reads from what a node serves the patient for the cut:
+    /// the grantee's changes written under `grant`, as (collection, actor,
+    /// seq).
+    pub fn held_under(grant: &Grant, served: &[Item]) -> Vec<(Collection, ActorId, u64)> {
         let grantee = grant.terms().grantee;
         let mut held = Vec::new();
         for item in served.iter().filter(|i| i.kind == ItemKind::Envelope) {
@@ -359,7 +340,14 @@ impl CliPatient {
                 held.push((h.collection, h.actor, h.seq));
             }
         }
-        medmesh_crypto::revocation_cut(held)
+        held
+    }
+
+    /// The cut the CLI computes from what a node serves the patient: for
+    /// the grantee's actors, the highest change written under `grant`
+    /// without a gap (`medmesh_crypto::revocation_cut`).
+    pub fn cut_from(grant: &Grant, served: &[Item]) -> BTreeMap<ActorId, u64> {
+        medmesh_crypto::revocation_cut(Self::held_under(grant, served))
     }
 
     /// Whether the patient shared the key of (collection, epoch) with `practice`.
