@@ -185,7 +185,24 @@ impl Node {
         if phase.batch.is_empty() {
             return Ok(());
         }
-        let committed = self.commit(std::mem::take(&mut phase.batch), true).await?;
+        // The store shows the batch to readers (completeness included) as
+        // soon as it is applied, before the flush this awaits; the record
+        // events that bring it into the caches are sent after. So they are
+        // counted now: a read judged on the store from here on waits for
+        // them too (`Repository::settle`), and never shows less than it judged.
+        let record_events = (phase.excluded.len() + phase.readable.len()) as u64;
+        self.inner
+            .record_events
+            .fetch_add(record_events, std::sync::atomic::Ordering::SeqCst);
+        let committed = match self.commit(std::mem::take(&mut phase.batch), true).await {
+            Ok(committed) => committed,
+            Err(e) => {
+                self.inner
+                    .record_events
+                    .fetch_sub(record_events, std::sync::atomic::Ordering::SeqCst);
+                return Err(e);
+            }
+        };
         let accepted: Vec<_> = phase.changes.drain().collect();
         self.note_held(&accepted, &phase.removed_from);
         self.publish_stored(&committed, &phase.metas, Some(actor));
@@ -194,14 +211,14 @@ impl Node {
             if let Err(e) = self.drop_snapshot(patient, collection) {
                 tracing::warn!(%collection, cause = %e, "dropping a snapshot failed");
             }
-            self.publish(Event::Excluded {
+            self.publish_counted(Event::Excluded {
                 patient,
                 collection,
                 ids,
             });
         }
         for ((patient, collection), ids) in phase.readable {
-            self.publish(Event::Readable {
+            self.publish_counted(Event::Readable {
                 patient,
                 collection,
                 ids,

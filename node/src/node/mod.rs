@@ -559,6 +559,12 @@ impl Node {
         let _ = self.inner.events.send(event);
     }
 
+    /// Sends a record event counted in advance (see `finish_phase`).
+    fn publish_counted(&self, event: Event) {
+        // No subscriber is fine.
+        let _ = self.inner.events.send(event);
+    }
+
     /// How many [`Event::Readable`] and [`Event::Excluded`] this node has
     /// published (what a cache of readable records must have applied to
     /// show everything readable so far).
