@@ -7,11 +7,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use medmesh_crypto::{Access, Collection, Grant, PatientId};
+use medmesh_crypto::{Collection, PatientId};
 use medmesh_gateway::fhir::outcome::{ApiError, Issue, IssueType};
 use medmesh_gateway::fhir::search_params::SearchRequest;
+use medmesh_gateway::fhir::views;
 use medmesh_gateway::{Backend, HistoryEntry, SearchNotes, TxFailure, TxOp, TxResult};
-use medmesh_node::audit::{Action, ActorKind, AuditEntry, AuditRecord};
+use medmesh_node::audit::{Action, ActorKind, AuditRecord};
 use medmesh_node::item::Item;
 use medmesh_node::records::RenderedResource;
 use medmesh_node::repository::{self, Repository};
@@ -207,118 +208,6 @@ fn node_error(err: medmesh_node::Error) -> ApiError {
     ApiError::Internal
 }
 
-fn instant(ms: u64) -> String {
-    medmesh_node::records::format_instant(i64::try_from(ms).unwrap_or(i64::MAX))
-}
-
-/// A grant as a FHIR R4 Consent (read-only view of the consent registry).
-fn consent_of(grant: &Grant, revoked: bool, now: u64) -> Value {
-    let t = grant.terms();
-    let status = if revoked {
-        "inactive"
-    } else if grant.in_force(now, false) {
-        "active"
-    } else if now < t.not_before {
-        "proposed"
-    } else {
-        "inactive"
-    };
-    let mut period = json!({ "start": instant(t.not_before) });
-    if let Some(end) = t.expires {
-        period["end"] = json!(instant(end));
-    }
-    let purpose = match t.purpose.as_str() {
-        "emergency" => "ETREAT",
-        "payment" => "HPAYMT",
-        "operations" => "HOPERAT",
-        "research" => "HRESCH",
-        _ => "TREAT",
-    };
-    let actions: Vec<Value> = match t.access {
-        Access::Read => vec![
-            json!({"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentaction", "code": "access"}]}),
-        ],
-        Access::ReadWrite => vec![
-            json!({"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentaction", "code": "access"}]}),
-            json!({"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentaction", "code": "correct"}]}),
-        ],
-    };
-    json!({
-        "resourceType": "Consent",
-        "id": grant.id().to_string(),
-        "status": status,
-        "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy"}]},
-        "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
-        "patient": {"identifier": {"system": "urn:ietf:rfc:3986", "value": t.patient.to_string()}},
-        "dateTime": instant(t.issued_at),
-        "policyRule": {"text": "medmesh consent grant, signed by the patient (ed25519)"},
-        "provision": {
-            "type": "permit",
-            "period": period,
-            "actor": [{
-                "role": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType", "code": "IRCP"}]},
-                "reference": {"identifier": {"system": "urn:medmesh:peer-id", "value": t.grantee.to_string()}}
-            }],
-            "action": actions,
-            "purpose": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": purpose}],
-            "class": t.collections.iter().map(|c| json!({"system": "urn:medmesh:collection", "code": c.as_str()})).collect::<Vec<_>>(),
-        }
-    })
-}
-
-/// An audit entry as a FHIR R4 AuditEvent.
-fn audit_event_of(entry: &AuditEntry, node_peer: &str) -> Value {
-    let (action, subtype) = match entry.action {
-        Action::Read => ("R", "read"),
-        Action::Write => ("U", "write"),
-        Action::Receive => ("C", "receive"),
-        Action::Disclose => ("E", "disclose"),
-        Action::Grant => ("C", "grant"),
-        Action::Revoke => ("D", "revoke"),
-        Action::KeyShare => ("C", "key-share"),
-        Action::Reject => ("E", "reject"),
-        Action::Exclude => ("D", "exclude"),
-        Action::Quarantine => ("E", "quarantine"),
-    };
-    let who_system = match entry.actor_kind {
-        ActorKind::LocalApp => "urn:medmesh:app",
-        ActorKind::Peer | ActorKind::Node => "urn:medmesh:peer-id",
-        ActorKind::Patient => "urn:ietf:rfc:3986",
-    };
-    let outcome = if entry.outcome == "ok" { "0" } else { "4" };
-    let mut event = json!({
-        "resourceType": "AuditEvent",
-        "id": format!("audit-{}", entry.seq),
-        "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-event-type", "code": "rest"},
-        "subtype": [{"system": "urn:medmesh:audit-action", "code": subtype}],
-        "action": action,
-        "recorded": instant(entry.time),
-        "outcome": outcome,
-        "outcomeDesc": entry.outcome,
-        "agent": [{
-            "requestor": true,
-            "who": {"identifier": {"system": who_system, "value": entry.actor_id}}
-        }],
-        "source": {"observer": {"identifier": {"system": "urn:medmesh:peer-id", "value": node_peer}}},
-    });
-    let mut entities: Vec<Value> = entry
-        .items
-        .iter()
-        .map(|id| json!({"what": {"identifier": {"system": "urn:medmesh:item-id", "value": id.to_string()}}}))
-        .collect();
-    if let Some(patient) = &entry.patient {
-        entities.push(json!({"what": {"identifier": {"system": "urn:ietf:rfc:3986", "value": patient.to_string()}}, "role": {"system": "http://terminology.hl7.org/CodeSystem/object-role", "code": "1"}}));
-    }
-    if let Some(grant) = &entry.grant {
-        entities
-            .push(json!({"what": {"identifier": {"system": "urn:medmesh:grant-id", "value": hex::encode(grant.0)}}}));
-    }
-    if !entities.is_empty() {
-        event["entity"] = Value::Array(entities);
-    }
-    event
-}
-
 impl Backend for NodeBackend {
     async fn create(&self, resource: Value) -> Result<Arc<RenderedResource>, ApiError> {
         self.repository
@@ -479,7 +368,7 @@ impl Backend for NodeBackend {
             .node
             .grants(&patient)
             .iter()
-            .map(|g| consent_of(g, self.node.is_revoked(&patient, &g.id()), now))
+            .map(|g| views::consent(g, self.node.is_revoked(&patient, &g.id()), now))
             .collect())
     }
 
@@ -491,7 +380,7 @@ impl Backend for NodeBackend {
             .audit_entries(Some(&patient))
             .map_err(node_error)?
             .iter()
-            .map(|e| audit_event_of(e, &peer))
+            .map(|e| views::audit_event(e, &peer))
             .collect())
     }
 

@@ -59,7 +59,7 @@ impl Drop for NodeBackend {
 }
 
 fn backend_error(e: medmesh_node::Error) -> Error {
-    Error::Backend(e.to_string())
+    Error::Node(e)
 }
 
 /// The outcome written when a patient reads the audit entries about them.
@@ -373,7 +373,7 @@ impl Backend for NodeBackend {
             .node
             .snapshot_transfer(*patient, collection)
             .await
-            .map_err(|e| Error::Backend(e.to_string()))?
+            .map_err(Error::from)?
         else {
             return Ok(None);
         };
@@ -440,7 +440,7 @@ impl Backend for NodeBackend {
                 debug!(%key, "no key for a snapshot transfer's document");
                 return Ok(None);
             }
-            Err(e) => return Err(Error::Backend(e.to_string())),
+            Err(e) => return Err(e.into()),
         };
         let restore_part = |range: std::ops::Range<usize>| {
             let (node, opened, headers) = (self.node.clone(), opened.clone(), headers.clone());

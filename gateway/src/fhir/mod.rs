@@ -13,6 +13,7 @@ pub mod search_params;
 pub mod shape;
 mod types;
 pub mod validate;
+pub mod views;
 
 pub use outcome::{ApiError, Issue, IssueType, OperationOutcome, Severity};
 pub use types::{READ_ONLY_TYPES, SUPPORTED_TYPES};
@@ -34,6 +35,66 @@ mod external_validator {
     use super::fhirval;
 
     const SHARED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fhir");
+
+    /// A read-write grant, revoked, as a Consent; a disclosure under it as
+    /// an AuditEvent.
+    fn views() -> (Value, Value) {
+        use medmesh_crypto::{Access, Collection, Grant, GrantId, GrantTerms, SecretIdentity};
+        use medmesh_node::audit::{Action, ActorKind, AuditEntry};
+        use medmesh_node::item::ItemId;
+        let patient = SecretIdentity::from_seed(&[1; 32]);
+        let practice = SecretIdentity::from_seed(&[2; 32]).practice_id().unwrap();
+        let grant = Grant::sign(
+            GrantTerms {
+                id: GrantId([7; 16]),
+                patient: patient.patient_id(),
+                grantee: practice,
+                collections: vec![Collection::Core, Collection::Labs],
+                access: Access::ReadWrite,
+                not_before: 1_700_000_000_000,
+                expires: Some(1_800_000_000_000),
+                purpose: "treatment".into(),
+                issued_at: 1_700_000_000_000,
+                address_hints: vec![],
+            },
+            &patient,
+        )
+        .unwrap();
+        let consent = super::views::consent(&grant, true, 1_750_000_000_000);
+        assert_eq!(consent["status"], "inactive", "a revoked grant");
+        assert_eq!(
+            consent["provision"]["action"].as_array().map(Vec::len),
+            Some(2),
+            "read-write"
+        );
+        let entry = AuditEntry {
+            seq: 3,
+            time: 1_750_000_000_000,
+            actor_kind: ActorKind::Peer,
+            actor_id: practice.peer_id().to_string(),
+            action: Action::Disclose,
+            patient: Some(patient.patient_id()),
+            items: vec![ItemId([9; 32])],
+            item_count: 1,
+            grant: Some(grant.id()),
+            outcome: "ok".into(),
+            prev_hash: [0; 32],
+            hash: [1; 32],
+        };
+        let event = super::views::audit_event(&entry, &practice.peer_id().to_string());
+        assert_eq!(
+            (event["action"].as_str(), event["outcome"].as_str()),
+            (Some("E"), Some("0"))
+        );
+        let entities = event["entity"].as_array().cloned().unwrap_or_default();
+        assert!(
+            entities
+                .iter()
+                .any(|e| e["what"]["identifier"]["value"] == grant.id().to_string()),
+            "{event}"
+        );
+        (consent, event)
+    }
 
     fn built() -> Vec<(&'static str, Value)> {
         let example: Value =
@@ -69,7 +130,10 @@ mod external_validator {
                 outcome: None,
             }],
         );
+        let (consent, audit_event) = views();
         vec![
+            ("consent", consent),
+            ("audit-event", audit_event),
             ("capability", capability_statement("http://127.0.0.1:8080/fhir", 200)),
             ("outcome-422", invalid.outcome()),
             ("outcome-500", ApiError::Internal.outcome()),
