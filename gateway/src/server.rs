@@ -18,12 +18,12 @@ use crate::auth::Token;
 use medmesh_node::item::ItemKind;
 
 use crate::backend::{Backend, HistoryEntry};
-use crate::fhir::bundle::{SearchMode, Searchset, parse_request_bundle};
+use crate::fhir::bundle::{SearchMode, Searchset, parse_request_bundle, searchset};
 use crate::fhir::capability::capability_statement;
 use crate::fhir::outcome::{ApiError, FHIR_JSON, Issue, IssueType, OperationOutcome, fhir_response};
-use crate::fhir::search_params::{Page, SearchRequest, parse_search};
+use crate::fhir::search_params::{Page, parse_search};
 use crate::fhir::shape;
-use crate::fhir::validate::{is_supported_type, validate};
+use crate::fhir::validate::{check_type, validate};
 use crate::metrics::HttpMetrics;
 use medmesh_node::records::RenderedResource;
 
@@ -296,14 +296,6 @@ pub(crate) fn http_date(ms: i64) -> Option<String> {
         "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
     );
     t.format(&format).ok()
-}
-
-pub(crate) fn check_type(resource_type: &str) -> Result<(), ApiError> {
-    if is_supported_type(resource_type) {
-        Ok(())
-    } else {
-        Err(ApiError::UnknownType(resource_type.to_owned()))
-    }
 }
 
 /// Reads a JSON body's bytes: media type (415), size (413).
@@ -795,31 +787,6 @@ async fn search<B: Backend>(
     }
     push_incomplete(&mut bundle, notes.incomplete);
     Ok(state.buffers.respond(bundle))
-}
-
-/// One page of a search's matches as a `searchset` Bundle, with `next`
-/// link and a warning for every ignored parameter.
-pub(crate) fn searchset(base: &str, request: &SearchRequest, matches: &[Arc<RenderedResource>]) -> Searchset {
-    let resource_type = &request.resource_type;
-    let page = |offset: usize| format!("{base}/{resource_type}?{}", request.page_query(offset));
-    let mut bundle = Searchset::new(page(request.page.offset), base).total(matches.len());
-    if let Some(next) = request.page.next_offset(matches.len()) {
-        bundle = bundle.next(page(next));
-    }
-    let mut bundle = bundle;
-    for resource in request.page.of(matches) {
-        bundle.push_rendered(Arc::clone(resource), SearchMode::Match);
-    }
-    if !request.unknown.is_empty() {
-        let outcome = OperationOutcome::from_issues(request.unknown.iter().map(|name| {
-            Issue::warning(
-                IssueType::NotSupported,
-                format!("search parameter {name} is not supported and was ignored"),
-            )
-        }));
-        bundle.push_outcome(outcome.to_value());
-    }
-    bundle
 }
 
 /// `Consent` and `AuditEvent` are views of the node's consent registry and

@@ -19,12 +19,12 @@ use serde_json::Value;
 use crate::backend::{Backend, TxFailure, TxOp, TxResult};
 use crate::fhir::bundle::{
     BundleKind, EntryResponse, Method, RequestBundle, RequestEntry, response_bundle, rewrite_entry_references,
-    transaction_order,
+    searchset, transaction_order,
 };
 use crate::fhir::outcome::{ApiError, Issue, IssueType};
 use crate::fhir::primitive::{DateKind, PartialDateTime};
 use crate::fhir::search_params::{SearchRequest, parse_search};
-use crate::server::{check_type, searchset};
+use crate::fhir::validate::check_type;
 
 /// What processing a Bundle needs from the server.
 pub(crate) struct Context<'a, B> {

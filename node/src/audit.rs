@@ -238,7 +238,7 @@ fn body_values(seq: u64, time: Timestamp, r: &AuditRecord, prev: &[u8; 32]) -> V
 }
 
 fn hash_body(body: &[Value]) -> [u8; 32] {
-    let encoded = crate::store::encode_value(&Value::Array(body.to_vec()));
+    let encoded = crate::cbor::encode(&Value::Array(body.to_vec()));
     let mut h = Sha256::new();
     h.update(AUDIT_TAG);
     h.update(&encoded);
@@ -256,7 +256,7 @@ pub(crate) fn seal(seq: u64, time: Timestamp, record: &AuditRecord, prev: &[u8; 
     let mut values = body_values(seq, time, record, prev);
     let hash = hash_body(&values);
     values.push(Value::Bytes(hash.to_vec()));
-    (crate::store::encode_value(&Value::Array(values)), hash)
+    (crate::cbor::encode(&Value::Array(values)), hash)
 }
 
 struct Decoded {
@@ -416,12 +416,25 @@ pub enum Anchor {
     Rewritten(AuditCheckpoint),
 }
 
+/// What the checkpoint code needs of a store (the store implements it for
+/// every [`crate::store::Store`]; this module does not know the store).
+pub(crate) trait AuditLog {
+    /// The seq and hash of the last entry.
+    fn audit_head(&self) -> (u64, [u8; 32]);
+    /// The stored bytes of entry `seq`.
+    fn audit_entry(&self, seq: u64) -> Result<Option<Vec<u8>>>;
+    /// The latest checkpoint kept.
+    fn audit_checkpoint(&self) -> Result<Option<Vec<u8>>>;
+    /// Keeps a checkpoint (replacing the one kept).
+    fn put_audit_checkpoint(&self, signed: &[u8]) -> Result<()>;
+}
+
 /// Compares the log with the latest checkpoint kept.
 ///
 /// # Errors
 /// [`Error::Corrupt`] for a kept checkpoint that does not decode, does not
 /// verify or names another node; store failures.
-pub(crate) fn check_anchor(store: &dyn crate::store::Store, me: PracticeId) -> Result<Anchor> {
+pub(crate) fn check_anchor(store: &(impl AuditLog + ?Sized), me: PracticeId) -> Result<Anchor> {
     let Some(bytes) = store.audit_checkpoint()? else {
         return Ok(Anchor::Unanchored);
     };
@@ -486,7 +499,7 @@ impl Checkpointer {
 
     /// After a commit: if the head moved, signs it and keeps the checkpoint
     /// (the caller's flush makes it durable with the entries it covers).
-    pub(crate) fn after_commit(&mut self, store: &dyn crate::store::Store) {
+    pub(crate) fn after_commit(&mut self, store: &(impl AuditLog + ?Sized)) {
         let (seq, head) = store.audit_head();
         if seq <= self.signed {
             return;
@@ -508,7 +521,7 @@ impl Checkpointer {
 /// # Errors
 /// Store failures.
 pub(crate) fn checkpoint_at(
-    store: &dyn crate::store::Store,
+    store: &(impl AuditLog + ?Sized),
     signer: &Checkpointer,
     seq: u64,
 ) -> Result<Option<AuditCheckpoint>> {

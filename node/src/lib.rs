@@ -22,6 +22,7 @@
 //! See `docs/storage.md`.
 
 pub mod audit;
+mod cbor;
 mod chains;
 mod commit;
 pub mod completeness;

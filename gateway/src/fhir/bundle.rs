@@ -7,8 +7,9 @@ use std::sync::Arc;
 use medmesh_node::records::RenderedResource;
 use serde_json::{Map, Value, json};
 
-use super::outcome::{ApiError, Issue, IssueType, cap_issues};
+use super::outcome::{ApiError, Issue, IssueType, OperationOutcome, cap_issues};
 use super::primitive;
+use super::search_params::SearchRequest;
 use super::validate::validate;
 
 /// `Bundle.entry.search.mode`.
@@ -818,6 +819,31 @@ pub fn rewrite_entry_references(resource: &mut Value, full_url: Option<&str>, ma
             .sum(),
         _ => 0,
     }
+}
+
+/// One page of a search's matches as a `searchset` Bundle, with `next`
+/// link and a warning for every ignored parameter.
+pub fn searchset(base: &str, request: &SearchRequest, matches: &[Arc<RenderedResource>]) -> Searchset {
+    let resource_type = &request.resource_type;
+    let page = |offset: usize| format!("{base}/{resource_type}?{}", request.page_query(offset));
+    let mut bundle = Searchset::new(page(request.page.offset), base).total(matches.len());
+    if let Some(next) = request.page.next_offset(matches.len()) {
+        bundle = bundle.next(page(next));
+    }
+    let mut bundle = bundle;
+    for resource in request.page.of(matches) {
+        bundle.push_rendered(Arc::clone(resource), SearchMode::Match);
+    }
+    if !request.unknown.is_empty() {
+        let outcome = OperationOutcome::from_issues(request.unknown.iter().map(|name| {
+            Issue::warning(
+                IssueType::NotSupported,
+                format!("search parameter {name} is not supported and was ignored"),
+            )
+        }));
+        bundle.push_outcome(outcome.to_value());
+    }
+    bundle
 }
 
 #[cfg(test)]

@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
 
-use super::outcome::{Issue, IssueType, MAX_ISSUES};
+use super::outcome::{ApiError, Issue, IssueType, MAX_ISSUES};
 use super::primitive::{self, DateKind};
 use super::types::{self, Rule};
 
@@ -792,6 +792,18 @@ enum Check {
     Present(Option<&'static [&'static str]>),
     Codes(&'static [&'static str]),
     Coding(&'static str, &'static [&'static str]),
+}
+
+/// `Ok` for a resource type this gateway serves; [`ApiError::UnknownType`] else.
+///
+/// # Errors
+/// [`ApiError::UnknownType`].
+pub fn check_type(resource_type: &str) -> Result<(), ApiError> {
+    if is_supported_type(resource_type) {
+        Ok(())
+    } else {
+        Err(ApiError::UnknownType(resource_type.to_owned()))
+    }
 }
 
 #[cfg(test)]

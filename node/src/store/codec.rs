@@ -28,14 +28,7 @@ fn corrupt(what: &'static str, key: &[u8]) -> Error {
     }
 }
 
-pub(crate) fn encode(value: &Value) -> Vec<u8> {
-    let mut out = Vec::with_capacity(128);
-    // Writing into a Vec does not fail for the values built here.
-    if ciborium::ser::into_writer(value, &mut out).is_err() {
-        out.clear();
-    }
-    out
-}
+pub(crate) use crate::cbor::encode;
 
 pub(crate) fn decode(bytes: &[u8]) -> Option<Vec<Value>> {
     match ciborium::de::from_reader::<Value, _>(bytes).ok()? {

@@ -27,7 +27,6 @@ use medmesh_crypto::{ActorId, Collection, EnvelopeId, Epoch, GrantId, KeyId, Pat
 use crate::Result;
 use crate::audit::AuditRecord;
 
-pub(crate) use codec::encode as encode_value;
 pub use sled_store::SledStore;
 
 pub use crate::item::{Cursor, InstanceId, Item, ItemId, ItemKind, ItemMeta, Seq, StoredItem};
@@ -589,5 +588,23 @@ pub trait Store: Send + Sync + 'static {
     fn put_address_record(&self, peer: &[u8], seq: u64, signed: &[u8]) -> Result<()> {
         let _ = (peer, seq, signed);
         Ok(())
+    }
+}
+
+impl<T: Store + ?Sized> crate::audit::AuditLog for T {
+    fn audit_head(&self) -> (u64, [u8; 32]) {
+        Store::audit_head(self)
+    }
+
+    fn audit_entry(&self, seq: u64) -> Result<Option<Vec<u8>>> {
+        Store::audit_entry(self, seq)
+    }
+
+    fn audit_checkpoint(&self) -> Result<Option<Vec<u8>>> {
+        Store::audit_checkpoint(self)
+    }
+
+    fn put_audit_checkpoint(&self, signed: &[u8]) -> Result<()> {
+        Store::put_audit_checkpoint(self, signed)
     }
 }
