@@ -3,7 +3,6 @@
 //! because it is wiring: the gateway and node crates do not know each other
 //! beyond the record types.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -184,9 +183,11 @@ fn repo_error(err: repository::Error) -> ApiError {
         repository::Error::Record(e) => e.into(),
         repository::Error::UnresolvedPatient { .. }
         | repository::Error::PatientLink { .. }
-        | repository::Error::OtherPatient { .. } => {
+        | repository::Error::OtherPatient { .. }
+        | repository::Error::Unfiled { .. } => {
             ApiError::Unprocessable(vec![Issue::error(IssueType::BusinessRule, err.to_string())])
         }
+        repository::Error::ConditionalMatch => ApiError::MultipleMatches(err.to_string()),
         repository::Error::VersionConflict { expected, current, .. } => {
             ApiError::PreconditionFailed { expected, current }
         }
@@ -475,197 +476,34 @@ impl Backend for NodeBackend {
         })
     }
 
-    /// All or nothing: resolves every create's patient (the one its
-    /// compartment references name; for a resource naming none, such as an
-    /// Organization, the one patient the transaction's other creates name, if
-    /// there is exactly one) and re-checks every
-    /// conditional create (against the store and the transaction's earlier
-    /// creates), then hands every write to [`Repository::transaction`] — one
-    /// Automerge change per touched document, one atomic durable store
-    /// batch — and only then runs the reads and searches, which therefore
-    /// see every write of the transaction (the gateway puts GETs last, as
-    /// FHIR orders them).
+    /// Runs the transaction on the repository ([`Repository::transaction`]:
+    /// patients resolved, conditional creates re-checked, reads checked
+    /// before anything is written, one change per touched document in one
+    /// durable batch), then records every read of it in the audit log before
+    /// answering, as a read over HTTP would be.
     async fn transaction(&self, ops: Vec<TxOp>) -> Result<Vec<TxResult>, TxFailure> {
-        let fail = |op: usize, error: ApiError| TxFailure { op, error };
-        // The Patients created here first, so that references to them resolve
-        // whatever the entry order; then every create's own patient.
-        let mut pending: HashMap<String, PatientId> = HashMap::new();
-        for op in &ops {
-            if let TxOp::Create { id, resource, .. } = op
-                && resource.get("resourceType").and_then(Value::as_str) == Some("Patient")
-                && let Ok(Some(patient)) = self.repository.named_patient(resource, &HashMap::new()).await
-            {
-                pending.insert(format!("Patient/{id}"), patient);
-            }
-        }
-        let mut named: HashMap<usize, PatientId> = HashMap::new();
-        for (i, op) in ops.iter().enumerate() {
-            if let TxOp::Create { resource, .. } = op
-                && let Some(patient) = self
-                    .repository
-                    .named_patient(resource, &pending)
-                    .await
-                    .map_err(|e| fail(i, repo_error(e)))?
-            {
-                named.insert(i, patient);
-            }
-        }
-        // Resources that name no patient (directory resources) go with the one
-        // patient the transaction is about; with several, nothing is guessed.
-        let mut patients: Vec<PatientId> = named.values().copied().collect();
-        patients.sort_unstable();
-        patients.dedup();
-        let context = match patients.as_slice() {
-            [one] => Some(*one),
-            _ => None,
-        };
-        let mut writes = Vec::with_capacity(ops.len());
-        // Per write, the op it came from.
-        let mut write_ops = Vec::with_capacity(ops.len());
-        let mut reads = Vec::new();
-        for (i, op) in ops.into_iter().enumerate() {
-            let write = match op {
-                TxOp::Create {
-                    id,
-                    resource,
-                    if_none_exist,
-                } => {
-                    if let Some(search) = if_none_exist {
-                        let found = self.search(&search).await.map_err(|e| fail(i, e))?;
-                        let created_here = writes.iter().any(|w| {
-                            matches!(w, repository::TxWrite::Create { resource, .. } if search.query.matches(resource))
-                        });
-                        if !found.is_empty() || created_here {
-                            return Err(fail(
-                                i,
-                                ApiError::MultipleMatches(
-                                    "a conditional create now matches an existing resource".to_owned(),
-                                ),
-                            ));
-                        }
-                    }
-                    let Some(patient) = named.get(&i).copied().or(context) else {
-                        let reason = format!(
-                            "{} names no patient and this transaction is about {} patients: it cannot be filed",
-                            resource.get("resourceType").and_then(Value::as_str).unwrap_or_default(),
-                            patients.len()
-                        );
-                        return Err(fail(
-                            i,
-                            ApiError::Unprocessable(vec![Issue::error(IssueType::BusinessRule, reason)]),
-                        ));
-                    };
-                    let collection = medmesh_node::records::collection_of(&resource);
-                    repository::TxWrite::Create {
-                        id,
-                        resource,
-                        patient,
-                        collection,
-                    }
-                }
-                TxOp::Update {
-                    resource_type,
-                    id,
-                    resource,
-                    base_version,
-                    require_current,
-                } => repository::TxWrite::Update {
-                    resource_type,
-                    id,
-                    resource,
-                    base_version,
-                    require_current,
-                },
-                TxOp::Delete { resource_type, id } => repository::TxWrite::Delete { resource_type, id },
-                read @ (TxOp::Read { .. } | TxOp::Search(_)) => {
-                    reads.push((i, read));
-                    continue;
-                }
-            };
-            writes.push(write);
-            write_ops.push(i);
-        }
-        // A read that cannot succeed fails the transaction before anything is written.
-        for (i, op) in &reads {
-            let TxOp::Read {
-                resource_type,
-                id,
-                version_id,
-            } = op
-            else {
-                continue;
-            };
-            let written_here = writes.iter().find(|w| match w {
-                repository::TxWrite::Create { id: wid, resource, .. } => {
-                    wid == id && resource.get("resourceType").and_then(Value::as_str) == Some(resource_type.as_str())
-                }
-                repository::TxWrite::Update {
-                    resource_type: t,
-                    id: wid,
-                    ..
-                }
-                | repository::TxWrite::Delete {
-                    resource_type: t,
-                    id: wid,
-                } => t == resource_type && wid == id,
-            });
-            let found = match (written_here, version_id) {
-                (Some(repository::TxWrite::Delete { .. }), None) => Err(ApiError::Gone {
-                    resource_type: resource_type.clone(),
-                    id: id.clone(),
-                }),
-                (Some(_), None) => Ok(()),
-                (_, Some(v)) => self
-                    .repository
-                    .vread(resource_type, id, v)
-                    .await
-                    .map(drop)
-                    .map_err(repo_error),
-                (None, None) => self
-                    .repository
-                    .read(resource_type, id)
-                    .await
-                    .map(drop)
-                    .map_err(repo_error),
-            };
-            found.map_err(|e| fail(*i, e))?;
-        }
-        let count = write_ops.len() + reads.len();
-        let written = self
+        let results = self
             .repository
-            .transaction(writes, Self::actor())
+            .transaction(ops, Self::actor())
             .await
-            .map_err(|e| fail(write_ops.get(e.write).copied().unwrap_or_default(), repo_error(e.error)))?;
-        let mut results: Vec<Option<TxResult>> = vec![None; count];
-        for (i, outcome) in write_ops.into_iter().zip(written) {
-            results[i] = Some(match outcome {
-                repository::TxWritten::Created(r) | repository::TxWritten::Updated(r) => TxResult::Written(r),
-                repository::TxWritten::Unchanged(r) => TxResult::Unchanged(r),
-                repository::TxWritten::Deleted => TxResult::Deleted,
-            });
+            .map_err(|e| TxFailure {
+                op: e.op,
+                error: repo_error(e.error),
+            })?;
+        let mut read = Vec::new();
+        let mut first_read = None;
+        for (i, result) in results.iter().enumerate() {
+            match result {
+                TxResult::Read(r) => read.push(r.clone()),
+                TxResult::Found(found) => read.extend(found.iter().cloned()),
+                _ => continue,
+            }
+            first_read.get_or_insert(i);
         }
-        for (i, op) in reads {
-            results[i] = Some(match op {
-                TxOp::Read {
-                    resource_type,
-                    id,
-                    version_id,
-                } => TxResult::Read(
-                    match version_id {
-                        Some(v) => self.vread(&resource_type, &id, &v).await,
-                        None => self.read(&resource_type, &id).await,
-                    }
-                    .map_err(|e| fail(i, e))?,
-                ),
-                TxOp::Search(request) => TxResult::Found(self.search(&request).await.map_err(|e| fail(i, e))?),
-                _ => return Err(fail(i, ApiError::Internal)),
-            });
+        if let Some(op) = first_read {
+            self.audit_read(&read).await.map_err(|error| TxFailure { op, error })?;
         }
-        results
-            .into_iter()
-            .enumerate()
-            .map(|(i, r)| r.ok_or_else(|| fail(i, ApiError::Internal)))
-            .collect()
+        Ok(results)
     }
 
     fn write_metrics(&self, out: &mut String) {

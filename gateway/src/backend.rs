@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use medmesh_node::item::ItemKind;
 use medmesh_node::records::{RenderedResource, Version};
+pub use medmesh_node::repository::{TxOp, TxResult};
 use serde_json::Value;
 
 use crate::fhir::outcome::ApiError;
@@ -20,68 +21,6 @@ pub struct HistoryEntry {
     pub version: Version,
     /// The resource at that version; `None` when the version is a delete.
     pub resource: Option<Arc<RenderedResource>>,
-}
-
-/// One operation of a transaction, as the gateway resolved it.
-#[derive(Debug, Clone)]
-pub enum TxOp {
-    /// Create `resource` under `id` (from [`Backend::new_id`]).
-    Create {
-        /// The id to create the resource under.
-        id: String,
-        /// The resource (its `id` and `meta.versionId`/`lastUpdated` are ignored).
-        resource: Value,
-        /// Conditional create: the gateway found no match for this search; if it
-        /// matches anything when the transaction runs, the transaction fails with
-        /// [`ApiError::MultipleMatches`] (412) instead of creating a duplicate.
-        if_none_exist: Option<SearchRequest>,
-    },
-    /// Three-way update, as [`Backend::update`].
-    Update {
-        /// The resource type.
-        resource_type: String,
-        /// The id.
-        id: String,
-        /// The submitted resource.
-        resource: Value,
-        /// The version the client based the update on.
-        base_version: Option<String>,
-        /// Whether a stale base fails with 412 (an explicit `ifMatch`).
-        require_current: bool,
-    },
-    /// Marks a resource deleted, as [`Backend::delete`].
-    Delete {
-        /// The resource type.
-        resource_type: String,
-        /// The id.
-        id: String,
-    },
-    /// Reads the current version, or `version_id` (vread).
-    Read {
-        /// The resource type.
-        resource_type: String,
-        /// The id.
-        id: String,
-        /// A version to read instead of the current one.
-        version_id: Option<String>,
-    },
-    /// A search, as [`Backend::search`].
-    Search(SearchRequest),
-}
-
-/// What one [`TxOp`] produced, at the same position as the op.
-#[derive(Debug, Clone)]
-pub enum TxResult {
-    /// A create or update: the resource as stored.
-    Written(Arc<RenderedResource>),
-    /// An update that changed nothing: the current resource.
-    Unchanged(Arc<RenderedResource>),
-    /// A delete.
-    Deleted,
-    /// A read.
-    Read(Arc<RenderedResource>),
-    /// A search's matches, in the backend's stable order.
-    Found(Vec<Arc<RenderedResource>>),
 }
 
 /// Why a transaction failed: the position of the op in the `ops` given to

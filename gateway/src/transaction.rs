@@ -236,11 +236,11 @@ pub(crate) async fn create_if_none<B: Backend>(
     let op = TxOp::Create {
         id: backend.new_id(),
         resource,
-        if_none_exist: Some(request),
+        if_none_exist: Some(request.query),
     };
     let mut results = backend.transaction(vec![op]).await.map_err(|failure| failure.error)?;
     match results.pop() {
-        Some(TxResult::Written(created)) => Ok(created),
+        Some(TxResult::Created(created)) => Ok(created),
         _ => Err(ApiError::Internal),
     }
 }
@@ -318,7 +318,7 @@ async fn resolve<B: Backend>(
             let mut condition = None;
             if let Some(query) = &entry.if_none_exist {
                 match conditional_create(context, &resource_type, query).await? {
-                    ConditionalCreate::Create(request) => condition = Some(request),
+                    ConditionalCreate::Create(request) => condition = Some(request.query),
                     ConditionalCreate::Existing(existing) => {
                         plan.map_full_url(entry, &existing.key);
                         plan.answered
@@ -361,7 +361,7 @@ async fn resolve<B: Backend>(
                                 TxOp::Create {
                                     id,
                                     resource,
-                                    if_none_exist: Some(request),
+                                    if_none_exist: Some(request.query),
                                 },
                                 Kind::Create,
                             );
@@ -433,7 +433,7 @@ async fn resolve<B: Backend>(
                     let request = parse_search(&resource_type, query.as_deref().unwrap_or(""), context.max_count)?;
                     plan.push(
                         position,
-                        TxOp::Search(request.clone()),
+                        TxOp::Search(request.query.clone()),
                         Kind::Search {
                             request: Box::new(request),
                             head,
@@ -615,10 +615,8 @@ fn existing_response<B>(context: &Context<'_, B>, resource: &RenderedResource, s
 
 fn respond<B>(context: &Context<'_, B>, kind: Kind, result: TxResult) -> EntryResponse {
     match (kind, result) {
-        (Kind::Create, TxResult::Written(r)) => existing_response(context, &r, 201),
-        (Kind::Create | Kind::Update, TxResult::Written(r) | TxResult::Unchanged(r)) => {
-            existing_response(context, &r, 200)
-        }
+        (Kind::Create, TxResult::Created(r)) => existing_response(context, &r, 201),
+        (Kind::Update, TxResult::Updated(r) | TxResult::Unchanged(r)) => existing_response(context, &r, 200),
         (Kind::Delete, _) => EntryResponse {
             status: 204,
             ..EntryResponse::default()
@@ -629,7 +627,7 @@ fn respond<B>(context: &Context<'_, B>, kind: Kind, result: TxResult) -> EntryRe
                 if_modified_since,
                 head,
             },
-            TxResult::Read(r) | TxResult::Written(r) | TxResult::Unchanged(r),
+            TxResult::Read(r),
         ) => {
             // As over HTTP: ifNoneMatch decides when given, else ifModifiedSince.
             let not_modified = match (if_none_match, if_modified_since) {

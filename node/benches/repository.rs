@@ -636,7 +636,7 @@ async fn import_node(dir: &Path) -> (Node, Repository, TestPatient) {
 }
 
 /// The Bundle's writes: a Patient and `n - 1` resources of the realistic mix.
-fn import_writes(patient: &TestPatient, n: usize) -> Vec<repository::TxWrite> {
+fn import_writes(patient: &TestPatient, n: usize) -> Vec<(String, Value)> {
     let patient_id = repository::new_resource_id().unwrap();
     (0..n)
         .map(|i| {
@@ -648,12 +648,7 @@ fn import_writes(patient: &TestPatient, n: usize) -> Vec<repository::TxWrite> {
                     resource(i, &format!("Patient/{patient_id}")),
                 )
             };
-            repository::TxWrite::Create {
-                id,
-                collection: records::collection_of(&resource),
-                resource,
-                patient: patient.id(),
-            }
+            (id, resource)
         })
         .collect()
 }
@@ -677,17 +672,9 @@ async fn import(quick: bool) {
     let (node, repo, patient) = import_node(dir.path()).await;
     let writes = import_writes(&patient, n);
     let started = Instant::now();
-    for write in writes {
-        let repository::TxWrite::Create {
-            id,
-            resource,
-            patient,
-            collection,
-        } = write
-        else {
-            unreachable!()
-        };
-        repo.create_with_id(&id, resource, patient, collection, app.clone())
+    for (id, resource) in writes {
+        let collection = records::collection_of(&resource);
+        repo.create_with_id(&id, resource, patient.id(), collection, app.clone())
             .await
             .unwrap();
     }
@@ -704,9 +691,16 @@ async fn import(quick: bool) {
     for run in 0..3 {
         let dir = tempfile::tempdir().unwrap();
         let (node, repo, patient) = import_node(dir.path()).await;
-        let writes = import_writes(&patient, n);
+        let ops = import_writes(&patient, n)
+            .into_iter()
+            .map(|(id, resource)| repository::TxOp::Create {
+                id,
+                resource,
+                if_none_exist: None,
+            })
+            .collect();
         let started = Instant::now();
-        let outcomes = repo.transaction(writes, app.clone()).await.unwrap();
+        let outcomes = repo.transaction(ops, app.clone()).await.unwrap();
         let elapsed = started.elapsed().as_secs_f64();
         assert_eq!(outcomes.len(), n);
         best = best.min(elapsed);
@@ -724,17 +718,8 @@ async fn import(quick: bool) {
     let actor = records::actor_id(&[9; 32], [2; 8]);
     let mut docs: std::collections::HashMap<Collection, RecordDoc> = std::collections::HashMap::new();
     let started = Instant::now();
-    for write in &writes {
-        let repository::TxWrite::Create {
-            id,
-            resource,
-            collection,
-            ..
-        } = write
-        else {
-            unreachable!()
-        };
-        docs.entry(*collection)
+    for (id, resource) in &writes {
+        docs.entry(records::collection_of(resource))
             .or_default()
             .create(&actor, 1_700_000_000_000, id, resource)
             .unwrap();

@@ -11,7 +11,7 @@ use std::time::Duration;
 use medmesh_crypto::{Collection, PatientId, SecretIdentity};
 use medmesh_node::item::Item;
 use medmesh_node::records::{Query, RenderedResource};
-use medmesh_node::repository::{self, Repository, TxWrite, TxWritten};
+use medmesh_node::repository::{self, Repository, TxOp, TxResult};
 use medmesh_node::store::{ItemKind, SledStore};
 use medmesh_node::testing::{FlushControl, TestPatient};
 use medmesh_node::{Actor, Config, Node, Source};
@@ -595,37 +595,67 @@ fn example(name: &str) -> Value {
     serde_json::from_str(&text).unwrap()
 }
 
-/// A Synthea patient Bundle's resources as transaction creates for `patient`
-/// (the Patient linked to its did:key), each routed to its collection.
-fn synthea_writes(patient: &TestPatient) -> Vec<TxWrite> {
+/// A Synthea patient Bundle's resources as transaction creates, its Patient
+/// linked to `patient`'s did:key, with ids assigned and every `fullUrl`
+/// reference rewritten to `Type/id`, as the gateway hands a transaction over.
+fn synthea_writes(patient: &TestPatient) -> Vec<TxOp> {
     let bundle = example("Bundle-synthea-Brekke496.json");
-    bundle["entry"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|entry| {
-            let mut resource = entry["resource"].clone();
-            if resource["resourceType"] == "Patient" {
-                resource["identifier"]
-                    .as_array_mut()
-                    .unwrap()
-                    .push(json!({"system": "urn:ietf:rfc:3986", "value": patient.id().to_string()}));
-            }
-            TxWrite::Create {
-                id: repository::new_resource_id().unwrap(),
-                collection: medmesh_node::records::collection_of(&resource),
+    let entries = bundle["entry"].as_array().unwrap();
+    let mut ids = HashMap::new();
+    let mut resources = Vec::new();
+    for entry in entries {
+        let mut resource = entry["resource"].clone();
+        if resource["resourceType"] == "Patient" {
+            resource["identifier"]
+                .as_array_mut()
+                .unwrap()
+                .push(json!({"system": "urn:ietf:rfc:3986", "value": patient.id().to_string()}));
+        }
+        let id = repository::new_resource_id().unwrap();
+        let key = format!("{}/{id}", resource["resourceType"].as_str().unwrap());
+        if let Some(full_url) = entry["fullUrl"].as_str() {
+            ids.insert(full_url.to_owned(), key);
+        }
+        resources.push((id, resource));
+    }
+    resources
+        .into_iter()
+        .map(|(id, mut resource)| {
+            rewrite_references(&mut resource, &ids);
+            TxOp::Create {
+                id,
                 resource,
-                patient: patient.id(),
+                if_none_exist: None,
             }
         })
         .collect()
 }
 
-fn created(outcomes: &[TxWritten]) -> Vec<Arc<RenderedResource>> {
+/// Rewrites every `reference` naming a key of `ids` to its value.
+fn rewrite_references(value: &mut Value, ids: &HashMap<String, String>) {
+    match value {
+        Value::Object(obj) => {
+            for (key, child) in obj.iter_mut() {
+                match child {
+                    Value::String(r) if key == "reference" => {
+                        if let Some(to) = ids.get(r.as_str()) {
+                            *r = to.clone();
+                        }
+                    }
+                    _ => rewrite_references(child, ids),
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(|v| rewrite_references(v, ids)),
+        _ => {}
+    }
+}
+
+fn created(outcomes: &[TxResult]) -> Vec<Arc<RenderedResource>> {
     outcomes
         .iter()
         .map(|o| match o {
-            TxWritten::Created(r) => r.clone(),
+            TxResult::Created(r) => r.clone(),
             other => panic!("expected a create, got {other:?}"),
         })
         .collect()
@@ -667,18 +697,32 @@ async fn a_multi_patient_transaction_is_one_change_per_document_and_survives_reo
     let repo = Repository::new(node.clone(), repository::Config::default()).unwrap();
     let seq_before = node.last_seq();
 
-    let mut writes = synthea_writes(&ada);
+    // Directory resources (Organization, Practitioner, …) name no patient: in
+    // a transaction about two patients they could not be filed, so they stay out.
+    let mut writes: Vec<TxOp> = synthea_writes(&ada)
+        .into_iter()
+        .filter(|op| {
+            let TxOp::Create { resource, .. } = op else { return true };
+            resource["resourceType"] == "Patient" || !medmesh_node::records::patient_links(resource).is_empty()
+        })
+        .collect();
     let synthea = writes.len();
+    // Bob's Patient, created in the same transaction after a resource that references it.
+    let bob_patient = repository::new_resource_id().unwrap();
     let mut condition = example("Condition-example.json");
-    condition["subject"] = json!({"reference": "Patient/bob"});
-    writes.push(TxWrite::Create {
+    condition["subject"] = json!({"reference": format!("Patient/{bob_patient}")});
+    writes.push(TxOp::Create {
         id: repository::new_resource_id().unwrap(),
         resource: condition,
-        patient: bob.id(),
-        collection: Collection::Core,
+        if_none_exist: None,
+    });
+    writes.push(TxOp::Create {
+        id: bob_patient,
+        resource: patient_resource(&bob.id().to_string()),
+        if_none_exist: None,
     });
     let outcomes = created(&repo.transaction(writes, app()).await.unwrap());
-    assert_eq!(outcomes.len(), synthea + 1);
+    assert_eq!(outcomes.len(), synthea + 2);
     // One envelope per touched document, all stored by one batch.
     let counts = envelope_counts(&node, &[&ada, &bob]);
     assert_eq!(counts.len(), 5, "{counts:?}");
@@ -714,21 +758,21 @@ async fn a_multi_patient_transaction_is_one_change_per_document_and_survives_reo
     let second = repo
         .transaction(
             vec![
-                TxWrite::Update {
+                TxOp::Update {
                     resource_type: "Observation".into(),
                     id: lab.id().into(),
                     resource: amended,
                     base_version: Some(lab.version_id.clone()),
                     require_current: true,
                 },
-                TxWrite::Update {
+                TxOp::Update {
                     resource_type: "Encounter".into(),
                     id: encounter.id().into(),
                     resource: finished,
                     base_version: None,
                     require_current: false,
                 },
-                TxWrite::Delete {
+                TxOp::Delete {
                     resource_type: "Goal".into(),
                     id: goal.id().into(),
                 },
@@ -737,7 +781,7 @@ async fn a_multi_patient_transaction_is_one_change_per_document_and_survives_reo
         )
         .await
         .unwrap();
-    let (TxWritten::Updated(lab2), TxWritten::Updated(encounter2), TxWritten::Deleted) =
+    let (TxResult::Updated(lab2), TxResult::Updated(encounter2), TxResult::Deleted) =
         (&second[0], &second[1], &second[2])
     else {
         panic!("{second:?}");
@@ -841,13 +885,13 @@ async fn a_transaction_whose_flush_fails_leaves_nothing() {
     let ids: Vec<(String, String)> = writes
         .iter()
         .map(|w| match w {
-            TxWrite::Create { id, resource, .. } => (resource["resourceType"].as_str().unwrap().to_owned(), id.clone()),
+            TxOp::Create { id, resource, .. } => (resource["resourceType"].as_str().unwrap().to_owned(), id.clone()),
             _ => unreachable!(),
         })
         .collect();
     let mut renamed = p.json.clone();
     renamed["name"] = json!([{"family": "Byron"}]);
-    writes.push(TxWrite::Update {
+    writes.push(TxOp::Update {
         resource_type: "Patient".into(),
         id: p.id().into(),
         resource: renamed,
@@ -918,13 +962,12 @@ async fn a_refused_transaction_writes_nothing() {
         .await
         .unwrap();
     let seq = node.last_seq();
-    let create = |resource: Value, collection| TxWrite::Create {
+    let create = |resource: Value| TxOp::Create {
         id: repository::new_resource_id().unwrap(),
         resource,
-        patient: ada.id(),
-        collection,
+        if_none_exist: None,
     };
-    let update = |base: Option<String>| TxWrite::Update {
+    let update = |base: Option<String>| TxOp::Update {
         resource_type: "Patient".into(),
         id: p.id().into(),
         resource: p.json.clone(),
@@ -934,18 +977,13 @@ async fn a_refused_transaction_writes_nothing() {
     // Labs: no grant. The Condition before it must not be written either.
     let mut condition = example("Condition-example.json");
     condition["subject"] = json!({"reference": format!("Patient/{}", p.id())});
-    let observation = example("Observation-example.json");
+    let mut observation = example("Observation-example.json");
+    observation["subject"] = json!({"reference": format!("Patient/{}", p.id())});
     let err = repo
-        .transaction(
-            vec![
-                create(condition.clone(), Collection::Core),
-                create(observation, Collection::Labs),
-            ],
-            app(),
-        )
+        .transaction(vec![create(condition.clone()), create(observation)], app())
         .await
         .unwrap_err();
-    assert_eq!(err.write, 1);
+    assert_eq!(err.op, 1);
     assert!(
         matches!(
             err.error,
@@ -954,13 +992,10 @@ async fn a_refused_transaction_writes_nothing() {
         "{err:?}"
     );
     let err = repo
-        .transaction(
-            vec![create(condition.clone(), Collection::Core), update(None), update(None)],
-            app(),
-        )
+        .transaction(vec![create(condition.clone()), update(None), update(None)], app())
         .await
         .unwrap_err();
-    assert_eq!(err.write, 2);
+    assert_eq!(err.op, 2);
     assert!(
         matches!(
             err.error,
@@ -969,22 +1004,134 @@ async fn a_refused_transaction_writes_nothing() {
         "{err:?}"
     );
     let err = repo
-        .transaction(
-            vec![
-                create(condition, Collection::Core),
-                update(Some("0000000000000000".into())),
-            ],
-            app(),
-        )
+        .transaction(vec![create(condition), update(Some("0000000000000000".into()))], app())
         .await
         .unwrap_err();
-    assert_eq!(err.write, 1);
+    assert_eq!(err.op, 1);
     assert!(
         matches!(err.error, repository::Error::VersionConflict { .. }),
         "{err:?}"
     );
     assert_eq!(node.last_seq(), seq);
     assert_eq!(repo.patient_resources(ada.id()).await.unwrap().len(), 1);
+}
+
+/// FHIR's transaction rules, run by the repository: a conditional create is
+/// searched again under the write (against the store and the creates before
+/// it); a read that cannot succeed fails the transaction before anything is
+/// written; reads and searches see the transaction's writes, and a resource
+/// it deletes is gone.
+#[tokio::test]
+async fn a_transaction_rechecks_conditions_and_reads_before_writing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ada = TestPatient::new().unwrap();
+    let node = open(dir.path(), 1).await;
+    onboard(&node, &mut ada, &[Collection::Core]).await;
+    let repo = Repository::new(node.clone(), repository::Config::default()).unwrap();
+    let p = repo
+        .create(patient_resource(&ada.id().to_string()), None, app())
+        .await
+        .unwrap();
+    let condition = |code: &str| {
+        json!({"resourceType": "Condition", "subject": {"reference": format!("Patient/{}", p.id())},
+               "code": {"coding": [{"system": "http://snomed.info/sct", "code": code}]}})
+    };
+    let create = |resource: Value, if_none_exist: Option<Query>| TxOp::Create {
+        id: repository::new_resource_id().unwrap(),
+        resource,
+        if_none_exist,
+    };
+    let by_code = |code: &str| Some(Query::parse("Condition", &[("code", code)]).unwrap());
+    let seq = node.last_seq();
+
+    // The second create's condition matches the first create of the same transaction.
+    let err = repo
+        .transaction(
+            vec![create(condition("111"), None), create(condition("111"), by_code("111"))],
+            app(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.op, 1);
+    assert!(matches!(err.error, repository::Error::ConditionalMatch), "{err:?}");
+    assert_eq!(node.last_seq(), seq, "nothing written");
+
+    // A read of a resource that does not exist fails before the write.
+    let err = repo
+        .transaction(
+            vec![
+                create(condition("222"), None),
+                TxOp::Read {
+                    resource_type: "Condition".into(),
+                    id: "nowhere".into(),
+                    version_id: None,
+                },
+            ],
+            app(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.op, 1);
+    assert!(
+        matches!(
+            err.error,
+            repository::Error::Record(medmesh_node::records::Error::NotFound { .. })
+        ),
+        "{err:?}"
+    );
+    assert_eq!(node.last_seq(), seq, "nothing written");
+
+    // Writes, then the reads see them.
+    let done = repo
+        .transaction(
+            vec![
+                create(condition("333"), by_code("333")),
+                TxOp::Search(Query::parse("Condition", &[("patient", format!("Patient/{}", p.id()))]).unwrap()),
+            ],
+            app(),
+        )
+        .await
+        .unwrap();
+    let (TxResult::Created(created), TxResult::Found(found)) = (&done[0], &done[1]) else {
+        panic!("{done:?}");
+    };
+    assert_eq!(found.iter().map(|r| r.id()).collect::<Vec<_>>(), [created.id()]);
+
+    // Now stored, the same conditional create is refused; a resource deleted
+    // in a transaction cannot be read in it.
+    let err = repo
+        .transaction(vec![create(condition("333"), by_code("333"))], app())
+        .await
+        .unwrap_err();
+    assert!(matches!(err.error, repository::Error::ConditionalMatch), "{err:?}");
+    let err = repo
+        .transaction(
+            vec![
+                TxOp::Delete {
+                    resource_type: "Condition".into(),
+                    id: created.id().into(),
+                },
+                TxOp::Read {
+                    resource_type: "Condition".into(),
+                    id: created.id().into(),
+                    version_id: None,
+                },
+            ],
+            app(),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err.error,
+            repository::Error::Record(medmesh_node::records::Error::Deleted { .. })
+        ),
+        "{err:?}"
+    );
+    assert!(
+        repo.read("Condition", created.id()).await.is_ok(),
+        "the delete was not written"
+    );
 }
 
 // ----- snapshot transfers as the receiver's snapshot ----------------------

@@ -11,7 +11,7 @@ use medmesh_gateway::fhir::outcome::ApiError;
 use medmesh_gateway::fhir::search_params::SearchRequest;
 use medmesh_gateway::{Backend, HistoryEntry, TxFailure, TxOp, TxResult};
 use medmesh_node::item::ItemKind;
-use medmesh_node::records::{Edit, Edited, RecordDoc, RenderedResource, actor_id};
+use medmesh_node::records::{Edit, Edited, Query, RecordDoc, RenderedResource, actor_id};
 use serde_json::{Value, json};
 
 /// The in-memory backend.
@@ -86,11 +86,8 @@ impl MemBackend {
         }
     }
 
-    fn search_in(doc: &RecordDoc, request: &SearchRequest) -> Result<Vec<Arc<RenderedResource>>, ApiError> {
-        Ok(medmesh_node::records::search::search(
-            doc.resources()?.iter(),
-            &request.query,
-        ))
+    fn search_in(doc: &RecordDoc, query: &Query) -> Result<Vec<Arc<RenderedResource>>, ApiError> {
+        Ok(medmesh_node::records::search::search(doc.resources()?.iter(), query))
     }
 
     /// A read or search of a transaction.
@@ -107,7 +104,7 @@ impl MemBackend {
                     None => doc.read(&key)?,
                 })
             }
-            TxOp::Search(request) => TxResult::Found(Self::search_in(doc, &request)?),
+            TxOp::Search(query) => TxResult::Found(Self::search_in(doc, &query)?),
             _ => return Err(ApiError::Internal),
         })
     }
@@ -167,7 +164,7 @@ impl Backend for MemBackend {
     }
 
     async fn search(&self, request: &SearchRequest) -> Result<Vec<Arc<RenderedResource>>, ApiError> {
-        Self::search_in(&self.doc.lock().unwrap(), request)
+        Self::search_in(&self.doc.lock().unwrap(), &request.query)
     }
 
     async fn everything(&self, id: &str) -> Result<Vec<Arc<RenderedResource>>, ApiError> {
@@ -203,13 +200,13 @@ impl Backend for MemBackend {
             let fail = |error| TxFailure { op: i, error };
             bases.push(match op {
                 TxOp::Create {
-                    if_none_exist: Some(request),
+                    if_none_exist: Some(query),
                     ..
                 } => {
-                    let found = Self::search_in(&doc, request).map_err(fail)?.len();
+                    let found = Self::search_in(&doc, query).map_err(fail)?.len();
                     let here = ops[..i]
                         .iter()
-                        .any(|o| matches!(o, TxOp::Create { resource, .. } if request.query.matches(resource)));
+                        .any(|o| matches!(o, TxOp::Create { resource, .. } if query.matches(resource)));
                     if found > 0 || here {
                         return Err(fail(ApiError::MultipleMatches(
                             "ifNoneExist now matches a resource".to_owned(),
@@ -254,7 +251,8 @@ impl Backend for MemBackend {
         let mut results: Vec<Option<TxResult>> = vec![None; ops.len()];
         for (i, outcome) in edit_ops.into_iter().zip(edited.outcomes) {
             results[i] = Some(match outcome {
-                Edited::Created(r) | Edited::Updated(r) => TxResult::Written(r),
+                Edited::Created(r) => TxResult::Created(r),
+                Edited::Updated(r) => TxResult::Updated(r),
                 Edited::Unchanged(r) => TxResult::Unchanged(r),
                 Edited::Deleted(_) => TxResult::Deleted,
             });
