@@ -219,7 +219,8 @@ impl SyncHandle {
     /// [`Error::Request`] when nobody knows the peer or dialing fails,
     /// [`Error::Stopped`].
     pub async fn dial_peer(&self, peer: PeerId) -> Result<PeerId> {
-        self.ask(|reply| actor::Command::DialPeer { peer, reply }).await?
+        self.ask(|reply| actor::Command::Ask(actor::Ask::DialPeer { peer, reply }))
+            .await?
     }
 
     /// The peers with an open connection.
@@ -227,7 +228,8 @@ impl SyncHandle {
     /// # Errors
     /// [`Error::Stopped`].
     pub async fn connected_peers(&self) -> Result<Vec<PeerId>> {
-        self.ask(actor::Command::ConnectedPeers).await
+        self.ask(|reply| actor::Command::Ask(actor::Ask::ConnectedPeers(reply)))
+            .await
     }
 
     /// Every established connection (a peer may have two: a relayed one
@@ -246,7 +248,8 @@ impl SyncHandle {
     /// Transport failures, a refusal, a response that breaks the protocol,
     /// storage failures.
     pub async fn sync_now(&self, peer: PeerId) -> Result<SyncReport> {
-        self.ask(|reply| actor::Command::SyncNow { peer, reply }).await?
+        self.ask(|reply| actor::Command::Ask(actor::Ask::SyncNow { peer, reply }))
+            .await?
     }
 
     /// Reconciles `patient` with `peer`: exchanges the envelope-id summary and
@@ -315,7 +318,7 @@ impl SyncHandle {
     ) -> Result<medmesh_node::AuditCheckpoints> {
         let request = wire::Request::Checkpoint { patient, anchor };
         let response = self
-            .ask(|reply| actor::Command::Request { peer, request, reply })
+            .ask(|reply| actor::Command::Ask(actor::Ask::Request { peer, request, reply }))
             .await??;
         let checkpoints = match response {
             wire::Response::Checkpoint(c) => *c,
@@ -373,7 +376,7 @@ impl SyncHandle {
         loop {
             let request = wire::Request::Audit { patient, after, limit };
             let response = self
-                .ask(|reply| actor::Command::Request { peer, request, reply })
+                .ask(|reply| actor::Command::Ask(actor::Ask::Request { peer, request, reply }))
                 .await??;
             let (entries, more) = match response {
                 wire::Response::Audit { entries, more } => (entries, more),
@@ -426,7 +429,7 @@ impl SyncHandle {
     pub async fn outbox_of(&self, peer: PeerId, patient: PatientId) -> Result<wire::OutboxReport> {
         let request = wire::Request::Outbox { patient };
         let response = self
-            .ask(|reply| actor::Command::Request { peer, request, reply })
+            .ask(|reply| actor::Command::Ask(actor::Ask::Request { peer, request, reply }))
             .await??;
         match response {
             wire::Response::Outbox(report) => Ok(*report),
@@ -453,7 +456,7 @@ impl SyncHandle {
     pub async fn practices_of(&self, peer: PeerId, patient: PatientId) -> Result<Vec<AddressRecord>> {
         let request = wire::Request::Practices { patient };
         let response = self
-            .ask(|reply| actor::Command::Request { peer, request, reply })
+            .ask(|reply| actor::Command::Ask(actor::Ask::Request { peer, request, reply }))
             .await??;
         match response {
             // Each record stands on its own signature: one that does not

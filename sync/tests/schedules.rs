@@ -432,7 +432,7 @@ struct Patient {
 
 impl Patient {
     fn new() -> Self {
-        let cli = CliPatient::new();
+        let cli = CliPatient::new().unwrap();
         let actor = ActorId::generate(&cli.identity().public_bytes()).unwrap();
         Self {
             am_actor: automerge::ActorId::from(actor.0.to_vec()),
@@ -1027,7 +1027,9 @@ impl World {
         let at = at.or(self.home(x)).unwrap_or(to);
         let access = if write { Access::ReadWrite } else { Access::Read };
         let p = &mut self.patients[x].cli;
-        let (_, items) = p.grant(grantee, &covered, access, not_before, expires, Vec::new());
+        let (_, items) = p
+            .grant(grantee, &covered, access, not_before, expires, Vec::new())
+            .unwrap();
         count(&COVERAGE.grants);
         let patient = p.id();
         self.site(at).store.node.submit(patient, items.clone()).await.unwrap();
@@ -1050,7 +1052,7 @@ impl World {
         let held = CliPatient::held_under(&grant, &served);
         let t = self.t;
         let p = &mut self.patients[x].cli;
-        let items = p.revoke(g, held, t);
+        let items = p.revoke(g, held, t).unwrap().expect("a grant the patient issued");
         count(&COVERAGE.revocations);
         let patient = p.id();
         self.site(at).store.node.submit(patient, items.clone()).await.unwrap();
@@ -1058,7 +1060,7 @@ impl World {
 
     /// Everything node `at` serves the patient (rule 1), page by page.
     async fn pull_as_patient(&mut self, x: usize, at: usize) -> Vec<Item> {
-        let peer = self.patients[x].cli.peer();
+        let peer = self.patients[x].cli.peer().unwrap();
         let mut cursor = Cursor::default();
         let mut out = Vec::new();
         loop {
@@ -1426,7 +1428,7 @@ impl World {
                 assert!(
                     self.patients
                         .iter()
-                        .any(|p| p.id() == meta.patient && p.cli.peer() == peer),
+                        .any(|p| p.id() == meta.patient && p.cli.peer().unwrap() == peer),
                     "site {server} served the patient someone else's item"
                 );
                 continue;

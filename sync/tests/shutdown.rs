@@ -229,16 +229,18 @@ async fn shutdown_ends_a_pull_blocked_in_ingest() {
         .unwrap();
 
     // The patient grants B core at A: A discloses that grant to B.
-    let mut patient = CliPatient::new();
-    let (_, items) = patient.grant(
-        b_key.practice_id().unwrap(),
-        &[Collection::Core],
-        Access::Read,
-        now() - 60_000,
-        None,
-        Vec::new(),
-    );
-    let report = a_store.ingest(patient.peer(), items).await.unwrap();
+    let mut patient = CliPatient::new().unwrap();
+    let (_, items) = patient
+        .grant(
+            b_key.practice_id().unwrap(),
+            &[Collection::Core],
+            Access::Read,
+            now() - 60_000,
+            None,
+            Vec::new(),
+        )
+        .unwrap();
+    let report = a_store.ingest(patient.peer().unwrap(), items).await.unwrap();
     assert!(report.accepted > 0, "A took the patient's grant: {report:?}");
 
     let a_addr = a.listen_addrs().await.unwrap().remove(0);

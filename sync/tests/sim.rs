@@ -286,14 +286,16 @@ impl Sim {
         let home = self.home[x];
         let grantee = self.store(to).practice();
         let hints = vec![self.nodes[home].addr.to_string()];
-        let (_, items) = self.patients[x].grant(grantee, collections, access, not_before, None, hints);
+        let (_, items) = self.patients[x]
+            .grant(grantee, collections, access, not_before, None, hints)
+            .unwrap();
         let grantee = (to != home).then_some(to);
         self.submit(x, home, items, grantee).await;
     }
 
     async fn onboard(&mut self, scale: Scale) {
         for x in 0..scale.patients {
-            self.patients.push(CliPatient::new());
+            self.patients.push(CliPatient::new().unwrap());
             let home = self.rng.below(self.nodes.len());
             self.home.push(home);
             self.grant(x, home, &COLLECTIONS, Access::ReadWrite, now() - 60_000)
@@ -406,7 +408,10 @@ impl Sim {
             });
         }
         let held = CliPatient::held_under(&grant, &served);
-        let items = self.patients[x].revoke(g, held, now());
+        let items = self.patients[x]
+            .revoke(g, held, now())
+            .unwrap()
+            .expect("a grant the patient issued");
         self.submit(x, home, items, None).await;
     }
 
@@ -550,7 +555,7 @@ impl Sim {
                             };
                             count += 1;
                             let p = &self.patients[x];
-                            if to == p.peer() {
+                            if to == p.peer().unwrap() {
                                 continue;
                             }
                             let allowed = p.grants.iter().any(|g| {
@@ -885,7 +890,7 @@ async fn later_grant_whose_reconciliation_fails_still_gets_the_record() {
         kademlia: false,
     };
     let mut sim = Sim::new(scale, 1).await;
-    sim.patients.push(CliPatient::new());
+    sim.patients.push(CliPatient::new().unwrap());
     sim.home.push(0);
     sim.grant(0, 0, &[Collection::Core], Access::ReadWrite, now() - 60_000)
         .await;

@@ -17,18 +17,15 @@
 //! Waits poll a condition inside a timeout; no sleep synchronises anything.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use medmesh_crypto::{
-    Access, ActorId, Collection, Envelope, Epoch, Grant, GrantId, GrantTerms, PatientId, PracticeId, Principal,
-    Revocation, RevocationTerms, SecretIdentity, now,
-};
+use medmesh_crypto::{Access, Collection, Envelope, Grant, PatientId, PracticeId, Revocation, SecretIdentity, now};
 use medmesh_node::records::RenderedResource;
 use medmesh_node::repository::{self, Repository};
-use medmesh_node::testing::TestPatient;
+use medmesh_node::testing::CliPatient;
 use medmesh_node::{Actor, Holdings, Node, Source};
 use medmesh_sync::memory::MemoryBackend;
 use medmesh_sync::{Config, Item, ItemKind, Multiaddr, NodeBackend, PeerId, SyncHandle};
@@ -141,14 +138,12 @@ async fn start_sync(key: &SecretIdentity, node: &Node) -> (SyncHandle, Multiaddr
 
 // ----- the patient ------------------------------------------------------
 
-/// The patient's CLI: its keys (a `TestPatient`), the grants it issued,
-/// and a libp2p session whose identity is the patient key, on an in-memory
-/// store, with `Config::client()` (no consent flows).
+/// The patient's CLI: a `CliPatient` (a real keystore deciding what a grant
+/// and a revocation carry) and a libp2p session whose identity is the
+/// patient key, on an in-memory store, with `Config::client()` (no consent
+/// flows).
 struct Patient {
-    keys: TestPatient,
-    epochs: HashMap<Collection, Epoch>,
-    grants: Vec<Grant>,
-    revoked: BTreeSet<GrantId>,
+    cli: CliPatient,
     sync: SyncHandle,
     store: Arc<MemoryBackend>,
     connected: BTreeSet<PeerId>,
@@ -156,16 +151,13 @@ struct Patient {
 
 impl Patient {
     async fn new() -> Self {
-        let keys = TestPatient::new().unwrap();
+        let cli = CliPatient::new().unwrap();
         let store = Arc::new(MemoryBackend::new());
-        let sync = SyncHandle::spawn(Config::client(), &keys.identity, store.clone())
+        let sync = SyncHandle::spawn(Config::client(), cli.identity(), store.clone())
             .await
             .unwrap();
         Self {
-            keys,
-            epochs: HashMap::new(),
-            grants: Vec::new(),
-            revoked: BTreeSet::new(),
+            cli,
             sync,
             store,
             connected: BTreeSet::new(),
@@ -173,7 +165,7 @@ impl Patient {
     }
 
     fn id(&self) -> PatientId {
-        self.keys.id()
+        self.cli.id()
     }
 
     fn did(&self) -> String {
@@ -199,115 +191,53 @@ impl Patient {
         assert_eq!(report.rejected, 0, "{report:?} of {count} items");
     }
 
-    /// `medmesh patient grant --node via --to to [--write]`: signs the
-    /// grant, makes epoch-0 keys where none exist (with the patient's own
-    /// share), adds shares for the grantee of every existing epoch and
-    /// submits it all to `via` with the grantee's address as a hint.
+    /// `medmesh patient grant --node via --to to [--write]`: what
+    /// `Keystore::grant` makes (the grant, epoch-0 keys where none exist
+    /// with the patient's own share, the grantee's shares of every epoch)
+    /// and the patient's other live grants, submitted to `via` with the
+    /// grantee's address as a hint.
     async fn grant(&mut self, via: &Practice, to: &Practice, collections: &[Collection], access: Access) -> Grant {
-        let now_ms = now();
-        let grant = Grant::sign(
-            GrantTerms {
-                id: GrantId::generate().unwrap(),
-                patient: self.id(),
-                grantee: to.id(),
-                collections: collections.to_vec(),
+        let (index, items) = self
+            .cli
+            .grant(
+                to.id(),
+                collections,
                 access,
-                not_before: now_ms - 60_000,
-                expires: None,
-                purpose: "treatment".into(),
-                issued_at: now_ms,
-                address_hints: vec![via.addr.to_string()],
-            },
-            &self.keys.identity,
-        )
-        .unwrap();
-        let mut items = vec![Item::grant(&grant)];
-        items.extend(self.live_grants());
-        for c in collections {
-            if !self.epochs.contains_key(c) {
-                self.epochs.insert(*c, 0);
-                let own = self.keys.share(*c, 0, Principal::Patient(self.id())).unwrap();
-                items.push(Item::key_share(&own));
-            }
-            for epoch in 0..=self.epochs[c] {
-                let share = self.keys.share(*c, epoch, Principal::Practice(to.id())).unwrap();
-                items.push(Item::key_share(&share));
-            }
-        }
-        self.grants.push(grant.clone());
+                now() - 60_000,
+                None,
+                vec![via.addr.to_string()],
+            )
+            .unwrap();
         let hints = if via.peer() == to.peer() {
             Vec::new()
         } else {
             vec![to.addr.clone()]
         };
         self.push(via, items, hints).await;
-        grant
+        self.cli.grants[index].grant.clone()
     }
 
-    /// The CLI sends these with every grant and revocation, so the node it
-    /// reaches knows every practice to forward to.
-    fn live_grants(&self) -> Vec<Item> {
-        self.grants
-            .iter()
-            .filter(|g| !self.revoked.contains(&g.id()))
-            .map(Item::grant)
-            .collect()
-    }
-
-    /// `medmesh patient revoke --node via`: the cut from the envelopes
-    /// `via` holds of the grantee's actors under this grant, then the
-    /// revocation and a new epoch of every covered collection, shared with
-    /// the remaining readers and the patient.
+    /// `medmesh patient revoke --node via`: the cut from the envelopes `via`
+    /// serves the patient, then `Keystore::revoke` and `rotate` (a new epoch
+    /// of every covered collection for the remaining readers and the
+    /// patient), submitted to `via`.
     async fn revoke(&mut self, via: &Practice, grant: &Grant) -> Revocation {
         self.reach(via).await;
         tokio::time::timeout(WAIT, self.sync.sync_now(via.peer()))
             .await
             .expect("patient pull timed out")
             .unwrap();
-        let grantee = grant.terms().grantee;
-        let mut cut: BTreeMap<ActorId, u64> = BTreeMap::new();
-        for stored in self.store.items() {
-            if stored.item.kind != ItemKind::Envelope {
-                continue;
-            }
-            let h = Envelope::decode(&stored.item.bytes).unwrap().header().clone();
-            if h.author == Principal::Practice(grantee) && h.grant_id == Some(grant.id()) {
-                let seq = cut.entry(h.actor).or_insert(0);
-                *seq = (*seq).max(h.seq);
-            }
-        }
-        let now_ms = now();
-        let revocation = Revocation::sign(
-            RevocationTerms {
-                patient: self.id(),
-                grant_id: grant.id(),
-                issued_at: now_ms,
-                cut,
-            },
-            &self.keys.identity,
-        )
-        .unwrap();
-        let mut items = vec![Item::revocation(&revocation)];
-        items.extend(self.live_grants());
-        self.revoked.insert(grant.id());
-        for c in &grant.terms().collections {
-            let next = self.epochs.get(c).map_or(0, |e| e + 1);
-            self.epochs.insert(*c, next);
-            let readers: BTreeSet<PracticeId> = self
-                .grants
-                .iter()
-                .filter(|g| g.terms().grantee != grantee && g.covers(*c) && !self.revoked.contains(&g.id()))
-                .map(|g| g.terms().grantee)
-                .collect();
-            let own = self.keys.share(*c, next, Principal::Patient(self.id())).unwrap();
-            items.push(Item::key_share(&own));
-            for reader in readers {
-                let share = self.keys.share(*c, next, Principal::Practice(reader)).unwrap();
-                items.push(Item::key_share(&share));
-            }
-        }
+        let served: Vec<Item> = self.store.items().into_iter().map(|stored| stored.item).collect();
+        let held = CliPatient::held_under(grant, &served);
+        let index = self
+            .cli
+            .grants
+            .iter()
+            .position(|g| g.grant.id() == grant.id())
+            .expect("a grant this patient issued");
+        let items = self.cli.revoke(index, held, now()).unwrap().unwrap();
         self.push(via, items, Vec::new()).await;
-        revocation
+        self.cli.grants[index].revocation.clone().unwrap()
     }
 }
 

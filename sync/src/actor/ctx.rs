@@ -11,7 +11,7 @@ use medmesh_crypto::PatientId;
 use tokio::sync::{mpsc, oneshot};
 use tracing::debug;
 
-use crate::actor::messages::Internal;
+use crate::actor::messages::{Ask, Internal};
 use crate::backend::{Backend, IngestReport, Item};
 use crate::client::{Client, Link};
 use crate::config::Limits;
@@ -121,14 +121,14 @@ impl<B: Backend> Ctx<B> {
     /// Connects to `peer` (known addresses, else Kademlia).
     pub(crate) async fn dial_peer(&self, peer: PeerId) -> Result<PeerId> {
         let (reply, rx) = oneshot::channel();
-        self.send(Internal::DialPeer { peer, reply }).await?;
+        self.send(Internal::Ask(Ask::DialPeer { peer, reply })).await?;
         rx.await.map_err(|_| Error::Stopped)?
     }
 
     /// A pull from `peer`, joining one under way (as [`crate::SyncHandle::sync_now`]).
     pub(crate) async fn sync_now(&self, peer: PeerId) -> Result<SyncReport> {
         let (reply, rx) = oneshot::channel();
-        self.send(Internal::SyncNow { peer, reply }).await?;
+        self.send(Internal::Ask(Ask::SyncNow { peer, reply })).await?;
         rx.await.map_err(|_| Error::Stopped)?
     }
 
@@ -151,7 +151,7 @@ impl<B: Backend> Ctx<B> {
 
     pub(crate) async fn connected_peers(&self) -> Result<Vec<PeerId>> {
         let (reply, rx) = oneshot::channel();
-        self.send(Internal::ConnectedPeers(reply)).await?;
+        self.send(Internal::Ask(Ask::ConnectedPeers(reply))).await?;
         rx.await.map_err(|_| Error::Stopped)
     }
 
@@ -208,7 +208,7 @@ impl Swarmed {
     async fn request_once(&self, peer: PeerId, request: Request) -> Result<Response> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Internal::Request { peer, request, reply })
+            .send(Internal::Ask(Ask::Request { peer, request, reply }))
             .await
             .map_err(|_| Error::Stopped)?;
         rx.await.map_err(|_| Error::Stopped)?

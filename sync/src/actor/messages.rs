@@ -12,25 +12,40 @@ use crate::serve::Served;
 use crate::wire::{OutboxReport, Request, Response};
 use crate::{Connection, Result, Status, SyncReport};
 
-/// What a [`crate::SyncHandle`] asks of the actor; each carries its reply
-/// sender.
-pub(crate) enum Command {
-    ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
-    Dial {
-        addr: Multiaddr,
-        reply: oneshot::Sender<Result<PeerId>>,
+/// What both a handle and the actor's own tasks may ask of the actor (only
+/// the owner of the swarm can do these); each carries its reply sender.
+pub(crate) enum Ask {
+    /// Send one request over the swarm; the answer (or the failure) goes to
+    /// `reply`.
+    Request {
+        peer: PeerId,
+        request: Request,
+        reply: oneshot::Sender<Result<Response>>,
     },
-    ConnectedPeers(oneshot::Sender<Vec<PeerId>>),
-    Connections(oneshot::Sender<Vec<Connection>>),
     /// Connect to a PeerId: known addresses first, else a Kademlia lookup.
     DialPeer {
         peer: PeerId,
         reply: oneshot::Sender<Result<PeerId>>,
     },
+    /// A pull, joining one under way.
     SyncNow {
         peer: PeerId,
         reply: oneshot::Sender<Result<SyncReport>>,
     },
+    ConnectedPeers(oneshot::Sender<Vec<PeerId>>),
+}
+
+/// What a [`crate::SyncHandle`] asks of the actor; each carries its reply
+/// sender.
+pub(crate) enum Command {
+    /// As the actor's tasks may ask too.
+    Ask(Ask),
+    ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
+    Dial {
+        addr: Multiaddr,
+        reply: oneshot::Sender<Result<PeerId>>,
+    },
+    Connections(oneshot::Sender<Vec<Connection>>),
     Reconcile {
         peer: PeerId,
         patient: PatientId,
@@ -39,11 +54,6 @@ pub(crate) enum Command {
     AntiEntropy {
         peer: PeerId,
         reply: oneshot::Sender<Result<SyncReport>>,
-    },
-    Request {
-        peer: PeerId,
-        request: Request,
-        reply: oneshot::Sender<Result<Response>>,
     },
     Push {
         peer: PeerId,
@@ -69,24 +79,8 @@ pub(crate) enum Internal {
     /// Run this in the actor's task set (tasks that start tasks: a consent
     /// flow's reconciliations, a reconciliation ask waiting for not-before).
     Spawn(Task),
-    /// Send one request over the swarm; the answer (or the failure) goes to
-    /// `reply`.
-    Request {
-        peer: PeerId,
-        request: Request,
-        reply: oneshot::Sender<Result<Response>>,
-    },
-    /// As [`Command::DialPeer`].
-    DialPeer {
-        peer: PeerId,
-        reply: oneshot::Sender<Result<PeerId>>,
-    },
-    /// As [`Command::SyncNow`]: a pull, joining one under way.
-    SyncNow {
-        peer: PeerId,
-        reply: oneshot::Sender<Result<SyncReport>>,
-    },
-    ConnectedPeers(oneshot::Sender<Vec<PeerId>>),
+    /// As a handle may ask.
+    Ask(Ask),
     /// The addresses this node knows for `peer` (kept with what it owes it).
     KnownAddrs {
         peer: PeerId,

@@ -19,8 +19,8 @@ mod requests;
 mod swarm;
 
 pub(crate) use crate::metrics::Metrics;
-pub(crate) use messages::Command;
 use messages::Internal;
+pub(crate) use messages::{Ask, Command};
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -341,14 +341,10 @@ impl<B: Backend> Actor<B> {
                     }
                 }
             }
-            Command::ConnectedPeers(reply) => {
-                let _ = reply.send(self.swarm.connected_peers().copied().collect());
-            }
+            Command::Ask(ask) => self.on_ask(ask),
             Command::Connections(reply) => {
                 let _ = reply.send(self.connections.values().cloned().collect());
             }
-            Command::DialPeer { peer, reply } => self.dial_peer(peer, reply),
-            Command::SyncNow { peer, reply } => self.start_pull(peer, Some(reply)),
             Command::Reconcile { peer, patient, reply } => {
                 let ctx = self.ctx.clone();
                 self.spawn_task(async move {
@@ -380,7 +376,6 @@ impl<B: Backend> Actor<B> {
                     let _ = reply.send(serve::outbox_report(&*backend, &patient, settling));
                 });
             }
-            Command::Request { peer, request, reply } => self.send_request(peer, request, reply),
             Command::Status(reply) => {
                 let m = &self.ctx.metrics;
                 let now = Instant::now();
@@ -419,6 +414,18 @@ impl<B: Backend> Actor<B> {
         }
     }
 
+    /// What a handle or a task asks of the owner of the swarm.
+    fn on_ask(&mut self, ask: Ask) {
+        match ask {
+            Ask::Request { peer, request, reply } => self.send_request(peer, request, reply),
+            Ask::DialPeer { peer, reply } => self.dial_peer(peer, reply),
+            Ask::SyncNow { peer, reply } => self.start_pull(peer, Some(reply)),
+            Ask::ConnectedPeers(reply) => {
+                let _ = reply.send(self.swarm.connected_peers().copied().collect());
+            }
+        }
+    }
+
     /// Runs `task` in the actor's [`JoinSet`], in the actor's span.
     fn spawn_task(&mut self, task: impl Future<Output = ()> + Send + 'static) {
         self.tasks.spawn(task.in_current_span());
@@ -428,12 +435,7 @@ impl<B: Backend> Actor<B> {
     fn on_internal(&mut self, message: Internal) {
         match message {
             Internal::Spawn(task) => self.spawn_task(task),
-            Internal::Request { peer, request, reply } => self.send_request(peer, request, reply),
-            Internal::DialPeer { peer, reply } => self.dial_peer(peer, reply),
-            Internal::SyncNow { peer, reply } => self.start_pull(peer, Some(reply)),
-            Internal::ConnectedPeers(reply) => {
-                let _ = reply.send(self.swarm.connected_peers().copied().collect());
-            }
+            Internal::Ask(ask) => self.on_ask(ask),
             Internal::Respond {
                 peer,
                 channel,

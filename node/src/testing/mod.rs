@@ -1,6 +1,13 @@
-//! Helpers for tests, benchmarks and demos: a patient who signs grants,
-//! revocations and key shares, and real Automerge changes with medmesh
-//! actor ids. Nothing here is used by the node itself.
+//! Helpers for tests, benchmarks and demos. Nothing here is used by the
+//! node itself.
+//!
+//! Two patients: [`CliPatient`] is the honest one, the patient's CLI on a
+//! real keystore (what a grant or revocation carries is the library's
+//! rule, never re-coded here); [`TestPatient`] signs whatever terms a test
+//! hands it (a grant's window, a revocation's cut, a key share of any
+//! epoch), for tests that build items by hand or attack the node. Also real
+//! Automerge changes with medmesh actor ids, and a store whose flushes fail
+//! on demand.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -12,8 +19,12 @@ use medmesh_crypto::{
 };
 
 use crate::item::Item;
+
+mod cli_patient;
+
 use crate::store::ItemKind;
 use crate::{Error, Result};
+pub use cli_patient::{CliPatient, IssuedGrant};
 
 /// A patient with their collection keys, as the CLI keystore would hold them.
 pub struct TestPatient {
