@@ -125,7 +125,7 @@ impl NodeBackend {
         let mut warnings: Vec<String> = self
             .node
             .completeness(patient)
-            .map_err(node_error)?
+            .map_err(ApiError::from)?
             .iter()
             .filter(|c| only.is_none_or(|o| o == c.collection))
             .filter_map(medmesh_node::completeness::CollectionCompleteness::warning)
@@ -178,47 +178,16 @@ fn parse_did(did: &str) -> Result<PatientId, ApiError> {
     })
 }
 
-fn repo_error(err: repository::Error) -> ApiError {
-    match err {
-        repository::Error::Record(e) => e.into(),
-        repository::Error::UnresolvedPatient { .. }
-        | repository::Error::PatientLink { .. }
-        | repository::Error::OtherPatient { .. }
-        | repository::Error::Unfiled { .. } => {
-            ApiError::Unprocessable(vec![Issue::error(IssueType::BusinessRule, err.to_string())])
-        }
-        repository::Error::ConditionalMatch => ApiError::MultipleMatches(err.to_string()),
-        repository::Error::VersionConflict { expected, current, .. } => {
-            ApiError::PreconditionFailed { expected, current }
-        }
-        repository::Error::Node(medmesh_node::Error::NoWriteGrant { .. } | medmesh_node::Error::NoEpochKey { .. }) => {
-            ApiError::Forbidden(format!("this node may not write there: {err}"))
-        }
-        repository::Error::Node(medmesh_node::Error::ChangeTooLarge { max, .. }) => {
-            ApiError::PayloadTooLarge { limit_bytes: max }
-        }
-        other => {
-            tracing::error!(cause = %other, "repository error");
-            ApiError::Internal
-        }
-    }
-}
-
-fn node_error(err: medmesh_node::Error) -> ApiError {
-    tracing::error!(cause = %err, "node error");
-    ApiError::Internal
-}
-
 impl Backend for NodeBackend {
     async fn create(&self, resource: Value) -> Result<Arc<RenderedResource>, ApiError> {
         self.repository
             .create(resource, None, Self::actor())
             .await
-            .map_err(repo_error)
+            .map_err(ApiError::from)
     }
 
     async fn read(&self, resource_type: &str, id: &str) -> Result<Arc<RenderedResource>, ApiError> {
-        let resource = self.repository.read(resource_type, id).await.map_err(repo_error)?;
+        let resource = self.repository.read(resource_type, id).await.map_err(ApiError::from)?;
         self.audit_read(std::slice::from_ref(&resource)).await?;
         Ok(resource)
     }
@@ -228,13 +197,17 @@ impl Backend for NodeBackend {
             .repository
             .vread(resource_type, id, version_id)
             .await
-            .map_err(repo_error)?;
+            .map_err(ApiError::from)?;
         self.audit_read(std::slice::from_ref(&resource)).await?;
         Ok(resource)
     }
 
     async fn history(&self, resource_type: &str, id: &str) -> Result<Vec<HistoryEntry>, ApiError> {
-        let versions = self.repository.history(resource_type, id).await.map_err(repo_error)?;
+        let versions = self
+            .repository
+            .history(resource_type, id)
+            .await
+            .map_err(ApiError::from)?;
         let rendered: Vec<Arc<RenderedResource>> = versions.iter().filter_map(|(_, r)| r.clone()).collect();
         self.audit_read(&rendered).await?;
         Ok(versions
@@ -261,18 +234,18 @@ impl Backend for NodeBackend {
                 Self::actor(),
             )
             .await
-            .map_err(repo_error)
+            .map_err(ApiError::from)
     }
 
     async fn delete(&self, resource_type: &str, id: &str) -> Result<(), ApiError> {
         self.repository
             .delete(resource_type, id, Self::actor())
             .await
-            .map_err(repo_error)
+            .map_err(ApiError::from)
     }
 
     async fn search(&self, request: &SearchRequest) -> Result<Vec<Arc<RenderedResource>>, ApiError> {
-        let found = self.repository.search(&request.query).await.map_err(repo_error)?;
+        let found = self.repository.search(&request.query).await.map_err(ApiError::from)?;
         self.audit_read(&found).await?;
         Ok(found)
     }
@@ -308,7 +281,7 @@ impl Backend for NodeBackend {
 
     async fn patient_of(&self, patient_resource_id: &str) -> Result<Option<String>, ApiError> {
         let key = medmesh_node::records::resource_key("Patient", patient_resource_id)?;
-        let patient = self.repository.patient_of_key(&key).await.map_err(repo_error)?;
+        let patient = self.repository.patient_of_key(&key).await.map_err(ApiError::from)?;
         Ok(patient.map(|p| p.to_string()))
     }
 
@@ -317,7 +290,7 @@ impl Backend for NodeBackend {
             .repository
             .everything(patient_resource_id)
             .await
-            .map_err(repo_error)?;
+            .map_err(ApiError::from)?;
         if let Some(first) = all.first() {
             self.audit_read(std::slice::from_ref(first)).await?;
         }
@@ -329,7 +302,7 @@ impl Backend for NodeBackend {
             .node
             .ingest(vec![Item::new(kind, bytes)], Source::LocalApp(APP.to_owned()))
             .await
-            .map_err(node_error)?;
+            .map_err(ApiError::from)?;
         if let Some(rejected) = report.rejected.first() {
             return Err(ApiError::Unprocessable(vec![Issue::error(
                 IssueType::Invalid,
@@ -345,7 +318,7 @@ impl Backend for NodeBackend {
 
     async fn holdings(&self, patient_did: &str) -> Result<Value, ApiError> {
         let patient = parse_did(patient_did)?;
-        let holdings = self.node.holdings(&patient).map_err(node_error)?;
+        let holdings = self.node.holdings(&patient).map_err(ApiError::from)?;
         serde_json::to_value(holdings).map_err(|_| ApiError::Internal)
     }
 
@@ -379,7 +352,7 @@ impl Backend for NodeBackend {
         Ok(self
             .node
             .audit_entries(Some(&patient))
-            .map_err(node_error)?
+            .map_err(ApiError::from)?
             .iter()
             .map(|e| views::audit_event(e, &peer))
             .collect())
@@ -448,7 +421,7 @@ impl Backend for NodeBackend {
 
     async fn audit_log(&self, patient_did: Option<&str>) -> Result<Value, ApiError> {
         let patient = patient_did.map(parse_did).transpose()?;
-        let entries = self.node.audit_entries(patient.as_ref()).map_err(node_error)?;
+        let entries = self.node.audit_entries(patient.as_ref()).map_err(ApiError::from)?;
         Ok(json!({ "entries": entries }))
     }
 
@@ -464,7 +437,7 @@ impl Backend for NodeBackend {
             Err(e @ medmesh_node::Error::AuditRewritten { seq }) => {
                 Ok(json!({ "intact": false, "checkpoint": seq, "reason": e.to_string() }))
             }
-            Err(e) => Err(node_error(e)),
+            Err(e) => Err(ApiError::from(e)),
         }
     }
 
@@ -488,7 +461,7 @@ impl Backend for NodeBackend {
             .await
             .map_err(|e| TxFailure {
                 op: e.op,
-                error: repo_error(e.error),
+                error: ApiError::from(e.error),
             })?;
         let mut read = Vec::new();
         let mut first_read = None;

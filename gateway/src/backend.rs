@@ -218,12 +218,13 @@ fn split(key: &str) -> (String, String) {
     }
 }
 
-impl From<medmesh_node::records::Error> for ApiError {
-    /// Maps record-model errors to HTTP errors. Anything that is not the
-    /// client's fault is logged (ids only) and answered 500 without details.
-    fn from(err: medmesh_node::records::Error) -> Self {
+impl From<medmesh_node::Error> for ApiError {
+    /// Maps the node's errors to HTTP errors (the one place that does).
+    /// Anything that is not the client's fault is logged (ids only) and
+    /// answered 500 without details.
+    fn from(err: medmesh_node::Error) -> Self {
         use crate::fhir::outcome::{Issue, IssueType};
-        use medmesh_node::records::Error as E;
+        use medmesh_node::Error as E;
         match err {
             E::NotFound { key } => {
                 let (resource_type, id) = split(&key);
@@ -261,8 +262,17 @@ impl From<medmesh_node::records::Error> for ApiError {
                 param,
                 reason: "invalid value".to_owned(),
             },
+            E::UnresolvedPatient { .. } | E::PatientLink { .. } | E::OtherPatient { .. } | E::Unfiled { .. } => {
+                Self::Unprocessable(vec![Issue::error(IssueType::BusinessRule, err.to_string())])
+            }
+            E::ConditionalMatch => Self::MultipleMatches(err.to_string()),
+            E::VersionConflict { expected, current, .. } => Self::PreconditionFailed { expected, current },
+            E::NoWriteGrant { .. } | E::NoEpochKey { .. } => {
+                Self::Forbidden(format!("this node may not write there: {err}"))
+            }
+            E::ChangeTooLarge { max, .. } => Self::PayloadTooLarge { limit_bytes: max },
             other => {
-                tracing::error!(error = %other, "record model error");
+                tracing::error!(cause = %other, "node error");
                 Self::Internal
             }
         }

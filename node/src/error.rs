@@ -1,16 +1,21 @@
-//! The one error type of the node's store, consent registry and audit log.
+//! The one error type of the node crate: its store, consent registry and
+//! audit log, the record model, the repository's FHIR operations and
+//! snapshot transfers.
 //!
 //! Variants name the id at fault (envelope id, grant id, patient did,
-//! collection, store seq), never resource content or key bytes.
+//! collection, store seq, resource key, change hash, search parameter name),
+//! never resource content or key bytes: a FHIR field value may be PHI.
 
 use std::path::PathBuf;
 
+use automerge::ChangeHash;
 use medmesh_crypto::{Collection, EnvelopeId, GrantId, PatientId};
 
-/// Everything that can go wrong in the node's storage and consent layer.
+/// Everything that can go wrong in the node.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
+    // ----- the store, consent and the audit log
     /// The storage engine failed (I/O, corruption it detected itself).
     #[error("store: {0}")]
     Storage(String),
@@ -131,6 +136,159 @@ pub enum Error {
         /// The checkpoint's seq.
         seq: u64,
     },
+    // ----- the record model (FHIR resources in Automerge documents)
+    /// No resource with this key has ever been written.
+    #[error("resource {key} not found")]
+    NotFound {
+        /// The resource key.
+        key: String,
+    },
+    /// The resource was deleted (FHIR `410 Gone`); its history remains.
+    #[error("resource {key} is deleted")]
+    Deleted {
+        /// The resource key.
+        key: String,
+    },
+    /// A create named a key that exists (or existed and was deleted).
+    #[error("resource {key} already exists")]
+    AlreadyExists {
+        /// The resource key.
+        key: String,
+    },
+    /// One change (a transaction) would write the same resource twice; FHIR
+    /// forbids two entries on one resource in a transaction.
+    #[error("resource {key} is written by more than one entry of one transaction")]
+    DuplicateEdit {
+        /// The resource key.
+        key: String,
+    },
+    /// `vread` of a version the resource never had.
+    #[error("version {version_id} of resource {key} not found")]
+    VersionNotFound {
+        /// The resource key.
+        key: String,
+        /// The version id asked for.
+        version_id: String,
+    },
+    /// The submitted JSON is not a storable FHIR resource.
+    #[error("invalid resource {key}: {reason}")]
+    InvalidResource {
+        /// The resource key, or the resource type when no key could be formed.
+        key: String,
+        /// What is wrong (fixed text, never content).
+        reason: &'static str,
+    },
+    /// A resource type or id that cannot form a key (`{type}/{id}`).
+    #[error("invalid resource key: {reason}")]
+    InvalidKey {
+        /// What is wrong (fixed text).
+        reason: &'static str,
+    },
+    /// Bytes that do not decode as an Automerge change.
+    #[error("malformed change")]
+    MalformedChange(#[source] Box<automerge::LoadChangeError>),
+    /// A change from a peer that decodes but breaks the record model.
+    #[error("change {hash} rejected: {reason}")]
+    RejectedChange {
+        /// The change hash.
+        hash: ChangeHash,
+        /// Why (fixed text).
+        reason: &'static str,
+    },
+    /// A snapshot that does not load or is not a record document.
+    #[error("invalid snapshot: {reason}")]
+    InvalidSnapshot {
+        /// Why (fixed text).
+        reason: &'static str,
+    },
+    /// Automerge panicked on data from a peer; the document was left unchanged.
+    #[error("automerge panicked while {0}")]
+    Panicked(&'static str),
+    /// Automerge refused an operation on a resource.
+    #[error("automerge failed on resource {key}")]
+    Automerge {
+        /// The resource key.
+        key: String,
+        /// The underlying error.
+        #[source]
+        source: Box<automerge::AutomergeError>,
+    },
+    /// Stored data of a resource does not render (cannot happen for validated changes).
+    #[error("stored data of resource {key} is corrupt: {reason}")]
+    CorruptResource {
+        /// The resource key.
+        key: String,
+        /// What is wrong (fixed text).
+        reason: &'static str,
+    },
+    /// A search parameter (or modifier) this module does not implement.
+    #[error("unsupported search parameter {0}")]
+    UnsupportedSearchParam(String),
+    /// A search value that does not parse for its parameter.
+    #[error("invalid value for search parameter {param}")]
+    InvalidSearchValue {
+        /// The parameter name.
+        param: String,
+    },
+    /// A collection name that is not one of the seven.
+    #[error("unknown collection {0}")]
+    UnknownCollection(String),
+    // ----- the repository (FHIR operations over the node)
+    /// The resource names no patient this node knows.
+    #[error("{resource_type} does not reference a patient this node holds ({reason})")]
+    UnresolvedPatient {
+        /// Type of the resource written.
+        resource_type: String,
+        /// What was missing.
+        reason: &'static str,
+    },
+    /// The resource's Patient-compartment references do not name exactly one
+    /// patient held here (a reference to an unknown patient, or to two).
+    #[error("{resource_type} {source}")]
+    PatientLink {
+        /// Type of the resource written.
+        resource_type: String,
+        /// How its references failed to name one patient.
+        #[source]
+        source: crate::records::PatientLinkError,
+    },
+    /// A write names another patient than the one whose record it goes to.
+    #[error("{resource} references another patient than the one whose record it is written to")]
+    OtherPatient {
+        /// Resource key, or type of a resource being created.
+        resource: String,
+    },
+    /// `If-Match` named a version that is not the current one.
+    #[error("version conflict on {key}: based on {expected}, current is {current}")]
+    VersionConflict {
+        /// Resource key.
+        key: String,
+        /// The version the client read.
+        expected: String,
+        /// The current version.
+        current: String,
+    },
+    /// A conditional create (`If-None-Exist`) matches a resource by the time
+    /// its transaction runs (FHIR: `412`); nothing was created.
+    #[error("a conditional create now matches an existing resource")]
+    ConditionalMatch,
+    /// A resource of a transaction names no patient, and the transaction is
+    /// not about exactly one patient: it is filed under nobody's guess.
+    #[error("{resource_type} names no patient and this transaction is about {patients} patients: it cannot be filed")]
+    Unfiled {
+        /// Type of the resource.
+        resource_type: String,
+        /// How many patients the transaction's other creates name.
+        patients: usize,
+    },
+    /// Randomness for ids was unavailable.
+    #[error("operating system randomness unavailable")]
+    Random,
+    // ----- snapshot transfers
+    /// The receiver does not hold a key the document is sealed under.
+    #[error("no epoch key {0} for the snapshot document")]
+    NoSnapshotKey(medmesh_crypto::KeyId),
+    // ----- below
     /// A crypto operation failed.
     #[error(transparent)]
     Crypto(#[from] medmesh_crypto::Error),

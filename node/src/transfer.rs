@@ -31,29 +31,12 @@ use sha2::{Digest as _, Sha256};
 use zeroize::Zeroizing;
 
 use crate::Node;
-use crate::records::{self, RecordDoc, SavedDoc};
+use crate::records::{RecordDoc, SavedDoc};
 use crate::snapshot::Covered;
 use crate::store::EnvelopeState;
 
 /// Tag, key id and nonce of a sealed snapshot (`medmesh_crypto::SealedSnapshot`).
 const SEALED_HEAD_LEN: usize = medmesh_crypto::SNAPSHOT_TAG.len() + 16 + 24;
-
-/// Why a snapshot transfer could not be made or used.
-#[derive(Debug, thiserror::Error)]
-pub enum TransferError {
-    /// The receiver does not hold a key the document is sealed under.
-    #[error("no epoch key {0} for the snapshot document")]
-    NoKey(KeyId),
-    /// The sealed document does not open or is not for this collection.
-    #[error("snapshot document: {0}")]
-    Crypto(#[from] medmesh_crypto::Error),
-    /// The opened document does not load.
-    #[error("snapshot document: {0}")]
-    Document(#[from] records::Error),
-    /// Reading the local snapshot or the covered envelopes failed.
-    #[error(transparent)]
-    Node(#[from] crate::Error),
-}
 
 /// What a node sends instead of the envelopes its local snapshot covers.
 pub struct SnapshotTransfer {
@@ -149,12 +132,12 @@ impl Node {
     /// all, as an envelope).
     ///
     /// # Errors
-    /// [`TransferError::Crypto`] when sealing fails; store failures.
+    /// [`crate::Error::Crypto`] when sealing fails; store failures.
     pub async fn snapshot_transfer(
         &self,
         patient: PatientId,
         collection: Collection,
-    ) -> Result<Option<SnapshotTransfer>, TransferError> {
+    ) -> Result<Option<SnapshotTransfer>, crate::Error> {
         let Some(source) = self.snapshot_fingerprint(patient, collection)? else {
             return Ok(None);
         };
@@ -243,7 +226,7 @@ impl Node {
         collection: Collection,
         sealed_doc: &[u8],
         headers: &[CompactHeader],
-    ) -> Result<Restored, TransferError> {
+    ) -> Result<Restored, crate::Error> {
         Ok(self
             .open_transfer(patient, collection, sealed_doc)?
             .restore(self, headers))
@@ -255,15 +238,15 @@ impl Node {
     /// a key of that patient's collection, until the document.
     ///
     /// # Errors
-    /// [`TransferError::NoKey`] (a layer's key is not held),
-    /// [`TransferError::Crypto`] (a layer does not open under its key, or
-    /// names a key twice), [`TransferError::Document`] (it does not load).
+    /// [`crate::Error::NoSnapshotKey`] (a layer's key is not held),
+    /// [`crate::Error::Crypto`] (a layer does not open under its key, or
+    /// names a key twice), record-model errors (it does not load).
     pub fn open_transfer(
         &self,
         patient: PatientId,
         collection: Collection,
         sealed_doc: &[u8],
-    ) -> Result<OpenedTransfer, TransferError> {
+    ) -> Result<OpenedTransfer, crate::Error> {
         let mut keys = HashSet::new();
         let mut doc = self.open_layer(patient, collection, sealed_doc, &mut keys)?;
         // An Automerge document starts with its own magic bytes, never
@@ -296,17 +279,17 @@ impl Node {
         collection: Collection,
         sealed: &[u8],
         keys: &mut HashSet<KeyId>,
-    ) -> Result<Zeroizing<Vec<u8>>, TransferError> {
+    ) -> Result<Zeroizing<Vec<u8>>, crate::Error> {
         let key_id = SealedSnapshot::key_id(sealed)?;
         if !keys.insert(key_id) {
-            return Err(TransferError::Crypto(medmesh_crypto::Error::Malformed {
+            return Err(crate::Error::Crypto(medmesh_crypto::Error::Malformed {
                 kind: "snapshot",
                 reason: "a document sealed twice under one key",
             }));
         }
         let key = self
             .epoch_key_of(&patient, collection, &key_id)
-            .ok_or(TransferError::NoKey(key_id))?;
+            .ok_or(crate::Error::NoSnapshotKey(key_id))?;
         Ok(SealedSnapshot::open(&key, sealed)?)
     }
 }
@@ -432,7 +415,7 @@ impl OpenedTransfer {
         patient: PatientId,
         collection: Collection,
         covered: &[Covered],
-    ) -> Result<bool, TransferError> {
+    ) -> Result<bool, crate::Error> {
         if node.snapshot_fingerprint(patient, collection)?.is_some() {
             return Ok(false);
         }
@@ -464,6 +447,6 @@ impl OpenedTransfer {
         };
         let covered: Vec<Covered> = by_change.into_iter().map(|(hash, id)| (id, hash)).collect();
         let local = zeroize::Zeroizing::new(doc.save_local());
-        Ok(node.save_snapshot(patient, collection, &covered, &local)?)
+        node.save_snapshot(patient, collection, &covered, &local)
     }
 }

@@ -125,10 +125,7 @@ async fn create_read_update_delete_search_and_reopen() {
 
     repo.delete("Patient", p.id(), app()).await.unwrap();
     let gone = repo.read("Patient", p.id()).await.unwrap_err();
-    assert!(matches!(
-        gone,
-        repository::Error::Record(medmesh_node::records::Error::Deleted { .. })
-    ));
+    assert!(matches!(gone, medmesh_node::Error::Deleted { .. }));
 
     // Reopen: what was acknowledged is served again, found by id alone.
     node.close().await;
@@ -151,7 +148,7 @@ async fn writes_without_a_grant_are_refused() {
         .create(patient_resource(&patient.id().to_string()), None, app())
         .await
         .unwrap_err();
-    assert!(matches!(err, repository::Error::Node(_)), "{err:?}");
+    assert!(matches!(err, medmesh_node::Error::NoWriteGrant { .. }), "{err:?}");
 }
 
 /// Node B ingests A's envelopes (as sync would deliver them) and serves the
@@ -556,7 +553,7 @@ async fn a_snapshot_transfer_rebuilds_the_authors_exact_envelopes() {
     // C holds no key for the collection: nothing to rebuild with.
     assert!(matches!(
         c.restore_transfer(transfer.patient, transfer.collection, &transfer.sealed_doc, &headers),
-        Err(medmesh_node::transfer::TransferError::NoKey(_))
+        Err(medmesh_node::Error::NoSnapshotKey(_))
     ));
     // A tampered document does not open.
     let mut bad = transfer.sealed_doc.clone();
@@ -805,13 +802,7 @@ async fn a_multi_patient_transaction_is_one_change_per_document_and_survives_reo
                 encounter2.json
             );
             let gone = repo.read("Goal", goal.id()).await.unwrap_err();
-            assert!(
-                matches!(
-                    gone,
-                    repository::Error::Record(medmesh_node::records::Error::Deleted { .. })
-                ),
-                "{gone:?}"
-            );
+            assert!(matches!(gone, medmesh_node::Error::Deleted { .. }), "{gone:?}");
             assert_eq!(repo.history("Goal", goal.id()).await.unwrap().len(), 2);
         }
     };
@@ -900,29 +891,20 @@ async fn a_transaction_whose_flush_fails_leaves_nothing() {
     });
     store.fail_flushes(true);
     let err = repo.transaction(writes, app()).await.unwrap_err();
-    assert!(
-        matches!(err.error, repository::Error::Node(medmesh_node::Error::Storage(_))),
-        "{err:?}"
-    );
+    assert!(matches!(err.error, medmesh_node::Error::Storage(_)), "{err:?}");
     // Nothing of it is served: the update is not seen, no created resource is found.
     assert_eq!(repo.read("Patient", p.id()).await.unwrap().json, p.json);
     for (t, id) in &ids {
         let missing = repo.read(t, id).await.unwrap_err();
         assert!(
-            matches!(
-                missing,
-                repository::Error::Record(medmesh_node::records::Error::NotFound { .. })
-            ),
+            matches!(missing, medmesh_node::Error::NotFound { .. }),
             "{t}/{id}: {missing:?}"
         );
     }
     assert_eq!(envelope_counts(&node, &[&ada]), before);
     // Until reopened the store refuses writes (what reached the disk is unknown).
     let poisoned = repo.create(patient_resource(&ada.id().to_string()), None, app()).await;
-    assert!(
-        matches!(poisoned, Err(repository::Error::Node(medmesh_node::Error::Poisoned))),
-        "{poisoned:?}"
-    );
+    assert!(matches!(poisoned, Err(medmesh_node::Error::Poisoned)), "{poisoned:?}");
 
     store.fail_flushes(false);
     node.close().await;
@@ -984,23 +966,14 @@ async fn a_refused_transaction_writes_nothing() {
         .await
         .unwrap_err();
     assert_eq!(err.op, 1);
-    assert!(
-        matches!(
-            err.error,
-            repository::Error::Node(medmesh_node::Error::NoWriteGrant { .. })
-        ),
-        "{err:?}"
-    );
+    assert!(matches!(err.error, medmesh_node::Error::NoWriteGrant { .. }), "{err:?}");
     let err = repo
         .transaction(vec![create(condition.clone()), update(None), update(None)], app())
         .await
         .unwrap_err();
     assert_eq!(err.op, 2);
     assert!(
-        matches!(
-            err.error,
-            repository::Error::Record(medmesh_node::records::Error::DuplicateEdit { .. })
-        ),
+        matches!(err.error, medmesh_node::Error::DuplicateEdit { .. }),
         "{err:?}"
     );
     let err = repo
@@ -1072,13 +1045,7 @@ async fn a_transaction_rechecks_conditions_and_reads_before_writing() {
         .await
         .unwrap_err();
     assert_eq!(err.op, 1);
-    assert!(
-        matches!(
-            err.error,
-            repository::Error::Record(medmesh_node::records::Error::NotFound { .. })
-        ),
-        "{err:?}"
-    );
+    assert!(matches!(err.error, medmesh_node::Error::NotFound { .. }), "{err:?}");
     assert_eq!(node.last_seq(), seq, "nothing written");
 
     // Writes, then the reads see them.
@@ -1121,13 +1088,7 @@ async fn a_transaction_rechecks_conditions_and_reads_before_writing() {
         )
         .await
         .unwrap_err();
-    assert!(
-        matches!(
-            err.error,
-            repository::Error::Record(medmesh_node::records::Error::Deleted { .. })
-        ),
-        "{err:?}"
-    );
+    assert!(matches!(err.error, medmesh_node::Error::Deleted { .. }), "{err:?}");
     assert!(
         repo.read("Condition", created.id()).await.is_ok(),
         "the delete was not written"
@@ -1225,7 +1186,6 @@ async fn a_transfer_document_becomes_the_snapshot_only_when_every_change_is_held
 #[tokio::test]
 async fn a_transfer_document_opens_only_with_the_key_of_every_epoch_it_holds() {
     use medmesh_crypto::{Principal, SealedSnapshot};
-    use medmesh_node::transfer::TransferError;
 
     let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let dir_c = tempfile::tempdir().unwrap();
@@ -1274,7 +1234,7 @@ async fn a_transfer_document_opens_only_with_the_key_of_every_epoch_it_holds() {
         "the newest epoch's layer is outermost"
     );
     match b.open_transfer(transfer.patient, transfer.collection, &transfer.sealed_doc) {
-        Err(TransferError::NoKey(k)) => assert_eq!(k, epoch_1),
+        Err(medmesh_node::Error::NoSnapshotKey(k)) => assert_eq!(k, epoch_1),
         Err(e) => panic!("B: {e}"),
         Ok(opened) => panic!("B, without epoch 1's key, opened a document holding epoch 1: {opened:?}"),
     }
@@ -1444,10 +1404,7 @@ async fn a_peer_change_cannot_claim_another_patients_resource_or_a_foreign_type(
         assert_eq!(read.json["code"]["text"], "Y's own", "case x_first={x_first}");
         let lab = cold.read("Observation", "lab-in-core").await.unwrap_err();
         assert!(
-            matches!(
-                lab,
-                repository::Error::Record(medmesh_node::records::Error::NotFound { .. })
-            ),
+            matches!(lab, medmesh_node::Error::NotFound { .. }),
             "case x_first={x_first}: {lab:?}"
         );
         let everything: Vec<String> = cold

@@ -94,13 +94,11 @@ pub enum Error {
     /// The storage backend failed.
     #[error("backend: {0}")]
     Backend(String),
-    /// The node store behind [`crate::NodeBackend`] failed (typed, not
-    /// flattened into text).
+    /// The node behind [`crate::NodeBackend`] failed: its store, or a
+    /// snapshot transfer's document that could not be opened or restored
+    /// (typed, not flattened into text).
     #[error(transparent)]
     Node(#[from] medmesh_node::Error),
-    /// A snapshot transfer's document could not be opened or restored.
-    #[error(transparent)]
-    Transfer(#[from] medmesh_node::transfer::TransferError),
     /// An item failed to decode or verify (medmesh-crypto).
     #[error(transparent)]
     Crypto(#[from] medmesh_crypto::Error),

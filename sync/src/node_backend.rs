@@ -11,7 +11,6 @@ use libp2p::PeerId;
 use medmesh_crypto::{Collection, CompactHeader, EnvelopeId, PatientId, PracticeId};
 use medmesh_node::audit::{Action, ActorKind, AuditRecord};
 use medmesh_node::store::{self as node_store};
-use medmesh_node::transfer::TransferError;
 use medmesh_node::{Event, Node, Source};
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
@@ -436,7 +435,7 @@ impl Backend for NodeBackend {
         let headers = Arc::new(headers);
         let opened = match opened {
             Ok(o) => Arc::new(o),
-            Err(TransferError::NoKey(key)) => {
+            Err(medmesh_node::Error::NoSnapshotKey(key)) => {
                 debug!(%key, "no key for a snapshot transfer's document");
                 return Ok(None);
             }

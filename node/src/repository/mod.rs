@@ -49,70 +49,7 @@ mod write;
 
 pub use transaction::{TxError, TxOp, TxResult};
 
-/// Everything that can go wrong on a FHIR operation.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum Error {
-    /// A record-model error (not found, deleted, invalid resource, …).
-    #[error(transparent)]
-    Record(#[from] records::Error),
-    /// A node error (no grant, no key, storage).
-    #[error(transparent)]
-    Node(#[from] crate::Error),
-    /// The resource names no patient this node knows.
-    #[error("{resource_type} does not reference a patient this node holds ({reason})")]
-    UnresolvedPatient {
-        /// Type of the resource written.
-        resource_type: String,
-        /// What was missing.
-        reason: &'static str,
-    },
-    /// The resource's Patient-compartment references do not name exactly one
-    /// patient held here (a reference to an unknown patient, or to two).
-    #[error("{resource_type} {source}")]
-    PatientLink {
-        /// Type of the resource written.
-        resource_type: String,
-        /// How its references failed to name one patient.
-        #[source]
-        source: records::PatientLinkError,
-    },
-    /// A write names another patient than the one whose record it goes to.
-    #[error("{resource} references another patient than the one whose record it is written to")]
-    OtherPatient {
-        /// Resource key, or type of a resource being created.
-        resource: String,
-    },
-    /// `If-Match` named a version that is not the current one.
-    #[error("version conflict on {key}: based on {expected}, current is {current}")]
-    VersionConflict {
-        /// Resource key.
-        key: String,
-        /// The version the client read.
-        expected: String,
-        /// The current version.
-        current: String,
-    },
-    /// A conditional create (`If-None-Exist`) matches a resource by the time
-    /// its transaction runs (FHIR: `412`); nothing was created.
-    #[error("a conditional create now matches an existing resource")]
-    ConditionalMatch,
-    /// A resource of a transaction names no patient, and the transaction is
-    /// not about exactly one patient: it is filed under nobody's guess.
-    #[error("{resource_type} names no patient and this transaction is about {patients} patients: it cannot be filed")]
-    Unfiled {
-        /// Type of the resource.
-        resource_type: String,
-        /// How many patients the transaction's other creates name.
-        patients: usize,
-    },
-    /// Randomness for ids was unavailable.
-    #[error("operating system randomness unavailable")]
-    Random,
-}
-
-/// Result with [`Error`].
-pub type Result<T, E = Error> = std::result::Result<T, E>;
+pub use crate::{Error, Result};
 
 /// Tuning of a [`Repository`].
 #[derive(Clone, Debug)]
@@ -463,7 +400,6 @@ impl Repository {
             .ok_or_else(|| records::Error::NotFound {
                 key: resource_key.to_owned(),
             })
-            .map_err(Error::from)
     }
 
     /// The current version of `Type/id`.
@@ -476,7 +412,7 @@ impl Repository {
         let doc = self.locked(at).await?;
         let resource = doc.doc.read(&key)?;
         if !records::belongs(&resource.json, &at.0, at.1) {
-            return Err(records::Error::NotFound { key }.into());
+            return Err(records::Error::NotFound { key });
         }
         Ok(resource)
     }
@@ -497,7 +433,7 @@ impl Repository {
     pub async fn vread(&self, resource_type: &str, id: &str, version_id: &str) -> Result<Arc<RenderedResource>> {
         let key = records::resource_key(resource_type, id)?;
         let doc = self.locked(self.locate(&key).await?).await?;
-        Ok(doc.doc.vread(&key, version_id)?)
+        doc.doc.vread(&key, version_id)
     }
 
     /// Every version of `Type/id`, oldest first, each with the resource as
@@ -589,7 +525,7 @@ impl Repository {
         Ok(match patient {
             Some(id) => match self.location("Patient", id).await {
                 Ok((patient, _)) => self.patient_resources(patient).await?,
-                Err(Error::Record(records::Error::NotFound { .. })) => Vec::new(),
+                Err(Error::NotFound { .. }) => Vec::new(),
                 Err(e) => return Err(e),
             },
             None => {

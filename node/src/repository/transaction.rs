@@ -263,8 +263,7 @@ impl Repository {
             let found = match (written_here, version_id) {
                 (Some(Write::Delete { .. }), None) => Err(records::Error::Deleted {
                     key: format!("{resource_type}/{id}"),
-                }
-                .into()),
+                }),
                 (Some(_), None) => Ok(()),
                 (_, Some(v)) => self.vread(resource_type, id, v).await.map(drop),
                 (None, None) => self.read(resource_type, id).await.map(drop),
@@ -352,11 +351,11 @@ impl Repository {
                     collection,
                 } => {
                     let resource_type = resource.get("resourceType").and_then(Value::as_str).unwrap_or_default();
-                    let key = records::resource_key(resource_type, id).map_err(|e| at(i)(e.into()))?;
+                    let key = records::resource_key(resource_type, id).map_err(|e| at(i)(e))?;
                     (key, (*patient, *collection))
                 }
                 Write::Update { resource_type, id, .. } | Write::Delete { resource_type, id } => {
-                    let key = records::resource_key(resource_type, id).map_err(|e| at(i)(e.into()))?;
+                    let key = records::resource_key(resource_type, id).map_err(|e| at(i)(e))?;
                     let place = self.locate(&key).await.map_err(at(i))?;
                     (key, place)
                 }
@@ -367,7 +366,7 @@ impl Repository {
                     .map_err(at(i))?;
             }
             if !seen.insert(key.clone()) {
-                return Err(at(i)(records::Error::DuplicateEdit { key }.into()));
+                return Err(at(i)(records::Error::DuplicateEdit { key }));
             }
             docs.entry(place).or_default().push(i);
             keys.push(key);
@@ -445,7 +444,7 @@ impl Repository {
                     }),
                     Some(key),
                 ) => {
-                    let current = cached.doc.read(key).map_err(|e| at(i)(e.into()))?;
+                    let current = cached.doc.read(key).map_err(|e| at(i)(e))?;
                     Some(match base_version {
                         Some(v) if *v != current.version_id => {
                             if *require_current {
@@ -455,7 +454,7 @@ impl Repository {
                                     current: current.version_id.clone(),
                                 }));
                             }
-                            cached.doc.vread(key, v).map_err(|e| at(i)(e.into()))?.json.clone()
+                            cached.doc.vread(key, v).map_err(|e| at(i)(e))?.json.clone()
                         }
                         _ => current.json.clone(),
                     })
@@ -483,7 +482,7 @@ impl Repository {
         cached
             .doc
             .edit(&self.inner.actor, time, &edits)
-            .map_err(|e| at(members.get(e.edit).copied().unwrap_or_default())(e.error.into()))
+            .map_err(|e| at(members.get(e.edit).copied().unwrap_or_default())(e.error))
     }
 
     /// Seals the changes a transaction made in its locked documents and
@@ -506,7 +505,7 @@ impl Repository {
         for (n, change) in made {
             let decoded = DecodedChange::from_bytes(&change.change).map_err(|e| TxError {
                 op: first_of(*n),
-                error: e.into(),
+                error: e,
             })?;
             // Sealed compressed, as single writes are.
             sealed.push((decoded.compressed_bytes(), decoded.hash().0, decoded.seq()));
@@ -534,10 +533,7 @@ impl Repository {
                     .map_or(0, |(n, _)| first_of(*n)),
                 _ => made.first().map_or(0, |(n, _)| first_of(*n)),
             };
-            TxError {
-                op: at,
-                error: e.into(),
-            }
+            TxError { op: at, error: e }
         })?;
         for ((n, change), envelope) in made.iter().zip(envelopes) {
             let Some((place, members, cached)) = locked.get_mut(*n) else {

@@ -117,7 +117,7 @@ impl Repository {
     pub async fn patient_of_key(&self, key: &str) -> Result<Option<PatientId>> {
         let at = match self.locate(key).await {
             Ok(at) => at,
-            Err(Error::Record(records::Error::NotFound { .. })) => return Ok(None),
+            Err(Error::NotFound { .. }) => return Ok(None),
             Err(e) => return Err(e),
         };
         let doc = self.locked(at).await?;
@@ -126,7 +126,7 @@ impl Repository {
             // A deleted Patient still names its patient (its did is in its history).
             Err(records::Error::Deleted { .. }) => true,
             Err(records::Error::NotFound { .. }) => false,
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(e),
         };
         Ok(linked.then_some(at.0))
     }
@@ -206,10 +206,10 @@ impl Repository {
             )
             .is_none()
         {
-            return Err(crate::Error::NoWriteGrant { patient, collection }.into());
+            return Err(crate::Error::NoWriteGrant { patient, collection });
         }
         if node.current_epoch_key(&patient, collection).is_none() {
-            return Err(crate::Error::NoEpochKey { patient, collection }.into());
+            return Err(crate::Error::NoEpochKey { patient, collection });
         }
         Ok(())
     }
@@ -235,12 +235,9 @@ impl Repository {
         };
         self.persist(key, &doc, &written, actor).await?;
         self.bind(key, [written.key.as_str()]);
-        written.resource.ok_or_else(|| {
-            records::Error::Corrupt {
-                key: written.key.clone(),
-                reason: "create rendered nothing",
-            }
-            .into()
+        written.resource.ok_or_else(|| records::Error::CorruptResource {
+            key: written.key.clone(),
+            reason: "create rendered nothing",
         })
     }
 
@@ -276,7 +273,7 @@ impl Repository {
             }
             Err(e) => {
                 self.discard(&key, &mut *doc.lock().await);
-                Err(e.into())
+                Err(e)
             }
         }
     }
@@ -326,12 +323,9 @@ impl Repository {
         let doc = OwnedMutexGuard::mutex(&cached).clone();
         drop(cached);
         self.persist(at, &doc, &written, actor).await?;
-        written.resource.ok_or_else(|| {
-            records::Error::Corrupt {
-                key: written.key.clone(),
-                reason: "update rendered nothing",
-            }
-            .into()
+        written.resource.ok_or_else(|| records::Error::CorruptResource {
+            key: written.key.clone(),
+            reason: "update rendered nothing",
         })
     }
 

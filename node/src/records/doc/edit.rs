@@ -300,7 +300,7 @@ impl RecordDoc {
         made: Option<(ChangeHash, Vec<u8>)>,
         none: &'static str,
     ) -> Result<Written> {
-        let (hash, change) = made.ok_or(Error::Corrupt {
+        let (hash, change) = made.ok_or(Error::CorruptResource {
             key: key.clone(),
             reason: none,
         })?;
@@ -374,14 +374,14 @@ impl RecordDoc {
         let Some(hash) = done.hash else {
             return Ok(None);
         };
-        let change = self.doc.get_change_by_hash(&hash).ok_or(first(Error::Corrupt {
+        let change = self.doc.get_change_by_hash(&hash).ok_or(first(Error::CorruptResource {
             key: first_key.clone(),
             reason: "committed change not found",
         }))?;
         let effects = self
             .index
             .analyse(&change, &Overlay::default())
-            .map_err(|reason| first(Error::Corrupt { key: first_key, reason }))?;
+            .map_err(|reason| first(Error::CorruptResource { key: first_key, reason }))?;
         self.index.commit(&effects);
         self.invalidate(effects.touched.iter().map(|(k, _)| k.as_str()));
         Ok(Some((hash, change.raw_bytes().to_vec())))

@@ -81,7 +81,7 @@ impl RecordDoc {
     /// Reads a live resource (cached).
     ///
     /// # Errors
-    /// [`Error::NotFound`], [`Error::Deleted`], or [`Error::Corrupt`].
+    /// [`Error::NotFound`], [`Error::Deleted`], or [`Error::CorruptResource`].
     pub fn read(&self, key: &str) -> Result<Arc<RenderedResource>> {
         if let Some(r) = self.cache().by_key.get(key) {
             return Ok(Arc::clone(r));
@@ -93,7 +93,7 @@ impl RecordDoc {
             .get(key)
             .and_then(|&k| self.index.history.get(k as usize))
             .and_then(|h| h.last())
-            .ok_or(Error::Corrupt {
+            .ok_or(Error::CorruptResource {
                 key: key.to_owned(),
                 reason: "resource has no history",
             })?;
@@ -105,7 +105,7 @@ impl RecordDoc {
     /// Every live resource, rendered (from the cache where possible), in key order.
     ///
     /// # Errors
-    /// [`Error::Corrupt`] if a resource does not render.
+    /// [`Error::CorruptResource`] if a resource does not render.
     pub fn resources(&self) -> Result<Vec<Arc<RenderedResource>>> {
         // Not complete while the stale keys are re-rendered, so a concurrent
         // listing walks the document instead of missing them.
@@ -131,7 +131,7 @@ impl RecordDoc {
     }
 
     pub(super) fn render(&self, key: &str, version: &VersionRef, at: At<'_>) -> Result<RenderedResource> {
-        let corrupt = |reason| Error::Corrupt {
+        let corrupt = |reason| Error::CorruptResource {
             key: key.to_owned(),
             reason,
         };
