@@ -6,22 +6,21 @@
 //! and an adversarial peer speaking the protocol by hand.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use libp2p::{Multiaddr, PeerId};
 use medmesh_crypto::{
-    Access, ActorId, Change, Collection, Envelope, EnvelopeId, EpochKey, Grant, GrantId, GrantTerms, KeyShare,
-    PatientId, Principal, Revocation, RevocationTerms, SecretIdentity, now,
+    Access, ActorId, Change, Collection, Envelope, EnvelopeId, Grant, GrantId, GrantTerms, PatientId, SecretIdentity,
+    now,
 };
 use medmesh_sync::memory::MemoryBackend;
 use medmesh_sync::wire::{self, Request, Response};
 use medmesh_sync::{Backend, Config, Cursor, InstanceId, Item, ItemId, ItemKind, ItemMeta, Protocol, SyncHandle};
 
 mod common;
-use common::WAIT;
 use common::client::Client;
+use common::{CliPatient, WAIT};
 
 /// Waits for `cond`, polling the backends, inside a timeout.
 async fn until(what: &str, mut cond: impl FnMut() -> bool) {
@@ -85,10 +84,6 @@ impl Node {
         .await
     }
 
-    fn principal(&self) -> Principal {
-        Principal::Practice(self.key.practice_id().unwrap())
-    }
-
     async fn connect(&self, other: &Node) {
         tokio::time::timeout(WAIT, self.sync.dial(other.addr.clone()))
             .await
@@ -105,30 +100,31 @@ impl Node {
     }
 }
 
+/// The patient: the CLI's keystore (`CliPatient`), writing envelopes of its
+/// own under the current key of a collection (fake changes: sync never
+/// decrypts).
 struct Patient {
-    key: SecretIdentity,
-    keys: HashMap<Collection, EpochKey>,
+    cli: CliPatient,
     seq: u64,
 }
 
 impl Patient {
     fn new() -> Self {
-        let key = SecretIdentity::generate().unwrap();
-        let keys = Collection::ALL
-            .into_iter()
-            .map(|c| (c, EpochKey::generate(key.patient_id(), c, 0).unwrap()))
-            .collect();
-        Self { key, keys, seq: 0 }
+        Self {
+            cli: CliPatient::new().unwrap(),
+            seq: 0,
+        }
     }
 
     fn id(&self) -> PatientId {
-        self.key.patient_id()
+        self.cli.id()
     }
 
-    /// An envelope the patient writes (a fake change: sync never decrypts).
+    /// An envelope the patient writes under the current key of `c`.
     fn envelope(&mut self, c: Collection) -> Item {
         self.seq += 1;
-        let actor = ActorId::for_author(&self.key.public_bytes(), [1; 8]);
+        let identity = self.cli.identity();
+        let actor = ActorId::for_author(&identity.public_bytes(), [1; 8]);
         let body = format!("change {}", self.seq);
         let change = Change {
             bytes: body.as_bytes(),
@@ -136,58 +132,48 @@ impl Patient {
             actor,
             seq: self.seq,
         };
-        let key = &self.keys[&c];
-        Item::envelope(&Envelope::seal((key.patient, c), key, &self.key, None, change, now()).unwrap())
+        let key = self.cli.current_key(c).expect("a grant made this collection's key");
+        Item::envelope(&Envelope::seal((key.patient, c), key, identity, None, change, now()).unwrap())
     }
 
-    fn grant(&self, to: &Node, collections: &[Collection], access: Access, hints: Vec<String>) -> Grant {
+    /// `medmesh patient grant`: the grant, and every item the CLI submits
+    /// with it (the grant first).
+    fn grant(
+        &mut self,
+        to: &Node,
+        collections: &[Collection],
+        access: Access,
+        hints: Vec<String>,
+    ) -> (Grant, Vec<Item>) {
         self.grant_from(now() - 60_000, to, collections, access, hints)
     }
 
     fn grant_from(
-        &self,
+        &mut self,
         not_before: u64,
         to: &Node,
         collections: &[Collection],
         access: Access,
         hints: Vec<String>,
-    ) -> Grant {
-        Grant::sign(
-            GrantTerms {
-                id: GrantId::generate().unwrap(),
-                patient: self.id(),
-                grantee: to.key.practice_id().unwrap(),
-                collections: collections.to_vec(),
-                access,
-                not_before,
-                expires: None,
-                purpose: "treatment".into(),
-                issued_at: now(),
-                address_hints: hints,
-            },
-            &self.key,
-        )
-        .unwrap()
+    ) -> (Grant, Vec<Item>) {
+        let grantee = to.key.practice_id().unwrap();
+        let (index, items) = self
+            .cli
+            .grant(grantee, collections, access, not_before, None, hints)
+            .unwrap();
+        (self.cli.grants[index].grant.clone(), items)
     }
 
-    fn revoke(&self, grant: &Grant) -> Revocation {
-        Revocation::sign(
-            RevocationTerms {
-                patient: self.id(),
-                grant_id: grant.id(),
-                issued_at: now(),
-                cut: Default::default(),
-            },
-            &self.key,
-        )
-        .unwrap()
-    }
-
-    fn shares(&self, to: Principal, collections: &[Collection]) -> Vec<Item> {
-        collections
+    /// `medmesh patient revoke` with an empty cut (nothing the grantee wrote
+    /// is kept): the revocation first, then the new epoch's shares.
+    fn revoke(&mut self, grant: &Grant) -> Vec<Item> {
+        let index = self
+            .cli
+            .grants
             .iter()
-            .map(|c| Item::key_share(&KeyShare::create(&self.keys[c], to, &self.key, now()).unwrap()))
-            .collect()
+            .position(|g| g.grant.id() == grant.id())
+            .expect("a grant this patient issued");
+        self.cli.revoke(index, Vec::new(), now()).unwrap().unwrap()
     }
 }
 
@@ -208,10 +194,9 @@ fn home_practice_at(p: &mut Patient, a: Node, hint: String) -> (Node, Grant) {
         Collection::Documents,
         Collection::Sensitive,
     ];
-    let g = p.grant(&a, &all, Access::ReadWrite, vec![hint]);
-    a.store.write(Item::grant(&g)).unwrap();
-    for s in p.shares(a.principal(), &all) {
-        a.store.write(s).unwrap();
+    let (g, items) = p.grant(&a, &all, Access::ReadWrite, vec![hint]);
+    for item in items {
+        a.store.write(item).unwrap();
     }
     for c in [
         Collection::Core,
@@ -229,16 +214,15 @@ fn home_practice_at(p: &mut Patient, a: Node, hint: String) -> (Node, Grant) {
 }
 
 /// Grants B core+labs at A, as the patient's CLI submitting to A does.
-fn grant_core_labs(p: &Patient, a: &Node, b: &Node) -> Grant {
-    let g = p.grant(
+fn grant_core_labs(p: &mut Patient, a: &Node, b: &Node) -> Grant {
+    let (g, items) = p.grant(
         b,
         &[Collection::Core, Collection::Labs],
         Access::Read,
         vec![a.addr.to_string()],
     );
-    a.store.write(Item::grant(&g)).unwrap();
-    for s in p.shares(b.principal(), &[Collection::Core, Collection::Labs]) {
-        a.store.write(s).unwrap();
+    for item in items {
+        a.store.write(item).unwrap();
     }
     g
 }
@@ -258,7 +242,7 @@ async fn grant_moves_exactly_the_granted_collections_including_history() {
     assert_eq!(c.sync.sync_now(a.peer).await.unwrap().received, 0);
     assert!(b.store.items().is_empty());
 
-    let g = grant_core_labs(&p, &a, &b);
+    let g = grant_core_labs(&mut p, &a, &b);
     // A pushes the grant and B's key shares; B reconciles the history.
     until("B holds core and labs", || {
         b.count(&p, Collection::Core) == 3 && b.count(&p, Collection::Labs) == 2
@@ -316,10 +300,14 @@ async fn a_grant_reaching_a_holder_after_the_grantee_reconciled_still_moves_the_
     let (a, _) = home_practice(&mut p).await;
     let b = Node::new().await;
     b.connect(&a).await;
-    let g = p.grant(&b, &[Collection::Core, Collection::Labs], Access::Read, vec![]);
-    b.store.write(Item::grant(&g)).unwrap();
-    for s in p.shares(b.principal(), &[Collection::Core, Collection::Labs]) {
-        b.store.write(s).unwrap();
+    let (g, items) = p.grant(&b, &[Collection::Core, Collection::Labs], Access::Read, vec![]);
+    // Only B's grant and shares: the patient's other live grants, which the
+    // CLI sends along, would tell B that A holds the record, and B would
+    // forward its grant to A at once.
+    for (i, item) in items.into_iter().enumerate() {
+        if i == 0 || item.kind != ItemKind::Grant {
+            b.store.write(item).unwrap();
+        }
     }
     assert_eq!(b.sync.sync_now(a.peer).await.unwrap().received, 0);
     assert_eq!(b.sync.reconcile(a.peer, p.id()).await.unwrap().received, 0);
@@ -348,7 +336,7 @@ async fn a_grant_reconciles_with_the_patients_practices_not_every_connected_peer
     let u = Node::new().await;
     b.connect(&a).await;
     u.connect(&b).await;
-    grant_core_labs(&p, &a, &b);
+    grant_core_labs(&mut p, &a, &b);
     until("B holds core and labs", || {
         b.count(&p, Collection::Core) == 3 && b.count(&p, Collection::Labs) == 2
     })
@@ -368,7 +356,7 @@ async fn nudge_delivers_a_new_write_and_revocation_stops_everything_new() {
     let (a, _) = home_practice(&mut p).await;
     let b = Node::new().await;
     b.connect(&a).await;
-    let g = grant_core_labs(&p, &a, &b);
+    let g = grant_core_labs(&mut p, &a, &b);
     until("B holds the history", || b.envelopes(&p) == 5).await;
 
     // A new write at A reaches B by nudge alone (the periodic pull is an hour).
@@ -378,8 +366,9 @@ async fn nudge_delivers_a_new_write_and_revocation_stops_everything_new() {
     a.store.write(p.envelope(Collection::Medications)).unwrap();
 
     // Revocation at A: forwarded to B, and A stops serving B at once.
-    let rev = p.revoke(&g);
-    a.store.write(Item::revocation(&rev)).unwrap();
+    for item in p.revoke(&g) {
+        a.store.write(item).unwrap();
+    }
     until("B holds the revocation", || {
         b.store.count(&p.id(), ItemKind::Revocation) == 1
     })
@@ -406,18 +395,18 @@ async fn patient_cli_grants_via_a_node_which_dials_the_grantee() {
     let b = Node::new().await; // not connected to anyone
     // The patient's CLI: a peer whose identity is the patient key.
     let cli_store = Arc::new(MemoryBackend::new());
-    let cli = SyncHandle::spawn(config(), &p.key, cli_store.clone()).await.unwrap();
+    let cli = SyncHandle::spawn(config(), p.cli.identity(), cli_store.clone())
+        .await
+        .unwrap();
     cli.dial(a.addr.clone()).await.unwrap();
 
     // `patient grant --node A --to <B's multiaddr>`.
-    let g = p.grant(
+    let (_, items) = p.grant(
         &b,
         &[Collection::Core, Collection::Labs],
         Access::Read,
         vec![a.addr.to_string()],
     );
-    let mut items = vec![Item::grant(&g)];
-    items.extend(p.shares(b.principal(), &[Collection::Core, Collection::Labs]));
     let report = cli.push(a.peer, items, vec![b.addr.clone()]).await.unwrap();
     assert_eq!(report.accepted, 3);
     until("B holds core and labs", || b.envelopes(&p) == 5).await;
@@ -441,10 +430,12 @@ async fn grants_and_revocations_reach_every_holder_and_write_back_converges() {
     c.connect(&a).await;
     b.connect(&c).await;
     // C holds a read-write grant for core; B gets one for core and labs.
-    let gc = p.grant(&c, &[Collection::Core], Access::ReadWrite, vec![a.addr.to_string()]);
-    a.store.write(Item::grant(&gc)).unwrap();
+    let (gc, items) = p.grant(&c, &[Collection::Core], Access::ReadWrite, vec![a.addr.to_string()]);
+    for item in items {
+        a.store.write(item).unwrap();
+    }
     until("C holds its grant", || c.store.count(&p.id(), ItemKind::Grant) >= 1).await;
-    let gb = grant_core_labs(&p, &a, &b);
+    let gb = grant_core_labs(&mut p, &a, &b);
     // C, a holder, learns of B's grant (forwarded).
     until("C holds B's grant", || {
         c.store
@@ -457,7 +448,7 @@ async fn grants_and_revocations_reach_every_holder_and_write_back_converges() {
     assert_eq!(c.count(&p, Collection::Labs), 0, "C may not read labs");
 
     // Write-back: C writes core under its read-write grant; it reaches A and B.
-    let key = p.keys[&Collection::Core].clone();
+    let key = p.cli.current_key(Collection::Core).unwrap().clone();
     let actor = ActorId::for_author(&c.key.public_bytes(), [2; 8]);
     let change = Change {
         bytes: b"c writes",
@@ -480,8 +471,9 @@ async fn grants_and_revocations_reach_every_holder_and_write_back_converges() {
     until("B holds C's write", || b.store.holds(&id)).await;
 
     // Revoking C's grant at A reaches B too (a holder).
-    let rev = p.revoke(&gc);
-    a.store.write(Item::revocation(&rev)).unwrap();
+    for item in p.revoke(&gc) {
+        a.store.write(item).unwrap();
+    }
     until("B holds C's revocation", || {
         b.store.count(&p.id(), ItemKind::Revocation) == 1
     })
@@ -500,7 +492,7 @@ async fn restart_resumes_from_the_cursor_and_a_new_instance_resets_it() {
     let b_store = Arc::new(MemoryBackend::new());
     let b = Node::start(SecretIdentity::from_seed(&b_key.seed()), b_store.clone()).await;
     b.connect(&a).await;
-    let _g = grant_core_labs(&p, &a, &b);
+    let _g = grant_core_labs(&mut p, &a, &b);
     until("B holds the history", || b.envelopes(&p) == 5).await;
     b.sync.sync_now(a.peer).await.unwrap();
     let cursor = b_store.cursor(&a.peer).unwrap().unwrap();
@@ -542,7 +534,7 @@ async fn adversarial_client_gets_nothing_and_the_node_stays_up() {
     let (a, _) = home_practice(&mut p).await;
     let b = Node::new().await;
     b.connect(&a).await;
-    let g = grant_core_labs(&p, &a, &b);
+    let g = grant_core_labs(&mut p, &a, &b);
     until("B holds the history", || b.envelopes(&p) == 5).await;
 
     let mallory_key = SecretIdentity::generate().unwrap();
@@ -693,16 +685,15 @@ async fn a_grant_that_starts_later_moves_history_at_not_before() {
     let (a, _) = home_practice(&mut p).await;
     let b = Node::new().await;
     b.connect(&a).await;
-    let g = p.grant_from(
+    let (g, items) = p.grant_from(
         now() + 1500,
         &b,
         &[Collection::Core],
         Access::Read,
         vec![a.addr.to_string()],
     );
-    a.store.write(Item::grant(&g)).unwrap();
-    for s in p.shares(b.principal(), &[Collection::Core]) {
-        a.store.write(s).unwrap();
+    for item in items {
+        a.store.write(item).unwrap();
     }
     until("B holds its future grant", || {
         b.store.count(&p.id(), ItemKind::Grant) == 1
@@ -726,7 +717,7 @@ async fn pushes_through_the_handle_pass_the_consent_filter() {
     let c = Node::new().await;
     b.connect(&a).await;
     c.connect(&a).await;
-    let g = grant_core_labs(&p, &a, &b);
+    let g = grant_core_labs(&mut p, &a, &b);
     until("B holds the history", || b.envelopes(&p) == 5).await;
     let core = a.store.write(p.envelope(Collection::Core)).unwrap();
     let item = a.store.items()[core as usize - 1].item.clone();
@@ -908,16 +899,15 @@ async fn granted_record_syncs_through_a_relay_circuit() {
     let b = Node::new().await;
     // The patient's grant for B, hinting at A's circuit, reaches both
     // practices (A to serve B, B to know where to ask).
-    let g = p.grant(
+    let (g, items) = p.grant(
         &b,
         &[Collection::Core, Collection::Labs],
         Access::Read,
         vec![circuit.to_string()],
     );
     for node in [&a, &b] {
-        node.store.write(Item::grant(&g)).unwrap();
-        for s in p.shares(b.principal(), &[Collection::Core, Collection::Labs]) {
-            node.store.write(s).unwrap();
+        for item in &items {
+            node.store.write(item.clone()).unwrap();
         }
     }
     until("B holds core and labs", || {
