@@ -2,6 +2,9 @@
 //! single-bit flips (invariant 4), canonical-encoding rejections, version
 //! and size limits, who can open what, consent validity, envelope header
 //! rules, the keystore file, and `Debug` never showing secrets.
+//!
+//! Over 800 lines on purpose: the properties of one public API, sharing
+//! generators and fixtures.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;

@@ -1,6 +1,9 @@
 //! The gateway over real HTTP (reqwest against 127.0.0.1:0) with an
 //! in-memory backend on one record document: status codes, headers,
 //! OperationOutcomes, paging, and real FHIR examples round-tripping.
+//!
+//! Over 800 lines on purpose: one HTTP fixture shared by the tests of every
+//! route.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "common/fhirval.rs"]

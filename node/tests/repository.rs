@@ -1,6 +1,9 @@
 //! The FHIR repository over a real node: create/read/update/delete/search,
 //! durability across reopen, and identical resources on a second node that
 //! ingests the first node's envelopes.
+//!
+//! Over 800 lines on purpose: one subject (the repository over a real node)
+//! with shared fixtures; each test is one scenario.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{HashMap, HashSet};

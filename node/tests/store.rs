@@ -1,5 +1,8 @@
 //! Store, write path, ingest, consent and audit tests of medmesh-node
 //! (DESIGN §5, §8, §9 invariants 4 and 5; validity order independence).
+//!
+//! Over 800 lines on purpose: one subject (the node's store and ingest), one
+//! scenario per test, fixtures shared.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;

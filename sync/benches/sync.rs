@@ -1,4 +1,7 @@
 //! Sync-at-scale benchmarks (issue 9), printed as figures and ratios: first sync of 1k and 10k ~1 KiB Observations between real node stores over loopback TCP, the same bytes over a raw libp2p request-response pair, medmesh vs automerge-repo's published figures, and the delta of one change after 1k vs 10k (100k with `MEDMESH_BENCH_DELTA_100K=1`). `cargo bench -p medmesh-sync --bench sync`; `MEDMESH_BENCH_N=<n>` replaces the 10k size (the 1k size becomes min(1k, n/10)); `MEDMESH_BENCH_ONLY=anti_entropy` runs part 5 (anti-entropy over patients in step) alone, at `MEDMESH_BENCH_PATIENTS=100,1000` patients.
+//!
+//! Over 800 lines on purpose: one benchmark binary whose parts share setup
+//! and one printed comparison.
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;

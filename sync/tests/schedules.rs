@@ -75,6 +75,9 @@
 //! `PROPTEST_RNG_SEED` another set of them (default: a fixed seed). The
 //! run fails if the schedules did not exercise each thing counted in
 //! `Coverage`, transfers included.
+//!
+//! Over 800 lines on purpose: one property, whose schedule generator, model of
+//! what each node may hold, driver and checks are read together.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;

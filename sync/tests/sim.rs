@@ -43,6 +43,9 @@
 //! prints time, process CPU, requests and bytes per delivered envelope:
 //! `cargo test -p medmesh-sync --release --test sim -- --ignored --nocapture`,
 //! with Kademlia on when `SIM_KADEMLIA` is set.
+//!
+//! Over 800 lines on purpose: one simulation, whose driver, model and checks
+//! are read together.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;

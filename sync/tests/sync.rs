@@ -4,6 +4,9 @@
 //! DESIGN §5, invariant 1 (nothing leaves without a grant in force),
 //! invariant 6 (nothing new after a revocation), nudges, cursors, restarts
 //! and an adversarial peer speaking the protocol by hand.
+//!
+//! Over 800 lines on purpose: one swarm fixture shared by every consent
+//! flow's test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;

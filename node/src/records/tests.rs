@@ -1,5 +1,8 @@
 //! Tests of the record model against HL7's R4 examples and Synthea output
 //! (`shared/fhir/examples`, read at test time), plus convergence properties.
+//!
+//! Over 800 lines on purpose: one subject (the record model), one scenario
+//! per test, fixtures shared.
 
 use std::path::PathBuf;
 use std::sync::Arc;
