@@ -5,6 +5,11 @@
 //! Taken from the FHIR R4 (4.0.1) resource definitions. Only elements whose minimum
 //! cardinality is 1 in the base resource (or in a backbone element that is present) and
 //! `code`/`CodeableConcept` elements with a *required* binding are listed.
+//!
+//! Kept whole although over 800 lines: some 810 of them are one data table
+//! (`TYPES`, one entry per supported type, in `SUPPORTED_TYPES` order), the rest
+//! the type list and the value sets it uses. It is read top to bottom against
+//! the R4 definitions; split across files it would only be harder to check.
 
 /// Every resource type the gateway stores (DESIGN §3): the R4 Patient-compartment types
 /// medmesh serves plus the non-compartment types patients' resources reference.
