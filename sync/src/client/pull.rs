@@ -11,8 +11,14 @@ use crate::client::{Client, Link, unexpected};
 use crate::wire::{MAX_OFFERS_PER_PAGE, Offer, Request, Response};
 use crate::{Error, Result, SyncReport};
 
-/// Pulls pages from `peer` until its log is exhausted; the cursor is stored
-/// only after the page it covers was ingested.
+/// Pages one pull takes at most; the rest comes with the next pull, from the
+/// cursor stored after each page. A peer that always answers `more` with
+/// progress cannot keep a pull (and its slot) busy for ever.
+pub(crate) const MAX_PAGES_PER_PULL: u64 = 4096;
+
+/// Pulls pages from `peer` until its log is exhausted (or
+/// [`MAX_PAGES_PER_PULL`] pages came); the cursor is stored only after the
+/// page it covers was ingested.
 ///
 /// Snapshot offers collected on the way are taken at the end, when the
 /// pages have brought the grants and key shares they need; a collection
@@ -89,6 +95,15 @@ pub(crate) async fn pull<B: Backend, L: Link>(client: &Client<B, L>, peer: PeerI
             });
         }
         if !same_instance {
+            // A store is restored or rebuilt between pulls, not during one:
+            // a peer whose instance changes again mid-pull would reset the
+            // cursor on every page and never let the pull end.
+            if report.pages > 0 {
+                return Err(Error::Wire {
+                    message: "page",
+                    reason: "store instance changed within one pull",
+                });
+            }
             info!(%peer, %instance, "peer store instance changed; cursor reset");
         }
         report.pages += 1;
@@ -118,6 +133,10 @@ pub(crate) async fn pull<B: Backend, L: Link>(client: &Client<B, L>, peer: PeerI
         let stalled = same_instance && next == cursor.seq;
         cursor = new;
         if !more || stalled {
+            break;
+        }
+        if report.pages >= MAX_PAGES_PER_PULL {
+            debug!(%peer, pages = report.pages, "page budget of one pull spent; the rest comes with the next pull");
             break;
         }
     }
@@ -198,6 +217,71 @@ mod tests {
                 other => panic!("unexpected request {other:?}"),
             })
         }
+    }
+
+    /// A peer that answers every page with `more`: with a new store instance
+    /// each time, or with progress for ever.
+    struct Endless {
+        new_instance_each_page: bool,
+        pages: Mutex<u64>,
+    }
+
+    impl Link for Endless {
+        async fn request(&self, _peer: PeerId, request: Request) -> crate::Result<Response> {
+            let Request::Pull { cursor, .. } = request else {
+                panic!("unexpected request {request:?}");
+            };
+            let mut pages = self.pages.lock().unwrap();
+            *pages += 1;
+            let instance = if self.new_instance_each_page {
+                InstanceId(u128::from(*pages).to_be_bytes())
+            } else {
+                InstanceId([7; 16])
+            };
+            Ok(Response::Page {
+                instance,
+                next: cursor.seq + 1,
+                more: true,
+                items: Vec::new(),
+                offers: Vec::new(),
+            })
+        }
+    }
+
+    fn endless_client(new_instance_each_page: bool) -> (Client<MemoryBackend, Endless>, PeerId) {
+        let link = Endless {
+            new_instance_each_page,
+            pages: Mutex::new(0),
+        };
+        let me = SecretIdentity::generate().unwrap().practice_id().unwrap().peer_id();
+        let peer = SecretIdentity::generate().unwrap().practice_id().unwrap().peer_id();
+        let client = Client::new(Arc::new(MemoryBackend::new()), link, me, &Config::default());
+        (client, peer)
+    }
+
+    /// A peer changing its store instance on every page used to reset the
+    /// cursor each time and keep the pull going for ever; the second change
+    /// within one pull is now a wire error.
+    #[tokio::test]
+    async fn a_store_instance_that_changes_within_a_pull_ends_it() {
+        let (client, peer) = endless_client(true);
+        let err = client.pull(peer).await.unwrap_err();
+        assert!(matches!(err, crate::Error::Wire { .. }), "{err:?}");
+        assert_eq!(*client.link.pages.lock().unwrap(), 2);
+    }
+
+    /// A peer that always has more: one pull takes its page budget, stores
+    /// the cursor, and ends; the next pull goes on from there.
+    #[tokio::test]
+    async fn a_pull_ends_after_its_page_budget_and_the_next_goes_on() {
+        let (client, peer) = endless_client(false);
+        let report = client.pull(peer).await.unwrap();
+        assert_eq!(report.pages, super::MAX_PAGES_PER_PULL);
+        let cursor = crate::Backend::cursor(&*client.backend, &peer).unwrap().unwrap();
+        assert_eq!(cursor.seq, super::MAX_PAGES_PER_PULL);
+        client.pull(peer).await.unwrap();
+        let cursor = crate::Backend::cursor(&*client.backend, &peer).unwrap().unwrap();
+        assert_eq!(cursor.seq, 2 * super::MAX_PAGES_PER_PULL);
     }
 
     /// Every offered transfer's envelopes were left out of the page: a
