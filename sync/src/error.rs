@@ -91,6 +91,10 @@ pub enum Error {
     /// The sync actor has stopped (shutdown, or every handle dropped).
     #[error("the sync actor has stopped")]
     Stopped,
+    /// A task of the actor panicked (a bug, or a dependency's panic on a
+    /// peer's data); its slot is freed and the step may be tried again.
+    #[error("{0} task panicked")]
+    Panicked(&'static str),
     /// The storage backend failed.
     #[error("backend: {0}")]
     Backend(String),

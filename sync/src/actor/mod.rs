@@ -637,7 +637,7 @@ impl<B: Backend> Actor<B> {
         }
         let ctx = self.ctx.clone();
         self.spawn_task(async move {
-            let finished = match ctx.client.anti_entropy(peer).await {
+            let finished = match pulls::unwound("anti-entropy", ctx.client.anti_entropy(peer)).await {
                 Ok(r) => {
                     if r.ingest.accepted > 0 {
                         info!(%peer, accepted = r.ingest.accepted, "anti-entropy repaired a gap");

@@ -2,6 +2,7 @@
 
 use std::time::{Duration, Instant};
 
+use futures::FutureExt as _;
 use libp2p::PeerId;
 use tokio::sync::oneshot;
 use tracing::{debug, warn};
@@ -25,6 +26,17 @@ pub(crate) const PULL_RETRIES: u32 = 6;
 /// doubling, at most the pull interval.
 pub(crate) fn pull_retry_wait(tries: u32, pull_interval: Duration) -> Duration {
     Duration::from_secs(1u64 << tries.min(16)).min(pull_interval)
+}
+
+/// Runs `step`, turning a panic inside it into [`Error::Panicked`].
+pub(crate) async fn unwound<T>(what: &'static str, step: impl Future<Output = Result<T>>) -> Result<T> {
+    match std::panic::AssertUnwindSafe(step).catch_unwind().await {
+        Ok(result) => result,
+        Err(_) => {
+            warn!(task = what, "a sync task panicked; its slot is freed");
+            Err(Error::Panicked(what))
+        }
+    }
 }
 
 pub(crate) fn echo_error(e: &Error, peer: PeerId) -> Error {
@@ -61,7 +73,10 @@ impl<B: Backend> Actor<B> {
     pub(crate) fn spawn_pull(&mut self, peer: PeerId) {
         let ctx = self.ctx.clone();
         self.spawn_task(async move {
-            let result = ctx.client.pull(peer).await;
+            // A panic inside the pull still reports the pull done, else the
+            // slot would stay taken and every later pull of `peer` would
+            // join one that never ends.
+            let result = unwound("pull", ctx.client.pull(peer)).await;
             let _ = ctx.send(Internal::PullDone { peer, result }).await;
         });
     }
@@ -133,5 +148,23 @@ impl<B: Backend> Actor<B> {
             || self.asked.contains(peer)
             || !matches!(self.backend().cursor(peer), Ok(None))
             || self.backend().names_grantee(peer).unwrap_or(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::panic)]
+
+    use super::unwound;
+    use crate::Error;
+
+    /// A step that panics reports [`Error::Panicked`] instead of never
+    /// reporting at all (its pull slot used to stay taken for good).
+    #[tokio::test]
+    async fn a_panicking_step_reports_an_error() {
+        let ok = unwound("pull", async { Ok(7) }).await.unwrap();
+        assert_eq!(ok, 7);
+        let panicked = unwound::<u8>("pull", async { panic!("a dependency panicked on a peer's data") }).await;
+        assert!(matches!(panicked, Err(Error::Panicked("pull"))), "{panicked:?}");
     }
 }
