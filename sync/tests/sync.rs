@@ -170,12 +170,7 @@ impl Patient {
     /// `medmesh patient revoke` with an empty cut (nothing the grantee wrote
     /// is kept): the revocation first, then the new epoch's shares.
     fn revoke(&mut self, grant: &Grant) -> Vec<Item> {
-        let index = self
-            .cli
-            .grants
-            .iter()
-            .position(|g| g.grant.id() == grant.id())
-            .expect("a grant this patient issued");
+        let index = self.cli.index_of(grant).expect("a grant this patient issued");
         self.cli.revoke(index, Vec::new(), now()).unwrap().unwrap()
     }
 }

@@ -229,12 +229,7 @@ impl Patient {
             .unwrap();
         let served: Vec<Item> = self.store.items().into_iter().map(|stored| stored.item).collect();
         let held = CliPatient::held_under(grant, &served);
-        let index = self
-            .cli
-            .grants
-            .iter()
-            .position(|g| g.grant.id() == grant.id())
-            .expect("a grant this patient issued");
+        let index = self.cli.index_of(grant).expect("a grant this patient issued");
         let items = self.cli.revoke(index, held, now()).unwrap().unwrap();
         self.push(via, items, Vec::new()).await;
         self.cli.grants[index].revocation.clone().unwrap()

@@ -179,6 +179,11 @@ impl CliPatient {
         Ok(Some(items))
     }
 
+    /// The index in [`CliPatient::grants`] of `grant`, if this patient issued it.
+    pub fn index_of(&self, grant: &Grant) -> Option<usize> {
+        self.grants.iter().position(|g| g.grant.id() == grant.id())
+    }
+
     /// What the CLI reads from what a node serves the patient for the cut:
     /// the grantee's changes written under `grant`, as (collection, actor,
     /// seq). Items that are not envelopes, or do not decode, are skipped.
