@@ -1,0 +1,240 @@
+//! The axum application: routes, bearer-token auth, body/time/concurrency
+//! limits, metrics, and the FHIR REST handlers on top of a [`Backend`].
+//!
+//! This file owns the application (its state, the route table, the
+//! middleware and the operational routes); the rest is split by job: request
+//! bodies in and responses out (`body.rs`), the FHIR REST handlers
+//! (`rest.rs`), and the management routes under `/api` (`api.rs`).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{MethodRouter, get, post};
+use serde_json::json;
+
+use crate::auth::Token;
+use crate::backend::Backend;
+use crate::fhir::capability::capability_statement;
+use crate::fhir::outcome::{ApiError, Issue, IssueType, OperationOutcome, fhir_response};
+use crate::metrics::HttpMetrics;
+
+mod api;
+mod body;
+mod rest;
+
+use api::{
+    audit_log, audit_verify, holdings, outbox, peers, submit_grant, submit_keyshare, submit_revocation, sync_with,
+};
+use body::Buffers;
+use rest::{create, delete, instance_operation, read, search, system_interaction, update, vread};
+
+/// Gateway limits and addresses.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Largest request body accepted (413 beyond).
+    pub body_limit: usize,
+    /// Longest a request may take before it is answered 503.
+    pub request_timeout: Duration,
+    /// Requests handled at once; more wait.
+    pub max_concurrency: usize,
+    /// Cap on `_count`.
+    pub max_count: usize,
+    /// The FHIR base URL clients use, e.g. `http://127.0.0.1:8080/fhir`.
+    pub base_url: String,
+}
+
+impl Config {
+    /// Defaults for a gateway reachable at `addr`.
+    pub fn for_addr(addr: SocketAddr) -> Self {
+        Self {
+            body_limit: 8 * 1024 * 1024,
+            request_timeout: Duration::from_secs(30),
+            max_concurrency: 256,
+            max_count: 1000,
+            base_url: format!("http://{addr}/fhir"),
+        }
+    }
+}
+
+struct AppState<B> {
+    backend: Arc<B>,
+    /// Large bodies parsed and validated at once ([`AppState::off_thread`]).
+    parsers: Arc<tokio::sync::Semaphore>,
+    /// Buffers that searchset Bundles are written into, reused.
+    buffers: Arc<Buffers>,
+    /// `GET /openapi.json`, serialized once.
+    openapi: Vec<u8>,
+    token: Token,
+    config: Config,
+    metrics: HttpMetrics,
+}
+
+type Shared<B> = State<Arc<AppState<B>>>;
+
+/// The whole gateway as an axum `Router`.
+pub fn router<B: Backend>(backend: Arc<B>, token: Token, config: Config) -> Router {
+    let openapi = serde_json::to_vec(&crate::openapi::document(&config.base_url)).unwrap_or_default();
+    let parsers = std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get);
+    let state = Arc::new(AppState {
+        backend,
+        parsers: Arc::new(tokio::sync::Semaphore::new(parsers)),
+        buffers: Arc::default(),
+        openapi,
+        token,
+        metrics: HttpMetrics::new(),
+        config,
+    });
+    let max_concurrency = state.config.max_concurrency;
+    // Exactly the routes the OpenAPI document lists.
+    let mut router = Router::new();
+    for route in crate::openapi::routes() {
+        router = router.route(route, handlers::<B>(route));
+    }
+    router
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), timeout::<B>))
+        .layer(middleware::from_fn_with_state(state.clone(), authenticate::<B>))
+        .layer(middleware::from_fn_with_state(state.clone(), record_metrics::<B>))
+        .layer(tower::limit::ConcurrencyLimitLayer::new(max_concurrency))
+        .with_state(state)
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves, then drains.
+///
+/// # Errors
+/// I/O errors from the listener.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router).with_graceful_shutdown(shutdown).await
+}
+
+// ---- middleware -------------------------------------------------------------
+
+const PUBLIC_PATHS: [&str; 2] = ["/health", "/fhir/metadata"];
+
+/// The handlers of one route of [`crate::openapi::OPS`]. A route missing here
+/// answers 405 to every method, which the route test catches.
+fn handlers<B: Backend>(route: &str) -> MethodRouter<Arc<AppState<B>>> {
+    match route {
+        "/health" => get(health),
+        "/metrics" => get(metrics::<B>),
+        "/openapi.json" => get(openapi::<B>),
+        "/fhir/metadata" => get(metadata::<B>),
+        "/fhir" => post(system_interaction::<B>),
+        "/fhir/{type}" => get(search::<B>).post(create::<B>),
+        "/fhir/{type}/{id}" => get(read::<B>).put(update::<B>).delete(delete::<B>),
+        "/fhir/{type}/{id}/{op}" => get(instance_operation::<B>),
+        "/fhir/{type}/{id}/_history/{vid}" => get(vread::<B>),
+        "/api/holdings" => get(holdings::<B>),
+        "/api/outbox" => get(outbox::<B>),
+        "/api/grants" => post(submit_grant::<B>),
+        "/api/revocations" => post(submit_revocation::<B>),
+        "/api/keyshares" => post(submit_keyshare::<B>),
+        "/api/peers" => get(peers::<B>),
+        "/api/peers/{peer}/sync" => post(sync_with::<B>),
+        "/api/audit" => get(audit_log::<B>),
+        "/api/audit/verify" => get(audit_verify::<B>),
+        _ => MethodRouter::new(),
+    }
+}
+
+async fn authenticate<B: Backend>(State(state): Shared<B>, request: Request, next: Next) -> Response {
+    if PUBLIC_PATHS.contains(&request.uri().path()) {
+        return next.run(request).await;
+    }
+    let authorization = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if !state.token.accepts(authorization) {
+        let mut response = ApiError::Unauthorized.into_response();
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return response;
+    }
+    next.run(request).await
+}
+
+async fn timeout<B: Backend>(State(state): Shared<B>, request: Request, next: Next) -> Response {
+    match tokio::time::timeout(state.config.request_timeout, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => {
+            let outcome = OperationOutcome::from_issues([Issue::error(IssueType::Timeout, "request timed out")]);
+            fhir_response(StatusCode::SERVICE_UNAVAILABLE, &outcome.to_value())
+        }
+    }
+}
+
+async fn record_metrics<B: Backend>(State(state): Shared<B>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = request.method().to_string();
+    let response = next.run(request).await;
+    state.metrics.record(
+        &route,
+        &method,
+        response.status().as_u16(),
+        started.elapsed().as_secs_f64(),
+    );
+    response
+}
+
+// ---- operational routes -----------------------------------------------------
+
+async fn health() -> Response {
+    axum::Json(json!({ "status": "ok" })).into_response()
+}
+
+async fn metrics<B: Backend>(State(state): Shared<B>) -> Response {
+    let mut text = String::new();
+    state.metrics.encode(&mut text);
+    state.backend.write_metrics(&mut text);
+    text.push_str("# EOF\n");
+    let mut response = text.into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    response
+}
+
+async fn openapi<B: Backend>(State(state): Shared<B>) -> Response {
+    let mut response = state.openapi.clone().into_response();
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+async fn metadata<B: Backend>(State(state): Shared<B>) -> Response {
+    fhir_response(
+        StatusCode::OK,
+        &capability_statement(&state.config.base_url, state.config.max_count),
+    )
+}
+
+async fn not_found() -> Response {
+    ApiError::NotFound {
+        resource_type: "route".to_owned(),
+        id: "unknown".to_owned(),
+    }
+    .into_response()
+}
+
+async fn method_not_allowed(method: Method) -> Response {
+    ApiError::MethodNotAllowed(method.to_string()).into_response()
+}
