@@ -22,11 +22,16 @@ impl Token {
         }
     }
 
-    /// Whether the `Authorization` header value carries this token.
+    /// Whether the `Authorization` header value carries this token. The
+    /// scheme is matched without regard to case (RFC 9110 §11.1: `bearer`
+    /// is `Bearer`), as client libraries send it either way.
     pub fn accepts(&self, authorization: Option<&str>) -> bool {
-        let Some(candidate) = authorization.and_then(|h| h.strip_prefix("Bearer ")) else {
+        let Some((scheme, candidate)) = authorization.and_then(|h| h.trim_start().split_once(' ')) else {
             return false;
         };
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return false;
+        }
         let digest: [u8; 32] = Sha256::digest(candidate.trim().as_bytes()).into();
         self.digest.ct_eq(&digest).into()
     }
@@ -46,6 +51,10 @@ mod tests {
     fn accepts_only_the_exact_bearer_token() {
         let token = Token::new("s3cret");
         assert!(token.accepts(Some("Bearer s3cret")));
+        assert!(token.accepts(Some("bearer s3cret")));
+        assert!(token.accepts(Some("BEARER s3cret")));
+        assert!(!token.accepts(Some("Bearers3cret")));
+        assert!(!token.accepts(Some("bearer")));
         assert!(!token.accepts(Some("Bearer s3cret2")));
         assert!(!token.accepts(Some("Basic s3cret")));
         assert!(!token.accepts(Some("s3cret")));

@@ -134,6 +134,84 @@ async fn prefer_return_minimal_has_no_body() {
     assert!(response.bytes().await.unwrap().is_empty());
 }
 
+/// What FHIR client libraries send (issue 18): transactions posted to
+/// `[base]/` and reads with a trailing slash work, the auth scheme in any
+/// case is accepted, and a client that accepts only XML gets a 406
+/// OperationOutcome instead of a 200 in JSON (`Accept` or `_format`); a
+/// JSON or wildcard `Accept` still reads.
+#[tokio::test]
+async fn client_library_conventions() {
+    let server = Server::start(1024 * 1024).await;
+    let batch = json!({"resourceType": "Bundle", "type": "batch", "entry": [
+        {"resource": {"resourceType": "Patient"}, "request": {"method": "POST", "url": "Patient"}}
+    ]});
+    let response = server.post("/fhir/", &batch).await;
+    assert_eq!(response.status(), 200);
+    let bundle = json_of(response).await;
+    assert_eq!(bundle["type"], "batch-response");
+    let location = bundle["entry"][0]["response"]["location"].as_str().unwrap().to_owned();
+    let key = location.split("/_history").next().unwrap().to_owned();
+
+    let get = |path: String, accept: Option<&'static str>, auth: &'static str| {
+        let mut request = server
+            .client
+            .get(server.url(&path))
+            .header("authorization", format!("{auth} {TOKEN}"));
+        if let Some(accept) = accept {
+            request = request.header("accept", accept);
+        }
+        request.send()
+    };
+    assert_eq!(
+        get(format!("/fhir/{key}/"), None, "Bearer").await.unwrap().status(),
+        200
+    );
+    assert_eq!(
+        get("/fhir/metadata/".to_owned(), None, "Bearer")
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(get(format!("/fhir/{key}"), None, "bearer").await.unwrap().status(), 200);
+    assert_eq!(get(format!("/fhir/{key}"), None, "BEARER").await.unwrap().status(), 200);
+    assert_eq!(get(format!("/fhir/{key}"), None, "Basic").await.unwrap().status(), 401);
+    for accept in [
+        "application/fhir+json",
+        "application/json",
+        "*/*",
+        "application/fhir+xml;q=0.9, application/fhir+json",
+        "text/html, */*;q=0.1",
+    ] {
+        let response = get(format!("/fhir/{key}"), Some(accept), "Bearer").await.unwrap();
+        assert_eq!(response.status(), 200, "Accept: {accept}");
+    }
+    for accept in [
+        "application/fhir+xml",
+        "application/xml, text/xml",
+        "application/fhir+json;q=0",
+    ] {
+        let response = get(format!("/fhir/{key}"), Some(accept), "Bearer").await.unwrap();
+        assert_eq!(response.status(), 406, "Accept: {accept}");
+        assert_eq!(json_of(response).await["resourceType"], "OperationOutcome");
+    }
+    for (format, status) in [
+        ("json", 200),
+        ("application/fhir%2Bjson", 200),
+        ("xml", 406),
+        ("ttl", 406),
+    ] {
+        let response = get(format!("/fhir/{key}?_format={format}"), None, "Bearer")
+            .await
+            .unwrap();
+        assert_eq!(response.status(), status, "_format={format}");
+        let response = get(format!("/fhir/Patient?_format={format}"), None, "Bearer")
+            .await
+            .unwrap();
+        assert_eq!(response.status(), status, "search, _format={format}");
+    }
+}
+
 /// Every row: a bad request → its exact status and an OperationOutcome.
 #[tokio::test]
 async fn bad_requests_map_to_fhir_errors() {

@@ -337,6 +337,10 @@ pub enum ApiError {
     /// matched more than one resource, or a conditional create now matches.
     #[error("precondition failed: {0}")]
     MultipleMatches(String),
+    /// 406: the client accepts only formats this server does not produce
+    /// (`Accept`, or `_format`, naming XML or RDF): JSON is all it serves.
+    #[error("not acceptable: this server answers application/fhir+json only, not {0}")]
+    NotAcceptable(String),
     /// 413: the body exceeds the limit.
     #[error("request body larger than {limit_bytes} bytes")]
     PayloadTooLarge {
@@ -393,6 +397,7 @@ impl ApiError {
             Self::Forbidden(_) => 403,
             Self::UnknownType(_) | Self::NotFound { .. } => 404,
             Self::MethodNotAllowed(_) => 405,
+            Self::NotAcceptable(_) => 406,
             Self::Conflict(_) => 409,
             Self::Gone { .. } => 410,
             Self::PreconditionFailed { .. } | Self::MultipleMatches(_) => 412,
@@ -416,7 +421,7 @@ impl ApiError {
             Self::MalformedBody(_) => one(IssueType::Structure, self.to_string()),
             Self::Unauthorized => one(IssueType::Login, self.to_string()),
             Self::Forbidden(_) => one(IssueType::Forbidden, self.to_string()),
-            Self::UnknownType(_) | Self::MethodNotAllowed(_) | Self::UnsupportedMediaType => {
+            Self::UnknownType(_) | Self::MethodNotAllowed(_) | Self::UnsupportedMediaType | Self::NotAcceptable(_) => {
                 one(IssueType::NotSupported, self.to_string())
             }
             Self::NotFound { .. } => one(IssueType::NotFound, self.to_string()),

@@ -278,6 +278,16 @@ pub fn parse_search(resource_type: &str, query: &str, max_count: usize) -> Resul
     })
 }
 
+/// The first value of query parameter `name`, decoded; `None` when absent
+/// or not decodable.
+pub(crate) fn query_value(query: &str, name: &str) -> Option<String> {
+    query
+        .split('&')
+        .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))
+        .find(|(key, _)| decode(key).as_deref() == Some(name))
+        .and_then(|(_, value)| decode(value))
+}
+
 /// `application/x-www-form-urlencoded` decoding: `+` is a space, `%XX` a byte; the
 /// result must be UTF-8.
 fn decode(s: &str) -> Option<String> {

@@ -91,14 +91,18 @@ pub fn router<B: Backend>(backend: Arc<B>, token: Token, config: Config) -> Rout
         config,
     });
     let max_concurrency = state.config.max_concurrency;
-    // Exactly the routes the OpenAPI document lists.
+    // Exactly the routes the OpenAPI document lists, each also with a
+    // trailing slash: FHIR client libraries post transactions to `[base]/`.
     let mut router = Router::new();
     for route in crate::openapi::routes() {
-        router = router.route(route, handlers::<B>(route));
+        router = router
+            .route(route, handlers::<B>(route))
+            .route(&format!("{route}/"), handlers::<B>(route));
     }
     router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(negotiate))
         .layer(middleware::from_fn_with_state(state.clone(), timeout::<B>))
         .layer(middleware::from_fn_with_state(state.clone(), authenticate::<B>))
         .layer(middleware::from_fn_with_state(state.clone(), record_metrics::<B>))
@@ -149,7 +153,8 @@ fn handlers<B: Backend>(route: &str) -> MethodRouter<Arc<AppState<B>>> {
 }
 
 async fn authenticate<B: Backend>(State(state): Shared<B>, request: Request, next: Next) -> Response {
-    if PUBLIC_PATHS.contains(&request.uri().path()) {
+    let path = request.uri().path();
+    if PUBLIC_PATHS.contains(&path.strip_suffix('/').unwrap_or(path)) {
         return next.run(request).await;
     }
     let authorization = request
@@ -164,6 +169,62 @@ async fn authenticate<B: Backend>(State(state): Shared<B>, request: Request, nex
         return response;
     }
     next.run(request).await
+}
+
+/// Content negotiation on the FHIR routes (FHIR R4 http.html#mime-type):
+/// JSON is the one format served, so a request that accepts none of it (`Accept` without a
+/// JSON type or a wildcard, or `_format` naming another format) is a 406
+/// before any handler runs, instead of a 200 in a format it did not ask for.
+async fn negotiate(request: Request, next: Next) -> Response {
+    // FHIR routes only: /metrics answers Prometheus text whatever it is asked.
+    if !request.uri().path().starts_with("/fhir") {
+        return next.run(request).await;
+    }
+    let format = request
+        .uri()
+        .query()
+        .and_then(|query| crate::fhir::search_params::query_value(query, "_format"));
+    let refused = match format {
+        Some(format) => (!serves_format(&format)).then_some(format),
+        None => request
+            .headers()
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .filter(|accept| !accepts_json(accept))
+            .map(str::to_owned),
+    };
+    match refused {
+        Some(asked) => ApiError::NotAcceptable(asked.chars().take(100).collect()).into_response(),
+        None => next.run(request).await,
+    }
+}
+
+/// Whether a `_format` value names JSON (`json`, or a JSON media type).
+fn serves_format(format: &str) -> bool {
+    let format = format.trim().to_ascii_lowercase();
+    format == "json" || accepts_json(&format)
+}
+
+/// Whether an `Accept` value lets a JSON answer through: a JSON media type
+/// (`application/fhir+json`, `application/json`, any `+json`) or a wildcard
+/// (`*/*`, `application/*`), with any parameters, at a non-zero quality.
+fn accepts_json(accept: &str) -> bool {
+    accept.split(',').any(|range| {
+        let mut parts = range.split(';');
+        let media = parts.next().unwrap_or_default().trim().to_ascii_lowercase();
+        let refused = parts.any(|p| {
+            let p = p.trim();
+            p.strip_prefix("q=")
+                .and_then(|q| q.trim().parse::<f32>().ok())
+                .is_some_and(|q| q <= 0.0)
+        });
+        !refused
+            && (media.is_empty()
+                || media == "*/*"
+                || media == "application/*"
+                || media == "application/json"
+                || media.ends_with("+json"))
+    })
 }
 
 async fn timeout<B: Backend>(State(state): Shared<B>, request: Request, next: Next) -> Response {
