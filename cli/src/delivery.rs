@@ -100,7 +100,7 @@ impl Delivery {
         }
     }
 
-    /// One line for people: "delivered", or "pending since <time>: <why>".
+    /// One line for people: "delivered", or `pending since <time>: <why>`.
     pub(crate) fn text(&self) -> String {
         match self {
             Self::Delivered => "delivered".to_owned(),

@@ -536,7 +536,7 @@ impl Revocation {
     /// Signs `terms` with the patient's key.
     ///
     /// # Errors
-    /// [`Error::WrongSigner`], or a cut over [`MAX_CUT_ACTORS`] actors.
+    /// [`Error::WrongSigner`], or a cut over `MAX_CUT_ACTORS` actors.
     pub fn sign(terms: RevocationTerms, patient: &SecretIdentity) -> Result<Self> {
         if patient.patient_id() != terms.patient {
             return Err(Error::WrongSigner {

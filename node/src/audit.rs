@@ -14,7 +14,7 @@
 //! tail or a consistent rewrite. So after every group commit that appended
 //! entries, the committer signs an [`AuditCheckpoint`] of the head (seq and
 //! hash) with the node key and keeps the latest apart from the log (written
-//! before the flush that makes the entries durable): [`check_anchor`] then
+//! before the flush that makes the entries durable): `check_anchor` then
 //! tells a log that lost entries after its checkpoint, or whose checkpointed
 //! entry changed. Whoever also holds the node key can re-sign a rewritten
 //! log; only checkpoints kept elsewhere (the patient's CLI) catch that.

@@ -15,7 +15,7 @@ impl Node {
 
     /// Items with seq > `after`, at most `limit`, each re-verified; corrupt
     /// ones are quarantined and left out. Filter them with
-    /// [`Node::may_receive`] before serving.
+    /// [`Node::may_disclose`] before serving.
     ///
     /// # Errors
     /// Store failures.

@@ -154,7 +154,7 @@ impl Repository {
     /// 3. Every read must succeed (a resource this transaction deletes is
     ///    gone, one it writes exists) before anything is written.
     /// 4. The writes, as one change per touched document in one durable
-    ///    batch (see [`Repository::write_all`]).
+    ///    batch (`write_all`).
     /// 5. The reads and searches, which see every write.
     ///
     /// Results come back in the order of `ops`.
