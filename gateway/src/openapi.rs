@@ -77,7 +77,11 @@ const SEARCH_PARAMS: &[(Where, &str, &str)] = &[
         "_offset",
         "Matches to skip: the page cursor carried by `next` links.",
     ),
-    (Where::Query, "_format", "Only `json` / `application/fhir+json`; any other format is a 406."),
+    (
+        Where::Query,
+        "_format",
+        "Only `json` / `application/fhir+json`; any other format is a 406.",
+    ),
     (
         Where::Query,
         "_pretty",
