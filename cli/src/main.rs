@@ -107,6 +107,10 @@ struct NodeRunArgs {
     /// Allow a gateway address beyond loopback (exposes patient data to the network).
     #[arg(long)]
     allow_remote_gateway: bool,
+    /// A browser origin allowed to call the gateway (CORS), e.g.
+    /// https://emr.example.org (repeatable; none by default).
+    #[arg(long, value_name = "ORIGIN")]
+    cors_origin: Vec<String>,
     /// A peer to connect to (repeatable).
     #[arg(long, value_name = "MULTIADDR")]
     peer: Vec<String>,
@@ -249,6 +253,7 @@ node: {}",
                     args.external_address
                 },
                 allow_remote_gateway: args.allow_remote_gateway,
+                cors_origins: args.cors_origin,
                 redelivery_max_backoff: config.redelivery_max_backoff_secs.map(std::time::Duration::from_secs),
             };
             node_cmd::run(&dir, options, out)

@@ -304,6 +304,7 @@ pub(crate) struct RunOptions {
     pub(crate) relay_server: bool,
     pub(crate) external_addresses: Vec<String>,
     pub(crate) allow_remote_gateway: bool,
+    pub(crate) cors_origins: Vec<String>,
     pub(crate) redelivery_max_backoff: Option<std::time::Duration>,
 }
 
@@ -398,7 +399,10 @@ pub(crate) async fn start(dir: &Path, options: RunOptions) -> Result<StartedNode
         .iter()
         .map(ToString::to_string)
         .collect();
-    let config = medmesh_gateway::Config::for_addr(bound);
+    let config = medmesh_gateway::Config {
+        cors_origins: options.cors_origins.clone(),
+        ..medmesh_gateway::Config::for_addr(bound)
+    };
     let backend = Arc::new(NodeBackend::new(
         node.clone(),
         repository.clone(),

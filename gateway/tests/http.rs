@@ -212,6 +212,86 @@ async fn client_library_conventions() {
     }
 }
 
+/// Browser apps and large answers (issue 18): a configured origin's
+/// preflight is answered without a token and its requests carry the CORS
+/// headers; another origin gets none; with no origin configured there is no
+/// CORS at all. A client that accepts gzip gets it.
+#[tokio::test]
+async fn cors_for_configured_origins_and_gzip_on_request() {
+    const EMR: &str = "https://emr.example.org";
+    let server = Server::start_with(|config| config.cors_origins = vec![EMR.to_owned()]).await;
+    let preflight = |origin: &'static str| {
+        server
+            .client
+            .request(reqwest::Method::OPTIONS, server.url("/fhir/Patient"))
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header("access-control-request-headers", "authorization, content-type")
+            .send()
+    };
+    let allowed = preflight(EMR).await.unwrap();
+    assert!(allowed.status().is_success(), "{}", allowed.status());
+    assert_eq!(allowed.headers()["access-control-allow-origin"], EMR);
+    let methods = allowed.headers()["access-control-allow-methods"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(methods.contains("POST"), "{methods}");
+    let other = preflight("https://evil.example").await.unwrap();
+    assert!(!other.headers().contains_key("access-control-allow-origin"));
+
+    let read = server
+        .client
+        .get(server.url("/fhir/Patient"))
+        .bearer_auth(TOKEN)
+        .header("origin", EMR)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(read.status(), 200);
+    assert_eq!(read.headers()["access-control-allow-origin"], EMR);
+    // The token is still required: CORS only lets the browser ask.
+    let unauthorized = server
+        .client
+        .get(server.url("/fhir/Patient"))
+        .header("origin", EMR)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unauthorized.status(), 401);
+
+    let plain = Server::start(1024 * 1024).await;
+    let response = plain
+        .client
+        .request(reqwest::Method::OPTIONS, plain.url("/fhir/Patient"))
+        .header("origin", EMR)
+        .header("access-control-request-method", "GET")
+        .send()
+        .await
+        .unwrap();
+    assert!(!response.headers().contains_key("access-control-allow-origin"));
+
+    for i in 0..20 {
+        let patient = json!({"resourceType": "Patient", "name": [{"family": format!("Gzip{i}")}]});
+        assert_eq!(plain.post("/fhir/Patient", &patient).await.status(), 201);
+    }
+    let gzipped = plain
+        .client
+        .get(plain.url("/fhir/Patient"))
+        .bearer_auth(TOKEN)
+        .header("accept-encoding", "gzip")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(gzipped.status(), 200);
+    assert_eq!(gzipped.headers()["content-encoding"], "gzip");
+    let compressed = gzipped.bytes().await.unwrap().len();
+    let identity = plain.get("/fhir/Patient").await;
+    assert!(!identity.headers().contains_key("content-encoding"));
+    let full = identity.bytes().await.unwrap().len();
+    assert!(compressed < full / 2, "gzip {compressed} B vs {full} B");
+}
+
 /// Every row: a bad request → its exact status and an OperationOutcome.
 #[tokio::test]
 async fn bad_requests_map_to_fhir_errors() {

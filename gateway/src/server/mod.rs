@@ -47,6 +47,10 @@ pub struct Config {
     pub max_count: usize,
     /// The FHIR base URL clients use, e.g. `http://127.0.0.1:8080/fhir`.
     pub base_url: String,
+    /// Browser origins allowed to call the gateway (CORS), exactly as the
+    /// browser sends them (`https://emr.example.org`). Empty: no CORS
+    /// headers, so browsers refuse cross-origin calls.
+    pub cors_origins: Vec<String>,
 }
 
 impl Config {
@@ -58,6 +62,7 @@ impl Config {
             max_concurrency: 256,
             max_count: 1000,
             base_url: format!("http://{addr}/fhir"),
+            cors_origins: Vec::new(),
         }
     }
 }
@@ -91,6 +96,7 @@ pub fn router<B: Backend>(backend: Arc<B>, token: Token, config: Config) -> Rout
         config,
     });
     let max_concurrency = state.config.max_concurrency;
+    let cors = cors(&state.config.cors_origins);
     // Exactly the routes the OpenAPI document lists, each also with a
     // trailing slash: FHIR client libraries post transactions to `[base]/`.
     let mut router = Router::new();
@@ -107,7 +113,56 @@ pub fn router<B: Backend>(backend: Arc<B>, token: Token, config: Config) -> Rout
         .layer(middleware::from_fn_with_state(state.clone(), authenticate::<B>))
         .layer(middleware::from_fn_with_state(state.clone(), record_metrics::<B>))
         .layer(tower::limit::ConcurrencyLimitLayer::new(max_concurrency))
+        // gzip when the client asks for it (`Accept-Encoding`); Bundles shrink ~10x.
+        .layer(tower_http::compression::CompressionLayer::new())
+        // Outermost, so a browser's preflight is answered before auth asks for a token.
+        .layer(cors)
         .with_state(state)
+}
+
+/// CORS for the configured origins only; with none, a layer that adds nothing.
+fn cors(origins: &[String]) -> tower_http::cors::CorsLayer {
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    let allowed: Vec<HeaderValue> = origins
+        .iter()
+        .filter_map(|origin| match HeaderValue::from_str(origin.trim_end_matches('/')) {
+            Ok(value) => Some(value),
+            Err(_) => {
+                tracing::warn!(%origin, "not a valid origin; left out of CORS");
+                None
+            }
+        })
+        .collect();
+    if allowed.is_empty() {
+        return CorsLayer::new();
+    }
+    CorsLayer::new()
+        .allow_origin(AllowOrigin::list(allowed))
+        .allow_methods([
+            axum::http::Method::GET,
+            axum::http::Method::HEAD,
+            axum::http::Method::POST,
+            axum::http::Method::PUT,
+            axum::http::Method::PATCH,
+            axum::http::Method::DELETE,
+        ])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            header::ACCEPT,
+            header::IF_MATCH,
+            header::IF_NONE_MATCH,
+            header::IF_MODIFIED_SINCE,
+            axum::http::HeaderName::from_static("if-none-exist"),
+            axum::http::HeaderName::from_static("prefer"),
+        ])
+        .expose_headers([
+            header::LOCATION,
+            header::ETAG,
+            header::LAST_MODIFIED,
+            header::CONTENT_LOCATION,
+        ])
+        .max_age(Duration::from_secs(600))
 }
 
 /// Serves `router` on `listener` until `shutdown` resolves, then drains.

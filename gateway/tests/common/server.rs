@@ -22,11 +22,17 @@ pub(crate) struct Server {
 impl Server {
     /// Starts a gateway with this body limit (and `_count` capped at 20).
     pub(crate) async fn start(body_limit: usize) -> Self {
+        Self::start_with(|config| config.body_limit = body_limit).await
+    }
+
+    /// Starts a gateway whose configuration `edit` changes (`_count` capped
+    /// at 20 first).
+    pub(crate) async fn start_with(edit: impl FnOnce(&mut Config)) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let mut config = Config::for_addr(addr);
-        config.body_limit = body_limit;
         config.max_count = 20;
+        edit(&mut config);
         let app = medmesh_gateway::router(Arc::new(MemBackend::new()), Token::new(TOKEN), config);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(medmesh_gateway::serve(listener, app, async {
