@@ -97,7 +97,8 @@ const SEARCH_PARAMS: &[(Where, &str, &str)] = &[
 const PREFER_RETURN: (Where, &str, &str) = (
     Where::Header,
     "Prefer",
-    "`return=minimal`: no resource in the body (headers only; for Bundles, no resources in write entries).",
+    "`return=minimal`: no resource in the body (headers only; for Bundles, no resources in write entries); \
+     `return=OperationOutcome`: an OperationOutcome naming the resource and version instead (Bundles: as minimal).",
 );
 
 /// Every operation the gateway serves.

@@ -134,6 +134,56 @@ async fn prefer_return_minimal_has_no_body() {
     assert!(response.bytes().await.unwrap().is_empty());
 }
 
+/// `Prefer: return=OperationOutcome` (issue 18): a create and an update
+/// answer an OperationOutcome naming the resource and its version, with the
+/// usual status and headers; the resource itself is stored as sent.
+#[tokio::test]
+async fn prefer_return_operation_outcome() {
+    let server = Server::start(1024 * 1024).await;
+    let send = |method: reqwest::Method, path: String, body: Value| {
+        server
+            .client
+            .request(method, server.url(&path))
+            .bearer_auth(TOKEN)
+            .header("content-type", "application/fhir+json")
+            .header("prefer", "return=OperationOutcome")
+            .body(body.to_string())
+            .send()
+    };
+    let created = send(
+        reqwest::Method::POST,
+        "/fhir/Patient".to_owned(),
+        json!({"resourceType": "Patient", "gender": "female"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(created.status(), 201);
+    let location = created.headers()["location"].to_str().unwrap().to_owned();
+    let etag = created.headers()["etag"].to_str().unwrap().to_owned();
+    let outcome = json_of(created).await;
+    assert_eq!(outcome["resourceType"], "OperationOutcome");
+    assert_eq!(outcome["issue"][0]["severity"], "information");
+    let id = location.split('/').rev().nth(2).unwrap().to_owned();
+    let text = outcome["issue"][0]["diagnostics"].as_str().unwrap();
+    assert!(
+        text.contains(&format!("Patient/{id}")) && text.contains("created"),
+        "{text}"
+    );
+    assert!(text.contains(etag.trim_start_matches("W/").trim_matches('"')), "{text}");
+
+    let updated = send(
+        reqwest::Method::PUT,
+        format!("/fhir/Patient/{id}"),
+        json!({"resourceType": "Patient", "id": id, "gender": "male"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(updated.status(), 200);
+    assert_eq!(json_of(updated).await["resourceType"], "OperationOutcome");
+    let stored = json_of(server.get(&format!("/fhir/Patient/{id}")).await).await;
+    assert_eq!(stored["gender"], "male");
+}
+
 /// What FHIR client libraries send (issue 18): transactions posted to
 /// `[base]/` and reads with a trailing slash work, the auth scheme in any
 /// case is accepted, and a client that accepts only XML gets a 406

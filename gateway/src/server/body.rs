@@ -89,18 +89,48 @@ impl AsRef<[u8]> for SharedJson {
     }
 }
 
+/// What a create or update answers with (`Prefer: return=…`, FHIR R4
+/// http.html#ops): the resource (the default), nothing, or an
+/// OperationOutcome about the write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Return {
+    Representation,
+    Minimal,
+    OperationOutcome,
+}
+
+impl Return {
+    pub(crate) fn preferred(headers: &HeaderMap) -> Self {
+        match prefer(headers, "return").as_deref() {
+            Some("minimal") => Self::Minimal,
+            Some("OperationOutcome") => Self::OperationOutcome,
+            _ => Self::Representation,
+        }
+    }
+}
+
 pub(super) fn resource_response(
     status: StatusCode,
     resource: &Arc<RenderedResource>,
     base_url: &str,
-    minimal: bool,
+    answer: Return,
 ) -> Response {
-    let mut response = if minimal {
-        let mut r = status.into_response();
-        *r.status_mut() = status;
-        r
-    } else {
-        fhir_body(status, SharedJson(Arc::clone(resource)))
+    let mut response = match answer {
+        Return::Minimal => status.into_response(),
+        Return::OperationOutcome => {
+            let done = if status == StatusCode::CREATED {
+                "created"
+            } else {
+                "stored"
+            };
+            let text = format!("{} {done}, version {}", resource.key, resource.version_id);
+            let outcome = crate::fhir::outcome::OperationOutcome::from_issues([Issue::information(
+                IssueType::Informational,
+                text,
+            )]);
+            crate::fhir::outcome::fhir_response(status, &outcome.to_value())
+        }
+        Return::Representation => fhir_body(status, SharedJson(Arc::clone(resource))),
     };
     let headers = response.headers_mut();
     if let Ok(etag) = HeaderValue::from_str(&format!("W/\"{}\"", resource.version_id)) {
@@ -231,8 +261,10 @@ pub(super) async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> 
         .map_err(|_| ApiError::PayloadTooLarge { limit_bytes: limit })
 }
 
+/// For Bundles: `return=minimal` (and, until entries carry outcomes,
+/// `return=OperationOutcome`) leaves resources out of write entries.
 pub(crate) fn prefers_minimal(headers: &HeaderMap) -> bool {
-    prefer(headers, "return").is_some_and(|v| v == "minimal")
+    Return::preferred(headers) != Return::Representation
 }
 
 pub(super) fn prefer(headers: &HeaderMap, key: &str) -> Option<String> {

@@ -12,7 +12,7 @@ use medmesh_node::records::RenderedResource;
 use serde_json::{Value, json};
 
 use super::api::required_patient;
-use super::body::{if_match, parse_json, prefer, prefers_minimal, read_json_bytes, resource_response};
+use super::body::{Return, if_match, parse_json, prefer, prefers_minimal, read_json_bytes, resource_response};
 use super::{AppState, Shared};
 use crate::backend::{Backend, HistoryEntry};
 use crate::fhir::bundle::{SearchMode, Searchset, parse_request_bundle, searchset};
@@ -47,7 +47,8 @@ pub(super) async fn create<B: Backend>(
 ) -> Result<Response, ApiError> {
     check_type(&resource_type)?;
     let resource = state.read_resource(&headers, body, &resource_type, |_| Ok(())).await?;
-    let minimal = prefers_minimal(&headers);
+    let answer = Return::preferred(&headers);
+    let minimal = answer != Return::Representation;
     // Conditional create (FHIR R4 §3.1.0.8.1): `If-None-Exist: identifier=…`.
     let stored = match headers.get(IF_NONE_EXIST) {
         None => state.backend.create(resource).await?,
@@ -73,7 +74,7 @@ pub(super) async fn create<B: Backend>(
                         StatusCode::OK,
                         &existing,
                         &state.config.base_url,
-                        minimal,
+                        answer,
                     ));
                 }
                 ConditionalCreate::Create(request) => create_if_none(state.backend.as_ref(), resource, request).await?,
@@ -84,7 +85,7 @@ pub(super) async fn create<B: Backend>(
         StatusCode::CREATED,
         &stored,
         &state.config.base_url,
-        minimal,
+        answer,
     ))
 }
 
@@ -123,12 +124,12 @@ fn read_response(stored: &Arc<RenderedResource>, base_url: &str, headers: &Heade
             // HTTP dates have whole seconds.
             .is_some_and(|since| stored.last_updated_ms.div_euclid(1000) <= since),
     };
-    let status = if not_modified {
-        StatusCode::NOT_MODIFIED
+    let (status, answer) = if not_modified {
+        (StatusCode::NOT_MODIFIED, Return::Minimal)
     } else {
-        StatusCode::OK
+        (StatusCode::OK, Return::Representation)
     };
-    resource_response(status, stored, base_url, not_modified)
+    resource_response(status, stored, base_url, answer)
 }
 
 /// Whether an `If-None-Match` list (`W/"a", "b"` or `*`) names `version_id`.
@@ -183,7 +184,7 @@ pub(super) async fn update<B: Backend>(
         StatusCode::OK,
         &stored,
         &state.config.base_url,
-        prefers_minimal(&headers),
+        Return::preferred(&headers),
     ))
 }
 
